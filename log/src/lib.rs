@@ -1,0 +1,25 @@
+//! The ordered log: every write to Rune's state is an entry here before it is anything else.
+//!
+//! - [`Log`] opens openraft (one voter) over a redb log ([`log_store`]) and a redb state machine
+//!   ([`state_machine`]), proposes commands, and hands out read views, the applied-index watch
+//!   and the stream of applied entries that projections tail.
+//! - [`replay`] reads a data dir offline for `rune admin replay`.
+//!
+//! Architecture invariants: a proposal is answered only after its entry is fsynced (through
+//! openraft's `LogFlushed` callback); concurrent proposals share fsyncs; only this crate and
+//! `rune-statemachine` open write transactions on the state database.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod log_store;
+pub mod metrics;
+pub mod network;
+mod node;
+pub mod replay;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
+
+pub use node::{now_ms, Log, LogConfig, LogError, ProposeError, Proposed, LOG_FILE, SNAPSHOT_DIR, STATE_FILE};
+pub use state_machine::AppliedEntry;

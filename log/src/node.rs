@@ -1,0 +1,253 @@
+//! [`Log`]: the one door through which every write passes, and the views the readers get.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use redb::{Database, ReadTransaction, ReadableDatabase};
+use rune_statemachine::{Command, Envelope, Outcome};
+use tokio::sync::{broadcast, watch};
+
+use crate::log_store::LogStore;
+use crate::metrics::Metrics;
+use crate::network::NoNetwork;
+use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
+use crate::types::{TypeConfig, NODE_ID};
+
+/// File names under the data dir.
+pub const LOG_FILE: &str = "raft-log.redb";
+/// The state machine's database.
+pub const STATE_FILE: &str = "state.redb";
+/// Where snapshots are written.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+
+/// How the log is kept.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Directory holding the log, the state and snapshots.
+    pub data_dir: PathBuf,
+    /// Take a snapshot after this many entries since the last one, then purge the log before it.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for `rune admin replay`.
+    pub keep_after_snapshot: u64,
+}
+
+impl LogConfig {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self { data_dir: data_dir.into(), snapshot_every: 10_000, keep_after_snapshot: 1_000 }
+    }
+}
+
+/// Failures to open or run the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The data dir cannot be created or written.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The data dir.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another process holds the database.
+    #[error("data dir {0} is in use by another process (is another runed running on it?)")]
+    Locked(PathBuf),
+    /// redb could not open a database file.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What redb said.
+        source: Box<redb::DatabaseError>,
+    },
+    /// openraft failed to start or elect itself.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// Reading the state failed.
+    #[error("state storage: {0}")]
+    Storage(String),
+}
+
+/// Failures to propose.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The node is not leader, is shutting down, or its storage failed; the write did not happen.
+    #[error("the log is not accepting writes: {0}")]
+    Unavailable(String),
+}
+
+/// A proposal that was committed and applied.
+#[derive(Debug, Clone)]
+pub struct Proposed {
+    /// Its log index.
+    pub index: u64,
+    /// What applying it decided.
+    pub outcome: Outcome,
+}
+
+/// A running single-voter raft log with its state machine.
+pub struct Log {
+    raft: Raft<TypeConfig>,
+    state: Arc<Database>,
+    notifier: Arc<Notifier>,
+    metrics: Metrics,
+    log_closed: tokio::sync::oneshot::Receiver<()>,
+}
+
+fn open_db(path: &Path, open: impl FnOnce(&Path) -> Result<Database, redb::DatabaseError>) -> Result<Database, LogError> {
+    open(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => LogError::Locked(path.parent().unwrap_or(path).to_path_buf()),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            LogError::DataDir { path: path.to_path_buf(), source: io }
+        }
+        other => LogError::Open { path: path.to_path_buf(), source: Box::new(other) },
+    })
+}
+
+/// Milliseconds since the Unix epoch, chosen by proposers (never by apply).
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Log {
+    /// Opens the log under `cfg.data_dir`, initialises a new single-voter cluster on first start,
+    /// and returns once this node is leader and has applied everything committed before.
+    pub async fn open(cfg: LogConfig) -> Result<Self, LogError> {
+        let dir = &cfg.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| LogError::DataDir { path: dir.clone(), source })?;
+        let probe = dir.join(".write-probe");
+        std::fs::write(&probe, b"")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|source| LogError::DataDir { path: dir.clone(), source })?;
+
+        let metrics = Metrics::new(&opentelemetry::global::meter("rune"));
+        let log_path = dir.join(LOG_FILE);
+        let (log_store, log_closed) = match LogStore::open(&log_path, metrics.clone()) {
+            Ok(s) => s,
+            Err(e) => return Err(open_db(&log_path, |_| Err(e)).err().unwrap_or(LogError::Raft("log".into()))),
+        };
+        let state = Arc::new(open_db(&dir.join(STATE_FILE), |p| Database::create(p))?);
+        let (applied, _) = watch::channel(0);
+        let (events, _) = broadcast::channel(4096);
+        let notifier = Arc::new(Notifier { applied, events });
+        let sm = StateMachine {
+            db: state.clone(),
+            snapshot_dir: dir.join(SNAPSHOT_DIR),
+            notifier: notifier.clone(),
+            metrics: metrics.clone(),
+        };
+        let config = Config {
+            cluster_name: "rune".into(),
+            heartbeat_interval: 500,
+            election_timeout_min: 1000,
+            election_timeout_max: 1500,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: cfg.keep_after_snapshot,
+            purge_batch_size: 1024,
+            max_payload_entries: 4096,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| LogError::Raft(e.to_string()))?;
+        let raft = Raft::new(NODE_ID, Arc::new(config), NoNetwork, log_store, sm)
+            .await
+            .map_err(|e| LogError::Raft(e.to_string()))?;
+        if !raft.is_initialized().await.map_err(|e| LogError::Raft(e.to_string()))? {
+            let members = BTreeMap::from([(NODE_ID, BasicNode::new("local"))]);
+            raft.initialize(members).await.map_err(|e| LogError::Raft(e.to_string()))?;
+            tracing::info!("initialised a new single-voter cluster");
+        }
+        raft.wait(Some(Duration::from_secs(30)))
+            .state(ServerState::Leader, "become leader")
+            .await
+            .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
+        let log = Self { raft, state, notifier, metrics, log_closed };
+        // Leadership commits a blank entry; wait until it, and all before it, is applied.
+        let last = log.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        log.raft
+            .wait(Some(Duration::from_secs(30)))
+            .applied_index_at_least(Some(last), "apply committed entries")
+            .await
+            .map_err(|e| LogError::Raft(format!("did not catch up: {e}")))?;
+        tracing::info!(applied = last, "log open");
+        Ok(log)
+    }
+
+    /// Proposes a command and waits until it is durable, committed and applied.
+    ///
+    /// `Ok` means the write survives any crash from now on. The outcome may still be a rejection
+    /// decided by apply, which changed nothing.
+    pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
+        let started = Instant::now();
+        let kind = command.kind();
+        self.metrics.proposals.add(1, &[opentelemetry::KeyValue::new("command", kind)]);
+        let env = Envelope::new(now_ms(), command);
+        let r = self.raft.client_write(env).await;
+        self.metrics.propose_seconds.record(started.elapsed().as_secs_f64(), &[]);
+        match r {
+            Ok(resp) => Ok(Proposed { index: resp.log_id.index, outcome: resp.data.0 }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::Unavailable(format!("not the leader (leader: {:?})", f.leader_id)))
+            }
+            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// A read view of the applied state. Reads see a consistent state at some applied index.
+    pub fn read(&self) -> Result<ReadTransaction, LogError> {
+        self.state.begin_read().map_err(|e| LogError::Storage(e.to_string()))
+    }
+
+    /// A read view that includes every write acknowledged before this call.
+    pub async fn read_linearizable(&self) -> Result<ReadTransaction, LogError> {
+        self.raft.ensure_linearizable().await.map_err(|e| LogError::Raft(e.to_string()))?;
+        self.read()
+    }
+
+    /// The applied index, watchable: projections wait on it.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.notifier.applied.subscribe()
+    }
+
+    /// Applied entries from now on. A receiver that lags must re-read the state and resubscribe.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AppliedEntry>> {
+        self.notifier.events.subscribe()
+    }
+
+    /// True while this node leads, runs, and its state can be read: the `/healthz` condition.
+    pub fn healthy(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.running_state.is_ok() && m.state == ServerState::Leader && self.read().is_ok()
+    }
+
+    /// (term, last log index, applied index) for status and metrics.
+    pub fn positions(&self) -> (u64, u64, u64) {
+        let m = self.raft.metrics().borrow().clone();
+        (m.current_term, m.last_log_index.unwrap_or(0), m.last_applied.map(|l| l.index).unwrap_or(0))
+    }
+
+    /// Takes a snapshot now (and purges the log behind it).
+    pub async fn snapshot(&self) -> Result<(), LogError> {
+        self.raft.trigger().snapshot().await.map_err(|e| LogError::Raft(e.to_string()))
+    }
+
+    /// Stops raft, makes the applied state durable (so the next start replays nothing) and
+    /// closes both databases, so that another process may open them when this returns.
+    pub async fn shutdown(self) -> Result<(), LogError> {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        let durable = tokio::task::block_in_place(|| make_durable(&self.state)).map_err(LogError::Storage);
+        let Log { raft, state, log_closed, .. } = self;
+        drop(raft);
+        drop(state);
+        if tokio::time::timeout(Duration::from_secs(10), log_closed).await.is_err() {
+            tracing::warn!("log writer did not close within 10 s");
+        }
+        durable
+    }
+}

@@ -1,0 +1,261 @@
+//! The openraft state machine over `state.redb`: applies committed entries with
+//! `rune_statemachine::store::apply` and tells the projections what changed.
+//!
+//! Applies commit without fsync (`Durability::None`): after a crash redb reopens at its last
+//! durable commit and openraft re-applies the committed entries after it from the log, which was
+//! fsynced before any client heard OK. A snapshot first makes the state durable, so the state is
+//! never behind a purged part of the log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use rune_statemachine::store::{self, scan_prefix};
+use rune_statemachine::{Change, STATE_TABLE};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::metrics::Metrics;
+use crate::snapshot;
+use crate::types::{Reply, TypeConfig};
+
+/// `last_applied` and `membership`, as JSON; written in the same transaction as the state.
+pub(crate) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+
+type SErr = StorageError<u64>;
+
+fn sm_err(e: impl std::fmt::Display) -> SErr {
+    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
+}
+
+/// What one applied entry changed: the event the projections tail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedEntry {
+    /// Log index of the entry.
+    pub index: u64,
+    /// Raft term of the entry.
+    pub term: u64,
+    /// When it was proposed (proposer's clock).
+    pub proposed_at_ms: i64,
+    /// The command's kind.
+    pub command: String,
+    /// What changed; empty when the command was rejected or changed nothing.
+    pub changes: Vec<Change>,
+}
+
+/// The applied-index watch and the event stream, shared by the state machine and [`crate::Log`].
+pub(crate) struct Notifier {
+    pub applied: watch::Sender<u64>,
+    pub events: broadcast::Sender<Arc<AppliedEntry>>,
+}
+
+/// The state machine handed to openraft.
+pub struct StateMachine {
+    pub(crate) db: Arc<Database>,
+    pub(crate) snapshot_dir: PathBuf,
+    pub(crate) notifier: Arc<Notifier>,
+    pub(crate) metrics: Metrics,
+}
+
+/// Applies entries to `db` in one transaction; shared by the live node and offline replay.
+pub(crate) fn apply_entries(
+    db: &Database,
+    entries: &[Entry<TypeConfig>],
+    durability: Durability,
+) -> Result<(Vec<Reply>, Vec<AppliedEntry>), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(durability).map_err(|e| e.to_string())?;
+    let mut replies = Vec::with_capacity(entries.len());
+    let mut events = Vec::new();
+    {
+        let mut table = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+        let mut meta = txn.open_table(SM_META).map_err(|e| e.to_string())?;
+        for e in entries {
+            let reply = match &e.payload {
+                EntryPayload::Blank => Reply(Ok(vec![])),
+                EntryPayload::Membership(m) => {
+                    let sm = StoredMembership::new(Some(e.log_id), m.clone());
+                    let v = serde_json::to_vec(&sm).map_err(|e| e.to_string())?;
+                    meta.insert("membership", v.as_slice()).map_err(|e| e.to_string())?;
+                    Reply(Ok(vec![]))
+                }
+                EntryPayload::Normal(env) => {
+                    let outcome = store::apply(&mut table, e.log_id.index, env).map_err(|e| e.to_string())?;
+                    events.push(AppliedEntry {
+                        index: e.log_id.index,
+                        term: e.log_id.leader_id.term,
+                        proposed_at_ms: env.proposed_at_ms,
+                        command: env.command.kind().to_string(),
+                        changes: outcome.as_ref().map(|c| c.clone()).unwrap_or_default(),
+                    });
+                    Reply(outcome)
+                }
+            };
+            replies.push(reply);
+        }
+        if let Some(last) = entries.last() {
+            let v = serde_json::to_vec(&last.log_id).map_err(|e| e.to_string())?;
+            meta.insert("last_applied", v.as_slice()).map_err(|e| e.to_string())?;
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok((replies, events))
+}
+
+/// Reads `last_applied` and the membership from a state database.
+pub(crate) fn applied_state(
+    db: &impl ReadableDatabase,
+) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let t = match txn.open_table(SM_META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((None, StoredMembership::default())),
+        Err(e) => return Err(e.to_string()),
+    };
+    let get = |k: &str| -> Result<Option<Vec<u8>>, String> {
+        Ok(t.get(k).map_err(|e| e.to_string())?.map(|v| v.value().to_vec()))
+    };
+    let last = match get("last_applied")? {
+        Some(v) => Some(serde_json::from_slice(&v).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let membership = match get("membership")? {
+        Some(v) => serde_json::from_slice(&v).map_err(|e| e.to_string())?,
+        None => StoredMembership::default(),
+    };
+    Ok((last, membership))
+}
+
+/// Makes every earlier non-durable commit durable.
+pub(crate) fn make_durable(db: &Database) -> Result<(), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Replaces the whole state with a snapshot's records, durably.
+pub(crate) fn install(db: &Database, meta: &SnapshotMeta<u64, BasicNode>, records: &[(String, Vec<u8>)]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+        table.retain(|_, _| false).map_err(|e| e.to_string())?;
+        for (k, v) in records {
+            table.insert(k.as_str(), v.as_slice()).map_err(|e| e.to_string())?;
+        }
+        let mut m = txn.open_table(SM_META).map_err(|e| e.to_string())?;
+        let last = serde_json::to_vec(&meta.last_log_id).map_err(|e| e.to_string())?;
+        m.insert("last_applied", last.as_slice()).map_err(|e| e.to_string())?;
+        let mem = serde_json::to_vec(&meta.last_membership).map_err(|e| e.to_string())?;
+        m.insert("membership", mem.as_slice()).map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Every record of the state table.
+pub(crate) fn all_records(db: &impl ReadableDatabase) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    match txn.open_table(STATE_TABLE) {
+        Ok(t) => scan_prefix(&t, "").map_err(|e| e.to_string()),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl StateMachine {
+    fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
+        make_durable(&self.db)?;
+        let (last, membership) = applied_state(&*self.db)?;
+        let records = all_records(&*self.db)?;
+        let body = snapshot::encode_body(&records);
+        let id = match &last {
+            Some(l) => format!("{}-{}", l.leader_id.term, l.index),
+            None => "0-0".to_string(),
+        };
+        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
+        snapshot::write(&self.snapshot_dir, &meta, &body).map_err(|e| e.to_string())?;
+        tracing::info!(snapshot = %meta.snapshot_id, records = records.len(), bytes = body.len(), "snapshot written");
+        Ok(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(body)) })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        tokio::task::block_in_place(|| self.build())
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::error(e)).into())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
+        applied_state(&*self.db).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id.index) else { return Ok(vec![]) };
+        let db = self.db.clone();
+        let (replies, events) =
+            tokio::task::block_in_place(|| apply_entries(&db, &entries, Durability::None)).map_err(sm_err)?;
+        self.metrics.commits.add(entries.len() as u64, &[]);
+        let rejected = replies.iter().filter(|r| r.0.is_err()).count();
+        if rejected > 0 {
+            self.metrics.rejections.add(rejected as u64, &[]);
+        }
+        for ev in events {
+            // No subscriber is fine: projections that start later read the state first.
+            let _ = self.notifier.events.send(Arc::new(ev));
+        }
+        self.notifier.applied.send_replace(last);
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        StateMachine {
+            db: self.db.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+            notifier: self.notifier.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<std::io::Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(std::io::Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<std::io::Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let body = snapshot.into_inner();
+        let records = snapshot::decode_body(&body).map_err(sm_err)?;
+        tokio::task::block_in_place(|| {
+            install(&self.db, meta, &records)?;
+            snapshot::write(&self.snapshot_dir, meta, &body).map_err(|e| e.to_string())
+        })
+        .map_err(sm_err)?;
+        if let Some(l) = &meta.last_log_id {
+            self.notifier.applied.send_replace(l.index);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        match snapshot::read(&self.snapshot_dir) {
+            Ok(Some((meta, body))) => Ok(Some(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(body)) })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StorageIOError::read_snapshot(None, AnyError::error(e.to_string())).into()),
+        }
+    }
+}

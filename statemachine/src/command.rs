@@ -1,0 +1,177 @@
+//! The log's payload: a versioned [`Envelope`] around a typed [`Command`], and what applying it did.
+//!
+//! Everything `apply` needs is in the envelope: the time is chosen by the proposer, never read
+//! from a clock while applying. Fields are only ever added with `#[serde(default)]`, and
+//! commands are only ever added as new variants, so entries written by an older build decode.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{NamespaceSpec, ServiceSpec};
+
+/// The entry format this build writes. Builds decode every version up to this one.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One proposed write, as stored in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Entry format version ([`FORMAT_VERSION`] when written by this build).
+    #[serde(rename = "v")]
+    pub version: u32,
+    /// Wall-clock time at the proposer, in Unix milliseconds; the only time apply ever sees.
+    pub proposed_at_ms: i64,
+    /// What to do.
+    pub command: Command,
+}
+
+impl Envelope {
+    /// Wraps a command in the current format.
+    pub fn new(proposed_at_ms: i64, command: Command) -> Self {
+        Self { version: FORMAT_VERSION, proposed_at_ms, command }
+    }
+}
+
+/// A change of desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    /// Seeds the reserved namespaces on a new cluster; a no-op for those that exist.
+    Init {
+        /// Namespaces to create.
+        namespaces: Vec<String>,
+    },
+    /// A cast: all resources are applied, or none is.
+    Apply {
+        /// Resources in the order they were cast; namespaces should come first.
+        resources: Vec<Resource>,
+        /// Create the namespaces the resources name when missing.
+        #[serde(default)]
+        create_namespace: bool,
+        /// Bump generations even for unchanged specs.
+        #[serde(default)]
+        force: bool,
+        /// How many previous specs to keep per service, chosen by the proposer's config.
+        #[serde(default = "default_history_limit")]
+        history_limit: u32,
+    },
+    /// Removes a service and its history.
+    DeleteService {
+        /// Namespace of the service.
+        namespace: String,
+        /// Name of the service.
+        name: String,
+    },
+    /// Removes an empty, non-reserved namespace.
+    DeleteNamespace {
+        /// Name of the namespace.
+        name: String,
+    },
+}
+
+fn default_history_limit() -> u32 {
+    crate::DEFAULT_HISTORY_LIMIT
+}
+
+impl Command {
+    /// A short name for logs, metrics and replay.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Init { .. } => "init",
+            Command::Apply { .. } => "apply",
+            Command::DeleteService { .. } => "delete_service",
+            Command::DeleteNamespace { .. } => "delete_namespace",
+        }
+    }
+}
+
+/// One resource of a cast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "spec", rename_all = "snake_case")]
+pub enum Resource {
+    /// A service.
+    Service(ServiceSpec),
+    /// A namespace.
+    Namespace(NamespaceSpec),
+}
+
+/// Kinds of stored objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A service.
+    Service,
+    /// A namespace.
+    Namespace,
+}
+
+impl Kind {
+    /// The name users write (`service/default/api`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Service => "service",
+            Kind::Namespace => "namespace",
+        }
+    }
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// It did not exist and now does.
+    Created,
+    /// Its spec changed (or a re-cast was forced).
+    Configured,
+    /// It was cast again with the same spec.
+    Unchanged,
+    /// It was removed.
+    Deleted,
+}
+
+/// The effect of a command on one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Kind of object.
+    pub kind: Kind,
+    /// Namespace of the object; empty for namespaces themselves.
+    pub namespace: String,
+    /// Name of the object.
+    pub name: String,
+    /// What happened.
+    pub action: Action,
+    /// The object's generation afterwards (before, for deletions).
+    pub generation: u64,
+    /// A one-line human summary, such as `scale 1→3`.
+    pub summary: String,
+}
+
+impl Change {
+    /// `service/default/api`, the form `rune admin replay --resource` takes.
+    pub fn resource(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{}/{}", self.kind.as_str(), self.name)
+        } else {
+            format!("{}/{}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+/// Why a command changed nothing. Decided by apply from the state alone, so replay rejects the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", content = "message", rename_all = "snake_case")]
+pub enum Rejection {
+    /// The spec is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A named object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The state does not allow the change.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The entry was written by a newer build.
+    #[error("entry format v{0} is newer than this build understands (v{FORMAT_VERSION})")]
+    UnsupportedFormat(u32),
+}
+
+/// The result of applying one entry: the changes, or why there were none.
+pub type Outcome = Result<Vec<Change>, Rejection>;

@@ -1,0 +1,537 @@
+//! The state tables and the one function that writes them: [`apply`].
+//!
+//! `apply` is deterministic: it reads only the table and the entry, decides every write first
+//! (through an [`Overlay`]) and performs them only when the whole command is accepted, so a
+//! rejected command leaves no trace but its place in the log.
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::command::{Action, Change, Command, Envelope, Kind, Outcome, Rejection, Resource, FORMAT_VERSION};
+use crate::spec::{NamespaceSpec, ServiceSpec};
+use crate::validate::{validate_namespace, validate_service};
+
+/// The desired state: `namespaces/<ns>`, `services/<ns>/<name>`, `history/services/<ns>/<name>/<gen>`.
+/// Only `apply` (through the log's state machine) may open it for writing.
+pub const STATE_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+
+/// Failures of the storage under the state machine; unlike a [`Rejection`] they are not decisions.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed.
+    #[error("state storage: {0}")]
+    Storage(#[from] redb::StorageError),
+    /// A stored record does not decode: the tables are corrupt or from an unknown build.
+    #[error("corrupt record {key}: {source}")]
+    Corrupt {
+        /// The key of the record.
+        key: String,
+        /// Why it did not decode.
+        source: serde_json::Error,
+    },
+}
+
+/// Bookkeeping kept with every object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ObjectMeta {
+    /// When the object was created (proposer's clock).
+    pub created_at_ms: i64,
+    /// When the spec last changed.
+    pub updated_at_ms: i64,
+    /// 1 at creation, +1 on each change of spec or forced re-cast.
+    pub generation: u64,
+    /// Hex SHA-256 of the canonical spec JSON.
+    pub spec_hash: String,
+    /// Log index of the last change.
+    pub resource_version: u64,
+    /// The last scale above zero, so `rune restart` of a stopped service knows what to go back to.
+    #[serde(default)]
+    pub last_non_zero_scale: u32,
+}
+
+/// A stored service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The spec as cast, with its namespace filled in.
+    pub spec: ServiceSpec,
+    /// Bookkeeping.
+    pub meta: ObjectMeta,
+}
+
+/// A stored namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NamespaceRecord {
+    /// The spec.
+    pub spec: NamespaceSpec,
+    /// Bookkeeping.
+    pub meta: ObjectMeta,
+}
+
+/// A previous spec of a service, kept for `rune get service NAME --history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The generation this spec had.
+    pub generation: u64,
+    /// The spec.
+    pub spec: ServiceSpec,
+    /// Its hash.
+    pub spec_hash: String,
+    /// When a newer spec replaced it.
+    pub replaced_at_ms: i64,
+}
+
+/// Namespaces that always exist.
+pub const RESERVED_NAMESPACES: [&str; 2] = ["system", crate::DEFAULT_NAMESPACE];
+
+/// Key of a namespace.
+pub fn namespace_key(name: &str) -> String {
+    format!("namespaces/{name}")
+}
+
+/// Key of a service.
+pub fn service_key(ns: &str, name: &str) -> String {
+    format!("services/{ns}/{name}")
+}
+
+/// Key prefix of all services of a namespace, or of all services.
+pub fn services_prefix(ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) => format!("services/{ns}/"),
+        None => "services/".to_string(),
+    }
+}
+
+fn history_prefix(ns: &str, name: &str) -> String {
+    format!("history/services/{ns}/{name}/")
+}
+
+fn history_key(ns: &str, name: &str, generation: u64) -> String {
+    format!("{}{generation:020}", history_prefix(ns, name))
+}
+
+/// Canonical JSON of a spec and its hash: equal specs give equal bytes.
+pub fn spec_hash<T: Serialize>(spec: &T) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising our own plain data types cannot fail: no maps with non-string keys, no floats.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Reads a typed record.
+pub fn get_record<T, R>(table: &R, key: &str) -> Result<Option<T>, StoreError>
+where
+    T: DeserializeOwned,
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    match table.get(key)? {
+        Some(v) => Ok(Some(decode(key, v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Every (key, value) whose key starts with `prefix`, in key order.
+pub fn scan_prefix<R>(table: &R, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    let mut out = Vec::new();
+    for item in table.range::<&str>(prefix..)? {
+        let (k, v) = item?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Typed records under a prefix.
+pub fn list_records<T, R>(table: &R, prefix: &str) -> Result<Vec<T>, StoreError>
+where
+    T: DeserializeOwned,
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    scan_prefix(table, prefix)?.iter().map(|(k, v)| decode(k, v)).collect()
+}
+
+/// Previous specs of a service, newest first.
+pub fn service_history<R>(table: &R, ns: &str, name: &str) -> Result<Vec<Revision>, StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    let mut v: Vec<Revision> = list_records(table, &history_prefix(ns, name))?;
+    v.reverse();
+    Ok(v)
+}
+
+/// SHA-256 over every key and value of the state, for `replay --verify`.
+pub fn digest<R>(table: &R) -> Result<String, StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    let mut h = Sha256::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        for part in [k.value().as_bytes(), v.value()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The first key at which two states differ, or `None` when they are identical.
+pub fn first_difference<A, B>(a: &A, b: &B) -> Result<Option<String>, StoreError>
+where
+    A: ReadableTable<&'static str, &'static [u8]>,
+    B: ReadableTable<&'static str, &'static [u8]>,
+{
+    let mut ia = a.iter()?;
+    let mut ib = b.iter()?;
+    loop {
+        match (ia.next().transpose()?, ib.next().transpose()?) {
+            (None, None) => return Ok(None),
+            (Some((k, _)), None) | (None, Some((k, _))) => return Ok(Some(k.value().to_string())),
+            (Some((ka, va)), Some((kb, vb))) => {
+                if ka.value() != kb.value() {
+                    return Ok(Some(ka.value().min(kb.value()).to_string()));
+                }
+                if va.value() != vb.value() {
+                    return Ok(Some(ka.value().to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Pending writes over a readable table, so that a command is decided whole before any write.
+struct Overlay<'t, R> {
+    base: &'t R,
+    pending: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.pending.get(key) {
+            Some(Some(v)) => Ok(Some(decode(key, v)?)),
+            Some(None) => Ok(None),
+            None => get_record(self.base, key),
+        }
+    }
+
+    fn put<T: Serialize>(&mut self, key: String, v: &T) {
+        self.pending.insert(key, Some(encode(v)));
+    }
+
+    fn delete(&mut self, key: String) {
+        self.pending.insert(key, None);
+    }
+
+    fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys: std::collections::BTreeSet<String> =
+            scan_prefix(self.base, prefix)?.into_iter().map(|(k, _)| k).collect();
+        for (k, v) in self.pending.range(prefix.to_string()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(_) => keys.insert(k.clone()),
+                None => keys.remove(k),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
+}
+
+/// Applies one entry at log index `index`. Returns the decision; storage failures are errors.
+pub fn apply(
+    table: &mut redb::Table<&'static str, &'static [u8]>,
+    index: u64,
+    entry: &Envelope,
+) -> Result<Outcome, StoreError> {
+    let (outcome, pending) = {
+        let mut o = Overlay { base: &*table, pending: BTreeMap::new() };
+        let outcome = decide(&mut o, index, entry)?;
+        (outcome, o.pending)
+    };
+    if outcome.is_ok() {
+        for (k, v) in pending {
+            match v {
+                Some(v) => {
+                    table.insert(k.as_str(), v.as_slice())?;
+                }
+                None => {
+                    table.remove(k.as_str())?;
+                }
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    index: u64,
+    e: &Envelope,
+) -> Result<Outcome, StoreError> {
+    if e.version > FORMAT_VERSION {
+        return Ok(Err(Rejection::UnsupportedFormat(e.version)));
+    }
+    let now = e.proposed_at_ms;
+    let mut changes = Vec::new();
+    match &e.command {
+        Command::Init { namespaces } => {
+            for name in namespaces {
+                let spec = NamespaceSpec { name: name.clone(), ..Default::default() };
+                if let Some(c) = put_namespace(o, index, now, spec, false, true)? {
+                    changes.push(c);
+                }
+            }
+        }
+        Command::Apply { resources, create_namespace, force, history_limit } => {
+            for r in resources {
+                let res = match r {
+                    Resource::Namespace(ns) => {
+                        let errs = validate_namespace(ns);
+                        if !errs.is_empty() {
+                            return Ok(Err(invalid("namespace", &ns.name, &errs)));
+                        }
+                        put_namespace(o, index, now, ns.clone(), *force, false)?
+                    }
+                    Resource::Service(s) => {
+                        let ns = s.namespace().to_string();
+                        if o.get::<NamespaceRecord>(&namespace_key(&ns))?.is_none() {
+                            if !create_namespace {
+                                return Ok(Err(Rejection::NotFound(format!(
+                                    "namespace {ns} does not exist (use --create-namespace to create it)"
+                                ))));
+                            }
+                            let spec = NamespaceSpec { name: ns.clone(), ..Default::default() };
+                            changes.extend(put_namespace(o, index, now, spec, false, true)?);
+                        }
+                        match put_service(o, index, now, s, *force, *history_limit)? {
+                            Ok(c) => Some(c),
+                            Err(rej) => return Ok(Err(rej)),
+                        }
+                    }
+                };
+                changes.extend(res);
+            }
+        }
+        Command::DeleteService { namespace, name } => {
+            let key = service_key(namespace, name);
+            let Some(rec) = o.get::<ServiceRecord>(&key)? else {
+                return Ok(Err(Rejection::NotFound(format!("service {namespace}/{name} not found"))));
+            };
+            o.delete(key);
+            for k in o.keys_with_prefix(&history_prefix(namespace, name))? {
+                o.delete(k);
+            }
+            changes.push(Change {
+                kind: Kind::Service,
+                namespace: namespace.clone(),
+                name: name.clone(),
+                action: Action::Deleted,
+                generation: rec.meta.generation,
+                summary: format!("deleted at generation {}", rec.meta.generation),
+            });
+        }
+        Command::DeleteNamespace { name } => {
+            if RESERVED_NAMESPACES.contains(&name.as_str()) {
+                return Ok(Err(Rejection::FailedPrecondition(format!("namespace {name} is reserved"))));
+            }
+            let key = namespace_key(name);
+            let Some(rec) = o.get::<NamespaceRecord>(&key)? else {
+                return Ok(Err(Rejection::NotFound(format!("namespace {name} not found"))));
+            };
+            let n = o.keys_with_prefix(&services_prefix(Some(name)))?.len();
+            if n > 0 {
+                return Ok(Err(Rejection::FailedPrecondition(format!(
+                    "namespace {name} still has {n} service(s); delete them first"
+                ))));
+            }
+            o.delete(key);
+            changes.push(Change {
+                kind: Kind::Namespace,
+                namespace: String::new(),
+                name: name.clone(),
+                action: Action::Deleted,
+                generation: rec.meta.generation,
+                summary: "deleted".into(),
+            });
+        }
+    }
+    Ok(Ok(changes))
+}
+
+fn invalid(kind: &str, name: &str, errs: &[crate::decode::FieldError]) -> Rejection {
+    let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    Rejection::Invalid(format!("{kind} {name}: {}", list.join("; ")))
+}
+
+fn put_namespace<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    index: u64,
+    now: i64,
+    spec: NamespaceSpec,
+    force: bool,
+    only_if_missing: bool,
+) -> Result<Option<Change>, StoreError> {
+    let key = namespace_key(&spec.name);
+    let hash = spec_hash(&spec);
+    let existing = o.get::<NamespaceRecord>(&key)?;
+    let (action, meta) = match existing {
+        Some(_) if only_if_missing => return Ok(None),
+        Some(rec) if rec.meta.spec_hash == hash && !force => {
+            return Ok(Some(change(Kind::Namespace, "", &spec.name, Action::Unchanged, rec.meta.generation, "unchanged")));
+        }
+        Some(rec) => (
+            Action::Configured,
+            ObjectMeta {
+                updated_at_ms: now,
+                generation: rec.meta.generation + 1,
+                spec_hash: hash,
+                resource_version: index,
+                ..rec.meta
+            },
+        ),
+        None => (Action::Created, new_meta(now, index, hash, 0)),
+    };
+    let c = change(Kind::Namespace, "", &spec.name, action, meta.generation, if action == Action::Created { "created" } else { "labels or description changed" });
+    o.put(key, &NamespaceRecord { spec, meta });
+    Ok(Some(c))
+}
+
+fn new_meta(now: i64, index: u64, spec_hash: String, scale: u32) -> ObjectMeta {
+    ObjectMeta {
+        created_at_ms: now,
+        updated_at_ms: now,
+        generation: 1,
+        spec_hash,
+        resource_version: index,
+        last_non_zero_scale: scale,
+    }
+}
+
+fn change(kind: Kind, ns: &str, name: &str, action: Action, generation: u64, summary: &str) -> Change {
+    Change {
+        kind,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        action,
+        generation,
+        summary: summary.to_string(),
+    }
+}
+
+fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    index: u64,
+    now: i64,
+    spec: &ServiceSpec,
+    force: bool,
+    history_limit: u32,
+) -> Result<Result<Change, Rejection>, StoreError> {
+    let mut spec = spec.clone();
+    let ns = spec.namespace().to_string();
+    spec.namespace = Some(ns.clone());
+    let errs = validate_service(&spec);
+    if !errs.is_empty() {
+        return Ok(Err(invalid("service", &spec.name, &errs)));
+    }
+    let key = service_key(&ns, &spec.name);
+    let hash = spec_hash(&spec);
+    let scale = u32::try_from(spec.scale()).unwrap_or(0);
+    let existing = o.get::<ServiceRecord>(&key)?;
+    let name = spec.name.clone();
+    let (action, meta, summary) = match existing {
+        None => {
+            let summary = format!("created: {} {}, scale {}", spec.runtime(), spec_target(&spec), spec.scale());
+            (Action::Created, new_meta(now, index, hash, scale), summary)
+        }
+        Some(rec) if rec.meta.spec_hash == hash && !force => {
+            return Ok(Ok(change(Kind::Service, &ns, &name, Action::Unchanged, rec.meta.generation, "unchanged")));
+        }
+        Some(rec) => {
+            let summary = if rec.meta.spec_hash == hash { "forced re-cast".to_string() } else { diff_summary(&rec.spec, &spec) };
+            o.put(
+                history_key(&ns, &name, rec.meta.generation),
+                &Revision {
+                    generation: rec.meta.generation,
+                    spec: rec.spec,
+                    spec_hash: rec.meta.spec_hash.clone(),
+                    replaced_at_ms: now,
+                },
+            );
+            let keep = history_limit as usize;
+            let keys = o.keys_with_prefix(&history_prefix(&ns, &name))?;
+            if keys.len() > keep {
+                for k in &keys[..keys.len() - keep] {
+                    o.delete(k.clone());
+                }
+            }
+            let meta = ObjectMeta {
+                updated_at_ms: now,
+                generation: rec.meta.generation + 1,
+                spec_hash: hash,
+                resource_version: index,
+                last_non_zero_scale: if scale > 0 { scale } else { rec.meta.last_non_zero_scale },
+                ..rec.meta
+            };
+            (Action::Configured, meta, summary)
+        }
+    };
+    let c = change(Kind::Service, &ns, &name, action, meta.generation, &summary);
+    o.put(key, &ServiceRecord { spec, meta });
+    Ok(Ok(c))
+}
+
+fn spec_target(s: &ServiceSpec) -> String {
+    match (&s.image, &s.process) {
+        (Some(i), _) => format!("image {i}"),
+        (None, Some(p)) => format!("command {}", p.command),
+        _ => String::new(),
+    }
+}
+
+/// `scale 1→3, image a→b, env changed`: which top-level fields differ.
+fn diff_summary(old: &ServiceSpec, new: &ServiceSpec) -> String {
+    let (a, b) = (serde_json::to_value(old).unwrap_or_default(), serde_json::to_value(new).unwrap_or_default());
+    let empty = serde_json::Map::new();
+    let (ma, mb) = (a.as_object().unwrap_or(&empty), b.as_object().unwrap_or(&empty));
+    let keys: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+    let mut parts = Vec::new();
+    for k in keys {
+        let (va, vb) = (ma.get(k), mb.get(k));
+        if va == vb {
+            continue;
+        }
+        let short = |v: Option<&serde_json::Value>| match v {
+            None => "∅".to_string(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v.to_string(),
+            Some(_) => String::new(),
+        };
+        let (sa, sb) = (short(va), short(vb));
+        if sa.is_empty() || sb.is_empty() || sa.len() + sb.len() > 80 {
+            parts.push(format!("{k} changed"));
+        } else {
+            parts.push(format!("{k} {sa}→{sb}"));
+        }
+    }
+    if parts.is_empty() {
+        "changed".into()
+    } else {
+        parts.join(", ")
+    }
+}

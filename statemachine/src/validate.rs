@@ -1,0 +1,434 @@
+//! Validation of specs: pure, offline, and shared by `rune lint`, the API and `apply`, so that a
+//! spec the linter passes is one the server accepts.
+
+use std::collections::BTreeSet;
+
+use crate::decode::{FieldError, FieldPath};
+use crate::spec::{
+    Dependency, EnvFrom, EnvFromList, NamespaceSpec, Peer, PortRef, Probe, RequestLimit, ServiceSpec,
+    StringOrList,
+};
+
+/// Largest scale a single node accepts; beyond it a typo (`scale: 10000`) is more likely than intent.
+pub const MAX_SCALE: i64 = 1000;
+
+/// Checks a name against DNS-1123 label rules, so it can be a DNS name (`<svc>.<ns>.rune`).
+pub fn dns1123_label(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    if name.len() > 63 {
+        return Err(format!("'{name}' is {} characters long; at most 63 are allowed", name.len()));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(format!("'{name}' may contain only lowercase letters, digits and '-'"));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(format!("'{name}' must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// Validates a namespace spec.
+pub fn validate_namespace(ns: &NamespaceSpec) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if let Err(m) = dns1123_label(&ns.name) {
+        errs.push(FieldError::new(FieldPath::root().key("name"), format!("namespace name {m}")));
+    }
+    errs
+}
+
+/// Validates a service spec; an empty result means the spec can be stored.
+pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
+    let root = FieldPath::root();
+    let mut errs = Vec::new();
+    let mut err = |p: FieldPath, m: String| errs.push(FieldError::new(p, m));
+
+    if let Err(m) = dns1123_label(&s.name) {
+        err(root.key("name"), format!("service name {m}"));
+    }
+    if let Some(ns) = &s.namespace {
+        if let Err(m) = dns1123_label(ns) {
+            err(root.key("namespace"), format!("namespace {m}"));
+        }
+    }
+    match (&s.image, &s.process) {
+        (None, None) => err(root.key("image"), "exactly one of 'image' and 'process' is required".into()),
+        (Some(_), Some(_)) => err(root.key("process"), "give either 'image' or 'process', not both".into()),
+        (Some(i), None) if i.trim().is_empty() => err(root.key("image"), "image must not be empty".into()),
+        (None, Some(p)) if p.command.trim().is_empty() => {
+            err(root.key("process").key("command"), "process command is required".into())
+        }
+        _ => {}
+    }
+    if let Some(scale) = s.scale {
+        if scale < 0 {
+            err(root.key("scale"), format!("scale must be 0 or more, got {scale}"));
+        } else if scale > MAX_SCALE {
+            err(root.key("scale"), format!("scale {scale} is above the limit of {MAX_SCALE}"));
+        }
+    }
+    if let Some(g) = s.stop_grace_period_seconds {
+        if !(0..=3600).contains(&g) {
+            err(root.key("stopGracePeriodSeconds"), format!("must be between 0 and 3600, got {g}"));
+        }
+    }
+    if let Some(rp) = &s.restart_policy {
+        if !matches!(rp.as_str(), "Always" | "OnFailure" | "Never") {
+            err(root.key("restartPolicy"), format!("must be Always, OnFailure or Never, got '{rp}'"));
+        }
+    }
+    for k in s.env.keys() {
+        if k.is_empty() || k.contains('=') {
+            err(root.key("env").key(k), format!("'{k}' is not a valid environment variable name"));
+        }
+    }
+    drop(err);
+    validate_ports(s, &root, &mut errs);
+    if let Some(r) = &s.resources {
+        if let Some(cpu) = &r.cpu {
+            check_request_limit(cpu, &root.key("resources").key("cpu"), parse_cpu_millis, &mut errs);
+        }
+        if let Some(mem) = &r.memory {
+            check_request_limit(mem, &root.key("resources").key("memory"), parse_memory_bytes, &mut errs);
+        }
+    }
+    if let Some(h) = &s.health {
+        if let Some(p) = &h.liveness {
+            validate_probe(p, s, &root.key("health").key("liveness"), &mut errs);
+        }
+        if let Some(p) = &h.readiness {
+            validate_probe(p, s, &root.key("health").key("readiness"), &mut errs);
+        }
+    }
+    validate_refs(s, &root, &mut errs);
+    errs
+}
+
+fn validate_ports(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for (i, p) in s.ports.iter().enumerate() {
+        let at = root.key("ports").index(i);
+        if p.name.is_empty() {
+            errs.push(FieldError::new(at.key("name"), format!("port name is required for port at index {i}")));
+        } else if let Err(m) = dns1123_label(&p.name) {
+            errs.push(FieldError::new(at.key("name"), format!("port name {m}")));
+        } else if !names.insert(p.name.clone()) {
+            errs.push(FieldError::new(at.key("name"), format!("duplicate port name '{}'", p.name)));
+        }
+        let proto = p.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
+        if proto != "tcp" && proto != "udp" {
+            errs.push(FieldError::new(at.key("protocol"), format!("protocol must be tcp or udp, got '{proto}'")));
+        }
+        if !(1..=65535).contains(&p.port) {
+            errs.push(FieldError::new(at.key("port"), format!("port must be between 1 and 65535, got {}", p.port)));
+        } else if !numbers.insert((p.port, proto)) {
+            errs.push(FieldError::new(at.key("port"), format!("duplicate port {}", p.port)));
+        }
+        for (field, v) in [("targetPort", p.target_port), ("hostPort", p.host_port)] {
+            if let Some(v) = v {
+                if !(1..=65535).contains(&v) {
+                    errs.push(FieldError::new(at.key(field), format!("must be between 1 and 65535, got {v}")));
+                }
+            }
+        }
+    }
+}
+
+fn port_ref_ok(s: &ServiceSpec, r: &PortRef) -> bool {
+    match r {
+        PortRef::Number(n) => s.ports.is_empty() && (1..=65535).contains(n) || s.ports.iter().any(|p| p.port == *n || p.target_port == Some(*n)),
+        PortRef::Name(n) => s.ports.iter().any(|p| &p.name == n),
+    }
+}
+
+fn validate_probe(p: &Probe, s: &ServiceSpec, at: &FieldPath, errs: &mut Vec<FieldError>) {
+    let mut err = |f: &str, m: String| errs.push(FieldError::new(at.key(f), m));
+    match p.kind.as_str() {
+        "http" => {
+            match &p.path {
+                None => err("path", "http probe must have a path".into()),
+                Some(path) if !path.starts_with('/') => err("path", format!("path must start with '/', got '{path}'")),
+                _ => {}
+            }
+            if p.port.is_none() {
+                err("port", "http probe must have a port".into());
+            }
+            if let Some(sch) = &p.scheme {
+                if sch != "http" && sch != "https" {
+                    err("scheme", format!("scheme must be http or https, got '{sch}'"));
+                }
+            }
+        }
+        "tcp" => {
+            if p.port.is_none() {
+                err("port", "tcp probe must have a port".into());
+            }
+        }
+        "exec" => {
+            let empty = match &p.command {
+                None => true,
+                Some(StringOrList::One(c)) => c.trim().is_empty(),
+                Some(StringOrList::Many(v)) => v.is_empty(),
+            };
+            if empty {
+                err("command", "exec probe must have a command".into());
+            }
+        }
+        other => err("type", format!("unknown probe type '{other}': use http, tcp or exec")),
+    }
+    if let Some(port) = &p.port {
+        match port {
+            PortRef::Number(n) if !(1..=65535).contains(n) => {
+                err("port", format!("port must be between 1 and 65535, got {n}"))
+            }
+            PortRef::Name(n) if !port_ref_ok(s, port) => err("port", format!("no port named '{n}' in ports")),
+            _ => {}
+        }
+    }
+    for (f, v, min) in [
+        ("initialDelaySeconds", p.initial_delay_seconds, 0),
+        ("intervalSeconds", p.interval_seconds, 1),
+        ("timeoutSeconds", p.timeout_seconds, 1),
+        ("failureThreshold", p.failure_threshold, 1),
+        ("successThreshold", p.success_threshold, 1),
+    ] {
+        if let Some(v) = v {
+            if v < min || v > 86_400 {
+                err(f, format!("must be between {min} and 86400, got {v}"));
+            }
+        }
+    }
+}
+
+fn validate_refs(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    if let Some(e) = &s.expose {
+        if !port_ref_ok(s, &e.port) {
+            errs.push(FieldError::new(
+                root.key("expose").key("port"),
+                "expose.port must reference a declared service port by name or number",
+            ));
+        }
+        if let Some(path) = &e.path {
+            if !path.starts_with('/') {
+                errs.push(FieldError::new(root.key("expose").key("path"), "expose.path must start with '/'"));
+            }
+        }
+    }
+    if let Some(d) = &s.discovery {
+        if let Some(m) = &d.mode {
+            if !matches!(m.as_str(), "round-robin" | "load-balanced" | "headless" | "none") {
+                errs.push(FieldError::new(
+                    root.key("discovery").key("mode"),
+                    format!("mode must be round-robin, load-balanced, headless or none, got '{m}'"),
+                ));
+            }
+        }
+    }
+    if let Some(a) = &s.autoscale {
+        if a.enabled == Some(true) {
+            if let (Some(min), Some(max)) = (a.min, a.max) {
+                if max < min {
+                    errs.push(FieldError::new(root.key("autoscale").key("max"), "autoscale max cannot be less than min"));
+                }
+            }
+        }
+    }
+    if let Some(np) = &s.network_policy {
+        for (i, r) in np.ingress.iter().enumerate() {
+            check_peers(&r.from, &root.key("networkPolicy").key("ingress").index(i).key("from"), errs);
+        }
+        for (i, r) in np.egress.iter().enumerate() {
+            check_peers(&r.to, &root.key("networkPolicy").key("egress").index(i).key("to"), errs);
+        }
+    }
+    for (i, d) in s.dependencies.iter().enumerate() {
+        let at = root.key("dependencies").index(i);
+        match d {
+            Dependency::Short(t) if t.trim().is_empty() => errs.push(FieldError::new(at, "dependency must not be empty")),
+            Dependency::Long(l) => {
+                let n = [&l.service, &l.secret, &l.configmap].iter().filter(|x| x.is_some()).count();
+                if n != 1 {
+                    errs.push(FieldError::new(at.clone(), "dependency must name exactly one of service, secret or configmap"));
+                }
+                if let Some(w) = &l.ready_when {
+                    if !matches!(w.as_str(), "running" | "healthy" | "started") {
+                        errs.push(FieldError::new(at.key("readyWhen"), format!("readyWhen must be running, healthy or started, got '{w}'")));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(ef) = &s.env_from {
+        let items: Vec<&EnvFrom> = match ef {
+            EnvFromList::Many(v) => v.iter().collect(),
+            EnvFromList::One(e) => vec![e],
+        };
+        for (i, e) in items.into_iter().enumerate() {
+            let ok = match e {
+                EnvFrom::Short(t) => {
+                    let t = t.trim().trim_start_matches("{{").trim_end_matches("}}").trim();
+                    t.starts_with("secret:") || t.starts_with("configmap:")
+                }
+                EnvFrom::Long(l) => {
+                    [&l.secret, &l.configmap, &l.secret_ref, &l.config_ref].iter().filter(|x| x.is_some()).count() == 1
+                }
+            };
+            if !ok {
+                errs.push(FieldError::new(
+                    root.key("envFrom").index(i),
+                    format!("envFrom item at index {i} must specify exactly one of 'secret' or 'configmap'"),
+                ));
+            }
+        }
+    }
+}
+
+fn check_peers(peers: &[Peer], at: &FieldPath, errs: &mut Vec<FieldError>) {
+    if peers.is_empty() {
+        errs.push(FieldError::new(at.clone(), "rule must list at least one peer"));
+    }
+    for (j, p) in peers.iter().enumerate() {
+        if p.service.is_none() && p.namespace.is_none() && p.cidr.is_none() && p.service_selector.is_none() {
+            errs.push(FieldError::new(at.index(j), "peer must specify service, namespace, serviceSelector or cidr"));
+        }
+        if let Some(c) = &p.cidr {
+            if !valid_cidr(c) {
+                errs.push(FieldError::new(at.index(j).key("cidr"), format!("'{c}' is not a valid CIDR")));
+            }
+        }
+    }
+}
+
+fn valid_cidr(c: &str) -> bool {
+    let Some((ip, len)) = c.split_once('/') else { return false };
+    let Ok(len) = len.parse::<u8>() else { return false };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len <= 32,
+        Ok(std::net::IpAddr::V6(_)) => len <= 128,
+        Err(_) => false,
+    }
+}
+
+fn check_request_limit(
+    rl: &RequestLimit,
+    at: &FieldPath,
+    parse: fn(&str) -> Result<u64, String>,
+    errs: &mut Vec<FieldError>,
+) {
+    let mut parsed = [None, None];
+    for (i, (f, v)) in [("request", &rl.request), ("limit", &rl.limit)].into_iter().enumerate() {
+        if let Some(v) = v {
+            match parse(v.as_str()) {
+                Ok(n) => parsed[i] = Some(n),
+                Err(m) => errs.push(FieldError::new(at.key(f), m)),
+            }
+        }
+    }
+    if let [Some(req), Some(lim)] = parsed {
+        if req > lim {
+            errs.push(FieldError::new(at.key("request"), "request cannot exceed limit"));
+        }
+    }
+}
+
+/// Parses `500m`, `0.5` or `2` into millicores.
+pub fn parse_cpu_millis(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let bad = || format!("'{v}' is not a CPU quantity such as 500m or 0.5");
+    if let Some(m) = v.strip_suffix('m') {
+        return m.parse::<u64>().map_err(|_| bad());
+    }
+    let f: f64 = v.parse().map_err(|_| bad())?;
+    if !(0.0..=1e6).contains(&f) {
+        return Err(bad());
+    }
+    Ok((f * 1000.0).round() as u64)
+}
+
+/// Parses `256Mi`, `1G`, `128974848` into bytes.
+pub fn parse_memory_bytes(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{v}' is not a memory quantity such as 256Mi"))?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        "ki" => 1024.0,
+        "mi" => 1024f64.powi(2),
+        "gi" => 1024f64.powi(3),
+        "ti" => 1024f64.powi(4),
+        _ => return Err(format!("unknown memory unit '{unit}' in '{v}': use Ki, Mi, Gi, Ti, k, M, G or T")),
+    };
+    Ok((n * mult).round() as u64)
+}
+
+/// Checks an `env` value template, so that `{{secret:x}}` without a key is caught before it is cast.
+pub fn env_reference_ok(v: &str) -> bool {
+    let mut rest = v;
+    while let Some(start) = rest.find("{{") {
+        let Some(end) = rest[start..].find("}}") else { return false };
+        let inner = rest[start + 2..start + end].trim();
+        if let Some((head, tail)) = inner.split_once(':') {
+            if matches!(head.trim(), "secret" | "configmap") && !tail.contains('/') {
+                return false;
+            }
+        }
+        rest = &rest[start + end + 2..];
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::PortSpec;
+
+    fn svc() -> ServiceSpec {
+        ServiceSpec { name: "api".into(), image: Some("busybox".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn dns_names() {
+        assert!(dns1123_label("api-2").is_ok());
+        assert!(dns1123_label("Api").is_err());
+        assert!(dns1123_label("-a").is_err());
+        assert!(dns1123_label(&"a".repeat(64)).is_err());
+        assert!(dns1123_label("").is_err());
+    }
+
+    #[test]
+    fn negative_scale_and_duplicate_ports_are_named() {
+        let mut s = svc();
+        s.scale = Some(-1);
+        s.ports = vec![
+            PortSpec { name: "http".into(), port: 80, ..Default::default() },
+            PortSpec { name: "http".into(), port: 80, ..Default::default() },
+        ];
+        let paths: Vec<String> = validate_service(&s).iter().map(|e| e.path.to_string()).collect();
+        assert!(paths.contains(&"scale".into()));
+        assert!(paths.contains(&"ports[1].name".into()));
+        assert!(paths.contains(&"ports[1].port".into()));
+    }
+
+    #[test]
+    fn image_xor_process() {
+        let mut s = svc();
+        s.image = None;
+        assert_eq!(validate_service(&s)[0].path.to_string(), "image");
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_cpu_millis("500m"), Ok(500));
+        assert_eq!(parse_cpu_millis("0.5"), Ok(500));
+        assert_eq!(parse_memory_bytes("1Ki"), Ok(1024));
+        assert!(parse_memory_bytes("1Qi").is_err());
+    }
+}

@@ -21,5 +21,7 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
-pub use node::{now_ms, Log, LogConfig, LogError, ProposeError, Proposed, LOG_FILE, SNAPSHOT_DIR, STATE_FILE};
+pub use node::{
+    now_ms, Log, LogConfig, LogError, ProposeError, Proposed, LOG_FILE, SNAPSHOT_DIR, STATE_FILE,
+};
 pub use state_machine::AppliedEntry;

@@ -36,10 +36,25 @@ fn write_err(e: impl std::fmt::Display) -> SErr {
 }
 
 enum Op {
-    Append { entries: Vec<(u64, Vec<u8>)>, done: LogFlushed<TypeConfig> },
-    Meta { key: &'static str, value: Option<Vec<u8>>, durable: bool, done: Option<oneshot::Sender<Result<(), String>>> },
-    Truncate { from: u64, done: oneshot::Sender<Result<(), String>> },
-    Purge { upto: u64, last_purged: Vec<u8>, done: oneshot::Sender<Result<(), String>> },
+    Append {
+        entries: Vec<(u64, Vec<u8>)>,
+        done: LogFlushed<TypeConfig>,
+    },
+    Meta {
+        key: &'static str,
+        value: Option<Vec<u8>>,
+        durable: bool,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    },
+    Truncate {
+        from: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Purge {
+        upto: u64,
+        last_purged: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The log store handed to openraft; cheap to clone, reads go straight to redb.
@@ -75,10 +90,15 @@ impl LogStore {
     }
 
     fn send(&self, op: Op) -> Result<(), SErr> {
-        self.tx.send(op).map_err(|_| write_err("log writer thread has stopped"))
+        self.tx
+            .send(op)
+            .map_err(|_| write_err("log writer thread has stopped"))
     }
 
-    async fn send_wait(&self, make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Op) -> Result<(), SErr> {
+    async fn send_wait(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Op,
+    ) -> Result<(), SErr> {
         let (done, rx) = oneshot::channel();
         self.send(make(done))?;
         match rx.await {
@@ -94,7 +114,10 @@ impl LogStore {
 }
 
 /// Reads one meta value from a log database (also used offline by replay).
-pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(db: &impl ReadableDatabase, key: &str) -> Result<Option<T>, String> {
+pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
+    db: &impl ReadableDatabase,
+    key: &str,
+) -> Result<Option<T>, String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let t = match txn.open_table(RAFT_META) {
         Ok(t) => t,
@@ -102,7 +125,9 @@ pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(db: &impl ReadableDataba
         Err(e) => return Err(e.to_string()),
     };
     match t.get(key).map_err(|e| e.to_string())? {
-        Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(|e| format!("meta {key}: {e}")),
+        Some(v) => serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| format!("meta {key}: {e}")),
         None => Ok(None),
     }
 }
@@ -116,8 +141,19 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, metrics: Metrics) {
                 Err(_) => break,
             }
         }
-        let durable = ops.iter().any(|op| !matches!(op, Op::Meta { durable: false, .. }));
-        let appended: usize = ops.iter().map(|op| if let Op::Append { entries, .. } = op { entries.len() } else { 0 }).sum();
+        let durable = ops
+            .iter()
+            .any(|op| !matches!(op, Op::Meta { durable: false, .. }));
+        let appended: usize = ops
+            .iter()
+            .map(|op| {
+                if let Op::Append { entries, .. } = op {
+                    entries.len()
+                } else {
+                    0
+                }
+            })
+            .sum();
         let started = Instant::now();
         let result = write_batch(&db, &ops, durable);
         if durable {
@@ -142,8 +178,12 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, metrics: Metrics) {
 
 fn write_batch(db: &Database, ops: &[Op], durable: bool) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
-        .map_err(|e| e.to_string())?;
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(|e| e.to_string())?;
     {
         let mut log = txn.open_table(LOG_TABLE).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(RAFT_META).map_err(|e| e.to_string())?;
@@ -165,8 +205,11 @@ fn write_batch(db: &Database, ops: &[Op], durable: bool) -> Result<(), String> {
                 Op::Truncate { from, .. } => {
                     log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
                 }
-                Op::Purge { upto, last_purged, .. } => {
-                    meta.insert("last_purged", last_purged.as_slice()).map_err(|e| e.to_string())?;
+                Op::Purge {
+                    upto, last_purged, ..
+                } => {
+                    meta.insert("last_purged", last_purged.as_slice())
+                        .map_err(|e| e.to_string())?;
                     log.retain_in(..=*upto, |_, _| false).map_err(|e| e.to_string())?;
                 }
             }
@@ -206,7 +249,9 @@ pub(crate) fn last_entry(db: &impl ReadableDatabase) -> Result<Option<Entry<Type
     };
     let last = t.last().map_err(|e| e.to_string())?;
     match last {
-        Some((_, v)) => serde_json::from_slice(v.value()).map(Some).map_err(|e| e.to_string()),
+        Some((_, v)) => serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| e.to_string()),
         None => Ok(None),
     }
 }
@@ -228,7 +273,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
         let last_purged: Option<LogId<u64>> = self.read_meta("last_purged")?;
         let last = last_entry(&*self.db).map_err(read_err)?.map(|e| e.log_id);
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -237,7 +285,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), SErr> {
         let value = serde_json::to_vec(vote).map_err(write_err)?;
-        self.send_wait(|done| Op::Meta { key: "vote", value: Some(value), durable: true, done: Some(done) }).await
+        self.send_wait(|done| Op::Meta {
+            key: "vote",
+            value: Some(value),
+            durable: true,
+            done: Some(done),
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, SErr> {
@@ -251,7 +305,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(c) => Some(serde_json::to_vec(&c).map_err(write_err)?),
             None => None,
         };
-        self.send(Op::Meta { key: "committed", value, durable: false, done: None })
+        self.send(Op::Meta {
+            key: "committed",
+            value,
+            durable: false,
+            done: None,
+        })
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {
@@ -267,15 +326,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             encoded.push((e.log_id.index, serde_json::to_vec(&e).map_err(write_err)?));
         }
-        self.send(Op::Append { entries: encoded, done: callback })
+        self.send(Op::Append {
+            entries: encoded,
+            done: callback,
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {
-        self.send_wait(|done| Op::Truncate { from: log_id.index, done }).await
+        self.send_wait(|done| Op::Truncate {
+            from: log_id.index,
+            done,
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {
         let last_purged = serde_json::to_vec(&log_id).map_err(write_err)?;
-        self.send_wait(|done| Op::Purge { upto: log_id.index, last_purged, done }).await
+        self.send_wait(|done| Op::Purge {
+            upto: log_id.index,
+            last_purged,
+            done,
+        })
+        .await
     }
 }

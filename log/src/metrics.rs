@@ -24,15 +24,26 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the instruments on `meter`.
     pub fn new(meter: &Meter) -> Self {
-        let secs = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+        let secs = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
         Self {
-            proposals: meter.u64_counter("rune_log_proposals").with_description("Commands proposed to the log").build(),
+            proposals: meter
+                .u64_counter("rune_log_proposals")
+                .with_description("Commands proposed to the log")
+                .build(),
             rejections: meter
                 .u64_counter("rune_log_rejections")
                 .with_description("Proposed commands that apply rejected")
                 .build(),
-            commits: meter.u64_counter("rune_log_commits").with_description("Log entries applied to the state machine").build(),
-            log_flushes: meter.u64_counter("rune_log_flushes").with_description("Durable log commits (fsyncs)").build(),
+            commits: meter
+                .u64_counter("rune_log_commits")
+                .with_description("Log entries applied to the state machine")
+                .build(),
+            log_flushes: meter
+                .u64_counter("rune_log_flushes")
+                .with_description("Durable log commits (fsyncs)")
+                .build(),
             fsync_seconds: meter
                 .f64_histogram("rune_log_fsync_duration")
                 .with_unit("s")

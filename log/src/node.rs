@@ -38,7 +38,11 @@ pub struct LogConfig {
 impl LogConfig {
     /// Defaults for `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self { data_dir: data_dir.into(), snapshot_every: 10_000, keep_after_snapshot: 1_000 }
+        Self {
+            data_dir: data_dir.into(),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
     }
 }
 
@@ -98,19 +102,31 @@ pub struct Log {
     log_closed: tokio::sync::oneshot::Receiver<()>,
 }
 
-fn open_db(path: &Path, open: impl FnOnce(&Path) -> Result<Database, redb::DatabaseError>) -> Result<Database, LogError> {
+fn open_db(
+    path: &Path,
+    open: impl FnOnce(&Path) -> Result<Database, redb::DatabaseError>,
+) -> Result<Database, LogError> {
     open(path).map_err(|e| match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => LogError::Locked(path.parent().unwrap_or(path).to_path_buf()),
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
-            LogError::DataDir { path: path.to_path_buf(), source: io }
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            LogError::Locked(path.parent().unwrap_or(path).to_path_buf())
         }
-        other => LogError::Open { path: path.to_path_buf(), source: Box::new(other) },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => LogError::DataDir {
+            path: path.to_path_buf(),
+            source: io,
+        },
+        other => LogError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(other),
+        },
     })
 }
 
 /// Milliseconds since the Unix epoch, chosen by proposers (never by apply).
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Log {
@@ -118,17 +134,27 @@ impl Log {
     /// and returns once this node is leader and has applied everything committed before.
     pub async fn open(cfg: LogConfig) -> Result<Self, LogError> {
         let dir = &cfg.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| LogError::DataDir { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| LogError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
         let probe = dir.join(".write-probe");
         std::fs::write(&probe, b"")
             .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|source| LogError::DataDir { path: dir.clone(), source })?;
+            .map_err(|source| LogError::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
 
         let metrics = Metrics::new(&opentelemetry::global::meter("rune"));
         let log_path = dir.join(LOG_FILE);
         let (log_store, log_closed) = match LogStore::open(&log_path, metrics.clone()) {
             Ok(s) => s,
-            Err(e) => return Err(open_db(&log_path, |_| Err(e)).err().unwrap_or(LogError::Raft("log".into()))),
+            Err(e) => {
+                return Err(open_db(&log_path, |_| Err(e))
+                    .err()
+                    .unwrap_or(LogError::Raft("log".into())))
+            }
         };
         let state = Arc::new(open_db(&dir.join(STATE_FILE), |p| Database::create(p))?);
         let (applied, _) = watch::channel(0);
@@ -156,16 +182,28 @@ impl Log {
         let raft = Raft::new(NODE_ID, Arc::new(config), NoNetwork, log_store, sm)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
-        if !raft.is_initialized().await.map_err(|e| LogError::Raft(e.to_string()))? {
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| LogError::Raft(e.to_string()))?
+        {
             let members = BTreeMap::from([(NODE_ID, BasicNode::new("local"))]);
-            raft.initialize(members).await.map_err(|e| LogError::Raft(e.to_string()))?;
+            raft.initialize(members)
+                .await
+                .map_err(|e| LogError::Raft(e.to_string()))?;
             tracing::info!("initialised a new single-voter cluster");
         }
         raft.wait(Some(Duration::from_secs(30)))
             .state(ServerState::Leader, "become leader")
             .await
             .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
-        let log = Self { raft, state, notifier, metrics, log_closed };
+        let log = Self {
+            raft,
+            state,
+            notifier,
+            metrics,
+            log_closed,
+        };
         // Leadership commits a blank entry; wait until it, and all before it, is applied.
         let last = log.raft.metrics().borrow().last_log_index.unwrap_or(0);
         log.raft
@@ -184,27 +222,39 @@ impl Log {
     pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
         let started = Instant::now();
         let kind = command.kind();
-        self.metrics.proposals.add(1, &[opentelemetry::KeyValue::new("command", kind)]);
+        self.metrics
+            .proposals
+            .add(1, &[opentelemetry::KeyValue::new("command", kind)]);
         let env = Envelope::new(now_ms(), command);
         let r = self.raft.client_write(env).await;
-        self.metrics.propose_seconds.record(started.elapsed().as_secs_f64(), &[]);
+        self.metrics
+            .propose_seconds
+            .record(started.elapsed().as_secs_f64(), &[]);
         match r {
-            Ok(resp) => Ok(Proposed { index: resp.log_id.index, outcome: resp.data.0 }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ProposeError::Unavailable(format!("not the leader (leader: {:?})", f.leader_id)))
-            }
+            Ok(resp) => Ok(Proposed {
+                index: resp.log_id.index,
+                outcome: resp.data.0,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::Unavailable(
+                format!("not the leader (leader: {:?})", f.leader_id),
+            )),
             Err(e) => Err(ProposeError::Unavailable(e.to_string())),
         }
     }
 
     /// A read view of the applied state. Reads see a consistent state at some applied index.
     pub fn read(&self) -> Result<ReadTransaction, LogError> {
-        self.state.begin_read().map_err(|e| LogError::Storage(e.to_string()))
+        self.state
+            .begin_read()
+            .map_err(|e| LogError::Storage(e.to_string()))
     }
 
     /// A read view that includes every write acknowledged before this call.
     pub async fn read_linearizable(&self) -> Result<ReadTransaction, LogError> {
-        self.raft.ensure_linearizable().await.map_err(|e| LogError::Raft(e.to_string()))?;
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| LogError::Raft(e.to_string()))?;
         self.read()
     }
 
@@ -227,26 +277,57 @@ impl Log {
     /// (term, last log index, applied index) for status and metrics.
     pub fn positions(&self) -> (u64, u64, u64) {
         let m = self.raft.metrics().borrow().clone();
-        (m.current_term, m.last_log_index.unwrap_or(0), m.last_applied.map(|l| l.index).unwrap_or(0))
+        (
+            m.current_term,
+            m.last_log_index.unwrap_or(0),
+            m.last_applied.map(|l| l.index).unwrap_or(0),
+        )
     }
 
     /// Takes a snapshot now (and purges the log behind it).
     pub async fn snapshot(&self) -> Result<(), LogError> {
-        self.raft.trigger().snapshot().await.map_err(|e| LogError::Raft(e.to_string()))
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| LogError::Raft(e.to_string()))
     }
 
-    /// Stops raft, makes the applied state durable (so the next start replays nothing) and
-    /// closes both databases, so that another process may open them when this returns.
-    pub async fn shutdown(self) -> Result<(), LogError> {
+    /// Stops raft and makes the applied state durable, so the next start replays nothing.
+    /// Later proposals fail with [`ProposeError::Unavailable`]; reads still work.
+    pub async fn shutdown(&self) -> Result<(), LogError> {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
-        let durable = tokio::task::block_in_place(|| make_durable(&self.state)).map_err(LogError::Storage);
-        let Log { raft, state, log_closed, .. } = self;
+        tokio::task::block_in_place(|| make_durable(&self.state)).map_err(LogError::Storage)
+    }
+
+    /// [`Log::shutdown`], then closes both databases, so that another process (or another
+    /// `Log::open` in this one) may open them when this returns.
+    pub async fn close(self) -> Result<(), LogError> {
+        let durable = self.shutdown().await;
+        let Log {
+            raft,
+            state,
+            log_closed,
+            ..
+        } = self;
         drop(raft);
+        let weak = Arc::downgrade(&state);
         drop(state);
-        if tokio::time::timeout(Duration::from_secs(10), log_closed).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), log_closed)
+            .await
+            .is_err()
+        {
             tracing::warn!("log writer did not close within 10 s");
+        }
+        // openraft's workers release their handles on the state database as they wind down.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while weak.strong_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if weak.strong_count() > 0 {
+            tracing::warn!("state database still in use 10 s after shutdown");
         }
         durable
     }

@@ -120,12 +120,20 @@ impl Replay {
         let log = Database::create(work.join(LOG_FILE)).map_err(rd)?;
         let live = Database::create(work.join(STATE_FILE)).map_err(rd)?;
         let snapshot = snapshot::read(&data_dir.join(SNAPSHOT_DIR)).map_err(rd)?;
-        Ok(Self { _tmp: tmp, work, log, live, snapshot })
+        Ok(Self {
+            _tmp: tmp,
+            work,
+            log,
+            live,
+            snapshot,
+        })
     }
 
     /// The snapshot's last index, if the log was ever compacted into one.
     pub fn snapshot_index(&self) -> Option<u64> {
-        self.snapshot.as_ref().and_then(|(m, _)| m.last_log_id.map(|l| l.index))
+        self.snapshot
+            .as_ref()
+            .and_then(|(m, _)| m.last_log_id.map(|l| l.index))
     }
 
     /// Every entry in the log, decoded.
@@ -138,13 +146,19 @@ impl Replay {
     pub fn run(&self, upto: Option<u64>, mut each: impl FnMut(ReplayLine)) -> Result<Rebuilt, ReplayError> {
         let entries = self.entries()?;
         let purged: Option<openraft::LogId<u64>> = read_meta(&self.log, "last_purged").map_err(rd)?;
-        let db = Database::create(self.work.join(format!("rebuilt-{}.redb", upto.unwrap_or(u64::MAX))))
-            .map_err(rd)?;
+        let db = Database::create(
+            self.work
+                .join(format!("rebuilt-{}.redb", upto.unwrap_or(u64::MAX))),
+        )
+        .map_err(rd)?;
         let mut applied = 0;
-        let mut start_after = 0;
+        let mut start_after: Option<u64> = None;
         if let Some(p) = purged {
             let Some((meta, body)) = &self.snapshot else {
-                return Err(ReplayError::Range(format!("the log was purged up to {} but no snapshot exists", p.index)));
+                return Err(ReplayError::Range(format!(
+                    "the log was purged up to {} but no snapshot exists",
+                    p.index
+                )));
             };
             let s = meta.last_log_id.map(|l| l.index).unwrap_or(0);
             if upto.is_some_and(|u| u < s) {
@@ -155,7 +169,7 @@ impl Replay {
             let records = snapshot::decode_body(body).map_err(rd)?;
             install(&db, meta, &records).map_err(rd)?;
             applied = s;
-            start_after = s;
+            start_after = Some(s);
         }
         for chunk in entries.chunks(256) {
             let mut todo = Vec::new();
@@ -164,7 +178,7 @@ impl Replay {
                 if upto.is_some_and(|u| i > u) {
                     break;
                 }
-                if i <= start_after {
+                if start_after.is_some_and(|s| i <= s) {
                     each(describe(e, None));
                 } else {
                     todo.push(e.clone());
@@ -194,7 +208,10 @@ impl Replay {
                 rebuilt.index
             )));
         }
-        let (ra, rb) = (self.live.begin_read().map_err(rd)?, rebuilt.db.begin_read().map_err(rd)?);
+        let (ra, rb) = (
+            self.live.begin_read().map_err(rd)?,
+            rebuilt.db.begin_read().map_err(rd)?,
+        );
         let (ta, tb) = match (ra.open_table(STATE_TABLE), rb.open_table(STATE_TABLE)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return Err(rd(e)),
@@ -242,7 +259,11 @@ fn describe(e: &Entry<TypeConfig>, outcome: Option<&Outcome>) -> ReplayLine {
         kind: String::new(),
         resources: vec![],
         summary: String::new(),
-        result: if outcome.is_some() { "applied".into() } else { "compacted".into() },
+        result: if outcome.is_some() {
+            "applied".into()
+        } else {
+            "compacted".into()
+        },
         command: None,
     };
     match &e.payload {
@@ -273,14 +294,33 @@ fn describe(e: &Entry<TypeConfig>, outcome: Option<&Outcome>) -> ReplayLine {
                             line.resources.push(r);
                         }
                     }
-                    if changes.iter().all(|c| c.action == rune_statemachine::Action::Unchanged) {
+                    if changes
+                        .iter()
+                        .all(|c| c.action == rune_statemachine::Action::Unchanged)
+                    {
                         line.result = "unchanged".into();
                     }
                     let parts: Vec<String> = changes
                         .iter()
-                        .map(|c| format!("{} {} (gen {}): {}", c.resource(), action_word(c.action), c.generation, c.summary))
+                        .map(|c| {
+                            let head = format!(
+                                "{} {} (gen {})",
+                                c.resource(),
+                                action_word(c.action),
+                                c.generation
+                            );
+                            if c.summary.is_empty() {
+                                head
+                            } else {
+                                format!("{head}: {}", c.summary)
+                            }
+                        })
                         .collect();
-                    line.summary = if parts.is_empty() { "no change".into() } else { parts.join("; ") };
+                    line.summary = if parts.is_empty() {
+                        "no change".into()
+                    } else {
+                        parts.join("; ")
+                    };
                 }
             }
         }

@@ -49,7 +49,8 @@ pub fn decode_body(mut b: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
     let mut out = Vec::new();
     while !b.is_empty() {
         let kl = len(&mut b)?;
-        let k = String::from_utf8(take(&mut b, kl)?.to_vec()).map_err(|_| "snapshot key is not UTF-8".to_string())?;
+        let k = String::from_utf8(take(&mut b, kl)?.to_vec())
+            .map_err(|_| "snapshot key is not UTF-8".to_string())?;
         let vl = len(&mut b)?;
         out.push((k, take(&mut b, vl)?.to_vec()));
     }
@@ -62,7 +63,11 @@ pub fn write(dir: &Path, meta: &SnapshotMeta<u64, BasicNode>, body: &[u8]) -> io
     let tmp = dir.join(format!("{FILE}.tmp"));
     {
         let mut f = fs::File::create(&tmp)?;
-        let header = serde_json::to_vec(&Header { format: FORMAT, meta: meta.clone() }).map_err(io::Error::other)?;
+        let header = serde_json::to_vec(&Header {
+            format: FORMAT,
+            meta: meta.clone(),
+        })
+        .map_err(io::Error::other)?;
         f.write_all(&header)?;
         f.write_all(b"\n")?;
         f.write_all(body)?;
@@ -79,10 +84,16 @@ pub fn read(dir: &Path) -> io::Result<Option<(SnapshotMeta<u64, BasicNode>, Vec<
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let nl = bytes.iter().position(|&c| c == b'\n').ok_or_else(|| io::Error::other("snapshot header is missing"))?;
+    let nl = bytes
+        .iter()
+        .position(|&c| c == b'\n')
+        .ok_or_else(|| io::Error::other("snapshot header is missing"))?;
     let header: Header = serde_json::from_slice(&bytes[..nl]).map_err(io::Error::other)?;
     if header.format != FORMAT {
-        return Err(io::Error::other(format!("snapshot format {} is not understood", header.format)));
+        return Err(io::Error::other(format!(
+            "snapshot format {} is not understood",
+            header.format
+        )));
     }
     Ok(Some((header.meta, bytes[nl + 1..].to_vec())))
 }
@@ -93,7 +104,10 @@ mod tests {
 
     #[test]
     fn body_round_trips_and_rejects_truncation() {
-        let recs = vec![("a".to_string(), b"1".to_vec()), ("b/c".to_string(), vec![0, 1, 2])];
+        let recs = vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("b/c".to_string(), vec![0, 1, 2]),
+        ];
         let body = encode_body(&recs);
         assert_eq!(decode_body(&body).unwrap(), recs);
         assert!(decode_body(&body[..body.len() - 1]).is_err());

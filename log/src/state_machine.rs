@@ -81,7 +81,8 @@ pub(crate) fn apply_entries(
                 EntryPayload::Membership(m) => {
                     let sm = StoredMembership::new(Some(e.log_id), m.clone());
                     let v = serde_json::to_vec(&sm).map_err(|e| e.to_string())?;
-                    meta.insert("membership", v.as_slice()).map_err(|e| e.to_string())?;
+                    meta.insert("membership", v.as_slice())
+                        .map_err(|e| e.to_string())?;
                     Reply(Ok(vec![]))
                 }
                 EntryPayload::Normal(env) => {
@@ -100,7 +101,8 @@ pub(crate) fn apply_entries(
         }
         if let Some(last) = entries.last() {
             let v = serde_json::to_vec(&last.log_id).map_err(|e| e.to_string())?;
-            meta.insert("last_applied", v.as_slice()).map_err(|e| e.to_string())?;
+            meta.insert("last_applied", v.as_slice())
+                .map_err(|e| e.to_string())?;
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
@@ -134,24 +136,33 @@ pub(crate) fn applied_state(
 /// Makes every earlier non-durable commit durable.
 pub(crate) fn make_durable(db: &Database) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| e.to_string())?;
     txn.commit().map_err(|e| e.to_string())
 }
 
 /// Replaces the whole state with a snapshot's records, durably.
-pub(crate) fn install(db: &Database, meta: &SnapshotMeta<u64, BasicNode>, records: &[(String, Vec<u8>)]) -> Result<(), String> {
+pub(crate) fn install(
+    db: &Database,
+    meta: &SnapshotMeta<u64, BasicNode>,
+    records: &[(String, Vec<u8>)],
+) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
         table.retain(|_, _| false).map_err(|e| e.to_string())?;
         for (k, v) in records {
-            table.insert(k.as_str(), v.as_slice()).map_err(|e| e.to_string())?;
+            table
+                .insert(k.as_str(), v.as_slice())
+                .map_err(|e| e.to_string())?;
         }
         let mut m = txn.open_table(SM_META).map_err(|e| e.to_string())?;
         let last = serde_json::to_vec(&meta.last_log_id).map_err(|e| e.to_string())?;
-        m.insert("last_applied", last.as_slice()).map_err(|e| e.to_string())?;
+        m.insert("last_applied", last.as_slice())
+            .map_err(|e| e.to_string())?;
         let mem = serde_json::to_vec(&meta.last_membership).map_err(|e| e.to_string())?;
-        m.insert("membership", mem.as_slice()).map_err(|e| e.to_string())?;
+        m.insert("membership", mem.as_slice())
+            .map_err(|e| e.to_string())?;
     }
     txn.commit().map_err(|e| e.to_string())
 }
@@ -176,10 +187,17 @@ impl StateMachine {
             Some(l) => format!("{}-{}", l.leader_id.term, l.index),
             None => "0-0".to_string(),
         };
-        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: id,
+        };
         snapshot::write(&self.snapshot_dir, &meta, &body).map_err(|e| e.to_string())?;
         tracing::info!(snapshot = %meta.snapshot_id, records = records.len(), bytes = body.len(), "snapshot written");
-        Ok(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(body)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(std::io::Cursor::new(body)),
+        })
     }
 }
 
@@ -193,7 +211,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
         applied_state(&*self.db).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
     }
 
@@ -203,7 +223,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: openraft::OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        let Some(last) = entries.last().map(|e| e.log_id.index) else { return Ok(vec![]) };
+        let Some(last) = entries.last().map(|e| e.log_id.index) else {
+            return Ok(vec![]);
+        };
         let db = self.db.clone();
         let (replies, events) =
             tokio::task::block_in_place(|| apply_entries(&db, &entries, Durability::None)).map_err(sm_err)?;
@@ -253,7 +275,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
         match snapshot::read(&self.snapshot_dir) {
-            Ok(Some((meta, body))) => Ok(Some(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(body)) })),
+            Ok(Some((meta, body))) => Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(std::io::Cursor::new(body)),
+            })),
             Ok(None) => Ok(None),
             Err(e) => Err(StorageIOError::read_snapshot(None, AnyError::error(e.to_string())).into()),
         }

@@ -24,7 +24,9 @@ fn svc(name: &str, scale: i64) -> Command {
 }
 
 fn init() -> Command {
-    Command::Init { namespaces: vec!["system".into(), "default".into()] }
+    Command::Init {
+        namespaces: vec!["system".into(), "default".into()],
+    }
 }
 
 fn read_service(log: &Log, name: &str) -> Option<ServiceRecord> {
@@ -44,15 +46,18 @@ async fn writes_survive_restart_and_replay_verifies() {
     assert_eq!(p.outcome.as_ref().unwrap()[0].action, Action::Unchanged);
     let p = log.propose(svc("api", 3)).await.unwrap();
     assert_eq!(p.outcome.as_ref().unwrap()[0].generation, 2);
-    let missing_ns = Command::DeleteService { namespace: "nope".into(), name: "x".into() };
+    let missing_ns = Command::DeleteService {
+        namespace: "nope".into(),
+        name: "x".into(),
+    };
     assert!(log.propose(missing_ns).await.unwrap().outcome.is_err());
-    log.shutdown().await.unwrap();
+    log.close().await.unwrap();
 
     let log = Log::open(LogConfig::new(dir.path())).await.unwrap();
     let rec = read_service(&log, "api").expect("service survives restart");
     assert_eq!(rec.spec.scale, Some(3));
     assert_eq!(rec.meta.generation, 2);
-    log.shutdown().await.unwrap();
+    log.close().await.unwrap();
 
     let replay = Replay::open(dir.path()).unwrap();
     let mut kinds = Vec::new();
@@ -66,13 +71,19 @@ async fn writes_survive_restart_and_replay_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_proposals_are_all_applied_and_replay_works_after_purge() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = LogConfig { snapshot_every: 50, keep_after_snapshot: 5, ..LogConfig::new(dir.path()) };
+    let cfg = LogConfig {
+        snapshot_every: 50,
+        keep_after_snapshot: 5,
+        ..LogConfig::new(dir.path())
+    };
     let log = Arc::new(Log::open(cfg.clone()).await.unwrap());
     log.propose(init()).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..200 {
         let log = log.clone();
-        tasks.push(tokio::spawn(async move { log.propose(svc(&format!("s{i}"), 1)).await }));
+        tasks.push(tokio::spawn(async move {
+            log.propose(svc(&format!("s{i}"), 1)).await
+        }));
     }
     for t in tasks {
         assert!(t.await.unwrap().unwrap().outcome.is_ok());
@@ -82,7 +93,7 @@ async fn concurrent_proposals_are_all_applied_and_replay_works_after_purge() {
     }
     log.snapshot().await.unwrap();
     let log = Arc::try_unwrap(log).ok().expect("sole owner");
-    log.shutdown().await.unwrap();
+    log.close().await.unwrap();
 
     let replay = Replay::open(dir.path()).unwrap();
     assert!(replay.snapshot_index().is_some());
@@ -91,5 +102,5 @@ async fn concurrent_proposals_are_all_applied_and_replay_works_after_purge() {
 
     let log = Log::open(cfg).await.unwrap();
     assert!(read_service(&log, "s199").is_some());
-    log.shutdown().await.unwrap();
+    log.close().await.unwrap();
 }

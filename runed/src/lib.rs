@@ -1,1 +1,11 @@
-//! stub
+//! The Rune daemon (`runed`) and CLI (`rune`): configuration, the gRPC API, the HTTP and metrics
+//! endpoints, signals, and the command line. Both binaries are thin `main`s over this library.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod castfile;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod yaml;

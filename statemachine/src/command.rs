@@ -26,7 +26,11 @@ pub struct Envelope {
 impl Envelope {
     /// Wraps a command in the current format.
     pub fn new(proposed_at_ms: i64, command: Command) -> Self {
-        Self { version: FORMAT_VERSION, proposed_at_ms, command }
+        Self {
+            version: FORMAT_VERSION,
+            proposed_at_ms,
+            command,
+        }
     }
 }
 

@@ -65,7 +65,10 @@ pub struct FieldError {
 impl FieldError {
     /// A problem at `path`.
     pub fn new(path: FieldPath, message: impl Into<String>) -> Self {
-        Self { path, message: message.into() }
+        Self {
+            path,
+            message: message.into(),
+        }
     }
 }
 
@@ -133,9 +136,18 @@ fn ignored_path(p: &serde_ignored::Path<'_>) -> FieldPath {
 /// serde's messages speak of Rust types; say it the way a YAML user would.
 fn tidy_serde_message(m: &str) -> String {
     let m = m
-        .replace("data did not match any variant of untagged enum", "value has an unsupported shape for")
-        .replace("invalid type: map, expected a string", "expected a string, found a mapping")
-        .replace("invalid type: sequence, expected a string", "expected a string, found a list");
+        .replace(
+            "data did not match any variant of untagged enum",
+            "value has an unsupported shape for",
+        )
+        .replace(
+            "invalid type: map, expected a string",
+            "expected a string, found a mapping",
+        )
+        .replace(
+            "invalid type: sequence, expected a string",
+            "expected a string, found a list",
+        );
     m.replace("i64", "an integer").replace("u64", "an integer")
 }
 

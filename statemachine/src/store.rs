@@ -119,7 +119,10 @@ pub fn spec_hash<T: Serialize>(spec: &T) -> String {
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -161,7 +164,10 @@ where
     T: DeserializeOwned,
     R: ReadableTable<&'static str, &'static [u8]>,
 {
-    scan_prefix(table, prefix)?.iter().map(|(k, v)| decode(k, v)).collect()
+    scan_prefix(table, prefix)?
+        .iter()
+        .map(|(k, v)| decode(k, v))
+        .collect()
 }
 
 /// Previous specs of a service, newest first.
@@ -238,8 +244,10 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
     }
 
     fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let mut keys: std::collections::BTreeSet<String> =
-            scan_prefix(self.base, prefix)?.into_iter().map(|(k, _)| k).collect();
+        let mut keys: std::collections::BTreeSet<String> = scan_prefix(self.base, prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         for (k, v) in self.pending.range(prefix.to_string()..) {
             if !k.starts_with(prefix) {
                 break;
@@ -260,7 +268,10 @@ pub fn apply(
     entry: &Envelope,
 ) -> Result<Outcome, StoreError> {
     let (outcome, pending) = {
-        let mut o = Overlay { base: &*table, pending: BTreeMap::new() };
+        let mut o = Overlay {
+            base: &*table,
+            pending: BTreeMap::new(),
+        };
         let outcome = decide(&mut o, index, entry)?;
         (outcome, o.pending)
     };
@@ -292,13 +303,21 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
     match &e.command {
         Command::Init { namespaces } => {
             for name in namespaces {
-                let spec = NamespaceSpec { name: name.clone(), ..Default::default() };
+                let spec = NamespaceSpec {
+                    name: name.clone(),
+                    ..Default::default()
+                };
                 if let Some(c) = put_namespace(o, index, now, spec, false, true)? {
                     changes.push(c);
                 }
             }
         }
-        Command::Apply { resources, create_namespace, force, history_limit } => {
+        Command::Apply {
+            resources,
+            create_namespace,
+            force,
+            history_limit,
+        } => {
             for r in resources {
                 let res = match r {
                     Resource::Namespace(ns) => {
@@ -316,7 +335,10 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                                     "namespace {ns} does not exist (use --create-namespace to create it)"
                                 ))));
                             }
-                            let spec = NamespaceSpec { name: ns.clone(), ..Default::default() };
+                            let spec = NamespaceSpec {
+                                name: ns.clone(),
+                                ..Default::default()
+                            };
                             changes.extend(put_namespace(o, index, now, spec, false, true)?);
                         }
                         match put_service(o, index, now, s, *force, *history_limit)? {
@@ -331,7 +353,9 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         Command::DeleteService { namespace, name } => {
             let key = service_key(namespace, name);
             let Some(rec) = o.get::<ServiceRecord>(&key)? else {
-                return Ok(Err(Rejection::NotFound(format!("service {namespace}/{name} not found"))));
+                return Ok(Err(Rejection::NotFound(format!(
+                    "service {namespace}/{name} not found"
+                ))));
             };
             o.delete(key);
             for k in o.keys_with_prefix(&history_prefix(namespace, name))? {
@@ -343,12 +367,14 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 name: name.clone(),
                 action: Action::Deleted,
                 generation: rec.meta.generation,
-                summary: format!("deleted at generation {}", rec.meta.generation),
+                summary: String::new(),
             });
         }
         Command::DeleteNamespace { name } => {
             if RESERVED_NAMESPACES.contains(&name.as_str()) {
-                return Ok(Err(Rejection::FailedPrecondition(format!("namespace {name} is reserved"))));
+                return Ok(Err(Rejection::FailedPrecondition(format!(
+                    "namespace {name} is reserved"
+                ))));
             }
             let key = namespace_key(name);
             let Some(rec) = o.get::<NamespaceRecord>(&key)? else {
@@ -367,7 +393,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 name: name.clone(),
                 action: Action::Deleted,
                 generation: rec.meta.generation,
-                summary: "deleted".into(),
+                summary: String::new(),
             });
         }
     }
@@ -393,7 +419,14 @@ fn put_namespace<R: ReadableTable<&'static str, &'static [u8]>>(
     let (action, meta) = match existing {
         Some(_) if only_if_missing => return Ok(None),
         Some(rec) if rec.meta.spec_hash == hash && !force => {
-            return Ok(Some(change(Kind::Namespace, "", &spec.name, Action::Unchanged, rec.meta.generation, "unchanged")));
+            return Ok(Some(change(
+                Kind::Namespace,
+                "",
+                &spec.name,
+                Action::Unchanged,
+                rec.meta.generation,
+                "",
+            )));
         }
         Some(rec) => (
             Action::Configured,
@@ -407,7 +440,18 @@ fn put_namespace<R: ReadableTable<&'static str, &'static [u8]>>(
         ),
         None => (Action::Created, new_meta(now, index, hash, 0)),
     };
-    let c = change(Kind::Namespace, "", &spec.name, action, meta.generation, if action == Action::Created { "created" } else { "labels or description changed" });
+    let c = change(
+        Kind::Namespace,
+        "",
+        &spec.name,
+        action,
+        meta.generation,
+        if action == Action::Created {
+            ""
+        } else {
+            "labels or description changed"
+        },
+    );
     o.put(key, &NamespaceRecord { spec, meta });
     Ok(Some(c))
 }
@@ -456,14 +500,30 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
     let name = spec.name.clone();
     let (action, meta, summary) = match existing {
         None => {
-            let summary = format!("created: {} {}, scale {}", spec.runtime(), spec_target(&spec), spec.scale());
+            let summary = format!(
+                "{} {}, scale {}",
+                spec.runtime(),
+                spec_target(&spec),
+                spec.scale()
+            );
             (Action::Created, new_meta(now, index, hash, scale), summary)
         }
         Some(rec) if rec.meta.spec_hash == hash && !force => {
-            return Ok(Ok(change(Kind::Service, &ns, &name, Action::Unchanged, rec.meta.generation, "unchanged")));
+            return Ok(Ok(change(
+                Kind::Service,
+                &ns,
+                &name,
+                Action::Unchanged,
+                rec.meta.generation,
+                "",
+            )));
         }
         Some(rec) => {
-            let summary = if rec.meta.spec_hash == hash { "forced re-cast".to_string() } else { diff_summary(&rec.spec, &spec) };
+            let summary = if rec.meta.spec_hash == hash {
+                "forced re-cast".to_string()
+            } else {
+                diff_summary(&rec.spec, &spec)
+            };
             o.put(
                 history_key(&ns, &name, rec.meta.generation),
                 &Revision {
@@ -485,7 +545,11 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
                 generation: rec.meta.generation + 1,
                 spec_hash: hash,
                 resource_version: index,
-                last_non_zero_scale: if scale > 0 { scale } else { rec.meta.last_non_zero_scale },
+                last_non_zero_scale: if scale > 0 {
+                    scale
+                } else {
+                    rec.meta.last_non_zero_scale
+                },
                 ..rec.meta
             };
             (Action::Configured, meta, summary)
@@ -506,7 +570,10 @@ fn spec_target(s: &ServiceSpec) -> String {
 
 /// `scale 1→3, image a→b, env changed`: which top-level fields differ.
 fn diff_summary(old: &ServiceSpec, new: &ServiceSpec) -> String {
-    let (a, b) = (serde_json::to_value(old).unwrap_or_default(), serde_json::to_value(new).unwrap_or_default());
+    let (a, b) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    );
     let empty = serde_json::Map::new();
     let (ma, mb) = (a.as_object().unwrap_or(&empty), b.as_object().unwrap_or(&empty));
     let keys: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();

@@ -18,10 +18,18 @@ pub fn dns1123_label(name: &str) -> Result<(), String> {
         return Err("is required".into());
     }
     if name.len() > 63 {
-        return Err(format!("'{name}' is {} characters long; at most 63 are allowed", name.len()));
+        return Err(format!(
+            "'{name}' is {} characters long; at most 63 are allowed",
+            name.len()
+        ));
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Err(format!("'{name}' may contain only lowercase letters, digits and '-'"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "'{name}' may contain only lowercase letters, digits and '-'"
+        ));
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(format!("'{name}' must start and end with a letter or digit"));
@@ -33,7 +41,10 @@ pub fn dns1123_label(name: &str) -> Result<(), String> {
 pub fn validate_namespace(ns: &NamespaceSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if let Err(m) = dns1123_label(&ns.name) {
-        errs.push(FieldError::new(FieldPath::root().key("name"), format!("namespace name {m}")));
+        errs.push(FieldError::new(
+            FieldPath::root().key("name"),
+            format!("namespace name {m}"),
+        ));
     }
     errs
 }
@@ -53,44 +64,73 @@ pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
         }
     }
     match (&s.image, &s.process) {
-        (None, None) => err(root.key("image"), "exactly one of 'image' and 'process' is required".into()),
-        (Some(_), Some(_)) => err(root.key("process"), "give either 'image' or 'process', not both".into()),
+        (None, None) => err(
+            root.key("image"),
+            "exactly one of 'image' and 'process' is required".into(),
+        ),
+        (Some(_), Some(_)) => err(
+            root.key("process"),
+            "give either 'image' or 'process', not both".into(),
+        ),
         (Some(i), None) if i.trim().is_empty() => err(root.key("image"), "image must not be empty".into()),
-        (None, Some(p)) if p.command.trim().is_empty() => {
-            err(root.key("process").key("command"), "process command is required".into())
-        }
+        (None, Some(p)) if p.command.trim().is_empty() => err(
+            root.key("process").key("command"),
+            "process command is required".into(),
+        ),
         _ => {}
     }
     if let Some(scale) = s.scale {
         if scale < 0 {
             err(root.key("scale"), format!("scale must be 0 or more, got {scale}"));
         } else if scale > MAX_SCALE {
-            err(root.key("scale"), format!("scale {scale} is above the limit of {MAX_SCALE}"));
+            err(
+                root.key("scale"),
+                format!("scale {scale} is above the limit of {MAX_SCALE}"),
+            );
         }
     }
     if let Some(g) = s.stop_grace_period_seconds {
         if !(0..=3600).contains(&g) {
-            err(root.key("stopGracePeriodSeconds"), format!("must be between 0 and 3600, got {g}"));
+            err(
+                root.key("stopGracePeriodSeconds"),
+                format!("must be between 0 and 3600, got {g}"),
+            );
         }
     }
     if let Some(rp) = &s.restart_policy {
         if !matches!(rp.as_str(), "Always" | "OnFailure" | "Never") {
-            err(root.key("restartPolicy"), format!("must be Always, OnFailure or Never, got '{rp}'"));
+            err(
+                root.key("restartPolicy"),
+                format!("must be Always, OnFailure or Never, got '{rp}'"),
+            );
         }
     }
     for k in s.env.keys() {
         if k.is_empty() || k.contains('=') {
-            err(root.key("env").key(k), format!("'{k}' is not a valid environment variable name"));
+            err(
+                root.key("env").key(k),
+                format!("'{k}' is not a valid environment variable name"),
+            );
         }
     }
     drop(err);
     validate_ports(s, &root, &mut errs);
     if let Some(r) = &s.resources {
         if let Some(cpu) = &r.cpu {
-            check_request_limit(cpu, &root.key("resources").key("cpu"), parse_cpu_millis, &mut errs);
+            check_request_limit(
+                cpu,
+                &root.key("resources").key("cpu"),
+                parse_cpu_millis,
+                &mut errs,
+            );
         }
         if let Some(mem) = &r.memory {
-            check_request_limit(mem, &root.key("resources").key("memory"), parse_memory_bytes, &mut errs);
+            check_request_limit(
+                mem,
+                &root.key("resources").key("memory"),
+                parse_memory_bytes,
+                &mut errs,
+            );
         }
     }
     if let Some(h) = &s.health {
@@ -111,25 +151,43 @@ fn validate_ports(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>)
     for (i, p) in s.ports.iter().enumerate() {
         let at = root.key("ports").index(i);
         if p.name.is_empty() {
-            errs.push(FieldError::new(at.key("name"), format!("port name is required for port at index {i}")));
+            errs.push(FieldError::new(
+                at.key("name"),
+                format!("port name is required for port at index {i}"),
+            ));
         } else if let Err(m) = dns1123_label(&p.name) {
             errs.push(FieldError::new(at.key("name"), format!("port name {m}")));
         } else if !names.insert(p.name.clone()) {
-            errs.push(FieldError::new(at.key("name"), format!("duplicate port name '{}'", p.name)));
+            errs.push(FieldError::new(
+                at.key("name"),
+                format!("duplicate port name '{}'", p.name),
+            ));
         }
         let proto = p.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
         if proto != "tcp" && proto != "udp" {
-            errs.push(FieldError::new(at.key("protocol"), format!("protocol must be tcp or udp, got '{proto}'")));
+            errs.push(FieldError::new(
+                at.key("protocol"),
+                format!("protocol must be tcp or udp, got '{proto}'"),
+            ));
         }
         if !(1..=65535).contains(&p.port) {
-            errs.push(FieldError::new(at.key("port"), format!("port must be between 1 and 65535, got {}", p.port)));
+            errs.push(FieldError::new(
+                at.key("port"),
+                format!("port must be between 1 and 65535, got {}", p.port),
+            ));
         } else if !numbers.insert((p.port, proto)) {
-            errs.push(FieldError::new(at.key("port"), format!("duplicate port {}", p.port)));
+            errs.push(FieldError::new(
+                at.key("port"),
+                format!("duplicate port {}", p.port),
+            ));
         }
         for (field, v) in [("targetPort", p.target_port), ("hostPort", p.host_port)] {
             if let Some(v) = v {
                 if !(1..=65535).contains(&v) {
-                    errs.push(FieldError::new(at.key(field), format!("must be between 1 and 65535, got {v}")));
+                    errs.push(FieldError::new(
+                        at.key(field),
+                        format!("must be between 1 and 65535, got {v}"),
+                    ));
                 }
             }
         }
@@ -138,7 +196,10 @@ fn validate_ports(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>)
 
 fn port_ref_ok(s: &ServiceSpec, r: &PortRef) -> bool {
     match r {
-        PortRef::Number(n) => s.ports.is_empty() && (1..=65535).contains(n) || s.ports.iter().any(|p| p.port == *n || p.target_port == Some(*n)),
+        PortRef::Number(n) => {
+            s.ports.is_empty() && (1..=65535).contains(n)
+                || s.ports.iter().any(|p| p.port == *n || p.target_port == Some(*n))
+        }
         PortRef::Name(n) => s.ports.iter().any(|p| &p.name == n),
     }
 }
@@ -149,7 +210,9 @@ fn validate_probe(p: &Probe, s: &ServiceSpec, at: &FieldPath, errs: &mut Vec<Fie
         "http" => {
             match &p.path {
                 None => err("path", "http probe must have a path".into()),
-                Some(path) if !path.starts_with('/') => err("path", format!("path must start with '/', got '{path}'")),
+                Some(path) if !path.starts_with('/') => {
+                    err("path", format!("path must start with '/', got '{path}'"))
+                }
                 _ => {}
             }
             if p.port.is_none() {
@@ -176,7 +239,10 @@ fn validate_probe(p: &Probe, s: &ServiceSpec, at: &FieldPath, errs: &mut Vec<Fie
                 err("command", "exec probe must have a command".into());
             }
         }
-        other => err("type", format!("unknown probe type '{other}': use http, tcp or exec")),
+        other => err(
+            "type",
+            format!("unknown probe type '{other}': use http, tcp or exec"),
+        ),
     }
     if let Some(port) = &p.port {
         match port {
@@ -212,7 +278,10 @@ fn validate_refs(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) 
         }
         if let Some(path) = &e.path {
             if !path.starts_with('/') {
-                errs.push(FieldError::new(root.key("expose").key("path"), "expose.path must start with '/'"));
+                errs.push(FieldError::new(
+                    root.key("expose").key("path"),
+                    "expose.path must start with '/'",
+                ));
             }
         }
     }
@@ -230,31 +299,53 @@ fn validate_refs(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) 
         if a.enabled == Some(true) {
             if let (Some(min), Some(max)) = (a.min, a.max) {
                 if max < min {
-                    errs.push(FieldError::new(root.key("autoscale").key("max"), "autoscale max cannot be less than min"));
+                    errs.push(FieldError::new(
+                        root.key("autoscale").key("max"),
+                        "autoscale max cannot be less than min",
+                    ));
                 }
             }
         }
     }
     if let Some(np) = &s.network_policy {
         for (i, r) in np.ingress.iter().enumerate() {
-            check_peers(&r.from, &root.key("networkPolicy").key("ingress").index(i).key("from"), errs);
+            check_peers(
+                &r.from,
+                &root.key("networkPolicy").key("ingress").index(i).key("from"),
+                errs,
+            );
         }
         for (i, r) in np.egress.iter().enumerate() {
-            check_peers(&r.to, &root.key("networkPolicy").key("egress").index(i).key("to"), errs);
+            check_peers(
+                &r.to,
+                &root.key("networkPolicy").key("egress").index(i).key("to"),
+                errs,
+            );
         }
     }
     for (i, d) in s.dependencies.iter().enumerate() {
         let at = root.key("dependencies").index(i);
         match d {
-            Dependency::Short(t) if t.trim().is_empty() => errs.push(FieldError::new(at, "dependency must not be empty")),
+            Dependency::Short(t) if t.trim().is_empty() => {
+                errs.push(FieldError::new(at, "dependency must not be empty"))
+            }
             Dependency::Long(l) => {
-                let n = [&l.service, &l.secret, &l.configmap].iter().filter(|x| x.is_some()).count();
+                let n = [&l.service, &l.secret, &l.configmap]
+                    .iter()
+                    .filter(|x| x.is_some())
+                    .count();
                 if n != 1 {
-                    errs.push(FieldError::new(at.clone(), "dependency must name exactly one of service, secret or configmap"));
+                    errs.push(FieldError::new(
+                        at.clone(),
+                        "dependency must name exactly one of service, secret or configmap",
+                    ));
                 }
                 if let Some(w) = &l.ready_when {
                     if !matches!(w.as_str(), "running" | "healthy" | "started") {
-                        errs.push(FieldError::new(at.key("readyWhen"), format!("readyWhen must be running, healthy or started, got '{w}'")));
+                        errs.push(FieldError::new(
+                            at.key("readyWhen"),
+                            format!("readyWhen must be running, healthy or started, got '{w}'"),
+                        ));
                     }
                 }
             }
@@ -273,7 +364,11 @@ fn validate_refs(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) 
                     t.starts_with("secret:") || t.starts_with("configmap:")
                 }
                 EnvFrom::Long(l) => {
-                    [&l.secret, &l.configmap, &l.secret_ref, &l.config_ref].iter().filter(|x| x.is_some()).count() == 1
+                    [&l.secret, &l.configmap, &l.secret_ref, &l.config_ref]
+                        .iter()
+                        .filter(|x| x.is_some())
+                        .count()
+                        == 1
                 }
             };
             if !ok {
@@ -292,18 +387,26 @@ fn check_peers(peers: &[Peer], at: &FieldPath, errs: &mut Vec<FieldError>) {
     }
     for (j, p) in peers.iter().enumerate() {
         if p.service.is_none() && p.namespace.is_none() && p.cidr.is_none() && p.service_selector.is_none() {
-            errs.push(FieldError::new(at.index(j), "peer must specify service, namespace, serviceSelector or cidr"));
+            errs.push(FieldError::new(
+                at.index(j),
+                "peer must specify service, namespace, serviceSelector or cidr",
+            ));
         }
         if let Some(c) = &p.cidr {
             if !valid_cidr(c) {
-                errs.push(FieldError::new(at.index(j).key("cidr"), format!("'{c}' is not a valid CIDR")));
+                errs.push(FieldError::new(
+                    at.index(j).key("cidr"),
+                    format!("'{c}' is not a valid CIDR"),
+                ));
             }
         }
     }
 }
 
 fn valid_cidr(c: &str) -> bool {
-    let Some((ip, len)) = c.split_once('/') else { return false };
+    let Some((ip, len)) = c.split_once('/') else {
+        return false;
+    };
     let Ok(len) = len.parse::<u8>() else { return false };
     match ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => len <= 32,
@@ -319,7 +422,10 @@ fn check_request_limit(
     errs: &mut Vec<FieldError>,
 ) {
     let mut parsed = [None, None];
-    for (i, (f, v)) in [("request", &rl.request), ("limit", &rl.limit)].into_iter().enumerate() {
+    for (i, (f, v)) in [("request", &rl.request), ("limit", &rl.limit)]
+        .into_iter()
+        .enumerate()
+    {
         if let Some(v) = v {
             match parse(v.as_str()) {
                 Ok(n) => parsed[i] = Some(n),
@@ -351,9 +457,13 @@ pub fn parse_cpu_millis(v: &str) -> Result<u64, String> {
 /// Parses `256Mi`, `1G`, `128974848` into bytes.
 pub fn parse_memory_bytes(v: &str) -> Result<u64, String> {
     let v = v.trim();
-    let split = v.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(v.len());
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("'{v}' is not a memory quantity such as 256Mi"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{v}' is not a memory quantity such as 256Mi"))?;
     let mult: f64 = match unit.to_ascii_lowercase().as_str() {
         "" => 1.0,
         "k" => 1e3,
@@ -364,7 +474,11 @@ pub fn parse_memory_bytes(v: &str) -> Result<u64, String> {
         "mi" => 1024f64.powi(2),
         "gi" => 1024f64.powi(3),
         "ti" => 1024f64.powi(4),
-        _ => return Err(format!("unknown memory unit '{unit}' in '{v}': use Ki, Mi, Gi, Ti, k, M, G or T")),
+        _ => {
+            return Err(format!(
+                "unknown memory unit '{unit}' in '{v}': use Ki, Mi, Gi, Ti, k, M, G or T"
+            ))
+        }
     };
     Ok((n * mult).round() as u64)
 }
@@ -373,7 +487,9 @@ pub fn parse_memory_bytes(v: &str) -> Result<u64, String> {
 pub fn env_reference_ok(v: &str) -> bool {
     let mut rest = v;
     while let Some(start) = rest.find("{{") {
-        let Some(end) = rest[start..].find("}}") else { return false };
+        let Some(end) = rest[start..].find("}}") else {
+            return false;
+        };
         let inner = rest[start + 2..start + end].trim();
         if let Some((head, tail)) = inner.split_once(':') {
             if matches!(head.trim(), "secret" | "configmap") && !tail.contains('/') {
@@ -391,7 +507,11 @@ mod tests {
     use crate::spec::PortSpec;
 
     fn svc() -> ServiceSpec {
-        ServiceSpec { name: "api".into(), image: Some("busybox".into()), ..Default::default() }
+        ServiceSpec {
+            name: "api".into(),
+            image: Some("busybox".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -408,8 +528,16 @@ mod tests {
         let mut s = svc();
         s.scale = Some(-1);
         s.ports = vec![
-            PortSpec { name: "http".into(), port: 80, ..Default::default() },
-            PortSpec { name: "http".into(), port: 80, ..Default::default() },
+            PortSpec {
+                name: "http".into(),
+                port: 80,
+                ..Default::default()
+            },
+            PortSpec {
+                name: "http".into(),
+                port: 80,
+                ..Default::default()
+            },
         ];
         let paths: Vec<String> = validate_service(&s).iter().map(|e| e.path.to_string()).collect();
         assert!(paths.contains(&"scale".into()));

@@ -1,0 +1,586 @@
+//! The gRPC API: decode and validate requests, decide, propose, and map outcomes to statuses.
+//! This is the only module of the daemon that knows protobuf types.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use rune_log::{AppliedEntry, Log, ProposeError};
+use rune_proto::v1 as pb;
+use rune_statemachine::decode::decode;
+use rune_statemachine::spec::{NamespaceSpec, ServiceSpec};
+use rune_statemachine::store::{
+    get_record, list_records, namespace_key, service_history, service_key, services_prefix, spec_hash,
+    NamespaceRecord, ObjectMeta, ServiceRecord,
+};
+use rune_statemachine::validate::{validate_namespace, validate_service};
+use rune_statemachine::{Action, Command, Kind, Rejection, Resource, MAX_SPEC_BYTES, STATE_TABLE};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+/// Shared by every service of the API.
+#[derive(Clone)]
+pub struct Api {
+    /// The log every write goes through.
+    pub log: Arc<Log>,
+    /// Previous specs kept per service, carried in each Apply command.
+    pub history_limit: u32,
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn unavailable(e: ProposeError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn rejection(r: Rejection) -> Status {
+    match r {
+        Rejection::Invalid(m) => Status::invalid_argument(m),
+        Rejection::NotFound(m) => Status::not_found(m),
+        Rejection::FailedPrecondition(m) => Status::failed_precondition(m),
+        Rejection::UnsupportedFormat(_) => Status::internal(r.to_string()),
+    }
+}
+
+fn namespace_or_default(ns: &str) -> &str {
+    if ns.is_empty() {
+        rune_statemachine::DEFAULT_NAMESPACE
+    } else {
+        ns
+    }
+}
+
+fn meta(m: &ObjectMeta) -> pb::ObjectMeta {
+    pb::ObjectMeta {
+        created_at_ms: m.created_at_ms,
+        updated_at_ms: m.updated_at_ms,
+        generation: m.generation,
+        spec_hash: m.spec_hash.clone(),
+        resource_version: m.resource_version,
+        last_non_zero_scale: m.last_non_zero_scale,
+    }
+}
+
+fn service_pb(r: &ServiceRecord) -> pb::Service {
+    pb::Service {
+        namespace: r.spec.namespace().to_string(),
+        name: r.spec.name.clone(),
+        spec_json: serde_json::to_string(&r.spec).unwrap_or_default(),
+        meta: Some(meta(&r.meta)),
+    }
+}
+
+fn namespace_pb(r: &NamespaceRecord) -> pb::Namespace {
+    pb::Namespace {
+        name: r.spec.name.clone(),
+        labels: r
+            .spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect(),
+        description: r.spec.description.clone().unwrap_or_default(),
+        meta: Some(meta(&r.meta)),
+    }
+}
+
+/// Parses `k=v,k2=v2`.
+fn parse_selector(s: &str) -> Result<Vec<(String, String)>, Status> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(Status::invalid_argument(format!(
+                "label_selector: '{p}' is not k=v"
+            ))),
+        })
+        .collect()
+}
+
+fn matches(r: &ServiceRecord, sel: &[(String, String)]) -> bool {
+    sel.iter()
+        .all(|(k, v)| r.spec.labels.get(k).is_some_and(|x| &x.0 == v))
+}
+
+/// Decodes and validates one resource of a cast, naming what is wrong.
+fn decode_resource(r: &pb::Resource, i: usize) -> Result<Resource, Status> {
+    let (kind, json) = match &r.kind {
+        Some(pb::resource::Kind::ServiceJson(j)) => ("service", j),
+        Some(pb::resource::Kind::NamespaceJson(j)) => ("namespace", j),
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "resources[{i}]: no resource given"
+            )))
+        }
+    };
+    if json.len() > MAX_SPEC_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "resources[{i}]: {kind} spec is {:.1} MiB; the limit is {} MiB",
+            json.len() as f64 / 1048576.0,
+            MAX_SPEC_BYTES / 1048576
+        )));
+    }
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Status::invalid_argument(format!("resources[{i}]: {kind} spec is not JSON: {e}")))?;
+    let fail = |name: &str, errs: Vec<rune_statemachine::decode::FieldError>| {
+        let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        Status::invalid_argument(format!("{kind} {name}: {}", list.join("; ")))
+    };
+    let name = value
+        .get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>")
+        .to_string();
+    match kind {
+        "service" => {
+            let mut s: ServiceSpec = decode(&value).map_err(|e| fail(&name, e))?;
+            let errs = validate_service(&s);
+            if !errs.is_empty() {
+                return Err(fail(&name, errs));
+            }
+            s.namespace = Some(s.namespace().to_string());
+            Ok(Resource::Service(s))
+        }
+        _ => {
+            let n: NamespaceSpec = decode(&value).map_err(|e| fail(&name, e))?;
+            let errs = validate_namespace(&n);
+            if !errs.is_empty() {
+                return Err(fail(&name, errs));
+            }
+            Ok(Resource::Namespace(n))
+        }
+    }
+}
+
+impl Api {
+    /// What a cast would do to each resource, from the current state; used for dry runs and to
+    /// skip proposing a cast that changes nothing.
+    fn predict(
+        &self,
+        txn: &redb::ReadTransaction,
+        resources: &[Resource],
+        force: bool,
+    ) -> Result<Vec<pb::ApplyResult>, Status> {
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let mut out = Vec::new();
+        for r in resources {
+            let (kind, ns, name, key, hash) = match r {
+                Resource::Service(s) => (
+                    "service",
+                    s.namespace().to_string(),
+                    s.name.clone(),
+                    service_key(s.namespace(), &s.name),
+                    spec_hash(s),
+                ),
+                Resource::Namespace(n) => (
+                    "namespace",
+                    String::new(),
+                    n.name.clone(),
+                    namespace_key(&n.name),
+                    spec_hash(n),
+                ),
+            };
+            let existing: Option<serde_json::Value> = get_record(&t, &key).map_err(internal)?;
+            let old = existing.as_ref().and_then(|v| v.pointer("/meta").cloned());
+            let old_hash = old
+                .as_ref()
+                .and_then(|m| m.get("spec_hash"))
+                .and_then(|h| h.as_str())
+                .map(String::from);
+            let old_gen = old
+                .as_ref()
+                .and_then(|m| m.get("generation"))
+                .and_then(|g| g.as_u64())
+                .unwrap_or(0);
+            let (action, generation) = match old_hash {
+                None => (pb::ApplyAction::Created, 1),
+                Some(h) if h == hash && !force => (pb::ApplyAction::Unchanged, old_gen),
+                Some(_) => (pb::ApplyAction::Configured, old_gen + 1),
+            };
+            out.push(pb::ApplyResult {
+                kind: kind.into(),
+                namespace: ns,
+                name,
+                action: action as i32,
+                generation,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::service_api_server::ServiceApi for Api {
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let req = req.into_inner();
+        if req.resources.is_empty() {
+            return Err(Status::invalid_argument("resources: nothing to apply"));
+        }
+        let mut resources = Vec::with_capacity(req.resources.len());
+        for (i, r) in req.resources.iter().enumerate() {
+            resources.push(decode_resource(r, i)?);
+        }
+        // Namespaces first, so a cast may create the namespace its services live in.
+        resources.sort_by_key(|r| !matches!(r, Resource::Namespace(_)));
+        let txn = self
+            .log
+            .read_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let predicted = self.predict(&txn, &resources, req.force)?;
+        drop(txn);
+        let unchanged = predicted
+            .iter()
+            .all(|p| p.action == pb::ApplyAction::Unchanged as i32);
+        if req.dry_run || unchanged {
+            return Ok(Response::new(pb::ApplyResponse {
+                results: predicted,
+                index: 0,
+            }));
+        }
+        let cmd = Command::Apply {
+            resources,
+            create_namespace: req.create_namespace,
+            force: req.force,
+            history_limit: self.history_limit,
+        };
+        let p = self.log.propose(cmd).await.map_err(unavailable)?;
+        let changes = p.outcome.map_err(rejection)?;
+        let results = changes
+            .into_iter()
+            .map(|c| pb::ApplyResult {
+                kind: c.kind.as_str().into(),
+                namespace: c.namespace,
+                name: c.name,
+                action: match c.action {
+                    Action::Created => pb::ApplyAction::Created,
+                    Action::Configured => pb::ApplyAction::Configured,
+                    Action::Unchanged | Action::Deleted => pb::ApplyAction::Unchanged,
+                } as i32,
+                generation: c.generation,
+            })
+            .collect();
+        Ok(Response::new(pb::ApplyResponse {
+            results,
+            index: p.index,
+        }))
+    }
+
+    async fn get_service(
+        &self,
+        req: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        let req = req.into_inner();
+        let ns = namespace_or_default(&req.namespace);
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        match get_record::<ServiceRecord, _>(&t, &service_key(ns, &req.name)).map_err(internal)? {
+            Some(r) => Ok(Response::new(service_pb(&r))),
+            None => Err(Status::not_found(format!("service {ns}/{} not found", req.name))),
+        }
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let req = req.into_inner();
+        let sel = parse_selector(&req.label_selector)?;
+        let ns = if req.namespace == "*" {
+            None
+        } else {
+            Some(namespace_or_default(&req.namespace))
+        };
+        let index = *self.log.applied().borrow();
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let recs: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns)).map_err(internal)?;
+        let services = recs.iter().filter(|r| matches(r, &sel)).map(service_pb).collect();
+        Ok(Response::new(pb::ListServicesResponse { services, index }))
+    }
+
+    type WatchServicesStream = Stream_<pb::ServiceEvent>;
+
+    async fn watch_services(
+        &self,
+        req: Request<pb::WatchServicesRequest>,
+    ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        let req = req.into_inner();
+        let sel = parse_selector(&req.label_selector)?;
+        let ns = if req.namespace == "*" {
+            None
+        } else {
+            Some(namespace_or_default(&req.namespace).to_string())
+        };
+        // Subscribe before listing, so nothing applied in between is missed.
+        let mut rx = self.log.subscribe();
+        let index = *self.log.applied().borrow();
+        let initial: Vec<ServiceRecord> = {
+            let txn = self.log.read().map_err(internal)?;
+            let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+            list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?
+        };
+        let log = self.log.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for r in initial.iter().filter(|r| matches(r, &sel)) {
+                let ev = pb::ServiceEvent {
+                    r#type: pb::EventType::Added as i32,
+                    service: Some(service_pb(r)),
+                    index,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let entry: Arc<AppliedEntry> = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(RecvError::Lagged(_)) => {
+                        let _ = tx
+                            .send(Err(Status::aborted("watch fell behind the log; start it again")))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if entry.index <= index {
+                    continue;
+                }
+                for c in entry
+                    .changes
+                    .iter()
+                    .filter(|c| c.kind == Kind::Service && c.action != Action::Unchanged)
+                {
+                    if ns.as_deref().is_some_and(|n| n != c.namespace) {
+                        continue;
+                    }
+                    let (ty, svc) = if c.action == Action::Deleted {
+                        let s = pb::Service {
+                            namespace: c.namespace.clone(),
+                            name: c.name.clone(),
+                            ..Default::default()
+                        };
+                        (pb::EventType::Deleted, s)
+                    } else {
+                        let rec = log.read().ok().and_then(|txn| {
+                            let t = txn.open_table(STATE_TABLE).ok()?;
+                            get_record::<ServiceRecord, _>(&t, &service_key(&c.namespace, &c.name))
+                                .ok()
+                                .flatten()
+                        });
+                        let Some(rec) = rec.filter(|r| matches(r, &sel)) else {
+                            continue;
+                        };
+                        let ty = if c.action == Action::Created {
+                            pb::EventType::Added
+                        } else {
+                            pb::EventType::Modified
+                        };
+                        (ty, service_pb(&rec))
+                    };
+                    let ev = pb::ServiceEvent {
+                        r#type: ty as i32,
+                        service: Some(svc),
+                        index: entry.index,
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn delete_service(
+        &self,
+        req: Request<pb::DeleteServiceRequest>,
+    ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        let req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name: is required"));
+        }
+        let ns = namespace_or_default(&req.namespace).to_string();
+        let p = self
+            .log
+            .propose(Command::DeleteService {
+                namespace: ns,
+                name: req.name,
+            })
+            .await
+            .map_err(unavailable)?;
+        p.outcome.map_err(rejection)?;
+        Ok(Response::new(pb::DeleteServiceResponse { index: p.index }))
+    }
+
+    async fn service_history(
+        &self,
+        req: Request<pb::ServiceHistoryRequest>,
+    ) -> Result<Response<pb::ServiceHistoryResponse>, Status> {
+        let req = req.into_inner();
+        let ns = namespace_or_default(&req.namespace);
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let Some(cur) = get_record::<ServiceRecord, _>(&t, &service_key(ns, &req.name)).map_err(internal)?
+        else {
+            return Err(Status::not_found(format!("service {ns}/{} not found", req.name)));
+        };
+        let mut revisions = vec![pb::ServiceRevision {
+            generation: cur.meta.generation,
+            spec_json: serde_json::to_string(&cur.spec).map_err(internal)?,
+            replaced_at_ms: 0,
+            spec_hash: cur.meta.spec_hash.clone(),
+        }];
+        for r in service_history(&t, ns, &req.name).map_err(internal)? {
+            revisions.push(pb::ServiceRevision {
+                generation: r.generation,
+                spec_json: serde_json::to_string(&r.spec).map_err(internal)?,
+                replaced_at_ms: r.replaced_at_ms,
+                spec_hash: r.spec_hash,
+            });
+        }
+        Ok(Response::new(pb::ServiceHistoryResponse { revisions }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::namespace_api_server::NamespaceApi for Api {
+    async fn list_namespaces(
+        &self,
+        _req: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let recs: Vec<NamespaceRecord> = list_records(&t, "namespaces/").map_err(internal)?;
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces: recs.iter().map(namespace_pb).collect(),
+        }))
+    }
+
+    async fn get_namespace(
+        &self,
+        req: Request<pb::GetNamespaceRequest>,
+    ) -> Result<Response<pb::Namespace>, Status> {
+        let name = req.into_inner().name;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        match get_record::<NamespaceRecord, _>(&t, &namespace_key(&name)).map_err(internal)? {
+            Some(r) => Ok(Response::new(namespace_pb(&r))),
+            None => Err(Status::not_found(format!("namespace {name} not found"))),
+        }
+    }
+
+    async fn delete_namespace(
+        &self,
+        req: Request<pb::DeleteNamespaceRequest>,
+    ) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
+        let name = req.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name: is required"));
+        }
+        let p = self
+            .log
+            .propose(Command::DeleteNamespace { name })
+            .await
+            .map_err(unavailable)?;
+        p.outcome.map_err(rejection)?;
+        Ok(Response::new(pb::DeleteNamespaceResponse { index: p.index }))
+    }
+
+    type WatchNamespacesStream = Stream_<pb::NamespaceEvent>;
+
+    async fn watch_namespaces(
+        &self,
+        _req: Request<pb::WatchNamespacesRequest>,
+    ) -> Result<Response<Self::WatchNamespacesStream>, Status> {
+        let mut rx = self.log.subscribe();
+        let index = *self.log.applied().borrow();
+        let initial: Vec<NamespaceRecord> = {
+            let txn = self.log.read().map_err(internal)?;
+            let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+            list_records(&t, "namespaces/").map_err(internal)?
+        };
+        let log = self.log.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for r in &initial {
+                let ev = pb::NamespaceEvent {
+                    r#type: pb::EventType::Added as i32,
+                    namespace: Some(namespace_pb(r)),
+                    index,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            while let Ok(entry) = rx.recv().await {
+                for c in entry
+                    .changes
+                    .iter()
+                    .filter(|c| c.kind == Kind::Namespace && c.action != Action::Unchanged)
+                {
+                    let ns = if c.action == Action::Deleted {
+                        pb::Namespace {
+                            name: c.name.clone(),
+                            ..Default::default()
+                        }
+                    } else {
+                        let rec = log.read().ok().and_then(|txn| {
+                            let t = txn.open_table(STATE_TABLE).ok()?;
+                            get_record::<NamespaceRecord, _>(&t, &namespace_key(&c.name))
+                                .ok()
+                                .flatten()
+                        });
+                        match rec {
+                            Some(r) => namespace_pb(&r),
+                            None => continue,
+                        }
+                    };
+                    let ty = match c.action {
+                        Action::Created => pb::EventType::Added,
+                        Action::Deleted => pb::EventType::Deleted,
+                        _ => pb::EventType::Modified,
+                    };
+                    if tx
+                        .send(Ok(pb::NamespaceEvent {
+                            r#type: ty as i32,
+                            namespace: Some(ns),
+                            index: entry.index,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::system_api_server::SystemApi for Api {
+    async fn version(
+        &self,
+        _req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        let (term, _, applied) = self.log.positions();
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            commit: option_env!("RUNE_GIT_COMMIT").unwrap_or("unknown").into(),
+            applied_index: applied,
+            term,
+        }))
+    }
+}

@@ -1,0 +1,454 @@
+//! Castfiles: the original Rune's YAML (top-level `service:`, `services:`, `namespace:`, repeated
+//! keys, several `---` documents) turned into typed resources, with every problem located as
+//! `file:line`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rune_statemachine::decode::{decode, FieldError, FieldPath};
+use rune_statemachine::spec::{NamespaceSpec, ServiceSpec};
+use rune_statemachine::validate::{validate_namespace, validate_service};
+use rune_statemachine::Resource;
+
+use crate::yaml::{self, Node, NodeKind};
+
+/// Largest castfile read; a spec is configuration, and a 10 MiB one is a mistake.
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A problem at a place in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: String,
+    /// 1-based line, 0 when the problem is the whole file.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.file.is_empty() {
+            write!(f, "{}", self.message)
+        } else if self.line > 0 {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        } else {
+            write!(f, "{}: {}", self.file, self.message)
+        }
+    }
+}
+
+/// A resource kind the castfile format knows but this release cannot cast yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    /// `secret`, `configmap`, ...
+    pub kind: String,
+    /// Its name, if it has one.
+    pub name: String,
+    /// Where it is.
+    pub file: String,
+    /// Its line.
+    pub line: usize,
+}
+
+/// A decoded resource and where it came from.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// The resource.
+    pub resource: Resource,
+    /// Its file.
+    pub file: String,
+    /// The line its block starts on.
+    pub line: usize,
+}
+
+/// Everything read from a set of castfiles.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// Resources that decoded and validated.
+    pub resources: Vec<Located>,
+    /// Kinds recognised but not castable by this release.
+    pub unsupported: Vec<Unsupported>,
+    /// Every problem found.
+    pub problems: Vec<Problem>,
+    /// Services marked `skip: true`.
+    pub skipped: Vec<String>,
+    /// Files that are runefiles (server configuration), not castfiles.
+    pub runefiles: Vec<String>,
+}
+
+/// Top-level keys of a runefile; a document with two of them and no castfile key is one.
+const RUNEFILE_KEYS: [&str; 16] = [
+    "server",
+    "data_dir",
+    "data-dir",
+    "client",
+    "docker",
+    "auth",
+    "resources",
+    "log",
+    "secret",
+    "plugins",
+    "storage",
+    "telemetry",
+    "networking",
+    "ingress",
+    "acme",
+    "crypto",
+];
+
+fn is_runefile(pairs: &[(Node, Node)]) -> bool {
+    let keys: Vec<&str> = pairs.iter().filter_map(|(k, _)| k.as_str()).collect();
+    let castfile = keys.iter().any(|k| {
+        matches!(
+            *k,
+            "service" | "services" | "namespaces" | "secrets" | "configmap" | "configmaps"
+        )
+    });
+    !castfile && keys.iter().filter(|k| RUNEFILE_KEYS.contains(k)).count() >= 2
+}
+
+const LATER_KINDS: [(&str, &str); 8] = [
+    ("secret", "secret"),
+    ("secrets", "secret"),
+    ("configmap", "configmap"),
+    ("configmaps", "configmap"),
+    ("policy", "policy"),
+    ("policies", "policy"),
+    ("runeset", "runeset"),
+    ("job", "job"),
+];
+
+/// Replaces `{{ ... }}` with placeholders so unquoted templates are valid YAML; returns the
+/// originals to restore after parsing.
+fn hide_templates(text: &str) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(text.len());
+    let mut saved = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let Some(len) = rest[start..].find("}}") else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        out.push_str(&format!("__rune_template_{}__", saved.len()));
+        saved.push(rest[start..start + len + 2].to_string());
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    (out, saved)
+}
+
+fn restore_templates(node: &mut Node, saved: &[String]) {
+    if saved.is_empty() {
+        return;
+    }
+    node.map_strings(&|s: &str| {
+        if !s.contains("__rune_template_") {
+            return None;
+        }
+        let mut out = s.to_string();
+        for (i, t) in saved.iter().enumerate().rev() {
+            out = out.replace(&format!("__rune_template_{i}__"), t);
+        }
+        Some(out)
+    });
+}
+
+/// Parses one castfile's text.
+pub fn parse_text(file: &str, text: &str, parsed: &mut Parsed) {
+    let (hidden, saved) = hide_templates(text);
+    let docs = match yaml::parse(&hidden) {
+        Ok(d) => d,
+        Err(e) => {
+            parsed.problems.push(Problem {
+                file: file.into(),
+                line: e.line,
+                message: format!("invalid YAML: {}", e.message),
+            });
+            return;
+        }
+    };
+    for mut doc in docs {
+        if doc.is_null() {
+            continue;
+        }
+        restore_templates(&mut doc, &saved);
+        let NodeKind::Map(pairs) = &doc.kind else {
+            parsed.problems.push(Problem {
+                file: file.into(),
+                line: doc.line,
+                message: "cast file must be a YAML mapping at the top level".into(),
+            });
+            continue;
+        };
+        if is_runefile(pairs) {
+            parsed.runefiles.push(file.into());
+            continue;
+        }
+        for (key, value) in pairs {
+            let k = key.as_str().unwrap_or_default();
+            let problem = |m: String| Problem {
+                file: file.into(),
+                line: key.line,
+                message: m,
+            };
+            match k {
+                "service" => decode_service(file, value, parsed),
+                "namespace" => decode_namespace(file, value, parsed),
+                "services" | "namespaces" => match &value.kind {
+                    NodeKind::Seq(items) => {
+                        for item in items {
+                            if k == "services" {
+                                decode_service(file, item, parsed)
+                            } else {
+                                decode_namespace(file, item, parsed)
+                            }
+                        }
+                    }
+                    _ => parsed.problems.push(problem(format!("'{k}' must be a list"))),
+                },
+                other => match LATER_KINDS.iter().find(|(key, _)| *key == other) {
+                    Some((_, kind)) => {
+                        let items: Vec<&Node> = match &value.kind {
+                            NodeKind::Seq(items) => items.iter().collect(),
+                            _ => vec![value],
+                        };
+                        for item in items {
+                            let name = match &item.kind {
+                                NodeKind::Map(p) => p
+                                    .iter()
+                                    .find(|(k, _)| k.as_str() == Some("name"))
+                                    .and_then(|(_, v)| v.as_str())
+                                    .unwrap_or_default()
+                                    .to_string(),
+                                _ => String::new(),
+                            };
+                            parsed.unsupported.push(Unsupported { kind: kind.to_string(), name, file: file.into(), line: item.line });
+                        }
+                    }
+                    None => parsed.problems.push(problem(format!(
+                        "unknown top-level key '{other}' at line {}: expected service, services, namespace, namespaces, secret(s) or configmap(s)",
+                        key.line
+                    ))),
+                },
+            }
+        }
+    }
+}
+
+fn located(file: &str, node: &Node, errs: &[FieldError], what: &str) -> Vec<Problem> {
+    errs.iter()
+        .map(|e| Problem {
+            file: file.into(),
+            line: node.line_of(&e.path),
+            message: if e.path == FieldPath::root() {
+                format!("{what}: {}", e.message)
+            } else {
+                format!("{what}: {}: {}", e.path, e.message)
+            },
+        })
+        .collect()
+}
+
+fn name_of(node: &Node) -> String {
+    match node.to_json().get("name") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => "<unnamed>".into(),
+    }
+}
+
+fn decode_service(file: &str, node: &Node, parsed: &mut Parsed) {
+    let what = format!("service \"{}\"", name_of(node));
+    let spec: ServiceSpec = match decode(&node.to_json()) {
+        Ok(s) => s,
+        Err(errs) => return parsed.problems.extend(located(file, node, &errs, &what)),
+    };
+    if spec.skip == Some(true) {
+        parsed.skipped.push(spec.name);
+        return;
+    }
+    let errs = validate_service(&spec);
+    if !errs.is_empty() {
+        return parsed.problems.extend(located(file, node, &errs, &what));
+    }
+    parsed.resources.push(Located {
+        resource: Resource::Service(spec),
+        file: file.into(),
+        line: node.line,
+    });
+}
+
+fn decode_namespace(file: &str, node: &Node, parsed: &mut Parsed) {
+    let what = format!("namespace \"{}\"", name_of(node));
+    let spec: NamespaceSpec = match decode(&node.to_json()) {
+        Ok(s) => s,
+        Err(errs) => return parsed.problems.extend(located(file, node, &errs, &what)),
+    };
+    let errs = validate_namespace(&spec);
+    if !errs.is_empty() {
+        return parsed.problems.extend(located(file, node, &errs, &what));
+    }
+    parsed.resources.push(Located {
+        resource: Resource::Namespace(spec),
+        file: file.into(),
+        line: node.line,
+    });
+}
+
+/// Expands files, directories (`*.yaml`/`*.yml`, recursively with `recursive`) and globs.
+pub fn expand_paths(args: &[String], recursive: bool) -> Result<Vec<PathBuf>, Problem> {
+    let mut out = Vec::new();
+    for a in args {
+        let p = Path::new(a);
+        if p.is_dir() {
+            collect_dir(p, recursive, &mut out).map_err(|e| Problem {
+                file: a.clone(),
+                line: 0,
+                message: e.to_string(),
+            })?;
+        } else if p.exists() {
+            out.push(p.to_path_buf());
+        } else if a.contains(['*', '?', '[']) {
+            let matches: Vec<PathBuf> = glob::glob(a)
+                .map_err(|e| Problem {
+                    file: a.clone(),
+                    line: 0,
+                    message: format!("bad pattern: {e}"),
+                })?
+                .filter_map(Result::ok)
+                .filter(|p| p.is_file())
+                .collect();
+            if matches.is_empty() {
+                return Err(Problem {
+                    file: a.clone(),
+                    line: 0,
+                    message: "pattern matches no file".into(),
+                });
+            }
+            out.extend(matches);
+        } else {
+            return Err(Problem {
+                file: a.clone(),
+                line: 0,
+                message: "no such file or directory".into(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn collect_dir(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            if recursive {
+                collect_dir(&p, recursive, out)?;
+            }
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Reads and parses files, refusing oversized ones before reading them.
+pub fn parse_files(paths: &[PathBuf]) -> Parsed {
+    let mut parsed = Parsed::default();
+    for p in paths {
+        let file = p.display().to_string();
+        match std::fs::metadata(p) {
+            Ok(m) if m.len() > MAX_FILE_BYTES => {
+                parsed.problems.push(Problem {
+                    file,
+                    line: 0,
+                    message: format!(
+                        "file is {:.1} MiB; cast files are limited to {} MiB",
+                        m.len() as f64 / 1048576.0,
+                        MAX_FILE_BYTES / 1048576
+                    ),
+                });
+                continue;
+            }
+            Err(e) => {
+                parsed.problems.push(Problem {
+                    file,
+                    line: 0,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            Ok(_) => {}
+        }
+        match std::fs::read_to_string(p) {
+            Ok(text) => parse_text(&file, &text, &mut parsed),
+            Err(e) => parsed.problems.push(Problem {
+                file,
+                line: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    parsed
+        .problems
+        .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    parsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Parsed {
+        let mut p = Parsed::default();
+        parse_text("t.yaml", text, &mut p);
+        p
+    }
+
+    #[test]
+    fn repeated_keys_lists_and_documents() {
+        let p = parse(
+            "service:\n  name: a\n  image: x\nservice:\n  name: b\n  image: x\n---\nservices:\n  - name: c\n    image: x\nnamespace:\n  name: team\n",
+        );
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        assert_eq!(p.resources.len(), 4);
+    }
+
+    #[test]
+    fn unknown_fields_are_located() {
+        let p = parse("service:\n  name: a\n  image: x\n  bogus: 1\n  health:\n    liveness:\n      type: tcp\n      port: 80\n      nope: 2\n");
+        let lines: Vec<usize> = p.problems.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![4, 9], "{:?}", p.problems);
+        assert!(p.problems[0].message.contains("unknown field 'bogus'"));
+    }
+
+    #[test]
+    fn unknown_top_level_key_and_later_kinds() {
+        let p = parse("servce:\n  name: a\nsecret:\n  name: s\n  data: {a: b}\n");
+        assert_eq!(p.problems.len(), 1);
+        assert_eq!(p.problems[0].line, 1);
+        assert_eq!(p.unsupported[0].kind, "secret");
+        assert_eq!(p.unsupported[0].name, "s");
+    }
+
+    #[test]
+    fn templates_survive_unquoted() {
+        let p = parse("service:\n  name: a\n  image: x\n  env:\n    A: {{ secret: db/password }}\n");
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let Resource::Service(s) = &p.resources[0].resource else {
+            panic!()
+        };
+        assert_eq!(s.env["A"].as_str(), "{{ secret: db/password }}");
+    }
+
+    #[test]
+    fn validation_errors_are_located() {
+        let p = parse(
+            "service:\n  name: a\n  image: x\n  scale: -1\n  ports:\n    - name: http\n      port: 70000\n",
+        );
+        let lines: Vec<usize> = p.problems.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![4, 7], "{:?}", p.problems);
+    }
+}

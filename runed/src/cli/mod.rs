@@ -1,0 +1,696 @@
+//! The `rune` command line: kubectl's conventions over runed's gRPC API.
+
+pub mod context;
+mod output;
+mod replay;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use rune_proto::v1 as pb;
+use rune_statemachine::Resource;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::castfile::{self, Parsed};
+
+/// Exit codes scripts can branch on.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Anything else: network, server error.
+    pub const GENERIC: u8 = 1;
+    /// Bad flags or arguments.
+    pub const USAGE: u8 = 2;
+    /// Not authenticated or not allowed.
+    pub const AUTH: u8 = 3;
+    /// The named object does not exist.
+    pub const NOT_FOUND: u8 = 4;
+    /// The object exists already or the state forbids the change.
+    pub const CONFLICT: u8 = 5;
+    /// The input is invalid.
+    pub const VALIDATION: u8 = 6;
+    /// A wait ran out of time.
+    pub const TIMEOUT: u8 = 7;
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    /// Process exit code.
+    pub code: u8,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl CliError {
+    /// Exit code 1.
+    pub fn generic(m: impl Into<String>) -> Self {
+        Self {
+            code: exit::GENERIC,
+            message: m.into(),
+        }
+    }
+    /// Exit code 2.
+    pub fn usage(m: impl Into<String>) -> Self {
+        Self {
+            code: exit::USAGE,
+            message: m.into(),
+        }
+    }
+    /// Exit code 6.
+    pub fn validation(m: impl Into<String>) -> Self {
+        Self {
+            code: exit::VALIDATION,
+            message: m.into(),
+        }
+    }
+    fn from_status(s: tonic::Status, server: &str) -> Self {
+        use tonic::Code::*;
+        let m = s.message().to_string();
+        let (code, message) = match s.code() {
+            Unauthenticated => (exit::AUTH, format!("{m} (run `rune login` to get a token)")),
+            PermissionDenied => (exit::AUTH, m),
+            NotFound => (exit::NOT_FOUND, m),
+            AlreadyExists | FailedPrecondition | Aborted => (exit::CONFLICT, m),
+            InvalidArgument | OutOfRange => (exit::VALIDATION, m),
+            ResourceExhausted => (exit::VALIDATION, format!("request refused as too large: {m}")),
+            DeadlineExceeded => (exit::TIMEOUT, m),
+            Unavailable => (exit::GENERIC, format!("runed at {server} is unavailable: {m}")),
+            _ => (exit::GENERIC, m),
+        };
+        Self { code, message }
+    }
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    /// Aligned columns.
+    #[default]
+    Table,
+    /// JSON.
+    Json,
+    /// YAML, re-castable with `rune cast`.
+    Yaml,
+}
+
+/// `rune`: cast, inspect and debug Rune.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rune",
+    version,
+    about = "The Rune orchestrator CLI",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// runed's gRPC address (host:port).
+    #[arg(long, global = true, env = "RUNE_API_SERVER")]
+    pub api_server: Option<String>,
+    /// Bearer token.
+    #[arg(long, global = true, env = "RUNE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Namespace to act in.
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum)]
+    pub output: Option<Format>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Apply castfiles (files, directories, globs): all resources or none.
+    #[command(alias = "apply")]
+    Cast {
+        /// Files, directories or globs.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Recurse into directories.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Create namespaces that do not exist.
+        #[arg(long)]
+        create_namespace: bool,
+        /// Validate and show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Bump generations even for unchanged specs.
+        #[arg(long)]
+        force: bool,
+        /// Return once the cast is written, without waiting for rollouts.
+        #[arg(long)]
+        detach: bool,
+        /// How long to wait for the cast (and its rollouts).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// List or show resources.
+    Get {
+        /// services (svc) or namespaces (ns).
+        kind: String,
+        /// A name, to show one.
+        name: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Keep printing changes.
+        #[arg(short, long)]
+        watch: bool,
+        /// Label selector, k=v[,k=v].
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Previous specs of a service.
+        #[arg(long)]
+        history: bool,
+    },
+    /// Delete a resource: `rune delete service NAME`, `rune delete namespace NAME`.
+    #[command(alias = "rm")]
+    Delete {
+        /// `[KIND] NAME`; the kind defaults to service.
+        #[arg(required = true, num_args = 1..=2)]
+        args: Vec<String>,
+    },
+    /// Check castfiles offline.
+    Lint {
+        /// Files, directories or globs.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Recurse into directories.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Client and server versions.
+    Version {
+        /// Only the client's.
+        #[arg(long)]
+        client: bool,
+    },
+    /// Shell completion script.
+    Completion {
+        /// bash, zsh or fish.
+        shell: clap_complete::Shell,
+    },
+    /// Manage contexts in ~/.rune/config.yaml.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
+    /// Operator tools.
+    Admin {
+        /// What to do.
+        #[command(subcommand)]
+        action: AdminCmd,
+    },
+}
+
+/// `rune config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Create or update a context; `--token`, `--token-file` and `-n` set its token and namespace.
+    SetContext {
+        /// Context name.
+        name: String,
+        /// Server address (host:port).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Make a context current.
+    UseContext {
+        /// Context name.
+        name: String,
+    },
+    /// Show the config, tokens masked.
+    View,
+    /// List contexts.
+    ListContexts,
+    /// Remove a context.
+    DeleteContext {
+        /// Context name.
+        name: String,
+    },
+}
+
+/// `rune admin ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Read the log of a stopped runed (or a copy of its data dir), entry by entry.
+    Replay(replay::ReplayArgs),
+}
+
+/// Attaches the bearer token to every call.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Chan = InterceptedService<Channel, Auth>;
+
+/// Connection settings resolved from flags, environment and context.
+pub struct Conn {
+    server: String,
+    token: Option<String>,
+    /// The namespace the command acts in.
+    pub namespace: String,
+    /// Whether the user named a namespace.
+    pub namespace_given: bool,
+}
+
+impl Conn {
+    fn resolve(cli: &Cli) -> Result<Self, CliError> {
+        let cfg = context::load()?;
+        let ctx = cfg.current().cloned().unwrap_or_default();
+        let raw = cli
+            .api_server
+            .clone()
+            .or(ctx.server)
+            .unwrap_or_else(|| "localhost:7863".into());
+        let mut server = raw
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        if !server.contains(':') {
+            server.push_str(":7863");
+        }
+        let token = match (&cli.token, &cli.token_file, ctx.token, ctx.token_file) {
+            (Some(t), _, _, _) => Some(t.clone()),
+            (None, Some(f), _, _) => Some(read_token(f)?),
+            (None, None, Some(t), _) => Some(t),
+            (None, None, None, Some(f)) => Some(read_token(&PathBuf::from(f))?),
+            _ => None,
+        };
+        let namespace_given = cli.namespace.is_some();
+        let namespace = cli
+            .namespace
+            .clone()
+            .or(ctx.namespace)
+            .unwrap_or_else(|| "default".into());
+        Ok(Self {
+            server,
+            token,
+            namespace,
+            namespace_given,
+        })
+    }
+
+    async fn channel(&self) -> Result<Chan, CliError> {
+        let endpoint = Channel::from_shared(format!("http://{}", self.server))
+            .map_err(|e| CliError::usage(format!("--api-server {}: {e}", self.server)))?
+            .connect_timeout(Duration::from_secs(5));
+        let ch = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::generic(format!("cannot reach runed at {}: {e}", self.server)))?;
+        let token = match &self.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| CliError::usage("the token contains characters that cannot be sent"))?,
+            ),
+            None => None,
+        };
+        Ok(InterceptedService::new(ch, Auth(token)))
+    }
+
+    fn status(&self, s: tonic::Status) -> CliError {
+        CliError::from_status(s, &self.server)
+    }
+}
+
+fn read_token(p: &PathBuf) -> Result<String, CliError> {
+    std::fs::read_to_string(p)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| CliError::usage(format!("--token-file {}: {e}", p.display())))
+}
+
+/// Runs the CLI; returns the exit code.
+pub async fn run(cli: Cli) -> u8 {
+    match dispatch(cli).await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("Error: {}", e.message);
+            e.code
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let format = cli.output.unwrap_or_default();
+    match &cli.command {
+        Cmd::Cast {
+            paths,
+            recursive,
+            create_namespace,
+            dry_run,
+            force,
+            detach,
+            timeout,
+        } => {
+            let conn = Conn::resolve(&cli)?;
+            let opts = CastOpts {
+                create_namespace: *create_namespace,
+                dry_run: *dry_run,
+                force: *force,
+                detach: *detach,
+                timeout: *timeout,
+            };
+            cast(&conn, paths, *recursive, opts).await
+        }
+        Cmd::Get {
+            kind,
+            name,
+            all_namespaces,
+            watch,
+            selector,
+            history,
+        } => {
+            let conn = Conn::resolve(&cli)?;
+            let q = output::Query {
+                kind: kind.clone(),
+                name: name.clone(),
+                all: *all_namespaces,
+                watch: *watch,
+                selector: selector.clone().unwrap_or_default(),
+                history: *history,
+                format,
+            };
+            get(&conn, q).await
+        }
+        Cmd::Delete { args } => {
+            let conn = Conn::resolve(&cli)?;
+            delete(&conn, args).await
+        }
+        Cmd::Lint { paths, recursive } => lint(paths, *recursive),
+        Cmd::Version { client } => version(&cli, *client).await,
+        Cmd::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "rune", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Config { action } => config(&cli, action),
+        Cmd::Admin {
+            action: AdminCmd::Replay(args),
+        } => replay::run(args, format),
+    }
+}
+
+fn read_castfiles(paths: &[String], recursive: bool) -> Result<Parsed, CliError> {
+    let files = castfile::expand_paths(paths, recursive).map_err(|p| CliError::usage(p.to_string()))?;
+    if files.is_empty() {
+        return Err(CliError::usage("no .yaml or .yml files found"));
+    }
+    Ok(castfile::parse_files(&files))
+}
+
+fn lint(paths: &[String], recursive: bool) -> Result<(), CliError> {
+    let mut parsed = read_castfiles(paths, recursive)?;
+    for f in &parsed.runefiles {
+        match crate::config::check_runefile(std::path::Path::new(f)) {
+            Ok(()) => println!("{f}: valid runefile (server configuration)"),
+            Err(e) => {
+                for line in e.0.lines() {
+                    parsed.problems.push(castfile::Problem {
+                        file: String::new(),
+                        line: 0,
+                        message: line.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    for u in &parsed.unsupported {
+        println!(
+            "{}:{}: note: {} \"{}\" is valid castfile syntax, but this release cannot cast {}s yet",
+            u.file, u.line, u.kind, u.name, u.kind
+        );
+    }
+    if !parsed.problems.is_empty() {
+        for p in &parsed.problems {
+            eprintln!("{p}");
+        }
+        return Err(CliError::validation(format!(
+            "{} problem(s) found",
+            parsed.problems.len()
+        )));
+    }
+    let n = parsed.resources.len() + parsed.unsupported.len();
+    if n > 0 || !parsed.skipped.is_empty() {
+        println!(
+            "OK: {n} resource(s) valid{}",
+            if parsed.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} skipped", parsed.skipped.len())
+            }
+        );
+    }
+    Ok(())
+}
+
+struct CastOpts {
+    create_namespace: bool,
+    dry_run: bool,
+    force: bool,
+    detach: bool,
+    timeout: Duration,
+}
+
+async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Result<(), CliError> {
+    let mut parsed = read_castfiles(paths, recursive)?;
+    if !parsed.problems.is_empty() {
+        for p in &parsed.problems {
+            eprintln!("{p}");
+        }
+        return Err(CliError::validation(format!(
+            "{} problem(s) found; nothing was cast",
+            parsed.problems.len()
+        )));
+    }
+    if let Some(f) = parsed.runefiles.first() {
+        return Err(CliError::validation(format!(
+            "{f} is a runefile (server configuration), not a castfile: pass it to `runed --config`"
+        )));
+    }
+    if let Some(u) = parsed.unsupported.first() {
+        return Err(CliError::validation(format!(
+            "{}:{}: kind '{}' (\"{}\") cannot be cast by this release yet; nothing was cast",
+            u.file, u.line, u.kind, u.name
+        )));
+    }
+    for s in &parsed.skipped {
+        println!("service/{s} skipped (skip: true)");
+    }
+    if parsed.resources.is_empty() {
+        println!("nothing to cast");
+        return Ok(());
+    }
+    let mut resources = Vec::new();
+    for r in &mut parsed.resources {
+        let json = match &mut r.resource {
+            Resource::Service(s) => {
+                if conn.namespace_given {
+                    s.namespace = Some(conn.namespace.clone());
+                }
+                pb::resource::Kind::ServiceJson(
+                    serde_json::to_string(s).map_err(|e| CliError::generic(e.to_string()))?,
+                )
+            }
+            Resource::Namespace(n) => pb::resource::Kind::NamespaceJson(
+                serde_json::to_string(n).map_err(|e| CliError::generic(e.to_string()))?,
+            ),
+        };
+        resources.push(pb::Resource { kind: Some(json) });
+    }
+    let mut client = pb::service_api_client::ServiceApiClient::new(conn.channel().await?);
+    let mut req = tonic::Request::new(pb::ApplyRequest {
+        resources,
+        create_namespace: o.create_namespace,
+        force: o.force,
+        dry_run: o.dry_run,
+    });
+    req.set_timeout(o.timeout);
+    let resp = client.apply(req).await.map_err(|s| conn.status(s))?.into_inner();
+    let suffix = if o.dry_run { " (dry run)" } else { "" };
+    for r in &resp.results {
+        let what = if r.namespace.is_empty() {
+            format!("{}/{}", r.kind, r.name)
+        } else {
+            format!("{}/{}/{}", r.kind, r.namespace, r.name)
+        };
+        let action = match pb::ApplyAction::try_from(r.action).unwrap_or(pb::ApplyAction::Unspecified) {
+            pb::ApplyAction::Created => format!("created (generation {})", r.generation),
+            pb::ApplyAction::Configured => format!("configured (generation {})", r.generation),
+            _ => "unchanged".to_string(),
+        };
+        println!("{what} {action}{suffix}");
+    }
+    // Rollout waiting arrives with the runners; until then a cast is done once it is written.
+    let _ = o.detach;
+    Ok(())
+}
+
+async fn get(conn: &Conn, q: output::Query) -> Result<(), CliError> {
+    output::get(conn, q).await
+}
+
+async fn delete(conn: &Conn, args: &[String]) -> Result<(), CliError> {
+    let (kind, name) = match args {
+        [name] => ("service", name.as_str()),
+        [kind, name] => (kind.as_str(), name.as_str()),
+        _ => return Err(CliError::usage("usage: rune delete [service|namespace] NAME")),
+    };
+    let ch = conn.channel().await?;
+    match kind {
+        "service" | "services" | "svc" => {
+            let mut c = pb::service_api_client::ServiceApiClient::new(ch);
+            c.delete_service(pb::DeleteServiceRequest {
+                namespace: conn.namespace.clone(),
+                name: name.into(),
+            })
+            .await
+            .map_err(|s| conn.status(s))?;
+            println!("service/{}/{name} deleted", conn.namespace);
+        }
+        "namespace" | "namespaces" | "ns" => {
+            let mut c = pb::namespace_api_client::NamespaceApiClient::new(ch);
+            c.delete_namespace(pb::DeleteNamespaceRequest { name: name.into() })
+                .await
+                .map_err(|s| conn.status(s))?;
+            println!("namespace/{name} deleted");
+        }
+        other => {
+            return Err(CliError::usage(format!(
+                "cannot delete '{other}': use service or namespace"
+            )))
+        }
+    }
+    Ok(())
+}
+
+async fn version(cli: &Cli, client_only: bool) -> Result<(), CliError> {
+    println!("rune {}", env!("CARGO_PKG_VERSION"));
+    if client_only {
+        return Ok(());
+    }
+    let conn = Conn::resolve(cli)?;
+    let mut c = pb::system_api_client::SystemApiClient::new(conn.channel().await?);
+    let v = c
+        .version(pb::VersionRequest {})
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    println!(
+        "runed {} at {} (term {}, applied index {})",
+        v.version, conn.server, v.term, v.applied_index
+    );
+    Ok(())
+}
+
+fn mask(t: &str) -> String {
+    if t.len() <= 8 {
+        "****".into()
+    } else {
+        format!("{}****", &t[..4])
+    }
+}
+
+fn config(cli: &Cli, action: &ConfigCmd) -> Result<(), CliError> {
+    let mut cfg = context::load()?;
+    match action {
+        ConfigCmd::SetContext { name, server } => {
+            let c = cfg.contexts.entry(name.clone()).or_default();
+            if let Some(s) = server.clone().or(cli.api_server.clone()) {
+                c.server = Some(s);
+            }
+            if cli.token.is_some() {
+                c.token = cli.token.clone();
+            }
+            if let Some(f) = &cli.token_file {
+                c.token_file = Some(f.display().to_string());
+            }
+            if cli.namespace.is_some() {
+                c.namespace = cli.namespace.clone();
+            }
+            if cfg.current_context.is_none() {
+                cfg.current_context = Some(name.clone());
+            }
+            context::save(&cfg)?;
+            println!("context {name} saved to {}", context::path().display());
+        }
+        ConfigCmd::UseContext { name } => {
+            if !cfg.contexts.contains_key(name) {
+                return Err(CliError {
+                    code: exit::NOT_FOUND,
+                    message: format!("context {name} not found"),
+                });
+            }
+            cfg.current_context = Some(name.clone());
+            context::save(&cfg)?;
+            println!("switched to context {name}");
+        }
+        ConfigCmd::View => {
+            for c in cfg.contexts.values_mut() {
+                if let Some(t) = &c.token {
+                    c.token = Some(mask(t));
+                }
+            }
+            print!(
+                "{}",
+                crate::yaml::emit(&serde_json::to_value(&cfg).map_err(|e| CliError::generic(e.to_string()))?)
+            );
+        }
+        ConfigCmd::ListContexts => {
+            let mut rows = vec![vec![
+                "CURRENT".to_string(),
+                "NAME".into(),
+                "SERVER".into(),
+                "NAMESPACE".into(),
+            ]];
+            for (n, c) in &cfg.contexts {
+                let cur = if cfg.current_context.as_deref() == Some(n) {
+                    "*"
+                } else {
+                    ""
+                };
+                rows.push(vec![
+                    cur.into(),
+                    n.clone(),
+                    c.server.clone().unwrap_or_default(),
+                    c.namespace.clone().unwrap_or_default(),
+                ]);
+            }
+            output::print_table(&rows);
+        }
+        ConfigCmd::DeleteContext { name } => {
+            if cfg.contexts.remove(name).is_none() {
+                return Err(CliError {
+                    code: exit::NOT_FOUND,
+                    message: format!("context {name} not found"),
+                });
+            }
+            if cfg.current_context.as_deref() == Some(name) {
+                cfg.current_context = None;
+            }
+            context::save(&cfg)?;
+            println!("context {name} deleted");
+        }
+    }
+    Ok(())
+}

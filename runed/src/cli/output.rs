@@ -1,0 +1,433 @@
+//! `rune get`: tables, JSON and re-castable YAML, and `--watch`.
+
+use rune_proto::v1 as pb;
+use rune_statemachine::spec::ServiceSpec;
+use serde_json::json;
+
+use super::{CliError, Conn, Format};
+use crate::yaml;
+
+/// What `rune get` was asked.
+pub struct Query {
+    pub kind: String,
+    pub name: Option<String>,
+    pub all: bool,
+    pub watch: bool,
+    pub selector: String,
+    pub history: bool,
+    pub format: Format,
+}
+
+/// Prints rows as aligned columns; the first row is the header.
+pub fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// `Just now`, `5m`, `3h`, `2d`, as kubectl shows ages.
+pub fn age(ms: i64) -> String {
+    let s = (rune_log::now_ms() - ms).max(0) / 1000;
+    match s {
+        0..=9 => "Just now".into(),
+        10..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn spec_of(s: &pb::Service) -> Result<ServiceSpec, CliError> {
+    serde_json::from_str(&s.spec_json)
+        .map_err(|e| CliError::generic(format!("server sent an unreadable spec: {e}")))
+}
+
+fn spec_value(s: &pb::Service) -> Result<serde_json::Value, CliError> {
+    serde_json::from_str(&s.spec_json)
+        .map_err(|e| CliError::generic(format!("server sent an unreadable spec: {e}")))
+}
+
+fn meta_json(m: &Option<pb::ObjectMeta>) -> serde_json::Value {
+    let m = m.clone().unwrap_or_default();
+    json!({
+        "generation": m.generation,
+        "createdAtMs": m.created_at_ms,
+        "updatedAtMs": m.updated_at_ms,
+        "specHash": m.spec_hash,
+        "resourceVersion": m.resource_version,
+        "lastNonZeroScale": m.last_non_zero_scale,
+    })
+}
+
+fn service_row(s: &pb::Service, all: bool) -> Result<Vec<String>, CliError> {
+    let spec = spec_of(s)?;
+    let m = s.meta.clone().unwrap_or_default();
+    let target = match (&spec.image, &spec.process) {
+        (Some(i), _) => i.clone(),
+        (None, Some(p)) => p.command.clone(),
+        _ => String::new(),
+    };
+    let mut row = vec![
+        s.name.clone(),
+        spec.runtime().into(),
+        target,
+        spec.scale().to_string(),
+        m.generation.to_string(),
+        age(m.created_at_ms),
+    ];
+    if all {
+        row.insert(0, s.namespace.clone());
+    }
+    Ok(row)
+}
+
+fn service_header(all: bool) -> Vec<String> {
+    let mut h: Vec<String> = ["NAME", "RUNTIME", "IMAGE/COMMAND", "SCALE", "GENERATION", "AGE"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if all {
+        h.insert(0, "NAMESPACE".into());
+    }
+    h
+}
+
+/// Prints services in the chosen format. YAML is a castfile: `rune cast` of it changes nothing.
+fn print_services(list: &[pb::Service], single: bool, all: bool, format: Format) -> Result<(), CliError> {
+    match format {
+        Format::Table => {
+            let mut rows = vec![service_header(all)];
+            for s in list {
+                rows.push(service_row(s, all)?);
+            }
+            print_table(&rows);
+        }
+        Format::Json => {
+            let items: Vec<serde_json::Value> = list
+                .iter()
+                .map(|s| Ok(json!({"namespace": s.namespace, "name": s.name, "spec": spec_value(s)?, "metadata": meta_json(&s.meta)})))
+                .collect::<Result<_, CliError>>()?;
+            let v = if single {
+                items.into_iter().next().unwrap_or_default()
+            } else {
+                serde_json::Value::Array(items)
+            };
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Format::Yaml => {
+            for (i, s) in list.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                let m = s.meta.clone().unwrap_or_default();
+                println!(
+                    "# generation {}, spec hash {}, log index {}",
+                    m.generation, m.spec_hash, m.resource_version
+                );
+                print!("{}", yaml::emit(&json!({ "service": spec_value(s)? })));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_namespaces(list: &[pb::Namespace], format: Format) {
+    match format {
+        Format::Table => {
+            let mut rows = vec![vec!["NAME".to_string(), "LABELS".into(), "AGE".into()]];
+            for n in list {
+                let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let m = n.meta.clone().unwrap_or_default();
+                rows.push(vec![
+                    n.name.clone(),
+                    if labels.is_empty() {
+                        "<none>".into()
+                    } else {
+                        labels.join(",")
+                    },
+                    age(m.created_at_ms),
+                ]);
+            }
+            print_table(&rows);
+        }
+        Format::Json | Format::Yaml => {
+            let items: Vec<serde_json::Value> = list
+                .iter()
+                .map(|n| {
+                    let mut spec = json!({"name": n.name});
+                    if !n.labels.is_empty() {
+                        spec["labels"] = json!(n.labels);
+                    }
+                    if !n.description.is_empty() {
+                        spec["description"] = json!(n.description);
+                    }
+                    if format == Format::Json {
+                        json!({"namespace": spec, "metadata": meta_json(&n.meta)})
+                    } else {
+                        json!({ "namespace": spec })
+                    }
+                })
+                .collect();
+            for (i, v) in items.iter().enumerate() {
+                if format == Format::Json {
+                    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+                } else {
+                    if i > 0 {
+                        println!("---");
+                    }
+                    print!("{}", yaml::emit(v));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `rune get`.
+pub async fn get(conn: &Conn, q: Query) -> Result<(), CliError> {
+    match q.kind.as_str() {
+        "services" | "service" | "svc" => get_services(conn, q).await,
+        "namespaces" | "namespace" | "ns" => get_namespaces(conn, q).await,
+        other => Err(CliError::usage(format!(
+            "unknown resource type '{other}': this release knows services (svc) and namespaces (ns)"
+        ))),
+    }
+}
+
+async fn get_services(conn: &Conn, q: Query) -> Result<(), CliError> {
+    let mut c = pb::service_api_client::ServiceApiClient::new(conn.channel().await?);
+    let ns = if q.all {
+        "*".to_string()
+    } else {
+        conn.namespace.clone()
+    };
+    if q.history {
+        let Some(name) = &q.name else {
+            return Err(CliError::usage("--history needs a service name"));
+        };
+        let h = c
+            .service_history(pb::ServiceHistoryRequest {
+                namespace: conn.namespace.clone(),
+                name: name.clone(),
+            })
+            .await
+            .map_err(|s| conn.status(s))?
+            .into_inner();
+        return print_history(&h.revisions, q.format);
+    }
+    if q.watch {
+        return watch_services(conn, &mut c, ns, q).await;
+    }
+    if let Some(name) = &q.name {
+        let s = c
+            .get_service(pb::GetServiceRequest {
+                namespace: conn.namespace.clone(),
+                name: name.clone(),
+            })
+            .await
+            .map_err(|s| conn.status(s))?
+            .into_inner();
+        return print_services(&[s], true, false, q.format);
+    }
+    let list = c
+        .list_services(pb::ListServicesRequest {
+            namespace: ns,
+            label_selector: q.selector.clone(),
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    if list.services.is_empty() && q.format == Format::Table {
+        eprintln!(
+            "No services found{}.",
+            if q.all {
+                String::new()
+            } else {
+                format!(" in namespace {}", conn.namespace)
+            }
+        );
+        return Ok(());
+    }
+    print_services(&list.services, false, q.all, q.format)
+}
+
+async fn watch_services(
+    conn: &Conn,
+    c: &mut pb::service_api_client::ServiceApiClient<super::Chan>,
+    ns: String,
+    q: Query,
+) -> Result<(), CliError> {
+    let mut stream = c
+        .watch_services(pb::WatchServicesRequest {
+            namespace: ns,
+            label_selector: q.selector.clone(),
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    if q.format == Format::Table {
+        let mut h = service_header(q.all);
+        h.insert(0, "EVENT".into());
+        print_table(&[h]);
+    }
+    while let Some(ev) = stream.message().await.map_err(|s| conn.status(s))? {
+        let Some(s) = ev.service else { continue };
+        if q.name.as_ref().is_some_and(|n| n != &s.name) {
+            continue;
+        }
+        let ty = match pb::EventType::try_from(ev.r#type).unwrap_or(pb::EventType::Unspecified) {
+            pb::EventType::Added => "ADDED",
+            pb::EventType::Modified => "MODIFIED",
+            pb::EventType::Deleted => "DELETED",
+            pb::EventType::Unspecified => "UNKNOWN",
+        };
+        match q.format {
+            Format::Table => {
+                let mut row = if ty == "DELETED" {
+                    let mut r = vec![
+                        s.name.clone(),
+                        "".into(),
+                        "".into(),
+                        "".into(),
+                        "".into(),
+                        "".into(),
+                    ];
+                    if q.all {
+                        r.insert(0, s.namespace.clone());
+                    }
+                    r
+                } else {
+                    service_row(&s, q.all)?
+                };
+                row.insert(0, ty.into());
+                // Events arrive one by one: print each row as it comes, padded like the header.
+                let line: Vec<String> = row.iter().map(|c| format!("{c:<12}")).collect();
+                println!("{}", line.join(" ").trim_end());
+            }
+            _ => {
+                let spec = if s.spec_json.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    spec_value(&s)?
+                };
+                let v = json!({"type": ty, "index": ev.index, "namespace": s.namespace, "name": s.name, "spec": spec});
+                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_history(revs: &[pb::ServiceRevision], format: Format) -> Result<(), CliError> {
+    match format {
+        Format::Table => {
+            let mut rows = vec![vec![
+                "GENERATION".to_string(),
+                "SPEC HASH".into(),
+                "REPLACED".into(),
+                "SCALE".into(),
+                "IMAGE/COMMAND".into(),
+            ]];
+            for r in revs {
+                let spec: ServiceSpec =
+                    serde_json::from_str(&r.spec_json).map_err(|e| CliError::generic(e.to_string()))?;
+                let target = spec
+                    .image
+                    .clone()
+                    .or(spec.process.map(|p| p.command))
+                    .unwrap_or_default();
+                let replaced = if r.replaced_at_ms == 0 {
+                    "current".into()
+                } else {
+                    format!("{} ago", age(r.replaced_at_ms))
+                };
+                rows.push(vec![
+                    r.generation.to_string(),
+                    r.spec_hash.chars().take(12).collect(),
+                    replaced,
+                    spec.scale.unwrap_or(0).to_string(),
+                    target,
+                ]);
+            }
+            print_table(&rows);
+        }
+        Format::Json => {
+            let items: Vec<serde_json::Value> = revs
+                .iter()
+                .map(|r| {
+                    let spec: serde_json::Value = serde_json::from_str(&r.spec_json).unwrap_or_default();
+                    json!({"generation": r.generation, "specHash": r.spec_hash, "replacedAtMs": r.replaced_at_ms, "spec": spec})
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&items).unwrap_or_default());
+        }
+        Format::Yaml => {
+            for (i, r) in revs.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                let spec: serde_json::Value = serde_json::from_str(&r.spec_json).unwrap_or_default();
+                println!(
+                    "# generation {}{}",
+                    r.generation,
+                    if r.replaced_at_ms == 0 { " (current)" } else { "" }
+                );
+                print!("{}", yaml::emit(&json!({ "service": spec })));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn get_namespaces(conn: &Conn, q: Query) -> Result<(), CliError> {
+    let mut c = pb::namespace_api_client::NamespaceApiClient::new(conn.channel().await?);
+    if q.watch {
+        let mut stream = c
+            .watch_namespaces(pb::WatchNamespacesRequest {})
+            .await
+            .map_err(|s| conn.status(s))?
+            .into_inner();
+        while let Some(ev) = stream.message().await.map_err(|s| conn.status(s))? {
+            let ty = match pb::EventType::try_from(ev.r#type).unwrap_or(pb::EventType::Unspecified) {
+                pb::EventType::Added => "ADDED",
+                pb::EventType::Modified => "MODIFIED",
+                pb::EventType::Deleted => "DELETED",
+                pb::EventType::Unspecified => "UNKNOWN",
+            };
+            println!("{ty:<10} {}", ev.namespace.map(|n| n.name).unwrap_or_default());
+        }
+        return Ok(());
+    }
+    let list = match &q.name {
+        Some(n) => vec![c
+            .get_namespace(pb::GetNamespaceRequest { name: n.clone() })
+            .await
+            .map_err(|s| conn.status(s))?
+            .into_inner()],
+        None => {
+            c.list_namespaces(pb::ListNamespacesRequest {})
+                .await
+                .map_err(|s| conn.status(s))?
+                .into_inner()
+                .namespaces
+        }
+    };
+    print_namespaces(&list, q.format);
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! `runed` settings: defaults, then the runefile, then flags (and their environment variables).
+//!
+//! The runefile is read in both spellings users have: the documented kebab-case
+//! (`server.grpc-addr`) and the original implementation's snake_case (`server.grpc_address`,
+//! top-level `data_dir`). An unknown key is an error that names the key and its line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rune_statemachine::decode::decode;
+use serde::Deserialize;
+
+use crate::yaml::{self, Node, NodeKind};
+
+/// Command-line flags of `runed`; each overrides the runefile.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "runed", version, about = "The Rune orchestrator daemon")]
+pub struct Flags {
+    /// Runefile to read (YAML).
+    #[arg(long, env = "RUNE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the log, the state and snapshots.
+    #[arg(long, env = "RUNE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC API address.
+    #[arg(long, env = "RUNE_GRPC_ADDR")]
+    pub grpc_addr: Option<String>,
+    /// HTTP address (/healthz).
+    #[arg(long, env = "RUNE_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Prometheus /metrics address; empty disables it.
+    #[arg(long, env = "RUNE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// trace, debug, info, warn or error.
+    #[arg(long, env = "RUNE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// text or json.
+    #[arg(long, env = "RUNE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Same as --log-level debug.
+    #[arg(long)]
+    pub debug: bool,
+    /// Same as --log-format text.
+    #[arg(long)]
+    pub pretty: bool,
+    /// Development mode: data under ./.rune-dev unless --data-dir, edge role implied.
+    #[arg(long, env = "RUNE_DEV_MODE")]
+    pub dev_mode: bool,
+    /// Comma-separated node roles (edge).
+    #[arg(long, env = "RUNE_NODE_ROLE")]
+    pub node_role: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The resolved settings `runed` runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
+    /// Metrics listen address, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Development mode.
+    pub dev_mode: bool,
+    /// Node roles.
+    pub node_roles: Vec<String>,
+    /// Snapshot after this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept behind a snapshot.
+    pub keep_after_snapshot: u64,
+    /// Previous specs kept per service.
+    pub history_limit: u32,
+    /// Bound on draining in-flight RPCs at shutdown.
+    pub drain_seconds: u64,
+}
+
+/// A configuration problem; `runed` exits with it before touching anything.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Runefile {
+    server: Option<ServerSection>,
+    data_dir: Option<String>,
+    log: Option<LogSection>,
+    storage: Option<StorageSection>,
+    telemetry: Option<TelemetrySection>,
+    node: Option<NodeSection>,
+    namespace: Option<String>,
+    auth: Option<AuthSection>,
+    client: Option<ClientSection>,
+    docker: Option<DockerSection>,
+    resources: Option<serde_json::Value>,
+    secret: Option<serde_json::Value>,
+    crypto: Option<serde_json::Value>,
+    plugins: Option<PluginsSection>,
+    networking: Option<serde_json::Value>,
+    ingress: Option<serde_json::Value>,
+    acme: Option<serde_json::Value>,
+    runner: Option<serde_json::Value>,
+    registries: Option<serde_json::Value>,
+}
+
+// Keys that later capabilities (TLS, secret limits) read are accepted now, so runefiles written
+// for them load today.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ServerSection {
+    #[serde(alias = "grpc-address")]
+    grpc_addr: Option<String>,
+    #[serde(alias = "http-address")]
+    http_addr: Option<String>,
+    #[serde(alias = "metrics-address")]
+    metrics_addr: Option<String>,
+    data_dir: Option<String>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    tls: Option<TlsSection>,
+    drain_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct TlsSection {
+    enabled: Option<bool>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct LogSection {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct StorageSection {
+    snapshot_every: Option<u64>,
+    keep_after_snapshot: Option<u64>,
+    history_limit: Option<u32>,
+    secret_limits: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct TelemetrySection {
+    #[serde(alias = "metrics-address")]
+    metrics_addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct NodeSection {
+    role: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct AuthSection {
+    api_keys: Option<serde_json::Value>,
+    provider: Option<String>,
+    token: Option<String>,
+    allow_remote_admin: Option<bool>,
+    enabled: Option<bool>,
+    tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ClientSection {
+    timeout: Option<serde_json::Value>,
+    retries: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct DockerSection {
+    api_version: Option<String>,
+    fallback_api_version: Option<String>,
+    negotiation_timeout_seconds: Option<u64>,
+    secret_dir_mode: Option<serde_json::Value>,
+    secret_file_mode: Option<serde_json::Value>,
+    config_dir_mode: Option<serde_json::Value>,
+    config_file_mode: Option<serde_json::Value>,
+    socket: Option<String>,
+    registries: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct PluginsSection {
+    dir: Option<String>,
+    enabled: Option<Vec<String>>,
+}
+
+/// Rewrites `snake_case` keys as `kebab-case`, so one schema reads both spellings.
+fn kebab_keys(node: &mut Node) {
+    match &mut node.kind {
+        NodeKind::Map(pairs) => {
+            for (k, v) in pairs {
+                if let NodeKind::Scalar { value, .. } = &mut k.kind {
+                    *value = value.replace('_', "-");
+                }
+                kebab_keys(v);
+            }
+        }
+        NodeKind::Seq(items) => items.iter_mut().for_each(kebab_keys),
+        NodeKind::Scalar { .. } => {}
+    }
+}
+
+fn load_runefile(path: &Path) -> Result<Runefile, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read runefile {name}: {e}")))?;
+    let docs = yaml::parse(&text)
+        .map_err(|e| ConfigError(format!("{name}:{}: invalid YAML: {}", e.line, e.message)))?;
+    let Some(mut doc) = docs.into_iter().find(|d| !d.is_null()) else {
+        return Ok(Runefile::default());
+    };
+    kebab_keys(&mut doc);
+    decode::<Runefile>(&doc.to_json()).map_err(|errs| {
+        let msgs: Vec<String> = errs
+            .iter()
+            .map(|e| {
+                let msg = e.message.replace("unknown field", "unknown key");
+                format!("{name}:{}: {}: {msg}", doc.line_of(&e.path), e.path)
+            })
+            .collect();
+        ConfigError(msgs.join("\n"))
+    })
+}
+
+/// Checks a runefile without starting anything (for `rune lint`).
+pub fn check_runefile(path: &Path) -> Result<(), ConfigError> {
+    load_runefile(path).map(|_| ())
+}
+
+/// Parses `:7863`, `0.0.0.0:7863`, `localhost:7863` or `[::1]:7863`.
+pub fn parse_addr(what: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    let v = v.trim();
+    let full = if v.starts_with(':') {
+        format!("0.0.0.0{v}")
+    } else {
+        v.replace("localhost:", "127.0.0.1:")
+    };
+    full.parse().map_err(|_| {
+        ConfigError(format!(
+            "{what}: '{v}' is not an address such as :7863 or 127.0.0.1:7863"
+        ))
+    })
+}
+
+impl Settings {
+    /// Resolves defaults, the runefile and the flags.
+    pub fn resolve(flags: &Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(p) => load_runefile(p)?,
+            None => Runefile::default(),
+        };
+        let server = file.server.unwrap_or_default();
+        let log = file.log.unwrap_or_default();
+        let storage = file.storage.unwrap_or_default();
+        let _ = (
+            &file.namespace,
+            &file.auth,
+            &file.client,
+            &file.docker,
+            &file.resources,
+            &file.secret,
+        );
+        let _ = (
+            &file.crypto,
+            &file.plugins,
+            &file.networking,
+            &file.ingress,
+            &file.acme,
+            &file.runner,
+            &file.registries,
+        );
+
+        let grpc = flags
+            .grpc_addr
+            .clone()
+            .or(server.grpc_addr)
+            .unwrap_or_else(|| ":7863".into());
+        let http = flags
+            .http_addr
+            .clone()
+            .or(server.http_addr)
+            .unwrap_or_else(|| ":7861".into());
+        let metrics = flags
+            .metrics_addr
+            .clone()
+            .or(server.metrics_addr)
+            .or(file.telemetry.and_then(|t| t.metrics_addr))
+            .unwrap_or_else(|| "127.0.0.1:9100".into());
+        let default_dir = if flags.dev_mode {
+            PathBuf::from(".rune-dev")
+        } else {
+            PathBuf::from("/var/lib/rune")
+        };
+        let data_dir = flags
+            .data_dir
+            .clone()
+            .or(server.data_dir.map(PathBuf::from))
+            .or(file.data_dir.map(PathBuf::from))
+            .unwrap_or(default_dir);
+        let level = if flags.debug {
+            "debug".to_string()
+        } else {
+            flags
+                .log_level
+                .clone()
+                .or(server.log_level)
+                .or(log.level)
+                .unwrap_or_else(|| "info".into())
+        };
+        if !matches!(level.as_str(), "trace" | "debug" | "info" | "warn" | "error") {
+            return Err(ConfigError(format!(
+                "log level '{level}' is not one of trace, debug, info, warn, error"
+            )));
+        }
+        let format = if flags.pretty {
+            "text".to_string()
+        } else {
+            flags
+                .log_format
+                .clone()
+                .or(server.log_format)
+                .or(log.format)
+                .unwrap_or_else(|| "text".into())
+        };
+        let log_format = match format.as_str() {
+            "text" | "pretty" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(ConfigError(format!("log format '{other}' is not text or json"))),
+        };
+        let roles = match &flags.node_role {
+            Some(r) => r.clone(),
+            None => file.node.and_then(|n| n.role).unwrap_or_else(|| {
+                if flags.dev_mode {
+                    "edge".into()
+                } else {
+                    String::new()
+                }
+            }),
+        };
+        Ok(Settings {
+            grpc_addr: parse_addr("grpc address", &grpc)?,
+            http_addr: parse_addr("http address", &http)?,
+            metrics_addr: if metrics.trim().is_empty() {
+                None
+            } else {
+                Some(parse_addr("metrics address", &metrics)?)
+            },
+            data_dir,
+            log_level: level,
+            log_format,
+            dev_mode: flags.dev_mode,
+            node_roles: roles
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            snapshot_every: storage.snapshot_every.unwrap_or(10_000).max(1),
+            keep_after_snapshot: storage.keep_after_snapshot.unwrap_or(1_000),
+            history_limit: storage
+                .history_limit
+                .unwrap_or(rune_statemachine::DEFAULT_HISTORY_LIMIT),
+            drain_seconds: server.drain_seconds.unwrap_or(10),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn both_spellings_and_flag_precedence() {
+        let f = write("server:\n  grpc_address: \":9999\"\ndata_dir: /tmp/x\nlog:\n  level: warn\n");
+        let mut flags = Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&flags).unwrap();
+        assert_eq!(s.grpc_addr.port(), 9999);
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(s.log_level, "warn");
+        flags.grpc_addr = Some("127.0.0.1:1".into());
+        assert_eq!(Settings::resolve(&flags).unwrap().grpc_addr.port(), 1);
+        let f = write("server:\n  grpc-addr: \":8888\"\n  data-dir: /d\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((s.grpc_addr.port(), s.data_dir), (8888, PathBuf::from("/d")));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let f = write("server:\n  grpc-addr: \":1\"\n  grcp-addr: \":2\"\n");
+        let e = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains(":3:") && e.0.contains("grcp-addr"), "{e}");
+    }
+
+    #[test]
+    fn peer_runefiles_load() {
+        for f in ["config--runefile.yaml", "runefile.yaml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/peer-specs")
+                .join(f);
+            assert!(
+                p.exists(),
+                "{} is missing: shared/ must sit beside the checkout",
+                p.display()
+            );
+            let s = Settings::resolve(&Flags {
+                config: Some(p),
+                ..Default::default()
+            });
+            assert!(s.is_ok(), "{f}: {:?}", s.err());
+        }
+    }
+}

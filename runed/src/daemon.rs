@@ -1,0 +1,251 @@
+//! `runed`'s life: open the log, seed it, serve gRPC, `/healthz` and `/metrics`, and on
+//! SIGTERM/SIGINT drain, stop and flush.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::routing::get;
+use opentelemetry::metrics::MeterProvider;
+use rune_log::{Log, LogConfig};
+use rune_proto::v1 as pb;
+use rune_statemachine::store::{get_record, namespace_key, NamespaceRecord, RESERVED_NAMESPACES};
+use rune_statemachine::{Command, STATE_TABLE};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::Api;
+use crate::config::{LogFormat, Settings};
+
+/// Largest gRPC message accepted; larger casts get a transport-level ResourceExhausted, while
+/// anything up to this gets a spec-level InvalidArgument naming the resource.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Installs the tracing subscriber: stdout, text or JSON.
+pub fn init_logging(s: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{},openraft=warn,opentelemetry=warn,opentelemetry_sdk=warn",
+            s.log_level
+        ))
+    });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(ansi);
+    match s.log_format {
+        LogFormat::Json => b.json().flatten_event(true).init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// Sets up the OpenTelemetry meter provider exporting into a Prometheus registry.
+fn init_metrics() -> anyhow::Result<(prometheus::Registry, opentelemetry_sdk::metrics::SdkMeterProvider)> {
+    let registry = prometheus::Registry::new();
+    let exporter = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .without_target_info()
+        .scope_info_enabled(false)
+        .build()
+        .context("building the Prometheus exporter")?;
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(exporter)
+        .build();
+    opentelemetry::global::set_meter_provider(provider.clone());
+    Ok((registry, provider))
+}
+
+fn register_log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: &Arc<Log>) {
+    let meter = provider.meter("rune");
+    let gauges: [(&'static str, &'static str, fn((u64, u64, u64)) -> u64); 4] = [
+        (
+            "rune_log_applied_index",
+            "Last log index applied to the state machine",
+            |p| p.2,
+        ),
+        ("rune_log_last_index", "Last log index written", |p| p.1),
+        (
+            "rune_log_apply_lag_entries",
+            "Entries written but not yet applied",
+            |p| p.1.saturating_sub(p.2),
+        ),
+        ("rune_log_term", "Current raft term", |p| p.0),
+    ];
+    for (name, help, f) in gauges {
+        let log = Arc::downgrade(log);
+        meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |o| {
+                if let Some(log) = log.upgrade() {
+                    o.observe(f(log.positions()), &[]);
+                }
+            })
+            .build();
+    }
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Runs the daemon until a signal; returns the process exit code.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let (registry, provider) = init_metrics()?;
+    tracing::info!(data_dir = %s.data_dir.display(), grpc = %s.grpc_addr, http = %s.http_addr, dev_mode = s.dev_mode, roles = ?s.node_roles, "starting runed");
+    // Bind before opening the log, so a taken port fails fast and changes nothing.
+    let grpc_listener = bind("gRPC", s.grpc_addr).await?;
+    let http_listener = bind("HTTP", s.http_addr).await?;
+    let metrics_listener = match s.metrics_addr {
+        Some(a) => Some(bind("metrics", a).await?),
+        None => None,
+    };
+    let cfg = LogConfig {
+        snapshot_every: s.snapshot_every,
+        keep_after_snapshot: s.keep_after_snapshot,
+        ..LogConfig::new(&s.data_dir)
+    };
+    let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
+    seed(&log).await?;
+    register_log_gauges(&provider, &log);
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    // gRPC stops first and drains; HTTP keeps answering /healthz (503) until the log is closed.
+    let (stop_grpc, stop_rx) = watch::channel(false);
+    let (stop_http, stop_http_rx) = watch::channel(false);
+    let api = Api {
+        log: log.clone(),
+        history_limit: s.history_limit,
+    };
+    let grpc = {
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let router = tonic::transport::Server::builder()
+            .add_service(
+                pb::service_api_server::ServiceApiServer::new(api.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(pb::namespace_api_server::NamespaceApiServer::new(api.clone()))
+            .add_service(pb::system_api_server::SystemApiServer::new(api));
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let http = {
+        let log = log.clone();
+        let down = shutting_down.clone();
+        let app = axum::Router::new().route(
+            "/healthz",
+            get(move || {
+                let ok = !down.load(Ordering::Relaxed) && log.healthy();
+                async move {
+                    if ok {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n")
+                    }
+                }
+            }),
+        );
+        let mut stop = stop_http_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let metrics = metrics_listener.map(|l| {
+        let app = axum::Router::new().route(
+            "/metrics",
+            get(move || {
+                let families = registry.gather();
+                async move {
+                    let mut buf = String::new();
+                    match prometheus::TextEncoder::new().encode_utf8(&families, &mut buf) {
+                        Ok(()) => (StatusCode::OK, buf),
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    }
+                }
+            }),
+        );
+        let mut stop = stop_http_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    });
+    tracing::info!(grpc = %s.grpc_addr, http = %s.http_addr, metrics = ?s.metrics_addr, "runed is ready");
+
+    wait_for_stop_signal().await?;
+    shutting_down.store(true, Ordering::Relaxed);
+    let _ = stop_grpc.send(true);
+    let drain = Duration::from_secs(s.drain_seconds);
+    let abort = grpc.abort_handle();
+    if tokio::time::timeout(drain, grpc).await.is_err() {
+        tracing::warn!(
+            seconds = s.drain_seconds,
+            "in-flight RPCs did not finish in time; closing them"
+        );
+        abort.abort();
+    }
+    log.shutdown().await.context("closing the log")?;
+    let _ = stop_http.send(true);
+    let _ = tokio::time::timeout(drain, http).await;
+    if let Some(m) = metrics {
+        let _ = tokio::time::timeout(drain, m).await;
+    }
+    let _ = provider.shutdown();
+    tracing::info!("runed stopped");
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP is logged and ignored.
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); return Ok(()) }
+            _ = int.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); return Ok(()) }
+            _ = hup.recv() => tracing::info!(signal = "SIGHUP", "ignored: runed has nothing to reload"),
+        }
+    }
+}
+
+/// Seeds the reserved namespaces on a new cluster, through the log like every write.
+async fn seed(log: &Log) -> anyhow::Result<()> {
+    let missing: Vec<String> = {
+        let txn = log.read()?;
+        let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
+        let mut v = Vec::new();
+        for ns in RESERVED_NAMESPACES {
+            if get_record::<NamespaceRecord, _>(&t, &namespace_key(ns))?.is_none() {
+                v.push(ns.to_string());
+            }
+        }
+        v
+    };
+    if !missing.is_empty() {
+        log.propose(Command::Init { namespaces: missing })
+            .await?
+            .outcome?;
+    }
+    Ok(())
+}

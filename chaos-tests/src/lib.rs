@@ -1,1 +1,273 @@
-//! stub
+//! A harness that runs the real `runed` and `rune` binaries: start on free loopback ports,
+//! wait for `/healthz`, run CLI commands, stop with SIGTERM or SIGKILL, and clean up.
+//!
+//! Used by this crate's chaos tests and by `runed`'s end-to-end tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// The daemon.
+    pub runed: PathBuf,
+    /// The CLI.
+    pub rune: PathBuf,
+}
+
+impl Bins {
+    /// `$RUNE_BIN_DIR`, else the target directory this test binary was built into.
+    pub fn locate() -> Self {
+        let dir = std::env::var_os("RUNE_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let exe = std::env::current_exe().expect("test executable path");
+                exe.parent()
+                    .and_then(Path::parent)
+                    .expect("target/<profile>")
+                    .to_path_buf()
+            });
+        let bins = Bins {
+            runed: dir.join("runed"),
+            rune: dir.join("rune"),
+        };
+        assert!(
+            bins.runed.exists() && bins.rune.exists(),
+            "runed and rune are not built in {}: run `cargo build --bins` first (scripts/test.sh does)",
+            dir.display()
+        );
+        bins
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` until it is true; panics with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// A running (or stopped) `runed` with its own data dir and ports.
+pub struct Daemon {
+    /// The binaries.
+    pub bins: Bins,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Metrics address.
+    pub metrics: SocketAddr,
+    /// Extra flags passed on every start.
+    pub extra: Vec<String>,
+    child: Option<Child>,
+    tmp: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// A daemon on a fresh data dir, not started yet.
+    pub fn new(bins: &Bins) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let addr = |p| SocketAddr::from(([127, 0, 0, 1], p));
+        Daemon {
+            bins: bins.clone(),
+            data_dir: tmp.path().join("data"),
+            grpc: addr(free_port()),
+            http: addr(free_port()),
+            metrics: addr(free_port()),
+            extra: Vec::new(),
+            child: None,
+            tmp,
+        }
+    }
+
+    /// Starts a daemon on a fresh data dir and waits until it is healthy.
+    pub fn start(bins: &Bins) -> Self {
+        let mut d = Self::new(bins);
+        d.restart();
+        d
+    }
+
+    /// The file runed's stdout and stderr go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.tmp.path().join("runed.log")
+    }
+
+    /// What runed printed so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The command that starts runed with this daemon's settings.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.bins.runed);
+        c.arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--grpc-addr",
+                &self.grpc.to_string(),
+                "--http-addr",
+                &self.http.to_string(),
+            ])
+            .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(&self.extra);
+        c
+    }
+
+    /// Spawns runed (appending to its log file) without waiting for health.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let child = self
+            .command()
+            .stdout(log)
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn runed");
+        self.child = Some(child);
+    }
+
+    /// (Re)starts runed on the same data dir and ports and waits for `/healthz` to answer 200.
+    pub fn restart(&mut self) {
+        self.spawn();
+        let http = self.http;
+        let mut exited = None;
+        wait_until(Duration::from_secs(60), "runed to become healthy", || {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                exited = Some(st);
+                return true;
+            }
+            http_get(http, "/healthz").is_some_and(|(c, _)| c == 200)
+        });
+        if let Some(st) = exited {
+            panic!("runed exited during start with {st}:\n{}", self.logs());
+        }
+    }
+
+    /// The pid of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        }
+    }
+
+    /// Sends a signal and leaves the process running (for SIGHUP).
+    pub fn send(&self, sig: &str) {
+        self.signal(sig);
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn sigterm(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn sigkill(&mut self) {
+        self.signal("-KILL");
+        self.wait_exit(Duration::from_secs(30));
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("runed is not running");
+        let mut status = None;
+        wait_until(limit, "runed to exit", || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.expect("exit status")
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Runs `rune` against this daemon with an isolated CLI config.
+    pub fn rune(&self, args: &[&str]) -> Output {
+        self.rune_cmd().args(args).output().expect("run rune")
+    }
+
+    /// The `rune` command, pointed at this daemon, with its config in the temp dir.
+    pub fn rune_cmd(&self) -> Command {
+        let mut c = Command::new(&self.bins.rune);
+        c.env("RUNE_API_SERVER", self.grpc.to_string())
+            .env("RUNE_CLI_CONFIG", self.tmp.path().join("cli-config.yaml"))
+            .env_remove("RUNE_TOKEN")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// A directory that lives as long as the daemon, for test files.
+    pub fn scratch(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// stdout of a command as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr of a command as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,564 @@
+//! End to end: the real `runed` and `rune` binaries on loopback ports.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Bins, Daemon};
+
+fn bins() -> Bins {
+    Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    }
+}
+
+fn peer(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/peer-specs")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: shared/ must sit beside the checkout",
+        p.display()
+    );
+    p
+}
+
+fn code(o: &std::process::Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn write(d: &Daemon, name: &str, text: &str) -> String {
+    let p = d.scratch().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn services_json(d: &Daemon) -> serde_json::Value {
+    let o = d.rune(&["get", "svc", "-A", "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+fn generation(d: &Daemon, name: &str) -> u64 {
+    let o = d.rune(&["get", "svc", name, "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    v["metadata"]["generation"].as_u64().unwrap()
+}
+
+#[test]
+fn peer_specs_lint_and_cast_as_they_are() {
+    let d = Daemon::start(&bins());
+    for f in [
+        "simple-service--echo.yaml",
+        "logging--log-generator--service.yaml",
+        "multi-service--services.yaml",
+        "test-errors.yaml",
+        "simple-service--app.yaml",
+        "runefile.yaml",
+        "config--runefile.yaml",
+    ] {
+        let o = d.rune(&["lint", peer(f).to_str().unwrap()]);
+        assert_eq!(code(&o), 0, "lint {f}: {}{}", stdout(&o), stderr(&o));
+    }
+    let invalid = peer("rune-hello-world--service-invalid.yaml");
+    let o = d.rune(&["lint", invalid.to_str().unwrap()]);
+    assert_eq!(code(&o), 6);
+    let err = stderr(&o);
+    for (line, field) in [
+        (34, "invalidField"),
+        (38, "invalidHealthField"),
+        (52, "invalidProbeField"),
+    ] {
+        assert!(
+            err.contains(&format!(":{line}: ")) && err.contains(field),
+            "line {line} {field} in:\n{err}"
+        );
+    }
+    let o = d.rune(&["cast", invalid.to_str().unwrap()]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+
+    for f in [
+        "simple-service--echo.yaml",
+        "logging--log-generator--service.yaml",
+        "multi-service--services.yaml",
+        "test-errors.yaml",
+    ] {
+        let o = d.rune(&["cast", peer(f).to_str().unwrap()]);
+        assert_eq!(code(&o), 0, "cast {f}: {}", stderr(&o));
+        assert!(stdout(&o).contains("created"), "{}", stdout(&o));
+    }
+    // Secrets and configmaps come later: refused by kind, and nothing of the file is cast.
+    let o = d.rune(&["cast", peer("simple-service--app.yaml").to_str().unwrap()]);
+    assert_eq!(code(&o), 6);
+    assert!(stderr(&o).contains("kind 'secret'"), "{}", stderr(&o));
+    let o = d.rune(&["cast", peer("runefile.yaml").to_str().unwrap()]);
+    assert_eq!(code(&o), 6);
+    assert!(stderr(&o).contains("runefile"), "{}", stderr(&o));
+
+    let names: Vec<String> = services_json(&d)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["api", "db", "echo", "frontend", "log-generator", "test-service"]
+    );
+}
+
+#[test]
+fn recast_is_a_noop_unless_forced_and_history_is_kept() {
+    let d = Daemon::start(&bins());
+    let echo = peer("simple-service--echo.yaml");
+    let echo = echo.to_str().unwrap();
+    assert!(stdout(&d.rune(&["cast", echo])).contains("created (generation 1)"));
+    assert!(stdout(&d.rune(&["cast", echo])).contains("unchanged"));
+    assert_eq!(generation(&d, "echo"), 1);
+
+    // `get -o yaml` is a castfile that casts to the same spec.
+    let o = d.rune(&["get", "service", "echo", "-o", "yaml"]);
+    assert_eq!(code(&o), 0);
+    let exported = write(&d, "exported.yaml", &stdout(&o));
+    let o = d.rune(&["cast", &exported]);
+    assert!(stdout(&o).contains("unchanged"), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(generation(&d, "echo"), 1);
+
+    let scaled = write(
+        &d,
+        "scaled.yaml",
+        &stdout(&d.rune(&["get", "service", "echo", "-o", "yaml"])).replace("scale: 1", "scale: 3"),
+    );
+    assert!(stdout(&d.rune(&["cast", &scaled])).contains("configured (generation 2)"));
+    assert!(stdout(&d.rune(&["cast", &scaled, "--force"])).contains("configured (generation 3)"));
+    let dry = d.rune(&["cast", echo, "--dry-run"]);
+    assert!(stdout(&dry).contains("(dry run)"), "{}", stdout(&dry));
+    assert_eq!(generation(&d, "echo"), 3);
+
+    let o = d.rune(&["get", "service", "echo", "--history", "-o", "json"]);
+    let h: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let gens: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["generation"].as_u64().unwrap())
+        .collect();
+    assert_eq!(gens, [3, 2, 1]);
+    assert_eq!(h[2]["spec"]["scale"], 1);
+    assert_eq!(h[0]["spec"]["scale"], 3);
+}
+
+#[test]
+fn bad_input_is_refused_with_the_field_and_line_and_changes_nothing() {
+    let d = Daemon::start(&bins());
+    let cases = [
+        ("malformed.yaml", "service:\n  name: a\n  image: [x\n", "invalid YAML"),
+        ("unknown.yaml", "service:\n  name: a\n  image: x\n  imagee: y\n", ":4: service \"a\": imagee: unknown field"),
+        ("name.yaml", "service:\n  name: Bad_Name\n  image: x\n", ":2: service \"Bad_Name\": name: service name"),
+        ("ports.yaml", "service:\n  name: a\n  image: x\n  ports:\n    - {name: http, port: 80}\n    - {name: web, port: 80}\n", ":6: service \"a\": ports[1].port: duplicate port 80"),
+        ("scale.yaml", "service:\n  name: a\n  image: x\n  scale: -2\n", ":4: service \"a\": scale: scale must be 0 or more, got -2"),
+        ("both.yaml", "service:\n  name: a\n  image: x\n  process: {command: /bin/true}\n", "either 'image' or 'process'"),
+        ("toplevel.yaml", "servce:\n  name: a\n", ":1: unknown top-level key 'servce'"),
+        ("multi.yaml", "service:\n  name: ok\n  image: x\n---\nservice:\n  name: bad\n  image: x\n  scale: -1\n", ":8: service \"bad\""),
+    ];
+    for (name, text, expect) in cases {
+        let f = write(&d, name, text);
+        for cmd in ["lint", "cast"] {
+            let o = d.rune(&[cmd, &f]);
+            assert_eq!(code(&o), 6, "{cmd} {name}: {}", stderr(&o));
+            assert!(
+                stderr(&o).contains(expect),
+                "{cmd} {name}: expected {expect:?} in:\n{}",
+                stderr(&o)
+            );
+        }
+    }
+    let big = d.scratch().join("big.yaml");
+    let mut text = String::from("service:\n  name: big\n  image: x\n  env:\n");
+    while text.len() < 10 * 1024 * 1024 {
+        text.push_str(&format!("    K{}: \"{}\"\n", text.len(), "x".repeat(200)));
+    }
+    std::fs::write(&big, text).unwrap();
+    let o = d.rune(&["cast", big.to_str().unwrap()]);
+    assert_eq!(code(&o), 6);
+    assert!(stderr(&o).contains("limited to 4 MiB"), "{}", stderr(&o));
+    // Nothing was written: the only entries are raft's own and the seeding.
+    let o = d.rune(&["get", "svc", "-A", "-o", "json"]);
+    assert_eq!(stdout(&o).trim(), "[]");
+}
+
+#[test]
+fn cli_exit_codes() {
+    let d = Daemon::start(&bins());
+    assert_eq!(code(&d.rune(&["get", "svc", "nope"])), 4);
+    assert_eq!(code(&d.rune(&["delete", "service", "nope"])), 4);
+    assert_eq!(code(&d.rune(&["get"])), 2);
+    assert_eq!(code(&d.rune(&["get", "widgets"])), 2);
+    assert_eq!(code(&d.rune(&["delete", "namespace", "default"])), 5);
+    let f = write(
+        &d,
+        "ns.yaml",
+        "service:\n  name: a\n  namespace: team\n  image: x\n",
+    );
+    let o = d.rune(&["cast", &f]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--create-namespace"));
+    let o = d.rune(&["cast", &f, "--create-namespace"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("namespace/team created"), "{}", stdout(&o));
+    assert_eq!(code(&d.rune(&["delete", "namespace", "team"])), 5);
+    assert_eq!(code(&d.rune(&["-n", "team", "delete", "service", "a"])), 0);
+    assert_eq!(code(&d.rune(&["delete", "namespace", "team"])), 0);
+    // -n overrides the spec's namespace, as in the original.
+    let f = write(
+        &d,
+        "ns2.yaml",
+        "namespace:\n  name: other\n---\nservice:\n  name: b\n  image: x\n",
+    );
+    assert_eq!(code(&d.rune(&["cast", &f])), 0);
+    assert_eq!(code(&d.rune(&["cast", &f, "-n", "other"])), 0);
+    assert_eq!(code(&d.rune(&["get", "svc", "b", "-n", "other"])), 0);
+    let o = d.rune(&["get", "svc", "-l", "nope"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+
+    let mut unreachable = d.rune_cmd();
+    unreachable.env(
+        "RUNE_API_SERVER",
+        format!("127.0.0.1:{}", rune_chaos_tests::free_port()),
+    );
+    let o = unreachable.args(["get", "svc"]).output().unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("cannot reach runed"), "{}", stderr(&o));
+}
+
+#[test]
+fn api_answers_bad_requests_with_the_right_status() {
+    use rune_proto::v1 as pb;
+    let d = Daemon::start(&bins());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = pb::service_api_client::ServiceApiClient::connect(format!("http://{}", d.grpc))
+            .await
+            .unwrap()
+            .max_encoding_message_size(64 << 20);
+        let apply = |json: String| pb::ApplyRequest {
+            resources: vec![pb::Resource {
+                kind: Some(pb::resource::Kind::ServiceJson(json)),
+            }],
+            ..Default::default()
+        };
+        let huge =
+            serde_json::json!({"name": "huge", "image": "x", "env": {"A": "x".repeat(10 << 20)}}).to_string();
+        let e = c.apply(apply(huge)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("limit"), "{}", e.message());
+        let e = c
+            .apply(apply(
+                r#"{"name":"a","image":"x","ports":[{"name":"h","port":0}]}"#.into(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("ports[0].port"), "{}", e.message());
+        let e = c
+            .apply(apply(r#"{"name":"a","image":"x","colour":"red"}"#.into()))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("colour"), "{}", e.message());
+        let e = c.apply(apply("{not json".into())).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = c
+            .apply(apply(r#"{"name":"a","image":"x","namespace":"missing"}"#.into()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = c
+            .delete_service(pb::DeleteServiceRequest {
+                namespace: String::new(),
+                name: "a".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = c.apply(pb::ApplyRequest::default()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let l = c
+            .list_services(pb::ListServicesRequest {
+                namespace: "*".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            l.into_inner().services.is_empty(),
+            "a refused request changed nothing"
+        );
+    });
+}
+
+#[test]
+fn runed_refuses_bad_config_and_unusable_data_dir() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let rf = tmp.path().join("runefile.yaml");
+    std::fs::write(&rf, "server:\n  grpc-addr: \":7863\"\n  htp-addr: \":1\"\n").unwrap();
+    let o = std::process::Command::new(&b.runed)
+        .arg("--config")
+        .arg(&rf)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(":3:") && stderr(&o).contains("htp-addr"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = std::process::Command::new(&b.runed)
+        .args(["--log-format", "xml"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+
+    // A data dir below a regular file cannot be created, even by root.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let mut d = Daemon::new(&b);
+    d.data_dir = file.join("data");
+    d.spawn();
+    let st = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1));
+    assert!(d.logs().contains("data dir"), "{}", d.logs());
+
+    // A second runed on the same data dir is refused while the first holds it.
+    let first = Daemon::start(&b);
+    let mut second = Daemon::new(&b);
+    second.data_dir = first.data_dir.clone();
+    second.spawn();
+    assert_eq!(second.wait_exit(Duration::from_secs(30)).code(), Some(1));
+    assert!(second.logs().contains("in use"), "{}", second.logs());
+}
+
+#[test]
+fn signals_health_and_drain() {
+    let mut d = Daemon::new(&bins());
+    let rf = d.scratch().join("runefile.yaml");
+    std::fs::write(&rf, "server:\n  drain_seconds: 3\nlog:\n  format: json\n").unwrap();
+    d.extra = vec!["--config".into(), rf.display().to_string()];
+    d.restart();
+    assert_eq!(http_get(d.http, "/healthz").map(|r| r.0), Some(200));
+
+    d.send("-HUP");
+    wait_until(Duration::from_secs(10), "SIGHUP to be logged", || {
+        d.logs().contains("SIGHUP")
+    });
+    assert!(d.running(), "SIGHUP must not stop runed");
+    assert_eq!(http_get(d.http, "/healthz").map(|r| r.0), Some(200));
+    let line = d
+        .logs()
+        .lines()
+        .find(|l| l.contains("SIGHUP"))
+        .unwrap()
+        .to_string();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&line).is_ok(),
+        "JSON logs: {line}"
+    );
+
+    // An open watch is an in-flight RPC: shutdown drains it (bounded) while /healthz says 503.
+    let mut watch = d
+        .rune_cmd()
+        .args(["get", "svc", "--watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(watch.stdout.take().unwrap());
+    let mut header = String::new();
+    out.read_line(&mut header).unwrap();
+    assert!(header.starts_with("EVENT"), "{header}");
+    d.send("-TERM");
+    wait_until(
+        Duration::from_secs(10),
+        "/healthz to answer 503 while draining",
+        || http_get(d.http, "/healthz").is_some_and(|(c, _)| c == 503),
+    );
+    let st = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", d.logs());
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(d.logs().contains("runed stopped"));
+}
+
+#[test]
+fn watch_streams_changes() {
+    let d = Daemon::start(&bins());
+    let mut w = d
+        .rune_cmd()
+        .args(["get", "svc", "--watch", "-o", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let f = write(&d, "w.yaml", "service:\n  name: watched\n  image: x\n");
+    // The watch subscribes before it lists; casting right away must still be seen.
+    assert_eq!(code(&d.rune(&["cast", &f])), 0);
+    assert_eq!(code(&d.rune(&["delete", "service", "watched"])), 0);
+    let mut seen = Vec::new();
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();
+        seen.push(format!(
+            "{} {}",
+            v["type"].as_str().unwrap(),
+            v["name"].as_str().unwrap()
+        ));
+        if seen.last().is_some_and(|s| s == "DELETED watched") {
+            break;
+        }
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let d = Daemon::start(&bins());
+    let f = write(&d, "m.yaml", "service:\n  name: m\n  image: x\n");
+    assert_eq!(code(&d.rune(&["cast", &f])), 0);
+    let (c, body) = http_get(d.metrics, "/metrics").unwrap();
+    assert_eq!(c, 200);
+    for m in [
+        "rune_log_proposals_total",
+        "rune_log_commits_total",
+        "rune_log_fsync_duration_seconds_bucket",
+        "rune_log_apply_lag_entries",
+        "rune_log_flush_batch_entries",
+    ] {
+        assert!(body.contains(m), "{m} missing from:\n{body}");
+    }
+    let mut p = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test.sh installs it)");
+    use std::io::Write;
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(o.status.success(), "promtool: {}{}", stdout(&o), stderr(&o));
+}
+
+#[test]
+fn contexts_version_and_completion() {
+    let d = Daemon::start(&bins());
+    let server = d.grpc.to_string();
+    let o = d.rune(&[
+        "config",
+        "set-context",
+        "dev",
+        "--server",
+        &server,
+        "--token",
+        "secret-token-123",
+        "-n",
+        "team",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        code(&d.rune(&["config", "set-context", "other", "--server", "127.0.0.1:1"])),
+        0
+    );
+    assert_eq!(code(&d.rune(&["config", "use-context", "dev"])), 0);
+    assert_eq!(code(&d.rune(&["config", "use-context", "missing"])), 4);
+    let view = stdout(&d.rune(&["config", "view"]));
+    assert!(
+        view.contains("secr****") && !view.contains("secret-token-123"),
+        "{view}"
+    );
+    let list = stdout(&d.rune(&["config", "list-contexts"]));
+    assert!(
+        list.lines().any(|l| l.starts_with('*') && l.contains("dev")),
+        "{list}"
+    );
+    // With no RUNE_API_SERVER the context's server and namespace are used.
+    let o = d
+        .rune_cmd()
+        .env_remove("RUNE_API_SERVER")
+        .args(["get", "svc"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("namespace team"), "{}", stderr(&o));
+    let v = stdout(&d.rune(&["version"]));
+    assert!(v.contains("rune 0.") && v.contains("runed 0."), "{v}");
+    for sh in ["bash", "zsh", "fish"] {
+        let o = d.rune(&["completion", sh]);
+        assert_eq!(code(&o), 0);
+        assert!(stdout(&o).contains("rune"));
+    }
+}
+
+#[test]
+fn replay_tells_the_story_and_verifies() {
+    let mut d = Daemon::start(&bins());
+    let f = write(&d, "api.yaml", "service:\n  name: api\n  image: x\n  scale: 1\n");
+    let f2 = write(&d, "api2.yaml", "service:\n  name: api\n  image: x\n  scale: 4\n");
+    let other = write(&d, "other.yaml", "service:\n  name: other\n  image: x\n");
+    for file in [&f, &other, &f2] {
+        assert_eq!(code(&d.rune(&["cast", file])), 0);
+    }
+    assert_eq!(code(&d.rune(&["delete", "service", "api"])), 0);
+    let data = d.data_dir.display().to_string();
+    let o = d.rune(&["admin", "replay", "--data-dir", &data]);
+    assert_eq!(code(&o), 1, "replay of a running daemon's data dir is refused");
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    assert_eq!(d.sigterm().code(), Some(0));
+
+    let o = d.rune(&[
+        "admin",
+        "replay",
+        "--data-dir",
+        &data,
+        "--resource",
+        "service/default/api",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let story: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = story.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["apply", "apply", "delete_service"]);
+    assert!(
+        story[1]["summary"].as_str().unwrap().contains("scale 1→4"),
+        "{}",
+        story[1]
+    );
+    let table = stdout(&d.rune(&["admin", "replay", "--data-dir", &data]));
+    assert!(
+        table.starts_with("INDEX") && table.contains("membership") && table.contains("init"),
+        "{table}"
+    );
+
+    let o = d.rune(&["admin", "replay", "--data-dir", &data, "--verify"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("matches"));
+    // The state as of the first cast has api at scale 1 and no `other`.
+    let first_cast = story[0]["index"].as_u64().unwrap().to_string();
+    let o = d.rune(&["admin", "replay", "--data-dir", &data, "--state-at", &first_cast]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["state"]["services/default/api"]["spec"]["scale"], 1);
+    assert!(v["state"].get("services/default/other").is_none());
+    let o = d.rune(&["admin", "replay", "--data-dir", "/nonexistent"]);
+    assert_eq!(code(&o), 1);
+}

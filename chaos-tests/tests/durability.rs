@@ -26,20 +26,33 @@ impl Rng {
 }
 
 fn spec(name: &str, seq: u64) -> pb::ApplyRequest {
-    let json = serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"SEQ": seq.to_string()}}).to_string();
-    pb::ApplyRequest { resources: vec![pb::Resource { kind: Some(pb::resource::Kind::ServiceJson(json)) }], ..Default::default() }
+    let json =
+        serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"SEQ": seq.to_string()}})
+            .to_string();
+    pb::ApplyRequest {
+        resources: vec![pb::Resource {
+            kind: Some(pb::resource::Kind::ServiceJson(json)),
+        }],
+        ..Default::default()
+    }
 }
 
 /// Acknowledged writes: service name → highest sequence number acknowledged.
 type Acked = Arc<Mutex<BTreeMap<String, u64>>>;
 
 async fn writer(addr: String, worker: usize, round: usize, acked: Acked) {
-    let Ok(mut c) = pb::service_api_client::ServiceApiClient::connect(addr).await else { return };
+    let Ok(mut c) = pb::service_api_client::ServiceApiClient::connect(addr).await else {
+        return;
+    };
     for i in 1u64.. {
         // Each worker creates new services and keeps raising the sequence number of its own one,
         // across rounds too.
         let seq = (round as u64 + 1) * 1_000_000 + i;
-        let name = if i % 2 == 0 { format!("w{worker}") } else { format!("r{round}-w{worker}-{i}") };
+        let name = if i % 2 == 0 {
+            format!("w{worker}")
+        } else {
+            format!("r{round}-w{worker}-{i}")
+        };
         match c.apply(spec(&name, seq)).await {
             Ok(_) => {
                 let mut a = acked.lock().unwrap();
@@ -60,42 +73,75 @@ fn check(d: &Daemon, acked: &BTreeMap<String, u64>) {
         .unwrap()
         .iter()
         .map(|s| {
-            let seq = s["spec"]["env"]["SEQ"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let seq = s["spec"]["env"]["SEQ"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             (s["name"].as_str().unwrap().to_string(), seq)
         })
         .collect();
     for (name, seq) in acked {
-        let got = stored.get(name).unwrap_or_else(|| panic!("acknowledged service {name} was lost"));
+        let got = stored
+            .get(name)
+            .unwrap_or_else(|| panic!("acknowledged service {name} was lost"));
         // A write in flight at the kill may have committed after the last acknowledgement.
-        assert!(got >= seq, "service {name}: acknowledged write {seq}, found {got}");
+        assert!(
+            got >= seq,
+            "service {name}: acknowledged write {seq}, found {got}"
+        );
     }
 }
 
 fn verify(d: &Daemon) {
     let data = d.data_dir.display().to_string();
     let o = d.rune(&["admin", "replay", "--data-dir", &data, "--verify"]);
-    assert!(o.status.success(), "replay --verify: {}{}", stdout(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "replay --verify: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
 }
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
-    let rounds: usize = std::env::var("CHAOS_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
-    let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1
-    });
+    let rounds: usize = std::env::var("CHAOS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        });
     println!("chaos: {rounds} rounds, CHAOS_SEED={seed}");
     let mut rng = Rng(seed);
     let mut d = Daemon::new(&Bins::locate());
     // Small snapshot intervals, so kills also land around snapshots and log purges.
     let rf = d.scratch().join("runefile.yaml");
-    std::fs::write(&rf, "storage:\n  snapshot-every: 150\n  keep-after-snapshot: 20\n").unwrap();
+    std::fs::write(
+        &rf,
+        "storage:\n  snapshot-every: 150\n  keep-after-snapshot: 20\n",
+    )
+    .unwrap();
     d.extra = vec!["--config".into(), rf.display().to_string()];
     d.restart();
     let acked: Acked = Arc::default();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     for round in 0..rounds {
         let addr = format!("http://{}", d.grpc);
-        let workers: Vec<_> = (0..8).map(|w| rt.spawn(writer(addr.clone(), w, round, acked.clone()))).collect();
+        let workers: Vec<_> = (0..8)
+            .map(|w| rt.spawn(writer(addr.clone(), w, round, acked.clone())))
+            .collect();
         std::thread::sleep(Duration::from_millis(30 + rng.below(400)));
         d.sigkill();
         rt.block_on(async {
@@ -111,7 +157,10 @@ fn acknowledged_writes_survive_sigkill() {
         check(&d, &acked.lock().unwrap());
     }
     let n = acked.lock().unwrap().len();
-    assert!(n > rounds, "the writers got too few acknowledgements ({n}) for the test to mean anything");
+    assert!(
+        n > rounds,
+        "the writers got too few acknowledgements ({n}) for the test to mean anything"
+    );
     assert_eq!(d.sigterm().code(), Some(0));
     verify(&d);
     println!("chaos: {n} services acknowledged across {rounds} kills, none lost");

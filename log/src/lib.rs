@@ -11,7 +11,10 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// openraft's storage traits return its own `StorageError`, which is large by design.
+#![allow(clippy::result_large_err)]
 
+mod db;
 pub mod log_store;
 pub mod metrics;
 pub mod network;

@@ -17,6 +17,7 @@ use openraft::{AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use crate::db::ClosingDb;
 use crate::metrics::Metrics;
 use crate::types::TypeConfig;
 
@@ -60,15 +61,16 @@ enum Op {
 /// The log store handed to openraft; cheap to clone, reads go straight to redb.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    db: Arc<ClosingDb>,
     tx: mpsc::Sender<Op>,
 }
 
 impl LogStore {
     /// Opens (or creates) the log at `path` and starts its writer thread. The returned receiver
-    /// resolves when the thread has exited and the database is closed.
+    /// resolves when the database file is released.
     pub fn open(path: &Path, metrics: Metrics) -> Result<(Self, oneshot::Receiver<()>), redb::DatabaseError> {
-        let db = Arc::new(Database::create(path)?);
+        let (db, closed_rx) = ClosingDb::new(Database::create(path)?);
+        let db = Arc::new(db);
         // Create the tables so that readers never see them missing.
         if let Ok(txn) = db.begin_write() {
             let ok = txn.open_table(LOG_TABLE).is_ok() && txn.open_table(RAFT_META).is_ok();
@@ -78,13 +80,9 @@ impl LogStore {
         }
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
-        let (closed_tx, closed_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("rune-log-writer".into())
-            .spawn(move || {
-                writer(writer_db, rx, metrics);
-                let _ = closed_tx.send(());
-            })
+            .spawn(move || writer(writer_db, rx, metrics))
             .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
         Ok((Self { db, tx }, closed_rx))
     }
@@ -109,7 +107,7 @@ impl LogStore {
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SErr> {
-        read_meta(&*self.db, key).map_err(read_err)
+        read_meta(&**self.db, key).map_err(read_err)
     }
 }
 
@@ -132,7 +130,7 @@ pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, metrics: Metrics) {
+fn writer(db: Arc<ClosingDb>, rx: mpsc::Receiver<Op>, metrics: Metrics) {
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < 4096 {
@@ -263,7 +261,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
         let r = (range.start_bound().cloned(), range.end_bound().cloned());
         let db = self.db.clone();
-        tokio::task::block_in_place(|| read_entries(&*db, r)).map_err(read_err)
+        tokio::task::block_in_place(|| read_entries(&**db, r)).map_err(read_err)
     }
 }
 
@@ -272,7 +270,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
         let last_purged: Option<LogId<u64>> = self.read_meta("last_purged")?;
-        let last = last_entry(&*self.db).map_err(read_err)?.map(|e| e.log_id);
+        let last = last_entry(&**self.db).map_err(read_err)?.map(|e| e.log_id);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last.or(last_purged),

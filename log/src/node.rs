@@ -11,6 +11,7 @@ use redb::{Database, ReadTransaction, ReadableDatabase};
 use rune_statemachine::{Command, Envelope, Outcome};
 use tokio::sync::{broadcast, watch};
 
+use crate::db::ClosingDb;
 use crate::log_store::LogStore;
 use crate::metrics::Metrics;
 use crate::network::NoNetwork;
@@ -96,7 +97,8 @@ pub struct Proposed {
 /// A running single-voter raft log with its state machine.
 pub struct Log {
     raft: Raft<TypeConfig>,
-    state: Arc<Database>,
+    state: Arc<ClosingDb>,
+    state_closed: tokio::sync::oneshot::Receiver<()>,
     notifier: Arc<Notifier>,
     metrics: Metrics,
     log_closed: tokio::sync::oneshot::Receiver<()>,
@@ -156,7 +158,8 @@ impl Log {
                     .unwrap_or(LogError::Raft("log".into())))
             }
         };
-        let state = Arc::new(open_db(&dir.join(STATE_FILE), |p| Database::create(p))?);
+        let (state, state_closed) = ClosingDb::new(open_db(&dir.join(STATE_FILE), |p| Database::create(p))?);
+        let state = Arc::new(state);
         let (applied, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
         let notifier = Arc::new(Notifier { applied, events });
@@ -198,6 +201,7 @@ impl Log {
             .await
             .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
         let log = Self {
+            state_closed,
             raft,
             state,
             notifier,
@@ -310,24 +314,19 @@ impl Log {
             raft,
             state,
             log_closed,
+            state_closed,
             ..
         } = self;
         drop(raft);
-        let weak = Arc::downgrade(&state);
         drop(state);
-        if tokio::time::timeout(Duration::from_secs(10), log_closed)
-            .await
-            .is_err()
-        {
-            tracing::warn!("log writer did not close within 10 s");
-        }
-        // openraft's workers release their handles on the state database as they wind down.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while weak.strong_count() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if weak.strong_count() > 0 {
-            tracing::warn!("state database still in use 10 s after shutdown");
+        // openraft's workers release their handles on the databases as they wind down.
+        for (name, closed) in [(LOG_FILE, log_closed), (STATE_FILE, state_closed)] {
+            if tokio::time::timeout(Duration::from_secs(10), closed)
+                .await
+                .is_err()
+            {
+                tracing::warn!(file = name, "database still in use 10 s after shutdown");
+            }
         }
         durable
     }

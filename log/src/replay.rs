@@ -27,7 +27,7 @@ pub enum ReplayError {
     #[error("{0} holds no rune log ({LOG_FILE} is missing)")]
     NoLog(String),
     /// A running runed holds the files.
-    #[error("{0} is in use by a running runed: stop it, or replay a copy of the data dir")]
+    #[error("{0} is in use by a running runed: stop it, or replay a copy of its data dir")]
     InUse(String),
     /// Reading or decoding failed.
     #[error("{0}")]
@@ -70,6 +70,7 @@ pub struct Replay {
     log: Database,
     live: Database,
     snapshot: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
+    runs: std::sync::atomic::AtomicU64,
 }
 
 /// The state rebuilt up to an index.
@@ -106,7 +107,7 @@ impl Replay {
             let p = data_dir.join(f);
             if p.exists() {
                 if let Err(redb::DatabaseError::DatabaseAlreadyOpen) = redb::ReadOnlyDatabase::open(&p) {
-                    return Err(ReplayError::InUse(data_dir.display().to_string()));
+                    return Err(ReplayError::InUse(p.display().to_string()));
                 }
             }
         }
@@ -126,6 +127,7 @@ impl Replay {
             log,
             live,
             snapshot,
+            runs: Default::default(),
         })
     }
 
@@ -146,11 +148,8 @@ impl Replay {
     pub fn run(&self, upto: Option<u64>, mut each: impl FnMut(ReplayLine)) -> Result<Rebuilt, ReplayError> {
         let entries = self.entries()?;
         let purged: Option<openraft::LogId<u64>> = read_meta(&self.log, "last_purged").map_err(rd)?;
-        let db = Database::create(
-            self.work
-                .join(format!("rebuilt-{}.redb", upto.unwrap_or(u64::MAX))),
-        )
-        .map_err(rd)?;
+        let n = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let db = Database::create(self.work.join(format!("rebuilt-{n}.redb"))).map_err(rd)?;
         let mut applied = 0;
         let mut start_after: Option<u64> = None;
         if let Some(p) = purged {

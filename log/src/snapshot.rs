@@ -11,6 +11,9 @@ use std::path::Path;
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
+/// Snapshot metadata as openraft keeps it.
+pub type Meta = SnapshotMeta<u64, BasicNode>;
+
 const FILE: &str = "current.snap";
 const FORMAT: u32 = 1;
 
@@ -78,7 +81,7 @@ pub fn write(dir: &Path, meta: &SnapshotMeta<u64, BasicNode>, body: &[u8]) -> io
 }
 
 /// Reads the current snapshot, if one was written.
-pub fn read(dir: &Path) -> io::Result<Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>> {
+pub fn read(dir: &Path) -> io::Result<Option<(Meta, Vec<u8>)>> {
     let bytes = match fs::read(dir.join(FILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

@@ -20,6 +20,7 @@ use rune_statemachine::{Change, STATE_TABLE};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
+use crate::db::ClosingDb;
 use crate::metrics::Metrics;
 use crate::snapshot;
 use crate::types::{Reply, TypeConfig};
@@ -56,7 +57,7 @@ pub(crate) struct Notifier {
 
 /// The state machine handed to openraft.
 pub struct StateMachine {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<ClosingDb>,
     pub(crate) snapshot_dir: PathBuf,
     pub(crate) notifier: Arc<Notifier>,
     pub(crate) metrics: Metrics,
@@ -92,7 +93,7 @@ pub(crate) fn apply_entries(
                         term: e.log_id.leader_id.term,
                         proposed_at_ms: env.proposed_at_ms,
                         command: env.command.kind().to_string(),
-                        changes: outcome.as_ref().map(|c| c.clone()).unwrap_or_default(),
+                        changes: outcome.clone().unwrap_or_default(),
                     });
                     Reply(outcome)
                 }
@@ -109,10 +110,11 @@ pub(crate) fn apply_entries(
     Ok((replies, events))
 }
 
+/// The last applied log id and the membership it left.
+pub(crate) type AppliedState = (Option<LogId<u64>>, StoredMembership<u64, BasicNode>);
+
 /// Reads `last_applied` and the membership from a state database.
-pub(crate) fn applied_state(
-    db: &impl ReadableDatabase,
-) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), String> {
+pub(crate) fn applied_state(db: &impl ReadableDatabase) -> Result<AppliedState, String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let t = match txn.open_table(SM_META) {
         Ok(t) => t,
@@ -180,8 +182,8 @@ pub(crate) fn all_records(db: &impl ReadableDatabase) -> Result<Vec<(String, Vec
 impl StateMachine {
     fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
         make_durable(&self.db)?;
-        let (last, membership) = applied_state(&*self.db)?;
-        let records = all_records(&*self.db)?;
+        let (last, membership) = applied_state(&**self.db)?;
+        let records = all_records(&**self.db)?;
         let body = snapshot::encode_body(&records);
         let id = match &last {
             Some(l) => format!("{}-{}", l.leader_id.term, l.index),
@@ -214,7 +216,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
-        applied_state(&*self.db).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
+        applied_state(&**self.db).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, SErr>

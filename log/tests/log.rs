@@ -104,3 +104,26 @@ async fn concurrent_proposals_are_all_applied_and_replay_works_after_purge() {
     assert!(read_service(&log, "s199").is_some());
     log.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_first_key_that_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(LogConfig::new(dir.path())).await.unwrap();
+    log.propose(init()).await.unwrap();
+    log.propose(svc("api", 1)).await.unwrap();
+    log.close().await.unwrap();
+    // Tamper with the live state behind the log's back, as a bug or a bad disk would.
+    {
+        let db = redb::Database::create(dir.path().join(rune_log::STATE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(STATE_TABLE).unwrap();
+            t.insert(service_key("default", "api").as_str(), b"{}".as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let v = Replay::open(dir.path()).unwrap().verify().unwrap();
+    assert_eq!(v.first_difference.as_deref(), Some("services/default/api"));
+    assert_ne!(v.live_digest, v.rebuilt_digest);
+}

@@ -444,6 +444,21 @@ mod tests {
     }
 
     #[test]
+    fn example_runefile_loads_with_its_values() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/runefile.yaml");
+        let s = Settings::resolve(&Flags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (s.grpc_addr.port(), s.history_limit, s.drain_seconds),
+            (7863, 10, 10)
+        );
+        assert_eq!(s.data_dir, PathBuf::from("/var/lib/rune"));
+    }
+
+    #[test]
     fn peer_runefiles_load() {
         for f in ["config--runefile.yaml", "runefile.yaml"] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -62,7 +62,8 @@ fn init_metrics() -> anyhow::Result<(prometheus::Registry, opentelemetry_sdk::me
 
 fn register_log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: &Arc<Log>) {
     let meter = provider.meter("rune");
-    let gauges: [(&'static str, &'static str, fn((u64, u64, u64)) -> u64); 4] = [
+    type Gauge = (&'static str, &'static str, fn((u64, u64, u64)) -> u64);
+    let gauges: [Gauge; 4] = [
         (
             "rune_log_applied_index",
             "Last log index applied to the state machine",

@@ -88,6 +88,8 @@ impl Command {
 }
 
 /// One resource of a cast.
+// Casts hold a handful of resources for a moment; boxing the service would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "spec", rename_all = "snake_case")]
 pub enum Resource {

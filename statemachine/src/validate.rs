@@ -53,8 +53,40 @@ pub fn validate_namespace(ns: &NamespaceSpec) -> Vec<FieldError> {
 pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
     let root = FieldPath::root();
     let mut errs = Vec::new();
-    let mut err = |p: FieldPath, m: String| errs.push(FieldError::new(p, m));
+    validate_basics(s, &root, &mut errs);
+    validate_ports(s, &root, &mut errs);
+    if let Some(r) = &s.resources {
+        if let Some(cpu) = &r.cpu {
+            check_request_limit(
+                cpu,
+                &root.key("resources").key("cpu"),
+                parse_cpu_millis,
+                &mut errs,
+            );
+        }
+        if let Some(mem) = &r.memory {
+            check_request_limit(
+                mem,
+                &root.key("resources").key("memory"),
+                parse_memory_bytes,
+                &mut errs,
+            );
+        }
+    }
+    if let Some(h) = &s.health {
+        if let Some(p) = &h.liveness {
+            validate_probe(p, s, &root.key("health").key("liveness"), &mut errs);
+        }
+        if let Some(p) = &h.readiness {
+            validate_probe(p, s, &root.key("health").key("readiness"), &mut errs);
+        }
+    }
+    validate_refs(s, &root, &mut errs);
+    errs
+}
 
+fn validate_basics(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    let mut err = |p: FieldPath, m: String| errs.push(FieldError::new(p, m));
     if let Err(m) = dns1123_label(&s.name) {
         err(root.key("name"), format!("service name {m}"));
     }
@@ -105,44 +137,22 @@ pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
             );
         }
     }
-    for k in s.env.keys() {
+    for (k, v) in &s.env {
         if k.is_empty() || k.contains('=') {
             err(
                 root.key("env").key(k),
                 format!("'{k}' is not a valid environment variable name"),
             );
-        }
-    }
-    drop(err);
-    validate_ports(s, &root, &mut errs);
-    if let Some(r) = &s.resources {
-        if let Some(cpu) = &r.cpu {
-            check_request_limit(
-                cpu,
-                &root.key("resources").key("cpu"),
-                parse_cpu_millis,
-                &mut errs,
-            );
-        }
-        if let Some(mem) = &r.memory {
-            check_request_limit(
-                mem,
-                &root.key("resources").key("memory"),
-                parse_memory_bytes,
-                &mut errs,
+        } else if !env_reference_ok(v.as_str()) {
+            err(
+                root.key("env").key(k),
+                format!(
+                    "'{}' is not a valid reference: use {{{{secret:name/key}}}}",
+                    v.as_str()
+                ),
             );
         }
     }
-    if let Some(h) = &s.health {
-        if let Some(p) = &h.liveness {
-            validate_probe(p, s, &root.key("health").key("liveness"), &mut errs);
-        }
-        if let Some(p) = &h.readiness {
-            validate_probe(p, s, &root.key("health").key("readiness"), &mut errs);
-        }
-    }
-    validate_refs(s, &root, &mut errs);
-    errs
 }
 
 fn validate_ports(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {

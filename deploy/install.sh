@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# install.sh - install runed and rune, the example runefile and the systemd unit.
+#
+# Usage: deploy/install.sh [--bin-dir DIR] [--no-start] [--help]
+#
+# Environment:
+#   DESTDIR  prefix put in front of every destination (for packaging or testing);
+#            with DESTDIR set, systemd is never touched.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: deploy/install.sh [--bin-dir DIR] [--no-start] [--help]
+
+Installs the Rune orchestrator:
+  runed, rune              -> /usr/local/bin (mode 0755)
+  deploy/runefile.yaml     -> /etc/rune/runefile.yaml (only if it does not exist yet)
+  deploy/runed.service     -> /etc/systemd/system/runed.service
+then, when systemd is running, reloads it and runs `systemctl enable --now runed`.
+
+Options:
+  --bin-dir DIR  directory holding the built runed and rune binaries
+                 (default: target/release in the repository)
+  --no-start     install the files only; do not reload, enable or start anything
+  -h, --help     show this help
+
+Environment:
+  DESTDIR        prefix put in front of every destination (e.g. DESTDIR=/tmp/stage);
+                 implies --no-start
+
+Build the binaries first with `cargo build --release`. Run as root.
+EOF
+}
+
+die() {
+    echo "install.sh: error: $*" >&2
+    exit 1
+}
+
+repo_root="$(cd "$(dirname "$0")/.." && pwd)"
+deploy_dir="$repo_root/deploy"
+bin_dir="$repo_root/target/release"
+start=1
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bin-dir)
+            [ $# -ge 2 ] || die "--bin-dir needs a directory"
+            bin_dir="$2"
+            shift 2
+            ;;
+        --bin-dir=*)
+            bin_dir="${1#--bin-dir=}"
+            shift
+            ;;
+        --no-start)
+            start=0
+            shift
+            ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *)
+            echo "install.sh: error: unknown argument '$1'" >&2
+            usage >&2
+            exit 2
+            ;;
+    esac
+done
+
+destdir="${DESTDIR:-}"
+destdir="${destdir%/}"
+if [ -n "$destdir" ]; then
+    start=0
+fi
+
+usr_bin="$destdir/usr/local/bin"
+etc_rune="$destdir/etc/rune"
+unit_dir="$destdir/etc/systemd/system"
+
+# Check the inputs before changing anything.
+[ -d "$bin_dir" ] || die "binary directory '$bin_dir' does not exist; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
+for b in runed rune; do
+    if [ ! -f "$bin_dir/$b" ] || [ ! -x "$bin_dir/$b" ]; then
+        die "'$bin_dir/$b' is missing or not executable; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
+    fi
+done
+for f in runefile.yaml runed.service; do
+    [ -f "$deploy_dir/$f" ] || die "'$deploy_dir/$f' is missing"
+done
+if [ -z "$destdir" ] && [ "$(id -u)" -ne 0 ]; then
+    die "must run as root to write /usr/local/bin, /etc/rune and /etc/systemd/system (or set DESTDIR)"
+fi
+
+echo "Installing binaries from $bin_dir into $usr_bin"
+install -d -m 0755 "$usr_bin"
+install -m 0755 "$bin_dir/runed" "$usr_bin/runed"
+install -m 0755 "$bin_dir/rune" "$usr_bin/rune"
+
+install -d -m 0755 "$etc_rune"
+if [ -e "$etc_rune/runefile.yaml" ]; then
+    echo "Keeping existing $etc_rune/runefile.yaml (not overwritten; compare with $deploy_dir/runefile.yaml)"
+else
+    install -m 0644 "$deploy_dir/runefile.yaml" "$etc_rune/runefile.yaml"
+    echo "Installed example config $etc_rune/runefile.yaml"
+fi
+
+install -d -m 0755 "$unit_dir"
+install -m 0644 "$deploy_dir/runed.service" "$unit_dir/runed.service"
+echo "Installed systemd unit $unit_dir/runed.service"
+
+if [ "$start" -eq 0 ]; then
+    echo "Not starting runed (--no-start or DESTDIR). To start it:"
+    echo "  systemctl daemon-reload && systemctl enable --now runed"
+    echo "or, without systemd:"
+    echo "  runed --config /etc/rune/runefile.yaml"
+elif command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable --now runed
+    echo "runed is enabled and started; see: systemctl status runed, journalctl -u runed"
+else
+    echo "systemd is not running here, so runed was not started. Start it by hand:"
+    echo "  runed --config /etc/rune/runefile.yaml"
+fi

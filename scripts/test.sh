@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages) and runs every check and test.
+# Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: promtool (prometheus) checks /metrics, systemd-analyze checks the unit.
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "test.sh: missing ${need[*]}: run as root or install them with apt-get" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+echo "== format"
+cargo fmt --all -- --check
+
+echo "== seam"
+scripts/check-seam.sh
+# The seam check must be able to fail: run it on a tree that breaks the rule.
+bad=$(mktemp -d)
+trap 'rm -rf "$bad"' EXIT
+mkdir -p "$bad/subsystems/x"
+printf 'fn f(db: &redb::Database) { let _ = db.begin_write(); }\n' >"$bad/subsystems/x/lib.rs"
+if scripts/check-seam.sh "$bad" 2>/dev/null; then
+    echo "seam check did not catch a write outside log/ and statemachine/" >&2
+    exit 1
+fi
+
+echo "== clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== build"
+cargo build --workspace --bins
+
+echo "== deploy"
+unit="$bad/runed.service"
+sed "s#/usr/local/bin/runed#$PWD/target/debug/runed#" deploy/runed.service >"$unit"
+systemd-analyze verify "$unit"
+bash -n deploy/install.sh
+
+echo "== tests"
+cargo test --workspace

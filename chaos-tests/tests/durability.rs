@@ -124,11 +124,7 @@ fn acknowledged_writes_survive_sigkill() {
     let mut d = Daemon::new(&Bins::locate());
     // Small snapshot intervals, so kills also land around snapshots and log purges.
     let rf = d.scratch().join("runefile.yaml");
-    std::fs::write(
-        &rf,
-        "storage:\n  snapshot-every: 150\n  keep-after-snapshot: 20\n",
-    )
-    .unwrap();
+    std::fs::write(&rf, "storage:\n  snapshot-every: 40\n  keep-after-snapshot: 10\n").unwrap();
     d.extra = vec!["--config".into(), rf.display().to_string()];
     d.restart();
     let acked: Acked = Arc::default();
@@ -162,6 +158,10 @@ fn acknowledged_writes_survive_sigkill() {
         "the writers got too few acknowledgements ({n}) for the test to mean anything"
     );
     assert_eq!(d.sigterm().code(), Some(0));
+    assert!(
+        d.data_dir.join("snapshots/current.snap").exists(),
+        "the run never crossed a snapshot"
+    );
     verify(&d);
     println!("chaos: {n} services acknowledged across {rounds} kills, none lost");
 }

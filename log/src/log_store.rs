@@ -1,15 +1,16 @@
-//! The raft log on redb, written by one thread that turns concurrent appends into one fsync.
+//! The raft log on redb, written by one thread, off the async runtime.
 //!
-//! openraft hands `append` a [`LogFlushed`] callback and goes on; the writer thread drains every
-//! operation queued meanwhile (appends, votes, truncations, purges) into a single durable redb
-//! commit, then completes the callbacks. That is group commit: N concurrent proposals, one fsync.
-//! Operations keep their order because they pass through one FIFO queue to one thread.
+//! Every write (append, vote, truncate, purge) goes through one FIFO queue to one thread, so they
+//! keep their order; the thread drains whatever is queued into one durable redb commit and then
+//! completes openraft's [`LogFlushed`] callbacks. The committed log id rides along with the next
+//! durable commit instead of paying its own. openraft 0.9 waits for each append's flush before
+//! the next, so group commit of client writes happens before raft, in [`crate::Log`]'s batcher.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -63,6 +64,8 @@ enum Op {
 pub struct LogStore {
     db: Arc<ClosingDb>,
     tx: mpsc::Sender<Op>,
+    /// The latest committed log id, written with the next durable batch rather than on its own.
+    committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl LogStore {
@@ -80,11 +83,13 @@ impl LogStore {
         }
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
+        let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let writer_committed = committed.clone();
         std::thread::Builder::new()
             .name("rune-log-writer".into())
-            .spawn(move || writer(writer_db, rx, metrics))
+            .spawn(move || writer(writer_db, rx, writer_committed, metrics))
             .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
-        Ok((Self { db, tx }, closed_rx))
+        Ok((Self { db, tx, committed }, closed_rx))
     }
 
     fn send(&self, op: Op) -> Result<(), SErr> {
@@ -130,7 +135,12 @@ pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn writer(db: Arc<ClosingDb>, rx: mpsc::Receiver<Op>, metrics: Metrics) {
+fn writer(
+    db: Arc<ClosingDb>,
+    rx: mpsc::Receiver<Op>,
+    committed: Arc<Mutex<Option<Vec<u8>>>>,
+    metrics: Metrics,
+) {
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < 4096 {
@@ -138,6 +148,14 @@ fn writer(db: Arc<ClosingDb>, rx: mpsc::Receiver<Op>, metrics: Metrics) {
                 Ok(op) => ops.push(op),
                 Err(_) => break,
             }
+        }
+        if let Some(c) = committed.lock().ok().and_then(|mut c| c.take()) {
+            ops.push(Op::Meta {
+                key: "committed",
+                value: Some(c),
+                durable: false,
+                done: None,
+            });
         }
         let durable = ops
             .iter()
@@ -260,8 +278,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
         let r = (range.start_bound().cloned(), range.end_bound().cloned());
-        let db = self.db.clone();
-        tokio::task::block_in_place(|| read_entries(&**db, r)).map_err(read_err)
+        // A read of committed entries: no fsync, short enough to run on the runtime.
+        read_entries(&**self.db, r).map_err(read_err)
     }
 }
 
@@ -297,18 +315,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SErr> {
-        // Not durable on its own: it rides on the next fsync. Losing it only means a restart
-        // re-applies from the state machine's last durable point, which is what the log is for.
-        let value = match committed {
-            Some(c) => Some(serde_json::to_vec(&c).map_err(write_err)?),
-            None => None,
-        };
-        self.send(Op::Meta {
-            key: "committed",
-            value,
-            durable: false,
-            done: None,
-        })
+        // Rides on the next durable batch instead of costing a commit of its own. Losing it only
+        // means a restart re-applies from the state machine's last durable point, once elected.
+        if let Some(c) = committed {
+            let v = serde_json::to_vec(&c).map_err(write_err)?;
+            if let Ok(mut slot) = self.committed.lock() {
+                *slot = Some(v);
+            }
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub flush_batch_entries: Histogram<u64>,
     /// Time from propose to the applied outcome.
     pub propose_seconds: Histogram<f64>,
+    /// Proposals carried by one log entry: the group-commit factor.
+    pub batch_envelopes: Histogram<u64>,
 }
 
 impl Metrics {
@@ -60,6 +62,11 @@ impl Metrics {
                 .with_unit("s")
                 .with_description("Time from propose to applied outcome")
                 .with_boundaries(secs)
+                .build(),
+            batch_envelopes: meter
+                .u64_histogram("rune_log_batch_proposals")
+                .with_description("Proposals carried by one log entry (and so sharing one fsync)")
+                .with_boundaries(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0])
                 .build(),
         }
     }

@@ -9,14 +9,14 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use redb::{Database, ReadTransaction, ReadableDatabase};
 use rune_statemachine::{Command, Envelope, Outcome};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::db::ClosingDb;
 use crate::log_store::LogStore;
 use crate::metrics::Metrics;
 use crate::network::NoNetwork;
 use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
-use crate::types::{TypeConfig, NODE_ID};
+use crate::types::{Batch, TypeConfig, NODE_ID};
 
 /// File names under the data dir.
 pub const LOG_FILE: &str = "raft-log.redb";
@@ -97,6 +97,7 @@ pub struct Proposed {
 /// A running single-voter raft log with its state machine.
 pub struct Log {
     raft: Raft<TypeConfig>,
+    proposals: mpsc::Sender<Pending>,
     state: Arc<ClosingDb>,
     state_closed: tokio::sync::oneshot::Receiver<()>,
     notifier: Arc<Notifier>,
@@ -121,6 +122,85 @@ fn open_db(
             source: Box::new(other),
         },
     })
+}
+
+/// Proposals waiting for the batcher; senders wait (back-pressure) beyond this.
+const MAX_QUEUED_PROPOSALS: usize = 4096;
+/// Largest batch in one entry: bounds entry size and the work one apply does.
+const MAX_BATCH: usize = 512;
+/// Entries proposed but not yet applied. One maximises batching; measured with `cargo bench
+/// --bench writes`, two (overlapping one entry's apply with the next one's append) made batches
+/// smaller and throughput lower at 16 and 64 clients.
+const MAX_ENTRIES_IN_FLIGHT: usize = 1;
+
+/// A proposal and where its outcome goes.
+struct Pending {
+    envelope: Envelope,
+    reply: oneshot::Sender<Result<Proposed, ProposeError>>,
+}
+
+/// Group commit: while entries are being made durable and applied, proposals queue up; the next
+/// entry carries all of them, so they share one fsync (openraft 0.9 waits for each append's
+/// flush before the next, so batching must happen before raft).
+async fn batcher(raft: Raft<TypeConfig>, mut queue: mpsc::Receiver<Pending>, metrics: Metrics) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        // Wait for a slot before draining the queue, so the batch takes everything that queued.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        metrics.batch_envelopes.record(batch.len() as u64, &[]);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (envelopes, replies): (Vec<Envelope>, Vec<_>) =
+                batch.into_iter().map(|p| (p.envelope, p.reply)).unzip();
+            let result = raft.client_write(Batch(envelopes)).await;
+            drop(permit);
+            answer(result, replies);
+        });
+    }
+}
+
+fn answer(
+    result: Result<
+        openraft::raft::ClientWriteResponse<TypeConfig>,
+        RaftError<u64, ClientWriteError<u64, BasicNode>>,
+    >,
+    replies: Vec<oneshot::Sender<Result<Proposed, ProposeError>>>,
+) {
+    match result {
+        Ok(resp) => {
+            let index = resp.log_id.index;
+            let mut outcomes = resp.data.0.into_iter();
+            for reply in replies {
+                let r = match outcomes.next() {
+                    Some(outcome) => Ok(Proposed { index, outcome }),
+                    None => Err(ProposeError::Unavailable(
+                        "apply answered fewer outcomes than proposals".into(),
+                    )),
+                };
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            let msg = match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    format!("not the leader (leader: {:?})", f.leader_id)
+                }
+                e => e.to_string(),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(ProposeError::Unavailable(msg.clone())));
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, chosen by proposers (never by apply).
@@ -158,17 +238,9 @@ impl Log {
                     .unwrap_or(LogError::Raft("log".into())))
             }
         };
-        let (state, state_closed) = ClosingDb::new(open_db(&dir.join(STATE_FILE), |p| Database::create(p))?);
-        let state = Arc::new(state);
-        let (applied, _) = watch::channel(0);
-        let (events, _) = broadcast::channel(4096);
-        let notifier = Arc::new(Notifier { applied, events });
-        let sm = StateMachine {
-            db: state.clone(),
-            snapshot_dir: dir.join(SNAPSHOT_DIR),
-            notifier: notifier.clone(),
-            metrics: metrics.clone(),
-        };
+        let db = open_db(&dir.join(STATE_FILE), |p| Database::create(p))?;
+        let (sm, state_closed) = StateMachine::new(db, dir.join(SNAPSHOT_DIR), metrics.clone());
+        let (state, notifier) = (sm.db.clone(), sm.notifier.clone());
         let config = Config {
             cluster_name: "rune".into(),
             heartbeat_interval: 500,
@@ -200,7 +272,10 @@ impl Log {
             .state(ServerState::Leader, "become leader")
             .await
             .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
+        let (proposals, queue) = mpsc::channel(MAX_QUEUED_PROPOSALS);
+        tokio::spawn(batcher(raft.clone(), queue, metrics.clone()));
         let log = Self {
+            proposals,
             state_closed,
             raft,
             state,
@@ -225,25 +300,25 @@ impl Log {
     /// decided by apply, which changed nothing.
     pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
         let started = Instant::now();
-        let kind = command.kind();
         self.metrics
             .proposals
-            .add(1, &[opentelemetry::KeyValue::new("command", kind)]);
-        let env = Envelope::new(now_ms(), command);
-        let r = self.raft.client_write(env).await;
+            .add(1, &[opentelemetry::KeyValue::new("command", command.kind())]);
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending {
+            envelope: Envelope::new(now_ms(), command),
+            reply,
+        };
+        self.proposals
+            .send(pending)
+            .await
+            .map_err(|_| ProposeError::Unavailable("the log is shut down".into()))?;
+        let r = rx
+            .await
+            .map_err(|_| ProposeError::Unavailable("the log is shut down".into()))?;
         self.metrics
             .propose_seconds
             .record(started.elapsed().as_secs_f64(), &[]);
-        match r {
-            Ok(resp) => Ok(Proposed {
-                index: resp.log_id.index,
-                outcome: resp.data.0,
-            }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::Unavailable(
-                format!("not the leader (leader: {:?})", f.leader_id),
-            )),
-            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
-        }
+        r
     }
 
     /// A read view of the applied state. Reads see a consistent state at some applied index.
@@ -288,12 +363,23 @@ impl Log {
         )
     }
 
-    /// Takes a snapshot now (and purges the log behind it).
+    /// Takes a snapshot of everything applied so far (and purges the log behind it), and waits
+    /// until it is written.
     pub async fn snapshot(&self) -> Result<(), LogError> {
+        let applied = self.positions().2;
         self.raft
             .trigger()
             .snapshot()
             .await
+            .map_err(|e| LogError::Raft(e.to_string()))?;
+        self.raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied),
+                "snapshot written",
+            )
+            .await
+            .map(|_| ())
             .map_err(|e| LogError::Raft(e.to_string()))
     }
 

@@ -46,6 +46,8 @@ fn rd(e: impl std::fmt::Display) -> ReplayError {
 pub struct ReplayLine {
     /// Log index.
     pub index: u64,
+    /// Position (from 1) of the proposal within the entry's batch; 0 when the entry holds one.
+    pub position: usize,
     /// Raft term.
     pub term: u64,
     /// When it was proposed, Unix ms (none for raft's own entries).
@@ -178,7 +180,7 @@ impl Replay {
                     break;
                 }
                 if start_after.is_some_and(|s| i <= s) {
-                    each(describe(e, None));
+                    describe(e, None).into_iter().for_each(&mut each);
                 } else {
                     todo.push(e.clone());
                 }
@@ -188,7 +190,7 @@ impl Replay {
             }
             let (replies, _) = apply_entries(&db, &todo, Durability::None).map_err(rd)?;
             for (e, r) in todo.iter().zip(replies) {
-                each(describe(e, Some(&r.0)));
+                describe(e, Some(&r.0)).into_iter().for_each(&mut each);
                 applied = e.log_id.index;
             }
         }
@@ -249,16 +251,19 @@ fn targets(cmd: &Command) -> Vec<String> {
     }
 }
 
-fn describe(e: &Entry<TypeConfig>, outcome: Option<&Outcome>) -> ReplayLine {
+/// One line per proposal of the entry (one for raft's own entries). `outcomes` is `None` for
+/// entries inside the snapshot, which replay does not re-apply.
+fn describe(e: &Entry<TypeConfig>, outcomes: Option<&[Outcome]>) -> Vec<ReplayLine> {
     let (index, term) = (e.log_id.index, e.log_id.leader_id.term);
-    let mut line = ReplayLine {
+    let line = |position: usize| ReplayLine {
         index,
+        position,
         term,
         proposed_at_ms: None,
         kind: String::new(),
         resources: vec![],
         summary: String::new(),
-        result: if outcome.is_some() {
+        result: if outcomes.is_some() {
             "applied".into()
         } else {
             "compacted".into()
@@ -267,64 +272,84 @@ fn describe(e: &Entry<TypeConfig>, outcome: Option<&Outcome>) -> ReplayLine {
     };
     match &e.payload {
         EntryPayload::Blank => {
-            line.kind = "blank".into();
-            line.summary = format!("leader elected in term {term}");
+            let mut l = line(0);
+            l.kind = "blank".into();
+            l.summary = format!("leader elected in term {term}");
+            vec![l]
         }
         EntryPayload::Membership(m) => {
-            line.kind = "membership".into();
+            let mut l = line(0);
+            l.kind = "membership".into();
             let voters: Vec<String> = m.voter_ids().map(|v| v.to_string()).collect();
-            line.summary = format!("voters {{{}}}", voters.join(","));
+            l.summary = format!("voters {{{}}}", voters.join(","));
+            vec![l]
         }
-        EntryPayload::Normal(env) => {
-            line.kind = env.command.kind().into();
-            line.proposed_at_ms = Some(env.proposed_at_ms);
-            line.resources = targets(&env.command);
-            line.command = Some(env.command.clone());
-            match outcome {
-                None => line.summary = "(in snapshot)".into(),
-                Some(Err(rej)) => {
-                    line.result = "rejected".into();
-                    line.summary = rej.to_string();
+        EntryPayload::Normal(batch) => batch
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, env)| {
+                let mut l = line(if batch.0.len() > 1 { i + 1 } else { 0 });
+                l.kind = env.command.kind().into();
+                l.proposed_at_ms = Some(env.proposed_at_ms);
+                l.resources = targets(&env.command);
+                l.command = Some(env.command.clone());
+                match outcomes.map(|o| o.get(i)) {
+                    None => l.summary = "(in snapshot)".into(),
+                    Some(None) => {
+                        l.result = "unknown".into();
+                        l.summary = "apply gave no outcome for this proposal".into();
+                    }
+                    Some(Some(outcome)) => tell(&mut l, outcome),
                 }
-                Some(Ok(changes)) => {
-                    for c in changes {
-                        let r = c.resource();
-                        if !line.resources.contains(&r) {
-                            line.resources.push(r);
-                        }
-                    }
-                    if changes
-                        .iter()
-                        .all(|c| c.action == rune_statemachine::Action::Unchanged)
-                    {
-                        line.result = "unchanged".into();
-                    }
-                    let parts: Vec<String> = changes
-                        .iter()
-                        .map(|c| {
-                            let head = format!(
-                                "{} {} (gen {})",
-                                c.resource(),
-                                action_word(c.action),
-                                c.generation
-                            );
-                            if c.summary.is_empty() {
-                                head
-                            } else {
-                                format!("{head}: {}", c.summary)
-                            }
-                        })
-                        .collect();
-                    line.summary = if parts.is_empty() {
-                        "no change".into()
-                    } else {
-                        parts.join("; ")
-                    };
+                l
+            })
+            .collect(),
+    }
+}
+
+fn tell(l: &mut ReplayLine, outcome: &Outcome) {
+    match outcome {
+        Err(rej) => {
+            l.result = "rejected".into();
+            l.summary = rej.to_string();
+        }
+        Ok(changes) => {
+            for c in changes {
+                let r = c.resource();
+                if !l.resources.contains(&r) {
+                    l.resources.push(r);
                 }
             }
+            if changes
+                .iter()
+                .all(|c| c.action == rune_statemachine::Action::Unchanged)
+            {
+                l.result = "unchanged".into();
+            }
+            let parts: Vec<String> = changes
+                .iter()
+                .map(|c| {
+                    let head = format!(
+                        "{} {} (gen {})",
+                        c.resource(),
+                        action_word(c.action),
+                        c.generation
+                    );
+                    if c.summary.is_empty() {
+                        head
+                    } else {
+                        format!("{head}: {}", c.summary)
+                    }
+                })
+                .collect();
+            l.summary = if parts.is_empty() {
+                "no change".into()
+            } else {
+                parts.join("; ")
+            };
         }
     }
-    line
 }
 
 fn action_word(a: rune_statemachine::Action) -> &'static str {

@@ -1,1 +1,266 @@
-fn main() {}
+//! Durable writes through the gRPC API at 1, 16 and 64 concurrent clients, side by side with
+//! Debian's etcd (`etcd-server`) on the same machine, same value size, fsync durability.
+//!
+//! `cargo bench -p runed --bench writes` prints a table. `BENCH_SECONDS` (default 5) sets the
+//! length of each run; `ETCD` the etcd binary (default `etcd` on PATH; skipped if absent).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rune_chaos_tests::{free_port, http_get, wait_until, Bins, Daemon};
+use rune_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// Bytes of each written value: a small service spec, padded to this size for both systems.
+const VALUE_BYTES: usize = 256;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PutRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PutResponse {}
+
+struct Run {
+    writes_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Run {
+        writes_per_s: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50).as_secs_f64() * 1e3,
+        p99_ms: pct(0.99).as_secs_f64() * 1e3,
+    }
+}
+
+fn spec(name: &str) -> String {
+    let base =
+        serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"V": ""}}).to_string();
+    let pad = "x".repeat(VALUE_BYTES.saturating_sub(base.len()));
+    serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"V": pad}}).to_string()
+}
+
+async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let failures = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let op = op.clone();
+        let failures = failures.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0;
+            while Instant::now() < stop {
+                let t = Instant::now();
+                if op(c, i).await {
+                    lat.push(t.elapsed());
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "writes failed during the run"
+    );
+    summarize(all, elapsed)
+}
+
+async fn channels(addr: String, n: usize) -> Vec<Channel> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(
+            Channel::from_shared(addr.clone())
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect"),
+        );
+    }
+    v
+}
+
+async fn bench_runed(addr: String, clients: usize, seconds: u64, round: usize) -> Run {
+    let chans = Arc::new(channels(addr, clients).await);
+    drive(clients, seconds, move |c, i| {
+        let ch = chans[c].clone();
+        async move {
+            let mut client = pb::service_api_client::ServiceApiClient::new(ch);
+            let json = spec(&format!("b{round}-c{c}-{i}"));
+            let req = pb::ApplyRequest {
+                resources: vec![pb::Resource {
+                    kind: Some(pb::resource::Kind::ServiceJson(json)),
+                }],
+                ..Default::default()
+            };
+            client.apply(req).await.is_ok()
+        }
+    })
+    .await
+}
+
+async fn bench_etcd(addr: String, clients: usize, seconds: u64, round: usize) -> Run {
+    let chans = Arc::new(channels(addr, clients).await);
+    drive(clients, seconds, move |c, i| {
+        let ch = chans[c].clone();
+        async move {
+            let mut g = tonic::client::Grpc::new(ch);
+            if g.ready().await.is_err() {
+                return false;
+            }
+            let value = spec(&format!("b{round}-c{c}-{i}")).into_bytes();
+            let req = PutRequest {
+                key: format!("/bench/b{round}-c{c}-{i}").into_bytes(),
+                value,
+            };
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
+            let codec = tonic_prost::ProstCodec::<PutRequest, PutResponse>::default();
+            g.unary(tonic::Request::new(req), path, codec).await.is_ok()
+        }
+    })
+    .await
+}
+
+struct Etcd {
+    child: Child,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_etcd() -> Option<Etcd> {
+    let bin = std::env::var_os("ETCD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "etcd".into());
+    let dir = tempfile::tempdir().ok()?;
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new(&bin)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+        .args(["--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = format!("127.0.0.1:{client}").parse().ok()?;
+    let etcd = Etcd {
+        child,
+        _dir: dir,
+        url,
+    };
+    wait_until(Duration::from_secs(30), "etcd /health", || {
+        http_get(addr, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    Some(etcd)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run only when benching.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let bins = Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    };
+    let d = Daemon::start(&bins);
+    let etcd = start_etcd();
+    if etcd.is_none() {
+        eprintln!("etcd not found: `apt-get install etcd-server` (or set ETCD) for the side-by-side column");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!("durable writes through the gRPC API, {VALUE_BYTES}-byte values, {seconds} s per run, fsync on");
+    println!();
+    println!("| clients | runed writes/s | runed p50 ms | runed p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | runed/etcd |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
+        let r = rt.block_on(bench_runed(format!("http://{}", d.grpc), clients, seconds, round));
+        let e = etcd
+            .as_ref()
+            .map(|e| rt.block_on(bench_etcd(e.url.clone(), clients, seconds, round)));
+        let (ew, ep50, ep99, ratio) = match &e {
+            Some(e) => (
+                format!("{:.0}", e.writes_per_s),
+                format!("{:.2}", e.p50_ms),
+                format!("{:.2}", e.p99_ms),
+                format!("{:.2}", r.writes_per_s / e.writes_per_s),
+            ),
+            None => ("n/a".into(), "n/a".into(), "n/a".into(), "n/a".into()),
+        };
+        println!(
+            "| {clients} | {:.0} | {:.2} | {:.2} | {ew} | {ep50} | {ep99} | {ratio} |",
+            r.writes_per_s, r.p50_ms, r.p99_ms
+        );
+    }
+    if let Some((_, body)) = http_get(d.metrics, "/metrics") {
+        let get = |name: &str| {
+            body.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        };
+        let avg = |m: &str| Some(get(&format!("{m}_sum"))? / get(&format!("{m}_count"))?.max(1.0));
+        println!();
+        if let (Some(b), Some(n)) = (
+            avg("rune_log_batch_proposals"),
+            get("rune_log_batch_proposals_count"),
+        ) {
+            println!("runed group commit: {b:.1} proposals per log entry on average, over {n:.0} entries");
+        }
+        if let Some(f) = avg("rune_log_fsync_duration_seconds") {
+            println!("runed log commit (fsync included): {:.3} ms on average", f * 1e3);
+        }
+        if let Some(p) = avg("rune_log_propose_duration_seconds") {
+            println!("runed propose to applied outcome: {:.3} ms on average", p * 1e3);
+        }
+    }
+}

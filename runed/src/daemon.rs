@@ -127,7 +127,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     let grpc = {
         let mut stop = stop_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // Small request/response frames: do not let Nagle hold them back.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            |conn| {
+                conn.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            },
+        );
         let router = tonic::transport::Server::builder()
             .add_service(
                 pb::service_api_server::ServiceApiServer::new(api.clone())

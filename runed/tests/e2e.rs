@@ -562,3 +562,41 @@ fn replay_tells_the_story_and_verifies() {
     let o = d.rune(&["admin", "replay", "--data-dir", "/nonexistent"]);
     assert_eq!(code(&o), 1);
 }
+
+#[test]
+fn cast_takes_directories_recursively_and_globs() {
+    let mut d = Daemon::start(&bins());
+    let root = d.scratch().join("casts");
+    std::fs::create_dir_all(root.join("nested")).unwrap();
+    std::fs::write(root.join("a.yaml"), "service:\n  name: a\n  image: x\n").unwrap();
+    std::fs::write(root.join("notes.txt"), "not a castfile").unwrap();
+    std::fs::write(root.join("nested/b.yml"), "service:\n  name: b\n  image: x\n").unwrap();
+    let dir = root.display().to_string();
+    let o = d.rune(&["cast", &dir]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("service/default/a created") && !stdout(&o).contains("/b "),
+        "{}",
+        stdout(&o)
+    );
+    let o = d.rune(&["cast", "-r", &dir]);
+    assert!(
+        stdout(&o).contains("service/default/a unchanged")
+            && stdout(&o).contains("service/default/b created"),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::write(root.join("c.yaml"), "service:\n  name: c\n  image: x\n").unwrap();
+    let o = d.rune(&["cast", &format!("{dir}/c*.yaml")]);
+    assert!(
+        stdout(&o).contains("service/default/c created"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert_eq!(code(&d.rune(&["cast", &format!("{dir}/zz*.yaml")])), 2);
+    assert_eq!(code(&d.rune(&["cast", "/no/such/file.yaml"])), 2);
+    // SIGINT stops runed as cleanly as SIGTERM.
+    d.send("-INT");
+    assert_eq!(d.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}

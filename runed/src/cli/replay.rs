@@ -101,7 +101,11 @@ pub fn run(a: &ReplayArgs, format: Format) -> Result<(), CliError> {
                     println!("{}", serde_json::to_string(&line).unwrap_or_default())
                 }
                 Format::Table => rows.push(vec![
-                    line.index.to_string(),
+                    if line.position > 0 {
+                        format!("{}.{}", line.index, line.position)
+                    } else {
+                        line.index.to_string()
+                    },
                     line.term.to_string(),
                     time(line.proposed_at_ms),
                     line.kind.clone(),

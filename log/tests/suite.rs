@@ -1,0 +1,29 @@
+//! openraft's storage conformance suite against the redb log store and state machine.
+
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::StorageError;
+use rune_log::log_store::LogStore;
+use rune_log::metrics::Metrics;
+use rune_log::state_machine::StateMachine;
+use rune_log::types::TypeConfig;
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let metrics = Metrics::new(&opentelemetry::global::meter("suite"));
+        let (log, _) =
+            LogStore::open(&dir.path().join(rune_log::LOG_FILE), metrics.clone()).expect("log store");
+        let db = redb::Database::create(dir.path().join(rune_log::STATE_FILE)).expect("state db");
+        let (sm, _) = StateMachine::new(db, dir.path().join(rune_log::SNAPSHOT_DIR), metrics);
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn redb_storage_passes_openraft_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("openraft storage suite: {e}");
+    }
+}

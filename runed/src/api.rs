@@ -7,13 +7,11 @@ use std::sync::Arc;
 use futures::Stream;
 use rune_log::{AppliedEntry, Log, ProposeError};
 use rune_proto::v1 as pb;
-use rune_statemachine::decode::decode;
-use rune_statemachine::spec::{NamespaceSpec, ServiceSpec};
 use rune_statemachine::store::{
     get_record, list_records, namespace_key, service_history, service_key, services_prefix, spec_hash,
     NamespaceRecord, ObjectMeta, ServiceRecord,
 };
-use rune_statemachine::validate::{validate_namespace, validate_service};
+use rune_statemachine::validate::parse_resource;
 use rune_statemachine::{Action, Command, Kind, Rejection, Resource, MAX_SPEC_BYTES, STATE_TABLE};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
@@ -88,6 +86,11 @@ fn namespace_pb(r: &NamespaceRecord) -> pb::Namespace {
     }
 }
 
+/// The namespace a list or watch covers: `*` is all of them, empty is the default one.
+fn scope(ns: &str) -> Option<String> {
+    (ns != "*").then(|| namespace_or_default(ns).to_string())
+}
+
 /// Parses `k=v,k2=v2`.
 fn parse_selector(s: &str) -> Result<Vec<(String, String)>, Status> {
     s.split(',')
@@ -127,34 +130,11 @@ fn decode_resource(r: &pb::Resource, i: usize) -> Result<Resource, Status> {
     }
     let value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| Status::invalid_argument(format!("resources[{i}]: {kind} spec is not JSON: {e}")))?;
-    let fail = |name: &str, errs: Vec<rune_statemachine::decode::FieldError>| {
+    let name = value.get("name").and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+    parse_resource(kind, &value).map_err(|errs| {
         let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         Status::invalid_argument(format!("{kind} {name}: {}", list.join("; ")))
-    };
-    let name = value
-        .get("name")
-        .and_then(|n| n.as_str())
-        .unwrap_or("<unnamed>")
-        .to_string();
-    match kind {
-        "service" => {
-            let mut s: ServiceSpec = decode(&value).map_err(|e| fail(&name, e))?;
-            let errs = validate_service(&s);
-            if !errs.is_empty() {
-                return Err(fail(&name, errs));
-            }
-            s.namespace = Some(s.namespace().to_string());
-            Ok(Resource::Service(s))
-        }
-        _ => {
-            let n: NamespaceSpec = decode(&value).map_err(|e| fail(&name, e))?;
-            let errs = validate_namespace(&n);
-            if !errs.is_empty() {
-                return Err(fail(&name, errs));
-            }
-            Ok(Resource::Namespace(n))
-        }
-    }
+    })
 }
 
 impl Api {
@@ -289,15 +269,11 @@ impl pb::service_api_server::ServiceApi for Api {
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let req = req.into_inner();
         let sel = parse_selector(&req.label_selector)?;
-        let ns = if req.namespace == "*" {
-            None
-        } else {
-            Some(namespace_or_default(&req.namespace))
-        };
+        let ns = scope(&req.namespace);
         let index = *self.log.applied().borrow();
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let recs: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns)).map_err(internal)?;
+        let recs: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?;
         let services = recs.iter().filter(|r| matches(r, &sel)).map(service_pb).collect();
         Ok(Response::new(pb::ListServicesResponse { services, index }))
     }
@@ -310,11 +286,7 @@ impl pb::service_api_server::ServiceApi for Api {
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
         let req = req.into_inner();
         let sel = parse_selector(&req.label_selector)?;
-        let ns = if req.namespace == "*" {
-            None
-        } else {
-            Some(namespace_or_default(&req.namespace).to_string())
-        };
+        let ns = scope(&req.namespace);
         // Subscribe before listing, so nothing applied in between is missed.
         let mut rx = self.log.subscribe();
         let index = *self.log.applied().borrow();

@@ -5,9 +5,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use rune_statemachine::decode::{decode, FieldError, FieldPath};
-use rune_statemachine::spec::{NamespaceSpec, ServiceSpec};
-use rune_statemachine::validate::{validate_namespace, validate_service};
+use rune_statemachine::decode::{FieldError, FieldPath};
+use rune_statemachine::validate::parse_resource;
 use rune_statemachine::Resource;
 
 use crate::yaml::{self, Node, NodeKind};
@@ -258,41 +257,30 @@ fn name_of(node: &Node) -> String {
 }
 
 fn decode_service(file: &str, node: &Node, parsed: &mut Parsed) {
-    let what = format!("service \"{}\"", name_of(node));
-    let spec: ServiceSpec = match decode(&node.to_json()) {
-        Ok(s) => s,
-        Err(errs) => return parsed.problems.extend(located(file, node, &errs, &what)),
-    };
-    if spec.skip == Some(true) {
-        parsed.skipped.push(spec.name);
+    let value = node.to_json();
+    if value.get("skip") == Some(&serde_json::Value::Bool(true)) {
+        parsed.skipped.push(name_of(node));
         return;
     }
-    let errs = validate_service(&spec);
-    if !errs.is_empty() {
-        return parsed.problems.extend(located(file, node, &errs, &what));
-    }
-    parsed.resources.push(Located {
-        resource: Resource::Service(spec),
-        file: file.into(),
-        line: node.line,
-    });
+    decode_as("service", file, node, &value, parsed);
 }
 
 fn decode_namespace(file: &str, node: &Node, parsed: &mut Parsed) {
-    let what = format!("namespace \"{}\"", name_of(node));
-    let spec: NamespaceSpec = match decode(&node.to_json()) {
-        Ok(s) => s,
-        Err(errs) => return parsed.problems.extend(located(file, node, &errs, &what)),
-    };
-    let errs = validate_namespace(&spec);
-    if !errs.is_empty() {
-        return parsed.problems.extend(located(file, node, &errs, &what));
+    decode_as("namespace", file, node, &node.to_json(), parsed);
+}
+
+fn decode_as(kind: &str, file: &str, node: &Node, value: &serde_json::Value, parsed: &mut Parsed) {
+    match parse_resource(kind, value) {
+        Ok(resource) => parsed.resources.push(Located {
+            resource,
+            file: file.into(),
+            line: node.line,
+        }),
+        Err(errs) => {
+            let what = format!("{kind} \"{}\"", name_of(node));
+            parsed.problems.extend(located(file, node, &errs, &what))
+        }
     }
-    parsed.resources.push(Located {
-        resource: Resource::Namespace(spec),
-        file: file.into(),
-        line: node.line,
-    });
 }
 
 /// Expands files, directories (`*.yaml`/`*.yml`, recursively with `recursive`) and globs.

@@ -95,6 +95,12 @@ fn peer_specs_lint_and_cast_as_they_are() {
     let o = d.rune(&["cast", peer("simple-service--app.yaml").to_str().unwrap()]);
     assert_eq!(code(&o), 6);
     assert!(stderr(&o).contains("kind 'secret'"), "{}", stderr(&o));
+    let runeset = peer("runeset-example-app");
+    for cmd in ["lint", "cast"] {
+        let o = d.rune(&[cmd, runeset.to_str().unwrap()]);
+        assert_eq!(code(&o), 6);
+        assert!(stderr(&o).contains("is a runeset"), "{}", stderr(&o));
+    }
     let o = d.rune(&["cast", peer("runefile.yaml").to_str().unwrap()]);
     assert_eq!(code(&o), 6);
     assert!(stderr(&o).contains("runefile"), "{}", stderr(&o));
@@ -544,6 +550,25 @@ fn replay_tells_the_story_and_verifies() {
         "{}",
         story[1]
     );
+    let from = story[1]["index"].as_u64().unwrap().to_string();
+    let o = d.rune(&[
+        "admin",
+        "replay",
+        "--data-dir",
+        &data,
+        "--from",
+        &from,
+        "--to",
+        &from,
+        "-o",
+        "json",
+    ]);
+    let window: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(window.len(), 1, "{}", stdout(&o));
+    assert_eq!(window[0]["index"], story[1]["index"]);
     let table = stdout(&d.rune(&["admin", "replay", "--data-dir", &data]));
     assert!(
         table.starts_with("INDEX") && table.contains("membership") && table.contains("init"),

@@ -412,6 +412,14 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
 }
 
 fn read_castfiles(paths: &[String], recursive: bool) -> Result<Parsed, CliError> {
+    if let Some(r) = paths
+        .iter()
+        .find(|p| std::path::Path::new(p).join("runeset.yaml").is_file())
+    {
+        return Err(CliError::validation(format!(
+            "{r} is a runeset (runeset.yaml with templated casts): this release cannot render runesets yet; nothing was read"
+        )));
+    }
     let files = castfile::expand_paths(paths, recursive).map_err(|p| CliError::usage(p.to_string()))?;
     if files.is_empty() {
         return Err(CliError::usage("no .yaml or .yml files found"));

@@ -138,59 +138,91 @@ fn decode_resource(r: &pb::Resource, i: usize) -> Result<Resource, Status> {
 }
 
 impl Api {
-    /// What a cast would do to each resource, from the current state; used for dry runs and to
-    /// skip proposing a cast that changes nothing.
+    /// What a cast would do to each resource, from the current state: for dry runs, to skip
+    /// proposing a cast that changes nothing, and to refuse a missing namespace before it costs
+    /// a log entry. Apply decides again, for real, in log order.
     fn predict(
         &self,
         txn: &redb::ReadTransaction,
         resources: &[Resource],
         force: bool,
+        create_namespace: bool,
     ) -> Result<Vec<pb::ApplyResult>, Status> {
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            meta: ObjectMeta,
+        }
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let mut out = Vec::new();
+        let mut new_namespaces = std::collections::BTreeSet::new();
         for r in resources {
             let (kind, ns, name, key, hash) = match r {
-                Resource::Service(s) => (
-                    "service",
-                    s.namespace().to_string(),
-                    s.name.clone(),
-                    service_key(s.namespace(), &s.name),
-                    spec_hash(s),
-                ),
-                Resource::Namespace(n) => (
-                    "namespace",
-                    String::new(),
-                    n.name.clone(),
-                    namespace_key(&n.name),
-                    spec_hash(n),
-                ),
+                Resource::Service(s) => {
+                    let ns = s.namespace().to_string();
+                    let exists = new_namespaces.contains(&ns)
+                        || get_record::<Stored, _>(&t, &namespace_key(&ns))
+                            .map_err(internal)?
+                            .is_some();
+                    if !exists {
+                        if !create_namespace {
+                            return Err(Status::not_found(format!(
+                                "namespace {ns} does not exist (use --create-namespace to create it)"
+                            )));
+                        }
+                        new_namespaces.insert(ns.clone());
+                        out.push(result(
+                            "namespace",
+                            String::new(),
+                            ns.clone(),
+                            pb::ApplyAction::Created,
+                            1,
+                        ));
+                    }
+                    (
+                        "service",
+                        ns,
+                        s.name.clone(),
+                        service_key(s.namespace(), &s.name),
+                        spec_hash(s),
+                    )
+                }
+                Resource::Namespace(n) => {
+                    new_namespaces.insert(n.name.clone());
+                    (
+                        "namespace",
+                        String::new(),
+                        n.name.clone(),
+                        namespace_key(&n.name),
+                        spec_hash(n),
+                    )
+                }
             };
-            let existing: Option<serde_json::Value> = get_record(&t, &key).map_err(internal)?;
-            let old = existing.as_ref().and_then(|v| v.pointer("/meta").cloned());
-            let old_hash = old
-                .as_ref()
-                .and_then(|m| m.get("spec_hash"))
-                .and_then(|h| h.as_str())
-                .map(String::from);
-            let old_gen = old
-                .as_ref()
-                .and_then(|m| m.get("generation"))
-                .and_then(|g| g.as_u64())
-                .unwrap_or(0);
-            let (action, generation) = match old_hash {
+            let (action, generation) = match get_record::<Stored, _>(&t, &key).map_err(internal)? {
                 None => (pb::ApplyAction::Created, 1),
-                Some(h) if h == hash && !force => (pb::ApplyAction::Unchanged, old_gen),
-                Some(_) => (pb::ApplyAction::Configured, old_gen + 1),
+                Some(old) if old.meta.spec_hash == hash && !force => {
+                    (pb::ApplyAction::Unchanged, old.meta.generation)
+                }
+                Some(old) => (pb::ApplyAction::Configured, old.meta.generation + 1),
             };
-            out.push(pb::ApplyResult {
-                kind: kind.into(),
-                namespace: ns,
-                name,
-                action: action as i32,
-                generation,
-            });
+            out.push(result(kind, ns, name, action, generation));
         }
         Ok(out)
+    }
+}
+
+fn result(
+    kind: &str,
+    namespace: String,
+    name: String,
+    action: pb::ApplyAction,
+    generation: u64,
+) -> pb::ApplyResult {
+    pb::ApplyResult {
+        kind: kind.into(),
+        namespace,
+        name,
+        action: action as i32,
+        generation,
     }
 }
 
@@ -210,7 +242,7 @@ impl pb::service_api_server::ServiceApi for Api {
         // The applied state already holds every acknowledged write (apply runs before the reply),
         // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway.
         let txn = self.log.read().map_err(internal)?;
-        let predicted = self.predict(&txn, &resources, req.force)?;
+        let predicted = self.predict(&txn, &resources, req.force, req.create_namespace)?;
         drop(txn);
         let unchanged = predicted
             .iter()

@@ -213,6 +213,12 @@ fn cli_exit_codes() {
     let o = d.rune(&["cast", &f]);
     assert_eq!(code(&o), 4, "{}", stderr(&o));
     assert!(stderr(&o).contains("--create-namespace"));
+    let o = d.rune(&["cast", &f, "--create-namespace", "--dry-run"]);
+    assert!(
+        stdout(&o).contains("namespace/team created (generation 1) (dry run)"),
+        "{}",
+        stdout(&o)
+    );
     let o = d.rune(&["cast", &f, "--create-namespace"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("namespace/team created"), "{}", stdout(&o));

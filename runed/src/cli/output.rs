@@ -352,10 +352,10 @@ fn print_history(revs: &[pb::ServiceRevision], format: Format) -> Result<(), Cli
                     .clone()
                     .or(spec.process.map(|p| p.command))
                     .unwrap_or_default();
-                let replaced = if r.replaced_at_ms == 0 {
-                    "current".into()
-                } else {
-                    format!("{} ago", age(r.replaced_at_ms))
+                let replaced = match (r.replaced_at_ms, age(r.replaced_at_ms)) {
+                    (0, _) => "current".to_string(),
+                    (_, a) if a == "Just now" => a,
+                    (_, a) => format!("{a} ago"),
                 };
                 rows.push(vec![
                     r.generation.to_string(),

@@ -13,7 +13,7 @@ usage() {
 Usage: deploy/install.sh [--bin-dir DIR] [--no-start] [--help]
 
 Installs the Rune orchestrator:
-  runed, rune              -> /usr/local/bin (mode 0755)
+  runed, rune, rune-log-writer -> /usr/local/bin (mode 0755)
   deploy/runefile.yaml     -> /etc/rune/runefile.yaml (only if it does not exist yet)
   deploy/runed.service     -> /etc/systemd/system/runed.service
 then, when systemd is running, reloads it and runs `systemctl enable --now runed`.
@@ -81,7 +81,7 @@ unit_dir="$destdir/etc/systemd/system"
 
 # Check the inputs before changing anything.
 [ -d "$bin_dir" ] || die "binary directory '$bin_dir' does not exist; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
-for b in runed rune; do
+for b in runed rune rune-log-writer; do
     if [ ! -f "$bin_dir/$b" ] || [ ! -x "$bin_dir/$b" ]; then
         die "'$bin_dir/$b' is missing or not executable; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
     fi
@@ -97,6 +97,7 @@ echo "Installing binaries from $bin_dir into $usr_bin"
 install -d -m 0755 "$usr_bin"
 install -m 0755 "$bin_dir/runed" "$usr_bin/runed"
 install -m 0755 "$bin_dir/rune" "$usr_bin/rune"
+install -m 0755 "$bin_dir/rune-log-writer" "$usr_bin/rune-log-writer"
 
 install -d -m 0755 "$etc_rune"
 if [ -e "$etc_rune/runefile.yaml" ]; then

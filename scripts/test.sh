@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: promtool (prometheus) checks /metrics, systemd-analyze checks the unit.
+# Debian packages: promtool (prometheus) checks /metrics, systemd-analyze checks the unit,
+# busybox-static becomes the test image (no registry is reachable), python3 drives a terminal
+# for `rune exec -it`.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+[ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static file)
+command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test.sh: missing ${need[*]}: run as root or install them with apt-get" >&2
@@ -43,6 +47,13 @@ unit="$bad/runed.service"
 sed "s#/usr/local/bin/runed#$PWD/target/debug/runed#" deploy/runed.service >"$unit"
 systemd-analyze verify "$unit"
 bash -n deploy/install.sh
+
+echo "== test image"
+if ! docker info >/dev/null 2>&1; then
+    echo "test.sh: the Docker Engine is not reachable; the runner tests need it" >&2
+    exit 1
+fi
+scripts/test-images.sh
 
 echo "== tests"
 cargo test --workspace

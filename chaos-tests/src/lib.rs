@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where the binaries are.
@@ -96,6 +97,8 @@ pub struct Daemon {
     pub metrics: SocketAddr,
     /// Extra flags passed on every start.
     pub extra: Vec<String>,
+    /// The node name runed labels its containers with, unique per daemon so cleanup finds them.
+    pub node: String,
     child: Option<Child>,
     tmp: tempfile::TempDir,
 }
@@ -112,6 +115,11 @@ impl Daemon {
             http: addr(free_port()),
             metrics: addr(free_port()),
             extra: Vec::new(),
+            node: format!(
+                "test-{}-{}",
+                std::process::id(),
+                NEXT_NODE.fetch_add(1, Ordering::SeqCst)
+            ),
             child: None,
             tmp,
         }
@@ -146,6 +154,7 @@ impl Daemon {
                 &self.http.to_string(),
             ])
             .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(["--node-name", &self.node])
             .args(&self.extra);
         c
     }
@@ -192,8 +201,18 @@ impl Daemon {
     }
 
     fn signal(&self, sig: &str) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
+            let sig = match sig {
+                "-TERM" => libc::SIGTERM,
+                "-KILL" => libc::SIGKILL,
+                "-INT" => libc::SIGINT,
+                "-HUP" => libc::SIGHUP,
+                other => panic!("unknown signal {other}"),
+            };
+            // SAFETY: kill(2) has no memory effects; pid is runed's, a positive pid.
+            unsafe {
+                libc::kill(pid, sig);
+            }
         }
     }
 
@@ -253,12 +272,75 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Removes every instance this daemon started: its containers (by node label) and its
+    /// process groups (from their state files). runed leaves instances running when it stops.
+    pub fn remove_instances(&self) {
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=rune.node={}", self.node)])
+            .output()
+        {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        for pid in self.process_pids() {
+            kill_group(pid);
+        }
+    }
+
+    /// Pids of the process instances recorded under the data dir.
+    pub fn process_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        let Ok(nss) = std::fs::read_dir(self.data_dir.join("instances")) else {
+            return pids;
+        };
+        for ns in nss.flatten() {
+            for inst in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let Ok(text) = std::fs::read_to_string(inst.path().join("state.json")) else {
+                    continue;
+                };
+                if let Some(pid) = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("pid").and_then(|p| p.as_i64()))
+                {
+                    pids.push(pid as i32);
+                }
+            }
+        }
+        pids
+    }
+}
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// SIGKILL to the process group `pgid` leads. Not through the `kill` command: procps-ng 4.0.2
+/// (Debian 12) turns `kill -KILL -PGID` into kill(-1), which kills every process on the machine.
+fn kill_group(pgid: i32) {
+    if pgid > 1 {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.remove_instances();
     }
 }
 

@@ -27,7 +27,7 @@ impl Rng {
 
 fn spec(name: &str, seq: u64) -> pb::ApplyRequest {
     let json =
-        serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"SEQ": seq.to_string()}})
+        serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"SEQ": seq.to_string()}})
             .to_string();
     pb::ApplyRequest {
         resources: vec![pb::Resource {

@@ -246,7 +246,23 @@ fn targets(cmd: &Command) -> Vec<String> {
                 Resource::Namespace(n) => format!("namespace/{}", n.name),
             })
             .collect(),
-        Command::DeleteService { namespace, name } => vec![format!("service/{namespace}/{name}")],
+        Command::DeleteService { namespace, name, .. }
+        | Command::Scale { namespace, name, .. }
+        | Command::Restart { namespace, name } => vec![format!("service/{namespace}/{name}")],
+        Command::InstanceEvents { events } => {
+            let mut v: Vec<String> = Vec::new();
+            for e in events {
+                for r in [
+                    format!("service/{}/{}", e.namespace, e.service),
+                    format!("instance/{}/{}", e.namespace, e.id),
+                ] {
+                    if !v.contains(&r) {
+                        v.push(r);
+                    }
+                }
+            }
+            v
+        }
         Command::DeleteNamespace { name } => vec![format!("namespace/{name}")],
     }
 }

@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use rune_log::replay::Replay;
 use rune_log::{Log, LogConfig};
+use rune_statemachine::instance::{InstanceChange, InstanceEvent};
 use rune_statemachine::spec::{NamespaceSpec, PortSpec, ServiceSpec, Text};
 use rune_statemachine::{Command, Resource};
 
@@ -41,9 +42,39 @@ fn command() -> impl Strategy<Value = Command> {
             force: false,
             history_limit: 10,
         }),
-        1 => (0..4usize, 0..3usize).prop_map(|(n, ns)| Command::DeleteService {
+        1 => (0..4usize, 0..3usize, any::<bool>()).prop_map(|(n, ns, force)| Command::DeleteService {
             namespace: ["default", "team", "ops"][ns].into(),
             name: ["api", "db", "web", "nope"][n].into(),
+            force,
+        }),
+        1 => (0..4usize, 0..4u32).prop_map(|(n, scale)| Command::Scale {
+            namespace: "default".into(),
+            name: ["api", "db", "web", "nope"][n].into(),
+            scale,
+        }),
+        1 => (0..4usize).prop_map(|n| Command::Restart {
+            namespace: "default".into(),
+            name: ["api", "db", "web", "nope"][n].into(),
+        }),
+        2 => prop::collection::vec((0..3usize, 0..3usize, 0..8usize), 1..4).prop_map(|evs| Command::InstanceEvents {
+            events: evs.into_iter().map(|(svc, i, e)| {
+                let service = ["api", "db", "web"][svc].to_string();
+                InstanceEvent {
+                    namespace: "default".into(),
+                    id: format!("{service}-{i}"),
+                    service,
+                    change: match e {
+                        0 => InstanceChange::Scheduled { node: "n1".into(), runtime: "process".into(), template: "t".into(), generation: 1 },
+                        1 => InstanceChange::Started { address: "127.0.0.1".into(), runtime_id: "42".into(), adopted: false, readiness_probe: true },
+                        2 => InstanceChange::Probe { probe: "readiness".into(), ok: true, message: "HTTP 200".into() },
+                        3 => InstanceChange::Exited { code: Some(1), reason: "exited with code 1".into() },
+                        4 => InstanceChange::Backoff { restarts: 2, delay_ms: 2000, reason: "crashed".into() },
+                        5 => InstanceChange::Failed { reason: "no such image".into() },
+                        6 => InstanceChange::Stopping { reason: "scaled down".into() },
+                        _ => InstanceChange::Removed,
+                    },
+                }
+            }).collect(),
         }),
         1 => (0..3usize).prop_map(|n| Command::DeleteNamespace { name: ["team", "ops", "default"][n].into() }),
     ]

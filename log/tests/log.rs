@@ -49,6 +49,7 @@ async fn writes_survive_restart_and_replay_verifies() {
     let missing_ns = Command::DeleteService {
         namespace: "nope".into(),
         name: "x".into(),
+        force: false,
     };
     assert!(log.propose(missing_ns).await.unwrap().outcome.is_err());
     log.close().await.unwrap();

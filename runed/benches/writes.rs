@@ -50,9 +50,9 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
 
 fn spec(name: &str) -> String {
     let base =
-        serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"V": ""}}).to_string();
+        serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"V": ""}}).to_string();
     let pad = "x".repeat(VALUE_BYTES.saturating_sub(base.len()));
-    serde_json::json!({"name": name, "image": "busybox", "scale": 1, "env": {"V": pad}}).to_string()
+    serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"V": pad}}).to_string()
 }
 
 async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run

@@ -23,19 +23,21 @@ pub struct Api {
     pub log: Arc<Log>,
     /// Previous specs kept per service, carried in each Apply command.
     pub history_limit: u32,
+    /// Runs the instances; asked for live health, logs and exec.
+    pub orchestrator: Arc<rune_orchestrator::Orchestrator>,
 }
 
-type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn internal(e: impl std::fmt::Display) -> Status {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
-fn unavailable(e: ProposeError) -> Status {
+pub(crate) fn unavailable(e: ProposeError) -> Status {
     Status::unavailable(e.to_string())
 }
 
-fn rejection(r: Rejection) -> Status {
+pub(crate) fn rejection(r: Rejection) -> Status {
     match r {
         Rejection::Invalid(m) => Status::invalid_argument(m),
         Rejection::NotFound(m) => Status::not_found(m),
@@ -44,7 +46,7 @@ fn rejection(r: Rejection) -> Status {
     }
 }
 
-fn namespace_or_default(ns: &str) -> &str {
+pub(crate) fn namespace_or_default(ns: &str) -> &str {
     if ns.is_empty() {
         rune_statemachine::DEFAULT_NAMESPACE
     } else {
@@ -86,8 +88,30 @@ fn namespace_pb(r: &NamespaceRecord) -> pb::Namespace {
     }
 }
 
+/// The next applied entry after `after` for a watch; `None` ends the watch (the log closed, or
+/// the watcher fell behind and was told to start again).
+pub(crate) async fn next_entry<T>(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<AppliedEntry>>,
+    tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
+    after: u64,
+) -> Option<Arc<AppliedEntry>> {
+    loop {
+        match rx.recv().await {
+            Ok(e) if e.index <= after => continue,
+            Ok(e) => return Some(e),
+            Err(RecvError::Lagged(_)) => {
+                let _ = tx
+                    .send(Err(Status::aborted("watch fell behind the log; start it again")))
+                    .await;
+                return None;
+            }
+            Err(RecvError::Closed) => return None,
+        }
+    }
+}
+
 /// The namespace a list or watch covers: `*` is all of them, empty is the default one.
-fn scope(ns: &str) -> Option<String> {
+pub(crate) fn scope(ns: &str) -> Option<String> {
     (ns != "*").then(|| namespace_or_default(ns).to_string())
 }
 
@@ -341,19 +365,9 @@ impl pb::service_api_server::ServiceApi for Api {
                 }
             }
             loop {
-                let entry: Arc<AppliedEntry> = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(RecvError::Lagged(_)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted("watch fell behind the log; start it again")))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
+                let Some(entry) = next_entry(&mut rx, &tx, index).await else {
+                    return;
                 };
-                if entry.index <= index {
-                    continue;
-                }
                 for c in entry
                     .changes
                     .iter()
@@ -416,6 +430,7 @@ impl pb::service_api_server::ServiceApi for Api {
             .propose(Command::DeleteService {
                 namespace: ns,
                 name: req.name,
+                force: req.force,
             })
             .await
             .map_err(unavailable)?;

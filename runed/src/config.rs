@@ -49,6 +49,12 @@ pub struct Flags {
     /// Comma-separated node roles (edge).
     #[arg(long, env = "RUNE_NODE_ROLE")]
     pub node_role: Option<String>,
+    /// This node's name, recorded on instances (default: the host name).
+    #[arg(long, env = "RUNE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The Docker Engine's unix socket (default /var/run/docker.sock, or DOCKER_HOST=unix://...).
+    #[arg(long, env = "RUNE_DOCKER_SOCKET")]
+    pub docker_socket: Option<String>,
 }
 
 /// How logs are written.
@@ -87,6 +93,10 @@ pub struct Settings {
     pub history_limit: u32,
     /// Bound on draining in-flight RPCs at shutdown.
     pub drain_seconds: u64,
+    /// This node's name.
+    pub node_name: String,
+    /// The Docker Engine's unix socket path.
+    pub docker_socket: String,
 }
 
 /// A configuration problem; `runed` exits with it before touching anything.
@@ -174,6 +184,7 @@ struct TelemetrySection {
 #[serde(rename_all = "kebab-case")]
 struct NodeSection {
     role: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,7 +302,6 @@ impl Settings {
             &file.namespace,
             &file.auth,
             &file.client,
-            &file.docker,
             &file.resources,
             &file.secret,
         );
@@ -362,9 +372,35 @@ impl Settings {
             "json" => LogFormat::Json,
             other => return Err(ConfigError(format!("log format '{other}' is not text or json"))),
         };
+        let node = file.node.unwrap_or_default();
+        let node_name = flags
+            .node_name
+            .clone()
+            .or(node.name)
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "local".into());
+        let docker_socket = flags
+            .docker_socket
+            .clone()
+            .or(file.docker.and_then(|d| d.socket))
+            .or_else(|| {
+                std::env::var("DOCKER_HOST")
+                    .ok()
+                    .and_then(|h| h.strip_prefix("unix://").map(String::from))
+            })
+            .unwrap_or_else(|| "/var/run/docker.sock".into());
+        let docker_socket = docker_socket
+            .strip_prefix("unix://")
+            .map(String::from)
+            .unwrap_or(docker_socket);
         let roles = match &flags.node_role {
             Some(r) => r.clone(),
-            None => file.node.and_then(|n| n.role).unwrap_or_else(|| {
+            None => node.role.unwrap_or_else(|| {
                 if flags.dev_mode {
                     "edge".into()
                 } else {
@@ -396,6 +432,8 @@ impl Settings {
                 .history_limit
                 .unwrap_or(rune_statemachine::DEFAULT_HISTORY_LIMIT),
             drain_seconds: server.drain_seconds.unwrap_or(10),
+            node_name,
+            docker_socket,
         })
     }
 }

@@ -116,6 +116,20 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
     seed(&log).await?;
     register_log_gauges(&provider, &log);
+    let orchestrator = rune_orchestrator::Orchestrator::start(log.clone(), {
+        let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
+        c.docker_socket = s.docker_socket.clone();
+        // The small writer installed beside runed, else runed itself (`runed __log-writer`).
+        c.log_writer = std::env::current_exe().ok().map(|exe| {
+            let small = exe.with_file_name("rune-log-writer");
+            if small.is_file() {
+                small
+            } else {
+                exe
+            }
+        });
+        c
+    });
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     // gRPC stops first and drains; HTTP keeps answering /healthz (503) until the log is closed.
@@ -124,6 +138,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let api = Api {
         log: log.clone(),
         history_limit: s.history_limit,
+        orchestrator: orchestrator.clone(),
     };
     let grpc = {
         let mut stop = stop_rx.clone();
@@ -142,6 +157,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(pb::namespace_api_server::NamespaceApiServer::new(api.clone()))
+            .add_service(pb::instance_api_server::InstanceApiServer::new(api.clone()))
             .add_service(pb::system_api_server::SystemApiServer::new(api));
         tokio::spawn(async move {
             router
@@ -213,6 +229,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         );
         abort.abort();
     }
+    // Instances keep running; the next runed adopts them.
+    orchestrator.shutdown().await;
     log.shutdown().await.context("closing the log")?;
     let _ = stop_http.send(true);
     let _ = tokio::time::timeout(drain, http).await;

@@ -1,11 +1,12 @@
 //! The Rune daemon (`runed`) and CLI (`rune`): configuration, the gRPC API, the HTTP and metrics
 //! endpoints, signals, and the command line. Both binaries are thin `main`s over this library.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod castfile;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod instances_api;
 pub mod yaml;

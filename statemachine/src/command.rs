@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::instance::InstanceEvent;
 use crate::spec::{NamespaceSpec, ServiceSpec};
 
 /// The entry format this build writes. Builds decode every version up to this one.
@@ -57,12 +58,37 @@ pub enum Command {
         #[serde(default = "default_history_limit")]
         history_limit: u32,
     },
-    /// Removes a service and its history.
+    /// Removes a service and its history; its instances are then stopped and removed.
     DeleteService {
         /// Namespace of the service.
         namespace: String,
         /// Name of the service.
         name: String,
+        /// Delete even when other services depend on it.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Sets the number of instances without touching the template (`rune scale`, `rune stop`).
+    Scale {
+        /// Namespace of the service.
+        namespace: String,
+        /// Name of the service.
+        name: String,
+        /// New number of instances.
+        scale: u32,
+    },
+    /// Replaces every instance, one at a time (`rune restart`); brings a stopped service back to
+    /// its last non-zero scale.
+    Restart {
+        /// Namespace of the service.
+        namespace: String,
+        /// Name of the service.
+        name: String,
+    },
+    /// State changes of instances, observed by the node that runs them.
+    InstanceEvents {
+        /// In the order they happened.
+        events: Vec<InstanceEvent>,
     },
     /// Removes an empty, non-reserved namespace.
     DeleteNamespace {
@@ -83,6 +109,9 @@ impl Command {
             Command::Apply { .. } => "apply",
             Command::DeleteService { .. } => "delete_service",
             Command::DeleteNamespace { .. } => "delete_namespace",
+            Command::Scale { .. } => "scale",
+            Command::Restart { .. } => "restart",
+            Command::InstanceEvents { .. } => "instance_events",
         }
     }
 }
@@ -107,6 +136,8 @@ pub enum Kind {
     Service,
     /// A namespace.
     Namespace,
+    /// An instance of a service.
+    Instance,
 }
 
 impl Kind {
@@ -115,6 +146,7 @@ impl Kind {
         match self {
             Kind::Service => "service",
             Kind::Namespace => "namespace",
+            Kind::Instance => "instance",
         }
     }
 }

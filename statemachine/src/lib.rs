@@ -13,6 +13,8 @@
 
 pub mod command;
 pub mod decode;
+pub mod deps;
+pub mod instance;
 pub mod spec;
 pub mod store;
 pub mod validate;

@@ -11,6 +11,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::command::{Action, Change, Command, Envelope, Kind, Outcome, Rejection, Resource, FORMAT_VERSION};
+use crate::deps::{find_cycle, resolve, DepKind, ServiceId};
+use crate::instance::{fold, instance_key, InstanceRecord};
 use crate::spec::{NamespaceSpec, ServiceSpec};
 use crate::validate::{validate_namespace, validate_service};
 
@@ -50,6 +52,13 @@ pub struct ObjectMeta {
     /// The last scale above zero, so `rune restart` of a stopped service knows what to go back to.
     #[serde(default)]
     pub last_non_zero_scale: u32,
+    /// Bumped by `rune restart`; part of the instance template, so a bump replaces every instance.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restart_count: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A stored service.
@@ -350,13 +359,29 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 changes.extend(res);
             }
         }
-        Command::DeleteService { namespace, name } => {
+        Command::DeleteService {
+            namespace,
+            name,
+            force,
+        } => {
             let key = service_key(namespace, name);
             let Some(rec) = o.get::<ServiceRecord>(&key)? else {
-                return Ok(Err(Rejection::NotFound(format!(
-                    "service {namespace}/{name} not found"
-                ))));
+                return Ok(Err(service_not_found(namespace, name)));
             };
+            if !force {
+                let dependents = dependents_of(o, namespace, name)?;
+                if !dependents.is_empty() {
+                    return Ok(Err(Rejection::FailedPrecondition(format!(
+                        "cannot delete {namespace}/{name}: {} {} on it (use --force to delete anyway)",
+                        dependents.join(", "),
+                        if dependents.len() == 1 {
+                            "depends"
+                        } else {
+                            "depend"
+                        }
+                    ))));
+                }
+            }
             o.delete(key);
             for k in o.keys_with_prefix(&history_prefix(namespace, name))? {
                 o.delete(k);
@@ -369,6 +394,77 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 generation: rec.meta.generation,
                 summary: String::new(),
             });
+        }
+        Command::Scale {
+            namespace,
+            name,
+            scale,
+        } => {
+            let key = service_key(namespace, name);
+            let Some(mut rec) = o.get::<ServiceRecord>(&key)? else {
+                return Ok(Err(service_not_found(namespace, name)));
+            };
+            if i64::from(*scale) > crate::validate::MAX_SCALE {
+                return Ok(Err(Rejection::Invalid(format!(
+                    "scale: {scale} is above the limit of {}",
+                    crate::validate::MAX_SCALE
+                ))));
+            }
+            let old = rec.spec.scale();
+            if old == i64::from(*scale) {
+                changes.push(change(
+                    Kind::Service,
+                    namespace,
+                    name,
+                    Action::Unchanged,
+                    rec.meta.generation,
+                    &format!("already at scale {scale}"),
+                ));
+            } else {
+                rec.spec.scale = Some(i64::from(*scale));
+                let summary = format!("scale {old}→{scale}");
+                changes.push(put_rescaled(o, key, rec, index, now, &summary));
+            }
+        }
+        Command::Restart { namespace, name } => {
+            let key = service_key(namespace, name);
+            let Some(mut rec) = o.get::<ServiceRecord>(&key)? else {
+                return Ok(Err(service_not_found(namespace, name)));
+            };
+            rec.meta.restart_count += 1;
+            let mut summary = format!("rolling restart #{}", rec.meta.restart_count);
+            if rec.spec.scale() == 0 && rec.meta.last_non_zero_scale > 0 {
+                let back = rec.meta.last_non_zero_scale;
+                rec.spec.scale = Some(i64::from(back));
+                summary = format!("started again at scale {back}");
+            }
+            changes.push(put_rescaled(o, key, rec, index, now, &summary));
+        }
+        Command::InstanceEvents { events } => {
+            for ev in events {
+                let key = instance_key(&ev.namespace, &ev.service, &ev.id);
+                let prev = o.get::<InstanceRecord>(&key)?;
+                let existed = prev.is_some();
+                let (next, summary) = fold(prev, ev, now);
+                let (action, generation) = match &next {
+                    None if !existed => continue,
+                    None => (Action::Deleted, 0),
+                    Some(r) if existed => (Action::Configured, r.generation),
+                    Some(r) => (Action::Created, r.generation),
+                };
+                match next {
+                    Some(r) => o.put(key, &r),
+                    None => o.delete(key),
+                }
+                changes.push(change(
+                    Kind::Instance,
+                    &ev.namespace,
+                    &ev.id,
+                    action,
+                    generation,
+                    &summary,
+                ));
+            }
         }
         Command::DeleteNamespace { name } => {
             if RESERVED_NAMESPACES.contains(&name.as_str()) {
@@ -398,6 +494,10 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         }
     }
     Ok(Ok(changes))
+}
+
+fn service_not_found(ns: &str, name: &str) -> Rejection {
+    Rejection::NotFound(format!("service {ns}/{name} not found"))
 }
 
 fn invalid(kind: &str, name: &str, errs: &[crate::decode::FieldError]) -> Rejection {
@@ -464,6 +564,7 @@ fn new_meta(now: i64, index: u64, spec_hash: String, scale: u32) -> ObjectMeta {
         spec_hash,
         resource_version: index,
         last_non_zero_scale: scale,
+        restart_count: 0,
     }
 }
 
@@ -556,8 +657,85 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
         }
     };
     let c = change(Kind::Service, &ns, &name, action, meta.generation, &summary);
+    let has_deps = !spec.dependencies.is_empty();
     o.put(key, &ServiceRecord { spec, meta });
+    if has_deps {
+        if let Some(cycle) = find_cycle(&dependency_graph(o)?, &(ns.clone(), name.clone())) {
+            return Ok(Err(Rejection::Invalid(format!(
+                "service {name}: dependencies: dependency cycle: {cycle}"
+            ))));
+        }
+    }
     Ok(Ok(c))
+}
+
+/// Stores a service whose scale or restart counter changed: a new generation, no history entry
+/// (the template either did not change or is the same spec run again).
+fn put_rescaled<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    key: String,
+    mut rec: ServiceRecord,
+    index: u64,
+    now: i64,
+    summary: &str,
+) -> Change {
+    rec.meta.generation += 1;
+    rec.meta.updated_at_ms = now;
+    rec.meta.resource_version = index;
+    rec.meta.spec_hash = spec_hash(&rec.spec);
+    let scale = u32::try_from(rec.spec.scale()).unwrap_or(0);
+    if scale > 0 {
+        rec.meta.last_non_zero_scale = scale;
+    }
+    let c = change(
+        Kind::Service,
+        rec.spec.namespace(),
+        &rec.spec.name,
+        Action::Configured,
+        rec.meta.generation,
+        summary,
+    );
+    o.put(key, &rec);
+    c
+}
+
+/// Every service's service dependencies, for the cycle check.
+fn dependency_graph<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &Overlay<'_, R>,
+) -> Result<BTreeMap<ServiceId, Vec<ServiceId>>, StoreError> {
+    let mut g = BTreeMap::new();
+    for k in o.keys_with_prefix(&services_prefix(None))? {
+        if let Some(r) = o.get::<ServiceRecord>(&k)? {
+            let deps = resolve(&r.spec)
+                .into_iter()
+                .filter(|d| d.kind == DepKind::Service)
+                .map(|d| (d.namespace, d.name))
+                .collect();
+            g.insert((r.spec.namespace().to_string(), r.spec.name.clone()), deps);
+        }
+    }
+    Ok(g)
+}
+
+/// `ns/name` of every other service with a required dependency on this one.
+fn dependents_of<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &Overlay<'_, R>,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for k in o.keys_with_prefix(&services_prefix(None))? {
+        if let Some(r) = o.get::<ServiceRecord>(&k)? {
+            let depends = resolve(&r.spec)
+                .iter()
+                .any(|d| d.kind == DepKind::Service && !d.optional && d.namespace == ns && d.name == name);
+            let is_self = r.spec.namespace() == ns && r.spec.name == name;
+            if depends && !is_self {
+                out.push(format!("{}/{}", r.spec.namespace(), r.spec.name));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn spec_target(s: &ServiceSpec) -> String {

@@ -4,6 +4,11 @@ use clap::Parser;
 use runed::config::{Flags, Settings};
 
 fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(rune_orchestrator::logfile::WRITER_ARG) {
+        let code = rune_orchestrator::logfile::writer_main(args.get(2).map_or("", String::as_str));
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let flags = Flags::parse();
     let settings = match Settings::resolve(&flags) {
         Ok(s) => s,

@@ -1,8 +1,10 @@
 //! The `rune` command line: kubectl's conventions over runed's gRPC API.
 
 pub mod context;
+mod instances;
 mod output;
 mod replay;
+mod tty;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -179,6 +181,95 @@ pub enum Cmd {
         /// `[KIND] NAME`; the kind defaults to service.
         #[arg(required = true, num_args = 1..=2)]
         args: Vec<String>,
+        /// Delete a service even when others depend on it.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Set a service's number of instances.
+    Scale {
+        /// Service name.
+        name: String,
+        /// Number of instances.
+        replicas: u32,
+        /// Return without waiting for the instances.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Replace every instance of a service, one at a time (starts a stopped service again).
+    Restart {
+        /// Service name.
+        name: String,
+        /// Return without waiting for the instances.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Stop a service: scale 0, remembering the scale for `rune restart`.
+    Stop {
+        /// Service name.
+        name: String,
+        /// Return without waiting for the instances to stop.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Probe states of a service's instances.
+    Health {
+        /// Service name.
+        name: String,
+    },
+    /// A service's dependencies and dependents.
+    Deps {
+        /// Service name.
+        name: String,
+        /// Graphviz output.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Print (and follow) the output of a service's instances.
+    #[command(alias = "log")]
+    Logs {
+        /// Service name, `service/NAME` or `instance/ID`.
+        name: String,
+        /// Keep streaming.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each instance (0: all).
+        #[arg(long, default_value_t = 0)]
+        tail: u64,
+        /// Only output newer than this (e.g. 10m); containers only.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// One instance of the service.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Prefix lines with their time; containers only.
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Run a command in an instance: `rune exec NAME [-it] -- CMD ARGS...`.
+    Exec {
+        /// Service name.
+        name: String,
+        /// The instance (default: the first running one).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Pass stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
     },
     /// Check castfiles offline.
     Lint {
@@ -346,7 +437,9 @@ pub async fn run(cli: Cli) -> u8 {
     match dispatch(cli).await {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("Error: {}", e.message);
+            if !e.message.is_empty() {
+                eprintln!("Error: {}", e.message);
+            }
             e.code
         }
     }
@@ -394,9 +487,73 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             };
             get(&conn, q).await
         }
-        Cmd::Delete { args } => {
+        Cmd::Delete { args, force } => {
             let conn = Conn::resolve(&cli)?;
-            delete(&conn, args).await
+            delete(&conn, args, *force).await
+        }
+        Cmd::Scale {
+            name,
+            replicas,
+            no_wait,
+            timeout,
+        } => {
+            let conn = Conn::resolve(&cli)?;
+            instances::scale(&conn, name, *replicas, (!no_wait).then_some(*timeout)).await
+        }
+        Cmd::Stop {
+            name,
+            no_wait,
+            timeout,
+        } => {
+            let conn = Conn::resolve(&cli)?;
+            instances::scale(&conn, name, 0, (!no_wait).then_some(*timeout)).await
+        }
+        Cmd::Restart {
+            name,
+            no_wait,
+            timeout,
+        } => {
+            let conn = Conn::resolve(&cli)?;
+            instances::restart(&conn, name, (!no_wait).then_some(*timeout)).await
+        }
+        Cmd::Health { name } => instances::health(&Conn::resolve(&cli)?, name, format).await,
+        Cmd::Deps { name, dot } => instances::deps(&Conn::resolve(&cli)?, name, *dot).await,
+        Cmd::Logs {
+            name,
+            follow,
+            tail,
+            since,
+            instance,
+            timestamps,
+        } => {
+            let o = instances::LogsOpts {
+                follow: *follow,
+                tail: *tail,
+                since: *since,
+                instance: instance.clone(),
+                timestamps: *timestamps,
+            };
+            instances::logs(&Conn::resolve(&cli)?, name, o).await
+        }
+        Cmd::Exec {
+            name,
+            instance,
+            interactive,
+            tty,
+            command,
+        } => {
+            let conn = Conn::resolve(&cli)?;
+            let code =
+                instances::exec(&conn, name, instance.clone(), *interactive, *tty, command.clone()).await?;
+            if code == 0 {
+                Ok(())
+            } else {
+                // The command's own exit code, with nothing more to say.
+                Err(CliError {
+                    code,
+                    message: String::new(),
+                })
+            }
         }
         Cmd::Lint { paths, recursive } => lint(paths, *recursive),
         Cmd::Version { client } => version(&cli, *client).await,
@@ -549,8 +706,14 @@ async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Re
         };
         println!("{what} {action}{suffix}");
     }
-    // Rollout waiting arrives with the runners; until then a cast is done once it is written.
-    let _ = o.detach;
+    if o.detach || o.dry_run {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + o.timeout;
+    for r in resp.results.iter().filter(|r| r.kind == "service") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        instances::wait_rollout(conn, &r.namespace, &r.name, left).await?;
+    }
     Ok(())
 }
 
@@ -558,7 +721,7 @@ async fn get(conn: &Conn, q: output::Query) -> Result<(), CliError> {
     output::get(conn, q).await
 }
 
-async fn delete(conn: &Conn, args: &[String]) -> Result<(), CliError> {
+async fn delete(conn: &Conn, args: &[String], force: bool) -> Result<(), CliError> {
     let (kind, name) = match args {
         [name] => ("service", name.as_str()),
         [kind, name] => (kind.as_str(), name.as_str()),
@@ -571,6 +734,7 @@ async fn delete(conn: &Conn, args: &[String]) -> Result<(), CliError> {
             c.delete_service(pb::DeleteServiceRequest {
                 namespace: conn.namespace.clone(),
                 name: name.into(),
+                force,
             })
             .await
             .map_err(|s| conn.status(s))?;

@@ -204,8 +204,11 @@ pub async fn get(conn: &Conn, q: Query) -> Result<(), CliError> {
     match q.kind.as_str() {
         "services" | "service" | "svc" => get_services(conn, q).await,
         "namespaces" | "namespace" | "ns" => get_namespaces(conn, q).await,
+        "instances" | "instance" | "inst" => {
+            super::instances::get(conn, q.name.as_deref(), q.all, q.watch, q.format).await
+        }
         other => Err(CliError::usage(format!(
-            "unknown resource type '{other}': this release knows services (svc) and namespaces (ns)"
+            "unknown resource type '{other}': this release knows services (svc), instances (inst) and namespaces (ns)"
         ))),
     }
 }

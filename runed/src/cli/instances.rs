@@ -1,0 +1,536 @@
+//! `rune get instances`, `scale`, `restart`, `stop`, `health`, `deps`, `logs`, `exec`, and the
+//! rollout wait that `cast`, `scale` and `restart` share.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use rune_proto::v1 as pb;
+use serde_json::json;
+
+use super::output::{age, print_table};
+use super::{exit, Chan, CliError, Conn, Format};
+
+fn client(ch: Chan) -> pb::instance_api_client::InstanceApiClient<Chan> {
+    pb::instance_api_client::InstanceApiClient::new(ch)
+}
+
+fn status_word(i: &pb::Instance) -> String {
+    if i.status == "Running" && i.ready {
+        "Running".into()
+    } else if i.status == "Running" {
+        "Running (not ready)".into()
+    } else {
+        i.status.clone()
+    }
+}
+
+fn instance_json(i: &pb::Instance) -> serde_json::Value {
+    json!({
+        "namespace": i.namespace, "service": i.service, "id": i.id, "node": i.node,
+        "runtime": i.runtime, "status": i.status, "ready": i.ready, "reason": i.reason,
+        "exitCode": i.exit_code, "restarts": i.restarts, "address": i.address,
+        "runtimeId": i.runtime_id, "generation": i.generation, "current": i.current,
+        "createdAtMs": i.created_at_ms, "startedAtMs": i.started_at_ms, "updatedAtMs": i.updated_at_ms,
+        "probes": i.probes.iter().map(|p| json!({
+            "name": p.name, "state": p.state, "message": p.message, "sinceMs": p.since_ms,
+            "lastResult": p.last_result, "lastAtMs": p.last_at_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn header(all: bool) -> Vec<String> {
+    let mut h: Vec<String> = [
+        "ID", "SERVICE", "NODE", "STATUS", "READY", "RESTARTS", "ADDRESS", "AGE", "REASON",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if all {
+        h.insert(0, "NAMESPACE".into());
+    }
+    h
+}
+
+fn row(i: &pb::Instance, all: bool) -> Vec<String> {
+    let mut r = vec![
+        i.id.clone(),
+        i.service.clone(),
+        i.node.clone(),
+        status_word(i),
+        if i.ready { "yes".into() } else { "no".into() },
+        i.restarts.to_string(),
+        i.address.clone(),
+        age(i.created_at_ms),
+        i.reason.chars().take(60).collect(),
+    ];
+    if all {
+        r.insert(0, i.namespace.clone());
+    }
+    r
+}
+
+/// `rune get instances [SERVICE]`.
+pub async fn get(
+    conn: &Conn,
+    service: Option<&str>,
+    all: bool,
+    watch: bool,
+    format: Format,
+) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let ns = if all {
+        "*".to_string()
+    } else {
+        conn.namespace.clone()
+    };
+    let service = service.unwrap_or_default().to_string();
+    if watch {
+        let mut s = c
+            .watch_instances(pb::WatchInstancesRequest {
+                namespace: ns,
+                service,
+            })
+            .await
+            .map_err(|s| conn.status(s))?
+            .into_inner();
+        if format == Format::Table {
+            let mut h = header(all);
+            h.insert(0, "EVENT".into());
+            print_table(&[h]);
+        }
+        while let Some(ev) = s.message().await.map_err(|s| conn.status(s))? {
+            let Some(i) = ev.instance else { continue };
+            let ty = match pb::EventType::try_from(ev.r#type).unwrap_or(pb::EventType::Unspecified) {
+                pb::EventType::Added => "ADDED",
+                pb::EventType::Modified => "MODIFIED",
+                pb::EventType::Deleted => "DELETED",
+                pb::EventType::Unspecified => "UNKNOWN",
+            };
+            if format == Format::Table {
+                let mut r = row(&i, all);
+                r.insert(0, ty.into());
+                let line: Vec<String> = r.iter().map(|c| format!("{c:<10}")).collect();
+                println!("{}", line.join(" ").trim_end());
+            } else {
+                let v = json!({"type": ty, "index": ev.index, "instance": instance_json(&i)});
+                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            }
+            let _ = std::io::stdout().flush();
+        }
+        return Ok(());
+    }
+    let list = c
+        .list_instances(pb::ListInstancesRequest {
+            namespace: ns,
+            service,
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    match format {
+        Format::Table => {
+            if list.instances.is_empty() {
+                eprintln!("No instances found.");
+                return Ok(());
+            }
+            let mut rows = vec![header(all)];
+            rows.extend(list.instances.iter().map(|i| row(i, all)));
+            print_table(&rows);
+        }
+        Format::Json => {
+            let v: Vec<_> = list.instances.iter().map(instance_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Format::Yaml => {
+            let v: Vec<_> = list.instances.iter().map(instance_json).collect();
+            print!("{}", crate::yaml::emit(&serde_json::Value::Array(v)));
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every instance of the service runs its current template and is ready.
+pub async fn wait_rollout(conn: &Conn, ns: &str, name: &str, timeout: Duration) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let s = c
+            .rollout(pb::RolloutRequest {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+            .await
+            .map_err(|s| conn.status(s))?
+            .into_inner();
+        if s.done {
+            println!("service/{ns}/{name} ready: {}/{} instances", s.ready, s.desired);
+            return Ok(());
+        }
+        let line = format!(
+            "service/{ns}/{name}: {}/{} updated, {}/{} ready",
+            s.updated, s.desired, s.ready, s.desired
+        );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if Instant::now() >= deadline {
+            let mut m = format!(
+                "timed out after {} waiting for service/{ns}/{name}: {}/{} ready",
+                humantime::format_duration(Duration::from_secs(timeout.as_secs_f64().round() as u64)),
+                s.ready,
+                s.desired
+            );
+            for p in &s.problems {
+                m.push_str(&format!("\n  {p}"));
+            }
+            return Err(CliError {
+                code: exit::TIMEOUT,
+                message: m,
+            });
+        }
+        // The CLI polls rollout status; the server answers from the applied state.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `rune scale`, `rune stop`.
+pub async fn scale(conn: &Conn, name: &str, n: u32, wait: Option<Duration>) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let r = c
+        .scale(pb::ScaleRequest {
+            namespace: conn.namespace.clone(),
+            name: name.into(),
+            scale: n,
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    if r.changed {
+        println!("service/{}/{name} scaled ({})", conn.namespace, r.summary);
+    } else {
+        println!("service/{}/{name} unchanged ({})", conn.namespace, r.summary);
+    }
+    match wait {
+        Some(t) => wait_rollout(conn, &conn.namespace, name, t).await,
+        None => Ok(()),
+    }
+}
+
+/// `rune restart`.
+pub async fn restart(conn: &Conn, name: &str, wait: Option<Duration>) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let r = c
+        .restart(pb::RestartRequest {
+            namespace: conn.namespace.clone(),
+            name: name.into(),
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    println!("service/{}/{name} restarting ({})", conn.namespace, r.summary);
+    match wait {
+        Some(t) => wait_rollout(conn, &conn.namespace, name, t).await,
+        None => Ok(()),
+    }
+}
+
+/// `rune health NAME`.
+pub async fn health(conn: &Conn, name: &str, format: Format) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let list = c
+        .list_instances(pb::ListInstancesRequest {
+            namespace: conn.namespace.clone(),
+            service: name.into(),
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    if format != Format::Table {
+        let v: Vec<_> = list.instances.iter().map(instance_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let mut rows = vec![["INSTANCE", "STATUS", "PROBE", "STATE", "SINCE", "LAST RESULT"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for i in &list.instances {
+        if i.probes.is_empty() {
+            rows.push(vec![
+                i.id.clone(),
+                status_word(i),
+                "-".into(),
+                "-".into(),
+                "".into(),
+                "no probes declared".into(),
+            ]);
+        }
+        for p in &i.probes {
+            let last = if p.last_result.is_empty() {
+                p.message.clone()
+            } else {
+                let secs = (rune_log::now_ms() - p.last_at_ms).max(0) / 1000;
+                format!("{} ({secs}s ago)", p.last_result)
+            };
+            rows.push(vec![
+                i.id.clone(),
+                status_word(i),
+                p.name.clone(),
+                p.state.clone(),
+                if p.since_ms > 0 {
+                    age(p.since_ms)
+                } else {
+                    String::new()
+                },
+                last,
+            ]);
+        }
+    }
+    if list.instances.is_empty() {
+        println!("service/{}/{name} has no instances", conn.namespace);
+        return Ok(());
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// `rune deps NAME`.
+pub async fn deps(conn: &Conn, name: &str, dot: bool) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let d = c
+        .dependencies(pb::DependenciesRequest {
+            namespace: conn.namespace.clone(),
+            name: name.into(),
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    let me = format!("{}/{name}", conn.namespace);
+    if dot {
+        println!("digraph deps {{");
+        for e in &d.dependencies {
+            println!("  \"{me}\" -> \"{}/{}\";", e.namespace, e.name);
+        }
+        for x in &d.dependents {
+            println!("  \"{x}\" -> \"{me}\";");
+        }
+        println!("}}");
+        return Ok(());
+    }
+    println!("{me}");
+    if d.dependencies.is_empty() {
+        println!("  depends on nothing");
+    }
+    for e in &d.dependencies {
+        let state = match (e.exists, e.ready) {
+            (false, _) => "missing",
+            (true, true) => "ready",
+            (true, false) => "not ready",
+        };
+        let kind = if e.kind == "service" {
+            String::new()
+        } else {
+            format!("{}:", e.kind)
+        };
+        println!(
+            "  -> {kind}{}/{} (readyWhen {}{}) {state}",
+            e.namespace,
+            e.name,
+            e.ready_when,
+            if e.optional { ", optional" } else { "" }
+        );
+    }
+    if !d.dependents.is_empty() {
+        println!("  depended on by: {}", d.dependents.join(", "));
+    }
+    Ok(())
+}
+
+/// Options of `rune logs`.
+pub struct LogsOpts {
+    pub follow: bool,
+    pub tail: u64,
+    pub since: Option<Duration>,
+    pub instance: Option<String>,
+    pub timestamps: bool,
+}
+
+/// `rune logs NAME`.
+pub async fn logs(conn: &Conn, name: &str, o: LogsOpts) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let (service, instance) = match (&o.instance, name.strip_prefix("instance/")) {
+        (Some(i), _) => (name.to_string(), i.clone()),
+        (None, Some(i)) => (String::new(), i.to_string()),
+        (None, None) => (name.trim_start_matches("service/").to_string(), String::new()),
+    };
+    let mut s = c
+        .logs(pb::LogsRequest {
+            namespace: conn.namespace.clone(),
+            service,
+            instance: instance.clone(),
+            follow: o.follow,
+            tail: o.tail,
+            since_seconds: o.since.map(|d| d.as_secs() as i64).unwrap_or(0),
+            timestamps: o.timestamps,
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    // With several instances, each line says whose it is; bytes are split into lines per instance.
+    let mut pending: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    let mut instances = std::collections::BTreeSet::new();
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = s.message().await.map_err(|s| conn.status(s))? {
+        instances.insert(chunk.instance.clone());
+        let buf = pending.entry(chunk.instance.clone()).or_default();
+        buf.extend_from_slice(&chunk.data);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if instance.is_empty() {
+                let _ = write!(out, "[{}] ", chunk.instance);
+            }
+            let _ = out.write_all(&line);
+        }
+        let _ = out.flush();
+    }
+    for (id, rest) in pending {
+        if !rest.is_empty() {
+            if instance.is_empty() {
+                let _ = write!(out, "[{id}] ");
+            }
+            let _ = out.write_all(&rest);
+            let _ = writeln!(out);
+        }
+    }
+    Ok(())
+}
+
+/// `rune exec NAME -- CMD...`; returns the command's exit code.
+pub async fn exec(
+    conn: &Conn,
+    name: &str,
+    instance: Option<String>,
+    interactive: bool,
+    tty: bool,
+    command: Vec<String>,
+) -> Result<u8, CliError> {
+    let mut c = client(conn.channel().await?);
+    let (cols, rows) = if tty {
+        super::tty::size().unwrap_or((80, 24))
+    } else {
+        (0, 0)
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExecRequest>(16);
+    let start = pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Start(pb::ExecStart {
+            namespace: conn.namespace.clone(),
+            service: name.trim_start_matches("service/").into(),
+            instance: instance.unwrap_or_default(),
+            command,
+            tty,
+            cols: u32::from(cols),
+            rows: u32::from(rows),
+        })),
+    };
+    tx.send(start)
+        .await
+        .map_err(|_| CliError::generic("exec: could not send the request"))?;
+    let mut stream = c
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    let raw = if tty {
+        super::tty::RawMode::enter().ok()
+    } else {
+        None
+    };
+    if interactive {
+        let tx = tx.clone();
+        // Blocking reads of the terminal, in a thread that dies with the process.
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut stdin, &mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(pb::ExecRequest {
+                            msg: Some(pb::exec_request::Msg::StdinEof(true)),
+                        });
+                        return;
+                    }
+                    Ok(n) => {
+                        let m = pb::ExecRequest {
+                            msg: Some(pb::exec_request::Msg::Stdin(buf[..n].to_vec())),
+                        };
+                        if tx.blocking_send(m).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    } else {
+        let _ = tx
+            .send(pb::ExecRequest {
+                msg: Some(pb::exec_request::Msg::StdinEof(true)),
+            })
+            .await;
+    }
+    if tty {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some((cols, rows)) = super::tty::size() {
+                    let m = pb::ExecRequest {
+                        msg: Some(pb::exec_request::Msg::Resize(pb::ExecResize {
+                            cols: u32::from(cols),
+                            rows: u32::from(rows),
+                        })),
+                    };
+                    if tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let mut code: Option<i64> = None;
+    let result = async {
+        while let Some(m) = stream.message().await.map_err(|s| conn.status(s))? {
+            match m.msg {
+                Some(pb::exec_response::Msg::Stdout(b)) => {
+                    let mut o = std::io::stdout().lock();
+                    let _ = o.write_all(&b);
+                    let _ = o.flush();
+                }
+                Some(pb::exec_response::Msg::Stderr(b)) => {
+                    let mut o = std::io::stderr().lock();
+                    let _ = o.write_all(&b);
+                    let _ = o.flush();
+                }
+                Some(pb::exec_response::Msg::ExitCode(c)) => {
+                    code = Some(c);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        Ok::<(), CliError>(())
+    }
+    .await;
+    drop(raw);
+    result?;
+    match code {
+        Some(c) => Ok(u8::try_from(c.clamp(0, 255)).unwrap_or(1)),
+        None => Err(CliError::generic(
+            "exec: the connection ended before the command did",
+        )),
+    }
+}

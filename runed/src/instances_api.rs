@@ -1,0 +1,549 @@
+//! The instance API: list and watch instances, scale, restart, rollout status, dependencies,
+//! logs and exec. Writes go through the log; logs, exec and live probe results come from the
+//! orchestrator on this node.
+
+use futures::StreamExt;
+use rune_orchestrator::{ExecInput, ExecOutput, ExecSpec, LogQuery, OrchestratorError};
+use rune_proto::v1 as pb;
+use rune_statemachine::deps::{resolve, DepKind, ReadyWhen};
+use rune_statemachine::instance::{instance_key, instances_prefix, template_hash, InstanceRecord, Phase};
+use rune_statemachine::store::{get_record, list_records, service_key, services_prefix, ServiceRecord};
+use rune_statemachine::{Action, Command, Kind, STATE_TABLE};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::{internal, namespace_or_default, rejection, scope, unavailable, Api, Stream_};
+
+/// How long an instance without a readiness probe must run before a rollout counts it.
+const MIN_READY_MS: i64 = 1000;
+
+fn orch_status(e: OrchestratorError) -> Status {
+    match e {
+        OrchestratorError::NotFound(m) => Status::not_found(m),
+        OrchestratorError::FailedPrecondition(m) => Status::failed_precondition(m),
+        OrchestratorError::Run(e) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn probe_pb(r: &InstanceRecord, live: Option<&rune_orchestrator::InstanceHealth>) -> Vec<pb::ProbeState> {
+    let mut names: Vec<String> = r.probes.keys().cloned().collect();
+    if let Some(l) = live {
+        for k in l.probes.keys() {
+            if !names.contains(k) {
+                names.push(k.clone());
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let rec = r.probes.get(&n);
+            let l = live.and_then(|l| l.probes.get(&n));
+            let state = match (l.and_then(|l| l.ok), rec.map(|p| p.ok)) {
+                (Some(true), _) | (None, Some(true)) => "passing",
+                (Some(false), _) | (None, Some(false)) => "failing",
+                (None, None) => "unknown",
+            };
+            pb::ProbeState {
+                name: n.clone(),
+                state: state.into(),
+                message: rec.map(|p| p.message.clone()).unwrap_or_default(),
+                since_ms: rec.map(|p| p.since_ms).unwrap_or_default(),
+                last_result: l
+                    .map(|l| format!("{}: {}", if l.last_ok { "ok" } else { "failed" }, l.last_message))
+                    .unwrap_or_default(),
+                last_at_ms: l.map(|l| l.last_at_ms).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+fn instance_pb(
+    r: &InstanceRecord,
+    current: bool,
+    live: Option<&rune_orchestrator::InstanceHealth>,
+) -> pb::Instance {
+    pb::Instance {
+        namespace: r.namespace.clone(),
+        service: r.service.clone(),
+        id: r.id.clone(),
+        node: r.node.clone(),
+        runtime: r.runtime.clone(),
+        status: r.phase.as_str().into(),
+        ready: r.ready,
+        reason: r.reason.clone(),
+        exit_code: r.exit_code,
+        restarts: r.restarts,
+        address: r.address.clone(),
+        runtime_id: r.runtime_id.clone(),
+        generation: r.generation,
+        template: r.template.clone(),
+        created_at_ms: r.created_at_ms,
+        started_at_ms: r.started_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        probes: probe_pb(r, live),
+        current,
+    }
+}
+
+/// The service an instance id belongs to: `api-0` → `api`.
+fn service_of(id: &str) -> &str {
+    id.rsplit_once('-').map_or(id, |(s, _)| s)
+}
+
+impl Api {
+    fn read_service(&self, ns: &str, name: &str) -> Result<ServiceRecord, Status> {
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        get_record::<ServiceRecord, _>(&t, &service_key(ns, name))
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("service {ns}/{name} not found")))
+    }
+
+    fn read_instances(&self, ns: Option<&str>, service: Option<&str>) -> Result<Vec<InstanceRecord>, Status> {
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        list_records(&t, &instances_prefix(ns, service)).map_err(internal)
+    }
+
+    /// Instances with whether each runs its service's current template.
+    fn instances_pb(&self, ns: Option<&str>, service: Option<&str>) -> Result<Vec<pb::Instance>, Status> {
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let recs: Vec<InstanceRecord> = list_records(&t, &instances_prefix(ns, service)).map_err(internal)?;
+        let services: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns)).map_err(internal)?;
+        let live = self.orchestrator.health_all();
+        let templates: std::collections::HashMap<(&str, &str), String> = services
+            .iter()
+            .map(|s| {
+                (
+                    (s.spec.namespace(), s.spec.name.as_str()),
+                    template_hash(&s.spec, &s.meta),
+                )
+            })
+            .collect();
+        Ok(recs
+            .iter()
+            .map(|r| {
+                let current = templates
+                    .get(&(r.namespace.as_str(), r.service.as_str()))
+                    .is_some_and(|t| *t == r.template);
+                let l = live.get(&(r.namespace.clone(), r.id.clone()));
+                instance_pb(r, current, l)
+            })
+            .collect())
+    }
+
+    async fn change(&self, cmd: Command) -> Result<pb::ServiceChangeResponse, Status> {
+        let p = self.log.propose(cmd).await.map_err(unavailable)?;
+        let changes = p.outcome.map_err(rejection)?;
+        let c = changes
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::internal("the change reported nothing"))?;
+        Ok(pb::ServiceChangeResponse {
+            index: p.index,
+            generation: c.generation,
+            changed: c.action != Action::Unchanged,
+            summary: c.summary,
+        })
+    }
+
+    /// The instance a logs or exec request names, or all of the service's.
+    fn pick(&self, ns: &str, service: &str, instance: &str) -> Result<Vec<InstanceRecord>, Status> {
+        if !instance.is_empty() {
+            let svc = if service.is_empty() {
+                service_of(instance)
+            } else {
+                service
+            };
+            let txn = self.log.read().map_err(internal)?;
+            let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+            return match get_record::<InstanceRecord, _>(&t, &instance_key(ns, svc, instance))
+                .map_err(internal)?
+            {
+                Some(r) => Ok(vec![r]),
+                None => Err(Status::not_found(format!("instance {ns}/{instance} not found"))),
+            };
+        }
+        self.read_service(ns, service)?;
+        self.read_instances(Some(ns), Some(service))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::instance_api_server::InstanceApi for Api {
+    async fn list_instances(
+        &self,
+        req: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let req = req.into_inner();
+        let ns = scope(&req.namespace);
+        let svc = (!req.service.is_empty()).then_some(req.service.as_str());
+        if let (Some(ns), Some(s)) = (ns.as_deref(), svc) {
+            self.read_service(ns, s)?;
+        }
+        let index = *self.log.applied().borrow();
+        let instances = self.instances_pb(ns.as_deref(), svc.filter(|_| ns.is_some()))?;
+        let instances = instances
+            .into_iter()
+            .filter(|i| svc.is_none_or(|s| i.service == s))
+            .collect();
+        Ok(Response::new(pb::ListInstancesResponse { instances, index }))
+    }
+
+    type WatchInstancesStream = Stream_<pb::InstanceWatchEvent>;
+
+    async fn watch_instances(
+        &self,
+        req: Request<pb::WatchInstancesRequest>,
+    ) -> Result<Response<Self::WatchInstancesStream>, Status> {
+        let req = req.into_inner();
+        let ns = scope(&req.namespace);
+        let svc = req.service.clone();
+        // Subscribe before listing, so nothing applied in between is missed.
+        let mut rx = self.log.subscribe();
+        let index = *self.log.applied().borrow();
+        let initial = self.instances_pb(ns.as_deref(), None)?;
+        let api = self.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for i in initial.into_iter().filter(|i| svc.is_empty() || i.service == svc) {
+                let ev = pb::InstanceWatchEvent {
+                    r#type: pb::EventType::Added as i32,
+                    instance: Some(i),
+                    index,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let Some(entry) = crate::api::next_entry(&mut rx, &tx, index).await else {
+                    return;
+                };
+                // The last change of each instance in this entry is enough.
+                let mut seen = std::collections::BTreeMap::new();
+                for c in entry.changes.iter().filter(|c| c.kind == Kind::Instance) {
+                    if ns.as_deref().is_some_and(|n| n != c.namespace) {
+                        continue;
+                    }
+                    if !svc.is_empty() && service_of(&c.name) != svc {
+                        continue;
+                    }
+                    seen.insert((c.namespace.clone(), c.name.clone()), c.action);
+                }
+                for ((cns, id), action) in seen {
+                    let ev = if action == Action::Deleted {
+                        pb::InstanceWatchEvent {
+                            r#type: pb::EventType::Deleted as i32,
+                            instance: Some(pb::Instance {
+                                namespace: cns,
+                                service: service_of(&id).to_string(),
+                                id,
+                                status: "Removed".into(),
+                                ..Default::default()
+                            }),
+                            index: entry.index,
+                        }
+                    } else {
+                        let Ok(list) = api.instances_pb(Some(&cns), Some(service_of(&id))) else {
+                            continue;
+                        };
+                        let Some(i) = list.into_iter().find(|i| i.id == id) else {
+                            continue;
+                        };
+                        let ty = if action == Action::Created {
+                            pb::EventType::Added
+                        } else {
+                            pb::EventType::Modified
+                        };
+                        pb::InstanceWatchEvent {
+                            r#type: ty as i32,
+                            instance: Some(i),
+                            index: entry.index,
+                        }
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn scale(
+        &self,
+        req: Request<pb::ScaleRequest>,
+    ) -> Result<Response<pb::ServiceChangeResponse>, Status> {
+        let req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name: is required"));
+        }
+        let max = rune_statemachine::validate::MAX_SCALE;
+        if i64::from(req.scale) > max {
+            return Err(Status::invalid_argument(format!(
+                "scale: {} is above the limit of {max}",
+                req.scale
+            )));
+        }
+        let ns = namespace_or_default(&req.namespace).to_string();
+        let r = self
+            .change(Command::Scale {
+                namespace: ns,
+                name: req.name,
+                scale: req.scale,
+            })
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn restart(
+        &self,
+        req: Request<pb::RestartRequest>,
+    ) -> Result<Response<pb::ServiceChangeResponse>, Status> {
+        let req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name: is required"));
+        }
+        let ns = namespace_or_default(&req.namespace).to_string();
+        let r = self
+            .change(Command::Restart {
+                namespace: ns,
+                name: req.name,
+            })
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn rollout(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        let req = req.into_inner();
+        let ns = namespace_or_default(&req.namespace);
+        let svc = self.read_service(ns, &req.name)?;
+        let current = template_hash(&svc.spec, &svc.meta);
+        let recs = self.read_instances(Some(ns), Some(&req.name))?;
+        let desired = u32::try_from(svc.spec.scale().max(0)).unwrap_or(0);
+        let updated: Vec<&InstanceRecord> = recs.iter().filter(|r| r.template == current).collect();
+        // Without a readiness probe, "ready" only means "started": an instance counts once it
+        // has stayed up for MIN_READY, so a command that crashes at once never passes.
+        let now = rune_log::now_ms();
+        let ready = updated
+            .iter()
+            .filter(|r| {
+                r.phase == Phase::Running
+                    && r.ready
+                    && (r.probes.contains_key("readiness") || now - r.started_at_ms >= MIN_READY_MS)
+            })
+            .count() as u32;
+        let problems = recs
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.phase,
+                    Phase::Failed | Phase::Backoff | Phase::Waiting | Phase::Unhealthy
+                )
+            })
+            .map(|r| format!("{} {}: {}", r.id, r.phase.as_str(), r.reason))
+            .collect();
+        let skip = svc.spec.skip == Some(true);
+        Ok(Response::new(pb::RolloutStatus {
+            desired,
+            updated: updated.len() as u32,
+            ready,
+            problems,
+            done: skip || (ready == desired && recs.len() as u32 == desired),
+            generation: svc.meta.generation,
+        }))
+    }
+
+    async fn dependencies(
+        &self,
+        req: Request<pb::DependenciesRequest>,
+    ) -> Result<Response<pb::DependenciesResponse>, Status> {
+        let req = req.into_inner();
+        let ns = namespace_or_default(&req.namespace);
+        let svc = self.read_service(ns, &req.name)?;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let all: Vec<ServiceRecord> = list_records(&t, &services_prefix(None)).map_err(internal)?;
+        let records: Vec<InstanceRecord> =
+            list_records(&t, &instances_prefix(None, None)).map_err(internal)?;
+        let mut deps = Vec::new();
+        for d in resolve(&svc.spec) {
+            let exists = d.kind == DepKind::Service
+                && all
+                    .iter()
+                    .any(|s| s.spec.namespace() == d.namespace && s.spec.name == d.name);
+            let ready = records
+                .iter()
+                .filter(|r| r.namespace == d.namespace && r.service == d.name)
+                .any(|r| match d.ready_when {
+                    ReadyWhen::Started => r.started_at_ms > 0 || r.phase == Phase::Running,
+                    ReadyWhen::Running => matches!(r.phase, Phase::Running | Phase::Unhealthy),
+                    ReadyWhen::Healthy => r.phase == Phase::Running && r.ready,
+                });
+            deps.push(pb::DependencyEdge {
+                kind: match d.kind {
+                    DepKind::Service => "service",
+                    DepKind::Secret => "secret",
+                    DepKind::Configmap => "configmap",
+                }
+                .into(),
+                namespace: d.namespace.clone(),
+                name: d.name.clone(),
+                ready_when: match d.ready_when {
+                    ReadyWhen::Started => "started",
+                    ReadyWhen::Running => "running",
+                    ReadyWhen::Healthy => "healthy",
+                }
+                .into(),
+                optional: d.optional,
+                exists,
+                ready: exists && ready,
+            });
+        }
+        let dependents = all
+            .iter()
+            .filter(|s| {
+                resolve(&s.spec)
+                    .iter()
+                    .any(|d| d.kind == DepKind::Service && d.namespace == ns && d.name == req.name)
+            })
+            .map(|s| format!("{}/{}", s.spec.namespace(), s.spec.name))
+            .collect();
+        Ok(Response::new(pb::DependenciesResponse {
+            dependencies: deps,
+            dependents,
+        }))
+    }
+
+    type LogsStream = Stream_<pb::LogChunk>;
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        if req.service.is_empty() && req.instance.is_empty() {
+            return Err(Status::invalid_argument("service: name a service or an instance"));
+        }
+        let ns = namespace_or_default(&req.namespace).to_string();
+        let recs = self.pick(&ns, &req.service, &req.instance)?;
+        let q = LogQuery {
+            follow: req.follow,
+            tail: req.tail,
+            since_s: if req.since_seconds > 0 {
+                rune_log::now_ms() / 1000 - req.since_seconds
+            } else {
+                0
+            },
+            timestamps: req.timestamps,
+        };
+        let mut streams = Vec::new();
+        for r in &recs {
+            // Why an instance is not running is part of its story: say it first.
+            if matches!(
+                r.phase,
+                Phase::Failed | Phase::Backoff | Phase::Waiting | Phase::Unhealthy
+            ) && !r.reason.is_empty()
+            {
+                let line = format!("[rune] {} {}: {}\n", r.id, r.phase.as_str(), r.reason);
+                let chunk = pb::LogChunk {
+                    instance: r.id.clone(),
+                    data: line.into_bytes(),
+                };
+                streams.push(futures::stream::once(async move { Ok(chunk) }).boxed());
+            }
+            let s = self.orchestrator.logs(r, &q).await.map_err(orch_status)?;
+            let id = r.id.clone();
+            streams.push(
+                s.map(move |b| match b {
+                    Ok(data) => Ok(pb::LogChunk {
+                        instance: id.clone(),
+                        data: data.to_vec(),
+                    }),
+                    Err(e) => Err(Status::unavailable(e.to_string())),
+                })
+                .boxed(),
+            );
+        }
+        let merged = futures::stream::select_all(streams);
+        Ok(Response::new(Box::pin(merged)))
+    }
+
+    type ExecStream = Stream_<pb::ExecResponse>;
+
+    async fn exec(
+        &self,
+        req: Request<Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let mut input = req.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("exec: no start message"))?;
+        let Some(pb::exec_request::Msg::Start(start)) = first.msg else {
+            return Err(Status::invalid_argument("exec: the first message must be start"));
+        };
+        if start.command.is_empty() {
+            return Err(Status::invalid_argument("command: is required"));
+        }
+        let ns = namespace_or_default(&start.namespace).to_string();
+        let recs = self.pick(&ns, &start.service, &start.instance)?;
+        let rec = recs
+            .iter()
+            .find(|r| matches!(r.phase, Phase::Running | Phase::Unhealthy))
+            .or(recs.first())
+            .cloned()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("service {ns}/{} has no instances", start.service))
+            })?;
+        let spec = ExecSpec {
+            command: start.command.clone(),
+            tty: start.tty,
+            cols: u16::try_from(start.cols).unwrap_or(80),
+            rows: u16::try_from(start.rows).unwrap_or(24),
+        };
+        let (in_tx, mut out_rx) = self.orchestrator.exec(&rec, &spec).await.map_err(orch_status)?;
+        tracing::info!(instance = %rec.id, namespace = %ns, command = ?start.command, tty = start.tty, "exec");
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = input.message().await {
+                let i = match m.msg {
+                    Some(pb::exec_request::Msg::Stdin(b)) => ExecInput::Stdin(b.into()),
+                    Some(pb::exec_request::Msg::Resize(r)) => ExecInput::Resize {
+                        cols: u16::try_from(r.cols).unwrap_or(80),
+                        rows: u16::try_from(r.rows).unwrap_or(24),
+                    },
+                    Some(pb::exec_request::Msg::StdinEof(_)) => ExecInput::Eof,
+                    _ => continue,
+                };
+                if in_tx.send(i).await.is_err() {
+                    return;
+                }
+            }
+            let _ = in_tx.send(ExecInput::Eof).await;
+        });
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            let hello = pb::ExecResponse {
+                msg: Some(pb::exec_response::Msg::Instance(id)),
+            };
+            if tx.send(Ok(hello)).await.is_err() {
+                return;
+            }
+            while let Some(o) = out_rx.recv().await {
+                let msg = match o {
+                    ExecOutput::Stdout(b) => pb::exec_response::Msg::Stdout(b.to_vec()),
+                    ExecOutput::Stderr(b) => pb::exec_response::Msg::Stderr(b.to_vec()),
+                    ExecOutput::Exit(c) => pb::exec_response::Msg::ExitCode(c),
+                };
+                if tx.send(Ok(pb::ExecResponse { msg: Some(msg) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+}

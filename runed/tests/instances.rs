@@ -1,0 +1,807 @@
+//! Running services end to end: real `runed` and `rune`, real host processes and a real Docker
+//! Engine (with the local `busybox` image built FROM scratch by scripts/test-images.sh).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Bins, Daemon};
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn bins() -> Bins {
+    Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    }
+}
+
+fn code(o: &std::process::Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn write(d: &Daemon, name: &str, text: &str) -> String {
+    let p = d.scratch().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// Builds the busybox test image once per test binary.
+fn image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
+        let st = Command::new("bash")
+            .arg(script)
+            .status()
+            .expect("run test-images.sh");
+        assert!(st.success(), "building the busybox test image failed");
+    });
+}
+
+fn run_ok(d: &Daemon, args: &[&str]) -> String {
+    let o = d.rune(args);
+    assert_eq!(code(&o), 0, "rune {args:?}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+fn instances(d: &Daemon, svc: &str) -> Vec<Value> {
+    let out = run_ok(d, &["get", "instances", svc, "-o", "json"]);
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn ids(list: &[Value], field: &str) -> BTreeSet<String> {
+    list.iter()
+        .map(|i| i[field].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn all_ready(d: &Daemon, svc: &str, n: usize) -> bool {
+    let l = instances(d, svc);
+    l.len() == n && l.iter().all(|i| i["status"] == "Running" && i["ready"] == true)
+}
+
+fn pid_alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let state = s.rfind(')').and_then(|i| s.get(i + 2..i + 3)).unwrap_or("X");
+        state != "Z" && state != "X"
+    })
+}
+
+fn containers_of(d: &Daemon) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=rune.node={}", d.node)])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+const TICKER: &str = "service:
+  name: ticker
+  scale: 2
+  env:
+    GREETING: hello
+  process:
+    command: /bin/sh
+    args: [\"-c\", \"echo started $RUNE_INSTANCE_ID $GREETING; trap 'echo bye; exit 0' TERM; while true; do sleep 0.2; done\"]
+  health:
+    readiness:
+      type: exec
+      command: [\"/bin/sh\", \"-c\", \"test -n \\\"$RUNE_INSTANCE_ID\\\"\"]
+      intervalSeconds: 1
+";
+
+#[test]
+fn process_service_cast_scale_restart_stop_delete() {
+    let d = Daemon::start(&bins());
+    let f = write(&d, "ticker.yaml", TICKER);
+    let out = run_ok(&d, &["cast", &f]);
+    assert!(out.contains("ready: 2/2"), "{out}");
+    let first = instances(&d, "ticker");
+    assert_eq!(
+        ids(&first, "id"),
+        BTreeSet::from(["ticker-0".into(), "ticker-1".into()])
+    );
+    for i in &first {
+        assert_eq!(
+            (i["runtime"].as_str(), i["address"].as_str()),
+            (Some("process"), Some("127.0.0.1"))
+        );
+        assert!(pid_alive(i["runtimeId"].as_str().unwrap()), "{i}");
+    }
+    let pids = ids(&first, "runtimeId");
+
+    // An unchanged re-cast restarts nothing.
+    assert!(run_ok(&d, &["cast", &f]).contains("unchanged"));
+    assert_eq!(ids(&instances(&d, "ticker"), "runtimeId"), pids);
+
+    // Logs from every instance, with timestamps on request, or from one.
+    let logs = run_ok(&d, &["logs", "ticker"]);
+    assert!(logs.contains("[ticker-0] started ticker-0 hello"), "{logs}");
+    assert!(logs.contains("[ticker-1] started ticker-1 hello"), "{logs}");
+    let ts = run_ok(&d, &["logs", "ticker", "--instance", "ticker-1", "--timestamps"]);
+    assert!(!ts.contains("ticker-0"), "{ts}");
+    assert!(ts.lines().all(|l| l.starts_with("20")), "{ts}");
+
+    // Scale up keeps the running instances; scale is not part of the template.
+    assert!(run_ok(&d, &["scale", "ticker", "3"]).contains("ready: 3/3"));
+    let scaled = instances(&d, "ticker");
+    assert!(
+        pids.is_subset(&ids(&scaled, "runtimeId")),
+        "scaling replaced instances"
+    );
+
+    // Restart replaces every instance.
+    run_ok(&d, &["restart", "ticker"]);
+    let restarted = ids(&instances(&d, "ticker"), "runtimeId");
+    assert!(
+        restarted.is_disjoint(&ids(&scaled, "runtimeId")),
+        "restart kept an instance"
+    );
+    for p in &ids(&scaled, "runtimeId") {
+        wait_until(LONG, "old processes to end", || !pid_alive(p));
+    }
+    // SIGTERM reached the process (its trap ran) before it ended.
+    assert!(run_ok(&d, &["logs", "ticker", "--instance", "ticker-0"]).contains("bye"));
+
+    // Stop keeps the spec and the last scale; restart brings it back.
+    run_ok(&d, &["stop", "ticker"]);
+    assert!(instances(&d, "ticker").is_empty());
+    for p in &restarted {
+        assert!(!pid_alive(p), "pid {p} outlived stop");
+    }
+    let svc: Value = serde_json::from_str(&run_ok(&d, &["get", "svc", "ticker", "-o", "json"])).unwrap();
+    assert_eq!(svc["metadata"]["lastNonZeroScale"], 3, "{svc}");
+    assert!(run_ok(&d, &["restart", "ticker"]).contains("ready: 3/3"));
+
+    // Delete stops and removes every instance and its files.
+    let last = ids(&instances(&d, "ticker"), "runtimeId");
+    run_ok(&d, &["delete", "service", "ticker"]);
+    wait_until(LONG, "instances removed", || {
+        instances_all(&d).is_empty() && last.iter().all(|p| !pid_alive(p))
+    });
+    wait_until(LONG, "instance folders removed", || {
+        std::fs::read_dir(d.data_dir.join("instances/default")).map_or(true, |r| r.count() == 0)
+    });
+    assert!(d.process_pids().is_empty());
+}
+
+fn instances_all(d: &Daemon) -> Vec<Value> {
+    let out = run_ok(d, &["get", "instances", "-o", "json"]);
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn container_service_probes_exec_logs() {
+    image();
+    let d = Daemon::start(&bins());
+    // The original's example, as it is.
+    let echo =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peer-specs/simple-service--echo.yaml");
+    let out = run_ok(&d, &["cast", echo.to_str().unwrap()]);
+    assert!(out.contains("ready: 1/1"), "{out}");
+    wait_until(LONG, "echo to print", || {
+        run_ok(&d, &["logs", "echo"]).contains("Hello from Rune!")
+    });
+
+    let web = write(
+        &d,
+        "web.yaml",
+        "service:
+  name: web
+  image: busybox
+  scale: 1
+  command: [\"/bin/httpd\"]
+  args: [\"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]
+  stopGracePeriodSeconds: 1
+  resources:
+    cpu: {limit: \"500m\"}
+    memory: {limit: \"64Mi\"}
+  ports:
+    - {name: http, port: 8080}
+  health:
+    readiness: {type: http, path: /index.html, port: http, intervalSeconds: 1}
+    liveness:
+      type: exec
+      command: [\"/bin/sh\", \"-c\", \"test ! -f /tmp/sick\"]
+      intervalSeconds: 1
+      failureThreshold: 2
+",
+    );
+    assert!(run_ok(&d, &["cast", &web]).contains("ready: 1/1"));
+    let inst = &instances(&d, "web")[0];
+    let addr = inst["address"].as_str().unwrap().to_string();
+    assert!(addr.starts_with("172.") || addr.contains('.'), "{inst}");
+    let (status, body) =
+        http_get(format!("{addr}:8080").parse().unwrap(), "/index.html").expect("reach the container");
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let health = run_ok(&d, &["health", "web"]);
+    assert!(
+        health.contains("readiness") && health.contains("passing") && health.contains("HTTP 200"),
+        "{health}"
+    );
+
+    // The container got its limits.
+    let cid = inst["runtimeId"].as_str().unwrap();
+    let limits = Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+            cid,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&limits.stdout).trim(),
+        "500000000 67108864"
+    );
+
+    // exec: output, stderr and the exit code pass through; stdin with -i.
+    let o = d.rune(&["exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_eq!((stdout(&o).trim(), stderr(&o).trim()), ("out", "err"));
+    let mut child = d
+        .rune_cmd()
+        .args(["exec", "web", "-i", "--", "sh", "-c", "read x; echo got $x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!((code(&o), stdout(&o).trim()), (0, "got hello"));
+
+    // A failing liveness probe restarts the container.
+    run_ok(&d, &["exec", "web", "--", "touch", "/tmp/sick"]);
+    wait_until(LONG, "the liveness probe to restart web-0", || {
+        let i = &instances(&d, "web")[0];
+        i["restarts"].as_u64() >= Some(1) && i["status"] == "Running" && i["ready"] == true
+    });
+    assert_ne!(instances(&d, "web")[0]["runtimeId"].as_str(), Some(cid));
+
+    run_ok(&d, &["delete", "web"]);
+    run_ok(&d, &["delete", "echo"]);
+    wait_until(LONG, "containers removed", || containers_of(&d).is_empty());
+}
+
+#[test]
+fn crash_loops_back_off_and_replay_tells_the_story() {
+    let mut d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "crash.yaml",
+        "service:\n  name: crash\n  scale: 1\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"echo boom; exit 3\"]\n",
+    );
+    let o = d.rune(&["cast", &f, "--timeout", "2s"]);
+    assert_eq!(
+        code(&o),
+        7,
+        "a rollout that never gets ready times out: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("exited with code 3"), "{}", stderr(&o));
+    wait_until(LONG, "three restarts", || {
+        let i = &instances(&d, "crash")[0];
+        i["restarts"].as_u64() >= Some(3) && i["status"] == "CrashLoopBackOff"
+    });
+    let logs = run_ok(&d, &["logs", "crash"]);
+    assert!(
+        logs.contains("[rune] crash-0 CrashLoopBackOff: exited with code 3"),
+        "{logs}"
+    );
+    assert!(logs.matches("boom").count() >= 3, "{logs}");
+
+    // Bad inputs fail the instance with the reason, and keep runed up.
+    let bad = write(
+        &d,
+        "bad.yaml",
+        "services:
+  - name: nouser
+    scale: 1
+    process: {command: /bin/sleep, args: [\"100\"], securityContext: {user: no-such-user-here}}
+  - name: nocmd
+    scale: 1
+    process: {command: /no/such/binary}
+",
+    );
+    run_ok(&d, &["cast", "--detach", &bad]);
+    wait_until(LONG, "reasons", || {
+        let a = instances(&d, "nouser");
+        let b = instances(&d, "nocmd");
+        a.first().is_some_and(|i| {
+            i["status"] == "Failed"
+                && i["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("unknown user 'no-such-user-here'")
+        }) && b.first().is_some_and(|i| {
+            i["status"] == "Failed"
+                && i["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("/no/such/binary: not found")
+        })
+    });
+    assert!(run_ok(&d, &["logs", "nocmd"]).contains("/no/such/binary: not found"));
+
+    // Stopped, the log tells what happened to the service, entry by entry.
+    assert!(d.sigterm().success());
+    let o = d.rune(&[
+        "admin",
+        "replay",
+        "--data-dir",
+        d.data_dir.to_str().unwrap(),
+        "--resource",
+        "service/default/crash",
+    ]);
+    let story = stdout(&o);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    for expect in [
+        "scheduled on",
+        "started",
+        "exited with code 3",
+        "restart #1",
+        "restart #2",
+        "restart #3",
+    ] {
+        assert!(story.contains(expect), "replay lacks {expect:?}:\n{story}");
+    }
+}
+
+#[test]
+fn dependencies_hold_instances_back_and_guard_deletes() {
+    let d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "deps.yaml",
+        "services:
+  - name: db
+    scale: 0
+    process: {command: /bin/sleep, args: [\"1000\"]}
+  - name: api
+    scale: 1
+    process: {command: /bin/sleep, args: [\"1000\"]}
+    dependencies:
+      - db
+",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "api to wait for db", || {
+        instances(&d, "api").first().is_some_and(|i| {
+            i["status"] == "Waiting" && i["reason"].as_str().unwrap_or("").contains("default/db")
+        })
+    });
+    let deps = run_ok(&d, &["deps", "api"]);
+    assert!(
+        deps.contains("-> default/db") && deps.contains("not ready"),
+        "{deps}"
+    );
+    run_ok(&d, &["scale", "db", "1"]);
+    wait_until(LONG, "api to start once db is ready", || all_ready(&d, "api", 1));
+    assert!(run_ok(&d, &["deps", "db"]).contains("depended on by: default/api"));
+
+    // A cycle is refused at cast time, naming it.
+    let cyc = write(
+        &d,
+        "cyc.yaml",
+        "service:\n  name: db\n  scale: 1\n  process: {command: /bin/sleep, args: [\"1000\"]}\n  dependencies: [api]\n",
+    );
+    let o = d.rune(&["cast", &cyc]);
+    assert_eq!(code(&o), 6);
+    assert!(
+        stderr(&o).contains("dependency cycle: default/db -> default/api -> default/db"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Deleting what others depend on needs --force.
+    let o = d.rune(&["delete", "db"]);
+    assert_eq!(code(&o), 5);
+    assert!(stderr(&o).contains("default/api depends on it"), "{}", stderr(&o));
+    run_ok(&d, &["delete", "db", "--force"]);
+}
+
+#[test]
+fn rollouts_replace_one_instance_at_a_time() {
+    let d = Daemon::start(&bins());
+    let f = write(&d, "ticker.yaml", &TICKER.replace("scale: 2", "scale: 3"));
+    run_ok(&d, &["cast", &f]);
+    let before = ids(&instances(&d, "ticker"), "runtimeId");
+    let mut watch = d
+        .rune_cmd()
+        .args(["get", "instances", "ticker", "--watch", "-o", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let changed = write(
+        &d,
+        "ticker2.yaml",
+        &TICKER.replace("scale: 2", "scale: 3").replace("hello", "bonjour"),
+    );
+    assert!(run_ok(&d, &["cast", &changed]).contains("ready: 3/3"));
+    let _ = watch.kill();
+    let mut text = String::new();
+    watch.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+    let _ = watch.wait();
+    let after = instances(&d, "ticker");
+    assert!(ids(&after, "runtimeId").is_disjoint(&before));
+    assert!(after.iter().all(|i| i["current"] == true));
+    assert!(run_ok(&d, &["logs", "ticker"]).contains("bonjour"));
+
+    // Replay the watch: once the rollout began, at least two of three were ready at every step.
+    let mut ready: std::collections::BTreeMap<String, bool> = Default::default();
+    let mut min_ready = usize::MAX;
+    let mut began = false;
+    for line in text.lines() {
+        let ev: Value = serde_json::from_str(line).unwrap();
+        let i = &ev["instance"];
+        let id = i["id"].as_str().unwrap().to_string();
+        let up = ev["type"] != "DELETED" && i["status"] == "Running" && i["ready"] == true;
+        if i["status"] == "Stopping" {
+            began = true;
+        }
+        ready.insert(id, up);
+        if began {
+            min_ready = min_ready.min(ready.values().filter(|r| **r).count());
+        }
+    }
+    assert!(began, "no instance was replaced:\n{text}");
+    assert!(
+        min_ready >= 2,
+        "capacity fell to {min_ready} during the rollout:\n{text}"
+    );
+}
+
+#[test]
+fn adopts_after_sigkill_and_removes_strays() {
+    image();
+    let mut d = Daemon::start(&bins());
+    cast_ticker_and_web(&d);
+    let procs = ids(&instances(&d, "ticker"), "runtimeId");
+    let ctr = ids(&instances(&d, "web"), "runtimeId");
+
+    d.sigkill();
+    // Strays a crashed runed could leave: a container of a service that no longer exists, and a
+    // process whose service is gone.
+    let stray = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--label",
+            "rune.managed=true",
+            "--label",
+            &format!("rune.node={}", d.node),
+            "--label",
+            "rune.namespace=default",
+            "--label",
+            "rune.service=gone",
+            "--label",
+            "rune.instance=gone-0",
+            "--label",
+            "rune.template=x",
+            "busybox",
+            "sleep",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stray.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stray.stderr)
+    );
+    let stray_id = String::from_utf8_lossy(&stray.stdout).trim().to_string();
+    let stray_proc = spawn_stray_process(&d.data_dir);
+
+    d.restart();
+    wait_until(LONG, "the strays to be removed", || {
+        !pid_alive(&stray_proc.to_string())
+            && Command::new("docker")
+                .args(["inspect", &stray_id])
+                .output()
+                .is_ok_and(|o| !o.status.success())
+    });
+    wait_until(LONG, "instances to be adopted", || {
+        all_ready(&d, "ticker", 2) && all_ready(&d, "web", 1)
+    });
+    assert_eq!(
+        ids(&instances(&d, "ticker"), "runtimeId"),
+        procs,
+        "processes were replaced, not adopted"
+    );
+    assert_eq!(
+        ids(&instances(&d, "web"), "runtimeId"),
+        ctr,
+        "the container was replaced, not adopted"
+    );
+    // Exactly one of each: nothing started twice, and the strays' records are gone too.
+    wait_until(LONG, "one container and two processes", || {
+        containers_of(&d).len() == 1 && d.process_pids().len() == 2
+    });
+
+    // Adopted instances are still stopped properly.
+    run_ok(&d, &["stop", "ticker"]);
+    for p in &procs {
+        assert!(!pid_alive(p), "adopted pid {p} survived stop");
+    }
+}
+
+/// Casts two process instances (`ticker`) and one container (`web`, busybox httpd).
+fn cast_ticker_and_web(d: &Daemon) {
+    let f = write(d, "ticker.yaml", TICKER);
+    run_ok(d, &["cast", &f]);
+    let web = write(
+        d,
+        "web.yaml",
+        "service:\n  name: web\n  image: busybox\n  scale: 1\n  command: [\"/bin/httpd\"]\n  args: [\"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    );
+    run_ok(d, &["cast", &web]);
+}
+
+/// A sleeping process recorded as an instance of a service that does not exist.
+fn spawn_stray_process(data_dir: &Path) -> u32 {
+    use std::os::unix::process::CommandExt;
+    let dir = data_dir.join("instances/default/gone-0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new("sleep")
+        .arg("1000")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start: u64 = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let state = serde_json::json!({
+        "namespace": "default", "service": "gone", "id": "gone-0", "template": "x", "pid": pid, "start_time": start
+    });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+    // Reap it when it dies so it does not linger as a zombie of the test.
+    std::thread::spawn(move || {
+        let mut c = child;
+        let _ = c.wait();
+    });
+    pid
+}
+
+/// A unix socket in front of the Docker Engine that the test can cut and restore.
+struct Proxy {
+    path: PathBuf,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Proxy {
+    fn start(path: PathBuf) -> Self {
+        let p = Proxy {
+            path,
+            up: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        p.restore();
+        p
+    }
+
+    fn restore(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let l = UnixListener::bind(&self.path).unwrap();
+        self.up.store(true, Ordering::SeqCst);
+        let (up, conns) = (self.up.clone(), self.conns.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                if !up.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                conns.lock().unwrap().push(c.try_clone().unwrap());
+                conns.lock().unwrap().push(engine.try_clone().unwrap());
+                let (mut a, mut b) = (c.try_clone().unwrap(), engine.try_clone().unwrap());
+                let (mut c2, mut e2) = (c, engine);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut e2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+    }
+
+    /// The socket disappears and every open connection breaks.
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        // Wake the accept loop so it sees the flag and ends.
+        let _ = UnixStream::connect(&self.path);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn docker_socket_cut_and_restored() {
+    image();
+    let mut d = Daemon::new(&bins());
+    let sock = d.scratch().join("docker.sock");
+    let proxy = Proxy::start(sock.clone());
+    d.extra = vec!["--docker-socket".into(), sock.display().to_string()];
+    d.restart();
+    cast_ticker_and_web(&d);
+
+    proxy.cut();
+    let late = write(
+        &d,
+        "late.yaml",
+        "service:\n  name: late\n  image: busybox\n  scale: 1\n  command: [\"sleep\", \"1000\"]\n",
+    );
+    run_ok(&d, &["cast", "--detach", &late]);
+    wait_until(LONG, "the container to fail with the engine named", || {
+        instances(&d, "late").first().is_some_and(|i| {
+            i["status"] == "Failed"
+                && i["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("docker engine unreachable")
+        })
+    });
+    // runed and the process service carry on.
+    assert!(http_get(d.http, "/healthz").is_some_and(|(c, _)| c == 200));
+    assert!(all_ready(&d, "ticker", 2));
+
+    proxy.restore();
+    wait_until(LONG, "the container to start once the engine is back", || {
+        all_ready(&d, "late", 1)
+    });
+    assert!(all_ready(&d, "web", 1));
+    assert_eq!(containers_of(&d).len(), 2);
+
+    // runed starting while the engine is away: it says so, and adopts once the engine is back.
+    let web_id = instances(&d, "web")[0]["runtimeId"].clone();
+    assert!(d.sigterm().success());
+    proxy.cut();
+    d.restart();
+    wait_until(LONG, "container instances to report the engine", || {
+        instances(&d, "web").first().is_some_and(|i| {
+            i["status"] == "Failed"
+                && i["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("docker engine unreachable")
+        })
+    });
+    assert!(
+        all_ready(&d, "ticker", 2),
+        "process instances are adopted without the engine"
+    );
+    proxy.restore();
+    wait_until(LONG, "the container to be adopted", || all_ready(&d, "web", 1));
+    assert_eq!(
+        instances(&d, "web")[0]["runtimeId"],
+        web_id,
+        "adopted, not replaced"
+    );
+    assert_eq!(containers_of(&d).len(), 2);
+    assert!(d.sigterm().success());
+}
+
+#[test]
+fn stop_escalates_to_sigkill_after_the_grace_period() {
+    let d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "stubborn.yaml",
+        "service:
+  name: stubborn
+  scale: 1
+  stopGracePeriodSeconds: 1
+  process:
+    command: /bin/sh
+    args: [\"-c\", \"trap '' TERM; echo up; while true; do sleep 0.2; done\"]
+",
+    );
+    run_ok(&d, &["cast", &f]);
+    let pid = instances(&d, "stubborn")[0]["runtimeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run_ok(&d, &["stop", "stubborn"]);
+    assert!(!pid_alive(&pid), "a process ignoring SIGTERM survived stop");
+    assert!(instances(&d, "stubborn").is_empty());
+}
+
+/// `rune exec -it` through a real terminal: python's pty module gives rune one.
+fn tty_session(d: &Daemon, target: &str) {
+    let script = r#"
+import os, pty, sys, time, struct, fcntl, termios, select, signal
+args = sys.argv[1:]
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    os.execvp(args[0], args)
+out = b""
+def read_until(token, limit=30):
+    global out
+    end = time.time() + limit
+    while token not in out and time.time() < end:
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if r:
+            try:
+                out += os.read(fd, 4096)
+            except OSError:
+                break
+    return token in out
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+time.sleep(0.2)
+os.write(fd, b"tty >/dev/null && echo TTY-$((6*7)); stty size | sed 's/ /x/'\n")
+ok1 = read_until(b"TTY-42") and read_until(b"30x100")
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+os.kill(pid, signal.SIGWINCH)
+time.sleep(0.5)
+os.write(fd, b"stty size | sed 's/ /x/'\n")
+ok2 = read_until(b"40x120")
+os.write(fd, b"exit 7\n")
+_, status = os.waitpid(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+print("RESULT", ok1, ok2, code)
+if not (ok1 and ok2 and code == 7):
+    sys.stderr.write(out.decode(errors="replace"))
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(&d.bins.rune)
+        .args(["exec", target, "-it", "--", "/bin/sh"]);
+    cmd.env("RUNE_API_SERVER", d.grpc.to_string())
+        .env("RUNE_CLI_CONFIG", d.scratch().join("cli-config.yaml"));
+    let o = cmd.output().unwrap();
+    assert!(
+        stdout(&o).contains("RESULT True True 7"),
+        "{target}: {}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+}
+
+#[test]
+fn exec_with_a_terminal_resizes_and_passes_the_exit_code() {
+    image();
+    let d = Daemon::start(&bins());
+    let f = write(&d, "ticker.yaml", &TICKER.replace("scale: 2", "scale: 1"));
+    run_ok(&d, &["cast", &f]);
+    let web = write(
+        &d,
+        "box.yaml",
+        "service:\n  name: box\n  image: busybox\n  scale: 1\n  command: [\"sleep\", \"100000\"]\n",
+    );
+    run_ok(&d, &["cast", &web]);
+    tty_session(&d, "ticker");
+    tty_session(&d, "box");
+}

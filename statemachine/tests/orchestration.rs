@@ -1,0 +1,242 @@
+//! Apply's decisions for scale, restart, dependencies and instance events.
+
+use redb::ReadableDatabase;
+use rune_statemachine::instance::{
+    instance_key, template_hash, InstanceChange, InstanceEvent, InstanceRecord, Phase,
+};
+use rune_statemachine::store::{apply, get_record, service_key, ServiceRecord};
+use rune_statemachine::{Action, Command, Envelope, Outcome, Rejection, Resource, STATE_TABLE};
+
+struct State {
+    _f: tempfile::NamedTempFile,
+    db: redb::Database,
+    index: u64,
+}
+
+impl State {
+    fn new() -> Self {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let db = redb::Database::create(f.path()).unwrap();
+        let mut s = State { _f: f, db, index: 0 };
+        s.run(Command::Init {
+            namespaces: vec!["default".into()],
+        })
+        .expect("init");
+        s
+    }
+
+    fn run(&mut self, c: Command) -> Outcome {
+        self.index += 1;
+        let txn = self.db.begin_write().unwrap();
+        let out = {
+            let mut t = txn.open_table(STATE_TABLE).unwrap();
+            apply(&mut t, self.index, &Envelope::new(1000 + self.index as i64, c)).unwrap()
+        };
+        txn.commit().unwrap();
+        out
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let r = self.db.begin_read().unwrap();
+        let t = r.open_table(STATE_TABLE).unwrap();
+        get_record(&t, key).unwrap()
+    }
+}
+
+fn svc(name: &str, scale: i64, deps: serde_json::Value) -> Command {
+    let spec = serde_json::from_value(serde_json::json!({
+        "name": name, "image": "busybox", "scale": scale, "dependencies": deps
+    }))
+    .unwrap();
+    Command::Apply {
+        resources: vec![Resource::Service(spec)],
+        create_namespace: false,
+        force: false,
+        history_limit: 10,
+    }
+}
+
+fn ev(id: &str, change: InstanceChange) -> InstanceEvent {
+    InstanceEvent {
+        namespace: "default".into(),
+        service: id.rsplit_once('-').unwrap().0.into(),
+        id: id.into(),
+        change,
+    }
+}
+
+#[test]
+fn scale_keeps_the_template_and_restart_changes_it() {
+    let mut s = State::new();
+    s.run(svc("api", 2, serde_json::json!([]))).unwrap();
+    let before: ServiceRecord = s.get(&service_key("default", "api")).unwrap();
+    let t0 = template_hash(&before.spec, &before.meta);
+
+    let c = s
+        .run(Command::Scale {
+            namespace: "default".into(),
+            name: "api".into(),
+            scale: 0,
+        })
+        .unwrap();
+    assert_eq!(c[0].summary, "scale 2→0");
+    let stopped: ServiceRecord = s.get(&service_key("default", "api")).unwrap();
+    assert_eq!(stopped.spec.scale, Some(0));
+    assert_eq!(
+        stopped.meta.last_non_zero_scale, 2,
+        "stop remembers the last scale"
+    );
+    assert_eq!(
+        template_hash(&stopped.spec, &stopped.meta),
+        t0,
+        "scaling replaces nothing"
+    );
+
+    let same = s.run(Command::Scale {
+        namespace: "default".into(),
+        name: "api".into(),
+        scale: 0,
+    });
+    assert_eq!(same.unwrap()[0].action, Action::Unchanged);
+
+    let c = s
+        .run(Command::Restart {
+            namespace: "default".into(),
+            name: "api".into(),
+        })
+        .unwrap();
+    assert_eq!(c[0].summary, "started again at scale 2");
+    let back: ServiceRecord = s.get(&service_key("default", "api")).unwrap();
+    assert_eq!(back.spec.scale, Some(2));
+    assert_ne!(
+        template_hash(&back.spec, &back.meta),
+        t0,
+        "restart replaces every instance"
+    );
+
+    let missing = s.run(Command::Scale {
+        namespace: "default".into(),
+        name: "nope".into(),
+        scale: 1,
+    });
+    assert!(matches!(missing, Err(Rejection::NotFound(_))));
+    let too_many = s.run(Command::Scale {
+        namespace: "default".into(),
+        name: "api".into(),
+        scale: 5000,
+    });
+    assert!(matches!(too_many, Err(Rejection::Invalid(m)) if m.contains("scale")));
+}
+
+#[test]
+fn cycles_are_refused_naming_the_cycle_and_dependents_block_delete() {
+    let mut s = State::new();
+    s.run(svc("db", 1, serde_json::json!([]))).unwrap();
+    s.run(svc("api", 1, serde_json::json!(["db"]))).unwrap();
+    s.run(svc(
+        "web",
+        1,
+        serde_json::json!([{"service": "api", "readyWhen": "running"}]),
+    ))
+    .unwrap();
+    let cyc = s.run(svc("db", 1, serde_json::json!(["web"])));
+    match cyc {
+        Err(Rejection::Invalid(m)) => assert!(
+            m.contains("default/db -> default/web -> default/api -> default/db"),
+            "{m}"
+        ),
+        other => panic!("cycle accepted: {other:?}"),
+    }
+    let db: ServiceRecord = s.get(&service_key("default", "db")).unwrap();
+    assert!(db.spec.dependencies.is_empty(), "a refused cast changes nothing");
+
+    let refused = s.run(Command::DeleteService {
+        namespace: "default".into(),
+        name: "db".into(),
+        force: false,
+    });
+    assert!(matches!(refused, Err(Rejection::FailedPrecondition(m)) if m.contains("default/api")));
+    s.run(Command::DeleteService {
+        namespace: "default".into(),
+        name: "db".into(),
+        force: true,
+    })
+    .unwrap();
+    assert!(s.get::<ServiceRecord>(&service_key("default", "db")).is_none());
+}
+
+#[test]
+fn instance_events_fold_into_one_record() {
+    let mut s = State::new();
+    s.run(svc("api", 1, serde_json::json!([]))).unwrap();
+    let key = instance_key("default", "api", "api-0");
+    let c = s
+        .run(Command::InstanceEvents {
+            events: vec![
+                ev(
+                    "api-0",
+                    InstanceChange::Scheduled {
+                        node: "n1".into(),
+                        runtime: "process".into(),
+                        template: "t1".into(),
+                        generation: 1,
+                    },
+                ),
+                ev(
+                    "api-0",
+                    InstanceChange::Started {
+                        address: "127.0.0.1".into(),
+                        runtime_id: "4242".into(),
+                        adopted: false,
+                        readiness_probe: false,
+                    },
+                ),
+            ],
+        })
+        .unwrap();
+    assert_eq!(
+        c.iter().map(|c| c.action).collect::<Vec<_>>(),
+        [Action::Created, Action::Configured]
+    );
+    let r: InstanceRecord = s.get(&key).unwrap();
+    assert_eq!(
+        (r.phase, r.ready, r.address.as_str()),
+        (Phase::Running, true, "127.0.0.1")
+    );
+
+    s.run(Command::InstanceEvents {
+        events: vec![
+            ev(
+                "api-0",
+                InstanceChange::Exited {
+                    code: Some(3),
+                    reason: "exited with code 3".into(),
+                },
+            ),
+            ev(
+                "api-0",
+                InstanceChange::Backoff {
+                    restarts: 1,
+                    delay_ms: 1000,
+                    reason: "exited with code 3".into(),
+                },
+            ),
+        ],
+    })
+    .unwrap();
+    let r: InstanceRecord = s.get(&key).unwrap();
+    assert_eq!((r.phase, r.restarts, r.exit_code), (Phase::Backoff, 1, Some(3)));
+
+    s.run(Command::InstanceEvents {
+        events: vec![ev("api-0", InstanceChange::Removed)],
+    })
+    .unwrap();
+    assert!(s.get::<InstanceRecord>(&key).is_none());
+    // Removing again is a no-op, not an error: the orchestrator may retry after a crash.
+    let again = s
+        .run(Command::InstanceEvents {
+            events: vec![ev("api-0", InstanceChange::Removed)],
+        })
+        .unwrap();
+    assert!(again.is_empty());
+}

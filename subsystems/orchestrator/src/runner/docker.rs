@@ -1,0 +1,604 @@
+//! Containers through the Docker Engine API.
+//!
+//! Containers carry labels (`rune.managed`, `rune.node`, `rune.namespace`, `rune.service`,
+//! `rune.instance`, `rune.template`) so a restarted runed adopts them instead of starting
+//! duplicates. The connection is made lazily and dropped on failure: an engine that is down or a
+//! socket that is missing is an error for that operation only, retried by the caller.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    ResizeExecOptions, StopContainerOptions, WaitContainerOptions,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Mutex};
+
+use super::{
+    ExecInput, ExecOutput, ExecSpec, Exit, Found, Launch, LogQuery, LogStream, Run, RunError, RunHandle,
+};
+
+/// Label marking containers rune manages.
+pub const LABEL_MANAGED: &str = "rune.managed";
+
+/// Runs instances as Docker containers.
+#[derive(Debug)]
+pub struct DockerRunner {
+    socket: String,
+    node: String,
+    client: Mutex<Option<Docker>>,
+}
+
+fn bollard_err(socket: &str, e: bollard::errors::Error) -> RunError {
+    use bollard::errors::Error as E;
+    match e {
+        E::DockerResponseServerError { status_code, message } => {
+            RunError::Runtime(format!("docker: {message} ({status_code})"))
+        }
+        E::SocketNotFoundError(p) => RunError::EngineDown {
+            socket: socket.into(),
+            message: format!("socket {p} does not exist"),
+        },
+        other => RunError::EngineDown {
+            socket: socket.into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }
+    )
+}
+
+impl DockerRunner {
+    /// A runner talking to the engine at `socket` (a unix socket path), labelling with `node`.
+    pub fn new(socket: impl Into<String>, node: impl Into<String>) -> Self {
+        Self {
+            socket: socket.into(),
+            node: node.into(),
+            client: Mutex::new(None),
+        }
+    }
+
+    /// The socket, for messages.
+    pub fn socket(&self) -> &str {
+        &self.socket
+    }
+
+    async fn docker(&self) -> Result<Docker, RunError> {
+        let mut c = self.client.lock().await;
+        if let Some(d) = c.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = Docker::connect_with_unix(&self.socket, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| bollard_err(&self.socket, e))?;
+        // The engine here may be older than bollard's default API version.
+        let d = tokio::time::timeout(Duration::from_secs(10), d.negotiate_version())
+            .await
+            .map_err(|_| RunError::EngineDown {
+                socket: self.socket.clone(),
+                message: "no answer within 10s".into(),
+            })?
+            .map_err(|e| bollard_err(&self.socket, e))?;
+        *c = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Drops the cached connection after a transport failure, so the next call reconnects.
+    async fn failed(&self, e: bollard::errors::Error) -> RunError {
+        let e = bollard_err(&self.socket, e);
+        if matches!(e, RunError::EngineDown { .. }) {
+            *self.client.lock().await = None;
+        }
+        e
+    }
+
+    /// Whether the engine answers.
+    pub async fn ping(&self) -> Result<(), RunError> {
+        let d = self.docker().await?;
+        match d.ping().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(e).await),
+        }
+    }
+
+    /// Container names are global to the engine: the node is part of them, so two runed on one
+    /// engine (tests, several dev nodes) never take each other's containers.
+    pub fn container_name(&self, ns: &str, id: &str) -> String {
+        let node: String = self
+            .node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("rune-{node}-{ns}-{id}")
+    }
+
+    /// Creates and starts the container of an instance, replacing a stale one of the same name.
+    pub async fn start(&self, l: &Launch) -> Result<Run, RunError> {
+        let d = self.docker().await?;
+        let spec = &l.spec;
+        let image = spec.image.clone().unwrap_or_default();
+        if let Err(e) = d.inspect_image(&image).await {
+            if !not_found(&e) {
+                return Err(self.failed(e).await);
+            }
+            self.pull(&d, &image).await?;
+        }
+        let name = self.container_name(&l.namespace, &l.id);
+        match d.inspect_container(&name, None).await {
+            Ok(c) => {
+                let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
+                if labels.get("rune.node") != Some(&self.node) {
+                    return Err(RunError::Launch(format!(
+                        "container name {name} is taken by a container rune does not manage on this node"
+                    )));
+                }
+                self.remove(&name).await?;
+                tracing::info!(container = %name, "removed the previous container of this instance");
+            }
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(self.failed(e).await),
+        }
+        let mut labels: HashMap<String, String> = spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect();
+        for (k, v) in [
+            (LABEL_MANAGED, "true"),
+            ("rune.node", self.node.as_str()),
+            ("rune.namespace", l.namespace.as_str()),
+            ("rune.service", l.service.as_str()),
+            ("rune.instance", l.id.as_str()),
+            ("rune.template", l.template.as_str()),
+        ] {
+            labels.insert(k.into(), v.into());
+        }
+        let (nano_cpus, memory) = limits(spec);
+        let body = ContainerCreateBody {
+            image: Some(image.clone()),
+            entrypoint: spec.command.as_ref().map(command_vec),
+            cmd: spec
+                .args
+                .as_ref()
+                .map(|a| a.iter().map(|t| t.0.clone()).collect()),
+            env: Some(super::process::env_list(&l.env)),
+            labels: Some(labels),
+            hostname: Some(l.id.clone()),
+            exposed_ports: Some(
+                spec.ports
+                    .iter()
+                    .map(|p| {
+                        let proto = p.protocol.clone().unwrap_or_else(|| "tcp".into()).to_lowercase();
+                        format!("{}/{proto}", p.target_port.unwrap_or(p.port))
+                    })
+                    .collect(),
+            ),
+            stop_timeout: Some(super::grace(spec).as_secs() as i64),
+            host_config: Some(HostConfig {
+                nano_cpus,
+                memory,
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = d
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await;
+        let created = match created {
+            Ok(c) => c,
+            Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
+                return Err(RunError::Launch(format!(
+                    "cannot create the container: {}",
+                    bollard_err(&self.socket, e)
+                )))
+            }
+            Err(e) => return Err(self.failed(e).await),
+        };
+        if let Err(e) = d.start_container(&created.id, None).await {
+            let _ = d
+                .remove_container(
+                    &created.id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            return Err(match e {
+                e @ bollard::errors::Error::DockerResponseServerError { .. } => RunError::Launch(format!(
+                    "cannot start the container: {}",
+                    bollard_err(&self.socket, e)
+                )),
+                e => self.failed(e).await,
+            });
+        }
+        let address = self.address(&created.id).await.unwrap_or_default();
+        Ok(Run {
+            handle: RunHandle::Container { id: created.id },
+            address,
+        })
+    }
+
+    async fn pull(&self, d: &Docker, image: &str) -> Result<(), RunError> {
+        let (repo, tag) = match image.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+            _ => (image.to_string(), "latest".to_string()),
+        };
+        let mut s = d.create_image(
+            Some(CreateImageOptions {
+                from_image: Some(repo),
+                tag: Some(tag),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        let pulled = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(item) = s.next().await {
+                item?;
+            }
+            Ok::<(), bollard::errors::Error>(())
+        })
+        .await;
+        match pulled {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(RunError::Image {
+                image: image.into(),
+                message: format!(
+                    "not present locally and the pull failed: {}",
+                    bollard_err(&self.socket, e)
+                ),
+            }),
+            Err(_) => Err(RunError::Image {
+                image: image.into(),
+                message: "not present locally and the pull did not finish within 120s".into(),
+            }),
+        }
+    }
+
+    async fn address(&self, id: &str) -> Result<String, RunError> {
+        let d = self.docker().await?;
+        let i = match d.inspect_container(id, None).await {
+            Ok(i) => i,
+            Err(e) => return Err(self.failed(e).await),
+        };
+        let nets = i.network_settings.and_then(|n| n.networks).unwrap_or_default();
+        let mut ips: Vec<String> = nets
+            .values()
+            .filter_map(|e| e.ip_address.clone())
+            .filter(|ip| !ip.is_empty())
+            .collect();
+        ips.sort();
+        Ok(ips.into_iter().next().unwrap_or_default())
+    }
+
+    /// Waits until the container stops. Survives the engine going away: it polls until the
+    /// engine answers again and then reports what happened meanwhile.
+    pub async fn wait(&self, id: &str) -> Exit {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            if let Ok(d) = self.docker().await {
+                let mut s = d.wait_container(
+                    id,
+                    Some(WaitContainerOptions {
+                        condition: "not-running".into(),
+                    }),
+                );
+                match s.next().await {
+                    Some(Ok(r)) => return self.exit_of(id, Some(r.status_code)).await,
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                        return self.exit_of(id, Some(code)).await
+                    }
+                    Some(Err(e)) if not_found(&e) => {
+                        return Exit {
+                            code: None,
+                            reason: "the container was removed outside rune".into(),
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let e = self.failed(e).await;
+                        tracing::warn!(container = %id, error = %e, "lost the container's wait; retrying");
+                    }
+                    None => {}
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn exit_of(&self, id: &str, code: Option<i64>) -> Exit {
+        let oom = match self.docker().await {
+            Ok(d) => d
+                .inspect_container(id, None)
+                .await
+                .ok()
+                .and_then(|i| i.state)
+                .and_then(|s| s.oom_killed)
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        let reason = match code {
+            _ if oom => "OOM-killed (memory limit reached)".to_string(),
+            Some(c) => format!("exited with code {c}"),
+            None => "exited".to_string(),
+        };
+        Exit { code, reason }
+    }
+
+    /// Stops (SIGTERM, SIGKILL after `grace`) and removes a container.
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RunError> {
+        let d = self.docker().await?;
+        match d
+            .stop_container(
+                id,
+                Some(StopContainerOptions {
+                    t: Some(grace.as_secs() as i32),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => return Ok(()),
+            // 304: already stopped.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => {}
+            Err(e) => return Err(self.failed(e).await),
+        }
+        self.remove(id).await
+    }
+
+    /// Removes a container, stopped or not.
+    pub async fn remove(&self, id: &str) -> Result<(), RunError> {
+        let d = self.docker().await?;
+        match d
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(self.failed(e).await),
+        }
+    }
+
+    /// Containers of this node that rune manages.
+    pub async fn list(&self) -> Result<Vec<Found>, RunError> {
+        let d = self.docker().await?;
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("rune.node={}", self.node),
+            ],
+        );
+        let list = match d
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => return Err(self.failed(e).await),
+        };
+        let mut out = Vec::new();
+        for c in list {
+            let labels = c.labels.unwrap_or_default();
+            let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+            let Some(id) = c.id else { continue };
+            let running = matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));
+            let address = if running {
+                self.address(&id).await.unwrap_or_default()
+            } else {
+                String::new()
+            };
+            out.push(Found {
+                namespace: get("rune.namespace"),
+                service: get("rune.service"),
+                id: get("rune.instance"),
+                template: get("rune.template"),
+                running,
+                run: Run {
+                    handle: RunHandle::Container { id },
+                    address,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// The container's output, as Docker keeps it.
+    pub async fn logs(&self, id: &str, q: &LogQuery) -> Result<LogStream, RunError> {
+        let d = self.docker().await?;
+        let s = d.logs(
+            id,
+            Some(LogsOptions {
+                follow: q.follow,
+                stdout: true,
+                stderr: true,
+                since: i32::try_from(q.since_s).unwrap_or(0),
+                until: 0,
+                timestamps: q.timestamps,
+                tail: if q.tail == 0 {
+                    "all".into()
+                } else {
+                    q.tail.to_string()
+                },
+            }),
+        );
+        let socket = self.socket.clone();
+        Ok(Box::pin(s.map(move |r| {
+            r.map(|o| o.into_bytes()).map_err(|e| bollard_err(&socket, e))
+        })))
+    }
+
+    /// Runs a command in the container.
+    pub async fn exec(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+    ) -> Result<(mpsc::Sender<ExecInput>, mpsc::Receiver<ExecOutput>), RunError> {
+        let d = self.docker().await?;
+        let created = d
+            .create_exec(
+                id,
+                CreateExecOptions::<String> {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(spec.tty),
+                    cmd: Some(spec.command.clone()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let exec_id = match created {
+            Ok(c) => c.id,
+            Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
+                return Err(RunError::Launch(bollard_err(&self.socket, e).to_string()))
+            }
+            Err(e) => return Err(self.failed(e).await),
+        };
+        let started = d
+            .start_exec(
+                &exec_id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: spec.tty,
+                    output_capacity: None,
+                }),
+            )
+            .await;
+        let (mut output, mut input) = match started {
+            Ok(StartExecResults::Attached { output, input }) => (output, input),
+            Ok(StartExecResults::Detached) => return Err(RunError::Runtime("exec detached".into())),
+            Err(e) => return Err(RunError::Launch(bollard_err(&self.socket, e).to_string())),
+        };
+        if spec.tty {
+            let _ = d
+                .resize_exec(
+                    &exec_id,
+                    ResizeExecOptions {
+                        h: i32::from(spec.rows.max(1)),
+                        w: i32::from(spec.cols.max(1)),
+                    },
+                )
+                .await;
+        }
+        let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(16);
+        let (out_tx, out_rx) = mpsc::channel::<ExecOutput>(16);
+        let d2 = d.clone();
+        let eid = exec_id.clone();
+        tokio::spawn(async move {
+            while let Some(i) = in_rx.recv().await {
+                match i {
+                    ExecInput::Stdin(b) => {
+                        if input.write_all(&b).await.is_err() {
+                            break;
+                        }
+                        let _ = input.flush().await;
+                    }
+                    ExecInput::Resize { cols, rows } => {
+                        let _ = d2
+                            .resize_exec(
+                                &eid,
+                                ResizeExecOptions {
+                                    h: i32::from(rows.max(1)),
+                                    w: i32::from(cols.max(1)),
+                                },
+                            )
+                            .await;
+                    }
+                    ExecInput::Eof => {
+                        let _ = input.shutdown().await;
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            use bollard::container::LogOutput;
+            while let Some(Ok(o)) = output.next().await {
+                let msg = match o {
+                    LogOutput::StdErr { message } => ExecOutput::Stderr(message),
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        ExecOutput::Stdout(message)
+                    }
+                    LogOutput::StdIn { .. } => continue,
+                };
+                if out_tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            let code = d
+                .inspect_exec(&exec_id)
+                .await
+                .ok()
+                .and_then(|i| i.exit_code)
+                .unwrap_or(-1);
+            let _ = out_tx.send(ExecOutput::Exit(code)).await;
+        });
+        Ok((in_tx, out_rx))
+    }
+}
+
+fn command_vec(c: &rune_statemachine::spec::StringOrList) -> Vec<String> {
+    match c {
+        rune_statemachine::spec::StringOrList::One(s) => vec![s.clone()],
+        rune_statemachine::spec::StringOrList::Many(v) => v.clone(),
+    }
+}
+
+/// CPU limit in nano-CPUs and memory limit in bytes from `resources.*.limit`.
+fn limits(spec: &rune_statemachine::spec::ServiceSpec) -> (Option<i64>, Option<i64>) {
+    let Some(r) = &spec.resources else {
+        return (None, None);
+    };
+    let cpu = r
+        .cpu
+        .as_ref()
+        .and_then(|c| c.limit.as_ref())
+        .and_then(|l| rune_statemachine::validate::parse_cpu_millis(l.as_str()).ok())
+        .and_then(|m| i64::try_from(m).ok())
+        .map(|m| m.saturating_mul(1_000_000));
+    let mem = r
+        .memory
+        .as_ref()
+        .and_then(|c| c.limit.as_ref())
+        .and_then(|l| rune_statemachine::validate::parse_memory_bytes(l.as_str()).ok())
+        .and_then(|b| i64::try_from(b).ok());
+    (cpu, mem)
+}

@@ -49,10 +49,7 @@ systemd-analyze verify "$unit"
 bash -n deploy/install.sh
 
 echo "== test image"
-if ! docker info >/dev/null 2>&1; then
-    echo "test.sh: the Docker Engine is not reachable; the runner tests need it" >&2
-    exit 1
-fi
+scripts/ensure-docker.sh
 scripts/test-images.sh
 
 echo "== tests"

@@ -99,6 +99,11 @@ pub struct Daemon {
     pub extra: Vec<String>,
     /// The node name runed labels its containers with, unique per daemon so cleanup finds them.
     pub node: String,
+    /// The root token from `rune admin bootstrap`, minted at the first start unless
+    /// `auto_bootstrap` is off; every `rune` this harness runs carries it.
+    pub token: Option<String>,
+    /// Bootstrap at the first start (on by default).
+    pub auto_bootstrap: bool,
     child: Option<Child>,
     tmp: tempfile::TempDir,
 }
@@ -120,6 +125,8 @@ impl Daemon {
                 std::process::id(),
                 NEXT_NODE.fetch_add(1, Ordering::SeqCst)
             ),
+            token: None,
+            auto_bootstrap: true,
             child: None,
             tmp,
         }
@@ -155,6 +162,8 @@ impl Daemon {
             ])
             .args(["--metrics-addr", &self.metrics.to_string()])
             .args(["--node-name", &self.node])
+            .arg("--run-dir")
+            .arg(self.tmp.path().join("run"))
             .args(&self.extra);
         c
     }
@@ -193,6 +202,17 @@ impl Daemon {
         if let Some(st) = exited {
             panic!("runed exited during start with {st}:\n{}", self.logs());
         }
+        if self.auto_bootstrap && self.token.is_none() {
+            let o = self.rune(&["admin", "bootstrap"]);
+            assert!(o.status.success(), "bootstrap: {}", stderr(&o));
+            self.token = Some(stdout(&o).trim().to_string());
+        }
+    }
+
+    /// An interceptor that sends this daemon's root token, for gRPC clients
+    /// (`XClient::with_interceptor(channel, d.bearer())`).
+    pub fn bearer(&self) -> Bearer {
+        Bearer::new(self.token.as_deref().unwrap_or_default())
     }
 
     /// The pid of the running daemon.
@@ -263,6 +283,9 @@ impl Daemon {
             .env("RUNE_CLI_CONFIG", self.tmp.path().join("cli-config.yaml"))
             .env_remove("RUNE_TOKEN")
             .stdin(Stdio::null());
+        if let Some(t) = &self.token {
+            c.env("RUNE_TOKEN", t);
+        }
         c
     }
 
@@ -318,6 +341,26 @@ impl Daemon {
             }
         }
         pids
+    }
+}
+
+/// Sends `authorization: Bearer <token>` on every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// An interceptor for `token`.
+    pub fn new(token: &str) -> Self {
+        Self(format!("Bearer {token}").parse().ok())
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
     }
 }
 

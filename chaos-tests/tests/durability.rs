@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rune_chaos_tests::{stderr, stdout, Bins, Daemon};
+use rune_chaos_tests::{stderr, stdout, Bearer, Bins, Daemon};
 use rune_proto::v1 as pb;
 
 /// xorshift64*: enough randomness for kill timing, reproducible from the printed seed.
@@ -40,10 +40,14 @@ fn spec(name: &str, seq: u64) -> pb::ApplyRequest {
 /// Acknowledged writes: service name → highest sequence number acknowledged.
 type Acked = Arc<Mutex<BTreeMap<String, u64>>>;
 
-async fn writer(addr: String, worker: usize, round: usize, acked: Acked) {
-    let Ok(mut c) = pb::service_api_client::ServiceApiClient::connect(addr).await else {
+async fn writer(addr: String, bearer: Bearer, worker: usize, round: usize, acked: Acked) {
+    let Ok(ch) = tonic::transport::Channel::from_shared(addr) else {
         return;
     };
+    let Ok(ch) = ch.connect().await else {
+        return;
+    };
+    let mut c = pb::service_api_client::ServiceApiClient::with_interceptor(ch, bearer);
     for i in 1u64.. {
         // Each worker creates new services and keeps raising the sequence number of its own one,
         // across rounds too.
@@ -136,7 +140,7 @@ fn acknowledged_writes_survive_sigkill() {
     for round in 0..rounds {
         let addr = format!("http://{}", d.grpc);
         let workers: Vec<_> = (0..8)
-            .map(|w| rt.spawn(writer(addr.clone(), w, round, acked.clone())))
+            .map(|w| rt.spawn(writer(addr.clone(), d.bearer(), w, round, acked.clone())))
             .collect();
         std::thread::sleep(Duration::from_millis(30 + rng.below(400)));
         d.sigkill();

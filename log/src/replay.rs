@@ -238,12 +238,18 @@ pub fn dump(db: &Database) -> Result<Vec<(String, serde_json::Value)>, ReplayErr
 
 fn targets(cmd: &Command) -> Vec<String> {
     match cmd {
-        Command::Init { namespaces } => namespaces.iter().map(|n| format!("namespace/{n}")).collect(),
+        Command::Init { namespaces, policies } => namespaces
+            .iter()
+            .map(|n| format!("namespace/{n}"))
+            .chain(policies.iter().map(|p| format!("policy/{}", p.name)))
+            .collect(),
         Command::Apply { resources, .. } => resources
             .iter()
             .map(|r| match r {
                 Resource::Service(s) => format!("service/{}/{}", s.namespace(), s.name),
                 Resource::Namespace(n) => format!("namespace/{}", n.name),
+                Resource::Secret(s) => format!("secret/{}/{}", s.namespace, s.name),
+                Resource::Configmap(c) => format!("configmap/{}/{}", c.namespace, c.name),
             })
             .collect(),
         Command::DeleteService { namespace, name, .. }
@@ -264,6 +270,26 @@ fn targets(cmd: &Command) -> Vec<String> {
             v
         }
         Command::DeleteNamespace { name } => vec![format!("namespace/{name}")],
+        Command::DeleteSecret { namespace, name } => vec![format!("secret/{namespace}/{name}")],
+        Command::DeleteConfigmap { namespace, name } => vec![format!("configmap/{namespace}/{name}")],
+        Command::RewrapSecrets { items } => {
+            let mut v: Vec<String> = items
+                .iter()
+                .map(|i| format!("secret/{}/{}", i.namespace, i.name))
+                .collect();
+            v.dedup();
+            v
+        }
+        Command::PutUser { name, .. } | Command::DeleteUser { name } => vec![format!("user/{name}")],
+        Command::PutPolicy { spec } => vec![format!("policy/{}", spec.name)],
+        Command::DeletePolicy { name } => vec![format!("policy/{name}")],
+        Command::SetUserPolicy { user, policy, .. } => {
+            vec![format!("user/{user}"), format!("policy/{policy}")]
+        }
+        Command::CreateToken { token, .. } => {
+            vec![format!("token/{}", token.id), format!("user/{}", token.subject)]
+        }
+        Command::RevokeToken { id } => vec![format!("token/{id}")],
     }
 }
 

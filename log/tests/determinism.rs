@@ -4,7 +4,10 @@
 use proptest::prelude::*;
 use rune_log::replay::Replay;
 use rune_log::{Log, LogConfig};
+use rune_statemachine::command::Rewrap;
+use rune_statemachine::identity::{PolicyRule, PolicySpec, TokenRecord};
 use rune_statemachine::instance::{InstanceChange, InstanceEvent};
+use rune_statemachine::secret::{Configmap, SealedSecret};
 use rune_statemachine::spec::{NamespaceSpec, PortSpec, ServiceSpec, Text};
 use rune_statemachine::{Command, Resource};
 
@@ -77,6 +80,76 @@ fn command() -> impl Strategy<Value = Command> {
             }).collect(),
         }),
         1 => (0..3usize).prop_map(|n| Command::DeleteNamespace { name: ["team", "ops", "default"][n].into() }),
+        2 => (0..2usize, 1..4u64, 0..2usize).prop_map(|(n, version, kek)| Command::Apply {
+            resources: vec![Resource::Secret(SealedSecret {
+                namespace: "default".into(),
+                name: ["db", "tls"][n].into(),
+                type_: "static".into(),
+                version,
+                keys: vec!["password".into()],
+                kek_id: ["k1", "k2"][kek].into(),
+                wrapped_dek: format!("dek-{version}"),
+                ciphertext: format!("ct-{version}"),
+            })],
+            create_namespace: false,
+            force: false,
+            history_limit: 2,
+        }),
+        1 => (0..2usize, 0..2usize).prop_map(|(n, v)| Command::Apply {
+            resources: vec![Resource::Configmap(Configmap {
+                namespace: "default".into(),
+                name: ["cfg", "other"][n].into(),
+                data: [("mode".to_string(), ["a", "b"][v].to_string())].into_iter().collect(),
+            })],
+            create_namespace: false,
+            force: false,
+            history_limit: 10,
+        }),
+        1 => (0..2usize, 1..4u64).prop_map(|(n, version)| Command::RewrapSecrets {
+            items: vec![Rewrap {
+                namespace: "default".into(),
+                name: ["db", "tls"][n].into(),
+                version,
+                from_kek_id: "k1".into(),
+                kek_id: "k2".into(),
+                wrapped_dek: "rewrapped".into(),
+            }],
+        }),
+        1 => (0..2usize).prop_map(|n| Command::DeleteSecret { namespace: "default".into(), name: ["db", "tls"][n].into() }),
+        1 => (0..3usize, 0..3usize).prop_map(|(u, p)| Command::PutUser {
+            name: ["alice", "bob", "Bad"][u].into(),
+            email: None,
+            policies: vec![["readonly", "dev", "nope"][p].into()],
+            create: u == 0,
+        }),
+        1 => (0..2usize).prop_map(|n| Command::PutPolicy {
+            spec: PolicySpec {
+                name: ["dev", "readonly"][n].into(),
+                description: None,
+                rules: vec![PolicyRule { resource: "service".into(), verbs: vec!["get".into()], namespace: "team".into() }],
+            },
+        }),
+        1 => (0..3usize, any::<bool>()).prop_map(|(n, bootstrap)| Command::CreateToken {
+            token: TokenRecord {
+                id: format!("t{n}"),
+                name: format!("tok{n}"),
+                subject: ["alice", "root", "carol"][n].into(),
+                issued_at_ms: 1,
+                expires_at_ms: (n == 2).then_some(5),
+                secret_hash: format!("{n:064}"),
+                ..Default::default()
+            },
+            create_user: n == 2,
+            bootstrap,
+        }),
+        1 => (0..3usize).prop_map(|n| Command::RevokeToken { id: format!("t{n}") }),
+        1 => (0..2usize).prop_map(|n| Command::DeleteUser { name: ["alice", "bob"][n].into() }),
+        1 => (0..2usize, any::<bool>()).prop_map(|(n, attach)| Command::SetUserPolicy {
+            user: "alice".into(),
+            policy: ["dev", "admin"][n].into(),
+            attach,
+        }),
+        1 => (0..2usize).prop_map(|n| Command::DeletePolicy { name: ["dev", "root"][n].into() }),
     ]
 }
 
@@ -90,7 +163,7 @@ proptest! {
         rt.block_on(async {
             let cfg = LogConfig { snapshot_every: 15, keep_after_snapshot: 3, ..LogConfig::new(dir.path()) };
             let log = Log::open(cfg).await.unwrap();
-            log.propose(Command::Init { namespaces: vec!["system".into(), "default".into()] }).await.unwrap();
+            log.propose(Command::Init { policies: rune_statemachine::identity::builtin_policies(), namespaces: vec!["system".into(), "default".into()] }).await.unwrap();
             for c in cmds {
                 log.propose(c).await.unwrap();
             }

@@ -11,9 +11,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rune_chaos_tests::{Bins, Daemon};
+use rune_chaos_tests::{Bearer, Bins, Daemon};
 use rune_proto::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A channel that carries the daemon's token.
+type Ch = InterceptedService<Channel, Bearer>;
 
 fn process_spec(name: &str) -> String {
     serde_json::json!({"name": name, "scale": 1, "process": {"command": "/bin/sleep", "args": ["100000"]}})
@@ -33,7 +37,7 @@ fn pct(v: &[Duration], p: f64) -> f64 {
 }
 
 /// Casts `names` in one Apply and returns, per service, the time until its instance was ready.
-async fn cast_and_time(ch: &Channel, names: &[String], spec: fn(&str) -> String) -> Vec<Duration> {
+async fn cast_and_time(ch: &Ch, names: &[String], spec: fn(&str) -> String) -> Vec<Duration> {
     let mut watch = pb::instance_api_client::InstanceApiClient::new(ch.clone())
         .watch_instances(pb::WatchInstancesRequest {
             namespace: "default".into(),
@@ -72,7 +76,7 @@ async fn cast_and_time(ch: &Channel, names: &[String], spec: fn(&str) -> String)
     ready.into_values().collect()
 }
 
-async fn delete_all(ch: &Channel, names: &[String]) {
+async fn delete_all(ch: &Ch, names: &[String]) {
     let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
     for n in names {
         let _ = c
@@ -163,11 +167,12 @@ fn main() {
 
     let d = Daemon::start(&bins);
     let ch = rt.block_on(async {
-        Channel::from_shared(format!("http://{}", d.grpc))
+        let c = Channel::from_shared(format!("http://{}", d.grpc))
             .unwrap()
             .connect()
             .await
-            .expect("connect")
+            .expect("connect");
+        InterceptedService::new(c, d.bearer())
     });
     println!("time from cast (Apply) to each service's instance running and ready");
     println!();
@@ -199,11 +204,12 @@ fn main() {
 
     let d = Daemon::start(&bins);
     let ch = rt.block_on(async {
-        Channel::from_shared(format!("http://{}", d.grpc))
+        let c = Channel::from_shared(format!("http://{}", d.grpc))
             .unwrap()
             .connect()
             .await
-            .expect("connect")
+            .expect("connect");
+        InterceptedService::new(c, d.bearer())
     });
     let pid = d.pid().expect("runed pid");
     println!();

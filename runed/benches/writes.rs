@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rune_chaos_tests::{free_port, http_get, wait_until, Bins, Daemon};
+use rune_chaos_tests::{free_port, http_get, wait_until, Bearer, Bins, Daemon};
 use rune_proto::v1 as pb;
 use tonic::transport::Channel;
 
@@ -109,12 +109,13 @@ async fn channels(addr: String, n: usize) -> Vec<Channel> {
     v
 }
 
-async fn bench_runed(addr: String, clients: usize, seconds: u64, round: usize) -> Run {
+async fn bench_runed(addr: String, bearer: Bearer, clients: usize, seconds: u64, round: usize) -> Run {
     let chans = Arc::new(channels(addr, clients).await);
     drive(clients, seconds, move |c, i| {
         let ch = chans[c].clone();
+        let bearer = bearer.clone();
         async move {
-            let mut client = pb::service_api_client::ServiceApiClient::new(ch);
+            let mut client = pb::service_api_client::ServiceApiClient::with_interceptor(ch, bearer);
             let json = spec(&format!("b{round}-c{c}-{i}"));
             let req = pb::ApplyRequest {
                 resources: vec![pb::Resource {
@@ -224,7 +225,13 @@ fn main() {
     println!("| clients | runed writes/s | runed p50 ms | runed p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | runed/etcd |");
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
     for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
-        let r = rt.block_on(bench_runed(format!("http://{}", d.grpc), clients, seconds, round));
+        let r = rt.block_on(bench_runed(
+            format!("http://{}", d.grpc),
+            d.bearer(),
+            clients,
+            seconds,
+            round,
+        ));
         let e = etcd
             .as_ref()
             .map(|e| rt.block_on(bench_etcd(e.url.clone(), clients, seconds, round)));

@@ -8,13 +8,15 @@ use futures::Stream;
 use rune_log::{AppliedEntry, Log, ProposeError};
 use rune_proto::v1 as pb;
 use rune_statemachine::store::{
-    get_record, list_records, namespace_key, service_history, service_key, services_prefix, spec_hash,
-    NamespaceRecord, ObjectMeta, ServiceRecord,
+    configmap_key, get_record, list_records, namespace_key, secret_key, service_history, service_key,
+    services_prefix, spec_hash, NamespaceRecord, ObjectMeta, ServiceRecord,
 };
 use rune_statemachine::validate::parse_resource;
 use rune_statemachine::{Action, Command, Kind, Rejection, Resource, MAX_SPEC_BYTES, STATE_TABLE};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
+
+use crate::auth::authorize;
 
 /// Shared by every service of the API.
 #[derive(Clone)]
@@ -25,6 +27,10 @@ pub struct Api {
     pub history_limit: u32,
     /// Runs the instances; asked for live health, logs and exec.
     pub orchestrator: Arc<rune_orchestrator::Orchestrator>,
+    /// The KEKs, secret limits and rotation.
+    pub secrets: Arc<crate::secrets_api::Secrets>,
+    /// Admin RPCs from non-loopback clients (`auth.allow-remote-admin`).
+    pub allow_remote_admin: bool,
 }
 
 pub(crate) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -42,6 +48,7 @@ pub(crate) fn rejection(r: Rejection) -> Status {
         Rejection::Invalid(m) => Status::invalid_argument(m),
         Rejection::NotFound(m) => Status::not_found(m),
         Rejection::FailedPrecondition(m) => Status::failed_precondition(m),
+        Rejection::AlreadyExists(m) => Status::already_exists(m),
         Rejection::UnsupportedFormat(_) => Status::internal(r.to_string()),
     }
 }
@@ -134,11 +141,40 @@ fn matches(r: &ServiceRecord, sel: &[(String, String)]) -> bool {
         .all(|(k, v)| r.spec.labels.get(k).is_some_and(|x| &x.0 == v))
 }
 
+/// One decoded resource of a cast. Secrets stay plaintext here, in memory, until sealed.
+// Short-lived, a handful per cast: boxing the service would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Decoded {
+    /// Ready to propose.
+    Resource(Resource),
+    /// A secret to seal (or to skip when unchanged).
+    Secret {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Values.
+        data: rune_statemachine::secret::SecretData,
+    },
+}
+
+fn spec_problem(kind: &str, name: &str, errs: &[rune_statemachine::decode::FieldError]) -> Status {
+    let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    Status::invalid_argument(format!("{kind} {name}: {}", list.join("; ")))
+}
+
 /// Decodes and validates one resource of a cast, naming what is wrong.
-fn decode_resource(r: &pb::Resource, i: usize) -> Result<Resource, Status> {
+fn decode_resource(
+    r: &pb::Resource,
+    i: usize,
+    limits: rune_statemachine::secret::SecretLimits,
+) -> Result<Decoded, Status> {
+    use pb::resource::Kind as K;
     let (kind, json) = match &r.kind {
-        Some(pb::resource::Kind::ServiceJson(j)) => ("service", j),
-        Some(pb::resource::Kind::NamespaceJson(j)) => ("namespace", j),
+        Some(K::ServiceJson(j)) => ("service", j),
+        Some(K::NamespaceJson(j)) => ("namespace", j),
+        Some(K::SecretJson(j)) => ("secret", j),
+        Some(K::ConfigmapJson(j)) => ("configmap", j),
         None => {
             return Err(Status::invalid_argument(format!(
                 "resources[{i}]: no resource given"
@@ -152,13 +188,53 @@ fn decode_resource(r: &pb::Resource, i: usize) -> Result<Resource, Status> {
             MAX_SPEC_BYTES / 1048576
         )));
     }
-    let value: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| Status::invalid_argument(format!("resources[{i}]: {kind} spec is not JSON: {e}")))?;
+    // Never echo a secret's JSON back: serde's message could quote a value.
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        if kind == "secret" {
+            Status::invalid_argument(format!(
+                "resources[{i}]: secret spec is not JSON (line {})",
+                e.line()
+            ))
+        } else {
+            Status::invalid_argument(format!("resources[{i}]: {kind} spec is not JSON: {e}"))
+        }
+    })?;
     let name = value.get("name").and_then(|n| n.as_str()).unwrap_or("<unnamed>");
-    parse_resource(kind, &value).map_err(|errs| {
-        let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        Status::invalid_argument(format!("{kind} {name}: {}", list.join("; ")))
-    })
+    match kind {
+        "secret" => {
+            let spec: rune_statemachine::secret::SecretSpec =
+                rune_statemachine::decode::decode(&value).map_err(|errs| spec_problem(kind, name, &errs))?;
+            let data = spec
+                .to_data(limits)
+                .map_err(|errs| spec_problem(kind, name, &errs))?;
+            Ok(Decoded::Secret {
+                namespace: spec.namespace().to_string(),
+                name: spec.name.clone(),
+                data,
+            })
+        }
+        "configmap" => {
+            let spec: rune_statemachine::secret::ConfigmapSpec =
+                rune_statemachine::decode::decode(&value).map_err(|errs| spec_problem(kind, name, &errs))?;
+            let c = spec
+                .to_configmap(limits)
+                .map_err(|errs| spec_problem(kind, name, &errs))?;
+            Ok(Decoded::Resource(Resource::Configmap(c)))
+        }
+        _ => parse_resource(kind, &value)
+            .map(Decoded::Resource)
+            .map_err(|errs| spec_problem(kind, name, &errs)),
+    }
+}
+
+/// Order of a cast: namespaces, then configmaps and secrets, then the services that use them.
+fn cast_rank(r: &Resource) -> u8 {
+    match r {
+        Resource::Namespace(_) => 0,
+        Resource::Configmap(_) => 1,
+        Resource::Secret(_) => 2,
+        Resource::Service(_) => 3,
+    }
 }
 
 impl Api {
@@ -181,8 +257,13 @@ impl Api {
         let mut new_namespaces = std::collections::BTreeSet::new();
         for r in resources {
             let (kind, ns, name, key, hash) = match r {
-                Resource::Service(s) => {
-                    let ns = s.namespace().to_string();
+                Resource::Service(_) | Resource::Secret(_) | Resource::Configmap(_) => {
+                    let ns = match r {
+                        Resource::Service(s) => s.namespace().to_string(),
+                        Resource::Secret(s) => s.namespace.clone(),
+                        Resource::Configmap(c) => c.namespace.clone(),
+                        Resource::Namespace(_) => String::new(),
+                    };
                     let exists = new_namespaces.contains(&ns)
                         || get_record::<Stored, _>(&t, &namespace_key(&ns))
                             .map_err(internal)?
@@ -202,13 +283,31 @@ impl Api {
                             1,
                         ));
                     }
-                    (
-                        "service",
-                        ns,
-                        s.name.clone(),
-                        service_key(s.namespace(), &s.name),
-                        spec_hash(s),
-                    )
+                    match r {
+                        Resource::Service(s) => (
+                            "service",
+                            ns,
+                            s.name.clone(),
+                            service_key(s.namespace(), &s.name),
+                            spec_hash(s),
+                        ),
+                        // Sealed secrets reaching here changed: unchanged ones were left out before.
+                        Resource::Secret(s) => (
+                            "secret",
+                            ns,
+                            s.name.clone(),
+                            secret_key(&s.namespace, &s.name),
+                            String::new(),
+                        ),
+                        Resource::Configmap(c) => (
+                            "configmap",
+                            ns,
+                            c.name.clone(),
+                            configmap_key(&c.namespace, &c.name),
+                            spec_hash(c),
+                        ),
+                        Resource::Namespace(_) => continue,
+                    }
                 }
                 Resource::Namespace(n) => {
                     new_namespaces.insert(n.name.clone());
@@ -253,25 +352,43 @@ fn result(
 #[tonic::async_trait]
 impl pb::service_api_server::ServiceApi for Api {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        // Each resource is checked below, with the verb its predicted action needs.
+        let caller = crate::auth::caller(&req)?;
         let req = req.into_inner();
         if req.resources.is_empty() {
             return Err(Status::invalid_argument("resources: nothing to apply"));
         }
-        let mut resources = Vec::with_capacity(req.resources.len());
+        let mut decoded = Vec::with_capacity(req.resources.len());
         for (i, r) in req.resources.iter().enumerate() {
-            resources.push(decode_resource(r, i)?);
+            decoded.push(decode_resource(r, i, self.secrets.limits)?);
         }
-        // Namespaces first, so a cast may create the namespace its services live in.
-        resources.sort_by_key(|r| !matches!(r, Resource::Namespace(_)));
+        // Secrets are sealed before anything is proposed; an unchanged one is left out.
+        let (mut resources, unchanged_secrets) = self.secrets.seal_cast(&self.log, decoded)?;
+        resources.sort_by_key(cast_rank);
         // The applied state already holds every acknowledged write (apply runs before the reply),
         // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway.
         let txn = self.log.read().map_err(internal)?;
-        let predicted = self.predict(&txn, &resources, req.force, req.create_namespace)?;
+        let mut predicted = self.predict(&txn, &resources, req.force, req.create_namespace)?;
         drop(txn);
+        predicted.extend(unchanged_secrets);
+        for p in &predicted {
+            let verb = if p.action == pb::ApplyAction::Created as i32 {
+                "create"
+            } else {
+                "update"
+            };
+            let (resource, ns) = if p.kind == "namespace" {
+                ("namespaces", p.name.as_str())
+            } else {
+                (p.kind.as_str(), p.namespace.as_str())
+            };
+            let resource = rune_statemachine::identity::canonical_resource(resource).unwrap_or("*");
+            crate::auth::check(&caller, resource, verb, Some(ns))?;
+        }
         let unchanged = predicted
             .iter()
             .all(|p| p.action == pb::ApplyAction::Unchanged as i32);
-        if req.dry_run || unchanged {
+        if req.dry_run || unchanged || resources.is_empty() {
             return Ok(Response::new(pb::ApplyResponse {
                 results: predicted,
                 index: 0,
@@ -285,6 +402,9 @@ impl pb::service_api_server::ServiceApi for Api {
         };
         let p = self.log.propose(cmd).await.map_err(unavailable)?;
         let changes = p.outcome.map_err(rejection)?;
+        let unchanged_secrets = predicted
+            .into_iter()
+            .filter(|r| r.kind == "secret" && r.action == pb::ApplyAction::Unchanged as i32);
         let results = changes
             .into_iter()
             .map(|c| pb::ApplyResult {
@@ -298,6 +418,7 @@ impl pb::service_api_server::ServiceApi for Api {
                 } as i32,
                 generation: c.generation,
             })
+            .chain(unchanged_secrets)
             .collect();
         Ok(Response::new(pb::ApplyResponse {
             results,
@@ -309,6 +430,12 @@ impl pb::service_api_server::ServiceApi for Api {
         &self,
         req: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::Service>, Status> {
+        authorize(
+            &req,
+            "services",
+            "get",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         let ns = namespace_or_default(&req.namespace);
         let txn = self.log.read().map_err(internal)?;
@@ -323,6 +450,12 @@ impl pb::service_api_server::ServiceApi for Api {
         &self,
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        authorize(
+            &req,
+            "services",
+            "list",
+            scope(&req.get_ref().namespace).as_deref(),
+        )?;
         let req = req.into_inner();
         let sel = parse_selector(&req.label_selector)?;
         let ns = scope(&req.namespace);
@@ -340,6 +473,12 @@ impl pb::service_api_server::ServiceApi for Api {
         &self,
         req: Request<pb::WatchServicesRequest>,
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        authorize(
+            &req,
+            "services",
+            "watch",
+            scope(&req.get_ref().namespace).as_deref(),
+        )?;
         let req = req.into_inner();
         let sel = parse_selector(&req.label_selector)?;
         let ns = scope(&req.namespace);
@@ -420,6 +559,12 @@ impl pb::service_api_server::ServiceApi for Api {
         &self,
         req: Request<pb::DeleteServiceRequest>,
     ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        authorize(
+            &req,
+            "services",
+            "delete",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         if req.name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
@@ -442,6 +587,12 @@ impl pb::service_api_server::ServiceApi for Api {
         &self,
         req: Request<pb::ServiceHistoryRequest>,
     ) -> Result<Response<pb::ServiceHistoryResponse>, Status> {
+        authorize(
+            &req,
+            "services",
+            "get",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         let ns = namespace_or_default(&req.namespace);
         let txn = self.log.read().map_err(internal)?;
@@ -472,8 +623,9 @@ impl pb::service_api_server::ServiceApi for Api {
 impl pb::namespace_api_server::NamespaceApi for Api {
     async fn list_namespaces(
         &self,
-        _req: Request<pb::ListNamespacesRequest>,
+        req: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        authorize(&req, "namespaces", "list", None)?;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let recs: Vec<NamespaceRecord> = list_records(&t, "namespaces/").map_err(internal)?;
@@ -486,6 +638,7 @@ impl pb::namespace_api_server::NamespaceApi for Api {
         &self,
         req: Request<pb::GetNamespaceRequest>,
     ) -> Result<Response<pb::Namespace>, Status> {
+        authorize(&req, "namespaces", "get", Some(&req.get_ref().name))?;
         let name = req.into_inner().name;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
@@ -499,6 +652,7 @@ impl pb::namespace_api_server::NamespaceApi for Api {
         &self,
         req: Request<pb::DeleteNamespaceRequest>,
     ) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
+        authorize(&req, "namespaces", "delete", Some(&req.get_ref().name))?;
         let name = req.into_inner().name;
         if name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
@@ -516,8 +670,9 @@ impl pb::namespace_api_server::NamespaceApi for Api {
 
     async fn watch_namespaces(
         &self,
-        _req: Request<pb::WatchNamespacesRequest>,
+        req: Request<pb::WatchNamespacesRequest>,
     ) -> Result<Response<Self::WatchNamespacesStream>, Status> {
+        authorize(&req, "namespaces", "watch", None)?;
         let mut rx = self.log.subscribe();
         let index = *self.log.applied().borrow();
         let initial: Vec<NamespaceRecord> = {
@@ -590,8 +745,9 @@ impl pb::namespace_api_server::NamespaceApi for Api {
 impl pb::system_api_server::SystemApi for Api {
     async fn version(
         &self,
-        _req: Request<pb::VersionRequest>,
+        req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::VersionResponse>, Status> {
+        crate::auth::caller(&req)?;
         let (term, _, applied) = self.log.positions();
         Ok(Response::new(pb::VersionResponse {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -74,6 +74,19 @@ pub struct Parsed {
     pub skipped: Vec<String>,
     /// Files that are runefiles (server configuration), not castfiles.
     pub runefiles: Vec<String>,
+    /// Secrets, still plaintext: the server seals them.
+    pub secrets: Vec<LocatedSecret>,
+}
+
+/// A secret read from a castfile, validated but not sealed.
+#[derive(Debug, Clone)]
+pub struct LocatedSecret {
+    /// The spec as written.
+    pub spec: rune_statemachine::secret::SecretSpec,
+    /// Its file.
+    pub file: String,
+    /// Its line.
+    pub line: usize,
 }
 
 /// Top-level keys of a runefile; a document with two of them and no castfile key is one.
@@ -107,11 +120,7 @@ fn is_runefile(pairs: &[(Node, Node)]) -> bool {
     !castfile && keys.iter().filter(|k| RUNEFILE_KEYS.contains(k)).count() >= 2
 }
 
-const LATER_KINDS: [(&str, &str); 8] = [
-    ("secret", "secret"),
-    ("secrets", "secret"),
-    ("configmap", "configmap"),
-    ("configmaps", "configmap"),
+const LATER_KINDS: [(&str, &str); 4] = [
     ("policy", "policy"),
     ("policies", "policy"),
     ("runeset", "runeset"),
@@ -194,13 +203,16 @@ pub fn parse_text(file: &str, text: &str, parsed: &mut Parsed) {
             match k {
                 "service" => decode_service(file, value, parsed),
                 "namespace" => decode_namespace(file, value, parsed),
-                "services" | "namespaces" => match &value.kind {
+                "secret" => decode_secret(file, value, parsed),
+                "configmap" => decode_configmap(file, value, parsed),
+                "services" | "namespaces" | "secrets" | "configmaps" => match &value.kind {
                     NodeKind::Seq(items) => {
                         for item in items {
-                            if k == "services" {
-                                decode_service(file, item, parsed)
-                            } else {
-                                decode_namespace(file, item, parsed)
+                            match k {
+                                "services" => decode_service(file, item, parsed),
+                                "secrets" => decode_secret(file, item, parsed),
+                                "configmaps" => decode_configmap(file, item, parsed),
+                                _ => decode_namespace(file, item, parsed),
                             }
                         }
                     }
@@ -259,10 +271,55 @@ fn name_of(node: &Node) -> String {
 fn decode_service(file: &str, node: &Node, parsed: &mut Parsed) {
     let value = node.to_json();
     if value.get("skip") == Some(&serde_json::Value::Bool(true)) {
-        parsed.skipped.push(name_of(node));
+        parsed.skipped.push(format!("service/{}", name_of(node)));
         return;
     }
     decode_as("service", file, node, &value, parsed);
+}
+
+fn skipped(value: &serde_json::Value) -> bool {
+    value.get("skip") == Some(&serde_json::Value::Bool(true))
+}
+
+fn decode_secret(file: &str, node: &Node, parsed: &mut Parsed) {
+    use rune_statemachine::secret::{SecretLimits, SecretSpec};
+    let value = node.to_json();
+    if skipped(&value) {
+        parsed.skipped.push(format!("secret/{}", name_of(node)));
+        return;
+    }
+    let what = format!("secret \"{}\"", name_of(node));
+    // The server's limits may differ; it checks again with its own.
+    match rune_statemachine::decode::decode::<SecretSpec>(&value)
+        .and_then(|s| s.to_data(SecretLimits::default()).map(|_| s))
+    {
+        Ok(spec) => parsed.secrets.push(LocatedSecret {
+            spec,
+            file: file.into(),
+            line: node.line,
+        }),
+        Err(errs) => parsed.problems.extend(located(file, node, &errs, &what)),
+    }
+}
+
+fn decode_configmap(file: &str, node: &Node, parsed: &mut Parsed) {
+    use rune_statemachine::secret::{ConfigmapSpec, SecretLimits};
+    let value = node.to_json();
+    if skipped(&value) {
+        parsed.skipped.push(format!("configmap/{}", name_of(node)));
+        return;
+    }
+    let what = format!("configmap \"{}\"", name_of(node));
+    match rune_statemachine::decode::decode::<ConfigmapSpec>(&value)
+        .and_then(|s| s.to_configmap(SecretLimits::default()))
+    {
+        Ok(c) => parsed.resources.push(Located {
+            resource: Resource::Configmap(c),
+            file: file.into(),
+            line: node.line,
+        }),
+        Err(errs) => parsed.problems.extend(located(file, node, &errs, &what)),
+    }
 }
 
 fn decode_namespace(file: &str, node: &Node, parsed: &mut Parsed) {
@@ -414,11 +471,27 @@ mod tests {
 
     #[test]
     fn unknown_top_level_key_and_later_kinds() {
-        let p = parse("servce:\n  name: a\nsecret:\n  name: s\n  data: {a: b}\n");
+        let p = parse("servce:\n  name: a\nsecret:\n  name: s\n  data: {a: b}\npolicy:\n  name: p\n");
         assert_eq!(p.problems.len(), 1);
         assert_eq!(p.problems[0].line, 1);
-        assert_eq!(p.unsupported[0].kind, "secret");
-        assert_eq!(p.unsupported[0].name, "s");
+        assert_eq!(p.secrets[0].spec.name, "s");
+        assert_eq!(p.unsupported[0].kind, "policy");
+        assert_eq!(p.unsupported[0].name, "p");
+    }
+
+    #[test]
+    fn secrets_and_configmaps_in_every_form() {
+        let p = parse(
+            "secrets:\n  - name: a\n    data:\n      - key: u\n        value: x\n      - key: b\n        valueBase64: AAE=\n\
+             secret:\n  name: c\n  stringData: {k: v}\n\
+             configmaps:\n  - name: m\n    data: {port: 8080}\n\
+             secret:\n  name: bad\n  data:\n    - key: x\n      valueBase64: '%%%'\n",
+        );
+        let names: Vec<&str> = p.secrets.iter().map(|s| s.spec.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "c"]);
+        assert_eq!(p.resources.len(), 1);
+        assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+        assert!(p.problems[0].message.contains("valueBase64"), "{}", p.problems[0]);
     }
 
     #[test]

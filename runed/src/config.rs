@@ -55,6 +55,12 @@ pub struct Flags {
     /// The Docker Engine's unix socket (default /var/run/docker.sock, or DOCKER_HOST=unix://...).
     #[arg(long, env = "RUNE_DOCKER_SOCKET")]
     pub docker_socket: Option<String>,
+    /// The KEK file (base64 of 32 bytes); sets crypto.kek.source to file.
+    #[arg(long, env = "RUNE_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Directory for runtime files that must not persist, such as secret mounts (a tmpfs).
+    #[arg(long, env = "RUNE_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
 }
 
 /// How logs are written.
@@ -97,6 +103,14 @@ pub struct Settings {
     pub node_name: String,
     /// The Docker Engine's unix socket path.
     pub docker_socket: String,
+    /// Where the KEK comes from.
+    pub kek_source: rune_secrets::KekSource,
+    /// `storage.secret-limits`.
+    pub secret_limits: rune_statemachine::secret::SecretLimits,
+    /// `auth.allow-remote-admin`.
+    pub allow_remote_admin: bool,
+    /// Runtime directory (secret mounts), never under the data dir.
+    pub run_dir: PathBuf,
 }
 
 /// A configuration problem; `runed` exits with it before touching anything.
@@ -398,6 +412,24 @@ impl Settings {
             .strip_prefix("unix://")
             .map(String::from)
             .unwrap_or(docker_socket);
+        let kek_source = kek_source(flags, file.crypto.as_ref(), file.secret.as_ref(), &data_dir)?;
+        let secret_limits = secret_limits(storage.secret_limits.as_ref())?;
+        let allow_remote_admin = file
+            .auth
+            .as_ref()
+            .and_then(|a| a.allow_remote_admin)
+            .unwrap_or(false);
+        let run_dir = flags.run_dir.clone().unwrap_or_else(|| {
+            // The owner of /proc/self is this process's uid.
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap_or(0);
+            if uid == 0 {
+                PathBuf::from("/run/rune")
+            } else {
+                std::env::temp_dir().join(format!("rune-{uid}"))
+            }
+        });
         let roles = match &flags.node_role {
             Some(r) => r.clone(),
             None => node.role.unwrap_or_else(|| {
@@ -434,8 +466,99 @@ impl Settings {
             drain_seconds: server.drain_seconds.unwrap_or(10),
             node_name,
             docker_socket,
+            kek_source,
+            secret_limits,
+            allow_remote_admin,
+            run_dir,
         })
     }
+}
+
+/// `crypto.kek` (or the original's `secret.encryption.kek`), and `--kek-file`.
+fn kek_source(
+    flags: &Flags,
+    crypto: Option<&serde_json::Value>,
+    secret: Option<&serde_json::Value>,
+    data_dir: &Path,
+) -> Result<rune_secrets::KekSource, ConfigError> {
+    use rune_secrets::KekSource;
+    let (kek, at) = match (
+        crypto.and_then(|c| c.get("kek")),
+        secret
+            .and_then(|s| s.get("encryption"))
+            .and_then(|e| e.get("kek")),
+    ) {
+        (Some(k), _) => (Some(k), "crypto.kek"),
+        (None, Some(k)) => (Some(k), "secret.encryption.kek"),
+        (None, None) => (None, "crypto.kek"),
+    };
+    let text = |key: &str| -> Result<Option<String>, ConfigError> {
+        match kek.and_then(|k| k.get(key)) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(ConfigError(format!("{at}.{key}: expected a string, got {other}"))),
+        }
+    };
+    let generate = match kek.and_then(|k| k.get("generate-if-missing")) {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "{at}.generate-if-missing: expected true or false, got {other}"
+            )))
+        }
+    };
+    let file = text("file-path")?.or(text("file")?).map(PathBuf::from);
+    if let Some(path) = &flags.kek_file {
+        return Ok(KekSource::File {
+            path: path.clone(),
+            generate_if_missing: generate,
+        });
+    }
+    match text("source")?.as_deref().unwrap_or("file") {
+        "file" => Ok(KekSource::File {
+            path: file.unwrap_or_else(|| crate::secrets_api::default_kek_path(data_dir)),
+            generate_if_missing: generate,
+        }),
+        "env" => Ok(KekSource::Env {
+            var: text("env-var")?
+                .or(text("env")?)
+                .unwrap_or_else(|| "RUNE_MASTER_KEY".into()),
+        }),
+        "generated" => Ok(KekSource::Generated),
+        other => Err(ConfigError(format!(
+            "{at}.source: '{other}' is not one of file, env, generated"
+        ))),
+    }
+}
+
+/// `storage.secret-limits`.
+fn secret_limits(
+    v: Option<&serde_json::Value>,
+) -> Result<rune_statemachine::secret::SecretLimits, ConfigError> {
+    let mut l = rune_statemachine::secret::SecretLimits::default();
+    let Some(v) = v else { return Ok(l) };
+    let Some(m) = v.as_object() else {
+        return Err(ConfigError("storage.secret-limits: expected a mapping".into()));
+    };
+    for (k, val) in m {
+        let n = val.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+            ConfigError(format!(
+                "storage.secret-limits.{k}: expected a positive whole number, got {val}"
+            ))
+        })?;
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        match k.as_str() {
+            "max-keys-per-secret" => l.max_keys = n,
+            "max-value-size" => l.max_value_size = n,
+            other => {
+                return Err(ConfigError(format!(
+                    "storage.secret-limits.{other}: unknown key (max-keys-per-secret, max-value-size)"
+                )))
+            }
+        }
+    }
+    Ok(l)
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use axum::routing::get;
 use opentelemetry::metrics::MeterProvider;
 use rune_log::{Log, LogConfig};
 use rune_proto::v1 as pb;
-use rune_statemachine::store::{get_record, namespace_key, NamespaceRecord, RESERVED_NAMESPACES};
+use rune_statemachine::identity::{builtin_policies, normalize_policy, PolicyRecord};
+use rune_statemachine::store::{get_record, namespace_key, policy_key, NamespaceRecord, RESERVED_NAMESPACES};
 use rune_statemachine::{Command, STATE_TABLE};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -115,10 +116,24 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
     seed(&log).await?;
+    let secrets = match crate::secrets_api::Secrets::load(&log, s.kek_source.clone(), s.secret_limits) {
+        Ok(x) => Arc::new(x),
+        Err(e) => {
+            // Close the log cleanly before refusing: nothing was changed.
+            let _ = log.shutdown().await;
+            return Err(anyhow::Error::new(e));
+        }
+    };
+    if let Err(e) = secrets.finish_pending_rotation(&log).await {
+        let _ = log.shutdown().await;
+        return Err(anyhow::Error::new(e));
+    }
     register_log_gauges(&provider, &log);
     let orchestrator = rune_orchestrator::Orchestrator::start(log.clone(), {
         let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
         c.docker_socket = s.docker_socket.clone();
+        c.run_dir = s.run_dir.clone();
+        c.secrets = Some(Arc::new(crate::secrets_api::SecretOpener(secrets.clone())));
         // The small writer installed beside runed, else runed itself (`runed __log-writer`).
         c.log_writer = std::env::current_exe().ok().map(|exe| {
             let small = exe.with_file_name("rune-log-writer");
@@ -139,7 +154,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         log: log.clone(),
         history_limit: s.history_limit,
         orchestrator: orchestrator.clone(),
+        secrets,
+        allow_remote_admin: s.allow_remote_admin,
     };
+    let auth = crate::auth::Authenticator::new(log.clone());
     let grpc = {
         let mut stop = stop_rx.clone();
         // Small request/response frames: do not let Nagle hold them back.
@@ -151,14 +169,35 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 })
             },
         );
+        use tonic::service::interceptor::InterceptedService as Authed;
+        // Every service but bootstrap sits behind the authenticator.
         let router = tonic::transport::Server::builder()
-            .add_service(
+            .add_service(Authed::new(
                 pb::service_api_server::ServiceApiServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .add_service(pb::namespace_api_server::NamespaceApiServer::new(api.clone()))
-            .add_service(pb::instance_api_server::InstanceApiServer::new(api.clone()))
-            .add_service(pb::system_api_server::SystemApiServer::new(api));
+                auth.clone(),
+            ))
+            .add_service(Authed::new(
+                pb::namespace_api_server::NamespaceApiServer::new(api.clone()),
+                auth.clone(),
+            ))
+            .add_service(Authed::new(
+                pb::instance_api_server::InstanceApiServer::new(api.clone()),
+                auth.clone(),
+            ))
+            .add_service(Authed::new(
+                pb::secret_api_server::SecretApiServer::new(api.clone()),
+                auth.clone(),
+            ))
+            .add_service(Authed::new(
+                pb::admin_api_server::AdminApiServer::new(api.clone()),
+                auth.clone(),
+            ))
+            .add_service(Authed::new(
+                pb::system_api_server::SystemApiServer::new(api.clone()),
+                auth,
+            ))
+            .add_service(pb::bootstrap_api_server::BootstrapApiServer::new(api));
         tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -258,7 +297,7 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 
 /// Seeds the reserved namespaces on a new cluster, through the log like every write.
 async fn seed(log: &Log) -> anyhow::Result<()> {
-    let missing: Vec<String> = {
+    let (missing, policies) = {
         let txn = log.read()?;
         let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
         let mut v = Vec::new();
@@ -267,12 +306,24 @@ async fn seed(log: &Log) -> anyhow::Result<()> {
                 v.push(ns.to_string());
             }
         }
-        v
+        // Built-in policies are created at first start and restored if an older build's differ.
+        let mut p = Vec::new();
+        for spec in builtin_policies() {
+            let stored = get_record::<PolicyRecord, _>(&t, &policy_key(&spec.name))?;
+            let want = normalize_policy(spec.clone()).ok();
+            if stored.is_none_or(|r| !r.builtin || Some(&r.spec) != want.as_ref()) {
+                p.push(spec);
+            }
+        }
+        (v, p)
     };
-    if !missing.is_empty() {
-        log.propose(Command::Init { namespaces: missing })
-            .await?
-            .outcome?;
+    if !missing.is_empty() || !policies.is_empty() {
+        log.propose(Command::Init {
+            namespaces: missing,
+            policies,
+        })
+        .await?
+        .outcome?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! logs and exec. Writes go through the log; logs, exec and live probe results come from the
 //! orchestrator on this node.
 
+use crate::auth::authorize;
 use futures::StreamExt;
 use rune_orchestrator::{ExecInput, ExecOutput, ExecSpec, LogQuery, OrchestratorError};
 use rune_proto::v1 as pb;
@@ -176,6 +177,12 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::ListInstancesRequest>,
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        authorize(
+            &req,
+            "instances",
+            "list",
+            scope(&req.get_ref().namespace).as_deref(),
+        )?;
         let req = req.into_inner();
         let ns = scope(&req.namespace);
         let svc = (!req.service.is_empty()).then_some(req.service.as_str());
@@ -197,6 +204,12 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::WatchInstancesRequest>,
     ) -> Result<Response<Self::WatchInstancesStream>, Status> {
+        authorize(
+            &req,
+            "instances",
+            "watch",
+            scope(&req.get_ref().namespace).as_deref(),
+        )?;
         let req = req.into_inner();
         let ns = scope(&req.namespace);
         let svc = req.service.clone();
@@ -278,6 +291,12 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::ServiceChangeResponse>, Status> {
+        authorize(
+            &req,
+            "services",
+            "scale",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         if req.name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
@@ -304,6 +323,12 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::RestartRequest>,
     ) -> Result<Response<pb::ServiceChangeResponse>, Status> {
+        authorize(
+            &req,
+            "services",
+            "scale",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         if req.name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
@@ -319,6 +344,12 @@ impl pb::instance_api_server::InstanceApi for Api {
     }
 
     async fn rollout(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        authorize(
+            &req,
+            "services",
+            "get",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         let ns = namespace_or_default(&req.namespace);
         let svc = self.read_service(ns, &req.name)?;
@@ -362,6 +393,12 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::DependenciesRequest>,
     ) -> Result<Response<pb::DependenciesResponse>, Status> {
+        authorize(
+            &req,
+            "services",
+            "get",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         let ns = namespace_or_default(&req.namespace);
         let svc = self.read_service(ns, &req.name)?;
@@ -422,6 +459,12 @@ impl pb::instance_api_server::InstanceApi for Api {
     type LogsStream = Stream_<pb::LogChunk>;
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        authorize(
+            &req,
+            "logs",
+            "get",
+            Some(namespace_or_default(&req.get_ref().namespace)),
+        )?;
         let req = req.into_inner();
         if req.service.is_empty() && req.instance.is_empty() {
             return Err(Status::invalid_argument("service: name a service or an instance"));
@@ -476,6 +519,7 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<Streaming<pb::ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
+        let caller = crate::auth::caller(&req)?;
         let mut input = req.into_inner();
         let first = input
             .message()
@@ -488,6 +532,7 @@ impl pb::instance_api_server::InstanceApi for Api {
             return Err(Status::invalid_argument("command: is required"));
         }
         let ns = namespace_or_default(&start.namespace).to_string();
+        crate::auth::check(&caller, "exec", "exec", Some(&ns))?;
         let recs = self.pick(&ns, &start.service, &start.instance)?;
         let rec = recs
             .iter()

@@ -3,10 +3,13 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin_api;
 pub mod api;
+pub mod auth;
 pub mod castfile;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod instances_api;
+pub mod secrets_api;
 pub mod yaml;

@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{PolicySpec, TokenRecord};
 use crate::instance::InstanceEvent;
+use crate::secret::{Configmap, SealedSecret};
 use crate::spec::{NamespaceSpec, ServiceSpec};
 
 /// The entry format this build writes. Builds decode every version up to this one.
@@ -43,6 +45,9 @@ pub enum Command {
     Init {
         /// Namespaces to create.
         namespaces: Vec<String>,
+        /// Built-in policies to create or restore.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        policies: Vec<PolicySpec>,
     },
     /// A cast: all resources are applied, or none is.
     Apply {
@@ -95,6 +100,95 @@ pub enum Command {
         /// Name of the namespace.
         name: String,
     },
+    /// Removes a secret and its versions.
+    DeleteSecret {
+        /// Namespace of the secret.
+        namespace: String,
+        /// Name of the secret.
+        name: String,
+    },
+    /// Removes a configmap and its versions.
+    DeleteConfigmap {
+        /// Namespace of the configmap.
+        namespace: String,
+        /// Name of the configmap.
+        name: String,
+    },
+    /// Replaces wrapped data keys after a KEK rotation; the ciphertexts stay as they are.
+    RewrapSecrets {
+        /// One per stored secret version.
+        items: Vec<Rewrap>,
+    },
+    /// Creates a user, or updates one when `create` is false.
+    PutUser {
+        /// User name.
+        name: String,
+        /// Contact address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<String>,
+        /// Policies to attach.
+        policies: Vec<String>,
+        /// Refuse when the user exists.
+        create: bool,
+    },
+    /// Removes a user and revokes its tokens.
+    DeleteUser {
+        /// User name.
+        name: String,
+    },
+    /// Creates or replaces a (non built-in) policy.
+    PutPolicy {
+        /// The policy, validated.
+        spec: PolicySpec,
+    },
+    /// Removes a policy that no user or token uses.
+    DeletePolicy {
+        /// Policy name.
+        name: String,
+    },
+    /// Attaches a policy to a user, or detaches it.
+    SetUserPolicy {
+        /// User name.
+        user: String,
+        /// Policy name.
+        policy: String,
+        /// Attach (true) or detach (false).
+        attach: bool,
+    },
+    /// Issues a token; its secret was hashed by the proposer.
+    CreateToken {
+        /// The token.
+        token: TokenRecord,
+        /// Create the subject user (with the token's policies) when missing.
+        #[serde(default)]
+        create_user: bool,
+        /// The first token of a cluster: refused while any live token exists; creates the user
+        /// `root` with the `root` policy.
+        #[serde(default)]
+        bootstrap: bool,
+    },
+    /// Revokes a token at once.
+    RevokeToken {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// A secret version's data key, wrapped again under a new KEK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rewrap {
+    /// Namespace of the secret.
+    pub namespace: String,
+    /// Name of the secret.
+    pub name: String,
+    /// The version whose data key this is.
+    pub version: u64,
+    /// The KEK it was wrapped by; a version since re-wrapped by another is left alone.
+    pub from_kek_id: String,
+    /// The new KEK.
+    pub kek_id: String,
+    /// The data key wrapped by the new KEK.
+    pub wrapped_dek: String,
 }
 
 fn default_history_limit() -> u32 {
@@ -112,6 +206,16 @@ impl Command {
             Command::Scale { .. } => "scale",
             Command::Restart { .. } => "restart",
             Command::InstanceEvents { .. } => "instance_events",
+            Command::DeleteSecret { .. } => "delete_secret",
+            Command::DeleteConfigmap { .. } => "delete_configmap",
+            Command::RewrapSecrets { .. } => "rewrap_secrets",
+            Command::PutUser { .. } => "put_user",
+            Command::DeleteUser { .. } => "delete_user",
+            Command::PutPolicy { .. } => "put_policy",
+            Command::DeletePolicy { .. } => "delete_policy",
+            Command::SetUserPolicy { .. } => "set_user_policy",
+            Command::CreateToken { .. } => "create_token",
+            Command::RevokeToken { .. } => "revoke_token",
         }
     }
 }
@@ -126,6 +230,10 @@ pub enum Resource {
     Service(ServiceSpec),
     /// A namespace.
     Namespace(NamespaceSpec),
+    /// A secret version, sealed before proposing.
+    Secret(SealedSecret),
+    /// A configmap.
+    Configmap(Configmap),
 }
 
 /// Kinds of stored objects.
@@ -138,6 +246,16 @@ pub enum Kind {
     Namespace,
     /// An instance of a service.
     Instance,
+    /// A secret.
+    Secret,
+    /// A configmap.
+    Configmap,
+    /// A user.
+    User,
+    /// A policy.
+    Policy,
+    /// A token.
+    Token,
 }
 
 impl Kind {
@@ -147,6 +265,11 @@ impl Kind {
             Kind::Service => "service",
             Kind::Namespace => "namespace",
             Kind::Instance => "instance",
+            Kind::Secret => "secret",
+            Kind::Configmap => "configmap",
+            Kind::User => "user",
+            Kind::Policy => "policy",
+            Kind::Token => "token",
         }
     }
 }
@@ -206,6 +329,9 @@ pub enum Rejection {
     /// The state does not allow the change.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The object to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The entry was written by a newer build.
     #[error("entry format v{0} is newer than this build understands (v{FORMAT_VERSION})")]
     UnsupportedFormat(u32),

@@ -14,7 +14,9 @@
 pub mod command;
 pub mod decode;
 pub mod deps;
+pub mod identity;
 pub mod instance;
+pub mod secret;
 pub mod spec;
 pub mod store;
 pub mod validate;

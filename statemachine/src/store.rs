@@ -16,6 +16,12 @@ use crate::instance::{fold, instance_key, InstanceRecord};
 use crate::spec::{NamespaceSpec, ServiceSpec};
 use crate::validate::{validate_namespace, validate_service};
 
+mod objects;
+pub use objects::{
+    configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key, secrets_prefix,
+    token_hash_key, token_key, user_key, ConfigmapRecord, SecretRecord, SECRET_HISTORY_ALL,
+};
+
 /// The desired state: `namespaces/<ns>`, `services/<ns>/<name>`, `history/services/<ns>/<name>/<gen>`.
 /// Only `apply` (through the log's state machine) may open it for writing.
 pub const STATE_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -118,7 +124,12 @@ fn history_prefix(ns: &str, name: &str) -> String {
 }
 
 fn history_key(ns: &str, name: &str, generation: u64) -> String {
-    format!("{}{generation:020}", history_prefix(ns, name))
+    history_key_for(&history_prefix(ns, name), generation)
+}
+
+/// A versioned key under `prefix` that sorts by version.
+fn history_key_for(prefix: &str, version: u64) -> String {
+    format!("{prefix}{version:020}")
 }
 
 /// Canonical JSON of a spec and its hash: equal specs give equal bytes.
@@ -310,7 +321,8 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
     let now = e.proposed_at_ms;
     let mut changes = Vec::new();
     match &e.command {
-        Command::Init { namespaces } => {
+        Command::Init { namespaces, policies } => {
+            changes.extend(objects::seed_policies(o, index, now, policies)?);
             for name in namespaces {
                 let spec = NamespaceSpec {
                     name: name.clone(),
@@ -336,8 +348,13 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                         }
                         put_namespace(o, index, now, ns.clone(), *force, false)?
                     }
-                    Resource::Service(s) => {
-                        let ns = s.namespace().to_string();
+                    Resource::Service(_) | Resource::Secret(_) | Resource::Configmap(_) => {
+                        let ns = match r {
+                            Resource::Service(s) => s.namespace().to_string(),
+                            Resource::Secret(s) => s.namespace.clone(),
+                            Resource::Configmap(c) => c.namespace.clone(),
+                            Resource::Namespace(_) => String::new(),
+                        };
                         if o.get::<NamespaceRecord>(&namespace_key(&ns))?.is_none() {
                             if !create_namespace {
                                 return Ok(Err(Rejection::NotFound(format!(
@@ -350,7 +367,13 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                             };
                             changes.extend(put_namespace(o, index, now, spec, false, true)?);
                         }
-                        match put_service(o, index, now, s, *force, *history_limit)? {
+                        let put = match r {
+                            Resource::Service(s) => put_service(o, index, now, s, *force, *history_limit)?,
+                            Resource::Secret(s) => objects::put_secret(o, index, now, s, *history_limit)?,
+                            Resource::Configmap(c) => objects::put_configmap(o, index, now, c, *force)?,
+                            Resource::Namespace(_) => continue,
+                        };
+                        match put {
                             Ok(c) => Some(c),
                             Err(rej) => return Ok(Err(rej)),
                         }
@@ -466,6 +489,27 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 ));
             }
         }
+        Command::DeleteSecret { namespace, name } => return objects::delete_secret(o, namespace, name),
+        Command::DeleteConfigmap { namespace, name } => return objects::delete_configmap(o, namespace, name),
+        Command::RewrapSecrets { items } => return objects::rewrap(o, index, items),
+        Command::PutUser {
+            name,
+            email,
+            policies,
+            create,
+        } => return objects::put_user(o, index, now, name, email, policies, *create),
+        Command::DeleteUser { name } => return objects::delete_user(o, now, name),
+        Command::PutPolicy { spec } => return objects::put_policy(o, index, now, spec),
+        Command::DeletePolicy { name } => return objects::delete_policy(o, name),
+        Command::SetUserPolicy { user, policy, attach } => {
+            return objects::set_user_policy(o, index, now, user, policy, *attach)
+        }
+        Command::CreateToken {
+            token,
+            create_user,
+            bootstrap,
+        } => return objects::create_token(o, index, now, token, *create_user, *bootstrap),
+        Command::RevokeToken { id } => return objects::revoke_token(o, now, id),
         Command::DeleteNamespace { name } => {
             if RESERVED_NAMESPACES.contains(&name.as_str()) {
                 return Ok(Err(Rejection::FailedPrecondition(format!(
@@ -476,11 +520,17 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             let Some(rec) = o.get::<NamespaceRecord>(&key)? else {
                 return Ok(Err(Rejection::NotFound(format!("namespace {name} not found"))));
             };
-            let n = o.keys_with_prefix(&services_prefix(Some(name)))?.len();
-            if n > 0 {
-                return Ok(Err(Rejection::FailedPrecondition(format!(
-                    "namespace {name} still has {n} service(s); delete them first"
-                ))));
+            for (prefix, what) in [
+                (services_prefix(Some(name)), "service"),
+                (secrets_prefix(Some(name)), "secret"),
+                (configmaps_prefix(Some(name)), "configmap"),
+            ] {
+                let n = o.keys_with_prefix(&prefix)?.len();
+                if n > 0 {
+                    return Ok(Err(Rejection::FailedPrecondition(format!(
+                        "namespace {name} still has {n} {what}(s); delete them first"
+                    ))));
+                }
             }
             o.delete(key);
             changes.push(Change {

@@ -1,47 +1,13 @@
 //! Apply's decisions for scale, restart, dependencies and instance events.
 
-use redb::ReadableDatabase;
+mod common;
+
+use common::State;
 use rune_statemachine::instance::{
     instance_key, template_hash, InstanceChange, InstanceEvent, InstanceRecord, Phase,
 };
-use rune_statemachine::store::{apply, get_record, service_key, ServiceRecord};
-use rune_statemachine::{Action, Command, Envelope, Outcome, Rejection, Resource, STATE_TABLE};
-
-struct State {
-    _f: tempfile::NamedTempFile,
-    db: redb::Database,
-    index: u64,
-}
-
-impl State {
-    fn new() -> Self {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        let db = redb::Database::create(f.path()).unwrap();
-        let mut s = State { _f: f, db, index: 0 };
-        s.run(Command::Init {
-            namespaces: vec!["default".into()],
-        })
-        .expect("init");
-        s
-    }
-
-    fn run(&mut self, c: Command) -> Outcome {
-        self.index += 1;
-        let txn = self.db.begin_write().unwrap();
-        let out = {
-            let mut t = txn.open_table(STATE_TABLE).unwrap();
-            apply(&mut t, self.index, &Envelope::new(1000 + self.index as i64, c)).unwrap()
-        };
-        txn.commit().unwrap();
-        out
-    }
-
-    fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
-        let r = self.db.begin_read().unwrap();
-        let t = r.open_table(STATE_TABLE).unwrap();
-        get_record(&t, key).unwrap()
-    }
-}
+use rune_statemachine::store::{service_key, ServiceRecord};
+use rune_statemachine::{Action, Command, Rejection, Resource};
 
 fn svc(name: &str, scale: i64, deps: serde_json::Value) -> Command {
     let spec = serde_json::from_value(serde_json::json!({

@@ -30,6 +30,9 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "runed failed");
             eprintln!("runed: {e:#}");
+            if e.downcast_ref::<runed::secrets_api::KekProblem>().is_some() {
+                return std::process::ExitCode::from(runed::secrets_api::EXIT_KEK);
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,6 +1,7 @@
 //! The `rune` command line: kubectl's conventions over runed's gRPC API.
 
 pub mod context;
+mod identity;
 mod instances;
 mod output;
 mod replay;
@@ -174,8 +175,11 @@ pub enum Cmd {
         /// Previous specs of a service.
         #[arg(long)]
         history: bool,
+        /// Show secret values (needs the reveal verb on secrets).
+        #[arg(long)]
+        show_values: bool,
     },
-    /// Delete a resource: `rune delete service NAME`, `rune delete namespace NAME`.
+    /// Delete a resource: `rune delete [service|secret|configmap|namespace] NAME`.
     #[command(alias = "rm")]
     Delete {
         /// `[KIND] NAME`; the kind defaults to service.
@@ -291,6 +295,20 @@ pub enum Cmd {
         /// bash, zsh or fish.
         shell: clap_complete::Shell,
     },
+    /// Check a token and save it as a context: `rune login CONTEXT --server ADDR --token-file F`.
+    Login {
+        /// Context name.
+        #[arg(default_value = "default")]
+        name: String,
+        /// runed's gRPC address (host:port).
+        #[arg(long)]
+        server: Option<String>,
+        /// Default namespace of the context.
+        #[arg(long = "default-namespace")]
+        default_namespace: Option<String>,
+    },
+    /// Who the current token acts as, and its policies.
+    Whoami,
     /// Manage contexts in ~/.rune/config.yaml.
     Config {
         /// What to do.
@@ -337,6 +355,36 @@ pub enum ConfigCmd {
 pub enum AdminCmd {
     /// Read the log of a stopped runed (or a copy of its data dir), entry by entry.
     Replay(replay::ReplayArgs),
+    /// Mint the first (root) token; from loopback, on a server without live tokens.
+    Bootstrap {
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out_file: Option<PathBuf>,
+    },
+    /// Users.
+    User {
+        /// What to do.
+        #[command(subcommand)]
+        action: identity::UserCmd,
+    },
+    /// Policies.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        action: identity::PolicyCmd,
+    },
+    /// Tokens.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        action: identity::TokenCmd,
+    },
+    /// Re-wrap every secret's data key under a new KEK, without downtime.
+    RotateKek {
+        /// File holding the new KEK (base64 of 32 bytes).
+        #[arg(long)]
+        new_kek_file: PathBuf,
+    },
 }
 
 /// Attaches the bearer token to every call.
@@ -424,6 +472,21 @@ impl Conn {
     fn status(&self, s: tonic::Status) -> CliError {
         CliError::from_status(s, &self.server)
     }
+
+    /// The server address, as `host:port`.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// A connection to a given server with a given token, ignoring contexts (for `rune login`).
+    fn direct(server: &str, token: Option<String>) -> Self {
+        Self {
+            server: server.to_string(),
+            token,
+            namespace: "default".into(),
+            namespace_given: false,
+        }
+    }
 }
 
 fn read_token(p: &PathBuf) -> Result<String, CliError> {
@@ -474,8 +537,34 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             watch,
             selector,
             history,
+            show_values,
         } => {
             let conn = Conn::resolve(&cli)?;
+            match kind.as_str() {
+                "secrets" | "secret" => {
+                    return identity::get(
+                        &conn,
+                        "secret",
+                        name.as_deref(),
+                        *all_namespaces,
+                        *show_values,
+                        format,
+                    )
+                    .await
+                }
+                "configmaps" | "configmap" | "configs" | "config" | "cm" => {
+                    return identity::get(
+                        &conn,
+                        "configmap",
+                        name.as_deref(),
+                        *all_namespaces,
+                        false,
+                        format,
+                    )
+                    .await
+                }
+                _ => {}
+            }
             let q = output::Query {
                 kind: kind.clone(),
                 name: name.clone(),
@@ -565,6 +654,37 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Cmd::Admin {
             action: AdminCmd::Replay(args),
         } => replay::run(args, format),
+        Cmd::Admin {
+            action: AdminCmd::Bootstrap { out_file },
+        } => identity::bootstrap(&Conn::resolve(&cli)?, out_file.as_deref()).await,
+        Cmd::Admin {
+            action: AdminCmd::User { action },
+        } => identity::user(&Conn::resolve(&cli)?, action, format).await,
+        Cmd::Admin {
+            action: AdminCmd::Policy { action },
+        } => identity::policy(&Conn::resolve(&cli)?, action, format).await,
+        Cmd::Admin {
+            action: AdminCmd::Token { action },
+        } => identity::token(&Conn::resolve(&cli)?, action, format).await,
+        Cmd::Admin {
+            action: AdminCmd::RotateKek { new_kek_file },
+        } => identity::rotate_kek(&Conn::resolve(&cli)?, new_kek_file).await,
+        Cmd::Whoami => identity::whoami(&Conn::resolve(&cli)?, format).await,
+        Cmd::Login {
+            name,
+            server,
+            default_namespace,
+        } => {
+            let current = Conn::resolve(&cli)?;
+            let server = server.clone().unwrap_or_else(|| current.server().to_string());
+            let token = match (&cli.token, &cli.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => read_token(f)?,
+                (None, None) => return Err(CliError::usage("rune login needs --token-file F (or --token)")),
+            };
+            let ns = default_namespace.clone().or(cli.namespace.clone());
+            identity::login(name, &server, token, cli.token_file.as_deref(), ns).await
+        }
     }
 }
 
@@ -615,7 +735,7 @@ fn lint(paths: &[String], recursive: bool) -> Result<(), CliError> {
             parsed.problems.len()
         )));
     }
-    let n = parsed.resources.len() + parsed.unsupported.len();
+    let n = parsed.resources.len() + parsed.secrets.len() + parsed.unsupported.len();
     if n > 0 || !parsed.skipped.is_empty() {
         println!(
             "OK: {n} resource(s) valid{}",
@@ -660,13 +780,22 @@ async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Re
         )));
     }
     for s in &parsed.skipped {
-        println!("service/{s} skipped (skip: true)");
+        println!("{s} skipped (skip: true)");
     }
-    if parsed.resources.is_empty() {
+    if parsed.resources.is_empty() && parsed.secrets.is_empty() {
         println!("nothing to cast");
         return Ok(());
     }
     let mut resources = Vec::new();
+    for s in &mut parsed.secrets {
+        if conn.namespace_given {
+            s.spec.namespace = Some(conn.namespace.clone());
+        }
+        let json = serde_json::to_string(&s.spec).map_err(|e| CliError::generic(e.to_string()))?;
+        resources.push(pb::Resource {
+            kind: Some(pb::resource::Kind::SecretJson(json)),
+        });
+    }
     for r in &mut parsed.resources {
         let json = match &mut r.resource {
             Resource::Service(s) => {
@@ -680,6 +809,26 @@ async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Re
             Resource::Namespace(n) => pb::resource::Kind::NamespaceJson(
                 serde_json::to_string(n).map_err(|e| CliError::generic(e.to_string()))?,
             ),
+            Resource::Configmap(c) => {
+                if conn.namespace_given {
+                    c.namespace = conn.namespace.clone();
+                }
+                pb::resource::Kind::ConfigmapJson(
+                    serde_json::to_string(&rune_statemachine::secret::ConfigmapSpec {
+                        name: c.name.clone(),
+                        namespace: Some(c.namespace.clone()),
+                        data: Some(rune_statemachine::secret::DataForm::Map(
+                            c.data
+                                .iter()
+                                .map(|(k, v)| (k.clone(), rune_statemachine::spec::Text(v.clone())))
+                                .collect(),
+                        )),
+                        skip: None,
+                    })
+                    .map_err(|e| CliError::generic(e.to_string()))?,
+                )
+            }
+            Resource::Secret(_) => continue,
         };
         resources.push(pb::Resource { kind: Some(json) });
     }
@@ -740,6 +889,10 @@ async fn delete(conn: &Conn, args: &[String], force: bool) -> Result<(), CliErro
             .map_err(|s| conn.status(s))?;
             println!("service/{}/{name} deleted", conn.namespace);
         }
+        "secret" | "secrets" => return identity::delete(conn, "secret", name).await,
+        "configmap" | "configmaps" | "config" | "cm" => {
+            return identity::delete(conn, "configmap", name).await
+        }
         "namespace" | "namespaces" | "ns" => {
             let mut c = pb::namespace_api_client::NamespaceApiClient::new(ch);
             c.delete_namespace(pb::DeleteNamespaceRequest { name: name.into() })
@@ -749,7 +902,7 @@ async fn delete(conn: &Conn, args: &[String], force: bool) -> Result<(), CliErro
         }
         other => {
             return Err(CliError::usage(format!(
-                "cannot delete '{other}': use service or namespace"
+                "cannot delete '{other}': use service, secret, configmap or namespace"
             )))
         }
     }

@@ -9,10 +9,13 @@
 //! Invariant: the orchestrator never writes the state tables. Everything it observes goes to the
 //! log as `InstanceEvents`, in the order it happened, through one reporter task.
 
+pub mod inject;
 pub mod logfile;
 pub mod probe;
 pub mod runner;
 mod supervisor;
+
+pub use inject::SecretSource;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -35,7 +38,7 @@ pub use runner::{ExecInput, ExecOutput, ExecSpec, LogQuery, LogStream, RunError}
 pub type Key = (String, String, String);
 
 /// Settings of the orchestrator.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OrchestratorConfig {
     /// This node's name, recorded on instances and container labels.
     pub node: String,
@@ -53,6 +56,10 @@ pub struct OrchestratorConfig {
     /// `<it> __log-writer FILE` to timestamp process output; without it processes write their
     /// log file directly, with no times.
     pub log_writer: Option<PathBuf>,
+    /// Runtime directory for secret and configmap mount files: a tmpfs, never the data dir.
+    pub run_dir: PathBuf,
+    /// Opens secrets for env and mounts; without it, instances that use secrets fail to start.
+    pub secrets: Option<Arc<dyn inject::SecretSource>>,
 }
 
 impl OrchestratorConfig {
@@ -66,6 +73,8 @@ impl OrchestratorConfig {
             backoff_max: Duration::from_secs(300),
             backoff_reset: Duration::from_secs(600),
             log_writer: None,
+            run_dir: std::env::temp_dir().join("rune-run"),
+            secrets: None,
         }
     }
 }
@@ -233,7 +242,8 @@ impl Orchestrator {
             )));
         }
         if rec.runtime == "process" {
-            let launch = self.inner.launch_of(rec)?;
+            // The same environment the instance got, secrets included.
+            let launch = self.inner.resolved(&self.inner.launch_of(rec)?, false)?;
             return Ok(self.inner.process.exec(&launch, spec)?);
         }
         Ok(self.inner.docker.exec(&rec.runtime_id, spec).await?)
@@ -296,7 +306,20 @@ impl Inner {
         Ok(launch(&svc, &rec.id, rec.template.clone()))
     }
 
+    /// The launch with its secrets and configmaps resolved (and, for a start, its mount files).
+    fn resolved(&self, l: &Launch, write_mounts: bool) -> Result<Launch, RunError> {
+        inject::resolve(
+            &self.log,
+            self.cfg.secrets.as_deref(),
+            l,
+            &self.cfg.run_dir,
+            &self.cfg.node,
+            write_mounts,
+        )
+    }
+
     async fn start(&self, l: &Launch) -> Result<Run, RunError> {
+        let l = &self.resolved(l, true)?;
         if l.spec.process.is_some() {
             self.process.start(l).await
         } else {
@@ -337,6 +360,12 @@ impl Inner {
 
     /// Removes an instance's leftovers (its exited container, its process folder).
     async fn cleanup(&self, l: &Launch) {
+        let _ = std::fs::remove_dir_all(inject::mounts_dir(
+            &self.cfg.run_dir,
+            &self.cfg.node,
+            &l.namespace,
+            &l.id,
+        ));
         // A process instance's folder (its log) stays until the instance is no longer wanted:
         // a replacement under the same id appends to it. The reconciler collects the rest.
         if l.spec.process.is_none() {
@@ -432,6 +461,7 @@ fn launch(svc: &ServiceRecord, id: &str, template: String) -> Launch {
         template,
         spec: Arc::new(svc.spec.clone()),
         env,
+        mounts: Vec::new(),
     }
 }
 

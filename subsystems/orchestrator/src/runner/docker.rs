@@ -192,6 +192,12 @@ impl DockerRunner {
             host_config: Some(HostConfig {
                 nano_cpus,
                 memory,
+                binds: (!l.mounts.is_empty()).then(|| {
+                    l.mounts
+                        .iter()
+                        .map(|m| format!("{}:{}:ro", m.host.display(), m.target.display()))
+                        .collect()
+                }),
                 restart_policy: Some(RestartPolicy {
                     name: Some(RestartPolicyNameEnum::NO),
                     maximum_retry_count: None,

@@ -29,6 +29,17 @@ pub struct Launch {
     pub spec: Arc<ServiceSpec>,
     /// The environment, built-ins included.
     pub env: BTreeMap<String, String>,
+    /// Secret and configmap files to mount read-only (filled at start).
+    pub mounts: Vec<MountDir>,
+}
+
+/// A directory of files on the host, mounted read-only into an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountDir {
+    /// Where the files are on the host (under the runtime directory).
+    pub host: std::path::PathBuf,
+    /// Where the instance sees them.
+    pub target: std::path::PathBuf,
 }
 
 /// Failures of a runner, worded for `rune get instances`.

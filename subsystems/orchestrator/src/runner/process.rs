@@ -120,6 +120,17 @@ impl ProcessRunner {
                 workdir.display()
             )));
         }
+        for m in &l.mounts {
+            // The mount point must exist on the host; the files are visible only inside the
+            // process's own mount namespace.
+            std::fs::create_dir_all(&m.target)
+                .map_err(|e| RunError::Launch(format!("mount path {}: {e}", m.target.display())))?;
+            if uid.is_some() || gid.is_some() {
+                chown_tree(&m.host, uid, gid).map_err(|e| {
+                    RunError::Runtime(format!("cannot hand the mount files to the process user: {e}"))
+                })?;
+            }
+        }
         let (stdout, stderr) = self.output(&dir)?;
         if let Some(uid) = uid {
             // Without a writer the process appends to its log itself, so it must be allowed to.
@@ -443,13 +454,108 @@ where
         .env("HOME", workdir)
         .envs(&l.env)
         .process_group(0);
-    if let Some(gid) = gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = uid {
-        cmd.uid(uid);
+    if l.mounts.is_empty() {
+        if let Some(gid) = gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = uid {
+            cmd.uid(uid);
+        }
+    } else {
+        // std drops privileges before pre_exec runs, and mounting needs them: the child sets up
+        // its mounts first and drops privileges itself.
+        mount_then_drop(&mut cmd, &l.mounts, uid, gid);
     }
     cmd
+}
+
+fn chown_tree(p: &Path, uid: Option<u32>, gid: Option<u32>) -> std::io::Result<()> {
+    std::os::unix::fs::chown(p, uid, gid)?;
+    if p.is_dir() {
+        for e in std::fs::read_dir(p)? {
+            chown_tree(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// In the child, before exec: a private mount namespace, each mount bound read-only, then the
+/// group and user dropped. Everything the child touches is prepared here, before fork, because
+/// between fork and exec only async-signal-safe calls are allowed.
+fn mount_then_drop(
+    cmd: &mut std::process::Command,
+    mounts: &[super::MountDir],
+    uid: Option<u32>,
+    gid: Option<u32>,
+) {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let binds: Vec<(CString, CString)> = mounts
+        .iter()
+        .filter_map(|m| {
+            Some((
+                CString::new(m.host.as_os_str().as_bytes()).ok()?,
+                CString::new(m.target.as_os_str().as_bytes()).ok()?,
+            ))
+        })
+        .collect();
+    let root = c"/";
+    let none = c"none";
+    // SAFETY: the closure only makes raw syscalls (unshare, mount, setgroups, setgid, setuid) on
+    // data owned by the closure; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            if libc::mount(
+                none.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+            for (src, dst) in &binds {
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+                let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+                if libc::mount(
+                    none.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    ro,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+            }
+            if let Some(g) = gid {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 {
+                    return fail();
+                }
+            }
+            if let Some(u) = uid {
+                if libc::setuid(u) != 0 {
+                    return fail();
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 fn exit_of(st: std::process::ExitStatus) -> Exit {

@@ -1,0 +1,331 @@
+//! Identity administration: bootstrap, whoami, users, policies and tokens.
+//!
+//! Token secrets are made here, shown once in the reply, and only their SHA-256 goes to the log.
+//! Every admin RPC answers loopback clients only, unless `auth.allow-remote-admin`.
+
+use rune_proto::v1 as pb;
+use rune_statemachine::identity::{PolicyRecord, PolicySpec, TokenRecord, UserRecord};
+use rune_statemachine::store::{get_record, list_records, policy_key, token_key};
+use rune_statemachine::{Command, STATE_TABLE};
+use tonic::{Request, Response, Status};
+
+use crate::api::{internal, rejection, unavailable, Api};
+use crate::auth::{admin_gate, authorize, now_ms, token_hash};
+
+/// A new token secret: `rune_` and 32 random bytes in hex, recognisable by secret scanners.
+fn new_secret() -> String {
+    format!("rune_{}", hex::encode(rune_secrets::random_bytes(32)))
+}
+
+fn new_id() -> String {
+    hex::encode(rune_secrets::random_bytes(8))
+}
+
+fn user_pb(u: &UserRecord) -> pb::User {
+    pb::User {
+        name: u.name.clone(),
+        email: u.email.clone().unwrap_or_default(),
+        policies: u.policies.clone(),
+        created_at_ms: u.meta.created_at_ms,
+    }
+}
+
+fn policy_pb(p: &PolicyRecord) -> pb::Policy {
+    pb::Policy {
+        name: p.spec.name.clone(),
+        spec_json: serde_json::to_string(&p.spec).unwrap_or_default(),
+        builtin: p.builtin,
+    }
+}
+
+fn token_pb(t: &TokenRecord) -> pb::Token {
+    pb::Token {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        subject: t.subject.clone(),
+        policies: t.policies.clone(),
+        issued_at_ms: t.issued_at_ms,
+        expires_at_ms: t.expires_at_ms.unwrap_or(0),
+        revoked_at_ms: t.revoked_at_ms.unwrap_or(0),
+        description: t.description.clone(),
+    }
+}
+
+impl Api {
+    async fn propose_identity(&self, cmd: Command) -> Result<u64, Status> {
+        let p = self.log.propose(cmd).await.map_err(unavailable)?;
+        p.outcome.map_err(rejection)?;
+        Ok(p.index)
+    }
+
+    fn read_one<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Status> {
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        get_record(&t, key).map_err(internal)
+    }
+
+    fn read_all<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, Status> {
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        list_records(&t, prefix).map_err(internal)
+    }
+
+    fn gate<T>(&self, req: &Request<T>, resource: &str, verb: &str) -> Result<crate::auth::Caller, Status> {
+        admin_gate(req, self.allow_remote_admin)?;
+        authorize(req, resource, verb, None)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::bootstrap_api_server::BootstrapApi for Api {
+    async fn bootstrap(
+        &self,
+        req: Request<pb::BootstrapRequest>,
+    ) -> Result<Response<pb::BootstrapResponse>, Status> {
+        admin_gate(&req, self.allow_remote_admin)?;
+        let secret = new_secret();
+        let token = TokenRecord {
+            id: new_id(),
+            name: format!("bootstrap-{}", now_ms()),
+            subject: "root".into(),
+            description: "minted by rune admin bootstrap".into(),
+            policies: vec![],
+            issued_at_ms: now_ms(),
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            secret_hash: token_hash(&secret),
+        };
+        let id = token.id.clone();
+        // Apply refuses while any live token exists, deciding in log order: two racing
+        // bootstraps cannot both win.
+        self.propose_identity(Command::CreateToken {
+            token,
+            create_user: false,
+            bootstrap: true,
+        })
+        .await?;
+        tracing::warn!(token_id = %id, "bootstrap token minted for user root");
+        Ok(Response::new(pb::BootstrapResponse {
+            token: secret,
+            token_id: id,
+            user: "root".into(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_api_server::AdminApi for Api {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let c = crate::auth::caller(&req)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            user: c.user,
+            token_id: c.token_id,
+            token_name: c.token_name,
+            policies: c.policies,
+            expires_at_ms: c.expires_at_ms.unwrap_or(0),
+        }))
+    }
+
+    async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> Result<Response<pb::User>, Status> {
+        self.gate(&req, "users", "create")?;
+        let r = req.into_inner();
+        let policies = if r.policies.is_empty() {
+            vec!["readonly".to_string()]
+        } else {
+            r.policies
+        };
+        self.propose_identity(Command::PutUser {
+            name: r.name.clone(),
+            email: (!r.email.is_empty()).then_some(r.email),
+            policies,
+            create: true,
+        })
+        .await?;
+        let u: UserRecord = self
+            .read_one(&rune_statemachine::store::user_key(&r.name))?
+            .ok_or_else(|| Status::internal("user vanished"))?;
+        Ok(Response::new(user_pb(&u)))
+    }
+
+    async fn list_users(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        self.gate(&req, "users", "list")?;
+        let users: Vec<UserRecord> = self.read_all("users/")?;
+        Ok(Response::new(pb::ListUsersResponse {
+            users: users.iter().map(user_pb).collect(),
+        }))
+    }
+
+    async fn delete_user(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let c = self.gate(&req, "users", "delete")?;
+        let name = req.into_inner().name;
+        if name == c.user {
+            return Err(Status::failed_precondition(format!(
+                "user {name} is the caller: deleting it would revoke the token in use; use another admin"
+            )));
+        }
+        let index = self.propose_identity(Command::DeleteUser { name }).await?;
+        Ok(Response::new(pb::ChangeResponse { index }))
+    }
+
+    async fn put_policy(&self, req: Request<pb::PutPolicyRequest>) -> Result<Response<pb::Policy>, Status> {
+        self.gate(&req, "policies", "create")?;
+        let value: serde_json::Value = serde_json::from_str(&req.get_ref().spec_json)
+            .map_err(|e| Status::invalid_argument(format!("policy is not JSON: {e}")))?;
+        let spec: PolicySpec = rune_statemachine::decode::decode(&value).map_err(|errs| {
+            let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            Status::invalid_argument(format!("policy: {}", list.join("; ")))
+        })?;
+        let spec = rune_statemachine::identity::normalize_policy(spec).map_err(|errs| {
+            let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            Status::invalid_argument(format!("policy: {}", list.join("; ")))
+        })?;
+        let name = spec.name.clone();
+        self.propose_identity(Command::PutPolicy { spec }).await?;
+        let p: PolicyRecord = self
+            .read_one(&policy_key(&name))?
+            .ok_or_else(|| Status::internal("policy vanished"))?;
+        Ok(Response::new(policy_pb(&p)))
+    }
+
+    async fn get_policy(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Policy>, Status> {
+        self.gate(&req, "policies", "get")?;
+        let name = req.into_inner().name;
+        let p: PolicyRecord = self
+            .read_one(&policy_key(&name))?
+            .ok_or_else(|| Status::not_found(format!("policy {name} not found")))?;
+        Ok(Response::new(policy_pb(&p)))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        self.gate(&req, "policies", "list")?;
+        let ps: Vec<PolicyRecord> = self.read_all("policies/")?;
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: ps.iter().map(policy_pb).collect(),
+        }))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        self.gate(&req, "policies", "delete")?;
+        let name = req.into_inner().name;
+        let index = self.propose_identity(Command::DeletePolicy { name }).await?;
+        Ok(Response::new(pb::ChangeResponse { index }))
+    }
+
+    async fn attach_policy(
+        &self,
+        req: Request<pb::AttachPolicyRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        self.gate(&req, "users", "update")?;
+        let r = req.into_inner();
+        self.propose_identity(Command::SetUserPolicy {
+            user: r.user.clone(),
+            policy: r.policy,
+            attach: r.attach,
+        })
+        .await?;
+        let u: UserRecord = self
+            .read_one(&rune_statemachine::store::user_key(&r.user))?
+            .ok_or_else(|| Status::internal("user vanished"))?;
+        Ok(Response::new(user_pb(&u)))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.gate(&req, "tokens", "create")?;
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("name: is required"));
+        }
+        if r.subject.is_empty() {
+            return Err(Status::invalid_argument("subject: is required (--subject-name)"));
+        }
+        if r.ttl_seconds < 0 {
+            return Err(Status::invalid_argument("ttl: must not be negative"));
+        }
+        let secret = new_secret();
+        let now = now_ms();
+        let token = TokenRecord {
+            id: new_id(),
+            name: r.name,
+            subject: r.subject,
+            description: r.description,
+            policies: r.policies,
+            issued_at_ms: now,
+            expires_at_ms: (r.ttl_seconds > 0)
+                .then(|| now.saturating_add(r.ttl_seconds.saturating_mul(1000))),
+            revoked_at_ms: None,
+            secret_hash: token_hash(&secret),
+        };
+        self.propose_identity(Command::CreateToken {
+            token: token.clone(),
+            create_user: true,
+            bootstrap: false,
+        })
+        .await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(token_pb(&token)),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.gate(&req, "tokens", "list")?;
+        let ts: Vec<TokenRecord> = self.read_all("tokens/")?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: ts.iter().map(token_pb).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        self.gate(&req, "tokens", "delete")?;
+        let want = req.into_inner().id;
+        let id = if self.read_one::<TokenRecord>(&token_key(&want))?.is_some() {
+            want
+        } else {
+            let ts: Vec<TokenRecord> = self.read_all("tokens/")?;
+            let named: Vec<&TokenRecord> = ts.iter().filter(|t| t.name == want).collect();
+            match named.as_slice() {
+                [one] => one.id.clone(),
+                [] => return Err(Status::not_found(format!("token {want} not found"))),
+                _ => {
+                    return Err(Status::failed_precondition(format!(
+                        "{} tokens are named {want}; revoke by id",
+                        named.len()
+                    )))
+                }
+            }
+        };
+        let index = self.propose_identity(Command::RevokeToken { id }).await?;
+        Ok(Response::new(pb::ChangeResponse { index }))
+    }
+
+    async fn rotate_kek(
+        &self,
+        req: Request<pb::RotateKekRequest>,
+    ) -> Result<Response<pb::RotateKekResponse>, Status> {
+        crate::secrets_api::rotate_kek(self, req).await.map(Response::new)
+    }
+}

@@ -1,0 +1,180 @@
+//! Authentication and authorisation of every RPC.
+//!
+//! [`Authenticator`] runs before each handler: it turns the bearer token into a [`Caller`] (the
+//! user and the rules of its policies) or answers `Unauthenticated`. Each handler then calls
+//! [`authorize`] with the resource, verb and the namespace the request acts on, so that a
+//! namespace-scoped policy is checked against the namespace actually touched, creates included.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rune_log::Log;
+use rune_statemachine::identity::{allows, PolicyRecord, PolicyRule, TokenRecord, UserRecord};
+use rune_statemachine::store::{get_record, policy_key, token_hash_key, token_key, user_key};
+use rune_statemachine::STATE_TABLE;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+
+/// Who is calling, resolved from the token at the start of the request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// User name.
+    pub user: String,
+    /// Token id.
+    pub token_id: String,
+    /// Token name.
+    pub token_name: String,
+    /// Effective policy names.
+    pub policies: Vec<String>,
+    /// Their rules.
+    pub rules: Vec<PolicyRule>,
+    /// Token expiry, if any.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// Hex SHA-256 of a token secret: the only form in which tokens are stored.
+pub fn token_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The interceptor in front of every authenticated service.
+#[derive(Clone)]
+pub struct Authenticator {
+    log: Arc<Log>,
+}
+
+impl Authenticator {
+    /// An authenticator reading tokens from the applied state.
+    pub fn new(log: Arc<Log>) -> Self {
+        Self { log }
+    }
+
+    fn resolve(&self, secret: &str) -> Result<Caller, Status> {
+        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
+        let txn = self.log.read().map_err(|e| internal(&e))?;
+        let t = txn.open_table(STATE_TABLE).map_err(|e| internal(&e))?;
+        let invalid = || Status::unauthenticated("invalid bearer token");
+        let id: String = get_record(&t, &token_hash_key(&token_hash(secret)))
+            .map_err(|e| internal(&e))?
+            .ok_or_else(invalid)?;
+        let tok: TokenRecord = get_record(&t, &token_key(&id))
+            .map_err(|e| internal(&e))?
+            .ok_or_else(invalid)?;
+        if tok.revoked_at_ms.is_some() {
+            return Err(Status::unauthenticated(format!("token {} is revoked", tok.name)));
+        }
+        if !tok.live_at(now_ms()) {
+            return Err(Status::unauthenticated(format!("token {} has expired", tok.name)));
+        }
+        let user: UserRecord = get_record(&t, &user_key(&tok.subject))
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                Status::unauthenticated(format!("the user of token {} no longer exists", tok.name))
+            })?;
+        let policies: Vec<String> = if tok.policies.is_empty() {
+            user.policies.clone()
+        } else {
+            // A token narrows its user; it never widens it, even after a detach.
+            tok.policies
+                .iter()
+                .filter(|p| user.policies.contains(p))
+                .cloned()
+                .collect()
+        };
+        let mut rules = Vec::new();
+        for p in &policies {
+            if let Some(rec) = get_record::<PolicyRecord, _>(&t, &policy_key(p)).map_err(|e| internal(&e))? {
+                rules.extend(rec.spec.rules);
+            }
+        }
+        Ok(Caller {
+            user: user.name,
+            token_id: tok.id,
+            token_name: tok.name,
+            policies,
+            rules,
+            expires_at_ms: tok.expires_at_ms,
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        let text = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
+        let secret = text
+            .strip_prefix("Bearer ")
+            .or_else(|| text.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer <token>`"))?
+            .trim();
+        let caller = self.resolve(secret)?;
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+/// The caller the interceptor resolved, for handlers that check several resources themselves.
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing bearer token"))
+}
+
+/// The caller, once authorised for `verb` on `resource` in `namespace` (`None`: cluster-wide).
+pub fn authorize<T>(
+    req: &Request<T>,
+    resource: &str,
+    verb: &str,
+    namespace: Option<&str>,
+) -> Result<Caller, Status> {
+    let caller = caller(req)?;
+    check(&caller, resource, verb, namespace)?;
+    Ok(caller)
+}
+
+/// Whether an already resolved caller may do this; the error names resource, verb and namespace.
+pub fn check(caller: &Caller, resource: &str, verb: &str, namespace: Option<&str>) -> Result<(), Status> {
+    if allows(&caller.rules, resource, verb, namespace) {
+        return Ok(());
+    }
+    let place = match namespace {
+        Some(ns) => format!("in namespace {ns}"),
+        None => "cluster-wide".to_string(),
+    };
+    Err(Status::permission_denied(format!(
+        "user {} may not {verb} {resource} {place} (policies: {})",
+        caller.user,
+        if caller.policies.is_empty() {
+            "none".to_string()
+        } else {
+            caller.policies.join(", ")
+        }
+    )))
+}
+
+/// Admin RPCs answer only loopback clients unless `auth.allow-remote-admin` is set.
+pub fn admin_gate<T>(req: &Request<T>, allow_remote: bool) -> Result<(), Status> {
+    let local = req
+        .remote_addr()
+        .is_some_and(|a: SocketAddr| a.ip().is_loopback());
+    if local || allow_remote {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(
+            "admin operations are allowed only from a loopback client unless auth.allow-remote-admin is true",
+        ))
+    }
+}

@@ -1,0 +1,441 @@
+//! Secrets and configmaps: sealing before proposing, the KEK check at start, rotation, and the
+//! SecretApi. Plaintext exists only in memory here and in the runners; nothing logs a value.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use rune_log::Log;
+use rune_proto::v1 as pb;
+use rune_secrets::{check, open, rewrap, seal, Kek, KekError, KekSource, Keyring};
+use rune_statemachine::command::Rewrap;
+use rune_statemachine::secret::{SealedSecret, SecretData, SecretLimits};
+use rune_statemachine::store::{
+    configmap_key, configmaps_prefix, get_record, list_records, secret_history_prefix, secret_key,
+    secrets_prefix, ConfigmapRecord, ObjectMeta, SecretRecord, SECRET_HISTORY_ALL,
+};
+use rune_statemachine::{Command, Resource, STATE_TABLE};
+use tonic::{Request, Response, Status};
+
+use crate::api::{internal, namespace_or_default, rejection, scope, unavailable, Api, Decoded};
+use crate::auth::{admin_gate, authorize};
+
+/// The exit code of `runed` when the KEK is missing, malformed or wrong: distinct from other
+/// start-up failures so that a supervisor or script can tell "restore the key" apart.
+pub const EXIT_KEK: u8 = 78;
+
+/// Why the KEK cannot be used; `runed` refuses to start with this message and [`EXIT_KEK`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KekProblem(pub String);
+
+/// The KEKs and what secret handling needs besides.
+pub struct Secrets {
+    ring: RwLock<Keyring>,
+    /// `storage.secret-limits`.
+    pub limits: SecretLimits,
+    source: KekSource,
+    rotating: tokio::sync::Mutex<()>,
+}
+
+fn all_sealed(log: &Log) -> Result<Vec<SealedSecret>, String> {
+    let txn = log.read().map_err(|e| e.to_string())?;
+    let t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+    let mut out: Vec<SealedSecret> = list_records::<SecretRecord, _>(&t, &secrets_prefix(None))
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|r| r.sealed)
+        .collect();
+    out.extend(list_records::<SealedSecret, _>(&t, SECRET_HISTORY_ALL).map_err(|e| e.to_string())?);
+    Ok(out)
+}
+
+fn restore_hint(source: &KekSource) -> String {
+    match source {
+        KekSource::File { path, .. } => format!(
+            "restore the KEK file {} (base64 of the 32-byte key, mode 0600) from your backup, or point crypto.kek.file-path at it",
+            path.display()
+        ),
+        KekSource::Env { var } => format!("set {var} to the base64 of the 32-byte KEK the secrets were sealed with"),
+        KekSource::Generated => {
+            "crypto.kek.source is generated, which makes a new KEK at every start: use source file or env".into()
+        }
+    }
+}
+
+impl Secrets {
+    /// Loads the KEK and proves it opens every stored secret, finishing a rotation that a crash
+    /// interrupted. Refuses (with what is wrong and how to restore it) rather than start with a key
+    /// that would leave secrets unreadable.
+    pub fn load(log: &Log, source: KekSource, limits: SecretLimits) -> Result<Self, KekProblem> {
+        let sealed =
+            all_sealed(log).map_err(|e| KekProblem(format!("cannot read the stored secrets: {e}")))?;
+        let problem = |what: String| KekProblem(format!("{what}; {}", restore_hint(&source)));
+        let loaded = match rune_secrets::load(&source, sealed.is_empty()) {
+            Ok(l) => l,
+            Err(KekError::Missing(p)) if !sealed.is_empty() => {
+                return Err(problem(format!(
+                    "the KEK file {} is missing, and {} stored secret version(s) are sealed under KEK {}",
+                    p.display(),
+                    sealed.len(),
+                    sealed[0].kek_id
+                )))
+            }
+            Err(e) => return Err(problem(e.to_string())),
+        };
+        let mut ring = Keyring::new(loaded.kek.clone());
+        if let Some(p) = &loaded.pending {
+            ring = ring.rotated_to(p.clone()).rotated_to(loaded.kek.clone());
+        }
+        for s in &sealed {
+            if let Err(e) = check(&ring, s) {
+                return Err(problem(format!(
+                    "the KEK {} does not open the stored secrets ({e})",
+                    loaded.kek.id()
+                )));
+            }
+        }
+        if loaded.created {
+            tracing::warn!(
+                kek_id = loaded.kek.id(),
+                "generated a new KEK: back it up, secrets cannot be read without it"
+            );
+        }
+        let secrets = Self {
+            ring: RwLock::new(ring),
+            limits,
+            source,
+            rotating: tokio::sync::Mutex::new(()),
+        };
+        Ok(secrets)
+    }
+
+    /// Finishes a rotation that wrote `<file>.new` but stopped before installing it.
+    pub async fn finish_pending_rotation(&self, log: &Log) -> Result<(), KekProblem> {
+        let KekSource::File { path, .. } = &self.source else {
+            return Ok(());
+        };
+        let pending = rune_secrets::pending_path(path);
+        let Ok(text) = std::fs::read_to_string(&pending) else {
+            return Ok(());
+        };
+        let new = Kek::parse(&text).map_err(|e| KekProblem(format!("{}: {e}", pending.display())))?;
+        tracing::warn!(
+            new_kek_id = new.id(),
+            "finishing a KEK rotation that was interrupted"
+        );
+        self.rotate(log, new)
+            .await
+            .map(|_| ())
+            .map_err(|s| KekProblem(s.message().to_string()))
+    }
+
+    fn ring(&self) -> Keyring {
+        match self.ring.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Opens a sealed version with the loaded KEKs.
+    pub fn open(&self, s: &SealedSecret) -> Result<SecretData, String> {
+        open(&self.ring(), s).map_err(|e| e.to_string())
+    }
+
+    /// Seals the cast's secrets: each changed one at the next version, unchanged ones reported
+    /// and left out, so a re-cast writes nothing.
+    pub(crate) fn seal_cast(
+        &self,
+        log: &Log,
+        decoded: Vec<Decoded>,
+    ) -> Result<(Vec<Resource>, Vec<pb::ApplyResult>), Status> {
+        let ring = self.ring();
+        let txn = log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let mut out = Vec::new();
+        let mut unchanged = Vec::new();
+        for d in decoded {
+            match d {
+                Decoded::Resource(r) => out.push(r),
+                Decoded::Secret {
+                    namespace,
+                    name,
+                    data,
+                } => {
+                    let prev = get_record::<SecretRecord, _>(&t, &secret_key(&namespace, &name))
+                        .map_err(internal)?;
+                    let version = match &prev {
+                        Some(p) => {
+                            let current = open(&ring, &p.sealed)
+                                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                            if current == data {
+                                unchanged.push(pb::ApplyResult {
+                                    kind: "secret".into(),
+                                    namespace,
+                                    name,
+                                    action: pb::ApplyAction::Unchanged as i32,
+                                    generation: p.sealed.version,
+                                });
+                                continue;
+                            }
+                            p.sealed.version + 1
+                        }
+                        None => 1,
+                    };
+                    let sealed = seal(&ring, &namespace, &name, version, &data).map_err(internal)?;
+                    out.push(Resource::Secret(sealed));
+                }
+            }
+        }
+        Ok((out, unchanged))
+    }
+
+    /// Re-wraps every stored data key under `new` through the log, then installs `new` as the
+    /// only KEK. Crash-safe for a file source: the new KEK is written beside the old one first,
+    /// and a start that finds it finishes the job.
+    pub async fn rotate(&self, log: &Log, new: Kek) -> Result<pb::RotateKekResponse, Status> {
+        let _one = self.rotating.lock().await;
+        let old_id = self.ring().primary().id().to_string();
+        if let KekSource::File { path, .. } = &self.source {
+            rune_secrets::write_kek_file(&rune_secrets::pending_path(path), &new)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        // New secrets are sealed under the new KEK from now on; the old one still opens.
+        {
+            let mut w = self
+                .ring
+                .write()
+                .map_err(|_| Status::internal("KEK lock poisoned"))?;
+            *w = w.rotated_to(new.clone());
+        }
+        let mut rewrapped = 0u32;
+        // Loop until no version is left under another KEK: casts may land meanwhile.
+        for _ in 0..10 {
+            let ring = self.ring();
+            let items: Vec<Rewrap> = all_sealed(log)
+                .map_err(Status::internal)?
+                .iter()
+                .filter(|s| s.kek_id != new.id())
+                .map(|s| {
+                    Ok(Rewrap {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                        version: s.version,
+                        from_kek_id: s.kek_id.clone(),
+                        kek_id: new.id().to_string(),
+                        wrapped_dek: rewrap(&ring, &new, s)
+                            .map_err(|e| Status::failed_precondition(e.to_string()))?,
+                    })
+                })
+                .collect::<Result<_, Status>>()?;
+            if items.is_empty() {
+                break;
+            }
+            for chunk in items.chunks(256) {
+                let p = log
+                    .propose(Command::RewrapSecrets {
+                        items: chunk.to_vec(),
+                    })
+                    .await
+                    .map_err(unavailable)?;
+                p.outcome.map_err(rejection)?;
+                rewrapped += u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            }
+        }
+        let note = match &self.source {
+            KekSource::File { path, .. } => {
+                std::fs::rename(rune_secrets::pending_path(path), path)
+                    .map_err(|e| Status::internal(format!("installing the new KEK file: {e}")))?;
+                format!(
+                    "{} now holds the new KEK; the old one is no longer needed",
+                    path.display()
+                )
+            }
+            KekSource::Env { var } => {
+                format!("set {var} to the new KEK before runed next starts; the old one is no longer needed")
+            }
+            KekSource::Generated => "the KEK is per-process (source generated)".into(),
+        };
+        {
+            let mut w = self
+                .ring
+                .write()
+                .map_err(|_| Status::internal("KEK lock poisoned"))?;
+            *w = Keyring::new(new.clone());
+        }
+        tracing::info!(old_kek_id = %old_id, new_kek_id = new.id(), rewrapped, "KEK rotated");
+        Ok(pb::RotateKekResponse {
+            rewrapped,
+            old_kek_id: old_id,
+            new_kek_id: new.id().to_string(),
+            note,
+        })
+    }
+}
+
+/// Lets the orchestrator open secrets without knowing the KEK.
+pub struct SecretOpener(pub Arc<Secrets>);
+
+impl rune_orchestrator::SecretSource for SecretOpener {
+    fn open(&self, s: &SealedSecret) -> Result<SecretData, String> {
+        self.0.open(s)
+    }
+}
+
+fn meta_pb(m: &ObjectMeta) -> pb::ObjectMeta {
+    pb::ObjectMeta {
+        created_at_ms: m.created_at_ms,
+        updated_at_ms: m.updated_at_ms,
+        generation: m.generation,
+        spec_hash: String::new(),
+        resource_version: m.resource_version,
+        last_non_zero_scale: 0,
+    }
+}
+
+fn secret_pb(s: &SealedSecret, meta: &ObjectMeta, data: Option<SecretData>) -> pb::Secret {
+    pb::Secret {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        r#type: s.type_.clone(),
+        version: s.version,
+        keys: s.keys.clone(),
+        data: data.map(|d| d.into_iter().collect()).unwrap_or_default(),
+        meta: Some(meta_pb(meta)),
+        kek_id: s.kek_id.clone(),
+    }
+}
+
+fn configmap_pb(r: &ConfigmapRecord) -> pb::Configmap {
+    pb::Configmap {
+        namespace: r.configmap.namespace.clone(),
+        name: r.configmap.name.clone(),
+        data: r.configmap.data.clone().into_iter().collect(),
+        meta: Some(meta_pb(&r.meta)),
+    }
+}
+
+/// Where a new KEK file would be written for the default source.
+pub fn default_kek_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("kek.b64")
+}
+
+#[tonic::async_trait]
+impl pb::secret_api_server::SecretApi for Api {
+    async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Result<Response<pb::Secret>, Status> {
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(&req, "secrets", "get", Some(&ns))?;
+        if req.get_ref().show_values {
+            authorize(&req, "secrets", "reveal", Some(&ns))?;
+        }
+        let req = req.into_inner();
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let rec = get_record::<SecretRecord, _>(&t, &secret_key(&ns, &req.name))
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("secret {ns}/{} not found", req.name)))?;
+        let sealed = if req.version == 0 || req.version == rec.sealed.version {
+            rec.sealed.clone()
+        } else {
+            let key = format!("{}{:020}", secret_history_prefix(&ns, &req.name), req.version);
+            get_record::<SealedSecret, _>(&t, &key)
+                .map_err(internal)?
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "secret {ns}/{} has no kept version {}",
+                        req.name, req.version
+                    ))
+                })?
+        };
+        let data = if req.show_values {
+            Some(self.secrets.open(&sealed).map_err(Status::failed_precondition)?)
+        } else {
+            None
+        };
+        Ok(Response::new(secret_pb(&sealed, &rec.meta, data)))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let ns = scope(&req.get_ref().namespace);
+        authorize(&req, "secrets", "list", ns.as_deref())?;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let recs: Vec<SecretRecord> = list_records(&t, &secrets_prefix(ns.as_deref())).map_err(internal)?;
+        Ok(Response::new(pb::ListSecretsResponse {
+            secrets: recs.iter().map(|r| secret_pb(&r.sealed, &r.meta, None)).collect(),
+        }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::ObjectRef>,
+    ) -> Result<Response<pb::DeleteObjectResponse>, Status> {
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(&req, "secrets", "delete", Some(&ns))?;
+        let name = req.into_inner().name;
+        let p = self
+            .log
+            .propose(Command::DeleteSecret { namespace: ns, name })
+            .await
+            .map_err(unavailable)?;
+        p.outcome.map_err(rejection)?;
+        Ok(Response::new(pb::DeleteObjectResponse { index: p.index }))
+    }
+
+    async fn get_configmap(&self, req: Request<pb::ObjectRef>) -> Result<Response<pb::Configmap>, Status> {
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(&req, "configmaps", "get", Some(&ns))?;
+        let name = req.into_inner().name;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let rec = get_record::<ConfigmapRecord, _>(&t, &configmap_key(&ns, &name))
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("configmap {ns}/{name} not found")))?;
+        Ok(Response::new(configmap_pb(&rec)))
+    }
+
+    async fn list_configmaps(
+        &self,
+        req: Request<pb::ListConfigmapsRequest>,
+    ) -> Result<Response<pb::ListConfigmapsResponse>, Status> {
+        let ns = scope(&req.get_ref().namespace);
+        authorize(&req, "configmaps", "list", ns.as_deref())?;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let recs: Vec<ConfigmapRecord> =
+            list_records(&t, &configmaps_prefix(ns.as_deref())).map_err(internal)?;
+        Ok(Response::new(pb::ListConfigmapsResponse {
+            configmaps: recs.iter().map(configmap_pb).collect(),
+        }))
+    }
+
+    async fn delete_configmap(
+        &self,
+        req: Request<pb::ObjectRef>,
+    ) -> Result<Response<pb::DeleteObjectResponse>, Status> {
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(&req, "configmaps", "delete", Some(&ns))?;
+        let name = req.into_inner().name;
+        let p = self
+            .log
+            .propose(Command::DeleteConfigmap { namespace: ns, name })
+            .await
+            .map_err(unavailable)?;
+        p.outcome.map_err(rejection)?;
+        Ok(Response::new(pb::DeleteObjectResponse { index: p.index }))
+    }
+}
+
+/// `rune admin rotate-kek`: admin-gated, needs `update` on `admin`.
+pub(crate) async fn rotate_kek(
+    api: &Api,
+    req: Request<pb::RotateKekRequest>,
+) -> Result<pb::RotateKekResponse, Status> {
+    admin_gate(&req, api.allow_remote_admin)?;
+    authorize(&req, "admin", "update", None)?;
+    let new = Kek::parse(&req.into_inner().new_kek)
+        .map_err(|e| Status::invalid_argument(format!("new_kek: {e}")))?;
+    api.secrets.rotate(&api.log, new).await
+}

@@ -1,0 +1,313 @@
+//! Authentication and authorisation through the real `runed` and `rune`: bootstrap, tokens,
+//! the built-in policies and a namespace-scoped one, expiry and revocation.
+
+use std::process::Output;
+use std::time::Duration;
+
+use rune_chaos_tests::{stderr, stdout, wait_until, Bins, Daemon};
+
+fn bins() -> Bins {
+    Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    }
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn as_token(d: &Daemon, token: &str, args: &[&str]) -> Output {
+    d.rune_cmd().env("RUNE_TOKEN", token).args(args).output().unwrap()
+}
+
+fn write(d: &Daemon, name: &str, text: &str) -> String {
+    let p = d.scratch().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// A token for a new user with `policies`, minted by root.
+fn token_for(d: &Daemon, user: &str, policies: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "admin",
+        "token",
+        "create",
+        user,
+        "--subject-name",
+        user,
+        "--policies",
+        policies,
+    ];
+    args.extend_from_slice(extra);
+    let o = d.rune(&args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    stdout(&o).trim().to_string()
+}
+
+/// A non-loopback IPv4 address of this machine, if it has one.
+fn outside_address() -> Option<String> {
+    let o = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .ok()?;
+    stdout(&o)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next())
+        .find(|ip| !ip.starts_with("127."))
+        .map(String::from)
+}
+
+#[test]
+fn every_rpc_needs_a_token_and_bootstrap_is_one_time_and_local() {
+    let mut d = Daemon::new(&bins());
+    d.auto_bootstrap = false;
+    // Listen on every interface, so that a non-loopback client can be tried.
+    let port = d.grpc.port();
+    d.grpc = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    d.restart();
+
+    let o = d.rune(&["get", "svc"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("missing bearer token") && stderr(&o).contains("rune login"),
+        "{}",
+        stderr(&o)
+    );
+    let o = as_token(&d, "rune_0000", &["get", "svc"]);
+    assert_eq!(code(&o), 3);
+    assert!(stderr(&o).contains("invalid bearer token"), "{}", stderr(&o));
+
+    // The Docker bridge alone gives every test machine one.
+    let ip = outside_address().expect("a non-loopback IPv4 address (ip -4 addr)");
+    {
+        let o = d
+            .rune_cmd()
+            .env("RUNE_API_SERVER", format!("{ip}:{port}"))
+            .args(["admin", "bootstrap"])
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 3, "bootstrap from {ip}: {}{}", stdout(&o), stderr(&o));
+        assert!(stderr(&o).contains("loopback"), "{}", stderr(&o));
+    }
+
+    let file = d.scratch().join("root.token");
+    let o = d.rune(&["admin", "bootstrap", "--out-file", file.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(token.starts_with("rune_"), "{token}");
+    // Only the hash is stored: the secret is nowhere in the data dir.
+    assert!(
+        !grep_dir(&d.data_dir, token.as_bytes()),
+        "the token secret is in the data dir"
+    );
+
+    let o = d.rune(&["admin", "bootstrap"]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("live token"), "{}", stderr(&o));
+
+    // login saves a context that later commands use without --token.
+    let o = d.rune(&[
+        "login",
+        "local",
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--token-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = d
+        .rune_cmd()
+        .env_remove("RUNE_API_SERVER")
+        .args(["whoami"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("User:      root") && stdout(&o).contains("root"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+pub fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            grep_dir(&p, needle)
+        } else {
+            std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}
+
+#[test]
+fn builtin_and_namespace_scoped_policies_allow_and_deny() {
+    let d = Daemon::start(&bins());
+    let svc = |ns: &str, name: &str| {
+        format!("service:\n  name: {name}\n  namespace: {ns}\n  image: busybox\n  scale: 0\n")
+    };
+    let dev = write(&d, "dev.yaml", &svc("dev", "a"));
+    let prod = write(&d, "prod.yaml", &svc("prod", "b"));
+    let secret = write(
+        &d,
+        "s.yaml",
+        "secret:\n  name: s\n  namespace: dev\n  stringData:\n    k: hidden-value-1\n",
+    );
+    for f in [&dev, &prod, &secret] {
+        let o = d.rune(&["cast", "--detach", "--create-namespace", f]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    let policy = write(
+        &d,
+        "dev-only.yaml",
+        "name: dev-only\nrules:\n  - resource: service\n    verbs: [get, list, create, update, delete, scale]\n    namespace: dev\n  - resource: secrets\n    verbs: [get, list]\n    namespace: dev\n",
+    );
+    let o = d.rune(&["admin", "policy", "create", "-f", &policy]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    let ro = token_for(&d, "ro", "readonly", &[]);
+    let rw = token_for(&d, "rw", "readwrite", &[]);
+    let adm = token_for(&d, "adm", "admin", &[]);
+    let devu = token_for(&d, "devu", "dev-only", &[]);
+
+    // (what, args, [readonly, readwrite, admin, dev-only]) with 0 = allowed, 3 = denied.
+    let list_dev: &[&str] = &["get", "svc", "-n", "dev"];
+    let list_prod: &[&str] = &["get", "svc", "-n", "prod"];
+    let cast_dev: &[&str] = &["cast", "--detach", "--force", &dev];
+    let cast_prod: &[&str] = &["cast", "--detach", "--force", &prod];
+    let keys: &[&str] = &["get", "secret", "s", "-n", "dev"];
+    let reveal: &[&str] = &["get", "secret", "s", "-n", "dev", "--show-values", "-o", "json"];
+    let users: &[&str] = &["admin", "user", "list"];
+    let mint: &[&str] = &["admin", "token", "create", "sneaky", "--subject-name", "root"];
+    let scale: &[&str] = &["scale", "a", "0", "-n", "dev", "--no-wait"];
+    let cases: [(&str, &[&str], [i32; 4]); 9] = [
+        ("list dev", list_dev, [0, 0, 0, 0]),
+        ("list prod", list_prod, [0, 0, 0, 3]),
+        ("cast dev", cast_dev, [3, 0, 0, 0]),
+        ("cast prod", cast_prod, [3, 0, 0, 3]),
+        ("secret keys", keys, [0, 0, 0, 0]),
+        ("secret values", reveal, [3, 0, 0, 3]),
+        ("users", users, [3, 3, 0, 3]),
+        ("mint a root token", mint, [3, 3, 0, 3]),
+        ("scale dev", scale, [3, 0, 0, 0]),
+    ];
+    for (what, args, want) in cases {
+        for (tok, who, w) in [
+            (&ro, "ro", want[0]),
+            (&rw, "rw", want[1]),
+            (&adm, "adm", want[2]),
+            (&devu, "devu", want[3]),
+        ] {
+            let o = as_token(&d, tok, args);
+            assert_eq!(code(&o), w, "{what} as {who}: {}{}", stdout(&o), stderr(&o));
+            if w == 3 {
+                assert!(
+                    stderr(&o).contains(&format!("user {who} may not")),
+                    "{what} as {who}: {}",
+                    stderr(&o)
+                );
+            }
+            if what == "secret values" && w == 0 {
+                assert!(stdout(&o).contains("hidden-value-1"), "{}", stdout(&o));
+            }
+            if what == "secret keys" {
+                assert!(
+                    !stdout(&o).contains("hidden-value-1"),
+                    "values leak without --show-values"
+                );
+            }
+        }
+    }
+    // The denial names the resource, the verb and the namespace acted on.
+    let o = as_token(&d, &devu, cast_prod);
+    assert!(
+        stderr(&o).contains("may not update services in namespace prod"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Built-ins are protected; a policy in use cannot be deleted.
+    let fake = write(
+        &d,
+        "ro.yaml",
+        "name: readonly\nrules:\n  - {resource: '*', verbs: ['*']}\n",
+    );
+    let o = d.rune(&["admin", "policy", "create", "-f", &fake]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("built in"), "{}", stderr(&o));
+    let o = d.rune(&["admin", "policy", "delete", "dev-only"]);
+    assert_eq!(code(&o), 5);
+    assert!(stderr(&o).contains("attached to devu"), "{}", stderr(&o));
+    let bad = write(
+        &d,
+        "bad.yaml",
+        "name: bad\nrules:\n  - {resource: servics, verbs: [get]}\n",
+    );
+    let o = d.rune(&["admin", "policy", "create", "-f", &bad]);
+    assert_eq!(code(&o), 6);
+    assert!(
+        stderr(&o).contains("rules[0].resource") && stderr(&o).contains("servics"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Detaching takes effect on the next call, with the same token.
+    let o = d.rune(&["admin", "policy", "detach", "dev-only", "--from-user", "devu"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = as_token(&d, &devu, list_dev);
+    assert_eq!(code(&o), 3);
+}
+
+#[test]
+fn tokens_expire_and_revoke_at_once() {
+    let d = Daemon::start(&bins());
+    let short = token_for(&d, "shorty", "readonly", &["--ttl", "2s"]);
+    let o = as_token(&d, &short, &["get", "svc"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    wait_until(Duration::from_secs(20), "the 2 s token to expire", || {
+        let o = as_token(&d, &short, &["get", "svc"]);
+        code(&o) == 3 && stderr(&o).contains("expired")
+    });
+
+    let long = token_for(&d, "longy", "readonly", &[]);
+    assert_eq!(code(&as_token(&d, &long, &["get", "svc"])), 0);
+    let o = d.rune(&["admin", "token", "revoke", "longy"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = as_token(&d, &long, &["get", "svc"]);
+    assert_eq!(code(&o), 3);
+    assert!(stderr(&o).contains("revoked"), "{}", stderr(&o));
+    let o = d.rune(&["admin", "token", "list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "longy" && t["revokedAtMs"].as_i64() > Some(0)));
+    // A token cannot be wider than its user.
+    let o = d.rune(&[
+        "admin",
+        "token",
+        "create",
+        "x",
+        "--subject-name",
+        "longy",
+        "--policies",
+        "admin",
+    ]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not have policy admin"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,361 @@
+//! Secrets and configmaps end to end: sealed at rest, delivered to a real container and a real
+//! process (env and mounted files), the KEK checked at start, and rotated while services run.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rune_chaos_tests::{stderr, stdout, wait_until, Bins, Daemon};
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn bins() -> Bins {
+    Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    }
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn write(d: &Daemon, name: &str, text: &str) -> String {
+    let p = d.scratch().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
+        assert!(Command::new("bash").arg(script).status().unwrap().success());
+    });
+}
+
+fn run_ok(d: &Daemon, args: &[&str]) -> String {
+    let o = d.rune(args);
+    assert_eq!(code(&o), 0, "rune {args:?}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+fn instances(d: &Daemon, svc: &str) -> Vec<Value> {
+    serde_json::from_str::<Value>(&run_ok(d, &["get", "instances", svc, "-o", "json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn running(d: &Daemon, svc: &str) -> bool {
+    let l = instances(d, svc);
+    l.len() == 1 && l[0]["status"] == "Running"
+}
+
+/// A random value that appears nowhere by chance.
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sha256(text: &str) -> String {
+    let o = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            std::io::Write::write_all(c.stdin.as_mut().unwrap(), text.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    stdout(&o).split_whitespace().next().unwrap().to_string()
+}
+
+fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                hits.extend(grep_dir(&p, needle));
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+/// Runs `sh -c script` in the service's instance and returns its output; the script never
+/// carries the secret, only names it (`$DB_PASSWORD`), so no log line sees the value.
+fn exec_sh(d: &Daemon, svc: &str, script: &str) -> String {
+    run_ok(d, &["exec", svc, "--", "sh", "-c", script])
+        .trim()
+        .to_string()
+}
+
+fn cast_secret(d: &Daemon, value: &str) {
+    let f = write(
+        d,
+        "secret.yaml",
+        &format!(
+            "secrets:\n  - name: db\n    data:\n      - key: password\n        value: {value}\n      - key: user\n        value: admin\nconfigmap:\n  name: cfg\n  data:\n    MODE: fast\n"
+        ),
+    );
+    run_ok(d, &["cast", &f]);
+}
+
+fn cast_services(d: &Daemon) -> String {
+    let pmount = d.scratch().join("p-secrets");
+    let f = write(
+        d,
+        "svc.yaml",
+        &format!(
+            r#"services:
+  - name: p
+    scale: 1
+    process:
+      command: /bin/sh
+      args: ["-c", "exec sleep 3600"]
+    env:
+      DB_PASSWORD: "{{{{secret:db/password}}}}"
+    envFrom:
+      - configmap: cfg
+    secretMounts:
+      - name: creds
+        mountPath: {}
+        secretName: db
+  - name: c
+    scale: 1
+    image: busybox
+    command: ["sh", "-c", "exec sleep 3600"]
+    env:
+      DB_PASSWORD: "{{{{ secret:db/password }}}}"
+    envFrom:
+      - secret: db
+        prefix: DB_
+    secretMounts:
+      - name: creds
+        mountPath: /etc/secrets/db
+        secretName: db
+    configMounts:
+      - name: conf
+        mountPath: /etc/conf
+        configName: cfg
+"#,
+            pmount.display()
+        ),
+    );
+    run_ok(d, &["cast", "--timeout", "60s", &f]);
+    pmount.display().to_string()
+}
+
+#[test]
+fn values_never_rest_in_plaintext_and_reach_containers_and_processes() {
+    image();
+    let d = Daemon::start(&bins());
+    let value = random_hex();
+    cast_secret(&d, &value);
+    let pmount = cast_services(&d);
+    let want = sha256(&value);
+
+    // The container: env from the template and from envFrom (with prefix), the mounted file
+    // (mode 0400), and the configmap mount.
+    assert_eq!(
+        exec_sh(&d, "c", "printf %s \"$DB_PASSWORD\" | sha256sum | cut -d' ' -f1"),
+        want
+    );
+    assert_eq!(
+        exec_sh(&d, "c", "printf %s \"$DB_password\" | sha256sum | cut -d' ' -f1"),
+        want
+    );
+    assert_eq!(exec_sh(&d, "c", "echo $DB_user"), "admin");
+    assert_eq!(
+        exec_sh(&d, "c", "sha256sum /etc/secrets/db/password | cut -d' ' -f1"),
+        want
+    );
+    assert_eq!(exec_sh(&d, "c", "stat -c %a /etc/secrets/db/password"), "400");
+    assert_eq!(exec_sh(&d, "c", "cat /etc/conf/MODE"), "fast");
+    // The process: the same, in its own mount namespace; the host's directory stays empty.
+    assert_eq!(
+        exec_sh(&d, "p", "printf %s \"$DB_PASSWORD\" | sha256sum | cut -d' ' -f1"),
+        want
+    );
+    assert_eq!(exec_sh(&d, "p", "echo $MODE"), "fast");
+    assert_eq!(
+        exec_sh(&d, "p", &format!("sha256sum {pmount}/password | cut -d' ' -f1")),
+        want
+    );
+    assert_eq!(
+        std::fs::read_dir(&pmount).unwrap().count(),
+        0,
+        "the mount leaked to the host"
+    );
+
+    // Reading: keys only, unless asked and allowed.
+    let shown = run_ok(&d, &["get", "secret", "db", "-o", "yaml"]);
+    assert!(shown.contains("<redacted>") && !shown.contains(&value), "{shown}");
+    let revealed = run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]);
+    assert!(revealed.contains(&value), "{revealed}");
+    // Re-casting the same values writes nothing; a change makes version 2.
+    cast_secret(&d, &value);
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "secret", "db", "-o", "json"])).unwrap();
+    assert_eq!(v["version"], 1);
+
+    // Nowhere at rest or in runed's output: not in the log, the state, nor a line runed printed.
+    let hits = grep_dir(&d.data_dir, value.as_bytes());
+    assert!(hits.is_empty(), "plaintext found in {hits:?}");
+    assert!(!d.logs().contains(&value), "plaintext in runed's output");
+    let replay = d.rune(&[
+        "admin",
+        "replay",
+        "--data-dir",
+        d.data_dir.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(!stdout(&replay).contains(&value));
+}
+
+#[test]
+fn a_missing_secret_fails_the_instance_until_it_exists() {
+    let d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "svc.yaml",
+        "service:\n  name: needy\n  scale: 1\n  process:\n    command: /bin/sleep\n    args: ['3600']\n  env:\n    PW: '{{secret:later/password}}'\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "the instance to fail with the reason", || {
+        instances(&d, "needy").first().is_some_and(|i| {
+            i["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("secret default/later not found"))
+        })
+    });
+    let s = write(
+        &d,
+        "s.yaml",
+        "secret:\n  name: later\n  stringData:\n    password: x\n",
+    );
+    run_ok(&d, &["cast", &s]);
+    wait_until(LONG, "the instance to start once the secret exists", || {
+        running(&d, "needy")
+    });
+}
+
+#[test]
+fn kek_missing_malformed_or_wrong_refuses_to_start() {
+    let mut d = Daemon::start(&bins());
+    let value = random_hex();
+    cast_secret(&d, &value);
+    assert_eq!(d.sigterm().code(), Some(0));
+    let kek = d.data_dir.join("kek.b64");
+    let good = std::fs::read_to_string(&kek).unwrap();
+
+    let refuse = |d: &mut Daemon, what: &str| {
+        let before = d.logs().len();
+        d.spawn();
+        let st = d.wait_exit(Duration::from_secs(60));
+        let out = d.logs()[before..].to_string();
+        assert_eq!(st.code(), Some(78), "{what}: {out}");
+        out
+    };
+    std::fs::remove_file(&kek).unwrap();
+    let out = refuse(&mut d, "missing");
+    assert!(
+        out.contains("is missing") && out.contains("restore the KEK file"),
+        "{out}"
+    );
+    assert!(!kek.exists(), "a new KEK was generated over sealed secrets");
+
+    std::fs::write(&kek, "not base64 at all!\n").unwrap();
+    let out = refuse(&mut d, "malformed");
+    assert!(out.contains("malformed"), "{out}");
+
+    std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let out = refuse(&mut d, "wrong");
+    assert!(out.contains("does not open the stored secrets"), "{out}");
+
+    std::fs::write(&kek, good).unwrap();
+    d.restart();
+    assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&value));
+
+    // An env source with the variable unset is refused too.
+    let mut e = Daemon::new(&bins());
+    let rf = write(
+        &e,
+        "runefile.yaml",
+        "crypto:\n  kek:\n    source: env\n    env-var: RUNE_TEST_UNSET_KEK\n",
+    );
+    e.extra = vec!["--config".into(), rf];
+    e.spawn();
+    let st = e.wait_exit(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(78), "{}", e.logs());
+    assert!(
+        e.logs().contains("RUNE_TEST_UNSET_KEK is not set"),
+        "{}",
+        e.logs()
+    );
+}
+
+#[test]
+fn rotating_the_kek_keeps_services_running_and_retires_the_old_key() {
+    image();
+    let mut d = Daemon::start(&bins());
+    let value = random_hex();
+    cast_secret(&d, &value);
+    cast_services(&d);
+    let want = sha256(&value);
+    let before: Vec<String> = ["p", "c"]
+        .iter()
+        .map(|s| {
+            instances(&d, s)[0]["runtimeId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let kek = d.data_dir.join("kek.b64");
+    let old = std::fs::read_to_string(&kek).unwrap();
+
+    let new_file = write(&d, "new.kek", "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=\n");
+    let out = run_ok(&d, &["admin", "rotate-kek", "--new-kek-file", &new_file]);
+    assert!(out.contains("re-wrapped"), "{out}");
+    // Both versions kept for db (the cast made one; nothing else): every data key re-wrapped.
+    assert_ne!(std::fs::read_to_string(&kek).unwrap(), old);
+
+    // The services never stopped and still read the secret.
+    for (svc, id) in ["p", "c"].iter().zip(&before) {
+        let i = &instances(&d, svc)[0];
+        assert_eq!(
+            i["runtimeId"].as_str().unwrap_or_default(),
+            id,
+            "{svc} was restarted"
+        );
+        assert_eq!(i["status"], "Running");
+    }
+    assert_eq!(
+        exec_sh(&d, "c", "sha256sum /etc/secrets/db/password | cut -d' ' -f1"),
+        want
+    );
+
+    // The old KEK opens nothing any more; the new one is all runed needs.
+    assert_eq!(d.sigterm().code(), Some(0));
+    std::fs::write(&kek, &old).unwrap();
+    d.spawn();
+    assert_eq!(d.wait_exit(Duration::from_secs(60)).code(), Some(78));
+    std::fs::copy(&new_file, &kek).unwrap();
+    d.restart();
+    assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&value));
+    run_ok(&d, &["restart", "p", "--timeout", "60s"]);
+    assert_eq!(
+        exec_sh(&d, "p", "printf %s \"$DB_PASSWORD\" | sha256sum | cut -d' ' -f1"),
+        want
+    );
+    assert!(grep_dir(&d.data_dir, value.as_bytes()).is_empty());
+}

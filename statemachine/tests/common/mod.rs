@@ -1,0 +1,56 @@
+//! A state table on a temporary redb file, driven by `apply` as the log would drive it.
+
+#![allow(dead_code)]
+
+use redb::ReadableDatabase;
+use rune_statemachine::store::{apply, get_record};
+use rune_statemachine::{Command, Envelope, Outcome, STATE_TABLE};
+
+pub struct State {
+    _f: tempfile::NamedTempFile,
+    db: redb::Database,
+    index: u64,
+    /// The proposer's clock for the next entry.
+    pub now_ms: i64,
+}
+
+impl State {
+    pub fn new() -> Self {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let db = redb::Database::create(f.path()).unwrap();
+        let mut s = State {
+            _f: f,
+            db,
+            index: 0,
+            now_ms: 1000,
+        };
+        s.run(Command::Init {
+            policies: rune_statemachine::identity::builtin_policies(),
+            namespaces: vec!["default".into()],
+        })
+        .expect("init");
+        s
+    }
+
+    pub fn run(&mut self, c: Command) -> Outcome {
+        self.index += 1;
+        let txn = self.db.begin_write().unwrap();
+        let out = {
+            let mut t = txn.open_table(STATE_TABLE).unwrap();
+            apply(
+                &mut t,
+                self.index,
+                &Envelope::new(self.now_ms + self.index as i64, c),
+            )
+            .unwrap()
+        };
+        txn.commit().unwrap();
+        out
+    }
+
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let r = self.db.begin_read().unwrap();
+        let t = r.open_table(STATE_TABLE).unwrap();
+        get_record(&t, key).unwrap()
+    }
+}

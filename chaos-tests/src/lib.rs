@@ -104,6 +104,9 @@ pub struct Daemon {
     pub token: Option<String>,
     /// Bootstrap at the first start (on by default).
     pub auto_bootstrap: bool,
+    /// The CA that signs runed's certificate when it serves TLS: health checks go through curl
+    /// over HTTPS and every `rune` gets `RUNE_TLS_CA`.
+    pub tls_ca: Option<PathBuf>,
     child: Option<Child>,
     tmp: tempfile::TempDir,
 }
@@ -127,6 +130,7 @@ impl Daemon {
             ),
             token: None,
             auto_bootstrap: true,
+            tls_ca: None,
             child: None,
             tmp,
         }
@@ -191,13 +195,17 @@ impl Daemon {
     pub fn restart(&mut self) {
         self.spawn();
         let http = self.http;
+        let tls_ca = self.tls_ca.clone();
         let mut exited = None;
         wait_until(Duration::from_secs(60), "runed to become healthy", || {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 exited = Some(st);
                 return true;
             }
-            http_get(http, "/healthz").is_some_and(|(c, _)| c == 200)
+            match &tls_ca {
+                Some(ca) => https_status(http, "/healthz", ca) == Some(200),
+                None => http_get(http, "/healthz").is_some_and(|(c, _)| c == 200),
+            }
         });
         if let Some(st) = exited {
             panic!("runed exited during start with {st}:\n{}", self.logs());
@@ -286,6 +294,10 @@ impl Daemon {
         if let Some(t) = &self.token {
             c.env("RUNE_TOKEN", t);
         }
+        match &self.tls_ca {
+            Some(ca) => c.env("RUNE_TLS_CA", ca),
+            None => c.env_remove("RUNE_TLS_CA"),
+        };
         c
     }
 
@@ -342,6 +354,30 @@ impl Daemon {
         }
         pids
     }
+}
+
+/// The status of `GET https://addr/path`, verified against `ca`, through curl.
+pub fn https_status(addr: SocketAddr, path: &str, ca: &Path) -> Option<u16> {
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "--cacert",
+        ])
+        .arg(ca)
+        .arg(format!("https://{addr}{path}"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|c| *c != 0)
 }
 
 /// Sends `authorization: Bearer <token>` on every call.

@@ -61,6 +61,26 @@ pub struct Flags {
     /// Directory for runtime files that must not persist, such as secret mounts (a tmpfs).
     #[arg(long, env = "RUNE_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Serve gRPC and HTTP over TLS (in --dev-mode without files: a generated self-signed pair).
+    #[arg(long, env = "RUNE_TLS")]
+    pub tls: bool,
+    /// TLS certificate (chain), PEM; turns TLS on.
+    #[arg(long, env = "RUNE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS private key, PEM.
+    #[arg(long, env = "RUNE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// How the API is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSetting {
+    /// Plaintext.
+    Off,
+    /// TLS with these files.
+    Files(crate::tls::TlsFiles),
+    /// TLS with a self-signed pair generated under the data dir (dev mode only).
+    DevSelfSigned,
 }
 
 /// How logs are written.
@@ -111,6 +131,8 @@ pub struct Settings {
     pub allow_remote_admin: bool,
     /// Runtime directory (secret mounts), never under the data dir.
     pub run_dir: PathBuf,
+    /// TLS for gRPC and HTTP.
+    pub tls: TlsSetting,
 }
 
 /// A configuration problem; `runed` exits with it before touching anything.
@@ -412,6 +434,13 @@ impl Settings {
             .strip_prefix("unix://")
             .map(String::from)
             .unwrap_or(docker_socket);
+        let tls = tls_setting(
+            flags,
+            file.auth
+                .as_ref()
+                .and_then(|a| a.tls.as_ref())
+                .or(server.tls.as_ref()),
+        )?;
         let kek_source = kek_source(flags, file.crypto.as_ref(), file.secret.as_ref(), &data_dir)?;
         let secret_limits = secret_limits(storage.secret_limits.as_ref())?;
         let allow_remote_admin = file
@@ -470,6 +499,7 @@ impl Settings {
             secret_limits,
             allow_remote_admin,
             run_dir,
+            tls,
         })
     }
 }
@@ -529,6 +559,32 @@ fn kek_source(
         other => Err(ConfigError(format!(
             "{at}.source: '{other}' is not one of file, env, generated"
         ))),
+    }
+}
+
+/// `auth.tls` (or the original's `server.tls`) and the `--tls*` flags.
+fn tls_setting(flags: &Flags, section: Option<&TlsSection>) -> Result<TlsSetting, ConfigError> {
+    let cert = flags
+        .tls_cert_file
+        .clone()
+        .or(section.and_then(|t| t.cert_file.clone()).map(PathBuf::from));
+    let key = flags
+        .tls_key_file
+        .clone()
+        .or(section.and_then(|t| t.key_file.clone()).map(PathBuf::from));
+    let enabled =
+        flags.tls || flags.tls_cert_file.is_some() || section.and_then(|t| t.enabled).unwrap_or(false);
+    if !enabled {
+        return Ok(TlsSetting::Off);
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(TlsSetting::Files(crate::tls::TlsFiles { cert, key })),
+        (None, None) if flags.dev_mode => Ok(TlsSetting::DevSelfSigned),
+        (None, None) => Err(ConfigError(
+            "TLS is enabled but auth.tls.cert-file and auth.tls.key-file are not set (only --dev-mode generates a self-signed pair)".into(),
+        )),
+        (Some(_), None) => Err(ConfigError("TLS: auth.tls.key-file (--tls-key-file) is missing".into())),
+        (None, Some(_)) => Err(ConfigError("TLS: auth.tls.cert-file (--tls-cert-file) is missing".into())),
     }
 }
 

@@ -109,6 +109,20 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Some(a) => Some(bind("metrics", a).await?),
         None => None,
     };
+    // TLS material is read (or, in dev mode, generated) before anything else changes.
+    let tls = match &s.tls {
+        crate::config::TlsSetting::Off => None,
+        crate::config::TlsSetting::Files(f) => Some(f.clone()),
+        crate::config::TlsSetting::DevSelfSigned => Some(crate::tls::dev_pair(&s.data_dir.join("tls"))?),
+    };
+    let tls = match tls {
+        Some(f) => {
+            let (cert, key) = crate::tls::read_pem(&f)?;
+            tracing::info!(cert = %f.cert.display(), "serving gRPC and HTTP over TLS");
+            Some((f, cert, key))
+        }
+        None => None,
+    };
     let cfg = LogConfig {
         snapshot_every: s.snapshot_every,
         keep_after_snapshot: s.keep_after_snapshot,
@@ -171,7 +185,16 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         );
         use tonic::service::interceptor::InterceptedService as Authed;
         // Every service but bootstrap sits behind the authenticator.
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((_, cert, key)) = &tls {
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(cert, key)),
+                )
+                .context("configuring TLS for gRPC")?;
+        }
+        let router = builder
             .add_service(Authed::new(
                 pb::service_api_server::ServiceApiServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -223,13 +246,20 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             }),
         );
         let mut stop = stop_http_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &tls {
+            Some((files, cert, key)) => {
+                let l = crate::tls::TlsListener::new(http_listener, files, cert, key)?;
+                tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stopped).await })
+            }
+            None => tokio::spawn(async move {
+                axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }),
+        }
     };
     let metrics = metrics_listener.map(|l| {
         let app = axum::Router::new().route(

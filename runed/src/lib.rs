@@ -12,4 +12,5 @@ pub mod config;
 pub mod daemon;
 pub mod instances_api;
 pub mod secrets_api;
+pub mod tls;
 pub mod yaml;

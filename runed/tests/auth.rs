@@ -311,3 +311,43 @@ fn tokens_expire_and_revoke_at_once() {
         stderr(&o)
     );
 }
+
+#[test]
+fn tls_serves_grpc_and_http_and_the_cli_verifies_it() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--dev-mode".into(), "--tls".into()];
+    let ca = d.data_dir.join("tls/cert.pem");
+    d.tls_ca = Some(ca.clone());
+    d.restart();
+    let o = d.rune(&["get", "svc"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(rune_chaos_tests::https_status(d.http, "/healthz", &ca), Some(200));
+    // Plaintext and an unknown CA are refused.
+    let o = d
+        .rune_cmd()
+        .env_remove("RUNE_TLS_CA")
+        .args(["get", "svc"])
+        .output()
+        .unwrap();
+    assert_ne!(code(&o), 0);
+    assert!(rune_chaos_tests::http_get(d.http, "/healthz").is_none_or(|(c, _)| c != 200));
+    let other = write(
+        &d,
+        "other-ca.pem",
+        &std::fs::read_to_string(&ca).unwrap().replace('A', "B"),
+    );
+    let o = d
+        .rune_cmd()
+        .env("RUNE_TLS_CA", &other)
+        .args(["get", "svc"])
+        .output()
+        .unwrap();
+    assert_ne!(code(&o), 0);
+
+    // Outside dev mode, TLS without files is a configuration error naming the settings.
+    let mut p = Daemon::new(&bins());
+    p.extra = vec!["--tls".into()];
+    p.spawn();
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).code(), Some(2));
+    assert!(p.logs().contains("auth.tls.cert-file"), "{}", p.logs());
+}

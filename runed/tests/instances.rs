@@ -780,6 +780,7 @@ if not (ok1 and ok2 and code == 7):
         .arg(&d.bins.rune)
         .args(["exec", target, "-it", "--", "/bin/sh"]);
     cmd.env("RUNE_API_SERVER", d.grpc.to_string())
+        .env("RUNE_TOKEN", d.token.as_deref().unwrap_or_default())
         .env("RUNE_CLI_CONFIG", d.scratch().join("cli-config.yaml"));
     let o = cmd.output().unwrap();
     assert!(

@@ -359,3 +359,52 @@ fn rotating_the_kek_keeps_services_running_and_retires_the_old_key() {
     );
     assert!(grep_dir(&d.data_dir, value.as_bytes()).is_empty());
 }
+
+#[test]
+fn the_servers_secret_limits_name_the_setting() {
+    let mut d = Daemon::new(&bins());
+    let rf = write(
+        &d,
+        "runefile.yaml",
+        "storage:\n  secret-limits:\n    max-keys-per-secret: 2\n    max-value-size: 8\n",
+    );
+    d.extra = vec!["--config".into(), rf];
+    d.restart();
+    let keys = write(
+        &d,
+        "keys.yaml",
+        "secret:\n  name: many\n  stringData: {a: '1', b: '2', c: '3'}\n",
+    );
+    let o = d.rune(&["cast", &keys]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("max-keys-per-secret is 2"), "{}", stderr(&o));
+    let big = write(
+        &d,
+        "big.yaml",
+        "secret:\n  name: big\n  stringData: {a: '123456789'}\n",
+    );
+    let o = d.rune(&["cast", &big]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("data.a: value is 9 bytes; storage.secret-limits.max-value-size is 8"),
+        "{}",
+        stderr(&o)
+    );
+    // Nothing of a refused cast is written.
+    let o = d.rune(&["get", "secrets", "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stdout(&o).contains("many") && !stdout(&o).contains("big"));
+    // A bad spec never echoes its values back.
+    let bad = write(
+        &d,
+        "bad.yaml",
+        "secret:\n  name: Bad_Name\n  stringData: {a: topsecretvalue}\n",
+    );
+    let o = d.rune(&["cast", &bad]);
+    assert_eq!(code(&o), 6);
+    assert!(
+        stderr(&o).contains("secret name") && !stderr(&o).contains("topsecretvalue"),
+        "{}",
+        stderr(&o)
+    );
+}

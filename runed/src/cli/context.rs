@@ -38,6 +38,9 @@ pub struct Context {
     /// Default namespace.
     #[serde(default, alias = "defaultNamespace", skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// CA certificate (PEM) that signs runed's TLS certificate; set means the server speaks TLS.
+    #[serde(default, alias = "tlsCa", skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
 }
 
 /// Where the file lives.

@@ -160,8 +160,9 @@ pub async fn login(
     token: String,
     token_file: Option<&Path>,
     namespace: Option<String>,
+    tls_ca: Option<PathBuf>,
 ) -> Result<(), CliError> {
-    let probe = Conn::direct(server, Some(token.clone()));
+    let probe = Conn::direct(server, Some(token.clone()), tls_ca.clone());
     let mut c = pb::admin_api_client::AdminApiClient::new(probe.channel().await?);
     let me = c
         .who_am_i(pb::WhoAmIRequest {})
@@ -186,6 +187,7 @@ pub async fn login(
     if namespace.is_some() {
         ctx.namespace = namespace;
     }
+    ctx.tls_ca = tls_ca.map(|p| std::fs::canonicalize(&p).unwrap_or(p).display().to_string());
     cfg.current_context = Some(name.to_string());
     context::save(&cfg)?;
     println!("logged in to {server} as {} (context {name})", me.user);

@@ -121,6 +121,9 @@ pub struct Cli {
     /// Namespace to act in.
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// CA certificate (PEM) to verify runed's TLS certificate; implies TLS.
+    #[arg(long, global = true, env = "RUNE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum)]
     pub output: Option<Format>,
@@ -406,6 +409,7 @@ type Chan = InterceptedService<Channel, Auth>;
 pub struct Conn {
     server: String,
     token: Option<String>,
+    tls_ca: Option<PathBuf>,
     /// The namespace the command acts in.
     pub namespace: String,
     /// Whether the user named a namespace.
@@ -436,6 +440,7 @@ impl Conn {
             (None, None, None, Some(f)) => Some(read_token(&PathBuf::from(f))?),
             _ => None,
         };
+        let tls_ca = cli.tls_ca.clone().or(ctx.tls_ca.map(PathBuf::from));
         let namespace_given = cli.namespace.is_some();
         let namespace = cli
             .namespace
@@ -445,15 +450,32 @@ impl Conn {
         Ok(Self {
             server,
             token,
+            tls_ca,
             namespace,
             namespace_given,
         })
     }
 
     async fn channel(&self) -> Result<Chan, CliError> {
-        let endpoint = Channel::from_shared(format!("http://{}", self.server))
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{}", self.server))
             .map_err(|e| CliError::usage(format!("--api-server {}: {e}", self.server)))?
             .connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &self.tls_ca {
+            let pem =
+                std::fs::read(ca).map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+            let host = self
+                .server
+                .rsplit_once(':')
+                .map_or(self.server.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                .domain_name(host.to_string());
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+        }
         let ch = endpoint
             .connect()
             .await
@@ -479,10 +501,11 @@ impl Conn {
     }
 
     /// A connection to a given server with a given token, ignoring contexts (for `rune login`).
-    fn direct(server: &str, token: Option<String>) -> Self {
+    fn direct(server: &str, token: Option<String>, tls_ca: Option<PathBuf>) -> Self {
         Self {
             server: server.to_string(),
             token,
+            tls_ca,
             namespace: "default".into(),
             namespace_given: false,
         }
@@ -683,7 +706,8 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 (None, None) => return Err(CliError::usage("rune login needs --token-file F (or --token)")),
             };
             let ns = default_namespace.clone().or(cli.namespace.clone());
-            identity::login(name, &server, token, cli.token_file.as_deref(), ns).await
+            let ca = cli.tls_ca.clone().or(current.tls_ca.clone());
+            identity::login(name, &server, token, cli.token_file.as_deref(), ns, ca).await
         }
     }
 }

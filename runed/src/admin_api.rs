@@ -74,6 +74,41 @@ impl Api {
         admin_gate(req, self.allow_remote_admin)?;
         authorize(req, resource, verb, None)
     }
+
+    /// Nobody grants more than they hold: every rule of every policy given away must be one the
+    /// caller could exercise itself (Kubernetes' escalation rule), else managing users, tokens
+    /// or policies would be a way to become root.
+    fn may_grant(&self, caller: &crate::auth::Caller, policies: &[String]) -> Result<(), Status> {
+        for name in policies {
+            let Some(p) = self.read_one::<PolicyRecord>(&policy_key(name))? else {
+                return Err(Status::not_found(format!("policy {name} not found")));
+            };
+            may_grant_rules(caller, &p.spec.rules, name)?;
+        }
+        Ok(())
+    }
+}
+
+fn may_grant_rules(
+    caller: &crate::auth::Caller,
+    rules: &[rune_statemachine::identity::PolicyRule],
+    what: &str,
+) -> Result<(), Status> {
+    for r in rules {
+        let ns = (r.namespace != "*").then_some(r.namespace.as_str());
+        for v in &r.verbs {
+            if !rune_statemachine::identity::allows(&caller.rules, &r.resource, v, ns) {
+                return Err(Status::permission_denied(format!(
+                    "user {} cannot grant {what}: it allows {v} on {} in {}, which {} may not do itself",
+                    caller.user,
+                    r.resource,
+                    ns.map_or("every namespace".to_string(), |n| format!("namespace {n}")),
+                    caller.user
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -130,13 +165,14 @@ impl pb::admin_api_server::AdminApi for Api {
     }
 
     async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> Result<Response<pb::User>, Status> {
-        self.gate(&req, "users", "create")?;
+        let caller = self.gate(&req, "users", "create")?;
         let r = req.into_inner();
         let policies = if r.policies.is_empty() {
             vec!["readonly".to_string()]
         } else {
             r.policies
         };
+        self.may_grant(&caller, &policies)?;
         self.propose_identity(Command::PutUser {
             name: r.name.clone(),
             email: (!r.email.is_empty()).then_some(r.email),
@@ -177,7 +213,7 @@ impl pb::admin_api_server::AdminApi for Api {
     }
 
     async fn put_policy(&self, req: Request<pb::PutPolicyRequest>) -> Result<Response<pb::Policy>, Status> {
-        self.gate(&req, "policies", "create")?;
+        let caller = self.gate(&req, "policies", "create")?;
         let value: serde_json::Value = serde_json::from_str(&req.get_ref().spec_json)
             .map_err(|e| Status::invalid_argument(format!("policy is not JSON: {e}")))?;
         let spec: PolicySpec = rune_statemachine::decode::decode(&value).map_err(|errs| {
@@ -189,6 +225,11 @@ impl pb::admin_api_server::AdminApi for Api {
             Status::invalid_argument(format!("policy: {}", list.join("; ")))
         })?;
         let name = spec.name.clone();
+        // Changing a policy changes what its users may do: the caller must hold all of it.
+        may_grant_rules(&caller, &spec.rules, &format!("policy {name}"))?;
+        if self.read_one::<PolicyRecord>(&policy_key(&name))?.is_some() {
+            crate::auth::check(&caller, "policies", "update", None)?;
+        }
         self.propose_identity(Command::PutPolicy { spec }).await?;
         let p: PolicyRecord = self
             .read_one(&policy_key(&name))?
@@ -230,8 +271,11 @@ impl pb::admin_api_server::AdminApi for Api {
         &self,
         req: Request<pb::AttachPolicyRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        self.gate(&req, "users", "update")?;
+        let caller = self.gate(&req, "users", "update")?;
         let r = req.into_inner();
+        if r.attach {
+            self.may_grant(&caller, std::slice::from_ref(&r.policy))?;
+        }
         self.propose_identity(Command::SetUserPolicy {
             user: r.user.clone(),
             policy: r.policy,
@@ -248,8 +292,22 @@ impl pb::admin_api_server::AdminApi for Api {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        self.gate(&req, "tokens", "create")?;
+        let caller = self.gate(&req, "tokens", "create")?;
         let r = req.into_inner();
+        // A token for someone else is acting as them: that takes managing users, and a new
+        // subject is a new user.
+        if r.subject != caller.user {
+            let subject = self.read_one::<UserRecord>(&rune_statemachine::store::user_key(&r.subject))?;
+            let verb = if subject.is_some() { "update" } else { "create" };
+            crate::auth::check(&caller, "users", verb, None)?;
+            // What the token will be able to do: its own policies, else all of its user's.
+            let granted = match (&subject, r.policies.is_empty()) {
+                (_, false) => r.policies.clone(),
+                (Some(u), true) => u.policies.clone(),
+                (None, true) => vec!["readonly".to_string()],
+            };
+            self.may_grant(&caller, &granted)?;
+        }
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
         }

@@ -202,11 +202,21 @@ fn decode_resource(
     let name = value.get("name").and_then(|n| n.as_str()).unwrap_or("<unnamed>");
     match kind {
         "secret" => {
+            // Decoder messages quote what they could not take (`invalid type: integer `42``):
+            // for a secret that is a value, so quotes are cut out.
+            let redacted = |errs: Vec<rune_statemachine::decode::FieldError>| {
+                let errs: Vec<_> = errs
+                    .into_iter()
+                    .map(|mut e| {
+                        e.message = redact_quoted(&e.message);
+                        e
+                    })
+                    .collect();
+                spec_problem(kind, name, &errs)
+            };
             let spec: rune_statemachine::secret::SecretSpec =
-                rune_statemachine::decode::decode(&value).map_err(|errs| spec_problem(kind, name, &errs))?;
-            let data = spec
-                .to_data(limits)
-                .map_err(|errs| spec_problem(kind, name, &errs))?;
+                rune_statemachine::decode::decode(&value).map_err(redacted)?;
+            let data = spec.to_data(limits).map_err(redacted)?;
             Ok(Decoded::Secret {
                 namespace: spec.namespace().to_string(),
                 name: spec.name.clone(),
@@ -225,6 +235,15 @@ fn decode_resource(
             .map(Decoded::Resource)
             .map_err(|errs| spec_problem(kind, name, &errs)),
     }
+}
+
+/// `a `b` c` → `a <redacted> c`.
+fn redact_quoted(m: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in m.split('`').enumerate() {
+        out.push_str(if i % 2 == 1 { "<redacted>" } else { part });
+    }
+    out
 }
 
 /// Order of a cast: namespaces, then configmaps and secrets, then the services that use them.
@@ -362,8 +381,10 @@ impl pb::service_api_server::ServiceApi for Api {
         for (i, r) in req.resources.iter().enumerate() {
             decoded.push(decode_resource(r, i, self.secrets.limits)?);
         }
-        // Secrets are sealed before anything is proposed; an unchanged one is left out.
-        let (mut resources, unchanged_secrets) = self.secrets.seal_cast(&self.log, decoded)?;
+        // Secrets are sealed before anything is proposed; an unchanged one is left out. A KEK
+        // rotation waits until this cast's entry is applied.
+        let _no_rotation = self.secrets.cast_guard().await;
+        let (mut resources, unchanged_secrets) = self.secrets.seal_cast(&self.log, &caller, decoded)?;
         resources.sort_by_key(cast_rank);
         // The applied state already holds every acknowledged write (apply runs before the reply),
         // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway.

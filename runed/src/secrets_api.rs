@@ -34,7 +34,9 @@ pub struct Secrets {
     /// `storage.secret-limits`.
     pub limits: SecretLimits,
     source: KekSource,
-    rotating: tokio::sync::Mutex<()>,
+    /// Casts that seal hold it shared from sealing until their entry is applied; a rotation
+    /// holds it exclusively, so no secret can be sealed under a KEK that is being retired.
+    rotation: tokio::sync::RwLock<()>,
 }
 
 fn all_sealed(log: &Log) -> Result<Vec<SealedSecret>, String> {
@@ -46,6 +48,9 @@ fn all_sealed(log: &Log) -> Result<Vec<SealedSecret>, String> {
         .map(|r| r.sealed)
         .collect();
     out.extend(list_records::<SealedSecret, _>(&t, SECRET_HISTORY_ALL).map_err(|e| e.to_string())?);
+    // The newest version is both the record and its history entry: once is enough.
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|s| seen.insert((s.namespace.clone(), s.name.clone(), s.version)));
     Ok(out)
 }
 
@@ -104,7 +109,7 @@ impl Secrets {
             ring: RwLock::new(ring),
             limits,
             source,
-            rotating: tokio::sync::Mutex::new(()),
+            rotation: tokio::sync::RwLock::new(()),
         };
         Ok(secrets)
     }
@@ -141,11 +146,19 @@ impl Secrets {
         open(&self.ring(), s).map_err(|e| e.to_string())
     }
 
+    /// Held by a cast from sealing until its entry is applied (see `rotation`).
+    pub(crate) async fn cast_guard(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.rotation.read().await
+    }
+
     /// Seals the cast's secrets: each changed one at the next version, unchanged ones reported
-    /// and left out, so a re-cast writes nothing.
+    /// and left out, so a re-cast writes nothing. Only a caller who may write secrets gets this
+    /// far, and only one who may also reveal them learns "unchanged": for anyone else every
+    /// cast is a new version, so a dry run cannot be used to guess a value.
     pub(crate) fn seal_cast(
         &self,
         log: &Log,
+        caller: &crate::auth::Caller,
         decoded: Vec<Decoded>,
     ) -> Result<(Vec<Resource>, Vec<pb::ApplyResult>), Status> {
         let ring = self.ring();
@@ -163,7 +176,12 @@ impl Secrets {
                 } => {
                     let prev = get_record::<SecretRecord, _>(&t, &secret_key(&namespace, &name))
                         .map_err(internal)?;
+                    let verb = if prev.is_some() { "update" } else { "create" };
+                    crate::auth::check(caller, "secrets", verb, Some(&namespace))?;
+                    let may_compare =
+                        crate::auth::check(caller, "secrets", "reveal", Some(&namespace)).is_ok();
                     let version = match &prev {
+                        Some(p) if !may_compare => p.sealed.version + 1,
                         Some(p) => {
                             let current = open(&ring, &p.sealed)
                                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
@@ -193,9 +211,24 @@ impl Secrets {
     /// only KEK. Crash-safe for a file source: the new KEK is written beside the old one first,
     /// and a start that finds it finishes the job.
     pub async fn rotate(&self, log: &Log, new: Kek) -> Result<pb::RotateKekResponse, Status> {
-        let _one = self.rotating.lock().await;
+        let _only = self.rotation.write().await;
         let old_id = self.ring().primary().id().to_string();
+        // An unfinished rotation to another key must finish first: starting a second one would
+        // drop the key the first one already sealed with.
+        if self.ring().has_previous() && old_id != new.id() {
+            return Err(Status::failed_precondition(format!(
+                "a rotation to KEK {old_id} is unfinished; run rotate-kek again with that key first"
+            )));
+        }
         if let KekSource::File { path, .. } = &self.source {
+            if let Ok(text) = std::fs::read_to_string(rune_secrets::pending_path(path)) {
+                if Kek::parse(&text).map(|k| k.id() != new.id()).unwrap_or(false) {
+                    return Err(Status::failed_precondition(format!(
+                        "{} holds an unfinished rotation to another KEK; restart runed to finish it first",
+                        rune_secrets::pending_path(path).display()
+                    )));
+                }
+            }
             rune_secrets::write_kek_file(&rune_secrets::pending_path(path), &new)
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
@@ -208,8 +241,10 @@ impl Secrets {
             *w = w.rotated_to(new.clone());
         }
         let mut rewrapped = 0u32;
-        // Loop until no version is left under another KEK: casts may land meanwhile.
-        for _ in 0..10 {
+        let mut done = false;
+        // No cast can seal meanwhile (the write guard), so one pass re-wraps everything; the
+        // second finds nothing left and proves it.
+        for _ in 0..3 {
             let ring = self.ring();
             let items: Vec<Rewrap> = all_sealed(log)
                 .map_err(Status::internal)?
@@ -228,6 +263,7 @@ impl Secrets {
                 })
                 .collect::<Result<_, Status>>()?;
             if items.is_empty() {
+                done = true;
                 break;
             }
             for chunk in items.chunks(256) {
@@ -240,6 +276,11 @@ impl Secrets {
                 p.outcome.map_err(rejection)?;
                 rewrapped += u32::try_from(chunk.len()).unwrap_or(u32::MAX);
             }
+        }
+        if !done {
+            return Err(Status::internal(
+                "secrets are still sealed under the old KEK after re-wrapping; the rotation stays unfinished (both keys kept)",
+            ));
         }
         let note = match &self.source {
             KekSource::File { path, .. } => {

@@ -261,6 +261,36 @@ fn builtin_and_namespace_scoped_policies_allow_and_deny() {
         stderr(&o)
     );
 
+    // Managing users and tokens does not make anyone root: nobody grants more than they hold.
+    let ua = write(&d, "ua.yaml", "name: user-admin\nrules:\n  - {resource: users, verbs: ['*']}\n  - {resource: tokens, verbs: ['*']}\n  - {resource: policies, verbs: [get, list]}\n");
+    assert_eq!(code(&d.rune(&["admin", "policy", "create", "-f", &ua])), 0);
+    let uat = token_for(&d, "ua", "user-admin", &[]);
+    for args in [
+        &["admin", "token", "create", "x", "--subject-name", "root"][..],
+        &[
+            "admin",
+            "token",
+            "create",
+            "y",
+            "--subject-name",
+            "newbie",
+            "--policies",
+            "admin",
+        ],
+        &["admin", "policy", "attach", "root", "--to-user", "ua"],
+        &["admin", "user", "create", "z", "--policy", "readwrite"],
+    ] {
+        let o = as_token(&d, &uat, args);
+        assert_eq!(code(&o), 3, "{args:?}: {}{}", stdout(&o), stderr(&o));
+        assert!(stderr(&o).contains("cannot grant"), "{args:?}: {}", stderr(&o));
+    }
+    let o = as_token(
+        &d,
+        &uat,
+        &["admin", "token", "create", "mine", "--subject-name", "ua"],
+    );
+    assert_eq!(code(&o), 0, "a token for oneself: {}", stderr(&o));
+
     // Detaching takes effect on the next call, with the same token.
     let o = d.rune(&["admin", "policy", "detach", "dev-only", "--from-user", "devu"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));

@@ -246,6 +246,40 @@ fn a_missing_secret_fails_the_instance_until_it_exists() {
     wait_until(LONG, "the instance to start once the secret exists", || {
         running(&d, "needy")
     });
+
+    // Another namespace's secret is out of reach, named or by FQDN.
+    let prod = write(
+        &d,
+        "prod.yaml",
+        "secret:\n  name: db\n  namespace: prod\n  stringData:\n    password: y\n",
+    );
+    run_ok(&d, &["cast", "--create-namespace", &prod]);
+    let f = write(
+        &d,
+        "nosy.yaml",
+        "service:\n  name: nosy\n  scale: 1\n  process:\n    command: /bin/sleep\n    args: ['3600']\n  env:\n    PW: '{{secret:db.prod.rune/password}}'\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "the cross-namespace reference to fail", || {
+        instances(&d, "nosy").first().is_some_and(|i| {
+            i["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("secret prod/db is in another namespace"))
+        })
+    });
+    // Mount names and paths that would escape runed's directories are refused at cast.
+    let f = write(
+        &d,
+        "escape.yaml",
+        "service:\n  name: esc\n  image: busybox\n  secretMounts:\n    - name: ../../etc\n      mountPath: /x/../y\n      secretName: later\n",
+    );
+    let o = d.rune(&["cast", &f]);
+    assert_eq!(code(&o), 6);
+    assert!(
+        stderr(&o).contains("secretMounts[0].name") && stderr(&o).contains("secretMounts[0].mountPath"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -151,7 +151,8 @@ pub fn key_ok(k: &str) -> Result<(), String> {
         return Err("a key is empty".into());
     }
     if k.len() > 253 {
-        return Err(format!("key '{}…' is longer than 253 characters", &k[..20]));
+        let head: String = k.chars().take(20).collect();
+        return Err(format!("key '{head}…' is longer than 253 characters"));
     }
     if k == "."
         || k == ".."
@@ -180,10 +181,8 @@ fn data_entries(form: &DataForm, at: &FieldPath, errs: &mut Vec<FieldError>) -> 
                     (Some(v), None) => out.push((p.key.clone(), v.0.clone().into_bytes())),
                     (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b.trim()) {
                         Ok(bytes) => out.push((p.key.clone(), bytes)),
-                        Err(e) => errs.push(FieldError::new(
-                            at.key("valueBase64"),
-                            format!("is not valid base64: {e}"),
-                        )),
+                        // The decoder's message quotes the offending byte: a piece of the secret.
+                        Err(_) => errs.push(FieldError::new(at.key("valueBase64"), "is not valid base64")),
                     },
                     _ => errs.push(FieldError::new(
                         at,
@@ -289,9 +288,9 @@ impl SecretSpec {
             (Some(v), None) => overrides.push(("value".into(), v.0.clone().into_bytes())),
             (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b.trim()) {
                 Ok(bytes) => overrides.push(("value".into(), bytes)),
-                Err(e) => errs.push(FieldError::new(
+                Err(_) => errs.push(FieldError::new(
                     FieldPath::root().key("valueBase64"),
-                    format!("is not valid base64: {e}"),
+                    "is not valid base64",
                 )),
             },
             (None, None) => {}

@@ -111,7 +111,51 @@ pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
         }
     }
     validate_refs(s, &root, &mut errs);
+    validate_mounts(s, &root, &mut errs);
     errs
+}
+
+/// Mount names become directory names on the host and mount paths mount points: both must be
+/// plain, so that no spec can make runed write or mount outside its own directories.
+fn validate_mounts(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    let lists = [
+        ("secretMounts", &s.secret_mounts),
+        ("configMounts", &s.config_mounts),
+        ("configmapMounts", &s.configmap_mounts),
+    ];
+    let mut names = BTreeSet::new();
+    for (field, list) in lists {
+        for (i, m) in list.iter().enumerate() {
+            let at = root.key(field).index(i);
+            if let Err(e) = dns1123_label(&m.name) {
+                errs.push(FieldError::new(at.key("name"), format!("mount name {e}")));
+            } else if !names.insert(m.name.clone()) {
+                errs.push(FieldError::new(
+                    at.key("name"),
+                    format!("mount name '{}' is used twice", m.name),
+                ));
+            }
+            let p = &m.mount_path;
+            if !p.starts_with('/')
+                || p.contains(':')
+                || p.split('/').any(|c| c == ".." || c == ".")
+                || p == "/"
+            {
+                errs.push(FieldError::new(
+                    at.key("mountPath"),
+                    format!("'{p}' must be an absolute path without '.', '..' or ':' (and not /)"),
+                ));
+            }
+            for (j, it) in m.items.iter().enumerate() {
+                if it.path.is_empty() || it.path.contains('/') || it.path == ".." || it.path == "." {
+                    errs.push(FieldError::new(
+                        at.key("items").index(j).key("path"),
+                        format!("'{}' must be a plain file name", it.path),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 fn validate_basics(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {

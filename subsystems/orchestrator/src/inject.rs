@@ -39,6 +39,8 @@ fn env_name_ok(k: &str) -> bool {
 /// Reads secrets and configmaps for one start, each at most once.
 struct Reader<'a> {
     table: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    /// The service's namespace: the only one it may read from.
+    own: String,
     secrets: Option<&'a dyn SecretSource>,
     cache: BTreeMap<(bool, String, String), BTreeMap<String, Vec<u8>>>,
 }
@@ -46,8 +48,15 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn get(&mut self, secret: bool, ns: &str, name: &str) -> Result<&BTreeMap<String, Vec<u8>>, RunError> {
         let k = (secret, ns.to_string(), name.to_string());
+        let what = if secret { "secret" } else { "configmap" };
+        if ns != self.own {
+            // Casting a service in one namespace must not become a way to read another's secrets.
+            return Err(RunError::Launch(format!(
+                "{what} {ns}/{name} is in another namespace; a service in {} may only use its own namespace's",
+                self.own
+            )));
+        }
         if !self.cache.contains_key(&k) {
-            let what = if secret { "secret" } else { "configmap" };
             let missing = || RunError::Launch(format!("{what} {ns}/{name} not found"));
             let data = if secret {
                 let rec: SecretRecord = get_record(&self.table, &secret_key(ns, name))
@@ -145,6 +154,7 @@ pub fn resolve(
         .map_err(|e| RunError::Runtime(e.to_string()))?;
     let mut r = Reader {
         table,
+        own: l.namespace.clone(),
         secrets,
         cache: BTreeMap::new(),
     };
@@ -282,6 +292,12 @@ fn write_mount(
             })
             .collect::<Result<_, _>>()?
     };
+    if rune_statemachine::validate::dns1123_label(&m.name).is_err() {
+        return Err(RunError::Launch(format!(
+            "mount name '{}' is not a DNS label",
+            m.name
+        )));
+    }
     let dir = base.join(&m.name);
     let io = |e: std::io::Error| RunError::Runtime(format!("cannot write the {what} mount {}: {e}", m.name));
     std::fs::DirBuilder::new()

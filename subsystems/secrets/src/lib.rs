@@ -67,7 +67,7 @@ impl Kek {
     pub fn parse(text: &str) -> Result<Self, KekError> {
         let bytes = B64
             .decode(text.trim())
-            .map_err(|e| KekError::Malformed(format!("not base64: {e}")))?;
+            .map_err(|_| KekError::Malformed("it is not base64".into()))?;
         let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
             KekError::Malformed(format!("decodes to {} bytes; a KEK is 32 bytes", bytes.len()))
         })?;
@@ -108,6 +108,11 @@ impl Keyring {
         others.extend(self.others.iter().cloned());
         others.retain(|k| k.id != new.id);
         Self { primary: new, others }
+    }
+
+    /// Whether a previous KEK is still kept (a rotation is under way or unfinished).
+    pub fn has_previous(&self) -> bool {
+        !self.others.is_empty()
     }
 
     /// The KEK that seals new data keys.

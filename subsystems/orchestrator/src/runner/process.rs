@@ -543,8 +543,12 @@ fn mount_then_drop(
                     return fail();
                 }
             }
+            // As std does when it drops privileges: no supplementary groups of root's survive.
+            if (uid.is_some() || gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
+                return fail();
+            }
             if let Some(g) = gid {
-                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 {
+                if libc::setgid(g) != 0 {
                     return fail();
                 }
             }

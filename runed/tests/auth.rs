@@ -1,30 +1,16 @@
 //! Authentication and authorisation through the real `runed` and `rune`: bootstrap, tokens,
 //! the built-in policies and a namespace-scoped one, expiry and revocation.
 
+mod common;
+
 use std::process::Output;
 use std::time::Duration;
 
-use rune_chaos_tests::{stderr, stdout, wait_until, Bins, Daemon};
-
-fn bins() -> Bins {
-    Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    }
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
+use common::*;
+use rune_chaos_tests::{stderr, stdout, wait_until, Daemon};
 
 fn as_token(d: &Daemon, token: &str, args: &[&str]) -> Output {
     d.rune_cmd().env("RUNE_TOKEN", token).args(args).output().unwrap()
-}
-
-fn write(d: &Daemon, name: &str, text: &str) -> String {
-    let p = d.scratch().join(name);
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
 }
 
 /// A token for a new user with `policies`, minted by root.
@@ -104,7 +90,7 @@ fn every_rpc_needs_a_token_and_bootstrap_is_one_time_and_local() {
     assert!(token.starts_with("rune_"), "{token}");
     // Only the hash is stored: the secret is nowhere in the data dir.
     assert!(
-        !grep_dir(&d.data_dir, token.as_bytes()),
+        grep_dir(&d.data_dir, token.as_bytes()).is_empty(),
         "the token secret is in the data dir"
     );
 
@@ -134,20 +120,6 @@ fn every_rpc_needs_a_token_and_bootstrap_is_one_time_and_local() {
         "{}",
         stdout(&o)
     );
-}
-
-pub fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> bool {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    rd.flatten().any(|e| {
-        let p = e.path();
-        if p.is_dir() {
-            grep_dir(&p, needle)
-        } else {
-            std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-        }
-    })
 }
 
 #[test]

@@ -1,18 +1,14 @@
 //! End to end: the real `runed` and `rune` binaries on loopback ports.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Bins, Daemon};
-
-fn bins() -> Bins {
-    Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    }
-}
+use common::*;
+use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Daemon};
 
 fn peer(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,16 +20,6 @@ fn peer(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn code(o: &std::process::Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn write(d: &Daemon, name: &str, text: &str) -> String {
-    let p = d.scratch().join(name);
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
 }
 
 fn services_json(d: &Daemon) -> serde_json::Value {

@@ -1,64 +1,22 @@
 //! Running services end to end: real `runed` and `rune`, real host processes and a real Docker
 //! Engine (with the local `busybox` image built FROM scratch by scripts/test-images.sh).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Bins, Daemon};
+use common::*;
+use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Daemon};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn bins() -> Bins {
-    Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    }
-}
-
-fn code(o: &std::process::Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn write(d: &Daemon, name: &str, text: &str) -> String {
-    let p = d.scratch().join(name);
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
-}
-
-/// Builds the busybox test image once per test binary.
-fn image() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
-        let st = Command::new("bash")
-            .arg(script)
-            .status()
-            .expect("run test-images.sh");
-        assert!(st.success(), "building the busybox test image failed");
-    });
-}
-
-fn run_ok(d: &Daemon, args: &[&str]) -> String {
-    let o = d.rune(args);
-    assert_eq!(code(&o), 0, "rune {args:?}: {}{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
-
-fn instances(d: &Daemon, svc: &str) -> Vec<Value> {
-    let out = run_ok(d, &["get", "instances", svc, "-o", "json"]);
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 fn ids(list: &[Value], field: &str) -> BTreeSet<String> {
     list.iter()

@@ -1,54 +1,16 @@
 //! Secrets and configmaps end to end: sealed at rest, delivered to a real container and a real
 //! process (env and mounted files), the KEK checked at start, and rotated while services run.
 
-use std::path::Path;
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
-use rune_chaos_tests::{stderr, stdout, wait_until, Bins, Daemon};
+use common::*;
+use rune_chaos_tests::{stderr, stdout, wait_until, Daemon};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn bins() -> Bins {
-    Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    }
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn write(d: &Daemon, name: &str, text: &str) -> String {
-    let p = d.scratch().join(name);
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
-}
-
-fn image() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
-        assert!(Command::new("bash").arg(script).status().unwrap().success());
-    });
-}
-
-fn run_ok(d: &Daemon, args: &[&str]) -> String {
-    let o = d.rune(args);
-    assert_eq!(code(&o), 0, "rune {args:?}: {}{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
-
-fn instances(d: &Daemon, svc: &str) -> Vec<Value> {
-    serde_json::from_str::<Value>(&run_ok(d, &["get", "instances", svc, "-o", "json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 fn running(d: &Daemon, svc: &str) -> bool {
     let l = instances(d, svc);
@@ -73,21 +35,6 @@ fn sha256(text: &str) -> String {
         })
         .unwrap();
     stdout(&o).split_whitespace().next().unwrap().to_string()
-}
-
-fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                hits.extend(grep_dir(&p, needle));
-            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
-                hits.push(p.display().to_string());
-            }
-        }
-    }
-    hits
 }
 
 /// Runs `sh -c script` in the service's instance and returns its output; the script never

@@ -63,6 +63,19 @@ pub struct ObjectMeta {
     pub restart_count: u64,
 }
 
+impl ObjectMeta {
+    /// The bookkeeping of the next generation: a changed spec (or a forced re-cast) at `index`.
+    fn next(&self, now: i64, index: u64, spec_hash: String) -> ObjectMeta {
+        ObjectMeta {
+            updated_at_ms: now,
+            generation: self.generation + 1,
+            spec_hash,
+            resource_version: index,
+            ..self.clone()
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -578,16 +591,7 @@ fn put_namespace<R: ReadableTable<&'static str, &'static [u8]>>(
                 "",
             )));
         }
-        Some(rec) => (
-            Action::Configured,
-            ObjectMeta {
-                updated_at_ms: now,
-                generation: rec.meta.generation + 1,
-                spec_hash: hash,
-                resource_version: index,
-                ..rec.meta
-            },
-        ),
+        Some(rec) => (Action::Configured, rec.meta.next(now, index, hash)),
         None => (Action::Created, new_meta(now, index, hash, 0)),
     };
     let c = change(

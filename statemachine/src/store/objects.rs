@@ -168,16 +168,7 @@ pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
                 "",
             )))
         }
-        Some(p) => (
-            Action::Configured,
-            ObjectMeta {
-                updated_at_ms: now,
-                generation: p.meta.generation + 1,
-                spec_hash: hash,
-                resource_version: index,
-                ..p.meta
-            },
-        ),
+        Some(p) => (Action::Configured, p.meta.next(now, index, hash)),
     };
     let summary = format!("version {}", meta.generation);
     let ch = change(
@@ -365,12 +356,7 @@ pub(super) fn put_user<R: ReadableTable<&'static str, &'static [u8]>>(
         None => (Action::Created, new_meta(now, index, String::new(), 0)),
         Some(p) => (
             Action::Configured,
-            ObjectMeta {
-                updated_at_ms: now,
-                generation: p.meta.generation + 1,
-                resource_version: index,
-                ..p.meta
-            },
+            p.meta.next(now, index, p.meta.spec_hash.clone()),
         ),
     };
     let summary = format!("policies {}", policies.join(","));
@@ -464,16 +450,7 @@ pub(super) fn put_policy<R: ReadableTable<&'static str, &'static [u8]>>(
                 "",
             )]))
         }
-        Some(p) => (
-            Action::Configured,
-            ObjectMeta {
-                updated_at_ms: now,
-                generation: p.meta.generation + 1,
-                spec_hash: hash,
-                resource_version: index,
-                ..p.meta
-            },
-        ),
+        Some(p) => (Action::Configured, p.meta.next(now, index, hash)),
     };
     let c = change(Kind::Policy, "", &spec.name, action, meta.generation, "");
     o.put(

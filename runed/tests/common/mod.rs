@@ -1,0 +1,75 @@
+//! Helpers shared by the end-to-end tests: the binaries under test, running `rune`, files.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use rune_chaos_tests::{stderr, stdout, Bins, Daemon};
+use serde_json::Value;
+
+/// The `runed` and `rune` this test crate was built with.
+pub fn bins() -> Bins {
+    Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    }
+}
+
+/// The exit code, -1 for a signal.
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// Writes a file in the daemon's scratch directory and returns its path.
+pub fn write(d: &Daemon, name: &str, text: &str) -> String {
+    let p = d.scratch().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// Builds the busybox test image once per test binary.
+pub fn image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
+        let st = Command::new("bash")
+            .arg(script)
+            .status()
+            .expect("run test-images.sh");
+        assert!(st.success(), "building the busybox test image failed");
+    });
+}
+
+/// Runs `rune` and asserts it succeeded; returns its stdout.
+pub fn run_ok(d: &Daemon, args: &[&str]) -> String {
+    let o = d.rune(args);
+    assert_eq!(code(&o), 0, "rune {args:?}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// `rune get instances SVC -o json`.
+pub fn instances(d: &Daemon, svc: &str) -> Vec<Value> {
+    serde_json::from_str::<Value>(&run_ok(d, &["get", "instances", svc, "-o", "json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                hits.extend(grep_dir(&p, needle));
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}

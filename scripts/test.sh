@@ -37,6 +37,13 @@ if scripts/check-seam.sh "$bad" 2>/dev/null; then
     echo "seam check did not catch a write outside log/ and statemachine/" >&2
     exit 1
 fi
+rm "$bad/subsystems/x/lib.rs"
+printf 'fn f(m: &mut M) { m.insert(format!("endpoints/{}", 1), 2); }\n' >"$bad/subsystems/x/keys.rs"
+if scripts/check-seam.sh "$bad" 2>/dev/null; then
+    echo "seam check did not catch a write of an endpoints/ key outside statemachine/" >&2
+    exit 1
+fi
+rm "$bad/subsystems/x/keys.rs"
 
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings

@@ -16,6 +16,7 @@ fn main() {
     rt.block_on(async {
         let log = Log::open(LogConfig::new(dir.path())).await.expect("open");
         log.propose(Command::Init {
+            cluster_cidr: None,
             policies: vec![],
             namespaces: vec!["default".into()],
         })

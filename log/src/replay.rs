@@ -238,7 +238,9 @@ pub fn dump(db: &Database) -> Result<Vec<(String, serde_json::Value)>, ReplayErr
 
 fn targets(cmd: &Command) -> Vec<String> {
     match cmd {
-        Command::Init { namespaces, policies } => namespaces
+        Command::Init {
+            namespaces, policies, ..
+        } => namespaces
             .iter()
             .map(|n| format!("namespace/{n}"))
             .chain(policies.iter().map(|p| format!("policy/{}", p.name)))

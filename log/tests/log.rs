@@ -25,6 +25,7 @@ fn svc(name: &str, scale: i64) -> Command {
 
 fn init() -> Command {
     Command::Init {
+        cluster_cidr: None,
         policies: vec![],
         namespaces: vec!["system".into(), "default".into()],
     }

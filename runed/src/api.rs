@@ -78,6 +78,7 @@ fn service_pb(r: &ServiceRecord) -> pb::Service {
         name: r.spec.name.clone(),
         spec_json: serde_json::to_string(&r.spec).unwrap_or_default(),
         meta: Some(meta(&r.meta)),
+        vip: r.vip.clone().unwrap_or_default(),
     }
 }
 
@@ -602,6 +603,59 @@ impl pb::service_api_server::ServiceApi for Api {
             .map_err(unavailable)?;
         p.outcome.map_err(rejection)?;
         Ok(Response::new(pb::DeleteServiceResponse { index: p.index }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        req: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        let ns = scope(&req.get_ref().namespace);
+        authorize(&req, "endpoints", "list", ns.as_deref())?;
+        let service = req.into_inner().service;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let services: Vec<ServiceRecord> = match (&ns, service.is_empty()) {
+            (Some(n), false) => vec![get_record::<ServiceRecord, _>(&t, &service_key(n, &service))
+                .map_err(internal)?
+                .ok_or_else(|| Status::not_found(format!("service {n}/{service} not found")))?],
+            _ => list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?,
+        };
+        let mut out = Vec::new();
+        for svc in services
+            .iter()
+            .filter(|s| service.is_empty() || s.spec.name == service)
+        {
+            let (sns, name) = (svc.spec.namespace().to_string(), svc.spec.name.clone());
+            let set: rune_statemachine::network::EndpointSet =
+                get_record(&t, &rune_statemachine::network::endpoints_key(&sns, &name))
+                    .map_err(internal)?
+                    .unwrap_or_default();
+            out.push(pb::EndpointSet {
+                namespace: sns,
+                service: name,
+                vip: svc.vip.clone().unwrap_or_default(),
+                endpoints: set
+                    .endpoints
+                    .into_iter()
+                    .map(|e| pb::Endpoint {
+                        instance: e.instance,
+                        address: e.address,
+                        node: e.node,
+                        ports: e
+                            .ports
+                            .into_iter()
+                            .map(|p| pb::EndpointPort {
+                                name: p.name,
+                                port: u32::from(p.port),
+                                target_port: u32::from(p.target_port),
+                                protocol: p.protocol,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Response::new(pb::ListEndpointsResponse { endpoints: out }))
     }
 
     async fn service_history(

@@ -70,6 +70,9 @@ pub struct Flags {
     /// TLS private key, PEM.
     #[arg(long, env = "RUNE_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// The network service VIPs come from (RFC 1918 or 100.64.0.0/10; default 10.96.0.0/16).
+    #[arg(long, env = "RUNE_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<String>,
 }
 
 /// How the API is served.
@@ -133,6 +136,8 @@ pub struct Settings {
     pub run_dir: PathBuf,
     /// TLS for gRPC and HTTP.
     pub tls: TlsSetting,
+    /// `networking.cluster-cidr`, validated.
+    pub cluster_cidr: String,
 }
 
 /// A configuration problem; `runed` exits with it before touching anything.
@@ -434,6 +439,19 @@ impl Settings {
             .strip_prefix("unix://")
             .map(String::from)
             .unwrap_or(docker_socket);
+        let cluster_cidr = flags
+            .cluster_cidr
+            .clone()
+            .or_else(|| {
+                file.networking
+                    .as_ref()
+                    .and_then(|n| n.get("cluster-cidr"))
+                    .and_then(|v| v.as_str())
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| rune_statemachine::network::DEFAULT_CLUSTER_CIDR.into());
+        rune_statemachine::network::Cidr::parse(&cluster_cidr)
+            .map_err(|m| ConfigError(format!("networking.cluster-cidr (--cluster-cidr): {m}")))?;
         let tls = tls_setting(
             flags,
             file.auth
@@ -500,6 +518,7 @@ impl Settings {
             allow_remote_admin,
             run_dir,
             tls,
+            cluster_cidr,
         })
     }
 }

@@ -92,6 +92,47 @@ fn register_log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, 
     }
 }
 
+/// `rune_vip_allocations_total` and `rune_endpoints_published_total{service,namespace}`, counted
+/// from the applied entries' changes, so they count what the log decided, once.
+fn count_network_changes(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: &Arc<Log>) {
+    use rune_statemachine::{Action, Kind};
+    let meter = provider.meter("rune");
+    let vips = meter
+        .u64_counter("rune_vip_allocations")
+        .with_description("Service VIPs allocated")
+        .build();
+    let endpoints = meter
+        .u64_counter("rune_endpoints_published")
+        .with_description("Changes of a service's endpoints published through the log")
+        .build();
+    let mut rx = log.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let entry = match rx.recv().await {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "network metrics fell behind the log; counts are low");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            for c in &entry.changes {
+                match (c.kind, c.action) {
+                    (Kind::Vip, Action::Created) => vips.add(1, &[]),
+                    (Kind::Endpoints, _) => endpoints.add(
+                        1,
+                        &[
+                            opentelemetry::KeyValue::new("service", c.name.clone()),
+                            opentelemetry::KeyValue::new("namespace", c.namespace.clone()),
+                        ],
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    });
+}
+
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -129,7 +170,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         ..LogConfig::new(&s.data_dir)
     };
     let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
-    seed(&log).await?;
+    seed(&log, &s.cluster_cidr).await?;
     let secrets = match crate::secrets_api::Secrets::load(&log, s.kek_source.clone(), s.secret_limits) {
         Ok(x) => Arc::new(x),
         Err(e) => {
@@ -143,6 +184,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         return Err(anyhow::Error::new(e));
     }
     register_log_gauges(&provider, &log);
+    count_network_changes(&provider, &log);
     let orchestrator = rune_orchestrator::Orchestrator::start(log.clone(), {
         let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
         c.docker_socket = s.docker_socket.clone();
@@ -326,8 +368,8 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 }
 
 /// Seeds the reserved namespaces on a new cluster, through the log like every write.
-async fn seed(log: &Log) -> anyhow::Result<()> {
-    let (missing, policies) = {
+async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
+    let (missing, policies, cluster_cidr) = {
         let txn = log.read()?;
         let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
         let mut v = Vec::new();
@@ -345,12 +387,19 @@ async fn seed(log: &Log) -> anyhow::Result<()> {
                 p.push(spec);
             }
         }
-        (v, p)
+        let stored = get_record::<rune_statemachine::network::NetworkConfig, _>(
+            &t,
+            rune_statemachine::network::CONFIG_KEY,
+        )?;
+        let cidr = (stored.map(|c| c.cluster_cidr).as_deref() != Some(cluster_cidr))
+            .then(|| cluster_cidr.to_string());
+        (v, p, cidr)
     };
-    if !missing.is_empty() || !policies.is_empty() {
+    if !missing.is_empty() || !policies.is_empty() || cluster_cidr.is_some() {
         log.propose(Command::Init {
             namespaces: missing,
             policies,
+            cluster_cidr,
         })
         .await?
         .outcome?;

@@ -644,3 +644,53 @@ fn cast_takes_directories_recursively_and_globs() {
     d.send("-INT");
     assert_eq!(d.wait_exit(Duration::from_secs(30)).code(), Some(0));
 }
+
+#[test]
+fn vips_are_stable_across_sigkill_and_recast() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--cluster-cidr".into(), "172.30.0.0/24".into()];
+    d.restart();
+    let f = write(
+        &d,
+        "svc.yaml",
+        "services:\n  - {name: a, image: busybox}\n  - {name: b, image: busybox}\n",
+    );
+    let o = d.rune(&["cast", "--detach", &f]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let vips = |d: &Daemon| -> Vec<String> {
+        services_json(d)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["vip"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let before = vips(&d);
+    assert_eq!(before, ["172.30.0.2", "172.30.0.3"]);
+    let o = d.rune(&["get", "services"]);
+    assert!(
+        stdout(&o).contains("VIP") && stdout(&o).contains("172.30.0.2"),
+        "{}",
+        stdout(&o)
+    );
+    d.sigkill();
+    d.restart();
+    let f2 = write(
+        &d,
+        "svc2.yaml",
+        "services:\n  - {name: a, image: busybox, scale: 0, labels: {x: y}}\n  - {name: b, image: busybox}\n",
+    );
+    assert_eq!(code(&d.rune(&["cast", "--detach", &f2])), 0);
+    assert_eq!(vips(&d), before);
+
+    // A public range is refused at start, naming the setting.
+    let mut bad = Daemon::new(&bins());
+    bad.extra = vec!["--cluster-cidr".into(), "8.8.0.0/16".into()];
+    bad.spawn();
+    assert_eq!(bad.wait_exit(Duration::from_secs(30)).code(), Some(2));
+    assert!(
+        bad.logs().contains("networking.cluster-cidr") && bad.logs().contains("not private"),
+        "{}",
+        bad.logs()
+    );
+}

@@ -764,3 +764,44 @@ fn exec_with_a_terminal_resizes_and_passes_the_exit_code() {
     tty_session(&d, "ticker");
     tty_session(&d, "box");
 }
+
+#[test]
+fn endpoints_follow_ready_instances_through_the_log() {
+    let d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "web.yaml",
+        "service:\n  name: web\n  scale: 2\n  ports: [{name: http, port: 80, targetPort: 8080}]\n  process:\n    command: /bin/sleep\n    args: ['3600']\n",
+    );
+    run_ok(&d, &["cast", "--timeout", "60s", &f]);
+    let endpoints = |d: &Daemon| -> Vec<Value> {
+        let v: Value = serde_json::from_str(&run_ok(d, &["get", "endpoints", "web", "-o", "json"])).unwrap();
+        v["endpoints"].as_array().cloned().unwrap_or_default()
+    };
+    wait_until(LONG, "two endpoints", || endpoints(&d).len() == 2);
+    let e = &endpoints(&d)[0];
+    assert_eq!(e["address"], "127.0.0.1");
+    assert_eq!(e["ports"][0]["port"], 80);
+    assert_eq!(e["ports"][0]["targetPort"], 8080);
+    let table = run_ok(&d, &["get", "endpoints"]);
+    assert!(
+        table.contains("127.0.0.1:8080,127.0.0.1:8080") && table.contains("10.96.0.2"),
+        "{table}"
+    );
+    run_ok(&d, &["scale", "web", "1", "--timeout", "60s"]);
+    wait_until(LONG, "one endpoint after scaling down", || {
+        endpoints(&d).len() == 1
+    });
+    run_ok(&d, &["stop", "web", "--timeout", "60s"]);
+    wait_until(LONG, "no endpoint once stopped", || endpoints(&d).is_empty());
+    let (_, metrics) = http_get(d.metrics, "/metrics").expect("metrics");
+    assert!(metrics.contains("rune_vip_allocations_total 1"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rune_endpoints_published_total{")
+                && l.contains("service=\"web\"")
+                && l.contains("namespace=\"default\"")),
+        "{metrics}"
+    );
+}

@@ -48,6 +48,9 @@ pub enum Command {
         /// Built-in policies to create or restore.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         policies: Vec<PolicySpec>,
+        /// The cluster network VIPs come from (`networking.cluster-cidr`), when it changed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster_cidr: Option<String>,
     },
     /// A cast: all resources are applied, or none is.
     Apply {
@@ -256,6 +259,10 @@ pub enum Kind {
     Policy,
     /// A token.
     Token,
+    /// A service's ready instances.
+    Endpoints,
+    /// A service's virtual IP.
+    Vip,
 }
 
 impl Kind {
@@ -270,6 +277,8 @@ impl Kind {
             Kind::User => "user",
             Kind::Policy => "policy",
             Kind::Token => "token",
+            Kind::Endpoints => "endpoints",
+            Kind::Vip => "vip",
         }
     }
 }

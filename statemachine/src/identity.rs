@@ -11,8 +11,9 @@ use crate::store::ObjectMeta;
 use crate::validate::dns1123_label;
 
 /// Resources a rule can name, in their canonical (plural) spelling.
-pub const RESOURCES: [&str; 13] = [
+pub const RESOURCES: [&str; 14] = [
     "services",
+    "endpoints",
     "instances",
     "namespaces",
     "secrets",
@@ -38,6 +39,7 @@ pub fn canonical_resource(r: &str) -> Option<&'static str> {
     let r = r.trim().to_ascii_lowercase();
     let plural = match r.as_str() {
         "service" | "svc" => "services",
+        "endpoint" | "ep" => "endpoints",
         "instance" | "inst" => "instances",
         "namespace" | "ns" => "namespaces",
         "secret" => "secrets",
@@ -180,8 +182,9 @@ pub fn builtin_policies() -> Vec<PolicySpec> {
 
 /// What readwrite and readonly cover. Identity (users, policies, tokens, admin) is left out on
 /// purpose: whoever can create tokens or attach policies can make themselves root.
-pub const WORKLOAD_RESOURCES: [&str; 8] = [
+pub const WORKLOAD_RESOURCES: [&str; 9] = [
     "services",
+    "endpoints",
     "instances",
     "namespaces",
     "secrets",

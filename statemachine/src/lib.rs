@@ -16,6 +16,7 @@ pub mod decode;
 pub mod deps;
 pub mod identity;
 pub mod instance;
+pub mod network;
 pub mod secret;
 pub mod spec;
 pub mod store;

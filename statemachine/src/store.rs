@@ -16,7 +16,9 @@ use crate::instance::{fold, instance_key, InstanceRecord};
 use crate::spec::{NamespaceSpec, ServiceSpec};
 use crate::validate::{validate_namespace, validate_service};
 
+mod endpoints;
 mod objects;
+mod vips;
 pub use objects::{
     configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key, secrets_prefix,
     token_hash_key, token_key, user_key, ConfigmapRecord, SecretRecord, SECRET_HISTORY_ALL,
@@ -87,6 +89,9 @@ pub struct ServiceRecord {
     pub spec: ServiceSpec,
     /// Bookkeeping.
     pub meta: ObjectMeta,
+    /// The service's virtual IP, given at its first cast and kept until it is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
 }
 
 /// A stored namespace.
@@ -333,9 +338,20 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
     }
     let now = e.proposed_at_ms;
     let mut changes = Vec::new();
+    // Services whose endpoints may have changed, recomputed once at the end.
+    let mut touched: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
     match &e.command {
-        Command::Init { namespaces, policies } => {
+        Command::Init {
+            namespaces,
+            policies,
+            cluster_cidr,
+        } => {
             changes.extend(objects::seed_policies(o, index, now, policies)?);
+            if let Some(cidr) = cluster_cidr {
+                if let Err(r) = vips::set_network(o, now, cidr)? {
+                    return Ok(Err(r));
+                }
+            }
             for name in namespaces {
                 let spec = NamespaceSpec {
                     name: name.clone(),
@@ -381,7 +397,29 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                             changes.extend(put_namespace(o, index, now, spec, false, true)?);
                         }
                         let put = match r {
-                            Resource::Service(s) => put_service(o, index, now, s, *force, *history_limit)?,
+                            Resource::Service(s) => {
+                                let put = put_service(o, index, now, s, *force, *history_limit)?;
+                                if let Ok(c) = &put {
+                                    if c.action != Action::Unchanged {
+                                        touched.insert((c.namespace.clone(), c.name.clone()));
+                                    }
+                                    if c.action == Action::Created {
+                                        let rec =
+                                            o.get::<ServiceRecord>(&service_key(&c.namespace, &c.name))?;
+                                        if let Some(vip) = rec.and_then(|r| r.vip) {
+                                            changes.push(change(
+                                                Kind::Vip,
+                                                &c.namespace,
+                                                &c.name,
+                                                Action::Created,
+                                                1,
+                                                &vip,
+                                            ));
+                                        }
+                                    }
+                                }
+                                put
+                            }
                             Resource::Secret(s) => objects::put_secret(o, index, now, s, *history_limit)?,
                             Resource::Configmap(c) => objects::put_configmap(o, index, now, c, *force)?,
                             Resource::Namespace(_) => continue,
@@ -422,6 +460,11 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             for k in o.keys_with_prefix(&history_prefix(namespace, name))? {
                 o.delete(k);
             }
+            if let Some(vip) = &rec.vip {
+                vips::release(o, now, vip);
+                changes.push(change(Kind::Vip, namespace, name, Action::Deleted, 1, vip));
+            }
+            touched.insert((namespace.clone(), name.clone()));
             changes.push(Change {
                 kind: Kind::Service,
                 namespace: namespace.clone(),
@@ -478,6 +521,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         }
         Command::InstanceEvents { events } => {
             for ev in events {
+                touched.insert((ev.namespace.clone(), ev.service.clone()));
                 let key = instance_key(&ev.namespace, &ev.service, &ev.id);
                 let prev = o.get::<InstanceRecord>(&key)?;
                 let existed = prev.is_some();
@@ -555,6 +599,9 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 summary: String::new(),
             });
         }
+    }
+    for (ns, svc) in touched {
+        changes.extend(endpoints::recompute(o, &ns, &svc)?);
     }
     Ok(Ok(changes))
 }
@@ -653,6 +700,13 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
     let scale = u32::try_from(spec.scale()).unwrap_or(0);
     let existing = o.get::<ServiceRecord>(&key)?;
     let name = spec.name.clone();
+    let vip = match existing.as_ref().and_then(|r| r.vip.clone()) {
+        Some(v) => Some(v),
+        None => match vips::allocate(o, now, &ns, &name)? {
+            Ok(v) => v,
+            Err(r) => return Ok(Err(r)),
+        },
+    };
     let (action, meta, summary) = match existing {
         None => {
             let summary = format!(
@@ -712,7 +766,7 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
     };
     let c = change(Kind::Service, &ns, &name, action, meta.generation, &summary);
     let has_deps = !spec.dependencies.is_empty();
-    o.put(key, &ServiceRecord { spec, meta });
+    o.put(key, &ServiceRecord { spec, meta, vip });
     if has_deps {
         if let Some(cycle) = find_cycle(&dependency_graph(o)?, &(ns.clone(), name.clone())) {
             return Ok(Err(Rejection::Invalid(format!(

@@ -7,7 +7,7 @@ use rune_statemachine::instance::{
     instance_key, template_hash, InstanceChange, InstanceEvent, InstanceRecord, Phase,
 };
 use rune_statemachine::store::{service_key, ServiceRecord};
-use rune_statemachine::{Action, Command, Rejection, Resource};
+use rune_statemachine::{Action, Command, Kind, Rejection, Resource};
 
 fn svc(name: &str, scale: i64, deps: serde_json::Value) -> Command {
     let spec = serde_json::from_value(serde_json::json!({
@@ -161,8 +161,13 @@ fn instance_events_fold_into_one_record() {
         })
         .unwrap();
     assert_eq!(
-        c.iter().map(|c| c.action).collect::<Vec<_>>(),
-        [Action::Created, Action::Configured]
+        c.iter().map(|c| (c.kind, c.action)).collect::<Vec<_>>(),
+        [
+            (Kind::Instance, Action::Created),
+            (Kind::Instance, Action::Configured),
+            // The instance is ready: the service's endpoints change with it, in the same entry.
+            (Kind::Endpoints, Action::Created),
+        ]
     );
     let r: InstanceRecord = s.get(&key).unwrap();
     assert_eq!(

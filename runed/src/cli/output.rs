@@ -87,6 +87,11 @@ fn service_row(s: &pb::Service, all: bool) -> Result<Vec<String>, CliError> {
     let mut row = vec![
         s.name.clone(),
         spec.runtime().into(),
+        if s.vip.is_empty() {
+            "-".into()
+        } else {
+            s.vip.clone()
+        },
         target,
         spec.scale().to_string(),
         m.generation.to_string(),
@@ -99,10 +104,18 @@ fn service_row(s: &pb::Service, all: bool) -> Result<Vec<String>, CliError> {
 }
 
 fn service_header(all: bool) -> Vec<String> {
-    let mut h: Vec<String> = ["NAME", "RUNTIME", "IMAGE/COMMAND", "SCALE", "GENERATION", "AGE"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut h: Vec<String> = [
+        "NAME",
+        "RUNTIME",
+        "VIP",
+        "IMAGE/COMMAND",
+        "SCALE",
+        "GENERATION",
+        "AGE",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     if all {
         h.insert(0, "NAMESPACE".into());
     }
@@ -122,7 +135,7 @@ fn print_services(list: &[pb::Service], single: bool, all: bool, format: Format)
         Format::Json => {
             let items: Vec<serde_json::Value> = list
                 .iter()
-                .map(|s| Ok(json!({"namespace": s.namespace, "name": s.name, "spec": spec_value(s)?, "metadata": meta_json(&s.meta)})))
+                .map(|s| Ok(json!({"namespace": s.namespace, "name": s.name, "vip": s.vip, "spec": spec_value(s)?, "metadata": meta_json(&s.meta)})))
                 .collect::<Result<_, CliError>>()?;
             let v = if single {
                 items.into_iter().next().unwrap_or_default()
@@ -138,8 +151,8 @@ fn print_services(list: &[pb::Service], single: bool, all: bool, format: Format)
                 }
                 let m = s.meta.clone().unwrap_or_default();
                 println!(
-                    "# generation {}, spec hash {}, log index {}",
-                    m.generation, m.spec_hash, m.resource_version
+                    "# generation {}, spec hash {}, log index {}, vip {}",
+                    m.generation, m.spec_hash, m.resource_version, s.vip
                 );
                 print!("{}", yaml::emit(&json!({ "service": spec_value(s)? })));
             }
@@ -204,13 +217,89 @@ pub async fn get(conn: &Conn, q: Query) -> Result<(), CliError> {
     match q.kind.as_str() {
         "services" | "service" | "svc" => get_services(conn, q).await,
         "namespaces" | "namespace" | "ns" => get_namespaces(conn, q).await,
+        "endpoints" | "endpoint" | "ep" => get_endpoints(conn, q).await,
         "instances" | "instance" | "inst" => {
             super::instances::get(conn, q.name.as_deref(), q.all, q.watch, q.format).await
         }
         other => Err(CliError::usage(format!(
-            "unknown resource type '{other}': this release knows services (svc), instances (inst) and namespaces (ns)"
+            "unknown resource type '{other}': this release knows services (svc), instances (inst), endpoints (ep), namespaces (ns), secrets and configmaps"
         ))),
     }
+}
+
+async fn get_endpoints(conn: &Conn, q: Query) -> Result<(), CliError> {
+    let mut c = pb::service_api_client::ServiceApiClient::new(conn.channel().await?);
+    let list = c
+        .list_endpoints(pb::ListEndpointsRequest {
+            namespace: if q.all { "*".into() } else { conn.namespace.clone() },
+            service: q.name.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner()
+        .endpoints;
+    if q.format == Format::Table {
+        let mut rows = vec![vec![
+            "NAMESPACE".into(),
+            "SERVICE".into(),
+            "VIP".into(),
+            "ENDPOINTS".into(),
+        ]];
+        for e in &list {
+            let eps: Vec<String> = e
+                .endpoints
+                .iter()
+                .flat_map(|ep| {
+                    let addr = ep.address.clone();
+                    let ports: Vec<String> = ep
+                        .ports
+                        .iter()
+                        .map(|p| format!("{addr}:{}", p.target_port))
+                        .collect();
+                    if ports.is_empty() {
+                        vec![addr]
+                    } else {
+                        ports
+                    }
+                })
+                .collect();
+            rows.push(vec![
+                e.namespace.clone(),
+                e.service.clone(),
+                if e.vip.is_empty() {
+                    "-".into()
+                } else {
+                    e.vip.clone()
+                },
+                if eps.is_empty() {
+                    "<none>".into()
+                } else {
+                    eps.join(",")
+                },
+            ]);
+        }
+        print_table(&rows);
+        return Ok(());
+    }
+    let v: Vec<serde_json::Value> = list
+        .iter()
+        .map(|e| {
+            json!({"namespace": e.namespace, "service": e.service, "vip": e.vip,
+                   "endpoints": e.endpoints.iter().map(|ep| json!({"instance": ep.instance, "address": ep.address, "node": ep.node,
+                        "ports": ep.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "targetPort": p.target_port, "protocol": p.protocol})).collect::<Vec<_>>()})).collect::<Vec<_>>()})
+        })
+        .collect();
+    let v = if q.name.is_some() {
+        v.into_iter().next().unwrap_or_default()
+    } else {
+        serde_json::Value::Array(v)
+    };
+    if q.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", yaml::emit(&v));
+    }
+    Ok(())
 }
 
 async fn get_services(conn: &Conn, q: Query) -> Result<(), CliError> {

@@ -25,10 +25,23 @@ impl State {
             now_ms: 1000,
         };
         s.run(Command::Init {
+            cluster_cidr: None,
             policies: rune_statemachine::identity::builtin_policies(),
             namespaces: vec!["default".into()],
         })
         .expect("init");
+        s
+    }
+
+    /// A state whose cluster network is `cidr`.
+    pub fn with_network(cidr: &str) -> Self {
+        let mut s = Self::new();
+        s.run(Command::Init {
+            cluster_cidr: Some(cidr.into()),
+            policies: vec![],
+            namespaces: vec![],
+        })
+        .expect("network");
         s
     }
 

@@ -1,0 +1,95 @@
+//! Apply's VIP decisions: stable, unique, held back after release, exhaustion refused.
+
+mod common;
+
+use common::State;
+use rune_statemachine::store::{service_key, ServiceRecord};
+use rune_statemachine::{Command, Rejection, Resource};
+
+fn cast(s: &mut State, name: &str, scale: i64) -> Result<(), Rejection> {
+    let spec = serde_json::from_value(serde_json::json!({"name": name, "image": "busybox", "scale": scale}))
+        .unwrap();
+    s.run(Command::Apply {
+        resources: vec![Resource::Service(spec)],
+        create_namespace: false,
+        force: false,
+        history_limit: 10,
+    })
+    .map(|_| ())
+}
+
+fn vip(s: &State, name: &str) -> Option<String> {
+    s.get::<ServiceRecord>(&service_key("default", name))
+        .and_then(|r| r.vip)
+}
+
+#[test]
+fn vips_are_stable_unique_and_cool_down() {
+    let mut s = State::with_network("10.96.0.0/29");
+    cast(&mut s, "a", 1).unwrap();
+    cast(&mut s, "b", 1).unwrap();
+    assert_eq!(vip(&s, "a").as_deref(), Some("10.96.0.2"));
+    assert_eq!(vip(&s, "b").as_deref(), Some("10.96.0.3"));
+    // Re-cast, scale 0 and restart keep it.
+    cast(&mut s, "a", 3).unwrap();
+    s.run(Command::Scale {
+        namespace: "default".into(),
+        name: "a".into(),
+        scale: 0,
+    })
+    .unwrap();
+    s.run(Command::Restart {
+        namespace: "default".into(),
+        name: "a".into(),
+    })
+    .unwrap();
+    assert_eq!(vip(&s, "a").as_deref(), Some("10.96.0.2"));
+
+    // The range holds .2 to .6: three more fit, then casting is refused, naming the cause.
+    for n in ["c", "d", "e"] {
+        cast(&mut s, n, 1).unwrap();
+    }
+    match cast(&mut s, "f", 1) {
+        Err(Rejection::FailedPrecondition(m)) => {
+            assert!(m.contains("no free VIP") && m.contains("5 in use"), "{m}")
+        }
+        other => panic!("expected exhaustion, got {other:?}"),
+    }
+    // A released VIP is not handed out again during its cooldown, and then it is.
+    s.run(Command::DeleteService {
+        namespace: "default".into(),
+        name: "b".into(),
+        force: false,
+    })
+    .unwrap();
+    match cast(&mut s, "f", 1) {
+        Err(Rejection::FailedPrecondition(m)) => assert!(m.contains("1 released"), "{m}"),
+        other => panic!("expected cooldown, got {other:?}"),
+    }
+    s.now_ms += 61_000;
+    cast(&mut s, "f", 1).unwrap();
+    assert_eq!(vip(&s, "f").as_deref(), Some("10.96.0.3"));
+}
+
+#[test]
+fn services_cast_before_the_network_get_a_vip_when_it_is_set() {
+    let mut s = State::new();
+    cast(&mut s, "old", 1).unwrap();
+    assert_eq!(vip(&s, "old"), None);
+    s.run(Command::Init {
+        cluster_cidr: Some("100.64.0.0/24".into()),
+        policies: vec![],
+        namespaces: vec![],
+    })
+    .unwrap();
+    assert_eq!(vip(&s, "old").as_deref(), Some("100.64.0.2"));
+    // A public range is refused in apply too, naming the setting.
+    match s.run(Command::Init {
+        cluster_cidr: Some("8.8.8.0/24".into()),
+        policies: vec![],
+        namespaces: vec![],
+    }) {
+        Err(Rejection::Invalid(m)) => assert!(m.contains("networking.cluster-cidr"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

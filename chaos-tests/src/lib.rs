@@ -95,6 +95,8 @@ pub struct Daemon {
     pub http: SocketAddr,
     /// Metrics address.
     pub metrics: SocketAddr,
+    /// The embedded DNS (UDP and TCP).
+    pub dns: SocketAddr,
     /// Extra flags passed on every start.
     pub extra: Vec<String>,
     /// The node name runed labels its containers with, unique per daemon so cleanup finds them.
@@ -122,6 +124,7 @@ impl Daemon {
             grpc: addr(free_port()),
             http: addr(free_port()),
             metrics: addr(free_port()),
+            dns: addr(free_port()),
             extra: Vec::new(),
             node: format!(
                 "test-{}-{}",
@@ -165,6 +168,7 @@ impl Daemon {
                 &self.http.to_string(),
             ])
             .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(["--dns-addr", &self.dns.to_string()])
             .args(["--node-name", &self.node])
             .arg("--run-dir")
             .arg(self.tmp.path().join("run"))
@@ -331,6 +335,23 @@ impl Daemon {
         for pid in self.process_pids() {
             kill_group(pid);
         }
+        // The node's container network, once its containers are gone.
+        let node: String = self
+            .node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let _ = Command::new("docker")
+            .args(["network", "rm", &format!("rune-{node}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// Pids of the process instances recorded under the data dir.

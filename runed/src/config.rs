@@ -73,6 +73,18 @@ pub struct Flags {
     /// The network service VIPs come from (RFC 1918 or 100.64.0.0/10; default 10.96.0.0/16).
     #[arg(long, env = "RUNE_CLUSTER_CIDR")]
     pub cluster_cidr: Option<String>,
+    /// Where the embedded DNS listens, UDP and TCP (default 127.0.0.123:53).
+    #[arg(long, env = "RUNE_DNS_ADDR")]
+    pub dns_addr: Option<String>,
+    /// Upstream resolver for names outside .rune (repeatable; default: /etc/resolv.conf).
+    #[arg(long = "dns-upstream")]
+    pub dns_upstreams: Vec<String>,
+    /// How long a projection may lag the log before it fails closed (e.g. 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stale_budget: Option<std::time::Duration>,
+    /// Test hooks under /debug/failpoints on the HTTP address. Never in production.
+    #[arg(long, env = "RUNE_FAILPOINTS", hide = true)]
+    pub enable_failpoints: bool,
 }
 
 /// How the API is served.
@@ -138,6 +150,16 @@ pub struct Settings {
     pub tls: TlsSetting,
     /// `networking.cluster-cidr`, validated.
     pub cluster_cidr: String,
+    /// `networking.dns-addr`.
+    pub dns_addr: SocketAddr,
+    /// Whether `dns_addr` is the default (then a non-root runed may fall back to port 5353).
+    pub dns_addr_default: bool,
+    /// `networking.dns-upstreams`; empty means /etc/resolv.conf.
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// `networking.stale-budget`.
+    pub stale_budget: std::time::Duration,
+    /// Test hooks on.
+    pub enable_failpoints: bool,
 }
 
 /// A configuration problem; `runed` exits with it before touching anything.
@@ -452,6 +474,47 @@ impl Settings {
             .unwrap_or_else(|| rune_statemachine::network::DEFAULT_CLUSTER_CIDR.into());
         rune_statemachine::network::Cidr::parse(&cluster_cidr)
             .map_err(|m| ConfigError(format!("networking.cluster-cidr (--cluster-cidr): {m}")))?;
+        let net = |key: &str| file.networking.as_ref().and_then(|n| n.get(key)).cloned();
+        let dns_addr = flags
+            .dns_addr
+            .clone()
+            .or_else(|| net("dns-addr").and_then(|v| v.as_str().map(String::from)));
+        let dns_addr_default = dns_addr.is_none();
+        let dns_addr = dns_addr.unwrap_or_else(|| "127.0.0.123:53".into());
+        let dns_addr: SocketAddr = dns_addr.parse().map_err(|_| {
+            ConfigError(format!(
+                "networking.dns-addr: '{dns_addr}' is not an address such as 127.0.0.123:53"
+            ))
+        })?;
+        let upstream_text: Vec<String> = if flags.dns_upstreams.is_empty() {
+            net("dns-upstreams")
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        } else {
+            flags.dns_upstreams.clone()
+        };
+        let dns_upstreams = upstream_text
+            .iter()
+            .map(|u| {
+                u.parse::<SocketAddr>()
+                    .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| ConfigError(format!("networking.dns-upstreams: '{u}' is not an address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stale_budget = match (flags.stale_budget, net("stale-budget")) {
+            (Some(d), _) => d,
+            (None, Some(serde_json::Value::String(t))) => humantime::parse_duration(&t)
+                .map_err(|e| ConfigError(format!("networking.stale-budget: '{t}': {e}")))?,
+            (None, Some(other)) => {
+                return Err(ConfigError(format!(
+                    "networking.stale-budget: expected a duration such as 30s, got {other}"
+                )))
+            }
+            (None, None) => std::time::Duration::from_secs(30),
+        };
         let tls = tls_setting(
             flags,
             file.auth
@@ -519,6 +582,11 @@ impl Settings {
             run_dir,
             tls,
             cluster_cidr,
+            dns_addr,
+            dns_addr_default,
+            dns_upstreams,
+            stale_budget,
+            enable_failpoints: flags.enable_failpoints,
         })
     }
 }

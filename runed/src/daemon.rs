@@ -92,6 +92,31 @@ fn register_log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, 
     }
 }
 
+/// Test hooks: `POST /debug/failpoints/dns-tail-pause/on|off` stops the DNS projection from
+/// applying the log; `dns-data-path-ready/on|off` stands in for the data plane until it exists.
+async fn failpoint(
+    axum::extract::State(dns): axum::extract::State<Arc<rune_dns::Dns>>,
+    axum::extract::Path((name, state)): axum::extract::Path<(String, String)>,
+) -> (StatusCode, String) {
+    let on = match state.as_str() {
+        "on" => true,
+        "off" => false,
+        other => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("state '{other}' is not on or off\n"),
+            )
+        }
+    };
+    match name.as_str() {
+        "dns-tail-pause" => dns.pause_tail(on),
+        "dns-data-path-ready" => dns.set_data_path_ready(on),
+        other => return (StatusCode::NOT_FOUND, format!("no failpoint {other}\n")),
+    }
+    tracing::warn!(failpoint = %name, on, "failpoint set");
+    (StatusCode::OK, format!("{name} {state}\n"))
+}
+
 /// `rune_vip_allocations_total` and `rune_endpoints_published_total{service,namespace}`, counted
 /// from the applied entries' changes, so they count what the log decided, once.
 fn count_network_changes(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: &Arc<Log>) {
@@ -185,6 +210,39 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     register_log_gauges(&provider, &log);
     count_network_changes(&provider, &log);
+    let dns_cfg = rune_dns::DnsConfig {
+        addr: s.dns_addr,
+        upstreams: s.dns_upstreams.clone(),
+        dev_mode: s.dev_mode,
+        stale_budget: s.stale_budget,
+        forward_timeout: Duration::from_secs(2),
+    };
+    let dns = match rune_dns::Dns::start(log.clone(), dns_cfg.clone()).await {
+        // Port 53 needs root; a developer's runed on the default address moves to 5353.
+        Err(rune_dns::DnsError::Bind(_, e))
+            if s.dns_addr_default && e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            let addr = SocketAddr::new(s.dns_addr.ip(), 5353);
+            tracing::warn!(%addr, "no privilege for port 53; the DNS listens on 5353 (set networking.dns-addr)");
+            rune_dns::Dns::start(log.clone(), rune_dns::DnsConfig { addr, ..dns_cfg })
+                .await
+                .context("networking.dns-addr")?
+        }
+        other => other.context("networking.dns-addr")?,
+    };
+    {
+        let dns = Arc::downgrade(&dns);
+        provider
+            .meter("rune")
+            .f64_observable_gauge("rune_dataplane_stale_seconds")
+            .with_description("How long a projection (DNS) has lagged the applied log; past the stale budget it fails closed")
+            .with_callback(move |o| {
+                if let Some(d) = dns.upgrade() {
+                    o.observe(d.stale_seconds(), &[opentelemetry::KeyValue::new("projection", "dns")]);
+                }
+            })
+            .build();
+    }
     let orchestrator = rune_orchestrator::Orchestrator::start(log.clone(), {
         let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
         c.docker_socket = s.docker_socket.clone();
@@ -201,6 +259,30 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         });
         c
     });
+    {
+        // Containers reach the DNS on their network's gateway, once the network exists.
+        let (dns, mut gw) = (dns.clone(), orchestrator.container_gateway());
+        tokio::spawn(async move {
+            let mut served = None;
+            loop {
+                let now = gw.borrow_and_update().clone();
+                if let Some(ip) = now.filter(|g| Some(g) != served.as_ref()) {
+                    match ip.parse::<std::net::IpAddr>() {
+                        Ok(addr) => match dns.listen_also(SocketAddr::new(addr, 53)).await {
+                            Ok(()) => served = Some(ip),
+                            Err(e) => tracing::warn!(error = %e, "containers cannot reach the DNS"),
+                        },
+                        Err(_) => {
+                            tracing::warn!(gateway = %ip, "the container network's gateway is not an address")
+                        }
+                    }
+                }
+                if gw.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     // gRPC stops first and drains; HTTP keeps answering /healthz (503) until the log is closed.
@@ -274,7 +356,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let http = {
         let log = log.clone();
         let down = shutting_down.clone();
-        let app = axum::Router::new().route(
+        let mut app = axum::Router::new().route(
             "/healthz",
             get(move || {
                 let ok = !down.load(Ordering::Relaxed) && log.healthy();
@@ -287,6 +369,13 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 }
             }),
         );
+        if s.enable_failpoints {
+            tracing::warn!("failpoints are enabled: /debug/failpoints/* can break this runed on purpose");
+            app = app.route(
+                "/debug/failpoints/{name}/{state}",
+                axum::routing::post(failpoint).with_state(dns.clone()),
+            );
+        }
         let mut stop = stop_http_rx.clone();
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;

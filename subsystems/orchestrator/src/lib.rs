@@ -148,6 +148,12 @@ pub struct Orchestrator {
 }
 
 impl Orchestrator {
+    /// The gateway of this node's container network once it exists: where the embedded DNS
+    /// must also listen for containers to reach it.
+    pub fn container_gateway(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.docker.gateway()
+    }
+
     /// Starts the reconcile loop and the reporter.
     pub fn start(log: Arc<Log>, cfg: OrchestratorConfig) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -32,6 +32,8 @@ pub struct DockerRunner {
     socket: String,
     node: String,
     client: Mutex<Option<Docker>>,
+    /// The gateway of this node's container network, where containers find the embedded DNS.
+    gateway: tokio::sync::watch::Sender<Option<String>>,
 }
 
 fn bollard_err(socket: &str, e: bollard::errors::Error) -> RunError {
@@ -65,7 +67,82 @@ impl DockerRunner {
             socket: socket.into(),
             node: node.into(),
             client: Mutex::new(None),
+            gateway: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// The gateway address of this node's container network, once it exists.
+    pub fn gateway(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.gateway.subscribe()
+    }
+
+    /// This node's container network: a bridge of its own, so that its gateway is an address
+    /// only this runed serves DNS on, and several runeds can share one engine.
+    pub fn network_name(&self) -> String {
+        format!("rune-{}", self.safe_node())
+    }
+
+    fn safe_node(&self) -> String {
+        self.node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
+
+    /// Creates the node's network when missing; returns its gateway.
+    async fn ensure_network(&self) -> Result<String, RunError> {
+        if let Some(gw) = self.gateway.borrow().clone() {
+            return Ok(gw);
+        }
+        let d = self.docker().await?;
+        let name = self.network_name();
+        let inspect = |d: Docker, name: String| async move {
+            d.inspect_network(&name, None::<bollard::query_parameters::InspectNetworkOptions>)
+                .await
+        };
+        let net = match inspect(d.clone(), name.clone()).await {
+            Ok(n) => n,
+            Err(e) if not_found(&e) => {
+                let req = bollard::models::NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    labels: Some(HashMap::from([
+                        (LABEL_MANAGED.to_string(), "true".to_string()),
+                        ("rune.node".to_string(), self.node.clone()),
+                    ])),
+                    ..Default::default()
+                };
+                if let Err(e) = d.create_network(req).await {
+                    // Another start may have created it meanwhile.
+                    if !matches!(
+                        &e,
+                        bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }
+                    ) {
+                        return Err(self.failed(e).await);
+                    }
+                }
+                match inspect(d.clone(), name.clone()).await {
+                    Ok(n) => n,
+                    Err(e) => return Err(self.failed(e).await),
+                }
+            }
+            Err(e) => return Err(self.failed(e).await),
+        };
+        let gw = net
+            .ipam
+            .and_then(|i| i.config)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|c| c.gateway.filter(|g| g.parse::<std::net::Ipv4Addr>().is_ok()))
+            .ok_or_else(|| RunError::Runtime(format!("docker network {name} has no IPv4 gateway")))?;
+        self.gateway.send_replace(Some(gw.clone()));
+        Ok(gw)
     }
 
     /// The socket, for messages.
@@ -113,23 +190,13 @@ impl DockerRunner {
     /// Container names are global to the engine: the node is part of them, so two runed on one
     /// engine (tests, several dev nodes) never take each other's containers.
     pub fn container_name(&self, ns: &str, id: &str) -> String {
-        let node: String = self
-            .node
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        format!("rune-{node}-{ns}-{id}")
+        format!("rune-{}-{ns}-{id}", self.safe_node())
     }
 
     /// Creates and starts the container of an instance, replacing a stale one of the same name.
     pub async fn start(&self, l: &Launch) -> Result<Run, RunError> {
         let d = self.docker().await?;
+        let gateway = self.ensure_network().await?;
         let spec = &l.spec;
         let image = spec.image.clone().unwrap_or_default();
         if let Err(e) = d.inspect_image(&image).await {
@@ -192,6 +259,11 @@ impl DockerRunner {
             host_config: Some(HostConfig {
                 nano_cpus,
                 memory,
+                // Services find each other by name: `api` is `api.<ns>.rune`, served by runed's
+                // DNS on the node network's gateway.
+                network_mode: Some(self.network_name()),
+                dns: Some(vec![gateway]),
+                dns_search: Some(vec![format!("{}.rune", l.namespace)]),
                 binds: (!l.mounts.is_empty()).then(|| {
                     l.mounts
                         .iter()

@@ -1,0 +1,231 @@
+//! The embedded DNS against unbound, side by side on this machine, and the time from a cast to
+//! its name answering.
+//!
+//! `cargo bench -p runed --bench dns` (needs Debian's dnsperf and unbound) prints:
+//! - dnsperf queries/s and average latency for 100 `.rune` names, against runed and against
+//!   unbound serving the same names as local-data, and their ratio;
+//! - one client's per-query latency p50/p99 against each (sequential, so it is the latency of a
+//!   query, not of a queue);
+//! - the time from the Apply call to the new name answering, p50/p99 over 50 casts.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rune_chaos_tests::{free_port, wait_until, Bins, Daemon};
+use rune_proto::v1 as pb;
+
+const NAMES: usize = 100;
+
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut p = id.to_be_bytes().to_vec();
+    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        p.push(l.len() as u8);
+        p.extend_from_slice(l.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+/// Whether `server` answers `name` with at least one record.
+fn answers(sock: &UdpSocket, server: SocketAddr, name: &str) -> bool {
+    let _ = sock.send_to(&query(7, name), server);
+    let mut buf = [0u8; 512];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n > 12 && buf[3] & 0x0f == 0 && buf[7] > 0)
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1));
+    v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+/// dnsperf for 10 s: (queries/s, average latency in µs).
+fn dnsperf(server: SocketAddr, file: &std::path::Path) -> (f64, f64) {
+    let o = Command::new("dnsperf")
+        .args(["-s", &server.ip().to_string(), "-p", &server.port().to_string()])
+        .arg("-d")
+        .arg(file)
+        .args(["-l", "10", "-c", "8", "-q", "200"])
+        .output()
+        .expect("dnsperf (Debian's dnsperf)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let field = |label: &str| -> f64 {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (field("Queries per second"), field("Average Latency (s)") * 1e6)
+}
+
+/// One client, one query at a time: per-query latencies.
+fn sequential(server: SocketAddr, names: &[String], n: usize) -> Vec<Duration> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut out = Vec::with_capacity(n);
+    let mut buf = [0u8; 512];
+    for i in 0..n {
+        let q = query(i as u16, &names[i % names.len()]);
+        let t = Instant::now();
+        sock.send_to(&q, server).unwrap();
+        if sock.recv_from(&mut buf).is_ok() {
+            out.push(t.elapsed());
+        }
+    }
+    out
+}
+
+fn main() {
+    let bins = Bins::locate();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut d = Daemon::new(&bins);
+    d.extra = vec![
+        "--enable-failpoints".into(),
+        "--dns-upstream".into(),
+        "127.0.0.1:9".into(),
+    ];
+    d.restart();
+    let st = Command::new("curl")
+        .args(["-sf", "-X", "POST"])
+        .arg(format!(
+            "http://{}/debug/failpoints/dns-data-path-ready/on",
+            d.http
+        ))
+        .stdout(Stdio::null())
+        .status()
+        .expect("curl");
+    assert!(st.success());
+    let ch = rt.block_on(async {
+        let c = tonic::transport::Channel::from_shared(format!("http://{}", d.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        tonic::service::interceptor::InterceptedService::new(c, d.bearer())
+    });
+    let cast = |name: &str| {
+        let json = serde_json::json!({"name": name, "image": "busybox"}).to_string();
+        rt.block_on(async {
+            pb::service_api_client::ServiceApiClient::new(ch.clone())
+                .apply(pb::ApplyRequest {
+                    resources: vec![pb::Resource {
+                        kind: Some(pb::resource::Kind::ServiceJson(json)),
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .expect("cast")
+        })
+    };
+
+    // Cast to answer.
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut to_answer = Vec::new();
+    for i in 0..50 {
+        let name = format!("fresh-{i}");
+        let t = Instant::now();
+        cast(&name);
+        let fqdn = format!("{name}.default.rune");
+        while !answers(&probe, d.dns, &fqdn) {
+            assert!(t.elapsed() < Duration::from_secs(10), "{fqdn} never answered");
+        }
+        to_answer.push(t.elapsed());
+    }
+
+    // The zone both servers serve.
+    let mut names = Vec::new();
+    let mut local_data = String::new();
+    for i in 0..NAMES {
+        let name = format!("svc-{i}");
+        cast(&name);
+        let vip = rt.block_on(async {
+            pb::service_api_client::ServiceApiClient::new(ch.clone())
+                .get_service(pb::GetServiceRequest {
+                    namespace: "default".into(),
+                    name: name.clone(),
+                })
+                .await
+                .expect("get")
+                .into_inner()
+                .vip
+        });
+        let fqdn = format!("{name}.default.rune");
+        local_data.push_str(&format!("    local-data: \"{fqdn}. 5 IN A {vip}\"\n"));
+        names.push(fqdn);
+    }
+    let dir = d.scratch().to_path_buf();
+    let file = dir.join("queries.txt");
+    std::fs::write(
+        &file,
+        names.iter().map(|n| format!("{n} A\n")).collect::<String>(),
+    )
+    .unwrap();
+    let uport = free_port();
+    let conf = dir.join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n    interface: 127.0.0.1\n    port: {uport}\n    do-daemonize: no\n    username: \"\"\n    chroot: \"\"\n    \
+             directory: \"{}\"\n    pidfile: \"\"\n    logfile: \"\"\n    use-syslog: no\n    num-threads: 2\n    \
+             access-control: 127.0.0.0/8 allow\n    do-ip6: no\n    local-zone: \"rune.\" static\n{local_data}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut unbound = Command::new("unbound")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-d")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unbound (Debian's unbound)");
+    let ub: SocketAddr = ([127, 0, 0, 1], uport).into();
+    wait_until(Duration::from_secs(20), "unbound to answer", || {
+        answers(&probe, ub, &names[0])
+    });
+    wait_until(Duration::from_secs(20), "runed to answer", || {
+        answers(&probe, d.dns, &names[NAMES - 1])
+    });
+
+    let (rq, rl) = dnsperf(d.dns, &file);
+    let (uq, ul) = dnsperf(ub, &file);
+    let mut rs = sequential(d.dns, &names, 20_000);
+    let mut us = sequential(ub, &names, 20_000);
+    let _ = unbound.kill();
+    let _ = unbound.wait();
+
+    println!("embedded DNS vs unbound (local-data), {NAMES} names, same machine, one run");
+    println!();
+    println!("| server | dnsperf q/s | avg latency µs | sequential p50 µs | p99 µs |");
+    println!("|--|--:|--:|--:|--:|");
+    println!(
+        "| runed | {rq:.0} | {rl:.0} | {:.0} | {:.0} |",
+        pct(&mut rs, 0.5),
+        pct(&mut rs, 0.99)
+    );
+    println!(
+        "| unbound | {uq:.0} | {ul:.0} | {:.0} | {:.0} |",
+        pct(&mut us, 0.5),
+        pct(&mut us, 0.99)
+    );
+    println!(
+        "| ratio runed/unbound | {:.2} | {:.2} | | |",
+        rq / uq.max(1.0),
+        rl / ul.max(1.0)
+    );
+    println!();
+    println!(
+        "cast → name answering (50 casts): p50 {:.1} ms, p99 {:.1} ms",
+        pct(&mut to_answer, 0.5) / 1e3,
+        pct(&mut to_answer, 0.99) / 1e3
+    );
+}

@@ -1,0 +1,394 @@
+//! The embedded DNS: `<svc>.<ns>.rune` answered with the service's VIP (TTL 5 s), other types
+//! for an existing name with no data, unknown `.rune` names with NXDOMAIN, and every other name
+//! forwarded to the upstreams (never to itself).
+//!
+//! It is a projection of the applied log: it loads the VIPs from the state at an index, then
+//! tails the applied entries after it (their `vip` changes). It fails closed: `.rune` names get
+//! SERVFAIL while the data path cannot carry traffic yet, and while the projection lags the log
+//! for longer than its stale budget.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rune_log::Log;
+use rune_statemachine::store::{list_records, services_prefix, ServiceRecord};
+use rune_statemachine::{Action, Kind, STATE_TABLE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+use wire::{Bad, Query, Rcode};
+
+/// Seconds a `.rune` answer may be cached: short, so a changed VIP is seen soon.
+pub const TTL: u32 = 5;
+
+/// Settings of the DNS server.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Where to listen, UDP and TCP.
+    pub addr: SocketAddr,
+    /// Where other names go; empty means the nameservers of /etc/resolv.conf.
+    pub upstreams: Vec<SocketAddr>,
+    /// Answer 127.0.0.1 for `.rune` names (dev mode's data path listens there).
+    pub dev_mode: bool,
+    /// How long the projection may lag the log before `.rune` answers fail closed.
+    pub stale_budget: Duration,
+    /// How long to wait for an upstream.
+    pub forward_timeout: Duration,
+}
+
+/// Failures to start the server.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The address could not be bound.
+    #[error("cannot listen for DNS on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// The state could not be read.
+    #[error("cannot read the state for DNS: {0}")]
+    State(String),
+}
+
+/// The running server.
+pub struct Dns {
+    cfg: DnsConfig,
+    upstreams: Vec<SocketAddr>,
+    log: Arc<Log>,
+    /// `svc.ns` → VIP.
+    zone: RwLock<HashMap<String, [u8; 4]>>,
+    applied: AtomicU64,
+    behind_since: Mutex<Option<Instant>>,
+    data_path_ready: AtomicBool,
+    paused: AtomicBool,
+    local: SocketAddr,
+}
+
+impl Dns {
+    /// Binds, loads the zone from the state and starts answering.
+    pub async fn start(log: Arc<Log>, cfg: DnsConfig) -> Result<Arc<Self>, DnsError> {
+        let udp = UdpSocket::bind(cfg.addr)
+            .await
+            .map_err(|e| DnsError::Bind(cfg.addr, e))?;
+        let local = udp.local_addr().map_err(|e| DnsError::Bind(cfg.addr, e))?;
+        let tcp = TcpListener::bind(local)
+            .await
+            .map_err(|e| DnsError::Bind(local, e))?;
+        let upstreams = if cfg.upstreams.is_empty() {
+            resolv_conf_upstreams(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                local,
+            )
+        } else {
+            cfg.upstreams.iter().copied().filter(|u| *u != local).collect()
+        };
+        let dns = Arc::new(Dns {
+            cfg,
+            upstreams,
+            log: log.clone(),
+            zone: RwLock::new(HashMap::new()),
+            applied: AtomicU64::new(0),
+            behind_since: Mutex::new(None),
+            data_path_ready: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            local,
+        });
+        // Subscribe before loading, so nothing applied in between is missed (replaying a VIP
+        // change twice is harmless).
+        let rx = log.subscribe();
+        dns.reload()?;
+        tracing::info!(addr = %local, upstreams = ?dns.upstreams, "DNS listening");
+        tokio::spawn(tail(dns.clone(), rx));
+        tokio::spawn(watch_lag(Arc::downgrade(&dns)));
+        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
+        tokio::spawn(serve_tcp(dns.clone(), tcp));
+        Ok(dns)
+    }
+
+    /// Serves on one more address too (the container network's gateway).
+    pub async fn listen_also(self: &Arc<Self>, addr: SocketAddr) -> Result<(), DnsError> {
+        let udp = UdpSocket::bind(addr).await.map_err(|e| DnsError::Bind(addr, e))?;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|e| DnsError::Bind(addr, e))?;
+        tokio::spawn(serve_udp(self.clone(), Arc::new(udp)));
+        tokio::spawn(serve_tcp(self.clone(), tcp));
+        tracing::info!(%addr, "DNS listening for containers");
+        Ok(())
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Opened by the data plane once VIP traffic reaches endpoints; until then `.rune` names
+    /// answer SERVFAIL rather than send clients to an address that goes nowhere.
+    pub fn set_data_path_ready(&self, ready: bool) {
+        self.data_path_ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Failpoint: stops applying the log, to exercise the stale budget.
+    pub fn pause_tail(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// How long the projection has lagged the log (0 when caught up).
+    pub fn stale_seconds(&self) -> f64 {
+        self.behind_since
+            .lock()
+            .ok()
+            .and_then(|b| *b)
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    /// The last log index applied to the zone.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    fn stale(&self) -> bool {
+        self.stale_seconds() > self.cfg.stale_budget.as_secs_f64()
+    }
+
+    fn reload(&self) -> Result<(), DnsError> {
+        let index = *self.log.applied().borrow();
+        let txn = self.log.read().map_err(|e| DnsError::State(e.to_string()))?;
+        let t = txn
+            .open_table(STATE_TABLE)
+            .map_err(|e| DnsError::State(e.to_string()))?;
+        let services: Vec<ServiceRecord> =
+            list_records(&t, &services_prefix(None)).map_err(|e| DnsError::State(e.to_string()))?;
+        let zone: HashMap<String, [u8; 4]> = services
+            .iter()
+            .filter_map(|s| {
+                let ip: Ipv4Addr = s.vip.as_deref()?.parse().ok()?;
+                Some((format!("{}.{}", s.spec.name, s.spec.namespace()), ip.octets()))
+            })
+            .collect();
+        if let Ok(mut z) = self.zone.write() {
+            *z = zone;
+        }
+        self.applied.store(index, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The answer to a packet, or `None` to drop it.
+    pub async fn answer(&self, p: &[u8]) -> Option<Vec<u8>> {
+        match wire::parse(p) {
+            Err(Bad::Drop) => None,
+            Err(Bad::Answer(id, rd, rc)) => Some(wire::error(id, rd, rc)),
+            Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => Some(self.local_answer(p, &q)),
+            Ok(q) => Some(self.forward(p, &q).await),
+        }
+    }
+
+    fn local_answer(&self, p: &[u8], q: &Query) -> Vec<u8> {
+        if !wire::class_ok(q) {
+            return wire::respond(p, q, Rcode::NotImp, true, &[], TTL);
+        }
+        if !self.data_path_ready.load(Ordering::Relaxed) || self.stale() {
+            return wire::respond(p, q, Rcode::ServFail, false, &[], TTL);
+        }
+        let labels: Vec<&str> = q.name.split('.').collect();
+        let found = match labels.as_slice() {
+            ["rune"] => return wire::respond(p, q, Rcode::NoError, true, &[], TTL),
+            [svc, ns, "rune"] => self
+                .zone
+                .read()
+                .ok()
+                .and_then(|z| z.get(&format!("{svc}.{ns}")).copied()),
+            _ => None,
+        };
+        match found {
+            None => wire::respond(p, q, Rcode::NxDomain, true, &[], TTL),
+            Some(vip) if q.qtype == wire::TYPE_A || q.qtype == 255 => {
+                let ip = if self.cfg.dev_mode { [127, 0, 0, 1] } else { vip };
+                wire::respond(p, q, Rcode::NoError, true, &[ip], TTL)
+            }
+            // The name exists; it has no data of this type (AAAA, MX, ...).
+            Some(_) => wire::respond(p, q, Rcode::NoError, true, &[], TTL),
+        }
+    }
+
+    async fn forward(&self, p: &[u8], q: &Query) -> Vec<u8> {
+        for up in &self.upstreams {
+            let bind: SocketAddr = match up.ip() {
+                IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let Ok(sock) = UdpSocket::bind(bind).await else {
+                continue;
+            };
+            if sock.send_to(p, up).await.is_err() {
+                continue;
+            }
+            let mut buf = vec![0u8; 4096];
+            let got = tokio::time::timeout(self.cfg.forward_timeout, async {
+                loop {
+                    let (n, from) = sock.recv_from(&mut buf).await?;
+                    // Only the upstream's reply to this query counts.
+                    if from == *up && n >= 2 && buf[..2] == q.id.to_be_bytes() {
+                        return Ok::<usize, std::io::Error>(n);
+                    }
+                }
+            })
+            .await;
+            if let Ok(Ok(n)) = got {
+                buf.truncate(n);
+                return buf;
+            }
+            tracing::debug!(upstream = %up, name = %q.name, "upstream did not answer in time");
+        }
+        wire::respond(p, q, Rcode::ServFail, false, &[], TTL)
+    }
+}
+
+/// The nameservers of a resolv.conf, except this server itself.
+pub fn resolv_conf_upstreams(text: &str, own: SocketAddr) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()).flatten()
+        })
+        .filter_map(|ip| ip.split('%').next()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|a| *a != own)
+        .collect()
+}
+
+async fn tail(dns: Arc<Dns>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_log::AppliedEntry>>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let entry = match rx.recv().await {
+            Ok(e) => e,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "DNS fell behind the log; reloading from the state");
+                if let Err(e) = dns.reload() {
+                    tracing::error!(error = %e, "DNS reload failed");
+                }
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        // The failpoint holds the entry unapplied, as a slow projection would.
+        while dns.paused.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if entry.index <= dns.applied.load(Ordering::Relaxed) {
+            continue;
+        }
+        for c in entry.changes.iter().filter(|c| c.kind == Kind::Vip) {
+            let key = format!("{}.{}", c.name, c.namespace);
+            if let Ok(mut z) = dns.zone.write() {
+                match c.action {
+                    Action::Deleted => {
+                        z.remove(&key);
+                    }
+                    _ => {
+                        if let Ok(ip) = c.summary.parse::<Ipv4Addr>() {
+                            z.insert(key, ip.octets());
+                        }
+                    }
+                }
+            }
+        }
+        dns.applied.store(entry.index, Ordering::Relaxed);
+    }
+}
+
+/// Tracks since when the projection lags the log's applied index.
+async fn watch_lag(dns: std::sync::Weak<Dns>) {
+    loop {
+        let Some(d) = dns.upgrade() else { return };
+        let tail = *d.log.applied().borrow();
+        let behind = d.applied.load(Ordering::Relaxed) < tail;
+        if let Ok(mut b) = d.behind_since.lock() {
+            match (behind, *b) {
+                (false, _) => *b = None,
+                (true, None) => *b = Some(Instant::now()),
+                (true, Some(_)) => {}
+            }
+        }
+        drop(d);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS receive failed");
+                continue;
+            }
+        };
+        let pkt = buf[..n].to_vec();
+        match wire::parse(&pkt) {
+            // Local answers are quick: answered inline, in order.
+            Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => {
+                let r = dns.local_answer(&pkt, &q);
+                let _ = sock.send_to(&r, peer).await;
+            }
+            // Forwarding waits on an upstream: off the receive loop.
+            _ => {
+                let (dns, sock) = (dns.clone(), sock.clone());
+                tokio::spawn(async move {
+                    if let Some(r) = dns.answer(&pkt).await {
+                        let _ = sock.send_to(&r, peer).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_tcp(dns: Arc<Dns>, l: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let dns = dns.clone();
+        tokio::spawn(async move {
+            loop {
+                let read = async {
+                    let len = s.read_u16().await? as usize;
+                    let mut pkt = vec![0u8; len];
+                    s.read_exact(&mut pkt).await?;
+                    Ok::<Vec<u8>, std::io::Error>(pkt)
+                };
+                let Ok(Ok(pkt)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
+                    return;
+                };
+                let Some(r) = dns.answer(&pkt).await else {
+                    return;
+                };
+                let Ok(len) = u16::try_from(r.len()) else { return };
+                if s.write_all(&len.to_be_bytes()).await.is_err() || s.write_all(&r).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf() {
+        let own: SocketAddr = "127.0.0.123:53".parse().unwrap();
+        let text = "# x\nnameserver 127.0.0.123\nnameserver 192.0.2.53\nsearch a\nnameserver fe80::1%eth0\n";
+        let ups = resolv_conf_upstreams(text, own);
+        assert_eq!(ups.len(), 2);
+        assert_eq!(ups[0], "192.0.2.53:53".parse().unwrap());
+    }
+}

@@ -109,6 +109,9 @@ pub struct Daemon {
     /// The CA that signs runed's certificate when it serves TLS: health checks go through curl
     /// over HTTPS and every `rune` gets `RUNE_TLS_CA`.
     pub tls_ca: Option<PathBuf>,
+    /// Let runed program nftables (off by default: tests share the host's kernel; a test that
+    /// turns it on runs runed inside a network namespace of its own).
+    pub nftables: bool,
     child: Option<Child>,
     tmp: tempfile::TempDir,
 }
@@ -134,6 +137,7 @@ impl Daemon {
             token: None,
             auto_bootstrap: true,
             tls_ca: None,
+            nftables: false,
             child: None,
             tmp,
         }
@@ -172,6 +176,7 @@ impl Daemon {
             .args(["--node-name", &self.node])
             .arg("--run-dir")
             .arg(self.tmp.path().join("run"))
+            .args(["--nftables", if self.nftables { "auto" } else { "off" }])
             .args(&self.extra);
         c
     }

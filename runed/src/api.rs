@@ -31,6 +31,25 @@ pub struct Api {
     pub secrets: Arc<crate::secrets_api::Secrets>,
     /// Admin RPCs from non-loopback clients (`auth.allow-remote-admin`).
     pub allow_remote_admin: bool,
+    /// The data plane: proxy ports, policy explanations, port-forward.
+    pub dataplane: Arc<rune_dataplane::DataPlane>,
+}
+
+impl Api {
+    /// A service as sent, with where this node's proxy serves it.
+    fn service_with_ports(&self, r: &ServiceRecord) -> pb::Service {
+        let mut s = service_pb(r);
+        s.proxy_ports = self
+            .dataplane
+            .proxy_ports(&s.namespace, &s.name)
+            .into_iter()
+            .map(|(port, addr)| pb::ProxyPort {
+                port: u32::from(port),
+                address: addr.to_string(),
+            })
+            .collect();
+        s
+    }
 }
 
 pub(crate) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -79,6 +98,7 @@ fn service_pb(r: &ServiceRecord) -> pb::Service {
         spec_json: serde_json::to_string(&r.spec).unwrap_or_default(),
         meta: Some(meta(&r.meta)),
         vip: r.vip.clone().unwrap_or_default(),
+        proxy_ports: Vec::new(),
     }
 }
 
@@ -463,7 +483,7 @@ impl pb::service_api_server::ServiceApi for Api {
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         match get_record::<ServiceRecord, _>(&t, &service_key(ns, &req.name)).map_err(internal)? {
-            Some(r) => Ok(Response::new(service_pb(&r))),
+            Some(r) => Ok(Response::new(self.service_with_ports(&r))),
             None => Err(Status::not_found(format!("service {ns}/{} not found", req.name))),
         }
     }
@@ -485,7 +505,11 @@ impl pb::service_api_server::ServiceApi for Api {
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let recs: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?;
-        let services = recs.iter().filter(|r| matches(r, &sel)).map(service_pb).collect();
+        let services = recs
+            .iter()
+            .filter(|r| matches(r, &sel))
+            .map(|r| self.service_with_ports(r))
+            .collect();
         Ok(Response::new(pb::ListServicesResponse { services, index }))
     }
 

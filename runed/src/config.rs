@@ -82,6 +82,16 @@ pub struct Flags {
     /// How long a projection may lag the log before it fails closed (e.g. 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub stale_budget: Option<std::time::Duration>,
+    /// Kernel policy and VIP redirects in runed's own nftables table: `auto` (default, off in
+    /// --dev-mode) or `off`.
+    #[arg(long, env = "RUNE_NFTABLES")]
+    pub nftables: Option<String>,
+    /// The nftables table runed owns (family inet; default `rune`).
+    #[arg(long, env = "RUNE_NFT_TABLE")]
+    pub nft_table: Option<String>,
+    /// Range of the proxy's local ports, one per service port (default 30000-32767).
+    #[arg(long, env = "RUNE_PROXY_PORTS")]
+    pub proxy_ports: Option<String>,
     /// Test hooks under /debug/failpoints on the HTTP address. Never in production.
     #[arg(long, env = "RUNE_FAILPOINTS", hide = true)]
     pub enable_failpoints: bool,
@@ -158,6 +168,12 @@ pub struct Settings {
     pub dns_upstreams: Vec<SocketAddr>,
     /// `networking.stale-budget`.
     pub stale_budget: std::time::Duration,
+    /// `networking.nftables`: program the kernel (production mode).
+    pub nftables: bool,
+    /// `networking.nft-table`.
+    pub nft_table: String,
+    /// `networking.proxy-ports`.
+    pub proxy_ports: (u16, u16),
     /// Test hooks on.
     pub enable_failpoints: bool,
 }
@@ -515,6 +531,46 @@ impl Settings {
             }
             (None, None) => std::time::Duration::from_secs(30),
         };
+        let text = |flag: &Option<String>, key: &str| -> Result<Option<String>, ConfigError> {
+            match (flag, net(key)) {
+                (Some(v), _) => Ok(Some(v.clone())),
+                (None, Some(serde_json::Value::String(t))) => Ok(Some(t)),
+                (None, Some(serde_json::Value::Bool(b))) => Ok(Some(if b { "auto" } else { "off" }.into())),
+                (None, Some(other)) => Err(ConfigError(format!(
+                    "networking.{key}: expected a string, got {other}"
+                ))),
+                (None, None) => Ok(None),
+            }
+        };
+        let nftables = match text(&flags.nftables, "nftables")?.as_deref() {
+            None | Some("auto") | Some("on") => !flags.dev_mode,
+            Some("off") => false,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "networking.nftables (--nftables): expected auto or off, got '{other}'"
+                )))
+            }
+        };
+        let nft_table = text(&flags.nft_table, "nft-table")?.unwrap_or_else(|| "rune".into());
+        if nft_table.is_empty()
+            || nft_table.len() > 32
+            || !nft_table.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !nft_table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(ConfigError(format!(
+                "networking.nft-table (--nft-table): '{nft_table}' must be a letter then letters, digits or '_' (at most 32)"
+            )));
+        }
+        let range_text = text(&flags.proxy_ports, "proxy-ports")?.unwrap_or_else(|| "30000-32767".into());
+        let proxy_ports = range_text
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a > 0 && a <= b)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "networking.proxy-ports (--proxy-ports): '{range_text}' is not a port range such as 30000-32767"
+                ))
+            })?;
         let tls = tls_setting(
             flags,
             file.auth
@@ -586,6 +642,9 @@ impl Settings {
             dns_addr_default,
             dns_upstreams,
             stale_budget,
+            nftables,
+            nft_table,
+            proxy_ports,
             enable_failpoints: flags.enable_failpoints,
         })
     }

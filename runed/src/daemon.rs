@@ -92,10 +92,14 @@ fn register_log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, 
     }
 }
 
-/// Test hooks: `POST /debug/failpoints/dns-tail-pause/on|off` stops the DNS projection from
-/// applying the log; `dns-data-path-ready/on|off` stands in for the data plane until it exists.
+/// Test hooks: `POST /debug/failpoints/dns-tail-pause/on|off` and `dataplane-tail-pause/on|off`
+/// stop a projection from applying the log; `dns-data-path-ready/on|off` overrides what the
+/// data plane told the DNS.
 async fn failpoint(
-    axum::extract::State(dns): axum::extract::State<Arc<rune_dns::Dns>>,
+    axum::extract::State((dns, dp)): axum::extract::State<(
+        Arc<rune_dns::Dns>,
+        Arc<rune_dataplane::DataPlane>,
+    )>,
     axum::extract::Path((name, state)): axum::extract::Path<(String, String)>,
 ) -> (StatusCode, String) {
     let on = match state.as_str() {
@@ -111,10 +115,119 @@ async fn failpoint(
     match name.as_str() {
         "dns-tail-pause" => dns.pause_tail(on),
         "dns-data-path-ready" => dns.set_data_path_ready(on),
+        "dataplane-tail-pause" => dp.pause_tail(on),
         other => return (StatusCode::NOT_FOUND, format!("no failpoint {other}\n")),
     }
     tracing::warn!(failpoint = %name, on, "failpoint set");
     (StatusCode::OK, format!("{name} {state}\n"))
+}
+
+/// The data plane's and the projections' gauges and counters, read at scrape time.
+fn register_dataplane_metrics(
+    provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
+    dns: &Arc<rune_dns::Dns>,
+    dp: &Arc<rune_dataplane::DataPlane>,
+) {
+    use opentelemetry::KeyValue;
+    let meter = provider.meter("rune");
+    let svc_labels = |k: &rune_dataplane::policy::SvcKey| {
+        vec![
+            KeyValue::new("namespace", k.ns.clone()),
+            KeyValue::new("service", k.name.clone()),
+        ]
+    };
+    {
+        let (dns, dp) = (Arc::downgrade(dns), Arc::downgrade(dp));
+        meter
+            .f64_observable_gauge("rune_dataplane_stale_seconds")
+            .with_description("How long a projection (dns, dataplane) has lagged the applied log; past the stale budget it fails closed")
+            .with_callback(move |o| {
+                if let Some(d) = dns.upgrade() {
+                    o.observe(d.stale_seconds(), &[KeyValue::new("projection", "dns")]);
+                }
+                if let Some(d) = dp.upgrade() {
+                    o.observe(d.stale_seconds(), &[KeyValue::new("projection", "dataplane")]);
+                }
+            })
+            .build();
+    }
+    let weak = Arc::downgrade(dp);
+    meter
+        .u64_observable_counter("rune_policy_drops")
+        .with_description(
+            "Connections denied by network policy, by the proxy or dropped by the kernel (reason)",
+        )
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                for (k, policy, reason, n) in d.drops() {
+                    let mut l = svc_labels(&k);
+                    l.push(KeyValue::new("policy", policy));
+                    l.push(KeyValue::new("reason", reason));
+                    o.observe(n, &l);
+                }
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(dp);
+    meter
+        .u64_observable_gauge("rune_policy_local_instances")
+        .with_description("Instances on this node that a service's network policy applies to")
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                for (k, n) in d.local_instances() {
+                    o.observe(n as u64, &svc_labels(&k));
+                }
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(dp);
+    meter
+        .u64_observable_counter("rune_dataplane_connections")
+        .with_description("Connections to service VIPs by result: forwarded, denied, no_endpoint, stale")
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                for (k, result, n) in d.stats.connections() {
+                    let mut l = svc_labels(&k);
+                    l.push(KeyValue::new("result", result));
+                    o.observe(n, &l);
+                }
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(dp);
+    meter
+        .u64_observable_counter("rune_dataplane_bytes")
+        .with_description("Bytes carried by finished proxied connections, by direction")
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                for (k, direction, n) in d.stats.byte_counts() {
+                    let mut l = svc_labels(&k);
+                    l.push(KeyValue::new("direction", direction));
+                    o.observe(n, &l);
+                }
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(dp);
+    meter
+        .i64_observable_gauge("rune_dataplane_active_connections")
+        .with_description("Connections open through the proxy")
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                o.observe(d.stats.active.load(Ordering::Relaxed), &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(dp);
+    meter
+        .u64_observable_gauge("rune_dataplane_kernel_enforcement")
+        .with_description("1 when runed's nftables table enforces policy, 0 when only the proxy does")
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                o.observe(u64::from(d.kernel_status().enforcing), &[]);
+            }
+        })
+        .build();
 }
 
 /// `rune_vip_allocations_total` and `rune_endpoints_published_total{service,namespace}`, counted
@@ -230,19 +343,32 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         }
         other => other.context("networking.dns-addr")?,
     };
-    {
-        let dns = Arc::downgrade(&dns);
-        provider
-            .meter("rune")
-            .f64_observable_gauge("rune_dataplane_stale_seconds")
-            .with_description("How long a projection (DNS) has lagged the applied log; past the stale budget it fails closed")
-            .with_callback(move |o| {
-                if let Some(d) = dns.upgrade() {
-                    o.observe(d.stale_seconds(), &[opentelemetry::KeyValue::new("projection", "dns")]);
-                }
-            })
-            .build();
+    let dataplane = rune_dataplane::DataPlane::start(
+        log.clone(),
+        rune_dataplane::DataPlaneConfig {
+            node: s.node_name.clone(),
+            listen: if s.nftables {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            },
+            port_range: s.proxy_ports,
+            ports_file: s.data_dir.join("dataplane").join("proxy-ports.json"),
+            kernel: s.nftables,
+            nft_table: s.nft_table.clone(),
+            stale_budget: s.stale_budget,
+            connect_timeout: Duration::from_secs(3),
+        },
+    )
+    .await
+    .context("data plane")?;
+    let kernel = dataplane.kernel_status();
+    if s.nftables && !kernel.enforcing {
+        tracing::warn!(status = %kernel.detail, "kernel policy enforcement is off");
     }
+    // VIP names resolve only once VIP traffic can reach endpoints.
+    dns.set_data_path_ready(true);
+    register_dataplane_metrics(&provider, &dns, &dataplane);
     let orchestrator = rune_orchestrator::Orchestrator::start(log.clone(), {
         let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
         c.docker_socket = s.docker_socket.clone();
@@ -294,6 +420,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         orchestrator: orchestrator.clone(),
         secrets,
         allow_remote_admin: s.allow_remote_admin,
+        dataplane: dataplane.clone(),
     };
     let auth = crate::auth::Authenticator::new(log.clone());
     let grpc = {
@@ -341,6 +468,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 auth.clone(),
             ))
             .add_service(Authed::new(
+                pb::network_api_server::NetworkApiServer::new(api.clone()),
+                auth.clone(),
+            ))
+            .add_service(Authed::new(
                 pb::system_api_server::SystemApiServer::new(api.clone()),
                 auth,
             ))
@@ -373,7 +504,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             tracing::warn!("failpoints are enabled: /debug/failpoints/* can break this runed on purpose");
             app = app.route(
                 "/debug/failpoints/{name}/{state}",
-                axum::routing::post(failpoint).with_state(dns.clone()),
+                axum::routing::post(failpoint).with_state((dns.clone(), dataplane.clone())),
             );
         }
         let mut stop = stop_http_rx.clone();

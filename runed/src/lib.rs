@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod instances_api;
+pub mod network_api;
 pub mod secrets_api;
 pub mod tls;
 pub mod yaml;

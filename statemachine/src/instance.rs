@@ -221,11 +221,16 @@ pub fn instances_prefix(ns: Option<&str>, service: Option<&str>) -> String {
 }
 
 /// The hash of what an instance runs: the spec without its scale, plus the restart counter, so
-/// scaling replaces nothing and `rune restart` replaces everything.
+/// scaling replaces nothing and `rune restart` replaces everything. What only the network acts
+/// on (policy, balancing, ingress exposure) is left out too: the data plane swaps those in place,
+/// so changing them never restarts an instance or cuts its connections.
 pub fn template_hash(spec: &ServiceSpec, meta: &ObjectMeta) -> String {
     let mut s = spec.clone();
     s.scale = None;
     s.autoscale = None;
+    s.network_policy = None;
+    s.discovery = None;
+    s.expose = None;
     let h = crate::store::spec_hash(&s);
     format!("{}-{}", &h[..16], meta.restart_count)
 }

@@ -211,7 +211,7 @@ pub async fn whoami(conn: &Conn, format: Format) -> Result<(), CliError> {
         "namespace": conn.namespace,
     });
     match format {
-        Format::Table => {
+        Format::Table | Format::Wide => {
             println!("User:      {}", me.user);
             println!("Server:    {}", conn.server());
             println!("Token:     {} ({})", me.token_name, me.token_id);

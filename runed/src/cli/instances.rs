@@ -128,7 +128,7 @@ pub async fn get(
         .map_err(|s| conn.status(s))?
         .into_inner();
     match format {
-        Format::Table => {
+        Format::Table | Format::Wide => {
             if list.instances.is_empty() {
                 eprintln!("No instances found.");
                 return Ok(());

@@ -3,6 +3,7 @@
 pub mod context;
 mod identity;
 mod instances;
+mod network;
 mod output;
 mod replay;
 mod tty;
@@ -94,6 +95,8 @@ pub enum Format {
     /// Aligned columns.
     #[default]
     Table,
+    /// Aligned columns with more of them (services: their proxy addresses).
+    Wide,
     /// JSON.
     Json,
     /// YAML, re-castable with `rune cast`.
@@ -318,12 +321,46 @@ pub enum Cmd {
         #[command(subcommand)]
         action: ConfigCmd,
     },
+    /// Forward a local port to a service port through runed: `rune port-forward SERVICE [LOCAL:]PORT`.
+    #[command(name = "port-forward")]
+    PortForward {
+        /// Service name.
+        service: String,
+        /// `PORT` or `LOCAL:PORT`; PORT is a service port by number or name, LOCAL 0 picks one.
+        #[arg(required = true)]
+        ports: Vec<String>,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: String,
+    },
+    /// Network policy: `explain FROM TO [PORT]` and the data plane's `status`.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        action: PolicyCmd,
+    },
     /// Operator tools.
     Admin {
         /// What to do.
         #[command(subcommand)]
         action: AdminCmd,
     },
+}
+
+/// `rune policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Whether a flow is allowed, and by which rule (or the default).
+    Explain {
+        /// A service (`name`, `ns/name`, `name.ns`) or an address.
+        from: String,
+        /// A service.
+        to: String,
+        /// A service port (default: each of its TCP ports).
+        port: Option<u16>,
+    },
+    /// Whether the kernel enforces policy, and the data plane's lag.
+    Status,
 }
 
 /// `rune config ...`.
@@ -692,6 +729,17 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Cmd::Admin {
             action: AdminCmd::RotateKek { new_kek_file },
         } => identity::rotate_kek(&Conn::resolve(&cli)?, new_kek_file).await,
+        Cmd::PortForward {
+            service,
+            ports,
+            address,
+        } => network::port_forward(&Conn::resolve(&cli)?, service, ports, address).await,
+        Cmd::Policy {
+            action: PolicyCmd::Explain { from, to, port },
+        } => network::explain(&Conn::resolve(&cli)?, from, to, *port, format).await,
+        Cmd::Policy {
+            action: PolicyCmd::Status,
+        } => network::status(&Conn::resolve(&cli)?, format).await,
         Cmd::Whoami => identity::whoami(&Conn::resolve(&cli)?, format).await,
         Cmd::Login {
             name,

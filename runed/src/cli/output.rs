@@ -103,6 +103,18 @@ fn service_row(s: &pb::Service, all: bool) -> Result<Vec<String>, CliError> {
     Ok(row)
 }
 
+/// `80→127.0.0.1:30000,443→...`: where this node's proxy serves each port.
+fn proxy_column(s: &pb::Service) -> String {
+    if s.proxy_ports.is_empty() {
+        return "-".into();
+    }
+    s.proxy_ports
+        .iter()
+        .map(|p| format!("{}→{}", p.port, p.address))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn service_header(all: bool) -> Vec<String> {
     let mut h: Vec<String> = [
         "NAME",
@@ -125,17 +137,30 @@ fn service_header(all: bool) -> Vec<String> {
 /// Prints services in the chosen format. YAML is a castfile: `rune cast` of it changes nothing.
 fn print_services(list: &[pb::Service], single: bool, all: bool, format: Format) -> Result<(), CliError> {
     match format {
-        Format::Table => {
-            let mut rows = vec![service_header(all)];
+        Format::Table | Format::Wide => {
+            let wide = format == Format::Wide;
+            let mut header = service_header(all);
+            if wide {
+                header.push("PROXY".into());
+            }
+            let mut rows = vec![header];
             for s in list {
-                rows.push(service_row(s, all)?);
+                let mut row = service_row(s, all)?;
+                if wide {
+                    row.push(proxy_column(s));
+                }
+                rows.push(row);
             }
             print_table(&rows);
         }
         Format::Json => {
             let items: Vec<serde_json::Value> = list
                 .iter()
-                .map(|s| Ok(json!({"namespace": s.namespace, "name": s.name, "vip": s.vip, "spec": spec_value(s)?, "metadata": meta_json(&s.meta)})))
+                .map(|s| {
+                    let proxy: Vec<serde_json::Value> =
+                        s.proxy_ports.iter().map(|p| json!({"port": p.port, "address": p.address})).collect();
+                    Ok(json!({"namespace": s.namespace, "name": s.name, "vip": s.vip, "proxyPorts": proxy, "spec": spec_value(s)?, "metadata": meta_json(&s.meta)}))
+                })
                 .collect::<Result<_, CliError>>()?;
             let v = if single {
                 items.into_iter().next().unwrap_or_default()
@@ -163,7 +188,7 @@ fn print_services(list: &[pb::Service], single: bool, all: bool, format: Format)
 
 fn print_namespaces(list: &[pb::Namespace], format: Format) {
     match format {
-        Format::Table => {
+        Format::Table | Format::Wide => {
             let mut rows = vec![vec!["NAME".to_string(), "LABELS".into(), "AGE".into()]];
             for n in list {
                 let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -390,7 +415,7 @@ async fn watch_services(
             pb::EventType::Unspecified => "UNKNOWN",
         };
         match q.format {
-            Format::Table => {
+            Format::Table | Format::Wide => {
                 let mut row = if ty == "DELETED" {
                     let mut r = vec![
                         s.name.clone(),
@@ -428,7 +453,7 @@ async fn watch_services(
 
 fn print_history(revs: &[pb::ServiceRevision], format: Format) -> Result<(), CliError> {
     match format {
-        Format::Table => {
+        Format::Table | Format::Wide => {
             let mut rows = vec![vec![
                 "GENERATION".to_string(),
                 "SPEC HASH".into(),

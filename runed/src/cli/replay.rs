@@ -100,7 +100,7 @@ pub fn run(a: &ReplayArgs, format: Format) -> Result<(), CliError> {
                 Format::Json | Format::Yaml => {
                     println!("{}", serde_json::to_string(&line).unwrap_or_default())
                 }
-                Format::Table => rows.push(vec![
+                Format::Table | Format::Wide => rows.push(vec![
                     if line.position > 0 {
                         format!("{}.{}", line.index, line.position)
                     } else {

@@ -34,6 +34,7 @@ pub struct DockerRunner {
     client: Mutex<Option<Docker>>,
     /// The gateway of this node's container network, where containers find the embedded DNS.
     gateway: tokio::sync::watch::Sender<Option<String>>,
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 fn bollard_err(socket: &str, e: bollard::errors::Error) -> RunError {
@@ -68,6 +69,7 @@ impl DockerRunner {
             node: node.into(),
             client: Mutex::new(None),
             gateway: tokio::sync::watch::Sender::new(None),
+            network_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -97,6 +99,12 @@ impl DockerRunner {
 
     /// Creates the node's network when missing; returns its gateway.
     async fn ensure_network(&self) -> Result<String, RunError> {
+        if let Some(gw) = self.gateway.borrow().clone() {
+            return Ok(gw);
+        }
+        // The engine does not refuse a second network of the same name: instances starting
+        // together must not each create one.
+        let _one_at_a_time = self.network_lock.lock().await;
         if let Some(gw) = self.gateway.borrow().clone() {
             return Ok(gw);
         }

@@ -1,0 +1,196 @@
+//! The user-space proxy: one listener per service port, each connection checked against the
+//! policy, sent to a ready endpoint (round robin or fewest connections) and piped both ways.
+//! A connection that cannot be served (denied, no endpoint, stale view) is reset at once, so a
+//! client never hangs on a VIP that goes nowhere.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::policy::{decide, Source, SvcKey, Target};
+use crate::table::{Mode, Svc};
+use crate::DataPlane;
+
+/// Buffer size of each direction of a piped connection.
+const PIPE_BUFFER: usize = 64 * 1024;
+
+/// Accepts connections for one service port until aborted.
+pub(crate) async fn serve(dp: Arc<DataPlane>, key: SvcKey, port: u16, l: TcpListener) {
+    let rr = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (client, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(service = %key, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let (dp, key, rr) = (dp.clone(), key.clone(), rr.clone());
+        tokio::spawn(async move {
+            handle(dp, key, port, client, peer, rr).await;
+        });
+    }
+}
+
+/// Closes with a reset: the client learns at once that nobody will answer.
+fn reset(s: TcpStream) {
+    if let Ok(std) = s.into_std() {
+        let _ = socket_linger_zero(&std);
+    }
+}
+
+fn socket_linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a valid, live `linger` value;
+    // the descriptor is owned by `s` and open for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&l).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+async fn handle(
+    dp: Arc<DataPlane>,
+    key: SvcKey,
+    port: u16,
+    client: TcpStream,
+    peer: SocketAddr,
+    rr: Arc<AtomicUsize>,
+) {
+    if dp.stale() {
+        dp.stats.connection(&key, "stale");
+        return reset(client);
+    }
+    let table = dp.table();
+    let Some(svc) = table.services.get(&key) else {
+        return reset(client);
+    };
+    // Name the source only when a policy needs it: naming a host process reads /proc.
+    let mut src = Source {
+        service: table.by_ip.get(&peer.ip()).cloned(),
+        ip: peer.ip(),
+    };
+    if src.service.is_none()
+        && (svc.policy.ingress.is_some() || table.any_egress)
+        && !table.by_pgid.is_empty()
+    {
+        let groups = table.clone();
+        let owner = tokio::task::spawn_blocking(move || crate::owner::owner_group(peer, &groups.by_pgid))
+            .await
+            .ok()
+            .flatten();
+        src.service = owner.and_then(|g| table.by_pgid.get(&g).cloned());
+    }
+    let src_policy = src
+        .service
+        .as_ref()
+        .and_then(|k| table.services.get(k))
+        .map(|s| &s.policy);
+    let target = Target {
+        key: &key,
+        vip: svc.vip,
+        ports: &svc.ports,
+        policy: &svc.policy,
+    };
+    let d = decide(&src, src_policy, &target, port);
+    if let Some(direction) = d.denied_by() {
+        let charged = if direction == "egress" {
+            src.service.clone().unwrap_or_else(|| key.clone())
+        } else {
+            key.clone()
+        };
+        tracing::debug!(from = %peer, source = ?src.service, to = %key, port, direction, "connection denied by policy");
+        dp.stats.drop(&charged, direction, "proxy");
+        dp.stats.connection(&key, "denied");
+        return reset(client);
+    }
+    match connect(&dp, svc, port, &rr).await {
+        Some((upstream, ep)) => {
+            dp.stats.connection(&key, "forwarded");
+            pipe(&dp, &key, client, upstream, ep).await;
+        }
+        None => {
+            dp.stats.connection(&key, "no_endpoint");
+            reset(client);
+        }
+    }
+}
+
+/// Connects to an endpoint of `svc` for service port `port`, trying each ready endpoint once
+/// from the balancer's choice onward.
+pub(crate) async fn connect(
+    dp: &DataPlane,
+    svc: &Svc,
+    port: u16,
+    rr: &AtomicUsize,
+) -> Option<(TcpStream, SocketAddr)> {
+    if svc.mode == Mode::None {
+        return None;
+    }
+    let addrs: Vec<SocketAddr> = svc
+        .endpoints
+        .iter()
+        .filter_map(|e| Some(SocketAddr::new(e.ip, e.target(port)?)))
+        .collect();
+    if addrs.is_empty() {
+        return None;
+    }
+    let start = match svc.mode {
+        Mode::LeastConnections => {
+            let active = dp.active.lock().ok()?;
+            let offset = rr.fetch_add(1, Ordering::Relaxed);
+            (0..addrs.len())
+                .map(|i| (i + offset) % addrs.len())
+                .min_by_key(|i| active.get(&addrs[*i]).copied().unwrap_or(0))
+                .unwrap_or(0)
+        }
+        _ => rr.fetch_add(1, Ordering::Relaxed) % addrs.len(),
+    };
+    for i in 0..addrs.len() {
+        let a = addrs[(start + i) % addrs.len()];
+        match tokio::time::timeout(dp.cfg.connect_timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => return Some((s, a)),
+            Ok(Err(e)) => tracing::debug!(endpoint = %a, error = %e, "endpoint refused; trying the next"),
+            Err(_) => tracing::debug!(endpoint = %a, "endpoint did not answer in time; trying the next"),
+        }
+    }
+    None
+}
+
+/// Pipes both ways until both sides are done, counting bytes and open connections.
+pub(crate) async fn pipe(
+    dp: &DataPlane,
+    key: &SvcKey,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    ep: SocketAddr,
+) {
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let _guard = dp.open(ep);
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, PIPE_BUFFER, PIPE_BUFFER).await
+    {
+        Ok((to_endpoint, to_client)) => dp.stats.bytes(key, to_endpoint, to_client),
+        Err(e) => {
+            tracing::debug!(service = %key, endpoint = %ep, error = %e, "connection ended with an error")
+        }
+    }
+}

@@ -112,6 +112,8 @@ pub struct Daemon {
     /// Let runed program nftables (off by default: tests share the host's kernel; a test that
     /// turns it on runs runed inside a network namespace of its own).
     pub nftables: bool,
+    /// Extra environment for runed.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     tmp: tempfile::TempDir,
 }
@@ -138,6 +140,7 @@ impl Daemon {
             auto_bootstrap: true,
             tls_ca: None,
             nftables: false,
+            env: Vec::new(),
             child: None,
             tmp,
         }
@@ -177,7 +180,8 @@ impl Daemon {
             .arg("--run-dir")
             .arg(self.tmp.path().join("run"))
             .args(["--nftables", if self.nftables { "auto" } else { "off" }])
-            .args(&self.extra);
+            .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

@@ -807,6 +807,45 @@ mod tests {
     }
 
     #[test]
+    fn data_plane_settings() {
+        let f = write("networking:\n  nftables: maybe\n");
+        let e = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.0.contains("networking.nftables") && e.0.contains("'maybe'"),
+            "{e}"
+        );
+        let f = write("networking:\n  proxy-ports: 40000-30000\n");
+        let e = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("networking.proxy-ports"), "{e}");
+        let e = Settings::resolve(&Flags {
+            nft_table: Some("filter; flush ruleset".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("networking.nft-table"), "{e}");
+        let dev = Settings::resolve(&Flags {
+            dev_mode: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!dev.nftables, "dev mode leaves nftables alone");
+        let prod = Settings::resolve(&Flags::default()).unwrap();
+        assert!(prod.nftables);
+        assert_eq!(
+            (prod.nft_table.as_str(), prod.proxy_ports),
+            ("rune", (30000, 32767))
+        );
+    }
+
+    #[test]
     fn example_runefile_loads_with_its_values() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/runefile.yaml");
         let s = Settings::resolve(&Flags {

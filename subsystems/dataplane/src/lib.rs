@@ -90,54 +90,93 @@ pub struct KernelStatus {
     pub last_program: Duration,
 }
 
+/// One service's connection and byte counters: atomics, so the proxy's hot path takes no lock.
+#[derive(Debug, Default)]
+pub struct SvcCounters {
+    forwarded: AtomicU64,
+    denied: AtomicU64,
+    no_endpoint: AtomicU64,
+    stale: AtomicU64,
+    to_endpoint: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl SvcCounters {
+    fn connection(&self, result: &'static str) {
+        let c = match result {
+            "forwarded" => &self.forwarded,
+            "denied" => &self.denied,
+            "no_endpoint" => &self.no_endpoint,
+            _ => &self.stale,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add_bytes(&self, to_endpoint: u64, to_client: u64) {
+        self.to_endpoint.fetch_add(to_endpoint, Ordering::Relaxed);
+        self.to_client.fetch_add(to_client, Ordering::Relaxed);
+    }
+}
+
 /// Counters of the data plane, read by the daemon's metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
-    conns: Mutex<BTreeMap<(SvcKey, &'static str), u64>>,
-    bytes: Mutex<BTreeMap<(SvcKey, &'static str), u64>>,
+    per_service: Mutex<BTreeMap<SvcKey, Arc<SvcCounters>>>,
     drops: Mutex<BTreeMap<(SvcKey, &'static str, &'static str), u64>>,
     /// Open connections through the proxy.
     pub active: AtomicI64,
 }
 
 impl Stats {
-    fn connection(&self, k: &SvcKey, result: &'static str) {
-        if let Ok(mut m) = self.conns.lock() {
-            *m.entry((k.clone(), result)).or_default() += 1;
-        }
-    }
-
-    fn bytes(&self, k: &SvcKey, to_endpoint: u64, to_client: u64) {
-        if let Ok(mut m) = self.bytes.lock() {
-            *m.entry((k.clone(), "to_endpoint")).or_default() += to_endpoint;
-            *m.entry((k.clone(), "to_client")).or_default() += to_client;
+    /// The counters of a service, created on first use (once per listener, not per connection).
+    fn of(&self, k: &SvcKey) -> Arc<SvcCounters> {
+        match self.per_service.lock() {
+            Ok(mut m) => m.entry(k.clone()).or_default().clone(),
+            Err(_) => Arc::default(),
         }
     }
 
     fn drop(&self, k: &SvcKey, policy: &'static str, reason: &'static str) {
-        self.add_drops(k, policy, reason, 1);
+        if let Ok(mut m) = self.drops.lock() {
+            *m.entry((k.clone(), policy, reason)).or_default() += 1;
+        }
     }
 
-    fn add_drops(&self, k: &SvcKey, policy: &'static str, reason: &'static str, n: u64) {
-        if let Ok(mut m) = self.drops.lock() {
-            *m.entry((k.clone(), policy, reason)).or_default() += n;
-        }
+    fn each(&self, f: impl Fn(&SvcCounters) -> [(&'static str, u64); 4]) -> Vec<(SvcKey, &'static str, u64)> {
+        let Ok(m) = self.per_service.lock() else {
+            return Vec::new();
+        };
+        m.iter()
+            .flat_map(|(k, c)| {
+                f(c).into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(l, n)| (k.clone(), l, n))
+            })
+            .collect()
     }
 
     /// Connections by service and result (`forwarded`, `denied`, `no_endpoint`, `stale`).
     pub fn connections(&self) -> Vec<(SvcKey, &'static str, u64)> {
-        self.conns
-            .lock()
-            .map(|m| m.iter().map(|((k, r), n)| (k.clone(), *r, *n)).collect())
-            .unwrap_or_default()
+        self.each(|c| {
+            [
+                ("forwarded", c.forwarded.load(Ordering::Relaxed)),
+                ("denied", c.denied.load(Ordering::Relaxed)),
+                ("no_endpoint", c.no_endpoint.load(Ordering::Relaxed)),
+                ("stale", c.stale.load(Ordering::Relaxed)),
+            ]
+        })
     }
 
     /// Bytes by service and direction (`to_endpoint`, `to_client`).
     pub fn byte_counts(&self) -> Vec<(SvcKey, &'static str, u64)> {
-        self.bytes
-            .lock()
-            .map(|m| m.iter().map(|((k, d), n)| (k.clone(), *d, *n)).collect())
-            .unwrap_or_default()
+        self.each(|c| {
+            [
+                ("to_endpoint", c.to_endpoint.load(Ordering::Relaxed)),
+                ("to_client", c.to_client.load(Ordering::Relaxed)),
+                ("", 0),
+                ("", 0),
+            ]
+        })
     }
 }
 
@@ -168,6 +207,8 @@ pub struct DataPlane {
     listeners: Mutex<HashMap<(SvcKey, u16), Listener>>,
     kernel: Mutex<Kernel>,
     active: Mutex<HashMap<SocketAddr, usize>>,
+    /// Round-robin position of port-forward connections.
+    forward_rr: AtomicUsize,
     /// Counters for metrics.
     pub stats: Stats,
 }
@@ -176,11 +217,15 @@ pub struct DataPlane {
 pub(crate) struct OpenGuard<'a> {
     dp: &'a DataPlane,
     ep: SocketAddr,
+    track: bool,
 }
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.dp.stats.active.fetch_sub(1, Ordering::Relaxed);
+        if !self.track {
+            return;
+        }
         if let Ok(mut m) = self.dp.active.lock() {
             if let Some(n) = m.get_mut(&self.ep) {
                 *n = n.saturating_sub(1);
@@ -222,6 +267,7 @@ impl DataPlane {
                 counters: Vec::new(),
             }),
             active: Mutex::new(HashMap::new()),
+            forward_rr: AtomicUsize::new(0),
             stats: Stats::default(),
             cfg,
         });
@@ -408,27 +454,30 @@ impl DataPlane {
             .find(|(n, p)| n == port || p.to_string() == port)
             .map(|(_, p)| p)
             .ok_or_else(|| DpError::NoPort(key.to_string(), port.to_string()))?;
-        let rr = AtomicUsize::new(self.stats.active.load(Ordering::Relaxed).unsigned_abs() as usize);
         let mut forced = svc.clone();
         if forced.mode == table::Mode::None {
             forced.mode = table::Mode::RoundRobin;
         }
-        proxy::connect(self, &forced, number, &rr)
+        proxy::connect(self, &forced, number, &self.forward_rr)
             .await
             .ok_or(DpError::NoEndpoint(key.to_string(), number))
     }
 
     /// Pipes an accepted stream to an endpoint stream, counted like proxied traffic.
     pub async fn pipe(&self, ns: &str, name: &str, client: TcpStream, upstream: TcpStream, ep: SocketAddr) {
-        proxy::pipe(self, &SvcKey::new(ns, name), client, upstream, ep).await;
+        let counters = self.stats.of(&SvcKey::new(ns, name));
+        proxy::pipe(self, &counters, client, upstream, ep, false).await;
     }
 
-    fn open(&self, ep: SocketAddr) -> OpenGuard<'_> {
+    /// Counts an open connection; per endpoint only when the balancer needs it (`track`).
+    fn open(&self, ep: SocketAddr, track: bool) -> OpenGuard<'_> {
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut m) = self.active.lock() {
-            *m.entry(ep).or_default() += 1;
+        if track {
+            if let Ok(mut m) = self.active.lock() {
+                *m.entry(ep).or_default() += 1;
+            }
         }
-        OpenGuard { dp: self, ep }
+        OpenGuard { dp: self, ep, track }
     }
 
     async fn rebuild(self: &Arc<Self>) -> Result<(), DpError> {

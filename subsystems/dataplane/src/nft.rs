@@ -99,7 +99,8 @@ pub fn render(
         let _ = writeln!(s, "    elements = {{ {} }}", refused.join(", "));
     }
     let _ = writeln!(s, "  }}");
-    let mut dispatch = String::new();
+    // Which chain a packet goes through is one lookup in a verdict map, not a rule per service.
+    let (mut egress_from, mut ingress_to) = (Vec::new(), Vec::new());
     let mut chains = String::new();
     // Egress first: its chains `return` on a match, so the ingress check still follows.
     for svc in t.services.values() {
@@ -108,10 +109,11 @@ pub fn render(
             continue;
         }
         let name = counter_name(&svc.key, "egress");
-        let _ = writeln!(
-            dispatch,
-            "    ip saddr {{ {} }} jump {name}",
-            join(&svc.local_ips)
+        egress_from.extend(
+            svc.local_ips
+                .iter()
+                .filter(|i| i.is_ipv4())
+                .map(|i| format!("{i} : jump {name}")),
         );
         let _ = writeln!(chains, "  chain {name} {{");
         for r in rules {
@@ -143,7 +145,12 @@ pub fn render(
         if dests.is_empty() {
             continue;
         }
-        let _ = writeln!(dispatch, "    ip daddr {{ {} }} jump {name}", join(&dests));
+        ingress_to.extend(
+            dests
+                .iter()
+                .filter(|i| i.is_ipv4())
+                .map(|i| format!("{i} : jump {name}")),
+        );
         let _ = writeln!(chains, "  chain {name} {{");
         for r in rules {
             for line in ingress_lines(t, svc, r) {
@@ -161,7 +168,8 @@ pub fn render(
         s,
         "  chain filter_prerouting {{ type filter hook prerouting priority -150; policy accept;\n    \
          ct state established,related accept\n    iif lo accept\n    \
-         ip daddr . tcp dport @refused reject with tcp reset\n{dispatch}  }}"
+         ip daddr . tcp dport @refused reject with tcp reset\n    \
+         ip saddr vmap @egress_from\n    ip daddr vmap @ingress_to\n  }}"
     );
     let _ = writeln!(
         s,
@@ -169,6 +177,13 @@ pub fn render(
          ip daddr . tcp dport @refused reject with tcp reset\n  }}"
     );
     s.push_str(&chains);
+    for (map, elems) in [("egress_from", &egress_from), ("ingress_to", &ingress_to)] {
+        let _ = writeln!(s, "  map {map} {{ type ipv4_addr : verdict;");
+        if !elems.is_empty() {
+            let _ = writeln!(s, "    elements = {{ {} }}", elems.join(", "));
+        }
+        let _ = writeln!(s, "  }}");
+    }
     for (chain, hook) in [("nat_prerouting", "prerouting"), ("nat_output", "output")] {
         let _ = writeln!(
             s,
@@ -185,8 +200,12 @@ pub fn render(
     (s, counters)
 }
 
-fn join(ips: &[IpAddr]) -> String {
-    ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+/// `a` alone, or `{ a, b }`: anonymous sets cost the kernel more than a plain match.
+fn one_or_set(items: &[String]) -> String {
+    match items {
+        [one] => one.clone(),
+        many => format!("{{ {} }}", many.join(", ")),
+    }
 }
 
 fn port_clause(ports: &Option<Vec<u16>>) -> Option<String> {
@@ -194,8 +213,8 @@ fn port_clause(ports: &Option<Vec<u16>>) -> Option<String> {
         None => Some(String::new()),
         Some(p) if p.is_empty() => None,
         Some(p) => Some(format!(
-            " tcp dport {{ {} }}",
-            p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+            " tcp dport {}",
+            one_or_set(&p.iter().map(|x| x.to_string()).collect::<Vec<_>>())
         )),
     }
 }
@@ -257,7 +276,7 @@ fn ingress_lines(t: &Table, svc: &crate::table::Svc, r: &Rule) -> Vec<String> {
                 .filter(|a| family(a) == fam)
                 .collect();
             if !addrs.is_empty() {
-                out.push(format!("{fam} saddr {{ {} }}{pc}", addrs.join(", ")));
+                out.push(format!("{fam} saddr {}{pc}", one_or_set(&addrs)));
             }
         }
     }
@@ -281,7 +300,7 @@ fn egress_lines(t: &Table, r: &Rule) -> Vec<String> {
                 .filter(|a| family(a) == fam)
                 .collect();
             if !addrs.is_empty() {
-                out.push(format!("{fam} daddr {{ {} }}{pc}", addrs.join(", ")));
+                out.push(format!("{fam} daddr {}{pc}", one_or_set(&addrs)));
             }
         }
     }

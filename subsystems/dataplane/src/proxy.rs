@@ -12,14 +12,15 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::policy::{decide, Source, SvcKey, Target};
 use crate::table::{Mode, Svc};
-use crate::DataPlane;
+use crate::{DataPlane, SvcCounters};
 
 /// Buffer size of each direction of a piped connection.
-const PIPE_BUFFER: usize = 64 * 1024;
+const PIPE_BUFFER: usize = 32 * 1024;
 
 /// Accepts connections for one service port until aborted.
 pub(crate) async fn serve(dp: Arc<DataPlane>, key: SvcKey, port: u16, l: TcpListener) {
     let rr = Arc::new(AtomicUsize::new(0));
+    let counters = dp.stats.of(&key);
     loop {
         let (client, peer) = match l.accept().await {
             Ok(x) => x,
@@ -29,9 +30,9 @@ pub(crate) async fn serve(dp: Arc<DataPlane>, key: SvcKey, port: u16, l: TcpList
                 continue;
             }
         };
-        let (dp, key, rr) = (dp.clone(), key.clone(), rr.clone());
+        let (dp, key, rr, counters) = (dp.clone(), key.clone(), rr.clone(), counters.clone());
         tokio::spawn(async move {
-            handle(dp, key, port, client, peer, rr).await;
+            handle(dp, key, port, client, peer, rr, counters).await;
         });
     }
 }
@@ -74,9 +75,10 @@ async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     rr: Arc<AtomicUsize>,
+    counters: Arc<SvcCounters>,
 ) {
     if dp.stale() {
-        dp.stats.connection(&key, "stale");
+        counters.connection("stale");
         return reset(client);
     }
     let table = dp.table();
@@ -119,16 +121,24 @@ async fn handle(
         };
         tracing::debug!(from = %peer, source = ?src.service, to = %key, port, direction, "connection denied by policy");
         dp.stats.drop(&charged, direction, "proxy");
-        dp.stats.connection(&key, "denied");
+        counters.connection("denied");
         return reset(client);
     }
     match connect(&dp, svc, port, &rr).await {
         Some((upstream, ep)) => {
-            dp.stats.connection(&key, "forwarded");
-            pipe(&dp, &key, client, upstream, ep).await;
+            counters.connection("forwarded");
+            pipe(
+                &dp,
+                &counters,
+                client,
+                upstream,
+                ep,
+                svc.mode == Mode::LeastConnections,
+            )
+            .await;
         }
         None => {
-            dp.stats.connection(&key, "no_endpoint");
+            counters.connection("no_endpoint");
             reset(client);
         }
     }
@@ -175,22 +185,22 @@ pub(crate) async fn connect(
     None
 }
 
-/// Pipes both ways until both sides are done, counting bytes and open connections.
+/// Pipes both ways until both sides are done, counting bytes and open connections (per
+/// endpoint when `track`, for the least-connections balancer).
 pub(crate) async fn pipe(
     dp: &DataPlane,
-    key: &SvcKey,
+    counters: &SvcCounters,
     mut client: TcpStream,
     mut upstream: TcpStream,
     ep: SocketAddr,
+    track: bool,
 ) {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let _guard = dp.open(ep);
+    let _guard = dp.open(ep, track);
     match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, PIPE_BUFFER, PIPE_BUFFER).await
     {
-        Ok((to_endpoint, to_client)) => dp.stats.bytes(key, to_endpoint, to_client),
-        Err(e) => {
-            tracing::debug!(service = %key, endpoint = %ep, error = %e, "connection ended with an error")
-        }
+        Ok((to_endpoint, to_client)) => counters.add_bytes(to_endpoint, to_client),
+        Err(e) => tracing::debug!(endpoint = %ep, error = %e, "connection ended with an error"),
     }
 }

@@ -253,6 +253,11 @@ fn enter_new_netns(name: &str) -> bool {
     ] {
         let _ = Command::new("ip").args(["-n", name]).args(&args).status();
     }
+    // Tens of thousands of short connections from one address: let every path reuse TIME_WAIT
+    // ports (Linux does so by default only for loopback destinations, which a VIP is not).
+    let _ = Command::new("ip")
+        .args(["netns", "exec", name, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+        .status();
     let Ok(f) = File::open(format!("/var/run/netns/{name}")) else {
         return false;
     };

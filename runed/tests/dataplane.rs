@@ -316,3 +316,65 @@ fn connections_spread_across_container_endpoints() {
     }
     assert_eq!(ids.len(), 3, "{ids:?}");
 }
+
+#[test]
+fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec![
+        "--dev-mode".into(),
+        "--enable-failpoints".into(),
+        "--stale-budget".into(),
+        "1s".into(),
+    ];
+    d.restart();
+    let www = d.scratch().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello-web\n").unwrap();
+    let port = free_port();
+    let f = write(
+        &d,
+        "web.yaml",
+        &format!(
+            "service:\n  name: web\n  process:\n    command: busybox\n    args: [\"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"{}\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n",
+            www.display()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let web = proxy_addr(&d, "web").unwrap();
+    wait_until(LONG, "web to answer", || {
+        http_get(web, "/").is_some_and(|(c, _)| c == 200)
+    });
+
+    let fp = |state: &str| {
+        let o = std::process::Command::new("curl")
+            .args(["-sf", "-X", "POST"])
+            .arg(format!(
+                "http://{}/debug/failpoints/dataplane-tail-pause/{state}",
+                d.http
+            ))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "failpoint {state}");
+    };
+    fp("on");
+    let f = write(
+        &d,
+        "late.yaml",
+        "service:\n  name: late\n  process:\n    command: sleep\n    args: [\"1000\"]\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "new connections to be refused while stale", || {
+        http_get(web, "/").is_none()
+    });
+    let metrics = http_get(d.metrics, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains(
+            "rune_dataplane_connections_total{namespace=\"default\",result=\"stale\",service=\"web\"}"
+        ),
+        "{metrics}"
+    );
+    fp("off");
+    wait_until(LONG, "the data plane to catch up and serve", || {
+        http_get(web, "/").is_some_and(|(c, _)| c == 200)
+    });
+}

@@ -111,7 +111,10 @@ fn answers_rune_names_forwards_the_rest_and_fails_closed() {
     run_ok(&d, &["cast", "--detach", &f]);
     let vip = vip_of(&d, "web");
 
-    // Until the data path can carry traffic, .rune names fail closed; others are forwarded.
+    // The data plane opened the data path at start; while it is closed, .rune names fail
+    // closed and other names are still forwarded.
+    assert_eq!(dig(d.dns, "web.default.rune", "A", false).0, "NOERROR");
+    failpoint(&d, "dns-data-path-ready", false);
     assert_eq!(dig(d.dns, "web.default.rune", "A", false).0, "SERVFAIL");
     let (status, answers) = dig(d.dns, "upstream.test", "A", false);
     assert_eq!(status, "NOERROR");
@@ -148,7 +151,7 @@ fn answers_rune_names_forwards_the_rest_and_fails_closed() {
     let (_, metrics) = http_get(d.metrics, "/metrics").expect("metrics");
     let stale: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("rune_dataplane_stale_seconds{"))
+        .find(|l| l.starts_with("rune_dataplane_stale_seconds{") && l.contains("projection=\"dns\""))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .expect("rune_dataplane_stale_seconds");

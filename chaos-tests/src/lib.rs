@@ -97,6 +97,9 @@ pub struct Daemon {
     pub metrics: SocketAddr,
     /// The embedded DNS (UDP and TCP).
     pub dns: SocketAddr,
+    /// The edge ingress's HTTP and HTTPS listeners (used when runed has the edge role, as in
+    /// dev mode).
+    pub ingress: (SocketAddr, SocketAddr),
     /// Extra flags passed on every start.
     pub extra: Vec<String>,
     /// The node name runed labels its containers with, unique per daemon so cleanup finds them.
@@ -130,6 +133,7 @@ impl Daemon {
             http: addr(free_port()),
             metrics: addr(free_port()),
             dns: addr(free_port()),
+            ingress: (addr(free_port()), addr(free_port())),
             extra: Vec::new(),
             node: format!(
                 "test-{}-{}",
@@ -176,6 +180,8 @@ impl Daemon {
             ])
             .args(["--metrics-addr", &self.metrics.to_string()])
             .args(["--dns-addr", &self.dns.to_string()])
+            .args(["--ingress-http-addr", &self.ingress.0.to_string()])
+            .args(["--ingress-https-addr", &self.ingress.1.to_string()])
             .args(["--node-name", &self.node])
             .arg("--run-dir")
             .arg(self.tmp.path().join("run"))

@@ -92,6 +92,12 @@ pub struct Flags {
     /// Range of the proxy's local ports, one per service port (default 30000-32767).
     #[arg(long, env = "RUNE_PROXY_PORTS")]
     pub proxy_ports: Option<String>,
+    /// The edge ingress's HTTP listener (default :80, in --dev-mode 127.0.0.1:8080).
+    #[arg(long, env = "RUNE_INGRESS_HTTP_ADDR")]
+    pub ingress_http_addr: Option<String>,
+    /// The edge ingress's HTTPS listener (default :443, in --dev-mode 127.0.0.1:8443).
+    #[arg(long, env = "RUNE_INGRESS_HTTPS_ADDR")]
+    pub ingress_https_addr: Option<String>,
     /// Test hooks under /debug/failpoints on the HTTP address. Never in production.
     #[arg(long, env = "RUNE_FAILPOINTS", hide = true)]
     pub enable_failpoints: bool,
@@ -174,6 +180,8 @@ pub struct Settings {
     pub nft_table: String,
     /// `networking.proxy-ports`.
     pub proxy_ports: (u16, u16),
+    /// The ingress listeners (HTTP, HTTPS), when this node has the edge role.
+    pub ingress: Option<(SocketAddr, SocketAddr)>,
     /// Test hooks on.
     pub enable_failpoints: bool,
 }
@@ -571,6 +579,27 @@ impl Settings {
                     "networking.proxy-ports (--proxy-ports): '{range_text}' is not a port range such as 30000-32767"
                 ))
             })?;
+        let ingress_key = |key: &str| -> Result<Option<String>, ConfigError> {
+            match file.ingress.as_ref().and_then(|i| i.get(key)) {
+                None => Ok(None),
+                Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
+                Some(other) => Err(ConfigError(format!(
+                    "ingress.{key}: expected an address such as :80, got {other}"
+                ))),
+            }
+        };
+        let ingress_addr =
+            |flag: &Option<String>, key: &str, prod: &str, dev: &str| -> Result<SocketAddr, ConfigError> {
+                let text = match flag {
+                    Some(v) => v.clone(),
+                    None => {
+                        ingress_key(key)?.unwrap_or_else(|| if flags.dev_mode { dev } else { prod }.into())
+                    }
+                };
+                parse_addr(&format!("ingress.{key}"), &text)
+            };
+        let ingress_http = ingress_addr(&flags.ingress_http_addr, "http-addr", ":80", "127.0.0.1:8080")?;
+        let ingress_https = ingress_addr(&flags.ingress_https_addr, "https-addr", ":443", "127.0.0.1:8443")?;
         let tls = tls_setting(
             flags,
             file.auth
@@ -645,6 +674,10 @@ impl Settings {
             nftables,
             nft_table,
             proxy_ports,
+            ingress: roles
+                .split(',')
+                .any(|r| r.trim() == "edge")
+                .then_some((ingress_http, ingress_https)),
             enable_failpoints: flags.enable_failpoints,
         })
     }

@@ -368,6 +368,35 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     // VIP names resolve only once VIP traffic can reach endpoints.
     dns.set_data_path_ready(true);
+    let ingress = match s.ingress {
+        Some((http, https)) => Some(
+            rune_ingress::Ingress::start(log.clone(), rune_ingress::IngressConfig { http, https })
+                .await
+                .context("ingress (--ingress-http-addr, --ingress-https-addr; --node-role='' turns the edge role off)")?,
+        ),
+        None => None,
+    };
+    if let Some(ing) = &ingress {
+        let weak = Arc::downgrade(ing);
+        provider
+            .meter("rune")
+            .u64_observable_counter("rune_ingress_requests")
+            .with_description("Requests answered by the edge ingress, by host and status")
+            .with_callback(move |o| {
+                if let Some(i) = weak.upgrade() {
+                    for (host, status, n) in i.requests() {
+                        o.observe(
+                            n,
+                            &[
+                                opentelemetry::KeyValue::new("host", host),
+                                opentelemetry::KeyValue::new("status", i64::from(status)),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
+    }
     register_dataplane_metrics(&provider, &dns, &dataplane);
     let orchestrator = rune_orchestrator::Orchestrator::start(log.clone(), {
         let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);

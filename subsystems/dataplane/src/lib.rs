@@ -588,12 +588,13 @@ impl DataPlane {
         let r = nft::apply(&text).await;
         let took = started.elapsed();
         let Ok(mut k) = self.kernel.lock() else { return };
-        for (name, n) in before {
-            *k.carried.entry(name).or_default() += n;
-        }
-        k.read.clear();
         match r {
             Ok(()) => {
+                // The new table starts its counters at zero; a failed load left the old ones.
+                for (name, n) in before {
+                    *k.carried.entry(name).or_default() += n;
+                }
+                k.read.clear();
                 if !k.status.enforcing {
                     tracing::info!(table = %self.cfg.nft_table, took_ms = took.as_millis() as u64, "nftables programmed; the kernel enforces policy");
                 }

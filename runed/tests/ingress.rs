@@ -1,0 +1,156 @@
+//! The edge ingress end to end (dev mode has the edge role): routing by host over HTTP and
+//! HTTPS (HTTP/1.1 and HTTP/2), the forwarded headers, 404 and 503, and an upgraded connection.
+//! The backend is a server in this test that a process service's port points at, so the test
+//! can see exactly what the ingress sent.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{bins, run_ok, write};
+use rune_chaos_tests::{stdout, wait_until, Daemon};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Answers `hello-web` (or switches to an echo protocol on `Upgrade: echo`) and keeps every
+/// request head it saw.
+fn backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let heads = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let heads = heads.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line.to_ascii_lowercase());
+                }
+                heads.lock().unwrap().push(head.clone());
+                let mut s = s;
+                if head.contains("upgrade: echo") {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+                    );
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                } else {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello-web\n",
+                    );
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn curl(args: &[&str]) -> (String, String) {
+    let o = Command::new("curl")
+        .args(["-sS", "-m", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    (stdout(&o), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn routes_by_host_over_http_and_https() {
+    let (back, seen) = backend();
+    let mut d = Daemon::new(&bins());
+    d.extra.push("--dev-mode".into());
+    d.restart();
+    let (http, https) = d.ingress;
+    let f = write(
+        &d,
+        "web.yaml",
+        &format!(
+            "service:\n  name: web\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n  expose:\n    port: http\n    host: web.test\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let url = format!("http://{http}/");
+    wait_until(LONG, "the ingress to route web.test", || {
+        curl(&["-H", "Host: web.test", &url]).0 == "hello-web\n"
+    });
+    let head = seen.lock().unwrap().last().cloned().unwrap();
+    for h in [
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: web.test",
+        "host: web.test",
+    ] {
+        assert!(head.contains(h), "{h} missing in\n{head}");
+    }
+
+    // Unknown host: 404 with a short plain body.
+    let (body, _) = curl(&["-H", "Host: nope.test", "-w", " %{http_code}", &url]);
+    assert_eq!(body, "no service is exposed as nope.test\n 404");
+
+    // HTTPS by SNI, HTTP/1.1 and HTTP/2; a host without a certificate of its own gets a
+    // self-signed one (hence -k).
+    let resolve = format!("web.test:{}:127.0.0.1", https.port());
+    let surl = format!("https://web.test:{}/", https.port());
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let (out, err) = curl(&["-k", flag, "--resolve", &resolve, "-w", " %{http_version}", &surl]);
+        assert_eq!(out, format!("hello-web\n {version}"), "{err}");
+    }
+    let head = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(head.contains("x-forwarded-proto: https"), "{head}");
+
+    // An upgraded connection is spliced both ways.
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    s.write_all(b"ping\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "ping\n");
+
+    // No ready backend: 503.
+    run_ok(&d, &["scale", "web", "0", "--timeout", "60s"]);
+    wait_until(LONG, "503 without a backend", || {
+        curl(&[
+            "-H",
+            "Host: web.test",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .0 == "503"
+    });
+    let metrics = rune_chaos_tests::http_get(d.metrics, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("rune_ingress_requests_total{host=\"web.test\",status=\"200\"}"),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,377 @@
+//! The edge ingress: HTTP and HTTPS listeners that route each request by its host to a ready
+//! endpoint of the service exposing that host (`expose: {host, port, path, tls}`).
+//!
+//! A projection like the DNS and the data plane: it builds [`routes::Routes`] from the state,
+//! tails the applied entries and rebuilds on every change of services and endpoints. Requests
+//! and responses stream both ways; upgrades (websockets) are spliced; `X-Forwarded-For`,
+//! `-Proto` and `-Host` are set. An unknown host gets 404, a host without a ready endpoint 503,
+//! both with a short plain body. HTTPS speaks HTTP/1.1 and HTTP/2 (ALPN) and picks the
+//! certificate by SNI; a host without a certificate of its own is served a self-signed one.
+
+#![warn(missing_docs)]
+
+pub mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, HOST};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rune_log::Log;
+use rune_statemachine::{Kind, STATE_TABLE};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+
+use routes::Routes;
+
+/// Settings of the ingress.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// The HTTP listener (ACME HTTP-01 challenges are answered here too).
+    pub http: SocketAddr,
+    /// The HTTPS listener.
+    pub https: SocketAddr,
+}
+
+/// Failures to start the ingress.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    /// A listener could not be bound.
+    #[error("cannot listen for ingress on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// The state could not be read.
+    #[error("cannot read the state for the ingress: {0}")]
+    State(String),
+    /// TLS could not be set up.
+    #[error("ingress TLS: {0}")]
+    Tls(String),
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The running ingress.
+pub struct Ingress {
+    log: Arc<Log>,
+    routes: RwLock<Arc<Routes>>,
+    applied: AtomicU64,
+    client: Client<HttpConnector, Incoming>,
+    rr: AtomicUsize,
+    certs: Arc<Certs>,
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    http: SocketAddr,
+    https: SocketAddr,
+}
+
+/// Certificates by host: self-signed ones made on first use, replaced by real ones when they
+/// exist; the next handshake sees a replacement, no listener restarts.
+#[derive(Debug, Default)]
+pub struct Certs {
+    by_host: RwLock<HashMap<String, (Arc<CertifiedKey>, &'static str)>>,
+}
+
+impl Certs {
+    /// Serves `key` for `host` from the next handshake on.
+    pub fn install(&self, host: &str, key: Arc<CertifiedKey>, kind: &'static str) {
+        if let Ok(mut m) = self.by_host.write() {
+            m.insert(host.to_ascii_lowercase(), (key, kind));
+        }
+    }
+
+    /// What kind of certificate a host is served now (`self-signed`, `manual`, `acme`).
+    pub fn kind(&self, host: &str) -> Option<&'static str> {
+        self.by_host.read().ok()?.get(host).map(|(_, k)| *k)
+    }
+
+    fn self_signed(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some((k, _)) = self.by_host.read().ok()?.get(host) {
+            return Some(k.clone());
+        }
+        let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).ok()?;
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).ok()?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).ok()?;
+        let certified = Arc::new(CertifiedKey::new(vec![ck.cert.der().clone()], signer));
+        self.install(host, certified.clone(), "self-signed");
+        Some(certified)
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let host = hello.server_name().unwrap_or("rune-ingress").to_ascii_lowercase();
+        self.self_signed(&host)
+    }
+}
+
+impl Ingress {
+    /// Binds both listeners, loads the routes and starts serving.
+    pub async fn start(log: Arc<Log>, cfg: IngressConfig) -> Result<Arc<Self>, IngressError> {
+        let http = TcpListener::bind(cfg.http)
+            .await
+            .map_err(|e| IngressError::Bind(cfg.http, e))?;
+        let https = TcpListener::bind(cfg.https)
+            .await
+            .map_err(|e| IngressError::Bind(cfg.https, e))?;
+        let local = |l: &TcpListener, a: SocketAddr| l.local_addr().map_err(|e| IngressError::Bind(a, e));
+        let (http_addr, https_addr) = (local(&http, cfg.http)?, local(&https, cfg.https)?);
+        let certs = Arc::new(Certs::default());
+        let mut tls =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| IngressError::Tls(e.to_string()))?
+                .with_no_client_auth()
+                .with_cert_resolver(certs.clone());
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let ing = Arc::new(Ingress {
+            log: log.clone(),
+            routes: RwLock::new(Arc::new(Routes::default())),
+            applied: AtomicU64::new(0),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            rr: AtomicUsize::new(0),
+            certs,
+            requests: Mutex::new(BTreeMap::new()),
+            http: http_addr,
+            https: https_addr,
+        });
+        let rx = log.subscribe();
+        ing.reload()?;
+        tokio::spawn(tail(ing.clone(), rx));
+        tokio::spawn(serve(ing.clone(), http, None));
+        tokio::spawn(serve(
+            ing.clone(),
+            https,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+        ));
+        tracing::info!(http = %http_addr, https = %https_addr, "ingress listening");
+        Ok(ing)
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// The bound HTTPS address.
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https
+    }
+
+    /// The current routes.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The certificates served.
+    pub fn certs(&self) -> &Arc<Certs> {
+        &self.certs
+    }
+
+    /// Requests answered, by host and status.
+    pub fn requests(&self) -> Vec<(String, u16, u64)> {
+        self.requests
+            .lock()
+            .map(|m| m.iter().map(|((h, s), n)| (h.clone(), *s, *n)).collect())
+            .unwrap_or_default()
+    }
+
+    fn count(&self, host: &str, status: StatusCode) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((host.to_string(), status.as_u16())).or_default() += 1;
+        }
+    }
+
+    fn reload(&self) -> Result<(), IngressError> {
+        let index = *self.log.applied().borrow();
+        let txn = self.log.read().map_err(|e| IngressError::State(e.to_string()))?;
+        let t = txn
+            .open_table(STATE_TABLE)
+            .map_err(|e| IngressError::State(e.to_string()))?;
+        let routes = Routes::build(&t).map_err(|e| IngressError::State(e.to_string()))?;
+        if let Ok(mut r) = self.routes.write() {
+            *r = Arc::new(routes);
+        }
+        self.applied.fetch_max(index, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> Response<Body> {
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(String::from)
+            })
+            .unwrap_or_default();
+        let host = host
+            .rsplit_once(':')
+            .map_or(host.as_str(), |(h, p)| {
+                if p.chars().all(|c| c.is_ascii_digit()) {
+                    h
+                } else {
+                    host.as_str()
+                }
+            })
+            .to_ascii_lowercase();
+        let routes = self.routes();
+        let route = routes
+            .by_host
+            .get(&host)
+            .filter(|r| req.uri().path().starts_with(&r.path));
+        let Some(route) = route else {
+            self.count(&host, StatusCode::NOT_FOUND);
+            return plain(
+                StatusCode::NOT_FOUND,
+                format!("no service is exposed as {host}\n"),
+            );
+        };
+        if route.endpoints.is_empty() {
+            self.count(&host, StatusCode::SERVICE_UNAVAILABLE);
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{}/{} has no ready backend\n", route.namespace, route.service),
+            );
+        }
+        let ep = route.endpoints[self.rr.fetch_add(1, Ordering::Relaxed) % route.endpoints.len()];
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let Ok(uri) = format!("http://{ep}{pq}").parse() else {
+            return plain(StatusCode::BAD_REQUEST, "bad request target\n".into());
+        };
+        let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        parts.uri = uri;
+        // HTTP/2 requests carry the host in :authority; the backend speaks HTTP/1.1.
+        parts.version = hyper::Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(HOST, v.clone());
+            parts.headers.insert("x-forwarded-host", v);
+        }
+        let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts.headers.insert("x-forwarded-for", v);
+        }
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+        let out = Request::from_parts(parts, body);
+        match self.client.request(out).await {
+            Ok(mut resp) => {
+                self.count(&host, resp.status());
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_up) = client_upgrade {
+                        let backend_up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            if let (Ok(c), Ok(b)) = (client_up.await, backend_up.await) {
+                                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                            }
+                        });
+                    }
+                }
+                resp.map(|b| b.boxed())
+            }
+            Err(e) => {
+                tracing::debug!(%host, endpoint = %ep, error = %e, "backend failed");
+                self.count(&host, StatusCode::BAD_GATEWAY);
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{}/{}: backend failed\n", route.namespace, route.service),
+                )
+            }
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn serve(ing: Arc<Ingress>, l: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    loop {
+        let (tcp, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "ingress accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (ing, tls) = (ing.clone(), tls.clone());
+        tokio::spawn(async move {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let svc = hyper::service::service_fn(move |req| {
+                let ing = ing.clone();
+                async move { Ok::<_, std::convert::Infallible>(ing.handle(req, peer, scheme).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let r = match tls {
+                None => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .await
+                }
+                Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
+                    Ok(Ok(s)) => builder.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
+                    _ => return,
+                },
+            };
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "ingress connection ended with an error");
+            }
+        });
+    }
+}
+
+fn relevant(k: Kind) -> bool {
+    matches!(k, Kind::Service | Kind::Endpoints)
+}
+
+async fn tail(ing: Arc<Ingress>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_log::AppliedEntry>>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let dirty = match rx.recv().await {
+            Ok(e) => e.changes.iter().any(|c| relevant(c.kind)),
+            Err(RecvError::Lagged(_)) => true,
+            Err(RecvError::Closed) => return,
+        };
+        if dirty {
+            if let Err(e) = ing.reload() {
+                tracing::error!(error = %e, "ingress reload failed; keeping the previous routes");
+            }
+        }
+    }
+}

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: promtool (prometheus) checks /metrics, systemd-analyze checks the unit,
 # busybox-static becomes the test image (no registry is reachable), python3 drives a terminal
-# for `rune exec -it`, nftables is the kernel half of the data plane (tested inside namespaces).
+# for `rune exec -it`, nftables is the kernel half of the data plane (tested inside namespaces),
+# pebble is the ACME server the ingress gets certificates from.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
@@ -17,6 +18,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nft >/dev/null || need+=(nftables)
+command -v pebble >/dev/null || need+=(pebble)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test.sh: missing ${need[*]}: run as root or install them with apt-get" >&2

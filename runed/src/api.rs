@@ -33,6 +33,8 @@ pub struct Api {
     pub allow_remote_admin: bool,
     /// The data plane: proxy ports, policy explanations, port-forward.
     pub dataplane: Arc<rune_dataplane::DataPlane>,
+    /// The edge ingress, on edge nodes.
+    pub ingress: Option<Arc<rune_ingress::Ingress>>,
 }
 
 impl Api {

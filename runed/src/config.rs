@@ -98,6 +98,18 @@ pub struct Flags {
     /// The edge ingress's HTTPS listener (default :443, in --dev-mode 127.0.0.1:8443).
     #[arg(long, env = "RUNE_INGRESS_HTTPS_ADDR")]
     pub ingress_https_addr: Option<String>,
+    /// The ACME directory (default Let's Encrypt production; `acme.staging: true` for staging).
+    #[arg(long, env = "RUNE_ACME_DIRECTORY_URL")]
+    pub acme_directory_url: Option<String>,
+    /// Contact e-mail of the ACME account.
+    #[arg(long, env = "RUNE_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+    /// A CA (PEM) to trust for the ACME directory's own TLS (a private ACME server).
+    #[arg(long, env = "RUNE_ACME_CA_FILE")]
+    pub acme_ca_file: Option<PathBuf>,
+    /// Renew certificates this long before expiry instead of the default rule (tests).
+    #[arg(long, value_parser = humantime::parse_duration, hide = true)]
+    pub acme_renew_before: Option<std::time::Duration>,
     /// Test hooks under /debug/failpoints on the HTTP address. Never in production.
     #[arg(long, env = "RUNE_FAILPOINTS", hide = true)]
     pub enable_failpoints: bool,
@@ -182,6 +194,8 @@ pub struct Settings {
     pub proxy_ports: (u16, u16),
     /// The ingress listeners (HTTP, HTTPS), when this node has the edge role.
     pub ingress: Option<(SocketAddr, SocketAddr)>,
+    /// `acme.*`.
+    pub acme: rune_ingress::acme::AcmeConfig,
     /// Test hooks on.
     pub enable_failpoints: bool,
 }
@@ -600,6 +614,49 @@ impl Settings {
             };
         let ingress_http = ingress_addr(&flags.ingress_http_addr, "http-addr", ":80", "127.0.0.1:8080")?;
         let ingress_https = ingress_addr(&flags.ingress_https_addr, "https-addr", ":443", "127.0.0.1:8443")?;
+        let acme_key = |key: &str| file.acme.as_ref().and_then(|a| a.get(key)).cloned();
+        let acme_text = |key: &str| -> Result<Option<String>, ConfigError> {
+            match acme_key(key) {
+                None => Ok(None),
+                Some(serde_json::Value::String(t)) => Ok(Some(t)),
+                Some(other) => Err(ConfigError(format!("acme.{key}: expected a string, got {other}"))),
+            }
+        };
+        let staging = match acme_key("staging") {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "acme.staging: expected true or false, got {other}"
+                )))
+            }
+        };
+        let directory = match (flags.acme_directory_url.clone(), acme_text("directory-url")?) {
+            (Some(u), _) | (None, Some(u)) => u,
+            (None, None) if staging => "https://acme-staging-v02.api.letsencrypt.org/directory".into(),
+            (None, None) => "https://acme-v02.api.letsencrypt.org/directory".into(),
+        };
+        if !directory.starts_with("https://") {
+            return Err(ConfigError(format!(
+                "acme.directory-url: '{directory}' must be an https:// URL"
+            )));
+        }
+        let acme = rune_ingress::acme::AcmeConfig {
+            directory,
+            email: flags.acme_email.clone().or(acme_text("email")?),
+            ca_file: flags
+                .acme_ca_file
+                .clone()
+                .or(acme_text("ca-file")?.map(PathBuf::from)),
+            renew_before: match (flags.acme_renew_before, acme_text("renew-before")?) {
+                (Some(d), _) => Some(d),
+                (None, Some(t)) => Some(
+                    humantime::parse_duration(&t)
+                        .map_err(|e| ConfigError(format!("acme.renew-before: '{t}': {e}")))?,
+                ),
+                (None, None) => None,
+            },
+        };
         let tls = tls_setting(
             flags,
             file.auth
@@ -678,6 +735,7 @@ impl Settings {
                 .split(',')
                 .any(|r| r.trim() == "edge")
                 .then_some((ingress_http, ingress_https)),
+            acme,
             enable_failpoints: flags.enable_failpoints,
         })
     }

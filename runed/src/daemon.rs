@@ -370,13 +370,41 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     dns.set_data_path_ready(true);
     let ingress = match s.ingress {
         Some((http, https)) => Some(
-            rune_ingress::Ingress::start(log.clone(), rune_ingress::IngressConfig { http, https })
-                .await
-                .context("ingress (--ingress-http-addr, --ingress-https-addr; --node-role='' turns the edge role off)")?,
+            rune_ingress::Ingress::start(
+                log.clone(),
+                rune_ingress::IngressConfig {
+                    http,
+                    https,
+                    acme: s.acme.clone(),
+                    vault: Arc::new(crate::secrets_api::CertVault {
+                        log: log.clone(),
+                        secrets: secrets.clone(),
+                    }),
+                },
+            )
+            .await
+            .context(
+                "ingress (--ingress-http-addr, --ingress-https-addr; --node-role='' turns the edge role off)",
+            )?,
         ),
         None => None,
     };
     if let Some(ing) = &ingress {
+        let weak = Arc::downgrade(ing);
+        provider
+            .meter("rune")
+            .u64_observable_gauge("rune_acme_certificates")
+            .with_description("TLS hosts by certificate state: pending, ready, error")
+            .with_callback(move |o| {
+                if let Some(i) = weak.upgrade() {
+                    let states = i.certificate_states();
+                    for st in ["pending", "ready", "error"] {
+                        let n = states.values().filter(|c| c.state == st).count() as u64;
+                        o.observe(n, &[opentelemetry::KeyValue::new("state", st)]);
+                    }
+                }
+            })
+            .build();
         let weak = Arc::downgrade(ing);
         provider
             .meter("rune")
@@ -450,6 +478,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         secrets,
         allow_remote_admin: s.allow_remote_admin,
         dataplane: dataplane.clone(),
+        ingress: ingress.clone(),
     };
     let auth = crate::auth::Authenticator::new(log.clone());
     let grpc = {

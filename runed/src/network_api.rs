@@ -26,6 +26,60 @@ fn dp_status(e: rune_dataplane::DpError) -> Status {
 
 #[tonic::async_trait]
 impl pb::network_api_server::NetworkApi for Api {
+    async fn list_ingresses(
+        &self,
+        req: Request<pb::ListIngressesRequest>,
+    ) -> Result<Response<pb::ListIngressesResponse>, Status> {
+        let ns = req.get_ref().namespace.clone();
+        crate::auth::authorize(&req, "services", "list", (!ns.is_empty()).then_some(ns.as_str()))?;
+        // The routes as the state has them; what is served, from this node's ingress.
+        let routes = {
+            let txn = self.log.read().map_err(crate::api::internal)?;
+            let t = txn
+                .open_table(rune_statemachine::STATE_TABLE)
+                .map_err(crate::api::internal)?;
+            rune_ingress::routes::Routes::build(&t).map_err(crate::api::internal)?
+        };
+        let states = self
+            .ingress
+            .as_ref()
+            .map(|i| i.certificate_states())
+            .unwrap_or_default();
+        let mut out: Vec<pb::Ingress> = routes
+            .by_host
+            .iter()
+            .filter(|(_, r)| ns.is_empty() || r.namespace == ns)
+            .map(|(host, r)| {
+                let st = states.get(host);
+                let served = self
+                    .ingress
+                    .as_ref()
+                    .and_then(|i| i.certs().kind(host))
+                    .unwrap_or(if r.tls == "none" { "" } else { "self-signed" });
+                pb::Ingress {
+                    namespace: r.namespace.clone(),
+                    service: r.service.clone(),
+                    host: host.clone(),
+                    tls: r.tls.clone(),
+                    cert: if self.ingress.is_some() {
+                        served.to_string()
+                    } else {
+                        String::new()
+                    },
+                    cert_state: st.map(|c| c.state.to_string()).unwrap_or_default(),
+                    cert_detail: st.map(|c| c.detail.clone()).unwrap_or_default(),
+                    expires_ms: st.map_or(0, |c| c.not_after.saturating_mul(1000)),
+                    ready_endpoints: u32::try_from(r.endpoints.len()).unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.host).cmp(&(&b.namespace, &b.host)));
+        Ok(Response::new(pb::ListIngressesResponse {
+            ingresses: out,
+            edge: self.ingress.is_some(),
+        }))
+    }
+
     async fn explain_policy(
         &self,
         req: Request<pb::ExplainPolicyRequest>,

@@ -199,6 +199,12 @@ impl Secrets {
                         }
                         None => 1,
                     };
+                    if let (Some(crt), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) {
+                        // A TLS secret that cannot serve is refused now, not at the first handshake.
+                        rune_ingress::acme::load_pair(crt, key).map_err(|e| {
+                            Status::invalid_argument(format!("secret {namespace}/{name}: {e}"))
+                        })?;
+                    }
                     let sealed = seal(&ring, &namespace, &name, version, &data).map_err(internal)?;
                     out.push(Resource::Secret(sealed));
                 }
@@ -315,6 +321,58 @@ impl Secrets {
 
 /// Lets the orchestrator open secrets without knowing the KEK.
 pub struct SecretOpener(pub Arc<Secrets>);
+
+/// The ingress's certificate store: secrets sealed here and written through the log, so issued
+/// certificates and the ACME account survive restarts and follow KEK rotations.
+pub struct CertVault {
+    /// The log.
+    pub log: Arc<Log>,
+    /// The keys.
+    pub secrets: Arc<Secrets>,
+}
+
+impl rune_ingress::acme::Vault for CertVault {
+    fn get(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, String> {
+        let txn = self.log.read().map_err(|e| e.to_string())?;
+        let t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+        match get_record::<SecretRecord, _>(&t, &secret_key(namespace, name)).map_err(|e| e.to_string())? {
+            Some(r) => self.secrets.open(&r.sealed).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        data: SecretData,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            // Sealed and applied under the rotation lock, like a cast.
+            let _cast = self.secrets.cast_guard().await;
+            let version = {
+                let txn = self.log.read().map_err(|e| e.to_string())?;
+                let t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+                get_record::<SecretRecord, _>(&t, &secret_key(namespace, name))
+                    .map_err(|e| e.to_string())?
+                    .map_or(1, |r| r.sealed.version + 1)
+            };
+            let sealed =
+                seal(&self.secrets.ring(), namespace, name, version, &data).map_err(|e| e.to_string())?;
+            let p = self
+                .log
+                .propose(Command::Apply {
+                    resources: vec![Resource::Secret(sealed)],
+                    create_namespace: false,
+                    force: false,
+                    history_limit: rune_statemachine::DEFAULT_HISTORY_LIMIT,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            p.outcome.map(|_| ()).map_err(|r| format!("{r:?}"))
+        })
+    }
+}
 
 impl rune_orchestrator::SecretSource for SecretOpener {
     fn open(&self, s: &SealedSecret) -> Result<SecretData, String> {

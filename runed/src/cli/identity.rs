@@ -268,7 +268,7 @@ pub async fn user(conn: &Conn, cmd: &UserCmd, format: Format) -> Result<(), CliE
                 .map_err(st)?
                 .into_inner()
                 .users;
-            if format == Format::Table {
+            if format.is_table() {
                 let mut rows = vec![vec![
                     "NAME".into(),
                     "EMAIL".into(),
@@ -342,14 +342,7 @@ pub async fn policy(conn: &Conn, cmd: &PolicyCmd, format: Format) -> Result<(), 
             if let Some(o) = v.as_object_mut() {
                 o.insert("builtin".into(), json!(p.builtin));
             }
-            print_value(
-                &v,
-                if format == Format::Table {
-                    Format::Yaml
-                } else {
-                    format
-                },
-            );
+            print_value(&v, if format.is_table() { Format::Yaml } else { format });
         }
         PolicyCmd::List => {
             let list = c
@@ -358,7 +351,7 @@ pub async fn policy(conn: &Conn, cmd: &PolicyCmd, format: Format) -> Result<(), 
                 .map_err(st)?
                 .into_inner()
                 .policies;
-            if format == Format::Table {
+            if format.is_table() {
                 let mut rows = vec![vec!["NAME".into(), "BUILTIN".into(), "RULES".into()]];
                 for p in &list {
                     let v: serde_json::Value = serde_json::from_str(&p.spec_json).unwrap_or_default();
@@ -450,7 +443,7 @@ pub async fn token(conn: &Conn, cmd: &TokenCmd, format: Format) -> Result<(), Cl
                 .map_err(st)?
                 .into_inner()
                 .tokens;
-            if format == Format::Table {
+            if format.is_table() {
                 let mut rows = vec![vec![
                     "ID".into(),
                     "NAME".into(),
@@ -570,7 +563,7 @@ pub async fn get(
                     .secrets
             }
         };
-        if format == Format::Table && !show_values {
+        if format.is_table() && !show_values {
             let mut rows = vec![vec![
                 "NAME".into(),
                 "NAMESPACE".into(),
@@ -639,7 +632,7 @@ pub async fn get(
                 .configmaps
         }
     };
-    if format == Format::Table {
+    if format.is_table() {
         let mut rows = vec![vec![
             "NAME".into(),
             "NAMESPACE".into(),

@@ -93,7 +93,7 @@ pub async fn get(
             .await
             .map_err(|s| conn.status(s))?
             .into_inner();
-        if format == Format::Table {
+        if format.is_table() {
             let mut h = header(all);
             h.insert(0, "EVENT".into());
             print_table(&[h]);
@@ -106,7 +106,7 @@ pub async fn get(
                 pb::EventType::Deleted => "DELETED",
                 pb::EventType::Unspecified => "UNKNOWN",
             };
-            if format == Format::Table {
+            if format.is_table() {
                 let mut r = row(&i, all);
                 r.insert(0, ty.into());
                 let line: Vec<String> = r.iter().map(|c| format!("{c:<10}")).collect();
@@ -247,7 +247,7 @@ pub async fn health(conn: &Conn, name: &str, format: Format) -> Result<(), CliEr
         .await
         .map_err(|s| conn.status(s))?
         .into_inner();
-    if format != Format::Table {
+    if !format.is_table() {
         let v: Vec<_> = list.instances.iter().map(instance_json).collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());

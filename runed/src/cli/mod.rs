@@ -103,6 +103,13 @@ pub enum Format {
     Yaml,
 }
 
+impl Format {
+    /// Columns (`table` or `wide`), as opposed to a document.
+    pub fn is_table(self) -> bool {
+        matches!(self, Format::Table | Format::Wide)
+    }
+}
+
 /// `rune`: cast, inspect and debug Rune.
 #[derive(Debug, Parser)]
 #[command(

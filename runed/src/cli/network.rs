@@ -73,6 +73,78 @@ pub async fn explain(
     }
 }
 
+/// `rune get ingresses`: NAMESPACE SERVICE HOST TLS CERT EXPIRES.
+pub async fn get_ingresses(conn: &Conn, all: bool, format: Format) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let r = c
+        .list_ingresses(pb::ListIngressesRequest {
+            namespace: if all {
+                String::new()
+            } else {
+                conn.namespace.clone()
+            },
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    if !format.is_table() {
+        let items: Vec<serde_json::Value> = r
+            .ingresses
+            .iter()
+            .map(|i| {
+                json!({"namespace": i.namespace, "service": i.service, "host": i.host, "tls": i.tls,
+                    "cert": i.cert, "certState": i.cert_state, "certDetail": i.cert_detail,
+                    "expiresMs": i.expires_ms, "readyEndpoints": i.ready_endpoints})
+            })
+            .collect();
+        let v = serde_json::Value::Array(items);
+        if format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            print!("{}", crate::yaml::emit(&v));
+        }
+        return Ok(());
+    }
+    let mut rows = vec![["NAMESPACE", "SERVICE", "HOST", "TLS", "CERT", "EXPIRES"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for i in &r.ingresses {
+        let cert = match (i.cert.as_str(), i.cert_state.as_str()) {
+            ("", _) => "-".to_string(),
+            (kind, "") => kind.to_string(),
+            (kind, "ready") => kind.to_string(),
+            (kind, state) if i.cert_detail.is_empty() => format!("{kind} ({state})"),
+            (kind, state) => format!("{kind} ({state}: {})", i.cert_detail),
+        };
+        let expires = if i.expires_ms > 0 {
+            let days = (i.expires_ms - now_ms()) / 86_400_000;
+            format!("in {days}d")
+        } else {
+            "-".into()
+        };
+        rows.push(vec![
+            i.namespace.clone(),
+            i.service.clone(),
+            i.host.clone(),
+            i.tls.clone(),
+            cert,
+            expires,
+        ]);
+    }
+    super::output::print_table(&rows);
+    if !r.edge {
+        eprintln!("(this runed has no edge role: nothing is served here)");
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// `rune policy status`.
 pub async fn status(conn: &Conn, format: Format) -> Result<(), CliError> {
     let mut c = client(conn.channel().await?);

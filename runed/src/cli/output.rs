@@ -243,11 +243,12 @@ pub async fn get(conn: &Conn, q: Query) -> Result<(), CliError> {
         "services" | "service" | "svc" => get_services(conn, q).await,
         "namespaces" | "namespace" | "ns" => get_namespaces(conn, q).await,
         "endpoints" | "endpoint" | "ep" => get_endpoints(conn, q).await,
+        "ingresses" | "ingress" | "ing" => super::network::get_ingresses(conn, q.all, q.format).await,
         "instances" | "instance" | "inst" => {
             super::instances::get(conn, q.name.as_deref(), q.all, q.watch, q.format).await
         }
         other => Err(CliError::usage(format!(
-            "unknown resource type '{other}': this release knows services (svc), instances (inst), endpoints (ep), namespaces (ns), secrets and configmaps"
+            "unknown resource type '{other}': this release knows services (svc), instances (inst), endpoints (ep), ingresses (ing), namespaces (ns), secrets and configmaps"
         ))),
     }
 }
@@ -263,7 +264,7 @@ async fn get_endpoints(conn: &Conn, q: Query) -> Result<(), CliError> {
         .map_err(|s| conn.status(s))?
         .into_inner()
         .endpoints;
-    if q.format == Format::Table {
+    if q.format.is_table() {
         let mut rows = vec![vec![
             "NAMESPACE".into(),
             "SERVICE".into(),
@@ -370,7 +371,7 @@ async fn get_services(conn: &Conn, q: Query) -> Result<(), CliError> {
         .await
         .map_err(|s| conn.status(s))?
         .into_inner();
-    if list.services.is_empty() && q.format == Format::Table {
+    if list.services.is_empty() && q.format.is_table() {
         eprintln!(
             "No services found{}.",
             if q.all {
@@ -398,7 +399,7 @@ async fn watch_services(
         .await
         .map_err(|s| conn.status(s))?
         .into_inner();
-    if q.format == Format::Table {
+    if q.format.is_table() {
         let mut h = service_header(q.all);
         h.insert(0, "EVENT".into());
         print_table(&[h]);

@@ -116,7 +116,7 @@ pub fn run(a: &ReplayArgs, format: Format) -> Result<(), CliError> {
             }
         })
         .map_err(|e| CliError::generic(e.to_string()))?;
-    if format == Format::Table {
+    if format.is_table() {
         output::print_table(&rows);
     }
     if printed == 0 {

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod routes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,12 +35,16 @@ use tokio::net::TcpListener;
 use routes::Routes;
 
 /// Settings of the ingress.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IngressConfig {
     /// The HTTP listener (ACME HTTP-01 challenges are answered here too).
     pub http: SocketAddr,
     /// The HTTPS listener.
     pub https: SocketAddr,
+    /// The ACME client's settings.
+    pub acme: acme::AcmeConfig,
+    /// Where certificates are kept (sealed secrets, through the log).
+    pub vault: Arc<dyn acme::Vault>,
 }
 
 /// Failures to start the ingress.
@@ -69,6 +74,10 @@ pub struct Ingress {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     http: SocketAddr,
     https: SocketAddr,
+    acme: acme::AcmeConfig,
+    vault: Arc<dyn acme::Vault>,
+    challenges: acme::Challenges,
+    states: Mutex<BTreeMap<String, acme::CertState>>,
 }
 
 /// Certificates by host: self-signed ones made on first use, replaced by real ones when they
@@ -143,10 +152,15 @@ impl Ingress {
             requests: Mutex::new(BTreeMap::new()),
             http: http_addr,
             https: https_addr,
+            acme: cfg.acme.clone(),
+            vault: cfg.vault.clone(),
+            challenges: acme::Challenges::default(),
+            states: Mutex::new(BTreeMap::new()),
         });
         let rx = log.subscribe();
         ing.reload()?;
         tokio::spawn(tail(ing.clone(), rx));
+        tokio::spawn(certificates(ing.clone()));
         tokio::spawn(serve(ing.clone(), http, None));
         tokio::spawn(serve(
             ing.clone(),
@@ -205,12 +219,37 @@ impl Ingress {
         Ok(())
     }
 
+    /// Each TLS host's certificate state (`pending`, `ready`, `error`) and expiry.
+    pub fn certificate_states(&self) -> BTreeMap<String, acme::CertState> {
+        self.states.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn set_state(&self, host: &str, state: &'static str, detail: String, not_after: i64) {
+        if let Ok(mut m) = self.states.lock() {
+            m.insert(
+                host.to_string(),
+                acme::CertState {
+                    state,
+                    detail,
+                    not_after,
+                },
+            );
+        }
+    }
+
     async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
     ) -> Response<Body> {
+        if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
+            let answer = self.challenges.lock().ok().and_then(|m| m.get(token).cloned());
+            return match answer {
+                Some(ka) => plain(StatusCode::OK, ka),
+                None => plain(StatusCode::NOT_FOUND, "no such challenge\n".into()),
+            };
+        }
         let host = req
             .uri()
             .host()
@@ -354,6 +393,130 @@ async fn serve(ing: Arc<Ingress>, l: TcpListener, tls: Option<tokio_rustls::TlsA
             }
         });
     }
+}
+
+/// Keeps every TLS host's certificate current: manual ones from their secret, ACME ones from
+/// the vault, ordered when missing or due, with backoff on failure.
+async fn certificates(ing: Arc<Ingress>) {
+    let mut installed: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut retry_at: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    let mut account: Option<instant_acme::Account> = None;
+    loop {
+        let routes = ing.routes();
+        for (host, r) in &routes.by_host {
+            let (ns, name) = match r.tls.as_str() {
+                "manual" => match &r.secret {
+                    Some(s) => (r.namespace.clone(), s.clone()),
+                    None => {
+                        ing.set_state(host, "error", "tls.mode manual needs tls.secretName".into(), 0);
+                        continue;
+                    }
+                },
+                "acme" => (acme::SYSTEM_NAMESPACE.to_string(), acme::cert_secret_name(host)),
+                _ => continue,
+            };
+            let kind = if r.tls == "manual" { "manual" } else { "acme" };
+            let stored = match ing.vault.get(&ns, &name) {
+                Ok(s) => s,
+                Err(e) => {
+                    ing.set_state(host, "error", e, 0);
+                    continue;
+                }
+            };
+            let mut due = true;
+            if let Some(data) = stored {
+                let (crt, key) = (
+                    data.get("tls.crt").cloned().unwrap_or_default(),
+                    data.get("tls.key").cloned().unwrap_or_default(),
+                );
+                match acme::load_pair(&crt, &key) {
+                    Ok(l) => {
+                        if installed.get(host) != Some(&crt) {
+                            ing.certs.install(host, l.key.clone(), kind);
+                            installed.insert(host.clone(), crt.clone());
+                            tracing::info!(%host, kind, not_after = l.not_after, "certificate installed");
+                        }
+                        due = kind == "acme" && acme::renew_at(&l, ing.acme.renew_before) <= unix_now();
+                        if l.not_after > unix_now() {
+                            ing.set_state(host, "ready", String::new(), l.not_after);
+                        } else {
+                            ing.set_state(host, "error", "the certificate has expired".into(), l.not_after);
+                        }
+                    }
+                    Err(e) => ing.set_state(host, "error", format!("secret {ns}/{name}: {e}"), 0),
+                }
+            } else if kind == "manual" {
+                ing.set_state(host, "error", format!("secret {ns}/{name} not found"), 0);
+            }
+            if kind != "acme" || !due {
+                continue;
+            }
+            if retry_at
+                .get(host)
+                .is_some_and(|(at, _)| tokio::time::Instant::now() < *at)
+            {
+                continue;
+            }
+            if !installed.contains_key(host) {
+                ing.set_state(
+                    host,
+                    "pending",
+                    "ordering a certificate; serving a self-signed one meanwhile".into(),
+                    0,
+                );
+            }
+            let result = async {
+                if account.is_none() {
+                    account = Some(acme::account(&ing.acme, ing.vault.as_ref()).await?);
+                }
+                let acct = account.as_ref().ok_or("no ACME account")?;
+                let (chain, key) = acme::order(&ing.acme, acct, host, &ing.challenges).await?;
+                acme::load_pair(chain.as_bytes(), key.as_bytes())?;
+                let data = BTreeMap::from([
+                    ("tls.crt".to_string(), chain.into_bytes()),
+                    ("tls.key".to_string(), key.into_bytes()),
+                ]);
+                ing.vault.put(&ns, &name, data).await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    retry_at.remove(host);
+                    tracing::info!(%host, "certificate issued");
+                }
+                Err(e) => {
+                    let wait = retry_at.get(host).map_or(Duration::from_secs(30), |(_, w)| {
+                        (*w * 2).min(Duration::from_secs(3600))
+                    });
+                    tracing::warn!(%host, error = %e, retry_in = ?wait, "certificate order failed");
+                    // A valid certificate keeps serving (and stays "ready") while renewal retries.
+                    let serving = ing
+                        .certificate_states()
+                        .get(host.as_str())
+                        .is_some_and(|c| c.state == "ready");
+                    if !serving {
+                        ing.set_state(host, "error", e, 0);
+                    }
+                    retry_at.insert(host.clone(), (tokio::time::Instant::now() + wait, wait));
+                }
+            }
+        }
+        if let Ok(mut m) = ing.states.lock() {
+            m.retain(|h, _| {
+                routes
+                    .by_host
+                    .get(h)
+                    .is_some_and(|r| r.tls == "acme" || r.tls == "manual")
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn relevant(k: Kind) -> bool {

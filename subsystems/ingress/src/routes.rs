@@ -23,6 +23,8 @@ pub struct Route {
     pub path: String,
     /// `none`, `self-signed`, `acme` or `manual`, as the spec asks.
     pub tls: String,
+    /// The TLS secret of manual mode (in the service's namespace).
+    pub secret: Option<String>,
     /// The ready endpoints of that port.
     pub endpoints: Vec<SocketAddr>,
 }
@@ -91,6 +93,10 @@ impl Routes {
                     port,
                     path: e.path.clone().unwrap_or_else(|| "/".into()),
                     tls,
+                    secret: e
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.secret_name.clone().or_else(|| t.secret.clone())),
                     endpoints,
                 },
             );

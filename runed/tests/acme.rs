@@ -1,0 +1,229 @@
+//! Automatic and manual certificates on the edge ingress, with Debian's pebble as the ACME
+//! server: a certificate is issued over HTTP-01 answered by the ingress, verifies against
+//! pebble's root, is renewed and hot-swapped while requests keep succeeding, and a manual TLS
+//! secret is served (and a bad pair refused at cast time).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{bins, code, run_ok, write};
+use rune_chaos_tests::{free_port, stderr, stdout, wait_until, Daemon};
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(90);
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut s = s;
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello-web\n",
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// pebble on loopback with a certificate made here, resolving every `.test` name to 127.0.0.1
+/// through dnsmasq, validating HTTP-01 on `http_port`. Returns the guards, the directory URL,
+/// the file of pebble's own TLS certificate and its issuing root (PEM).
+fn pebble(dir: &Path, http_port: u16) -> (Vec<Killed>, String, String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("pebble.pem"), dir.join("pebble.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let dns = free_port();
+    let dnsmasq = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+        ])
+        .arg(format!("--port={dns}"))
+        .args(["--address=/test/127.0.0.1", "--user=root", "--pid-file="])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (Debian's dnsmasq-base)");
+    let (api, mgmt) = (free_port(), free_port());
+    let cfg = dir.join("pebble.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{api}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+            "certificate": cert, "privateKey": key,
+            "httpPort": http_port, "tlsPort": free_port(),
+            "ocspResponderURL": "", "externalAccountBindingRequired": false,
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let pebble = Command::new("pebble")
+        .arg("-config")
+        .arg(&cfg)
+        .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pebble (Debian's pebble)");
+    let guards = vec![Killed(dnsmasq), Killed(pebble)];
+    let root = dir.join("pebble-root.pem");
+    wait_until(LONG, "pebble to hand out its root", || {
+        Command::new("curl")
+            .args(["-sfk", "-o"])
+            .arg(&root)
+            .arg(format!("https://127.0.0.1:{mgmt}/roots/0"))
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    (
+        guards,
+        format!("https://127.0.0.1:{api}/dir"),
+        cert.display().to_string(),
+        root.display().to_string(),
+    )
+}
+
+fn https_get(port: u16, host: &str, ca: &str) -> Result<String, String> {
+    let o = Command::new("curl")
+        .args(["-sS", "-m", "10", "--cacert", ca, "--resolve"])
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(stdout(&o))
+    } else {
+        Err(stderr(&o))
+    }
+}
+
+fn secret_version(d: &Daemon, name: &str) -> u64 {
+    let o = d.rune(&["get", "secret", name, "-n", "system", "-o", "json"]);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap_or(Value::Null);
+    v["version"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn acme_issues_renews_and_hot_swaps_and_manual_pairs_are_checked() {
+    let back = backend();
+    let mut d = Daemon::new(&bins());
+    let (http, https) = d.ingress;
+    let (_guards, directory, pebble_cert, root) = pebble(d.scratch(), http.port());
+    d.extra = vec![
+        "--dev-mode".into(),
+        "--acme-directory-url".into(),
+        directory,
+        "--acme-ca-file".into(),
+        pebble_cert,
+        // Longer than pebble's certificates live: every certificate is due at once, so the
+        // test sees renewals (and their hot swap) within seconds.
+        "--acme-renew-before".into(),
+        "100000h".into(),
+    ];
+    d.restart();
+    let f = write(
+        &d,
+        "web.yaml",
+        &format!(
+            "service:\n  name: web\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n  expose:\n    port: http\n    host: web.test\n    tls:\n      auto: true\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    wait_until(LONG, "a certificate from pebble", || {
+        https_get(https.port(), "web.test", &root).is_ok_and(|b| b == "hello-web\n")
+    });
+    let secret = rune_ingress::acme::cert_secret_name("web.test");
+    let first = secret_version(&d, &secret);
+    assert!(first >= 1, "the certificate is kept as a sealed secret");
+    // Renewals replace it while requests keep verifying.
+    let mut failures = Vec::new();
+    wait_until(LONG, "two renewals", || {
+        if let Err(e) = https_get(https.port(), "web.test", &root) {
+            failures.push(e);
+        }
+        secret_version(&d, &secret) >= first + 2
+    });
+    assert!(
+        failures.is_empty(),
+        "requests failed during renewal: {failures:?}"
+    );
+    let metrics = rune_chaos_tests::http_get(d.metrics, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("rune_acme_certificates{state=\"ready\"} 1"),
+        "{metrics}"
+    );
+
+    // Manual mode: the cast pair is served; a pair that does not match is refused at cast.
+    let ck = rcgen::generate_simple_self_signed(vec!["manual.test".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["x.test".into()]).unwrap();
+    let indent = |pem: String| pem.lines().map(|l| format!("      {l}\n")).collect::<String>();
+    let secret_yaml = |key: String| {
+        format!(
+            "secret:\n  name: mtls\n  stringData:\n    tls.crt: |\n{}    tls.key: |\n{}",
+            indent(ck.cert.pem()),
+            indent(key)
+        )
+    };
+    let bad = write(&d, "bad.yaml", &secret_yaml(other.signing_key.serialize_pem()));
+    let o = d.rune(&["cast", &bad]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("do not belong together"), "{}", stderr(&o));
+    let good = write(&d, "good.yaml", &secret_yaml(ck.signing_key.serialize_pem()));
+    run_ok(&d, &["cast", &good]);
+    let ca = d.scratch().join("manual.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let f = write(
+        &d,
+        "manual.yaml",
+        &format!(
+            "service:\n  name: manual\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n  expose:\n    port: http\n    host: manual.test\n    tls:\n      mode: manual\n      secretName: mtls\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    wait_until(LONG, "the manual certificate to be served", || {
+        https_get(https.port(), "manual.test", ca.to_str().unwrap()).is_ok_and(|b| b == "hello-web\n")
+    });
+    let out = run_ok(&d, &["get", "ingresses"]);
+    let line = |host: &str| {
+        out.lines()
+            .find(|l| l.contains(host))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let web = line("web.test");
+    assert!(web.contains("acme") && web.contains(" in "), "{out}");
+    assert!(line("manual.test").contains("manual"), "{out}");
+}

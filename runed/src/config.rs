@@ -593,6 +593,29 @@ impl Settings {
                     "networking.proxy-ports (--proxy-ports): '{range_text}' is not a port range such as 30000-32767"
                 ))
             })?;
+        for (section, value, known) in [
+            ("ingress", &file.ingress, &["http-addr", "https-addr"][..]),
+            (
+                "acme",
+                &file.acme,
+                &["directory-url", "email", "staging", "ca-file", "renew-before"][..],
+            ),
+        ] {
+            match value {
+                None => {}
+                Some(serde_json::Value::Object(m)) => {
+                    if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
+                        return Err(ConfigError(format!(
+                            "{section}.{k}: unknown key (known: {})",
+                            known.join(", ")
+                        )));
+                    }
+                }
+                Some(other) => {
+                    return Err(ConfigError(format!("{section}: expected a mapping, got {other}")))
+                }
+            }
+        }
         let ingress_key = |key: &str| -> Result<Option<String>, ConfigError> {
             match file.ingress.as_ref().and_then(|i| i.get(key)) {
                 None => Ok(None),
@@ -895,6 +918,44 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.0.contains(":3:") && e.0.contains("grcp-addr"), "{e}");
+    }
+
+    #[test]
+    fn ingress_and_acme_settings() {
+        let f = write("acme:\n  emial: x@example.com\n");
+        let e = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("acme.emial: unknown key"), "{e}");
+        let f = write("acme:\n  directory-url: http://insecure.example/dir\n");
+        let e = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("must be an https:// URL"), "{e}");
+        let f = write("acme:\n  staging: true\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            dev_mode: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.acme.directory.contains("staging"));
+        assert_eq!(
+            s.ingress.map(|(h, t)| (h.to_string(), t.to_string())),
+            Some(("127.0.0.1:8080".into(), "127.0.0.1:8443".into())),
+            "dev mode is an edge node on loopback"
+        );
+        let none = Settings::resolve(&Flags {
+            dev_mode: true,
+            node_role: Some(String::new()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(none.ingress.is_none(), "--node-role='' turns the edge role off");
     }
 
     #[test]

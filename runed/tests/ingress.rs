@@ -97,6 +97,22 @@ fn routes_by_host_over_http_and_https() {
     ] {
         assert!(head.contains(h), "{h} missing in\n{head}");
     }
+    // Hop-by-hop headers stay on the client's hop.
+    let (body, _) = curl(&[
+        "-H",
+        "Host: web.test",
+        "-H",
+        "Connection: close, x-hop",
+        "-H",
+        "x-hop: 1",
+        &url,
+    ]);
+    assert_eq!(body, "hello-web\n");
+    let head = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        !head.contains("x-hop") && !head.contains("connection: close"),
+        "{head}"
+    );
 
     // Unknown host: 404 with a short plain body.
     let (body, _) = curl(&["-H", "Host: nope.test", "-w", " %{http_code}", &url]);

@@ -299,6 +299,7 @@ impl Ingress {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
+        strip_hop_by_hop(&mut parts.headers, upgrade);
         // HTTP/2 requests carry the host in :authority; the backend speaks HTTP/1.1.
         parts.version = hyper::Version::HTTP_11;
         if let Ok(v) = HeaderValue::from_str(&host) {
@@ -319,6 +320,8 @@ impl Ingress {
         match self.client.request(out).await {
             Ok(mut resp) => {
                 self.count(&host, resp.status());
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                strip_hop_by_hop(resp.headers_mut(), switching);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_up) = client_upgrade {
                         let backend_up = hyper::upgrade::on(&mut resp);
@@ -341,6 +344,38 @@ impl Ingress {
                 )
             }
         }
+    }
+}
+
+/// Removes what belongs to one hop (RFC 9110 §7.6.1): the headers `Connection` names and the
+/// standard hop-by-hop ones. An upgrade keeps `Connection: upgrade` and `Upgrade`, which must
+/// reach the other side.
+fn strip_hop_by_hop(h: &mut hyper::HeaderMap, upgrade: bool) {
+    let named: Vec<String> = h
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !(t.is_empty() || (upgrade && t == "upgrade")))
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        h.remove(n);
+    }
+    if upgrade {
+        h.insert(hyper::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(hyper::header::CONNECTION);
+        h.remove(hyper::header::UPGRADE);
     }
 }
 

@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 mod db;
+pub mod lag;
 pub mod log_store;
 pub mod metrics;
 pub mod network;

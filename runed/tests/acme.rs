@@ -8,23 +8,14 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bins, code, run_ok, write};
+use common::{bins, code, run_ok, write, Killed};
 use rune_chaos_tests::{free_port, stderr, stdout, wait_until, Daemon};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -57,21 +48,7 @@ fn pebble(dir: &Path, http_port: u16) -> (Vec<Killed>, String, String, String) {
     let (cert, key) = (dir.join("pebble.pem"), dir.join("pebble.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let dns = free_port();
-    let dnsmasq = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-        ])
-        .arg(format!("--port={dns}"))
-        .args(["--address=/test/127.0.0.1", "--user=root", "--pid-file="])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (Debian's dnsmasq-base)");
+    let (resolver, dns) = common::dnsmasq("/test/127.0.0.1");
     let (api, mgmt) = (free_port(), free_port());
     let cfg = dir.join("pebble.json");
     std::fs::write(
@@ -89,14 +66,14 @@ fn pebble(dir: &Path, http_port: u16) -> (Vec<Killed>, String, String, String) {
     let pebble = Command::new("pebble")
         .arg("-config")
         .arg(&cfg)
-        .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+        .args(["-dnsserver", &dns.to_string()])
         .env("PEBBLE_VA_NOSLEEP", "1")
         .env("PEBBLE_WFE_NONCEREJECT", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("pebble (Debian's pebble)");
-    let guards = vec![Killed(dnsmasq), Killed(pebble)];
+    let guards = vec![resolver, Killed(pebble)];
     let root = dir.join("pebble-root.pem");
     wait_until(LONG, "pebble to hand out its root", || {
         Command::new("curl")

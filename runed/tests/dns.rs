@@ -3,11 +3,11 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use rune_chaos_tests::{free_port, http_get, stderr, stdout, wait_until, Daemon};
+use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -56,34 +56,9 @@ fn failpoint(d: &Daemon, name: &str, on: bool) {
     assert!(o.status.success(), "failpoint {name}: {}", stderr(&o));
 }
 
-struct Upstream(Child);
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// dnsmasq on loopback answering `upstream.test` and nothing else.
-fn upstream() -> (Upstream, SocketAddr) {
-    let port = free_port();
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-        ])
-        .arg(format!("--port={port}"))
-        .args(["--address=/upstream.test/192.0.2.7", "--user=root", "--pid-file="])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (Debian's dnsmasq-base)");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let u = Upstream(child);
+fn upstream() -> (common::Killed, SocketAddr) {
+    let (u, addr) = common::dnsmasq("/upstream.test/192.0.2.7");
     wait_until(LONG, "dnsmasq to answer", || {
         dig(addr, "upstream.test", "A", false).0 == "NOERROR"
     });

@@ -2,11 +2,12 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use rune_chaos_tests::{stderr, stdout, Bins, Daemon};
+use rune_chaos_tests::{free_port, stderr, stdout, Bins, Daemon};
 use serde_json::Value;
 
 /// The `runed` and `rune` this test crate was built with.
@@ -72,4 +73,36 @@ pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
         }
     }
     hits
+}
+
+/// A child process killed (and reaped) when the test lets go of it.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Debian's dnsmasq on a free loopback port, answering only its `--address` rule
+/// (`/upstream.test/192.0.2.7`, `/test/127.0.0.1`).
+pub fn dnsmasq(rule: &str) -> (Killed, SocketAddr) {
+    let port = free_port();
+    let child = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--address={rule}"))
+        .args(["--user=root", "--pid-file="])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (Debian's dnsmasq-base)");
+    (Killed(child), ([127, 0, 0, 1], port).into())
 }

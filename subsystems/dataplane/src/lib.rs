@@ -200,8 +200,7 @@ pub struct DataPlane {
     cfg: DataPlaneConfig,
     log: Arc<Log>,
     table: RwLock<Arc<Table>>,
-    applied: AtomicU64,
-    behind_since: Mutex<Option<Instant>>,
+    lag: rune_log::lag::Lag,
     paused: AtomicBool,
     book: Mutex<PortBook>,
     listeners: Mutex<HashMap<(SvcKey, u16), Listener>>,
@@ -250,8 +249,7 @@ impl DataPlane {
         let dp = Arc::new(DataPlane {
             log: log.clone(),
             table: RwLock::new(Arc::new(Table::default())),
-            applied: AtomicU64::new(0),
-            behind_since: Mutex::new(None),
+            lag: rune_log::lag::Lag::new(),
             paused: AtomicBool::new(false),
             book: Mutex::new(book),
             listeners: Mutex::new(HashMap::new()),
@@ -275,7 +273,7 @@ impl DataPlane {
         let rx = log.subscribe();
         dp.rebuild().await?;
         tokio::spawn(tail(dp.clone(), rx));
-        tokio::spawn(watch_lag(Arc::downgrade(&dp)));
+        dp.lag.watch(log.clone());
         if dp.cfg.kernel {
             tokio::spawn(read_counters(Arc::downgrade(&dp)));
         }
@@ -306,20 +304,16 @@ impl DataPlane {
 
     /// How long the view has lagged the log (0 when caught up).
     pub fn stale_seconds(&self) -> f64 {
-        self.behind_since
-            .lock()
-            .ok()
-            .and_then(|b| *b)
-            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+        self.lag.stale_seconds()
     }
 
     /// The last log index applied to the view.
     pub fn applied_index(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
+        self.lag.applied()
     }
 
     fn stale(&self) -> bool {
-        self.stale_seconds() > self.cfg.stale_budget.as_secs_f64()
+        self.lag.stale(self.cfg.stale_budget)
     }
 
     /// The proxy address of each served port of a service: (service port, listen address).
@@ -497,7 +491,7 @@ impl DataPlane {
         if self.cfg.kernel {
             self.program(&table, &ports).await;
         }
-        self.applied.fetch_max(index, Ordering::Relaxed);
+        self.lag.advance(index);
         Ok(())
     }
 
@@ -690,25 +684,7 @@ async fn tail(dp: Arc<DataPlane>, mut rx: tokio::sync::broadcast::Receiver<Arc<r
                 continue;
             }
         }
-        dp.applied.fetch_max(last, Ordering::Relaxed);
-    }
-}
-
-/// Tracks since when the view lags the log's applied index.
-async fn watch_lag(dp: std::sync::Weak<DataPlane>) {
-    loop {
-        let Some(d) = dp.upgrade() else { return };
-        let tail = *d.log.applied().borrow();
-        let behind = d.applied.load(Ordering::Relaxed) < tail;
-        if let Ok(mut b) = d.behind_since.lock() {
-            match (behind, *b) {
-                (false, _) => *b = None,
-                (true, None) => *b = Some(Instant::now()),
-                (true, Some(_)) => {}
-            }
-        }
-        drop(d);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        dp.lag.advance(last);
     }
 }
 

@@ -14,9 +14,9 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rune_log::Log;
 use rune_statemachine::store::{list_records, services_prefix, ServiceRecord};
@@ -62,8 +62,7 @@ pub struct Dns {
     log: Arc<Log>,
     /// `svc.ns` → VIP.
     zone: RwLock<HashMap<String, [u8; 4]>>,
-    applied: AtomicU64,
-    behind_since: Mutex<Option<Instant>>,
+    lag: rune_log::lag::Lag,
     data_path_ready: AtomicBool,
     paused: AtomicBool,
     local: SocketAddr,
@@ -92,8 +91,7 @@ impl Dns {
             upstreams,
             log: log.clone(),
             zone: RwLock::new(HashMap::new()),
-            applied: AtomicU64::new(0),
-            behind_since: Mutex::new(None),
+            lag: rune_log::lag::Lag::new(),
             data_path_ready: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             local,
@@ -104,7 +102,7 @@ impl Dns {
         dns.reload()?;
         tracing::info!(addr = %local, upstreams = ?dns.upstreams, "DNS listening");
         tokio::spawn(tail(dns.clone(), rx));
-        tokio::spawn(watch_lag(Arc::downgrade(&dns)));
+        dns.lag.watch(log.clone());
         tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
         tokio::spawn(serve_tcp(dns.clone(), tcp));
         Ok(dns)
@@ -140,20 +138,16 @@ impl Dns {
 
     /// How long the projection has lagged the log (0 when caught up).
     pub fn stale_seconds(&self) -> f64 {
-        self.behind_since
-            .lock()
-            .ok()
-            .and_then(|b| *b)
-            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+        self.lag.stale_seconds()
     }
 
     /// The last log index applied to the zone.
     pub fn applied_index(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
+        self.lag.applied()
     }
 
     fn stale(&self) -> bool {
-        self.stale_seconds() > self.cfg.stale_budget.as_secs_f64()
+        self.lag.stale(self.cfg.stale_budget)
     }
 
     fn reload(&self) -> Result<(), DnsError> {
@@ -174,7 +168,7 @@ impl Dns {
         if let Ok(mut z) = self.zone.write() {
             *z = zone;
         }
-        self.applied.store(index, Ordering::Relaxed);
+        self.lag.advance(index);
         Ok(())
     }
 
@@ -280,7 +274,7 @@ async fn tail(dns: Arc<Dns>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_l
         while dns.paused.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if entry.index <= dns.applied.load(Ordering::Relaxed) {
+        if entry.index <= dns.lag.applied() {
             continue;
         }
         for c in entry.changes.iter().filter(|c| c.kind == Kind::Vip) {
@@ -298,25 +292,7 @@ async fn tail(dns: Arc<Dns>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_l
                 }
             }
         }
-        dns.applied.store(entry.index, Ordering::Relaxed);
-    }
-}
-
-/// Tracks since when the projection lags the log's applied index.
-async fn watch_lag(dns: std::sync::Weak<Dns>) {
-    loop {
-        let Some(d) = dns.upgrade() else { return };
-        let tail = *d.log.applied().borrow();
-        let behind = d.applied.load(Ordering::Relaxed) < tail;
-        if let Ok(mut b) = d.behind_since.lock() {
-            match (behind, *b) {
-                (false, _) => *b = None,
-                (true, None) => *b = Some(Instant::now()),
-                (true, Some(_)) => {}
-            }
-        }
-        drop(d);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        dns.lag.advance(entry.index);
     }
 }
 

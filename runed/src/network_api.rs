@@ -10,7 +10,7 @@ use crate::api::{namespace_or_default, Api, Stream_};
 fn verdict(v: &rune_dataplane::policy::Verdict) -> pb::PolicyVerdict {
     pb::PolicyVerdict {
         allowed: v.allowed,
-        because: v.because.clone(),
+        because: v.because.to_string(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! default-deny: a flow passes only if a rule matches both its peer and its port. A flow to a
 //! service must pass the source's egress policy and the destination's ingress policy.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -208,8 +209,8 @@ pub struct Verdict {
     /// Whether it allows the flow.
     pub allowed: bool,
     /// The rule that allowed it (`networkPolicy.ingress[0].from[1]`), or why it was decided by
-    /// default.
-    pub because: String,
+    /// default. Static for the common no-policy case, so the proxy's hot path allocates nothing.
+    pub because: Cow<'static, str>,
 }
 
 /// A decision on a flow: both sides' verdicts.
@@ -305,13 +306,13 @@ fn first_match(
         if let Some((j, m)) = r.peers.iter().find(|(_, m)| peer_ok(m)) {
             return Verdict {
                 allowed: true,
-                because: format!("networkPolicy.{direction}[{}].{side}[{j}] ({m})", r.index),
+                because: format!("networkPolicy.{direction}[{}].{side}[{j}] ({m})", r.index).into(),
             };
         }
     }
     Verdict {
         allowed: false,
-        because: format!("no {direction} rule matches (default deny)"),
+        because: format!("no {direction} rule matches (default deny)").into(),
     }
 }
 

@@ -436,6 +436,7 @@ async fn certificates(ing: Arc<Ingress>) {
     let mut installed: HashMap<String, Vec<u8>> = HashMap::new();
     let mut retry_at: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
     let mut account: Option<instant_acme::Account> = None;
+    let mut checked: HashMap<String, (tokio::time::Instant, i64)> = HashMap::new();
     loop {
         let routes = ing.routes();
         for (host, r) in &routes.by_host {
@@ -451,6 +452,14 @@ async fn certificates(ing: Arc<Ingress>) {
                 _ => continue,
             };
             let kind = if r.tls == "manual" { "manual" } else { "acme" };
+            // A served certificate that is not due is looked at again every 10 s (a changed
+            // manual secret shows up then), not on every pass.
+            let fresh = checked
+                .get(host)
+                .is_some_and(|(at, renew)| at.elapsed() < Duration::from_secs(10) && *renew > unix_now());
+            if fresh && installed.contains_key(host) {
+                continue;
+            }
             let stored = match ing.vault.get(&ns, &name) {
                 Ok(s) => s,
                 Err(e) => {
@@ -471,7 +480,13 @@ async fn certificates(ing: Arc<Ingress>) {
                             installed.insert(host.clone(), crt.clone());
                             tracing::info!(%host, kind, not_after = l.not_after, "certificate installed");
                         }
-                        due = kind == "acme" && acme::renew_at(&l, ing.acme.renew_before) <= unix_now();
+                        let renew = if kind == "acme" {
+                            acme::renew_at(&l, ing.acme.renew_before)
+                        } else {
+                            i64::MAX
+                        };
+                        due = renew <= unix_now();
+                        checked.insert(host.clone(), (tokio::time::Instant::now(), renew));
                         if l.not_after > unix_now() {
                             ing.set_state(host, "ready", String::new(), l.not_after);
                         } else {

@@ -169,4 +169,10 @@ fn routes_by_host_over_http_and_https() {
         metrics.contains("rune_ingress_requests_total{host=\"web.test\",status=\"200\"}"),
         "{metrics}"
     );
+    // Client-chosen hosts do not become labels.
+    assert!(
+        metrics.contains("rune_ingress_requests_total{host=\"unknown\",status=\"404\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("nope.test"), "{metrics}");
 }

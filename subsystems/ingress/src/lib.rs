@@ -71,13 +71,22 @@ pub struct Ingress {
     client: Client<HttpConnector, Incoming>,
     rr: AtomicUsize,
     certs: Arc<Certs>,
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    requests: RwLock<HashMap<String, Arc<StatusCounts>>>,
     http: SocketAddr,
     https: SocketAddr,
     acme: acme::AcmeConfig,
     vault: Arc<dyn acme::Vault>,
     challenges: acme::Challenges,
     states: Mutex<BTreeMap<String, acme::CertState>>,
+}
+
+/// Requests of one host by status code (100..=599).
+struct StatusCounts([AtomicU64; 500]);
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        StatusCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 /// Certificates by host: self-signed ones made on first use, replaced by real ones when they
@@ -149,7 +158,7 @@ impl Ingress {
             client: Client::builder(TokioExecutor::new()).build(connector),
             rr: AtomicUsize::new(0),
             certs,
-            requests: Mutex::new(BTreeMap::new()),
+            requests: RwLock::new(HashMap::new()),
             http: http_addr,
             https: https_addr,
             acme: cfg.acme.clone(),
@@ -193,15 +202,36 @@ impl Ingress {
 
     /// Requests answered, by host and status.
     pub fn requests(&self) -> Vec<(String, u16, u64)> {
-        self.requests
-            .lock()
-            .map(|m| m.iter().map(|((h, s), n)| (h.clone(), *s, *n)).collect())
-            .unwrap_or_default()
+        let Ok(m) = self.requests.read() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (host, c) in m.iter() {
+            for (i, n) in c.0.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    out.push((host.clone(), 100 + i as u16, n));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
+    /// Counts a request: a read lock and an atomic add, no allocation once the host is known.
     fn count(&self, host: &str, status: StatusCode) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((host.to_string(), status.as_u16())).or_default() += 1;
+        let i = usize::from(status.as_u16().clamp(100, 599) - 100);
+        if let Ok(m) = self.requests.read() {
+            if let Some(c) = m.get(host) {
+                c.0[i].fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if let Ok(mut m) = self.requests.write() {
+            m.entry(host.to_string())
+                .or_insert_with(|| Arc::new(StatusCounts::default()))
+                .0[i]
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -277,7 +307,8 @@ impl Ingress {
             .get(&host)
             .filter(|r| req.uri().path().starts_with(&r.path));
         let Some(route) = route else {
-            self.count(&host, StatusCode::NOT_FOUND);
+            // Hosts come from clients: unknown ones share one label, so the metric stays bounded.
+            self.count("unknown", StatusCode::NOT_FOUND);
             return plain(
                 StatusCode::NOT_FOUND,
                 format!("no service is exposed as {host}\n"),

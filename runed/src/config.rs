@@ -574,13 +574,14 @@ impl Settings {
             }
         };
         let nft_table = text(&flags.nft_table, "nft-table")?.unwrap_or_else(|| "rune".into());
-        if nft_table.is_empty()
-            || nft_table.len() > 32
-            || !nft_table.starts_with(|c: char| c.is_ascii_alphabetic())
+        // runed replaces its table whole (delete, then define): a name that could be another
+        // program's table (`filter`, `nat`) would wipe it, so only `rune` and `rune_*` are taken.
+        if nft_table.len() > 32
+            || !(nft_table == "rune" || nft_table.starts_with("rune_"))
             || !nft_table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
             return Err(ConfigError(format!(
-                "networking.nft-table (--nft-table): '{nft_table}' must be a letter then letters, digits or '_' (at most 32)"
+                "networking.nft-table (--nft-table): '{nft_table}' must be `rune` or `rune_` then letters, digits or '_' (at most 32), so it can never be another program's table"
             )));
         }
         let range_text = text(&flags.proxy_ports, "proxy-ports")?.unwrap_or_else(|| "30000-32767".into());
@@ -977,12 +978,19 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.0.contains("networking.proxy-ports"), "{e}");
-        let e = Settings::resolve(&Flags {
-            nft_table: Some("filter; flush ruleset".into()),
+        for bad in ["filter; flush ruleset", "filter", "nat"] {
+            let e = Settings::resolve(&Flags {
+                nft_table: Some(bad.into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.0.contains("networking.nft-table"), "{e}");
+        }
+        assert!(Settings::resolve(&Flags {
+            nft_table: Some("rune_test".into()),
             ..Default::default()
         })
-        .unwrap_err();
-        assert!(e.0.contains("networking.nft-table"), "{e}");
+        .is_ok());
         let dev = Settings::resolve(&Flags {
             dev_mode: true,
             ..Default::default()

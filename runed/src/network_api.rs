@@ -100,7 +100,14 @@ impl pb::network_api_server::NetworkApi for Api {
                 u16::try_from(p).map_err(|_| Status::invalid_argument(format!("port: {p} is not a port")))?,
             ),
         };
-        crate::auth::authorize(&req, "services", "get", Some(&ns))?;
+        // Both ends may name other namespaces: the caller must be able to read each.
+        let caller = crate::auth::authorize(&req, "services", "get", Some(&ns))?;
+        for end in [r.from.trim(), r.to.trim()] {
+            if end.parse::<std::net::IpAddr>().is_err() {
+                let k = rune_dataplane::parse_service(&ns, end);
+                crate::auth::check(&caller, "services", "get", Some(&k.ns))?;
+            }
+        }
         let e = self
             .dataplane
             .explain(&ns, r.from.trim(), r.to.trim(), port)

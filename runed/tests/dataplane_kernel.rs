@@ -314,4 +314,17 @@ fn missing_nft_is_said_and_the_proxy_still_enforces() {
         "{}",
         d.logs()
     );
+    // With no table to shield them, the proxy ports stay on loopback.
+    let f = write(
+        &d,
+        "quiet.yaml",
+        "service:\n  name: quiet\n  process:\n    command: /bin/sleep\n    args: [\"1000\"]\n  ports:\n    - name: p\n      port: 9\n",
+    );
+    run_ok(&d, &["cast", &f, "--detach"]);
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "services", "quiet", "-o", "json"])).unwrap();
+    let addr = v["proxyPorts"][0]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{v}");
 }

@@ -475,6 +475,19 @@ fn check_peers(peers: &[Peer], at: &FieldPath, errs: &mut Vec<FieldError>) {
                 "peer must specify service, namespace, serviceSelector or cidr",
             ));
         }
+        // One kind of peer per entry (a service may name its namespace): a combination would
+        // be read as the wider of the two and open more than was written.
+        let kinds = [
+            p.service.is_some() || p.namespace.is_some(),
+            p.cidr.is_some(),
+            p.service_selector.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            errs.push(FieldError::new(
+                at.index(j),
+                "peer must be one of: service (with an optional namespace), namespace, serviceSelector or cidr; write separate peers to allow several",
+            ));
+        }
         if let Some(c) = &p.cidr {
             if !valid_cidr(c) {
                 errs.push(FieldError::new(
@@ -604,6 +617,32 @@ mod tests {
         assert!(dns1123_label("-a").is_err());
         assert!(dns1123_label(&"a".repeat(64)).is_err());
         assert!(dns1123_label("").is_err());
+    }
+
+    #[test]
+    fn a_peer_is_one_kind() {
+        let mut s = svc();
+        s.network_policy = Some(crate::spec::NetworkPolicy {
+            ingress: vec![crate::spec::IngressRule {
+                from: vec![
+                    Peer {
+                        service: Some("web".into()),
+                        namespace: Some("prod".into()),
+                        ..Default::default()
+                    },
+                    Peer {
+                        namespace: Some("data".into()),
+                        cidr: Some("10.0.0.0/8".into()),
+                        ..Default::default()
+                    },
+                ],
+                ports: vec![],
+            }],
+            egress: vec![],
+        });
+        let errs = validate_service(&s);
+        let paths: Vec<String> = errs.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(paths, ["networkPolicy.ingress[0].from[1]"], "{errs:?}");
     }
 
     #[test]

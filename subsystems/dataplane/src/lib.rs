@@ -4,7 +4,8 @@
 //! It is a projection of the applied log, like the DNS: it builds a [`table::Table`] from the
 //! state, tails the applied entries and rebuilds on every change of services, instances,
 //! endpoints or VIPs (entries that arrive together are coalesced into one rebuild), and swaps
-//! the table atomically. It fails closed: past the stale budget new connections are reset.
+//! the table atomically. It fails closed: past the stale budget new connections through the
+//! proxy are reset (an operator's port-forward is not refused).
 //!
 //! Two halves share one decision ([`policy::decide`]):
 //! - the user-space proxy ([`proxy`]), one listener per service port on a stable local port
@@ -187,6 +188,8 @@ struct Kernel {
     carried: BTreeMap<String, u64>,
     /// The latest reading.
     read: BTreeMap<String, u64>,
+    /// Bumped by every load, so a reading of a table that was replaced meanwhile is dropped.
+    generation: u64,
     counters: Vec<nft::CounterKey>,
 }
 
@@ -239,7 +242,21 @@ impl Drop for OpenGuard<'_> {
 impl DataPlane {
     /// Builds the view, opens the listeners, programs the kernel (when asked) and starts
     /// tailing the log. Returns once VIP traffic can flow.
-    pub async fn start(log: Arc<Log>, cfg: DataPlaneConfig) -> Result<Arc<Self>, DpError> {
+    pub async fn start(log: Arc<Log>, mut cfg: DataPlaneConfig) -> Result<Arc<Self>, DpError> {
+        if cfg.kernel && !cfg.listen.is_loopback() {
+            // Off loopback, the proxy ports are shielded from outside by the table's input
+            // chain; if no table can be loaded, they stay on loopback.
+            let (empty, _) = nft::render(
+                &cfg.nft_table,
+                &Table::default(),
+                &BTreeMap::new(),
+                cfg.port_range,
+            );
+            if let Err(e) = nft::apply(&empty).await {
+                tracing::warn!(error = %e, "nftables cannot be programmed; the proxy listens on 127.0.0.1 only");
+                cfg.listen = IpAddr::from([127, 0, 0, 1]);
+            }
+        }
         let book = PortBook::load(&cfg.ports_file, cfg.port_range);
         let kernel_detail = if cfg.kernel {
             "not programmed yet".to_string()
@@ -262,6 +279,7 @@ impl DataPlane {
                 program: String::new(),
                 carried: BTreeMap::new(),
                 read: BTreeMap::new(),
+                generation: 0,
                 counters: Vec::new(),
             }),
             active: Mutex::new(HashMap::new()),
@@ -361,10 +379,13 @@ impl DataPlane {
 
     /// Reads the kernel's counters now (the background reader does this every few seconds).
     pub async fn refresh_counters(&self) {
+        let generation = self.kernel.lock().map(|k| k.generation).unwrap_or(0);
         match nft::counters(&self.cfg.nft_table).await {
             Ok(read) => {
                 if let Ok(mut k) = self.kernel.lock() {
-                    k.read = read;
+                    if k.generation == generation {
+                        k.read = read;
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "cannot read nftables counters"),
@@ -455,12 +476,6 @@ impl DataPlane {
         proxy::connect(self, &forced, number, &self.forward_rr)
             .await
             .ok_or(DpError::NoEndpoint(key.to_string(), number))
-    }
-
-    /// Pipes an accepted stream to an endpoint stream, counted like proxied traffic.
-    pub async fn pipe(&self, ns: &str, name: &str, client: TcpStream, upstream: TcpStream, ep: SocketAddr) {
-        let counters = self.stats.of(&SvcKey::new(ns, name));
-        proxy::pipe(self, &counters, client, upstream, ep, false).await;
     }
 
     /// Counts an open connection; per endpoint only when the balancer needs it (`track`).
@@ -589,6 +604,7 @@ impl DataPlane {
                     *k.carried.entry(name).or_default() += n;
                 }
                 k.read.clear();
+                k.generation += 1;
                 if !k.status.enforcing {
                     tracing::info!(table = %self.cfg.nft_table, took_ms = took.as_millis() as u64, "nftables programmed; the kernel enforces policy");
                 }
@@ -626,7 +642,8 @@ pub struct Explanation {
     pub decisions: Vec<(u16, Decision)>,
 }
 
-fn parse_service(ns: &str, s: &str) -> SvcKey {
+/// A service as users write it: `name` (in `ns`), `ns/name`, `name.ns` or `name.ns.rune`.
+pub fn parse_service(ns: &str, s: &str) -> SvcKey {
     match s.split_once('/') {
         Some((n, name)) => SvcKey::new(n, name),
         None => match s.strip_suffix(".rune").unwrap_or(s).split_once('.') {
@@ -679,9 +696,11 @@ async fn tail(dp: Arc<DataPlane>, mut rx: tokio::sync::broadcast::Receiver<Arc<r
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if dirty {
-            if let Err(e) = dp.rebuild().await {
-                tracing::error!(error = %e, "data plane rebuild failed; keeping the previous view");
-                continue;
+            // Until a rebuild succeeds the view is behind: nothing is marked applied, so the
+            // stale budget applies, and the rebuild is retried even if the log goes quiet.
+            while let Err(e) = dp.rebuild().await {
+                tracing::error!(error = %e, "data plane rebuild failed; keeping the previous view, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
         dp.lag.advance(last);

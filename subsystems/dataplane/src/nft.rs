@@ -322,12 +322,6 @@ pub async fn apply(program: &str) -> Result<(), NftError> {
     ))
 }
 
-/// Deletes the table (used when kernel enforcement is turned off at start).
-pub async fn delete(table_name: &str) -> Result<(), NftError> {
-    let prog = format!("add table inet {table_name}\ndelete table inet {table_name}\n");
-    apply(&prog).await
-}
-
 /// Reads the packet counts of the table's named counters.
 pub async fn counters(table_name: &str) -> Result<BTreeMap<String, u64>, NftError> {
     let out = run_nft(&["-j", "list", "counters", "table", "inet", table_name], None).await?;

@@ -185,10 +185,12 @@ fn port(p: &PortRef) -> PortMatch {
     match p {
         PortRef::Number(n) => PortMatch::Number(u16::try_from(*n).unwrap_or(0)),
         PortRef::Name(s) => {
-            let (num, _proto) = s.split_once('/').unwrap_or((s.as_str(), ""));
+            let (num, proto) = s.split_once('/').unwrap_or((s.as_str(), "tcp"));
             match num.trim().parse::<u16>() {
-                Ok(n) => PortMatch::Number(n),
-                Err(_) => PortMatch::Name(s.trim().to_string()),
+                Ok(n) if proto.trim().eq_ignore_ascii_case("tcp") => PortMatch::Number(n),
+                // `53/udp` names no TCP port: kept as a name no port has, so it opens nothing
+                // the proxy or the kernel program serve (both are TCP only).
+                _ => PortMatch::Name(s.trim().to_string()),
             }
         }
     }
@@ -494,6 +496,21 @@ mod tests {
         let c = compile("default", Some(&cidr));
         assert!(decide(&src, Some(&c), &t, 5432).allowed());
         assert!(!decide(&src, Some(&c), &t, 80).allowed());
+        let udp = NetworkPolicy {
+            ingress: vec![],
+            egress: vec![EgressRule {
+                to: vec![Peer {
+                    cidr: Some("10.96.0.0/16".into()),
+                    ..Default::default()
+                }],
+                ports: vec![PortRef::Name("5432/udp".into())],
+            }],
+        };
+        let c = compile("default", Some(&udp));
+        assert!(
+            !decide(&src, Some(&c), &t, 5432).allowed(),
+            "a UDP port opens no TCP port"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ fn dp_status(e: rune_dataplane::DpError) -> Status {
     use rune_dataplane::DpError as E;
     match e {
         E::NoService(_) => Status::not_found(e.to_string()),
-        E::NoPort(..) | E::Bad(_) => Status::invalid_argument(e.to_string()),
+        E::NoPort(..) => Status::invalid_argument(e.to_string()),
         E::NoEndpoint(..) => Status::failed_precondition(e.to_string()),
         E::State(_) => Status::unavailable(e.to_string()),
     }

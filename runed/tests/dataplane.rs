@@ -33,14 +33,30 @@ fn tail(d: &Daemon, svc: &str) -> String {
     stdout(&d.rune(&["logs", svc, "--tail", "1"]))
 }
 
+/// A directory serving `hello-web`, in the daemon's scratch space.
+fn www(d: &Daemon) -> String {
+    let www = d.scratch().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello-web\n").unwrap();
+    www.display().to_string()
+}
+
+/// `web`: busybox httpd serving `www` on `port`; with `from`, an ingress policy that admits
+/// only those services on `http`.
 fn web_spec(www: &str, port: u16, from: &[&str]) -> String {
-    let peers: String = from
-        .iter()
-        .map(|p| format!("            - service: {p}\n"))
-        .collect();
-    format!(
-        "service:\n  name: web\n  process:\n    command: busybox\n    args: [\"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"{www}\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n  networkPolicy:\n    ingress:\n      - from:\n{peers}        ports: [http]\n"
-    )
+    let mut spec = format!(
+        "service:\n  name: web\n  process:\n    command: busybox\n    args: [\"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"{www}\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n"
+    );
+    if !from.is_empty() {
+        let peers: String = from
+            .iter()
+            .map(|p| format!("            - service: {p}\n"))
+            .collect();
+        spec.push_str(&format!(
+            "  networkPolicy:\n    ingress:\n      - from:\n{peers}        ports: [http]\n"
+        ));
+    }
+    spec
 }
 
 fn looping_client(name: &str, target: SocketAddr) -> String {
@@ -52,15 +68,9 @@ fn looping_client(name: &str, target: SocketAddr) -> String {
 #[test]
 fn proxy_enforces_policy_between_processes_and_changes_without_restart() {
     let mut d = dev_daemon();
-    let www = d.scratch().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), "hello-web\n").unwrap();
+    let www = www(&d);
     let port = free_port();
-    let f = write(
-        &d,
-        "web.yaml",
-        &web_spec(&www.display().to_string(), port, &["client"]),
-    );
+    let f = write(&d, "web.yaml", &web_spec(&www, port, &["client"]));
     run_ok(&d, &["cast", &f, "--timeout", "60s"]);
     let web = proxy_addr(&d, "web").expect("web has a proxy port");
     assert_eq!(web.ip().to_string(), "127.0.0.1", "dev mode serves on loopback");
@@ -104,11 +114,7 @@ fn proxy_enforces_policy_between_processes_and_changes_without_restart() {
 
     // One log write changes the policy: no restart, and `other` gets through.
     let pid = d.pid();
-    let f = write(
-        &d,
-        "web.yaml",
-        &web_spec(&www.display().to_string(), port, &["client", "other"]),
-    );
+    let f = write(&d, "web.yaml", &web_spec(&www, port, &["client", "other"]));
     run_ok(&d, &["cast", &f, "--timeout", "60s"]);
     wait_until(LONG, "other to be served after the change", || {
         tail(&d, "other").contains("hello-web")
@@ -217,14 +223,8 @@ fn established_connection_survives_a_policy_change_and_no_endpoint_is_refused_at
 #[test]
 fn port_forward_reaches_a_service_past_its_policy() {
     let d = dev_daemon();
-    let www = d.scratch().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), "hello-web\n").unwrap();
-    let f = write(
-        &d,
-        "web.yaml",
-        &web_spec(&www.display().to_string(), free_port(), &["client"]),
-    );
+    let www = www(&d);
+    let f = write(&d, "web.yaml", &web_spec(&www, free_port(), &["client"]));
     run_ok(&d, &["cast", &f, "--timeout", "60s"]);
     let o = d.rune(&["port-forward", "web", "0:nosuch"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
@@ -327,18 +327,8 @@ fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
         "1s".into(),
     ];
     d.restart();
-    let www = d.scratch().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), "hello-web\n").unwrap();
-    let port = free_port();
-    let f = write(
-        &d,
-        "web.yaml",
-        &format!(
-            "service:\n  name: web\n  process:\n    command: busybox\n    args: [\"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"{}\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n",
-            www.display()
-        ),
-    );
+    let www = www(&d);
+    let f = write(&d, "web.yaml", &web_spec(&www, free_port(), &[]));
     run_ok(&d, &["cast", &f, "--timeout", "60s"]);
     let web = proxy_addr(&d, "web").unwrap();
     wait_until(LONG, "web to answer", || {

@@ -128,6 +128,17 @@ fn routes_by_host_over_http_and_https() {
     }
     let head = seen.lock().unwrap().last().cloned().unwrap();
     assert!(head.contains("x-forwarded-proto: https"), "{head}");
+    // A name nobody exposes still gets a handshake (one shared fallback certificate) and a 404.
+    let other = format!("other.test:{}:127.0.0.1", https.port());
+    let (out, err) = curl(&[
+        "-k",
+        "--resolve",
+        &other,
+        "-w",
+        " %{http_code}",
+        &format!("https://other.test:{}/", https.port()),
+    ]);
+    assert_eq!(out, "no service is exposed as other.test\n 404", "{err}");
 
     // An upgraded connection is spliced both ways.
     let mut s = TcpStream::connect(http).unwrap();
@@ -171,8 +182,11 @@ fn routes_by_host_over_http_and_https() {
     );
     // Client-chosen hosts do not become labels.
     assert!(
-        metrics.contains("rune_ingress_requests_total{host=\"unknown\",status=\"404\"} 1"),
+        metrics.contains("rune_ingress_requests_total{host=\"unknown\",status=\"404\"} 2"),
         "{metrics}"
     );
-    assert!(!metrics.contains("nope.test"), "{metrics}");
+    assert!(
+        !metrics.contains("nope.test") && !metrics.contains("other.test"),
+        "{metrics}"
+    );
 }

@@ -75,9 +75,6 @@ pub enum DpError {
     /// Nothing is ready to take the connection.
     #[error("service {0} has no ready endpoint for port {1}")]
     NoEndpoint(String, u16),
-    /// A flow's end could not be understood.
-    #[error("{0}")]
-    Bad(String),
 }
 
 /// Whether the kernel enforces policy, and why not.

@@ -183,7 +183,6 @@ pub type Challenges = Arc<Mutex<HashMap<String, String>>>;
 
 /// Orders one certificate for `host`; returns (chain PEM, key PEM).
 pub async fn order(
-    cfg: &AcmeConfig,
     account: &Account,
     host: &str,
     challenges: &Challenges,
@@ -243,7 +242,6 @@ pub async fn order(
             m.remove(&t);
         }
     }
-    let _ = cfg;
     result
 }
 

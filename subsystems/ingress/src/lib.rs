@@ -13,10 +13,10 @@
 pub mod acme;
 pub mod routes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,13 +67,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Ingress {
     log: Arc<Log>,
     routes: RwLock<Arc<Routes>>,
-    applied: AtomicU64,
     client: Client<HttpConnector, Incoming>,
     rr: AtomicUsize,
     certs: Arc<Certs>,
     requests: RwLock<HashMap<String, Arc<StatusCounts>>>,
-    http: SocketAddr,
-    https: SocketAddr,
     acme: acme::AcmeConfig,
     vault: Arc<dyn acme::Vault>,
     challenges: acme::Challenges,
@@ -94,6 +91,10 @@ impl Default for StatusCounts {
 #[derive(Debug, Default)]
 pub struct Certs {
     by_host: RwLock<HashMap<String, (Arc<CertifiedKey>, &'static str)>>,
+    /// Exposed hosts: only these get a self-signed certificate of their own, so a client
+    /// cannot make the server mint (and keep) a key per name it invents.
+    exposed: RwLock<HashSet<String>>,
+    fallback: OnceLock<Option<Arc<CertifiedKey>>>,
 }
 
 impl Certs {
@@ -109,23 +110,38 @@ impl Certs {
         self.by_host.read().ok()?.get(host).map(|(_, k)| *k)
     }
 
-    fn self_signed(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some((k, _)) = self.by_host.read().ok()?.get(host) {
-            return Some(k.clone());
+    fn expose(&self, hosts: HashSet<String>) {
+        if let Ok(mut e) = self.exposed.write() {
+            *e = hosts;
         }
+    }
+
+    fn generate(host: &str) -> Option<Arc<CertifiedKey>> {
         let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).ok()?;
         let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).ok()?;
         let signer = rustls::crypto::ring::sign::any_supported_type(&key).ok()?;
-        let certified = Arc::new(CertifiedKey::new(vec![ck.cert.der().clone()], signer));
-        self.install(host, certified.clone(), "self-signed");
-        Some(certified)
+        Some(Arc::new(CertifiedKey::new(vec![ck.cert.der().clone()], signer)))
     }
 }
 
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let host = hello.server_name().unwrap_or("rune-ingress").to_ascii_lowercase();
-        self.self_signed(&host)
+        let host = hello
+            .server_name()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        if let Some((k, _)) = self.by_host.read().ok()?.get(&host) {
+            return Some(k.clone());
+        }
+        if self.exposed.read().ok()?.contains(&host) {
+            let k = Self::generate(&host)?;
+            self.install(&host, k.clone(), "self-signed");
+            return Some(k);
+        }
+        // Unknown or no SNI: one self-signed certificate for all of them.
+        self.fallback
+            .get_or_init(|| Self::generate("rune-ingress"))
+            .clone()
     }
 }
 
@@ -154,13 +170,10 @@ impl Ingress {
         let ing = Arc::new(Ingress {
             log: log.clone(),
             routes: RwLock::new(Arc::new(Routes::default())),
-            applied: AtomicU64::new(0),
             client: Client::builder(TokioExecutor::new()).build(connector),
             rr: AtomicUsize::new(0),
             certs,
             requests: RwLock::new(HashMap::new()),
-            http: http_addr,
-            https: https_addr,
             acme: cfg.acme.clone(),
             vault: cfg.vault.clone(),
             challenges: acme::Challenges::default(),
@@ -178,16 +191,6 @@ impl Ingress {
         ));
         tracing::info!(http = %http_addr, https = %https_addr, "ingress listening");
         Ok(ing)
-    }
-
-    /// The bound HTTP address.
-    pub fn http_addr(&self) -> SocketAddr {
-        self.http
-    }
-
-    /// The bound HTTPS address.
-    pub fn https_addr(&self) -> SocketAddr {
-        self.https
     }
 
     /// The current routes.
@@ -236,16 +239,15 @@ impl Ingress {
     }
 
     fn reload(&self) -> Result<(), IngressError> {
-        let index = *self.log.applied().borrow();
         let txn = self.log.read().map_err(|e| IngressError::State(e.to_string()))?;
         let t = txn
             .open_table(STATE_TABLE)
             .map_err(|e| IngressError::State(e.to_string()))?;
         let routes = Routes::build(&t).map_err(|e| IngressError::State(e.to_string()))?;
+        self.certs.expose(routes.by_host.keys().cloned().collect());
         if let Ok(mut r) = self.routes.write() {
             *r = Arc::new(routes);
         }
-        self.applied.fetch_max(index, Ordering::Relaxed);
         Ok(())
     }
 
@@ -551,7 +553,7 @@ async fn certificates(ing: Arc<Ingress>) {
                     account = Some(acme::account(&ing.acme, ing.vault.as_ref()).await?);
                 }
                 let acct = account.as_ref().ok_or("no ACME account")?;
-                let (chain, key) = acme::order(&ing.acme, acct, host, &ing.challenges).await?;
+                let (chain, key) = acme::order(acct, host, &ing.challenges).await?;
                 acme::load_pair(chain.as_bytes(), key.as_bytes())?;
                 let data = BTreeMap::from([
                     ("tls.crt".to_string(), chain.into_bytes()),

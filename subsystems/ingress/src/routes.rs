@@ -40,7 +40,7 @@ impl Routes {
     /// Reads the routes from the state. Two services exposing one host: the first by
     /// namespace and name wins, and the other is logged.
     pub fn build<R: ReadableTable<&'static str, &'static [u8]>>(t: &R) -> Result<Routes, StoreError> {
-        let mut by_host = HashMap::new();
+        let mut by_host: HashMap<String, Route> = HashMap::new();
         for r in list_records::<ServiceRecord, _>(t, &services_prefix(None))? {
             let Some(e) = &r.spec.expose else { continue };
             let Some(host) = e
@@ -81,7 +81,6 @@ impl Routes {
                 Some(_) => "self-signed".into(),
             };
             if let Some(prev) = by_host.get(&host) {
-                let prev: &Route = prev;
                 tracing::warn!(%host, kept = %format!("{}/{}", prev.namespace, prev.service), ignored = %format!("{ns}/{name}"), "two services expose one host");
                 continue;
             }

@@ -14,6 +14,7 @@
 // openraft's storage traits return its own `StorageError`, which is large by design.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 mod db;
 pub mod lag;
 pub mod log_store;
@@ -22,6 +23,7 @@ pub mod network;
 mod node;
 pub mod replay;
 pub mod snapshot;
+pub mod space;
 pub mod state_machine;
 pub mod types;
 

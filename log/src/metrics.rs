@@ -21,6 +21,8 @@ pub struct Metrics {
     pub propose_seconds: Histogram<f64>,
     /// Proposals carried by one log entry: the group-commit factor.
     pub batch_envelopes: Histogram<u64>,
+    /// Writes refused because the data dir's file system was below its reserve.
+    pub refused_no_space: Counter<u64>,
 }
 
 impl Metrics {
@@ -29,7 +31,7 @@ impl Metrics {
         let secs = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ];
-        Self {
+        let m = Self {
             proposals: meter
                 .u64_counter("rune_log_proposals")
                 .with_description("Commands proposed to the log")
@@ -68,6 +70,20 @@ impl Metrics {
                 .with_description("Proposals carried by one log entry (and so sharing one fsync)")
                 .with_boundaries(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0])
                 .build(),
+            refused_no_space: meter
+                .u64_counter("rune_storage_writes_refused")
+                .with_description("Writes refused because the data dir was below its free-space reserve")
+                .build(),
+        };
+        // Counters start at zero, so a scrape right after start shows every series.
+        for kind in rune_statemachine::Command::KINDS {
+            let l = [opentelemetry::KeyValue::new("command", kind)];
+            m.proposals.add(0, &l);
+            m.refused_no_space.add(0, &l);
         }
+        for c in [&m.rejections, &m.commits, &m.log_flushes] {
+            c.add(0, &[]);
+        }
+        m
     }
 }

@@ -15,6 +15,7 @@ use crate::db::ClosingDb;
 use crate::log_store::LogStore;
 use crate::metrics::Metrics;
 use crate::network::NoNetwork;
+use crate::space::{NoSpace, Space};
 use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
 use crate::types::{Batch, TypeConfig, NODE_ID};
 
@@ -34,6 +35,8 @@ pub struct LogConfig {
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot, for `rune admin replay`.
     pub keep_after_snapshot: u64,
+    /// Bytes kept free on the data dir's file system: writes are refused below it (0: off).
+    pub reserve_bytes: u64,
 }
 
 impl LogConfig {
@@ -43,6 +46,7 @@ impl LogConfig {
             data_dir: data_dir.into(),
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            reserve_bytes: 0,
         }
     }
 }
@@ -83,6 +87,9 @@ pub enum ProposeError {
     /// The node is not leader, is shutting down, or its storage failed; the write did not happen.
     #[error("the log is not accepting writes: {0}")]
     Unavailable(String),
+    /// The data dir's file system is below its reserve; the write did not happen.
+    #[error(transparent)]
+    NoSpace(#[from] NoSpace),
 }
 
 /// A proposal that was committed and applied.
@@ -103,6 +110,7 @@ pub struct Log {
     notifier: Arc<Notifier>,
     metrics: Metrics,
     log_closed: tokio::sync::oneshot::Receiver<()>,
+    space: Arc<Space>,
 }
 
 fn open_db(
@@ -282,6 +290,7 @@ impl Log {
             notifier,
             metrics,
             log_closed,
+            space: Arc::new(Space::new(dir, cfg.reserve_bytes)),
         };
         // Leadership commits a blank entry; wait until it, and all before it, is applied.
         let last = log.raft.metrics().borrow().last_log_index.unwrap_or(0);
@@ -299,6 +308,12 @@ impl Log {
     /// `Ok` means the write survives any crash from now on. The outcome may still be a rejection
     /// decided by apply, which changed nothing.
     pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
+        if let Err(e) = self.space.check(self.space.need(command.uses_reserve())) {
+            self.metrics
+                .refused_no_space
+                .add(1, &[opentelemetry::KeyValue::new("command", command.kind())]);
+            return Err(e.into());
+        }
         let started = Instant::now();
         self.metrics
             .proposals
@@ -351,6 +366,33 @@ impl Log {
     pub fn healthy(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
         m.running_state.is_ok() && m.state == ServerState::Leader && self.read().is_ok()
+    }
+
+    /// A consistent view of the applied state for an online backup: one read transaction, so
+    /// writes go on while it is read. See [`crate::backup`].
+    pub fn backup(&self) -> Result<crate::backup::Source, LogError> {
+        let txn = self.read()?;
+        crate::backup::open_source(txn, now_ms()).map_err(|e| LogError::Storage(e.to_string()))
+    }
+
+    /// The data dir's free-space reserve, for health and metrics.
+    pub fn space(&self) -> &Space {
+        &self.space
+    }
+
+    /// Resolves when raft has stopped for good on its own (a storage failure such as a full
+    /// disk), with why. Nothing can be written afterwards: runed exits so that its supervisor
+    /// restarts it, and the restart recovers from the log.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "raft stopped".into();
+            }
+        }
     }
 
     /// (term, last log index, applied index) for status and metrics.

@@ -199,6 +199,47 @@ fn default_history_limit() -> u32 {
 }
 
 impl Command {
+    /// Whether this write may use the lower half of the storage reserve: writes that free space
+    /// (deletes, revocations) or keep the record of what runs true (instance reports, seeding,
+    /// KEK re-wraps), so that a nearly full disk still lets an operator clean up and the state
+    /// stays truthful while new objects are refused.
+    pub fn uses_reserve(&self) -> bool {
+        matches!(
+            self,
+            Command::Init { .. }
+                | Command::DeleteService { .. }
+                | Command::DeleteNamespace { .. }
+                | Command::InstanceEvents { .. }
+                | Command::DeleteSecret { .. }
+                | Command::DeleteConfigmap { .. }
+                | Command::RewrapSecrets { .. }
+                | Command::DeleteUser { .. }
+                | Command::DeletePolicy { .. }
+                | Command::RevokeToken { .. }
+        )
+    }
+
+    /// Every value [`Command::kind`] returns, for metrics that start at zero.
+    pub const KINDS: [&'static str; 17] = [
+        "init",
+        "apply",
+        "delete_service",
+        "delete_namespace",
+        "scale",
+        "restart",
+        "instance_events",
+        "delete_secret",
+        "delete_configmap",
+        "rewrap_secrets",
+        "put_user",
+        "delete_user",
+        "put_policy",
+        "delete_policy",
+        "set_user_policy",
+        "create_token",
+        "revoke_token",
+    ];
+
     /// A short name for logs, metrics and replay.
     pub fn kind(&self) -> &'static str {
         match self {

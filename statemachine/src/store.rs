@@ -208,6 +208,64 @@ where
         .collect()
 }
 
+/// One page of a list: records in key order, and whether more keys follow under the prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// The records kept.
+    pub items: Vec<T>,
+    /// The key of the last record read, where the next page starts after.
+    pub last_key: Option<String>,
+    /// Whether keys remain under the prefix after `last_key`.
+    pub more: bool,
+}
+
+/// Reads typed records under `prefix` in key order, starting after the key `after`, until
+/// `limit` records are kept (0: no limit) or `max_bytes` of values were read, whichever comes
+/// first; `keep` filters (records it drops still advance the page).
+pub fn list_page<T, R>(
+    table: &R,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+    max_bytes: usize,
+    mut keep: impl FnMut(&T) -> bool,
+) -> Result<Page<T>, StoreError>
+where
+    T: DeserializeOwned,
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    use std::ops::Bound;
+    let start = match after {
+        Some(k) => Bound::Excluded(k),
+        None => Bound::Included(prefix),
+    };
+    let mut page = Page {
+        items: Vec::new(),
+        last_key: None,
+        more: false,
+    };
+    let mut bytes = 0usize;
+    for item in table.range::<&str>((start, Bound::Unbounded))? {
+        let (k, v) = item?;
+        let key = k.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        let full = (limit > 0 && page.items.len() >= limit) || (max_bytes > 0 && bytes >= max_bytes);
+        if full {
+            page.more = true;
+            break;
+        }
+        bytes += v.value().len();
+        let rec: T = decode(key, v.value())?;
+        if keep(&rec) {
+            page.items.push(rec);
+        }
+        page.last_key = Some(key.to_string());
+    }
+    Ok(page)
+}
+
 /// Previous specs of a service, newest first.
 pub fn service_history<R>(table: &R, ns: &str, name: &str) -> Result<Vec<Revision>, StoreError>
 where

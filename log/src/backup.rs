@@ -1,0 +1,325 @@
+//! Online backup and offline restore.
+//!
+//! A backup is the whole state at one applied index, read through one redb read transaction (a
+//! consistent snapshot that writes do not disturb), streamed as it is read. It holds what the
+//! state holds: sealed secrets, never the KEK. [`restore`] builds a data dir from one: the
+//! state, a snapshot at the backup's index, and a log that starts after it, so the restored
+//! runed starts as if it had compacted its log at that index, and `replay --verify` passes.
+//!
+//! File layout:
+//! ```text
+//! {"format":"rune-backup","version":1,...header...}\n
+//! [u32 key len][key][u32 value len][value]...    (records in key order, as snapshots)
+//! \n{"records":N,"sha256":"<hex of everything before this line>"}\n
+//! ```
+//! A truncated or altered file is refused whole: the record count and the digest must match.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use openraft::{BasicNode, LogId, SnapshotMeta, StoredMembership, Vote};
+use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata};
+use rune_statemachine::STATE_TABLE;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::log_store::{LOG_TABLE, RAFT_META};
+use crate::node::{LOG_FILE, SNAPSHOT_DIR, STATE_FILE};
+use crate::snapshot;
+use crate::state_machine::{install, SM_META};
+use crate::types::NODE_ID;
+
+/// The `format` of every backup file.
+pub const MAGIC: &str = "rune-backup";
+/// The layout version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// What a backup is of, on its first line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always [`MAGIC`].
+    pub format: String,
+    /// The layout version.
+    pub version: u32,
+    /// The applied log index the state is at: every write acknowledged at or before it is in.
+    pub index: u64,
+    /// The term of that index.
+    pub term: u64,
+    /// The records that follow.
+    pub records: u64,
+    /// Their size in bytes (keys and values), for progress.
+    pub bytes: u64,
+    /// When the backup was taken (Unix ms, the server's clock).
+    pub created_at_ms: i64,
+    /// The snapshot meta the restored node starts from.
+    pub meta: SnapshotMeta<u64, BasicNode>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Trailer {
+    records: u64,
+    sha256: String,
+}
+
+/// Why a backup could not be read or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Reading the state or the file failed.
+    #[error("{0}")]
+    Io(String),
+    /// The file is not a complete, intact backup.
+    #[error("{path}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The target already holds a data dir.
+    #[error("{0} already holds a rune data dir ({1} exists): restore into an empty or new directory")]
+    NotEmpty(PathBuf, &'static str),
+    /// The caller's check of the records refused them (the KEK does not open the secrets).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn io(e: impl std::fmt::Display) -> BackupError {
+    BackupError::Io(e.to_string())
+}
+
+/// A consistent view of the state for one backup, taken by [`crate::Log::backup`].
+pub struct Source {
+    txn: ReadTransaction,
+    header: Header,
+}
+
+/// Reads the applied state's position and size inside one read transaction.
+pub(crate) fn open_source(txn: ReadTransaction, created_at_ms: i64) -> Result<Source, BackupError> {
+    let (last, membership): (Option<LogId<u64>>, StoredMembership<u64, BasicNode>) = {
+        let meta = txn.open_table(SM_META).map_err(io)?;
+        let get = |k: &str| -> Result<Option<Vec<u8>>, BackupError> {
+            Ok(meta.get(k).map_err(io)?.map(|v| v.value().to_vec()))
+        };
+        let last = match get("last_applied")? {
+            Some(v) => serde_json::from_slice(&v).map_err(io)?,
+            None => None,
+        };
+        let membership = match get("membership")? {
+            Some(v) => serde_json::from_slice(&v).map_err(io)?,
+            None => StoredMembership::default(),
+        };
+        (last, membership)
+    };
+    let (records, bytes) = {
+        let t = txn.open_table(STATE_TABLE).map_err(io)?;
+        let stats = t.stats().map_err(io)?;
+        (t.len().map_err(io)?, stats.stored_bytes())
+    };
+    let id = last.map_or("0-0".to_string(), |l| format!("{}-{}", l.leader_id.term, l.index));
+    let header = Header {
+        format: MAGIC.into(),
+        version: VERSION,
+        index: last.map_or(0, |l| l.index),
+        term: last.map_or(0, |l| l.leader_id.term),
+        records,
+        bytes,
+        created_at_ms,
+        meta: SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: format!("backup-{id}"),
+        },
+    };
+    Ok(Source { txn, header })
+}
+
+impl Source {
+    /// What the backup is of.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Writes the whole backup to `out` in chunks of about `chunk` bytes, calling `out` once per
+    /// chunk; stops at the first error `out` returns. Runs in the caller's thread (blocking).
+    pub fn write_chunks(
+        self,
+        chunk: usize,
+        mut out: impl FnMut(Vec<u8>) -> Result<(), String>,
+    ) -> Result<(), BackupError> {
+        let mut hash = Sha256::new();
+        let mut buf = serde_json::to_vec(&self.header).map_err(io)?;
+        buf.push(b'\n');
+        let t = self.txn.open_table(STATE_TABLE).map_err(io)?;
+        let mut n = 0u64;
+        for item in t.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let (k, v) = (k.value().as_bytes(), v.value());
+            buf.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            buf.extend_from_slice(k);
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            buf.extend_from_slice(v);
+            n += 1;
+            if buf.len() >= chunk {
+                hash.update(&buf);
+                out(std::mem::take(&mut buf)).map_err(BackupError::Io)?;
+            }
+        }
+        if n != self.header.records {
+            return Err(io(format!(
+                "the state changed under the backup's read ({} records counted, {n} read)",
+                self.header.records
+            )));
+        }
+        hash.update(&buf);
+        let trailer = Trailer {
+            records: n,
+            sha256: hex::encode(hash.finalize()),
+        };
+        buf.push(b'\n');
+        buf.extend_from_slice(&serde_json::to_vec(&trailer).map_err(io)?);
+        buf.push(b'\n');
+        out(buf).map_err(BackupError::Io)
+    }
+}
+
+/// A backup file read whole and checked: its header and records.
+pub struct Backup {
+    /// What it is of.
+    pub header: Header,
+    /// Every state record, in key order.
+    pub records: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads and checks a backup file: header, every record, the count and the digest.
+pub fn read(path: &Path) -> Result<Backup, BackupError> {
+    let bad = |why: String| BackupError::Invalid {
+        path: path.to_path_buf(),
+        why,
+    };
+    let f = std::fs::File::open(path).map_err(|e| BackupError::Io(format!("{}: {e}", path.display())))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut hash = Sha256::new();
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line).map_err(io)?;
+    let header: Header = serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(&line)).map_err(|e| {
+        bad(format!(
+            "not a rune backup (its first line is not a backup header: {e})"
+        ))
+    })?;
+    if header.format != MAGIC {
+        return Err(bad(format!("not a rune backup (format '{}')", header.format)));
+    }
+    if header.version != VERSION {
+        return Err(bad(format!(
+            "backup layout version {} is not one this runed reads ({VERSION})",
+            header.version
+        )));
+    }
+    hash.update(&line);
+    let truncated = || bad("the backup is truncated: records are missing".to_string());
+    let mut records = Vec::with_capacity(header.records.min(1 << 20) as usize);
+    let take =
+        |r: &mut BufReader<std::fs::File>, n: usize, hash: &mut Sha256| -> Result<Vec<u8>, BackupError> {
+            let mut b = vec![0u8; n];
+            r.read_exact(&mut b).map_err(|_| truncated())?;
+            hash.update(&b);
+            Ok(b)
+        };
+    for _ in 0..header.records {
+        let kl = take(&mut r, 4, &mut hash)?;
+        let kl = u32::from_le_bytes([kl[0], kl[1], kl[2], kl[3]]) as usize;
+        let k =
+            String::from_utf8(take(&mut r, kl, &mut hash)?).map_err(|_| bad("a key is not UTF-8".into()))?;
+        let vl = take(&mut r, 4, &mut hash)?;
+        let vl = u32::from_le_bytes([vl[0], vl[1], vl[2], vl[3]]) as usize;
+        let v = take(&mut r, vl, &mut hash)?;
+        records.push((k, v));
+    }
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).map_err(io)?;
+    let text = std::str::from_utf8(&rest).map_err(|_| bad("the end of the backup is garbled".into()))?;
+    let trailer: Trailer = serde_json::from_str(text.trim())
+        .map_err(|_| bad("the backup is truncated: its closing line is missing".into()))?;
+    let digest = hex::encode(hash.finalize());
+    if trailer.records != header.records || trailer.sha256 != digest {
+        return Err(bad(format!(
+            "the backup is damaged: its digest {} does not match its content {digest}",
+            trailer.sha256
+        )));
+    }
+    Ok(Backup { header, records })
+}
+
+/// Builds a new data dir at `dir` from a backup file. `check` sees every record first and may
+/// refuse (runed checks that its KEK opens the sealed secrets); nothing is written before it
+/// agrees. `dir` must not hold a data dir already.
+pub fn restore(
+    path: &Path,
+    dir: &Path,
+    check: impl FnOnce(&Backup) -> Result<(), String>,
+) -> Result<Header, BackupError> {
+    for f in [LOG_FILE, STATE_FILE] {
+        if dir.join(f).exists() {
+            return Err(BackupError::NotEmpty(dir.to_path_buf(), f));
+        }
+    }
+    let backup = read(path)?;
+    check(&backup).map_err(BackupError::Refused)?;
+    std::fs::create_dir_all(dir).map_err(|e| BackupError::Io(format!("{}: {e}", dir.display())))?;
+    let written = write_data_dir(dir, &backup);
+    if written.is_err() {
+        // Nothing half-written is left behind for a runed to start from.
+        for f in [LOG_FILE, STATE_FILE] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        let _ = std::fs::remove_dir_all(dir.join(SNAPSHOT_DIR));
+    }
+    written.map(|()| backup.header)
+}
+
+fn write_data_dir(dir: &Path, b: &Backup) -> Result<(), BackupError> {
+    let meta = &b.header.meta;
+    {
+        let db = Database::create(dir.join(STATE_FILE)).map_err(io)?;
+        install(&db, meta, &b.records).map_err(io)?;
+    }
+    snapshot::write(&dir.join(SNAPSHOT_DIR), meta, &snapshot::encode_body(&b.records)).map_err(io)?;
+    // The log starts after the backup's index, as after a compaction: purged up to it, with
+    // the vote of its term, so the restored node elects itself in a later term.
+    let db = Database::create(dir.join(LOG_FILE)).map_err(io)?;
+    let mut txn = db.begin_write().map_err(io)?;
+    txn.set_durability(Durability::Immediate).map_err(io)?;
+    {
+        let _ = txn.open_table(LOG_TABLE).map_err(io)?;
+        let mut m = txn.open_table(RAFT_META).map_err(io)?;
+        if let Some(last) = meta.last_log_id {
+            let vote = Vote::new(last.leader_id.term, NODE_ID);
+            for (k, v) in [
+                ("vote", serde_json::to_vec(&vote).map_err(io)?),
+                ("committed", serde_json::to_vec(&last).map_err(io)?),
+                ("last_purged", serde_json::to_vec(&last).map_err(io)?),
+            ] {
+                m.insert(k, v.as_slice()).map_err(io)?;
+            }
+        }
+    }
+    txn.commit().map_err(io)?;
+    let f = std::fs::File::open(dir).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Writes a backup from `source` to a file, atomically (a temporary name, fsynced, renamed).
+pub fn write_file(source: Source, path: &Path) -> Result<Header, BackupError> {
+    let header = source.header().clone();
+    let tmp = path.with_extension("partial");
+    let mut f =
+        std::fs::File::create(&tmp).map_err(|e| BackupError::Io(format!("{}: {e}", tmp.display())))?;
+    let r = source
+        .write_chunks(1 << 20, |c| f.write_all(&c).map_err(|e| e.to_string()))
+        .and_then(|()| f.sync_all().map_err(io))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map(|()| header)
+}

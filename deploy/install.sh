@@ -16,6 +16,7 @@ Installs the Rune orchestrator:
   runed, rune, rune-log-writer -> /usr/local/bin (mode 0755)
   deploy/runefile.yaml     -> /etc/rune/runefile.yaml (only if it does not exist yet)
   deploy/runed.service     -> /etc/systemd/system/runed.service
+  docs/operations.md       -> /usr/local/share/doc/rune/operations.md
 then, when systemd is running, reloads it and runs `systemctl enable --now runed`.
 
 Options:
@@ -76,6 +77,7 @@ if [ -n "$destdir" ]; then
 fi
 
 usr_bin="$destdir/usr/local/bin"
+doc_dir="$destdir/usr/local/share/doc/rune"
 etc_rune="$destdir/etc/rune"
 unit_dir="$destdir/etc/systemd/system"
 
@@ -89,6 +91,7 @@ done
 for f in runefile.yaml runed.service; do
     [ -f "$deploy_dir/$f" ] || die "'$deploy_dir/$f' is missing"
 done
+[ -f "$repo_root/docs/operations.md" ] || die "'$repo_root/docs/operations.md' is missing"
 if [ -z "$destdir" ] && [ "$(id -u)" -ne 0 ]; then
     die "must run as root to write /usr/local/bin, /etc/rune and /etc/systemd/system (or set DESTDIR)"
 fi
@@ -107,6 +110,9 @@ else
     echo "Installed example config $etc_rune/runefile.yaml"
 fi
 
+install -d -m 0755 "$doc_dir"
+install -m 0644 "$repo_root/docs/operations.md" "$doc_dir/operations.md"
+
 install -d -m 0755 "$unit_dir"
 install -m 0644 "$deploy_dir/runed.service" "$unit_dir/runed.service"
 echo "Installed systemd unit $unit_dir/runed.service"
@@ -118,8 +124,13 @@ if [ "$start" -eq 0 ]; then
     echo "  runed --config /etc/rune/runefile.yaml"
 elif command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    systemctl enable --now runed
-    echo "runed is enabled and started; see: systemctl status runed, journalctl -u runed"
+    # Type=notify: this returns once runed is ready (log open, API listening), or fails.
+    if ! systemctl enable --now runed; then
+        systemctl status runed --no-pager >&2 || true
+        die "runed did not start; see \`journalctl -u runed -p warning\`"
+    fi
+    echo "runed is enabled and ready; see: systemctl status runed, journalctl -u runed"
+    echo "Next: rune admin bootstrap --out-file /root/.rune/root.token   (the first token)"
 else
     echo "systemd is not running here, so runed was not started. Start it by hand:"
     echo "  runed --config /etc/rune/runefile.yaml"

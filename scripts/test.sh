@@ -6,13 +6,17 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: promtool (prometheus) checks /metrics, systemd-analyze checks the unit,
 # busybox-static becomes the test image (no registry is reachable), python3 drives a terminal
-# for `rune exec -it`, nftables is the kernel half of the data plane (tested inside namespaces),
-# pebble is the ACME server the ingress gets certificates from.
+# for `rune exec -it`, python3-grpcio is a second gRPC implementation that asks runed's health
+# and reflection services, nftables is the kernel half of the data plane (tested inside
+# namespaces), pebble is the ACME server the ingress gets certificates from, debootstrap builds
+# the Debian root that boots systemd for the tests of the installed unit.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static file)
 command -v python3 >/dev/null || need+=(python3)
+/usr/bin/python3 -c 'import grpc' 2>/dev/null || need+=(python3 python3-grpcio)
+command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
@@ -62,9 +66,10 @@ sed "s#/usr/local/bin/runed#$PWD/target/debug/runed#" deploy/runed.service >"$un
 systemd-analyze verify "$unit"
 bash -n deploy/install.sh
 
-echo "== test image"
+echo "== test images"
 scripts/ensure-docker.sh
 scripts/test-images.sh
+scripts/systemd-image.sh
 
 echo "== tests"
 cargo test --workspace

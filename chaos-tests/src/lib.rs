@@ -157,6 +157,11 @@ impl Daemon {
         d
     }
 
+    /// runed's local admin socket (under its run dir).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.tmp.path().join("run").join("admin.sock")
+    }
+
     /// The file runed's stdout and stderr go to.
     pub fn log_path(&self) -> PathBuf {
         self.tmp.path().join("runed.log")
@@ -307,6 +312,7 @@ impl Daemon {
     pub fn rune_cmd(&self) -> Command {
         let mut c = Command::new(&self.bins.rune);
         c.env("RUNE_API_SERVER", self.grpc.to_string())
+            .env("RUNE_ADMIN_SOCKET", self.admin_socket())
             .env("RUNE_CLI_CONFIG", self.tmp.path().join("cli-config.yaml"))
             .env_remove("RUNE_TOKEN")
             .stdin(Stdio::null());

@@ -7,4 +7,7 @@
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("rune.v1");
+
+    /// The encoded descriptors of `rune.v1`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rune_descriptor");
 }

@@ -93,7 +93,8 @@ async fn delete_all(ch: &Ch, names: &[String]) {
         let l = ic
             .list_instances(pb::ListInstancesRequest {
                 namespace: "default".into(),
-                service: String::new(),
+                limit: 1,
+                ..Default::default()
             })
             .await
             .expect("list")

@@ -4,29 +4,19 @@
 //! `cargo bench -p runed --bench writes` prints a table. `BENCH_SECONDS` (default 5) sets the
 //! length of each run; `ETCD` the etcd binary (default `etcd` on PATH; skipped if absent).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rune_chaos_tests::{free_port, http_get, wait_until, Bearer, Bins, Daemon};
+use common::start_etcd;
+use rune_chaos_tests::{http_get, Bearer, Bins, Daemon};
 use rune_proto::v1 as pb;
 use tonic::transport::Channel;
 
 /// Bytes of each written value: a small service spec, padded to this size for both systems.
 const VALUE_BYTES: usize = 256;
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PutRequest {
-    #[prost(bytes = "vec", tag = "1")]
-    key: Vec<u8>,
-    #[prost(bytes = "vec", tag = "2")]
-    value: Vec<u8>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PutResponse {}
 
 struct Run {
     writes_per_s: f64,
@@ -133,69 +123,10 @@ async fn bench_etcd(addr: String, clients: usize, seconds: u64, round: usize) ->
     let chans = Arc::new(channels(addr, clients).await);
     drive(clients, seconds, move |c, i| {
         let ch = chans[c].clone();
-        async move {
-            let mut g = tonic::client::Grpc::new(ch);
-            if g.ready().await.is_err() {
-                return false;
-            }
-            let value = spec(&format!("b{round}-c{c}-{i}")).into_bytes();
-            let req = PutRequest {
-                key: format!("/bench/b{round}-c{c}-{i}").into_bytes(),
-                value,
-            };
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
-            let codec = tonic_prost::ProstCodec::<PutRequest, PutResponse>::default();
-            g.unary(tonic::Request::new(req), path, codec).await.is_ok()
-        }
+        let value = spec(&format!("b{round}-c{c}-{i}")).into_bytes();
+        common::etcd_put(ch, format!("/bench/b{round}-c{c}-{i}").into_bytes(), value)
     })
     .await
-}
-
-struct Etcd {
-    child: Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_etcd() -> Option<Etcd> {
-    let bin = std::env::var_os("ETCD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "etcd".into());
-    let dir = tempfile::tempdir().ok()?;
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new(&bin)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
-        .args(["--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let addr = format!("127.0.0.1:{client}").parse().ok()?;
-    let etcd = Etcd {
-        child,
-        _dir: dir,
-        url,
-    };
-    wait_until(Duration::from_secs(30), "etcd /health", || {
-        http_get(addr, "/health").is_some_and(|(c, _)| c == 200)
-    });
-    Some(etcd)
 }
 
 fn main() {

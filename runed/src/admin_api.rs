@@ -9,7 +9,7 @@ use rune_statemachine::store::{get_record, list_records, policy_key, token_key};
 use rune_statemachine::{Command, STATE_TABLE};
 use tonic::{Request, Response, Status};
 
-use crate::api::{internal, rejection, unavailable, Api};
+use crate::api::{internal, not_proposed, rejection, Api};
 use crate::auth::{admin_gate, authorize, now_ms, token_hash};
 
 /// A new token secret: `rune_` and 32 random bytes in hex, recognisable by secret scanners.
@@ -53,7 +53,7 @@ fn token_pb(t: &TokenRecord) -> pb::Token {
 
 impl Api {
     async fn propose_identity(&self, cmd: Command) -> Result<u64, Status> {
-        let p = self.log.propose(cmd).await.map_err(unavailable)?;
+        let p = self.log.propose(cmd).await.map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;
         Ok(p.index)
     }
@@ -62,6 +62,18 @@ impl Api {
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         get_record(&t, key).map_err(internal)
+    }
+
+    fn read_page<T: serde::de::DeserializeOwned>(
+        &self,
+        list: &'static str,
+        prefix: &str,
+        req: &pb::ListRequest,
+    ) -> Result<(Vec<T>, String), Status> {
+        let q = crate::paging::PageQuery::new(list, prefix, req.limit, &req.continue_token)?;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        q.read(&t, |_: &T| true)
     }
 
     fn read_all<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, Status> {
@@ -191,9 +203,10 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         self.gate(&req, "users", "list")?;
-        let users: Vec<UserRecord> = self.read_all("users/")?;
+        let (users, continue_token) = self.read_page::<UserRecord>("users", "users/", req.get_ref())?;
         Ok(Response::new(pb::ListUsersResponse {
             users: users.iter().map(user_pb).collect(),
+            continue_token,
         }))
     }
 
@@ -251,9 +264,10 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         self.gate(&req, "policies", "list")?;
-        let ps: Vec<PolicyRecord> = self.read_all("policies/")?;
+        let (ps, continue_token) = self.read_page::<PolicyRecord>("policies", "policies/", req.get_ref())?;
         Ok(Response::new(pb::ListPoliciesResponse {
             policies: ps.iter().map(policy_pb).collect(),
+            continue_token,
         }))
     }
 
@@ -348,9 +362,10 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.gate(&req, "tokens", "list")?;
-        let ts: Vec<TokenRecord> = self.read_all("tokens/")?;
+        let (ts, continue_token) = self.read_page::<TokenRecord>("tokens", "tokens/", req.get_ref())?;
         Ok(Response::new(pb::ListTokensResponse {
             tokens: ts.iter().map(token_pb).collect(),
+            continue_token,
         }))
     }
 
@@ -385,5 +400,45 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::RotateKekRequest>,
     ) -> Result<Response<pb::RotateKekResponse>, Status> {
         crate::secrets_api::rotate_kek(self, req).await.map(Response::new)
+    }
+
+    type BackupStream = crate::api::Stream_<pb::BackupChunk>;
+
+    /// The state at one applied index, read in one transaction on a blocking thread and
+    /// streamed as it is read (bounded: a slow client slows the read, not runed's memory).
+    /// Admin-gated, needs `get` on `admin`: the backup holds every object (secrets sealed).
+    async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        self.gate(&req, "admin", "get")?;
+        let source = self.log.backup().map_err(internal)?;
+        let h = source.header().clone();
+        tracing::info!(index = h.index, records = h.records, "backup started");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::BackupChunk, Status>>(4);
+        std::thread::Builder::new()
+            .name("rune-backup".into())
+            .spawn(move || {
+                let mut first = true;
+                let sent = source.write_chunks(256 << 10, |data| {
+                    let mut chunk = pb::BackupChunk {
+                        data,
+                        ..Default::default()
+                    };
+                    if std::mem::take(&mut first) {
+                        (chunk.index, chunk.records, chunk.total_bytes) = (h.index, h.records, h.bytes);
+                    }
+                    tx.blocking_send(Ok(chunk))
+                        .map_err(|_| "the client went away".to_string())
+                });
+                match sent {
+                    Ok(()) => tracing::info!(index = h.index, "backup sent"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, index = h.index, "backup not completed");
+                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                    }
+                }
+            })
+            .map_err(internal)?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::auth::authorize;
+use crate::paging::PageQuery;
 
 /// Shared by every service of the API.
 #[derive(Clone)]
@@ -60,8 +61,13 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
-pub(crate) fn unavailable(e: ProposeError) -> Status {
-    Status::unavailable(e.to_string())
+/// Why a write did not reach the log: a full data dir is RESOURCE_EXHAUSTED (retry after
+/// freeing space), anything else UNAVAILABLE (retry later).
+pub(crate) fn not_proposed(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NoSpace(n) => Status::resource_exhausted(n.to_string()),
+        e => Status::unavailable(e.to_string()),
+    }
 }
 
 pub(crate) fn rejection(r: Rejection) -> Status {
@@ -444,7 +450,7 @@ impl pb::service_api_server::ServiceApi for Api {
             force: req.force,
             history_limit: self.history_limit,
         };
-        let p = self.log.propose(cmd).await.map_err(unavailable)?;
+        let p = self.log.propose(cmd).await.map_err(not_proposed)?;
         let changes = p.outcome.map_err(rejection)?;
         let unchanged_secrets = predicted
             .into_iter()
@@ -503,16 +509,22 @@ impl pb::service_api_server::ServiceApi for Api {
         let req = req.into_inner();
         let sel = parse_selector(&req.label_selector)?;
         let ns = scope(&req.namespace);
+        let q = PageQuery::new(
+            "services",
+            services_prefix(ns.as_deref()),
+            req.limit,
+            &req.continue_token,
+        )?;
         let index = *self.log.applied().borrow();
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let recs: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?;
-        let services = recs
-            .iter()
-            .filter(|r| matches(r, &sel))
-            .map(|r| self.service_with_ports(r))
-            .collect();
-        Ok(Response::new(pb::ListServicesResponse { services, index }))
+        let (recs, continue_token) = q.read(&t, |r: &ServiceRecord| matches(r, &sel))?;
+        let services = recs.iter().map(|r| self.service_with_ports(r)).collect();
+        Ok(Response::new(pb::ListServicesResponse {
+            services,
+            index,
+            continue_token,
+        }))
     }
 
     type WatchServicesStream = Stream_<pb::ServiceEvent>;
@@ -521,7 +533,7 @@ impl pb::service_api_server::ServiceApi for Api {
         &self,
         req: Request<pb::WatchServicesRequest>,
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
-        authorize(
+        let caller = authorize(
             &req,
             "services",
             "watch",
@@ -598,8 +610,10 @@ impl pb::service_api_server::ServiceApi for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            &caller,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
         )))
     }
 
@@ -626,7 +640,7 @@ impl pb::service_api_server::ServiceApi for Api {
                 force: req.force,
             })
             .await
-            .map_err(unavailable)?;
+            .map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;
         Ok(Response::new(pb::DeleteServiceResponse { index: p.index }))
     }
@@ -637,20 +651,29 @@ impl pb::service_api_server::ServiceApi for Api {
     ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
         let ns = scope(&req.get_ref().namespace);
         authorize(&req, "endpoints", "list", ns.as_deref())?;
-        let service = req.into_inner().service;
+        let req = req.into_inner();
+        let service = req.service;
+        let q = PageQuery::new(
+            "endpoints",
+            services_prefix(ns.as_deref()),
+            req.limit,
+            &req.continue_token,
+        )?;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let services: Vec<ServiceRecord> = match (&ns, service.is_empty()) {
-            (Some(n), false) => vec![get_record::<ServiceRecord, _>(&t, &service_key(n, &service))
-                .map_err(internal)?
-                .ok_or_else(|| Status::not_found(format!("service {n}/{service} not found")))?],
-            _ => list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?,
+        let (services, continue_token): (Vec<ServiceRecord>, String) = match (&ns, service.is_empty()) {
+            (Some(n), false) => (
+                vec![get_record::<ServiceRecord, _>(&t, &service_key(n, &service))
+                    .map_err(internal)?
+                    .ok_or_else(|| Status::not_found(format!("service {n}/{service} not found")))?],
+                String::new(),
+            ),
+            _ => q.read(&t, |s: &ServiceRecord| {
+                service.is_empty() || s.spec.name == service
+            })?,
         };
         let mut out = Vec::new();
-        for svc in services
-            .iter()
-            .filter(|s| service.is_empty() || s.spec.name == service)
-        {
+        for svc in &services {
             let (sns, name) = (svc.spec.namespace().to_string(), svc.spec.name.clone());
             let set: rune_statemachine::network::EndpointSet =
                 get_record(&t, &rune_statemachine::network::endpoints_key(&sns, &name))
@@ -681,7 +704,10 @@ impl pb::service_api_server::ServiceApi for Api {
                     .collect(),
             });
         }
-        Ok(Response::new(pb::ListEndpointsResponse { endpoints: out }))
+        Ok(Response::new(pb::ListEndpointsResponse {
+            endpoints: out,
+            continue_token,
+        }))
     }
 
     async fn service_history(
@@ -727,11 +753,14 @@ impl pb::namespace_api_server::NamespaceApi for Api {
         req: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
         authorize(&req, "namespaces", "list", None)?;
+        let req = req.into_inner();
+        let q = PageQuery::new("namespaces", "namespaces/", req.limit, &req.continue_token)?;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let recs: Vec<NamespaceRecord> = list_records(&t, "namespaces/").map_err(internal)?;
+        let (recs, continue_token) = q.read(&t, |_: &NamespaceRecord| true)?;
         Ok(Response::new(pb::ListNamespacesResponse {
             namespaces: recs.iter().map(namespace_pb).collect(),
+            continue_token,
         }))
     }
 
@@ -762,7 +791,7 @@ impl pb::namespace_api_server::NamespaceApi for Api {
             .log
             .propose(Command::DeleteNamespace { name })
             .await
-            .map_err(unavailable)?;
+            .map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;
         Ok(Response::new(pb::DeleteNamespaceResponse { index: p.index }))
     }
@@ -773,7 +802,7 @@ impl pb::namespace_api_server::NamespaceApi for Api {
         &self,
         req: Request<pb::WatchNamespacesRequest>,
     ) -> Result<Response<Self::WatchNamespacesStream>, Status> {
-        authorize(&req, "namespaces", "watch", None)?;
+        let caller = authorize(&req, "namespaces", "watch", None)?;
         let mut rx = self.log.subscribe();
         let index = *self.log.applied().borrow();
         let initial: Vec<NamespaceRecord> = {
@@ -836,8 +865,10 @@ impl pb::namespace_api_server::NamespaceApi for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            &caller,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
         )))
     }
 }

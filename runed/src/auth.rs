@@ -105,12 +105,55 @@ impl Authenticator {
     }
 }
 
+/// How a request reached runed over the local admin socket: the peer's uid (from the
+/// kernel's peer credentials), or `None` when it came over TCP.
+fn socket_peer<T>(req: &Request<T>) -> Option<Option<u32>> {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .map(|i| i.peer_cred.map(|c| c.uid()))
+}
+
+/// Whether the request came over the local admin socket from root or from runed's own user:
+/// the same trust as reading runed's data dir, so it needs no token.
+pub fn local_root<T>(req: &Request<T>) -> bool {
+    let me = crate::config::current_uid();
+    matches!(socket_peer(req), Some(Some(uid)) if uid == 0 || uid == me)
+}
+
+impl Caller {
+    /// Root on this host, over the admin socket without a token: the recovery path when no
+    /// token is left, or when gRPC listens on a private interface only.
+    fn local_root() -> Self {
+        let rules = rune_statemachine::identity::builtin_policies()
+            .into_iter()
+            .find(|p| p.name == "root")
+            .map(|p| p.rules)
+            .unwrap_or_default();
+        Self {
+            user: "root".into(),
+            token_id: String::new(),
+            token_name: "local admin socket".into(),
+            policies: vec!["root".into()],
+            rules,
+            expires_at_ms: None,
+        }
+    }
+}
+
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        if socket_peer(&req).is_some() && !local_root(&req) {
+            return Err(Status::permission_denied(
+                "the admin socket serves root (and runed's own user) only",
+            ));
+        }
+        let Some(header) = req.metadata().get("authorization") else {
+            if local_root(&req) {
+                req.extensions_mut().insert(Caller::local_root());
+                return Ok(req);
+            }
+            return Err(Status::unauthenticated("missing bearer token"));
+        };
         let text = header
             .to_str()
             .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
@@ -123,6 +166,99 @@ impl tonic::service::Interceptor for Authenticator {
         req.extensions_mut().insert(caller);
         Ok(req)
     }
+}
+
+/// Whether the token behind a stream still stands: not revoked, not expired, its user there.
+fn token_stands(log: &Log, id: &str) -> Result<(), String> {
+    let txn = log.read().map_err(|e| format!("cannot check the token: {e}"))?;
+    let t = txn
+        .open_table(STATE_TABLE)
+        .map_err(|e| format!("cannot check the token: {e}"))?;
+    let tok: TokenRecord = get_record(&t, &token_key(id))
+        .map_err(|e| format!("cannot check the token: {e}"))?
+        .ok_or_else(|| "the token no longer exists".to_string())?;
+    if tok.revoked_at_ms.is_some() {
+        return Err(format!("token {} was revoked", tok.name));
+    }
+    if !tok.live_at(now_ms()) {
+        return Err(format!("token {} has expired", tok.name));
+    }
+    match get_record::<UserRecord, _>(&t, &user_key(&tok.subject)) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!("the user of token {} no longer exists", tok.name)),
+        Err(e) => Err(format!("cannot check the token: {e}")),
+    }
+}
+
+/// Resolves with why once the token `id` stops standing: at its expiry, or at the applied
+/// entry that revokes it or deletes its user.
+async fn token_ends(log: Arc<Log>, id: String, expires_at_ms: Option<i64>) -> String {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut rx = log.subscribe();
+    if let Err(why) = token_stands(&log, &id) {
+        return why;
+    }
+    let expiry = async {
+        match expires_at_ms {
+            Some(at) => {
+                let wait = u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0);
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(expiry);
+    loop {
+        let recheck = tokio::select! {
+            () = &mut expiry => true,
+            e = rx.recv() => match e {
+                Ok(entry) => entry.changes.iter().any(|c| {
+                    matches!(c.kind, rune_statemachine::Kind::Token | rune_statemachine::Kind::User)
+                }),
+                Err(RecvError::Lagged(_)) => true,
+                // The log is closing: runed is stopping and ends every stream anyway.
+                Err(RecvError::Closed) => return std::future::pending().await,
+            },
+        };
+        if recheck {
+            if let Err(why) = token_stands(&log, &id) {
+                return why;
+            }
+        }
+    }
+}
+
+/// Ends a server stream (watch, logs, exec, port-forward) with UNAUTHENTICATED once the token
+/// that opened it is revoked or expires, so a revoked token holds no door open. Streams opened
+/// by local root on the admin socket have no token and run until they end.
+pub fn until_token_ends<T: Send + 'static>(
+    log: Arc<Log>,
+    caller: &Caller,
+    inner: crate::api::Stream_<T>,
+) -> crate::api::Stream_<T> {
+    use futures::StreamExt;
+    if caller.token_id.is_empty() {
+        return inner;
+    }
+    let end = token_ends(log, caller.token_id.clone(), caller.expires_at_ms);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut inner = inner;
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                why = &mut end => {
+                    let _ = tx.send(Err(Status::unauthenticated(format!("{why}: the stream is closed")))).await;
+                    return;
+                }
+                item = inner.next() => match item {
+                    Some(item) => if tx.send(item).await.is_err() { return },
+                    None => return,
+                },
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// The caller the interceptor resolved, for handlers that check several resources themselves.
@@ -165,16 +301,18 @@ pub fn check(caller: &Caller, resource: &str, verb: &str, namespace: Option<&str
     )))
 }
 
-/// Admin RPCs answer only loopback clients unless `auth.allow-remote-admin` is set.
+/// Admin RPCs answer only loopback clients and root on the admin socket, unless
+/// `auth.allow-remote-admin` is set.
 pub fn admin_gate<T>(req: &Request<T>, allow_remote: bool) -> Result<(), Status> {
-    let local = req
-        .remote_addr()
-        .is_some_and(|a: SocketAddr| a.ip().is_loopback());
+    let local = local_root(req)
+        || req
+            .remote_addr()
+            .is_some_and(|a: SocketAddr| a.ip().is_loopback());
     if local || allow_remote {
         Ok(())
     } else {
         Err(Status::permission_denied(
-            "admin operations are allowed only from a loopback client unless auth.allow-remote-admin is true",
+            "admin operations are allowed only from a loopback client or root on the admin socket (/run/rune/admin.sock) unless auth.allow-remote-admin is true",
         ))
     }
 }

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use rune_statemachine::decode::decode;
+use rune_statemachine::decode::{decode, FieldPath, Seg};
 use serde::Deserialize;
 
 use crate::yaml::{self, Node, NodeKind};
@@ -43,7 +43,8 @@ pub struct Flags {
     /// Same as --log-format text.
     #[arg(long)]
     pub pretty: bool,
-    /// Development mode: data under ./.rune-dev unless --data-dir, edge role implied.
+    /// Development mode (or `networking.dev-mode`): data under ./.rune-dev unless --data-dir,
+    /// edge role implied, nftables left alone.
     #[arg(long, env = "RUNE_DEV_MODE")]
     pub dev_mode: bool,
     /// Comma-separated node roles (edge).
@@ -110,6 +111,13 @@ pub struct Flags {
     /// Renew certificates this long before expiry instead of the default rule (tests).
     #[arg(long, value_parser = humantime::parse_duration, hide = true)]
     pub acme_renew_before: Option<std::time::Duration>,
+    /// Unix socket serving every RPC to local root (admin recovery when gRPC is bound to a
+    /// private interface); empty turns it off. Default: <run-dir>/admin.sock.
+    #[arg(long, env = "RUNE_ADMIN_SOCKET")]
+    pub admin_socket: Option<String>,
+    /// Free space kept on the data dir's file system; writes are refused below it (128MiB).
+    #[arg(long, env = "RUNE_STORAGE_RESERVE")]
+    pub storage_reserve: Option<String>,
     /// Test hooks under /debug/failpoints on the HTTP address. Never in production.
     #[arg(long, env = "RUNE_FAILPOINTS", hide = true)]
     pub enable_failpoints: bool,
@@ -160,18 +168,24 @@ pub struct Settings {
     pub keep_after_snapshot: u64,
     /// Previous specs kept per service.
     pub history_limit: u32,
+    /// `storage.reserve`: bytes kept free on the data dir's file system.
+    pub storage_reserve: u64,
     /// Bound on draining in-flight RPCs at shutdown.
     pub drain_seconds: u64,
     /// This node's name.
     pub node_name: String,
     /// The Docker Engine's unix socket path.
     pub docker_socket: String,
+    /// `docker.api-version`, `fallback-api-version`, `negotiation-timeout-seconds`.
+    pub docker_client: rune_orchestrator::runner::docker::DockerClientConfig,
     /// Where the KEK comes from.
     pub kek_source: rune_secrets::KekSource,
     /// `storage.secret-limits`.
     pub secret_limits: rune_statemachine::secret::SecretLimits,
     /// `auth.allow-remote-admin`.
     pub allow_remote_admin: bool,
+    /// `server.admin-socket`: every RPC for local root, over a Unix socket.
+    pub admin_socket: Option<PathBuf>,
     /// Runtime directory (secret mounts), never under the data dir.
     pub run_dir: PathBuf,
     /// TLS for gRPC and HTTP.
@@ -198,42 +212,63 @@ pub struct Settings {
     pub acme: rune_ingress::acme::AcmeConfig,
     /// Test hooks on.
     pub enable_failpoints: bool,
+    /// Runefile keys accepted but ignored, each as `file:line: key: ignored: why`.
+    pub ignored: Vec<String>,
 }
 
-/// A configuration problem; `runed` exits with it before touching anything.
+/// A configuration problem; `runed` exits with it (code 78, EX_CONFIG) before touching anything.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// `true`/`false` or a word (`networking.nftables: auto|off|true|false`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Switch {
+    Bool(bool),
+    Text(String),
+}
+
+/// A leaf value the original format allows as a number or a string (`timeout: 30s`, `retries: 3`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Number(serde_json::Number),
+    Text(String),
+}
+
+/// The runefile as written, in either spelling (keys are rewritten to kebab-case first). Every
+/// section is typed, so an unknown key anywhere is refused with its line.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct Runefile {
     server: Option<ServerSection>,
     data_dir: Option<String>,
     log: Option<LogSection>,
+    debug: Option<bool>,
+    pretty: Option<bool>,
     storage: Option<StorageSection>,
     telemetry: Option<TelemetrySection>,
     node: Option<NodeSection>,
-    namespace: Option<String>,
     auth: Option<AuthSection>,
-    client: Option<ClientSection>,
     docker: Option<DockerSection>,
-    resources: Option<serde_json::Value>,
-    secret: Option<serde_json::Value>,
-    crypto: Option<serde_json::Value>,
+    runner: Option<RunnerSection>,
+    secret: Option<SecretSection>,
+    crypto: Option<CryptoSection>,
+    networking: Option<NetworkingSection>,
+    ingress: Option<IngressSection>,
+    acme: Option<AcmeSection>,
+    /// The docs' top-level spelling of `docker.registries`.
+    registries: Option<Vec<serde_json::Value>>,
+    // Keys of the original format that mean nothing to runed: accepted, and said to be ignored.
+    namespace: Option<String>,
+    client: Option<ClientSection>,
+    resources: Option<ResourcesSection>,
     plugins: Option<PluginsSection>,
-    networking: Option<serde_json::Value>,
-    ingress: Option<serde_json::Value>,
-    acme: Option<serde_json::Value>,
-    runner: Option<serde_json::Value>,
-    registries: Option<serde_json::Value>,
 }
 
-// Keys that later capabilities (TLS, secret limits) read are accepted now, so runefiles written
-// for them load today.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-#[allow(dead_code)]
 struct ServerSection {
     #[serde(alias = "grpc-address")]
     grpc_addr: Option<String>,
@@ -246,11 +281,11 @@ struct ServerSection {
     log_format: Option<String>,
     tls: Option<TlsSection>,
     drain_seconds: Option<u64>,
+    admin_socket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-#[allow(dead_code)]
 struct TlsSection {
     enabled: Option<bool>,
     cert_file: Option<String>,
@@ -266,12 +301,19 @@ struct LogSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-#[allow(dead_code)]
 struct StorageSection {
     snapshot_every: Option<u64>,
     keep_after_snapshot: Option<u64>,
     history_limit: Option<u32>,
-    secret_limits: Option<serde_json::Value>,
+    secret_limits: Option<SecretLimitsSection>,
+    reserve: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct SecretLimitsSection {
+    max_keys_per_secret: Option<u64>,
+    max_value_size: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -290,8 +332,8 @@ struct NodeSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-#[allow(dead_code)]
 struct AuthSection {
+    /// The original's API keys; only the empty value (none) is meaningful here.
     api_keys: Option<serde_json::Value>,
     provider: Option<String>,
     token: Option<String>,
@@ -302,27 +344,131 @@ struct AuthSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-#[allow(dead_code)]
-struct ClientSection {
-    timeout: Option<serde_json::Value>,
-    retries: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[allow(dead_code)]
 struct DockerSection {
     api_version: Option<String>,
     fallback_api_version: Option<String>,
     negotiation_timeout_seconds: Option<u64>,
-    secret_dir_mode: Option<serde_json::Value>,
-    secret_file_mode: Option<serde_json::Value>,
-    config_dir_mode: Option<serde_json::Value>,
-    config_file_mode: Option<serde_json::Value>,
+    secret_dir_mode: Option<Scalar>,
+    secret_file_mode: Option<Scalar>,
+    config_dir_mode: Option<Scalar>,
+    config_file_mode: Option<Scalar>,
     socket: Option<String>,
-    registries: Option<serde_json::Value>,
+    registries: Option<Vec<serde_json::Value>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RunnerSection {
+    docker: Option<RunnerSwitch>,
+    process: Option<RunnerSwitch>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RunnerSwitch {
+    enabled: Option<bool>,
+    socket: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct SecretSection {
+    encryption: Option<EncryptionSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct EncryptionSection {
+    enabled: Option<bool>,
+    kek: Option<KekSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct CryptoSection {
+    kek: Option<KekSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct KekSection {
+    source: Option<String>,
+    #[serde(alias = "file")]
+    file_path: Option<String>,
+    #[serde(alias = "env")]
+    env_var: Option<String>,
+    generate_if_missing: Option<bool>,
+    passphrase: Option<PassphraseSection>,
+}
+
+// Decoded only so that unknown keys inside are refused; the values are not used.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct PassphraseSection {
+    enabled: Option<bool>,
+    env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct NetworkingSection {
+    dev_mode: Option<bool>,
+    cluster_cidr: Option<String>,
+    dns_addr: Option<String>,
+    dns_upstreams: Option<Vec<String>>,
+    stale_budget: Option<String>,
+    nftables: Option<Switch>,
+    nft_table: Option<String>,
+    proxy_ports: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct IngressSection {
+    http_addr: Option<String>,
+    https_addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct AcmeSection {
+    #[serde(alias = "directory")]
+    directory_url: Option<String>,
+    email: Option<String>,
+    staging: Option<bool>,
+    ca_file: Option<String>,
+    renew_before: Option<String>,
+}
+
+// Decoded only so that unknown keys inside are refused; the values are not used.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ClientSection {
+    timeout: Option<Scalar>,
+    retries: Option<u32>,
+}
+
+// Decoded only so that unknown keys inside are refused; the values are not used.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ResourcesSection {
+    cpu: Option<ResourceDefaults>,
+    memory: Option<ResourceDefaults>,
+}
+
+// Decoded only so that unknown keys inside are refused; the values are not used.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ResourceDefaults {
+    default_request: Option<Scalar>,
+    default_limit: Option<Scalar>,
+}
+
+// Decoded only so that unknown keys inside are refused; the values are not used.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[allow(dead_code)]
@@ -347,17 +493,41 @@ fn kebab_keys(node: &mut Node) {
     }
 }
 
-fn load_runefile(path: &Path) -> Result<Runefile, ConfigError> {
+/// Where settings came from, so that a problem found after decoding still names its line.
+#[derive(Default)]
+struct Source {
+    name: String,
+    doc: Option<Node>,
+}
+
+impl Source {
+    /// `file:line: key` for a dotted key of the runefile, or just the key without a file.
+    fn at(&self, key: &str) -> String {
+        match &self.doc {
+            Some(doc) => {
+                let path = FieldPath(key.split('.').map(|k| Seg::Key(k.to_string())).collect());
+                format!("{}:{}: {key}", self.name, doc.line_of(&path))
+            }
+            None => key.to_string(),
+        }
+    }
+
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> ConfigError {
+        ConfigError(format!("{}: {msg}", self.at(key)))
+    }
+}
+
+fn load_runefile(path: &Path) -> Result<(Runefile, Source), ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read runefile {name}: {e}")))?;
     let docs = yaml::parse(&text)
         .map_err(|e| ConfigError(format!("{name}:{}: invalid YAML: {}", e.line, e.message)))?;
     let Some(mut doc) = docs.into_iter().find(|d| !d.is_null()) else {
-        return Ok(Runefile::default());
+        return Ok((Runefile::default(), Source { name, doc: None }));
     };
     kebab_keys(&mut doc);
-    decode::<Runefile>(&doc.to_json()).map_err(|errs| {
+    let file = decode::<Runefile>(&doc.to_json()).map_err(|errs| {
         let msgs: Vec<String> = errs
             .iter()
             .map(|e| {
@@ -366,12 +536,18 @@ fn load_runefile(path: &Path) -> Result<Runefile, ConfigError> {
             })
             .collect();
         ConfigError(msgs.join("\n"))
-    })
+    })?;
+    Ok((file, Source { name, doc: Some(doc) }))
 }
 
-/// Checks a runefile without starting anything (for `rune lint`).
-pub fn check_runefile(path: &Path) -> Result<(), ConfigError> {
-    load_runefile(path).map(|_| ())
+/// Checks a runefile without starting anything (for `rune lint`); returns what runed would say
+/// it ignores.
+pub fn check_runefile(path: &Path) -> Result<Vec<String>, ConfigError> {
+    Settings::resolve(&Flags {
+        config: Some(path.to_path_buf()),
+        ..Default::default()
+    })
+    .map(|s| s.ignored)
 }
 
 /// Parses `:7863`, `0.0.0.0:7863`, `localhost:7863` or `[::1]:7863`.
@@ -389,50 +565,182 @@ pub fn parse_addr(what: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Parses a size: `134217728`, `128MiB`, `1GiB`, `500MB`, `64k`.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "ki" | "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mi" | "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gi" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// A Docker API version such as `1.43`.
+fn parse_api_version(src: &Source, key: &str, v: &str) -> Result<(usize, usize), ConfigError> {
+    v.trim()
+        .split_once('.')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| src.err(key, format!("'{v}' is not a Docker API version such as 1.43")))
+}
+
+/// The default room kept free on the data dir's file system (`storage.reserve`).
+pub const DEFAULT_STORAGE_RESERVE: u64 = 128 << 20;
+
 impl Settings {
     /// Resolves defaults, the runefile and the flags.
     pub fn resolve(flags: &Flags) -> Result<Self, ConfigError> {
-        let file = match &flags.config {
+        let (file, src) = match &flags.config {
             Some(p) => load_runefile(p)?,
-            None => Runefile::default(),
+            None => (Runefile::default(), Source::default()),
         };
+        let mut ignored = Vec::new();
         let server = file.server.unwrap_or_default();
         let log = file.log.unwrap_or_default();
         let storage = file.storage.unwrap_or_default();
-        let _ = (
-            &file.namespace,
-            &file.auth,
-            &file.client,
-            &file.resources,
-            &file.secret,
-        );
-        let _ = (
-            &file.crypto,
-            &file.plugins,
-            &file.networking,
-            &file.ingress,
-            &file.acme,
-            &file.runner,
-            &file.registries,
-        );
+        let net = file.networking.unwrap_or_default();
+        let auth = file.auth.unwrap_or_default();
+        let docker = file.docker.unwrap_or_default();
+        let runner = file.runner.unwrap_or_default();
+        let dev_mode = flags.dev_mode || net.dev_mode.unwrap_or(false);
 
+        // Keys of the original format that runed has no use for: said, not silently dropped.
+        for (present, key, why) in [
+            (
+                file.namespace.is_some(),
+                "namespace",
+                "the CLI chooses the namespace (-n, contexts)",
+            ),
+            (
+                file.client.is_some(),
+                "client",
+                "client settings belong to the CLI's config (~/.rune/config.yaml)",
+            ),
+            (
+                file.resources.is_some(),
+                "resources",
+                "default resource requests and limits are not applied by this runed; set them per service",
+            ),
+            (file.plugins.is_some(), "plugins", "runed has no plugins"),
+        ] {
+            if present {
+                ignored.push(format!("{}: ignored: {why}", src.at(key)));
+            }
+        }
+        // Keys that would change what runed does in ways it cannot: refused, never ignored.
+        let refuse = |key: &str, why: &str| Err(src.err(key, format!("not supported: {why}")));
+        if docker.registries.as_ref().is_some_and(|r| !r.is_empty()) {
+            return refuse(
+                "docker.registries",
+                "registry credentials are not wired into image pulls in this release (they come with private-registry support); remove the list, or pre-pull the images",
+            );
+        }
+        if file.registries.as_ref().is_some_and(|r| !r.is_empty()) {
+            return refuse(
+                "registries",
+                "registry credentials are not wired into image pulls in this release (they come with private-registry support); remove the list, or pre-pull the images",
+            );
+        }
+        for (value, key) in [
+            (&docker.secret_dir_mode, "docker.secret-dir-mode"),
+            (&docker.secret_file_mode, "docker.secret-file-mode"),
+            (&docker.config_dir_mode, "docker.config-dir-mode"),
+            (&docker.config_file_mode, "docker.config-file-mode"),
+        ] {
+            if value.is_some() {
+                return refuse(
+                    key,
+                    "mounted secret files are 0400 and configmap files 0444, owned by the instance's user, under the runtime directory (--run-dir)",
+                );
+            }
+        }
+        if auth.enabled == Some(false) {
+            return refuse(
+                "auth.enabled",
+                "every request needs a token; there is no switch to turn authentication off",
+            );
+        }
+        if auth.provider.as_deref().is_some_and(|p| p != "token") {
+            return refuse(
+                "auth.provider",
+                "the only provider is token (rune admin token create)",
+            );
+        }
+        let nonempty = |v: &Option<serde_json::Value>| match v {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::String(s)) => !s.trim().is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if nonempty(&auth.api_keys) {
+            return refuse(
+                "auth.api-keys",
+                "static API keys are not accepted; create tokens with rune admin token create",
+            );
+        }
+        if auth.token.as_deref().is_some_and(|t| !t.trim().is_empty()) {
+            return refuse(
+                "auth.token",
+                "a static token in the runefile is not accepted; create tokens with rune admin token create",
+            );
+        }
+        if let Some(enc) = &file.secret.as_ref().and_then(|s| s.encryption.as_ref()) {
+            if enc.enabled == Some(false) {
+                return refuse(
+                    "secret.encryption.enabled",
+                    "secrets are always sealed under the KEK",
+                );
+            }
+        }
+        for (r, key) in [
+            (&runner.docker, "runner.docker"),
+            (&runner.process, "runner.process"),
+        ] {
+            if r.as_ref().and_then(|r| r.enabled) == Some(false) {
+                return refuse(
+                    &format!("{key}.enabled"),
+                    "both runners are always on; a service chooses its runtime",
+                );
+            }
+        }
+        if runner.process.as_ref().is_some_and(|p| p.socket.is_some()) {
+            return Err(src.err(
+                "runner.process.socket",
+                "unknown key (runner.process has only enabled)",
+            ));
+        }
+
+        // A developer's runed stays on loopback unless told otherwise.
+        let (grpc_default, http_default) = if dev_mode {
+            ("127.0.0.1:7863", "127.0.0.1:7861")
+        } else {
+            (":7863", ":7861")
+        };
         let grpc = flags
             .grpc_addr
             .clone()
             .or(server.grpc_addr)
-            .unwrap_or_else(|| ":7863".into());
+            .unwrap_or_else(|| grpc_default.into());
         let http = flags
             .http_addr
             .clone()
             .or(server.http_addr)
-            .unwrap_or_else(|| ":7861".into());
+            .unwrap_or_else(|| http_default.into());
         let metrics = flags
             .metrics_addr
             .clone()
             .or(server.metrics_addr)
             .or(file.telemetry.and_then(|t| t.metrics_addr))
             .unwrap_or_else(|| "127.0.0.1:9100".into());
-        let default_dir = if flags.dev_mode {
+        let default_dir = if dev_mode {
             PathBuf::from(".rune-dev")
         } else {
             PathBuf::from("/var/lib/rune")
@@ -443,7 +751,7 @@ impl Settings {
             .or(server.data_dir.map(PathBuf::from))
             .or(file.data_dir.map(PathBuf::from))
             .unwrap_or(default_dir);
-        let level = if flags.debug {
+        let level = if flags.debug || file.debug == Some(true) {
             "debug".to_string()
         } else {
             flags
@@ -454,11 +762,12 @@ impl Settings {
                 .unwrap_or_else(|| "info".into())
         };
         if !matches!(level.as_str(), "trace" | "debug" | "info" | "warn" | "error") {
-            return Err(ConfigError(format!(
-                "log level '{level}' is not one of trace, debug, info, warn, error"
-            )));
+            return Err(src.err(
+                "log.level",
+                format!("'{level}' is not one of trace, debug, info, warn, error"),
+            ));
         }
-        let format = if flags.pretty {
+        let format = if flags.pretty || file.pretty == Some(true) {
             "text".to_string()
         } else {
             flags
@@ -471,7 +780,7 @@ impl Settings {
         let log_format = match format.as_str() {
             "text" | "pretty" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(ConfigError(format!("log format '{other}' is not text or json"))),
+            other => return Err(src.err("log.format", format!("'{other}' is not text or json"))),
         };
         let node = file.node.unwrap_or_default();
         let node_name = flags
@@ -488,7 +797,8 @@ impl Settings {
         let docker_socket = flags
             .docker_socket
             .clone()
-            .or(file.docker.and_then(|d| d.socket))
+            .or(runner.docker.as_ref().and_then(|d| d.socket.clone()))
+            .or(docker.socket)
             .or_else(|| {
                 std::env::var("DOCKER_HOST")
                     .ok()
@@ -499,38 +809,39 @@ impl Settings {
             .strip_prefix("unix://")
             .map(String::from)
             .unwrap_or(docker_socket);
+        let docker_client = rune_orchestrator::runner::docker::DockerClientConfig {
+            api_version: match &docker.api_version {
+                Some(v) if !v.trim().is_empty() => Some(parse_api_version(&src, "docker.api-version", v)?),
+                _ => None,
+            },
+            fallback_api_version: match &docker.fallback_api_version {
+                Some(v) if !v.trim().is_empty() => {
+                    Some(parse_api_version(&src, "docker.fallback-api-version", v)?)
+                }
+                _ => None,
+            },
+            negotiation_timeout: std::time::Duration::from_secs(
+                docker.negotiation_timeout_seconds.unwrap_or(10).max(1),
+            ),
+        };
         let cluster_cidr = flags
             .cluster_cidr
             .clone()
-            .or_else(|| {
-                file.networking
-                    .as_ref()
-                    .and_then(|n| n.get("cluster-cidr"))
-                    .and_then(|v| v.as_str())
-                    .map(String::from)
-            })
+            .or(net.cluster_cidr)
             .unwrap_or_else(|| rune_statemachine::network::DEFAULT_CLUSTER_CIDR.into());
         rune_statemachine::network::Cidr::parse(&cluster_cidr)
-            .map_err(|m| ConfigError(format!("networking.cluster-cidr (--cluster-cidr): {m}")))?;
-        let net = |key: &str| file.networking.as_ref().and_then(|n| n.get(key)).cloned();
-        let dns_addr = flags
-            .dns_addr
-            .clone()
-            .or_else(|| net("dns-addr").and_then(|v| v.as_str().map(String::from)));
+            .map_err(|m| src.err("networking.cluster-cidr", format!("(--cluster-cidr) {m}")))?;
+        let dns_addr = flags.dns_addr.clone().or(net.dns_addr);
         let dns_addr_default = dns_addr.is_none();
         let dns_addr = dns_addr.unwrap_or_else(|| "127.0.0.123:53".into());
         let dns_addr: SocketAddr = dns_addr.parse().map_err(|_| {
-            ConfigError(format!(
-                "networking.dns-addr: '{dns_addr}' is not an address such as 127.0.0.123:53"
-            ))
+            src.err(
+                "networking.dns-addr",
+                format!("'{dns_addr}' is not an address such as 127.0.0.123:53"),
+            )
         })?;
         let upstream_text: Vec<String> = if flags.dns_upstreams.is_empty() {
-            net("dns-upstreams")
-                .and_then(|v| v.as_array().cloned())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
+            net.dns_upstreams.unwrap_or_default()
         } else {
             flags.dns_upstreams.clone()
         };
@@ -539,195 +850,171 @@ impl Settings {
             .map(|u| {
                 u.parse::<SocketAddr>()
                     .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                    .map_err(|_| ConfigError(format!("networking.dns-upstreams: '{u}' is not an address")))
+                    .map_err(|_| src.err("networking.dns-upstreams", format!("'{u}' is not an address")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let stale_budget = match (flags.stale_budget, net("stale-budget")) {
+        let stale_budget = match (flags.stale_budget, net.stale_budget) {
             (Some(d), _) => d,
-            (None, Some(serde_json::Value::String(t))) => humantime::parse_duration(&t)
-                .map_err(|e| ConfigError(format!("networking.stale-budget: '{t}': {e}")))?,
-            (None, Some(other)) => {
-                return Err(ConfigError(format!(
-                    "networking.stale-budget: expected a duration such as 30s, got {other}"
-                )))
-            }
+            (None, Some(t)) => humantime::parse_duration(&t)
+                .map_err(|e| src.err("networking.stale-budget", format!("'{t}': {e}")))?,
             (None, None) => std::time::Duration::from_secs(30),
         };
-        let text = |flag: &Option<String>, key: &str| -> Result<Option<String>, ConfigError> {
-            match (flag, net(key)) {
-                (Some(v), _) => Ok(Some(v.clone())),
-                (None, Some(serde_json::Value::String(t))) => Ok(Some(t)),
-                (None, Some(serde_json::Value::Bool(b))) => Ok(Some(if b { "auto" } else { "off" }.into())),
-                (None, Some(other)) => Err(ConfigError(format!(
-                    "networking.{key}: expected a string, got {other}"
-                ))),
-                (None, None) => Ok(None),
-            }
-        };
-        let nftables = match text(&flags.nftables, "nftables")?.as_deref() {
-            None | Some("auto") | Some("on") => !flags.dev_mode,
+        let nft_text = flags.nftables.clone().or(match net.nftables {
+            Some(Switch::Bool(b)) => Some(if b { "auto" } else { "off" }.to_string()),
+            Some(Switch::Text(t)) => Some(t),
+            None => None,
+        });
+        let nftables = match nft_text.as_deref() {
+            None | Some("auto") | Some("on") => !dev_mode,
             Some("off") => false,
             Some(other) => {
-                return Err(ConfigError(format!(
-                    "networking.nftables (--nftables): expected auto or off, got '{other}'"
-                )))
+                return Err(src.err(
+                    "networking.nftables",
+                    format!("(--nftables) expected auto or off, got '{other}'"),
+                ))
             }
         };
-        let nft_table = text(&flags.nft_table, "nft-table")?.unwrap_or_else(|| "rune".into());
+        let nft_table = flags
+            .nft_table
+            .clone()
+            .or(net.nft_table)
+            .unwrap_or_else(|| "rune".into());
         // runed replaces its table whole (delete, then define): a name that could be another
         // program's table (`filter`, `nat`) would wipe it, so only `rune` and `rune_*` are taken.
         if nft_table.len() > 32
             || !(nft_table == "rune" || nft_table.starts_with("rune_"))
             || !nft_table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
-            return Err(ConfigError(format!(
-                "networking.nft-table (--nft-table): '{nft_table}' must be `rune` or `rune_` then letters, digits or '_' (at most 32), so it can never be another program's table"
-            )));
+            return Err(src.err(
+                "networking.nft-table",
+                format!("(--nft-table) '{nft_table}' must be `rune` or `rune_` then letters, digits or '_' (at most 32), so it can never be another program's table"),
+            ));
         }
-        let range_text = text(&flags.proxy_ports, "proxy-ports")?.unwrap_or_else(|| "30000-32767".into());
+        let range_text = flags
+            .proxy_ports
+            .clone()
+            .or(net.proxy_ports)
+            .unwrap_or_else(|| "30000-32767".into());
         let proxy_ports = range_text
             .split_once('-')
             .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
             .filter(|(a, b)| *a > 0 && a <= b)
             .ok_or_else(|| {
-                ConfigError(format!(
-                    "networking.proxy-ports (--proxy-ports): '{range_text}' is not a port range such as 30000-32767"
-                ))
+                src.err(
+                    "networking.proxy-ports",
+                    format!("(--proxy-ports) '{range_text}' is not a port range such as 30000-32767"),
+                )
             })?;
-        for (section, value, known) in [
-            ("ingress", &file.ingress, &["http-addr", "https-addr"][..]),
-            (
-                "acme",
-                &file.acme,
-                &["directory-url", "email", "staging", "ca-file", "renew-before"][..],
-            ),
-        ] {
-            match value {
-                None => {}
-                Some(serde_json::Value::Object(m)) => {
-                    if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
-                        return Err(ConfigError(format!(
-                            "{section}.{k}: unknown key (known: {})",
-                            known.join(", ")
-                        )));
-                    }
-                }
-                Some(other) => {
-                    return Err(ConfigError(format!("{section}: expected a mapping, got {other}")))
-                }
-            }
-        }
-        let ingress_key = |key: &str| -> Result<Option<String>, ConfigError> {
-            match file.ingress.as_ref().and_then(|i| i.get(key)) {
-                None => Ok(None),
-                Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
-                Some(other) => Err(ConfigError(format!(
-                    "ingress.{key}: expected an address such as :80, got {other}"
-                ))),
-            }
+        let ingress = file.ingress.unwrap_or_default();
+        let ingress_addr = |flag: &Option<String>,
+                            value: Option<String>,
+                            key: &str,
+                            prod: &str,
+                            dev: &str|
+         -> Result<SocketAddr, ConfigError> {
+            let text = flag
+                .clone()
+                .or(value)
+                .unwrap_or_else(|| if dev_mode { dev } else { prod }.into());
+            parse_addr(&src.at(&format!("ingress.{key}")), &text)
         };
-        let ingress_addr =
-            |flag: &Option<String>, key: &str, prod: &str, dev: &str| -> Result<SocketAddr, ConfigError> {
-                let text = match flag {
-                    Some(v) => v.clone(),
-                    None => {
-                        ingress_key(key)?.unwrap_or_else(|| if flags.dev_mode { dev } else { prod }.into())
-                    }
-                };
-                parse_addr(&format!("ingress.{key}"), &text)
-            };
-        let ingress_http = ingress_addr(&flags.ingress_http_addr, "http-addr", ":80", "127.0.0.1:8080")?;
-        let ingress_https = ingress_addr(&flags.ingress_https_addr, "https-addr", ":443", "127.0.0.1:8443")?;
-        let acme_key = |key: &str| file.acme.as_ref().and_then(|a| a.get(key)).cloned();
-        let acme_text = |key: &str| -> Result<Option<String>, ConfigError> {
-            match acme_key(key) {
-                None => Ok(None),
-                Some(serde_json::Value::String(t)) => Ok(Some(t)),
-                Some(other) => Err(ConfigError(format!("acme.{key}: expected a string, got {other}"))),
-            }
-        };
-        let staging = match acme_key("staging") {
-            None => false,
-            Some(serde_json::Value::Bool(b)) => b,
-            Some(other) => {
-                return Err(ConfigError(format!(
-                    "acme.staging: expected true or false, got {other}"
-                )))
-            }
-        };
-        let directory = match (flags.acme_directory_url.clone(), acme_text("directory-url")?) {
+        let ingress_http = ingress_addr(
+            &flags.ingress_http_addr,
+            ingress.http_addr,
+            "http-addr",
+            ":80",
+            "127.0.0.1:8080",
+        )?;
+        let ingress_https = ingress_addr(
+            &flags.ingress_https_addr,
+            ingress.https_addr,
+            "https-addr",
+            ":443",
+            "127.0.0.1:8443",
+        )?;
+        let acme_file = file.acme.unwrap_or_default();
+        let staging = acme_file.staging.unwrap_or(false);
+        let directory = match (flags.acme_directory_url.clone(), acme_file.directory_url) {
             (Some(u), _) | (None, Some(u)) => u,
             (None, None) if staging => "https://acme-staging-v02.api.letsencrypt.org/directory".into(),
             (None, None) => "https://acme-v02.api.letsencrypt.org/directory".into(),
         };
         if !directory.starts_with("https://") {
-            return Err(ConfigError(format!(
-                "acme.directory-url: '{directory}' must be an https:// URL"
-            )));
+            return Err(src.err(
+                "acme.directory-url",
+                format!("'{directory}' must be an https:// URL"),
+            ));
         }
         let acme = rune_ingress::acme::AcmeConfig {
             directory,
-            email: flags.acme_email.clone().or(acme_text("email")?),
+            email: flags.acme_email.clone().or(acme_file.email),
             ca_file: flags
                 .acme_ca_file
                 .clone()
-                .or(acme_text("ca-file")?.map(PathBuf::from)),
-            renew_before: match (flags.acme_renew_before, acme_text("renew-before")?) {
+                .or(acme_file.ca_file.map(PathBuf::from)),
+            renew_before: match (flags.acme_renew_before, acme_file.renew_before) {
                 (Some(d), _) => Some(d),
                 (None, Some(t)) => Some(
                     humantime::parse_duration(&t)
-                        .map_err(|e| ConfigError(format!("acme.renew-before: '{t}': {e}")))?,
+                        .map_err(|e| src.err("acme.renew-before", format!("'{t}': {e}")))?,
                 ),
                 (None, None) => None,
             },
         };
-        let tls = tls_setting(
+        let tls = tls_setting(flags, dev_mode, auth.tls.as_ref().or(server.tls.as_ref()))?;
+        let kek_source = kek_source(
             flags,
-            file.auth
-                .as_ref()
-                .and_then(|a| a.tls.as_ref())
-                .or(server.tls.as_ref()),
+            &src,
+            file.crypto.and_then(|c| c.kek),
+            file.secret.and_then(|s| s.encryption).and_then(|e| e.kek),
+            &data_dir,
         )?;
-        let kek_source = kek_source(flags, file.crypto.as_ref(), file.secret.as_ref(), &data_dir)?;
-        let secret_limits = secret_limits(storage.secret_limits.as_ref())?;
-        let allow_remote_admin = file
-            .auth
-            .as_ref()
-            .and_then(|a| a.allow_remote_admin)
-            .unwrap_or(false);
+        let secret_limits = secret_limits(storage.secret_limits.as_ref(), &src)?;
+        let storage_reserve = match (&flags.storage_reserve, &storage.reserve) {
+            (Some(t), _) => parse_size(t).ok_or_else(|| {
+                ConfigError(format!("--storage-reserve: '{t}' is not a size such as 128MiB"))
+            })?,
+            (None, Some(Scalar::Text(t))) => parse_size(t).ok_or_else(|| {
+                src.err(
+                    "storage.reserve",
+                    format!("'{t}' is not a size such as 128MiB or 1GiB"),
+                )
+            })?,
+            (None, Some(Scalar::Number(n))) => n
+                .as_u64()
+                .ok_or_else(|| src.err("storage.reserve", format!("'{n}' is not a whole number of bytes")))?,
+            (None, None) => DEFAULT_STORAGE_RESERVE,
+        };
         let run_dir = flags.run_dir.clone().unwrap_or_else(|| {
-            // The owner of /proc/self is this process's uid.
-            let uid = std::fs::metadata("/proc/self")
-                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-                .unwrap_or(0);
-            if uid == 0 {
+            if running_as_root() {
                 PathBuf::from("/run/rune")
             } else {
-                std::env::temp_dir().join(format!("rune-{uid}"))
+                std::env::temp_dir().join(format!("rune-{}", current_uid()))
             }
         });
+        let admin_socket = match flags.admin_socket.clone().or(server.admin_socket) {
+            Some(p) if p.trim().is_empty() => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(run_dir.join("admin.sock")),
+        };
         let roles = match &flags.node_role {
             Some(r) => r.clone(),
-            None => node.role.unwrap_or_else(|| {
-                if flags.dev_mode {
-                    "edge".into()
-                } else {
-                    String::new()
-                }
-            }),
+            None => node
+                .role
+                .unwrap_or_else(|| if dev_mode { "edge".into() } else { String::new() }),
         };
         Ok(Settings {
-            grpc_addr: parse_addr("grpc address", &grpc)?,
-            http_addr: parse_addr("http address", &http)?,
+            grpc_addr: parse_addr(&src.at("server.grpc-addr"), &grpc)?,
+            http_addr: parse_addr(&src.at("server.http-addr"), &http)?,
             metrics_addr: if metrics.trim().is_empty() {
                 None
             } else {
-                Some(parse_addr("metrics address", &metrics)?)
+                Some(parse_addr(&src.at("server.metrics-addr"), &metrics)?)
             },
             data_dir,
             log_level: level,
             log_format,
-            dev_mode: flags.dev_mode,
+            dev_mode,
             node_roles: roles
                 .split(',')
                 .map(str::trim)
@@ -739,12 +1026,15 @@ impl Settings {
             history_limit: storage
                 .history_limit
                 .unwrap_or(rune_statemachine::DEFAULT_HISTORY_LIMIT),
+            storage_reserve,
             drain_seconds: server.drain_seconds.unwrap_or(10),
             node_name,
             docker_socket,
+            docker_client,
             kek_source,
             secret_limits,
-            allow_remote_admin,
+            allow_remote_admin: auth.allow_remote_admin.unwrap_or(false),
+            admin_socket,
             run_dir,
             tls,
             cluster_cidr,
@@ -761,70 +1051,80 @@ impl Settings {
                 .then_some((ingress_http, ingress_https)),
             acme,
             enable_failpoints: flags.enable_failpoints,
+            ignored,
         })
     }
 }
 
-/// `crypto.kek` (or the original's `secret.encryption.kek`), and `--kek-file`.
+/// This process's uid (the owner of /proc/self).
+pub fn current_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(u32::MAX)
+}
+
+fn running_as_root() -> bool {
+    current_uid() == 0
+}
+
+/// `crypto.kek` (or the original's `secret.encryption.kek`), and `--kek-file`. A relative file
+/// path is relative to the data dir, as in the original.
 fn kek_source(
     flags: &Flags,
-    crypto: Option<&serde_json::Value>,
-    secret: Option<&serde_json::Value>,
+    src: &Source,
+    crypto: Option<KekSection>,
+    original: Option<KekSection>,
     data_dir: &Path,
 ) -> Result<rune_secrets::KekSource, ConfigError> {
     use rune_secrets::KekSource;
-    let (kek, at) = match (
-        crypto.and_then(|c| c.get("kek")),
-        secret
-            .and_then(|s| s.get("encryption"))
-            .and_then(|e| e.get("kek")),
-    ) {
-        (Some(k), _) => (Some(k), "crypto.kek"),
-        (None, Some(k)) => (Some(k), "secret.encryption.kek"),
-        (None, None) => (None, "crypto.kek"),
+    let (kek, at) = match (crypto, original) {
+        (Some(k), _) => (k, "crypto.kek"),
+        (None, Some(k)) => (k, "secret.encryption.kek"),
+        (None, None) => (KekSection::default(), "crypto.kek"),
     };
-    let text = |key: &str| -> Result<Option<String>, ConfigError> {
-        match kek.and_then(|k| k.get(key)) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(ConfigError(format!("{at}.{key}: expected a string, got {other}"))),
+    if kek.passphrase.as_ref().and_then(|p| p.enabled) == Some(true) {
+        return Err(src.err(
+            &format!("{at}.passphrase.enabled"),
+            "not supported: a passphrase-protected KEK file; use source: env to load the key from a secret manager",
+        ));
+    }
+    let generate = kek.generate_if_missing.unwrap_or(true);
+    let file = kek.file_path.filter(|f| !f.trim().is_empty()).map(|f| {
+        let p = PathBuf::from(f);
+        if p.is_relative() {
+            data_dir.join(p)
+        } else {
+            p
         }
-    };
-    let generate = match kek.and_then(|k| k.get("generate-if-missing")) {
-        None | Some(serde_json::Value::Null) => true,
-        Some(serde_json::Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(ConfigError(format!(
-                "{at}.generate-if-missing: expected true or false, got {other}"
-            )))
-        }
-    };
-    let file = text("file-path")?.or(text("file")?).map(PathBuf::from);
+    });
     if let Some(path) = &flags.kek_file {
         return Ok(KekSource::File {
             path: path.clone(),
             generate_if_missing: generate,
         });
     }
-    match text("source")?.as_deref().unwrap_or("file") {
+    match kek.source.as_deref().unwrap_or("file") {
         "file" => Ok(KekSource::File {
             path: file.unwrap_or_else(|| crate::secrets_api::default_kek_path(data_dir)),
             generate_if_missing: generate,
         }),
         "env" => Ok(KekSource::Env {
-            var: text("env-var")?
-                .or(text("env")?)
-                .unwrap_or_else(|| "RUNE_MASTER_KEY".into()),
+            var: kek.env_var.unwrap_or_else(|| "RUNE_MASTER_KEY".into()),
         }),
         "generated" => Ok(KekSource::Generated),
-        other => Err(ConfigError(format!(
-            "{at}.source: '{other}' is not one of file, env, generated"
-        ))),
+        other => Err(src.err(
+            &format!("{at}.source"),
+            format!("'{other}' is not one of file, env, generated"),
+        )),
     }
 }
 
 /// `auth.tls` (or the original's `server.tls`) and the `--tls*` flags.
-fn tls_setting(flags: &Flags, section: Option<&TlsSection>) -> Result<TlsSetting, ConfigError> {
+fn tls_setting(
+    flags: &Flags,
+    dev_mode: bool,
+    section: Option<&TlsSection>,
+) -> Result<TlsSetting, ConfigError> {
     let cert = flags
         .tls_cert_file
         .clone()
@@ -840,7 +1140,7 @@ fn tls_setting(flags: &Flags, section: Option<&TlsSection>) -> Result<TlsSetting
     }
     match (cert, key) {
         (Some(cert), Some(key)) => Ok(TlsSetting::Files(crate::tls::TlsFiles { cert, key })),
-        (None, None) if flags.dev_mode => Ok(TlsSetting::DevSelfSigned),
+        (None, None) if dev_mode => Ok(TlsSetting::DevSelfSigned),
         (None, None) => Err(ConfigError(
             "TLS is enabled but auth.tls.cert-file and auth.tls.key-file are not set (only --dev-mode generates a self-signed pair)".into(),
         )),
@@ -851,28 +1151,24 @@ fn tls_setting(flags: &Flags, section: Option<&TlsSection>) -> Result<TlsSetting
 
 /// `storage.secret-limits`.
 fn secret_limits(
-    v: Option<&serde_json::Value>,
+    v: Option<&SecretLimitsSection>,
+    src: &Source,
 ) -> Result<rune_statemachine::secret::SecretLimits, ConfigError> {
     let mut l = rune_statemachine::secret::SecretLimits::default();
     let Some(v) = v else { return Ok(l) };
-    let Some(m) = v.as_object() else {
-        return Err(ConfigError("storage.secret-limits: expected a mapping".into()));
-    };
-    for (k, val) in m {
-        let n = val.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-            ConfigError(format!(
-                "storage.secret-limits.{k}: expected a positive whole number, got {val}"
-            ))
-        })?;
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        match k.as_str() {
-            "max-keys-per-secret" => l.max_keys = n,
-            "max-value-size" => l.max_value_size = n,
-            other => {
-                return Err(ConfigError(format!(
-                    "storage.secret-limits.{other}: unknown key (max-keys-per-secret, max-value-size)"
-                )))
+    for (value, key, slot) in [
+        (v.max_keys_per_secret, "max-keys-per-secret", &mut l.max_keys),
+        (v.max_value_size, "max-value-size", &mut l.max_value_size),
+    ] {
+        match value {
+            None => {}
+            Some(0) => {
+                return Err(src.err(
+                    &format!("storage.secret-limits.{key}"),
+                    "expected a positive whole number, got 0",
+                ))
             }
+            Some(n) => *slot = usize::try_from(n).unwrap_or(usize::MAX),
         }
     }
     Ok(l)
@@ -1020,22 +1316,150 @@ mod tests {
         assert_eq!(s.data_dir, PathBuf::from("/var/lib/rune"));
     }
 
+    fn peer_runefile(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/peer-specs")
+            .join(name)
+    }
+
     #[test]
-    fn peer_runefiles_load() {
-        for f in ["config--runefile.yaml", "runefile.yaml"] {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../shared/peer-specs")
-                .join(f);
+    fn peer_runefiles_load_or_say_why_not() {
+        // The original's full example loads: what runed cannot use is named as ignored.
+        let s = Settings::resolve(&Flags {
+            config: Some(peer_runefile("config--runefile.yaml")),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.docker_client.fallback_api_version, Some((1, 43)));
+        assert_eq!(s.docker_client.negotiation_timeout.as_secs(), 3);
+        for key in ["client", "namespace", "resources", "plugins"] {
             assert!(
-                p.exists(),
-                "{} is missing: shared/ must sit beside the checkout",
-                p.display()
+                s.ignored.iter().any(|i| i.contains(&format!(": {key}: ignored"))),
+                "{key} not reported: {:?}",
+                s.ignored
             );
-            let s = Settings::resolve(&Flags {
-                config: Some(p),
-                ..Default::default()
-            });
-            assert!(s.is_ok(), "{f}: {:?}", s.err());
         }
+        assert!(
+            s.ignored.iter().all(|i| i.contains("config--runefile.yaml:")),
+            "{:?}",
+            s.ignored
+        );
+        // The registry example is refused with a reason, not silently ignored.
+        let e = Settings::resolve(&Flags {
+            config: Some(peer_runefile("runefile.yaml")),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.0.contains("runefile.yaml:25: docker.registries: not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_section_refuses_unknown_keys_with_lines() {
+        for (text, want) in [
+            (
+                "networking:\n  dev_mod: true\n",
+                ":2: networking.dev-mod: unknown key",
+            ),
+            (
+                "crypto:\n  kek:\n    sorce: env\n",
+                ":3: crypto.kek.sorce: unknown key",
+            ),
+            ("docker:\n  registry: x\n", ":2: docker.registry: unknown key"),
+            (
+                "storage:\n  secret-limits:\n    max-keys: 3\n",
+                ":3: storage.secret-limits.max-keys: unknown key",
+            ),
+            ("ui:\n  enabled: true\n", ":1: ui: unknown key"),
+            (
+                "resources:\n  gpu: {default_limit: 1}\n",
+                ":2: resources.gpu: unknown key",
+            ),
+        ] {
+            let f = write(text);
+            let e = Settings::resolve(&Flags {
+                config: Some(f.path().into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.0.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn accepted_keys_do_what_they_say() {
+        // The original's spelling of dev mode turns dev mode on.
+        let f = write("networking:\n  dev_mode: true\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.dev_mode && !s.nftables && s.ingress.is_some());
+        assert_eq!(s.data_dir, PathBuf::from(".rune-dev"));
+        assert!(s.grpc_addr.ip().is_loopback() && s.http_addr.ip().is_loopback());
+        // A relative KEK file is relative to the data dir, as in the original.
+        let f = write("data_dir: /srv/rune\nsecret:\n  encryption:\n    kek:\n      source: file\n      file: kek.b64\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            matches!(&s.kek_source, rune_secrets::KekSource::File { path, .. } if path == Path::new("/srv/rune/kek.b64")),
+            "{:?}",
+            s.kek_source
+        );
+        // Values that would change behaviour runed does not have are refused, naming the key.
+        for (text, want) in [
+            ("auth:\n  enabled: false\n", ":2: auth.enabled: not supported"),
+            ("auth:\n  provider: oidc\n", ":2: auth.provider: not supported"),
+            (
+                "auth:\n  api_keys: \"k1,k2\"\n",
+                ":2: auth.api-keys: not supported",
+            ),
+            (
+                "runner:\n  process:\n    enabled: false\n",
+                ":3: runner.process.enabled: not supported",
+            ),
+            ("registries:\n  - name: x\n", ":1: registries: not supported"),
+            (
+                "storage:\n  reserve: lots\n",
+                ":2: storage.reserve: 'lots' is not a size",
+            ),
+            (
+                "docker:\n  api_version: latest\n",
+                ":2: docker.api-version: 'latest'",
+            ),
+        ] {
+            let f = write(text);
+            let e = Settings::resolve(&Flags {
+                config: Some(f.path().into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.0.contains(want), "{text:?}: {e}");
+        }
+        // Empty values of the original format mean "none" and load.
+        let f = write("auth:\n  api_keys: \"\"\n  provider: token\n  token: \"\"\ndocker:\n  registries: []\nstorage:\n  reserve: 64MiB\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.storage_reserve, 64 << 20);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("128MiB"), Some(128 << 20));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("500MB"), Some(500_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("12 parsecs"), None);
+        assert_eq!(parse_size(""), None);
     }
 }

@@ -3,6 +3,7 @@
 //! orchestrator on this node.
 
 use crate::auth::authorize;
+use crate::paging::PageQuery;
 use futures::StreamExt;
 use rune_orchestrator::{ExecInput, ExecOutput, ExecSpec, LogQuery, OrchestratorError};
 use rune_proto::v1 as pb;
@@ -12,7 +13,7 @@ use rune_statemachine::store::{get_record, list_records, service_key, services_p
 use rune_statemachine::{Action, Command, Kind, STATE_TABLE};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::{internal, namespace_or_default, rejection, scope, unavailable, Api, Stream_};
+use crate::api::{internal, namespace_or_default, not_proposed, rejection, scope, Api, Stream_};
 
 /// How long an instance without a readiness probe must run before a rollout counts it.
 const MIN_READY_MS: i64 = 1000;
@@ -111,31 +112,39 @@ impl Api {
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let recs: Vec<InstanceRecord> = list_records(&t, &instances_prefix(ns, service)).map_err(internal)?;
-        let services: Vec<ServiceRecord> = list_records(&t, &services_prefix(ns)).map_err(internal)?;
+        self.with_templates(&t, &recs)
+    }
+
+    /// Instances as sent, with whether each runs its service's current template (each service
+    /// is read once, so the cost follows the records asked for, not the whole state).
+    fn with_templates(
+        &self,
+        t: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
+        recs: &[InstanceRecord],
+    ) -> Result<Vec<pb::Instance>, Status> {
         let live = self.orchestrator.health_all();
-        let templates: std::collections::HashMap<(&str, &str), String> = services
-            .iter()
-            .map(|s| {
-                (
-                    (s.spec.namespace(), s.spec.name.as_str()),
-                    template_hash(&s.spec, &s.meta),
-                )
-            })
-            .collect();
-        Ok(recs
-            .iter()
-            .map(|r| {
-                let current = templates
-                    .get(&(r.namespace.as_str(), r.service.as_str()))
-                    .is_some_and(|t| *t == r.template);
-                let l = live.get(&(r.namespace.clone(), r.id.clone()));
-                instance_pb(r, current, l)
-            })
-            .collect())
+        let mut templates: std::collections::HashMap<(String, String), Option<String>> =
+            std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(recs.len());
+        for r in recs {
+            let key = (r.namespace.clone(), r.service.clone());
+            if !templates.contains_key(&key) {
+                let svc = get_record::<ServiceRecord, _>(t, &service_key(&r.namespace, &r.service))
+                    .map_err(internal)?;
+                templates.insert(key.clone(), svc.map(|s| template_hash(&s.spec, &s.meta)));
+            }
+            let current = templates
+                .get(&key)
+                .and_then(|t| t.as_ref())
+                .is_some_and(|t| *t == r.template);
+            let l = live.get(&(r.namespace.clone(), r.id.clone()));
+            out.push(instance_pb(r, current, l));
+        }
+        Ok(out)
     }
 
     async fn change(&self, cmd: Command) -> Result<pb::ServiceChangeResponse, Status> {
-        let p = self.log.propose(cmd).await.map_err(unavailable)?;
+        let p = self.log.propose(cmd).await.map_err(not_proposed)?;
         let changes = p.outcome.map_err(rejection)?;
         let c = changes
             .into_iter()
@@ -189,13 +198,22 @@ impl pb::instance_api_server::InstanceApi for Api {
         if let (Some(ns), Some(s)) = (ns.as_deref(), svc) {
             self.read_service(ns, s)?;
         }
+        let q = PageQuery::new(
+            "instances",
+            instances_prefix(ns.as_deref(), svc.filter(|_| ns.is_some())),
+            req.limit,
+            &req.continue_token,
+        )?;
         let index = *self.log.applied().borrow();
-        let instances = self.instances_pb(ns.as_deref(), svc.filter(|_| ns.is_some()))?;
-        let instances = instances
-            .into_iter()
-            .filter(|i| svc.is_none_or(|s| i.service == s))
-            .collect();
-        Ok(Response::new(pb::ListInstancesResponse { instances, index }))
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let (recs, continue_token) = q.read(&t, |r: &InstanceRecord| svc.is_none_or(|s| r.service == s))?;
+        let instances = self.with_templates(&t, &recs)?;
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances,
+            index,
+            continue_token,
+        }))
     }
 
     type WatchInstancesStream = Stream_<pb::InstanceWatchEvent>;
@@ -204,7 +222,7 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::WatchInstancesRequest>,
     ) -> Result<Response<Self::WatchInstancesStream>, Status> {
-        authorize(
+        let caller = authorize(
             &req,
             "instances",
             "watch",
@@ -282,8 +300,10 @@ impl pb::instance_api_server::InstanceApi for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            &caller,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
         )))
     }
 
@@ -459,7 +479,7 @@ impl pb::instance_api_server::InstanceApi for Api {
     type LogsStream = Stream_<pb::LogChunk>;
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        authorize(
+        let caller = authorize(
             &req,
             "logs",
             "get",
@@ -510,7 +530,11 @@ impl pb::instance_api_server::InstanceApi for Api {
             );
         }
         let merged = futures::stream::select_all(streams);
-        Ok(Response::new(Box::pin(merged)))
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            &caller,
+            Box::pin(merged),
+        )))
     }
 
     type ExecStream = Stream_<pb::ExecResponse>;
@@ -587,8 +611,10 @@ impl pb::instance_api_server::InstanceApi for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            &caller,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
         )))
     }
 }

@@ -215,8 +215,10 @@ impl pb::network_api_server::NetworkApi for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            &caller,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
         )))
     }
 }

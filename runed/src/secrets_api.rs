@@ -16,14 +16,11 @@ use rune_statemachine::store::{
 use rune_statemachine::{Command, Resource, STATE_TABLE};
 use tonic::{Request, Response, Status};
 
-use crate::api::{internal, namespace_or_default, rejection, scope, unavailable, Api, Decoded};
+use crate::api::{internal, namespace_or_default, not_proposed, rejection, scope, Api, Decoded};
 use crate::auth::{admin_gate, authorize};
 
-/// The exit code of `runed` when the KEK is missing, malformed or wrong: distinct from other
-/// start-up failures so that a supervisor or script can tell "restore the key" apart.
-pub const EXIT_KEK: u8 = 78;
-
-/// Why the KEK cannot be used; `runed` refuses to start with this message and [`EXIT_KEK`].
+/// Why the KEK cannot be used; `runed` refuses to start with this message and exit code 78
+/// ([`crate::daemon::EXIT_CONFIG`]): restarting cannot help, restoring the key does.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct KekProblem(pub String);
@@ -84,6 +81,13 @@ impl Secrets {
                     sealed.len(),
                     sealed[0].kek_id
                 )))
+            }
+            Err(KekError::Write(p, e)) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                let dir = p.parent().unwrap_or(&p).display().to_string();
+                return Err(KekProblem(format!(
+                    "cannot write the KEK file {}: the file system is read-only for runed (under systemd, the unit's ProtectSystem= makes /usr and /etc read-only): keep the KEK in the data dir (leave crypto.kek.file-path unset), or let the unit write {dir} (`systemctl edit runed`, then [Service] ReadWritePaths={dir})",
+                    p.display()
+                )));
             }
             Err(e) => return Err(problem(e.to_string())),
         };
@@ -278,7 +282,7 @@ impl Secrets {
                         items: chunk.to_vec(),
                     })
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(not_proposed)?;
                 p.outcome.map_err(rejection)?;
                 rewrapped += u32::try_from(chunk.len()).unwrap_or(u32::MAX);
             }
@@ -459,11 +463,19 @@ impl pb::secret_api_server::SecretApi for Api {
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
         let ns = scope(&req.get_ref().namespace);
         authorize(&req, "secrets", "list", ns.as_deref())?;
+        let req = req.into_inner();
+        let q = crate::paging::PageQuery::new(
+            "secrets",
+            secrets_prefix(ns.as_deref()),
+            req.limit,
+            &req.continue_token,
+        )?;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let recs: Vec<SecretRecord> = list_records(&t, &secrets_prefix(ns.as_deref())).map_err(internal)?;
+        let (recs, continue_token) = q.read(&t, |_: &SecretRecord| true)?;
         Ok(Response::new(pb::ListSecretsResponse {
             secrets: recs.iter().map(|r| secret_pb(&r.sealed, &r.meta, None)).collect(),
+            continue_token,
         }))
     }
 
@@ -478,7 +490,7 @@ impl pb::secret_api_server::SecretApi for Api {
             .log
             .propose(Command::DeleteSecret { namespace: ns, name })
             .await
-            .map_err(unavailable)?;
+            .map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;
         Ok(Response::new(pb::DeleteObjectResponse { index: p.index }))
     }
@@ -501,12 +513,19 @@ impl pb::secret_api_server::SecretApi for Api {
     ) -> Result<Response<pb::ListConfigmapsResponse>, Status> {
         let ns = scope(&req.get_ref().namespace);
         authorize(&req, "configmaps", "list", ns.as_deref())?;
+        let req = req.into_inner();
+        let q = crate::paging::PageQuery::new(
+            "configmaps",
+            configmaps_prefix(ns.as_deref()),
+            req.limit,
+            &req.continue_token,
+        )?;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let recs: Vec<ConfigmapRecord> =
-            list_records(&t, &configmaps_prefix(ns.as_deref())).map_err(internal)?;
+        let (recs, continue_token) = q.read(&t, |_: &ConfigmapRecord| true)?;
         Ok(Response::new(pb::ListConfigmapsResponse {
             configmaps: recs.iter().map(configmap_pb).collect(),
+            continue_token,
         }))
     }
 
@@ -521,7 +540,7 @@ impl pb::secret_api_server::SecretApi for Api {
             .log
             .propose(Command::DeleteConfigmap { namespace: ns, name })
             .await
-            .map_err(unavailable)?;
+            .map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;
         Ok(Response::new(pb::DeleteObjectResponse { index: p.index }))
     }

@@ -19,6 +19,17 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// A certificate and key read and checked, with the files they came from.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    /// Where they came from (for messages and the HTTPS listener).
+    pub files: TlsFiles,
+    /// The certificate chain, PEM.
+    pub cert: Vec<u8>,
+    /// The private key, PEM.
+    pub key: Vec<u8>,
+}
+
 /// Why TLS cannot be set up; runed refuses to start with it.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -102,20 +113,66 @@ fn server_config_from(
     Ok(Arc::new(cfg))
 }
 
-/// A TLS listener for axum: each accepted connection is handshaken (bounded in time) before
-/// it is handed over; failed handshakes are logged and skipped.
+/// Handshakes in progress at once on the HTTPS listener; more connections wait in the kernel's
+/// backlog.
+const MAX_HANDSHAKES: usize = 256;
+/// Longest a client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TLS listener for axum. Connections are handshaken concurrently, each bounded in time, so a
+/// slow or silent client delays nobody else; failed handshakes are logged and dropped.
 pub struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor_task: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
-    /// Wraps a bound listener.
+    /// Wraps a bound listener and starts accepting on it.
     pub fn new(tcp: TcpListener, files: &TlsFiles, cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
+        let acceptor = TlsAcceptor::from(server_config_from(cert, key, files)?);
+        let local = tcp
+            .local_addr()
+            .map_err(|e| TlsError::Io(files.cert.clone(), e))?;
+        let (tx, ready) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let acceptor_task = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let (stream, addr) = match tcp.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an HTTPS connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        });
         Ok(Self {
-            tcp,
-            acceptor: TlsAcceptor::from(server_config_from(cert, key, files)?),
+            ready,
+            local,
+            acceptor_task,
         })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor_task.abort();
     }
 }
 
@@ -124,24 +181,14 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = match self.tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting an HTTPS connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            match tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
-            }
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The acceptor stopped (only when the listener is dropped): nothing more comes.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.local)
     }
 }

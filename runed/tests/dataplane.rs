@@ -127,6 +127,7 @@ fn proxy_enforces_policy_between_processes_and_changes_without_restart() {
         .lines()
         .find(|l| {
             l.starts_with("rune_policy_drops_total{")
+                && l.contains("policy=\"ingress\"")
                 && l.contains("reason=\"proxy\"")
                 && l.contains("service=\"web\"")
         })
@@ -137,7 +138,7 @@ fn proxy_enforces_policy_between_processes_and_changes_without_restart() {
         "rune_dataplane_connections_total{namespace=\"default\",result=\"forwarded\",service=\"web\"}"
     ));
     assert!(
-        metrics.contains("rune_policy_local_instances{namespace=\"default\",service=\"web\"} 1"),
+        metrics.contains("rune_policy_local_instances_by_service{namespace=\"default\",service=\"web\"} 1"),
         "{metrics}"
     );
 

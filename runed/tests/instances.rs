@@ -152,7 +152,7 @@ fn container_service_probes_exec_logs() {
     let d = Daemon::start(&bins());
     // The original's example, as it is.
     let echo =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peer-specs/simple-service--echo.yaml");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer-specs/simple-service--echo.yaml");
     let out = run_ok(&d, &["cast", echo.to_str().unwrap()]);
     assert!(out.contains("ready: 1/1"), "{out}");
     wait_until(LONG, "echo to print", || {

@@ -9,31 +9,42 @@ fn main() -> std::process::ExitCode {
         let code = rune_orchestrator::logfile::writer_main(args.get(2).map_or("", String::as_str));
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    if args.get(1).map(String::as_str) == Some("restore") {
+        return runed::restore::main(&args[2..]);
+    }
     let flags = Flags::parse();
     let settings = match Settings::resolve(&flags) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("runed: {e}");
-            return std::process::ExitCode::from(2);
+            // Before logging exists: stderr (the journal under systemd) and the unit's status.
+            runed::systemd::print_error(&format!("runed: configuration error: {e}"));
+            runed::systemd::status(&format!("configuration error: {}", first_line(&e.0)));
+            return std::process::ExitCode::from(runed::daemon::EXIT_CONFIG);
         }
     };
     runed::daemon::init_logging(&settings);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("runed: cannot start the async runtime: {e}");
+            tracing::error!(error = %e, "cannot start the async runtime");
             return std::process::ExitCode::FAILURE;
         }
     };
     match rt.block_on(runed::daemon::run(settings)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "runed failed");
-            eprintln!("runed: {e:#}");
-            if e.downcast_ref::<runed::secrets_api::KekProblem>().is_some() {
-                return std::process::ExitCode::from(runed::secrets_api::EXIT_KEK);
+            let code = runed::daemon::exit_code(&e);
+            let text = format!("{e:#}");
+            tracing::error!(error = %text, exit_code = code, "runed failed");
+            runed::systemd::status(&format!("failed: {}", first_line(&text)));
+            if !runed::systemd::stdout_is_journal() {
+                eprintln!("runed: {text}");
             }
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(code)
         }
     }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
 }

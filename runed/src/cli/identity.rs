@@ -129,17 +129,46 @@ fn print_value(v: &serde_json::Value, format: Format) {
     }
 }
 
-/// `rune admin bootstrap`: the first token, from loopback, on a server with no live token.
+/// `rune admin bootstrap`: the first token, from this host, on a server with no live token.
+/// The output file is created (with its directory) before the token is minted, so a path that
+/// cannot be written fails before the one bootstrap is spent.
 pub async fn bootstrap(conn: &Conn, out_file: Option<&Path>) -> Result<(), CliError> {
-    let mut c = pb::bootstrap_api_client::BootstrapApiClient::new(conn.channel().await?);
-    let r = c
-        .bootstrap(pb::BootstrapRequest {})
-        .await
-        .map_err(|s| conn.status(s))?
-        .into_inner();
-    match out_file {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut file = match out_file {
         Some(p) => {
-            write_private(p, &r.token)?;
+            let fail = |e: std::io::Error| CliError::generic(format!("cannot write {}: {e}", p.display()));
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(fail)?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(fail)?;
+            Some((p, f))
+        }
+        None => None,
+    };
+    let mut c = pb::bootstrap_api_client::BootstrapApiClient::new(conn.channel().await?);
+    let r = match c.bootstrap(pb::BootstrapRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if let Some((p, _)) = &file {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(conn.status(s));
+        }
+    };
+    match &mut file {
+        Some((p, f)) => {
+            f.write_all(format!("{}\n", r.token).as_bytes())
+                .map_err(|e| CliError::generic(format!("cannot write {}: {e}", p.display())))?;
             eprintln!(
                 "root token {} written to {} (mode 0600); next: rune login CONTEXT --server {} --token-file {}",
                 r.token_id,
@@ -262,12 +291,21 @@ pub async fn user(conn: &Conn, cmd: &UserCmd, format: Format) -> Result<(), CliE
             println!("user/{} created (policies {})", u.name, u.policies.join(","));
         }
         UserCmd::List => {
-            let list = c
-                .list_users(pb::ListRequest {})
-                .await
-                .map_err(st)?
-                .into_inner()
-                .users;
+            let list = super::paged(|token| {
+                let mut c = c.clone();
+                async move {
+                    let r = c
+                        .list_users(pb::ListRequest {
+                            limit: super::PAGE,
+                            continue_token: token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.users, r.continue_token))
+                }
+            })
+            .await
+            .map_err(st)?;
             if format.is_table() {
                 let mut rows = vec![vec![
                     "NAME".into(),
@@ -345,12 +383,21 @@ pub async fn policy(conn: &Conn, cmd: &PolicyCmd, format: Format) -> Result<(), 
             print_value(&v, if format.is_table() { Format::Yaml } else { format });
         }
         PolicyCmd::List => {
-            let list = c
-                .list_policies(pb::ListRequest {})
-                .await
-                .map_err(st)?
-                .into_inner()
-                .policies;
+            let list = super::paged(|token| {
+                let mut c = c.clone();
+                async move {
+                    let r = c
+                        .list_policies(pb::ListRequest {
+                            limit: super::PAGE,
+                            continue_token: token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.policies, r.continue_token))
+                }
+            })
+            .await
+            .map_err(st)?;
             if format.is_table() {
                 let mut rows = vec![vec!["NAME".into(), "BUILTIN".into(), "RULES".into()]];
                 for p in &list {
@@ -437,12 +484,21 @@ pub async fn token(conn: &Conn, cmd: &TokenCmd, format: Format) -> Result<(), Cl
             }
         }
         TokenCmd::List => {
-            let list = c
-                .list_tokens(pb::ListRequest {})
-                .await
-                .map_err(st)?
-                .into_inner()
-                .tokens;
+            let list = super::paged(|token| {
+                let mut c = c.clone();
+                async move {
+                    let r = c
+                        .list_tokens(pb::ListRequest {
+                            limit: super::PAGE,
+                            continue_token: token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.tokens, r.continue_token))
+                }
+            })
+            .await
+            .map_err(st)?;
             if format.is_table() {
                 let mut rows = vec![vec![
                     "ID".into(),
@@ -556,11 +612,22 @@ pub async fn get(
                 if show_values {
                     return Err(CliError::usage("--show-values needs a secret name"));
                 }
-                c.list_secrets(pb::ListSecretsRequest { namespace: ns })
-                    .await
-                    .map_err(st)?
-                    .into_inner()
-                    .secrets
+                super::paged(|token| {
+                    let (mut c, namespace) = (c.clone(), ns.clone());
+                    async move {
+                        let r = c
+                            .list_secrets(pb::ListSecretsRequest {
+                                namespace,
+                                limit: super::PAGE,
+                                continue_token: token,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((r.secrets, r.continue_token))
+                    }
+                })
+                .await
+                .map_err(st)?
             }
         };
         if format.is_table() && !show_values {
@@ -624,13 +691,22 @@ pub async fn get(
             .await
             .map_err(st)?
             .into_inner()],
-        None => {
-            c.list_configmaps(pb::ListConfigmapsRequest { namespace: ns })
-                .await
-                .map_err(st)?
-                .into_inner()
-                .configmaps
-        }
+        None => super::paged(|token| {
+            let (mut c, namespace) = (c.clone(), ns.clone());
+            async move {
+                let r = c
+                    .list_configmaps(pb::ListConfigmapsRequest {
+                        namespace,
+                        limit: super::PAGE,
+                        continue_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.configmaps, r.continue_token))
+            }
+        })
+        .await
+        .map_err(st)?,
     };
     if format.is_table() {
         let mut rows = vec![vec![

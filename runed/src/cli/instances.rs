@@ -119,14 +119,7 @@ pub async fn get(
         }
         return Ok(());
     }
-    let list = c
-        .list_instances(pb::ListInstancesRequest {
-            namespace: ns,
-            service,
-        })
-        .await
-        .map_err(|s| conn.status(s))?
-        .into_inner();
+    let list = list_all(&c, &ns, &service).await.map_err(|s| conn.status(s))?;
     match format {
         Format::Table | Format::Wide => {
             if list.instances.is_empty() {
@@ -236,17 +229,42 @@ pub async fn restart(conn: &Conn, name: &str, wait: Option<Duration>) -> Result<
     }
 }
 
+/// Every instance of a namespace (or service), page by page; `index` is the first page's.
+async fn list_all(
+    c: &pb::instance_api_client::InstanceApiClient<super::Chan>,
+    ns: &str,
+    service: &str,
+) -> Result<pb::ListInstancesResponse, tonic::Status> {
+    let mut c = c.clone();
+    let mut all = pb::ListInstancesResponse::default();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_instances(pb::ListInstancesRequest {
+                namespace: ns.to_string(),
+                service: service.to_string(),
+                limit: super::PAGE,
+                continue_token: token,
+            })
+            .await?
+            .into_inner();
+        if all.index == 0 {
+            all.index = r.index;
+        }
+        all.instances.extend(r.instances);
+        if r.continue_token.is_empty() {
+            return Ok(all);
+        }
+        token = r.continue_token;
+    }
+}
+
 /// `rune health NAME`.
 pub async fn health(conn: &Conn, name: &str, format: Format) -> Result<(), CliError> {
-    let mut c = client(conn.channel().await?);
-    let list = c
-        .list_instances(pb::ListInstancesRequest {
-            namespace: conn.namespace.clone(),
-            service: name.into(),
-        })
+    let c = client(conn.channel().await?);
+    let list = list_all(&c, &conn.namespace, name)
         .await
-        .map_err(|s| conn.status(s))?
-        .into_inner();
+        .map_err(|s| conn.status(s))?;
     if !format.is_table() {
         let v: Vec<_> = list.instances.iter().map(instance_json).collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -80,7 +80,8 @@ impl CliError {
             NotFound => (exit::NOT_FOUND, m),
             AlreadyExists | FailedPrecondition | Aborted => (exit::CONFLICT, m),
             InvalidArgument | OutOfRange => (exit::VALIDATION, m),
-            ResourceExhausted => (exit::VALIDATION, format!("request refused as too large: {m}")),
+            // Too large a request (the transport's limit), or the data dir below its reserve.
+            ResourceExhausted => (exit::GENERIC, m),
             DeadlineExceeded => (exit::TIMEOUT, m),
             Unavailable => (exit::GENERIC, format!("runed at {server} is unavailable: {m}")),
             _ => (exit::GENERIC, m),
@@ -134,6 +135,15 @@ pub struct Cli {
     /// CA certificate (PEM) to verify runed's TLS certificate; implies TLS.
     #[arg(long, global = true, env = "RUNE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// runed's local admin socket, which `rune admin` uses when it talks to a runed on this
+    /// host (root there needs no token).
+    #[arg(
+        long,
+        global = true,
+        env = "RUNE_ADMIN_SOCKET",
+        default_value = "/run/rune/admin.sock"
+    )]
+    pub admin_socket: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum)]
     pub output: Option<Format>,
@@ -426,6 +436,13 @@ pub enum AdminCmd {
         #[command(subcommand)]
         action: identity::TokenCmd,
     },
+    /// Write a consistent backup of the state while runed keeps serving (`runed restore`
+    /// builds a data dir from it). It holds secrets sealed, never the KEK: keep that apart.
+    Backup {
+        /// The file to write (written whole or not at all).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Re-wrap every secret's data key under a new KEK, without downtime.
     RotateKek {
         /// File holding the new KEK (base64 of 32 bytes).
@@ -447,11 +464,13 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-type Chan = InterceptedService<Channel, Auth>;
+pub(crate) type Chan = InterceptedService<Channel, Auth>;
 
 /// Connection settings resolved from flags, environment and context.
 pub struct Conn {
     server: String,
+    /// The local admin socket to use instead of `server` (admin commands, same host).
+    socket: Option<PathBuf>,
     token: Option<String>,
     tls_ca: Option<PathBuf>,
     /// The namespace the command acts in.
@@ -493,6 +512,7 @@ impl Conn {
             .unwrap_or_else(|| "default".into());
         Ok(Self {
             server,
+            socket: None,
             token,
             tls_ca,
             namespace,
@@ -500,7 +520,41 @@ impl Conn {
         })
     }
 
+    /// [`Conn::resolve`] for `rune admin`: through the local admin socket when it answers and
+    /// the server named is this host, so admin works when gRPC listens on a private interface
+    /// only, and root recovers without a token.
+    fn resolve_admin(cli: &Cli) -> Result<Self, CliError> {
+        let mut c = Self::resolve(cli)?;
+        let answers = std::os::unix::net::UnixStream::connect(&cli.admin_socket).is_ok();
+        if answers && is_this_host(&c.server) {
+            c.socket = Some(cli.admin_socket.clone());
+        }
+        Ok(c)
+    }
+
     async fn channel(&self) -> Result<Chan, CliError> {
+        let token = match &self.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| CliError::usage("the token contains characters that cannot be sent"))?,
+            ),
+            None => None,
+        };
+        if let Some(path) = &self.socket {
+            let path = path.clone();
+            let ch = tonic::transport::Endpoint::from_static("http://admin.sock")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+                .map_err(|e| CliError::generic(format!("cannot reach runed's admin socket: {e}")))?;
+            return Ok(InterceptedService::new(ch, Auth(token)));
+        }
         let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
         let mut endpoint = Channel::from_shared(format!("{scheme}://{}", self.server))
             .map_err(|e| CliError::usage(format!("--api-server {}: {e}", self.server)))?
@@ -524,14 +578,6 @@ impl Conn {
             .connect()
             .await
             .map_err(|e| CliError::generic(format!("cannot reach runed at {}: {e}", self.server)))?;
-        let token = match &self.token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| CliError::usage("the token contains characters that cannot be sent"))?,
-            ),
-            None => None,
-        };
         Ok(InterceptedService::new(ch, Auth(token)))
     }
 
@@ -548,11 +594,50 @@ impl Conn {
     fn direct(server: &str, token: Option<String>, tls_ca: Option<PathBuf>) -> Self {
         Self {
             server: server.to_string(),
+            socket: None,
             token,
             tls_ca,
             namespace: "default".into(),
             namespace_given: false,
         }
+    }
+}
+
+/// Items per page of a chunked list (kubectl's default chunk size).
+pub(crate) const PAGE: u32 = 500;
+
+/// Every item of a chunked list: `page(token)` fetches one page and returns its items and the
+/// next token; pages are read until the server says none follow.
+pub(crate) async fn paged<T, Fut>(mut page: impl FnMut(String) -> Fut) -> Result<Vec<T>, tonic::Status>
+where
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
+
+/// Whether `host:port` names this machine: `localhost`, a loopback address, or an address one
+/// of its interfaces holds (binding to it succeeds only then).
+fn is_this_host(server: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match (host, 0).to_socket_addrs() {
+        Ok(addrs) => addrs
+            .into_iter()
+            .any(|a| a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok()),
+        Err(_) => false,
     }
 }
 
@@ -723,19 +808,22 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         } => replay::run(args, format),
         Cmd::Admin {
             action: AdminCmd::Bootstrap { out_file },
-        } => identity::bootstrap(&Conn::resolve(&cli)?, out_file.as_deref()).await,
+        } => identity::bootstrap(&Conn::resolve_admin(&cli)?, out_file.as_deref()).await,
         Cmd::Admin {
             action: AdminCmd::User { action },
-        } => identity::user(&Conn::resolve(&cli)?, action, format).await,
+        } => identity::user(&Conn::resolve_admin(&cli)?, action, format).await,
         Cmd::Admin {
             action: AdminCmd::Policy { action },
-        } => identity::policy(&Conn::resolve(&cli)?, action, format).await,
+        } => identity::policy(&Conn::resolve_admin(&cli)?, action, format).await,
         Cmd::Admin {
             action: AdminCmd::Token { action },
-        } => identity::token(&Conn::resolve(&cli)?, action, format).await,
+        } => identity::token(&Conn::resolve_admin(&cli)?, action, format).await,
         Cmd::Admin {
             action: AdminCmd::RotateKek { new_kek_file },
-        } => identity::rotate_kek(&Conn::resolve(&cli)?, new_kek_file).await,
+        } => identity::rotate_kek(&Conn::resolve_admin(&cli)?, new_kek_file).await,
+        Cmd::Admin {
+            action: AdminCmd::Backup { out },
+        } => backup(&Conn::resolve_admin(&cli)?, out).await,
         Cmd::PortForward {
             service,
             ports,
@@ -787,7 +875,12 @@ fn lint(paths: &[String], recursive: bool) -> Result<(), CliError> {
     let mut parsed = read_castfiles(paths, recursive)?;
     for f in &parsed.runefiles {
         match crate::config::check_runefile(std::path::Path::new(f)) {
-            Ok(()) => println!("{f}: valid runefile (server configuration)"),
+            Ok(ignored) => {
+                println!("{f}: valid runefile (server configuration)");
+                for i in ignored {
+                    println!("  warning: {i}");
+                }
+            }
             Err(e) => {
                 for line in e.0.lines() {
                     parsed.problems.push(castfile::Problem {
@@ -1096,5 +1189,66 @@ fn config(cli: &Cli, action: &ConfigCmd) -> Result<(), CliError> {
             println!("context {name} deleted");
         }
     }
+    Ok(())
+}
+
+/// `rune admin backup --out FILE`: streams the backup into `FILE.partial`, checks it whole
+/// (count and digest), then renames it into place; progress on a terminal.
+async fn backup(conn: &Conn, out: &std::path::Path) -> Result<(), CliError> {
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    let mut c = pb::admin_api_client::AdminApiClient::new(conn.channel().await?);
+    let mut stream = c
+        .backup(pb::BackupRequest {})
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner();
+    let tmp = out.with_extension("partial");
+    let fail = |e: std::io::Error| CliError::generic(format!("{}: {e}", tmp.display()));
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (mut index, mut total, mut written) = (0u64, 0u64, 0u64);
+    let received = async {
+        while let Some(chunk) = stream.message().await.map_err(|s| conn.status(s))? {
+            if index == 0 {
+                (index, total) = (chunk.index, chunk.total_bytes);
+            }
+            f.write_all(&chunk.data).map_err(fail)?;
+            written += chunk.data.len() as u64;
+            if tty {
+                let pct = (written * 100).checked_div(total).unwrap_or(0).min(100);
+                eprint!(
+                    "\rbackup of index {index}: {} of about {} ({pct}%)   ",
+                    rune_log::space::human(written),
+                    rune_log::space::human(total)
+                );
+            }
+        }
+        f.sync_all().map_err(fail)
+    }
+    .await;
+    if tty {
+        eprintln!();
+    }
+    let checked = received.and_then(|()| {
+        rune_log::backup::read(&tmp)
+            .map_err(|e| CliError::generic(format!("the backup did not arrive whole: {e}")))
+    });
+    let b = match checked {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).map_err(|e| CliError::generic(format!("{}: {e}", out.display())))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "backup of index {} ({} records, {}) written to {} in {secs:.1} s; it holds secrets sealed, never the KEK",
+        b.header.index,
+        b.header.records,
+        rune_log::space::human(written),
+        out.display()
+    );
     Ok(())
 }

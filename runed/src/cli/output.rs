@@ -254,16 +254,30 @@ pub async fn get(conn: &Conn, q: Query) -> Result<(), CliError> {
 }
 
 async fn get_endpoints(conn: &Conn, q: Query) -> Result<(), CliError> {
-    let mut c = pb::service_api_client::ServiceApiClient::new(conn.channel().await?);
-    let list = c
-        .list_endpoints(pb::ListEndpointsRequest {
-            namespace: if q.all { "*".into() } else { conn.namespace.clone() },
-            service: q.name.clone().unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| conn.status(s))?
-        .into_inner()
-        .endpoints;
+    let c = pb::service_api_client::ServiceApiClient::new(conn.channel().await?);
+    let namespace = if q.all {
+        "*".to_string()
+    } else {
+        conn.namespace.clone()
+    };
+    let service = q.name.clone().unwrap_or_default();
+    let list = super::paged(|token| {
+        let (mut c, namespace, service) = (c.clone(), namespace.clone(), service.clone());
+        async move {
+            let r = c
+                .list_endpoints(pb::ListEndpointsRequest {
+                    namespace,
+                    service,
+                    limit: super::PAGE,
+                    continue_token: token,
+                })
+                .await?
+                .into_inner();
+            Ok((r.endpoints, r.continue_token))
+        }
+    })
+    .await
+    .map_err(|s| conn.status(s))?;
     if q.format.is_table() {
         let mut rows = vec![vec![
             "NAMESPACE".into(),
@@ -363,15 +377,24 @@ async fn get_services(conn: &Conn, q: Query) -> Result<(), CliError> {
             .into_inner();
         return print_services(&[s], true, false, q.format);
     }
-    let list = c
-        .list_services(pb::ListServicesRequest {
-            namespace: ns,
-            label_selector: q.selector.clone(),
-        })
-        .await
-        .map_err(|s| conn.status(s))?
-        .into_inner();
-    if list.services.is_empty() && q.format.is_table() {
+    let services = super::paged(|token| {
+        let (mut c, namespace, label_selector) = (c.clone(), ns.clone(), q.selector.clone());
+        async move {
+            let r = c
+                .list_services(pb::ListServicesRequest {
+                    namespace,
+                    label_selector,
+                    limit: super::PAGE,
+                    continue_token: token,
+                })
+                .await?
+                .into_inner();
+            Ok((r.services, r.continue_token))
+        }
+    })
+    .await
+    .map_err(|s| conn.status(s))?;
+    if services.is_empty() && q.format.is_table() {
         eprintln!(
             "No services found{}.",
             if q.all {
@@ -382,7 +405,7 @@ async fn get_services(conn: &Conn, q: Query) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    print_services(&list.services, false, q.all, q.format)
+    print_services(&services, false, q.all, q.format)
 }
 
 async fn watch_services(
@@ -538,13 +561,21 @@ async fn get_namespaces(conn: &Conn, q: Query) -> Result<(), CliError> {
             .await
             .map_err(|s| conn.status(s))?
             .into_inner()],
-        None => {
-            c.list_namespaces(pb::ListNamespacesRequest {})
-                .await
-                .map_err(|s| conn.status(s))?
-                .into_inner()
-                .namespaces
-        }
+        None => super::paged(|token| {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .list_namespaces(pb::ListNamespacesRequest {
+                        limit: super::PAGE,
+                        continue_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.namespaces, r.continue_token))
+            }
+        })
+        .await
+        .map_err(|s| conn.status(s))?,
     };
     print_namespaces(&list, q.format);
     Ok(())

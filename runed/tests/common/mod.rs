@@ -106,3 +106,17 @@ pub fn dnsmasq(rule: &str) -> (Killed, SocketAddr) {
         .expect("dnsmasq (Debian's dnsmasq-base)");
     (Killed(child), ([127, 0, 0, 1], port).into())
 }
+
+/// A non-loopback IPv4 address of this machine, if it has one.
+pub fn outside_address() -> Option<String> {
+    let o = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .ok()?;
+    stdout(&o)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next())
+        .find(|ip| !ip.starts_with("127."))
+        .map(String::from)
+}

@@ -364,6 +364,17 @@ impl DataPlane {
         out
     }
 
+    /// Policy rules compiled into the current view, ingress and egress together.
+    pub fn policy_rules(&self) -> usize {
+        self.table()
+            .services
+            .values()
+            .map(|s| {
+                s.policy.ingress.as_ref().map_or(0, Vec::len) + s.policy.egress.as_ref().map_or(0, Vec::len)
+            })
+            .sum()
+    }
+
     /// Instances on this node that each policy-bearing service's rules apply to.
     pub fn local_instances(&self) -> Vec<(SvcKey, usize)> {
         self.table()
@@ -614,12 +625,17 @@ impl DataPlane {
                 k.counters = counters;
             }
             Err(e) => {
-                if k.status.enforcing || k.program.is_empty() {
-                    tracing::error!(error = %e, "kernel enforcement is off");
+                // Said once per change: losing enforcement is an error, never having it (no
+                // nft, no privilege) a warning; the same failure again is not news.
+                let detail = format!("off: {e}");
+                if k.status.enforcing {
+                    tracing::error!(error = %e, "kernel enforcement stopped; policy is enforced in the proxy only");
+                } else if k.status.detail != detail {
+                    tracing::warn!(error = %e, "kernel enforcement is off");
                 }
                 k.status = KernelStatus {
                     enforcing: false,
-                    detail: format!("off: {e}"),
+                    detail,
                     last_program: took,
                 };
                 k.program.clear();

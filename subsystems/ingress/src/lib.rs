@@ -34,6 +34,9 @@ use tokio::net::TcpListener;
 
 use routes::Routes;
 
+/// The `host` label of requests for hosts nobody exposes (one label, so the metric stays bounded).
+pub const UNKNOWN_HOST: &str = "unknown";
+
 /// Settings of the ingress.
 #[derive(Clone)]
 pub struct IngressConfig {
@@ -72,6 +75,8 @@ pub struct Ingress {
     certs: Arc<Certs>,
     requests: RwLock<HashMap<String, Arc<StatusCounts>>>,
     acme: acme::AcmeConfig,
+    /// How far the routes are behind the log (shown by `/healthz?verbose`).
+    lag: rune_log::lag::Lag,
     vault: Arc<dyn acme::Vault>,
     challenges: acme::Challenges,
     states: Mutex<BTreeMap<String, acme::CertState>>,
@@ -178,9 +183,13 @@ impl Ingress {
             vault: cfg.vault.clone(),
             challenges: acme::Challenges::default(),
             states: Mutex::new(BTreeMap::new()),
+            lag: rune_log::lag::Lag::new(),
         });
         let rx = log.subscribe();
+        let at = *log.applied().borrow();
         ing.reload()?;
+        ing.lag.advance(at);
+        ing.lag.watch(log.clone());
         tokio::spawn(tail(ing.clone(), rx));
         tokio::spawn(certificates(ing.clone()));
         tokio::spawn(serve(ing.clone(), http, None));
@@ -191,6 +200,11 @@ impl Ingress {
         ));
         tracing::info!(http = %http_addr, https = %https_addr, "ingress listening");
         Ok(ing)
+    }
+
+    /// The last log index the routes reflect, and how long they have lagged the log.
+    pub fn lag(&self) -> (u64, f64) {
+        (self.lag.applied(), self.lag.stale_seconds())
     }
 
     /// The current routes.
@@ -310,7 +324,7 @@ impl Ingress {
             .filter(|r| req.uri().path().starts_with(&r.path));
         let Some(route) = route else {
             // Hosts come from clients: unknown ones share one label, so the metric stays bounded.
-            self.count("unknown", StatusCode::NOT_FOUND);
+            self.count(UNKNOWN_HOST, StatusCode::NOT_FOUND);
             return plain(
                 StatusCode::NOT_FOUND,
                 format!("no service is exposed as {host}\n"),
@@ -608,16 +622,24 @@ fn relevant(k: Kind) -> bool {
 
 async fn tail(ing: Arc<Ingress>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_log::AppliedEntry>>) {
     use tokio::sync::broadcast::error::RecvError;
+    // A failed reload is tried again with every later entry until one succeeds.
+    let mut failed = false;
     loop {
-        let dirty = match rx.recv().await {
-            Ok(e) => e.changes.iter().any(|c| relevant(c.kind)),
-            Err(RecvError::Lagged(_)) => true,
+        let (index, dirty) = match rx.recv().await {
+            Ok(e) => (e.index, e.changes.iter().any(|c| relevant(c.kind))),
+            Err(RecvError::Lagged(_)) => (*ing.log.applied().borrow(), true),
             Err(RecvError::Closed) => return,
         };
-        if dirty {
-            if let Err(e) = ing.reload() {
+        if dirty || failed {
+            failed = ing.reload().is_err_and(|e| {
+                // The lag stays behind, so health shows the routes falling back.
                 tracing::error!(error = %e, "ingress reload failed; keeping the previous routes");
+                true
+            });
+            if failed {
+                continue;
             }
         }
+        ing.lag.advance(index);
     }
 }

@@ -46,6 +46,8 @@ pub struct OrchestratorConfig {
     pub data_dir: PathBuf,
     /// The Docker Engine's unix socket.
     pub docker_socket: String,
+    /// API version pinning and negotiation.
+    pub docker_client: runner::docker::DockerClientConfig,
     /// First crash-loop delay; doubles per consecutive crash.
     pub backoff_base: Duration,
     /// Longest crash-loop delay.
@@ -69,6 +71,7 @@ impl OrchestratorConfig {
             node: node.into(),
             data_dir: data_dir.into(),
             docker_socket: "/var/run/docker.sock".into(),
+            docker_client: Default::default(),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             backoff_reset: Duration::from_secs(600),
@@ -137,6 +140,8 @@ pub(crate) struct Inner {
     generations: Mutex<HashMap<Key, u64>>,
     wake: Notify,
     shutting_down: AtomicBool,
+    /// When the last reconcile pass finished: health and the watchdog read it.
+    reconciled_at: Mutex<Option<Instant>>,
 }
 
 /// Runs the instances of every service on this node.
@@ -159,7 +164,7 @@ impl Orchestrator {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             process: ProcessRunner::new(cfg.data_dir.join("instances"), cfg.log_writer.clone()),
-            docker: DockerRunner::new(cfg.docker_socket.clone(), cfg.node.clone()),
+            docker: DockerRunner::new(cfg.docker_socket.clone(), cfg.node.clone(), cfg.docker_client),
             cfg,
             log: log.clone(),
             events: tx,
@@ -167,6 +172,7 @@ impl Orchestrator {
             generations: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
+            reconciled_at: Mutex::new(None),
         });
         let shutdown = Arc::new(Notify::new());
         let reporter_stop = Arc::new(Notify::new());
@@ -204,6 +210,17 @@ impl Orchestrator {
                 tracing::warn!("instance reports still pending at shutdown; the next runed re-observes them");
             }
         }
+    }
+
+    /// How long ago the reconcile loop last finished a pass over the state; `None` before the
+    /// first. A loop that stops finishing passes is wedged: `/healthz` and the watchdog say so.
+    pub fn since_reconcile(&self) -> Option<Duration> {
+        self.inner
+            .reconciled_at
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .map(|at| at.elapsed())
     }
 
     /// Live probe results of every instance on this node, by (namespace, instance id).
@@ -547,7 +564,11 @@ async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
     }
     let mut applied = inner.log.applied();
     loop {
-        reconcile(&inner, &mut sups, &mut adopt).await;
+        if reconcile(&inner, &mut sups, &mut adopt).await {
+            if let Ok(mut at) = inner.reconciled_at.lock() {
+                *at = Some(Instant::now());
+            }
+        }
         tokio::select! {
             r = applied.changed() => if r.is_err() { break },
             _ = inner.wake.notified() => {}
@@ -588,15 +609,38 @@ fn adopt_or_discard(inner: &Arc<Inner>, adopt: &mut Adoptable, f: Found) {
     });
 }
 
-async fn reconcile(inner: &Arc<Inner>, sups: &mut HashMap<Key, Sup>, adopt: &mut Adoptable) {
+/// One pass: returns whether it read the state and acted on it.
+async fn reconcile(inner: &Arc<Inner>, sups: &mut HashMap<Key, Sup>, adopt: &mut Adoptable) -> bool {
     let (services, records) = {
-        let Ok(txn) = inner.log.read() else { return };
-        let Ok(t) = txn.open_table(STATE_TABLE) else {
-            return;
+        let txn = match inner.log.read() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the state; skipping this reconcile");
+                return false;
+            }
         };
-        let services: Vec<ServiceRecord> = list_records(&t, &services_prefix(None)).unwrap_or_default();
-        let records: Vec<InstanceRecord> =
-            list_records(&t, &instances_prefix(None, None)).unwrap_or_default();
+        let t = match txn.open_table(STATE_TABLE) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the state; skipping this reconcile");
+                return false;
+            }
+        };
+        // A failed read skips this round: read as "no services", it would stop every instance.
+        let services: Vec<ServiceRecord> = match list_records(&t, &services_prefix(None)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the services; skipping this reconcile");
+                return false;
+            }
+        };
+        let records: Vec<InstanceRecord> = match list_records(&t, &instances_prefix(None, None)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the instance records; skipping this reconcile");
+                return false;
+            }
+        };
         (services, records)
     };
     // Containers are adopted once the engine answers; until then container services wait.
@@ -837,6 +881,7 @@ async fn reconcile(inner: &Arc<Inner>, sups: &mut HashMap<Key, Sup>, adopt: &mut
             }
         }
     }
+    true
 }
 
 fn stop_sup(s: &mut Sup, reason: String) {

@@ -26,11 +26,34 @@ use super::{
 /// Label marking containers rune manages.
 pub const LABEL_MANAGED: &str = "rune.managed";
 
+/// How runed talks to the Docker Engine (`docker.api-version`, `fallback-api-version`,
+/// `negotiation-timeout-seconds` of the runefile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DockerClientConfig {
+    /// Use this API version, without negotiating.
+    pub api_version: Option<(usize, usize)>,
+    /// Use this API version when negotiation fails or times out.
+    pub fallback_api_version: Option<(usize, usize)>,
+    /// How long to wait for the engine to answer the version negotiation.
+    pub negotiation_timeout: Duration,
+}
+
+impl Default for DockerClientConfig {
+    fn default() -> Self {
+        Self {
+            api_version: None,
+            fallback_api_version: None,
+            negotiation_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Runs instances as Docker containers.
 #[derive(Debug)]
 pub struct DockerRunner {
     socket: String,
     node: String,
+    client_cfg: DockerClientConfig,
     client: Mutex<Option<Docker>>,
     /// The gateway of this node's container network, where containers find the embedded DNS.
     gateway: tokio::sync::watch::Sender<Option<String>>,
@@ -63,10 +86,11 @@ fn not_found(e: &bollard::errors::Error) -> bool {
 
 impl DockerRunner {
     /// A runner talking to the engine at `socket` (a unix socket path), labelling with `node`.
-    pub fn new(socket: impl Into<String>, node: impl Into<String>) -> Self {
+    pub fn new(socket: impl Into<String>, node: impl Into<String>, client_cfg: DockerClientConfig) -> Self {
         Self {
             socket: socket.into(),
             node: node.into(),
+            client_cfg,
             client: Mutex::new(None),
             gateway: tokio::sync::watch::Sender::new(None),
             network_lock: tokio::sync::Mutex::new(()),
@@ -163,16 +187,42 @@ impl DockerRunner {
         if let Some(d) = c.as_ref() {
             return Ok(d.clone());
         }
-        let d = Docker::connect_with_unix(&self.socket, 120, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| bollard_err(&self.socket, e))?;
-        // The engine here may be older than bollard's default API version.
-        let d = tokio::time::timeout(Duration::from_secs(10), d.negotiate_version())
-            .await
-            .map_err(|_| RunError::EngineDown {
-                socket: self.socket.clone(),
-                message: "no answer within 10s".into(),
-            })?
-            .map_err(|e| bollard_err(&self.socket, e))?;
+        let connect = |v: (usize, usize)| {
+            let version = bollard::ClientVersion {
+                major_version: v.0,
+                minor_version: v.1,
+            };
+            Docker::connect_with_unix(&self.socket, 120, &version).map_err(|e| bollard_err(&self.socket, e))
+        };
+        let cfg = &self.client_cfg;
+        let d = match cfg.api_version {
+            // A pinned version (`docker.api-version`) is used as it is.
+            Some(v) => connect(v)?,
+            None => {
+                let d = Docker::connect_with_unix(&self.socket, 120, bollard::API_DEFAULT_VERSION)
+                    .map_err(|e| bollard_err(&self.socket, e))?;
+                // The engine here may be older than bollard's default API version.
+                let negotiated = tokio::time::timeout(cfg.negotiation_timeout, d.negotiate_version()).await;
+                match (negotiated, cfg.fallback_api_version) {
+                    (Ok(Ok(d)), _) => d,
+                    (failed, Some(v)) => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {:?}", cfg.negotiation_timeout),
+                        };
+                        tracing::warn!(error = %why, fallback = ?v, "docker API version negotiation failed; using the fallback version");
+                        connect(v)?
+                    }
+                    (Err(_), None) => {
+                        return Err(RunError::EngineDown {
+                            socket: self.socket.clone(),
+                            message: format!("no answer within {:?}", cfg.negotiation_timeout),
+                        })
+                    }
+                    (Ok(Err(e)), None) => return Err(bollard_err(&self.socket, e)),
+                }
+            }
+        };
         *c = Some(d.clone());
         Ok(d)
     }

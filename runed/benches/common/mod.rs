@@ -1,0 +1,82 @@
+//! Pieces the benchmarks share: Debian's etcd started on free loopback ports, and its Put.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rune_chaos_tests::{free_port, http_get, wait_until};
+
+/// etcd's `PutRequest` (the fields a put needs).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// etcd's `PutResponse` (nothing we read).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutResponse {}
+
+/// Puts one key through etcd's gRPC API on `ch`.
+pub async fn etcd_put(ch: tonic::transport::Channel, key: Vec<u8>, value: Vec<u8>) -> bool {
+    let mut g = tonic::client::Grpc::new(ch);
+    if g.ready().await.is_err() {
+        return false;
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
+    let codec = tonic_prost::ProstCodec::<PutRequest, PutResponse>::default();
+    g.unary(tonic::Request::new(PutRequest { key, value }), path, codec)
+        .await
+        .is_ok()
+}
+
+/// A one-member etcd on a temporary data dir, killed when dropped.
+pub struct Etcd {
+    child: Child,
+    /// Its data dir.
+    pub dir: tempfile::TempDir,
+    /// Its client URL.
+    pub url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `$ETCD` (default `etcd` on PATH); `None` when it is not installed.
+pub fn start_etcd() -> Option<Etcd> {
+    let bin = std::env::var_os("ETCD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "etcd".into());
+    let dir = tempfile::tempdir().ok()?;
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new(&bin)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+        .args(["--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = format!("127.0.0.1:{client}").parse().ok()?;
+    let etcd = Etcd { child, dir, url };
+    wait_until(Duration::from_secs(30), "etcd /health", || {
+        http_get(addr, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    Some(etcd)
+}

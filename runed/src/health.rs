@@ -1,0 +1,205 @@
+//! Is runed well? One answer for `/healthz`, its verbose form, gRPC health checking and the
+//! systemd watchdog, so that they never disagree.
+//!
+//! runed is healthy while the log applies what it writes, the orchestrator finishes reconcile
+//! passes, the projections (DNS, data plane, ingress) keep up within their stale budget, and it
+//! is not shutting down. The watchdog asks less: only the two loops that a wedged process stops
+//! (the log and the orchestrator), since a stale projection fails closed on its own and a restart
+//! would not help it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rune_log::Log;
+
+/// How long the log may hold written but unapplied entries without applying any of them.
+pub const APPLY_STALL_BUDGET: Duration = Duration::from_secs(10);
+/// How long the orchestrator may go without finishing a reconcile pass (it runs one at every
+/// applied change and every 2 s).
+pub const RECONCILE_BUDGET: Duration = Duration::from_secs(30);
+
+/// One component's state, as `/healthz?verbose` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Component {
+    /// `log`, `orchestrator`, `dns`, `dataplane` or `ingress`.
+    pub name: &'static str,
+    /// Whether it is well.
+    pub ok: bool,
+    /// Its position and lag, or what is wrong.
+    pub detail: String,
+}
+
+/// Everything health looks at.
+pub struct Health {
+    log: Arc<Log>,
+    orchestrator: Arc<rune_orchestrator::Orchestrator>,
+    dns: Arc<rune_dns::Dns>,
+    dataplane: Arc<rune_dataplane::DataPlane>,
+    ingress: Option<Arc<rune_ingress::Ingress>>,
+    stale_budget: Duration,
+    shutting_down: AtomicBool,
+    /// The applied index last seen, and when it last moved (or the log was caught up).
+    progress: Mutex<(u64, Instant)>,
+}
+
+impl Health {
+    /// Health over runed's parts.
+    pub fn new(
+        log: Arc<Log>,
+        orchestrator: Arc<rune_orchestrator::Orchestrator>,
+        dns: Arc<rune_dns::Dns>,
+        dataplane: Arc<rune_dataplane::DataPlane>,
+        ingress: Option<Arc<rune_ingress::Ingress>>,
+        stale_budget: Duration,
+    ) -> Self {
+        Self {
+            log,
+            orchestrator,
+            dns,
+            dataplane,
+            ingress,
+            stale_budget,
+            shutting_down: AtomicBool::new(false),
+            progress: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    /// From now on runed is stopping: unhealthy, on purpose.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    fn log_component(&self) -> Component {
+        let (_, last, applied) = self.log.positions();
+        let stalled_for = match self.progress.lock() {
+            Ok(mut p) => {
+                if applied != p.0 || applied >= last {
+                    *p = (applied, Instant::now());
+                }
+                p.1.elapsed()
+            }
+            Err(_) => Duration::ZERO,
+        };
+        let lag = last.saturating_sub(applied);
+        let (ok, detail) = if !self.log.healthy() {
+            (
+                false,
+                "not leading, stopped, or its state cannot be read".to_string(),
+            )
+        } else if lag > 0 && stalled_for > APPLY_STALL_BUDGET {
+            (
+                false,
+                format!(
+                    "has applied nothing for {:.0} s with {lag} entries written (applied {applied})",
+                    stalled_for.as_secs_f64()
+                ),
+            )
+        } else {
+            (true, format!("applied {applied}, lag {lag} entries"))
+        };
+        Component {
+            name: "log",
+            ok,
+            detail,
+        }
+    }
+
+    fn orchestrator_component(&self) -> Component {
+        let (ok, detail) = match self.orchestrator.since_reconcile() {
+            None => (false, "has not finished a reconcile pass yet".to_string()),
+            Some(d) if d > RECONCILE_BUDGET => (
+                false,
+                format!(
+                    "has not reconciled for {:.0} s (budget {} s)",
+                    d.as_secs_f64(),
+                    RECONCILE_BUDGET.as_secs()
+                ),
+            ),
+            Some(d) => (true, format!("reconciled {:.1} s ago", d.as_secs_f64())),
+        };
+        Component {
+            name: "orchestrator",
+            ok,
+            detail,
+        }
+    }
+
+    fn projection(&self, name: &'static str, applied: u64, stale_seconds: f64) -> Component {
+        let ok = stale_seconds <= self.stale_budget.as_secs_f64();
+        let detail = if ok {
+            format!("applied {applied}, lag {stale_seconds:.1} s")
+        } else {
+            format!(
+                "{stale_seconds:.0} s behind the log (stale budget {} s): failing closed",
+                self.stale_budget.as_secs()
+            )
+        };
+        Component { name, ok, detail }
+    }
+
+    /// Every component, in a fixed order.
+    pub fn components(&self) -> Vec<Component> {
+        let mut v = vec![
+            self.log_component(),
+            self.orchestrator_component(),
+            self.projection("dns", self.dns.applied_index(), self.dns.stale_seconds()),
+            self.projection(
+                "dataplane",
+                self.dataplane.applied_index(),
+                self.dataplane.stale_seconds(),
+            ),
+        ];
+        if let Some(i) = &self.ingress {
+            let (applied, stale) = i.lag();
+            v.push(self.projection("ingress", applied, stale));
+        }
+        v
+    }
+
+    /// `Ok` when healthy, else the first reason, one line.
+    pub fn check(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        match self.components().into_iter().find(|c| !c.ok) {
+            None => Ok(()),
+            Some(c) => Err(format!("{} {}", c.name, c.detail)),
+        }
+    }
+
+    /// Whether the loops a wedged process would stop still make progress: the watchdog's test.
+    pub fn alive(&self) -> Result<(), String> {
+        for c in [self.log_component(), self.orchestrator_component()] {
+            if !c.ok {
+                return Err(format!("{} {}", c.name, c.detail));
+            }
+        }
+        Ok(())
+    }
+
+    /// `/healthz`: 200 `ok`, or 503 with the reason; `verbose` lists every component as
+    /// Kubernetes' `?verbose` does (`[+]log applied 12, lag 0 entries`).
+    pub fn report(&self, verbose: bool) -> (bool, String) {
+        let result = self.check();
+        let mut out = String::new();
+        if verbose {
+            for c in self.components() {
+                out.push_str(&format!(
+                    "[{}]{} {}\n",
+                    if c.ok { '+' } else { '-' },
+                    c.name,
+                    c.detail
+                ));
+            }
+            if self.shutting_down.load(Ordering::Relaxed) {
+                out.push_str("[-]runed shutting down\n");
+            }
+        }
+        match &result {
+            Ok(()) => out.push_str("ok\n"),
+            Err(why) => out.push_str(&format!("unhealthy: {why}\n")),
+        }
+        (result.is_ok(), out)
+    }
+}

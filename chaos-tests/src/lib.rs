@@ -191,6 +191,9 @@ impl Daemon {
             .arg("--run-dir")
             .arg(self.tmp.path().join("run"))
             .args(["--nftables", if self.nftables { "auto" } else { "off" }])
+            // Tests run on shared machines with disks of any size: keep the reserve small
+            // unless a test sets its own (extra flags come later and win).
+            .args(["--storage-reserve", "8MiB"])
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         c

@@ -14,7 +14,7 @@
 //! ```
 //! A truncated or altered file is refused whole: the record count and the digest must match.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use openraft::{BasicNode, LogId, SnapshotMeta, StoredMembership, Vote};
@@ -47,7 +47,7 @@ pub struct Header {
     pub term: u64,
     /// The records that follow.
     pub records: u64,
-    /// Their size in bytes (keys and values), for progress.
+    /// About their size in bytes (the state file's size, an upper bound), for progress.
     pub bytes: u64,
     /// When the backup was taken (Unix ms, the server's clock).
     pub created_at_ms: i64,
@@ -94,7 +94,11 @@ pub struct Source {
 }
 
 /// Reads the applied state's position and size inside one read transaction.
-pub(crate) fn open_source(txn: ReadTransaction, created_at_ms: i64) -> Result<Source, BackupError> {
+pub(crate) fn open_source(
+    txn: ReadTransaction,
+    created_at_ms: i64,
+    bytes: u64,
+) -> Result<Source, BackupError> {
     let (last, membership): (Option<LogId<u64>>, StoredMembership<u64, BasicNode>) = {
         let meta = txn.open_table(SM_META).map_err(io)?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, BackupError> {
@@ -110,11 +114,7 @@ pub(crate) fn open_source(txn: ReadTransaction, created_at_ms: i64) -> Result<So
         };
         (last, membership)
     };
-    let (records, bytes) = {
-        let t = txn.open_table(STATE_TABLE).map_err(io)?;
-        let stats = t.stats().map_err(io)?;
-        (t.len().map_err(io)?, stats.stored_bytes())
-    };
+    let records = txn.open_table(STATE_TABLE).map_err(io)?.len().map_err(io)?;
     let id = last.map_or("0-0".to_string(), |l| format!("{}-{}", l.leader_id.term, l.index));
     let header = Header {
         format: MAGIC.into(),
@@ -190,8 +190,13 @@ pub struct Backup {
     pub records: Vec<(String, Vec<u8>)>,
 }
 
-/// Reads and checks a backup file: header, every record, the count and the digest.
-pub fn read(path: &Path) -> Result<Backup, BackupError> {
+/// Longest key or value a backup may hold: far above any record runed writes, and a bound on
+/// what a damaged length field can make a reader allocate.
+const MAX_FIELD_BYTES: usize = 64 << 20;
+
+/// Reads a backup file record by record, checking the header, the count and the digest;
+/// `each` sees every record. A damaged or cut file is an error, whatever `each` was given.
+fn read_with(path: &Path, mut each: impl FnMut(String, Vec<u8>)) -> Result<Header, BackupError> {
     let bad = |why: String| BackupError::Invalid {
         path: path.to_path_buf(),
         why,
@@ -200,7 +205,10 @@ pub fn read(path: &Path) -> Result<Backup, BackupError> {
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut hash = Sha256::new();
     let mut line = Vec::new();
-    r.read_until(b'\n', &mut line).map_err(io)?;
+    r.by_ref()
+        .take(1 << 20)
+        .read_until(b'\n', &mut line)
+        .map_err(io)?;
     let header: Header = serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(&line)).map_err(|e| {
         bad(format!(
             "not a rune backup (its first line is not a backup header: {e})"
@@ -216,27 +224,27 @@ pub fn read(path: &Path) -> Result<Backup, BackupError> {
         )));
     }
     hash.update(&line);
-    let truncated = || bad("the backup is truncated: records are missing".to_string());
-    let mut records = Vec::with_capacity(header.records.min(1 << 20) as usize);
     let take =
         |r: &mut BufReader<std::fs::File>, n: usize, hash: &mut Sha256| -> Result<Vec<u8>, BackupError> {
+            if n > MAX_FIELD_BYTES {
+                return Err(bad(format!("the backup is damaged: a record claims {n} bytes")));
+            }
             let mut b = vec![0u8; n];
-            r.read_exact(&mut b).map_err(|_| truncated())?;
+            r.read_exact(&mut b)
+                .map_err(|_| bad("the backup is truncated: records are missing".to_string()))?;
             hash.update(&b);
             Ok(b)
         };
+    let len = |b: Vec<u8>| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
     for _ in 0..header.records {
-        let kl = take(&mut r, 4, &mut hash)?;
-        let kl = u32::from_le_bytes([kl[0], kl[1], kl[2], kl[3]]) as usize;
+        let kl = len(take(&mut r, 4, &mut hash)?);
         let k =
             String::from_utf8(take(&mut r, kl, &mut hash)?).map_err(|_| bad("a key is not UTF-8".into()))?;
-        let vl = take(&mut r, 4, &mut hash)?;
-        let vl = u32::from_le_bytes([vl[0], vl[1], vl[2], vl[3]]) as usize;
-        let v = take(&mut r, vl, &mut hash)?;
-        records.push((k, v));
+        let vl = len(take(&mut r, 4, &mut hash)?);
+        each(k, take(&mut r, vl, &mut hash)?);
     }
     let mut rest = Vec::new();
-    r.read_to_end(&mut rest).map_err(io)?;
+    r.take(1 << 20).read_to_end(&mut rest).map_err(io)?;
     let text = std::str::from_utf8(&rest).map_err(|_| bad("the end of the backup is garbled".into()))?;
     let trailer: Trailer = serde_json::from_str(text.trim())
         .map_err(|_| bad("the backup is truncated: its closing line is missing".into()))?;
@@ -247,17 +255,65 @@ pub fn read(path: &Path) -> Result<Backup, BackupError> {
             trailer.sha256
         )));
     }
+    Ok(header)
+}
+
+/// Reads and checks a backup file: header, every record, the count and the digest.
+pub fn read(path: &Path) -> Result<Backup, BackupError> {
+    let mut records = Vec::new();
+    let header = read_with(path, |k, v| records.push((k, v)))?;
     Ok(Backup { header, records })
+}
+
+/// Checks a backup file whole without keeping its records in memory.
+pub fn verify(path: &Path) -> Result<Header, BackupError> {
+    read_with(path, |_, _| {})
+}
+
+/// Present while a restore is writing a data dir: `Log::open` refuses to start on it, and the
+/// next restore clears what the interrupted one left.
+pub const RESTORING: &str = "RESTORE-IN-PROGRESS";
+const STAGING: &str = ".restore-staging";
+
+/// Removes what an interrupted restore left in `dir` (only names a restore writes).
+fn clear_interrupted(dir: &Path) -> Result<(), BackupError> {
+    let rm = |p: PathBuf| match std::fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("{}: {e}", p.display()))),
+        _ => Ok(()),
+    };
+    for f in [LOG_FILE, STATE_FILE] {
+        rm(dir.join(f))?;
+    }
+    for d in [SNAPSHOT_DIR, STAGING] {
+        match std::fs::remove_dir_all(dir.join(d)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    }
+    rm(dir.join(RESTORING))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)
 }
 
 /// Builds a new data dir at `dir` from a backup file. `check` sees every record first and may
 /// refuse (runed checks that its KEK opens the sealed secrets); nothing is written before it
-/// agrees. `dir` must not hold a data dir already.
+/// agrees. `finish(staging)` runs once the data is written and synced, before it is moved into
+/// place (runed installs the KEK there). `dir` must not hold a data dir already.
+///
+/// Crash-safe: the files are written under `dir/.restore-staging` while `dir/RESTORE-IN-PROGRESS`
+/// exists, moved into `dir` (the log last), and the marker removed last. A runed refuses to
+/// start while the marker is there; the next restore clears what the interrupted one left.
 pub fn restore(
     path: &Path,
     dir: &Path,
     check: impl FnOnce(&Backup) -> Result<(), String>,
+    finish: impl FnOnce(&Path) -> Result<Vec<PathBuf>, String>,
 ) -> Result<Header, BackupError> {
+    if dir.join(RESTORING).exists() {
+        clear_interrupted(dir)?;
+    }
     for f in [LOG_FILE, STATE_FILE] {
         if dir.join(f).exists() {
             return Err(BackupError::NotEmpty(dir.to_path_buf(), f));
@@ -266,15 +322,33 @@ pub fn restore(
     let backup = read(path)?;
     check(&backup).map_err(BackupError::Refused)?;
     std::fs::create_dir_all(dir).map_err(|e| BackupError::Io(format!("{}: {e}", dir.display())))?;
-    let written = write_data_dir(dir, &backup);
-    if written.is_err() {
-        // Nothing half-written is left behind for a runed to start from.
-        for f in [LOG_FILE, STATE_FILE] {
-            let _ = std::fs::remove_file(dir.join(f));
+    std::fs::write(dir.join(RESTORING), format!("restoring {}\n", path.display())).map_err(io)?;
+    sync_dir(dir)?;
+    let staging = dir.join(STAGING);
+    let done = (|| {
+        std::fs::create_dir_all(&staging).map_err(io)?;
+        write_data_dir(&staging, &backup)?;
+        let extra = finish(&staging).map_err(BackupError::Refused)?;
+        sync_dir(&staging)?;
+        // The log last: without it no runed starts from a half-moved dir.
+        for name in extra.iter().map(PathBuf::as_path).chain([
+            Path::new(SNAPSHOT_DIR),
+            Path::new(STATE_FILE),
+            Path::new(LOG_FILE),
+        ]) {
+            std::fs::rename(staging.join(name), dir.join(name)).map_err(io)?;
         }
-        let _ = std::fs::remove_dir_all(dir.join(SNAPSHOT_DIR));
+        std::fs::remove_dir(&staging).map_err(io)?;
+        sync_dir(dir)?;
+        std::fs::remove_file(dir.join(RESTORING)).map_err(io)?;
+        sync_dir(dir)
+    })();
+    if let Err(e) = done {
+        // Nothing half-written is left behind for a runed to start from.
+        let _ = clear_interrupted(dir);
+        return Err(e);
     }
-    written.map(|()| backup.header)
+    Ok(backup.header)
 }
 
 fn write_data_dir(dir: &Path, b: &Backup) -> Result<(), BackupError> {
@@ -303,23 +377,5 @@ fn write_data_dir(dir: &Path, b: &Backup) -> Result<(), BackupError> {
             }
         }
     }
-    txn.commit().map_err(io)?;
-    let f = std::fs::File::open(dir).map_err(io)?;
-    f.sync_all().map_err(io)
-}
-
-/// Writes a backup from `source` to a file, atomically (a temporary name, fsynced, renamed).
-pub fn write_file(source: Source, path: &Path) -> Result<Header, BackupError> {
-    let header = source.header().clone();
-    let tmp = path.with_extension("partial");
-    let mut f =
-        std::fs::File::create(&tmp).map_err(|e| BackupError::Io(format!("{}: {e}", tmp.display())))?;
-    let r = source
-        .write_chunks(1 << 20, |c| f.write_all(&c).map_err(|e| e.to_string()))
-        .and_then(|()| f.sync_all().map_err(io))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r.map(|()| header)
+    txn.commit().map_err(io)
 }

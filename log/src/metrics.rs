@@ -75,12 +75,7 @@ impl Metrics {
                 .with_description("Writes refused because the data dir was below its free-space reserve")
                 .build(),
         };
-        // Counters start at zero, so a scrape right after start shows every series.
-        for kind in rune_statemachine::Command::KINDS {
-            let l = [opentelemetry::KeyValue::new("command", kind)];
-            m.proposals.add(0, &l);
-            m.refused_no_space.add(0, &l);
-        }
+        // Unlabelled counters start at zero, so a scrape right after start shows them.
         for c in [&m.rejections, &m.commits, &m.log_flushes] {
             c.add(0, &[]);
         }

@@ -79,6 +79,9 @@ pub enum LogError {
     /// Reading the state failed.
     #[error("state storage: {0}")]
     Storage(String),
+    /// A restore into the data dir was interrupted.
+    #[error("{0} holds an interrupted restore (RESTORE-IN-PROGRESS): run `runed restore` again")]
+    Restoring(PathBuf),
 }
 
 /// Failures to propose.
@@ -228,6 +231,9 @@ impl Log {
             path: dir.clone(),
             source,
         })?;
+        if dir.join(crate::backup::RESTORING).exists() {
+            return Err(LogError::Restoring(dir.clone()));
+        }
         let probe = dir.join(".write-probe");
         std::fs::write(&probe, b"")
             .and_then(|_| std::fs::remove_file(&probe))
@@ -372,7 +378,8 @@ impl Log {
     /// writes go on while it is read. See [`crate::backup`].
     pub fn backup(&self) -> Result<crate::backup::Source, LogError> {
         let txn = self.read()?;
-        crate::backup::open_source(txn, now_ms()).map_err(|e| LogError::Storage(e.to_string()))
+        let size = std::fs::metadata(self.space.dir().join(STATE_FILE)).map_or(0, |m| m.len());
+        crate::backup::open_source(txn, now_ms(), size).map_err(|e| LogError::Storage(e.to_string()))
     }
 
     /// The data dir's free-space reserve, for health and metrics.

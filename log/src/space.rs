@@ -62,6 +62,11 @@ impl Space {
         }
     }
 
+    /// The data dir watched.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The configured reserve in bytes.
     pub fn reserve(&self) -> u64 {
         self.reserve

@@ -70,10 +70,16 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
     let source = log.backup().unwrap();
     let index = source.header().index;
     let f2 = file.clone();
-    let header = tokio::task::spawn_blocking(move || backup::write_file(source, &f2))
-        .await
-        .unwrap()
-        .unwrap();
+    let header = source.header().clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&f2).unwrap();
+        source
+            .write_chunks(64 << 10, |c| f.write_all(&c).map_err(|e| e.to_string()))
+            .unwrap();
+    })
+    .await
+    .unwrap();
     assert_eq!(header.index, index);
     while log.positions().2 < index + 100 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -90,7 +96,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
 
     // Restore into a new dir and open it as a node.
     let restored = dir.path().join("b");
-    let h = backup::restore(&file, &restored, |_| Ok(())).unwrap();
+    let h = backup::restore(&file, &restored, |_| Ok(()), |_| Ok(vec![])).unwrap();
     assert_eq!(h.index, index);
     let log2 = Log::open(LogConfig::new(&restored)).await.unwrap();
     let mut before = 0;
@@ -116,7 +122,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
     assert_eq!(v.live_digest, v.rebuilt_digest, "{:?}", v.first_difference);
 
     // A second restore into the same dir is refused; so are a cut file and a changed byte.
-    let e = backup::restore(&file, &restored, |_| Ok(())).unwrap_err();
+    let e = backup::restore(&file, &restored, |_| Ok(()), |_| Ok(vec![])).unwrap_err();
     assert!(matches!(e, BackupError::NotEmpty(..)), "{e}");
     let bytes = std::fs::read(&file).unwrap();
     for (name, b) in [
@@ -132,7 +138,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
         let bad = dir.path().join(name);
         std::fs::write(&bad, b).unwrap();
         let target = dir.path().join(format!("{name}-dir"));
-        let e = backup::restore(&bad, &target, |_| Ok(())).unwrap_err();
+        let e = backup::restore(&bad, &target, |_| Ok(()), |_| Ok(vec![])).unwrap_err();
         assert!(matches!(e, BackupError::Invalid { .. }), "{name}: {e}");
         assert!(
             !target.join(rune_log::LOG_FILE).exists(),
@@ -141,9 +147,34 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
     }
     // A refusing check writes nothing.
     let target = dir.path().join("refused");
-    let e = backup::restore(&file, &target, |_| Err("wrong KEK".into())).unwrap_err();
+    let e = backup::restore(&file, &target, |_| Err("wrong KEK".into()), |_| Ok(vec![])).unwrap_err();
     assert!(e.to_string().contains("wrong KEK"));
     assert!(!target.join(rune_log::STATE_FILE).exists());
+    // A failing last step (installing the KEK) leaves nothing a runed could start from.
+    let e = backup::restore(&file, &target, |_| Ok(()), |_| Err("no room for the KEK".into())).unwrap_err();
+    assert!(e.to_string().contains("no room"));
+    for f in [rune_log::STATE_FILE, rune_log::LOG_FILE, backup::RESTORING] {
+        assert!(!target.join(f).exists(), "{f} left behind");
+    }
+    // An interrupted restore (killed after moving the state in) blocks runed, and the next
+    // restore clears it and completes.
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join(backup::RESTORING), "").unwrap();
+    std::fs::copy(
+        restored.join(rune_log::STATE_FILE),
+        target.join(rune_log::STATE_FILE),
+    )
+    .unwrap();
+    let e = Log::open(LogConfig::new(&target)).await.err().unwrap();
+    assert!(e.to_string().contains("interrupted restore"), "{e}");
+    backup::restore(&file, &target, |_| Ok(()), |_| Ok(vec![])).unwrap();
+    assert!(!target.join(backup::RESTORING).exists());
+    Log::open(LogConfig::new(&target))
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
     Arc::try_unwrap(log).ok().unwrap().close().await.unwrap();
 }
 

@@ -102,18 +102,12 @@ async fn fill(ch: &Ch, services: usize, entries: usize) {
     }
 }
 
-/// `(records, bytes)` from a backup's header line.
-fn backup_header(p: &Path) -> (u64, u64, u64) {
-    use std::io::BufRead;
-    let f = std::fs::File::open(p).expect("backup");
-    let mut line = String::new();
-    std::io::BufReader::new(f).read_line(&mut line).expect("header");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("header JSON");
-    (
-        v["records"].as_u64().unwrap_or(0),
-        v["bytes"].as_u64().unwrap_or(0),
-        v["index"].as_u64().unwrap_or(0),
-    )
+/// `(records, bytes of keys and values, index)` of a backup file, read through the same reader
+/// as `runed restore`.
+fn backup_contents(p: &Path) -> (u64, u64, u64) {
+    let b = rune_log::backup::read(p).expect("backup");
+    let bytes = b.records.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+    (b.header.records, bytes, b.header.index)
 }
 
 struct Row {
@@ -137,7 +131,7 @@ fn backup_vs_etcd(rt: &tokio::runtime::Runtime, bins: &Bins) {
     let mut cmd = d.rune_cmd();
     cmd.args(["admin", "backup", "--out"]).arg(&out);
     let save = timed(cmd, "rune admin backup");
-    let (records, bytes, index) = backup_header(&out);
+    let (records, bytes, index) = backup_contents(&out);
     let file = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
     let target = d.scratch().join("restored");
     let mut cmd = Command::new(&bins.runed);
@@ -163,7 +157,8 @@ fn backup_vs_etcd(rt: &tokio::runtime::Runtime, bins: &Bins) {
         .map(PathBuf::from)
         .unwrap_or_else(|| "etcdctl".into());
     let peer = etcd.map(|e| {
-        let value_bytes = (bytes / records.max(1)) as usize;
+        // As many keys, each of runed's average key and value size together.
+        let value_bytes = (bytes / records.max(1)).saturating_sub(20) as usize;
         rt.block_on(async {
             let ch = Channel::from_shared(e.url.clone())
                 .unwrap()
@@ -205,7 +200,7 @@ fn backup_vs_etcd(rt: &tokio::runtime::Runtime, bins: &Bins) {
         let restore = timed(cmd, "etcdctl snapshot restore");
         Row {
             records,
-            state_mib: mib(records * value_bytes as u64),
+            state_mib: mib(records * (value_bytes as u64 + 20)),
             save,
             file_mib: mib(file),
             restore,

@@ -12,6 +12,9 @@ use tonic::{Request, Response, Status};
 use crate::api::{internal, not_proposed, rejection, Api};
 use crate::auth::{admin_gate, authorize, now_ms, token_hash};
 
+/// Longest a backup waits for its client to take the next chunk.
+const BACKUP_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A new token secret: `rune_` and 32 random bytes in hex, recognisable by secret scanners.
 fn new_secret() -> String {
     format!("rune_{}", hex::encode(rune_secrets::random_bytes(32)))
@@ -129,6 +132,13 @@ impl pb::bootstrap_api_server::BootstrapApi for Api {
         &self,
         req: Request<pb::BootstrapRequest>,
     ) -> Result<Response<pb::BootstrapResponse>, Status> {
+        // The first root token needs no credential: with an admin socket, only root on this
+        // host (over the socket, peer credentials checked) may ask, not any local user.
+        if self.admin_socket && !crate::auth::local_root(&req) {
+            return Err(Status::permission_denied(
+                "bootstrap mints the first root token: run `rune admin bootstrap` as root on runed's host, which uses the admin socket",
+            ));
+        }
         admin_gate(&req, self.allow_remote_admin)?;
         let secret = new_secret();
         let token = TokenRecord {
@@ -413,6 +423,7 @@ impl pb::admin_api_server::AdminApi for Api {
         let h = source.header().clone();
         tracing::info!(index = h.index, records = h.records, "backup started");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::BackupChunk, Status>>(4);
+        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("rune-backup".into())
             .spawn(move || {
@@ -425,8 +436,16 @@ impl pb::admin_api_server::AdminApi for Api {
                     if std::mem::take(&mut first) {
                         (chunk.index, chunk.records, chunk.total_bytes) = (h.index, h.records, h.bytes);
                     }
-                    tx.blocking_send(Ok(chunk))
-                        .map_err(|_| "the client went away".to_string())
+                    // A client that stops reading does not hold the read transaction (and so
+                    // redb's old pages) forever.
+                    // The timer is made inside the runtime, whose clock it needs.
+                    let sent =
+                        rt.block_on(async { tokio::time::timeout(BACKUP_STALL, tx.send(Ok(chunk))).await });
+                    match sent {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err("the client went away".to_string()),
+                        Err(_) => Err(format!("the client read nothing for {BACKUP_STALL:?}")),
+                    }
                 });
                 match sent {
                     Ok(()) => tracing::info!(index = h.index, "backup sent"),

@@ -36,6 +36,10 @@ pub struct Api {
     pub dataplane: Arc<rune_dataplane::DataPlane>,
     /// The edge ingress, on edge nodes.
     pub ingress: Option<Arc<rune_ingress::Ingress>>,
+    /// Whether a local admin socket is served: then bootstrap is for root on it only.
+    pub admin_socket: bool,
+    /// The port the gRPC API listens on.
+    pub grpc_port: u16,
 }
 
 impl Api {
@@ -614,6 +618,7 @@ impl pb::service_api_server::ServiceApi for Api {
             self.log.clone(),
             &caller,
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
+            Vec::new(),
         )))
     }
 
@@ -869,6 +874,7 @@ impl pb::namespace_api_server::NamespaceApi for Api {
             self.log.clone(),
             &caller,
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
+            Vec::new(),
         )))
     }
 }
@@ -886,6 +892,7 @@ impl pb::system_api_server::SystemApi for Api {
             commit: option_env!("RUNE_GIT_COMMIT").unwrap_or("unknown").into(),
             applied_index: applied,
             term,
+            grpc_port: u32::from(self.grpc_port),
         }))
     }
 }

@@ -124,17 +124,20 @@ impl Caller {
     /// Root on this host, over the admin socket without a token: the recovery path when no
     /// token is left, or when gRPC listens on a private interface only.
     fn local_root() -> Self {
-        let rules = rune_statemachine::identity::builtin_policies()
-            .into_iter()
-            .find(|p| p.name == "root")
-            .map(|p| p.rules)
-            .unwrap_or_default();
+        static RULES: std::sync::OnceLock<Vec<PolicyRule>> = std::sync::OnceLock::new();
+        let rules = RULES.get_or_init(|| {
+            rune_statemachine::identity::builtin_policies()
+                .into_iter()
+                .find(|p| p.name == "root")
+                .map(|p| p.rules)
+                .unwrap_or_default()
+        });
         Self {
             user: "root".into(),
             token_id: String::new(),
             token_name: "local admin socket".into(),
             policies: vec!["root".into()],
-            rules,
+            rules: rules.clone(),
             expires_at_ms: None,
         }
     }
@@ -198,19 +201,21 @@ async fn token_ends(log: Arc<Log>, id: String, expires_at_ms: Option<i64>) -> St
     if let Err(why) = token_stands(&log, &id) {
         return why;
     }
-    let expiry = async {
-        match expires_at_ms {
-            Some(at) => {
-                let wait = u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0);
-                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-            }
-            None => std::future::pending::<()>().await,
-        }
+    let until = |at_ms: i64| {
+        let wait = u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0);
+        tokio::time::Instant::now() + std::time::Duration::from_millis(wait)
     };
+    // Far enough to never fire when the token has no expiry.
+    let never = tokio::time::Instant::now() + std::time::Duration::from_secs(100 * 365 * 86_400);
+    let expiry = tokio::time::sleep_until(expires_at_ms.map_or(never, until));
     tokio::pin!(expiry);
     loop {
         let recheck = tokio::select! {
-            () = &mut expiry => true,
+            () = &mut expiry => {
+                // The wall clock may lag the timer (a step back, a resumed VM): look again soon.
+                expiry.as_mut().reset(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+                true
+            }
             e = rx.recv() => match e {
                 Ok(entry) => entry.changes.iter().any(|c| {
                     matches!(c.kind, rune_statemachine::Kind::Token | rune_statemachine::Kind::User)
@@ -228,21 +233,38 @@ async fn token_ends(log: Arc<Log>, id: String, expires_at_ms: Option<i64>) -> St
     }
 }
 
+/// Aborts the tasks it holds when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+}
+
 /// Ends a server stream (watch, logs, exec, port-forward) with UNAUTHENTICATED once the token
-/// that opened it is revoked or expires, so a revoked token holds no door open. Streams opened
-/// by local root on the admin socket have no token and run until they end.
+/// that opened it is revoked or expires, so a revoked token holds no door open. `tied` are the
+/// tasks that serve the stream (reading the client's side of a bidirectional stream, reading a
+/// backend): they are aborted whenever the stream ends, for that or any other reason, including
+/// the client going away. Streams opened by local root on the admin socket have no token.
 pub fn until_token_ends<T: Send + 'static>(
     log: Arc<Log>,
     caller: &Caller,
     inner: crate::api::Stream_<T>,
+    tied: Vec<tokio::task::AbortHandle>,
 ) -> crate::api::Stream_<T> {
     use futures::StreamExt;
-    if caller.token_id.is_empty() {
-        return inner;
-    }
-    let end = token_ends(log, caller.token_id.clone(), caller.expires_at_ms);
+    let (token, expires) = (caller.token_id.clone(), caller.expires_at_ms);
+    let end = async move {
+        if token.is_empty() {
+            std::future::pending().await
+        } else {
+            token_ends(log, token, expires).await
+        }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
+        let _tied = AbortOnDrop(tied);
         let mut inner = inner;
         tokio::pin!(end);
         loop {
@@ -255,6 +277,8 @@ pub fn until_token_ends<T: Send + 'static>(
                     Some(item) => if tx.send(item).await.is_err() { return },
                     None => return,
                 },
+                // The client went away: drop the stream, and with it what feeds it.
+                () = tx.closed() => return,
             }
         }
     });

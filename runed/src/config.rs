@@ -14,7 +14,12 @@ use crate::yaml::{self, Node, NodeKind};
 
 /// Command-line flags of `runed`; each overrides the runefile.
 #[derive(Debug, Clone, Default, clap::Parser)]
-#[command(name = "runed", version, about = "The Rune orchestrator daemon")]
+#[command(
+    name = "runed",
+    version,
+    about = "The Rune orchestrator daemon",
+    args_override_self = true
+)]
 pub struct Flags {
     /// Runefile to read (YAML).
     #[arg(long, env = "RUNE_CONFIG")]
@@ -985,13 +990,7 @@ impl Settings {
                 .ok_or_else(|| src.err("storage.reserve", format!("'{n}' is not a whole number of bytes")))?,
             (None, None) => DEFAULT_STORAGE_RESERVE,
         };
-        let run_dir = flags.run_dir.clone().unwrap_or_else(|| {
-            if running_as_root() {
-                PathBuf::from("/run/rune")
-            } else {
-                std::env::temp_dir().join(format!("rune-{}", current_uid()))
-            }
-        });
+        let run_dir = flags.run_dir.clone().unwrap_or_else(default_run_dir);
         let admin_socket = match flags.admin_socket.clone().or(server.admin_socket) {
             Some(p) if p.trim().is_empty() => None,
             Some(p) => Some(PathBuf::from(p)),
@@ -1056,15 +1055,21 @@ impl Settings {
     }
 }
 
-/// This process's uid (the owner of /proc/self).
+/// This process's effective uid.
 pub fn current_uid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(u32::MAX)
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UID.get_or_init(|| rustix::process::geteuid().as_raw())
 }
 
-fn running_as_root() -> bool {
-    current_uid() == 0
+/// Where runtime files (secret mounts, the admin socket) live by default: `/run/rune` for
+/// root, else a directory of this user's under the temporary directory. The CLI finds the
+/// admin socket of a runed of the same user there too.
+pub fn default_run_dir() -> PathBuf {
+    if current_uid() == 0 {
+        PathBuf::from("/run/rune")
+    } else {
+        std::env::temp_dir().join(format!("rune-{}", current_uid()))
+    }
 }
 
 /// `crypto.kek` (or the original's `secret.encryption.kek`), and `--kek-file`. A relative file

@@ -295,7 +295,9 @@ fn feed_watchdog(health: Arc<Health>) {
                     systemd::watchdog_ping();
                     if std::mem::take(&mut withheld) {
                         tracing::warn!("watchdog fed again");
-                        systemd::status("serving");
+                        if !health.shutting_down() {
+                            systemd::status("serving");
+                        }
                     }
                 }
                 Err(why) if !withheld => {
@@ -310,11 +312,14 @@ fn feed_watchdog(health: Arc<Health>) {
     });
 }
 
-/// Keeps `systemctl status`'s status line current.
-fn report_status(log: Arc<Log>) {
+/// Keeps `systemctl status`'s status line current while runed serves.
+fn report_status(log: Arc<Log>, health: Arc<Health>) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
+            if health.shutting_down() {
+                return;
+            }
             let (term, last, applied) = log.positions();
             systemd::status(&format!(
                 "serving: applied index {applied} of {last} (term {term}), {} free on the data dir",
@@ -326,6 +331,7 @@ fn report_status(log: Arc<Log>) {
 
 /// Runs the daemon until a signal (`Ok`) or until the log fails for good ([`LogFailed`]).
 pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let stopped = stop_signals()?;
     let (registry, provider) = crate::metrics::init()?;
     tracing::info!(data_dir = %s.data_dir.display(), grpc = %s.grpc_addr, http = %s.http_addr, dev_mode = s.dev_mode, roles = ?s.node_roles, "starting runed");
     for line in &s.ignored {
@@ -343,7 +349,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         ..LogConfig::new(&s.data_dir)
     };
     let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
-    seed(&log, &s.cluster_cidr).await?;
+    // Below the reserve, writes at start would fail: runed starts anyway (reads, running
+    // services and deletes work) and does them at its next start.
+    let room = log.space().check(log.space().need(true));
+    match &room {
+        Ok(()) => seed(&log, &s.cluster_cidr).await?,
+        Err(e) => {
+            tracing::warn!(error = %e, "not seeding the reserved namespaces and policies at this start")
+        }
+    }
 
     systemd::status("checking the KEK");
     let secrets = match crate::secrets_api::Secrets::load(&log, s.kek_source.clone(), s.secret_limits) {
@@ -354,9 +368,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             return Err(anyhow::Error::new(e));
         }
     };
-    if let Err(e) = secrets.finish_pending_rotation(&log).await {
-        let _ = log.shutdown().await;
-        return Err(anyhow::Error::new(e));
+    if room.is_ok() {
+        if let Err(e) = secrets.finish_pending_rotation(&log).await {
+            let _ = log.shutdown().await;
+            return Err(anyhow::Error::new(e));
+        }
     }
     crate::metrics::log_gauges(&provider, &log);
     crate::metrics::network_changes(&provider, &log);
@@ -391,6 +407,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         allow_remote_admin: s.allow_remote_admin,
         dataplane: dataplane.clone(),
         ingress: ingress.clone(),
+        admin_socket: listeners.admin.is_some(),
+        grpc_port: listeners
+            .grpc
+            .local_addr()
+            .map_or(s.grpc_addr.port(), |a| a.port()),
     };
     let failpoints = s.enable_failpoints.then(|| {
         tracing::warn!("failpoints are enabled: /debug/failpoints/* can break this runed on purpose");
@@ -413,10 +434,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     systemd::ready(&format!("serving: applied index {applied}"));
     tracing::info!(grpc = %s.grpc_addr, http = %s.http_addr, metrics = ?s.metrics_addr, admin_socket = ?s.admin_socket, applied, "runed is ready");
     feed_watchdog(health.clone());
-    report_status(log.clone());
+    report_status(log.clone(), health.clone());
 
     let failed = tokio::select! {
-        r = wait_for_stop_signal() => { r?; None }
+        () = stopped => None,
         why = log.failed() => Some(why),
     };
     health.set_shutting_down();
@@ -441,18 +462,22 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP is logged and ignored.
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Installs the handlers for SIGTERM, SIGINT and SIGHUP (at the start, so a stop asked for
+/// while runed starts is not lost) and returns what waits for the first stop: SIGHUP is logged
+/// and ignored.
+fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); return Ok(()) }
-            _ = int.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); return Ok(()) }
-            _ = hup.recv() => tracing::info!(signal = "SIGHUP", "ignored: runed has nothing to reload"),
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); return }
+                _ = int.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); return }
+                _ = hup.recv() => tracing::info!(signal = "SIGHUP", "ignored: runed has nothing to reload"),
+            }
         }
-    }
+    })
 }
 
 /// Seeds the reserved namespaces on a new cluster, through the log like every write.

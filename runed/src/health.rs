@@ -106,17 +106,18 @@ impl Health {
     }
 
     fn orchestrator_component(&self) -> Component {
-        let (ok, detail) = match self.orchestrator.since_reconcile() {
-            None => (false, "has not finished a reconcile pass yet".to_string()),
-            Some(d) if d > RECONCILE_BUDGET => (
+        let d = self.orchestrator.since_reconcile();
+        let (ok, detail) = if d > RECONCILE_BUDGET {
+            (
                 false,
                 format!(
                     "has not reconciled for {:.0} s (budget {} s)",
                     d.as_secs_f64(),
                     RECONCILE_BUDGET.as_secs()
                 ),
-            ),
-            Some(d) => (true, format!("reconciled {:.1} s ago", d.as_secs_f64())),
+            )
+        } else {
+            (true, format!("reconciled {:.1} s ago", d.as_secs_f64()))
         };
         Component {
             name: "orchestrator",
@@ -157,15 +158,24 @@ impl Health {
         v
     }
 
+    /// Every component and the verdict drawn from them: `Ok` when healthy, else the first
+    /// reason, one line.
+    fn evaluate(&self) -> (Vec<Component>, Result<(), String>) {
+        let components = self.components();
+        let verdict = if self.shutting_down.load(Ordering::Relaxed) {
+            Err("shutting down".into())
+        } else {
+            match components.iter().find(|c| !c.ok) {
+                None => Ok(()),
+                Some(c) => Err(format!("{} {}", c.name, c.detail)),
+            }
+        };
+        (components, verdict)
+    }
+
     /// `Ok` when healthy, else the first reason, one line.
     pub fn check(&self) -> Result<(), String> {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return Err("shutting down".into());
-        }
-        match self.components().into_iter().find(|c| !c.ok) {
-            None => Ok(()),
-            Some(c) => Err(format!("{} {}", c.name, c.detail)),
-        }
+        self.evaluate().1
     }
 
     /// Whether the loops a wedged process would stop still make progress: the watchdog's test.
@@ -181,10 +191,10 @@ impl Health {
     /// `/healthz`: 200 `ok`, or 503 with the reason; `verbose` lists every component as
     /// Kubernetes' `?verbose` does (`[+]log applied 12, lag 0 entries`).
     pub fn report(&self, verbose: bool) -> (bool, String) {
-        let result = self.check();
+        let (components, verdict) = self.evaluate();
         let mut out = String::new();
         if verbose {
-            for c in self.components() {
+            for c in &components {
                 out.push_str(&format!(
                     "[{}]{} {}\n",
                     if c.ok { '+' } else { '-' },
@@ -192,14 +202,16 @@ impl Health {
                     c.detail
                 ));
             }
-            if self.shutting_down.load(Ordering::Relaxed) {
-                out.push_str("[-]runed shutting down\n");
-            }
         }
-        match &result {
+        match &verdict {
             Ok(()) => out.push_str("ok\n"),
             Err(why) => out.push_str(&format!("unhealthy: {why}\n")),
         }
-        (result.is_ok(), out)
+        (verdict.is_ok(), out)
+    }
+
+    /// Whether runed is stopping.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 }

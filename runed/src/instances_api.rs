@@ -304,6 +304,7 @@ impl pb::instance_api_server::InstanceApi for Api {
             self.log.clone(),
             &caller,
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
+            Vec::new(),
         )))
     }
 
@@ -534,6 +535,7 @@ impl pb::instance_api_server::InstanceApi for Api {
             self.log.clone(),
             &caller,
             Box::pin(merged),
+            Vec::new(),
         )))
     }
 
@@ -574,7 +576,7 @@ impl pb::instance_api_server::InstanceApi for Api {
         };
         let (in_tx, mut out_rx) = self.orchestrator.exec(&rec, &spec).await.map_err(orch_status)?;
         tracing::info!(instance = %rec.id, namespace = %ns, command = ?start.command, tty = start.tty, "exec");
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(m)) = input.message().await {
                 let i = match m.msg {
                     Some(pb::exec_request::Msg::Stdin(b)) => ExecInput::Stdin(b.into()),
@@ -593,7 +595,7 @@ impl pb::instance_api_server::InstanceApi for Api {
         });
         let (tx, out) = tokio::sync::mpsc::channel(64);
         let id = rec.id.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let hello = pb::ExecResponse {
                 msg: Some(pb::exec_response::Msg::Instance(id)),
             };
@@ -615,6 +617,7 @@ impl pb::instance_api_server::InstanceApi for Api {
             self.log.clone(),
             &caller,
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
+            vec![reader.abort_handle(), writer.abort_handle()],
         )))
     }
 }

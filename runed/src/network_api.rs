@@ -182,7 +182,7 @@ impl pb::network_api_server::NetworkApi for Api {
             .map_err(dp_status)?;
         tracing::info!(namespace = %ns, service = %start.service, port = %start.port, endpoint = %ep, user = %caller.user, "port-forward");
         let (mut rd, mut wr) = stream.into_split();
-        tokio::spawn(async move {
+        let upstream = tokio::spawn(async move {
             while let Ok(Some(m)) = input.message().await {
                 match m.msg {
                     Some(pb::port_forward_request::Msg::Data(b)) if wr.write_all(&b).await.is_err() => return,
@@ -193,7 +193,7 @@ impl pb::network_api_server::NetworkApi for Api {
             let _ = wr.shutdown().await;
         });
         let (tx, out) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
+        let downstream = tokio::spawn(async move {
             let hello = pb::PortForwardResponse {
                 msg: Some(pb::port_forward_response::Msg::Endpoint(ep.to_string())),
             };
@@ -219,6 +219,7 @@ impl pb::network_api_server::NetworkApi for Api {
             self.log.clone(),
             &caller,
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)),
+            vec![upstream.abort_handle(), downstream.abort_handle()],
         )))
     }
 }

@@ -2,8 +2,9 @@
 //! page plus the token of the next one. Pages follow key order, so an object that exists
 //! throughout is listed exactly once; each page is read at one applied index.
 //!
-//! The token names the list and the key prefix it was made for, and the key to continue after;
-//! a token of another list, or one that was tampered with, is refused (InvalidArgument).
+//! The token names the list and the key prefix it was made for, and the key to continue after.
+//! It is not signed: it only says where to resume, within what the caller may list anyway. A
+//! token of another list, or one that does not decode, is refused (InvalidArgument).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -12,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-/// Values read per page at the most when a limit is given, so a page stays well under the
-/// 4 MiB that gRPC clients accept by default, whatever the size of each object.
+/// A page given a limit ends once it has read this many bytes of values, so it stays under the
+/// 4 MiB that gRPC clients accept by default unless one object alone is that large.
 pub const MAX_PAGE_BYTES: usize = 2 << 20;
 
 #[derive(Serialize, Deserialize)]

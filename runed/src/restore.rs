@@ -91,18 +91,41 @@ pub fn run(args: &RestoreArgs) -> Result<String, RestoreError> {
         Some(p) => Some(read_kek(p)?),
         None => None,
     };
+    let generated = matches!(settings.kek_source, KekSource::Generated);
     let (kek, install_at) = resolve_kek(&settings.kek_source, given)?;
     let mut sealed_count = 0;
-    let header = rune_log::backup::restore(&args.from, &dir, |b| {
+    let check = |b: &rune_log::backup::Backup| {
         let sealed = sealed_secrets(&b.records)?;
         sealed_count = sealed.len();
+        if generated && !sealed.is_empty() {
+            return Err(format!(
+                "the backup holds {} secret version(s), and the restored runed would make a new KEK at every start (crypto.kek.source: generated): use source file or env; nothing was restored",
+                sealed.len()
+            ));
+        }
         check_kek(kek.as_ref(), &sealed)
-    })?;
-    let mut installed = String::new();
-    if let (Some(k), Some(path)) = (&kek, &install_at) {
-        rune_secrets::write_kek_file(path, k).map_err(|e| RestoreError::Kek(e.to_string()))?;
-        installed = format!("; KEK {} installed at {}", k.id(), path.display());
-    }
+    };
+    // The KEK goes in with the data: staged with it when it lives in the data dir (the
+    // default), so an interrupted restore never leaves data without its key.
+    let install = |staging: &Path| -> Result<Vec<PathBuf>, String> {
+        let (Some(k), Some(path)) = (&kek, &install_at) else {
+            return Ok(vec![]);
+        };
+        match path.strip_prefix(&dir) {
+            Ok(rel) if rel.components().count() == 1 => {
+                rune_secrets::write_kek_file(&staging.join(rel), k).map_err(|e| e.to_string())?;
+                Ok(vec![rel.to_path_buf()])
+            }
+            _ => rune_secrets::write_kek_file(path, k)
+                .map(|()| vec![])
+                .map_err(|e| e.to_string()),
+        }
+    };
+    let header = rune_log::backup::restore(&args.from, &dir, check, install)?;
+    let installed = match (&kek, &install_at) {
+        (Some(k), Some(path)) => format!("; KEK {} installed at {}", k.id(), path.display()),
+        _ => String::new(),
+    };
     Ok(format!(
         "restored {} records at index {} (term {}, {} sealed secret version(s)) into {}{installed}\nstart it with: runed --data-dir {}{}",
         header.records,
@@ -149,7 +172,16 @@ fn resolve_kek(
             Err(e) => Err(RestoreError::Kek(format!("{}: {e}", path.display()))),
         },
         KekSource::Env { var } => match rune_secrets::load(source, false) {
-            Ok(l) => Ok((Some(l.kek), None)),
+            Ok(l) => {
+                if let Some(g) = given.filter(|g| g.id() != l.kek.id()) {
+                    return Err(RestoreError::Kek(format!(
+                        "{var} holds KEK {}, not the --kek-file's {}: the restored runed reads {var}",
+                        l.kek.id(),
+                        g.id()
+                    )));
+                }
+                Ok((Some(l.kek), None))
+            }
             Err(_) if given.is_some() => Err(RestoreError::Kek(format!(
                 "the restored runed reads its KEK from {var}, which is not set: set it to the content of the --kek-file"
             ))),

@@ -98,17 +98,19 @@ fn router(
 struct GrpcHealth(Arc<Health>);
 
 impl GrpcHealth {
-    fn status(&self, service: &str) -> Result<tonic_health::pb::HealthCheckResponse, tonic::Status> {
+    /// The status of `service` ("" is the whole server); `None` for a service runed does not
+    /// serve.
+    fn status(&self, service: &str) -> Option<tonic_health::pb::HealthCheckResponse> {
         use tonic_health::pb::health_check_response::ServingStatus;
         if !service.is_empty() && !SERVICE_NAMES.contains(&service) {
-            return Err(tonic::Status::not_found(format!("unknown service {service}")));
+            return None;
         }
         let status = if self.0.check().is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        Ok(tonic_health::pb::HealthCheckResponse {
+        Some(tonic_health::pb::HealthCheckResponse {
             status: status as i32,
         })
     }
@@ -120,30 +122,37 @@ impl tonic_health::pb::health_server::Health for GrpcHealth {
         &self,
         req: tonic::Request<tonic_health::pb::HealthCheckRequest>,
     ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
-        self.status(&req.into_inner().service).map(tonic::Response::new)
+        let service = req.into_inner().service;
+        self.status(&service)
+            .map(tonic::Response::new)
+            .ok_or_else(|| tonic::Status::not_found(format!("unknown service {service}")))
     }
 
     type WatchStream = crate::api::Stream_<tonic_health::pb::HealthCheckResponse>;
 
-    /// The status now, then every change (checked each second) until the client leaves.
+    /// The status now, then every change (checked each second) until the client leaves; an
+    /// unknown service is SERVICE_UNKNOWN, and the stream stays open, as the protocol asks.
     async fn watch(
         &self,
         req: tonic::Request<tonic_health::pb::HealthCheckRequest>,
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        use tonic_health::pb::health_check_response::ServingStatus;
         let service = req.into_inner().service;
         let health = GrpcHealth(self.0.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let now = health.status(&service);
-                let key = now.as_ref().map(|r| r.status).map_err(|e| e.code());
-                if last != Some(key) {
-                    let end = now.is_err();
-                    if tx.send(now).await.is_err() || end {
+                let now = health
+                    .status(&service)
+                    .unwrap_or(tonic_health::pb::HealthCheckResponse {
+                        status: ServingStatus::ServiceUnknown as i32,
+                    });
+                if last != Some(now.status) {
+                    last = Some(now.status);
+                    if tx.send(Ok(now)).await.is_err() {
                         return;
                     }
-                    last = Some(key);
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -168,7 +177,24 @@ pub fn bind_admin_socket(path: &Path) -> anyhow::Result<Option<UnixListener>> {
                 .with_context(|| format!("server.admin-socket: {}", dir.display()))?;
         }
     }
-    if path.exists() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(dir).map(|m| m.uid()).unwrap_or(u32::MAX);
+        if owner != 0 && owner != crate::config::current_uid() {
+            anyhow::bail!(
+                "server.admin-socket: {} belongs to uid {owner}, not to runed's user: another user could replace the socket",
+                dir.display()
+            );
+        }
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            anyhow::bail!(
+                "server.admin-socket: {} exists and is not a socket",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             tracing::warn!(socket = %path.display(), "another runed serves this admin socket; this one serves none (set server.admin-socket)");
             return Ok(None);
@@ -184,7 +210,19 @@ pub fn bind_admin_socket(path: &Path) -> anyhow::Result<Option<UnixListener>> {
     Ok(Some(l))
 }
 
-/// Everything runed serves, started; [`Servers::stop`] winds them down in order.
+/// Waits for a server to finish draining, for at most `drain`, then closes what is left.
+async fn drained(h: &mut JoinHandle<Result<(), tonic::transport::Error>>, drain: Duration) {
+    if tokio::time::timeout(drain, &mut *h).await.is_err() {
+        tracing::warn!(
+            seconds = drain.as_secs(),
+            "in-flight RPCs did not finish in time; closing them"
+        );
+        h.abort();
+    }
+}
+
+/// Everything runed serves, started; [`Servers::stop_grpc`] and [`Servers::stop_http`] wind
+/// them down in order.
 pub struct Servers {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: Option<(JoinHandle<Result<(), tonic::transport::Error>>, PathBuf)>,
@@ -319,22 +357,15 @@ impl Servers {
         })
     }
 
-    /// Stops gRPC (both listeners), draining in-flight RPCs for at most `drain`.
+    /// Stops gRPC (both listeners at once), draining in-flight RPCs for at most `drain`.
     pub async fn stop_grpc(&mut self, drain: Duration) {
         let _ = self.stop_grpc.send(true);
-        let mut handles = vec![&mut self.grpc];
-        if let Some((h, _)) = &mut self.admin {
-            handles.push(h);
-        }
-        for h in handles {
-            if tokio::time::timeout(drain, &mut *h).await.is_err() {
-                tracing::warn!(
-                    seconds = drain.as_secs(),
-                    "in-flight RPCs did not finish in time; closing them"
-                );
-                h.abort();
+        let admin = self.admin.as_mut().map(|(h, _)| h);
+        tokio::join!(drained(&mut self.grpc, drain), async {
+            if let Some(h) = admin {
+                drained(h, drain).await;
             }
-        }
+        });
         if let Some((_, path)) = &self.admin {
             let _ = std::fs::remove_file(path);
         }

@@ -64,7 +64,22 @@ fn every_rpc_needs_a_token_and_bootstrap_is_one_time_and_local() {
             .output()
             .unwrap();
         assert_eq!(code(&o), 3, "bootstrap from {ip}: {}{}", stdout(&o), stderr(&o));
-        assert!(stderr(&o).contains("loopback"), "{}", stderr(&o));
+        assert!(stderr(&o).contains("admin socket"), "{}", stderr(&o));
+        // Nor over loopback TCP: any local user could, before root does.
+        let o = d
+            .rune_cmd()
+            .env("RUNE_API_SERVER", format!("127.0.0.1:{port}"))
+            .env("RUNE_ADMIN_SOCKET", d.scratch().join("no-such.sock"))
+            .args(["admin", "bootstrap"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            code(&o),
+            3,
+            "bootstrap over loopback TCP: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
     }
 
     let file = d.scratch().join("root.token");

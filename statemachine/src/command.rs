@@ -219,27 +219,6 @@ impl Command {
         )
     }
 
-    /// Every value [`Command::kind`] returns, for metrics that start at zero.
-    pub const KINDS: [&'static str; 17] = [
-        "init",
-        "apply",
-        "delete_service",
-        "delete_namespace",
-        "scale",
-        "restart",
-        "instance_events",
-        "delete_secret",
-        "delete_configmap",
-        "rewrap_secrets",
-        "put_user",
-        "delete_user",
-        "put_policy",
-        "delete_policy",
-        "set_user_policy",
-        "create_token",
-        "revoke_token",
-    ];
-
     /// A short name for logs, metrics and replay.
     pub fn kind(&self) -> &'static str {
         match self {

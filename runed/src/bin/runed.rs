@@ -12,7 +12,19 @@ fn main() -> std::process::ExitCode {
     if args.get(1).map(String::as_str) == Some("restore") {
         return runed::restore::main(&args[2..]);
     }
-    let flags = Flags::parse();
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = e.print();
+            use clap::error::ErrorKind::{DisplayHelp, DisplayVersion};
+            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
+                return std::process::ExitCode::SUCCESS;
+            }
+            // A bad flag is configuration too: systemd must not restart into it.
+            runed::systemd::status("configuration error: bad command line (see the log)");
+            return std::process::ExitCode::from(runed::daemon::EXIT_CONFIG);
+        }
+    };
     let settings = match Settings::resolve(&flags) {
         Ok(s) => s,
         Err(e) => {

@@ -135,6 +135,7 @@ fn print_value(v: &serde_json::Value, format: Format) {
 pub async fn bootstrap(conn: &Conn, out_file: Option<&Path>) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut c = pb::bootstrap_api_client::BootstrapApiClient::new(conn.channel().await?);
     let mut file = match out_file {
         Some(p) => {
             let fail = |e: std::io::Error| CliError::generic(format!("cannot write {}: {e}", p.display()));
@@ -155,7 +156,6 @@ pub async fn bootstrap(conn: &Conn, out_file: Option<&Path>) -> Result<(), CliEr
         }
         None => None,
     };
-    let mut c = pb::bootstrap_api_client::BootstrapApiClient::new(conn.channel().await?);
     let r = match c.bootstrap(pb::BootstrapRequest {}).await {
         Ok(r) => r.into_inner(),
         Err(s) => {

@@ -135,15 +135,11 @@ pub struct Cli {
     /// CA certificate (PEM) to verify runed's TLS certificate; implies TLS.
     #[arg(long, global = true, env = "RUNE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// runed's local admin socket, which `rune admin` uses when it talks to a runed on this
-    /// host (root there needs no token).
-    #[arg(
-        long,
-        global = true,
-        env = "RUNE_ADMIN_SOCKET",
-        default_value = "/run/rune/admin.sock"
-    )]
-    pub admin_socket: PathBuf,
+    /// runed's local admin socket, which `rune admin` uses for the runed on this host that
+    /// serves --api-server (root needs no token there). Default: /run/rune/admin.sock for root,
+    /// $TMPDIR/rune-<uid>/admin.sock for others.
+    #[arg(long, global = true, env = "RUNE_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum)]
     pub output: Option<Format>,
@@ -520,14 +516,27 @@ impl Conn {
         })
     }
 
-    /// [`Conn::resolve`] for `rune admin`: through the local admin socket when it answers and
-    /// the server named is this host, so admin works when gRPC listens on a private interface
-    /// only, and root recovers without a token.
-    fn resolve_admin(cli: &Cli) -> Result<Self, CliError> {
+    /// [`Conn::resolve`] for `rune admin`: through the local admin socket when the runed
+    /// behind it is the one the server address names (this host, the same port), so admin
+    /// works when gRPC listens on a private interface only, and root recovers without a token.
+    async fn resolve_admin(cli: &Cli) -> Result<Self, CliError> {
         let mut c = Self::resolve(cli)?;
-        let answers = std::os::unix::net::UnixStream::connect(&cli.admin_socket).is_ok();
-        if answers && is_this_host(&c.server) {
-            c.socket = Some(cli.admin_socket.clone());
+        let path = cli
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| crate::config::default_run_dir().join("admin.sock"));
+        let port = c.server.rsplit_once(':').and_then(|(_, p)| p.parse::<u32>().ok());
+        if is_this_host(&c.server) && std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            let mut probe = Conn::direct(&c.server, c.token.clone(), None);
+            probe.socket = Some(path.clone());
+            let serves = async {
+                let mut sys = pb::system_api_client::SystemApiClient::new(probe.channel().await.ok()?);
+                let v = sys.version(pb::VersionRequest {}).await.ok()?.into_inner();
+                Some(Some(v.grpc_port) == port)
+            };
+            if tokio::time::timeout(Duration::from_secs(3), serves).await == Ok(Some(true)) {
+                c.socket = Some(path);
+            }
         }
         Ok(c)
     }
@@ -808,22 +817,22 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         } => replay::run(args, format),
         Cmd::Admin {
             action: AdminCmd::Bootstrap { out_file },
-        } => identity::bootstrap(&Conn::resolve_admin(&cli)?, out_file.as_deref()).await,
+        } => identity::bootstrap(&Conn::resolve_admin(&cli).await?, out_file.as_deref()).await,
         Cmd::Admin {
             action: AdminCmd::User { action },
-        } => identity::user(&Conn::resolve_admin(&cli)?, action, format).await,
+        } => identity::user(&Conn::resolve_admin(&cli).await?, action, format).await,
         Cmd::Admin {
             action: AdminCmd::Policy { action },
-        } => identity::policy(&Conn::resolve_admin(&cli)?, action, format).await,
+        } => identity::policy(&Conn::resolve_admin(&cli).await?, action, format).await,
         Cmd::Admin {
             action: AdminCmd::Token { action },
-        } => identity::token(&Conn::resolve_admin(&cli)?, action, format).await,
+        } => identity::token(&Conn::resolve_admin(&cli).await?, action, format).await,
         Cmd::Admin {
             action: AdminCmd::RotateKek { new_kek_file },
-        } => identity::rotate_kek(&Conn::resolve_admin(&cli)?, new_kek_file).await,
+        } => identity::rotate_kek(&Conn::resolve_admin(&cli).await?, new_kek_file).await,
         Cmd::Admin {
             action: AdminCmd::Backup { out },
-        } => backup(&Conn::resolve_admin(&cli)?, out).await,
+        } => backup(&Conn::resolve_admin(&cli).await?, out).await,
         Cmd::PortForward {
             service,
             ports,
@@ -1205,7 +1214,17 @@ async fn backup(conn: &Conn, out: &std::path::Path) -> Result<(), CliError> {
         .into_inner();
     let tmp = out.with_extension("partial");
     let fail = |e: std::io::Error| CliError::generic(format!("{}: {e}", tmp.display()));
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    // It holds every object (secrets sealed): readable by its owner only.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(fail)?
+    };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (mut index, mut total, mut written) = (0u64, 0u64, 0u64);
     let received = async {
@@ -1231,11 +1250,11 @@ async fn backup(conn: &Conn, out: &std::path::Path) -> Result<(), CliError> {
         eprintln!();
     }
     let checked = received.and_then(|()| {
-        rune_log::backup::read(&tmp)
+        rune_log::backup::verify(&tmp)
             .map_err(|e| CliError::generic(format!("the backup did not arrive whole: {e}")))
     });
-    let b = match checked {
-        Ok(b) => b,
+    let header = match checked {
+        Ok(h) => h,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -1245,8 +1264,8 @@ async fn backup(conn: &Conn, out: &std::path::Path) -> Result<(), CliError> {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "backup of index {} ({} records, {}) written to {} in {secs:.1} s; it holds secrets sealed, never the KEK",
-        b.header.index,
-        b.header.records,
+        header.index,
+        header.records,
         rune_log::space::human(written),
         out.display()
     );

@@ -140,8 +140,9 @@ pub(crate) struct Inner {
     generations: Mutex<HashMap<Key, u64>>,
     wake: Notify,
     shutting_down: AtomicBool,
-    /// When the last reconcile pass finished: health and the watchdog read it.
-    reconciled_at: Mutex<Option<Instant>>,
+    /// When the last reconcile pass finished (or the loop started): health and the watchdog
+    /// read it.
+    reconciled_at: Mutex<Instant>,
 }
 
 /// Runs the instances of every service on this node.
@@ -172,7 +173,7 @@ impl Orchestrator {
             generations: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
-            reconciled_at: Mutex::new(None),
+            reconciled_at: Mutex::new(Instant::now()),
         });
         let shutdown = Arc::new(Notify::new());
         let reporter_stop = Arc::new(Notify::new());
@@ -212,15 +213,15 @@ impl Orchestrator {
         }
     }
 
-    /// How long ago the reconcile loop last finished a pass over the state; `None` before the
-    /// first. A loop that stops finishing passes is wedged: `/healthz` and the watchdog say so.
-    pub fn since_reconcile(&self) -> Option<Duration> {
+    /// How long the reconcile loop has gone without finishing a pass over the state (since it
+    /// started, before the first). A loop that stops finishing passes is wedged: `/healthz`
+    /// and the watchdog say so.
+    pub fn since_reconcile(&self) -> Duration {
         self.inner
             .reconciled_at
             .lock()
-            .ok()
-            .and_then(|at| *at)
             .map(|at| at.elapsed())
+            .unwrap_or(Duration::MAX)
     }
 
     /// Live probe results of every instance on this node, by (namespace, instance id).
@@ -544,6 +545,9 @@ async fn report_loop(log: Arc<Log>, mut rx: mpsc::UnboundedReceiver<InstanceEven
     }
 }
 
+/// Longest the reconciler waits for the Docker Engine to list containers in one pass.
+const DOCKER_LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the reconciler found already running when it started.
 #[derive(Default)]
 struct Adoptable {
@@ -566,7 +570,7 @@ async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
     loop {
         if reconcile(&inner, &mut sups, &mut adopt).await {
             if let Ok(mut at) = inner.reconciled_at.lock() {
-                *at = Some(Instant::now());
+                *at = Instant::now();
             }
         }
         tokio::select! {
@@ -645,7 +649,15 @@ async fn reconcile(inner: &Arc<Inner>, sups: &mut HashMap<Key, Sup>, adopt: &mut
     };
     // Containers are adopted once the engine answers; until then container services wait.
     if !adopt.containers_listed && adopt.next_docker_try.is_none_or(|t| Instant::now() >= t) {
-        match inner.docker.list().await {
+        // Bounded: a hung engine must not stall every other service's reconcile.
+        let listed = match tokio::time::timeout(DOCKER_LIST_TIMEOUT, inner.docker.list()).await {
+            Ok(r) => r,
+            Err(_) => Err(RunError::EngineDown {
+                socket: inner.docker.socket().to_string(),
+                message: format!("no answer within {DOCKER_LIST_TIMEOUT:?}"),
+            }),
+        };
+        match listed {
             Ok(found) => {
                 adopt.containers_listed = true;
                 for f in found {

@@ -4,34 +4,14 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod common;
+
+use common::{init, svc};
 use rune_log::backup::{self, BackupError};
 use rune_log::replay::Replay;
 use rune_log::{Log, LogConfig, ProposeError};
-use rune_statemachine::spec::ServiceSpec;
 use rune_statemachine::store::{get_record, service_key, ServiceRecord};
-use rune_statemachine::{Command, Resource, STATE_TABLE};
-
-fn svc(name: &str) -> Command {
-    Command::Apply {
-        resources: vec![Resource::Service(ServiceSpec {
-            name: name.into(),
-            image: Some("busybox".into()),
-            scale: Some(0),
-            ..Default::default()
-        })],
-        create_namespace: false,
-        force: false,
-        history_limit: 3,
-    }
-}
-
-fn init() -> Command {
-    Command::Init {
-        cluster_cidr: None,
-        policies: vec![],
-        namespaces: vec!["system".into(), "default".into()],
-    }
-}
+use rune_statemachine::{Command, STATE_TABLE};
 
 fn has_service(log: &Log, name: &str) -> bool {
     let txn = log.read().unwrap();
@@ -55,7 +35,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let name = format!("w{w}-{i}");
-                let p = log.propose(svc(&name)).await.unwrap();
+                let p = log.propose(svc(&name, 0)).await.unwrap();
                 acked.push((name, p.index));
                 i += 1;
             }
@@ -116,7 +96,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
     }
     assert!(before > 0);
     // The restored node takes writes and replays cleanly.
-    log2.propose(svc("after-restore")).await.unwrap();
+    log2.propose(svc("after-restore", 0)).await.unwrap();
     log2.close().await.unwrap();
     let v = Replay::open(&restored).unwrap().verify().unwrap();
     assert_eq!(v.live_digest, v.rebuilt_digest, "{:?}", v.first_difference);
@@ -191,7 +171,7 @@ async fn writes_below_the_reserve_are_refused_and_deletes_may_use_half() {
     };
     let log = Log::open(cfg).await.unwrap();
     log.propose(init()).await.unwrap();
-    match log.propose(svc("x")).await {
+    match log.propose(svc("x", 0)).await {
         Err(ProposeError::NoSpace(n)) => {
             assert_eq!(n.reserve, reserve);
             assert!(n.to_string().contains(&dir.path().display().to_string()), "{n}");

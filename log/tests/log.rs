@@ -3,33 +3,13 @@
 
 use std::sync::Arc;
 
+mod common;
+
+use common::{init, svc};
 use rune_log::replay::Replay;
 use rune_log::{Log, LogConfig};
-use rune_statemachine::spec::ServiceSpec;
 use rune_statemachine::store::{get_record, service_key, ServiceRecord};
-use rune_statemachine::{Action, Command, Resource, STATE_TABLE};
-
-fn svc(name: &str, scale: i64) -> Command {
-    Command::Apply {
-        resources: vec![Resource::Service(ServiceSpec {
-            name: name.into(),
-            image: Some("busybox".into()),
-            scale: Some(scale),
-            ..Default::default()
-        })],
-        create_namespace: false,
-        force: false,
-        history_limit: 3,
-    }
-}
-
-fn init() -> Command {
-    Command::Init {
-        cluster_cidr: None,
-        policies: vec![],
-        namespaces: vec!["system".into(), "default".into()],
-    }
-}
+use rune_statemachine::{Action, Command, STATE_TABLE};
 
 fn read_service(log: &Log, name: &str) -> Option<ServiceRecord> {
     let txn = log.read().unwrap();

@@ -248,17 +248,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     n(11) + n(12)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// Waits until `n` instances are ready.
 async fn all_ready(ch: &Ch, n: usize) {
     let mut c = pb::instance_api_client::InstanceApiClient::new(ch.clone());
@@ -338,7 +327,7 @@ fn sizing(rt: &tokio::runtime::Runtime, bins: &Bins) {
         let cpu = (cpu_ticks(pid) - c0) as f64 / tick / t0.elapsed().as_secs_f64() * 100.0;
         println!(
             "| {n} | {:.1} | {:.1} | {cpu:.1} | {documented} |",
-            rss_kib(pid) as f64 / 1024.0,
+            common::rss_kib(pid) as f64 / 1024.0,
             mib(du_bytes(&d.data_dir))
         );
     }

@@ -8,6 +8,8 @@
 //!   a few seconds, beside the original Rune's documented figures. Each process instance also
 //!   has a log writer process (`rune-log-writer`); its proportional memory is reported apart.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -104,17 +106,6 @@ async fn delete_all(ch: &Ch, names: &[String]) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// Proportional set size: shared pages split among the processes that map them, which is what
@@ -228,7 +219,7 @@ fn main() {
         }
         cast = n;
         std::thread::sleep(Duration::from_secs(5));
-        let mib = rss_kib(pid) as f64 / 1024.0;
+        let mib = common::rss_kib(pid) as f64 / 1024.0;
         let (nw, w) = writers();
         println!(
             "| {n} | {mib:.1} | {original_mib:.0} MiB | {:.3} | {nw} | {w} |",

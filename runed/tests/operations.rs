@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -417,19 +417,6 @@ fn metric_names(body: &str) -> std::collections::BTreeSet<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(String::from)
         .collect()
-}
-
-fn promtool_ok(body: &str) {
-    let mut p = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package)");
-    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let o = p.wait_with_output().unwrap();
-    assert!(o.status.success(), "promtool: {}{}", stdout(&o), stderr(&o));
 }
 
 #[test]

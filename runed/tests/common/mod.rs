@@ -120,3 +120,20 @@ pub fn outside_address() -> Option<String> {
         .find(|ip| !ip.starts_with("127."))
         .map(String::from)
 }
+
+/// Asserts that `promtool check metrics` (Debian's prometheus package) accepts an exposition.
+pub fn promtool_ok(body: &str) {
+    use std::io::Write;
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test.sh installs it)");
+    if let Some(mut stdin) = p.stdin.take() {
+        stdin.write_all(body.as_bytes()).unwrap();
+    }
+    let o = p.wait_with_output().unwrap();
+    assert!(o.status.success(), "promtool: {}{}", stdout(&o), stderr(&o));
+}

@@ -24,22 +24,23 @@ pub struct Flags {
     /// Runefile to read (YAML).
     #[arg(long, env = "RUNE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Directory for the log, the state and snapshots.
+    /// Directory for the log, the state and snapshots (default /var/lib/rune, in --dev-mode
+    /// ./.rune-dev).
     #[arg(long, env = "RUNE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// gRPC API address.
+    /// gRPC API address (default :7863, in --dev-mode 127.0.0.1:7863).
     #[arg(long, env = "RUNE_GRPC_ADDR")]
     pub grpc_addr: Option<String>,
-    /// HTTP address (/healthz).
+    /// HTTP address of /healthz (default :7861, in --dev-mode 127.0.0.1:7861).
     #[arg(long, env = "RUNE_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// Prometheus /metrics address; empty disables it.
+    /// Prometheus /metrics address (default 127.0.0.1:9100); empty disables it.
     #[arg(long, env = "RUNE_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
-    /// trace, debug, info, warn or error.
+    /// trace, debug, info (default), warn or error.
     #[arg(long, env = "RUNE_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// text or json.
+    /// text (default) or json.
     #[arg(long, env = "RUNE_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// Same as --log-level debug.
@@ -52,7 +53,7 @@ pub struct Flags {
     /// edge role implied, nftables left alone.
     #[arg(long, env = "RUNE_DEV_MODE")]
     pub dev_mode: bool,
-    /// Comma-separated node roles (edge).
+    /// Comma-separated node roles: edge serves the ingress (default none, in --dev-mode edge).
     #[arg(long, env = "RUNE_NODE_ROLE")]
     pub node_role: Option<String>,
     /// This node's name, recorded on instances (default: the host name).
@@ -64,7 +65,8 @@ pub struct Flags {
     /// The KEK file (base64 of 32 bytes); sets crypto.kek.source to file.
     #[arg(long, env = "RUNE_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
-    /// Directory for runtime files that must not persist, such as secret mounts (a tmpfs).
+    /// Directory for runtime files that must not persist, such as secret mounts and the admin
+    /// socket (default /run/rune for root, else $TMPDIR/rune-<uid>).
     #[arg(long, env = "RUNE_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
     /// Serve gRPC and HTTP over TLS (in --dev-mode without files: a generated self-signed pair).
@@ -85,7 +87,7 @@ pub struct Flags {
     /// Upstream resolver for names outside .rune (repeatable; default: /etc/resolv.conf).
     #[arg(long = "dns-upstream")]
     pub dns_upstreams: Vec<String>,
-    /// How long a projection may lag the log before it fails closed (e.g. 30s).
+    /// How long a projection may lag the log before it fails closed (default 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub stale_budget: Option<std::time::Duration>,
     /// Kernel policy and VIP redirects in runed's own nftables table: `auto` (default, off in
@@ -107,7 +109,7 @@ pub struct Flags {
     /// The ACME directory (default Let's Encrypt production; `acme.staging: true` for staging).
     #[arg(long, env = "RUNE_ACME_DIRECTORY_URL")]
     pub acme_directory_url: Option<String>,
-    /// Contact e-mail of the ACME account.
+    /// Contact e-mail of the ACME account (default none).
     #[arg(long, env = "RUNE_ACME_EMAIL")]
     pub acme_email: Option<String>,
     /// A CA (PEM) to trust for the ACME directory's own TLS (a private ACME server).
@@ -120,7 +122,8 @@ pub struct Flags {
     /// private interface); empty turns it off. Default: <run-dir>/admin.sock.
     #[arg(long, env = "RUNE_ADMIN_SOCKET")]
     pub admin_socket: Option<String>,
-    /// Free space kept on the data dir's file system; writes are refused below it (128MiB).
+    /// Free space kept on the data dir's file system; writes are refused below it (default
+    /// 128MiB; 0 turns it off).
     #[arg(long, env = "RUNE_STORAGE_RESERVE")]
     pub storage_reserve: Option<String>,
     /// Test hooks under /debug/failpoints on the HTTP address. Never in production.

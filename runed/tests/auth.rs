@@ -43,7 +43,9 @@ fn every_rpc_needs_a_token_and_bootstrap_is_one_time_and_local() {
     let o = d.rune(&["get", "svc"]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("missing bearer token") && stderr(&o).contains("rune login"),
+        stderr(&o).contains("missing bearer token")
+            && stderr(&o).contains("rune admin bootstrap")
+            && stderr(&o).contains("rune login"),
         "{}",
         stderr(&o)
     );
@@ -328,7 +330,7 @@ fn tls_serves_grpc_and_http_and_the_cli_verifies_it() {
     let o = d.rune(&["get", "svc"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(rune_chaos_tests::https_status(d.http, "/healthz", &ca), Some(200));
-    // Plaintext and an unknown CA are refused.
+    // Plaintext and an unknown CA are refused; plaintext is told what to do.
     let o = d
         .rune_cmd()
         .env_remove("RUNE_TLS_CA")
@@ -336,6 +338,7 @@ fn tls_serves_grpc_and_http_and_the_cli_verifies_it() {
         .output()
         .unwrap();
     assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("speaks TLS: pass --tls-ca"), "{}", stderr(&o));
     assert!(rune_chaos_tests::http_get(d.http, "/healthz").is_none_or(|(c, _)| c != 200));
     let other = write(
         &d,
@@ -349,6 +352,17 @@ fn tls_serves_grpc_and_http_and_the_cli_verifies_it() {
         .output()
         .unwrap();
     assert_ne!(code(&o), 0);
+
+    // TLS towards a plaintext runed says so too.
+    let plain = Daemon::start(&bins());
+    let o = plain
+        .rune_cmd()
+        .env("RUNE_TLS_CA", &ca)
+        .args(["get", "svc"])
+        .output()
+        .unwrap();
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("does not speak TLS"), "{}", stderr(&o));
 
     // Outside dev mode, TLS without files is a configuration error naming the settings.
     let mut p = Daemon::new(&bins());

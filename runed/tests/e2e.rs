@@ -691,3 +691,135 @@ fn vips_are_stable_across_sigkill_and_recast() {
         bad.logs()
     );
 }
+
+#[test]
+fn help_lists_every_kind_and_runed_shows_defaults() {
+    let b = bins();
+    let o = std::process::Command::new(&b.rune)
+        .args(["get", "--help"])
+        .output()
+        .unwrap();
+    for kind in [
+        "services",
+        "instances",
+        "endpoints",
+        "ingresses",
+        "namespaces",
+        "secrets",
+        "configmaps",
+    ] {
+        assert!(
+            stdout(&o).contains(kind),
+            "{kind} missing from rune get --help:\n{}",
+            stdout(&o)
+        );
+    }
+    let o = std::process::Command::new(&b.runed)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0);
+    for default in [
+        ":7863",
+        ":7861",
+        "127.0.0.1:9100",
+        "/var/lib/rune",
+        "128MiB",
+        "30s",
+    ] {
+        assert!(
+            stdout(&o).contains(default),
+            "{default} missing from runed --help"
+        );
+    }
+    // A bad flag is a configuration error (78), not a restart loop under systemd.
+    let o = std::process::Command::new(&b.runed)
+        .args(["--stale-budget", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+}
+
+/// The local addresses of the TCP sockets `pid` listens on.
+fn listening(pid: u32) -> Vec<std::net::IpAddr> {
+    let inodes: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(String::from)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for row in table.lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                continue;
+            }
+            let hex = f[1].split(':').next().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            out.push(if v6 {
+                let mut b = [0u8; 16];
+                for (i, w) in bytes.chunks(4).enumerate() {
+                    b[i * 4..i * 4 + 4].copy_from_slice(&[w[3], w[2], w[1], w[0]]);
+                }
+                std::net::IpAddr::from(b)
+            } else {
+                std::net::IpAddr::from([bytes[3], bytes[2], bytes[1], bytes[0]])
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn a_dev_runed_listens_on_loopback_only() {
+    // Everything at its dev default but the ports other tests may hold: gRPC and HTTP included.
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--dev-mode".into()];
+    let mut c = d.command();
+    let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    // The harness names gRPC and HTTP addresses; this runed must choose its own.
+    let mut kept = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--grpc-addr" || a == "--http-addr" {
+            it.next();
+        } else {
+            kept.push(a.clone());
+        }
+    }
+    c = std::process::Command::new(&d.bins.runed);
+    c.args(&kept);
+    let log = std::fs::File::create(d.scratch().join("dev.log")).unwrap();
+    let child = c.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+    let mut child = Killed(child);
+    let pid = child.0.id();
+    let log = || std::fs::read_to_string(d.scratch().join("dev.log")).unwrap_or_default();
+    wait_until(Duration::from_secs(60), "the dev runed to be ready", || {
+        if let Ok(Some(st)) = child.0.try_wait() {
+            panic!(
+                "the dev runed exited ({st}); is port 7863 or 7861 taken?\n{}",
+                log()
+            );
+        }
+        log().contains("runed is ready")
+    });
+    let addrs = listening(pid);
+    assert!(
+        addrs.len() >= 5,
+        "gRPC, HTTP, metrics, DNS and the ingress: {addrs:?}"
+    );
+    assert!(
+        addrs.iter().all(|a| a.is_loopback()),
+        "a dev runed listens beyond loopback: {addrs:?}"
+    );
+}

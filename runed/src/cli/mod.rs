@@ -75,7 +75,13 @@ impl CliError {
         use tonic::Code::*;
         let m = s.message().to_string();
         let (code, message) = match s.code() {
-            Unauthenticated => (exit::AUTH, format!("{m} (run `rune login` to get a token)")),
+            Unauthenticated if m.starts_with("missing bearer token") => (
+                exit::AUTH,
+                format!(
+                    "{m}: the first token comes from `rune admin bootstrap` on runed's host, others from an admin (`rune admin token create`); then `rune login NAME --server {server} --token-file FILE`"
+                ),
+            ),
+            Unauthenticated => (exit::AUTH, format!("{m} (`rune login` with a valid token)")),
             PermissionDenied => (exit::AUTH, m),
             NotFound => (exit::NOT_FOUND, m),
             AlreadyExists | FailedPrecondition | Aborted => (exit::CONFLICT, m),
@@ -178,7 +184,8 @@ pub enum Cmd {
     },
     /// List or show resources.
     Get {
-        /// services (svc) or namespaces (ns).
+        /// services (svc), instances (inst), endpoints (ep), ingresses (ing), namespaces (ns),
+        /// secrets or configmaps (cm).
         kind: String,
         /// A name, to show one.
         name: Option<String>,
@@ -583,14 +590,32 @@ impl Conn {
                 .tls_config(tls)
                 .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
         }
-        let ch = endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::generic(format!("cannot reach runed at {}: {e}", self.server)))?;
+        let ch = endpoint.connect().await.map_err(|e| {
+            let chain = error_chain(&e);
+            if self.tls_ca.is_some() && chain.contains("InvalidContentType") {
+                CliError::generic(format!(
+                    "runed at {} does not speak TLS: drop --tls-ca (and RUNE_TLS_CA)",
+                    self.server
+                ))
+            } else {
+                CliError::generic(format!("cannot reach runed at {}: {chain}", self.server))
+            }
+        })?;
         Ok(InterceptedService::new(ch, Auth(token)))
     }
 
     fn status(&self, s: tonic::Status) -> CliError {
+        // A plaintext client at a TLS listener sees only a transport failure: say what it is.
+        let transport = matches!(
+            s.code(),
+            tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Unavailable
+        );
+        if transport && self.tls_ca.is_none() && self.socket.is_none() && speaks_tls(&self.server) {
+            return CliError::generic(format!(
+                "runed at {} speaks TLS: pass --tls-ca FILE (or RUNE_TLS_CA, or `rune login --tls-ca`) with the CA that signed its certificate",
+                self.server
+            ));
+        }
         CliError::from_status(s, &self.server)
     }
 
@@ -610,6 +635,35 @@ impl Conn {
             namespace_given: false,
         }
     }
+}
+
+/// An error and its causes, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
+}
+
+/// Whether `server` answers a plaintext HTTP/2 preface with a TLS alert: then the client should
+/// have used TLS. Only asked after a transport error, to say so.
+fn speaks_tls(server: &str) -> bool {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let Some(addr) = server.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut first = [0u8; 1];
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").is_ok()
+        && s.read_exact(&mut first).is_ok()
+        && first[0] == 0x15
 }
 
 /// Items per page of a chunked list (kubectl's default chunk size).

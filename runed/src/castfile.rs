@@ -436,10 +436,127 @@ pub fn parse_files(paths: &[PathBuf]) -> Parsed {
             }),
         }
     }
+    check_together(&mut parsed);
     parsed
         .problems
         .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     parsed
+}
+
+/// What only the files together decide: an object declared twice, a dependency cycle among
+/// the services given, an egress rule naming a port the peer service (given too) does not have.
+fn check_together(parsed: &mut Parsed) {
+    use rune_statemachine::deps::{find_cycle, resolve, DepKind};
+    use std::collections::BTreeMap;
+    let mut seen: BTreeMap<(String, String, String), (String, usize)> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let ids = parsed
+        .resources
+        .iter()
+        .map(|l| {
+            let (kind, ns, name) = match &l.resource {
+                Resource::Service(s) => ("service", s.namespace().to_string(), s.name.clone()),
+                Resource::Namespace(n) => ("namespace", String::new(), n.name.clone()),
+                Resource::Secret(x) => ("secret", x.namespace.clone(), x.name.clone()),
+                Resource::Configmap(c) => ("configmap", c.namespace.clone(), c.name.clone()),
+            };
+            ((kind.to_string(), ns, name), (l.file.clone(), l.line))
+        })
+        .chain(parsed.secrets.iter().map(|l| {
+            (
+                (
+                    "secret".to_string(),
+                    l.spec.namespace().to_string(),
+                    l.spec.name.clone(),
+                ),
+                (l.file.clone(), l.line),
+            )
+        }));
+    for (id, at) in ids {
+        if let Some(first) = seen.get(&id) {
+            let what = if id.1.is_empty() {
+                format!("{} {}", id.0, id.2)
+            } else {
+                format!("{} {}/{}", id.0, id.1, id.2)
+            };
+            problems.push(Problem {
+                file: at.0.clone(),
+                line: at.1,
+                message: format!("{what} is declared twice (first at {}:{})", first.0, first.1),
+            });
+        } else {
+            seen.insert(id, at);
+        }
+    }
+    // The first declaration of each service (a second one is a problem above).
+    let mut services: BTreeMap<(String, String), &Located> = BTreeMap::new();
+    for l in &parsed.resources {
+        if let Resource::Service(s) = &l.resource {
+            services
+                .entry((s.namespace().to_string(), s.name.clone()))
+                .or_insert(l);
+        }
+    }
+    let spec = |l: &Located| match &l.resource {
+        Resource::Service(s) => Some(s.clone()),
+        _ => None,
+    };
+    let graph: BTreeMap<(String, String), Vec<(String, String)>> = services
+        .iter()
+        .filter_map(|(id, l)| Some((id.clone(), spec(l)?)))
+        .map(|(id, s)| {
+            let deps = resolve(&s)
+                .into_iter()
+                .filter(|d| d.kind == DepKind::Service)
+                .map(|d| (d.namespace, d.name))
+                .filter(|d| services.contains_key(d))
+                .collect();
+            (id, deps)
+        })
+        .collect();
+    let mut cycles = std::collections::BTreeSet::new();
+    for (id, l) in &services {
+        if let Some(cycle) = find_cycle(&graph, id) {
+            let mut members: Vec<&str> = cycle.split(" -> ").collect();
+            members.sort_unstable();
+            members.dedup();
+            if cycles.insert(members.join(",")) {
+                problems.push(Problem {
+                    file: l.file.clone(),
+                    line: l.line,
+                    message: format!("service {}/{}: dependency cycle: {cycle}", id.0, id.1),
+                });
+            }
+        }
+    }
+    for ((ns, name), l) in &services {
+        let Some(s) = spec(l) else { continue };
+        let Some(np) = &s.network_policy else { continue };
+        for (i, r) in np.egress.iter().enumerate() {
+            for peer in &r.to {
+                let Some(target) = &peer.service else { continue };
+                let tns = peer.namespace.clone().unwrap_or_else(|| ns.clone());
+                let Some(t) = services.get(&(tns.clone(), target.clone())).and_then(|t| spec(t)) else {
+                    continue;
+                };
+                for (j, p) in r.ports.iter().enumerate() {
+                    if let Some(pn) = rune_statemachine::validate::port_name(p) {
+                        if !t.ports.iter().any(|tp| tp.name == pn) {
+                            problems.push(Problem {
+                                file: l.file.clone(),
+                                line: l.line,
+                                message: format!(
+                                    "service {ns}/{name}: networkPolicy.egress[{i}].ports[{j}]: '{pn}' names no port of service {tns}/{target} ({})",
+                                    rune_statemachine::validate::port_names(&t)
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    parsed.problems.extend(problems);
 }
 
 #[cfg(test)]

@@ -823,3 +823,32 @@ fn a_dev_runed_listens_on_loopback_only() {
         "a dev runed listens beyond loopback: {addrs:?}"
     );
 }
+
+#[test]
+fn lint_decides_what_the_files_decide() {
+    let d = Daemon::new(&bins());
+    let a = write(
+        &d,
+        "a.yaml",
+        "services:\n  - {name: api, image: x, dependencies: [db], ports: [{name: http, port: 80}],\n     networkPolicy: {egress: [{to: [{service: db}], ports: [sql]}]}}\n  - {name: db, image: x, dependencies: [api], ports: [{name: pg, port: 5432}],\n     networkPolicy: {ingress: [{from: [{service: api}], ports: [pg]}]}}\n",
+    );
+    let b = write(&d, "b.yaml", "service:\n  name: api\n  image: y\n");
+    let c = write(
+        &d,
+        "c.yaml",
+        "service:\n  name: cache\n  image: x\n  ports: [{name: redis, port: 6379}]\n  networkPolicy: {ingress: [{from: [{service: api}], ports: [postgres]}]}\n",
+    );
+    let o = d.rune(&["lint", &a, &b, &c]);
+    assert_eq!(code(&o), 6, "{}", stdout(&o));
+    let err = stderr(&o);
+    for want in [
+        "dependency cycle: default/api -> default/db -> default/api",
+        "b.yaml:2: service default/api is declared twice (first at",
+        "'postgres' names no port of this service (its ports: redis)",
+        "'sql' names no port of service default/db (its ports: pg)",
+    ] {
+        assert!(err.contains(want), "{want} missing from:\n{err}");
+    }
+    // One cycle is said once, not once per member.
+    assert_eq!(err.matches("dependency cycle").count(), 1, "{err}");
+}

@@ -277,6 +277,32 @@ fn validate_ports(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>)
     }
 }
 
+/// The port name a policy port refers to, or `None` for `80`, `80/tcp` and `53/udp`.
+pub fn port_name(r: &PortRef) -> Option<&str> {
+    match r {
+        PortRef::Number(_) => None,
+        PortRef::Name(s) => {
+            let num = s.split_once('/').map_or(s.as_str(), |(n, _)| n);
+            num.trim().parse::<u16>().is_err().then_some(s.trim())
+        }
+    }
+}
+
+/// `web, metrics`, or `none declared`.
+pub fn port_names(s: &ServiceSpec) -> String {
+    let names: Vec<&str> = s
+        .ports
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        "it names none".into()
+    } else {
+        format!("its ports: {}", names.join(", "))
+    }
+}
+
 fn port_ref_ok(s: &ServiceSpec, r: &PortRef) -> bool {
     match r {
         PortRef::Number(n) => {
@@ -397,6 +423,25 @@ fn validate_refs(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) 
                 &root.key("networkPolicy").key("ingress").index(i).key("from"),
                 errs,
             );
+            // An ingress rule's port names are this service's: one that names nothing would
+            // open nothing, silently.
+            for (j, name) in r
+                .ports
+                .iter()
+                .enumerate()
+                .filter_map(|(j, p)| Some((j, port_name(p)?)))
+            {
+                if !s.ports.iter().any(|p| p.name == name) {
+                    errs.push(FieldError::new(
+                        root.key("networkPolicy")
+                            .key("ingress")
+                            .index(i)
+                            .key("ports")
+                            .index(j),
+                        format!("'{name}' names no port of this service ({})", port_names(s)),
+                    ));
+                }
+            }
         }
         for (i, r) in np.egress.iter().enumerate() {
             check_peers(

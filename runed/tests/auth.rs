@@ -84,7 +84,19 @@ fn every_rpc_needs_a_token_and_bootstrap_is_one_time_and_local() {
         );
     }
 
-    let file = d.scratch().join("root.token");
+    // An out-file that cannot be written fails before the token is minted: bootstrap stays
+    // possible.
+    let blocker = d.scratch().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let o = d.rune(&[
+        "admin",
+        "bootstrap",
+        "--out-file",
+        blocker.join("root.token").to_str().unwrap(),
+    ]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("cannot write"), "{}", stderr(&o));
+    let file = d.scratch().join("tokens/root.token");
     let o = d.rune(&["admin", "bootstrap", "--out-file", file.to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     use std::os::unix::fs::PermissionsExt;

@@ -167,8 +167,17 @@ pub async fn bootstrap(conn: &Conn, out_file: Option<&Path>) -> Result<(), CliEr
     };
     match &mut file {
         Some((p, f)) => {
-            f.write_all(format!("{}\n", r.token).as_bytes())
-                .map_err(|e| CliError::generic(format!("cannot write {}: {e}", p.display())))?;
+            if let Err(e) = f
+                .write_all(format!("{}\n", r.token).as_bytes())
+                .and_then(|()| f.sync_all())
+            {
+                // The token is minted: never lose it. Print it, so it can be saved by hand.
+                println!("{}", r.token);
+                return Err(CliError::generic(format!(
+                    "cannot write {}: {e}; the token was printed above instead: keep it",
+                    p.display()
+                )));
+            }
             eprintln!(
                 "root token {} written to {} (mode 0600); next: rune login CONTEXT --server {} --token-file {}",
                 r.token_id,

@@ -92,7 +92,141 @@ fn service_of(id: &str) -> &str {
     id.rsplit_once('-').map_or(id, |(s, _)| s)
 }
 
+/// `[rune] api-0 CrashLoopBackOff: exited with code 1: ...` for an instance that is not running
+/// as it should, told in its log stream; `None` for one that is fine.
+fn story_line(r: &InstanceRecord) -> Option<pb::LogChunk> {
+    let bad = matches!(
+        r.phase,
+        Phase::Failed | Phase::Backoff | Phase::Waiting | Phase::Unhealthy
+    );
+    (bad && !r.reason.is_empty()).then(|| pb::LogChunk {
+        instance: r.id.clone(),
+        data: format!("[rune] {} {}: {}\n", r.id, r.phase.as_str(), r.reason).into_bytes(),
+    })
+}
+
 impl Api {
+    /// Follows every instance of a service, and each one that starts later (scaled up, or
+    /// replaced by a rollout or a restart) from its start, until the client leaves.
+    fn follow_service(
+        &self,
+        ns: String,
+        service: String,
+        q: LogQuery,
+        initial: Vec<InstanceRecord>,
+    ) -> Stream_<pb::LogChunk> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::LogChunk, Status>>(64);
+        let (log, orch) = (self.log.clone(), self.orchestrator.clone());
+        let mut events = log.subscribe();
+        tokio::spawn(async move {
+            // Per instance: the run being followed (its runtime id), the task following it, and
+            // the last story told.
+            let mut followed: std::collections::HashMap<String, (String, tokio::task::JoinHandle<()>)> =
+                Default::default();
+            let mut told: std::collections::HashMap<String, String> = Default::default();
+            let follow = |r: &InstanceRecord, q: LogQuery| {
+                let (tx, orch, r) = (tx.clone(), orch.clone(), r.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = orch.logs(&r, &q).await else {
+                        return;
+                    };
+                    while let Some(Ok(data)) = s.next().await {
+                        let chunk = pb::LogChunk {
+                            instance: r.id.clone(),
+                            data: data.to_vec(),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            };
+            let mut recs = initial;
+            let mut first = true;
+            loop {
+                for r in &recs {
+                    if let Some(line) = story_line(r) {
+                        let said = String::from_utf8_lossy(&line.data).into_owned();
+                        if told.get(&r.id) != Some(&said) {
+                            told.insert(r.id.clone(), said);
+                            if tx.send(Ok(line)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if r.runtime_id.is_empty() {
+                        continue;
+                    }
+                    // A process keeps its log file across restarts (the follow goes on); a new
+                    // container is a new log.
+                    let same = followed.get(&r.id).is_some_and(|(rid, h)| {
+                        !h.is_finished() && (r.runtime == "process" || *rid == r.runtime_id)
+                    });
+                    if !same {
+                        let q = if first {
+                            q.clone()
+                        } else {
+                            LogQuery {
+                                follow: true,
+                                tail: 0,
+                                since_s: (r.started_at_ms / 1000 - 1).max(0),
+                                timestamps: q.timestamps,
+                            }
+                        };
+                        if let Some((_, old)) =
+                            followed.insert(r.id.clone(), (r.runtime_id.clone(), follow(r, q)))
+                        {
+                            old.abort();
+                        }
+                    }
+                }
+                first = false;
+                // Wait for a change of this service's instances (or the client to leave).
+                let changed = loop {
+                    tokio::select! {
+                        e = events.recv() => match e {
+                            Ok(entry) => {
+                                if entry.changes.iter().any(|c| {
+                                    c.kind == Kind::Instance && c.namespace == ns && service_of(&c.name) == service
+                                }) {
+                                    break true;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break true,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break false,
+                        },
+                        () = tx.closed() => break false,
+                    }
+                };
+                if !changed {
+                    break;
+                }
+                recs = match log.read().map_err(|e| e.to_string()).and_then(|txn| {
+                    let t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+                    list_records(&t, &instances_prefix(Some(&ns), Some(&service))).map_err(|e| e.to_string())
+                }) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e))).await;
+                        break;
+                    }
+                };
+                // Instances that are gone (scaled down, deleted) stop being followed.
+                followed.retain(|id, (_, h)| {
+                    let keep = recs.iter().any(|r| &r.id == id);
+                    if !keep {
+                        h.abort();
+                    }
+                    keep
+                });
+            }
+            for (_, (_, h)) in followed {
+                h.abort();
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
     fn read_service(&self, ns: &str, name: &str) -> Result<ServiceRecord, Status> {
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
@@ -407,6 +541,7 @@ impl pb::instance_api_server::InstanceApi for Api {
             problems,
             done: skip || (ready == desired && recs.len() as u32 == desired),
             generation: svc.meta.generation,
+            instances: recs.len() as u32,
         }))
     }
 
@@ -502,19 +637,20 @@ impl pb::instance_api_server::InstanceApi for Api {
             },
             timestamps: req.timestamps,
         };
+        if req.follow && req.instance.is_empty() {
+            // Following a service follows the service: replaced and added instances join.
+            let stream = self.follow_service(ns, req.service.clone(), q, recs);
+            return Ok(Response::new(crate::auth::until_token_ends(
+                self.log.clone(),
+                &caller,
+                stream,
+                Vec::new(),
+            )));
+        }
         let mut streams = Vec::new();
         for r in &recs {
             // Why an instance is not running is part of its story: say it first.
-            if matches!(
-                r.phase,
-                Phase::Failed | Phase::Backoff | Phase::Waiting | Phase::Unhealthy
-            ) && !r.reason.is_empty()
-            {
-                let line = format!("[rune] {} {}: {}\n", r.id, r.phase.as_str(), r.reason);
-                let chunk = pb::LogChunk {
-                    instance: r.id.clone(),
-                    data: line.into_bytes(),
-                };
+            if let Some(chunk) = story_line(r) {
                 streams.push(futures::stream::once(async move { Ok(chunk) }).boxed());
             }
             let s = self.orchestrator.logs(r, &q).await.map_err(orch_status)?;

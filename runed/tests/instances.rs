@@ -115,8 +115,12 @@ fn process_service_cast_scale_restart_stop_delete() {
     // SIGTERM reached the process (its trap ran) before it ended.
     assert!(run_ok(&d, &["logs", "ticker", "--instance", "ticker-0"]).contains("bye"));
 
-    // Stop keeps the spec and the last scale; restart brings it back.
-    run_ok(&d, &["stop", "ticker"]);
+    // Stop keeps the spec and the last scale; restart brings it back. Its progress is said
+    // in instances left, never as counts out of zero.
+    let o = d.rune(&["stop", "ticker"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("stopped: no instances"), "{}", stdout(&o));
+    assert!(!stderr(&o).contains("/0 "), "{}", stderr(&o));
     assert!(instances(&d, "ticker").is_empty());
     for p in &restarted {
         assert!(!pid_alive(p), "pid {p} outlived stop");
@@ -248,14 +252,19 @@ fn crash_loops_back_off_and_replay_tells_the_story() {
         "crash.yaml",
         "service:\n  name: crash\n  scale: 1\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"echo boom; exit 3\"]\n",
     );
-    let o = d.rune(&["cast", &f, "--timeout", "2s"]);
+    let o = d.rune(&["cast", &f, "--progress-deadline", "3s"]);
     assert_eq!(
         code(&o),
         7,
-        "a rollout that never gets ready times out: {}",
+        "a rollout that stops progressing gives up: {}",
         stderr(&o)
     );
-    assert!(stderr(&o).contains("exited with code 3"), "{}", stderr(&o));
+    // While it waits, and when it gives up, the instance is named with its state and with
+    // what it last said.
+    let err = stderr(&o);
+    assert!(err.contains("made no progress for 3s"), "{err}");
+    assert!(err.contains("\n  crash-0 "), "named while waiting: {err}");
+    assert!(err.contains("exited with code 3: boom"), "{err}");
     wait_until(LONG, "three restarts", || {
         let i = &instances(&d, "crash")[0];
         i["restarts"].as_u64() >= Some(3) && i["status"] == "CrashLoopBackOff"
@@ -804,4 +813,68 @@ fn endpoints_follow_ready_instances_through_the_log() {
                 && l.contains("namespace=\"default\"")),
         "{metrics}"
     );
+}
+
+/// Reads lines of a child's stdout on a thread, so a test can wait for one with a deadline.
+fn line_reader(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn logs_follow_the_service_through_scale_and_replacement() {
+    image();
+    let d = Daemon::start(&bins());
+    // Each run of the container says a token of its own.
+    let f = write(
+        &d,
+        "talk.yaml",
+        "service:\n  name: talk\n  image: busybox\n  scale: 1\n  command: [\"sh\", \"-c\", \"t=$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \\\\n'); while true; do echo run-$t; sleep 0.3; done\"]\n",
+    );
+    run_ok(&d, &["cast", &f]);
+    let mut child = d
+        .rune_cmd()
+        .args(["logs", "talk", "-f"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = line_reader(&mut child);
+    let mut child = Killed(child);
+    // Runs seen, by instance: `[talk-0] run-3fa2...`.
+    type Runs = std::collections::BTreeMap<String, std::collections::BTreeSet<String>>;
+    let mut runs: Runs = Default::default();
+    let mut see_until = |what: &str, done: &dyn Fn(&Runs) -> bool| {
+        let deadline = std::time::Instant::now() + LONG;
+        while !done(&runs) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let l = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("{what}: {e}; seen {runs:?}"));
+            if let Some((inst, rest)) = l.strip_prefix('[').and_then(|r| r.split_once("] run-")) {
+                runs.entry(inst.to_string()).or_default().insert(rest.to_string());
+            }
+        }
+        runs.clone()
+    };
+    see_until("talk-0's output", &|r| r.contains_key("talk-0"));
+    // An instance added by scale joins the stream.
+    run_ok(&d, &["scale", "talk", "2"]);
+    let before = see_until("talk-1's output", &|r| r.contains_key("talk-1"));
+    // A restart replaces both containers: their new runs are followed too.
+    run_ok(&d, &["restart", "talk"]);
+    see_until("the replaced instances' output", &|r| {
+        ["talk-0", "talk-1"]
+            .iter()
+            .all(|i| r.get(*i).map_or(0, |s| s.len()) > before.get(*i).map_or(0, |s| s.len()))
+    });
+    assert!(child.0.try_wait().unwrap().is_none(), "logs -f still follows");
 }

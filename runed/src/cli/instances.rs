@@ -142,11 +142,36 @@ pub async fn get(
     Ok(())
 }
 
-/// Waits until every instance of the service runs its current template and is ready.
-pub async fn wait_rollout(conn: &Conn, ns: &str, name: &str, timeout: Duration) -> Result<(), CliError> {
+/// How long a command waits for instances: while they progress, and in all.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Give up when the instances make no progress for this long (exit 7, saying why).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub progress_deadline: Duration,
+    /// Give up after this long in all, progressing or not (default: no limit).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+fn dur(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs_f64().round() as u64))
+}
+
+/// Waits until every instance of the service runs its current template and is ready (or, for
+/// a stop, is gone). Says how far it got whenever that changes, names every instance that is
+/// not progressing with its state and reason, and gives up (exit 7, with those reasons) after
+/// `w.progress_deadline` without progress or `w.timeout` in all, counted from `started`.
+pub async fn wait_rollout(
+    conn: &Conn,
+    ns: &str,
+    name: &str,
+    w: &WaitArgs,
+    started: Instant,
+) -> Result<(), CliError> {
     let mut c = client(conn.channel().await?);
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
+    let mut progress: Option<(u32, u32, u32, u32)> = None;
+    let mut progressed = Instant::now();
+    let (mut said, mut said_problems) = (String::new(), Vec::<String>::new());
     loop {
         let s = c
             .rollout(pb::RolloutRequest {
@@ -156,25 +181,55 @@ pub async fn wait_rollout(conn: &Conn, ns: &str, name: &str, timeout: Duration) 
             .await
             .map_err(|s| conn.status(s))?
             .into_inner();
+        let what = format!("service/{ns}/{name}");
         if s.done {
-            println!("service/{ns}/{name} ready: {}/{} instances", s.ready, s.desired);
+            if s.desired == 0 {
+                println!("{what} stopped: no instances");
+            } else {
+                println!("{what} ready: {}/{} instances", s.ready, s.desired);
+            }
             return Ok(());
         }
-        let line = format!(
-            "service/{ns}/{name}: {}/{} updated, {}/{} ready",
-            s.updated, s.desired, s.ready, s.desired
-        );
-        if line != last {
-            eprintln!("{line}");
-            last = line;
+        let now = (s.desired, s.updated, s.ready, s.instances);
+        if progress != Some(now) {
+            progress = Some(now);
+            progressed = Instant::now();
         }
-        if Instant::now() >= deadline {
-            let mut m = format!(
-                "timed out after {} waiting for service/{ns}/{name}: {}/{} ready",
-                humantime::format_duration(Duration::from_secs(timeout.as_secs_f64().round() as u64)),
+        let line = if s.desired == 0 {
+            format!("{what}: stopping, {} instance(s) left", s.instances)
+        } else {
+            format!(
+                "{what}: {}/{} updated, {}/{} ready",
+                s.updated.min(s.desired),
+                s.desired,
                 s.ready,
                 s.desired
-            );
+            )
+        };
+        if line != said {
+            eprintln!("{line}");
+            said = line;
+        }
+        if s.problems != said_problems {
+            for p in s.problems.iter().filter(|p| !said_problems.contains(p)) {
+                eprintln!("  {p}");
+            }
+            said_problems = s.problems.clone();
+        }
+        let stalled = progressed.elapsed() > w.progress_deadline;
+        let out_of_time = w.timeout.is_some_and(|t| started.elapsed() > t);
+        if stalled || out_of_time {
+            let mut m = if stalled {
+                format!("{what} made no progress for {}: {said}", dur(w.progress_deadline))
+            } else {
+                format!(
+                    "timed out after {} waiting for {what}: {said}",
+                    dur(w.timeout.unwrap_or_default())
+                )
+            };
+            if s.problems.is_empty() {
+                m.push_str("\n  (no instance reports a problem: see `rune get instances`)");
+            }
             for p in &s.problems {
                 m.push_str(&format!("\n  {p}"));
             }
@@ -189,7 +244,7 @@ pub async fn wait_rollout(conn: &Conn, ns: &str, name: &str, timeout: Duration) 
 }
 
 /// `rune scale`, `rune stop`.
-pub async fn scale(conn: &Conn, name: &str, n: u32, wait: Option<Duration>) -> Result<(), CliError> {
+pub async fn scale(conn: &Conn, name: &str, n: u32, wait: Option<&WaitArgs>) -> Result<(), CliError> {
     let mut c = client(conn.channel().await?);
     let r = c
         .scale(pb::ScaleRequest {
@@ -206,13 +261,13 @@ pub async fn scale(conn: &Conn, name: &str, n: u32, wait: Option<Duration>) -> R
         println!("service/{}/{name} unchanged ({})", conn.namespace, r.summary);
     }
     match wait {
-        Some(t) => wait_rollout(conn, &conn.namespace, name, t).await,
+        Some(w) => wait_rollout(conn, &conn.namespace, name, w, Instant::now()).await,
         None => Ok(()),
     }
 }
 
 /// `rune restart`.
-pub async fn restart(conn: &Conn, name: &str, wait: Option<Duration>) -> Result<(), CliError> {
+pub async fn restart(conn: &Conn, name: &str, wait: Option<&WaitArgs>) -> Result<(), CliError> {
     let mut c = client(conn.channel().await?);
     let r = c
         .restart(pb::RestartRequest {
@@ -224,7 +279,7 @@ pub async fn restart(conn: &Conn, name: &str, wait: Option<Duration>) -> Result<
         .into_inner();
     println!("service/{}/{name} restarting ({})", conn.namespace, r.summary);
     match wait {
-        Some(t) => wait_rollout(conn, &conn.namespace, name, t).await,
+        Some(w) => wait_rollout(conn, &conn.namespace, name, w, Instant::now()).await,
         None => Ok(()),
     }
 }

@@ -178,9 +178,9 @@ pub enum Cmd {
         /// Return once the cast is written, without waiting for rollouts.
         #[arg(long)]
         detach: bool,
-        /// How long to wait for the cast (and its rollouts).
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        /// How long to wait for the rollouts.
+        #[command(flatten)]
+        wait: instances::WaitArgs,
     },
     /// List or show resources.
     Get {
@@ -225,8 +225,8 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
         /// How long to wait.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: instances::WaitArgs,
     },
     /// Replace every instance of a service, one at a time (starts a stopped service again).
     Restart {
@@ -236,8 +236,8 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
         /// How long to wait.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: instances::WaitArgs,
     },
     /// Stop a service: scale 0, remembering the scale for `rune restart`.
     Stop {
@@ -247,8 +247,8 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
         /// How long to wait.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: instances::WaitArgs,
     },
     /// Probe states of a service's instances.
     Health {
@@ -733,7 +733,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             dry_run,
             force,
             detach,
-            timeout,
+            wait,
         } => {
             let conn = Conn::resolve(&cli)?;
             let opts = CastOpts {
@@ -741,7 +741,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 dry_run: *dry_run,
                 force: *force,
                 detach: *detach,
-                timeout: *timeout,
+                wait: wait.clone(),
             };
             cast(&conn, paths, *recursive, opts).await
         }
@@ -799,26 +799,18 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             name,
             replicas,
             no_wait,
-            timeout,
+            wait,
         } => {
             let conn = Conn::resolve(&cli)?;
-            instances::scale(&conn, name, *replicas, (!no_wait).then_some(*timeout)).await
+            instances::scale(&conn, name, *replicas, (!no_wait).then_some(wait)).await
         }
-        Cmd::Stop {
-            name,
-            no_wait,
-            timeout,
-        } => {
+        Cmd::Stop { name, no_wait, wait } => {
             let conn = Conn::resolve(&cli)?;
-            instances::scale(&conn, name, 0, (!no_wait).then_some(*timeout)).await
+            instances::scale(&conn, name, 0, (!no_wait).then_some(wait)).await
         }
-        Cmd::Restart {
-            name,
-            no_wait,
-            timeout,
-        } => {
+        Cmd::Restart { name, no_wait, wait } => {
             let conn = Conn::resolve(&cli)?;
-            instances::restart(&conn, name, (!no_wait).then_some(*timeout)).await
+            instances::restart(&conn, name, (!no_wait).then_some(wait)).await
         }
         Cmd::Health { name } => instances::health(&Conn::resolve(&cli)?, name, format).await,
         Cmd::Deps { name, dot } => instances::deps(&Conn::resolve(&cli)?, name, *dot).await,
@@ -989,7 +981,7 @@ struct CastOpts {
     dry_run: bool,
     force: bool,
     detach: bool,
-    timeout: Duration,
+    wait: instances::WaitArgs,
 }
 
 async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Result<(), CliError> {
@@ -1074,7 +1066,8 @@ async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Re
         force: o.force,
         dry_run: o.dry_run,
     });
-    req.set_timeout(o.timeout);
+    // The write itself is quick; only the rollouts after it are waited for at length.
+    req.set_timeout(o.wait.timeout.unwrap_or(Duration::from_secs(300)));
     let resp = client.apply(req).await.map_err(|s| conn.status(s))?.into_inner();
     let suffix = if o.dry_run { " (dry run)" } else { "" };
     for r in &resp.results {
@@ -1093,10 +1086,9 @@ async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Re
     if o.detach || o.dry_run {
         return Ok(());
     }
-    let deadline = std::time::Instant::now() + o.timeout;
+    let started = std::time::Instant::now();
     for r in resp.results.iter().filter(|r| r.kind == "service") {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        instances::wait_rollout(conn, &r.namespace, &r.name, left).await?;
+        instances::wait_rollout(conn, &r.namespace, &r.name, &o.wait, started).await?;
     }
     Ok(())
 }

@@ -351,6 +351,44 @@ impl Inner {
         }
     }
 
+    /// The last line an instance wrote (stdout or stderr), to tell why it exited: "exited with
+    /// code 1: Address already in use". Bounded in time and size; `None` when it said nothing.
+    async fn last_words(&self, key: &Key, handle: &RunHandle) -> Option<String> {
+        use futures::StreamExt;
+        let q = LogQuery {
+            follow: false,
+            tail: 1,
+            since_s: 0,
+            timestamps: false,
+        };
+        for attempt in 0..2 {
+            if attempt > 0 {
+                // A process's log writer may still be draining the pipe of a process that just ended.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            let stream = match handle {
+                RunHandle::Container { id } => self.docker.logs(id, &q).await.ok()?,
+                _ => self.process.logs(&key.0, &key.2, &q),
+            };
+            let mut bytes = Vec::new();
+            let collect = async {
+                let mut stream = stream;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() > 4096 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), collect).await;
+            let text = String::from_utf8_lossy(&bytes);
+            if let Some(line) = text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+                return Some(line.chars().take(200).collect());
+            }
+        }
+        None
+    }
+
     async fn wait(&self, run: &mut Run) -> Exit {
         match &run.handle {
             RunHandle::Container { id } => {

@@ -146,7 +146,17 @@ impl Supervisor {
                     let e = self.inner.stop(&self.launch, &mut run).await;
                     return self.finish(Some(e), &reason).await;
                 }
-                Ended::Exited(e) => (e.clone(), e.reason),
+                Ended::Exited(e) => {
+                    // A failure says what the instance last said, where a crash loop shows it.
+                    let why = match e.code {
+                        Some(0) => e.reason.clone(),
+                        _ => match self.inner.last_words(&self.key, &run.handle).await {
+                            Some(line) => format!("{}: {line}", e.reason),
+                            None => e.reason.clone(),
+                        },
+                    };
+                    (e, why)
+                }
                 Ended::Unhealthy(e) => (e.clone(), e.reason),
             };
             self.inner.clear_live(&self.key);

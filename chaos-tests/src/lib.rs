@@ -359,23 +359,25 @@ impl Daemon {
         for pid in self.process_pids() {
             kill_group(pid);
         }
-        // The node's container network, once its containers are gone.
-        let node: String = self
-            .node
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let _ = Command::new("docker")
-            .args(["network", "rm", &format!("rune-{node}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // The node's container networks, once its containers are gone.
+        if let Ok(out) = Command::new("docker")
+            .args([
+                "network",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("label=rune.node={}", self.node),
+            ])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("docker")
+                    .args(["network", "rm", id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
     }
 
     /// Pids of the process instances recorded under the data dir.

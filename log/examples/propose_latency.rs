@@ -17,6 +17,7 @@ fn main() {
         let log = Log::open(LogConfig::new(dir.path())).await.expect("open");
         log.propose(Command::Init {
             cluster_cidr: None,
+            cluster_id: None,
             policies: vec![],
             namespaces: vec!["default".into()],
         })

@@ -236,8 +236,10 @@ fn start_orchestrator(
     s: &Settings,
     log: &Arc<Log>,
     secrets: &Arc<crate::secrets_api::Secrets>,
+    cluster: &str,
 ) -> Arc<rune_orchestrator::Orchestrator> {
     let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
+    c.cluster = cluster.to_string();
     c.docker_socket = s.docker_socket.clone();
     c.docker_client = s.docker_client;
     c.run_dir = s.run_dir.clone();
@@ -254,9 +256,14 @@ fn start_orchestrator(
     rune_orchestrator::Orchestrator::start(log.clone(), c)
 }
 
-/// Containers reach the DNS on their network's gateway, once the network exists.
-fn serve_dns_to_containers(dns: &Arc<rune_dns::Dns>, orchestrator: &rune_orchestrator::Orchestrator) {
-    let (dns, mut gw) = (dns.clone(), orchestrator.container_gateway());
+/// Containers reach the DNS on their network's gateway, once the network exists; in dev mode
+/// the data plane serves service ports there too.
+fn serve_containers(
+    dns: &Arc<rune_dns::Dns>,
+    dataplane: &Arc<rune_dataplane::DataPlane>,
+    orchestrator: &rune_orchestrator::Orchestrator,
+) {
+    let (dns, dataplane, mut gw) = (dns.clone(), dataplane.clone(), orchestrator.container_gateway());
     tokio::spawn(async move {
         let mut served = None;
         loop {
@@ -264,7 +271,10 @@ fn serve_dns_to_containers(dns: &Arc<rune_dns::Dns>, orchestrator: &rune_orchest
             if let Some(ip) = now.filter(|g| Some(g) != served.as_ref()) {
                 match ip.parse::<std::net::IpAddr>() {
                     Ok(addr) => match dns.listen_also(SocketAddr::new(addr, 53)).await {
-                        Ok(()) => served = Some(ip),
+                        Ok(()) => {
+                            dataplane.serve_containers_at(addr).await;
+                            served = Some(ip);
+                        }
                         Err(e) => tracing::warn!(error = %e, "containers cannot reach the DNS"),
                     },
                     Err(_) => {
@@ -389,8 +399,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     crate::metrics::dataplane(&provider, &dns, &dataplane);
 
     systemd::status("starting the orchestrator");
-    let orchestrator = start_orchestrator(&s, &log, &secrets);
-    serve_dns_to_containers(&dns, &orchestrator);
+    let orchestrator = start_orchestrator(&s, &log, &secrets, &cluster_id(&log)?);
+    serve_containers(&dns, &dataplane, &orchestrator);
     let health = Arc::new(Health::new(
         log.clone(),
         orchestrator.clone(),
@@ -480,9 +490,10 @@ fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// Seeds the reserved namespaces on a new cluster, through the log like every write.
+/// Seeds the reserved namespaces, the built-in policies, the cluster CIDR and the cluster's
+/// identity on a new cluster, through the log like every write.
 async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
-    let (missing, policies, cluster_cidr) = {
+    let (missing, policies, cluster_cidr, cluster_id) = {
         let txn = log.read()?;
         let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
         let mut v = Vec::new();
@@ -506,16 +517,28 @@ async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
         )?;
         let cidr = (stored.map(|c| c.cluster_cidr).as_deref() != Some(cluster_cidr))
             .then(|| cluster_cidr.to_string());
-        (v, p, cidr)
+        // Chosen here, carried in the entry: apply stays deterministic.
+        let id = rune_statemachine::store::cluster_id(&t)?
+            .is_none()
+            .then(|| hex::encode(rune_secrets::random_bytes(8)));
+        (v, p, cidr, id)
     };
-    if !missing.is_empty() || !policies.is_empty() || cluster_cidr.is_some() {
+    if !missing.is_empty() || !policies.is_empty() || cluster_cidr.is_some() || cluster_id.is_some() {
         log.propose(Command::Init {
             namespaces: missing,
             policies,
             cluster_cidr,
+            cluster_id,
         })
         .await?
         .outcome?;
     }
     Ok(())
+}
+
+/// The cluster's identity (empty before the first seed: what runed makes then carries none).
+fn cluster_id(log: &Log) -> anyhow::Result<String> {
+    let txn = log.read()?;
+    let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
+    Ok(rune_statemachine::store::cluster_id(&t)?.unwrap_or_default())
 }

@@ -369,3 +369,36 @@ fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
         http_get(web, "/").is_some_and(|(c, _)| c == 200)
     });
 }
+
+#[test]
+fn containers_reach_services_by_name_in_dev_mode() {
+    image();
+    let d = dev_daemon();
+    let api = "service:\n  name: api\n  image: busybox\n  command: [\"/bin/httpd\"]\n  args: [\"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n  scale: 2\n  ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n  health:\n    readiness: {type: tcp, port: 8080, intervalSeconds: 1}\n";
+    let f = write(&d, "api.yaml", api);
+    run_ok(&d, &["cast", &f, "--timeout", "120s"]);
+    // The full name and the short one (the namespace is the container's search domain), on the
+    // service's own port, through the data plane like any other client.
+    let client = "service:\n  name: client\n  image: busybox\n  command: [\"sh\", \"-c\", \"while true; do echo full:$(wget -q -O - http://api.default.rune/index.html 2>&1); echo short:$(wget -q -O - http://api/index.html 2>&1); sleep 0.3; done\"]\n  scale: 1\n";
+    let f = write(&d, "client.yaml", client);
+    run_ok(&d, &["cast", &f, "--timeout", "120s"]);
+    wait_until(LONG, "the client container to reach api by name", || {
+        let logs = stdout(&d.rune(&["logs", "client", "--tail", "20"]));
+        logs.contains("full:ok") && logs.contains("short:ok")
+    });
+    // The host still gets loopback for the same name (its proxy ports live there).
+    let (status, answers) = {
+        let o = std::process::Command::new("dig")
+            .args([
+                &format!("@{}", d.dns.ip()),
+                "-p",
+                &d.dns.port().to_string(),
+                "+short",
+                "api.default.rune",
+            ])
+            .output()
+            .unwrap();
+        (o.status.success(), stdout(&o))
+    };
+    assert!(status && answers.trim() == "127.0.0.1", "{answers}");
+}

@@ -878,3 +878,62 @@ fn logs_follow_the_service_through_scale_and_replacement() {
     });
     assert!(child.0.try_wait().unwrap().is_none(), "logs -f still follows");
 }
+
+#[test]
+fn two_runeds_on_one_engine_never_touch_each_others_containers() {
+    image();
+    // Same node name (the host's, by default), different data dirs.
+    let mut a = Daemon::new(&bins());
+    let mut b = Daemon::new(&bins());
+    b.node = a.node.clone();
+    a.restart();
+    b.restart();
+    let spec = "service:\n  name: same\n  image: busybox\n  scale: 1\n  command: [\"sleep\", \"100000\"]\n";
+    for d in [&a, &b] {
+        let f = write(d, "same.yaml", spec);
+        assert!(run_ok(d, &["cast", &f]).contains("ready: 1/1"));
+    }
+    let container = |d: &Daemon| {
+        instances(d, "same")[0]["runtimeId"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let (ca, cb) = (container(&a), container(&b));
+    assert!(!ca.is_empty() && ca != cb, "two containers: {ca} {cb}");
+    // Each keeps its own across a restart of the other (adoption and stray removal look at
+    // their own cluster's containers only).
+    b.sigterm();
+    b.restart();
+    assert!(all_ready(&a, "same", 1) && container(&a) == ca);
+    wait_until(LONG, "b to adopt its container", || all_ready(&b, "same", 1));
+    assert_eq!(container(&b), cb, "b adopted its own container");
+    // Deleting a's service removes a's container only, and a's network once nothing uses it.
+    run_ok(&a, &["delete", "service", "same"]);
+    let running = |id: &str| {
+        let o = std::process::Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Running}}", id])
+            .output()
+            .unwrap();
+        stdout(&o).trim() == "true"
+    };
+    wait_until(LONG, "a's container to go", || !running(&ca));
+    assert!(running(&cb), "b's container survived a's delete");
+    let networks = || {
+        let o = std::process::Command::new("docker")
+            .args([
+                "network",
+                "ls",
+                "--format",
+                "{{.Name}}",
+                "--filter",
+                &format!("label=rune.node={}", a.node),
+            ])
+            .output()
+            .unwrap();
+        stdout(&o).lines().map(String::from).collect::<Vec<_>>()
+    };
+    wait_until(LONG, "a's network to be removed", || networks().len() == 1);
+    run_ok(&b, &["delete", "service", "same"]);
+    wait_until(LONG, "b's network to be removed", || networks().is_empty());
+}

@@ -51,6 +51,11 @@ pub enum Command {
         /// The cluster network VIPs come from (`networking.cluster-cidr`), when it changed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cluster_cidr: Option<String>,
+        /// This cluster's identity, chosen once by the first runed (random): what runed
+        /// creates outside its data dir (containers, networks, mount files) carries it, so
+        /// several runeds on one host never touch each other's. Kept once set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster_id: Option<String>,
     },
     /// A cast: all resources are applied, or none is.
     Apply {

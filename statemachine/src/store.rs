@@ -266,6 +266,17 @@ where
     Ok(page)
 }
 
+/// Where the cluster's identity is kept (see `Command::Init`).
+pub const CLUSTER_ID_KEY: &str = "cluster/id";
+
+/// The cluster's identity, once the first runed chose it.
+pub fn cluster_id<R>(table: &R) -> Result<Option<String>, StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    get_record(table, CLUSTER_ID_KEY)
+}
+
 /// Previous specs of a service, newest first.
 pub fn service_history<R>(table: &R, ns: &str, name: &str) -> Result<Vec<Revision>, StoreError>
 where
@@ -403,7 +414,13 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             namespaces,
             policies,
             cluster_cidr,
+            cluster_id,
         } => {
+            if let Some(id) = cluster_id {
+                if o.get::<String>(CLUSTER_ID_KEY)?.is_none() {
+                    o.put(CLUSTER_ID_KEY.to_string(), &id);
+                }
+            }
             changes.extend(objects::seed_policies(o, index, now, policies)?);
             if let Some(cidr) = cluster_cidr {
                 if let Err(r) = vips::set_network(o, now, cidr)? {

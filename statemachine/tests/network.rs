@@ -78,6 +78,7 @@ fn services_cast_before_the_network_get_a_vip_when_it_is_set() {
     assert_eq!(vip(&s, "old"), None);
     s.run(Command::Init {
         cluster_cidr: Some("100.64.0.0/24".into()),
+        cluster_id: None,
         policies: vec![],
         namespaces: vec![],
     })
@@ -86,6 +87,7 @@ fn services_cast_before_the_network_get_a_vip_when_it_is_set() {
     // A public range is refused in apply too, naming the setting.
     match s.run(Command::Init {
         cluster_cidr: Some("8.8.8.0/24".into()),
+        cluster_id: None,
         policies: vec![],
         namespaces: vec![],
     }) {

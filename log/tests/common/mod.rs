@@ -24,6 +24,7 @@ pub fn svc(name: &str, scale: i64) -> Command {
 pub fn init() -> Command {
     Command::Init {
         cluster_cidr: None,
+        cluster_id: None,
         policies: vec![],
         namespaces: vec!["system".into(), "default".into()],
     }

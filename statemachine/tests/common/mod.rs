@@ -26,6 +26,7 @@ impl State {
         };
         s.run(Command::Init {
             cluster_cidr: None,
+            cluster_id: None,
             policies: rune_statemachine::identity::builtin_policies(),
             namespaces: vec!["default".into()],
         })
@@ -38,6 +39,7 @@ impl State {
         let mut s = Self::new();
         s.run(Command::Init {
             cluster_cidr: Some(cidr.into()),
+            cluster_id: None,
             policies: vec![],
             namespaces: vec![],
         })

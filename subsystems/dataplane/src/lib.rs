@@ -195,6 +195,17 @@ struct Listener {
     task: JoinHandle<()>,
 }
 
+/// Dev mode's listeners for containers (no nftables redirects VIPs there).
+#[derive(Default)]
+struct ContainerSide {
+    /// The container network's gateway, once known.
+    at: Option<IpAddr>,
+    /// By service port: the service holding it and its listener.
+    listeners: HashMap<u16, (SvcKey, JoinHandle<()>)>,
+    /// Ports another service holds already, said once per service.
+    refused: HashSet<(SvcKey, u16)>,
+}
+
 /// The running data plane.
 pub struct DataPlane {
     cfg: DataPlaneConfig,
@@ -204,6 +215,9 @@ pub struct DataPlane {
     paused: AtomicBool,
     book: Mutex<PortBook>,
     listeners: Mutex<HashMap<(SvcKey, u16), Listener>>,
+    /// Dev mode: where containers reach services (their network's gateway), and the listeners
+    /// there, one per service port (`api:8080` is `gateway:8080`).
+    containers: Mutex<ContainerSide>,
     kernel: Mutex<Kernel>,
     active: Mutex<HashMap<SocketAddr, usize>>,
     /// Round-robin position of port-forward connections.
@@ -267,6 +281,7 @@ impl DataPlane {
             paused: AtomicBool::new(false),
             book: Mutex::new(book),
             listeners: Mutex::new(HashMap::new()),
+            containers: Mutex::new(ContainerSide::default()),
             kernel: Mutex::new(Kernel {
                 status: KernelStatus {
                     enforcing: false,
@@ -508,6 +523,7 @@ impl DataPlane {
         };
         let table = Arc::new(table);
         let ports = self.sync_listeners(&table).await;
+        self.sync_container_listeners(&table).await;
         if let Ok(mut t) = self.table.write() {
             *t = table.clone();
         }
@@ -516,6 +532,90 @@ impl DataPlane {
         }
         self.lag.advance(index);
         Ok(())
+    }
+
+    /// Dev mode: containers reach services on their network's gateway, at each service's own
+    /// port (the DNS answers containers with that address). Without nftables there are no
+    /// VIPs to redirect, so this is how `curl http://api:8080` works from a container.
+    pub async fn serve_containers_at(self: &Arc<Self>, gateway: IpAddr) {
+        if self.cfg.kernel {
+            return;
+        }
+        if let Ok(mut c) = self.containers.lock() {
+            if c.at == Some(gateway) {
+                return;
+            }
+            for (_, (_, task)) in c.listeners.drain() {
+                task.abort();
+            }
+            c.refused.clear();
+            c.at = Some(gateway);
+        }
+        let t = self.table();
+        self.sync_container_listeners(&t).await;
+    }
+
+    async fn sync_container_listeners(self: &Arc<Self>, t: &Table) {
+        let Some(at) = self.containers.lock().ok().and_then(|c| c.at) else {
+            return;
+        };
+        let wanted: HashMap<u16, SvcKey> = {
+            let mut w = HashMap::new();
+            for s in t.services.values().filter(|s| s.mode != table::Mode::None) {
+                for (_, p) in s.tcp_ports() {
+                    w.entry(p).or_insert_with(|| s.key.clone());
+                }
+            }
+            w
+        };
+        let todo: Vec<(u16, SvcKey)> = {
+            let Ok(mut c) = self.containers.lock() else { return };
+            c.listeners.retain(|p, (k, task)| {
+                let keep = wanted.get(p) == Some(k);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            wanted
+                .iter()
+                .filter(|(p, _)| !c.listeners.contains_key(p))
+                .map(|(p, k)| (*p, k.clone()))
+                .collect()
+        };
+        for (p, k) in todo {
+            match TcpListener::bind(SocketAddr::new(at, p)).await {
+                Ok(l) => {
+                    tracing::info!(service = %k, port = p, address = %SocketAddr::new(at, p), "serving the service to containers");
+                    let task = tokio::spawn(proxy::serve(self.clone(), k.clone(), p, l));
+                    if let Ok(mut c) = self.containers.lock() {
+                        c.listeners.insert(p, (k, task));
+                    }
+                }
+                Err(e) => {
+                    if self
+                        .containers
+                        .lock()
+                        .is_ok_and(|mut c| c.refused.insert((k.clone(), p)))
+                    {
+                        tracing::warn!(service = %k, port = p, error = %e, "containers cannot reach this service port in dev mode (another service or program holds it on the gateway)");
+                    }
+                }
+            }
+        }
+        // Services sharing a port: the first in the view serves it; the others are said once.
+        for s in t.services.values().filter(|s| s.mode != table::Mode::None) {
+            for (_, p) in s.tcp_ports() {
+                if wanted.get(&p) != Some(&s.key)
+                    && self
+                        .containers
+                        .lock()
+                        .is_ok_and(|mut c| c.refused.insert((s.key.clone(), p)))
+                {
+                    tracing::warn!(service = %s.key, port = p, "containers cannot reach this service port in dev mode: another service uses the same port");
+                }
+            }
+        }
     }
 
     /// Opens a listener for every served service port and closes the rest (connections

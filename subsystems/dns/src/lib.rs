@@ -36,7 +36,8 @@ pub struct DnsConfig {
     pub addr: SocketAddr,
     /// Where other names go; empty means the nameservers of /etc/resolv.conf.
     pub upstreams: Vec<SocketAddr>,
-    /// Answer 127.0.0.1 for `.rune` names (dev mode's data path listens there).
+    /// Answer `.rune` names with the address of the listener asked (127.0.0.1 for the host, the
+    /// container network's gateway for containers): dev mode's data path serves them there.
     pub dev_mode: bool,
     /// How long the projection may lag the log before `.rune` answers fail closed.
     pub stale_budget: Duration,
@@ -103,19 +104,27 @@ impl Dns {
         tracing::info!(addr = %local, upstreams = ?dns.upstreams, "DNS listening");
         tokio::spawn(tail(dns.clone(), rx));
         dns.lag.watch(log.clone());
-        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
-        tokio::spawn(serve_tcp(dns.clone(), tcp));
+        // In dev mode, host clients reach the data path on loopback.
+        let here = Ipv4Addr::LOCALHOST;
+        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp), here));
+        tokio::spawn(serve_tcp(dns.clone(), tcp, here));
         Ok(dns)
     }
 
-    /// Serves on one more address too (the container network's gateway).
+    /// Serves on one more address too (the container network's gateway). In dev mode its
+    /// clients (containers) get that address for `.rune` names: the data plane serves service
+    /// ports there.
     pub async fn listen_also(self: &Arc<Self>, addr: SocketAddr) -> Result<(), DnsError> {
+        let here = match addr.ip() {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+        };
         let udp = UdpSocket::bind(addr).await.map_err(|e| DnsError::Bind(addr, e))?;
         let tcp = TcpListener::bind(addr)
             .await
             .map_err(|e| DnsError::Bind(addr, e))?;
-        tokio::spawn(serve_udp(self.clone(), Arc::new(udp)));
-        tokio::spawn(serve_tcp(self.clone(), tcp));
+        tokio::spawn(serve_udp(self.clone(), Arc::new(udp), here));
+        tokio::spawn(serve_tcp(self.clone(), tcp, here));
         tracing::info!(%addr, "DNS listening for containers");
         Ok(())
     }
@@ -172,17 +181,19 @@ impl Dns {
         Ok(())
     }
 
-    /// The answer to a packet, or `None` to drop it.
-    pub async fn answer(&self, p: &[u8]) -> Option<Vec<u8>> {
+    /// The answer to a packet that arrived at a listener on `here`, or `None` to drop it.
+    pub async fn answer(&self, p: &[u8], here: Ipv4Addr) -> Option<Vec<u8>> {
         match wire::parse(p) {
             Err(Bad::Drop) => None,
             Err(Bad::Answer(id, rd, rc)) => Some(wire::error(id, rd, rc)),
-            Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => Some(self.local_answer(p, &q)),
+            Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => Some(self.local_answer(p, &q, here)),
             Ok(q) => Some(self.forward(p, &q).await),
         }
     }
 
-    fn local_answer(&self, p: &[u8], q: &Query) -> Vec<u8> {
+    /// `here` is the listener's address: in dev mode, where the data path serves that
+    /// listener's clients.
+    fn local_answer(&self, p: &[u8], q: &Query, here: Ipv4Addr) -> Vec<u8> {
         if !wire::class_ok(q) {
             return wire::respond(p, q, Rcode::NotImp, true, &[], TTL);
         }
@@ -202,7 +213,7 @@ impl Dns {
         match found {
             None => wire::respond(p, q, Rcode::NxDomain, true, &[], TTL),
             Some(vip) if q.qtype == wire::TYPE_A || q.qtype == 255 => {
-                let ip = if self.cfg.dev_mode { [127, 0, 0, 1] } else { vip };
+                let ip = if self.cfg.dev_mode { here.octets() } else { vip };
                 wire::respond(p, q, Rcode::NoError, true, &[ip], TTL)
             }
             // The name exists; it has no data of this type (AAAA, MX, ...).
@@ -296,7 +307,7 @@ async fn tail(dns: Arc<Dns>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_l
     }
 }
 
-async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
+async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>, here: Ipv4Addr) {
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
@@ -310,14 +321,14 @@ async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
         match wire::parse(&pkt) {
             // Local answers are quick: answered inline, in order.
             Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => {
-                let r = dns.local_answer(&pkt, &q);
+                let r = dns.local_answer(&pkt, &q, here);
                 let _ = sock.send_to(&r, peer).await;
             }
             // Forwarding waits on an upstream: off the receive loop.
             _ => {
                 let (dns, sock) = (dns.clone(), sock.clone());
                 tokio::spawn(async move {
-                    if let Some(r) = dns.answer(&pkt).await {
+                    if let Some(r) = dns.answer(&pkt, here).await {
                         let _ = sock.send_to(&r, peer).await;
                     }
                 });
@@ -326,7 +337,7 @@ async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
     }
 }
 
-async fn serve_tcp(dns: Arc<Dns>, l: TcpListener) {
+async fn serve_tcp(dns: Arc<Dns>, l: TcpListener, here: Ipv4Addr) {
     loop {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
@@ -343,7 +354,7 @@ async fn serve_tcp(dns: Arc<Dns>, l: TcpListener) {
                 let Ok(Ok(pkt)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
                     return;
                 };
-                let Some(r) = dns.answer(&pkt).await else {
+                let Some(r) = dns.answer(&pkt, here).await else {
                     return;
                 };
                 let Ok(len) = u16::try_from(r.len()) else { return };

@@ -42,6 +42,9 @@ pub type Key = (String, String, String);
 pub struct OrchestratorConfig {
     /// This node's name, recorded on instances and container labels.
     pub node: String,
+    /// The cluster's identity: with the node, it names what this runed makes outside its data
+    /// dir (containers, their network, mount files), so runeds sharing a host never meet.
+    pub cluster: String,
     /// Where process instances keep their state files and logs.
     pub data_dir: PathBuf,
     /// The Docker Engine's unix socket.
@@ -65,10 +68,17 @@ pub struct OrchestratorConfig {
 }
 
 impl OrchestratorConfig {
+    /// `node` and the cluster's first 8 characters: the directory and name this runed's
+    /// objects outside its data dir live under.
+    pub fn owner(&self) -> String {
+        runner::owner_name(&self.node, &self.cluster)
+    }
+
     /// Defaults for a node named `node` with data under `data_dir`.
     pub fn new(node: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             node: node.into(),
+            cluster: String::new(),
             data_dir: data_dir.into(),
             docker_socket: "/var/run/docker.sock".into(),
             docker_client: Default::default(),
@@ -165,7 +175,12 @@ impl Orchestrator {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             process: ProcessRunner::new(cfg.data_dir.join("instances"), cfg.log_writer.clone()),
-            docker: DockerRunner::new(cfg.docker_socket.clone(), cfg.node.clone(), cfg.docker_client),
+            docker: DockerRunner::new(
+                cfg.docker_socket.clone(),
+                cfg.node.clone(),
+                cfg.cluster.clone(),
+                cfg.docker_client,
+            ),
             cfg,
             log: log.clone(),
             events: tx,
@@ -337,7 +352,7 @@ impl Inner {
             self.cfg.secrets.as_deref(),
             l,
             &self.cfg.run_dir,
-            &self.cfg.node,
+            &self.cfg.owner(),
             write_mounts,
         )
     }
@@ -424,7 +439,7 @@ impl Inner {
     async fn cleanup(&self, l: &Launch) {
         let _ = std::fs::remove_dir_all(inject::mounts_dir(
             &self.cfg.run_dir,
-            &self.cfg.node,
+            &self.cfg.owner(),
             &l.namespace,
             &l.id,
         ));
@@ -434,6 +449,9 @@ impl Inner {
             let name = self.docker.container_name(&l.namespace, &l.id);
             self.until_done(&name, "remove", || self.docker.remove(&name))
                 .await;
+            if let Err(e) = self.docker.remove_network_if_unused().await {
+                tracing::debug!(error = %e, "could not remove the container network");
+            }
         }
     }
 

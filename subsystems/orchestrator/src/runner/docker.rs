@@ -25,6 +25,8 @@ use super::{
 
 /// Label marking containers rune manages.
 pub const LABEL_MANAGED: &str = "rune.managed";
+/// Label naming the cluster (the data dir's identity) a container belongs to.
+pub const LABEL_CLUSTER: &str = "rune.cluster";
 
 /// How runed talks to the Docker Engine (`docker.api-version`, `fallback-api-version`,
 /// `negotiation-timeout-seconds` of the runefile).
@@ -53,6 +55,8 @@ impl Default for DockerClientConfig {
 pub struct DockerRunner {
     socket: String,
     node: String,
+    /// The cluster's identity (empty before a runed chose one): part of every name and label.
+    cluster: String,
     client_cfg: DockerClientConfig,
     client: Mutex<Option<Docker>>,
     /// The gateway of this node's container network, where containers find the embedded DNS.
@@ -85,11 +89,18 @@ fn not_found(e: &bollard::errors::Error) -> bool {
 }
 
 impl DockerRunner {
-    /// A runner talking to the engine at `socket` (a unix socket path), labelling with `node`.
-    pub fn new(socket: impl Into<String>, node: impl Into<String>, client_cfg: DockerClientConfig) -> Self {
+    /// A runner talking to the engine at `socket` (a unix socket path), labelling with `node`
+    /// and `cluster`.
+    pub fn new(
+        socket: impl Into<String>,
+        node: impl Into<String>,
+        cluster: impl Into<String>,
+        client_cfg: DockerClientConfig,
+    ) -> Self {
         Self {
             socket: socket.into(),
             node: node.into(),
+            cluster: cluster.into(),
             client_cfg,
             client: Mutex::new(None),
             gateway: tokio::sync::watch::Sender::new(None),
@@ -102,14 +113,16 @@ impl DockerRunner {
         self.gateway.subscribe()
     }
 
-    /// This node's container network: a bridge of its own, so that its gateway is an address
+    /// This runed's container network: a bridge of its own, so that its gateway is an address
     /// only this runed serves DNS on, and several runeds can share one engine.
     pub fn network_name(&self) -> String {
-        format!("rune-{}", self.safe_node())
+        format!("rune-{}", self.owner())
     }
 
-    fn safe_node(&self) -> String {
-        self.node
+    /// `node-cluster` (the first 8 characters of the cluster id), made safe for Docker names:
+    /// what tells this runed's objects on the engine from another's.
+    fn owner(&self) -> String {
+        super::owner_name(&self.node, &self.cluster)
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -147,6 +160,7 @@ impl DockerRunner {
                     labels: Some(HashMap::from([
                         (LABEL_MANAGED.to_string(), "true".to_string()),
                         ("rune.node".to_string(), self.node.clone()),
+                        (LABEL_CLUSTER.to_string(), self.cluster.clone()),
                     ])),
                     ..Default::default()
                 };
@@ -245,10 +259,46 @@ impl DockerRunner {
         }
     }
 
-    /// Container names are global to the engine: the node is part of them, so two runed on one
-    /// engine (tests, several dev nodes) never take each other's containers.
+    /// Container names are global to the engine: the node and the cluster are part of them,
+    /// so two runeds on one engine (tests, several dev nodes) never take each other's containers.
     pub fn container_name(&self, ns: &str, id: &str) -> String {
-        format!("rune-{}-{ns}-{id}", self.safe_node())
+        format!("rune-{}-{ns}-{id}", self.owner())
+    }
+
+    /// Whether labels say a container (or network) is this runed's: its node, and its cluster
+    /// (one made before clusters had an identity has none, and is this node's).
+    fn ours(&self, labels: &HashMap<String, String>) -> bool {
+        labels.get("rune.node") == Some(&self.node)
+            && labels
+                .get(LABEL_CLUSTER)
+                .is_none_or(|c| c.is_empty() || *c == self.cluster)
+    }
+
+    /// Removes this runed's container network once none of its containers is left, so an
+    /// idle engine keeps nothing of it.
+    pub async fn remove_network_if_unused(&self) -> Result<(), RunError> {
+        let _one_at_a_time = self.network_lock.lock().await;
+        if !self.list().await?.is_empty() {
+            return Ok(());
+        }
+        let d = self.docker().await?;
+        match d.remove_network(&self.network_name()).await {
+            Ok(()) => {
+                self.gateway.send_replace(None);
+                tracing::info!(network = %self.network_name(), "removed the container network: no container uses it");
+                Ok(())
+            }
+            Err(e) if not_found(&e) => {
+                self.gateway.send_replace(None);
+                Ok(())
+            }
+            // Still in use by something else attached to it: leave it.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 403 | 409,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(self.failed(e).await),
+        }
     }
 
     /// Creates and starts the container of an instance, replacing a stale one of the same name.
@@ -267,7 +317,7 @@ impl DockerRunner {
         match d.inspect_container(&name, None).await {
             Ok(c) => {
                 let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
-                if labels.get("rune.node") != Some(&self.node) {
+                if !self.ours(&labels) {
                     return Err(RunError::Launch(format!(
                         "container name {name} is taken by a container rune does not manage on this node"
                     )));
@@ -286,6 +336,7 @@ impl DockerRunner {
         for (k, v) in [
             (LABEL_MANAGED, "true"),
             ("rune.node", self.node.as_str()),
+            (LABEL_CLUSTER, self.cluster.as_str()),
             ("rune.namespace", l.namespace.as_str()),
             ("rune.service", l.service.as_str()),
             ("rune.instance", l.id.as_str()),
@@ -554,6 +605,10 @@ impl DockerRunner {
         let mut out = Vec::new();
         for c in list {
             let labels = c.labels.unwrap_or_default();
+            if !self.ours(&labels) {
+                // Another runed's on this engine (same node name, another data dir).
+                continue;
+            }
             let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
             let Some(id) = c.id else { continue };
             let running = matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));

@@ -4,6 +4,17 @@
 //! running) so the supervisor above them never asks which one it has.
 
 pub mod docker;
+
+/// `node-cluster8`: what names this runed's objects outside its data dir (containers, their
+/// network, mount directories), so that runeds sharing a host (same node name, other data
+/// dirs) never meet. Just the node before the cluster has an identity.
+pub fn owner_name(node: &str, cluster: &str) -> String {
+    if cluster.is_empty() {
+        node.to_string()
+    } else {
+        format!("{node}-{}", cluster.chars().take(8).collect::<String>())
+    }
+}
 pub mod process;
 mod pty;
 

@@ -365,6 +365,27 @@ fn dependencies_hold_instances_back_and_guard_deletes() {
     wait_until(LONG, "api to start once db is ready", || all_ready(&d, "api", 1));
     assert!(run_ok(&d, &["deps", "db"]).contains("depended on by: default/api"));
 
+    // An optional dependency that does not exist holds nothing back; a secret is ready once
+    // it exists.
+    let f = write(
+        &d,
+        "side.yaml",
+        "service:\n  name: side\n  scale: 1\n  process: {command: /bin/sleep, args: [\"1000\"]}\n  dependencies: [{service: ghost, optional: true, timeoutSeconds: 3600}, \"secret:creds\"]\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "side to wait for the secret only", || {
+        instances(&d, "side").first().is_some_and(|i| {
+            let r = i["reason"].as_str().unwrap_or("");
+            i["status"] == "Waiting" && r.contains("creds (it does not exist)") && !r.contains("ghost")
+        })
+    });
+    let f = write(&d, "creds.yaml", "secret:\n  name: creds\n  stringData: {k: v}\n");
+    run_ok(&d, &["cast", &f]);
+    wait_until(LONG, "side to start once the secret exists", || {
+        all_ready(&d, "side", 1)
+    });
+    run_ok(&d, &["delete", "side"]);
+
     // A cycle is refused at cast time, naming it.
     let cyc = write(
         &d,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rune_statemachine::deps::{resolve, DepKind, DepRef, ReadyWhen};
 use rune_statemachine::instance::{instances_prefix, InstanceChange, InstanceRecord, Phase};
 use rune_statemachine::spec::Probe;
-use rune_statemachine::store::list_records;
+use rune_statemachine::store::{configmap_key, list_records, secret_key, service_key};
 use rune_statemachine::STATE_TABLE;
 use tokio::sync::oneshot;
 
@@ -232,21 +232,22 @@ impl Supervisor {
         let mut applied = self.inner.log.applied();
         loop {
             let waiting: Vec<String> = {
-                let records = self.inner.read_instances();
+                let (records, exist) = self.inner.read_dependencies(&deps);
                 deps.iter()
-                    .filter(|d| !ready(d, &records))
-                    .filter(|d| {
+                    .zip(exist)
+                    .filter(|(d, exists)| !ready(d, *exists, &records))
+                    .filter(|(d, exists)| {
                         let timed_out = d
                             .timeout_seconds
                             .is_some_and(|t| began.elapsed() > Duration::from_secs(t.max(0) as u64));
-                        !(d.optional && timed_out)
+                        // Optional: start anyway when it is missing or not ready in time.
+                        !(d.optional && (!exists || timed_out))
                     })
-                    .map(|d| {
+                    .map(|(d, exists)| {
                         let mut s = d.display();
-                        if d.kind != DepKind::Service {
-                            s.push_str(" (secrets and configmaps are not available in this release)");
-                        }
-                        if let Some(t) = d.timeout_seconds {
+                        if !exists {
+                            s.push_str(" (it does not exist)");
+                        } else if let Some(t) = d.timeout_seconds {
                             if began.elapsed() > Duration::from_secs(t.max(0) as u64) {
                                 s.push_str(&format!(" (not ready after {t}s)"));
                             }
@@ -275,9 +276,11 @@ impl Supervisor {
     }
 }
 
-fn ready(d: &DepRef, records: &[InstanceRecord]) -> bool {
-    if d.kind != DepKind::Service {
-        return false;
+/// Secrets and configmaps are ready when they exist; services when an instance reaches
+/// `ready_when`.
+fn ready(d: &DepRef, exists: bool, records: &[InstanceRecord]) -> bool {
+    if d.kind != DepKind::Service || !exists {
+        return exists;
     }
     records
         .iter()
@@ -406,14 +409,29 @@ async fn check(
     }
 }
 
-/// The instances in the state, for dependency checks.
+/// Reads of the state for dependency checks.
 impl Inner {
-    pub(crate) fn read_instances(&self) -> Vec<InstanceRecord> {
-        let Ok(txn) = self.log.read() else { return vec![] };
-        let Ok(t) = txn.open_table(STATE_TABLE) else {
-            return vec![];
+    /// Every instance record, and whether each dependency's object exists, from one read.
+    fn read_dependencies(&self, deps: &[DepRef]) -> (Vec<InstanceRecord>, Vec<bool>) {
+        let Ok(txn) = self.log.read() else {
+            return (vec![], vec![false; deps.len()]);
         };
-        list_records(&t, &instances_prefix(None, None)).unwrap_or_default()
+        let Ok(t) = txn.open_table(STATE_TABLE) else {
+            return (vec![], vec![false; deps.len()]);
+        };
+        let exist = deps
+            .iter()
+            .map(|d| {
+                let key = match d.kind {
+                    DepKind::Service => service_key(&d.namespace, &d.name),
+                    DepKind::Secret => secret_key(&d.namespace, &d.name),
+                    DepKind::Configmap => configmap_key(&d.namespace, &d.name),
+                };
+                t.get(key.as_str()).ok().flatten().is_some()
+            })
+            .collect();
+        let records = list_records(&t, &instances_prefix(None, None)).unwrap_or_default();
+        (records, exist)
     }
 }
 

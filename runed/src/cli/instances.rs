@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rune_proto::v1 as pb;
 use serde_json::json;
 
-use super::output::{age, print_table};
+use super::output::{age, print_stream_row, print_table};
 use super::{exit, Chan, CliError, Conn, Format};
 
 fn client(ch: Chan) -> pb::instance_api_client::InstanceApiClient<Chan> {
@@ -93,10 +93,10 @@ pub async fn get(
             .await
             .map_err(|s| conn.status(s))?
             .into_inner();
+        let mut h = header(all);
+        h.insert(0, "EVENT".into());
         if format.is_table() {
-            let mut h = header(all);
-            h.insert(0, "EVENT".into());
-            print_table(&[h]);
+            print_stream_row(&h, &h, 8);
         }
         while let Some(ev) = s.message().await.map_err(|s| conn.status(s))? {
             let Some(i) = ev.instance else { continue };
@@ -109,8 +109,7 @@ pub async fn get(
             if format.is_table() {
                 let mut r = row(&i, all);
                 r.insert(0, ty.into());
-                let line: Vec<String> = r.iter().map(|c| format!("{c:<10}")).collect();
-                println!("{}", line.join(" ").trim_end());
+                print_stream_row(&h, &r, 8);
             } else {
                 let v = json!({"type": ty, "index": ev.index, "instance": instance_json(&i)});
                 println!("{}", serde_json::to_string(&v).unwrap_or_default());
@@ -195,17 +194,7 @@ pub async fn wait_rollout(
             progress = Some(now);
             progressed = Instant::now();
         }
-        let line = if s.desired == 0 {
-            format!("{what}: stopping, {} instance(s) left", s.instances)
-        } else {
-            format!(
-                "{what}: {}/{} updated, {}/{} ready",
-                s.updated.min(s.desired),
-                s.desired,
-                s.ready,
-                s.desired
-            )
-        };
+        let line = progress_line(&what, &s);
         if line != said {
             eprintln!("{line}");
             said = line;
@@ -241,6 +230,26 @@ pub async fn wait_rollout(
         // The CLI polls rollout status; the server answers from the applied state.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// One progress line of a wait. Old instances still draining are counted apart, so the counts
+/// never exceed the scale ("3/0" or "2/1 ready" would read as nonsense).
+fn progress_line(what: &str, s: &pb::RolloutStatus) -> String {
+    if s.desired == 0 {
+        return format!("{what}: stopping, {} instance(s) left", s.instances);
+    }
+    let mut l = format!(
+        "{what}: {}/{} updated, {}/{} ready",
+        s.updated.min(s.desired),
+        s.desired,
+        s.ready.min(s.desired),
+        s.desired
+    );
+    let extra = s.instances.saturating_sub(s.desired);
+    if extra > 0 {
+        l.push_str(&format!(", {extra} stopping"));
+    }
+    l
 }
 
 /// `rune scale`, `rune stop`.
@@ -605,5 +614,39 @@ pub async fn exec(
         None => Err(CliError::generic(
             "exec: the connection ended before the command did",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(desired: u32, updated: u32, ready: u32, instances: u32) -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            desired,
+            updated,
+            ready,
+            instances,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn progress_counts_never_exceed_the_scale() {
+        let w = "service/default/web";
+        // Scaling 2 → 1: both old instances are still ready for a moment.
+        assert_eq!(
+            progress_line(w, &status(1, 1, 2, 2)),
+            "service/default/web: 1/1 updated, 1/1 ready, 1 stopping"
+        );
+        assert_eq!(
+            progress_line(w, &status(3, 1, 0, 3)),
+            "service/default/web: 1/3 updated, 0/3 ready"
+        );
+        // A stop reads as what is left, never "3/0".
+        assert_eq!(
+            progress_line(w, &status(0, 3, 2, 3)),
+            "service/default/web: stopping, 3 instance(s) left"
+        );
     }
 }

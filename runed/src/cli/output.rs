@@ -42,6 +42,17 @@ pub fn print_table(rows: &[Vec<String>]) {
     }
 }
 
+/// Prints one row of a table that arrives row by row (a watch): each column as wide as its
+/// header or `min`, whichever is wider, so the header printed the same way lines up with the rows.
+pub fn print_stream_row(header: &[String], cells: &[String], min: usize) {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let w = header.get(i).map_or(0, |h| h.chars().count()).max(min);
+        line.push_str(&format!("{cell:<w$}   "));
+    }
+    println!("{}", line.trim_end());
+}
+
 /// `Just now`, `5m`, `3h`, `2d`, as kubectl shows ages.
 pub fn age(ms: i64) -> String {
     let s = (rune_log::now_ms() - ms).max(0) / 1000;
@@ -422,10 +433,10 @@ async fn watch_services(
         .await
         .map_err(|s| conn.status(s))?
         .into_inner();
+    let mut h = service_header(q.all);
+    h.insert(0, "EVENT".into());
     if q.format.is_table() {
-        let mut h = service_header(q.all);
-        h.insert(0, "EVENT".into());
-        print_table(&[h]);
+        print_stream_row(&h, &h, 10);
     }
     while let Some(ev) = stream.message().await.map_err(|s| conn.status(s))? {
         let Some(s) = ev.service else { continue };
@@ -458,8 +469,7 @@ async fn watch_services(
                 };
                 row.insert(0, ty.into());
                 // Events arrive one by one: print each row as it comes, padded like the header.
-                let line: Vec<String> = row.iter().map(|c| format!("{c:<12}")).collect();
-                println!("{}", line.join(" ").trim_end());
+                print_stream_row(&h, &row, 10);
             }
             _ => {
                 let spec = if s.spec_json.is_empty() {

@@ -67,6 +67,8 @@ pub struct Dns {
     data_path_ready: AtomicBool,
     paused: AtomicBool,
     local: SocketAddr,
+    /// The container network's listeners: replaced when that network is made anew.
+    also: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Dns {
@@ -96,6 +98,7 @@ impl Dns {
             data_path_ready: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             local,
+            also: std::sync::Mutex::new(Vec::new()),
         });
         // Subscribe before loading, so nothing applied in between is missed (replaying a VIP
         // change twice is harmless).
@@ -111,7 +114,7 @@ impl Dns {
         Ok(dns)
     }
 
-    /// Serves on one more address too (the container network's gateway). In dev mode its
+    /// Serves on the container network's gateway too, instead of any earlier one. In dev mode its
     /// clients (containers) get that address for `.rune` names: the data plane serves service
     /// ports there.
     pub async fn listen_also(self: &Arc<Self>, addr: SocketAddr) -> Result<(), DnsError> {
@@ -123,8 +126,18 @@ impl Dns {
         let tcp = TcpListener::bind(addr)
             .await
             .map_err(|e| DnsError::Bind(addr, e))?;
-        tokio::spawn(serve_udp(self.clone(), Arc::new(udp), here));
-        tokio::spawn(serve_tcp(self.clone(), tcp, here));
+        let tasks = vec![
+            tokio::spawn(serve_udp(self.clone(), Arc::new(udp), here)),
+            tokio::spawn(serve_tcp(self.clone(), tcp, here)),
+        ];
+        // A network made anew has a new gateway: the old address is gone, and so are its
+        // listeners.
+        if let Ok(mut also) = self.also.lock() {
+            for t in also.drain(..) {
+                t.abort();
+            }
+            *also = tasks;
+        }
         tracing::info!(%addr, "DNS listening for containers");
         Ok(())
     }

@@ -321,7 +321,7 @@ pub fn restore(
     }
     let backup = read(path)?;
     check(&backup).map_err(BackupError::Refused)?;
-    std::fs::create_dir_all(dir).map_err(|e| BackupError::Io(format!("{}: {e}", dir.display())))?;
+    private_dir(dir).map_err(|e| BackupError::Io(format!("{}: {e}", dir.display())))?;
     std::fs::write(dir.join(RESTORING), format!("restoring {}\n", path.display())).map_err(io)?;
     sync_dir(dir)?;
     let staging = dir.join(STAGING);
@@ -378,4 +378,11 @@ fn write_data_dir(dir: &Path, b: &Backup) -> Result<(), BackupError> {
         }
     }
     txn.commit().map_err(io)
+}
+
+/// Creates a data dir (and missing parents) readable by its owner only; an existing one is left
+/// as it is.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }

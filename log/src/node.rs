@@ -227,7 +227,8 @@ impl Log {
     /// and returns once this node is leader and has applied everything committed before.
     pub async fn open(cfg: LogConfig) -> Result<Self, LogError> {
         let dir = &cfg.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| LogError::DataDir {
+        // Owner only, as etcd's: the log holds every spec and sealed secret.
+        crate::backup::private_dir(dir).map_err(|source| LogError::DataDir {
             path: dir.clone(),
             source,
         })?;

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # for `rune exec -it`, python3-grpcio is a second gRPC implementation that asks runed's health
 # and reflection services, nftables is the kernel half of the data plane (tested inside
 # namespaces), pebble is the ACME server the ingress gets certificates from, debootstrap builds
-# the Debian root that boots systemd for the tests of the installed unit.
+# the Debian root that boots systemd for the tests of the installed unit; openssl and python3
+# serve the README tour (a TLS secret, a process service).
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
@@ -23,6 +24,8 @@ command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nft >/dev/null || need+=(nftables)
 command -v pebble >/dev/null || need+=(pebble)
+command -v openssl >/dev/null || need+=(openssl)
+[ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test.sh: missing ${need[*]}: run as root or install them with apt-get" >&2
@@ -73,3 +76,6 @@ scripts/systemd-image.sh
 
 echo "== tests"
 cargo test --workspace
+
+echo "== README tour"
+scripts/readme-tour.sh

@@ -19,8 +19,8 @@
 # run again until it passes or 60 s go by: a person typing is slower than a script, and
 # projections follow the log a moment later.
 #
-# The tour uses dev mode's documented ports (7861, 7863, 9100, 8080, 8443, 127.0.0.123:53) and
-# the ones it names; the harness refuses to start when one is taken rather than test another
+# The tour uses dev mode's documented ports (7861, 7863, 9100, 8080, 8443, 127.0.0.123:53), the
+# first proxy port (30000) and the ones it names; the harness refuses to start when one is taken rather than test another
 # runed.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,7 +31,6 @@ bin=${RUNE_BIN_DIR:-$repo/target/debug}
 for b in rune runed; do
     [[ -x "$bin/$b" ]] || { echo "readme-tour: $bin/$b is missing (cargo build --bins)" >&2; exit 1; }
 done
-
 
 work=$(mktemp -d /tmp/rune-tour.XXXXXX)
 steps=$work/.steps
@@ -79,7 +78,7 @@ function note(l,   i) {
     i = index(l, " # ")
     if (i > 0) comment = substr(l, i + 3)
 }
-function emit(   want, rc, mode, parts, k, ro, first) {
+function emit(   want, rc, mode, parts, k, ro, first, i, j, p) {
     want = ""; rc = 0; mode = "once"
     if ((i = index(comment, "→ ")) > 0) {
         want = comment
@@ -121,7 +120,7 @@ if ! grep -q '^step ' "$script"; then
 fi
 
 # Taken ports would make the tour talk to someone else's runed.
-for p in 7861 7863 9100 8080 8443 8081 8000; do
+for p in 7861 7863 9100 8080 8443 8081 8000 30000; do
     if ss -Htln "sport = :$p" | grep -q .; then
         echo "readme-tour: port $p is in use (a dev runed?); the tour needs the README's ports" >&2
         exit 1

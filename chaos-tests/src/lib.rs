@@ -44,12 +44,23 @@ impl Bins {
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A port on 127.0.0.1 free for both TCP and UDP (the DNS takes both), not handed out before
+/// by this process. Taken from 20000-29999: below the kernel's ephemeral range (32768 and up),
+/// where client sockets, UDP ones included, take theirs and could take it before runed binds it,
+/// and below runed's proxy ports (30000 and up).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::OnceLock;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    // Test binaries of one run start apart, in case one leaves a daemon behind.
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7919)));
+    for _ in 0..10_000 {
+        let p = 20_000 + (next.fetch_add(1, Ordering::SeqCst) % 10_000) as u16;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
+    panic!("no free port in 20000-29999 on 127.0.0.1")
 }
 
 /// Polls `f` until it is true; panics with `what` after `limit`.

@@ -4,6 +4,8 @@
 //! - [`decode`] and [`validate`]: strict decoding and offline validation, shared by lint and the API.
 //! - [`command`]: the versioned log payload and what applying it did.
 //! - [`store`]: the redb state table and [`store::apply`], the only code that writes it.
+//! - [`delta`]: typed records of what an entry wrote, and the same records read from the state,
+//!   which projections start from and follow.
 //!
 //! Architecture invariant: `apply` reads nothing but the table and the entry (no clock, no
 //! randomness, no environment), so replaying the log from empty gives byte-identical state.
@@ -13,6 +15,7 @@
 
 pub mod command;
 pub mod decode;
+pub mod delta;
 pub mod deps;
 pub mod identity;
 pub mod instance;
@@ -20,6 +23,8 @@ pub mod network;
 pub mod secret;
 pub mod spec;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod validate;
 
 /// The namespace a spec without one lands in.

@@ -156,7 +156,7 @@ pub fn spec_hash<T: Serialize>(spec: &T) -> String {
     hex::encode(Sha256::digest(&bytes))
 }
 
-fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         key: key.to_string(),
         source,
@@ -374,6 +374,16 @@ pub fn apply(
     index: u64,
     entry: &Envelope,
 ) -> Result<Outcome, StoreError> {
+    apply_traced(table, index, entry).map(|(outcome, _)| outcome)
+}
+
+/// [`apply`], also returning the typed [`Delta`](crate::delta::Delta)s of what it wrote, in key
+/// order, for the projections. A rejected entry wrote nothing and has none.
+pub fn apply_traced(
+    table: &mut redb::Table<&'static str, &'static [u8]>,
+    index: u64,
+    entry: &Envelope,
+) -> Result<(Outcome, Vec<crate::delta::Delta>), StoreError> {
     let (outcome, pending) = {
         let mut o = Overlay {
             base: &*table,
@@ -382,8 +392,13 @@ pub fn apply(
         let outcome = decide(&mut o, index, entry)?;
         (outcome, o.pending)
     };
+    let mut deltas = Vec::new();
     if outcome.is_ok() {
         for (k, v) in pending {
+            // Just encoded by this apply: a value that does not decode back is a bug here.
+            if let Some(d) = crate::delta::Delta::from_write(&k, v.as_deref())? {
+                deltas.push(d);
+            }
             match v {
                 Some(v) => {
                     table.insert(k.as_str(), v.as_slice())?;
@@ -394,7 +409,7 @@ pub fn apply(
             }
         }
     }
-    Ok(outcome)
+    Ok((outcome, deltas))
 }
 
 fn decide<R: ReadableTable<&'static str, &'static [u8]>>(

@@ -1,0 +1,117 @@
+//! Typed records of what an entry wrote, for projections.
+//!
+//! A projection (the DNS, the data plane, the ingress, the orchestrator) starts from
+//! [`snapshot`] of the state at an index and then applies the [`Delta`]s of every later entry.
+//! Both come from the same keys decoded the same way, so "built from the state at N" and "fed
+//! entry by entry up to N" cannot disagree: the property test in `tests/delta.rs` holds them
+//! to it. A delta carries the whole new record (or its absence), never a summary to parse.
+
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use crate::instance::{instances_prefix, InstanceRecord};
+use crate::network::{endpoints_prefix, EndpointSet};
+use crate::store::{decode, scan_prefix, services_prefix, ServiceRecord, StoreError};
+
+/// One object an entry created, replaced or removed (`None`: removed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Delta {
+    /// A service's spec, VIP or bookkeeping (its network policy and exposure included).
+    Service {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The record now, or `None` once deleted.
+        record: Option<Box<ServiceRecord>>,
+    },
+    /// What the state knows of one instance.
+    Instance {
+        /// Namespace.
+        namespace: String,
+        /// Its service.
+        service: String,
+        /// Instance id (`<service>-<i>`).
+        id: String,
+        /// The record now, or `None` once removed.
+        record: Option<Box<InstanceRecord>>,
+    },
+    /// A service's ready endpoints, replaced whole.
+    Endpoints {
+        /// Namespace.
+        namespace: String,
+        /// The service.
+        service: String,
+        /// The set now, or `None` once the service is gone.
+        set: Option<Box<EndpointSet>>,
+    },
+}
+
+impl Delta {
+    /// The service this delta concerns: what a keyed work queue enqueues.
+    pub fn service(&self) -> (&str, &str) {
+        match self {
+            Delta::Service { namespace, name, .. } => (namespace, name),
+            Delta::Instance {
+                namespace, service, ..
+            }
+            | Delta::Endpoints {
+                namespace, service, ..
+            } => (namespace, service),
+        }
+    }
+
+    /// The delta a write of `key` stands for, if projections follow that key. A value that does
+    /// not decode is an error naming the key: the caller must not guess.
+    pub fn from_write(key: &str, value: Option<&[u8]>) -> Result<Option<Delta>, StoreError> {
+        let mut parts = key.split('/');
+        let delta = match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("services"), Some(ns), Some(name), None, None) => Delta::Service {
+                namespace: ns.into(),
+                name: name.into(),
+                record: value.map(|v| decode(key, v)).transpose()?,
+            },
+            (Some("instances"), Some(ns), Some(service), Some(id), None) => Delta::Instance {
+                namespace: ns.into(),
+                service: service.into(),
+                id: id.into(),
+                record: value.map(|v| decode(key, v)).transpose()?,
+            },
+            (Some("endpoints"), Some(ns), Some(service), None, None) => Delta::Endpoints {
+                namespace: ns.into(),
+                service: service.into(),
+                set: value.map(|v| decode(key, v)).transpose()?,
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(delta))
+    }
+}
+
+/// The prefixes whose keys become deltas.
+pub const FOLLOWED_PREFIXES: [&str; 3] = ["services/", "instances/", "endpoints/"];
+
+/// Every followed object in the state, as upserts in key order: where a projection starts.
+/// A record that does not decode fails the whole read, so a projection never mistakes a
+/// damaged record for a missing one.
+pub fn snapshot<R: ReadableTable<&'static str, &'static [u8]>>(table: &R) -> Result<Vec<Delta>, StoreError> {
+    debug_assert_eq!(FOLLOWED_PREFIXES[0], services_prefix(None));
+    debug_assert_eq!(FOLLOWED_PREFIXES[1], instances_prefix(None, None));
+    debug_assert_eq!(FOLLOWED_PREFIXES[2], endpoints_prefix(None));
+    let mut out = Vec::new();
+    for prefix in FOLLOWED_PREFIXES {
+        for (k, v) in scan_prefix(table, prefix)? {
+            if let Some(d) = Delta::from_write(&k, Some(&v))? {
+                out.push(d);
+            }
+        }
+    }
+    Ok(out)
+}

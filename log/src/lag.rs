@@ -1,7 +1,7 @@
 //! How far a projection (DNS, data plane, ...) is behind the applied log, so that it can fail
 //! closed once it has lagged for longer than its stale budget.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,8 @@ use crate::Log;
 #[derive(Debug, Default)]
 struct Inner {
     applied: AtomicU64,
+    /// The projection lost its thread and has not rebuilt yet: behind whatever the index says.
+    lost: AtomicBool,
     behind_since: Mutex<Option<Instant>>,
 }
 
@@ -27,6 +29,11 @@ impl Lag {
     /// The last log index the projection applied.
     pub fn applied(&self) -> u64 {
         self.0.applied.load(Ordering::Relaxed)
+    }
+
+    /// Marks the view as lost (it must rebuild before it is current again) or found.
+    pub fn set_lost(&self, lost: bool) {
+        self.0.lost.store(lost, Ordering::Relaxed);
     }
 
     /// Records that everything up to `index` is applied (never moves back).
@@ -56,7 +63,8 @@ impl Lag {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let tail = *log.applied().borrow();
-                let behind = inner.applied.load(Ordering::Relaxed) < tail;
+                let behind =
+                    inner.applied.load(Ordering::Relaxed) < tail || inner.lost.load(Ordering::Relaxed);
                 if let Ok(mut b) = inner.behind_since.lock() {
                     match (behind, *b) {
                         (false, _) => *b = None,

@@ -3,6 +3,8 @@
 //! - [`Log`] opens openraft (one voter) over a redb log ([`log_store`]) and a redb state machine
 //!   ([`state_machine`]), proposes commands, and hands out read views, the applied-index watch
 //!   and the stream of applied entries that projections tail.
+//! - [`projection`] is how subsystems follow the log: a view built from the state at an index,
+//!   then fed the typed deltas of every later entry.
 //! - [`replay`] reads a data dir offline for `rune admin replay`.
 //!
 //! Architecture invariants: a proposal is answered only after its entry is fsynced (through
@@ -21,6 +23,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 mod node;
+pub mod projection;
 pub mod replay;
 pub mod snapshot;
 pub mod space;

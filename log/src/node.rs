@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use redb::{Database, ReadTransaction, ReadableDatabase};
-use rune_statemachine::{Command, Envelope, Outcome};
+use rune_statemachine::{Command, Envelope, Outcome, STATE_TABLE};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::db::ClosingDb;
@@ -362,6 +362,32 @@ impl Log {
     /// The applied index, watchable: projections wait on it.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.notifier.applied.subscribe()
+    }
+
+    /// Failpoint (`runed --enable-failpoints` only): overwrites one state record with bytes
+    /// that do not decode, outside the log, and tells the projections the state was replaced,
+    /// as damage found at rest would. Tests use it to show that a record nobody can read stops
+    /// nothing; nothing else may call it.
+    pub fn corrupt_record_for_tests(&self, key: &str) -> Result<(), LogError> {
+        let storage = |e: &dyn std::fmt::Display| LogError::Storage(e.to_string());
+        let txn = self.state.begin_write().map_err(|e| storage(&e))?;
+        {
+            let mut t = txn.open_table(STATE_TABLE).map_err(|e| storage(&e))?;
+            t.insert(key, b"{ not a record".as_slice())
+                .map_err(|e| storage(&e))?;
+        }
+        txn.commit().map_err(|e| storage(&e))?;
+        let index = *self.notifier.applied.borrow();
+        let _ = self.notifier.events.send(Arc::new(AppliedEntry {
+            index,
+            term: 0,
+            proposed_at_ms: 0,
+            command: "corrupt_record_for_tests".into(),
+            changes: vec![],
+            deltas: vec![],
+            reset: true,
+        }));
+        Ok(())
     }
 
     /// Applied entries from now on. A receiver that lags must re-read the state and resubscribe.

@@ -15,6 +15,7 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use rune_statemachine::delta::Delta;
 use rune_statemachine::store::{self, scan_prefix};
 use rune_statemachine::{Change, STATE_TABLE};
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,13 @@ pub struct AppliedEntry {
     pub command: String,
     /// What changed; empty when the command was rejected or changed nothing.
     pub changes: Vec<Change>,
+    /// The typed records of what it wrote, which projections apply (see
+    /// [`crate::projection`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<Delta>,
+    /// The whole state was replaced (a snapshot was installed): a projection must rebuild.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// The applied-index watch and the event stream, shared by the state machine and [`crate::Log`].
@@ -89,14 +97,16 @@ pub(crate) fn apply_entries(
                 EntryPayload::Normal(batch) => {
                     let mut outcomes = Vec::with_capacity(batch.0.len());
                     for env in &batch.0 {
-                        let outcome =
-                            store::apply(&mut table, e.log_id.index, env).map_err(|e| e.to_string())?;
+                        let (outcome, deltas) = store::apply_traced(&mut table, e.log_id.index, env)
+                            .map_err(|e| e.to_string())?;
                         events.push(AppliedEntry {
                             index: e.log_id.index,
                             term: e.log_id.leader_id.term,
                             proposed_at_ms: env.proposed_at_ms,
                             command: env.command.kind().to_string(),
                             changes: outcome.clone().unwrap_or_default(),
+                            deltas,
+                            reset: false,
                         });
                         outcomes.push(outcome);
                     }
@@ -298,6 +308,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .map_err(sm_err)?;
         if let Some(l) = &meta.last_log_id {
+            // Nothing was applied entry by entry: followers of the log start over.
+            let _ = self.notifier.events.send(Arc::new(AppliedEntry {
+                index: l.index,
+                term: l.leader_id.term,
+                proposed_at_ms: 0,
+                command: "install_snapshot".into(),
+                changes: vec![],
+                deltas: vec![],
+                reset: true,
+            }));
             self.notifier.applied.send_replace(l.index);
         }
         Ok(())

@@ -1,0 +1,150 @@
+//! The projection contract, through the real log: for random command sequences, a view built
+//! from the state at some index and then fed the deltas of every later entry equals the view
+//! built from the state at the end. And the shared loop ([`Projection`]) keeps that true while
+//! entries arrive, also across a rebuild forced by a reset.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use rune_log::projection::{read_state, Projection, ProjectionError, View};
+use rune_log::{Log, LogConfig};
+use rune_statemachine::delta::Delta;
+use rune_statemachine::testing::{command, fold};
+use rune_statemachine::Command;
+
+/// The simplest view: the folded state itself.
+#[derive(Default)]
+struct Mirror(Mutex<Vec<Delta>>);
+
+impl View for Mirror {
+    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
+        *self.0.lock().map_err(|e| ProjectionError::View(e.to_string()))? = state;
+        Ok(())
+    }
+
+    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
+        let mut m = self.0.lock().map_err(|e| ProjectionError::View(e.to_string()))?;
+        let now = fold(m.iter().chain(deltas.iter().copied()));
+        *m = now;
+        Ok(())
+    }
+}
+
+fn init() -> Command {
+    Command::Init {
+        policies: rune_statemachine::identity::builtin_policies(),
+        namespaces: vec!["system".into(), "default".into()],
+        cluster_cidr: Some("10.96.0.0/29".into()),
+        cluster_id: Some("projection".into()),
+    }
+}
+
+async fn caught_up(log: &Log, p: &Projection) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.applied_index() < *log.applied().borrow() {
+        assert!(Instant::now() < deadline, "the projection did not catch up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fed_entry_by_entry_equals_built_from_the_state(
+        cmds in prop::collection::vec(command(), 1..40),
+        cut in 0usize..40,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (fed, built, mirrored) = rt.block_on(async {
+            let cfg = LogConfig { snapshot_every: 15, keep_after_snapshot: 3, ..LogConfig::new(dir.path()) };
+            let log = Arc::new(Log::open(cfg).await.unwrap());
+            log.propose(init()).await.unwrap();
+            let mirror = Arc::new(Mirror::default());
+            let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_secs(5)).await;
+            let mut rx = log.subscribe();
+            let mut start = None;
+            let cut = cut.min(cmds.len());
+            for (i, c) in cmds.into_iter().enumerate() {
+                if i == cut {
+                    start = Some(read_state(&log).unwrap());
+                }
+                log.propose(c).await.unwrap();
+            }
+            let (from, mut state) = start.unwrap_or_else(|| read_state(&log).unwrap());
+            // Every entry applied after the read, in order, on top of it.
+            while let Ok(e) = rx.try_recv() {
+                if e.index > from {
+                    state = fold(state.iter().chain(e.deltas.iter()));
+                }
+            }
+            let (_, built) = read_state(&log).unwrap();
+            caught_up(&log, &p).await;
+            let mirrored = mirror.0.lock().unwrap().clone();
+            log.shutdown().await.unwrap();
+            (state, built, mirrored)
+        });
+        prop_assert_eq!(&fed, &built);
+        prop_assert_eq!(&mirrored, &built);
+    }
+}
+
+#[test]
+fn a_paused_projection_goes_stale_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
+        log.propose(init()).await.unwrap();
+        let mirror = Arc::new(Mirror::default());
+        let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_millis(300)).await;
+        caught_up(&log, &p).await;
+        assert!(!p.stale());
+        p.pause(true);
+        let svc = rune_statemachine::spec::ServiceSpec {
+            name: "api".into(),
+            image: Some("busybox".into()),
+            ..Default::default()
+        };
+        log.propose(Command::Apply {
+            resources: vec![rune_statemachine::Resource::Service(svc)],
+            create_namespace: false,
+            force: false,
+            history_limit: 10,
+        })
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.stale() {
+            assert!(Instant::now() < deadline, "a paused projection never went stale");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p.pause(false);
+        caught_up(&log, &p).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.stale() {
+            assert!(
+                Instant::now() < deadline,
+                "the projection stayed stale after catching up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let names: BTreeMap<_, _> = mirror
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| (d.service().1.to_string(), ()))
+            .collect();
+        assert!(names.contains_key("api"), "{names:?}");
+        assert_eq!(p.errors(), 0);
+        log.shutdown().await.unwrap();
+    });
+}

@@ -202,7 +202,7 @@ fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
         };
         t.services.insert(
             key.clone(),
-            Svc {
+            std::sync::Arc::new(Svc {
                 key: key.clone(),
                 vip: Some(Ipv4Addr::from(0x0a60_0002u32 + i as u32)),
                 mode: Mode::RoundRobin,
@@ -223,7 +223,7 @@ fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
                     .collect(),
                 local_ips: vec![ip(0), ip(1)],
                 local_instances: 2,
-            },
+            }),
         );
         ports.insert((key, 80), 20_000 + i as u16);
     }

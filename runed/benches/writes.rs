@@ -129,6 +129,51 @@ async fn bench_etcd(addr: String, clients: usize, seconds: u64, round: usize) ->
     .await
 }
 
+/// Services (runed) or keys (etcd) already there when a run starts.
+const PREFILL: [usize; 2] = [0, 5000];
+
+async fn fill_runed(addr: String, bearer: Bearer, n: usize) {
+    let ch = Channel::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::service_api_client::ServiceApiClient::with_interceptor(ch, bearer);
+    let names: Vec<usize> = (0..n).collect();
+    for chunk in names.chunks(100) {
+        let resources = chunk
+            .iter()
+            .map(|i| pb::Resource {
+                kind: Some(pb::resource::Kind::ServiceJson(spec(&format!("fill-{i}")))),
+            })
+            .collect();
+        client
+            .apply(pb::ApplyRequest {
+                resources,
+                ..Default::default()
+            })
+            .await
+            .expect("fill");
+    }
+}
+
+async fn fill_etcd(addr: String, n: usize) {
+    let chans = Arc::new(channels(addr, 16).await);
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let ch = chans[c].clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (c..n).step_by(16) {
+                let key = format!("/bench/fill-{i}").into_bytes();
+                assert!(common::etcd_put(ch.clone(), key, spec(&format!("fill-{i}")).into_bytes()).await);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("fill");
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run only when benching.
     if !std::env::args().any(|a| a == "--bench") {
@@ -142,44 +187,76 @@ fn main() {
         runed: env!("CARGO_BIN_EXE_runed").into(),
         rune: env!("CARGO_BIN_EXE_rune").into(),
     };
-    let d = Daemon::start(&bins);
-    let etcd = start_etcd();
-    if etcd.is_none() {
-        eprintln!("etcd not found: `apt-get install etcd-server` (or set ETCD) for the side-by-side column");
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    println!("durable writes through the gRPC API, {VALUE_BYTES}-byte values, {seconds} s per run, fsync on");
+    println!(
+        "durable writes through the gRPC API, {VALUE_BYTES}-byte values, {seconds} s per run, fsync on;"
+    );
+    println!("each run on a fresh runed and a fresh etcd holding that many services (keys) already");
     println!();
-    println!("| clients | runed writes/s | runed p50 ms | runed p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | runed/etcd |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
-        let r = rt.block_on(bench_runed(
-            format!("http://{}", d.grpc),
-            d.bearer(),
-            clients,
-            seconds,
-            round,
-        ));
-        let e = etcd
-            .as_ref()
-            .map(|e| rt.block_on(bench_etcd(e.url.clone(), clients, seconds, round)));
-        let (ew, ep50, ep99, ratio) = match &e {
-            Some(e) => (
-                format!("{:.0}", e.writes_per_s),
-                format!("{:.2}", e.p50_ms),
-                format!("{:.2}", e.p99_ms),
-                format!("{:.2}", r.writes_per_s / e.writes_per_s),
-            ),
-            None => ("n/a".into(), "n/a".into(), "n/a".into(), "n/a".into()),
-        };
-        println!(
-            "| {clients} | {:.0} | {:.2} | {:.2} | {ew} | {ep50} | {ep99} | {ratio} |",
-            r.writes_per_s, r.p50_ms, r.p99_ms
-        );
+    println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | runed/etcd |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
+    let mut last = None;
+    for prefill in PREFILL {
+        for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
+            let d = Daemon::start(&bins);
+            let etcd = start_etcd();
+            if etcd.is_none() && round == 0 && prefill == 0 {
+                eprintln!(
+                    "etcd not found: `apt-get install etcd-server` (or set ETCD) for the side-by-side column"
+                );
+            }
+            rt.block_on(fill_runed(format!("http://{}", d.grpc), d.bearer(), prefill));
+            if let Some(e) = &etcd {
+                rt.block_on(fill_etcd(e.url.clone(), prefill));
+            }
+            let r = rt.block_on(bench_runed(
+                format!("http://{}", d.grpc),
+                d.bearer(),
+                clients,
+                seconds,
+                round,
+            ));
+            let e = etcd
+                .as_ref()
+                .map(|e| rt.block_on(bench_etcd(e.url.clone(), clients, seconds, round)));
+            let (ew, ep50, ep99, ratio) = match &e {
+                Some(e) => (
+                    format!("{:.0}", e.writes_per_s),
+                    format!("{:.2}", e.p50_ms),
+                    format!("{:.2}", e.p99_ms),
+                    format!("{:.2}", r.writes_per_s / e.writes_per_s),
+                ),
+                None => ("n/a".into(), "n/a".into(), "n/a".into(), "n/a".into()),
+            };
+            println!(
+                "| {prefill} | {clients} | {:.0} | {:.2} | {:.2} | {ew} | {ep50} | {ep99} | {ratio} |",
+                r.writes_per_s, r.p50_ms, r.p99_ms
+            );
+            runed_rates.push((prefill, clients, r.writes_per_s));
+            last = Some(d);
+        }
     }
+    println!();
+    for clients in [1usize, 16, 64] {
+        let rate = |p: usize| {
+            runed_rates
+                .iter()
+                .find(|(pp, c, _)| *pp == p && *c == clients)
+                .map(|(_, _, r)| *r)
+        };
+        if let (Some(empty), Some(full)) = (rate(PREFILL[0]), rate(PREFILL[1])) {
+            println!(
+                "runed at {clients} client(s): {:.2} of the empty-store rate with {} services there",
+                full / empty,
+                PREFILL[1]
+            );
+        }
+    }
+    let Some(d) = last else { return };
     if let Some((_, body)) = http_get(d.metrics, "/metrics") {
         let get = |name: &str| {
             body.lines()

@@ -89,14 +89,18 @@ pub fn init_logging(s: &Settings) {
     }
 }
 
-/// Test hooks: `POST /debug/failpoints/dns-tail-pause/on|off` and `dataplane-tail-pause/on|off`
-/// stop a projection from applying the log; `dns-data-path-ready/on|off` overrides what the
-/// data plane told the DNS.
+/// What the failpoints reach.
+#[derive(Clone)]
+struct Failpoints {
+    log: Arc<Log>,
+    dns: Arc<rune_dns::Dns>,
+    projections: Vec<Arc<rune_log::projection::Projection>>,
+}
+
+/// Test hooks: `POST /debug/failpoints/<projection>-tail-pause/on|off` (dns, dataplane,
+/// ingress, orchestrator) and `dns-data-path-ready/on|off`. Only with `--enable-failpoints`.
 async fn failpoint(
-    axum::extract::State((dns, dp)): axum::extract::State<(
-        Arc<rune_dns::Dns>,
-        Arc<rune_dataplane::DataPlane>,
-    )>,
+    axum::extract::State(fp): axum::extract::State<Failpoints>,
     axum::extract::Path((name, state)): axum::extract::Path<(String, String)>,
 ) -> (StatusCode, String) {
     let on = match state.as_str() {
@@ -109,14 +113,34 @@ async fn failpoint(
             )
         }
     };
-    match name.as_str() {
-        "dns-tail-pause" => dns.pause_tail(on),
-        "dns-data-path-ready" => dns.set_data_path_ready(on),
-        "dataplane-tail-pause" => dp.pause_tail(on),
-        other => return (StatusCode::NOT_FOUND, format!("no failpoint {other}\n")),
+    if name == "dns-data-path-ready" {
+        fp.dns.set_data_path_ready(on);
+    } else if let Some(p) = name
+        .strip_suffix("-tail-pause")
+        .and_then(|n| fp.projections.iter().find(|p| p.name() == n))
+    {
+        p.pause(on);
+    } else {
+        return (StatusCode::NOT_FOUND, format!("no failpoint {name}\n"));
     }
     tracing::warn!(failpoint = %name, on, "failpoint set");
     (StatusCode::OK, format!("{name} {state}\n"))
+}
+
+/// Test hook: `POST /debug/failpoints/corrupt-service/<ns>/<name>` makes that service's stored
+/// record unreadable, as damage at rest would, and has the projections read the state again.
+async fn corrupt_service(
+    axum::extract::State(fp): axum::extract::State<Failpoints>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+) -> (StatusCode, String) {
+    let key = rune_statemachine::store::service_key(&ns, &name);
+    match fp.log.corrupt_record_for_tests(&key) {
+        Ok(()) => {
+            tracing::warn!(failpoint = "corrupt-service", %key, "failpoint set: record corrupted");
+            (StatusCode::OK, format!("{key} corrupted\n"))
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -223,6 +247,7 @@ async fn start_ingress(
             log: log.clone(),
             secrets: secrets.clone(),
         }),
+        stale_budget: s.stale_budget,
     };
     rune_ingress::Ingress::start(log.clone(), cfg)
         .await
@@ -232,7 +257,7 @@ async fn start_ingress(
         )
 }
 
-fn start_orchestrator(
+async fn start_orchestrator(
     s: &Settings,
     log: &Arc<Log>,
     secrets: &Arc<crate::secrets_api::Secrets>,
@@ -253,7 +278,7 @@ fn start_orchestrator(
             exe
         }
     });
-    rune_orchestrator::Orchestrator::start(log.clone(), c)
+    rune_orchestrator::Orchestrator::start(log.clone(), c, s.stale_budget).await
 }
 
 /// Containers reach the DNS on their network's gateway, once the network exists; in dev mode
@@ -396,17 +421,25 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if let Some(ing) = &ingress {
         crate::metrics::ingress(&provider, ing);
     }
-    crate::metrics::dataplane(&provider, &dns, &dataplane);
+    crate::metrics::dataplane(&provider, &dataplane);
 
     systemd::status("starting the orchestrator");
-    let orchestrator = start_orchestrator(&s, &log, &secrets, &cluster_id(&log)?);
+    let orchestrator = start_orchestrator(&s, &log, &secrets, &cluster_id(&log)?).await;
     serve_containers(&dns, &dataplane, &orchestrator);
+    let projections: Vec<Arc<rune_log::projection::Projection>> = [
+        Some(dns.projection().clone()),
+        dataplane.projection().cloned(),
+        ingress.as_ref().map(|i| i.projection().clone()),
+        orchestrator.projection().cloned(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    crate::metrics::projections(&provider, &projections, &orchestrator);
     let health = Arc::new(Health::new(
         log.clone(),
         orchestrator.clone(),
-        dns.clone(),
-        dataplane.clone(),
-        ingress.clone(),
+        projections.clone(),
         s.stale_budget,
     ));
     let api = Api {
@@ -425,10 +458,18 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     let failpoints = s.enable_failpoints.then(|| {
         tracing::warn!("failpoints are enabled: /debug/failpoints/* can break this runed on purpose");
-        axum::Router::new().route(
-            "/debug/failpoints/{name}/{state}",
-            axum::routing::post(failpoint).with_state((dns.clone(), dataplane.clone())),
-        )
+        let fp = Failpoints {
+            log: log.clone(),
+            dns: dns.clone(),
+            projections: projections.clone(),
+        };
+        axum::Router::new()
+            .route("/debug/failpoints/{name}/{state}", axum::routing::post(failpoint))
+            .route(
+                "/debug/failpoints/corrupt-service/{ns}/{name}",
+                axum::routing::post(corrupt_service),
+            )
+            .with_state(fp)
     });
     let auth = crate::auth::Authenticator::new(log.clone());
     let mut servers = Servers::start(

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rune_log::projection::Projection;
 use rune_log::Log;
 
 /// How long the log may hold written but unapplied entries without applying any of them.
@@ -34,9 +35,8 @@ pub struct Component {
 pub struct Health {
     log: Arc<Log>,
     orchestrator: Arc<rune_orchestrator::Orchestrator>,
-    dns: Arc<rune_dns::Dns>,
-    dataplane: Arc<rune_dataplane::DataPlane>,
-    ingress: Option<Arc<rune_ingress::Ingress>>,
+    /// The DNS, the data plane, the ingress (edge nodes) and the orchestrator's picture.
+    projections: Vec<Arc<Projection>>,
     stale_budget: Duration,
     shutting_down: AtomicBool,
     /// The applied index last seen, and when it last moved (or the log was caught up).
@@ -48,17 +48,13 @@ impl Health {
     pub fn new(
         log: Arc<Log>,
         orchestrator: Arc<rune_orchestrator::Orchestrator>,
-        dns: Arc<rune_dns::Dns>,
-        dataplane: Arc<rune_dataplane::DataPlane>,
-        ingress: Option<Arc<rune_ingress::Ingress>>,
+        projections: Vec<Arc<Projection>>,
         stale_budget: Duration,
     ) -> Self {
         Self {
             log,
             orchestrator,
-            dns,
-            dataplane,
-            ingress,
+            projections,
             stale_budget,
             shutting_down: AtomicBool::new(false),
             progress: Mutex::new((0, Instant::now())),
@@ -105,7 +101,9 @@ impl Health {
         }
     }
 
-    fn orchestrator_component(&self) -> Component {
+    /// The watchdog asks without the picture (`with_picture` false): a restart does not make
+    /// an unreadable state readable.
+    fn orchestrator_component(&self, with_picture: bool) -> Component {
         let d = self.orchestrator.since_reconcile();
         let (ok, detail) = if d > RECONCILE_BUDGET {
             (
@@ -117,7 +115,29 @@ impl Health {
                 ),
             )
         } else {
-            (true, format!("reconciled {:.1} s ago", d.as_secs_f64()))
+            match self.orchestrator.projection() {
+                // Reconciling, but from a picture of the state that stopped following the log
+                // (an unreadable record, say): it starts and stops nothing it should.
+                Some(p) if with_picture && p.stale() => (
+                    false,
+                    format!(
+                        "its picture of the state is {:.0} s behind the log (applied {}; {} read errors)",
+                        p.stale_seconds(),
+                        p.applied_index(),
+                        p.errors()
+                    ),
+                ),
+                Some(p) => (
+                    true,
+                    format!(
+                        "reconciled {:.1} s ago, applied {}, queue {}",
+                        d.as_secs_f64(),
+                        p.applied_index(),
+                        self.orchestrator.stats().queue_depth
+                    ),
+                ),
+                None => (true, format!("reconciled {:.1} s ago", d.as_secs_f64())),
+            }
         };
         Component {
             name: "orchestrator",
@@ -126,8 +146,9 @@ impl Health {
         }
     }
 
-    fn projection(&self, name: &'static str, applied: u64, stale_seconds: f64) -> Component {
-        let ok = stale_seconds <= self.stale_budget.as_secs_f64();
+    fn projection(&self, p: &Projection) -> Component {
+        let (name, applied, stale_seconds) = (p.name(), p.applied_index(), p.stale_seconds());
+        let ok = !p.stale();
         let detail = if ok {
             format!("applied {applied}, lag {stale_seconds:.1} s")
         } else {
@@ -141,20 +162,14 @@ impl Health {
 
     /// Every component, in a fixed order.
     pub fn components(&self) -> Vec<Component> {
-        let mut v = vec![
-            self.log_component(),
-            self.orchestrator_component(),
-            self.projection("dns", self.dns.applied_index(), self.dns.stale_seconds()),
-            self.projection(
-                "dataplane",
-                self.dataplane.applied_index(),
-                self.dataplane.stale_seconds(),
-            ),
-        ];
-        if let Some(i) = &self.ingress {
-            let (applied, stale) = i.lag();
-            v.push(self.projection("ingress", applied, stale));
-        }
+        let mut v = vec![self.log_component(), self.orchestrator_component(true)];
+        // The orchestrator's picture is part of its own line above.
+        v.extend(
+            self.projections
+                .iter()
+                .filter(|p| p.name() != "orchestrator")
+                .map(|p| self.projection(p)),
+        );
         v
     }
 
@@ -180,7 +195,7 @@ impl Health {
 
     /// Whether the loops a wedged process would stop still make progress: the watchdog's test.
     pub fn alive(&self) -> Result<(), String> {
-        for c in [self.log_component(), self.orchestrator_component()] {
+        for c in [self.log_component(), self.orchestrator_component(false)] {
             if !c.ok {
                 return Err(format!("{} {}", c.name, c.detail));
             }

@@ -73,10 +73,9 @@ pub fn log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: 
         .build();
 }
 
-/// The data plane's and the projections' gauges and counters, read at scrape time.
+/// The data plane's gauges and counters, read at scrape time.
 pub fn dataplane(
     provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
-    dns: &Arc<rune_dns::Dns>,
     dp: &Arc<rune_dataplane::DataPlane>,
 ) {
     use opentelemetry::KeyValue;
@@ -87,21 +86,6 @@ pub fn dataplane(
             KeyValue::new("service", k.name.clone()),
         ]
     };
-    {
-        let (dns, dp) = (Arc::downgrade(dns), Arc::downgrade(dp));
-        meter
-            .f64_observable_gauge("rune_dataplane_stale_seconds")
-            .with_description("How long a projection (dns, dataplane) has lagged the applied log; past the stale budget it fails closed")
-            .with_callback(move |o| {
-                if let Some(d) = dns.upgrade() {
-                    o.observe(d.stale_seconds(), &[KeyValue::new("projection", "dns")]);
-                }
-                if let Some(d) = dp.upgrade() {
-                    o.observe(d.stale_seconds(), &[KeyValue::new("projection", "dataplane")]);
-                }
-            })
-            .build();
-    }
     let weak = Arc::downgrade(dp);
     meter
         .u64_observable_counter("rune_policy_drops")
@@ -334,5 +318,79 @@ pub fn ingress(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, ing: &Ar
                 }
             }
         })
+        .build();
+}
+
+/// How each projection follows the log, and the orchestrator's work queue.
+pub fn projections(
+    provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
+    projections: &[Arc<rune_log::projection::Projection>],
+    orchestrator: &Arc<rune_orchestrator::Orchestrator>,
+) {
+    use opentelemetry::KeyValue;
+    let meter = provider.meter("rune");
+    let weak: Vec<_> = projections.iter().map(Arc::downgrade).collect();
+    let each = move |f: fn(&rune_log::projection::Projection) -> f64| {
+        let weak = weak.clone();
+        move |o: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
+            for p in weak.iter().filter_map(std::sync::Weak::upgrade) {
+                o.observe(f(&p), &[KeyValue::new("projection", p.name())]);
+            }
+        }
+    };
+    // The name predates the other projections; it is kept so alerts on it keep working.
+    meter
+        .f64_observable_gauge("rune_dataplane_stale_seconds")
+        .with_description("How long a projection (dns, dataplane, ingress, orchestrator) has lagged the applied log; past the stale budget it fails closed")
+        .with_callback(each(|p| p.stale_seconds()))
+        .build();
+    meter
+        .f64_observable_gauge("rune_projection_applied_index")
+        .with_description("The last log index a projection's view reflects")
+        .with_callback(each(|p| p.applied_index() as f64))
+        .build();
+    meter
+        .f64_observable_counter("rune_projection_rebuilds")
+        .with_description("Full rebuilds of a projection from the state (the first build included)")
+        .with_callback(each(|p| p.rebuilds() as f64))
+        .build();
+    meter
+        .f64_observable_counter("rune_projection_errors")
+        .with_description("Failed reads, rebuilds and applies of a projection (an unreadable record, say)")
+        .with_callback(each(|p| p.errors() as f64))
+        .build();
+    meter
+        .f64_observable_counter("rune_projection_deltas")
+        .with_description("Typed changes a projection applied entry by entry")
+        .with_callback(each(|p| p.applied_deltas() as f64))
+        .build();
+    let o = Arc::downgrade(orchestrator);
+    let stat = move |f: fn(rune_orchestrator::LoopStats) -> f64| {
+        let o = o.clone();
+        move |obs: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
+            if let Some(o) = o.upgrade() {
+                obs.observe(f(o.stats()), &[]);
+            }
+        }
+    };
+    meter
+        .f64_observable_gauge("rune_orchestrator_queue_depth")
+        .with_description("Services waiting to be reconciled")
+        .with_callback(stat(|s| s.queue_depth as f64))
+        .build();
+    meter
+        .f64_observable_counter("rune_orchestrator_reconciles")
+        .with_description("Services reconciled")
+        .with_callback(stat(|s| s.reconciles as f64))
+        .build();
+    meter
+        .f64_observable_counter("rune_orchestrator_reconcile_seconds")
+        .with_description("Time spent reconciling services")
+        .with_callback(stat(|s| s.reconcile_seconds))
+        .build();
+    meter
+        .f64_observable_gauge("rune_orchestrator_last_pass_seconds")
+        .with_description("How long the last reconcile pass took")
+        .with_callback(stat(|s| s.last_pass_seconds))
         .build();
 }

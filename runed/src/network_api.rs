@@ -20,7 +20,6 @@ fn dp_status(e: rune_dataplane::DpError) -> Status {
         E::NoService(_) => Status::not_found(e.to_string()),
         E::NoPort(..) => Status::invalid_argument(e.to_string()),
         E::NoEndpoint(..) => Status::failed_precondition(e.to_string()),
-        E::State(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -34,11 +33,12 @@ impl pb::network_api_server::NetworkApi for Api {
         crate::auth::authorize(&req, "services", "list", (!ns.is_empty()).then_some(ns.as_str()))?;
         // The routes as the state has them; what is served, from this node's ingress.
         let routes = {
-            let txn = self.log.read().map_err(crate::api::internal)?;
-            let t = txn
-                .open_table(rune_statemachine::STATE_TABLE)
-                .map_err(crate::api::internal)?;
-            rune_ingress::routes::Routes::build(&t).map_err(crate::api::internal)?
+            let (_, state) = rune_log::projection::read_state(&self.log).map_err(crate::api::internal)?;
+            let mut exposed = rune_ingress::routes::Exposed::default();
+            for d in &state {
+                exposed.apply(d);
+            }
+            exposed.routes()
         };
         let states = self
             .ingress
@@ -145,8 +145,8 @@ impl pb::network_api_server::NetworkApi for Api {
         Ok(Response::new(pb::NetworkStatusResponse {
             kernel_enforcing: k.enforcing,
             kernel: k.detail,
-            applied_index: self.dataplane.applied_index(),
-            stale_seconds: self.dataplane.stale_seconds(),
+            applied_index: self.dataplane.projection().map_or(0, |p| p.applied_index()),
+            stale_seconds: self.dataplane.projection().map_or(0.0, |p| p.stale_seconds()),
             proxy_listeners: u32::try_from(listeners).unwrap_or(u32::MAX),
             last_program_ms: k.last_program.as_secs_f64() * 1000.0,
         }))

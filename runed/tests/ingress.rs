@@ -190,3 +190,60 @@ fn routes_by_host_over_http_and_https() {
         "{metrics}"
     );
 }
+
+/// The ingress is a projection like the others: while its routes lag the log past the stale
+/// budget, requests get 503 with the reason; once it catches up, they are routed again.
+#[test]
+fn stale_routes_fail_closed_and_recover() {
+    let (back, _) = backend();
+    let mut d = Daemon::new(&bins());
+    d.extra = vec![
+        "--dev-mode".into(),
+        "--enable-failpoints".into(),
+        "--stale-budget".into(),
+        "1s".into(),
+    ];
+    d.restart();
+    let (http, _) = d.ingress;
+    let f = write(
+        &d,
+        "web.yaml",
+        &format!(
+            "service:\n  name: web\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n  expose:\n    port: http\n    host: web.test\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let url = format!("http://{http}/");
+    let get = || curl(&["-H", "Host: web.test", "-w", " %{http_code}", &url]).0;
+    wait_until(LONG, "the ingress to route web.test", || {
+        get() == "hello-web\n 200"
+    });
+    let fp = |state: &str| {
+        let o = Command::new("curl")
+            .args(["-sf", "-X", "POST"])
+            .arg(format!(
+                "http://{}/debug/failpoints/ingress-tail-pause/{state}",
+                d.http
+            ))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "failpoint {state}");
+    };
+    fp("on");
+    let other = write(
+        &d,
+        "other.yaml",
+        "service:\n  name: other\n  image: x\n  scale: 0\n",
+    );
+    run_ok(&d, &["cast", "--detach", &other]);
+    wait_until(LONG, "requests to be refused while the routes are stale", || {
+        get() == "the ingress's routes are behind the state; try again shortly\n 503"
+    });
+    let (_, verbose) = rune_chaos_tests::http_get(d.http, "/healthz?verbose").unwrap();
+    assert!(verbose.contains("[-]ingress"), "{verbose}");
+    fp("off");
+    wait_until(LONG, "the ingress to catch up and route again", || {
+        get() == "hello-web\n 200"
+    });
+}

@@ -958,3 +958,65 @@ fn two_runeds_on_one_engine_never_touch_each_others_containers() {
     run_ok(&b, &["delete", "service", "same"]);
     wait_until(LONG, "b's network to be removed", || networks().is_empty());
 }
+
+/// A metric's value (the first series whose line starts with `series`).
+fn metric(d: &Daemon, series: &str) -> f64 {
+    http_get(d.metrics, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(series))
+                .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A service record that cannot be read (damage at rest, injected through a failpoint) stops
+/// nothing: the orchestrator keeps its last picture and goes on reconciling, the error names
+/// the key and is counted, and health says the picture is behind.
+#[test]
+fn an_unreadable_service_record_stops_nothing() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--enable-failpoints".into(), "--stale-budget".into(), "1s".into()];
+    d.restart();
+    let f = write(
+        &d,
+        "keep.yaml",
+        "service:\n  name: keep\n  scale: 1\n  process:\n    command: sleep\n    args: [\"100000\"]\n",
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    wait_until(LONG, "keep to run", || all_ready(&d, "keep", 1));
+    let pid = instances(&d, "keep")[0]["runtimeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = Command::new("curl")
+        .args(["-sf", "-X", "POST"])
+        .arg(format!(
+            "http://{}/debug/failpoints/corrupt-service/default/keep",
+            d.http
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let errors = "rune_projection_errors_total{projection=\"orchestrator\"}";
+    wait_until(LONG, "the unreadable record to be counted", || {
+        metric(&d, errors) >= 1.0
+    });
+    // Reconcile passes go on over the last good picture, and leave the instance alone.
+    let passes = "rune_orchestrator_reconciles_total";
+    let before = metric(&d, passes);
+    wait_until(LONG, "reconcile passes after the damage", || {
+        metric(&d, passes) >= before + 3.0
+    });
+    assert!(pid_alive(&pid), "the instance was stopped");
+    assert!(
+        d.logs().contains("services/default/keep"),
+        "the error names the key:\n{}",
+        d.logs()
+    );
+    wait_until(LONG, "health to say the picture is behind", || {
+        http_get(d.http, "/healthz?verbose")
+            .is_some_and(|(_, b)| b.contains("[-]orchestrator") && b.contains("read errors"))
+    });
+    assert!(pid_alive(&pid), "the instance was stopped");
+}

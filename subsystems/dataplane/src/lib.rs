@@ -1,11 +1,11 @@
 //! The data plane: traffic to `VIP:port` reaches a ready endpoint of the service, and network
 //! policy decides who may connect to whom.
 //!
-//! It is a projection of the applied log, like the DNS: it builds a [`table::Table`] from the
-//! state, tails the applied entries and rebuilds on every change of services, instances,
-//! endpoints or VIPs (entries that arrive together are coalesced into one rebuild), and swaps
-//! the table atomically. It fails closed: past the stale budget new connections through the
-//! proxy are reset (an operator's port-forward is not refused).
+//! It is a projection of the applied log ([`rune_log::projection`]), like the DNS: a
+//! [`table::Table`] built from the state and changed by each delta after it; only the services
+//! a batch of entries touched get their listeners opened or closed. It fails closed: past the
+//! stale budget new connections through the proxy are reset (an operator's port-forward is not
+//! refused).
 //!
 //! Two halves share one decision ([`policy::decide`]):
 //! - the user-space proxy ([`proxy`]), one listener per service port on a stable local port
@@ -22,15 +22,16 @@ pub mod ports;
 pub mod proxy;
 pub mod table;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
-use rune_statemachine::{Kind, STATE_TABLE};
+use rune_statemachine::delta::Delta;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -63,9 +64,6 @@ pub struct DataPlaneConfig {
 /// Failures of the data plane's operations.
 #[derive(Debug, thiserror::Error)]
 pub enum DpError {
-    /// The state could not be read.
-    #[error("cannot read the state for the data plane: {0}")]
-    State(String),
     /// No such service.
     #[error("service {0} not found")]
     NoService(String),
@@ -209,10 +207,8 @@ struct ContainerSide {
 /// The running data plane.
 pub struct DataPlane {
     cfg: DataPlaneConfig,
-    log: Arc<Log>,
     table: RwLock<Arc<Table>>,
-    lag: rune_log::lag::Lag,
-    paused: AtomicBool,
+    projection: OnceLock<Arc<Projection>>,
     book: Mutex<PortBook>,
     listeners: Mutex<HashMap<(SvcKey, u16), Listener>>,
     /// Dev mode: where containers reach services (their network's gateway), and the listeners
@@ -275,10 +271,8 @@ impl DataPlane {
             "off (dev mode or networking.nftables: off); policy is enforced in the proxy only".to_string()
         };
         let dp = Arc::new(DataPlane {
-            log: log.clone(),
-            table: RwLock::new(Arc::new(Table::default())),
-            lag: rune_log::lag::Lag::new(),
-            paused: AtomicBool::new(false),
+            table: RwLock::new(Arc::new(Table::new(&cfg.node))),
+            projection: OnceLock::new(),
             book: Mutex::new(book),
             listeners: Mutex::new(HashMap::new()),
             containers: Mutex::new(ContainerSide::default()),
@@ -299,11 +293,9 @@ impl DataPlane {
             stats: Stats::default(),
             cfg,
         });
-        // Subscribe first, so nothing applied while building is missed.
-        let rx = log.subscribe();
-        dp.rebuild().await?;
-        tokio::spawn(tail(dp.clone(), rx));
-        dp.lag.watch(log.clone());
+        let view = Arc::new(DpView(Arc::downgrade(&dp)));
+        let projection = Projection::start(log, "dataplane", view, dp.cfg.stale_budget).await;
+        let _ = dp.projection.set(projection);
         if dp.cfg.kernel {
             tokio::spawn(read_counters(Arc::downgrade(&dp)));
         }
@@ -327,23 +319,14 @@ impl DataPlane {
             })
     }
 
-    /// Failpoint: stops applying the log, to exercise the stale budget.
-    pub fn pause_tail(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
+    /// The view's projection: lag, counters and the pause failpoint.
+    pub fn projection(&self) -> Option<&Arc<Projection>> {
+        self.projection.get()
     }
 
-    /// How long the view has lagged the log (0 when caught up).
-    pub fn stale_seconds(&self) -> f64 {
-        self.lag.stale_seconds()
-    }
-
-    /// The last log index applied to the view.
-    pub fn applied_index(&self) -> u64 {
-        self.lag.applied()
-    }
-
+    /// Behind the log past the stale budget (or not started): new connections are refused.
     fn stale(&self) -> bool {
-        self.lag.stale(self.cfg.stale_budget)
+        self.projection.get().is_none_or(|p| p.stale())
     }
 
     /// The proxy address of each served port of a service: (service port, listen address).
@@ -492,7 +475,7 @@ impl DataPlane {
             .find(|(n, p)| n == port || p.to_string() == port)
             .map(|(_, p)| p)
             .ok_or_else(|| DpError::NoPort(key.to_string(), port.to_string()))?;
-        let mut forced = svc.clone();
+        let mut forced = (**svc).clone();
         if forced.mode == table::Mode::None {
             forced.mode = table::Mode::RoundRobin;
         }
@@ -512,26 +495,14 @@ impl DataPlane {
         OpenGuard { dp: self, ep, track }
     }
 
-    async fn rebuild(self: &Arc<Self>) -> Result<(), DpError> {
-        let index = *self.log.applied().borrow();
-        let table = {
-            let txn = self.log.read().map_err(|e| DpError::State(e.to_string()))?;
-            let t = txn
-                .open_table(STATE_TABLE)
-                .map_err(|e| DpError::State(e.to_string()))?;
-            Table::build(&t, &self.cfg.node).map_err(|e| DpError::State(e.to_string()))?
-        };
-        let table = Arc::new(table);
-        let ports = self.sync_listeners(&table).await;
-        self.sync_container_listeners(&table).await;
-        if let Ok(mut t) = self.table.write() {
-            *t = table.clone();
-        }
+    /// Puts a changed view in place: the listeners of the services in `changed` (all when
+    /// `None`) follow it, then the kernel.
+    async fn install(self: &Arc<Self>, table: Arc<Table>, changed: Option<&BTreeSet<SvcKey>>) {
+        self.sync_listeners(&table, changed).await;
+        self.sync_container_listeners(&table, changed).await;
         if self.cfg.kernel {
-            self.program(&table, &ports).await;
+            self.program(&table).await;
         }
-        self.lag.advance(index);
-        Ok(())
     }
 
     /// Dev mode: containers reach services on their network's gateway, at each service's own
@@ -552,13 +523,26 @@ impl DataPlane {
             c.at = Some(gateway);
         }
         let t = self.table();
-        self.sync_container_listeners(&t).await;
+        self.sync_container_listeners(&t, None).await;
     }
 
-    async fn sync_container_listeners(self: &Arc<Self>, t: &Table) {
+    async fn sync_container_listeners(self: &Arc<Self>, t: &Table, changed: Option<&BTreeSet<SvcKey>>) {
         let Some(at) = self.containers.lock().ok().and_then(|c| c.at) else {
             return;
         };
+        // Ports are shared among services, so a change to one may free a port for another:
+        // recompute unless nothing changed serves or held a port here.
+        let irrelevant = |side: &ContainerSide| {
+            changed.is_some_and(|c| {
+                c.iter().all(|k| {
+                    t.services.get(k).is_none_or(|s| s.tcp_ports().is_empty())
+                        && !side.listeners.values().any(|(held, _)| held == k)
+                })
+            })
+        };
+        if self.containers.lock().is_ok_and(|side| irrelevant(&side)) {
+            return;
+        }
         let wanted: HashMap<u16, SvcKey> = {
             let mut w = HashMap::new();
             for s in t.services.values().filter(|s| s.mode != table::Mode::None) {
@@ -618,40 +602,44 @@ impl DataPlane {
         }
     }
 
-    /// Opens a listener for every served service port and closes the rest (connections
-    /// already accepted live on: they are their own tasks).
-    async fn sync_listeners(self: &Arc<Self>, t: &Table) -> BTreeMap<(SvcKey, u16), u16> {
-        let wanted: Vec<(SvcKey, u16)> = t
-            .services
-            .values()
+    /// Opens a listener for every served port of the services in `changed` (all when `None`)
+    /// and closes those they no longer serve (connections already accepted live on: they are
+    /// their own tasks).
+    async fn sync_listeners(self: &Arc<Self>, t: &Table, changed: Option<&BTreeSet<SvcKey>>) {
+        let touched = |k: &SvcKey| changed.is_none_or(|c| c.contains(k));
+        let services: Vec<&Arc<table::Svc>> = match changed {
+            None => t.services.values().collect(),
+            Some(c) => c.iter().filter_map(|k| t.services.get(k)).collect(),
+        };
+        let wanted: Vec<(SvcKey, u16)> = services
+            .into_iter()
             .filter(|s| s.mode != table::Mode::None)
             .flat_map(|s| s.tcp_ports().into_iter().map(|(_, p)| (s.key.clone(), p)))
             .collect();
-        let keep: HashSet<String> = wanted.iter().map(|(k, p)| book_key(&k.ns, &k.name, *p)).collect();
-        let mut bound = BTreeMap::new();
-        let mut changed = false;
+        let keep: HashSet<(SvcKey, u16)> = wanted.iter().cloned().collect();
+        let mut forgotten = Vec::new();
+        let mut missing = Vec::new();
         {
             let Ok(mut ls) = self.listeners.lock() else {
-                return bound;
+                return;
             };
             ls.retain(|(k, p), l| {
-                let ok = keep.contains(&book_key(&k.ns, &k.name, *p));
+                let ok = !touched(k) || keep.contains(&(k.clone(), *p));
                 if !ok {
                     l.task.abort();
+                    forgotten.push(book_key(&k.ns, &k.name, *p));
                     tracing::info!(service = %k, port = p, proxy_port = l.port, "proxy listener closed");
                 }
                 ok
             });
-            for (k, p) in &wanted {
-                if let Some(l) = ls.get(&(k.clone(), *p)) {
-                    bound.insert((k.clone(), *p), l.port);
+            for (k, p) in wanted {
+                if !ls.contains_key(&(k.clone(), p)) {
+                    missing.push((k, p));
                 }
             }
         }
-        for (k, p) in wanted {
-            if bound.contains_key(&(k.clone(), p)) {
-                continue;
-            }
+        let mut changed_book = !forgotten.is_empty();
+        for (k, p) in missing {
             let bk = book_key(&k.ns, &k.name, p);
             let mut taken = Vec::new();
             loop {
@@ -659,7 +647,7 @@ impl DataPlane {
                     tracing::error!(service = %k, port = p, "no free proxy port left in the range");
                     break;
                 };
-                changed = true;
+                changed_book = true;
                 match TcpListener::bind(SocketAddr::new(self.cfg.listen, pp)).await {
                     Ok(l) => {
                         tracing::info!(service = %k, port = p, proxy = %SocketAddr::new(self.cfg.listen, pp), "proxy listening");
@@ -667,7 +655,6 @@ impl DataPlane {
                         if let Ok(mut ls) = self.listeners.lock() {
                             ls.insert((k.clone(), p), Listener { port: pp, task });
                         }
-                        bound.insert((k.clone(), p), pp);
                         break;
                     }
                     Err(e) => {
@@ -678,19 +665,35 @@ impl DataPlane {
             }
         }
         if let Ok(mut b) = self.book.lock() {
-            let before = b.len();
-            b.retain(&keep);
-            if changed || b.len() != before {
+            if changed.is_none() {
+                // A full view: anything the book holds beyond it is from services long gone.
+                let keep: HashSet<String> = keep.iter().map(|(k, p)| book_key(&k.ns, &k.name, *p)).collect();
+                let before = b.len();
+                b.retain(&keep);
+                changed_book |= b.len() != before;
+            }
+            for k in &forgotten {
+                b.remove(k);
+            }
+            if changed_book {
                 if let Err(e) = b.save() {
                     tracing::warn!(error = %e, "cannot save the proxy port book; ports may change at restart");
                 }
             }
         }
-        bound
     }
 
-    async fn program(&self, t: &Table, ports: &BTreeMap<(SvcKey, u16), u16>) {
-        let (text, counters) = nft::render(&self.cfg.nft_table, t, ports, self.cfg.port_range);
+    /// Each served service port's proxy port, for the kernel's redirects.
+    fn proxy_port_map(&self) -> BTreeMap<(SvcKey, u16), u16> {
+        self.listeners
+            .lock()
+            .map(|ls| ls.iter().map(|(k, l)| (k.clone(), l.port)).collect())
+            .unwrap_or_default()
+    }
+
+    async fn program(&self, t: &Table) {
+        let ports = self.proxy_port_map();
+        let (text, counters) = nft::render(&self.cfg.nft_table, t, &ports, self.cfg.port_range);
         let unchanged = self
             .kernel
             .lock()
@@ -766,57 +769,48 @@ pub fn parse_service(ns: &str, s: &str) -> SvcKey {
     }
 }
 
-/// Whether an applied change can alter the view.
-fn relevant(k: Kind) -> bool {
-    matches!(
-        k,
-        Kind::Service | Kind::Instance | Kind::Endpoints | Kind::Vip | Kind::Namespace
-    )
+/// The data plane as its projection sees it; weak, so the projection does not keep a stopped
+/// data plane alive.
+struct DpView(Weak<DataPlane>);
+
+impl DpView {
+    fn dp(&self) -> Result<Arc<DataPlane>, ProjectionError> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| ProjectionError::View("the data plane is gone".into()))
+    }
 }
 
-async fn tail(dp: Arc<DataPlane>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_log::AppliedEntry>>) {
-    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-    loop {
-        let mut dirty = false;
-        let mut last = 0;
-        match rx.recv().await {
-            Ok(e) => {
-                dirty |= e.changes.iter().any(|c| relevant(c.kind));
-                last = e.index;
+impl View for DpView {
+    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
+        let dp = self.dp()?;
+        let table = Arc::new(Table::build(&dp.cfg.node, &state));
+        *dp.table
+            .write()
+            .map_err(|e| ProjectionError::View(e.to_string()))? = table.clone();
+        dp.install(table, None).await;
+        Ok(())
+    }
+
+    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
+        let dp = self.dp()?;
+        let mut changed = BTreeSet::new();
+        let table = {
+            let mut guard = dp
+                .table
+                .write()
+                .map_err(|e| ProjectionError::View(e.to_string()))?;
+            // Copies only if a reader holds the current view: then it keeps the one it has.
+            let t = Arc::make_mut(&mut guard);
+            for d in deltas {
+                changed.extend(t.apply(d));
             }
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "data plane fell behind the log; rebuilding from the state"
-                );
-                dirty = true;
-            }
-            Err(RecvError::Closed) => return,
+            guard.clone()
+        };
+        if !changed.is_empty() {
+            dp.install(table, Some(&changed)).await;
         }
-        // Coalesce what is already waiting into one rebuild.
-        loop {
-            match rx.try_recv() {
-                Ok(e) => {
-                    dirty |= e.changes.iter().any(|c| relevant(c.kind));
-                    last = last.max(e.index);
-                }
-                Err(TryRecvError::Lagged(_)) => dirty = true,
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Closed) => return,
-            }
-        }
-        while dp.paused.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if dirty {
-            // Until a rebuild succeeds the view is behind: nothing is marked applied, so the
-            // stale budget applies, and the rebuild is retried even if the log goes quiet.
-            while let Err(e) = dp.rebuild().await {
-                tracing::error!(error = %e, "data plane rebuild failed; keeping the previous view, retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        dp.lag.advance(last);
+        Ok(())
     }
 }
 

@@ -64,6 +64,11 @@ impl PortBook {
         self.ports.is_empty()
     }
 
+    /// Forgets one key's port; returns whether it had one.
+    pub fn remove(&mut self, key: &str) -> bool {
+        self.ports.remove(key).is_some()
+    }
+
     /// Forgets keys not in `keep`.
     pub fn retain(&mut self, keep: &std::collections::HashSet<String>) {
         self.ports.retain(|k, _| keep.contains(k));

@@ -1,16 +1,17 @@
 //! The data plane's view of the state: services with their VIPs, ports, balancing mode, compiled
 //! policy and ready endpoints, and the instances of this node by address and process group, so
-//! that a connection's source can be named. Rebuilt whole from a read of the state.
+//! that a connection's source can be named. Built from the state's deltas and changed by each
+//! later one, a service at a time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
-use redb::ReadableTable;
-use rune_statemachine::instance::{instances_prefix, InstanceRecord, Phase};
-use rune_statemachine::network::{endpoints_prefix, EndpointSet};
+use rune_statemachine::delta::Delta;
+use rune_statemachine::instance::{InstanceRecord, Phase};
+use rune_statemachine::network::EndpointSet;
 use rune_statemachine::spec::PortSpec;
-use rune_statemachine::store::{list_records, services_prefix, ServiceRecord};
-use rune_statemachine::StoreError;
+use rune_statemachine::store::ServiceRecord;
 
 use crate::policy::{compile, Compiled, SvcKey};
 
@@ -90,85 +91,221 @@ impl Svc {
     }
 }
 
-/// The whole view, swapped atomically when the state changes.
+/// One of this node's running instances, as far as naming a connection's source needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Local {
+    /// A container's address (not the host's).
+    ip: Option<IpAddr>,
+    /// A process instance's process group.
+    pgid: Option<i32>,
+}
+
+/// The whole view. The projection changes it in place, one service at a time; readers take an
+/// `Arc` of it, and a change made while one is held copies the map of `Arc<Svc>`s, not the
+/// services.
 #[derive(Debug, Clone, Default)]
 pub struct Table {
     /// Every service.
-    pub services: BTreeMap<SvcKey, Svc>,
+    pub services: BTreeMap<SvcKey, Arc<Svc>>,
     /// Local instance addresses (not the host's) → their service.
     pub by_ip: HashMap<IpAddr, SvcKey>,
     /// Local process instances' process groups → their service.
     pub by_pgid: HashMap<i32, SvcKey>,
     /// Whether any service has an egress policy (then every source must be named).
     pub any_egress: bool,
+    node: String,
+    /// Ready endpoints by service, kept apart from `services` since they may arrive first.
+    endpoints: HashMap<SvcKey, Vec<Ep>>,
+    /// This node's running instances by service and id.
+    locals: HashMap<SvcKey, BTreeMap<String, Local>>,
+    /// Services with an egress policy.
+    egress: usize,
+    /// Every local instance holding an address or process group: a stale record may name one
+    /// a live instance holds too, and removing it must not unname the live one.
+    ip_owners: HashMap<IpAddr, BTreeSet<(SvcKey, String)>>,
+    pgid_owners: HashMap<i32, BTreeSet<(SvcKey, String)>>,
+}
+
+/// Adds or removes `who` as an owner of `k`, and points `by[k]` at the last owner (the one a
+/// build in key order would leave), or nowhere.
+fn own<K: std::hash::Hash + Eq + Copy>(
+    owners: &mut HashMap<K, BTreeSet<(SvcKey, String)>>,
+    by: &mut HashMap<K, SvcKey>,
+    k: K,
+    who: &(SvcKey, String),
+    add: bool,
+) {
+    let set = owners.entry(k).or_default();
+    if add {
+        set.insert(who.clone());
+    } else {
+        set.remove(who);
+    }
+    match set.last() {
+        Some((svc, _)) => {
+            by.insert(k, svc.clone());
+        }
+        None => {
+            owners.remove(&k);
+            by.remove(&k);
+        }
+    }
 }
 
 impl Table {
-    /// Reads the view from the state; only instances of `node` are local.
-    pub fn build<R: ReadableTable<&'static str, &'static [u8]>>(
-        t: &R,
-        node: &str,
-    ) -> Result<Table, StoreError> {
-        let records: Vec<ServiceRecord> = list_records(t, &services_prefix(None))?;
-        let endpoints: Vec<EndpointSet> = list_records(t, &endpoints_prefix(None))?;
-        let instances: Vec<InstanceRecord> = list_records(t, &instances_prefix(None, None))?;
-        let mut eps: HashMap<SvcKey, Vec<Ep>> = HashMap::new();
-        for set in endpoints {
-            let list = set
-                .endpoints
-                .iter()
-                .filter_map(|e| {
-                    Some(Ep {
-                        instance: e.instance.clone(),
-                        ip: e.address.parse().ok()?,
-                        targets: e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
-                    })
-                })
-                .collect();
-            eps.insert(SvcKey::new(&set.namespace, &set.service), list);
+    /// An empty view for `node`: only its instances are local.
+    pub fn new(node: &str) -> Table {
+        Table {
+            node: node.to_string(),
+            ..Table::default()
         }
-        let mut table = Table::default();
-        let mut local: HashMap<SvcKey, (usize, Vec<IpAddr>)> = HashMap::new();
-        for i in instances
-            .iter()
-            .filter(|i| i.node == node && i.phase == Phase::Running)
-        {
-            let key = SvcKey::new(&i.namespace, &i.service);
-            let entry = local.entry(key.clone()).or_default();
-            entry.0 += 1;
-            if i.runtime == "process" {
-                if let Ok(pid) = i.runtime_id.parse::<i32>() {
-                    table.by_pgid.insert(pid, key);
+    }
+
+    /// The view of a state given as deltas (see [`rune_statemachine::delta::snapshot`]).
+    pub fn build<'a>(node: &str, state: impl IntoIterator<Item = &'a Delta>) -> Table {
+        let mut t = Table::new(node);
+        for d in state {
+            t.apply(d);
+        }
+        t
+    }
+
+    /// Applies one delta; returns the service whose view changed.
+    pub fn apply(&mut self, d: &Delta) -> Option<SvcKey> {
+        match d {
+            Delta::Service {
+                namespace,
+                name,
+                record,
+            } => {
+                let key = SvcKey::new(namespace, name);
+                if let Some(old) = self.services.remove(&key) {
+                    self.egress -= usize::from(old.policy.egress.is_some());
                 }
-            } else if let Ok(ip) = i.address.parse::<IpAddr>() {
-                if !ip.is_loopback() {
-                    entry.1.push(ip);
-                    table.by_ip.insert(ip, key);
+                if let Some(r) = record {
+                    let svc = self.svc(key.clone(), r);
+                    self.egress += usize::from(svc.policy.egress.is_some());
+                    self.services.insert(key.clone(), Arc::new(svc));
                 }
+                self.any_egress = self.egress > 0;
+                Some(key)
+            }
+            Delta::Endpoints {
+                namespace,
+                service,
+                set,
+            } => {
+                let key = SvcKey::new(namespace, service);
+                let list = set.as_deref().map(endpoints_of).unwrap_or_default();
+                if let Some(svc) = self.services.get_mut(&key) {
+                    Arc::make_mut(svc).endpoints = list.clone();
+                }
+                if list.is_empty() {
+                    self.endpoints.remove(&key);
+                } else {
+                    self.endpoints.insert(key.clone(), list);
+                }
+                Some(key)
+            }
+            Delta::Instance {
+                namespace,
+                service,
+                id,
+                record,
+            } => {
+                let key = SvcKey::new(namespace, service);
+                let now = record.as_deref().and_then(|i| self.local(i));
+                let locals = self.locals.entry(key.clone()).or_default();
+                let before = match now {
+                    Some(l) => locals.insert(id.clone(), l),
+                    None => locals.remove(id),
+                };
+                if locals.is_empty() {
+                    self.locals.remove(&key);
+                }
+                if before == now {
+                    return None;
+                }
+                let who = (key.clone(), id.clone());
+                for (l, add) in [(before, false), (now, true)] {
+                    let Some(l) = l else { continue };
+                    if let Some(ip) = l.ip {
+                        own(&mut self.ip_owners, &mut self.by_ip, ip, &who, add);
+                    }
+                    if let Some(pgid) = l.pgid {
+                        own(&mut self.pgid_owners, &mut self.by_pgid, pgid, &who, add);
+                    }
+                }
+                let (count, ips) = self.locals_of(&key);
+                if let Some(svc) = self.services.get_mut(&key) {
+                    let svc = Arc::make_mut(svc);
+                    svc.local_instances = count;
+                    svc.local_ips = ips;
+                }
+                Some(key)
             }
         }
-        for r in records {
-            let key = SvcKey::new(r.spec.namespace(), &r.spec.name);
-            let policy = compile(&key.ns, r.spec.network_policy.as_ref());
-            table.any_egress |= policy.egress.is_some();
-            let (local_instances, local_ips) = local.remove(&key).unwrap_or_default();
-            let svc = Svc {
-                vip: r.vip.as_deref().and_then(|v| v.parse().ok()),
-                mode: Mode::of(r.spec.discovery.as_ref().and_then(|d| d.mode.as_deref())),
-                ports: r.spec.ports.clone(),
-                policy,
-                endpoints: eps.remove(&key).unwrap_or_default(),
-                local_ips,
-                local_instances,
-                key: key.clone(),
-            };
-            table.services.insert(key, svc);
+    }
+
+    fn local(&self, i: &InstanceRecord) -> Option<Local> {
+        if i.node != self.node || i.phase != Phase::Running {
+            return None;
         }
-        Ok(table)
+        if i.runtime == "process" {
+            return Some(Local {
+                ip: None,
+                pgid: i.runtime_id.parse().ok(),
+            });
+        }
+        Some(Local {
+            ip: i.address.parse::<IpAddr>().ok().filter(|ip| !ip.is_loopback()),
+            pgid: None,
+        })
+    }
+
+    fn locals_of(&self, key: &SvcKey) -> (usize, Vec<IpAddr>) {
+        self.locals.get(key).map_or((0, Vec::new()), |m| {
+            (m.len(), m.values().filter_map(|l| l.ip).collect())
+        })
+    }
+
+    fn svc(&self, key: SvcKey, r: &ServiceRecord) -> Svc {
+        let (local_instances, local_ips) = self.locals_of(&key);
+        Svc {
+            vip: r.vip.as_deref().and_then(|v| v.parse().ok()),
+            mode: Mode::of(r.spec.discovery.as_ref().and_then(|d| d.mode.as_deref())),
+            ports: r.spec.ports.clone(),
+            policy: compile(&key.ns, r.spec.network_policy.as_ref()),
+            endpoints: self.endpoints.get(&key).cloned().unwrap_or_default(),
+            local_ips,
+            local_instances,
+            key,
+        }
     }
 
     /// Finds a service by `name` in `ns`.
     pub fn get(&self, ns: &str, name: &str) -> Option<&Svc> {
-        self.services.get(&SvcKey::new(ns, name))
+        self.services.get(&SvcKey::new(ns, name)).map(|s| &**s)
     }
+
+    /// Everything the view holds, in a stable order: two tables that answer every question
+    /// alike have the same digest (the property test compares built and fed views so).
+    pub fn digest(&self) -> String {
+        let by_ip: BTreeMap<_, _> = self.by_ip.iter().collect();
+        let by_pgid: BTreeMap<_, _> = self.by_pgid.iter().collect();
+        format!("{:?}|{by_ip:?}|{by_pgid:?}|{}", self.services, self.any_egress)
+    }
+}
+
+fn endpoints_of(set: &EndpointSet) -> Vec<Ep> {
+    set.endpoints
+        .iter()
+        .filter_map(|e| {
+            Some(Ep {
+                instance: e.instance.clone(),
+                ip: e.address.parse().ok()?,
+                targets: e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
+            })
+        })
+        .collect()
 }

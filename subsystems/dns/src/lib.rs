@@ -2,8 +2,9 @@
 //! for an existing name with no data, unknown `.rune` names with NXDOMAIN, and every other name
 //! forwarded to the upstreams (never to itself).
 //!
-//! It is a projection of the applied log: it loads the VIPs from the state at an index, then
-//! tails the applied entries after it (their `vip` changes). It fails closed: `.rune` names get
+//! It is a projection of the applied log ([`rune_log::projection`]): the zone is built from the
+//! services at an index, then each service delta after it puts or removes one name. It fails
+//! closed: `.rune` names get
 //! SERVFAIL while the data path cannot carry traffic yet, and while the projection lags the log
 //! for longer than its stale budget.
 
@@ -18,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
-use rune_statemachine::store::{list_records, services_prefix, ServiceRecord};
-use rune_statemachine::{Action, Kind, STATE_TABLE};
+use rune_statemachine::delta::Delta;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -51,21 +52,66 @@ pub enum DnsError {
     /// The address could not be bound.
     #[error("cannot listen for DNS on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    /// The state could not be read.
-    #[error("cannot read the state for DNS: {0}")]
-    State(String),
+}
+
+/// `svc.ns` → VIP: the projection's view.
+#[derive(Default)]
+struct Zone(RwLock<HashMap<String, [u8; 4]>>);
+
+impl Zone {
+    fn get(&self, name: &str) -> Option<[u8; 4]> {
+        self.0.read().ok().and_then(|z| z.get(name).copied())
+    }
+
+    fn put(z: &mut HashMap<String, [u8; 4]>, d: &Delta) {
+        if let Delta::Service {
+            namespace,
+            name,
+            record,
+        } = d
+        {
+            let key = format!("{name}.{namespace}");
+            match record
+                .as_ref()
+                .and_then(|r| r.vip.as_deref()?.parse::<Ipv4Addr>().ok())
+            {
+                Some(ip) => z.insert(key, ip.octets()),
+                None => z.remove(&key),
+            };
+        }
+    }
+}
+
+impl View for Zone {
+    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
+        let mut z = HashMap::new();
+        for d in &state {
+            Zone::put(&mut z, d);
+        }
+        *self.0.write().map_err(|e| ProjectionError::View(e.to_string()))? = z;
+        Ok(())
+    }
+
+    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
+        let mut z = self.0.write().map_err(|e| ProjectionError::View(e.to_string()))?;
+        for d in deltas {
+            Zone::put(&mut z, d);
+        }
+        Ok(())
+    }
+
+    fn wants(&self, d: &Delta) -> bool {
+        matches!(d, Delta::Service { .. })
+    }
 }
 
 /// The running server.
 pub struct Dns {
     cfg: DnsConfig,
     upstreams: Vec<SocketAddr>,
-    log: Arc<Log>,
-    /// `svc.ns` → VIP.
-    zone: RwLock<HashMap<String, [u8; 4]>>,
-    lag: rune_log::lag::Lag,
+    zone: Arc<Zone>,
+    projection: Arc<Projection>,
     data_path_ready: AtomicBool,
-    paused: AtomicBool,
     local: SocketAddr,
     /// The container network's listeners: replaced when that network is made anew.
     also: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -89,24 +135,18 @@ impl Dns {
         } else {
             cfg.upstreams.iter().copied().filter(|u| *u != local).collect()
         };
+        let zone = Arc::new(Zone::default());
+        let projection = Projection::start(log, "dns", zone.clone(), cfg.stale_budget).await;
         let dns = Arc::new(Dns {
             cfg,
             upstreams,
-            log: log.clone(),
-            zone: RwLock::new(HashMap::new()),
-            lag: rune_log::lag::Lag::new(),
+            zone,
+            projection,
             data_path_ready: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
             local,
             also: std::sync::Mutex::new(Vec::new()),
         });
-        // Subscribe before loading, so nothing applied in between is missed (replaying a VIP
-        // change twice is harmless).
-        let rx = log.subscribe();
-        dns.reload()?;
         tracing::info!(addr = %local, upstreams = ?dns.upstreams, "DNS listening");
-        tokio::spawn(tail(dns.clone(), rx));
-        dns.lag.watch(log.clone());
         // In dev mode, host clients reach the data path on loopback.
         let here = Ipv4Addr::LOCALHOST;
         tokio::spawn(serve_udp(dns.clone(), Arc::new(udp), here));
@@ -153,45 +193,9 @@ impl Dns {
         self.data_path_ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Failpoint: stops applying the log, to exercise the stale budget.
-    pub fn pause_tail(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
-    }
-
-    /// How long the projection has lagged the log (0 when caught up).
-    pub fn stale_seconds(&self) -> f64 {
-        self.lag.stale_seconds()
-    }
-
-    /// The last log index applied to the zone.
-    pub fn applied_index(&self) -> u64 {
-        self.lag.applied()
-    }
-
-    fn stale(&self) -> bool {
-        self.lag.stale(self.cfg.stale_budget)
-    }
-
-    fn reload(&self) -> Result<(), DnsError> {
-        let index = *self.log.applied().borrow();
-        let txn = self.log.read().map_err(|e| DnsError::State(e.to_string()))?;
-        let t = txn
-            .open_table(STATE_TABLE)
-            .map_err(|e| DnsError::State(e.to_string()))?;
-        let services: Vec<ServiceRecord> =
-            list_records(&t, &services_prefix(None)).map_err(|e| DnsError::State(e.to_string()))?;
-        let zone: HashMap<String, [u8; 4]> = services
-            .iter()
-            .filter_map(|s| {
-                let ip: Ipv4Addr = s.vip.as_deref()?.parse().ok()?;
-                Some((format!("{}.{}", s.spec.name, s.spec.namespace()), ip.octets()))
-            })
-            .collect();
-        if let Ok(mut z) = self.zone.write() {
-            *z = zone;
-        }
-        self.lag.advance(index);
-        Ok(())
+    /// The zone's projection: its lag, counters and pause failpoint.
+    pub fn projection(&self) -> &Arc<Projection> {
+        &self.projection
     }
 
     /// The answer to a packet that arrived at a listener on `here`, or `None` to drop it.
@@ -210,17 +214,13 @@ impl Dns {
         if !wire::class_ok(q) {
             return wire::respond(p, q, Rcode::NotImp, true, &[], TTL);
         }
-        if !self.data_path_ready.load(Ordering::Relaxed) || self.stale() {
+        if !self.data_path_ready.load(Ordering::Relaxed) || self.projection.stale() {
             return wire::respond(p, q, Rcode::ServFail, false, &[], TTL);
         }
         let labels: Vec<&str> = q.name.split('.').collect();
         let found = match labels.as_slice() {
             ["rune"] => return wire::respond(p, q, Rcode::NoError, true, &[], TTL),
-            [svc, ns, "rune"] => self
-                .zone
-                .read()
-                .ok()
-                .and_then(|z| z.get(&format!("{svc}.{ns}")).copied()),
+            [svc, ns, "rune"] => self.zone.get(&format!("{svc}.{ns}")),
             _ => None,
         };
         match found {
@@ -278,46 +278,6 @@ pub fn resolv_conf_upstreams(text: &str, own: SocketAddr) -> Vec<SocketAddr> {
         .map(|ip| SocketAddr::new(ip, 53))
         .filter(|a| *a != own)
         .collect()
-}
-
-async fn tail(dns: Arc<Dns>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_log::AppliedEntry>>) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let entry = match rx.recv().await {
-            Ok(e) => e,
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "DNS fell behind the log; reloading from the state");
-                if let Err(e) = dns.reload() {
-                    tracing::error!(error = %e, "DNS reload failed");
-                }
-                continue;
-            }
-            Err(RecvError::Closed) => return,
-        };
-        // The failpoint holds the entry unapplied, as a slow projection would.
-        while dns.paused.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if entry.index <= dns.lag.applied() {
-            continue;
-        }
-        for c in entry.changes.iter().filter(|c| c.kind == Kind::Vip) {
-            let key = format!("{}.{}", c.name, c.namespace);
-            if let Ok(mut z) = dns.zone.write() {
-                match c.action {
-                    Action::Deleted => {
-                        z.remove(&key);
-                    }
-                    _ => {
-                        if let Ok(ip) = c.summary.parse::<Ipv4Addr>() {
-                            z.insert(key, ip.octets());
-                        }
-                    }
-                }
-            }
-        }
-        dns.lag.advance(entry.index);
-    }
 }
 
 async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>, here: Ipv4Addr) {
@@ -382,6 +342,34 @@ async fn serve_tcp(dns: Arc<Dns>, l: TcpListener, here: Ipv4Addr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use rune_statemachine::testing::{delta, fold};
+
+    fn zone(z: &Zone) -> Vec<(String, [u8; 4])> {
+        let mut v: Vec<_> = z.0.read().unwrap().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort();
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// The projection contract: built from the state at one point and fed every later
+        /// delta, the zone equals one built from the state at the end.
+        #[test]
+        fn fed_equals_built(ds in prop::collection::vec(delta(), 0..60), cut in 0usize..60) {
+            let cut = cut.min(ds.len());
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (fed, built) = (Zone::default(), Zone::default());
+            rt.block_on(async {
+                fed.reset(fold(&ds[..cut])).await.unwrap();
+                let rest: Vec<&Delta> = ds[cut..].iter().filter(|d| fed.wants(d)).collect();
+                fed.apply(&rest).await.unwrap();
+                built.reset(fold(&ds)).await.unwrap();
+            });
+            prop_assert_eq!(zone(&fed), zone(&built));
+        }
+    }
 
     #[test]
     fn resolv_conf() {

@@ -1,8 +1,9 @@
 //! The edge ingress: HTTP and HTTPS listeners that route each request by its host to a ready
 //! endpoint of the service exposing that host (`expose: {host, port, path, tls}`).
 //!
-//! A projection like the DNS and the data plane: it builds [`routes::Routes`] from the state,
-//! tails the applied entries and rebuilds on every change of services and endpoints. Requests
+//! A projection like the DNS and the data plane ([`rune_log::projection`]): it keeps the exposed
+//! services and their endpoints ([`routes::Exposed`]) and remakes [`routes::Routes`] when a
+//! delta touches one of them. Past its stale budget it fails closed (503). Requests
 //! and responses stream both ways; upgrades (websockets) are spliced; `X-Forwarded-For`,
 //! `-Proto` and `-Host` are set. An unknown host gets 404, a host without a ready endpoint 503,
 //! both with a short plain body. HTTPS speaks HTTP/1.1 and HTTP/2 (ALPN) and picks the
@@ -26,13 +27,14 @@ use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
-use rune_statemachine::{Kind, STATE_TABLE};
+use rune_statemachine::delta::Delta;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 
-use routes::Routes;
+use routes::{Exposed, Routes};
 
 /// The `host` label of requests for hosts nobody exposes (one label, so the metric stays bounded).
 pub const UNKNOWN_HOST: &str = "unknown";
@@ -48,6 +50,8 @@ pub struct IngressConfig {
     pub acme: acme::AcmeConfig,
     /// Where certificates are kept (sealed secrets, through the log).
     pub vault: Arc<dyn acme::Vault>,
+    /// How long the routes may lag the log before requests are refused (503).
+    pub stale_budget: Duration,
 }
 
 /// Failures to start the ingress.
@@ -56,9 +60,6 @@ pub enum IngressError {
     /// A listener could not be bound.
     #[error("cannot listen for ingress on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    /// The state could not be read.
-    #[error("cannot read the state for the ingress: {0}")]
-    State(String),
     /// TLS could not be set up.
     #[error("ingress TLS: {0}")]
     Tls(String),
@@ -68,15 +69,14 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The running ingress.
 pub struct Ingress {
-    log: Arc<Log>,
-    routes: RwLock<Arc<Routes>>,
+    view: Arc<RouteView>,
     client: Client<HttpConnector, Incoming>,
     rr: AtomicUsize,
     certs: Arc<Certs>,
     requests: RwLock<HashMap<String, Arc<StatusCounts>>>,
     acme: acme::AcmeConfig,
     /// How far the routes are behind the log (shown by `/healthz?verbose`).
-    lag: rune_log::lag::Lag,
+    projection: Arc<Projection>,
     vault: Arc<dyn acme::Vault>,
     challenges: acme::Challenges,
     states: Mutex<BTreeMap<String, acme::CertState>>,
@@ -172,9 +172,10 @@ impl Ingress {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let view = Arc::new(RouteView::new(certs.clone()));
+        let projection = Projection::start(log, "ingress", view.clone(), cfg.stale_budget).await;
         let ing = Arc::new(Ingress {
-            log: log.clone(),
-            routes: RwLock::new(Arc::new(Routes::default())),
+            view,
             client: Client::builder(TokioExecutor::new()).build(connector),
             rr: AtomicUsize::new(0),
             certs,
@@ -183,14 +184,8 @@ impl Ingress {
             vault: cfg.vault.clone(),
             challenges: acme::Challenges::default(),
             states: Mutex::new(BTreeMap::new()),
-            lag: rune_log::lag::Lag::new(),
+            projection,
         });
-        let rx = log.subscribe();
-        let at = *log.applied().borrow();
-        ing.reload()?;
-        ing.lag.advance(at);
-        ing.lag.watch(log.clone());
-        tokio::spawn(tail(ing.clone(), rx));
         tokio::spawn(certificates(ing.clone()));
         tokio::spawn(serve(ing.clone(), http, None));
         tokio::spawn(serve(
@@ -202,14 +197,14 @@ impl Ingress {
         Ok(ing)
     }
 
-    /// The last log index the routes reflect, and how long they have lagged the log.
-    pub fn lag(&self) -> (u64, f64) {
-        (self.lag.applied(), self.lag.stale_seconds())
+    /// The routes' projection: lag, counters and the pause failpoint.
+    pub fn projection(&self) -> &Arc<Projection> {
+        &self.projection
     }
 
     /// The current routes.
     pub fn routes(&self) -> Arc<Routes> {
-        self.routes.read().map(|r| r.clone()).unwrap_or_default()
+        self.view.routes()
     }
 
     /// The certificates served.
@@ -250,19 +245,6 @@ impl Ingress {
                 .0[i]
                 .fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    fn reload(&self) -> Result<(), IngressError> {
-        let txn = self.log.read().map_err(|e| IngressError::State(e.to_string()))?;
-        let t = txn
-            .open_table(STATE_TABLE)
-            .map_err(|e| IngressError::State(e.to_string()))?;
-        let routes = Routes::build(&t).map_err(|e| IngressError::State(e.to_string()))?;
-        self.certs.expose(routes.by_host.keys().cloned().collect());
-        if let Ok(mut r) = self.routes.write() {
-            *r = Arc::new(routes);
-        }
-        Ok(())
     }
 
     /// Each TLS host's certificate state (`pending`, `ready`, `error`) and expiry.
@@ -317,6 +299,14 @@ impl Ingress {
                 }
             })
             .to_ascii_lowercase();
+        if self.projection.stale() {
+            // Routes this far behind may send a request where the service no longer is.
+            self.count(&host, StatusCode::SERVICE_UNAVAILABLE);
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ingress's routes are behind the state; try again shortly\n".into(),
+            );
+        }
         let routes = self.routes();
         let route = routes
             .by_host
@@ -616,30 +606,68 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn relevant(k: Kind) -> bool {
-    matches!(k, Kind::Service | Kind::Endpoints)
+/// The projection's view: the exposed services, and the routes made from them, swapped whole
+/// for the next request when a delta touches an exposed service.
+struct RouteView {
+    exposed: Mutex<Exposed>,
+    routes: RwLock<Arc<Routes>>,
+    certs: Arc<Certs>,
 }
 
-async fn tail(ing: Arc<Ingress>, mut rx: tokio::sync::broadcast::Receiver<Arc<rune_log::AppliedEntry>>) {
-    use tokio::sync::broadcast::error::RecvError;
-    // A failed reload is tried again with every later entry until one succeeds.
-    let mut failed = false;
-    loop {
-        let (index, dirty) = match rx.recv().await {
-            Ok(e) => (e.index, e.changes.iter().any(|c| relevant(c.kind))),
-            Err(RecvError::Lagged(_)) => (*ing.log.applied().borrow(), true),
-            Err(RecvError::Closed) => return,
-        };
-        if dirty || failed {
-            failed = ing.reload().is_err_and(|e| {
-                // The lag stays behind, so health shows the routes falling back.
-                tracing::error!(error = %e, "ingress reload failed; keeping the previous routes");
-                true
-            });
-            if failed {
-                continue;
-            }
+impl RouteView {
+    fn new(certs: Arc<Certs>) -> Self {
+        RouteView {
+            exposed: Mutex::new(Exposed::default()),
+            routes: RwLock::new(Arc::new(Routes::default())),
+            certs,
         }
-        ing.lag.advance(index);
+    }
+
+    fn routes(&self) -> Arc<Routes> {
+        self.routes.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn publish(&self, exposed: &Exposed) -> Result<(), ProjectionError> {
+        let routes = exposed.routes();
+        self.certs.expose(routes.by_host.keys().cloned().collect());
+        *self
+            .routes
+            .write()
+            .map_err(|e| ProjectionError::View(e.to_string()))? = Arc::new(routes);
+        Ok(())
+    }
+}
+
+impl View for RouteView {
+    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
+        let mut fresh = Exposed::default();
+        for d in &state {
+            fresh.apply(d);
+        }
+        self.publish(&fresh)?;
+        *self
+            .exposed
+            .lock()
+            .map_err(|e| ProjectionError::View(e.to_string()))? = fresh;
+        Ok(())
+    }
+
+    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
+        let mut exposed = self
+            .exposed
+            .lock()
+            .map_err(|e| ProjectionError::View(e.to_string()))?;
+        let mut changed = false;
+        for d in deltas {
+            changed |= exposed.apply(d);
+        }
+        if changed {
+            self.publish(&exposed)?;
+        }
+        Ok(())
+    }
+
+    fn wants(&self, d: &Delta) -> bool {
+        !matches!(d, Delta::Instance { .. })
     }
 }

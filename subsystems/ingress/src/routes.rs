@@ -1,14 +1,13 @@
 //! The ingress's view of the state: each exposed host, the service port it goes to and where
-//! that port's ready endpoints listen.
+//! that port's ready endpoints listen, kept from the projection's deltas.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
-use redb::ReadableTable;
-use rune_statemachine::network::{endpoints_key, EndpointSet};
+use rune_statemachine::delta::Delta;
+use rune_statemachine::network::EndpointSet;
 use rune_statemachine::spec::PortRef;
-use rune_statemachine::store::{get_record, list_records, services_prefix, ServiceRecord};
-use rune_statemachine::StoreError;
+use rune_statemachine::store::ServiceRecord;
 
 /// Where one host goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,22 +35,57 @@ pub struct Routes {
     pub by_host: HashMap<String, Route>,
 }
 
-impl Routes {
-    /// Reads the routes from the state. Two services exposing one host: the first by
-    /// namespace and name wins, and the other is logged.
-    pub fn build<R: ReadableTable<&'static str, &'static [u8]>>(t: &R) -> Result<Routes, StoreError> {
+/// What the ingress keeps of the state: exposed services and their endpoints. Only services
+/// with an `expose` host are kept, so a change costs what the exposed services cost, whatever
+/// the number of services.
+#[derive(Debug, Default)]
+pub struct Exposed {
+    services: BTreeMap<(String, String), ServiceRecord>,
+    endpoints: HashMap<(String, String), EndpointSet>,
+}
+
+impl Exposed {
+    /// Takes one delta; returns whether the routes may have changed.
+    pub fn apply(&mut self, d: &Delta) -> bool {
+        match d {
+            Delta::Service {
+                namespace,
+                name,
+                record,
+            } => {
+                let key = (namespace.clone(), name.clone());
+                match record.as_deref().filter(|r| host_of(r).is_some()) {
+                    Some(r) => {
+                        self.services.insert(key, r.clone());
+                        true
+                    }
+                    None => self.services.remove(&key).is_some(),
+                }
+            }
+            Delta::Endpoints {
+                namespace,
+                service,
+                set,
+            } => {
+                let key = (namespace.clone(), service.clone());
+                match set {
+                    Some(s) => self.endpoints.insert(key.clone(), (**s).clone()),
+                    None => self.endpoints.remove(&key),
+                };
+                self.services.contains_key(&key)
+            }
+            Delta::Instance { .. } => false,
+        }
+    }
+
+    /// The routes this view gives. Two services exposing one host: the first by namespace
+    /// and name wins, and the other is logged.
+    pub fn routes(&self) -> Routes {
         let mut by_host: HashMap<String, Route> = HashMap::new();
-        for r in list_records::<ServiceRecord, _>(t, &services_prefix(None))? {
-            let Some(e) = &r.spec.expose else { continue };
-            let Some(host) = e
-                .host
-                .as_deref()
-                .map(|h| h.trim().to_ascii_lowercase())
-                .filter(|h| !h.is_empty())
-            else {
+        for ((ns, name), r) in &self.services {
+            let (Some(e), Some(host)) = (&r.spec.expose, host_of(r)) else {
                 continue;
             };
-            let (ns, name) = (r.spec.namespace().to_string(), r.spec.name.clone());
             let port = r.spec.ports.iter().find(|p| match &e.port {
                 PortRef::Number(n) => p.port == *n,
                 PortRef::Name(s) => p.name == *s || p.port.to_string() == *s,
@@ -59,15 +93,19 @@ impl Routes {
             let Some(port) = port.and_then(|p| u16::try_from(p.port).ok()) else {
                 continue;
             };
-            let set: EndpointSet = get_record(t, &endpoints_key(&ns, &name))?.unwrap_or_default();
-            let endpoints = set
+            let endpoints = self
                 .endpoints
-                .iter()
-                .filter_map(|ep| {
-                    let target = ep.ports.iter().find(|p| p.port == port)?.target_port;
-                    Some(SocketAddr::new(ep.address.parse().ok()?, target))
+                .get(&(ns.clone(), name.clone()))
+                .map(|set| {
+                    set.endpoints
+                        .iter()
+                        .filter_map(|ep| {
+                            let target = ep.ports.iter().find(|p| p.port == port)?.target_port;
+                            Some(SocketAddr::new(ep.address.parse().ok()?, target))
+                        })
+                        .collect()
                 })
-                .collect();
+                .unwrap_or_default();
             let tls = match &e.tls {
                 None => "none".to_string(),
                 Some(t)
@@ -87,8 +125,8 @@ impl Routes {
             by_host.insert(
                 host,
                 Route {
-                    namespace: ns,
-                    service: name,
+                    namespace: ns.clone(),
+                    service: name.clone(),
                     port,
                     path: e.path.clone().unwrap_or_else(|| "/".into()),
                     tls,
@@ -100,6 +138,17 @@ impl Routes {
                 },
             );
         }
-        Ok(Routes { by_host })
+        Routes { by_host }
     }
+}
+
+/// The host a service exposes, lower-case, if any.
+fn host_of(r: &ServiceRecord) -> Option<String> {
+    r.spec
+        .expose
+        .as_ref()?
+        .host
+        .as_deref()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
 }

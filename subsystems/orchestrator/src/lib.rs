@@ -1,8 +1,12 @@
 //! The orchestrator: keeps each service's instances running as declared, as a projection of the log.
 //!
-//! - [`Orchestrator`] owns the reconcile loop. It reads the desired state (services) and the
-//!   observed state (instance records) from the state machine, compares them with the
-//!   supervisors it runs, and starts, stops or replaces instances (one at a time for rollouts).
+//! - [`Orchestrator`] owns the reconcile loop, a keyed work queue as Kubernetes controllers
+//!   have: a projection of the log ([`rune_log::projection`]) keeps the desired state
+//!   (services) and the observed state (instance records) and enqueues each service an entry
+//!   touched; the loop reconciles only those (plus a slice of all services per resync tick),
+//!   comparing them with the supervisors it runs, and starts, stops or replaces instances (one
+//!   at a time for rollouts). A view that cannot be read is kept as it was: nothing is stopped
+//!   because a read failed.
 //! - [`supervisor`] runs one instance: dependencies, start, probes, restart policy and backoff.
 //! - [`runner`] talks to Docker (bollard) or starts host processes.
 //!
@@ -17,17 +21,17 @@ mod supervisor;
 
 pub use inject::SecretSource;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
-use rune_statemachine::instance::{
-    instances_prefix, template_hash, InstanceChange, InstanceEvent, InstanceRecord,
-};
-use rune_statemachine::store::{list_records, services_prefix, ServiceRecord};
+use rune_statemachine::delta::Delta;
+use rune_statemachine::instance::{template_hash, InstanceChange, InstanceEvent, InstanceRecord};
+use rune_statemachine::store::ServiceRecord;
 use rune_statemachine::{Command, STATE_TABLE};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -36,6 +40,18 @@ pub use runner::{ExecInput, ExecOutput, ExecSpec, LogQuery, LogStream, RunError}
 
 /// `(namespace, service, instance id)`.
 pub type Key = (String, String, String);
+
+/// `(namespace, service)`: what the work queue holds.
+pub type SvcId = (String, String);
+
+/// Reports waiting to be proposed, at most: supervisors wait (in order) beyond it.
+const REPORT_QUEUE: usize = 4096;
+
+/// How often the resync tick runs; each reconciles the next slice of services, so that every
+/// service is looked at within [`RESYNC_ROUND`] even if nothing enqueues it.
+const RESYNC_TICK: Duration = Duration::from_secs(2);
+/// See [`RESYNC_TICK`].
+const RESYNC_ROUND: Duration = Duration::from_secs(60);
 
 /// Settings of the orchestrator.
 #[derive(Clone)]
@@ -140,12 +156,97 @@ struct Sup {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The orchestrator's picture of the state: services and instance records by service, kept by
+/// its projection.
+#[derive(Debug, Default, PartialEq)]
+struct Picture {
+    services: BTreeMap<SvcId, Arc<ServiceRecord>>,
+    records: BTreeMap<SvcId, BTreeMap<String, InstanceRecord>>,
+}
+
+impl Picture {
+    /// Takes one delta; returns the service it concerns, if it can change what runs.
+    fn apply(&mut self, d: &Delta) -> Option<SvcId> {
+        match d {
+            Delta::Service {
+                namespace,
+                name,
+                record,
+            } => {
+                let id = (namespace.clone(), name.clone());
+                match record {
+                    Some(r) => self.services.insert(id.clone(), Arc::new((**r).clone())),
+                    None => self.services.remove(&id),
+                };
+                Some(id)
+            }
+            Delta::Instance {
+                namespace,
+                service,
+                id,
+                record,
+            } => {
+                let sid = (namespace.clone(), service.clone());
+                let recs = self.records.entry(sid.clone()).or_default();
+                match record {
+                    Some(r) => recs.insert(id.clone(), (**r).clone()),
+                    None => recs.remove(id),
+                };
+                if recs.is_empty() {
+                    self.records.remove(&sid);
+                }
+                Some(sid)
+            }
+            Delta::Endpoints { .. } => None,
+        }
+    }
+}
+
+/// Services waiting to be reconciled: a set, so a service touched by many entries is
+/// reconciled once, and the queue is bounded by the number of services.
+#[derive(Default)]
+struct WorkQueue {
+    dirty: BTreeSet<SvcId>,
+    /// Everything must be looked at (a rebuilt picture, the engine became reachable).
+    all: bool,
+}
+
+/// Counters of the reconcile loop, for metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    reconciles: AtomicU64,
+    reconcile_micros: AtomicU64,
+    last_pass_micros: AtomicU64,
+    queue_depth: AtomicU64,
+}
+
+/// What the reconcile loop has done, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoopStats {
+    /// Services reconciled so far.
+    pub reconciles: u64,
+    /// Time spent reconciling them.
+    pub reconcile_seconds: f64,
+    /// How long the last pass took.
+    pub last_pass_seconds: f64,
+    /// Services waiting to be reconciled.
+    pub queue_depth: u64,
+    /// Failed reads of the state (a rebuild that found a record it cannot decode, say).
+    pub read_errors: u64,
+}
+
 pub(crate) struct Inner {
     cfg: OrchestratorConfig,
     log: Arc<Log>,
     process: ProcessRunner,
     docker: DockerRunner,
-    events: mpsc::UnboundedSender<InstanceEvent>,
+    events: mpsc::Sender<InstanceEvent>,
+    picture: RwLock<Picture>,
+    /// Set once the picture was built from the state: until then nothing is reconciled.
+    built: AtomicBool,
+    queue: Mutex<WorkQueue>,
+    projection: OnceLock<Arc<Projection>>,
+    counters: Counters,
     live: Mutex<HashMap<Key, Live>>,
     generations: Mutex<HashMap<Key, u64>>,
     wake: Notify,
@@ -170,9 +271,9 @@ impl Orchestrator {
         self.inner.docker.gateway()
     }
 
-    /// Starts the reconcile loop and the reporter.
-    pub fn start(log: Arc<Log>, cfg: OrchestratorConfig) -> Arc<Self> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Starts the projection, the reconcile loop and the reporter.
+    pub async fn start(log: Arc<Log>, cfg: OrchestratorConfig, stale_budget: Duration) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(REPORT_QUEUE);
         let inner = Arc::new(Inner {
             process: ProcessRunner::new(cfg.data_dir.join("instances"), cfg.log_writer.clone()),
             docker: DockerRunner::new(
@@ -184,12 +285,20 @@ impl Orchestrator {
             cfg,
             log: log.clone(),
             events: tx,
+            picture: RwLock::new(Picture::default()),
+            built: AtomicBool::new(false),
+            queue: Mutex::new(WorkQueue::default()),
+            projection: OnceLock::new(),
+            counters: Counters::default(),
             live: Mutex::new(HashMap::new()),
             generations: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             reconciled_at: Mutex::new(Instant::now()),
         });
+        let view = Arc::new(PictureView(Arc::downgrade(&inner)));
+        let projection = Projection::start(log.clone(), "orchestrator", view, stale_budget).await;
+        let _ = inner.projection.set(projection);
         let shutdown = Arc::new(Notify::new());
         let reporter_stop = Arc::new(Notify::new());
         let reporter = tokio::spawn(report_loop(log, rx, reporter_stop.clone()));
@@ -225,6 +334,23 @@ impl Orchestrator {
             {
                 tracing::warn!("instance reports still pending at shutdown; the next runed re-observes them");
             }
+        }
+    }
+
+    /// The picture's projection: lag, counters and the pause failpoint.
+    pub fn projection(&self) -> Option<&Arc<Projection>> {
+        self.inner.projection.get()
+    }
+
+    /// What the reconcile loop has done.
+    pub fn stats(&self) -> LoopStats {
+        let c = &self.inner.counters;
+        LoopStats {
+            reconciles: c.reconciles.load(Ordering::Relaxed),
+            reconcile_seconds: c.reconcile_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            last_pass_seconds: c.last_pass_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            queue_depth: c.queue_depth.load(Ordering::Relaxed),
+            read_errors: self.projection().map_or(0, |p| p.errors()),
         }
     }
 
@@ -290,13 +416,28 @@ impl Orchestrator {
 }
 
 impl Inner {
-    fn report(&self, key: &Key, change: InstanceChange) {
-        let _ = self.events.send(InstanceEvent {
-            namespace: key.0.clone(),
-            service: key.1.clone(),
-            id: key.2.clone(),
-            change,
-        });
+    /// Queues a report for the log; waits while the queue is full, so reports keep their order.
+    async fn report(&self, key: &Key, change: InstanceChange) {
+        let _ = self
+            .events
+            .send(InstanceEvent {
+                namespace: key.0.clone(),
+                service: key.1.clone(),
+                id: key.2.clone(),
+                change,
+            })
+            .await;
+    }
+
+    /// Queues a service for the reconcile loop.
+    fn enqueue(&self, id: SvcId) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.dirty.insert(id);
+            self.counters
+                .queue_depth
+                .store(q.dirty.len() as u64, Ordering::Relaxed);
+        }
+        self.wake.notify_one();
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -547,7 +688,7 @@ fn launch(svc: &ServiceRecord, id: &str, template: String) -> Launch {
 
 /// Proposes reports in order, batching whatever queued up while the previous write was in flight.
 /// On `stop`, writes what is queued and returns.
-async fn report_loop(log: Arc<Log>, mut rx: mpsc::UnboundedReceiver<InstanceEvent>, stop: Arc<Notify>) {
+async fn report_loop(log: Arc<Log>, mut rx: mpsc::Receiver<InstanceEvent>, stop: Arc<Notify>) {
     let mut stopping = false;
     loop {
         let first = if stopping {
@@ -601,45 +742,443 @@ async fn report_loop(log: Arc<Log>, mut rx: mpsc::UnboundedReceiver<InstanceEven
     }
 }
 
-/// Longest the reconciler waits for the Docker Engine to list containers in one pass.
+/// Longest the reconciler waits for the Docker Engine to list containers in one try.
 const DOCKER_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the reconciler found already running when it started.
+/// How often process folders of instances nobody wants are collected.
+const GC_EVERY: Duration = Duration::from_secs(60);
+
+/// What the reconciler found already running when it started, and the engine's state.
 #[derive(Default)]
 struct Adoptable {
     runs: HashMap<Key, Found>,
     containers_listed: bool,
+    /// A listing under way: off the loop, so a hung engine stalls no service.
+    listing: Option<tokio::task::JoinHandle<Result<Vec<Found>, RunError>>>,
     next_docker_try: Option<Instant>,
     docker_delay: Duration,
+    /// Why the engine cannot be used, said on each container instance until it can.
+    engine_error: Option<String>,
+}
+
+/// The reconcile loop's state between passes.
+struct Loop {
+    inner: Arc<Inner>,
+    sups: BTreeMap<Key, Sup>,
+    adopt: Adoptable,
+    /// Where the next resync slice starts.
+    cursor: Option<SvcId>,
+    last_gc: Instant,
 }
 
 async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
-    let mut sups: HashMap<Key, Sup> = HashMap::new();
-    let mut adopt = Adoptable {
-        docker_delay: Duration::from_secs(1),
-        ..Default::default()
+    let mut l = Loop {
+        inner: inner.clone(),
+        sups: BTreeMap::new(),
+        adopt: Adoptable {
+            docker_delay: Duration::from_secs(1),
+            ..Default::default()
+        },
+        cursor: None,
+        last_gc: Instant::now(),
     };
     for f in inner.process.list() {
-        adopt_or_discard(&inner, &mut adopt, f);
+        adopt_or_discard(&inner, &mut l.adopt, f);
     }
-    let mut applied = inner.log.applied();
+    let mut tick = tokio::time::interval(RESYNC_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if reconcile(&inner, &mut sups, &mut adopt).await {
-            if let Ok(mut at) = inner.reconciled_at.lock() {
-                *at = Instant::now();
-            }
-        }
-        tokio::select! {
-            r = applied.changed() => if r.is_err() { break },
-            _ = inner.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        let resync = tokio::select! {
+            _ = inner.wake.notified() => false,
+            _ = tick.tick() => true,
             _ = shutdown.notified() => break,
-        }
+        };
+        l.pass(resync).await;
     }
     // Leave instances running; stop supervising them.
-    for (_, s) in sups.drain() {
+    for (_, s) in std::mem::take(&mut l.sups) {
         s.task.abort();
         let _ = s.task.await;
+    }
+    if let Some(h) = l.adopt.listing.take() {
+        h.abort();
+    }
+}
+
+impl Loop {
+    /// Reconciles what the queue holds, and on a resync tick the next slice of all services.
+    async fn pass(&mut self, resync: bool) {
+        let inner = self.inner.clone();
+        if !inner.built.load(Ordering::SeqCst) {
+            // No picture of the state yet (its first read failed): acting on none would stop
+            // everything adopted. The projection retries; health shows the loop idle.
+            return;
+        }
+        let started = Instant::now();
+        self.poll_docker().await;
+        let (all, mut keys) = match inner.queue.lock() {
+            Ok(mut q) => {
+                let all = std::mem::take(&mut q.all);
+                (all, std::mem::take(&mut q.dirty))
+            }
+            Err(_) => return,
+        };
+        if all {
+            keys.extend(self.every_service());
+        } else if resync {
+            keys.extend(self.resync_slice());
+        }
+        let n = keys.len() as u64;
+        for id in &keys {
+            self.reconcile(id).await;
+        }
+        if all || (resync && self.last_gc.elapsed() >= GC_EVERY) {
+            self.collect_garbage();
+        }
+        if let Ok(mut at) = inner.reconciled_at.lock() {
+            *at = Instant::now();
+        }
+        let took = started.elapsed().as_micros() as u64;
+        let c = &inner.counters;
+        c.reconciles.fetch_add(n, Ordering::Relaxed);
+        c.reconcile_micros.fetch_add(took, Ordering::Relaxed);
+        c.last_pass_micros.store(took, Ordering::Relaxed);
+        let depth = inner.queue.lock().map_or(0, |q| q.dirty.len() as u64);
+        c.queue_depth.store(depth, Ordering::Relaxed);
+    }
+
+    /// Every service the picture, the supervisors or the adopted runs know of.
+    fn every_service(&self) -> BTreeSet<SvcId> {
+        let mut all: BTreeSet<SvcId> = self
+            .inner
+            .picture
+            .read()
+            .map(|p| p.services.keys().chain(p.records.keys()).cloned().collect())
+            .unwrap_or_default();
+        all.extend(self.sups.keys().map(|k| (k.0.clone(), k.1.clone())));
+        all.extend(self.adopt.runs.keys().map(|k| (k.0.clone(), k.1.clone())));
+        all
+    }
+
+    /// The next services after the cursor: enough that a round of ticks covers them all.
+    fn resync_slice(&mut self) -> Vec<SvcId> {
+        let Ok(p) = self.inner.picture.read() else {
+            return Vec::new();
+        };
+        let total = p.services.len();
+        let ticks = (RESYNC_ROUND.as_secs() / RESYNC_TICK.as_secs()).max(1) as usize;
+        let want = total.div_ceil(ticks);
+        let mut out: Vec<SvcId> = match &self.cursor {
+            Some(c) => p
+                .services
+                .range::<SvcId, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                .take(want)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        if out.len() < want {
+            // Wrap around to the start.
+            let more = want - out.len();
+            out.extend(p.services.keys().take(more).cloned());
+        }
+        self.cursor = out.last().cloned();
+        out
+    }
+
+    /// Lists containers off the loop until the engine answers once; then adopts them and
+    /// looks at everything again.
+    async fn poll_docker(&mut self) {
+        let inner = self.inner.clone();
+        let a = &mut self.adopt;
+        if a.containers_listed {
+            return;
+        }
+        if a.listing.as_ref().is_some_and(|h| h.is_finished()) {
+            let Some(h) = a.listing.take() else { return };
+            let listed = match h.await {
+                Ok(r) => r,
+                Err(e) => Err(RunError::Runtime(format!("container listing failed: {e}"))),
+            };
+            match listed {
+                Ok(found) => {
+                    a.containers_listed = true;
+                    a.engine_error = None;
+                    for f in found {
+                        adopt_or_discard(&inner, a, f);
+                    }
+                    tracing::info!("docker engine reachable; containers reconciled");
+                    if let Ok(mut q) = inner.queue.lock() {
+                        q.all = true;
+                    }
+                }
+                Err(e) => {
+                    a.next_docker_try = Some(Instant::now() + a.docker_delay);
+                    a.docker_delay = (a.docker_delay * 2).min(Duration::from_secs(30));
+                    let reason = e.to_string();
+                    let news = a.engine_error.as_deref() != Some(reason.as_str());
+                    a.engine_error = Some(reason);
+                    // Until the engine answers, container instances cannot be adopted or
+                    // started: each says so (once), rather than show what the last runed saw.
+                    let waiting: Vec<SvcId> = inner
+                        .picture
+                        .read()
+                        .map(|p| {
+                            p.services
+                                .iter()
+                                .filter(|(_, s)| s.spec.process.is_none() && s.spec.skip != Some(true))
+                                .map(|(k, _)| k.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if news
+                        && waiting.iter().any(|k| {
+                            inner
+                                .picture
+                                .read()
+                                .is_ok_and(|p| p.services.get(k).is_some_and(|s| s.spec.scale() > 0))
+                        })
+                    {
+                        tracing::warn!(error = %e, retry_in = ?a.docker_delay, "cannot list containers");
+                    }
+                    if let Ok(mut q) = inner.queue.lock() {
+                        q.dirty.extend(waiting);
+                    }
+                }
+            }
+        }
+        if a.listing.is_none() && a.next_docker_try.is_none_or(|t| Instant::now() >= t) {
+            let docker = inner.clone();
+            a.listing = Some(tokio::spawn(async move {
+                let r = tokio::time::timeout(DOCKER_LIST_TIMEOUT, docker.docker.list()).await;
+                let r = r.unwrap_or_else(|_| {
+                    Err(RunError::EngineDown {
+                        socket: docker.docker.socket().to_string(),
+                        message: format!("no answer within {DOCKER_LIST_TIMEOUT:?}"),
+                    })
+                });
+                // The loop looks again once the answer is in.
+                docker.wake.notify_one();
+                r
+            }));
+        }
+    }
+
+    /// One service: start what is missing, stop what is not wanted, roll outdated instances
+    /// one at a time, and clear records nobody stands behind. Costs the service's instances.
+    async fn reconcile(&mut self, id: &SvcId) {
+        let inner = self.inner.clone();
+        let (svc, records) = match inner.picture.read() {
+            Ok(p) => (
+                p.services.get(id).cloned(),
+                p.records.get(id).cloned().unwrap_or_default(),
+            ),
+            Err(_) => return,
+        };
+        let from = (id.0.clone(), id.1.clone(), String::new());
+        let mine = |sups: &BTreeMap<Key, Sup>| -> Vec<Key> {
+            sups.range(from.clone()..)
+                .take_while(|(k, _)| k.0 == id.0 && k.1 == id.1)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for k in mine(&self.sups) {
+            if self.sups.get(&k).is_some_and(|s| s.task.is_finished()) {
+                self.sups.remove(&k);
+            }
+        }
+
+        // Desired instances.
+        let mut desired: BTreeMap<Key, String> = BTreeMap::new();
+        let current = svc.as_ref().map(|s| template_hash(&s.spec, &s.meta));
+        if let (Some(s), Some(template)) = (&svc, &current) {
+            if s.spec.skip != Some(true) {
+                for i in 0..s.spec.scale().max(0) {
+                    let iid = format!("{}-{i}", s.spec.name);
+                    desired.insert((id.0.clone(), id.1.clone(), iid), template.clone());
+                }
+            }
+        }
+        let is_container = svc.as_ref().is_some_and(|s| s.spec.process.is_none());
+        if is_container && !self.adopt.containers_listed {
+            if let Some(reason) = &self.adopt.engine_error {
+                for k in desired.keys() {
+                    if records.get(&k.2).is_none_or(|r| &r.reason != reason) {
+                        inner
+                            .report(
+                                k,
+                                InstanceChange::Failed {
+                                    reason: reason.clone(),
+                                },
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+
+        // Instances no longer wanted.
+        let reason = if svc.is_some() {
+            "scaled down"
+        } else {
+            "service deleted"
+        };
+        for k in mine(&self.sups) {
+            if let Some(s) = self.sups.get_mut(&k) {
+                if !desired.contains_key(&k) && !s.stopping {
+                    stop_sup(s, reason.into());
+                }
+            }
+        }
+        // Adopted runs nobody wants any more.
+        let unwanted: Vec<Key> = self
+            .adopt
+            .runs
+            .keys()
+            .filter(|k| k.0 == id.0 && k.1 == id.1 && !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in unwanted {
+            if let Some(f) = self.adopt.runs.remove(&k) {
+                let record_exists = records.contains_key(&k.2);
+                let inner2 = inner.clone();
+                tokio::spawn(async move {
+                    let mut h = f.run.handle;
+                    match &h {
+                        RunHandle::Container { id } => {
+                            let _ = inner2.docker.stop(id, Duration::from_secs(10)).await;
+                        }
+                        _ => {
+                            inner2
+                                .process
+                                .stop(&k.0, &k.2, &mut h, Duration::from_secs(10))
+                                .await;
+                            inner2.process.remove(&k.0, &k.2);
+                        }
+                    }
+                    if record_exists {
+                        inner2.report(&k, InstanceChange::Removed).await;
+                    }
+                });
+            }
+        }
+
+        // Rolling replacement: one outdated instance at a time, and only while every
+        // up-to-date instance is ready. Ready means: the record describes this supervisor's
+        // run (same template) and it is ready; a record of the run it replaced, not yet
+        // updated, does not count.
+        let ready = |k: &Key, template: &str| {
+            records.get(&k.2).is_some_and(|r| {
+                r.template == template && r.phase == rune_statemachine::instance::Phase::Running && r.ready
+            })
+        };
+        if let (Some(s), Some(current)) = (&svc, &current) {
+            let keys = mine(&self.sups);
+            let busy = keys.iter().any(|k| {
+                let sup = &self.sups[k];
+                sup.stopping || (&sup.template == current && !ready(k, &sup.template))
+            }) || desired.keys().any(|k| !self.sups.contains_key(k));
+            if !busy {
+                let mut outdated: Vec<&Key> = keys
+                    .iter()
+                    .filter(|k| &self.sups[*k].template != current)
+                    .collect();
+                // Replace broken instances first: they serve nothing anyway.
+                outdated.sort_by_key(|k| (ready(k, &self.sups[*k].template), k.2.clone()));
+                if let Some(k) = outdated.first() {
+                    let generation = s.meta.generation;
+                    if let Some(sup) = self.sups.get_mut(*k) {
+                        stop_sup(sup, format!("replaced by generation {generation}"));
+                    }
+                }
+            }
+        }
+
+        // Start what is missing.
+        if let Some(s) = &svc {
+            for (k, template) in &desired {
+                if self.sups.contains_key(k) || (is_container && !self.adopt.containers_listed) {
+                    continue;
+                }
+                if let Ok(mut g) = inner.generations.lock() {
+                    g.insert(k.clone(), s.meta.generation);
+                }
+                let found = self.adopt.runs.remove(k);
+                let restarts = records.get(&k.2).map_or(0, |r| r.restarts);
+                let (run, template) = match found {
+                    Some(f) => {
+                        tracing::info!(instance = %k.2, namespace = %k.0, "adopted a running instance");
+                        (Some(f.run), f.template)
+                    }
+                    None => (None, template.clone()),
+                };
+                let (stop_tx, stop_rx) = oneshot::channel();
+                let sup = supervisor::Supervisor {
+                    inner: inner.clone(),
+                    key: k.clone(),
+                    launch: launch(s, &k.2, template.clone()),
+                    adopt: run,
+                    restarts: if Some(&template) == current.as_ref() {
+                        restarts
+                    } else {
+                        0
+                    },
+                    stop: stop_rx,
+                };
+                let done = inner.clone();
+                let sid = id.clone();
+                let task = tokio::spawn(async move {
+                    sup.run().await;
+                    done.enqueue(sid);
+                });
+                self.sups.insert(
+                    k.clone(),
+                    Sup {
+                        template,
+                        stopping: false,
+                        stop: Some(stop_tx),
+                        task,
+                    },
+                );
+            }
+        }
+
+        // Records of this node with nobody behind them (runed died while removing them).
+        for r in records.values() {
+            let k = (r.namespace.clone(), r.service.clone(), r.id.clone());
+            let ours = r.node.is_empty() || r.node == inner.cfg.node;
+            if ours
+                && !self.sups.contains_key(&k)
+                && !desired.contains_key(&k)
+                && !self.adopt.runs.contains_key(&k)
+            {
+                let container_unknown = r.runtime != "process" && !self.adopt.containers_listed;
+                if !container_unknown {
+                    inner.report(&k, InstanceChange::Removed).await;
+                }
+            }
+        }
+    }
+
+    /// Removes the folders of process instances nobody wants.
+    fn collect_garbage(&mut self) {
+        self.last_gc = Instant::now();
+        let mut keep: HashSet<(String, String)> = self
+            .sups
+            .keys()
+            .chain(self.adopt.runs.keys())
+            .map(|k| (k.0.clone(), k.2.clone()))
+            .collect();
+        if let Ok(p) = self.inner.picture.read() {
+            for ((ns, _), s) in &p.services {
+                for i in 0..s.spec.scale().max(0) {
+                    keep.insert((ns.clone(), format!("{}-{i}", s.spec.name)));
+                }
+            }
+        }
+        self.inner
+            .process
+            .collect_garbage(|ns, id| keep.contains(&(ns.to_string(), id.to_string())));
     }
 }
 
@@ -669,292 +1208,96 @@ fn adopt_or_discard(inner: &Arc<Inner>, adopt: &mut Adoptable, f: Found) {
     });
 }
 
-/// One pass: returns whether it read the state and acted on it.
-async fn reconcile(inner: &Arc<Inner>, sups: &mut HashMap<Key, Sup>, adopt: &mut Adoptable) -> bool {
-    let (services, records) = {
-        let txn = match inner.log.read() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the state; skipping this reconcile");
-                return false;
-            }
-        };
-        let t = match txn.open_table(STATE_TABLE) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the state; skipping this reconcile");
-                return false;
-            }
-        };
-        // A failed read skips this round: read as "no services", it would stop every instance.
-        let services: Vec<ServiceRecord> = match list_records(&t, &services_prefix(None)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the services; skipping this reconcile");
-                return false;
-            }
-        };
-        let records: Vec<InstanceRecord> = match list_records(&t, &instances_prefix(None, None)) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the instance records; skipping this reconcile");
-                return false;
-            }
-        };
-        (services, records)
-    };
-    // Containers are adopted once the engine answers; until then container services wait.
-    if !adopt.containers_listed && adopt.next_docker_try.is_none_or(|t| Instant::now() >= t) {
-        // Bounded: a hung engine must not stall every other service's reconcile.
-        let listed = match tokio::time::timeout(DOCKER_LIST_TIMEOUT, inner.docker.list()).await {
-            Ok(r) => r,
-            Err(_) => Err(RunError::EngineDown {
-                socket: inner.docker.socket().to_string(),
-                message: format!("no answer within {DOCKER_LIST_TIMEOUT:?}"),
-            }),
-        };
-        match listed {
-            Ok(found) => {
-                adopt.containers_listed = true;
-                for f in found {
-                    adopt_or_discard(inner, adopt, f);
-                }
-                tracing::info!("docker engine reachable; containers reconciled");
-            }
-            Err(e) => {
-                adopt.next_docker_try = Some(Instant::now() + adopt.docker_delay);
-                adopt.docker_delay = (adopt.docker_delay * 2).min(Duration::from_secs(30));
-                let wants_containers = services
-                    .iter()
-                    .any(|s| s.spec.process.is_none() && s.spec.scale() > 0);
-                if wants_containers {
-                    tracing::warn!(error = %e, retry_in = ?adopt.docker_delay, "cannot list containers");
-                }
-                // Until the engine answers, container instances cannot be adopted or started:
-                // say so on each (once), rather than leave what the last runed saw.
-                let reason = e.to_string();
-                for s in services
-                    .iter()
-                    .filter(|s| s.spec.process.is_none() && s.spec.skip != Some(true))
-                {
-                    let ns = s.spec.namespace();
-                    for i in 0..s.spec.scale().max(0) {
-                        let id = format!("{}-{i}", s.spec.name);
-                        let said = records
-                            .iter()
-                            .any(|r| r.namespace == ns && r.id == id && r.reason == reason);
-                        if !said {
-                            let key = (ns.to_string(), s.spec.name.clone(), id);
-                            inner.report(
-                                &key,
-                                InstanceChange::Failed {
-                                    reason: reason.clone(),
-                                },
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-    sups.retain(|_, s| !s.task.is_finished());
+/// The orchestrator's picture as its projection sees it; weak, so a stopped orchestrator is
+/// not kept alive by the projection.
+struct PictureView(Weak<Inner>);
 
-    // Desired instances.
-    let mut desired: BTreeMap<Key, (&ServiceRecord, String)> = BTreeMap::new();
-    for s in &services {
-        if s.spec.skip == Some(true) {
-            continue;
-        }
-        let template = template_hash(&s.spec, &s.meta);
-        let ns = s.spec.namespace().to_string();
-        for i in 0..s.spec.scale().max(0) {
-            let id = format!("{}-{i}", s.spec.name);
-            desired.insert((ns.clone(), s.spec.name.clone(), id), (s, template.clone()));
-        }
+impl PictureView {
+    fn inner(&self) -> Result<Arc<Inner>, ProjectionError> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| ProjectionError::View("the orchestrator is gone".into()))
     }
-    let service_exists = |k: &Key| {
-        services
-            .iter()
-            .any(|s| s.spec.namespace() == k.0 && s.spec.name == k.1)
-    };
+}
 
-    // Instances no longer wanted.
-    for (k, s) in sups.iter_mut() {
-        if !desired.contains_key(k) && !s.stopping {
-            let reason = if service_exists(k) {
-                "scaled down"
-            } else {
-                "service deleted"
-            };
-            stop_sup(s, reason.into());
+impl View for PictureView {
+    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
+        let inner = self.inner()?;
+        let mut fresh = Picture::default();
+        for d in &state {
+            fresh.apply(d);
         }
-    }
-    // Adopted runs nobody wants any more.
-    let unwanted: Vec<Key> = adopt
-        .runs
-        .keys()
-        .filter(|k| !desired.contains_key(*k))
-        .cloned()
-        .collect();
-    for k in unwanted {
-        if let Some(f) = adopt.runs.remove(&k) {
-            let record_exists = records
-                .iter()
-                .any(|r| r.namespace == k.0 && r.service == k.1 && r.id == k.2);
-            let inner2 = inner.clone();
-            let key = k.clone();
-            tokio::spawn(async move {
-                let mut h = f.run.handle;
-                match &h {
-                    RunHandle::Container { id } => {
-                        let _ = inner2.docker.stop(id, Duration::from_secs(10)).await;
-                    }
-                    _ => {
-                        inner2
-                            .process
-                            .stop(&key.0, &key.2, &mut h, Duration::from_secs(10))
-                            .await;
-                        inner2.process.remove(&key.0, &key.2);
-                    }
-                }
-                if record_exists {
-                    inner2.report(&key, InstanceChange::Removed);
-                }
-            });
+        *inner
+            .picture
+            .write()
+            .map_err(|e| ProjectionError::View(e.to_string()))? = fresh;
+        inner.built.store(true, Ordering::SeqCst);
+        if let Ok(mut q) = inner.queue.lock() {
+            q.all = true;
         }
+        inner.wake.notify_one();
+        Ok(())
     }
 
-    // Rolling replacement: one outdated instance per service at a time, and only while every
-    // up-to-date instance is ready.
-    // Ready means: the record describes this supervisor's run (same template) and it is ready;
-    // a record of the run it replaced, not yet updated, does not count.
-    let ready = |k: &Key, template: &str| {
-        records.iter().any(|r| {
-            r.namespace == k.0
-                && r.service == k.1
-                && r.id == k.2
-                && r.template == template
-                && r.phase == rune_statemachine::instance::Phase::Running
-                && r.ready
-        })
-    };
-    let mut by_service: BTreeMap<(String, String), Vec<Key>> = BTreeMap::new();
-    for k in sups.keys() {
-        by_service
-            .entry((k.0.clone(), k.1.clone()))
-            .or_default()
-            .push(k.clone());
-    }
-    for ((ns, name), keys) in by_service {
-        let Some(s) = services
-            .iter()
-            .find(|s| s.spec.namespace() == ns && s.spec.name == name)
-        else {
-            continue;
+    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
+        let inner = self.inner()?;
+        let touched: BTreeSet<SvcId> = {
+            let mut p = inner
+                .picture
+                .write()
+                .map_err(|e| ProjectionError::View(e.to_string()))?;
+            deltas.iter().filter_map(|d| p.apply(d)).collect()
         };
-        let current = template_hash(&s.spec, &s.meta);
-        let busy = keys.iter().any(|k| {
-            let sup = &sups[k];
-            sup.stopping || (sup.template == current && !ready(k, &sup.template))
-        }) || desired
-            .keys()
-            .any(|k| k.0 == ns && k.1 == name && !sups.contains_key(k));
-        if busy {
-            continue;
+        if let Ok(mut q) = inner.queue.lock() {
+            q.dirty.extend(touched);
+            inner
+                .counters
+                .queue_depth
+                .store(q.dirty.len() as u64, Ordering::Relaxed);
         }
-        let mut outdated: Vec<&Key> = keys.iter().filter(|k| sups[*k].template != current).collect();
-        // Replace broken instances first: they serve nothing anyway.
-        outdated.sort_by_key(|k| (ready(k, &sups[*k].template), k.2.clone()));
-        if let Some(k) = outdated.first() {
-            let generation = s.meta.generation;
-            if let Some(sup) = sups.get_mut(*k) {
-                stop_sup(sup, format!("replaced by generation {generation}"));
-            }
-        }
+        inner.wake.notify_one();
+        Ok(())
     }
 
-    // Start what is missing.
-    for (k, (svc, template)) in &desired {
-        if sups.contains_key(k) {
-            continue;
-        }
-        let is_container = svc.spec.process.is_none();
-        if is_container && !adopt.containers_listed {
-            continue;
-        }
-        if let Ok(mut g) = inner.generations.lock() {
-            g.insert(k.clone(), svc.meta.generation);
-        }
-        let found = adopt.runs.remove(k);
-        let restarts = records
-            .iter()
-            .find(|r| r.namespace == k.0 && r.service == k.1 && r.id == k.2)
-            .map(|r| r.restarts)
-            .unwrap_or(0);
-        let (run, template) = match found {
-            Some(f) => {
-                tracing::info!(instance = %k.2, namespace = %k.0, "adopted a running instance");
-                (Some(f.run), f.template)
-            }
-            None => (None, template.clone()),
-        };
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let sup = supervisor::Supervisor {
-            inner: inner.clone(),
-            key: k.clone(),
-            launch: launch(svc, &k.2, template.clone()),
-            adopt: run,
-            restarts: if template == template_hash(&svc.spec, &svc.meta) {
-                restarts
-            } else {
-                0
-            },
-            stop: stop_rx,
-        };
-        let wake = inner.clone();
-        let task = tokio::spawn(async move {
-            sup.run().await;
-            wake.wake.notify_one();
-        });
-        sups.insert(
-            k.clone(),
-            Sup {
-                template,
-                stopping: false,
-                stop: Some(stop_tx),
-                task,
-            },
-        );
+    fn wants(&self, d: &Delta) -> bool {
+        !matches!(d, Delta::Endpoints { .. })
     }
-
-    // Folders of process instances that are no longer wanted.
-    let keep: std::collections::HashSet<(String, String)> = desired
-        .keys()
-        .chain(sups.keys())
-        .chain(adopt.runs.keys())
-        .map(|k| (k.0.clone(), k.2.clone()))
-        .collect();
-    inner
-        .process
-        .collect_garbage(|ns, id| keep.contains(&(ns.to_string(), id.to_string())));
-
-    // Records of this node with nobody behind them (runed died while removing them).
-    for r in &records {
-        let k = (r.namespace.clone(), r.service.clone(), r.id.clone());
-        let ours = r.node.is_empty() || r.node == inner.cfg.node;
-        if ours && !sups.contains_key(&k) && !desired.contains_key(&k) && !adopt.runs.contains_key(&k) {
-            let container_unknown = r.runtime != "process" && !adopt.containers_listed;
-            if !container_unknown {
-                inner.report(&k, InstanceChange::Removed);
-            }
-        }
-    }
-    true
 }
 
 fn stop_sup(s: &mut Sup, reason: String) {
     s.stopping = true;
     if let Some(tx) = s.stop.take() {
         let _ = tx.send(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rune_statemachine::testing::{delta, fold};
+
+    fn build<'a>(state: impl IntoIterator<Item = &'a Delta>) -> Picture {
+        let mut p = Picture::default();
+        for d in state {
+            p.apply(d);
+        }
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// The projection contract: built from the state at one point and fed every later
+        /// delta, the picture equals one built from the state at the end.
+        #[test]
+        fn fed_equals_built(ds in prop::collection::vec(delta(), 0..60), cut in 0usize..60) {
+            let cut = cut.min(ds.len());
+            let mut fed = build(&fold(&ds[..cut]));
+            for d in &ds[cut..] {
+                fed.apply(d);
+            }
+            prop_assert_eq!(fed, build(&fold(&ds)));
+        }
     }
 }

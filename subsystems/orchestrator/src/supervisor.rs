@@ -69,8 +69,8 @@ impl Supervisor {
             .is_some()
     }
 
-    fn report(&self, change: InstanceChange) {
-        self.inner.report(&self.key, change);
+    async fn report(&self, change: InstanceChange) {
+        self.inner.report(&self.key, change).await;
     }
 
     pub async fn run(mut self) {
@@ -80,7 +80,8 @@ impl Supervisor {
                 runtime: self.launch.spec.runtime().to_string(),
                 template: self.launch.template.clone(),
                 generation: self.inner.generation_of(&self.key),
-            });
+            })
+            .await;
         }
         let mut streak: u32 = 0;
         loop {
@@ -91,7 +92,8 @@ impl Supervisor {
                         runtime_id: run.handle.runtime_id(),
                         adopted: true,
                         readiness_probe: self.has_readiness(),
-                    });
+                    })
+                    .await;
                     run
                 }
                 None => {
@@ -105,14 +107,16 @@ impl Supervisor {
                                 runtime_id: run.handle.runtime_id(),
                                 adopted: false,
                                 readiness_probe: self.has_readiness(),
-                            });
+                            })
+                            .await;
                             run
                         }
                         Err(e) => {
                             tracing::warn!(instance = %self.key.2, error = %e, "start failed");
                             self.report(InstanceChange::Failed {
                                 reason: e.to_string(),
-                            });
+                            })
+                            .await;
                             match self.backoff(&mut streak, None, e.to_string()).await {
                                 Some(()) => continue,
                                 None => return,
@@ -142,7 +146,8 @@ impl Supervisor {
                 Ended::Stop(reason) => {
                     self.report(InstanceChange::Stopping {
                         reason: reason.clone(),
-                    });
+                    })
+                    .await;
                     let e = self.inner.stop(&self.launch, &mut run).await;
                     return self.finish(Some(e), &reason).await;
                 }
@@ -165,7 +170,8 @@ impl Supervisor {
             self.report(InstanceChange::Exited {
                 code: exit.code,
                 reason: why.clone(),
-            });
+            })
+            .await;
             let restart = match policy(&self.launch) {
                 Policy::Always => true,
                 Policy::OnFailure => exit.code != Some(0),
@@ -198,7 +204,8 @@ impl Supervisor {
             restarts: self.restarts,
             delay_ms: delay.as_millis() as u64,
             reason,
-        });
+        })
+        .await;
         tokio::select! {
             _ = tokio::time::sleep(delay) => Some(()),
             r = &mut self.stop => {
@@ -218,7 +225,7 @@ impl Supervisor {
         }
         self.inner.cleanup(&self.launch).await;
         tracing::info!(instance = %self.key.2, namespace = %self.key.0, reason, "instance removed");
-        self.report(InstanceChange::Removed);
+        self.report(InstanceChange::Removed).await;
     }
 
     /// Holds the start back until every dependency is ready. `Err` carries a stop reason.
@@ -263,7 +270,8 @@ impl Supervisor {
             if reason != said {
                 self.report(InstanceChange::Waiting {
                     reason: reason.clone(),
-                });
+                })
+                .await;
                 said = reason;
             }
             tokio::select! {
@@ -356,14 +364,16 @@ async fn probe_loop(
             },
         );
         if let Some(state) = changed {
-            inner.report(
-                key,
-                InstanceChange::Probe {
-                    probe: name.into(),
-                    ok: state,
-                    message: message.clone(),
-                },
-            );
+            inner
+                .report(
+                    key,
+                    InstanceChange::Probe {
+                        probe: name.into(),
+                        ok: state,
+                        message: message.clone(),
+                    },
+                )
+                .await;
             if is_liveness && !state {
                 return message;
             }

@@ -1,0 +1,182 @@
+//! What the projections cost as services accumulate: with 0, 500 and 5,000 services at scale 0,
+//! the time from a cast to its name answering in the DNS and to the data plane serving its port
+//! (p50/p99), runed's idle CPU, and its resident memory.
+//!
+//! `cargo bench -p runed --bench projections` prints a table. `BENCH_CASTS` (default 50) sets
+//! how many casts are timed per row.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use rune_chaos_tests::{Bins, Daemon};
+use rune_proto::v1 as pb;
+use tonic::transport::Channel;
+
+type Ch = tonic::service::interceptor::InterceptedService<Channel, rune_chaos_tests::Bearer>;
+
+fn query(name: &str) -> Vec<u8> {
+    let mut p = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for l in name.split('.') {
+        p.push(l.len() as u8);
+        p.extend_from_slice(l.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+/// Whether `server` answers `name` with at least one record.
+fn answers(sock: &UdpSocket, server: SocketAddr, name: &str) -> bool {
+    let _ = sock.send_to(&query(name), server);
+    let mut buf = [0u8; 512];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n > 12 && buf[3] & 0x0f == 0 && buf[7] > 0)
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1));
+    v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Casts services `from..to` at scale 0, 100 per request, as the writes bench's spec.
+async fn fill(ch: &Ch, from: usize, to: usize) {
+    let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
+    let names: Vec<usize> = (from..to).collect();
+    for chunk in names.chunks(100) {
+        let resources = chunk
+            .iter()
+            .map(|i| pb::Resource {
+                kind: Some(pb::resource::Kind::ServiceJson(
+                    serde_json::json!({"name": format!("fill-{i}"), "image": "busybox", "scale": 0})
+                        .to_string(),
+                )),
+            })
+            .collect();
+        c.apply(pb::ApplyRequest {
+            resources,
+            ..Default::default()
+        })
+        .await
+        .expect("apply");
+    }
+}
+
+/// Times `casts` casts of a service with a port: to its DNS answer, and to its proxy listener.
+async fn cast_latency(
+    ch: &Ch,
+    dns: SocketAddr,
+    round: usize,
+    casts: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
+    let (mut to_dns, mut to_dp) = (Vec::new(), Vec::new());
+    for i in 0..casts {
+        let name = format!("lat-{round}-{i}");
+        let json = serde_json::json!({"name": name, "image": "busybox", "scale": 0,
+            "ports": [{"name": "http", "port": 8080}]})
+        .to_string();
+        let t0 = Instant::now();
+        c.apply(pb::ApplyRequest {
+            resources: vec![pb::Resource {
+                kind: Some(pb::resource::Kind::ServiceJson(json)),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("apply");
+        let deadline = t0 + Duration::from_secs(10);
+        let fqdn = format!("{name}.default.rune");
+        let (mut dns_at, mut dp_at) = (None, None);
+        while (dns_at.is_none() || dp_at.is_none()) && Instant::now() < deadline {
+            if dns_at.is_none() && answers(&sock, dns, &fqdn) {
+                dns_at = Some(t0.elapsed());
+            }
+            if dp_at.is_none() {
+                let s = c
+                    .get_service(pb::GetServiceRequest {
+                        namespace: "default".into(),
+                        name: name.clone(),
+                    })
+                    .await
+                    .map(|r| r.into_inner());
+                if s.is_ok_and(|s| !s.proxy_ports.is_empty()) {
+                    dp_at = Some(t0.elapsed());
+                }
+            }
+        }
+        to_dns.push(dns_at.expect("the DNS never answered the new name"));
+        to_dp.push(dp_at.expect("the data plane never served the new port"));
+        // Keep the port range for the next rounds.
+        c.delete_service(pb::DeleteServiceRequest {
+            namespace: "default".into(),
+            name,
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    (to_dns, to_dp)
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let casts: usize = std::env::var("BENCH_CASTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let bins = Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let d = Daemon::start(&bins);
+    let pid = d.pid().expect("pid");
+    let ch: Ch = rt.block_on(async {
+        let c = Channel::from_shared(format!("http://{}", d.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        tonic::service::interceptor::InterceptedService::new(c, d.bearer())
+    });
+    println!("projections as services accumulate (scale 0), {casts} casts per row, one runed");
+    println!();
+    println!("| services | cast→DNS p50 ms | p99 ms | cast→data plane p50 ms | p99 ms | idle CPU % of a core | RSS MiB |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|");
+    let mut have = 0;
+    for (round, n) in [0usize, 500, 5000].into_iter().enumerate() {
+        rt.block_on(fill(&ch, have, n));
+        have = n;
+        let (mut dns, mut dp) = rt.block_on(cast_latency(&ch, d.dns, round, casts));
+        // Settle, then measure CPU over a window where nothing is written.
+        std::thread::sleep(Duration::from_secs(3));
+        let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+        std::thread::sleep(Duration::from_secs(20));
+        let cpu = (cpu_ticks(pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
+        println!(
+            "| {n} | {:.2} | {:.2} | {:.2} | {:.2} | {cpu:.2} | {:.1} |",
+            pct(&mut dns, 0.5),
+            pct(&mut dns, 0.99),
+            pct(&mut dp, 0.5),
+            pct(&mut dp, 0.99),
+            common::rss_kib(pid) as f64 / 1024.0
+        );
+    }
+}

@@ -97,7 +97,13 @@ pub(crate) fn apply_entries(
                 EntryPayload::Normal(batch) => {
                     let mut outcomes = Vec::with_capacity(batch.0.len());
                     for env in &batch.0 {
-                        let (outcome, deltas) = store::apply_traced(&mut table, e.log_id.index, env)
+                        let (outcome, writes) = store::apply_traced(&mut table, e.log_id.index, env)
+                            .map_err(|e| e.to_string())?;
+                        // Just encoded by this apply: a value that does not decode back is a bug.
+                        let deltas = writes
+                            .iter()
+                            .filter_map(|(k, v)| Delta::from_write(k, v.as_deref()).transpose())
+                            .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| e.to_string())?;
                         events.push(AppliedEntry {
                             index: e.log_id.index,

@@ -9,8 +9,9 @@ use rune_statemachine::store::{get_record, list_records, policy_key, token_key};
 use rune_statemachine::{Command, STATE_TABLE};
 use tonic::{Request, Response, Status};
 
-use crate::api::{internal, not_proposed, rejection, Api};
+use crate::api::Api;
 use crate::auth::{admin_gate, authorize, now_ms, token_hash};
+use crate::grpc::{internal, not_proposed, rejection};
 
 /// Longest a backup waits for its client to take the next chunk.
 const BACKUP_STALL: std::time::Duration = std::time::Duration::from_secs(60);

@@ -5,18 +5,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use rune_log::{AppliedEntry, Log, ProposeError};
+use rune_log::{AppliedEntry, Log};
 use rune_proto::v1 as pb;
+use rune_statemachine::command::parse_resource;
 use rune_statemachine::store::{
     configmap_key, get_record, list_records, namespace_key, secret_key, service_history, service_key,
     services_prefix, spec_hash, NamespaceRecord, ObjectMeta, ServiceRecord,
 };
-use rune_statemachine::validate::parse_resource;
-use rune_statemachine::{Action, Command, Kind, Rejection, Resource, MAX_SPEC_BYTES, STATE_TABLE};
+use rune_statemachine::{Action, Command, Kind, Resource, MAX_SPEC_BYTES, STATE_TABLE};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::auth::authorize;
+use crate::grpc::{internal, namespace_or_default, not_proposed, rejection, scope, Decoded};
 use crate::paging::PageQuery;
 
 /// Shared by every service of the API.
@@ -29,7 +30,7 @@ pub struct Api {
     /// Runs the instances; asked for live health, logs and exec.
     pub orchestrator: Arc<rune_orchestrator::Orchestrator>,
     /// The KEKs, secret limits and rotation.
-    pub secrets: Arc<crate::secrets_api::Secrets>,
+    pub secrets: Arc<crate::sealing::Secrets>,
     /// Admin RPCs from non-loopback clients (`auth.allow-remote-admin`).
     pub allow_remote_admin: bool,
     /// The data plane: proxy ports, policy explanations, port-forward.
@@ -60,37 +61,6 @@ impl Api {
 }
 
 pub(crate) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
-
-/// Why a write did not reach the log: a full data dir is RESOURCE_EXHAUSTED (retry after
-/// freeing space), anything else UNAVAILABLE (retry later).
-pub(crate) fn not_proposed(e: ProposeError) -> Status {
-    match e {
-        ProposeError::NoSpace(n) => Status::resource_exhausted(n.to_string()),
-        e => Status::unavailable(e.to_string()),
-    }
-}
-
-pub(crate) fn rejection(r: Rejection) -> Status {
-    match r {
-        Rejection::Invalid(m) => Status::invalid_argument(m),
-        Rejection::NotFound(m) => Status::not_found(m),
-        Rejection::FailedPrecondition(m) => Status::failed_precondition(m),
-        Rejection::AlreadyExists(m) => Status::already_exists(m),
-        Rejection::UnsupportedFormat(_) => Status::internal(r.to_string()),
-    }
-}
-
-pub(crate) fn namespace_or_default(ns: &str) -> &str {
-    if ns.is_empty() {
-        rune_statemachine::DEFAULT_NAMESPACE
-    } else {
-        ns
-    }
-}
 
 fn meta(m: &ObjectMeta) -> pb::ObjectMeta {
     pb::ObjectMeta {
@@ -150,11 +120,6 @@ pub(crate) async fn next_entry<T>(
     }
 }
 
-/// The namespace a list or watch covers: `*` is all of them, empty is the default one.
-pub(crate) fn scope(ns: &str) -> Option<String> {
-    (ns != "*").then(|| namespace_or_default(ns).to_string())
-}
-
 /// Parses `k=v,k2=v2`.
 fn parse_selector(s: &str) -> Result<Vec<(String, String)>, Status> {
     s.split(',')
@@ -172,23 +137,6 @@ fn parse_selector(s: &str) -> Result<Vec<(String, String)>, Status> {
 fn matches(r: &ServiceRecord, sel: &[(String, String)]) -> bool {
     sel.iter()
         .all(|(k, v)| r.spec.labels.get(k).is_some_and(|x| &x.0 == v))
-}
-
-/// One decoded resource of a cast. Secrets stay plaintext here, in memory, until sealed.
-// Short-lived, a handful per cast: boxing the service would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Decoded {
-    /// Ready to propose.
-    Resource(Resource),
-    /// A secret to seal (or to skip when unchanged).
-    Secret {
-        /// Namespace.
-        namespace: String,
-        /// Name.
-        name: String,
-        /// Values.
-        data: rune_statemachine::secret::SecretData,
-    },
 }
 
 fn spec_problem(kind: &str, name: &str, errs: &[rune_statemachine::decode::FieldError]) -> Status {

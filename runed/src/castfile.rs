@@ -5,8 +5,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use rune_statemachine::command::parse_resource;
 use rune_statemachine::decode::{FieldError, FieldPath};
-use rune_statemachine::validate::parse_resource;
 use rune_statemachine::Resource;
 
 use crate::yaml::{self, Node, NodeKind};

@@ -1113,7 +1113,7 @@ fn kek_source(
     }
     match kek.source.as_deref().unwrap_or("file") {
         "file" => Ok(KekSource::File {
-            path: file.unwrap_or_else(|| crate::secrets_api::default_kek_path(data_dir)),
+            path: file.unwrap_or_else(|| crate::sealing::default_kek_path(data_dir)),
             generate_if_missing: generate,
         }),
         "env" => Ok(KekSource::Env {

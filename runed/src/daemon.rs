@@ -36,7 +36,7 @@ pub struct LogFailed(pub String);
 
 /// The process exit code for an error of [`run`].
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<crate::secrets_api::KekProblem>().is_some()
+    if e.downcast_ref::<crate::sealing::KekProblem>().is_some()
         || e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.downcast_ref::<crate::tls::TlsError>().is_some()
     {
@@ -234,7 +234,7 @@ async fn start_dataplane(s: &Settings, log: &Arc<Log>) -> anyhow::Result<Arc<run
 async fn start_ingress(
     s: &Settings,
     log: &Arc<Log>,
-    secrets: &Arc<crate::secrets_api::Secrets>,
+    secrets: &Arc<crate::sealing::Secrets>,
 ) -> anyhow::Result<Option<Arc<rune_ingress::Ingress>>> {
     let Some((http, https)) = s.ingress else {
         return Ok(None);
@@ -243,7 +243,7 @@ async fn start_ingress(
         http,
         https,
         acme: s.acme.clone(),
-        vault: Arc::new(crate::secrets_api::CertVault {
+        vault: Arc::new(crate::sealing::CertVault {
             log: log.clone(),
             secrets: secrets.clone(),
         }),
@@ -260,7 +260,7 @@ async fn start_ingress(
 async fn start_orchestrator(
     s: &Settings,
     log: &Arc<Log>,
-    secrets: &Arc<crate::secrets_api::Secrets>,
+    secrets: &Arc<crate::sealing::Secrets>,
     cluster: &str,
 ) -> Arc<rune_orchestrator::Orchestrator> {
     let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
@@ -268,7 +268,7 @@ async fn start_orchestrator(
     c.docker_socket = s.docker_socket.clone();
     c.docker_client = s.docker_client;
     c.run_dir = s.run_dir.clone();
-    c.secrets = Some(Arc::new(crate::secrets_api::SecretOpener(secrets.clone())));
+    c.secrets = Some(Arc::new(crate::sealing::SecretOpener(secrets.clone())));
     // The small writer installed beside runed, else runed itself (`runed __log-writer`).
     c.log_writer = std::env::current_exe().ok().map(|exe| {
         let small = exe.with_file_name("rune-log-writer");
@@ -395,7 +395,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
 
     systemd::status("checking the KEK");
-    let secrets = match crate::secrets_api::Secrets::load(&log, s.kek_source.clone(), s.secret_limits) {
+    let secrets = match crate::sealing::Secrets::load(&log, s.kek_source.clone(), s.secret_limits) {
         Ok(x) => Arc::new(x),
         Err(e) => {
             // Close the log cleanly before refusing: nothing was changed.

@@ -13,7 +13,8 @@ use rune_statemachine::store::{get_record, list_records, service_key, services_p
 use rune_statemachine::{Action, Command, Kind, STATE_TABLE};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::{internal, namespace_or_default, not_proposed, rejection, scope, Api, Stream_};
+use crate::api::{Api, Stream_};
+use crate::grpc::{internal, namespace_or_default, not_proposed, rejection, scope};
 
 /// How long an instance without a readiness probe must run before a rollout counts it.
 const MIN_READY_MS: i64 = 1000;

@@ -5,7 +5,8 @@ use rune_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::{namespace_or_default, Api, Stream_};
+use crate::api::{Api, Stream_};
+use crate::grpc::namespace_or_default;
 
 fn verdict(v: &rune_dataplane::policy::Verdict) -> pb::PolicyVerdict {
     pb::PolicyVerdict {
@@ -33,7 +34,7 @@ impl pb::network_api_server::NetworkApi for Api {
         crate::auth::authorize(&req, "services", "list", (!ns.is_empty()).then_some(ns.as_str()))?;
         // The routes as the state has them; what is served, from this node's ingress.
         let routes = {
-            let (_, state) = rune_log::projection::read_state(&self.log).map_err(crate::api::internal)?;
+            let (_, state) = rune_log::projection::read_state(&self.log).map_err(crate::grpc::internal)?;
             let mut exposed = rune_ingress::routes::Exposed::default();
             for d in &state {
                 exposed.apply(d);

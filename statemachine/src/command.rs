@@ -373,3 +373,34 @@ pub enum Rejection {
 
 /// The result of applying one entry: the changes, or why there were none.
 pub type Outcome = Result<Vec<Change>, Rejection>;
+
+/// Decodes and validates one resource of `kind` (`service` or `namespace`), so that every front
+/// end (castfiles, the API) accepts exactly the same specs. The service's namespace is filled in.
+pub fn parse_resource(
+    kind: &str,
+    value: &serde_json::Value,
+) -> Result<Resource, Vec<crate::decode::FieldError>> {
+    match kind {
+        "service" => {
+            let mut s: crate::spec::ServiceSpec = crate::decode::decode(value)?;
+            let errs = crate::validate::validate_service(&s);
+            if !errs.is_empty() {
+                return Err(errs);
+            }
+            s.namespace = Some(s.namespace().to_string());
+            Ok(Resource::Service(s))
+        }
+        "namespace" => {
+            let n: crate::spec::NamespaceSpec = crate::decode::decode(value)?;
+            let errs = crate::validate::validate_namespace(&n);
+            if !errs.is_empty() {
+                return Err(errs);
+            }
+            Ok(Resource::Namespace(n))
+        }
+        other => Err(vec![crate::decode::FieldError::new(
+            crate::decode::FieldPath::root(),
+            format!("unknown resource kind '{other}'"),
+        )]),
+    }
+}

@@ -2,9 +2,9 @@
 //!
 //! A projection (the DNS, the data plane, the ingress, the orchestrator) starts from
 //! [`snapshot`] of the state at an index and then applies the [`Delta`]s of every later entry.
-//! Both come from the same keys decoded the same way, so "built from the state at N" and "fed
-//! entry by entry up to N" cannot disagree: the property test in `tests/delta.rs` holds them
-//! to it. A delta carries the whole new record (or its absence), never a summary to parse.
+//! Both come from the same keys decoded the same way ([`Delta::from_write`], over
+//! [`crate::store::apply_traced`]'s writes or the stored records), so "built from the state at
+//! N" and "fed entry by entry up to N" cannot disagree: the projection tests hold them to it. A delta carries the whole new record (or its absence), never a summary to parse.
 
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};

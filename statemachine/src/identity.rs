@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{FieldError, FieldPath};
-use crate::store::ObjectMeta;
+use crate::meta::ObjectMeta;
 use crate::validate::dns1123_label;
 
 /// Resources a rule can name, in their canonical (plural) spelling.

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::meta::ObjectMeta;
 use crate::spec::ServiceSpec;
-use crate::store::ObjectMeta;
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -231,7 +231,7 @@ pub fn template_hash(spec: &ServiceSpec, meta: &ObjectMeta) -> String {
     s.network_policy = None;
     s.discovery = None;
     s.expose = None;
-    let h = crate::store::spec_hash(&s);
+    let h = crate::meta::spec_hash(&s);
     format!("{}-{}", &h[..16], meta.restart_count)
 }
 

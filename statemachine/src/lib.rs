@@ -19,6 +19,7 @@ pub mod delta;
 pub mod deps;
 pub mod identity;
 pub mod instance;
+pub mod meta;
 pub mod network;
 pub mod secret;
 pub mod spec;

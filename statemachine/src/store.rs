@@ -10,6 +10,8 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::meta::{spec_hash, ObjectMeta};
+
 use crate::command::{Action, Change, Command, Envelope, Kind, Outcome, Rejection, Resource, FORMAT_VERSION};
 use crate::deps::{find_cycle, resolve, DepKind, ServiceId};
 use crate::instance::{fold, instance_key, InstanceRecord};
@@ -42,44 +44,6 @@ pub enum StoreError {
         /// Why it did not decode.
         source: serde_json::Error,
     },
-}
-
-/// Bookkeeping kept with every object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct ObjectMeta {
-    /// When the object was created (proposer's clock).
-    pub created_at_ms: i64,
-    /// When the spec last changed.
-    pub updated_at_ms: i64,
-    /// 1 at creation, +1 on each change of spec or forced re-cast.
-    pub generation: u64,
-    /// Hex SHA-256 of the canonical spec JSON.
-    pub spec_hash: String,
-    /// Log index of the last change.
-    pub resource_version: u64,
-    /// The last scale above zero, so `rune restart` of a stopped service knows what to go back to.
-    #[serde(default)]
-    pub last_non_zero_scale: u32,
-    /// Bumped by `rune restart`; part of the instance template, so a bump replaces every instance.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub restart_count: u64,
-}
-
-impl ObjectMeta {
-    /// The bookkeeping of the next generation: a changed spec (or a forced re-cast) at `index`.
-    fn next(&self, now: i64, index: u64, spec_hash: String) -> ObjectMeta {
-        ObjectMeta {
-            updated_at_ms: now,
-            generation: self.generation + 1,
-            spec_hash,
-            resource_version: index,
-            ..self.clone()
-        }
-    }
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// A stored service.
@@ -148,12 +112,6 @@ fn history_key(ns: &str, name: &str, generation: u64) -> String {
 /// A versioned key under `prefix` that sorts by version.
 fn history_key_for(prefix: &str, version: u64) -> String {
     format!("{prefix}{version:020}")
-}
-
-/// Canonical JSON of a spec and its hash: equal specs give equal bytes.
-pub fn spec_hash<T: Serialize>(spec: &T) -> String {
-    let bytes = serde_json::to_vec(spec).unwrap_or_default();
-    hex::encode(Sha256::digest(&bytes))
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -377,13 +335,17 @@ pub fn apply(
     apply_traced(table, index, entry).map(|(outcome, _)| outcome)
 }
 
-/// [`apply`], also returning the typed [`Delta`](crate::delta::Delta)s of what it wrote, in key
-/// order, for the projections. A rejected entry wrote nothing and has none.
+/// What an entry wrote, in key order: each key with its new value, or `None` when removed.
+/// [`crate::delta::Delta::from_write`] turns the ones projections follow into typed records.
+pub type Writes = Vec<(String, Option<Vec<u8>>)>;
+
+/// [`apply`], also returning what it wrote, for the projections. A rejected entry wrote
+/// nothing.
 pub fn apply_traced(
     table: &mut redb::Table<&'static str, &'static [u8]>,
     index: u64,
     entry: &Envelope,
-) -> Result<(Outcome, Vec<crate::delta::Delta>), StoreError> {
+) -> Result<(Outcome, Writes), StoreError> {
     let (outcome, pending) = {
         let mut o = Overlay {
             base: &*table,
@@ -392,14 +354,10 @@ pub fn apply_traced(
         let outcome = decide(&mut o, index, entry)?;
         (outcome, o.pending)
     };
-    let mut deltas = Vec::new();
+    let mut writes = Vec::new();
     if outcome.is_ok() {
         for (k, v) in pending {
-            // Just encoded by this apply: a value that does not decode back is a bug here.
-            if let Some(d) = crate::delta::Delta::from_write(&k, v.as_deref())? {
-                deltas.push(d);
-            }
-            match v {
+            match &v {
                 Some(v) => {
                     table.insert(k.as_str(), v.as_slice())?;
                 }
@@ -407,9 +365,10 @@ pub fn apply_traced(
                     table.remove(k.as_str())?;
                 }
             }
+            writes.push((k, v));
         }
     }
-    Ok((outcome, deltas))
+    Ok((outcome, writes))
 }
 
 fn decide<R: ReadableTable<&'static str, &'static [u8]>>(

@@ -3,8 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::command::Resource;
-use crate::decode::{decode, FieldError, FieldPath};
+use crate::decode::{FieldError, FieldPath};
 use crate::spec::{
     Dependency, EnvFrom, EnvFromList, NamespaceSpec, Peer, PortRef, Probe, RequestLimit, ServiceSpec,
     StringOrList,
@@ -36,34 +35,6 @@ pub fn dns1123_label(name: &str) -> Result<(), String> {
         return Err(format!("'{name}' must start and end with a letter or digit"));
     }
     Ok(())
-}
-
-/// Decodes and validates one resource of `kind` (`service` or `namespace`), so that every front
-/// end (castfiles, the API) accepts exactly the same specs. The service's namespace is filled in.
-pub fn parse_resource(kind: &str, value: &serde_json::Value) -> Result<Resource, Vec<FieldError>> {
-    match kind {
-        "service" => {
-            let mut s: ServiceSpec = decode(value)?;
-            let errs = validate_service(&s);
-            if !errs.is_empty() {
-                return Err(errs);
-            }
-            s.namespace = Some(s.namespace().to_string());
-            Ok(Resource::Service(s))
-        }
-        "namespace" => {
-            let n: NamespaceSpec = decode(value)?;
-            let errs = validate_namespace(&n);
-            if !errs.is_empty() {
-                return Err(errs);
-            }
-            Ok(Resource::Namespace(n))
-        }
-        other => Err(vec![FieldError::new(
-            FieldPath::root(),
-            format!("unknown resource kind '{other}'"),
-        )]),
-    }
 }
 
 /// Validates a namespace spec.

@@ -1020,3 +1020,48 @@ fn an_unreadable_service_record_stops_nothing() {
     });
     assert!(pid_alive(&pid), "the instance was stopped");
 }
+
+/// Pids written, one per line, by commands that record themselves in `file`.
+fn pids_in(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A command nobody waits for any more ends: an exec probe past its timeout, and `rune exec`
+/// whose client went away. Neither lingers behind the instance.
+#[test]
+fn abandoned_probes_and_execs_end() {
+    let d = Daemon::start(&bins());
+    let probes = d.scratch().join("probe-pids");
+    let f = write(
+        &d,
+        "slow.yaml",
+        &format!(
+            "service:\n  name: slow\n  scale: 1\n  process:\n    command: sleep\n    args: [\"100000\"]\n  health:\n    liveness:\n      type: exec\n      command: [\"/bin/sh\", \"-c\", \"echo $$ >> {}; exec sleep 1000\"]\n      timeoutSeconds: 1\n      intervalSeconds: 1\n      failureThreshold: 1000\n",
+            probes.display()
+        ),
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "two probes to have started", || pids_in(&probes).len() >= 2);
+    let first = pids_in(&probes)[0].clone();
+    wait_until(LONG, "the timed-out probe to be killed", || !pid_alive(&first));
+
+    let execs = d.scratch().join("exec-pid");
+    let mut client = d
+        .rune_cmd()
+        .args(["exec", "slow", "--", "/bin/sh", "-c"])
+        .arg(format!("echo $$ > {}; exec sleep 1000", execs.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(LONG, "the exec to start", || pids_in(&execs).len() == 1);
+    let pid = pids_in(&execs)[0].clone();
+    assert!(pid_alive(&pid));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    wait_until(LONG, "the abandoned exec to be killed", || !pid_alive(&pid));
+}

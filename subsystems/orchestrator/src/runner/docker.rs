@@ -742,17 +742,36 @@ impl DockerRunner {
         });
         tokio::spawn(async move {
             use bollard::container::LogOutput;
-            while let Some(Ok(o)) = output.next().await {
-                let msg = match o {
-                    LogOutput::StdErr { message } => ExecOutput::Stderr(message),
-                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                        ExecOutput::Stdout(message)
+            let pump = async {
+                while let Some(Ok(o)) = output.next().await {
+                    let msg = match o {
+                        LogOutput::StdErr { message } => ExecOutput::Stderr(message),
+                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                            ExecOutput::Stdout(message)
+                        }
+                        LogOutput::StdIn { .. } => continue,
+                    };
+                    if out_tx.send(msg).await.is_err() {
+                        return false;
                     }
-                    LogOutput::StdIn { .. } => continue,
-                };
-                if out_tx.send(msg).await.is_err() {
-                    return;
                 }
+                true
+            };
+            let finished = tokio::select! {
+                f = pump => f,
+                _ = out_tx.closed() => false,
+            };
+            if !finished {
+                // Nobody reads any more (a probe timed out, the client went away). The Engine
+                // has no call to stop an exec: its process is ended by its host pid.
+                let pid = d.inspect_exec(&exec_id).await.ok().and_then(|i| i.pid);
+                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1) {
+                    // SAFETY: kill(2) has no memory effects; the pid is the exec's own process.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                return;
             }
             let code = d
                 .inspect_exec(&exec_id)

@@ -220,3 +220,16 @@ pub fn grace(spec: &ServiceSpec) -> std::time::Duration {
     let s = spec.stop_grace_period_seconds.unwrap_or(10).clamp(0, 3600);
     std::time::Duration::from_secs(s as u64)
 }
+
+/// Sends `sig` to the process group `pid` leads (instances and exec'd commands start their
+/// own). Never to pid 0 or 1, which would address runed's own group or every process.
+pub(crate) fn signal_group(pid: i32, sig: i32) {
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory effects; a negative pid addresses the process group the
+    // instance leads (it was started with process_group(0) or setsid()).
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}

@@ -17,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{
-    ExecInput, ExecOutput, ExecSpec, Exit, Found, Launch, LogQuery, LogStream, Run, RunError, RunHandle,
+    signal_group, ExecInput, ExecOutput, ExecSpec, Exit, Found, Launch, LogQuery, LogStream, Run, RunError,
+    RunHandle,
 };
 
 /// What a restarted runed needs to find a process again.
@@ -421,8 +422,18 @@ impl ProcessRunner {
         };
         let a = pump(stdout.map(|s| Box::new(s) as _), out_tx.clone(), false);
         let b = pump(stderr.map(|s| Box::new(s) as _), out_tx.clone(), true);
+        let pid = child.id().and_then(|p| i32::try_from(p).ok());
         tokio::spawn(async move {
-            tokio::join!(a, b);
+            tokio::select! {
+                _ = async { tokio::join!(a, b) } => {}
+                // Nobody reads any more (a probe timed out, the client went away): the command
+                // and whatever it started end now, rather than run on unseen.
+                _ = out_tx.closed() => {
+                    if let Some(pid) = pid {
+                        signal_group(pid, libc::SIGKILL);
+                    }
+                }
+            }
             let code = match child.wait().await {
                 Ok(st) => exit_of(st).code.unwrap_or(-1),
                 Err(_) => -1,
@@ -641,17 +652,6 @@ fn alive(pid: i32, start: u64) -> bool {
     };
     let state = s.rfind(')').and_then(|i| s.get(i + 2..i + 3)).unwrap_or("X");
     state != "Z" && state != "X" && (start == 0 || start_time(pid) == Some(start))
-}
-
-fn signal_group(pid: i32, sig: i32) {
-    if pid <= 1 {
-        return;
-    }
-    // SAFETY: kill(2) has no memory effects; a negative pid addresses the process group the
-    // instance leads (it was started with process_group(0)).
-    unsafe {
-        libc::kill(-pid, sig);
-    }
 }
 
 /// Resolves `securityContext.user/group` (names or numbers) through /etc/passwd and /etc/group.

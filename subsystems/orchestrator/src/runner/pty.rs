@@ -146,8 +146,28 @@ pub fn spawn(
         }
         let _ = done_tx.send(());
     });
+    let pid = child.id().and_then(|p| i32::try_from(p).ok());
     tokio::spawn(async move {
-        let code = match child.wait().await {
+        let waited = tokio::select! {
+            w = child.wait() => w,
+            // The client went away: hang up the terminal's session as a closed terminal would,
+            // and kill what ignores that.
+            _ = out_tx.closed() => {
+                if let Some(pid) = pid {
+                    super::signal_group(pid, libc::SIGHUP);
+                }
+                match tokio::time::timeout(std::time::Duration::from_secs(2), child.wait()).await {
+                    Ok(w) => w,
+                    Err(_) => {
+                        if let Some(pid) = pid {
+                            super::signal_group(pid, libc::SIGKILL);
+                        }
+                        child.wait().await
+                    }
+                }
+            }
+        };
+        let code = match waited {
             Ok(st) => {
                 use std::os::unix::process::ExitStatusExt;
                 st.code()

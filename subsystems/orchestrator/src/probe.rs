@@ -105,55 +105,126 @@ pub fn resolve_port(p: &Option<PortRef>, spec: &ServiceSpec) -> Option<u16> {
     }
 }
 
-/// One HTTP check: any 2xx or 3xx status passes.
+/// One HTTP check: any 2xx or 3xx status passes. `scheme: https` speaks TLS first and, as
+/// Kubernetes' kubelet does, does not verify the certificate: the probe asks whether the
+/// instance answers, not whom to trust.
 pub async fn http(host: &str, port: u16, p: &Probe, timeout: Duration) -> Result<String, String> {
-    let path = p.path.clone().unwrap_or_else(|| "/".into());
     let scheme = p.scheme.as_deref().unwrap_or("http").to_ascii_lowercase();
     let run = async {
-        let mut s = TcpStream::connect((host, port))
+        let s = TcpStream::connect((host, port))
             .await
             .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-        if scheme == "https" {
-            // The connection is what is checked; TLS is not spoken (no TLS stack in runed yet).
-            return Ok(format!(
-                "https: port {port} accepts connections (TLS not checked)"
-            ));
+        if scheme != "https" {
+            return exchange(s, host, p).await;
         }
-        let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rune-probe/1\r\nAccept: */*\r\nConnection: close\r\n",
-            p.host.as_deref().unwrap_or(host)
-        );
-        for (k, v) in &p.headers {
-            req.push_str(&format!("{k}: {}\r\n", v.0));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes())
+        let name = p.host.as_deref().unwrap_or(host).to_string();
+        let server =
+            rustls::pki_types::ServerName::try_from(name).map_err(|e| format!("https: server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(insecure_client()?)
+            .connect(server, s)
             .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut buf = vec![0u8; 256];
-        let mut n = 0;
-        while n < 12 {
-            let m = s.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))?;
-            if m == 0 {
-                break;
-            }
-            n += m;
-        }
-        let line = String::from_utf8_lossy(&buf[..n]);
-        let code: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "no HTTP status in the answer".to_string())?;
-        if (200..400).contains(&code) {
-            Ok(format!("HTTP {code}"))
-        } else {
-            Err(format!("HTTP {code}"))
-        }
+            .map_err(|e| format!("https: TLS handshake with {host}:{port}: {e}"))?;
+        exchange(tls, host, p).await
     };
     tokio::time::timeout(timeout, run)
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {}s", timeout.as_secs())))
+}
+
+/// Sends the probe's GET and reads the status line.
+async fn exchange<S>(mut s: S, host: &str, p: &Probe) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let path = p.path.clone().unwrap_or_else(|| "/".into());
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rune-probe/1\r\nAccept: */*\r\nConnection: close\r\n",
+        p.host.as_deref().unwrap_or(host)
+    );
+    for (k, v) in &p.headers {
+        req.push_str(&format!("{k}: {}\r\n", v.0));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = vec![0u8; 256];
+    let mut n = 0;
+    while n < 12 {
+        let m = s.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let code: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| "no HTTP status in the answer".to_string())?;
+    if (200..400).contains(&code) {
+        Ok(format!("HTTP {code}"))
+    } else {
+        Err(format!("HTTP {code}"))
+    }
+}
+
+/// A TLS client that accepts any certificate (signatures are still checked), made once.
+fn insecure_client() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    type Made = Result<std::sync::Arc<rustls::ClientConfig>, String>;
+    static CONFIG: std::sync::OnceLock<Made> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("https: TLS setup: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            Ok(std::sync::Arc::new(config))
+        })
+        .clone()
+}
+
+/// Accepts whatever certificate the instance shows; the handshake's signatures still verify.
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// One TCP check: the port accepts a connection.
@@ -232,5 +303,54 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         assert!(tcp("127.0.0.1", closed, t).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn https_checks_speak_tls() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = rustls::pki_types::CertificateDer::from(cert.cert.der().to_vec());
+        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let p = Probe {
+            kind: "http".into(),
+            scheme: Some("HTTPS".into()),
+            host: Some("localhost".into()),
+            ..Default::default()
+        };
+        let t = Duration::from_secs(5);
+        assert_eq!(http("127.0.0.1", port, &p, t).await, Ok("HTTP 204".into()));
+        // A port that accepts connections but speaks no TLS fails the probe.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain_port = plain.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = plain.accept().await.unwrap();
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            }
+        });
+        let r = http("127.0.0.1", plain_port, &p, t).await;
+        assert!(r.as_ref().is_err_and(|e| e.contains("TLS handshake")), "{r:?}");
     }
 }

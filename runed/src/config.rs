@@ -831,6 +831,7 @@ impl Settings {
             negotiation_timeout: std::time::Duration::from_secs(
                 docker.negotiation_timeout_seconds.unwrap_or(10).max(1),
             ),
+            ..Default::default()
         };
         let cluster_cidr = flags
             .cluster_cidr

@@ -38,6 +38,9 @@ pub struct DockerClientConfig {
     pub fallback_api_version: Option<(usize, usize)>,
     /// How long to wait for the engine to answer the version negotiation.
     pub negotiation_timeout: Duration,
+    /// How long one request to the engine may take. A stop is given its grace period on top,
+    /// since the engine answers it only once the container is gone.
+    pub request_timeout: Duration,
 }
 
 impl Default for DockerClientConfig {
@@ -46,6 +49,7 @@ impl Default for DockerClientConfig {
             api_version: None,
             fallback_api_version: None,
             negotiation_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -206,15 +210,20 @@ impl DockerRunner {
                 major_version: v.0,
                 minor_version: v.1,
             };
-            Docker::connect_with_unix(&self.socket, 120, &version).map_err(|e| bollard_err(&self.socket, e))
+            Docker::connect_with_unix(&self.socket, self.client_cfg.request_timeout.as_secs(), &version)
+                .map_err(|e| bollard_err(&self.socket, e))
         };
         let cfg = &self.client_cfg;
         let d = match cfg.api_version {
             // A pinned version (`docker.api-version`) is used as it is.
             Some(v) => connect(v)?,
             None => {
-                let d = Docker::connect_with_unix(&self.socket, 120, bollard::API_DEFAULT_VERSION)
-                    .map_err(|e| bollard_err(&self.socket, e))?;
+                let d = Docker::connect_with_unix(
+                    &self.socket,
+                    cfg.request_timeout.as_secs(),
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| bollard_err(&self.socket, e))?;
                 // The engine here may be older than bollard's default API version.
                 let negotiated = tokio::time::timeout(cfg.negotiation_timeout, d.negotiate_version()).await;
                 match (negotiated, cfg.fallback_api_version) {
@@ -540,7 +549,12 @@ impl DockerRunner {
 
     /// Stops (SIGTERM, SIGKILL after `grace`) and removes a container.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RunError> {
-        let d = self.docker().await?;
+        // The engine answers after the grace period and the kill: a client timeout shorter than
+        // that would call a slow, successful stop a failure.
+        let d = self
+            .docker()
+            .await?
+            .with_timeout(grace + self.client_cfg.request_timeout);
         match d
             .stop_container(
                 id,

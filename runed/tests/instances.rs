@@ -1065,3 +1065,94 @@ fn abandoned_probes_and_execs_end() {
     client.wait().unwrap();
     wait_until(LONG, "the abandoned exec to be killed", || !pid_alive(&pid));
 }
+
+/// Processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|pid| pid_alive(pid))
+        .collect()
+}
+
+/// A process that starts but cannot be recorded (its state file cannot be written) is ended
+/// at once and the start fails with the reason: nothing runs that a later runed could not find.
+#[test]
+fn a_process_that_cannot_be_recorded_does_not_run_on() {
+    let d = Daemon::start(&bins());
+    // A directory where the state file goes: writing it fails, whatever the user.
+    std::fs::create_dir_all(d.data_dir.join("instances/default/lost-0/state.json/x")).unwrap();
+    let f = write(
+        &d,
+        "lost.yaml",
+        "service:\n  name: lost\n  scale: 1\n  process:\n    command: sleep\n    args: [\"77777\"]\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "the start to fail with the reason", || {
+        instances(&d, "lost").iter().any(|i| {
+            i["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cannot record the process"))
+        })
+    });
+    wait_until(LONG, "no unrecorded process to run", || {
+        processes_with("77777").is_empty()
+    });
+    run_ok(&d, &["delete", "lost"]);
+}
+
+/// An adopted instance scaled away and straight back: the old run is stopped before its id
+/// starts again, so its stop cannot take the new run's state file or record with it.
+#[test]
+fn an_adopted_instance_scaled_away_and_back_is_replaced_cleanly() {
+    let mut d = Daemon::start(&bins());
+    let terms = d.scratch().join("terms");
+    let f = write(
+        &d,
+        "sticky.yaml",
+        &format!(
+            "service:\n  name: sticky\n  scale: 2\n  stopGracePeriodSeconds: 3\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"trap 'echo $RUNE_INSTANCE_ID >> {}' TERM; while true; do sleep 0.2; done\"]\n",
+            terms.display()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    wait_until(LONG, "two instances", || all_ready(&d, "sticky", 2));
+    let pid_of = |d: &Daemon| {
+        instances(d, "sticky")
+            .iter()
+            .find(|i| i["id"] == "sticky-1")
+            .and_then(|i| i["runtimeId"].as_str().map(String::from))
+    };
+    let old = pid_of(&d).unwrap();
+    assert!(d.sigterm().success());
+    d.restart();
+    wait_until(LONG, "both adopted", || {
+        all_ready(&d, "sticky", 2) && pid_of(&d).as_deref() == Some(old.as_str())
+    });
+    run_ok(&d, &["scale", "sticky", "1", "--no-wait"]);
+    wait_until(LONG, "the adopted sticky-1 to be asked to stop", || {
+        std::fs::read_to_string(&terms).is_ok_and(|t| t.contains("sticky-1"))
+    });
+    run_ok(&d, &["scale", "sticky", "2", "--no-wait"]);
+    wait_until(LONG, "the old sticky-1 to be gone", || !pid_alive(&old));
+    wait_until(LONG, "a new sticky-1 to run", || {
+        all_ready(&d, "sticky", 2) && pid_of(&d).is_some_and(|p| p != old)
+    });
+    let new = pid_of(&d).unwrap();
+    assert!(pid_alive(&new));
+    let state = std::fs::read_to_string(d.data_dir.join("instances/default/sticky-1/state.json"))
+        .expect("the new run's state file");
+    assert!(state.contains(&format!("\"pid\":{new}")), "{state}");
+    run_ok(&d, &["delete", "sticky"]);
+}

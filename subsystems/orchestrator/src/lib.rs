@@ -766,6 +766,9 @@ struct Loop {
     inner: Arc<Inner>,
     sups: BTreeMap<Key, Sup>,
     adopt: Adoptable,
+    /// Adopted runs being stopped: their id is not started again until the old run is gone
+    /// and its removal reported, so the stop cannot remove the new run's files or record.
+    draining: Arc<Mutex<HashSet<Key>>>,
     /// Where the next resync slice starts.
     cursor: Option<SvcId>,
     last_gc: Instant,
@@ -781,6 +784,7 @@ async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
         },
         cursor: None,
         last_gc: Instant::now(),
+        draining: Arc::new(Mutex::new(HashSet::new())),
     };
     for f in inner.process.list() {
         adopt_or_discard(&inner, &mut l.adopt, f);
@@ -1042,6 +1046,11 @@ impl Loop {
             if let Some(f) = self.adopt.runs.remove(&k) {
                 let record_exists = records.contains_key(&k.2);
                 let inner2 = inner.clone();
+                if let Ok(mut d) = self.draining.lock() {
+                    d.insert(k.clone());
+                }
+                let draining = self.draining.clone();
+                let sid = id.clone();
                 tokio::spawn(async move {
                     let mut h = f.run.handle;
                     match &h {
@@ -1059,6 +1068,10 @@ impl Loop {
                     if record_exists {
                         inner2.report(&k, InstanceChange::Removed).await;
                     }
+                    if let Ok(mut d) = draining.lock() {
+                        d.remove(&k);
+                    }
+                    inner2.enqueue(sid);
                 });
             }
         }
@@ -1097,7 +1110,8 @@ impl Loop {
         // Start what is missing.
         if let Some(s) = &svc {
             for (k, template) in &desired {
-                if self.sups.contains_key(k) || (is_container && !self.adopt.containers_listed) {
+                let draining = self.draining.lock().is_ok_and(|d| d.contains(k));
+                if draining || self.sups.contains_key(k) || (is_container && !self.adopt.containers_listed) {
                     continue;
                 }
                 if let Ok(mut g) = inner.generations.lock() {

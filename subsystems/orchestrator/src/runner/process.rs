@@ -165,11 +165,16 @@ impl ProcessRunner {
             pid,
             start_time: start_time(pid).unwrap_or(0),
         };
-        write_atomic(
+        if let Err(e) = write_atomic(
             &dir.join("state.json"),
             &serde_json::to_vec(&state).unwrap_or_default(),
-        )
-        .map_err(|e| RunError::Runtime(format!("cannot record the process: {e}")))?;
+        ) {
+            // Unrecorded, it would run on where no later runed can find it: it ends here.
+            signal_group(pid, libc::SIGKILL);
+            let mut child = child;
+            let _ = child.wait().await;
+            return Err(RunError::Runtime(format!("cannot record the process: {e}")));
+        }
         Ok(Run {
             handle: RunHandle::Child { child, pid },
             address: "127.0.0.1".into(),

@@ -8,6 +8,8 @@
 //!   query, not of a queue);
 //! - the time from the Apply call to the new name answering, p50/p99 over 50 casts.
 
+mod common;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,24 +18,6 @@ use rune_chaos_tests::{free_port, wait_until, Bins, Daemon};
 use rune_proto::v1 as pb;
 
 const NAMES: usize = 100;
-
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut p = id.to_be_bytes().to_vec();
-    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for l in name.split('.') {
-        p.push(l.len() as u8);
-        p.extend_from_slice(l.as_bytes());
-    }
-    p.extend_from_slice(&[0, 0, 1, 0, 1]);
-    p
-}
-
-/// Whether `server` answers `name` with at least one record.
-fn answers(sock: &UdpSocket, server: SocketAddr, name: &str) -> bool {
-    let _ = sock.send_to(&query(7, name), server);
-    let mut buf = [0u8; 512];
-    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n > 12 && buf[3] & 0x0f == 0 && buf[7] > 0)
-}
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
@@ -69,7 +53,7 @@ fn sequential(server: SocketAddr, names: &[String], n: usize) -> Vec<Duration> {
     let mut out = Vec::with_capacity(n);
     let mut buf = [0u8; 512];
     for i in 0..n {
-        let q = query(i as u16, &names[i % names.len()]);
+        let q = common::dns_query(i as u16, &names[i % names.len()]);
         let t = Instant::now();
         sock.send_to(&q, server).unwrap();
         if sock.recv_from(&mut buf).is_ok() {
@@ -134,7 +118,7 @@ fn main() {
         let t = Instant::now();
         cast(&name);
         let fqdn = format!("{name}.default.rune");
-        while !answers(&probe, d.dns, &fqdn) {
+        while !common::dns_answers(&probe, d.dns, &fqdn) {
             assert!(t.elapsed() < Duration::from_secs(10), "{fqdn} never answered");
         }
         to_answer.push(t.elapsed());
@@ -190,10 +174,10 @@ fn main() {
         .expect("unbound (Debian's unbound)");
     let ub: SocketAddr = ([127, 0, 0, 1], uport).into();
     wait_until(Duration::from_secs(20), "unbound to answer", || {
-        answers(&probe, ub, &names[0])
+        common::dns_answers(&probe, ub, &names[0])
     });
     wait_until(Duration::from_secs(20), "runed to answer", || {
-        answers(&probe, d.dns, &names[NAMES - 1])
+        common::dns_answers(&probe, d.dns, &names[NAMES - 1])
     });
 
     let (rq, rl) = dnsperf(d.dns, &file);

@@ -239,15 +239,6 @@ fn backup_vs_etcd(rt: &tokio::runtime::Runtime, bins: &Bins) {
     }
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
-}
-
 /// Waits until `n` instances are ready.
 async fn all_ready(ch: &Ch, n: usize) {
     let mut c = pb::instance_api_client::InstanceApiClient::new(ch.clone());
@@ -322,9 +313,9 @@ fn sizing(rt: &tokio::runtime::Runtime, bins: &Bins) {
         cast = n;
         // Settle, then measure CPU over a window of idleness.
         std::thread::sleep(Duration::from_secs(5));
-        let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+        let (t0, c0) = (Instant::now(), common::cpu_ticks(pid));
         std::thread::sleep(Duration::from_secs(20));
-        let cpu = (cpu_ticks(pid) - c0) as f64 / tick / t0.elapsed().as_secs_f64() * 100.0;
+        let cpu = (common::cpu_ticks(pid) - c0) as f64 / tick / t0.elapsed().as_secs_f64() * 100.0;
         println!(
             "| {n} | {:.1} | {:.1} | {cpu:.1} | {documented} |",
             common::rss_kib(pid) as f64 / 1024.0,

@@ -16,35 +16,10 @@ use tonic::transport::Channel;
 
 type Ch = tonic::service::interceptor::InterceptedService<Channel, rune_chaos_tests::Bearer>;
 
-fn query(name: &str) -> Vec<u8> {
-    let mut p = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for l in name.split('.') {
-        p.push(l.len() as u8);
-        p.extend_from_slice(l.as_bytes());
-    }
-    p.extend_from_slice(&[0, 0, 1, 0, 1]);
-    p
-}
-
-/// Whether `server` answers `name` with at least one record.
-fn answers(sock: &UdpSocket, server: SocketAddr, name: &str) -> bool {
-    let _ = sock.send_to(&query(name), server);
-    let mut buf = [0u8; 512];
-    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n > 12 && buf[3] & 0x0f == 0 && buf[7] > 0)
-}
-
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1));
     v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
 }
 
 /// Casts services `from..to` at scale 0, 100 per request, as the writes bench's spec.
@@ -100,7 +75,7 @@ async fn cast_latency(
         let fqdn = format!("{name}.default.rune");
         let (mut dns_at, mut dp_at) = (None, None);
         while (dns_at.is_none() || dp_at.is_none()) && Instant::now() < deadline {
-            if dns_at.is_none() && answers(&sock, dns, &fqdn) {
+            if dns_at.is_none() && common::dns_answers(&sock, dns, &fqdn) {
                 dns_at = Some(t0.elapsed());
             }
             if dp_at.is_none() {
@@ -167,9 +142,9 @@ fn main() {
         let (mut dns, mut dp) = rt.block_on(cast_latency(&ch, d.dns, round, casts));
         // Settle, then measure CPU over a window where nothing is written.
         std::thread::sleep(Duration::from_secs(3));
-        let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+        let (t0, c0) = (Instant::now(), common::cpu_ticks(pid));
         std::thread::sleep(Duration::from_secs(20));
-        let cpu = (cpu_ticks(pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
+        let cpu = (common::cpu_ticks(pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
         println!(
             "| {n} | {:.2} | {:.2} | {:.2} | {:.2} | {cpu:.2} | {:.1} |",
             pct(&mut dns, 0.5),

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{bins, code, image, run_ok, write};
+use common::{bins, code, failpoint, image, run_ok, write};
 use rune_chaos_tests::{free_port, http_get, stderr, stdout, wait_until, Daemon};
 use serde_json::Value;
 
@@ -336,18 +336,7 @@ fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
         http_get(web, "/").is_some_and(|(c, _)| c == 200)
     });
 
-    let fp = |state: &str| {
-        let o = std::process::Command::new("curl")
-            .args(["-sf", "-X", "POST"])
-            .arg(format!(
-                "http://{}/debug/failpoints/dataplane-tail-pause/{state}",
-                d.http
-            ))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "failpoint {state}");
-    };
-    fp("on");
+    failpoint(&d, "dataplane-tail-pause", true);
     let f = write(
         &d,
         "late.yaml",
@@ -364,7 +353,7 @@ fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
         ),
         "{metrics}"
     );
-    fp("off");
+    failpoint(&d, "dataplane-tail-pause", false);
     wait_until(LONG, "the data plane to catch up and serve", || {
         http_get(web, "/").is_some_and(|(c, _)| c == 200)
     });

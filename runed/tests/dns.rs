@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use rune_chaos_tests::{http_get, stderr, stdout, wait_until, Daemon};
+use rune_chaos_tests::{http_get, stdout, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -41,19 +41,6 @@ fn dig(dns: SocketAddr, name: &str, qtype: &str, tcp: bool) -> (String, Vec<Stri
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
     (status, answers)
-}
-
-fn failpoint(d: &Daemon, name: &str, on: bool) {
-    let o = Command::new("curl")
-        .args(["-sf", "-X", "POST"])
-        .arg(format!(
-            "http://{}/debug/failpoints/{name}/{}",
-            d.http,
-            if on { "on" } else { "off" }
-        ))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "failpoint {name}: {}", stderr(&o));
 }
 
 /// dnsmasq on loopback answering `upstream.test` and nothing else.

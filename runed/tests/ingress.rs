@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bins, run_ok, write};
+use common::{bins, failpoint, run_ok, write};
 use rune_chaos_tests::{stdout, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -219,18 +219,7 @@ fn stale_routes_fail_closed_and_recover() {
     wait_until(LONG, "the ingress to route web.test", || {
         get() == "hello-web\n 200"
     });
-    let fp = |state: &str| {
-        let o = Command::new("curl")
-            .args(["-sf", "-X", "POST"])
-            .arg(format!(
-                "http://{}/debug/failpoints/ingress-tail-pause/{state}",
-                d.http
-            ))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "failpoint {state}");
-    };
-    fp("on");
+    failpoint(&d, "ingress-tail-pause", true);
     let other = write(
         &d,
         "other.yaml",
@@ -242,7 +231,7 @@ fn stale_routes_fail_closed_and_recover() {
     });
     let (_, verbose) = rune_chaos_tests::http_get(d.http, "/healthz?verbose").unwrap();
     assert!(verbose.contains("[-]ingress"), "{verbose}");
-    fp("off");
+    failpoint(&d, "ingress-tail-pause", false);
     wait_until(LONG, "the ingress to catch up and route again", || {
         get() == "hello-web\n 200"
     });

@@ -1,4 +1,5 @@
-//! Pieces the benchmarks share: Debian's etcd started on free loopback ports, and its Put.
+//! Pieces the benchmarks share: Debian's etcd started on free loopback ports and its Put, a
+//! DNS question on the wire, a process's CPU time.
 
 #![allow(dead_code)]
 
@@ -91,4 +92,33 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// A DNS query for `name`, type A, recursion desired.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut p = id.to_be_bytes().to_vec();
+    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        p.push(l.len() as u8);
+        p.extend_from_slice(l.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+/// Whether `server` answers `name` with at least one record.
+pub fn dns_answers(sock: &std::net::UdpSocket, server: std::net::SocketAddr, name: &str) -> bool {
+    let _ = sock.send_to(&dns_query(7, name), server);
+    let mut buf = [0u8; 512];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n > 12 && buf[3] & 0x0f == 0 && buf[7] > 0)
+}
+
+/// A process's user and system CPU time so far, in clock ticks (USER_HZ, 100 on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
 }

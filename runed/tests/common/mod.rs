@@ -137,3 +137,17 @@ pub fn promtool_ok(body: &str) {
     let o = p.wait_with_output().unwrap();
     assert!(o.status.success(), "promtool: {}{}", stdout(&o), stderr(&o));
 }
+
+/// Turns a failpoint of a runed started with `--enable-failpoints` on or off.
+pub fn failpoint(d: &Daemon, name: &str, on: bool) {
+    let o = Command::new("curl")
+        .args(["-sf", "-X", "POST"])
+        .arg(format!(
+            "http://{}/debug/failpoints/{name}/{}",
+            d.http,
+            if on { "on" } else { "off" }
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "failpoint {name}: {}", stderr(&o));
+}

@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::api::Api;
 use crate::config::{LogFormat, Settings};
 use crate::health::Health;
+use crate::sealing::Secrets;
 use crate::serve::{Listeners, Servers};
 use crate::systemd;
 
@@ -364,18 +365,8 @@ fn report_status(log: Arc<Log>, health: Arc<Health>) {
     });
 }
 
-/// Runs the daemon until a signal (`Ok`) or until the log fails for good ([`LogFailed`]).
-pub async fn run(s: Settings) -> anyhow::Result<()> {
-    let stopped = stop_signals()?;
-    let (registry, provider) = crate::metrics::init()?;
-    tracing::info!(data_dir = %s.data_dir.display(), grpc = %s.grpc_addr, http = %s.http_addr, dev_mode = s.dev_mode, roles = ?s.node_roles, "starting runed");
-    for line in &s.ignored {
-        tracing::warn!("runefile {line}");
-    }
-    systemd::status("binding listeners");
-    let listeners = bind_all(&s).await?;
-    let tls = load_tls(&s)?;
-
+/// The log, seeded, with the room its data dir has for writes at this start.
+async fn start_log(s: &Settings) -> anyhow::Result<(Arc<Log>, bool)> {
     systemd::status("opening the log");
     let cfg = LogConfig {
         snapshot_every: s.snapshot_every,
@@ -393,40 +384,61 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "not seeding the reserved namespaces and policies at this start")
         }
     }
+    Ok((log, room.is_ok()))
+}
 
+/// The KEKs, checked against every sealed secret, and a rotation an earlier runed left
+/// half-done finished. A problem closes the log cleanly (nothing was changed) and refuses.
+async fn start_secrets(s: &Settings, log: &Arc<Log>, room: bool) -> anyhow::Result<Arc<Secrets>> {
     systemd::status("checking the KEK");
-    let secrets = match crate::sealing::Secrets::load(&log, s.kek_source.clone(), s.secret_limits) {
+    let secrets = match Secrets::load(log, s.kek_source.clone(), s.secret_limits) {
         Ok(x) => Arc::new(x),
         Err(e) => {
-            // Close the log cleanly before refusing: nothing was changed.
             let _ = log.shutdown().await;
             return Err(anyhow::Error::new(e));
         }
     };
-    if room.is_ok() {
-        if let Err(e) = secrets.finish_pending_rotation(&log).await {
+    if room {
+        if let Err(e) = secrets.finish_pending_rotation(log).await {
             let _ = log.shutdown().await;
             return Err(anyhow::Error::new(e));
         }
     }
-    crate::metrics::log_gauges(&provider, &log);
-    crate::metrics::network_changes(&provider, &log);
+    Ok(secrets)
+}
 
+/// The subsystems that follow the log, and the projections they follow it with.
+struct Subsystems {
+    dns: Arc<rune_dns::Dns>,
+    dataplane: Arc<rune_dataplane::DataPlane>,
+    ingress: Option<Arc<rune_ingress::Ingress>>,
+    orchestrator: Arc<rune_orchestrator::Orchestrator>,
+    projections: Vec<Arc<rune_log::projection::Projection>>,
+}
+
+/// Starts the DNS, the data plane, the ingress (edge nodes) and the orchestrator, in the
+/// order the data path needs, and their metrics.
+async fn start_subsystems(
+    s: &Settings,
+    log: &Arc<Log>,
+    secrets: &Arc<Secrets>,
+    provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
+) -> anyhow::Result<Subsystems> {
     systemd::status("starting the DNS, the data plane and the ingress");
-    let dns = start_dns(&s, &log).await?;
-    let dataplane = start_dataplane(&s, &log).await?;
+    let dns = start_dns(s, log).await?;
+    let dataplane = start_dataplane(s, log).await?;
     // VIP names resolve only once VIP traffic can reach endpoints.
     dns.set_data_path_ready(true);
-    let ingress = start_ingress(&s, &log, &secrets).await?;
+    let ingress = start_ingress(s, log, secrets).await?;
     if let Some(ing) = &ingress {
-        crate::metrics::ingress(&provider, ing);
+        crate::metrics::ingress(provider, ing);
     }
-    crate::metrics::dataplane(&provider, &dataplane);
+    crate::metrics::dataplane(provider, &dataplane);
 
     systemd::status("starting the orchestrator");
-    let orchestrator = start_orchestrator(&s, &log, &secrets, &cluster_id(&log)?).await;
+    let orchestrator = start_orchestrator(s, log, secrets, &cluster_id(log)?).await;
     serve_containers(&dns, &dataplane, &orchestrator);
-    let projections: Vec<Arc<rune_log::projection::Projection>> = [
+    let projections: Vec<_> = [
         Some(dns.projection().clone()),
         dataplane.projection().cloned(),
         ingress.as_ref().map(|i| i.projection().clone()),
@@ -435,33 +447,24 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     .into_iter()
     .flatten()
     .collect();
-    crate::metrics::projections(&provider, &projections, &orchestrator);
-    let health = Arc::new(Health::new(
-        log.clone(),
-        orchestrator.clone(),
-        projections.clone(),
-        s.stale_budget,
-    ));
-    let api = Api {
-        log: log.clone(),
-        history_limit: s.history_limit,
-        orchestrator: orchestrator.clone(),
-        secrets,
-        allow_remote_admin: s.allow_remote_admin,
-        dataplane: dataplane.clone(),
-        ingress: ingress.clone(),
-        admin_socket: listeners.admin.is_some(),
-        grpc_port: listeners
-            .grpc
-            .local_addr()
-            .map_or(s.grpc_addr.port(), |a| a.port()),
-    };
-    let failpoints = s.enable_failpoints.then(|| {
+    crate::metrics::projections(provider, &projections, &orchestrator);
+    Ok(Subsystems {
+        dns,
+        dataplane,
+        ingress,
+        orchestrator,
+        projections,
+    })
+}
+
+/// `/debug/failpoints/*`, only with `--enable-failpoints`.
+fn failpoint_routes(s: &Settings, log: &Arc<Log>, sub: &Subsystems) -> Option<axum::Router> {
+    s.enable_failpoints.then(|| {
         tracing::warn!("failpoints are enabled: /debug/failpoints/* can break this runed on purpose");
         let fp = Failpoints {
             log: log.clone(),
-            dns: dns.clone(),
-            projections: projections.clone(),
+            dns: sub.dns.clone(),
+            projections: sub.projections.clone(),
         };
         axum::Router::new()
             .route("/debug/failpoints/{name}/{state}", axum::routing::post(failpoint))
@@ -470,9 +473,48 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 axum::routing::post(corrupt_service),
             )
             .with_state(fp)
-    });
+    })
+}
+
+/// Runs the daemon until a signal (`Ok`) or until the log fails for good ([`LogFailed`]).
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let stopped = stop_signals()?;
+    let (registry, provider) = crate::metrics::init()?;
+    tracing::info!(data_dir = %s.data_dir.display(), grpc = %s.grpc_addr, http = %s.http_addr, dev_mode = s.dev_mode, roles = ?s.node_roles, "starting runed");
+    for line in &s.ignored {
+        tracing::warn!("runefile {line}");
+    }
+    systemd::status("binding listeners");
+    let listeners = bind_all(&s).await?;
+    let tls = load_tls(&s)?;
+    let (log, room) = start_log(&s).await?;
+    let secrets = start_secrets(&s, &log, room).await?;
+    crate::metrics::log_gauges(&provider, &log);
+    crate::metrics::network_changes(&provider, &log);
+    let sub = start_subsystems(&s, &log, &secrets, &provider).await?;
+    let health = Arc::new(Health::new(
+        log.clone(),
+        sub.orchestrator.clone(),
+        sub.projections.clone(),
+        s.stale_budget,
+    ));
+    let api = Api {
+        log: log.clone(),
+        history_limit: s.history_limit,
+        orchestrator: sub.orchestrator.clone(),
+        secrets,
+        allow_remote_admin: s.allow_remote_admin,
+        dataplane: sub.dataplane.clone(),
+        ingress: sub.ingress.clone(),
+        admin_socket: listeners.admin.is_some(),
+        grpc_port: listeners
+            .grpc
+            .local_addr()
+            .map_or(s.grpc_addr.port(), |a| a.port()),
+    };
     let auth = crate::auth::Authenticator::new(log.clone());
-    let mut servers = Servers::start(
+    let failpoints = failpoint_routes(&s, &log, &sub);
+    let servers = Servers::start(
         listeners,
         api,
         auth,
@@ -491,6 +533,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         () = stopped => None,
         why = log.failed() => Some(why),
     };
+    let stopped = stop(&s, log, sub, servers, health, failed).await;
+    let _ = provider.shutdown();
+    stopped
+}
+
+/// Drains gRPC, stops the orchestrator (instances keep running for the next runed to adopt),
+/// closes the log, then HTTP; the log's failure, if that is why runed stops, is the error.
+async fn stop(
+    s: &Settings,
+    log: Arc<Log>,
+    sub: Subsystems,
+    mut servers: Servers,
+    health: Arc<Health>,
+    failed: Option<String>,
+) -> anyhow::Result<()> {
     health.set_shutting_down();
     if let Some(why) = &failed {
         tracing::error!(error = %why, "the log stopped; shutting down to be restarted");
@@ -498,13 +555,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     systemd::stopping("draining in-flight requests");
     let drain = Duration::from_secs(s.drain_seconds);
     servers.stop_grpc(drain).await;
-    // Instances keep running; the next runed adopts them.
     systemd::stopping("stopping the orchestrator");
-    orchestrator.shutdown().await;
+    sub.orchestrator.shutdown().await;
     systemd::stopping("closing the log");
     let closed = log.shutdown().await;
     servers.stop_http(drain).await;
-    let _ = provider.shutdown();
     if let Some(why) = failed {
         return Err(LogFailed(why).into());
     }

@@ -224,6 +224,49 @@ pub struct Settings {
     pub ignored: Vec<String>,
 }
 
+impl Settings {
+    /// The DNS's section: where it listens, where other names go, how long it may lag.
+    pub fn dns(&self) -> rune_dns::DnsConfig {
+        rune_dns::DnsConfig {
+            addr: self.dns_addr,
+            upstreams: self.dns_upstreams.clone(),
+            dev_mode: self.dev_mode,
+            stale_budget: self.stale_budget,
+            forward_timeout: std::time::Duration::from_secs(2),
+        }
+    }
+
+    /// The data plane's section. Without nftables nothing redirects VIP traffic from elsewhere
+    /// to the proxy, so it listens on loopback only.
+    pub fn dataplane(&self) -> rune_dataplane::DataPlaneConfig {
+        rune_dataplane::DataPlaneConfig {
+            node: self.node_name.clone(),
+            listen: if self.nftables {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            },
+            port_range: self.proxy_ports,
+            ports_file: self.data_dir.join("dataplane").join("proxy-ports.json"),
+            kernel: self.nftables,
+            nft_table: self.nft_table.clone(),
+            stale_budget: self.stale_budget,
+            connect_timeout: std::time::Duration::from_secs(3),
+        }
+    }
+
+    /// The orchestrator's section, for the cluster `cluster` (its id lives in the state). What
+    /// only exists at run time (the secret opener, the log writer) is the caller's to add.
+    pub fn orchestrator(&self, cluster: &str) -> rune_orchestrator::OrchestratorConfig {
+        let mut c = rune_orchestrator::OrchestratorConfig::new(&self.node_name, &self.data_dir);
+        c.cluster = cluster.to_string();
+        c.docker_socket = self.docker_socket.clone();
+        c.docker_client = self.docker_client;
+        c.run_dir = self.run_dir.clone();
+        c
+    }
+}
+
 /// A configuration problem; `runed` exits with it (code 78, EX_CONFIG) before touching anything.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -1213,6 +1256,35 @@ mod tests {
         })
         .unwrap();
         assert_eq!((s.grpc_addr.port(), s.data_dir), (8888, PathBuf::from("/d")));
+    }
+
+    #[test]
+    fn each_subsystem_gets_its_section() {
+        let f = write(
+            "networking:\n  stale-budget: 7s\n  nftables: off\n  proxy-ports: 31000-31010\n  dns-addr: 127.0.0.1:5399\n",
+        );
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            data_dir: Some("/d".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let dp = s.dataplane();
+        assert_eq!(dp.port_range, (31000, 31010));
+        assert!(
+            !dp.kernel && dp.listen.is_loopback(),
+            "no nftables: the proxy stays on loopback"
+        );
+        assert_eq!(dp.stale_budget, std::time::Duration::from_secs(7));
+        assert_eq!(dp.ports_file, PathBuf::from("/d/dataplane/proxy-ports.json"));
+        let dns = s.dns();
+        assert_eq!(dns.addr, "127.0.0.1:5399".parse().unwrap());
+        assert_eq!(dns.stale_budget, std::time::Duration::from_secs(7));
+        let o = s.orchestrator("abc");
+        assert_eq!(
+            (o.cluster.as_str(), o.data_dir.clone()),
+            ("abc", PathBuf::from("/d"))
+        );
     }
 
     #[test]

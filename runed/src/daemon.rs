@@ -183,13 +183,7 @@ fn load_tls(s: &Settings) -> anyhow::Result<Option<crate::tls::TlsMaterial>> {
 }
 
 async fn start_dns(s: &Settings, log: &Arc<Log>) -> anyhow::Result<Arc<rune_dns::Dns>> {
-    let cfg = rune_dns::DnsConfig {
-        addr: s.dns_addr,
-        upstreams: s.dns_upstreams.clone(),
-        dev_mode: s.dev_mode,
-        stale_budget: s.stale_budget,
-        forward_timeout: Duration::from_secs(2),
-    };
+    let cfg = s.dns();
     match rune_dns::Dns::start(log.clone(), cfg.clone()).await {
         // Port 53 needs root; a developer's runed on the default address moves to 5353.
         Err(rune_dns::DnsError::Bind(_, e))
@@ -206,25 +200,9 @@ async fn start_dns(s: &Settings, log: &Arc<Log>) -> anyhow::Result<Arc<rune_dns:
 }
 
 async fn start_dataplane(s: &Settings, log: &Arc<Log>) -> anyhow::Result<Arc<rune_dataplane::DataPlane>> {
-    let dp = rune_dataplane::DataPlane::start(
-        log.clone(),
-        rune_dataplane::DataPlaneConfig {
-            node: s.node_name.clone(),
-            listen: if s.nftables {
-                std::net::Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            },
-            port_range: s.proxy_ports,
-            ports_file: s.data_dir.join("dataplane").join("proxy-ports.json"),
-            kernel: s.nftables,
-            nft_table: s.nft_table.clone(),
-            stale_budget: s.stale_budget,
-            connect_timeout: Duration::from_secs(3),
-        },
-    )
-    .await
-    .context("data plane")?;
+    let dp = rune_dataplane::DataPlane::start(log.clone(), s.dataplane())
+        .await
+        .context("data plane")?;
     let kernel = dp.kernel_status();
     if s.nftables && !kernel.enforcing {
         tracing::warn!(status = %kernel.detail, "kernel policy enforcement is off");
@@ -264,11 +242,7 @@ async fn start_orchestrator(
     secrets: &Arc<crate::sealing::Secrets>,
     cluster: &str,
 ) -> Arc<rune_orchestrator::Orchestrator> {
-    let mut c = rune_orchestrator::OrchestratorConfig::new(&s.node_name, &s.data_dir);
-    c.cluster = cluster.to_string();
-    c.docker_socket = s.docker_socket.clone();
-    c.docker_client = s.docker_client;
-    c.run_dir = s.run_dir.clone();
+    let mut c = s.orchestrator(cluster);
     c.secrets = Some(Arc::new(crate::sealing::SecretOpener(secrets.clone())));
     // The small writer installed beside runed, else runed itself (`runed __log-writer`).
     c.log_writer = std::env::current_exe().ok().map(|exe| {

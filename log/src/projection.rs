@@ -127,11 +127,6 @@ impl Projection {
         self.lag.stale(self.stale_budget)
     }
 
-    /// The lag, for health reports.
-    pub fn lag(&self) -> &Lag {
-        &self.lag
-    }
-
     /// Full rebuilds so far (the first build included).
     pub fn rebuilds(&self) -> u64 {
         self.rebuilds.load(Ordering::Relaxed)

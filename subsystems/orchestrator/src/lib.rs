@@ -217,7 +217,6 @@ struct Counters {
     reconciles: AtomicU64,
     reconcile_micros: AtomicU64,
     last_pass_micros: AtomicU64,
-    queue_depth: AtomicU64,
 }
 
 /// What the reconcile loop has done, for metrics.
@@ -231,8 +230,6 @@ pub struct LoopStats {
     pub last_pass_seconds: f64,
     /// Services waiting to be reconciled.
     pub queue_depth: u64,
-    /// Failed reads of the state (a rebuild that found a record it cannot decode, say).
-    pub read_errors: u64,
 }
 
 pub(crate) struct Inner {
@@ -349,8 +346,7 @@ impl Orchestrator {
             reconciles: c.reconciles.load(Ordering::Relaxed),
             reconcile_seconds: c.reconcile_micros.load(Ordering::Relaxed) as f64 / 1e6,
             last_pass_seconds: c.last_pass_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            queue_depth: c.queue_depth.load(Ordering::Relaxed),
-            read_errors: self.projection().map_or(0, |p| p.errors()),
+            queue_depth: self.inner.queue.lock().map_or(0, |q| q.dirty.len() as u64),
         }
     }
 
@@ -429,13 +425,10 @@ impl Inner {
             .await;
     }
 
-    /// Queues a service for the reconcile loop.
-    fn enqueue(&self, id: SvcId) {
+    /// Queues services for the reconcile loop and wakes it.
+    fn enqueue(&self, ids: impl IntoIterator<Item = SvcId>) {
         if let Ok(mut q) = self.queue.lock() {
-            q.dirty.insert(id);
-            self.counters
-                .queue_depth
-                .store(q.dirty.len() as u64, Ordering::Relaxed);
+            q.dirty.extend(ids);
         }
         self.wake.notify_one();
     }
@@ -847,8 +840,6 @@ impl Loop {
         c.reconciles.fetch_add(n, Ordering::Relaxed);
         c.reconcile_micros.fetch_add(took, Ordering::Relaxed);
         c.last_pass_micros.store(took, Ordering::Relaxed);
-        let depth = inner.queue.lock().map_or(0, |q| q.dirty.len() as u64);
-        c.queue_depth.store(depth, Ordering::Relaxed);
     }
 
     /// Every service the picture, the supervisors or the adopted runs know of.
@@ -924,30 +915,23 @@ impl Loop {
                     a.engine_error = Some(reason);
                     // Until the engine answers, container instances cannot be adopted or
                     // started: each says so (once), rather than show what the last runed saw.
-                    let waiting: Vec<SvcId> = inner
-                        .picture
-                        .read()
-                        .map(|p| {
-                            p.services
+                    let (waiting, wants_containers) = match inner.picture.read() {
+                        Ok(p) => {
+                            let w: Vec<(SvcId, bool)> = p
+                                .services
                                 .iter()
                                 .filter(|(_, s)| s.spec.process.is_none() && s.spec.skip != Some(true))
-                                .map(|(k, _)| k.clone())
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    if news
-                        && waiting.iter().any(|k| {
-                            inner
-                                .picture
-                                .read()
-                                .is_ok_and(|p| p.services.get(k).is_some_and(|s| s.spec.scale() > 0))
-                        })
-                    {
+                                .map(|(k, s)| (k.clone(), s.spec.scale() > 0))
+                                .collect();
+                            let wants = w.iter().any(|(_, running)| *running);
+                            (w.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), wants)
+                        }
+                        Err(_) => (Vec::new(), false),
+                    };
+                    if news && wants_containers {
                         tracing::warn!(error = %e, retry_in = ?a.docker_delay, "cannot list containers");
                     }
-                    if let Ok(mut q) = inner.queue.lock() {
-                        q.dirty.extend(waiting);
-                    }
+                    inner.enqueue(waiting);
                 }
             }
         }
@@ -1071,7 +1055,7 @@ impl Loop {
                     if let Ok(mut d) = draining.lock() {
                         d.remove(&k);
                     }
-                    inner2.enqueue(sid);
+                    inner2.enqueue([sid]);
                 });
             }
         }
@@ -1143,7 +1127,7 @@ impl Loop {
                 let sid = id.clone();
                 let task = tokio::spawn(async move {
                     sup.run().await;
-                    done.enqueue(sid);
+                    done.enqueue([sid]);
                 });
                 self.sups.insert(
                     k.clone(),
@@ -1262,14 +1246,7 @@ impl View for PictureView {
                 .map_err(|e| ProjectionError::View(e.to_string()))?;
             deltas.iter().filter_map(|d| p.apply(d)).collect()
         };
-        if let Ok(mut q) = inner.queue.lock() {
-            q.dirty.extend(touched);
-            inner
-                .counters
-                .queue_depth
-                .store(q.dirty.len() as u64, Ordering::Relaxed);
-        }
-        inner.wake.notify_one();
+        inner.enqueue(touched);
         Ok(())
     }
 

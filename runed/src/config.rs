@@ -233,6 +233,9 @@ impl Settings {
             dev_mode: self.dev_mode,
             stale_budget: self.stale_budget,
             forward_timeout: std::time::Duration::from_secs(2),
+            // Read from the state at start (it is fixed at the first start).
+            cluster_cidr: None,
+            udp_sockets: 0,
         }
     }
 

@@ -95,6 +95,7 @@ pub fn init_logging(s: &Settings) {
 struct Failpoints {
     log: Arc<Log>,
     dns: Arc<rune_dns::Dns>,
+    data_path: Arc<dyn rune_dns::DataPath>,
     projections: Vec<Arc<rune_log::projection::Projection>>,
 }
 
@@ -115,7 +116,7 @@ async fn failpoint(
         }
     };
     if name == "dns-data-path-ready" {
-        fp.dns.set_data_path_ready(on);
+        fp.dns.set_data_path(on.then(|| fp.data_path.clone()));
     } else if let Some(p) = name
         .strip_suffix("-tail-pause")
         .and_then(|n| fp.projections.iter().find(|p| p.name() == n))
@@ -183,7 +184,12 @@ fn load_tls(s: &Settings) -> anyhow::Result<Option<crate::tls::TlsMaterial>> {
 }
 
 async fn start_dns(s: &Settings, log: &Arc<Log>) -> anyhow::Result<Arc<rune_dns::Dns>> {
-    let cfg = s.dns();
+    let mut cfg = s.dns();
+    cfg.cluster_cidr = {
+        let txn = log.read()?;
+        let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
+        rune_statemachine::store::cluster_network(&t)?.map(|c| (std::net::Ipv4Addr::from(c.base), c.prefix))
+    };
     match rune_dns::Dns::start(log.clone(), cfg.clone()).await {
         // Port 53 needs root; a developer's runed on the default address moves to 5353.
         Err(rune_dns::DnsError::Bind(_, e))
@@ -381,9 +387,19 @@ async fn start_secrets(s: &Settings, log: &Arc<Log>, room: bool) -> anyhow::Resu
     Ok(secrets)
 }
 
+/// The DNS's question to the data plane: is this VIP carried?
+struct Carried(Arc<rune_dataplane::DataPlane>);
+
+impl rune_dns::DataPath for Carried {
+    fn carries(&self, vip: std::net::Ipv4Addr) -> bool {
+        self.0.carries(vip)
+    }
+}
+
 /// The subsystems that follow the log, and the projections they follow it with.
 struct Subsystems {
     dns: Arc<rune_dns::Dns>,
+    data_path: Arc<dyn rune_dns::DataPath>,
     dataplane: Arc<rune_dataplane::DataPlane>,
     ingress: Option<Arc<rune_ingress::Ingress>>,
     orchestrator: Arc<rune_orchestrator::Orchestrator>,
@@ -401,8 +417,9 @@ async fn start_subsystems(
     systemd::status("starting the DNS, the data plane and the ingress");
     let dns = start_dns(s, log).await?;
     let dataplane = start_dataplane(s, log).await?;
-    // VIP names resolve only once VIP traffic can reach endpoints.
-    dns.set_data_path_ready(true);
+    // A name resolves only once traffic to its VIP can reach endpoints.
+    let data_path: Arc<dyn rune_dns::DataPath> = Arc::new(Carried(dataplane.clone()));
+    dns.set_data_path(Some(data_path.clone()));
     let ingress = start_ingress(s, log, secrets).await?;
     if let Some(ing) = &ingress {
         crate::metrics::ingress(provider, ing);
@@ -424,6 +441,7 @@ async fn start_subsystems(
     crate::metrics::projections(provider, &projections, &orchestrator);
     Ok(Subsystems {
         dns,
+        data_path,
         dataplane,
         ingress,
         orchestrator,
@@ -438,6 +456,7 @@ fn failpoint_routes(s: &Settings, log: &Arc<Log>, sub: &Subsystems) -> Option<ax
         let fp = Failpoints {
             log: log.clone(),
             dns: sub.dns.clone(),
+            data_path: sub.data_path.clone(),
             projections: sub.projections.clone(),
         };
         axum::Router::new()

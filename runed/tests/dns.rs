@@ -86,7 +86,8 @@ fn answers_rune_names_forwards_the_rest_and_fails_closed() {
     for tcp in [false, true] {
         let (status, answers) = dig(d.dns, "WEB.default.rune", "A", tcp);
         assert_eq!(status, "NOERROR", "tcp {tcp}");
-        assert_eq!(answers, [format!("WEB.default.rune. 5 IN A {vip}")], "tcp {tcp}");
+        // Names are matched without case; the answer's owner is the zone's spelling.
+        assert_eq!(answers, [format!("web.default.rune. 5 IN A {vip}")], "tcp {tcp}");
     }
     let (status, answers) = dig(d.dns, "web.default.rune", "AAAA", false);
     assert_eq!((status.as_str(), answers.len()), ("NOERROR", 0));
@@ -169,7 +170,7 @@ fn garbage_and_truncated_packets_do_no_harm() {
     }
     assert!(formerr > 0, "truncated queries with a header get FORMERR");
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    for _ in 0..300 {
+    for _ in 0..10_000 {
         let len = (seed % 600) as usize;
         let pkt: Vec<u8> = (0..len)
             .map(|_| {
@@ -218,4 +219,184 @@ fn containers_resolve_services_through_the_injected_dns() {
     });
     let o = d.rune(&["exec", "client", "--", "nslookup", "nope.default.rune"]);
     assert!(!stdout(&o).contains("Address: 10."), "{}", stdout(&o));
+}
+
+/// `dig`'s whole output for these arguments against `dns`.
+fn dig_out(dns: SocketAddr, args: &[&str]) -> String {
+    let o = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("run dig");
+    stdout(&o)
+}
+
+/// The records of one section of dig's output (`ANSWER`, `AUTHORITY`, `ADDITIONAL`), each
+/// with its whitespace collapsed.
+fn section(out: &str, name: &str) -> Vec<String> {
+    out.split(&format!(";; {name} SECTION:\n"))
+        .nth(1)
+        .map(|rest| {
+            rest.lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn srv_ptr_negative_answers_edns_and_truncation() {
+    // Five 200-byte TXT records: more than a 512-byte UDP answer holds.
+    let mut up = vec!["--address=/upstream.test/192.0.2.7".to_string()];
+    up.extend((0..5).map(|i| format!("--txt-record=big.test,{}", format!("{i}").repeat(200))));
+    let (_up, up) = common::dnsmasq_with(&up);
+    wait_until(LONG, "dnsmasq to answer", || {
+        dig(up, "upstream.test", "A", false).0 == "NOERROR"
+    });
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--dns-upstream".into(), up.to_string()];
+    d.restart();
+    let f = write(
+        &d,
+        "api.yaml",
+        "service:\n  name: api\n  image: busybox\n  ports:\n    - name: http\n      port: 80\n    - name: dns\n      port: 53\n      protocol: udp\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    let vip = vip_of(&d, "api");
+    wait_until(LONG, "api to answer", || {
+        dig(d.dns, "api.default.rune", "A", false).1.len() == 1
+    });
+
+    // SRV per named port, the target's address alongside.
+    let out = dig_out(d.dns, &["_http._tcp.api.default.rune", "SRV"]);
+    assert_eq!(
+        section(&out, "ANSWER"),
+        ["_http._tcp.api.default.rune. 5 IN SRV 0 0 80 api.default.rune."],
+        "{out}"
+    );
+    assert!(
+        section(&out, "ADDITIONAL").contains(&format!("api.default.rune. 5 IN A {vip}")),
+        "{out}"
+    );
+    let out = dig_out(d.dns, &["_dns._udp.api.default.rune", "SRV"]);
+    assert_eq!(
+        section(&out, "ANSWER"),
+        ["_dns._udp.api.default.rune. 5 IN SRV 0 0 53 api.default.rune."],
+        "{out}"
+    );
+
+    // PTR for the VIP in the cluster network's reverse zone; other addresses there do not exist.
+    let out = dig_out(d.dns, &["-x", &vip]);
+    let reverse: Vec<&str> = vip.split('.').rev().collect();
+    assert_eq!(
+        section(&out, "ANSWER"),
+        [format!(
+            "{}.in-addr.arpa. 5 IN PTR api.default.rune.",
+            reverse.join(".")
+        )],
+        "{out}"
+    );
+    let out = dig_out(d.dns, &["-x", "10.96.250.250"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert!(
+        section(&out, "AUTHORITY")[0].starts_with("96.10.in-addr.arpa. 5 IN SOA "),
+        "{out}"
+    );
+
+    // Negative answers carry the zone's SOA (5 s negative TTL); an existing name without the
+    // type, or with names below it only, is NODATA.
+    let soa = |out: &str| section(out, "AUTHORITY").first().cloned().unwrap_or_default();
+    let out = dig_out(d.dns, &["nope.default.rune", "A"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert!(
+        soa(&out).starts_with("rune. 5 IN SOA dns.rune. hostmaster.rune. "),
+        "{out}"
+    );
+    assert!(soa(&out).ends_with(" 60 30 600 5"), "{out}");
+    for (name, qtype) in [
+        ("api.default.rune", "AAAA"),
+        ("default.rune", "A"),
+        ("_tcp.api.default.rune", "A"),
+    ] {
+        let out = dig_out(d.dns, &[name, qtype]);
+        assert!(out.contains("status: NOERROR"), "{name} {qtype}: {out}");
+        assert!(section(&out, "ANSWER").is_empty(), "{name} {qtype}: {out}");
+        assert!(soa(&out).starts_with("rune. 5 IN SOA "), "{name} {qtype}: {out}");
+    }
+
+    // EDNS is answered with EDNS, and its absence without.
+    assert!(dig_out(d.dns, &["+edns=0", "api.default.rune"]).contains("; EDNS: version: 0"));
+    assert!(!dig_out(d.dns, &["+noedns", "api.default.rune"]).contains("; EDNS:"));
+
+    // An answer too big for 512 bytes of UDP is truncated (TC); over TCP it comes whole, the
+    // forwarder having fetched it from the upstream over TCP as well.
+    let out = dig_out(d.dns, &["+noedns", "+ignore", "big.test", "TXT"]);
+    let flags = out
+        .split("flags:")
+        .nth(1)
+        .and_then(|f| f.split(';').next())
+        .unwrap_or_default();
+    assert!(flags.contains("tc"), "{out}");
+    let out = dig_out(d.dns, &["+tcp", "big.test", "TXT"]);
+    assert_eq!(section(&out, "ANSWER").len(), 5, "{out}");
+}
+
+/// unbound in front of runed, as a host's caching resolver would be.
+fn unbound(dir: &std::path::Path, runed_dns: SocketAddr) -> (common::Killed, SocketAddr) {
+    let port = rune_chaos_tests::free_port();
+    let conf = dir.join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  interface: 127.0.0.1\n  port: {port}\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  do-daemonize: no\n  use-syslog: no\n  do-ip6: no\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  qname-minimisation: no\nremote-control:\n  control-enable: yes\n  control-use-cert: no\n  control-interface: {d}/unbound.ctl\nstub-zone:\n  name: \"rune.\"\n  stub-addr: {ip}@{p}\n",
+            d = dir.display(),
+            ip = runed_dns.ip(),
+            p = runed_dns.port(),
+        ),
+    )
+    .expect("write unbound.conf");
+    let child = Command::new("unbound")
+        .args(["-d", "-c"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("unbound (Debian's unbound)");
+    (common::Killed(child), ([127, 0, 0, 1], port).into())
+}
+
+/// A counter from `unbound-control stats_noreset`.
+fn unbound_stat(dir: &std::path::Path, key: &str) -> u64 {
+    let o = Command::new("unbound-control")
+        .arg("-c")
+        .arg(dir.join("unbound.conf"))
+        .arg("stats_noreset")
+        .output()
+        .expect("unbound-control");
+    stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_caching_resolver_in_front_caches_negative_answers() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--dns-upstream".into(), "127.0.0.1:9".into()];
+    d.restart();
+    let f = write(&d, "web.yaml", "service:\n  name: web\n  image: busybox\n");
+    run_ok(&d, &["cast", "--detach", &f]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_u, u) = unbound(dir.path(), d.dns);
+    wait_until(LONG, "unbound to answer through runed", || {
+        dig(u, "web.default.rune", "A", false).1.len() == 1
+    });
+    let hits = unbound_stat(dir.path(), "total.num.cachehits");
+    // The second NXDOMAIN comes from unbound's cache: runed's SOA made it cacheable.
+    assert_eq!(dig(u, "nope.default.rune", "A", false).0, "NXDOMAIN");
+    assert_eq!(dig(u, "nope.default.rune", "A", false).0, "NXDOMAIN");
+    assert_eq!(unbound_stat(dir.path(), "total.num.cachehits"), hits + 1);
 }

@@ -235,6 +235,16 @@ where
     get_record(table, CLUSTER_ID_KEY)
 }
 
+/// The cluster network VIPs come from, once the first runed set it: the DNS serves its
+/// reverse zone.
+pub fn cluster_network<R>(table: &R) -> Result<Option<crate::network::Cidr>, StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    let c: Option<crate::network::NetworkConfig> = get_record(table, crate::network::CONFIG_KEY)?;
+    Ok(c.and_then(|c| crate::network::Cidr::parse(&c.cluster_cidr).ok()))
+}
+
 /// Previous specs of a service, newest first.
 pub fn service_history<R>(table: &R, ns: &str, name: &str) -> Result<Vec<Revision>, StoreError>
 where

@@ -88,6 +88,11 @@ impl Drop for Killed {
 /// Debian's dnsmasq on a free loopback port, answering only its `--address` rule
 /// (`/upstream.test/192.0.2.7`, `/test/127.0.0.1`).
 pub fn dnsmasq(rule: &str) -> (Killed, SocketAddr) {
+    dnsmasq_with(&[format!("--address={rule}")])
+}
+
+/// dnsmasq on loopback with these extra options (records to serve).
+pub fn dnsmasq_with(options: &[String]) -> (Killed, SocketAddr) {
     let port = free_port();
     let child = Command::new("dnsmasq")
         .args([
@@ -98,7 +103,7 @@ pub fn dnsmasq(rule: &str) -> (Killed, SocketAddr) {
             "--listen-address=127.0.0.1",
         ])
         .arg(format!("--port={port}"))
-        .arg(format!("--address={rule}"))
+        .args(options)
         .args(["--user=root", "--pid-file="])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

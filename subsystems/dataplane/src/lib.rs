@@ -23,7 +23,7 @@ pub mod proxy;
 pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -186,6 +186,8 @@ struct Kernel {
     /// Bumped by every load, so a reading of a table that was replaced meanwhile is dropped.
     generation: u64,
     counters: Vec<nft::CounterKey>,
+    /// The VIPs the loaded table redirects (a failed load leaves the old table, and these).
+    vips: HashSet<Ipv4Addr>,
 }
 
 struct Listener {
@@ -287,6 +289,7 @@ impl DataPlane {
                 read: BTreeMap::new(),
                 generation: 0,
                 counters: Vec::new(),
+                vips: HashSet::new(),
             }),
             active: Mutex::new(HashMap::new()),
             forward_rr: AtomicUsize::new(0),
@@ -322,6 +325,19 @@ impl DataPlane {
     /// The view's projection: lag, counters and the pause failpoint.
     pub fn projection(&self) -> Option<&Arc<Projection>> {
         self.projection.get()
+    }
+
+    /// Whether traffic to `vip` reaches the proxy now: with the kernel on, the loaded table
+    /// redirects it; without, the proxy serves every service it knows (dev mode's clients are
+    /// sent to the listeners, not the VIP). Never while the view is stale.
+    pub fn carries(&self, vip: Ipv4Addr) -> bool {
+        if self.stale() {
+            return false;
+        }
+        if !self.cfg.kernel {
+            return true;
+        }
+        self.kernel.lock().map(|k| k.vips.contains(&vip)).unwrap_or(false)
     }
 
     /// Behind the log past the stale budget (or not started): new connections are refused.
@@ -726,6 +742,7 @@ impl DataPlane {
                 };
                 k.program = text;
                 k.counters = counters;
+                k.vips = t.services.values().filter_map(|s| s.vip).collect();
             }
             Err(e) => {
                 // Said once per change: losing enforcement is an error, never having it (no

@@ -1,34 +1,41 @@
-//! The embedded DNS: `<svc>.<ns>.rune` answered with the service's VIP (TTL 5 s), other types
-//! for an existing name with no data, unknown `.rune` names with NXDOMAIN, and every other name
-//! forwarded to the upstreams (never to itself).
+//! The embedded DNS, on hickory-server: `<svc>.<ns>.rune` answered with the service's VIP (TTL
+//! 5 s), `_<port>._<proto>.<svc>.<ns>.rune` with SRV records, the VIPs' reverse names with PTR,
+//! NXDOMAIN and NODATA with the zone's SOA so resolvers cache them, and every other name
+//! forwarded through hickory's forwarder to the upstreams (never to itself).
 //!
-//! It is a projection of the applied log ([`rune_log::projection`]): the zone is built from the
-//! services at an index, then each service delta after it puts or removes one name. It fails
-//! closed: `.rune` names get
-//! SERVFAIL while the data path cannot carry traffic yet, and while the projection lags the log
-//! for longer than its stale budget.
+//! It is a projection of the applied log ([`rune_log::projection`]): the records are built from
+//! the services at an index, then each service delta after it replaces the names of that one
+//! service ([`zone::Records`]). It fails closed: a name that leads to a VIP gets SERVFAIL while
+//! the data path does not carry that VIP (in production, its kernel redirect is not
+//! programmed), and every `.rune` name does while the projection lags the log past its budget.
+//!
+//! Each listener address is served by its own hickory `Server` over its own `Catalog`, sharing
+//! the records and the forwarder: in dev mode the answer depends on which address was asked.
+//! UDP is read by one socket per core (SO_REUSEPORT).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod wire;
+pub mod zone;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use rune_log::projection::{Projection, ProjectionError, View};
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, ResponseCode};
+use hickory_server::proto::rr::{DNSClass, LowerName, Name};
+use hickory_server::resolver::config::{ConnectionConfig, NameServerConfig, ResolverOpts};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
+use hickory_server::zone_handler::{Catalog, MessageResponseBuilder, ZoneHandler};
+use hickory_server::Server;
+use rune_log::projection::Projection;
 use rune_log::Log;
-use rune_statemachine::delta::Delta;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
-use wire::{Bad, Query, Rcode};
-
-/// Seconds a `.rune` answer may be cached: short, so a changed VIP is seen soon.
-pub const TTL: u32 = 5;
+pub use zone::TTL;
+use zone::{Records, ZoneAt};
 
 /// Settings of the DNS server.
 #[derive(Debug, Clone)]
@@ -44,6 +51,10 @@ pub struct DnsConfig {
     pub stale_budget: Duration,
     /// How long to wait for an upstream.
     pub forward_timeout: Duration,
+    /// The cluster network VIPs come from, `(network, prefix)`: its reverse zone is served.
+    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// UDP sockets per address, read in parallel; 0 means one per core.
+    pub udp_sockets: usize,
 }
 
 /// Failures to start the server.
@@ -52,82 +63,141 @@ pub enum DnsError {
     /// The address could not be bound.
     #[error("cannot listen for DNS on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    /// The forwarder could not be built from the upstreams.
+    #[error("cannot forward to the upstreams {0:?}: {1}")]
+    Forwarder(Vec<SocketAddr>, String),
 }
 
-/// `svc.ns` → VIP: the projection's view.
-#[derive(Default)]
-struct Zone(RwLock<HashMap<String, [u8; 4]>>);
+/// What the DNS asks the data path before it hands out a VIP: does traffic to it reach
+/// endpoints? (Implemented by runed over the data plane, which this crate does not know.)
+pub trait DataPath: Send + Sync {
+    /// Whether traffic to `vip` is carried now.
+    fn carries(&self, vip: Ipv4Addr) -> bool;
+}
 
-impl Zone {
-    fn get(&self, name: &str) -> Option<[u8; 4]> {
-        self.0.read().ok().and_then(|z| z.get(name).copied())
+/// What every listener's handler shares.
+struct Shared {
+    records: Arc<Records>,
+    projection: Arc<Projection>,
+    data_path: RwLock<Option<Arc<dyn DataPath>>>,
+    /// `rune.` and the reverse zones: the names the gate applies to.
+    zones: Vec<LowerName>,
+    forwarder: Option<Arc<dyn ZoneHandler>>,
+    dev_mode: bool,
+}
+
+impl Shared {
+    /// Why a name of our zones must not be answered now, if it must not.
+    fn refuse(&self, name: &LowerName) -> Option<ResponseCode> {
+        if self.projection.stale() {
+            return Some(ResponseCode::ServFail);
+        }
+        let dp = self.data_path.read().ok()?.clone();
+        let Some(dp) = dp else {
+            return Some(ResponseCode::ServFail);
+        };
+        match self.records.vip_behind(name) {
+            Some(vip) if !dp.carries(vip) => Some(ResponseCode::ServFail),
+            _ => None,
+        }
     }
 
-    fn put(z: &mut HashMap<String, [u8; 4]>, d: &Delta) {
-        if let Delta::Service {
-            namespace,
-            name,
-            record,
-        } = d
-        {
-            let key = format!("{name}.{namespace}");
-            match record
-                .as_ref()
-                .and_then(|r| r.vip.as_deref()?.parse::<Ipv4Addr>().ok())
-            {
-                Some(ip) => z.insert(key, ip.octets()),
-                None => z.remove(&key),
-            };
+    /// A catalog for a listener on `here`.
+    fn catalog(shared: &Arc<Shared>, here: Ipv4Addr) -> Catalog {
+        let mut c = Catalog::new();
+        let here = shared.dev_mode.then_some(here);
+        for z in &shared.zones {
+            let handler: Arc<dyn ZoneHandler> =
+                Arc::new(ZoneAt::new(shared.records.clone(), z.clone().into(), here));
+            c.upsert(z.clone(), vec![handler]);
         }
+        if let Some(f) = &shared.forwarder {
+            c.upsert(LowerName::new(&Name::root()), vec![f.clone()]);
+        }
+        c
     }
 }
 
-impl View for Zone {
-    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
-        let mut z = HashMap::new();
-        for d in &state {
-            Zone::put(&mut z, d);
-        }
-        *self.0.write().map_err(|e| ProjectionError::View(e.to_string()))? = z;
-        Ok(())
-    }
+/// One listener's request handler: the gate, then hickory's catalog.
+struct Handler {
+    shared: Arc<Shared>,
+    catalog: Catalog,
+}
 
-    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
-        let mut z = self.0.write().map_err(|e| ProjectionError::View(e.to_string()))?;
-        for d in deltas {
-            Zone::put(&mut z, d);
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        if let Ok(info) = request.request_info() {
+            let name = info.query.name();
+            if self.shared.zones.iter().any(|z| z.zone_of(name)) {
+                let code = if info.query.query_class() != DNSClass::IN {
+                    Some(ResponseCode::Refused)
+                } else {
+                    self.shared.refuse(name)
+                };
+                if let Some(code) = code {
+                    return error(request, code, response).await;
+                }
+                self.shared
+                    .records
+                    .set_serial(self.shared.projection.applied_index());
+            }
         }
-        Ok(())
+        self.catalog.handle_request::<R, T>(request, response).await
     }
+}
 
-    fn wants(&self, d: &Delta) -> bool {
-        matches!(d, Delta::Service { .. })
+/// An error response that keeps the client's EDNS (so its buffer size still applies).
+async fn error<R: ResponseHandler>(request: &Request, code: ResponseCode, mut response: R) -> ResponseInfo {
+    let edns = request.edns.as_ref().map(|e| {
+        let mut r = Edns::new();
+        r.set_max_payload(e.max_payload().max(512));
+        r
+    });
+    let msg = MessageResponseBuilder::new(&request.queries, edns.as_ref()).error_msg(&request.metadata, code);
+    match response.send_response(msg).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "DNS error response not sent");
+            let mut metadata = Metadata::response_from_request(&request.metadata);
+            metadata.message_type = MessageType::Response;
+            metadata.response_code = ResponseCode::ServFail;
+            ResponseInfo::from(Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            })
+        }
     }
 }
 
 /// The running server.
 pub struct Dns {
-    cfg: DnsConfig,
+    shared: Arc<Shared>,
     upstreams: Vec<SocketAddr>,
-    zone: Arc<Zone>,
-    projection: Arc<Projection>,
-    data_path_ready: AtomicBool,
+    udp_sockets: usize,
     local: SocketAddr,
+    /// The host listener's server: dropping it stops it.
+    _main: Server<Handler>,
     /// The container network's listeners: replaced when that network is made anew.
-    also: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    also: Mutex<Option<Server<Handler>>>,
 }
 
 impl Dns {
-    /// Binds, loads the zone from the state and starts answering.
+    /// Binds, loads the records from the state and starts answering.
     pub async fn start(log: Arc<Log>, cfg: DnsConfig) -> Result<Arc<Self>, DnsError> {
-        let udp = UdpSocket::bind(cfg.addr)
-            .await
-            .map_err(|e| DnsError::Bind(cfg.addr, e))?;
-        let local = udp.local_addr().map_err(|e| DnsError::Bind(cfg.addr, e))?;
+        let udp_sockets = match cfg.udp_sockets {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
+            n => n,
+        };
+        let (udp, local) = bind_udp(cfg.addr, udp_sockets)?;
         let tcp = TcpListener::bind(local)
             .await
             .map_err(|e| DnsError::Bind(local, e))?;
-        let upstreams = if cfg.upstreams.is_empty() {
+        let upstreams: Vec<SocketAddr> = if cfg.upstreams.is_empty() {
             resolv_conf_upstreams(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
                 local,
@@ -135,23 +205,34 @@ impl Dns {
         } else {
             cfg.upstreams.iter().copied().filter(|u| *u != local).collect()
         };
-        let zone = Arc::new(Zone::default());
-        let projection = Projection::start(log, "dns", zone.clone(), cfg.stale_budget).await;
-        let dns = Arc::new(Dns {
-            cfg,
-            upstreams,
-            zone,
+        let forwarder = forwarder(&upstreams, cfg.forward_timeout)?;
+        let reverse = cfg
+            .cluster_cidr
+            .map(|(net, prefix)| zone::reverse_zones(net, prefix))
+            .unwrap_or_default();
+        let records = Arc::new(Records::new(&reverse));
+        let projection = Projection::start(log, "dns", records.clone(), cfg.stale_budget).await;
+        let mut zones = vec![LowerName::new(&zone::rune_origin())];
+        zones.extend(reverse.iter().map(LowerName::new));
+        let shared = Arc::new(Shared {
+            records,
             projection,
-            data_path_ready: AtomicBool::new(false),
-            local,
-            also: std::sync::Mutex::new(Vec::new()),
+            data_path: RwLock::new(None),
+            zones,
+            forwarder,
+            dev_mode: cfg.dev_mode,
         });
-        tracing::info!(addr = %local, upstreams = ?dns.upstreams, "DNS listening");
         // In dev mode, host clients reach the data path on loopback.
-        let here = Ipv4Addr::LOCALHOST;
-        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp), here));
-        tokio::spawn(serve_tcp(dns.clone(), tcp, here));
-        Ok(dns)
+        let main = serve(&shared, udp, tcp, Ipv4Addr::LOCALHOST);
+        tracing::info!(addr = %local, ?upstreams, udp_sockets, reverse_zones = reverse.len(), "DNS listening");
+        Ok(Arc::new(Dns {
+            shared,
+            upstreams,
+            udp_sockets,
+            local,
+            _main: main,
+            also: Mutex::new(None),
+        }))
     }
 
     /// Serves on the container network's gateway too, instead of any earlier one. In dev mode its
@@ -162,21 +243,18 @@ impl Dns {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
         };
-        let udp = UdpSocket::bind(addr).await.map_err(|e| DnsError::Bind(addr, e))?;
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|e| DnsError::Bind(addr, e))?;
-        let tasks = vec![
-            tokio::spawn(serve_udp(self.clone(), Arc::new(udp), here)),
-            tokio::spawn(serve_tcp(self.clone(), tcp, here)),
-        ];
         // A network made anew has a new gateway: the old address is gone, and so are its
-        // listeners.
+        // listeners (dropping a server stops it).
         if let Ok(mut also) = self.also.lock() {
-            for t in also.drain(..) {
-                t.abort();
-            }
-            *also = tasks;
+            also.take();
+        }
+        let (udp, local) = bind_udp(addr, self.udp_sockets)?;
+        let tcp = TcpListener::bind(local)
+            .await
+            .map_err(|e| DnsError::Bind(local, e))?;
+        let server = serve(&self.shared, udp, tcp, here);
+        if let Ok(mut also) = self.also.lock() {
+            *also = Some(server);
         }
         tracing::info!(%addr, "DNS listening for containers");
         Ok(())
@@ -187,84 +265,96 @@ impl Dns {
         self.local
     }
 
-    /// Opened by the data plane once VIP traffic reaches endpoints; until then `.rune` names
-    /// answer SERVFAIL rather than send clients to an address that goes nowhere.
-    pub fn set_data_path_ready(&self, ready: bool) {
-        self.data_path_ready.store(ready, Ordering::Relaxed);
+    /// Where names outside `.rune` go.
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
     }
 
-    /// The zone's projection: its lag, counters and pause failpoint.
+    /// Set by runed once the data plane runs: from then on a name is answered when the data
+    /// path carries its VIP. `None` closes every name that leads to a VIP (SERVFAIL) rather
+    /// than send clients to an address that goes nowhere.
+    pub fn set_data_path(&self, dp: Option<Arc<dyn DataPath>>) {
+        if let Ok(mut d) = self.shared.data_path.write() {
+            *d = dp;
+        }
+    }
+
+    /// The records' projection: its lag, counters and pause failpoint.
     pub fn projection(&self) -> &Arc<Projection> {
-        &self.projection
+        &self.shared.projection
     }
 
-    /// The answer to a packet that arrived at a listener on `here`, or `None` to drop it.
-    pub async fn answer(&self, p: &[u8], here: Ipv4Addr) -> Option<Vec<u8>> {
-        match wire::parse(p) {
-            Err(Bad::Drop) => None,
-            Err(Bad::Answer(id, rd, rc)) => Some(wire::error(id, rd, rc)),
-            Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => Some(self.local_answer(p, &q, here)),
-            Ok(q) => Some(self.forward(p, &q).await),
-        }
+    /// How many names are served.
+    pub fn names(&self) -> usize {
+        self.shared.records.len()
     }
+}
 
-    /// `here` is the listener's address: in dev mode, where the data path serves that
-    /// listener's clients.
-    fn local_answer(&self, p: &[u8], q: &Query, here: Ipv4Addr) -> Vec<u8> {
-        if !wire::class_ok(q) {
-            return wire::respond(p, q, Rcode::NotImp, true, &[], TTL);
-        }
-        if !self.data_path_ready.load(Ordering::Relaxed) || self.projection.stale() {
-            return wire::respond(p, q, Rcode::ServFail, false, &[], TTL);
-        }
-        let labels: Vec<&str> = q.name.split('.').collect();
-        let found = match labels.as_slice() {
-            ["rune"] => return wire::respond(p, q, Rcode::NoError, true, &[], TTL),
-            [svc, ns, "rune"] => self.zone.get(&format!("{svc}.{ns}")),
-            _ => None,
-        };
-        match found {
-            None => wire::respond(p, q, Rcode::NxDomain, true, &[], TTL),
-            Some(vip) if q.qtype == wire::TYPE_A || q.qtype == 255 => {
-                let ip = if self.cfg.dev_mode { here.octets() } else { vip };
-                wire::respond(p, q, Rcode::NoError, true, &[ip], TTL)
-            }
-            // The name exists; it has no data of this type (AAAA, MX, ...).
-            Some(_) => wire::respond(p, q, Rcode::NoError, true, &[], TTL),
-        }
+/// Starts a hickory server on these sockets.
+fn serve(shared: &Arc<Shared>, udp: Vec<UdpSocket>, tcp: TcpListener, here: Ipv4Addr) -> Server<Handler> {
+    let mut server = Server::new(Handler {
+        shared: shared.clone(),
+        catalog: Shared::catalog(shared, here),
+    });
+    for s in udp {
+        server.register_socket(s);
     }
+    server.register_listener(tcp, Duration::from_secs(10), 64);
+    server
+}
 
-    async fn forward(&self, p: &[u8], q: &Query) -> Vec<u8> {
-        for up in &self.upstreams {
-            let bind: SocketAddr = match up.ip() {
-                IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-            };
-            let Ok(sock) = UdpSocket::bind(bind).await else {
-                continue;
-            };
-            if sock.send_to(p, up).await.is_err() {
-                continue;
-            }
-            let mut buf = vec![0u8; 4096];
-            let got = tokio::time::timeout(self.cfg.forward_timeout, async {
-                loop {
-                    let (n, from) = sock.recv_from(&mut buf).await?;
-                    // Only the upstream's reply to this query counts.
-                    if from == *up && n >= 2 && buf[..2] == q.id.to_be_bytes() {
-                        return Ok::<usize, std::io::Error>(n);
-                    }
-                }
-            })
-            .await;
-            if let Ok(Ok(n)) = got {
-                buf.truncate(n);
-                return buf;
-            }
-            tracing::debug!(upstream = %up, name = %q.name, "upstream did not answer in time");
-        }
-        wire::respond(p, q, Rcode::ServFail, false, &[], TTL)
+/// `n` UDP sockets on one address (the first fixes the port when asked for 0), SO_REUSEPORT
+/// so the kernel spreads queries over them.
+fn bind_udp(addr: SocketAddr, n: usize) -> Result<(Vec<UdpSocket>, SocketAddr), DnsError> {
+    let mut at = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let s = reuseport_udp(at).map_err(|e| DnsError::Bind(at, e))?;
+        at = s.local_addr().map_err(|e| DnsError::Bind(at, e))?;
+        out.push(s);
     }
+    Ok((out, at))
+}
+
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// hickory's forwarder over the upstreams, UDP first and TCP for truncated answers. `None`
+/// without upstreams: other names are then refused.
+fn forwarder(upstreams: &[SocketAddr], timeout: Duration) -> Result<Option<Arc<dyn ZoneHandler>>, DnsError> {
+    if upstreams.is_empty() {
+        return Ok(None);
+    }
+    let name_servers = upstreams
+        .iter()
+        .map(|u| {
+            let mut ns = NameServerConfig::udp_and_tcp(u.ip());
+            ns.connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                .into_iter()
+                .map(|mut c| {
+                    c.port = u.port();
+                    c
+                })
+                .collect();
+            ns
+        })
+        .collect();
+    let mut options = ResolverOpts::default();
+    options.timeout = timeout;
+    options.attempts = 1;
+    let f = ForwardZoneHandler::builder_tokio(ForwardConfig {
+        name_servers,
+        options: Some(options),
+    })
+    .build()
+    .map_err(|e| DnsError::Forwarder(upstreams.to_vec(), e))?;
+    Ok(Some(Arc::new(f)))
 }
 
 /// The nameservers of a resolv.conf, except this server itself.
@@ -280,95 +370,56 @@ pub fn resolv_conf_upstreams(text: &str, own: SocketAddr) -> Vec<SocketAddr> {
         .collect()
 }
 
-async fn serve_udp(dns: Arc<Dns>, sock: Arc<UdpSocket>, here: Ipv4Addr) {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "DNS receive failed");
-                continue;
-            }
-        };
-        let pkt = buf[..n].to_vec();
-        match wire::parse(&pkt) {
-            // Local answers are quick: answered inline, in order.
-            Ok(q) if q.name == "rune" || q.name.ends_with(".rune") => {
-                let r = dns.local_answer(&pkt, &q, here);
-                let _ = sock.send_to(&r, peer).await;
-            }
-            // Forwarding waits on an upstream: off the receive loop.
-            _ => {
-                let (dns, sock) = (dns.clone(), sock.clone());
-                tokio::spawn(async move {
-                    if let Some(r) = dns.answer(&pkt, here).await {
-                        let _ = sock.send_to(&r, peer).await;
-                    }
-                });
-            }
-        }
-    }
-}
-
-async fn serve_tcp(dns: Arc<Dns>, l: TcpListener, here: Ipv4Addr) {
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
-        let dns = dns.clone();
-        tokio::spawn(async move {
-            loop {
-                let read = async {
-                    let len = s.read_u16().await? as usize;
-                    let mut pkt = vec![0u8; len];
-                    s.read_exact(&mut pkt).await?;
-                    Ok::<Vec<u8>, std::io::Error>(pkt)
-                };
-                let Ok(Ok(pkt)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
-                    return;
-                };
-                let Some(r) = dns.answer(&pkt, here).await else {
-                    return;
-                };
-                let Ok(len) = u16::try_from(r.len()) else { return };
-                if s.write_all(&len.to_be_bytes()).await.is_err() || s.write_all(&r).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use rune_log::projection::View;
+    use rune_statemachine::delta::Delta;
     use rune_statemachine::testing::{delta, fold};
 
-    fn zone(z: &Zone) -> Vec<(String, [u8; 4])> {
-        let mut v: Vec<_> = z.0.read().unwrap().iter().map(|(k, v)| (k.clone(), *v)).collect();
-        v.sort();
-        v
+    fn records() -> Records {
+        Records::new(&zone::reverse_zones(Ipv4Addr::new(10, 96, 0, 0), 16))
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
         /// The projection contract: built from the state at one point and fed every later
-        /// delta, the zone equals one built from the state at the end.
+        /// delta, the records equal those built from the state at the end.
         #[test]
         fn fed_equals_built(ds in prop::collection::vec(delta(), 0..60), cut in 0usize..60) {
             let cut = cut.min(ds.len());
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let (fed, built) = (Zone::default(), Zone::default());
+            let (fed, built) = (records(), records());
             rt.block_on(async {
                 fed.reset(fold(&ds[..cut])).await.unwrap();
                 let rest: Vec<&Delta> = ds[cut..].iter().filter(|d| fed.wants(d)).collect();
                 fed.apply(&rest).await.unwrap();
                 built.reset(fold(&ds)).await.unwrap();
             });
-            prop_assert_eq!(zone(&fed), zone(&built));
+            prop_assert_eq!(fed.dump(), built.dump());
         }
+    }
+
+    #[test]
+    fn reverse_zones_round_out_to_octets() {
+        let names = |net: [u8; 4], p| -> Vec<String> {
+            zone::reverse_zones(Ipv4Addr::from(net), p)
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        };
+        assert_eq!(names([10, 96, 0, 0], 16), ["96.10.in-addr.arpa."]);
+        assert_eq!(names([10, 96, 7, 0], 24), ["7.96.10.in-addr.arpa."]);
+        let twelve = names([10, 96, 0, 0], 12);
+        assert_eq!(twelve.len(), 16);
+        assert_eq!(twelve[0], "96.10.in-addr.arpa.");
+        assert_eq!(twelve[15], "111.10.in-addr.arpa.");
+        // Below a /24, each address is its own zone: the rest of the /24 is someone else's.
+        let small = names([10, 96, 0, 8], 29);
+        assert_eq!(small.len(), 8);
+        assert_eq!(small[0], "8.0.96.10.in-addr.arpa.");
     }
 
     #[test]

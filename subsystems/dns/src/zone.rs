@@ -1,0 +1,440 @@
+//! The records runed is authoritative for, kept as a projection view: `<svc>.<ns>.rune A`,
+//! `_<port>._<proto>.<svc>.<ns>.rune SRV` for each named port, and `PTR` for each VIP in the
+//! reverse zone of the cluster network. A service delta replaces exactly the names that service
+//! owns; nothing is rebuilt.
+//!
+//! [`ZoneAt`] serves one zone (`rune.` or a reverse zone) to hickory's `Catalog`: answers,
+//! NODATA for names that exist without the asked type (empty non-terminals included, RFC 8020),
+//! NXDOMAIN for the rest, and the zone's SOA so resolvers can cache negative answers.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+
+use hickory_server::proto::op::ResponseCode;
+use hickory_server::proto::rr::rdata::{A, PTR, SOA, SRV};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordSet, RecordType};
+use hickory_server::server::{Request, RequestInfo};
+use hickory_server::zone_handler::{
+    AuthLookup, AxfrPolicy, LookupControlFlow, LookupError, LookupOptions, LookupRecords, ZoneHandler,
+    ZoneType,
+};
+use rune_log::projection::{ProjectionError, View};
+use rune_statemachine::delta::Delta;
+use rune_statemachine::store::ServiceRecord;
+
+/// Seconds a `.rune` answer may be cached: short, so a changed VIP is seen soon. Also the SOA's
+/// minimum, so a name that does not exist yet is not remembered for longer.
+pub const TTL: u32 = 5;
+
+/// What a name holds.
+enum Node {
+    /// A service: its VIP and the A record set for it.
+    Service { vip: Ipv4Addr, a: Arc<RecordSet> },
+    /// One named port of a service; `target` is the service's name, whose A goes along.
+    Srv { srv: Arc<RecordSet>, target: LowerName },
+    /// A VIP's reverse name.
+    Ptr(Arc<RecordSet>),
+}
+
+/// A name a service put in, with its own record when the name may be shared (a PTR).
+type Owned = (LowerName, Option<Record>);
+
+#[derive(Default)]
+struct Names {
+    nodes: HashMap<LowerName, Node>,
+    /// Names with nothing of their own but names below them (`default.rune.`,
+    /// `_tcp.web.default.rune.`), with how many: they answer NODATA, not NXDOMAIN.
+    ents: HashMap<LowerName, u32>,
+    /// The names each service put in, so its next delta removes exactly those; with the
+    /// record for a shared name (a PTR, should two services ever hold one VIP).
+    owned: HashMap<(String, String), Vec<Owned>>,
+}
+
+/// The authoritative records: a projection view, read by every listener's zone handlers.
+pub struct Records {
+    names: RwLock<Names>,
+    /// The zones' apexes (`rune.` and the reverse zones): where empty non-terminals stop.
+    apexes: Vec<LowerName>,
+    /// The SOA serial: the low bits of the last applied index, so a resolver can tell versions.
+    serial: AtomicU32,
+}
+
+impl Records {
+    /// Empty records for `rune.` and the given reverse zones.
+    pub fn new(reverse: &[Name]) -> Self {
+        let mut apexes = vec![LowerName::new(&rune_origin())];
+        apexes.extend(reverse.iter().map(LowerName::new));
+        Records {
+            names: RwLock::new(Names::default()),
+            apexes,
+            serial: AtomicU32::new(1),
+        }
+    }
+
+    /// The VIP behind a name the data path must carry (a service or one of its SRV names):
+    /// what the DNS checks before it hands an answer out.
+    pub fn vip_behind(&self, name: &LowerName) -> Option<Ipv4Addr> {
+        let names = self.names.read().ok()?;
+        match names.nodes.get(name)? {
+            Node::Service { vip, .. } => Some(*vip),
+            Node::Srv { target, .. } => match names.nodes.get(target)? {
+                Node::Service { vip, .. } => Some(*vip),
+                _ => None,
+            },
+            Node::Ptr(_) => None,
+        }
+    }
+
+    /// How many names are served (services, SRV and PTR names).
+    pub fn len(&self) -> usize {
+        self.names.read().map(|n| n.nodes.len()).unwrap_or(0)
+    }
+
+    /// Whether no name is served.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn put(&self, n: &mut Names, namespace: &str, name: &str, record: Option<&ServiceRecord>) {
+        let key = (namespace.to_string(), name.to_string());
+        for (old, shared) in n.owned.remove(&key).unwrap_or_default() {
+            let gone = match (n.nodes.get_mut(&old), shared) {
+                (Some(Node::Ptr(set)), Some(rec)) => {
+                    let set = Arc::make_mut(set);
+                    set.remove(&rec, 0);
+                    set.is_empty()
+                }
+                _ => true,
+            };
+            if gone {
+                n.nodes.remove(&old);
+            }
+            self.walk_ents(&mut n.ents, &old, false);
+        }
+        let Some(r) = record else { return };
+        let Some(vip) = r.vip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
+            return;
+        };
+        // Names come from validated DNS labels; one that still does not parse is left out.
+        let Ok(owner) = Name::from_ascii(format!("{name}.{namespace}.rune.")) else {
+            return;
+        };
+        let mut put = Vec::new();
+        let a = Record::from_rdata(owner.clone(), TTL, RData::A(A(vip)));
+        put.push((
+            LowerName::new(&owner),
+            Node::Service {
+                vip,
+                a: Arc::new(RecordSet::from(a)),
+            },
+        ));
+        let target = LowerName::new(&owner);
+        for p in &r.spec.ports {
+            let Ok(port) = u16::try_from(p.port) else { continue };
+            if p.name.is_empty() {
+                continue;
+            }
+            let proto = p.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
+            let Ok(srv_name) = Name::from_ascii(format!("_{}._{proto}.{name}.{namespace}.rune.", p.name))
+            else {
+                continue;
+            };
+            let rec = Record::from_rdata(
+                srv_name.clone(),
+                TTL,
+                RData::SRV(SRV::new(0, 0, port, owner.clone())),
+            );
+            // Two ports of one name and protocol (tcp and udp differ) share one set.
+            let lower = LowerName::new(&srv_name);
+            match put.iter_mut().find(|(n, _)| *n == lower) {
+                Some((_, Node::Srv { srv, .. })) => {
+                    Arc::make_mut(srv).insert(rec, 0);
+                }
+                _ => put.push((
+                    lower,
+                    Node::Srv {
+                        srv: Arc::new(RecordSet::from(rec)),
+                        target: target.clone(),
+                    },
+                )),
+            }
+        }
+        let mut owned = Vec::with_capacity(put.len() + 1);
+        for (lower, node) in put {
+            self.walk_ents(&mut n.ents, &lower, true);
+            n.nodes.insert(lower.clone(), node);
+            owned.push((lower, None));
+        }
+        let reverse = Name::from(vip);
+        let lower = LowerName::new(&reverse);
+        if self.apexes.iter().any(|z| z.zone_of(&lower)) {
+            let rec = Record::from_rdata(reverse, TTL, RData::PTR(PTR(owner)));
+            match n.nodes.get_mut(&lower) {
+                Some(Node::Ptr(set)) => {
+                    Arc::make_mut(set).insert(rec.clone(), 0);
+                }
+                _ => {
+                    n.nodes
+                        .insert(lower.clone(), Node::Ptr(Arc::new(RecordSet::from(rec.clone()))));
+                }
+            }
+            self.walk_ents(&mut n.ents, &lower, true);
+            owned.push((lower, Some(rec)));
+        }
+        n.owned.insert(key, owned);
+    }
+
+    /// Counts `name`'s ancestors below its zone's apex up (`add`) or down.
+    fn walk_ents(&self, ents: &mut HashMap<LowerName, u32>, name: &LowerName, add: bool) {
+        let mut at = name.base_name();
+        while !at.is_root() && !self.apexes.contains(&at) {
+            if add {
+                *ents.entry(at.clone()).or_default() += 1;
+            } else if let Some(c) = ents.get_mut(&at) {
+                *c -= 1;
+                if *c == 0 {
+                    ents.remove(&at);
+                }
+            }
+            at = at.base_name();
+        }
+    }
+
+    fn apply_one(&self, n: &mut Names, d: &Delta) {
+        if let Delta::Service {
+            namespace,
+            name,
+            record,
+        } = d
+        {
+            self.put(n, namespace, name, record.as_deref());
+        }
+    }
+
+    /// Sets the SOA serial from the applied index.
+    pub fn set_serial(&self, index: u64) {
+        // RFC 1982 serials wrap; the low 32 bits of the index move forward with it.
+        self.serial.store((index & 0xffff_ffff) as u32, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> Vec<String> {
+        let n = self.names.read().expect("records lock");
+        let mut v: Vec<String> = n
+            .nodes
+            .iter()
+            .flat_map(|(k, node)| {
+                let set = match node {
+                    Node::Service { a, .. } => a,
+                    Node::Srv { srv, .. } => srv,
+                    Node::Ptr(p) => p,
+                };
+                set.records_without_rrsigs()
+                    .map(|r| format!("{k} {}", r.data))
+                    .collect::<Vec<_>>()
+            })
+            .chain(n.ents.iter().map(|(k, c)| format!("{k} ent {c}")))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl View for Records {
+    async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
+        let mut fresh = Names::default();
+        for d in &state {
+            self.apply_one(&mut fresh, d);
+        }
+        *self
+            .names
+            .write()
+            .map_err(|e| ProjectionError::View(e.to_string()))? = fresh;
+        Ok(())
+    }
+
+    async fn apply(&self, deltas: &[&Delta]) -> Result<(), ProjectionError> {
+        let mut n = self
+            .names
+            .write()
+            .map_err(|e| ProjectionError::View(e.to_string()))?;
+        for d in deltas {
+            self.apply_one(&mut n, d);
+        }
+        Ok(())
+    }
+
+    fn wants(&self, d: &Delta) -> bool {
+        matches!(d, Delta::Service { .. })
+    }
+}
+
+/// `rune.`
+pub fn rune_origin() -> Name {
+    Name::from_labels(["rune"]).unwrap_or_else(|_| Name::root())
+}
+
+/// The reverse zones covering a cluster network: its prefix rounded out to whole octets, one
+/// zone per value of the octets the prefix only partly fixes (at most 256).
+pub fn reverse_zones(network: Ipv4Addr, prefix: u8) -> Vec<Name> {
+    let prefix = prefix.min(32);
+    let whole = prefix / 8;
+    let o = network.octets();
+    let fixed: Vec<String> = o[..usize::from(whole)].iter().map(u8::to_string).collect();
+    let arpa = |octets: &[String]| {
+        let mut labels: Vec<String> = octets.iter().rev().cloned().collect();
+        labels.push("in-addr".into());
+        labels.push("arpa".into());
+        Name::from_labels(labels.iter().map(String::as_bytes)).ok()
+    };
+    if prefix.is_multiple_of(8) {
+        return arpa(&fixed).into_iter().collect();
+    }
+    // A /12 spans 16 values of its second octet: one zone each.
+    let bits = prefix % 8;
+    let span = 1u16 << (8 - bits);
+    let first = u16::from(o[usize::from(whole)]) & !(span - 1) & 0xff;
+    (first..first + span)
+        .filter_map(|v| {
+            let mut octets = fixed.clone();
+            octets.push(v.to_string());
+            arpa(&octets)
+        })
+        .collect()
+}
+
+/// One zone as hickory's `Catalog` sees it. `here`, in dev mode, is the address of the listener
+/// that owns this catalog: service names answer with it, since the data path serves that
+/// listener's clients there.
+pub struct ZoneAt {
+    records: Arc<Records>,
+    origin: LowerName,
+    soa: Name,
+    here: Option<Ipv4Addr>,
+}
+
+impl ZoneAt {
+    /// The zone `origin` of `records`.
+    pub fn new(records: Arc<Records>, origin: Name, here: Option<Ipv4Addr>) -> Self {
+        ZoneAt {
+            records,
+            origin: LowerName::new(&origin),
+            soa: origin,
+            here,
+        }
+    }
+
+    fn soa_set(&self) -> Arc<RecordSet> {
+        let serial = self.records.serial.load(Ordering::Relaxed);
+        let mname = Name::from_labels(["dns", "rune"]).unwrap_or_else(|_| Name::root());
+        let rname = Name::from_labels(["hostmaster", "rune"]).unwrap_or_else(|_| Name::root());
+        let soa = SOA::new(mname, rname, serial, 60, 30, 600, TTL);
+        Arc::new(RecordSet::from(Record::from_rdata(
+            self.soa.clone(),
+            TTL,
+            RData::SOA(soa),
+        )))
+    }
+
+    fn answer(set: Arc<RecordSet>, additionals: Option<Arc<RecordSet>>) -> LookupControlFlow<AuthLookup> {
+        let opts = LookupOptions::default();
+        LookupControlFlow::Break(Ok(AuthLookup::answers(
+            LookupRecords::new(opts, set),
+            additionals.map(|a| LookupRecords::new(opts, a)),
+        )))
+    }
+
+    /// The A set of a service: its VIP, or in dev mode the listener's address.
+    fn a_of(&self, a: &Arc<RecordSet>) -> Arc<RecordSet> {
+        match self.here {
+            None => a.clone(),
+            Some(here) => Arc::new(RecordSet::from(Record::from_rdata(
+                a.name().clone(),
+                TTL,
+                RData::A(A(here)),
+            ))),
+        }
+    }
+
+    fn find(&self, name: &LowerName, rtype: RecordType, client: bool) -> LookupControlFlow<AuthLookup> {
+        let nodata = || LookupControlFlow::Break(Err(LookupError::NameExists));
+        let any = rtype == RecordType::ANY;
+        if *name == self.origin {
+            return match rtype {
+                RecordType::SOA | RecordType::ANY => Self::answer(self.soa_set(), None),
+                // The catalog asks for NS along with every SOA answer; there is no NS to give.
+                RecordType::NS if !client => LookupControlFlow::Break(Ok(AuthLookup::default())),
+                _ => nodata(),
+            };
+        }
+        let Ok(names) = self.records.names.read() else {
+            return LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::ServFail)));
+        };
+        match names.nodes.get(name) {
+            Some(Node::Service { a, .. }) if any || rtype == RecordType::A => {
+                Self::answer(self.a_of(a), None)
+            }
+            Some(Node::Srv { srv, target }) if any || rtype == RecordType::SRV => {
+                let extra = match names.nodes.get(target) {
+                    Some(Node::Service { a, .. }) => Some(self.a_of(a)),
+                    _ => None,
+                };
+                Self::answer(srv.clone(), extra)
+            }
+            Some(Node::Ptr(p)) if any || rtype == RecordType::PTR => Self::answer(p.clone(), None),
+            Some(_) => nodata(),
+            None if names.ents.contains_key(name) => nodata(),
+            None => LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::NXDomain))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ZoneHandler for ZoneAt {
+    fn zone_type(&self) -> ZoneType {
+        ZoneType::Primary
+    }
+
+    fn axfr_policy(&self) -> AxfrPolicy {
+        AxfrPolicy::Deny
+    }
+
+    fn origin(&self) -> &LowerName {
+        &self.origin
+    }
+
+    async fn lookup(
+        &self,
+        name: &LowerName,
+        rtype: RecordType,
+        _request_info: Option<&RequestInfo<'_>>,
+        _lookup_options: LookupOptions,
+    ) -> LookupControlFlow<AuthLookup> {
+        self.find(name, rtype, false)
+    }
+
+    async fn search(
+        &self,
+        request: &Request,
+        _lookup_options: LookupOptions,
+    ) -> (
+        LookupControlFlow<AuthLookup>,
+        Option<hickory_server::proto::rr::TSigResponseContext>,
+    ) {
+        let info = match request.request_info() {
+            Ok(i) => i,
+            Err(e) => return (LookupControlFlow::Break(Err(e)), None),
+        };
+        (self.find(info.query.name(), info.query.query_type(), true), None)
+    }
+
+    async fn nsec_records(
+        &self,
+        _name: &LowerName,
+        _lookup_options: LookupOptions,
+    ) -> LookupControlFlow<AuthLookup> {
+        LookupControlFlow::Break(Ok(AuthLookup::default()))
+    }
+}

@@ -17,6 +17,10 @@ Installs the Rune orchestrator:
   deploy/runefile.yaml     -> /etc/rune/runefile.yaml (only if it does not exist yet)
   deploy/runed.service     -> /etc/systemd/system/runed.service
   docs/operations.md       -> /usr/local/share/doc/rune/operations.md
+  deploy/resolved-rune.conf -> /etc/systemd/resolved.conf.d/rune.conf and
+                           `rune` -> /etc/dnssec-trust-anchors.d/rune.negative
+                           (when systemd-resolved is installed, or with DESTDIR): the host
+                           resolves <svc>.<ns>.rune through runed's DNS
 then, when systemd is running, reloads it and runs `systemctl enable --now runed`.
 
 Options:
@@ -88,7 +92,7 @@ for b in runed rune rune-log-writer; do
         die "'$bin_dir/$b' is missing or not executable; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
     fi
 done
-for f in runefile.yaml runed.service; do
+for f in runefile.yaml runed.service resolved-rune.conf; do
     [ -f "$deploy_dir/$f" ] || die "'$deploy_dir/$f' is missing"
 done
 [ -f "$repo_root/docs/operations.md" ] || die "'$repo_root/docs/operations.md' is missing"
@@ -116,6 +120,24 @@ install -m 0644 "$repo_root/docs/operations.md" "$doc_dir/operations.md"
 install -d -m 0755 "$unit_dir"
 install -m 0644 "$deploy_dir/runed.service" "$unit_dir/runed.service"
 echo "Installed systemd unit $unit_dir/runed.service"
+
+# The host's own lookups of .rune names: a systemd-resolved routing domain to runed's DNS, and
+# a negative trust anchor so DNSSEC validation does not reject the private, unsigned zone.
+resolved=0
+if [ -n "$destdir" ] || [ -x /lib/systemd/systemd-resolved ] || [ -x /usr/lib/systemd/systemd-resolved ]; then
+    install -d -m 0755 "$destdir/etc/systemd/resolved.conf.d" "$destdir/etc/dnssec-trust-anchors.d"
+    install -m 0644 "$deploy_dir/resolved-rune.conf" "$destdir/etc/systemd/resolved.conf.d/rune.conf"
+    echo "rune" >"$destdir/etc/dnssec-trust-anchors.d/rune.negative"
+    chmod 0644 "$destdir/etc/dnssec-trust-anchors.d/rune.negative"
+    echo "Installed $destdir/etc/systemd/resolved.conf.d/rune.conf (.rune names go to runed's DNS)"
+    resolved=1
+else
+    echo "systemd-resolved is not installed: to resolve .rune names on this host, see 'Names on the host' in operations.md"
+fi
+
+if [ "$start" -eq 1 ] && [ "$resolved" -eq 1 ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl try-restart systemd-resolved || echo "install.sh: warning: could not restart systemd-resolved; run \`systemctl restart systemd-resolved\`" >&2
+fi
 
 if [ "$start" -eq 0 ]; then
     echo "Not starting runed (--no-start or DESTDIR). To start it:"

@@ -57,7 +57,9 @@ pub fn init_logging(s: &Settings) {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!(
-            "{},openraft=warn,opentelemetry=warn,opentelemetry_sdk=warn",
+            // hickory logs every query at info and every odd packet at warn: per-packet
+            // lines would cost more than the answers and let anyone flood the journal.
+            "{},openraft=warn,opentelemetry=warn,opentelemetry_sdk=warn,hickory_server=error,hickory_proto=error,hickory_net=error,hickory_resolver=error",
             s.log_level
         ))
     });

@@ -327,4 +327,18 @@ fn missing_nft_is_said_and_the_proxy_still_enforces() {
         .unwrap_or_default()
         .to_string();
     assert!(addr.starts_with("127.0.0.1:"), "{v}");
+    // Nothing redirects its VIP, so its name is not handed out: SERVFAIL, and the status says why.
+    assert!(status.contains("the DNS does not answer their names"), "{status}");
+    let o = Command::new("dig")
+        .arg(format!("@{}", d.dns.ip()))
+        .args([
+            "-p",
+            &d.dns.port().to_string(),
+            "quiet.default.rune",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig");
+    assert!(stdout(&o).contains("status: SERVFAIL"), "{}", stdout(&o));
 }

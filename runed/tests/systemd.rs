@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rune_chaos_tests::{stderr, stdout, wait_until};
 
-const IMAGE: &str = "rune-systemd-test:bookworm";
+const IMAGE: &str = "rune-systemd-test:bookworm-2";
 const LONG: Duration = Duration::from_secs(90);
 
 fn image() {
@@ -53,6 +53,9 @@ impl Host {
             .args([
                 "--cap-add",
                 "SYS_ADMIN",
+                // nftables in the container's own network namespace: the production data path.
+                "--cap-add",
+                "NET_ADMIN",
                 "--tmpfs",
                 "/run",
                 "--tmpfs",
@@ -121,6 +124,18 @@ fn install_live_with_and_recover_under_systemd() {
     h.ok("printf 'service:\\n  name: sleeper\\n  scale: 1\\n  process:\\n    command: /bin/sleep\\n    args: [\"3600\"]\\n' > /root/s.yaml && rune cast /root/s.yaml --timeout 60s");
     let instances = || h.ok("rune get instances -o json");
     assert!(instances().contains("\"ready\": true"), "{}", instances());
+
+    // The host resolves service names: install.sh gave systemd-resolved a `~rune` routing
+    // domain to runed's DNS, which answers once the VIP's kernel redirect is loaded.
+    let svc: serde_json::Value =
+        serde_json::from_str(&h.ok("rune get svc sleeper -o json")).expect("service JSON");
+    let vip = svc["vip"].as_str().expect("a VIP").to_string();
+    h.ok("echo 'nameserver 127.0.0.53' > /etc/resolv.conf");
+    wait_until(LONG, "the host to resolve sleeper.default.rune", || {
+        stdout(&h.sh("dig +short +time=2 +tries=1 sleeper.default.rune")).trim() == vip
+    });
+    assert!(h.ok("resolvectl query sleeper.default.rune").contains(&vip));
+    assert!(h.ok("rune policy status").contains("kernel enforcement: on"));
 
     // systemctl restart keeps the state, and the instance is adopted, not restarted.
     let pid = h.prop("MainPID");

@@ -710,13 +710,14 @@ impl DataPlane {
     async fn program(&self, t: &Table) {
         let ports = self.proxy_port_map();
         let (text, counters) = nft::render(&self.cfg.nft_table, t, &ports, self.cfg.port_range);
-        let unchanged = self
-            .kernel
-            .lock()
-            .map(|k| k.program == text && k.status.enforcing)
-            .unwrap_or(false);
-        if unchanged {
-            return;
+        let vips: HashSet<Ipv4Addr> = t.services.values().filter_map(|s| s.vip).collect();
+        if let Ok(mut k) = self.kernel.lock() {
+            // The loaded table is already this program (a service without ports adds no
+            // rule): it carries this view's VIPs as it is.
+            if k.program == text && k.status.enforcing {
+                k.vips = vips;
+                return;
+            }
         }
         // A reload resets the kernel's counters: carry what they counted so far.
         let before = nft::counters(&self.cfg.nft_table).await.unwrap_or_default();
@@ -742,12 +743,13 @@ impl DataPlane {
                 };
                 k.program = text;
                 k.counters = counters;
-                k.vips = t.services.values().filter_map(|s| s.vip).collect();
+                k.vips = vips;
             }
             Err(e) => {
                 // Said once per change: losing enforcement is an error, never having it (no
                 // nft, no privilege) a warning; the same failure again is not news.
-                let detail = format!("off: {e}");
+                // The DNS answers a name only once its VIP is redirected (`carries`).
+                let detail = format!("off: {e}; VIPs not in the loaded table are not redirected, so the DNS does not answer their names");
                 if k.status.enforcing {
                     tracing::error!(error = %e, "kernel enforcement stopped; policy is enforced in the proxy only");
                 } else if k.status.detail != detail {

@@ -9,9 +9,10 @@
 //! the data path does not carry that VIP (in production, its kernel redirect is not
 //! programmed), and every `.rune` name does while the projection lags the log past its budget.
 //!
-//! Each listener address is served by its own hickory `Server` over its own `Catalog`, sharing
-//! the records and the forwarder: in dev mode the answer depends on which address was asked.
-//! UDP is read by one socket per core (SO_REUSEPORT).
+//! Each listener address has its own hickory `Catalog`, sharing the records and the forwarder:
+//! in dev mode the answer depends on which address was asked. TCP is served by hickory's
+//! `Server`; UDP by one SO_REUSEPORT socket per core, each read by a loop that answers our
+//! zones in place ([`serve_udp`]).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,20 +20,26 @@
 pub mod zone;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hickory_server::net::runtime::Time;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::net::NetError;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, ResponseCode};
-use hickory_server::proto::rr::{DNSClass, LowerName, Name};
+use hickory_server::proto::rr::{DNSClass, LowerName, Name, Record};
+use hickory_server::proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::resolver::config::{ConnectionConfig, NameServerConfig, ResolverOpts};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
+use hickory_server::zone_handler::MessageResponse;
 use hickory_server::zone_handler::{Catalog, MessageResponseBuilder, ZoneHandler};
 use hickory_server::Server;
 use rune_log::projection::Projection;
 use rune_log::Log;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 pub use zone::TTL;
 use zone::{Records, ZoneAt};
@@ -124,6 +131,15 @@ struct Handler {
     catalog: Catalog,
 }
 
+impl Handler {
+    /// Whether the answer is ours (no upstream to wait for).
+    fn is_local(&self, request: &Request) -> bool {
+        request
+            .request_info()
+            .is_ok_and(|i| self.shared.zones.iter().any(|z| z.zone_of(i.query.name())))
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(
@@ -180,10 +196,10 @@ pub struct Dns {
     upstreams: Vec<SocketAddr>,
     udp_sockets: usize,
     local: SocketAddr,
-    /// The host listener's server: dropping it stops it.
-    _main: Server<Handler>,
-    /// The container network's listeners: replaced when that network is made anew.
-    also: Mutex<Option<Server<Handler>>>,
+    /// The host listener: dropping it stops it.
+    _main: Listener,
+    /// The container network's listener: replaced when that network is made anew.
+    also: Mutex<Option<Listener>>,
 }
 
 impl Dns {
@@ -198,10 +214,7 @@ impl Dns {
             .await
             .map_err(|e| DnsError::Bind(local, e))?;
         let upstreams: Vec<SocketAddr> = if cfg.upstreams.is_empty() {
-            resolv_conf_upstreams(
-                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-                local,
-            )
+            system_upstreams(local)
         } else {
             cfg.upstreams.iter().copied().filter(|u| *u != local).collect()
         };
@@ -290,22 +303,171 @@ impl Dns {
     }
 }
 
-/// Starts a hickory server on these sockets.
-fn serve(shared: &Arc<Shared>, udp: Vec<UdpSocket>, tcp: TcpListener, here: Ipv4Addr) -> Server<Handler> {
-    let mut server = Server::new(Handler {
+/// One listener address being served: TCP by a hickory server, UDP by [`serve_udp`] threads.
+/// Dropping it stops both (the UDP threads within their read timeout).
+struct Listener {
+    _tcp: Server<Handler>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts serving these sockets.
+fn serve(shared: &Arc<Shared>, udp: Vec<std::net::UdpSocket>, tcp: TcpListener, here: Ipv4Addr) -> Listener {
+    let handler = || Handler {
         shared: shared.clone(),
         catalog: Shared::catalog(shared, here),
-    });
-    for s in udp {
-        server.register_socket(s);
-    }
+    };
+    let mut server = Server::new(handler());
     server.register_listener(tcp, Duration::from_secs(10), 64);
-    server
+    let udp_handler = Arc::new(handler());
+    let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Handle::current();
+    for (i, s) in udp.into_iter().enumerate() {
+        let (h, f, st, rt) = (udp_handler.clone(), forwards.clone(), stop.clone(), rt.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("dns-udp-{i}"))
+            .spawn(move || serve_udp(Arc::new(s), h, f, st, rt));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a DNS UDP thread");
+        }
+    }
+    Listener { _tcp: server, stop }
+}
+
+/// Forwarded UDP queries waiting on an upstream at once; past it, more are dropped (clients
+/// retry) rather than pile up.
+const MAX_FORWARDS: usize = 4096;
+
+/// How often a UDP thread looks up from a quiet socket to see whether it should stop.
+const UDP_POLL: Duration = Duration::from_millis(500);
+
+/// One thread per UDP socket, blocked in `recvfrom` as unbound's are, answering our zones'
+/// names in place through hickory's catalog (whose lookups here never wait: the future is
+/// driven to completion on this thread). hickory's own UDP loop spawns a task and passes the
+/// answer through a channel per query, and a tokio socket adds an epoll round and a task
+/// switch per packet: together more than the answer costs. Forwarded queries, which wait on
+/// an upstream, go to the runtime as a task each (bounded by `forwards`).
+fn serve_udp(
+    sock: Arc<std::net::UdpSocket>,
+    handler: Arc<Handler>,
+    forwards: Arc<Semaphore>,
+    stop: Arc<AtomicBool>,
+    rt: tokio::runtime::Handle,
+) {
+    let mut buf = vec![0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, src) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS receive failed");
+                continue;
+            }
+        };
+        // Nothing can be sent back to port 0.
+        if src.port() == 0 {
+            continue;
+        }
+        let request = match Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) {
+            Ok(r) => r,
+            Err(_) => {
+                if let Some(reply) = formerr(&buf[..n]) {
+                    let _ = sock.send_to(&reply, src);
+                }
+                continue;
+            }
+        };
+        // Responses are never answered (no reflection).
+        if request.metadata.message_type == MessageType::Response {
+            continue;
+        }
+        let reply = UdpReply {
+            sock: sock.clone(),
+            dst: src,
+        };
+        if handler.is_local(&request) {
+            futures::executor::block_on(handler.handle_request::<_, TokioTime>(&request, reply));
+        } else if let Ok(permit) = forwards.clone().try_acquire_owned() {
+            let handler = handler.clone();
+            rt.spawn(async move {
+                handler.handle_request::<_, TokioTime>(&request, reply).await;
+                drop(permit);
+            });
+        } else {
+            tracing::debug!(%src, "too many forwarded queries in flight; one dropped");
+        }
+    }
+}
+
+/// FORMERR for a packet with a query header whose body does not parse; `None` for anything
+/// without a header, or a response.
+fn formerr(packet: &[u8]) -> Option<Vec<u8>> {
+    let header = Header::read(&mut BinDecoder::new(packet)).ok()?;
+    if header.metadata.message_type == MessageType::Response {
+        return None;
+    }
+    let mut metadata = Metadata::response_from_request(&header.metadata);
+    metadata.response_code = ResponseCode::FormErr;
+    let mut out = Vec::with_capacity(12);
+    Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    }
+    .emit(&mut BinEncoder::new(&mut out))
+    .ok()?;
+    Some(out)
+}
+
+/// Sends a response straight back on the socket it came in on, cut to the client's buffer
+/// (512 bytes without EDNS) with TC set when it does not fit.
+#[derive(Clone)]
+struct UdpReply {
+    sock: Arc<std::net::UdpSocket>,
+    dst: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let max = response.edns().map_or(512, |e| e.max_payload().max(512));
+        let mut bytes = Vec::with_capacity(512);
+        let info = {
+            let mut encoder = BinEncoder::new(&mut bytes);
+            encoder.set_max_size(max);
+            response.destructive_emit(&mut encoder)?
+        };
+        // A UDP send does not wait for the peer; the socket's buffer takes it at once.
+        self.sock.send_to(&bytes, self.dst)?;
+        Ok(info)
+    }
 }
 
 /// `n` UDP sockets on one address (the first fixes the port when asked for 0), SO_REUSEPORT
 /// so the kernel spreads queries over them.
-fn bind_udp(addr: SocketAddr, n: usize) -> Result<(Vec<UdpSocket>, SocketAddr), DnsError> {
+fn bind_udp(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::UdpSocket>, SocketAddr), DnsError> {
     let mut at = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
@@ -316,13 +478,13 @@ fn bind_udp(addr: SocketAddr, n: usize) -> Result<(Vec<UdpSocket>, SocketAddr), 
     Ok((out, at))
 }
 
-fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
+    s.set_read_timeout(Some(UDP_POLL))?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
 /// hickory's forwarder over the upstreams, UDP first and TCP for truncated answers. `None`
@@ -355,6 +517,22 @@ fn forwarder(upstreams: &[SocketAddr], timeout: Duration) -> Result<Option<Arc<d
     .build()
     .map_err(|e| DnsError::Forwarder(upstreams.to_vec(), e))?;
     Ok(Some(Arc::new(f)))
+}
+
+/// The host's resolvers: those of /etc/resolv.conf, or, when that names systemd-resolved's stub
+/// (127.0.0.53/54), the servers resolved itself asks. With a `~rune` routing domain pointing at
+/// this server, forwarding to the stub would send names back here.
+fn system_upstreams(own: SocketAddr) -> Vec<SocketAddr> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let ups = resolv_conf_upstreams(&read("/etc/resolv.conf"), own);
+    let stub = |u: &SocketAddr| matches!(u.ip(), IpAddr::V4(ip) if ip == Ipv4Addr::new(127, 0, 0, 53) || ip == Ipv4Addr::new(127, 0, 0, 54));
+    if ups.iter().any(stub) {
+        let behind = resolv_conf_upstreams(&read("/run/systemd/resolve/resolv.conf"), own);
+        if !behind.is_empty() {
+            return behind;
+        }
+    }
+    ups
 }
 
 /// The nameservers of a resolv.conf, except this server itself.

@@ -10,23 +10,19 @@
 //!   connections/s and p50/p99 of each connection;
 //! - long connections: 4 streams downloading for 5 s (MiB/s), and one connection's 64 B
 //!   round trips (p50/p99);
-//! - the time to render and load runed's nftables table for 10, 100 and 1000 services with
-//!   policies.
+//!
+//! The time to program nftables is `--bench nft`.
 
-use std::collections::BTreeMap;
-use std::fs::File;
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rune_chaos_tests::{free_port, stdout, wait_until, Bins, Daemon};
-use rune_dataplane::policy::{compile, SvcKey};
-use rune_dataplane::table::{Ep, Mode, Svc, Table};
-use rune_statemachine::spec::{IngressRule, NetworkPolicy, Peer, PortRef, PortSpec};
 
 const RUN: Duration = Duration::from_secs(5);
 
@@ -176,73 +172,12 @@ fn haproxy(dir: &std::path::Path, backend: SocketAddr) -> (std::process::Child, 
     (child, addr)
 }
 
-/// A synthetic view of `n` services, each with a VIP, a port, two container endpoints and an
-/// ingress policy naming another service and a CIDR.
-fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
-    let mut t = Table::default();
-    let mut ports = BTreeMap::new();
-    for i in 0..n {
-        let key = SvcKey::new("bench", &format!("s{i}"));
-        let ip = |k: usize| IpAddr::V4(Ipv4Addr::from(0x0a80_0000u32 + (i * 2 + k) as u32));
-        let np = NetworkPolicy {
-            ingress: vec![IngressRule {
-                from: vec![
-                    Peer {
-                        service: Some(format!("s{}", (i + 1) % n)),
-                        ..Default::default()
-                    },
-                    Peer {
-                        cidr: Some("192.168.0.0/16".into()),
-                        ..Default::default()
-                    },
-                ],
-                ports: vec![PortRef::Name("http".into())],
-            }],
-            egress: vec![],
-        };
-        t.services.insert(
-            key.clone(),
-            std::sync::Arc::new(Svc {
-                key: key.clone(),
-                vip: Some(Ipv4Addr::from(0x0a60_0002u32 + i as u32)),
-                mode: Mode::RoundRobin,
-                ports: vec![PortSpec {
-                    name: "http".into(),
-                    port: 80,
-                    target_port: Some(8080),
-                    protocol: None,
-                    host_port: None,
-                }],
-                policy: compile("bench", Some(&np)),
-                endpoints: (0..2)
-                    .map(|k| Ep {
-                        instance: format!("s{i}-{k}"),
-                        ip: ip(k),
-                        targets: vec![(80, 8080)],
-                    })
-                    .collect(),
-                local_ips: vec![ip(0), ip(1)],
-                local_instances: 2,
-            }),
-        );
-        ports.insert((key, 80), 20_000 + i as u16);
-    }
-    (t, ports)
-}
-
 fn enter_new_netns(name: &str) -> bool {
-    if !Command::new("ip")
-        .args(["netns", "add", name])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        return false;
-    }
-    let _ = Command::new("ip")
-        .args(["-n", name, "link", "set", "lo", "up"])
-        .status();
     // Host-originated VIP traffic needs a route, as on any host with a default route: a veth
     // pair inside the namespace provides one.
+    if !common::enter_netns(name) {
+        return false;
+    }
     for args in [
         vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
         vec!["addr", "add", "10.251.0.1/24", "dev", "v0"],
@@ -258,11 +193,7 @@ fn enter_new_netns(name: &str) -> bool {
     let _ = Command::new("ip")
         .args(["netns", "exec", name, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
         .status();
-    let Ok(f) = File::open(format!("/var/run/netns/{name}")) else {
-        return false;
-    };
-    // SAFETY: setns(2) on a namespace descriptor we own; it moves only this thread.
-    unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) == 0 }
+    true
 }
 
 fn main() {
@@ -347,28 +278,6 @@ fn main() {
         runed.2 / hp.2
     );
 
-    if in_ns {
-        println!("\n| services | render µs | nft load ms |");
-        println!("|---|---|---|");
-        for n in [10, 100, 1000] {
-            let (t, ports) = synthetic(n);
-            let start = Instant::now();
-            let (text, _) = rune_dataplane::nft::render("runebench", &t, &ports, (20_000, 21_999));
-            let render = start.elapsed();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let start = Instant::now();
-            rt.block_on(rune_dataplane::nft::apply(&text)).expect("nft load");
-            let load = start.elapsed();
-            println!(
-                "| {n} | {:.0} | {:.1} |",
-                render.as_secs_f64() * 1e6,
-                load.as_secs_f64() * 1e3
-            );
-        }
-    }
     drop(d);
     if in_ns {
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();

@@ -219,6 +219,12 @@ fn containers_resolve_services_through_the_injected_dns() {
     });
     let o = d.rune(&["exec", "client", "--", "nslookup", "nope.default.rune"]);
     assert!(!stdout(&o).contains("Address: 10."), "{}", stdout(&o));
+    // The client's container address is a local-instances row, whatever its policy.
+    wait_until(LONG, "the client's container row", || {
+        http_get(d.metrics, "/metrics").is_some_and(|(_, m)| {
+            m.contains("rune_policy_local_instances_by_service{namespace=\"default\",service=\"client\"} 1")
+        })
+    });
 }
 
 /// `dig`'s whole output for these arguments against `dns`.

@@ -122,3 +122,24 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     n(11) + n(12)
 }
+
+/// Creates network namespace `name` (loopback up) and moves this thread into it, so what it
+/// starts (nft, runed) sees only that namespace. False without root or ip(8).
+pub fn enter_netns(name: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    if !Command::new("ip")
+        .args(["netns", "add", name])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return false;
+    }
+    let _ = Command::new("ip")
+        .args(["-n", name, "link", "set", "lo", "up"])
+        .status();
+    let Ok(f) = std::fs::File::open(format!("/var/run/netns/{name}")) else {
+        return false;
+    };
+    // SAFETY: setns(2) on a namespace descriptor we own; it moves only this thread.
+    unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) == 0 }
+}

@@ -21,6 +21,8 @@ pub mod policy;
 pub mod ports;
 pub mod proxy;
 pub mod table;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -178,7 +180,8 @@ impl Stats {
 
 struct Kernel {
     status: KernelStatus,
-    program: String,
+    /// The model the kernel's table holds, when this runed loaded it and knows it.
+    model: Option<nft::Model>,
     /// Counter totals carried over from earlier programs (a reload resets the kernel's).
     carried: BTreeMap<String, u64>,
     /// The latest reading.
@@ -255,13 +258,8 @@ impl DataPlane {
         if cfg.kernel && !cfg.listen.is_loopback() {
             // Off loopback, the proxy ports are shielded from outside by the table's input
             // chain; if no table can be loaded, they stay on loopback.
-            let (empty, _) = nft::render(
-                &cfg.nft_table,
-                &Table::default(),
-                &BTreeMap::new(),
-                cfg.port_range,
-            );
-            if let Err(e) = nft::apply(&empty).await {
+            let empty = nft::Model::of(&Table::default(), &BTreeMap::new(), cfg.port_range);
+            if let Err(e) = nft::apply(nft::full(&cfg.nft_table, &empty)).await {
                 tracing::warn!(error = %e, "nftables cannot be programmed; the proxy listens on 127.0.0.1 only");
                 cfg.listen = IpAddr::from([127, 0, 0, 1]);
             }
@@ -284,7 +282,7 @@ impl DataPlane {
                     detail: kernel_detail,
                     last_program: Duration::ZERO,
                 },
-                program: String::new(),
+                model: None,
                 carried: BTreeMap::new(),
                 read: BTreeMap::new(),
                 generation: 0,
@@ -389,13 +387,13 @@ impl DataPlane {
             .sum()
     }
 
-    /// Instances on this node that each policy-bearing service's rules apply to.
+    /// Container addresses on this node by service (every service, policy or not): the rows
+    /// the kernel's maps would key a policy on.
     pub fn local_instances(&self) -> Vec<(SvcKey, usize)> {
         self.table()
             .services
             .values()
-            .filter(|s| s.policy.ingress.is_some() || s.policy.egress.is_some())
-            .map(|s| (s.key.clone(), s.local_instances))
+            .map(|s| (s.key.clone(), s.local_ips.len()))
             .collect()
     }
 
@@ -707,42 +705,76 @@ impl DataPlane {
             .unwrap_or_default()
     }
 
+    /// Brings the kernel's table to this view: only what changed when the table is one this
+    /// runed loaded, the whole table otherwise (at start, after a failure, or when a change
+    /// is refused because the table was touched from outside).
     async fn program(&self, t: &Table) {
         let ports = self.proxy_port_map();
-        let (text, counters) = nft::render(&self.cfg.nft_table, t, &ports, self.cfg.port_range);
+        let model = nft::Model::of(t, &ports, self.cfg.port_range);
         let vips: HashSet<Ipv4Addr> = t.services.values().filter_map(|s| s.vip).collect();
-        if let Ok(mut k) = self.kernel.lock() {
-            // The loaded table is already this program (a service without ports adds no
-            // rule): it carries this view's VIPs as it is.
-            if k.program == text && k.status.enforcing {
+        let loaded = {
+            let Ok(mut k) = self.kernel.lock() else { return };
+            // The loaded table is already this model (a service without ports adds nothing):
+            // it carries this view's VIPs as it is.
+            if k.status.enforcing && k.model.as_ref() == Some(&model) {
                 k.vips = vips;
                 return;
             }
-        }
-        // A reload resets the kernel's counters: carry what they counted so far.
-        let before = nft::counters(&self.cfg.nft_table).await.unwrap_or_default();
+            k.model.clone().filter(|_| k.status.enforcing)
+        };
+        let table = &self.cfg.nft_table;
         let started = Instant::now();
-        let r = nft::apply(&text).await;
+        // Counters of chains that go away (all of them, for a whole load) restart at zero:
+        // carry what they counted so far.
+        let gone = |old: &nft::Model| old.chains.keys().any(|n| !model.chains.contains_key(n));
+        let mut whole = loaded.is_none();
+        let mut before = if whole || loaded.as_ref().is_some_and(gone) {
+            nft::counters(table).await.unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        let mut r = match &loaded {
+            Some(old) => nft::apply(nft::delta(table, old, &model)).await,
+            None => nft::apply(nft::full(table, &model)).await,
+        };
+        if let (Err(e), false) = (&r, whole) {
+            tracing::warn!(error = %e, "an incremental nftables change was refused; loading the table whole");
+            before = nft::counters(table).await.unwrap_or_default();
+            whole = true;
+            r = nft::apply(nft::full(table, &model)).await;
+        }
         let took = started.elapsed();
         let Ok(mut k) = self.kernel.lock() else { return };
         match r {
             Ok(()) => {
-                // The new table starts its counters at zero; a failed load left the old ones.
-                for (name, n) in before {
-                    *k.carried.entry(name).or_default() += n;
+                let reset: Vec<String> = if whole {
+                    before.keys().cloned().collect()
+                } else {
+                    before
+                        .keys()
+                        .filter(|n| !model.chains.contains_key(*n))
+                        .cloned()
+                        .collect()
+                };
+                for name in &reset {
+                    let n = before.get(name).copied().unwrap_or(0);
+                    *k.carried.entry(name.clone()).or_default() += n;
+                    k.read.remove(name);
                 }
-                k.read.clear();
-                k.generation += 1;
+                if !reset.is_empty() || whole {
+                    // A reading taken before this change may hold counters now reset.
+                    k.generation += 1;
+                }
                 if !k.status.enforcing {
-                    tracing::info!(table = %self.cfg.nft_table, took_ms = took.as_millis() as u64, "nftables programmed; the kernel enforces policy");
+                    tracing::info!(table = %table, took_ms = took.as_millis() as u64, "nftables programmed; the kernel enforces policy");
                 }
                 k.status = KernelStatus {
                     enforcing: true,
-                    detail: format!("on: nftables table inet {}", self.cfg.nft_table),
+                    detail: format!("on: nftables table inet {table}"),
                     last_program: took,
                 };
-                k.program = text;
-                k.counters = counters;
+                k.counters = model.counters();
+                k.model = Some(model);
                 k.vips = vips;
             }
             Err(e) => {
@@ -760,7 +792,8 @@ impl DataPlane {
                     detail,
                     last_program: took,
                 };
-                k.program.clear();
+                // What the kernel holds is not known for sure: the next change loads it whole.
+                k.model = None;
             }
         }
     }

@@ -1,27 +1,47 @@
 //! The kernel half of the data plane: one nftables table of runed's own (`inet rune` unless
-//! configured otherwise), replaced whole in one `nft -f` transaction whenever the view changes,
-//! so the kernel never holds half a policy. Nothing else in the ruleset is read or touched.
+//! configured otherwise), built as the `nftables` crate's typed schema and loaded through
+//! `nft -j -f -`. Nothing else in the ruleset is read or touched.
+//!
+//! The table's contents are a [`Model`], keyed the way kube-proxy's nftables mode keys them:
+//! elements of maps and sets by VIP and port, one chain (and named counter) per policy
+//! direction of a service. [`full`] loads a model whole (at start, and to recover from a failed
+//! change); [`delta`] turns one model into the next with only the elements, chains and counters
+//! that differ, in one transaction, so one service's change touches only its own entries and
+//! the kernel never holds half a policy.
 //!
 //! - `nat_prerouting`/`nat_output` redirect `VIP:port` to the proxy's port for that service port
-//!   (from containers and other hosts, and from this host).
-//! - `filter_prerouting` (before NAT) rejects VIP ports without ready endpoints with a TCP reset,
-//!   then sends traffic from a service's containers through its egress chain and traffic to a
-//!   service's VIP or container addresses through its ingress chain. Established flows pass
-//!   first, so a policy swap never cuts a connection it allowed.
+//!   (from containers and other hosts, and from this host), through the map `vip_ports`.
+//! - `filter_prerouting` (before NAT) rejects VIP ports without ready endpoints (set `refused`)
+//!   with a TCP reset, then sends traffic from a service's containers through its egress chain
+//!   and traffic to a service's VIP or container addresses through its ingress chain (verdict
+//!   maps `egress_from`, `ingress_to`). Established flows pass first, so a policy swap never
+//!   cuts a connection it allowed.
 //! - Each policy chain ends in a named counter and `drop`: these are the kernel drops.
 //!   Host processes share the host's address and cannot be told apart here; their flows reach
 //!   the proxy, which names them by socket and applies the same decision.
 //! - `input` drops packets to the proxy ports that did not come through the redirect, so the
 //!   VIP stays the only way in from outside.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Stdio;
 
+use nftables::expr::{
+    BinaryOperation, Expression, Fib, FibFlag, FibResult, Map as MapExpr, Meta, MetaKey, NamedExpression,
+    Payload, PayloadField, Prefix, Range, SetItem, Verdict, CT,
+};
+use nftables::schema::{
+    Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetType,
+    SetTypeValue, Table as NfTable,
+};
+use nftables::stmt::{
+    Counter as CounterStmt, JumpTarget, Match, Operator, Reject, RejectType, Statement, VerdictMap, NAT,
+};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use tokio::io::AsyncWriteExt;
 
-use crate::policy::{ports_of, PeerMatch, Rule, SvcKey};
+use crate::policy::{ports_of, PeerMatch, Rule as PolicyRule, SvcKey};
 use crate::table::{Mode, Table};
 
 /// Why the kernel cannot be programmed.
@@ -59,163 +79,221 @@ pub fn counter_name(k: &SvcKey, direction: &str) -> String {
     format!("{d}_{}_{}", k.ns, k.name)
 }
 
-/// The program: the table's full text, and the counters it defines.
-pub fn render(
-    table_name: &str,
-    t: &Table,
-    proxy_ports: &BTreeMap<(SvcKey, u16), u16>,
-    range: (u16, u16),
-) -> (String, Vec<CounterKey>) {
-    let mut s = String::new();
-    let mut counters = Vec::new();
-    let mut redirects = Vec::new();
-    let mut refused = Vec::new();
-    for svc in t.services.values() {
-        let Some(vip) = svc.vip else { continue };
-        for (_, port) in svc.tcp_ports() {
-            match proxy_ports.get(&(svc.key.clone(), port)) {
-                Some(pp) if svc.mode != Mode::None && !svc.endpoints.is_empty() => {
-                    redirects.push(format!("{vip} . {port} : {pp}"))
-                }
-                _ => refused.push(format!("{vip} . {port}")),
-            }
-        }
-    }
-    // `add` + `delete` first makes the delete safe when the table does not exist yet; the
-    // whole file is one transaction.
-    let _ = writeln!(
-        s,
-        "add table inet {table_name}\ndelete table inet {table_name}\ntable inet {table_name} {{"
-    );
-    let _ = writeln!(
-        s,
-        "  map vip_ports {{ type ipv4_addr . inet_service : inet_service;"
-    );
-    if !redirects.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", redirects.join(", "));
-    }
-    let _ = writeln!(s, "  }}\n  set refused {{ type ipv4_addr . inet_service;");
-    if !refused.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", refused.join(", "));
-    }
-    let _ = writeln!(s, "  }}");
-    // Which chain a packet goes through is one lookup in a verdict map, not a rule per service.
-    let (mut egress_from, mut ingress_to) = (Vec::new(), Vec::new());
-    let mut chains = String::new();
-    // Egress first: its chains `return` on a match, so the ingress check still follows.
-    for svc in t.services.values() {
-        let Some(rules) = &svc.policy.egress else { continue };
-        if svc.local_ips.is_empty() {
-            continue;
-        }
-        let name = counter_name(&svc.key, "egress");
-        egress_from.extend(
-            svc.local_ips
-                .iter()
-                .filter(|i| i.is_ipv4())
-                .map(|i| format!("{i} : jump {name}")),
-        );
-        let _ = writeln!(chains, "  chain {name} {{");
-        for r in rules {
-            for line in egress_lines(t, r) {
-                let _ = writeln!(chains, "    {line} return");
-            }
-        }
-        // The node's own DNS stays reachable: a default-deny egress must not break names.
-        let _ = writeln!(
-            chains,
-            "    fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 return"
-        );
-        let _ = writeln!(chains, "    counter name \"{name}\" drop\n  }}");
-        let _ = writeln!(s, "  counter {name} {{ }}");
-        counters.push(CounterKey {
-            service: svc.key.clone(),
-            direction: "egress",
-        });
-    }
-    for svc in t.services.values() {
-        let Some(rules) = &svc.policy.ingress else {
-            continue;
+/// One policy chain: whose, which way, and its rules (the counter-and-drop rule last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChain {
+    /// The service and direction its counter counts for.
+    pub key: CounterKey,
+    /// Its rules, each a list of statements.
+    pub rules: Vec<Vec<Statement<'static>>>,
+}
+
+/// What runed's table should hold, keyed so that two models can be diffed element by element.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Model {
+    /// `VIP . port → proxy port`, for service ports with ready endpoints.
+    pub vip_ports: BTreeMap<(Ipv4Addr, u16), u16>,
+    /// `VIP . port` with nothing behind it: reset at once.
+    pub refused: BTreeSet<(Ipv4Addr, u16)>,
+    /// A local container's address → its service's egress chain.
+    pub egress_from: BTreeMap<Ipv4Addr, String>,
+    /// A VIP or local container address → its service's ingress chain.
+    pub ingress_to: BTreeMap<Ipv4Addr, String>,
+    /// Policy chains by name (also their counters' names).
+    pub chains: BTreeMap<String, PolicyChain>,
+    /// The proxy's port range, shielded by `input`.
+    pub range: (u16, u16),
+}
+
+impl Model {
+    /// What the table should hold for this view and these proxy ports.
+    pub fn of(t: &Table, proxy_ports: &BTreeMap<(SvcKey, u16), u16>, range: (u16, u16)) -> Model {
+        let mut m = Model {
+            range,
+            ..Model::default()
         };
-        let name = counter_name(&svc.key, "ingress");
-        let mut dests: Vec<IpAddr> = svc.local_ips.clone();
-        if let Some(v) = svc.vip {
-            dests.push(IpAddr::V4(v));
-        }
-        if dests.is_empty() {
-            continue;
-        }
-        ingress_to.extend(
-            dests
-                .iter()
-                .filter(|i| i.is_ipv4())
-                .map(|i| format!("{i} : jump {name}")),
-        );
-        let _ = writeln!(chains, "  chain {name} {{");
-        for r in rules {
-            for line in ingress_lines(t, svc, r) {
-                let _ = writeln!(chains, "    {line} accept");
+        for svc in t.services.values() {
+            let Some(vip) = svc.vip else { continue };
+            for (_, port) in svc.tcp_ports() {
+                match proxy_ports.get(&(svc.key.clone(), port)) {
+                    Some(pp) if svc.mode != Mode::None && !svc.endpoints.is_empty() => {
+                        m.vip_ports.insert((vip, port), *pp);
+                    }
+                    _ => {
+                        m.refused.insert((vip, port));
+                    }
+                }
             }
         }
-        let _ = writeln!(chains, "    counter name \"{name}\" drop\n  }}");
-        let _ = writeln!(s, "  counter {name} {{ }}");
-        counters.push(CounterKey {
-            service: svc.key.clone(),
-            direction: "ingress",
-        });
-    }
-    let _ = writeln!(
-        s,
-        "  chain filter_prerouting {{ type filter hook prerouting priority -150; policy accept;\n    \
-         ct state established,related accept\n    iif lo accept\n    \
-         ip daddr . tcp dport @refused reject with tcp reset\n    \
-         ip saddr vmap @egress_from\n    ip daddr vmap @ingress_to\n  }}"
-    );
-    let _ = writeln!(
-        s,
-        "  chain filter_output {{ type filter hook output priority -150; policy accept;\n    \
-         ip daddr . tcp dport @refused reject with tcp reset\n  }}"
-    );
-    s.push_str(&chains);
-    for (map, elems) in [("egress_from", &egress_from), ("ingress_to", &ingress_to)] {
-        let _ = writeln!(s, "  map {map} {{ type ipv4_addr : verdict;");
-        if !elems.is_empty() {
-            let _ = writeln!(s, "    elements = {{ {} }}", elems.join(", "));
+        for svc in t.services.values() {
+            if let Some(rules) = &svc.policy.egress {
+                let v4: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).collect();
+                if !v4.is_empty() {
+                    let name = counter_name(&svc.key, "egress");
+                    let mut body: Vec<Vec<Statement<'static>>> = rules
+                        .iter()
+                        .flat_map(|r| egress_lines(t, r))
+                        .map(|mut l| {
+                            l.push(Statement::Return(None));
+                            l
+                        })
+                        .collect();
+                    // The node's own DNS stays reachable: a default-deny egress must not break names.
+                    body.push(vec![
+                        eq(
+                            Expression::Named(NamedExpression::Fib(Fib {
+                                result: FibResult::Type,
+                                flags: HashSet::from([FibFlag::Daddr]),
+                            })),
+                            s("local"),
+                        ),
+                        eq(meta(MetaKey::L4proto), set(vec![s("tcp"), s("udp")])),
+                        eq(payload("th", "dport"), Expression::Number(53)),
+                        Statement::Return(None),
+                    ]);
+                    body.push(counted_drop(&name));
+                    for ip in v4 {
+                        m.egress_from.insert(ip, name.clone());
+                    }
+                    m.chains.insert(
+                        name,
+                        PolicyChain {
+                            key: CounterKey {
+                                service: svc.key.clone(),
+                                direction: "egress",
+                            },
+                            rules: body,
+                        },
+                    );
+                }
+            }
+            if let Some(rules) = &svc.policy.ingress {
+                let mut dests: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).collect();
+                dests.extend(svc.vip);
+                let has_any = !svc.local_ips.is_empty() || svc.vip.is_some();
+                if has_any {
+                    let name = counter_name(&svc.key, "ingress");
+                    let mut body: Vec<Vec<Statement<'static>>> = rules
+                        .iter()
+                        .flat_map(|r| ingress_lines(t, svc, r))
+                        .map(|mut l| {
+                            l.push(Statement::Accept(None));
+                            l
+                        })
+                        .collect();
+                    body.push(counted_drop(&name));
+                    for ip in dests {
+                        m.ingress_to.insert(ip, name.clone());
+                    }
+                    m.chains.insert(
+                        name,
+                        PolicyChain {
+                            key: CounterKey {
+                                service: svc.key.clone(),
+                                direction: "ingress",
+                            },
+                            rules: body,
+                        },
+                    );
+                }
+            }
         }
-        let _ = writeln!(s, "  }}");
+        m
     }
-    for (chain, hook) in [("nat_prerouting", "prerouting"), ("nat_output", "output")] {
-        let _ = writeln!(
-            s,
-            "  chain {chain} {{ type nat hook {hook} priority -100; policy accept;\n    \
-             meta l4proto tcp redirect to ip daddr . tcp dport map @vip_ports\n  }}"
-        );
+
+    /// The named counters the model defines, for reading the kernel's drops.
+    pub fn counters(&self) -> Vec<CounterKey> {
+        self.chains.values().map(|c| c.key.clone()).collect()
     }
-    let _ = writeln!(
-        s,
-        "  chain input {{ type filter hook input priority 0; policy accept;\n    \
-         tcp dport {}-{} iif != lo ct status ! dnat drop\n  }}\n}}",
-        range.0, range.1
-    );
-    (s, counters)
+}
+
+fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v) => Some(*v),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn s(text: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(text.to_string()))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn set(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
 }
 
 /// `a` alone, or `{ a, b }`: anonymous sets cost the kernel more than a plain match.
-fn one_or_set(items: &[String]) -> String {
-    match items {
-        [one] => one.clone(),
-        many => format!("{{ {} }}", many.join(", ")),
+fn one_or_set(mut items: Vec<Expression<'static>>) -> Expression<'static> {
+    if items.len() == 1 {
+        items.remove(0)
+    } else {
+        set(items)
     }
 }
 
-fn port_clause(ports: &Option<Vec<u16>>) -> Option<String> {
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(items))
+}
+
+fn counted_drop(name: &str) -> Vec<Statement<'static>> {
+    vec![
+        Statement::Counter(CounterStmt::Named(Cow::Owned(name.to_string()))),
+        Statement::Drop(None),
+    ]
+}
+
+/// An address or a prefix (`10.0.0.0/8`), as a match's right side.
+fn addr(a: &str) -> Expression<'static> {
+    match a
+        .split_once('/')
+        .and_then(|(ip, len)| Some((ip, len.parse::<u32>().ok()?)))
+    {
+        Some((ip, len)) => Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(s(ip)),
+            len,
+        })),
+        None => s(a),
+    }
+}
+
+/// `None`: the rule matches no port (skip it); `Some(None)`: every port.
+fn port_match(ports: &Option<Vec<u16>>) -> Option<Option<Statement<'static>>> {
     match ports {
-        None => Some(String::new()),
+        None => Some(None),
         Some(p) if p.is_empty() => None,
-        Some(p) => Some(format!(
-            " tcp dport {}",
-            one_or_set(&p.iter().map(|x| x.to_string()).collect::<Vec<_>>())
-        )),
+        Some(p) => Some(Some(eq(
+            payload("tcp", "dport"),
+            one_or_set(p.iter().map(|x| Expression::Number(u32::from(*x))).collect()),
+        ))),
     }
 }
 
@@ -252,7 +330,29 @@ fn family(addr: &str) -> &'static str {
     }
 }
 
-fn ingress_lines(t: &Table, svc: &crate::table::Svc, r: &Rule) -> Vec<String> {
+/// A rule's matches (its verdict is added by the caller), one per address family.
+fn addr_rules(
+    addrs: Vec<String>,
+    dir: &'static str,
+    ports: &Option<Statement<'static>>,
+) -> Vec<Vec<Statement<'static>>> {
+    let mut out = Vec::new();
+    for fam in ["ip", "ip6"] {
+        let these: Vec<Expression<'static>> = addrs
+            .iter()
+            .filter(|a| family(a) == fam)
+            .map(|a| addr(a))
+            .collect();
+        if !these.is_empty() {
+            let mut rule = vec![eq(payload(fam, dir), one_or_set(these))];
+            rule.extend(ports.clone());
+            out.push(rule);
+        }
+    }
+    out
+}
+
+fn ingress_lines(t: &Table, svc: &crate::table::Svc, r: &PolicyRule) -> Vec<Vec<Statement<'static>>> {
     // Both the service port (via the VIP) and where the instances listen (direct to a container).
     let ports = ports_of(r, &svc.ports).map(|list| {
         let mut all = list.clone();
@@ -265,25 +365,16 @@ fn ingress_lines(t: &Table, svc: &crate::table::Svc, r: &Rule) -> Vec<String> {
         all.dedup();
         all
     });
-    let Some(pc) = port_clause(&ports) else {
+    let Some(pm) = port_match(&ports) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for (_, m) in &r.peers {
-        for fam in ["ip", "ip6"] {
-            let addrs: Vec<String> = peer_addrs(t, m, false)
-                .into_iter()
-                .filter(|a| family(a) == fam)
-                .collect();
-            if !addrs.is_empty() {
-                out.push(format!("{fam} saddr {}{pc}", one_or_set(&addrs)));
-            }
-        }
-    }
-    out
+    r.peers
+        .iter()
+        .flat_map(|(_, m)| addr_rules(peer_addrs(t, m, false), "saddr", &pm))
+        .collect()
 }
 
-fn egress_lines(t: &Table, r: &Rule) -> Vec<String> {
+fn egress_lines(t: &Table, r: &PolicyRule) -> Vec<Vec<Statement<'static>>> {
     let mut out = Vec::new();
     for (_, m) in &r.peers {
         // Port names resolve against the destination service's ports.
@@ -291,25 +382,434 @@ fn egress_lines(t: &Table, r: &Rule) -> Vec<String> {
             PeerMatch::Service(k) => t.services.get(k).map(|s| s.ports.clone()).unwrap_or_default(),
             _ => Vec::new(),
         };
-        let Some(pc) = port_clause(&ports_of(r, &dest_ports)) else {
+        let Some(pm) = port_match(&ports_of(r, &dest_ports)) else {
             continue;
         };
-        for fam in ["ip", "ip6"] {
-            let addrs: Vec<String> = peer_addrs(t, m, true)
-                .into_iter()
-                .filter(|a| family(a) == fam)
-                .collect();
-            if !addrs.is_empty() {
-                out.push(format!("{fam} daddr {}{pc}", one_or_set(&addrs)));
-            }
-        }
+        out.extend(addr_rules(peer_addrs(t, m, true), "daddr", &pm));
     }
     out
 }
 
-/// Loads a program with `nft -f -`.
-pub async fn apply(program: &str) -> Result<(), NftError> {
-    let out = run_nft(&["-f", "-"], Some(program)).await?;
+/// Commands that make the kernel's table exactly `m`, replacing whatever it held.
+pub fn full(table: &str, m: &Model) -> Vec<NfObject<'static>> {
+    let b = Build::new(table);
+    let mut cmds = vec![
+        // `add` then `delete` makes the delete safe when the table does not exist yet; the
+        // whole batch is one transaction.
+        add(NfListObject::Table(b.table())),
+        NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(b.table()))),
+        add(NfListObject::Table(b.table())),
+        add(NfListObject::Map(Box::new(b.map(
+            "vip_ports",
+            concat_type(),
+            SetType::InetService,
+        )))),
+        add(NfListObject::Set(Box::new(b.set("refused", concat_type())))),
+        // The verdict maps' value type is patched in `encode` (see there).
+        add(NfListObject::Map(Box::new(b.map(
+            "egress_from",
+            SetTypeValue::Single(SetType::Ipv4Addr),
+            VERDICT_STANDIN,
+        )))),
+        add(NfListObject::Map(Box::new(b.map(
+            "ingress_to",
+            SetTypeValue::Single(SetType::Ipv4Addr),
+            VERDICT_STANDIN,
+        )))),
+    ];
+    for (name, c) in &m.chains {
+        cmds.extend(b.new_chain(name, c));
+    }
+    cmds.extend(b.base_chains(m.range));
+    cmds.extend(b.elements(m, None));
+    cmds
+}
+
+/// Commands that turn the kernel's table from `old` into `new`, touching only what differs, or
+/// nothing when they are equal. Element removals come first, then chains, then additions, so
+/// no element ever points at a chain that is gone.
+pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
+    let b = Build::new(table);
+    let mut cmds = Vec::new();
+    let del = |o: NfListObject<'static>| NfObject::CmdObject(NfCmd::Delete(o));
+    // Elements that went away or changed value.
+    let gone_ports: Vec<_> = old
+        .vip_ports
+        .iter()
+        .filter(|(k, v)| new.vip_ports.get(k) != Some(v))
+        .map(|((vip, port), _)| vip_port(*vip, *port))
+        .collect();
+    if !gone_ports.is_empty() {
+        cmds.push(del(b.element("vip_ports", gone_ports)));
+    }
+    let gone_refused: Vec<_> = old
+        .refused
+        .difference(&new.refused)
+        .map(|(vip, port)| vip_port(*vip, *port))
+        .collect();
+    if !gone_refused.is_empty() {
+        cmds.push(del(b.element("refused", gone_refused)));
+    }
+    for (map, o, n) in [
+        ("egress_from", &old.egress_from, &new.egress_from),
+        ("ingress_to", &old.ingress_to, &new.ingress_to),
+    ] {
+        let gone: Vec<_> = o
+            .iter()
+            .filter(|(k, v)| n.get(k) != Some(v))
+            .map(|(ip, _)| s(&ip.to_string()))
+            .collect();
+        if !gone.is_empty() {
+            cmds.push(del(b.element(map, gone)));
+        }
+    }
+    // Chains: new ones made, changed ones rewritten, old ones removed with their counters.
+    for (name, c) in &new.chains {
+        match old.chains.get(name) {
+            None => cmds.extend(b.new_chain(name, c)),
+            Some(was) if was.rules != c.rules => {
+                cmds.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+                    b.chain(name),
+                ))));
+                cmds.extend(b.rules(name, c));
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
+        cmds.push(del(NfListObject::Chain(b.chain(name))));
+        cmds.push(del(NfListObject::Counter(b.counter(name))));
+    }
+    if old.range != new.range {
+        cmds.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+            b.chain("input"),
+        ))));
+        cmds.push(add(NfListObject::Rule(b.input_rule(new.range))));
+    }
+    cmds.extend(b.elements(new, Some(old)));
+    cmds
+}
+
+/// What a verdict map's value type is written as before `encode` fixes it: the crate (0.6)
+/// has no `verdict` set type (nftables-rs issue #237).
+const VERDICT_STANDIN: SetType = SetType::Mark;
+
+fn concat_type() -> SetTypeValue<'static> {
+    SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ipv4Addr, SetType::InetService]))
+}
+
+fn vip_port(vip: Ipv4Addr, port: u16) -> Expression<'static> {
+    concat(vec![s(&vip.to_string()), Expression::Number(u32::from(port))])
+}
+
+fn add(o: NfListObject<'static>) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(o))
+}
+
+/// Builds the objects of one table.
+struct Build {
+    table: String,
+}
+
+impl Build {
+    fn new(table: &str) -> Self {
+        Build {
+            table: table.to_string(),
+        }
+    }
+
+    fn t(&self) -> Cow<'static, str> {
+        Cow::Owned(self.table.clone())
+    }
+
+    fn table(&self) -> NfTable<'static> {
+        NfTable {
+            family: NfFamily::INet,
+            name: self.t(),
+            handle: None,
+        }
+    }
+
+    fn chain(&self, name: &str) -> Chain<'static> {
+        Chain {
+            family: NfFamily::INet,
+            table: self.t(),
+            name: Cow::Owned(name.to_string()),
+            ..Chain::default()
+        }
+    }
+
+    fn base_chain(&self, name: &str, kind: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
+        Chain {
+            _type: Some(kind),
+            hook: Some(hook),
+            prio: Some(prio),
+            policy: Some(NfChainPolicy::Accept),
+            ..self.chain(name)
+        }
+    }
+
+    fn counter(&self, name: &str) -> Counter<'static> {
+        Counter {
+            family: NfFamily::INet,
+            table: self.t(),
+            name: Cow::Owned(name.to_string()),
+            handle: None,
+            packets: None,
+            bytes: None,
+        }
+    }
+
+    fn set(&self, name: &str, key: SetTypeValue<'static>) -> Set<'static> {
+        Set {
+            family: NfFamily::INet,
+            table: self.t(),
+            name: Cow::Owned(name.to_string()),
+            set_type: key,
+            ..Set::default()
+        }
+    }
+
+    fn map(&self, name: &str, key: SetTypeValue<'static>, value: SetType) -> Map<'static> {
+        Map {
+            family: NfFamily::INet,
+            table: self.t(),
+            name: Cow::Owned(name.to_string()),
+            set_type: key,
+            map: SetTypeValue::Single(value),
+            ..Map::default()
+        }
+    }
+
+    fn element(&self, set: &str, elem: Vec<Expression<'static>>) -> NfListObject<'static> {
+        NfListObject::Element(Element {
+            family: NfFamily::INet,
+            table: self.t(),
+            name: Cow::Owned(set.to_string()),
+            elem: Cow::Owned(elem),
+        })
+    }
+
+    fn rule(&self, chain: &str, expr: Vec<Statement<'static>>) -> Rule<'static> {
+        Rule {
+            family: NfFamily::INet,
+            table: self.t(),
+            chain: Cow::Owned(chain.to_string()),
+            expr: Cow::Owned(expr),
+            ..Rule::default()
+        }
+    }
+
+    fn rules(&self, name: &str, c: &PolicyChain) -> Vec<NfObject<'static>> {
+        c.rules
+            .iter()
+            .map(|r| add(NfListObject::Rule(self.rule(name, r.clone()))))
+            .collect()
+    }
+
+    fn new_chain(&self, name: &str, c: &PolicyChain) -> Vec<NfObject<'static>> {
+        let mut out = vec![
+            add(NfListObject::Counter(self.counter(name))),
+            add(NfListObject::Chain(self.chain(name))),
+        ];
+        out.extend(self.rules(name, c));
+        out
+    }
+
+    fn input_rule(&self, range: (u16, u16)) -> Rule<'static> {
+        let port_range = Expression::Range(Box::new(Range {
+            range: [
+                Expression::Number(u32::from(range.0)),
+                Expression::Number(u32::from(range.1)),
+            ],
+        }));
+        self.rule(
+            "input",
+            vec![
+                eq(payload("tcp", "dport"), port_range),
+                Statement::Match(Match {
+                    left: meta(MetaKey::Iif),
+                    right: s("lo"),
+                    op: Operator::NEQ,
+                }),
+                // `ct status ! dnat`: not redirected here by the VIP's NAT rule.
+                eq(
+                    Expression::BinaryOperation(Box::new(BinaryOperation::AND(ct("status"), s("dnat")))),
+                    Expression::Number(0),
+                ),
+                Statement::Drop(None),
+            ],
+        )
+    }
+
+    fn base_chains(&self, range: (u16, u16)) -> Vec<NfObject<'static>> {
+        let refused = || {
+            vec![
+                eq(
+                    concat(vec![payload("ip", "daddr"), payload("tcp", "dport")]),
+                    s("@refused"),
+                ),
+                Statement::Reject(Some(Reject {
+                    _type: Some(RejectType::TCPReset),
+                    expr: None,
+                })),
+            ]
+        };
+        let vmap = |field, map: &str| {
+            vec![Statement::VerdictMap(VerdictMap {
+                key: payload("ip", field),
+                data: s(&format!("@{map}")),
+            })]
+        };
+        let redirect = || {
+            vec![
+                eq(meta(MetaKey::L4proto), s("tcp")),
+                Statement::Redirect(Some(NAT {
+                    addr: None,
+                    family: None,
+                    port: Some(Expression::Named(NamedExpression::Map(Box::new(MapExpr {
+                        key: concat(vec![payload("ip", "daddr"), payload("tcp", "dport")]),
+                        data: s("@vip_ports"),
+                    })))),
+                    flags: None,
+                })),
+            ]
+        };
+        let mut out = vec![
+            add(NfListObject::Chain(self.base_chain(
+                "filter_prerouting",
+                NfChainType::Filter,
+                NfHook::Prerouting,
+                -150,
+            ))),
+            add(NfListObject::Chain(self.base_chain(
+                "filter_output",
+                NfChainType::Filter,
+                NfHook::Output,
+                -150,
+            ))),
+            add(NfListObject::Chain(self.base_chain(
+                "nat_prerouting",
+                NfChainType::NAT,
+                NfHook::Prerouting,
+                -100,
+            ))),
+            add(NfListObject::Chain(self.base_chain(
+                "nat_output",
+                NfChainType::NAT,
+                NfHook::Output,
+                -100,
+            ))),
+            add(NfListObject::Chain(self.base_chain(
+                "input",
+                NfChainType::Filter,
+                NfHook::Input,
+                0,
+            ))),
+        ];
+        let prerouting = vec![
+            vec![
+                Statement::Match(Match {
+                    left: ct("state"),
+                    right: Expression::List(vec![s("established"), s("related")]),
+                    op: Operator::IN,
+                }),
+                Statement::Accept(None),
+            ],
+            vec![eq(meta(MetaKey::Iif), s("lo")), Statement::Accept(None)],
+            refused(),
+            vmap("saddr", "egress_from"),
+            vmap("daddr", "ingress_to"),
+        ];
+        for r in prerouting {
+            out.push(add(NfListObject::Rule(self.rule("filter_prerouting", r))));
+        }
+        out.push(add(NfListObject::Rule(self.rule("filter_output", refused()))));
+        out.push(add(NfListObject::Rule(self.rule("nat_prerouting", redirect()))));
+        out.push(add(NfListObject::Rule(self.rule("nat_output", redirect()))));
+        out.push(add(NfListObject::Rule(self.input_rule(range))));
+        out
+    }
+
+    /// `add element` commands for what `m` holds and `old` (if given) did not.
+    fn elements(&self, m: &Model, old: Option<&Model>) -> Vec<NfObject<'static>> {
+        let mut out = Vec::new();
+        let ports: Vec<_> = m
+            .vip_ports
+            .iter()
+            .filter(|(k, v)| old.is_none_or(|o| o.vip_ports.get(k) != Some(v)))
+            .map(|((vip, port), pp)| {
+                Expression::List(vec![vip_port(*vip, *port), Expression::Number(u32::from(*pp))])
+            })
+            .collect();
+        if !ports.is_empty() {
+            out.push(add(self.element("vip_ports", ports)));
+        }
+        let refused: Vec<_> = m
+            .refused
+            .iter()
+            .filter(|k| old.is_none_or(|o| !o.refused.contains(k)))
+            .map(|(vip, port)| vip_port(*vip, *port))
+            .collect();
+        if !refused.is_empty() {
+            out.push(add(self.element("refused", refused)));
+        }
+        for (map, n, o) in [
+            ("egress_from", &m.egress_from, old.map(|o| &o.egress_from)),
+            ("ingress_to", &m.ingress_to, old.map(|o| &o.ingress_to)),
+        ] {
+            let elems: Vec<_> = n
+                .iter()
+                .filter(|(k, v)| o.is_none_or(|o| o.get(k) != Some(v)))
+                .map(|(ip, chain)| {
+                    Expression::List(vec![
+                        s(&ip.to_string()),
+                        Expression::Verdict(Verdict::Jump(JumpTarget {
+                            target: Cow::Owned(chain.clone()),
+                        })),
+                    ])
+                })
+                .collect();
+            if !elems.is_empty() {
+                out.push(add(self.element(map, elems)));
+            }
+        }
+        out
+    }
+}
+
+/// The JSON `nft -j` takes for these commands. The verdict maps' value type is the one thing
+/// the crate cannot say (nftables-rs issue #237): their stand-in type is replaced here.
+pub fn encode(cmds: Vec<NfObject<'static>>) -> Result<String, NftError> {
+    let doc = Nftables {
+        objects: Cow::Owned(cmds),
+    };
+    let mut v = serde_json::to_value(&doc)
+        .map_err(|e| NftError::Refused(format!("cannot encode the program: {e}")))?;
+    if let Some(objects) = v.get_mut("nftables").and_then(|o| o.as_array_mut()) {
+        for o in objects {
+            if let Some(map) = o.get_mut("add").and_then(|a| a.get_mut("map")) {
+                let verdict = matches!(
+                    map.get("name").and_then(|n| n.as_str()),
+                    Some("egress_from" | "ingress_to")
+                );
+                if verdict {
+                    map["map"] = serde_json::Value::String("verdict".into());
+                }
+            }
+        }
+    }
+    Ok(v.to_string())
+}
+
+/// Loads commands with `nft -j -f -`: one transaction, all or nothing. (The crate's own runner
+/// does not keep nft's stderr, which tells a missing privilege from a refused program.)
+pub async fn apply(cmds: Vec<NfObject<'static>>) -> Result<(), NftError> {
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    let json = encode(cmds)?;
+    let out = run_nft(&["-j", "-f", "-"], Some(&json)).await?;
     if out.status.success() {
         return Ok(());
     }

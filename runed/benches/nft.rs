@@ -1,0 +1,90 @@
+//! Programming runed's nftables table, in a network namespace of its own (root and Debian's
+//! nftables): for 10, 100 and 1,000 services, each with a VIP, two local containers and an
+//! ingress policy, `cargo bench -p runed --bench nft` prints
+//! - the time to compute the table's model from the view,
+//! - a full load (the table replaced whole: runed's start, or recovery), median of 5,
+//! - one service's change (its endpoints gone and its policy moved, then back) applied as a
+//!   delta, p50/p99 of 40, with how many commands the delta holds,
+//! - reading the counters (`nft -j list counters table`), median of 10.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use rune_dataplane::nft::{self, Model};
+use rune_dataplane::testing::{change_one, synthetic};
+
+const TABLE: &str = "runebench";
+const RANGE: (u16, u16) = (20_000, 21_999);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn main() {
+    let ns = format!("rune-nft-bench-{}", std::process::id());
+    if !common::enter_netns(&ns) {
+        println!("skipped: needs root, ip(8) and nft(8)");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!("nftables programming, one network namespace, one run\n");
+    println!("| services | model µs | full load ms | one change p50 ms | p99 ms | commands per change | read counters ms |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|");
+    for n in [10, 100, 1000] {
+        let (t, ports) = synthetic(n);
+        let started = Instant::now();
+        let base = Model::of(&t, &ports, RANGE);
+        let model_us = started.elapsed().as_secs_f64() * 1e6;
+        let mut loads: Vec<Duration> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                rt.block_on(nft::apply(nft::full(TABLE, &base)))
+                    .expect("full load");
+                started.elapsed()
+            })
+            .collect();
+        let mut changes = Vec::new();
+        let mut commands = 0;
+        let mut current = base.clone();
+        for round in 0..40 {
+            let i = (round / 2 * 7) % n;
+            let next = if round.is_multiple_of(2) {
+                Model::of(&change_one(&t, i, 0), &ports, RANGE)
+            } else {
+                base.clone()
+            };
+            let cmds = nft::delta(TABLE, &current, &next);
+            commands = commands.max(cmds.len());
+            let started = Instant::now();
+            rt.block_on(nft::apply(cmds)).expect("delta");
+            changes.push(started.elapsed());
+            current = next;
+        }
+        let mut reads: Vec<Duration> = (0..10)
+            .map(|_| {
+                let started = Instant::now();
+                rt.block_on(nft::counters(TABLE)).expect("counters");
+                started.elapsed()
+            })
+            .collect();
+        println!(
+            "| {n} | {model_us:.0} | {:.1} | {:.2} | {:.2} | {commands} | {:.2} |",
+            ms(pct(&mut loads, 0.5)),
+            ms(pct(&mut changes, 0.5)),
+            ms(pct(&mut changes, 0.99)),
+            ms(pct(&mut reads, 0.5)),
+        );
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+}

@@ -1,0 +1,91 @@
+//! Synthetic views for tests and benchmarks: many services with VIPs, endpoints and policies,
+//! without a log behind them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use rune_statemachine::spec::{IngressRule, NetworkPolicy, Peer, PortRef, PortSpec};
+
+use crate::policy::{compile, SvcKey};
+use crate::table::{Ep, Mode, Svc, Table};
+
+/// A synthetic view of `n` services, each with a VIP, a port, two container endpoints and an
+/// ingress policy naming another service and a CIDR.
+pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
+    let mut t = Table::default();
+    let mut ports = BTreeMap::new();
+    for i in 0..n {
+        let key = SvcKey::new("bench", &format!("s{i}"));
+        let ip = |k: usize| IpAddr::V4(Ipv4Addr::from(0x0a80_0000u32 + (i * 2 + k) as u32));
+        let np = NetworkPolicy {
+            ingress: vec![IngressRule {
+                from: vec![
+                    Peer {
+                        service: Some(format!("s{}", (i + 1) % n)),
+                        ..Default::default()
+                    },
+                    Peer {
+                        cidr: Some("192.168.0.0/16".into()),
+                        ..Default::default()
+                    },
+                ],
+                ports: vec![PortRef::Name("http".into())],
+            }],
+            egress: vec![],
+        };
+        t.services.insert(
+            key.clone(),
+            std::sync::Arc::new(Svc {
+                key: key.clone(),
+                vip: Some(Ipv4Addr::from(0x0a60_0002u32 + i as u32)),
+                mode: Mode::RoundRobin,
+                ports: vec![PortSpec {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: Some(8080),
+                    protocol: None,
+                    host_port: None,
+                }],
+                policy: compile("bench", Some(&np)),
+                endpoints: (0..2)
+                    .map(|k| Ep {
+                        instance: format!("s{i}-{k}"),
+                        ip: ip(k),
+                        targets: vec![(80, 8080)],
+                    })
+                    .collect(),
+                local_ips: vec![ip(0), ip(1)],
+                local_instances: 2,
+            }),
+        );
+        ports.insert((key, 80), 20_000 + i as u16);
+    }
+    (t, ports)
+}
+
+/// `t` with service `i` changed the way a cast or a rollout changes one: its endpoints gone
+/// (its VIP port now refused) and its policy's CIDR moved, or (odd `round`) back again.
+pub fn change_one(t: &Table, i: usize, round: usize) -> Table {
+    let mut t = t.clone();
+    let key = SvcKey::new("bench", &format!("s{i}"));
+    if let Some(svc) = t.services.get_mut(&key) {
+        let svc = Arc::make_mut(svc);
+        let gone = round.is_multiple_of(2);
+        if gone {
+            svc.endpoints.clear();
+        }
+        let np = NetworkPolicy {
+            ingress: vec![IngressRule {
+                from: vec![Peer {
+                    cidr: Some(if gone { "172.16.0.0/12" } else { "192.168.0.0/16" }.into()),
+                    ..Default::default()
+                }],
+                ports: vec![PortRef::Name("http".into())],
+            }],
+            egress: vec![],
+        };
+        svc.policy = compile("bench", Some(&np));
+    }
+    t
+}

@@ -285,16 +285,41 @@ fn addr(a: &str) -> Expression<'static> {
     }
 }
 
-/// `None`: the rule matches no port (skip it); `Some(None)`: every port.
-fn port_match(ports: &Option<Vec<u16>>) -> Option<Option<Statement<'static>>> {
-    match ports {
-        None => Some(None),
-        Some(p) if p.is_empty() => None,
-        Some(p) => Some(Some(eq(
-            payload("tcp", "dport"),
-            one_or_set(p.iter().map(|x| Expression::Number(u32::from(*x))).collect()),
-        ))),
+/// How many single rules an address and port list may become before it is written as one
+/// rule with anonymous sets instead. Each anonymous set is a kernel set object whose creation
+/// costs the kernel a walk over all the table's sets: thousands of them made a full load of
+/// 1,000 services take over a second.
+const EXPAND_UP_TO: usize = 16;
+
+/// Rules matching `addrs` (one family) on `dir`, and `ports` when given; each still needs its
+/// verdict. Small products become single-match rules, large ones one rule with sets.
+fn product_rules(
+    fam: &'static str,
+    dir: &'static str,
+    addrs: Vec<Expression<'static>>,
+    ports: Option<&[u16]>,
+) -> Vec<Vec<Statement<'static>>> {
+    let port_expr = |p: &u16| Expression::Number(u32::from(*p));
+    let dport = |right| eq(payload("tcp", "dport"), right);
+    let n_ports = ports.map_or(1, <[u16]>::len);
+    if addrs.len() * n_ports > EXPAND_UP_TO {
+        let mut rule = vec![eq(payload(fam, dir), one_or_set(addrs))];
+        if let Some(p) = ports {
+            rule.push(dport(one_or_set(p.iter().map(port_expr).collect())));
+        }
+        return vec![rule];
     }
+    let mut out = Vec::new();
+    for a in addrs {
+        match ports {
+            None => out.push(vec![eq(payload(fam, dir), a)]),
+            Some(p) => out.extend(
+                p.iter()
+                    .map(|p| vec![eq(payload(fam, dir), a.clone()), dport(port_expr(p))]),
+            ),
+        }
+    }
+    out
 }
 
 /// Addresses a peer stands for on this node: the containers of a service or namespace, a CIDR.
@@ -330,12 +355,18 @@ fn family(addr: &str) -> &'static str {
     }
 }
 
-/// A rule's matches (its verdict is added by the caller), one per address family.
+/// A rule's matches (its verdict is added by the caller), per address family. `ports`: `None`
+/// means every port; an empty list (the rule names no port that exists) matches nothing.
 fn addr_rules(
     addrs: Vec<String>,
     dir: &'static str,
-    ports: &Option<Statement<'static>>,
+    ports: &Option<Vec<u16>>,
 ) -> Vec<Vec<Statement<'static>>> {
+    let ports: Option<&[u16]> = match ports {
+        None => None,
+        Some(p) if p.is_empty() => return Vec::new(),
+        Some(p) => Some(p),
+    };
     let mut out = Vec::new();
     for fam in ["ip", "ip6"] {
         let these: Vec<Expression<'static>> = addrs
@@ -344,9 +375,7 @@ fn addr_rules(
             .map(|a| addr(a))
             .collect();
         if !these.is_empty() {
-            let mut rule = vec![eq(payload(fam, dir), one_or_set(these))];
-            rule.extend(ports.clone());
-            out.push(rule);
+            out.extend(product_rules(fam, dir, these, ports));
         }
     }
     out
@@ -365,12 +394,9 @@ fn ingress_lines(t: &Table, svc: &crate::table::Svc, r: &PolicyRule) -> Vec<Vec<
         all.dedup();
         all
     });
-    let Some(pm) = port_match(&ports) else {
-        return Vec::new();
-    };
     r.peers
         .iter()
-        .flat_map(|(_, m)| addr_rules(peer_addrs(t, m, false), "saddr", &pm))
+        .flat_map(|(_, m)| addr_rules(peer_addrs(t, m, false), "saddr", &ports))
         .collect()
 }
 
@@ -382,10 +408,11 @@ fn egress_lines(t: &Table, r: &PolicyRule) -> Vec<Vec<Statement<'static>>> {
             PeerMatch::Service(k) => t.services.get(k).map(|s| s.ports.clone()).unwrap_or_default(),
             _ => Vec::new(),
         };
-        let Some(pm) = port_match(&ports_of(r, &dest_ports)) else {
-            continue;
-        };
-        out.extend(addr_rules(peer_addrs(t, m, true), "daddr", &pm));
+        out.extend(addr_rules(
+            peer_addrs(t, m, true),
+            "daddr",
+            &ports_of(r, &dest_ports),
+        ));
     }
     out
 }

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # and reflection services, nftables is the kernel half of the data plane (tested inside
 # namespaces), pebble is the ACME server the ingress gets certificates from, debootstrap builds
 # the Debian root that boots systemd for the tests of the installed unit; openssl and python3
-# serve the README tour (a TLS secret, a process service).
+# serve the README tour (a TLS secret, a process service); unbound is the caching resolver
+# put in front of runed's DNS to show its negative answers are cached.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
@@ -22,6 +23,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v unbound-control >/dev/null || need+=(unbound)
 command -v nft >/dev/null || need+=(nftables)
 command -v pebble >/dev/null || need+=(pebble)
 command -v openssl >/dev/null || need+=(openssl)

@@ -702,38 +702,17 @@ impl Build {
                 })),
             ]
         };
-        let mut out = vec![
-            add(NfListObject::Chain(self.base_chain(
-                "filter_prerouting",
-                NfChainType::Filter,
-                NfHook::Prerouting,
-                -150,
-            ))),
-            add(NfListObject::Chain(self.base_chain(
-                "filter_output",
-                NfChainType::Filter,
-                NfHook::Output,
-                -150,
-            ))),
-            add(NfListObject::Chain(self.base_chain(
-                "nat_prerouting",
-                NfChainType::NAT,
-                NfHook::Prerouting,
-                -100,
-            ))),
-            add(NfListObject::Chain(self.base_chain(
-                "nat_output",
-                NfChainType::NAT,
-                NfHook::Output,
-                -100,
-            ))),
-            add(NfListObject::Chain(self.base_chain(
-                "input",
-                NfChainType::Filter,
-                NfHook::Input,
-                0,
-            ))),
-        ];
+        // The hooks: filter before NAT (-150) so policy sees the VIP, NAT at -100.
+        let mut out: Vec<NfObject<'static>> = [
+            ("filter_prerouting", NfChainType::Filter, NfHook::Prerouting, -150),
+            ("filter_output", NfChainType::Filter, NfHook::Output, -150),
+            ("nat_prerouting", NfChainType::NAT, NfHook::Prerouting, -100),
+            ("nat_output", NfChainType::NAT, NfHook::Output, -100),
+            ("input", NfChainType::Filter, NfHook::Input, 0),
+        ]
+        .into_iter()
+        .map(|(name, kind, hook, prio)| add(NfListObject::Chain(self.base_chain(name, kind, hook, prio))))
+        .collect();
         let prerouting = vec![
             vec![
                 Statement::Match(Match {

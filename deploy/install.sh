@@ -126,10 +126,16 @@ echo "Installed systemd unit $unit_dir/runed.service"
 resolved=0
 if [ -n "$destdir" ] || [ -x /lib/systemd/systemd-resolved ] || [ -x /usr/lib/systemd/systemd-resolved ]; then
     install -d -m 0755 "$destdir/etc/systemd/resolved.conf.d" "$destdir/etc/dnssec-trust-anchors.d"
-    install -m 0644 "$deploy_dir/resolved-rune.conf" "$destdir/etc/systemd/resolved.conf.d/rune.conf"
+    # The DNS address is the runefile's networking.dns-addr (default 127.0.0.123:53).
+    dns_addr=$(sed -n 's/^[[:space:]]*dns[-_]addr:[[:space:]]*["'"'"']\{0,1\}\([^"'"'"' #]*\).*$/\1/p' "$etc_rune/runefile.yaml" | head -n 1)
+    dns_addr="${dns_addr:-127.0.0.123:53}"
+    dns_addr="${dns_addr%:53}"
+    case "$dns_addr" in 0.0.0.0*) dns_addr="127.0.0.1${dns_addr#0.0.0.0}" ;; esac
+    sed "s/^DNS=127\.0\.0\.123\$/DNS=$dns_addr/" "$deploy_dir/resolved-rune.conf" >"$destdir/etc/systemd/resolved.conf.d/rune.conf"
+    chmod 0644 "$destdir/etc/systemd/resolved.conf.d/rune.conf"
     echo "rune" >"$destdir/etc/dnssec-trust-anchors.d/rune.negative"
     chmod 0644 "$destdir/etc/dnssec-trust-anchors.d/rune.negative"
-    echo "Installed $destdir/etc/systemd/resolved.conf.d/rune.conf (.rune names go to runed's DNS)"
+    echo "Installed $destdir/etc/systemd/resolved.conf.d/rune.conf (.rune names go to runed's DNS at $dns_addr)"
     resolved=1
 else
     echo "systemd-resolved is not installed: to resolve .rune names on this host, see 'Names on the host' in operations.md"

@@ -325,9 +325,11 @@ impl DataPlane {
         self.projection.get()
     }
 
-    /// Whether traffic to `vip` reaches the proxy now: with the kernel on, the loaded table
-    /// redirects it; without, the proxy serves every service it knows (dev mode's clients are
-    /// sent to the listeners, not the VIP). Never while the view is stale.
+    /// Whether traffic to `vip` is handled now: with the kernel on, the loaded table was built
+    /// from a view holding it (its TCP ports are redirected to the proxy, or reset when nothing
+    /// is ready). With nftables off, by the operator's choice (dev mode, or
+    /// `networking.nftables: off` where VIP routing is theirs), every VIP is. Never while the
+    /// view is stale.
     pub fn carries(&self, vip: Ipv4Addr) -> bool {
         if self.stale() {
             return false;
@@ -760,6 +762,10 @@ impl DataPlane {
                     let n = before.get(name).copied().unwrap_or(0);
                     *k.carried.entry(name.clone()).or_default() += n;
                     k.read.remove(name);
+                }
+                if whole {
+                    // Every counter restarted, including any the reading before missed.
+                    k.read.clear();
                 }
                 if !reset.is_empty() || whole {
                     // A reading taken before this change may hold counters now reset.

@@ -60,7 +60,7 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// The cluster network VIPs come from, `(network, prefix)`: its reverse zone is served.
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
-    /// UDP sockets per address, read in parallel; 0 means one per core.
+    /// UDP sockets per address, read in parallel; 0 means one per core (at most 8).
     pub udp_sockets: usize,
 }
 
@@ -75,8 +75,9 @@ pub enum DnsError {
     Forwarder(Vec<SocketAddr>, String),
 }
 
-/// What the DNS asks the data path before it hands out a VIP: does traffic to it reach
-/// endpoints? (Implemented by runed over the data plane, which this crate does not know.)
+/// What the DNS asks the data path before it hands out a VIP: is traffic to it handled (sent
+/// to the proxy, or reset at once when nothing is ready)? Implemented by runed over the data
+/// plane, which this crate does not know.
 pub trait DataPath: Send + Sync {
     /// Whether traffic to `vip` is carried now.
     fn carries(&self, vip: Ipv4Addr) -> bool;
@@ -96,10 +97,11 @@ struct Shared {
 impl Shared {
     /// Why a name of our zones must not be answered now, if it must not.
     fn refuse(&self, name: &LowerName) -> Option<ResponseCode> {
-        if self.projection.stale() {
+        if self.projection.stale() || !self.records.readable() {
             return Some(ResponseCode::ServFail);
         }
-        let dp = self.data_path.read().ok()?.clone();
+        // A poisoned lock fails closed like an unset data path.
+        let dp = self.data_path.read().ok().and_then(|d| d.clone());
         let Some(dp) = dp else {
             return Some(ResponseCode::ServFail);
         };
@@ -284,8 +286,8 @@ impl Dns {
     }
 
     /// Set by runed once the data plane runs: from then on a name is answered when the data
-    /// path carries its VIP. `None` closes every name that leads to a VIP (SERVFAIL) rather
-    /// than send clients to an address that goes nowhere.
+    /// path carries its VIP. `None` closes every name of our zones (SERVFAIL) rather than send
+    /// clients to an address that goes nowhere.
     pub fn set_data_path(&self, dp: Option<Arc<dyn DataPath>>) {
         if let Ok(mut d) = self.shared.data_path.write() {
             *d = dp;
@@ -399,7 +401,13 @@ fn serve_udp(
             dst: src,
         };
         if handler.is_local(&request) {
-            futures::executor::block_on(handler.handle_request::<_, TokioTime>(&request, reply));
+            // A bug in answering one packet must not end this socket's thread.
+            let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                futures::executor::block_on(handler.handle_request::<_, TokioTime>(&request, reply))
+            }));
+            if answered.is_err() {
+                tracing::error!(%src, "answering a DNS query panicked; the query is dropped");
+            }
         } else if let Ok(permit) = forwards.clone().try_acquire_owned() {
             let handler = handler.clone();
             rt.spawn(async move {

@@ -87,6 +87,11 @@ impl Records {
         }
     }
 
+    /// Whether the records can be read: a writer that panicked leaves them unknown.
+    pub fn readable(&self) -> bool {
+        !self.names.is_poisoned()
+    }
+
     /// How many names are served (services, SRV and PTR names).
     pub fn len(&self) -> usize {
         self.names.read().map(|n| n.nodes.len()).unwrap_or(0)
@@ -189,7 +194,9 @@ impl Records {
     /// Counts `name`'s ancestors below its zone's apex up (`add`) or down.
     fn walk_ents(&self, ents: &mut HashMap<LowerName, u32>, name: &LowerName, add: bool) {
         let mut at = name.base_name();
-        while !at.is_root() && !self.apexes.contains(&at) {
+        // Up to the apex of the zone the name is in; a name that is itself an apex (a
+        // one-address reverse zone) has no ancestors inside a zone.
+        while !at.is_root() && !self.apexes.contains(&at) && self.apexes.iter().any(|z| z.zone_of(&at)) {
             if add {
                 *ents.entry(at.clone()).or_default() += 1;
             } else if let Some(c) = ents.get_mut(&at) {
@@ -362,12 +369,15 @@ impl ZoneAt {
         let nodata = || LookupControlFlow::Break(Err(LookupError::NameExists));
         let any = rtype == RecordType::ANY;
         if *name == self.origin {
-            return match rtype {
-                RecordType::SOA | RecordType::ANY => Self::answer(self.soa_set(), None),
+            match rtype {
+                RecordType::SOA => return Self::answer(self.soa_set(), None),
                 // The catalog asks for NS along with every SOA answer; there is no NS to give.
-                RecordType::NS if !client => LookupControlFlow::Break(Ok(AuthLookup::default())),
-                _ => nodata(),
-            };
+                RecordType::NS if !client => return LookupControlFlow::Break(Ok(AuthLookup::default())),
+                RecordType::NS => return nodata(),
+                // Below a /24 each VIP's reverse name is a zone of its own: its PTR lives at
+                // the apex, so other types go on to the names.
+                _ => {}
+            }
         }
         let Ok(names) = self.records.names.read() else {
             return LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::ServFail)));
@@ -385,7 +395,7 @@ impl ZoneAt {
             }
             Some(Node::Ptr(p)) if any || rtype == RecordType::PTR => Self::answer(p.clone(), None),
             Some(_) => nodata(),
-            None if names.ents.contains_key(name) => nodata(),
+            None if names.ents.contains_key(name) || *name == self.origin => nodata(),
             None => LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::NXDomain))),
         }
     }
@@ -436,5 +446,83 @@ impl ZoneHandler for ZoneAt {
         _lookup_options: LookupOptions,
     ) -> LookupControlFlow<AuthLookup> {
         LookupControlFlow::Break(Ok(AuthLookup::default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rune_statemachine::store::ServiceRecord;
+
+    fn service(vip: &str) -> Delta {
+        Delta::Service {
+            namespace: "default".into(),
+            name: "api".into(),
+            record: Some(Box::new(ServiceRecord {
+                spec: Default::default(),
+                meta: Default::default(),
+                vip: Some(vip.into()),
+            })),
+        }
+    }
+
+    fn answers(flow: LookupControlFlow<AuthLookup>) -> Result<Vec<String>, bool> {
+        match flow {
+            LookupControlFlow::Break(Ok(a)) => Ok(a.iter().map(|r| r.data.to_string()).collect()),
+            LookupControlFlow::Break(Err(e)) => Err(e.is_nx_domain()),
+            _ => Err(false),
+        }
+    }
+
+    #[test]
+    fn a_small_networks_ptr_lives_at_its_own_zone_apex() {
+        // A /29: each address is a reverse zone of its own.
+        let zones = reverse_zones(Ipv4Addr::new(10, 96, 0, 8), 29);
+        let records = Arc::new(Records::new(&zones));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(records.reset(vec![service("10.96.0.10")]))
+            .expect("reset");
+        let apex = Name::from_ascii("10.0.96.10.in-addr.arpa.").expect("name");
+        let zone = ZoneAt::new(records.clone(), apex.clone(), None);
+        let at = LowerName::new(&apex);
+        assert_eq!(
+            answers(zone.find(&at, RecordType::PTR, true)),
+            Ok(vec!["api.default.rune.".to_string()])
+        );
+        assert_eq!(answers(zone.find(&at, RecordType::A, true)), Err(false), "NODATA");
+        assert!(answers(zone.find(&at, RecordType::SOA, true)).is_ok_and(|a| a.len() == 1));
+        // An address of the network no VIP holds: its zone exists, empty.
+        let other = Name::from_ascii("11.0.96.10.in-addr.arpa.").expect("name");
+        let zone = ZoneAt::new(records.clone(), other.clone(), None);
+        assert_eq!(
+            answers(zone.find(&LowerName::new(&other), RecordType::PTR, true)),
+            Err(false)
+        );
+        // Nothing was counted as an empty non-terminal outside the zones.
+        let dump = records.dump();
+        assert!(
+            dump.iter().all(|l| !(l.contains(" ent ") && l.contains("arpa"))),
+            "{dump:?}"
+        );
+    }
+
+    #[test]
+    fn the_rune_apex_has_an_soa_and_nothing_else() {
+        let records = Arc::new(Records::new(&[]));
+        let zone = ZoneAt::new(records, rune_origin(), None);
+        let apex = LowerName::new(&rune_origin());
+        assert!(answers(zone.find(&apex, RecordType::SOA, true)).is_ok_and(|a| a.len() == 1));
+        assert_eq!(
+            answers(zone.find(&apex, RecordType::A, true)),
+            Err(false),
+            "NODATA"
+        );
+        assert_eq!(
+            answers(zone.find(&apex, RecordType::NS, true)),
+            Err(false),
+            "NODATA"
+        );
     }
 }

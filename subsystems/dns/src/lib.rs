@@ -1,18 +1,20 @@
 //! The embedded DNS, on hickory-server: `<svc>.<ns>.rune` answered with the service's VIP (TTL
 //! 5 s), `_<port>._<proto>.<svc>.<ns>.rune` with SRV records, the VIPs' reverse names with PTR,
 //! NXDOMAIN and NODATA with the zone's SOA so resolvers cache them, and every other name
-//! forwarded through hickory's forwarder to the upstreams (never to itself).
+//! forwarded through hickory's forwarder to the upstreams (never to its own main listener, nor
+//! back through systemd-resolved's stub).
 //!
 //! It is a projection of the applied log ([`rune_log::projection`]): the records are built from
 //! the services at an index, then each service delta after it replaces the names of that one
 //! service ([`zone::Records`]). It fails closed: a name that leads to a VIP gets SERVFAIL while
 //! the data path does not carry that VIP (in production, its kernel redirect is not
-//! programmed), and every `.rune` name does while the projection lags the log past its budget.
+//! programmed), and every name of our zones does while no data path is set or the projection
+//! lags the log past its budget.
 //!
 //! Each listener address has its own hickory `Catalog`, sharing the records and the forwarder:
 //! in dev mode the answer depends on which address was asked. TCP is served by hickory's
-//! `Server`; UDP by one SO_REUSEPORT socket per core, each read by a loop that answers our
-//! zones in place ([`serve_udp`]).
+//! `Server`; UDP by one SO_REUSEPORT socket per core, each read by a thread that answers our
+//! zones in place (`serve_udp`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -406,3 +406,73 @@ fn a_caching_resolver_in_front_caches_negative_answers() {
     assert_eq!(dig(u, "nope.default.rune", "A", false).0, "NXDOMAIN");
     assert_eq!(unbound_stat(dir.path(), "total.num.cachehits"), hits + 1);
 }
+
+/// An upstream that tells its transports apart: any A question is answered 192.0.2.1 over UDP
+/// and 192.0.2.2 over TCP (python3, TTL 0 so no cache hides which was asked).
+fn two_faced_upstream() -> (common::Killed, SocketAddr) {
+    let port = rune_chaos_tests::free_port();
+    let script = r#"
+import socket, struct, sys, threading
+port = int(sys.argv[1])
+def answer(q, ip):
+    end = 12
+    while q[end] != 0:
+        end += q[end] + 1
+    end += 5
+    head = q[:2] + b"\x81\x80" + b"\x00\x01\x00\x01\x00\x00\x00\x00"
+    rr = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x00\x00\x04" + socket.inet_aton(ip)
+    return head + q[12:end] + rr
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", port))
+    while True:
+        q, peer = s.recvfrom(4096)
+        s.sendto(answer(q, "192.0.2.1"), peer)
+def serve(c):
+    while True:
+        n = c.recv(2)
+        if len(n) < 2:
+            return
+        q = b""
+        want = struct.unpack("!H", n)[0]
+        while len(q) < want:
+            q += c.recv(want - len(q))
+        a = answer(q, "192.0.2.2")
+        c.sendall(struct.pack("!H", len(a)) + a)
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("127.0.0.1", port))
+t.listen(16)
+threading.Thread(target=udp, daemon=True).start()
+while True:
+    c, _ = t.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let child = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .spawn()
+        .expect("python3");
+    (common::Killed(child), ([127, 0, 0, 1], port).into())
+}
+
+#[test]
+fn a_query_over_tcp_is_forwarded_over_tcp() {
+    let (_up, up) = two_faced_upstream();
+    wait_until(LONG, "the upstream to answer", || {
+        dig(up, "x.test", "A", true).1.len() == 1
+    });
+    let mut d = Daemon::new(&bins());
+    d.extra = vec!["--dns-upstream".into(), up.to_string()];
+    d.restart();
+    let (status, answers) = dig(d.dns, "x.test", "A", true);
+    assert_eq!(status, "NOERROR");
+    assert!(
+        answers.iter().all(|a| a.ends_with("A 192.0.2.2")) && !answers.is_empty(),
+        "{answers:?}"
+    );
+    let (_, answers) = dig(d.dns, "y.test", "A", false);
+    assert!(
+        answers.iter().all(|a| a.ends_with("A 192.0.2.1")) && !answers.is_empty(),
+        "{answers:?}"
+    );
+}

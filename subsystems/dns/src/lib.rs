@@ -92,7 +92,9 @@ struct Shared {
     data_path: RwLock<Option<Arc<dyn DataPath>>>,
     /// `rune.` and the reverse zones: the names the gate applies to.
     zones: Vec<LowerName>,
-    forwarder: Option<Arc<dyn ZoneHandler>>,
+    /// Forwarders for queries that came over UDP (UDP, then TCP for a truncated answer) and
+    /// over TCP (TCP only: a client that asked over TCP expects an answer too big for UDP).
+    forwarder: Option<Forwarders>,
     dev_mode: bool,
 }
 
@@ -113,8 +115,8 @@ impl Shared {
         }
     }
 
-    /// A catalog for a listener on `here`.
-    fn catalog(shared: &Arc<Shared>, here: Ipv4Addr) -> Catalog {
+    /// A catalog for a listener on `here`, for queries that came over TCP or not.
+    fn catalog(shared: &Arc<Shared>, here: Ipv4Addr, tcp: bool) -> Catalog {
         let mut c = Catalog::new();
         let here = shared.dev_mode.then_some(here);
         for z in &shared.zones {
@@ -123,7 +125,8 @@ impl Shared {
             c.upsert(z.clone(), vec![handler]);
         }
         if let Some(f) = &shared.forwarder {
-            c.upsert(LowerName::new(&Name::root()), vec![f.clone()]);
+            let f = if tcp { f.tcp.clone() } else { f.udp.clone() };
+            c.upsert(LowerName::new(&Name::root()), vec![f]);
         }
         c
     }
@@ -222,7 +225,13 @@ impl Dns {
         } else {
             cfg.upstreams.iter().copied().filter(|u| *u != local).collect()
         };
-        let forwarder = forwarder(&upstreams, cfg.forward_timeout)?;
+        let forwarder = match upstreams.is_empty() {
+            true => None,
+            false => Some(Forwarders {
+                udp: forwarder(&upstreams, cfg.forward_timeout, false)?,
+                tcp: forwarder(&upstreams, cfg.forward_timeout, true)?,
+            }),
+        };
         let reverse = cfg
             .cluster_cidr
             .map(|(net, prefix)| zone::reverse_zones(net, prefix))
@@ -322,13 +331,13 @@ impl Drop for Listener {
 
 /// Starts serving these sockets.
 fn serve(shared: &Arc<Shared>, udp: Vec<std::net::UdpSocket>, tcp: TcpListener, here: Ipv4Addr) -> Listener {
-    let handler = || Handler {
+    let handler = |over_tcp| Handler {
         shared: shared.clone(),
-        catalog: Shared::catalog(shared, here),
+        catalog: Shared::catalog(shared, here, over_tcp),
     };
-    let mut server = Server::new(handler());
+    let mut server = Server::new(handler(true));
     server.register_listener(tcp, Duration::from_secs(10), 64);
-    let udp_handler = Arc::new(handler());
+    let udp_handler = Arc::new(handler(false));
     let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
     let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Handle::current();
@@ -497,17 +506,29 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
-/// hickory's forwarder over the upstreams, UDP first and TCP for truncated answers. `None`
-/// without upstreams: other names are then refused.
-fn forwarder(upstreams: &[SocketAddr], timeout: Duration) -> Result<Option<Arc<dyn ZoneHandler>>, DnsError> {
-    if upstreams.is_empty() {
-        return Ok(None);
-    }
+/// The two forwarders (see [`Shared`]).
+struct Forwarders {
+    udp: Arc<dyn ZoneHandler>,
+    tcp: Arc<dyn ZoneHandler>,
+}
+
+/// hickory's forwarder over the upstreams: UDP first and TCP for truncated answers, or TCP
+/// only.
+fn forwarder(
+    upstreams: &[SocketAddr],
+    timeout: Duration,
+    tcp_only: bool,
+) -> Result<Arc<dyn ZoneHandler>, DnsError> {
     let name_servers = upstreams
         .iter()
         .map(|u| {
             let mut ns = NameServerConfig::udp_and_tcp(u.ip());
-            ns.connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+            let transports = if tcp_only {
+                vec![ConnectionConfig::tcp()]
+            } else {
+                vec![ConnectionConfig::udp(), ConnectionConfig::tcp()]
+            };
+            ns.connections = transports
                 .into_iter()
                 .map(|mut c| {
                     c.port = u.port();
@@ -526,7 +547,7 @@ fn forwarder(upstreams: &[SocketAddr], timeout: Duration) -> Result<Option<Arc<d
     })
     .build()
     .map_err(|e| DnsError::Forwarder(upstreams.to_vec(), e))?;
-    Ok(Some(Arc::new(f)))
+    Ok(Arc::new(f))
 }
 
 /// The host's resolvers: those of /etc/resolv.conf, or, when that names systemd-resolved's stub

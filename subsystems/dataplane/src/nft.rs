@@ -127,19 +127,11 @@ impl Model {
         }
         for svc in t.services.values() {
             if let Some(rules) = &svc.policy.egress {
-                let v4: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).collect();
-                if !v4.is_empty() {
-                    let name = counter_name(&svc.key, "egress");
-                    let mut body: Vec<Vec<Statement<'static>>> = rules
-                        .iter()
-                        .flat_map(|r| egress_lines(t, r))
-                        .map(|mut l| {
-                            l.push(Statement::Return(None));
-                            l
-                        })
-                        .collect();
+                let from: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).collect();
+                if !from.is_empty() {
+                    let mut allowed: Vec<_> = rules.iter().flat_map(|r| egress_lines(t, r)).collect();
                     // The node's own DNS stays reachable: a default-deny egress must not break names.
-                    body.push(vec![
+                    allowed.push(vec![
                         eq(
                             Expression::Named(NamedExpression::Fib(Fib {
                                 result: FibResult::Type,
@@ -149,56 +141,51 @@ impl Model {
                         ),
                         eq(meta(MetaKey::L4proto), set(vec![s("tcp"), s("udp")])),
                         eq(payload("th", "dport"), Expression::Number(53)),
-                        Statement::Return(None),
                     ]);
-                    body.push(counted_drop(&name));
-                    for ip in v4 {
+                    // Egress chains `return` on a match, so the ingress check still follows.
+                    let name = m.add_chain(svc, "egress", allowed, Statement::Return(None));
+                    for ip in from {
                         m.egress_from.insert(ip, name.clone());
                     }
-                    m.chains.insert(
-                        name,
-                        PolicyChain {
-                            key: CounterKey {
-                                service: svc.key.clone(),
-                                direction: "egress",
-                            },
-                            rules: body,
-                        },
-                    );
                 }
             }
             if let Some(rules) = &svc.policy.ingress {
-                let mut dests: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).collect();
-                dests.extend(svc.vip);
-                let has_any = !svc.local_ips.is_empty() || svc.vip.is_some();
-                if has_any {
-                    let name = counter_name(&svc.key, "ingress");
-                    let mut body: Vec<Vec<Statement<'static>>> = rules
-                        .iter()
-                        .flat_map(|r| ingress_lines(t, svc, r))
-                        .map(|mut l| {
-                            l.push(Statement::Accept(None));
-                            l
-                        })
-                        .collect();
-                    body.push(counted_drop(&name));
-                    for ip in dests {
+                if !svc.local_ips.is_empty() || svc.vip.is_some() {
+                    let allowed = rules.iter().flat_map(|r| ingress_lines(t, svc, r)).collect();
+                    let name = m.add_chain(svc, "ingress", allowed, Statement::Accept(None));
+                    for ip in svc.local_ips.iter().filter_map(v4).chain(svc.vip) {
                         m.ingress_to.insert(ip, name.clone());
                     }
-                    m.chains.insert(
-                        name,
-                        PolicyChain {
-                            key: CounterKey {
-                                service: svc.key.clone(),
-                                direction: "ingress",
-                            },
-                            rules: body,
-                        },
-                    );
                 }
             }
         }
         m
+    }
+
+    /// Adds a service's policy chain for `direction`: each allowed match ends in `verdict`, the
+    /// rest is counted and dropped. Returns its name (also its counter's).
+    fn add_chain(
+        &mut self,
+        svc: &crate::table::Svc,
+        direction: &'static str,
+        allowed: Vec<Vec<Statement<'static>>>,
+        verdict: Statement<'static>,
+    ) -> String {
+        let name = counter_name(&svc.key, direction);
+        let mut rules: Vec<Vec<Statement<'static>>> = allowed
+            .into_iter()
+            .map(|mut r| {
+                r.push(verdict.clone());
+                r
+            })
+            .collect();
+        rules.push(counted_drop(&name));
+        let key = CounterKey {
+            service: svc.key.clone(),
+            direction,
+        };
+        self.chains.insert(name.clone(), PolicyChain { key, rules });
+        name
     }
 
     /// The named counters the model defines, for reading the kernel's drops.

@@ -121,7 +121,10 @@ impl Shared {
         let here = shared.dev_mode.then_some(here);
         for z in &shared.zones {
             let handler: Arc<dyn ZoneHandler> =
-                Arc::new(ZoneAt::new(shared.records.clone(), z.clone().into(), here));
+                Arc::new(ZoneAt::new(shared.records.clone(), z.clone().into(), here, {
+                    let p = shared.projection.clone();
+                    Arc::new(move || p.applied_index())
+                }));
             c.upsert(z.clone(), vec![handler]);
         }
         if let Some(f) = &shared.forwarder {
@@ -165,9 +168,6 @@ impl RequestHandler for Handler {
                 if let Some(code) = code {
                     return error(request, code, response).await;
                 }
-                self.shared
-                    .records
-                    .set_serial(self.shared.projection.applied_index());
             }
         }
         self.catalog.handle_request::<R, T>(request, response).await
@@ -200,7 +200,6 @@ async fn error<R: ResponseHandler>(request: &Request, code: ResponseCode, mut re
 /// The running server.
 pub struct Dns {
     shared: Arc<Shared>,
-    upstreams: Vec<SocketAddr>,
     udp_sockets: usize,
     local: SocketAddr,
     /// The host listener: dropping it stops it.
@@ -253,7 +252,6 @@ impl Dns {
         tracing::info!(addr = %local, ?upstreams, udp_sockets, reverse_zones = reverse.len(), "DNS listening");
         Ok(Arc::new(Dns {
             shared,
-            upstreams,
             udp_sockets,
             local,
             _main: main,
@@ -291,11 +289,6 @@ impl Dns {
         self.local
     }
 
-    /// Where names outside `.rune` go.
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
-    }
-
     /// Set by runed once the data plane runs: from then on a name is answered when the data
     /// path carries its VIP. `None` closes every name of our zones (SERVFAIL) rather than send
     /// clients to an address that goes nowhere.
@@ -308,11 +301,6 @@ impl Dns {
     /// The records' projection: its lag, counters and pause failpoint.
     pub fn projection(&self) -> &Arc<Projection> {
         &self.shared.projection
-    }
-
-    /// How many names are served.
-    pub fn names(&self) -> usize {
-        self.shared.records.len()
     }
 }
 

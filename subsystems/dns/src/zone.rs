@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hickory_server::proto::op::ResponseCode;
@@ -57,8 +56,6 @@ pub struct Records {
     names: RwLock<Names>,
     /// The zones' apexes (`rune.` and the reverse zones): where empty non-terminals stop.
     apexes: Vec<LowerName>,
-    /// The SOA serial: the low bits of the last applied index, so a resolver can tell versions.
-    serial: AtomicU32,
 }
 
 impl Records {
@@ -69,7 +66,6 @@ impl Records {
         Records {
             names: RwLock::new(Names::default()),
             apexes,
-            serial: AtomicU32::new(1),
         }
     }
 
@@ -90,16 +86,6 @@ impl Records {
     /// Whether the records can be read: a writer that panicked leaves them unknown.
     pub fn readable(&self) -> bool {
         !self.names.is_poisoned()
-    }
-
-    /// How many names are served (services, SRV and PTR names).
-    pub fn len(&self) -> usize {
-        self.names.read().map(|n| n.nodes.len()).unwrap_or(0)
-    }
-
-    /// Whether no name is served.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn put(&self, n: &mut Names, namespace: &str, name: &str, record: Option<&ServiceRecord>) {
@@ -220,12 +206,6 @@ impl Records {
         }
     }
 
-    /// Sets the SOA serial from the applied index.
-    pub fn set_serial(&self, index: u64) {
-        // RFC 1982 serials wrap; the low 32 bits of the index move forward with it.
-        self.serial.store((index & 0xffff_ffff) as u32, Ordering::Relaxed);
-    }
-
     #[cfg(test)]
     pub(crate) fn dump(&self) -> Vec<String> {
         let n = self.names.read().expect("records lock");
@@ -320,21 +300,27 @@ pub struct ZoneAt {
     origin: LowerName,
     soa: Name,
     here: Option<Ipv4Addr>,
+    applied: AppliedIndex,
 }
 
+/// Where the SOA serial comes from: the applied index the records are at (the projection's).
+pub type AppliedIndex = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 impl ZoneAt {
-    /// The zone `origin` of `records`.
-    pub fn new(records: Arc<Records>, origin: Name, here: Option<Ipv4Addr>) -> Self {
+    /// The zone `origin` of `records`, whose SOA serial is `applied()`.
+    pub fn new(records: Arc<Records>, origin: Name, here: Option<Ipv4Addr>, applied: AppliedIndex) -> Self {
         ZoneAt {
             records,
             origin: LowerName::new(&origin),
             soa: origin,
             here,
+            applied,
         }
     }
 
     fn soa_set(&self) -> Arc<RecordSet> {
-        let serial = self.records.serial.load(Ordering::Relaxed);
+        // RFC 1982 serials wrap; the low 32 bits of the applied index move forward with it.
+        let serial = ((self.applied)() & 0xffff_ffff) as u32;
         let mname = Name::from_labels(["dns", "rune"]).unwrap_or_else(|_| Name::root());
         let rname = Name::from_labels(["hostmaster", "rune"]).unwrap_or_else(|_| Name::root());
         let soa = SOA::new(mname, rname, serial, 60, 30, 600, TTL);
@@ -485,7 +471,7 @@ mod tests {
         rt.block_on(records.reset(vec![service("10.96.0.10")]))
             .expect("reset");
         let apex = Name::from_ascii("10.0.96.10.in-addr.arpa.").expect("name");
-        let zone = ZoneAt::new(records.clone(), apex.clone(), None);
+        let zone = ZoneAt::new(records.clone(), apex.clone(), None, Arc::new(|| 1));
         let at = LowerName::new(&apex);
         assert_eq!(
             answers(zone.find(&at, RecordType::PTR, true)),
@@ -495,7 +481,7 @@ mod tests {
         assert!(answers(zone.find(&at, RecordType::SOA, true)).is_ok_and(|a| a.len() == 1));
         // An address of the network no VIP holds: its zone exists, empty.
         let other = Name::from_ascii("11.0.96.10.in-addr.arpa.").expect("name");
-        let zone = ZoneAt::new(records.clone(), other.clone(), None);
+        let zone = ZoneAt::new(records.clone(), other.clone(), None, Arc::new(|| 1));
         assert_eq!(
             answers(zone.find(&LowerName::new(&other), RecordType::PTR, true)),
             Err(false)
@@ -511,7 +497,7 @@ mod tests {
     #[test]
     fn the_rune_apex_has_an_soa_and_nothing_else() {
         let records = Arc::new(Records::new(&[]));
-        let zone = ZoneAt::new(records, rune_origin(), None);
+        let zone = ZoneAt::new(records, rune_origin(), None, Arc::new(|| 1));
         let apex = LowerName::new(&rune_origin());
         assert!(answers(zone.find(&apex, RecordType::SOA, true)).is_ok_and(|a| a.len() == 1));
         assert_eq!(

@@ -25,7 +25,9 @@ impl Netns {
             .status()
             .expect("ip(8)");
         assert!(st.success(), "ip netns add (this test needs root)");
-        let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
+        // Made first, so the namespace is deleted even if entering it fails.
+        let ns = Netns(name);
+        let f = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
         // SAFETY: setns(2) on a namespace descriptor we own; it moves only this thread, and
         // the runtime below runs on it.
         assert_eq!(
@@ -33,7 +35,7 @@ impl Netns {
             0,
             "setns"
         );
-        Netns(name)
+        ns
     }
 }
 

@@ -18,16 +18,16 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use openraft::{BasicNode, LogId, SnapshotMeta, StoredMembership, Vote};
-use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata};
 use rune_statemachine::STATE_TABLE;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::log_store::{LOG_TABLE, RAFT_META};
-use crate::node::{LOG_FILE, SNAPSHOT_DIR, STATE_FILE};
+use crate::node::{LEGACY_LOG_FILE, LOG_DIR, SNAPSHOT_DIR, STATE_FILE};
 use crate::snapshot;
 use crate::state_machine::{install, SM_META};
 use crate::types::NODE_ID;
+use crate::wal::{self, MetaKey};
 
 /// The `format` of every backup file.
 pub const MAGIC: &str = "rune-backup";
@@ -281,10 +281,10 @@ fn clear_interrupted(dir: &Path) -> Result<(), BackupError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("{}: {e}", p.display()))),
         _ => Ok(()),
     };
-    for f in [LOG_FILE, STATE_FILE] {
+    for f in [LEGACY_LOG_FILE, STATE_FILE] {
         rm(dir.join(f))?;
     }
-    for d in [SNAPSHOT_DIR, STAGING] {
+    for d in [SNAPSHOT_DIR, STAGING, LOG_DIR] {
         match std::fs::remove_dir_all(dir.join(d)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}
@@ -314,7 +314,7 @@ pub fn restore(
     if dir.join(RESTORING).exists() {
         clear_interrupted(dir)?;
     }
-    for f in [LOG_FILE, STATE_FILE] {
+    for f in [LOG_DIR, LEGACY_LOG_FILE, STATE_FILE] {
         if dir.join(f).exists() {
             return Err(BackupError::NotEmpty(dir.to_path_buf(), f));
         }
@@ -334,7 +334,7 @@ pub fn restore(
         for name in extra.iter().map(PathBuf::as_path).chain([
             Path::new(SNAPSHOT_DIR),
             Path::new(STATE_FILE),
-            Path::new(LOG_FILE),
+            Path::new(LOG_DIR),
         ]) {
             std::fs::rename(staging.join(name), dir.join(name)).map_err(io)?;
         }
@@ -360,24 +360,14 @@ fn write_data_dir(dir: &Path, b: &Backup) -> Result<(), BackupError> {
     snapshot::write(&dir.join(SNAPSHOT_DIR), meta, &snapshot::encode_body(&b.records)).map_err(io)?;
     // The log starts after the backup's index, as after a compaction: purged up to it, with
     // the vote of its term, so the restored node elects itself in a later term.
-    let db = Database::create(dir.join(LOG_FILE)).map_err(io)?;
-    let mut txn = db.begin_write().map_err(io)?;
-    txn.set_durability(Durability::Immediate).map_err(io)?;
-    {
-        let _ = txn.open_table(LOG_TABLE).map_err(io)?;
-        let mut m = txn.open_table(RAFT_META).map_err(io)?;
-        if let Some(last) = meta.last_log_id {
-            let vote = Vote::new(last.leader_id.term, NODE_ID);
-            for (k, v) in [
-                ("vote", serde_json::to_vec(&vote).map_err(io)?),
-                ("committed", serde_json::to_vec(&last).map_err(io)?),
-                ("last_purged", serde_json::to_vec(&last).map_err(io)?),
-            ] {
-                m.insert(k, v.as_slice()).map_err(io)?;
-            }
-        }
+    let mut m = wal::Meta::default();
+    if let Some(last) = meta.last_log_id {
+        let vote = Vote::new(last.leader_id.term, NODE_ID);
+        m.set(MetaKey::Vote, Some(serde_json::to_vec(&vote).map_err(io)?));
+        m.set(MetaKey::Committed, Some(serde_json::to_vec(&last).map_err(io)?));
+        m.set(MetaKey::LastPurged, Some(serde_json::to_vec(&last).map_err(io)?));
     }
-    txn.commit().map_err(io)
+    wal::create(&dir.join(LOG_DIR), &m).map_err(io)
 }
 
 /// Creates a data dir (and missing parents) readable by its owner only; an existing one is left

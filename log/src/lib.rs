@@ -1,8 +1,8 @@
 //! The ordered log: every write to Rune's state is an entry here before it is anything else.
 //!
-//! - [`Log`] opens openraft (one voter) over a redb log ([`log_store`]) and a redb state machine
-//!   ([`state_machine`]), proposes commands, and hands out read views, the applied-index watch
-//!   and the stream of applied entries that projections tail.
+//! - [`Log`] opens openraft (one voter) over a write-ahead log ([`log_store`], [`wal`]) and a
+//!   redb state machine ([`state_machine`]), proposes commands, and hands out read views, the
+//!   applied-index watch and the stream of applied entries that projections tail.
 //! - [`projection`] is how subsystems follow the log: a view built from the state at an index,
 //!   then fed the typed deltas of every later entry.
 //! - [`replay`] reads a data dir offline for `rune admin replay`.
@@ -29,8 +29,10 @@ pub mod snapshot;
 pub mod space;
 pub mod state_machine;
 pub mod types;
+pub mod wal;
 
 pub use node::{
-    now_ms, Log, LogConfig, LogError, ProposeError, Proposed, LOG_FILE, SNAPSHOT_DIR, STATE_FILE,
+    now_ms, Log, LogConfig, LogError, ProposeError, Proposed, LEGACY_LOG_FILE, LOG_DIR, SNAPSHOT_DIR,
+    STATE_FILE,
 };
 pub use state_machine::AppliedEntry;

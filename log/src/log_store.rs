@@ -1,10 +1,13 @@
-//! The raft log on redb, written by one thread, off the async runtime.
+//! openraft's log storage over [`crate::wal`], written by one thread, off the async runtime.
 //!
 //! Every write (append, vote, truncate, purge) goes through one FIFO queue to one thread, so they
-//! keep their order; the thread drains whatever is queued into one durable redb commit and then
-//! completes openraft's [`LogFlushed`] callbacks. The committed log id rides along with the next
-//! durable commit instead of paying its own. openraft 0.9 waits for each append's flush before
+//! keep their order; the thread drains whatever is queued into one write and one `fdatasync`, and
+//! then completes openraft's [`LogFlushed`] callbacks. The committed log id rides along with the
+//! next synced write instead of paying its own. openraft 0.9 waits for each append's flush before
 //! the next, so group commit of client writes happens before raft, in [`crate::Log`]'s batcher.
+//!
+//! Data dirs written before the WAL kept the log in `raft-log.redb`; [`migrate_redb`] moves such
+//! a log into the WAL once, at open.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -15,17 +18,17 @@ use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, TableDefinition};
 use tokio::sync::oneshot;
 
-use crate::db::ClosingDb;
 use crate::metrics::Metrics;
 use crate::types::TypeConfig;
+use crate::wal::{self, MetaKey, Record, WalError};
 
-/// Log entries by index, as JSON of `openraft::Entry`.
-pub(crate) const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// `vote`, `committed`, `last_purged`, as JSON.
-pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// The log of data dirs from before the WAL: entries by index, as JSON of `openraft::Entry`.
+const LEGACY_LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Their `vote`, `committed`, `last_purged`, as JSON.
+const LEGACY_RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 type SErr = StorageError<u64>;
 
@@ -39,11 +42,11 @@ fn write_err(e: impl std::fmt::Display) -> SErr {
 
 enum Op {
     Append {
-        entries: Vec<(u64, Vec<u8>)>,
+        entries: Vec<(u64, Arc<[u8]>)>,
         done: LogFlushed<TypeConfig>,
     },
     Meta {
-        key: &'static str,
+        key: MetaKey,
         value: Option<Vec<u8>>,
         durable: bool,
         done: Option<oneshot::Sender<Result<(), String>>>,
@@ -59,37 +62,42 @@ enum Op {
     },
 }
 
-/// The log store handed to openraft; cheap to clone, reads go straight to redb.
+/// The log store handed to openraft; cheap to clone, reads go straight to the WAL's index.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<ClosingDb>,
+    reader: wal::Reader,
     tx: mpsc::Sender<Op>,
-    /// The latest committed log id, written with the next durable batch rather than on its own.
+    /// The latest committed log id, written with the next synced batch rather than on its own.
     committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl LogStore {
-    /// Opens (or creates) the log at `path` and starts its writer thread. The returned receiver
-    /// resolves when the database file is released.
-    pub fn open(path: &Path, metrics: Metrics) -> Result<(Self, oneshot::Receiver<()>), redb::DatabaseError> {
-        let (db, closed_rx) = ClosingDb::new(Database::create(path)?);
-        let db = Arc::new(db);
-        // Create the tables so that readers never see them missing.
-        if let Ok(txn) = db.begin_write() {
-            let ok = txn.open_table(LOG_TABLE).is_ok() && txn.open_table(RAFT_META).is_ok();
-            if ok {
-                let _ = txn.commit();
-            }
-        }
+    /// Opens (or creates) the log in the directory `dir` and starts its writer thread. The
+    /// returned receiver resolves when the log's lock is released.
+    pub fn open(dir: &Path, metrics: Metrics) -> Result<(Self, oneshot::Receiver<()>), WalError> {
+        let (wal, reader) = wal::Writer::open(dir)?;
         let (tx, rx) = mpsc::channel();
-        let writer_db = db.clone();
+        let (closed_tx, closed_rx) = oneshot::channel();
         let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let writer_committed = committed.clone();
         std::thread::Builder::new()
             .name("rune-log-writer".into())
-            .spawn(move || writer(writer_db, rx, writer_committed, metrics))
-            .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
-        Ok((Self { db, tx, committed }, closed_rx))
+            .spawn(move || {
+                writer(wal, rx, writer_committed, metrics);
+                let _ = closed_tx.send(());
+            })
+            .map_err(|source| WalError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok((
+            Self {
+                reader,
+                tx,
+                committed,
+            },
+            closed_rx,
+        ))
     }
 
     fn send(&self, op: Op) -> Result<(), SErr> {
@@ -111,32 +119,39 @@ impl LogStore {
         }
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SErr> {
-        read_meta(&**self.db, key).map_err(read_err)
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: MetaKey) -> Result<Option<T>, SErr> {
+        meta_value(&self.reader, key).map_err(read_err)
     }
 }
 
-/// Reads one meta value from a log database (also used offline by replay).
-pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
-    db: &impl ReadableDatabase,
-    key: &str,
+/// Decodes one meta value (also used offline by replay).
+pub(crate) fn meta_value<T: serde::de::DeserializeOwned>(
+    reader: &wal::Reader,
+    key: MetaKey,
 ) -> Result<Option<T>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let t = match txn.open_table(RAFT_META) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    match t.get(key).map_err(|e| e.to_string())? {
-        Some(v) => serde_json::from_slice(v.value())
+    match reader.lock().meta().get(key) {
+        Some(v) => serde_json::from_slice(v)
             .map(Some)
-            .map_err(|e| format!("meta {key}: {e}")),
+            .map_err(|e| format!("log meta {key:?}: {e}")),
         None => Ok(None),
     }
 }
 
+/// Decodes the entries of a range (also used offline by replay).
+pub(crate) fn read_entries(
+    reader: &wal::Reader,
+    range: impl RangeBounds<u64>,
+) -> Result<Vec<Entry<TypeConfig>>, String> {
+    reader
+        .read(range)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(i, b)| serde_json::from_slice(&b).map_err(|e| format!("log entry {i}: {e}")))
+        .collect()
+}
+
 fn writer(
-    db: Arc<ClosingDb>,
+    mut wal: wal::Writer,
     rx: mpsc::Receiver<Op>,
     committed: Arc<Mutex<Option<Vec<u8>>>>,
     metrics: Metrics,
@@ -151,7 +166,7 @@ fn writer(
         }
         if let Some(c) = committed.lock().ok().and_then(|mut c| c.take()) {
             ops.push(Op::Meta {
-                key: "committed",
+                key: MetaKey::Committed,
                 value: Some(c),
                 durable: false,
                 done: None,
@@ -160,24 +175,48 @@ fn writer(
         let durable = ops
             .iter()
             .any(|op| !matches!(op, Op::Meta { durable: false, .. }));
-        let appended: usize = ops
-            .iter()
-            .map(|op| {
-                if let Op::Append { entries, .. } = op {
-                    entries.len()
-                } else {
-                    0
+        let mut records = Vec::new();
+        for op in &ops {
+            match op {
+                Op::Append { entries, .. } => {
+                    records.extend(entries.iter().map(|(i, b)| Record::Entry { index: *i, bytes: b }))
                 }
-            })
-            .sum();
+                Op::Meta { key, value, .. } => records.push(Record::Meta {
+                    key: *key,
+                    value: value.as_deref(),
+                }),
+                Op::Truncate { from, .. } => records.push(Record::Truncate { from: *from }),
+                Op::Purge {
+                    upto, last_purged, ..
+                } => {
+                    records.push(Record::Meta {
+                        key: MetaKey::LastPurged,
+                        value: Some(last_purged),
+                    });
+                    records.push(Record::Purge { upto: *upto });
+                }
+            }
+        }
+        let appended = records
+            .iter()
+            .filter(|r| matches!(r, Record::Entry { .. }))
+            .count();
         let started = Instant::now();
-        let result = write_batch(&db, &ops, durable);
+        let result = wal.write(&records, durable);
+        drop(records);
         if durable {
             metrics.fsync_seconds.record(started.elapsed().as_secs_f64(), &[]);
             metrics.log_flushes.add(1, &[]);
         }
         if appended > 0 {
             metrics.flush_batch_entries.record(appended as u64, &[]);
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "raft log write failed");
+            wal.forget_pending(ops.iter().flat_map(|op| match op {
+                Op::Append { entries, .. } => entries.iter().map(|(i, _)| *i).collect(),
+                _ => Vec::new(),
+            }));
         }
         for op in ops {
             let r = result.clone();
@@ -192,84 +231,115 @@ fn writer(
     }
 }
 
-fn write_batch(db: &Database, ops: &[Op], durable: bool) -> Result<(), String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })
-    .map_err(|e| e.to_string())?;
+/// Moves a log kept in redb (`legacy`, from before the WAL) into a new WAL at `dir`, then removes
+/// the redb file. Crash-safe: the WAL is written aside and renamed into place whole, and a WAL
+/// already in place means an earlier migration finished. Returns how many entries moved.
+pub(crate) fn migrate_redb(legacy: &Path, dir: &Path) -> Result<Option<usize>, WalError> {
+    if !legacy.exists() {
+        return Ok(None);
+    }
+    let io = |source: std::io::Error| WalError::Io {
+        path: legacy.to_path_buf(),
+        source,
+    };
+    if dir.exists() {
+        // Renamed into place before the crash that kept the old file: it is already moved.
+        std::fs::remove_file(legacy).map_err(io)?;
+        return Ok(Some(0));
+    }
+    let (entries, meta) = read_legacy(legacy)?;
+    let staging = dir.with_extension("migrating");
+    match std::fs::remove_dir_all(&staging) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    wal::create(&staging, &meta)?;
     {
-        let mut log = txn.open_table(LOG_TABLE).map_err(|e| e.to_string())?;
-        let mut meta = txn.open_table(RAFT_META).map_err(|e| e.to_string())?;
-        for op in ops {
-            match op {
-                Op::Append { entries, .. } => {
-                    for (i, bytes) in entries {
-                        log.insert(*i, bytes.as_slice()).map_err(|e| e.to_string())?;
-                    }
-                }
-                Op::Meta { key, value, .. } => match value {
-                    Some(v) => {
-                        meta.insert(*key, v.as_slice()).map_err(|e| e.to_string())?;
-                    }
-                    None => {
-                        meta.remove(*key).map_err(|e| e.to_string())?;
-                    }
-                },
-                Op::Truncate { from, .. } => {
-                    log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
-                }
-                Op::Purge {
-                    upto, last_purged, ..
-                } => {
-                    meta.insert("last_purged", last_purged.as_slice())
-                        .map_err(|e| e.to_string())?;
-                    log.retain_in(..=*upto, |_, _| false).map_err(|e| e.to_string())?;
+        let (mut w, _) = wal::Writer::open(&staging)?;
+        for chunk in entries.chunks(1024) {
+            let recs: Vec<Record> = chunk
+                .iter()
+                .map(|(i, b)| Record::Entry { index: *i, bytes: b })
+                .collect();
+            w.write(&recs, true).map_err(|e| io(std::io::Error::other(e)))?;
+        }
+    }
+    std::fs::rename(&staging, dir).map_err(io)?;
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(parent)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::remove_file(legacy).map_err(io)?;
+    Ok(Some(entries.len()))
+}
+
+/// Entries by index with their encoded bytes.
+type Encoded = Vec<(u64, Vec<u8>)>;
+
+/// Reads every entry and meta value of a redb log (a data dir from before the WAL).
+fn read_legacy(path: &Path) -> Result<(Encoded, wal::Meta), WalError> {
+    let err = |e: String| WalError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    };
+    let db = match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(WalError::Locked(path.to_path_buf())),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let txn = db.begin_read().map_err(|e| err(e.to_string()))?;
+    let mut entries = Vec::new();
+    match txn.open_table(LEGACY_LOG_TABLE) {
+        Ok(t) => {
+            for item in t.range::<u64>(..).map_err(|e| err(e.to_string()))? {
+                let (k, v) = item.map_err(|e| err(e.to_string()))?;
+                entries.push((k.value(), v.value().to_vec()));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let mut meta = wal::Meta::default();
+    match txn.open_table(LEGACY_RAFT_META) {
+        Ok(t) => {
+            for (name, key) in [
+                ("vote", MetaKey::Vote),
+                ("committed", MetaKey::Committed),
+                ("last_purged", MetaKey::LastPurged),
+            ] {
+                if let Some(v) = t.get(name).map_err(|e| err(e.to_string()))? {
+                    meta.set(key, Some(v.value().to_vec()));
                 }
             }
         }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    Ok((entries, meta))
+}
+
+/// Writes a redb log as runed wrote them before the WAL, for tests of the migration.
+#[doc(hidden)]
+pub fn write_legacy(
+    path: &Path,
+    entries: &[Entry<TypeConfig>],
+    meta: &[(&str, Vec<u8>)],
+) -> Result<(), String> {
+    let db = redb::Database::create(path).map_err(|e| e.to_string())?;
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut log = txn.open_table(LEGACY_LOG_TABLE).map_err(|e| e.to_string())?;
+        for e in entries {
+            let v = serde_json::to_vec(e).map_err(|e| e.to_string())?;
+            log.insert(e.log_id.index, v.as_slice())
+                .map_err(|e| e.to_string())?;
+        }
+        let mut m = txn.open_table(LEGACY_RAFT_META).map_err(|e| e.to_string())?;
+        for (k, v) in meta {
+            m.insert(*k, v.as_slice()).map_err(|e| e.to_string())?;
+        }
     }
     txn.commit().map_err(|e| e.to_string())
-}
-
-/// Decodes the entries of a range from a log database (also used offline by replay).
-pub(crate) fn read_entries(
-    db: &impl ReadableDatabase,
-    range: (Bound<u64>, Bound<u64>),
-) -> Result<Vec<Entry<TypeConfig>>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let t = match txn.open_table(LOG_TABLE) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let mut out = Vec::new();
-    for item in t.range::<u64>(range).map_err(|e| e.to_string())? {
-        let (k, v) = item.map_err(|e| e.to_string())?;
-        let e: Entry<TypeConfig> =
-            serde_json::from_slice(v.value()).map_err(|e| format!("log entry {}: {e}", k.value()))?;
-        out.push(e);
-    }
-    Ok(out)
-}
-
-/// The last entry's id, if any.
-pub(crate) fn last_entry(db: &impl ReadableDatabase) -> Result<Option<Entry<TypeConfig>>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let t = match txn.open_table(LOG_TABLE) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    let last = t.last().map_err(|e| e.to_string())?;
-    match last {
-        Some((_, v)) => serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        None => Ok(None),
-    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -277,9 +347,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
-        let r = (range.start_bound().cloned(), range.end_bound().cloned());
-        // A read of committed entries: no fsync, short enough to run on the runtime.
-        read_entries(&**self.db, r).map_err(read_err)
+        let r: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        // Reads from the page cache: short enough to run on the runtime.
+        read_entries(&self.reader, r).map_err(read_err)
     }
 }
 
@@ -287,8 +357,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
-        let last_purged: Option<LogId<u64>> = self.read_meta("last_purged")?;
-        let last = last_entry(&**self.db).map_err(read_err)?.map(|e| e.log_id);
+        let last_purged: Option<LogId<u64>> = self.read_meta(MetaKey::LastPurged)?;
+        let last_index = self.reader.lock().last_index();
+        let last = match last_index {
+            Some(i) => read_entries(&self.reader, i..=i)
+                .map_err(read_err)?
+                .pop()
+                .map(|e| e.log_id),
+            None => None,
+        };
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last.or(last_purged),
@@ -302,7 +379,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), SErr> {
         let value = serde_json::to_vec(vote).map_err(write_err)?;
         self.send_wait(|done| Op::Meta {
-            key: "vote",
+            key: MetaKey::Vote,
             value: Some(value),
             durable: true,
             done: Some(done),
@@ -311,11 +388,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, SErr> {
-        self.read_meta("vote")
+        self.read_meta(MetaKey::Vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SErr> {
-        // Rides on the next durable batch instead of costing a commit of its own. Losing it only
+        // Rides on the next synced write instead of costing a sync of its own. Losing it only
         // means a restart re-applies from the state machine's last durable point, once elected.
         if let Some(c) = committed {
             let v = serde_json::to_vec(&c).map_err(write_err)?;
@@ -327,7 +404,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {
-        self.read_meta("committed")
+        self.read_meta(MetaKey::Committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
@@ -337,8 +414,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = Vec::new();
         for e in entries {
-            encoded.push((e.log_id.index, serde_json::to_vec(&e).map_err(write_err)?));
+            let bytes: Arc<[u8]> = serde_json::to_vec(&e).map_err(write_err)?.into();
+            encoded.push((e.log_id.index, bytes));
         }
+        // Readable from now on, as openraft expects; durable once the callback fires.
+        self.reader.lock().add_pending(&encoded);
         self.send(Op::Append {
             entries: encoded,
             done: callback,

@@ -1,11 +1,11 @@
 //! Offline replay of a data dir: what each entry did, the state as of any index, and a check that
 //! the log alone rebuilds the live state byte for byte.
 //!
-//! Replay never touches the data dir it is given: it copies the database files to a temporary
-//! directory first (refusing while a running `runed` holds them), so a crashed node's files, or
-//! a copy of them, can be read as they are.
+//! Replay never touches the data dir it is given: it reads the log's segments as they are (a torn
+//! tail is ignored, not cut off) and copies the state database to a temporary directory first,
+//! refusing while a running `runed` holds them, so a crashed node's files, or a copy of them, can
+//! be read as they are.
 
-use std::ops::Bound;
 use std::path::Path;
 
 use openraft::{BasicNode, Entry, EntryPayload, SnapshotMeta};
@@ -14,17 +14,18 @@ use rune_statemachine::store::{digest, first_difference};
 use rune_statemachine::{Command, Outcome, Resource, STATE_TABLE};
 use serde::Serialize;
 
-use crate::log_store::{read_entries, read_meta};
-use crate::node::{LOG_FILE, SNAPSHOT_DIR, STATE_FILE};
+use crate::log_store::{meta_value, migrate_redb, read_entries};
+use crate::node::{LEGACY_LOG_FILE, LOG_DIR, SNAPSHOT_DIR, STATE_FILE};
 use crate::snapshot;
 use crate::state_machine::{all_records, applied_state, apply_entries, install};
 use crate::types::TypeConfig;
+use crate::wal::{self, MetaKey};
 
 /// Why replay could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     /// The data dir has no log.
-    #[error("{0} holds no rune log ({LOG_FILE} is missing)")]
+    #[error("{0} holds no rune log ({LOG_DIR} is missing)")]
     NoLog(String),
     /// A running runed holds the files.
     #[error("{0} is in use by a running runed: stop it, or replay a copy of its data dir")]
@@ -69,7 +70,7 @@ pub struct ReplayLine {
 pub struct Replay {
     _tmp: tempfile::TempDir,
     work: std::path::PathBuf,
-    log: Database,
+    log: wal::Snapshot,
     live: Database,
     snapshot: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
     runs: std::sync::atomic::AtomicU64,
@@ -101,12 +102,14 @@ pub struct Verification {
 impl Replay {
     /// Copies the data dir's databases aside and opens the copies.
     pub fn open(data_dir: &Path) -> Result<Self, ReplayError> {
-        let log_path = data_dir.join(LOG_FILE);
-        if !log_path.exists() {
+        let (log_dir, legacy) = (data_dir.join(LOG_DIR), data_dir.join(LEGACY_LOG_FILE));
+        if !log_dir.exists() && !legacy.exists() {
             return Err(ReplayError::NoLog(data_dir.display().to_string()));
         }
-        for f in [LOG_FILE, STATE_FILE] {
-            let p = data_dir.join(f);
+        if log_dir.exists() && wal::in_use(&log_dir) {
+            return Err(ReplayError::InUse(log_dir.display().to_string()));
+        }
+        for p in [legacy.clone(), data_dir.join(STATE_FILE)] {
             if p.exists() {
                 if let Err(redb::DatabaseError::DatabaseAlreadyOpen) = redb::ReadOnlyDatabase::open(&p) {
                     return Err(ReplayError::InUse(p.display().to_string()));
@@ -115,12 +118,19 @@ impl Replay {
         }
         let tmp = tempfile::tempdir().map_err(rd)?;
         let work = tmp.path().to_path_buf();
-        std::fs::copy(&log_path, work.join(LOG_FILE)).map_err(rd)?;
+        let log = if log_dir.exists() {
+            wal::Snapshot::read(&log_dir).map_err(rd)?
+        } else {
+            // A data dir from before the WAL: move a copy of its log into one, aside.
+            let copy = work.join(LEGACY_LOG_FILE);
+            std::fs::copy(&legacy, &copy).map_err(rd)?;
+            migrate_redb(&copy, &work.join(LOG_DIR)).map_err(rd)?;
+            wal::Snapshot::read(&work.join(LOG_DIR)).map_err(rd)?
+        };
         let state_path = data_dir.join(STATE_FILE);
         if state_path.exists() {
             std::fs::copy(&state_path, work.join(STATE_FILE)).map_err(rd)?;
         }
-        let log = Database::create(work.join(LOG_FILE)).map_err(rd)?;
         let live = Database::create(work.join(STATE_FILE)).map_err(rd)?;
         let snapshot = snapshot::read(&data_dir.join(SNAPSHOT_DIR)).map_err(rd)?;
         Ok(Self {
@@ -142,14 +152,15 @@ impl Replay {
 
     /// Every entry in the log, decoded.
     pub fn entries(&self) -> Result<Vec<Entry<TypeConfig>>, ReplayError> {
-        read_entries(&self.log, (Bound::Unbounded, Bound::Unbounded)).map_err(rd)
+        read_entries(self.log.reader(), ..).map_err(rd)
     }
 
     /// Applies the log up to `upto` (all of it when `None`) into a fresh temporary state,
     /// calling `each` with every entry's story.
     pub fn run(&self, upto: Option<u64>, mut each: impl FnMut(ReplayLine)) -> Result<Rebuilt, ReplayError> {
         let entries = self.entries()?;
-        let purged: Option<openraft::LogId<u64>> = read_meta(&self.log, "last_purged").map_err(rd)?;
+        let purged: Option<openraft::LogId<u64>> =
+            meta_value(self.log.reader(), MetaKey::LastPurged).map_err(rd)?;
         let n = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let db = Database::create(self.work.join(format!("rebuilt-{n}.redb"))).map_err(rd)?;
         let mut applied = 0;

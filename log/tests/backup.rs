@@ -121,7 +121,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
         let e = backup::restore(&bad, &target, |_| Ok(()), |_| Ok(vec![])).unwrap_err();
         assert!(matches!(e, BackupError::Invalid { .. }), "{name}: {e}");
         assert!(
-            !target.join(rune_log::LOG_FILE).exists(),
+            !target.join(rune_log::LOG_DIR).exists(),
             "{name}: nothing written"
         );
     }
@@ -133,7 +133,7 @@ async fn backup_under_writers_restores_every_acknowledged_write() {
     // A failing last step (installing the KEK) leaves nothing a runed could start from.
     let e = backup::restore(&file, &target, |_| Ok(()), |_| Err("no room for the KEK".into())).unwrap_err();
     assert!(e.to_string().contains("no room"));
-    for f in [rune_log::STATE_FILE, rune_log::LOG_FILE, backup::RESTORING] {
+    for f in [rune_log::STATE_FILE, rune_log::LOG_DIR, backup::RESTORING] {
         assert!(!target.join(f).exists(), "{f} left behind");
     }
     // An interrupted restore (killed after moving the state in) blocks runed, and the next

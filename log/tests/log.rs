@@ -110,3 +110,80 @@ async fn verify_names_the_first_key_that_differs() {
     assert_eq!(v.first_difference.as_deref(), Some("services/default/api"));
     assert_ne!(v.live_digest, v.rebuilt_digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_kept_in_redb_by_an_earlier_runed_moves_into_the_wal() {
+    use rune_log::types::TypeConfig;
+    use rune_log::wal::{self, MetaKey};
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(LogConfig::new(dir.path())).await.unwrap();
+    log.propose(init()).await.unwrap();
+    log.propose(svc("api", 2)).await.unwrap();
+    log.close().await.unwrap();
+
+    // Turn the data dir into one an earlier runed wrote: the same entries and meta in redb.
+    let wal_dir = dir.path().join(rune_log::LOG_DIR);
+    let legacy = dir.path().join(rune_log::LEGACY_LOG_FILE);
+    {
+        let old = wal::Snapshot::read(&wal_dir).unwrap();
+        let entries: Vec<openraft::Entry<TypeConfig>> = old
+            .reader()
+            .read(..)
+            .unwrap()
+            .into_iter()
+            .map(|(_, b)| serde_json::from_slice(&b).unwrap())
+            .collect();
+        assert!(entries.len() >= 3, "{} entries", entries.len());
+        let guard = old.reader().lock();
+        let meta: Vec<(&str, Vec<u8>)> = [
+            ("vote", MetaKey::Vote),
+            ("committed", MetaKey::Committed),
+            ("last_purged", MetaKey::LastPurged),
+        ]
+        .into_iter()
+        .filter_map(|(n, k)| Some((n, guard.meta().get(k)?.to_vec())))
+        .collect();
+        rune_log::log_store::write_legacy(&legacy, &entries, &meta).unwrap();
+    }
+    std::fs::remove_dir_all(&wal_dir).unwrap();
+
+    // Replay reads it without changing it.
+    let v = Replay::open(dir.path()).unwrap().verify().unwrap();
+    assert_eq!(v.first_difference, None);
+    assert!(legacy.exists() && !wal_dir.exists());
+
+    let log = Log::open(LogConfig::new(dir.path())).await.unwrap();
+    assert!(wal_dir.is_dir(), "the log moved into {}", wal_dir.display());
+    assert!(!legacy.exists(), "the redb log is removed once moved");
+    assert_eq!(read_service(&log, "api").unwrap().spec.scale, Some(2));
+    log.propose(svc("web", 1)).await.unwrap();
+    log.close().await.unwrap();
+
+    // A crash after the move but before the removal leaves both: the WAL wins.
+    std::fs::write(&legacy, b"left over").unwrap();
+    let log = Log::open(LogConfig::new(dir.path())).await.unwrap();
+    assert!(!legacy.exists());
+    assert!(read_service(&log, "api").is_some() && read_service(&log, "web").is_some());
+    log.close().await.unwrap();
+    let v = Replay::open(dir.path()).unwrap().verify().unwrap();
+    assert_eq!(v.first_difference, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_log_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(LogConfig::new(dir.path())).await.unwrap();
+    let second = Log::open(LogConfig::new(dir.path())).await;
+    assert!(
+        matches!(second, Err(rune_log::LogError::Locked(_))),
+        "{:?}",
+        second.err()
+    );
+    assert!(matches!(
+        Replay::open(dir.path()),
+        Err(rune_log::replay::ReplayError::InUse(_))
+    ));
+    log.close().await.unwrap();
+    assert!(Replay::open(dir.path()).is_ok());
+}

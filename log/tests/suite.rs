@@ -1,4 +1,4 @@
-//! openraft's storage conformance suite against the redb log store and state machine.
+//! openraft's storage conformance suite against the write-ahead log store and the redb state machine.
 
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
@@ -14,7 +14,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let dir = tempfile::tempdir().expect("temp dir");
         let metrics = Metrics::new(&opentelemetry::global::meter("suite"));
         let (log, _) =
-            LogStore::open(&dir.path().join(rune_log::LOG_FILE), metrics.clone()).expect("log store");
+            LogStore::open(&dir.path().join(rune_log::LOG_DIR), metrics.clone()).expect("log store");
         let db = redb::Database::create(dir.path().join(rune_log::STATE_FILE)).expect("state db");
         let (sm, _) = StateMachine::new(db, dir.path().join(rune_log::SNAPSHOT_DIR), metrics);
         Ok((dir, log, sm))
@@ -22,7 +22,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 }
 
 #[test]
-fn redb_storage_passes_openraft_suite() {
+fn storage_passes_openraft_suite() {
     if let Err(e) = Suite::test_all(Builder) {
         panic!("openraft storage suite: {e}");
     }

@@ -2,7 +2,9 @@
 //! Debian's etcd (`etcd-server`) on the same machine, same value size, fsync durability.
 //!
 //! `cargo bench -p runed --bench writes` prints a table. `BENCH_SECONDS` (default 5) sets the
-//! length of each run; `ETCD` the etcd binary (default `etcd` on PATH; skipped if absent).
+//! length of each run; `ETCD` the etcd binary (default `etcd` on PATH; skipped if absent);
+//! `BENCH_CLIENTS` (e.g. `16`) and `BENCH_PREFILL` (`0` or `5000`) run only those rows, for
+//! profiling one of them.
 
 mod common;
 
@@ -200,8 +202,12 @@ fn main() {
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
     let mut last = None;
+    let only = |var: &str, v: usize| std::env::var(var).map_or(true, |s| s == v.to_string());
     for prefill in PREFILL {
         for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
+            if !only("BENCH_CLIENTS", clients) || !only("BENCH_PREFILL", prefill) {
+                continue;
+            }
             let d = Daemon::start(&bins);
             let etcd = start_etcd();
             if etcd.is_none() && round == 0 && prefill == 0 {

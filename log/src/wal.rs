@@ -28,8 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const MAGIC: &[u8; 8] = b"RUNEWAL1";
 const HEADER: u64 = MAGIC.len() as u64;
-/// A record longer than this is garbage, not a record (an entry holds at most 512 proposals).
-const MAX_RECORD: u32 = 256 << 20;
 const LOCK: &str = "LOCK";
 
 const KIND_ENTRY: u8 = 1;
@@ -173,7 +171,8 @@ fn encode(rec: &Record<'_>, out: &mut Vec<u8>) {
         }
     }
     let payload = &out[start + 8..];
-    let len = payload.len() as u32;
+    // Callers refuse larger records before encoding (`Writer::write`).
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let crc = crc32fast::hash(payload);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -356,7 +355,7 @@ fn scan(dir: &Path) -> Result<Scanned, WalError> {
             }
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
             let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-            let bad = if len == 0 || len > MAX_RECORD || offset + 8 + len as u64 > file_len {
+            let bad = if len == 0 || offset + 8 + len as u64 > file_len {
                 Some(format!("record length {len} does not fit"))
             } else {
                 payload.resize(len as usize, 0);
@@ -625,6 +624,15 @@ impl Writer {
         }
         // A purge deletes segments, which must not happen before the purge itself is on disk.
         let durable = durable || records.iter().any(|r| matches!(r, Record::Purge { .. }));
+        if let Some(Record::Entry { index, bytes }) = records
+            .iter()
+            .find(|r| matches!(r, Record::Entry { bytes, .. } if bytes.len() >= u32::MAX as usize - 16))
+        {
+            return Err(format!(
+                "log entry {index} is {} bytes, more than a record holds",
+                bytes.len()
+            ));
+        }
         self.buf.clear();
         let mut locs = Vec::new();
         for r in records {
@@ -685,7 +693,9 @@ impl Writer {
                             if *seg == self.segment || last.is_some_and(|l| l > *upto) {
                                 break;
                             }
-                            emptied.push(*seg);
+                            if !emptied.contains(seg) {
+                                emptied.push(*seg);
+                            }
                         }
                     }
                 }

@@ -70,7 +70,7 @@ pub struct ReplayLine {
 pub struct Replay {
     _tmp: tempfile::TempDir,
     work: std::path::PathBuf,
-    log: wal::Snapshot,
+    log: wal::ReadOnly,
     live: Database,
     snapshot: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
     runs: std::sync::atomic::AtomicU64,
@@ -119,13 +119,13 @@ impl Replay {
         let tmp = tempfile::tempdir().map_err(rd)?;
         let work = tmp.path().to_path_buf();
         let log = if log_dir.exists() {
-            wal::Snapshot::read(&log_dir).map_err(rd)?
+            wal::ReadOnly::read(&log_dir).map_err(rd)?
         } else {
             // A data dir from before the WAL: move a copy of its log into one, aside.
             let copy = work.join(LEGACY_LOG_FILE);
             std::fs::copy(&legacy, &copy).map_err(rd)?;
             migrate_redb(&copy, &work.join(LOG_DIR)).map_err(rd)?;
-            wal::Snapshot::read(&work.join(LOG_DIR)).map_err(rd)?
+            wal::ReadOnly::read(&work.join(LOG_DIR)).map_err(rd)?
         };
         let state_path = data_dir.join(STATE_FILE);
         if state_path.exists() {

@@ -505,11 +505,11 @@ fn open_segments<'a>(
 }
 
 /// A log read once, offline, without changing its files (`rune admin replay`).
-pub struct Snapshot {
+pub struct ReadOnly {
     reader: Reader,
 }
 
-impl Snapshot {
+impl ReadOnly {
     /// Reads the log at `dir`; a torn tail is ignored, not cut off.
     pub fn read(dir: &Path) -> Result<Self, WalError> {
         let s = scan(dir)?;
@@ -765,8 +765,9 @@ impl Writer {
         Ok(())
     }
 
-    /// The segments on disk, for tests.
-    pub fn segments(&self) -> Vec<u64> {
+    /// The segments on disk.
+    #[cfg(test)]
+    fn segments(&self) -> Vec<u64> {
         self.last_in.keys().copied().collect()
     }
 }

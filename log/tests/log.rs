@@ -126,7 +126,7 @@ async fn a_log_kept_in_redb_by_an_earlier_runed_moves_into_the_wal() {
     let wal_dir = dir.path().join(rune_log::LOG_DIR);
     let legacy = dir.path().join(rune_log::LEGACY_LOG_FILE);
     {
-        let old = wal::Snapshot::read(&wal_dir).unwrap();
+        let old = wal::ReadOnly::read(&wal_dir).unwrap();
         let entries: Vec<openraft::Entry<TypeConfig>> = old
             .reader()
             .read(..)

@@ -142,11 +142,34 @@ struct Handler {
 }
 
 impl Handler {
-    /// Whether the answer is ours (no upstream to wait for).
-    fn is_local(&self, request: &Request) -> bool {
+    /// Whether the query is for one of our zones: answered here, with no upstream to wait for.
+    fn is_ours(&self, request: &Request) -> bool {
         request
             .request_info()
             .is_ok_and(|i| self.shared.zones.iter().any(|z| z.zone_of(i.query.name())))
+    }
+
+    /// The gate for our zones' names (`ours`, as [`Handler::is_ours`] found), then hickory's
+    /// catalog. The UDP threads ask `is_ours` once to choose where to answer, and pass it on.
+    async fn answer<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        ours: bool,
+        response: R,
+    ) -> ResponseInfo {
+        if ours {
+            if let Ok(info) = request.request_info() {
+                let code = if info.query.query_class() != DNSClass::IN {
+                    Some(ResponseCode::Refused)
+                } else {
+                    self.shared.refuse(info.query.name())
+                };
+                if let Some(code) = code {
+                    return error(request, code, response).await;
+                }
+            }
+        }
+        self.catalog.handle_request::<R, T>(request, response).await
     }
 }
 
@@ -157,20 +180,8 @@ impl RequestHandler for Handler {
         request: &Request,
         response: R,
     ) -> ResponseInfo {
-        if let Ok(info) = request.request_info() {
-            let name = info.query.name();
-            if self.shared.zones.iter().any(|z| z.zone_of(name)) {
-                let code = if info.query.query_class() != DNSClass::IN {
-                    Some(ResponseCode::Refused)
-                } else {
-                    self.shared.refuse(name)
-                };
-                if let Some(code) = code {
-                    return error(request, code, response).await;
-                }
-            }
-        }
-        self.catalog.handle_request::<R, T>(request, response).await
+        self.answer::<R, T>(request, self.is_ours(request), response)
+            .await
     }
 }
 
@@ -399,10 +410,10 @@ fn serve_udp(
             sock: sock.clone(),
             dst: src,
         };
-        if handler.is_local(&request) {
+        if handler.is_ours(&request) {
             // A bug in answering one packet must not end this socket's thread.
             let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                futures::executor::block_on(handler.handle_request::<_, TokioTime>(&request, reply))
+                futures::executor::block_on(handler.answer::<_, TokioTime>(&request, true, reply))
             }));
             if answered.is_err() {
                 tracing::error!(%src, "answering a DNS query panicked; the query is dropped");
@@ -410,7 +421,7 @@ fn serve_udp(
         } else if let Ok(permit) = forwards.clone().try_acquire_owned() {
             let handler = handler.clone();
             rt.spawn(async move {
-                handler.handle_request::<_, TokioTime>(&request, reply).await;
+                handler.answer::<_, TokioTime>(&request, false, reply).await;
                 drop(permit);
             });
         } else {

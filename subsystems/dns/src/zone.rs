@@ -48,7 +48,33 @@ struct Names {
     ents: HashMap<LowerName, u32>,
     /// The names each service put in, so its next delta removes exactly those; with the
     /// record for a shared name (a PTR, should two services ever hold one VIP).
-    owned: HashMap<(String, String), Vec<Owned>>,
+    owned: HashMap<(String, String), Put>,
+}
+
+/// What a service's names are made of: its VIP and named ports. A delta that leaves them as
+/// they were (a scale, an image, a restart) leaves the names alone.
+type Shape = (Ipv4Addr, Vec<(String, String, u16)>);
+
+/// A service's names, and the shape they were made from.
+struct Put {
+    shape: Shape,
+    names: Vec<Owned>,
+}
+
+fn shape_of(r: &ServiceRecord) -> Option<Shape> {
+    let vip = r.vip.as_deref()?.parse::<Ipv4Addr>().ok()?;
+    let ports = r
+        .spec
+        .ports
+        .iter()
+        .filter(|p| !p.name.is_empty())
+        .filter_map(|p| {
+            let port = u16::try_from(p.port).ok()?;
+            let proto = p.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
+            Some((p.name.clone(), proto, port))
+        })
+        .collect();
+    Some((vip, ports))
 }
 
 /// The authoritative records: a projection view, read by every listener's zone handlers.
@@ -90,7 +116,12 @@ impl Records {
 
     fn put(&self, n: &mut Names, namespace: &str, name: &str, record: Option<&ServiceRecord>) {
         let key = (namespace.to_string(), name.to_string());
-        for (old, shared) in n.owned.remove(&key).unwrap_or_default() {
+        let shape = record.and_then(shape_of);
+        if shape.is_some() && n.owned.get(&key).map(|p| &p.shape) == shape.as_ref() {
+            return;
+        }
+        let old = n.owned.remove(&key).map(|p| p.names).unwrap_or_default();
+        for (old, shared) in old {
             let gone = match (n.nodes.get_mut(&old), shared) {
                 (Some(Node::Ptr(set)), Some(rec)) => {
                     let set = Arc::make_mut(set);
@@ -104,10 +135,7 @@ impl Records {
             }
             self.walk_ents(&mut n.ents, &old, false);
         }
-        let Some(r) = record else { return };
-        let Some(vip) = r.vip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
-            return;
-        };
+        let Some((vip, ports)) = shape else { return };
         // Names come from validated DNS labels; one that still does not parse is left out.
         let Ok(owner) = Name::from_ascii(format!("{name}.{namespace}.rune.")) else {
             return;
@@ -122,20 +150,15 @@ impl Records {
             },
         ));
         let target = LowerName::new(&owner);
-        for p in &r.spec.ports {
-            let Ok(port) = u16::try_from(p.port) else { continue };
-            if p.name.is_empty() {
-                continue;
-            }
-            let proto = p.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
-            let Ok(srv_name) = Name::from_ascii(format!("_{}._{proto}.{name}.{namespace}.rune.", p.name))
+        for (port_name, proto, port) in &ports {
+            let Ok(srv_name) = Name::from_ascii(format!("_{port_name}._{proto}.{name}.{namespace}.rune."))
             else {
                 continue;
             };
             let rec = Record::from_rdata(
                 srv_name.clone(),
                 TTL,
-                RData::SRV(SRV::new(0, 0, port, owner.clone())),
+                RData::SRV(SRV::new(0, 0, *port, owner.clone())),
             );
             // Two ports of one name and protocol (tcp and udp differ) share one set.
             let lower = LowerName::new(&srv_name);
@@ -174,7 +197,13 @@ impl Records {
             self.walk_ents(&mut n.ents, &lower, true);
             owned.push((lower, Some(rec)));
         }
-        n.owned.insert(key, owned);
+        n.owned.insert(
+            key,
+            Put {
+                shape: (vip, ports),
+                names: owned,
+            },
+        );
     }
 
     /// Counts `name`'s ancestors below its zone's apex up (`add`) or down.
@@ -299,6 +328,9 @@ pub struct ZoneAt {
     records: Arc<Records>,
     origin: LowerName,
     soa: Name,
+    /// The SOA's primary server and mailbox names, made once rather than per negative answer.
+    mname: Name,
+    rname: Name,
     here: Option<Ipv4Addr>,
     applied: AppliedIndex,
 }
@@ -313,6 +345,8 @@ impl ZoneAt {
             records,
             origin: LowerName::new(&origin),
             soa: origin,
+            mname: Name::from_labels(["dns", "rune"]).unwrap_or_else(|_| Name::root()),
+            rname: Name::from_labels(["hostmaster", "rune"]).unwrap_or_else(|_| Name::root()),
             here,
             applied,
         }
@@ -321,9 +355,7 @@ impl ZoneAt {
     fn soa_set(&self) -> Arc<RecordSet> {
         // RFC 1982 serials wrap; the low 32 bits of the applied index move forward with it.
         let serial = ((self.applied)() & 0xffff_ffff) as u32;
-        let mname = Name::from_labels(["dns", "rune"]).unwrap_or_else(|_| Name::root());
-        let rname = Name::from_labels(["hostmaster", "rune"]).unwrap_or_else(|_| Name::root());
-        let soa = SOA::new(mname, rname, serial, 60, 30, 600, TTL);
+        let soa = SOA::new(self.mname.clone(), self.rname.clone(), serial, 60, 30, 600, TTL);
         Arc::new(RecordSet::from(Record::from_rdata(
             self.soa.clone(),
             TTL,

@@ -76,6 +76,8 @@ pub struct Parsed {
     pub runefiles: Vec<String>,
     /// Secrets, still plaintext: the server seals them.
     pub secrets: Vec<LocatedSecret>,
+    /// The namespace of resources that name none (a runeset's); `default` when unset.
+    pub default_namespace: Option<String>,
 }
 
 /// A secret read from a castfile, validated but not sealed.
@@ -129,7 +131,7 @@ const LATER_KINDS: [(&str, &str); 4] = [
 
 /// Replaces `{{ ... }}` with placeholders so unquoted templates are valid YAML; returns the
 /// originals to restore after parsing.
-fn hide_templates(text: &str) -> (String, Vec<String>) {
+pub(crate) fn hide_templates(text: &str) -> (String, Vec<String>) {
     let mut out = String::with_capacity(text.len());
     let mut saved = Vec::new();
     let mut rest = text;
@@ -146,7 +148,7 @@ fn hide_templates(text: &str) -> (String, Vec<String>) {
     (out, saved)
 }
 
-fn restore_templates(node: &mut Node, saved: &[String]) {
+pub(crate) fn restore_templates(node: &mut Node, saved: &[String]) {
     if saved.is_empty() {
         return;
     }
@@ -268,8 +270,19 @@ fn name_of(node: &Node) -> String {
     }
 }
 
+/// The node as JSON, with the default namespace filled in where the spec names none.
+fn value_of(node: &Node, parsed: &Parsed) -> serde_json::Value {
+    let mut value = node.to_json();
+    if let (Some(ns), serde_json::Value::Object(m)) = (&parsed.default_namespace, &mut value) {
+        if !matches!(m.get("namespace"), Some(serde_json::Value::String(_))) {
+            m.insert("namespace".into(), serde_json::Value::String(ns.clone()));
+        }
+    }
+    value
+}
+
 fn decode_service(file: &str, node: &Node, parsed: &mut Parsed) {
-    let value = node.to_json();
+    let value = value_of(node, parsed);
     if value.get("skip") == Some(&serde_json::Value::Bool(true)) {
         parsed.skipped.push(format!("service/{}", name_of(node)));
         return;
@@ -283,7 +296,7 @@ fn skipped(value: &serde_json::Value) -> bool {
 
 fn decode_secret(file: &str, node: &Node, parsed: &mut Parsed) {
     use rune_statemachine::secret::{SecretLimits, SecretSpec};
-    let value = node.to_json();
+    let value = value_of(node, parsed);
     if skipped(&value) {
         parsed.skipped.push(format!("secret/{}", name_of(node)));
         return;
@@ -304,7 +317,7 @@ fn decode_secret(file: &str, node: &Node, parsed: &mut Parsed) {
 
 fn decode_configmap(file: &str, node: &Node, parsed: &mut Parsed) {
     use rune_statemachine::secret::{ConfigmapSpec, SecretLimits};
-    let value = node.to_json();
+    let value = value_of(node, parsed);
     if skipped(&value) {
         parsed.skipped.push(format!("configmap/{}", name_of(node)));
         return;
@@ -436,11 +449,16 @@ pub fn parse_files(paths: &[PathBuf]) -> Parsed {
             }),
         }
     }
-    check_together(&mut parsed);
+    finish(&mut parsed);
+    parsed
+}
+
+/// Runs the checks that need every file read, and orders the problems by place.
+pub fn finish(parsed: &mut Parsed) {
+    check_together(parsed);
     parsed
         .problems
         .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
-    parsed
 }
 
 /// What only the files together decide: an object declared twice, a dependency cycle among

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod network_api;
 pub mod paging;
 pub mod restore;
+pub mod runeset;
 pub mod sealing;
 pub mod secrets_api;
 pub mod serve;

@@ -98,11 +98,17 @@ fn peer_specs_lint_and_cast_as_they_are() {
     ] {
         assert!(stdout(&o).contains(made), "{made} in {}", stdout(&o));
     }
+    // The peer copy of the runeset lacks a file its frontend includes: refused, named, nothing cast.
     let runeset = peer("runeset-example-app");
     for cmd in ["lint", "cast"] {
         let o = d.rune(&[cmd, runeset.to_str().unwrap()]);
-        assert_eq!(code(&o), 6);
-        assert!(stderr(&o).contains("is a runeset"), "{}", stderr(&o));
+        assert_eq!(code(&o), 6, "{}", stdout(&o));
+        assert!(
+            stderr(&o)
+                .contains("casts/frontend.service.yaml:15: 'templates/app.env': no such file in the runeset"),
+            "{}",
+            stderr(&o)
+        );
     }
     let o = d.rune(&["cast", "--detach", peer("runefile.yaml").to_str().unwrap()]);
     assert_eq!(code(&o), 6);
@@ -117,6 +123,154 @@ fn peer_specs_lint_and_cast_as_they_are() {
     assert_eq!(
         names,
         ["api", "db", "echo", "frontend", "log-generator", "test-service"]
+    );
+}
+
+/// The peer runeset with the one file its copy lost put back (see fixtures/upstream/README.md).
+fn example_app(d: &Daemon) -> PathBuf {
+    let dir = d.scratch().join("example-app");
+    let st = std::process::Command::new("cp")
+        .args([
+            "-r",
+            peer("runeset-example-app").to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let env =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream/example-app--templates--app.env");
+    std::fs::copy(env, dir.join("templates/app.env")).unwrap();
+    dir
+}
+
+fn cast_lines(o: &std::process::Output) -> Vec<String> {
+    let mut v: Vec<String> = stdout(o).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn runeset_renders_lints_casts_and_packs() {
+    let d = Daemon::start(&bins());
+    let dir = example_app(&d);
+    let dir = dir.to_str().unwrap();
+    let o = d.rune(&["lint", dir]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("OK: 5 resource(s) valid"), "{}", stdout(&o));
+
+    let o = d.rune(&["cast", "--detach", dir]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(
+        cast_lines(&o),
+        [
+            "configmap/demo/app-settings created (generation 1)",
+            "configmap/demo/example-app-configmap created (generation 1)",
+            "namespace/demo created (generation 1)",
+            "secret/demo/db-credentials created (generation 1)",
+            "service/demo/webapp-api created (generation 1)",
+            "service/demo/webapp-frontend created (generation 1)",
+            "vip/demo/webapp-api created (generation 1)",
+            "vip/demo/webapp-frontend created (generation 1)",
+        ]
+    );
+    let api: serde_json::Value = serde_json::from_str(&run_ok(
+        &d,
+        &["get", "svc", "webapp-api", "-n", "demo", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(api["spec"]["scale"], 2, "{api}");
+    assert_eq!(api["spec"]["image"], "rune-hello-world:latest", "{api}");
+    assert_eq!(api["spec"]["expose"]["host"], "api.example.local", "{api}");
+    assert_eq!(
+        api["spec"]["env"]["DB_PASSWORD"], "{{ secret: db-credentials/password }}",
+        "{api}"
+    );
+    let front: serde_json::Value = serde_json::from_str(&run_ok(
+        &d,
+        &["get", "svc", "webapp-frontend", "-n", "demo", "-o", "json"],
+    ))
+    .unwrap();
+    let app_env = front["spec"]["env"]["APP_ENV"].as_str().unwrap();
+    assert_eq!(
+        app_env,
+        "APP_NAME=webapp\nLOG_LEVEL=info\nFEATURE_FLAGS=beta-search,new-dashboard"
+    );
+
+    // Unchanged values: nothing changes. The rendered text casts to the same result.
+    let o = d.rune(&["cast", "--detach", dir]);
+    assert!(
+        cast_lines(&o).iter().all(|l| l.ends_with("unchanged")),
+        "{}",
+        stdout(&o)
+    );
+    let rendered = run_ok(&d, &["cast", dir, "--render"]);
+    let file = write(&d, "rendered.yaml", &rendered);
+    let o = d.rune(&["cast", "--detach", &file]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        cast_lines(&o).iter().all(|l| l.ends_with("unchanged")),
+        "{}",
+        stdout(&o)
+    );
+
+    // --values then --set, later wins.
+    let values = write(&d, "more.yaml", "app:\n  replicas: 3\n  tag: v2\n");
+    let o = d.rune(&["cast", "--detach", dir, "-f", &values, "--set", "app.replicas=4"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("service/demo/webapp-api configured (generation 2)"),
+        "{}",
+        stdout(&o)
+    );
+    let api: serde_json::Value = serde_json::from_str(&run_ok(
+        &d,
+        &["get", "svc", "webapp-api", "-n", "demo", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(api["spec"]["scale"], 4, "{api}");
+    assert_eq!(api["spec"]["image"], "rune-hello-world:v2", "{api}");
+
+    // A placeholder without a value names itself and casts nothing.
+    let broken = d.scratch().join("broken");
+    std::fs::create_dir_all(broken.join("casts")).unwrap();
+    std::fs::write(broken.join("runeset.yaml"), "name: broken\nversion: 1.0.0\n").unwrap();
+    std::fs::write(
+        broken.join("casts/a.yaml"),
+        "service:\n  name: x\n  image: {{ values:image }}\n",
+    )
+    .unwrap();
+    let o = d.rune(&["cast", "--detach", broken.to_str().unwrap()]);
+    assert_eq!(code(&o), 6);
+    assert!(
+        stderr(&o).contains("casts/a.yaml:3: values:image has no value"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(run_ok(&d, &["get", "svc", "-A"])
+        .lines()
+        .all(|l| !l.contains(" x ")));
+
+    // Packed, the archive casts to the same result.
+    let out = d.scratch().join("app.runeset.tgz");
+    let o = d.rune(&["pack", dir, "--out", out.to_str().unwrap(), "--sha256"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let sum = std::fs::read_to_string(format!("{}.sha256", out.display())).unwrap();
+    assert!(sum.ends_with("  app.runeset.tgz\n"), "{sum}");
+    let o = d.rune(&[
+        "cast",
+        "--detach",
+        out.to_str().unwrap(),
+        "-f",
+        &values,
+        "--set",
+        "app.replicas=4",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        cast_lines(&o).iter().all(|l| l.ends_with("unchanged")),
+        "{}",
+        stdout(&o)
     );
 }
 

@@ -19,6 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::castfile::{self, Parsed};
+use crate::runeset;
 
 /// Exit codes scripts can branch on.
 pub mod exit {
@@ -181,6 +182,12 @@ pub enum Cmd {
         /// How long to wait for the rollouts.
         #[command(flatten)]
         wait: instances::WaitArgs,
+        /// Runeset values.
+        #[command(flatten)]
+        values: RunesetArgs,
+        /// Print a runeset's rendered casts; cast nothing.
+        #[arg(long)]
+        render: bool,
     },
     /// List or show resources.
     Get {
@@ -301,14 +308,28 @@ pub enum Cmd {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
-    /// Check castfiles offline.
+    /// Check castfiles or a runeset offline.
     Lint {
-        /// Files, directories or globs.
+        /// Files, directories or globs, or one runeset.
         #[arg(required = true)]
         paths: Vec<String>,
         /// Recurse into directories.
         #[arg(short, long)]
         recursive: bool,
+        /// Runeset values.
+        #[command(flatten)]
+        values: RunesetArgs,
+    },
+    /// Pack a runeset directory into NAME-VERSION.runeset.tgz, which `rune cast` takes.
+    Pack {
+        /// The runeset directory.
+        dir: PathBuf,
+        /// Where to write the archive (`-o` is the output format everywhere, so long only).
+        #[arg(long = "out")]
+        out: Option<PathBuf>,
+        /// Also write ARCHIVE.sha256.
+        #[arg(long)]
+        sha256: bool,
     },
     /// Client and server versions.
     Version {
@@ -365,6 +386,20 @@ pub enum Cmd {
         #[command(subcommand)]
         action: AdminCmd,
     },
+}
+
+/// How a runeset's values are chosen (ignored for plain castfiles).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunesetArgs {
+    /// A values file; repeatable, later files win.
+    #[arg(short = 'f', long = "values")]
+    pub values: Vec<PathBuf>,
+    /// A value, `a.b=v`; repeatable, wins over files.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// The release name (default: the runeset's name).
+    #[arg(long)]
+    pub release: Option<String>,
 }
 
 /// `rune policy ...`.
@@ -734,7 +769,32 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             force,
             detach,
             wait,
+            values,
+            render,
         } => {
+            let mode = if *render {
+                "render"
+            } else if *dry_run {
+                "dry-run"
+            } else {
+                "apply"
+            };
+            let read = read_castfiles(paths, *recursive, values, cli.namespace.as_deref(), mode)?;
+            if *render {
+                let Some(r) = &read.runeset else {
+                    return Err(CliError::usage(
+                        "--render applies to a runeset (a directory with runeset.yaml, or a .runeset.tgz)",
+                    ));
+                };
+                for c in &r.casts {
+                    print!("{}", c.text);
+                    if !c.text.ends_with('\n') {
+                        println!();
+                    }
+                    println!("---");
+                }
+                return Ok(());
+            }
             let conn = Conn::resolve(&cli)?;
             let opts = CastOpts {
                 create_namespace: *create_namespace,
@@ -743,7 +803,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 detach: *detach,
                 wait: wait.clone(),
             };
-            cast(&conn, paths, *recursive, opts).await
+            cast(&conn, read, opts).await
         }
         Cmd::Get {
             kind,
@@ -851,7 +911,18 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 })
             }
         }
-        Cmd::Lint { paths, recursive } => lint(paths, *recursive),
+        Cmd::Lint {
+            paths,
+            recursive,
+            values,
+        } => lint(read_castfiles(
+            paths,
+            *recursive,
+            values,
+            cli.namespace.as_deref(),
+            "dry-run",
+        )?),
+        Cmd::Pack { dir, out, sha256 } => pack(dir, out.as_deref(), *sha256),
         Cmd::Version { client } => version(&cli, *client).await,
         Cmd::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "rune", &mut std::io::stdout());
@@ -910,24 +981,94 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-fn read_castfiles(paths: &[String], recursive: bool) -> Result<Parsed, CliError> {
-    if let Some(r) = paths
-        .iter()
-        .find(|p| std::path::Path::new(p).join("runeset.yaml").is_file())
-    {
-        return Err(CliError::validation(format!(
-            "{r} is a runeset (runeset.yaml with templated casts): this release cannot render runesets yet; nothing was read"
-        )));
+/// Castfiles as read, and the runeset they were rendered from, if any.
+struct Read {
+    parsed: Parsed,
+    runeset: Option<runeset::Rendered>,
+}
+
+fn read_castfiles(
+    paths: &[String],
+    recursive: bool,
+    values: &RunesetArgs,
+    namespace: Option<&str>,
+    mode: &'static str,
+) -> Result<Read, CliError> {
+    if let Some(r) = paths.iter().find(|p| runeset::is_runeset(p)) {
+        if paths.len() > 1 {
+            return Err(CliError::usage(format!(
+                "{r} is a runeset; a runeset is cast (or linted) on its own, without other paths"
+            )));
+        }
+        let src = runeset::Source::open(r).map_err(|p| CliError::validation(p.to_string()))?;
+        let opts = runeset::Options {
+            values_files: values.values.clone(),
+            set: values.set.clone(),
+            namespace: namespace.map(str::to_string),
+            release: values.release.clone(),
+            mode,
+        };
+        let rendered = runeset::render(&src, &opts).map_err(|p| CliError::validation(p.to_string()))?;
+        for k in &rendered.manifest.unknown {
+            eprintln!("{r}/{}: warning: unknown key '{k}' ignored", runeset::MANIFEST);
+        }
+        let mut parsed = Parsed {
+            default_namespace: Some(rendered.namespace.clone()),
+            ..Parsed::default()
+        };
+        for c in &rendered.casts {
+            let file = if c.lines_moved {
+                format!("{} (rendered; lines as in --render)", c.file)
+            } else {
+                c.file.clone()
+            };
+            castfile::parse_text(&file, &c.text, &mut parsed);
+        }
+        castfile::finish(&mut parsed);
+        return Ok(Read {
+            parsed,
+            runeset: Some(rendered),
+        });
+    }
+    if !values.values.is_empty() || !values.set.is_empty() || values.release.is_some() {
+        return Err(CliError::usage(
+            "--values, --set and --release apply to a runeset (a directory with runeset.yaml, or a .runeset.tgz)",
+        ));
     }
     let files = castfile::expand_paths(paths, recursive).map_err(|p| CliError::usage(p.to_string()))?;
     if files.is_empty() {
         return Err(CliError::usage("no .yaml or .yml files found"));
     }
-    Ok(castfile::parse_files(&files))
+    Ok(Read {
+        parsed: castfile::parse_files(&files),
+        runeset: None,
+    })
 }
 
-fn lint(paths: &[String], recursive: bool) -> Result<(), CliError> {
-    let mut parsed = read_castfiles(paths, recursive)?;
+fn pack(dir: &std::path::Path, out: Option<&std::path::Path>, sha256: bool) -> Result<(), CliError> {
+    let written = runeset::pack(dir, out).map_err(|p| CliError::validation(p.to_string()))?;
+    println!("packed {}", written.display());
+    if sha256 {
+        let line = runeset::sha256_line(&written).map_err(|e| CliError::generic(e.to_string()))?;
+        let sum = std::path::PathBuf::from(format!("{}.sha256", written.display()));
+        std::fs::write(&sum, &line).map_err(|e| CliError::generic(format!("{}: {e}", sum.display())))?;
+        println!("wrote {}", sum.display());
+    }
+    Ok(())
+}
+
+fn lint(read: Read) -> Result<(), CliError> {
+    let Read { mut parsed, runeset } = read;
+    if let Some(r) = &runeset {
+        println!(
+            "runeset {} {} renders: {} cast(s), release {}, namespace {}",
+            r.manifest.name,
+            r.manifest.version,
+            r.casts.len(),
+            r.release,
+            r.namespace
+        );
+    }
     for f in &parsed.runefiles {
         match crate::config::check_runefile(std::path::Path::new(f)) {
             Ok(ignored) => {
@@ -984,8 +1125,10 @@ struct CastOpts {
     wait: instances::WaitArgs,
 }
 
-async fn cast(conn: &Conn, paths: &[String], recursive: bool, o: CastOpts) -> Result<(), CliError> {
-    let mut parsed = read_castfiles(paths, recursive)?;
+async fn cast(conn: &Conn, read: Read, mut o: CastOpts) -> Result<(), CliError> {
+    let Read { mut parsed, runeset } = read;
+    // A runeset brings its namespace with it, as a chart installs into its own.
+    o.create_namespace |= runeset.is_some();
     if !parsed.problems.is_empty() {
         for p in &parsed.problems {
             eprintln!("{p}");

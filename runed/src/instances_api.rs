@@ -293,6 +293,49 @@ impl Api {
         })
     }
 
+    /// The output of an init step's last run in each instance picked.
+    async fn init_step_logs(
+        &self,
+        caller: &crate::auth::Caller,
+        step: &str,
+        recs: &[InstanceRecord],
+        q: &LogQuery,
+    ) -> Result<Response<Stream_<pb::LogChunk>>, Status> {
+        let mut streams = Vec::new();
+        for r in recs {
+            let Some(s) = self
+                .orchestrator
+                .init_step_logs(r, step, q)
+                .await
+                .map_err(orch_status)?
+            else {
+                continue;
+            };
+            let id = r.id.clone();
+            streams.push(
+                s.map(move |b| match b {
+                    Ok(data) => Ok(pb::LogChunk {
+                        instance: id.clone(),
+                        data: data.to_vec(),
+                    }),
+                    Err(e) => Err(Status::unavailable(e.to_string())),
+                })
+                .boxed(),
+            );
+        }
+        if streams.is_empty() {
+            return Err(Status::not_found(format!(
+                "init step '{step}' has not run in any of these instances (is it named in initSteps?)"
+            )));
+        }
+        Ok(Response::new(crate::auth::until_token_ends(
+            self.log.clone(),
+            caller,
+            Box::pin(futures::stream::select_all(streams)),
+            Vec::new(),
+        )))
+    }
+
     /// The instance a logs or exec request names, or all of the service's.
     fn pick(&self, ns: &str, service: &str, instance: &str) -> Result<Vec<InstanceRecord>, Status> {
         if !instance.is_empty() {
@@ -638,6 +681,9 @@ impl pb::instance_api_server::InstanceApi for Api {
             },
             timestamps: req.timestamps,
         };
+        if !req.init_step.is_empty() {
+            return self.init_step_logs(&caller, &req.init_step, &recs, &q).await;
+        }
         if req.follow && req.instance.is_empty() {
             // Following a service follows the service: replaced and added instances join.
             let stream = self.follow_service(ns, req.service.clone(), q, recs);

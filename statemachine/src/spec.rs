@@ -161,7 +161,72 @@ pub struct ServiceSpec {
     /// Seconds between SIGTERM and SIGKILL when stopping an instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_period_seconds: Option<i64>,
+    /// Persistent storage: one volume per instance (`claimTemplate`) or one shared (`claim`).
+    /// Volumes outlive instances and the service; only an explicit delete removes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+    /// Run to completion, in order, before each instance's main container starts (with its
+    /// volumes, mounts and environment): migrations, permissions, seeding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_steps: Vec<InitStep>,
 }
+
+/// Where a volume is mounted and which claim backs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    /// Volume name, unique in the service.
+    pub name: String,
+    /// Directory in the instance.
+    pub mount_path: String,
+    /// A named claim shared by every instance (and every service naming it) in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// A claim made per instance, kept across restarts and rollouts like a StatefulSet's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_template: Option<ClaimTemplate>,
+    /// Mount read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+}
+
+/// What a per-instance claim asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimTemplate {
+    /// Requested size (`10Gi`); recorded and reported, not enforced by the local class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Text>,
+    /// `ReadWriteOnce` (default), `ReadWriteMany` or `ReadOnlyMany`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_mode: Option<String>,
+    /// Storage class; `local` (the default) is the only one a single node has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// One step run before an instance starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InitStep {
+    /// Step name, unique in the service; `rune logs SVC --init-step NAME` shows its output.
+    pub name: String,
+    /// Image to run; the service's image when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Overrides the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<StringOrList>,
+    /// Arguments to `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<Text>>,
+    /// Extra environment, over the instance's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, Text>,
+}
+
+/// Storage classes a single node offers.
+pub const STORAGE_CLASSES: [&str; 1] = ["local"];
 
 impl ServiceSpec {
     /// The namespace the service lives in.

@@ -83,7 +83,126 @@ pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
     }
     validate_refs(s, &root, &mut errs);
     validate_mounts(s, &root, &mut errs);
+    validate_volumes(s, &root, &mut errs);
+    validate_init_steps(s, &root, &mut errs);
     errs
+}
+
+fn mount_path_ok(p: &str) -> bool {
+    p.starts_with('/') && !p.contains(':') && !p.split('/').any(|c| c == ".." || c == ".") && p != "/"
+}
+
+/// Volume names become parts of Docker volume names and host directories: plain labels only.
+fn validate_volumes(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    let mut names = BTreeSet::new();
+    let mut paths: BTreeSet<&str> = s
+        .secret_mounts
+        .iter()
+        .chain(&s.config_mounts)
+        .chain(&s.configmap_mounts)
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    for (i, v) in s.volumes.iter().enumerate() {
+        let at = root.key("volumes").index(i);
+        let mut err = |p: FieldPath, m: String| errs.push(FieldError::new(p, m));
+        if let Err(e) = dns1123_label(&v.name) {
+            err(at.key("name"), format!("volume name {e}"));
+        } else if !names.insert(v.name.as_str()) {
+            err(at.key("name"), format!("volume name '{}' is used twice", v.name));
+        }
+        if !mount_path_ok(&v.mount_path) {
+            err(
+                at.key("mountPath"),
+                format!(
+                    "'{}' must be an absolute path without '.', '..' or ':' (and not /)",
+                    v.mount_path
+                ),
+            );
+        } else if !paths.insert(v.mount_path.as_str()) {
+            err(
+                at.key("mountPath"),
+                format!("'{}' is mounted twice", v.mount_path),
+            );
+        }
+        if s.process.is_some() {
+            err(
+                at.clone(),
+                String::from(
+                    "volumes are for container services; a process service uses host paths directly",
+                ),
+            );
+        }
+        match (&v.claim, &v.claim_template) {
+            (Some(_), Some(_)) | (None, None) => err(
+                at.clone(),
+                String::from("give exactly one of 'claim' (shared) and 'claimTemplate' (one per instance)"),
+            ),
+            (Some(c), None) => {
+                if let Err(e) = dns1123_label(c) {
+                    err(at.key("claim"), format!("claim name {e}"));
+                }
+            }
+            (None, Some(t)) => {
+                let at = at.key("claimTemplate");
+                if let Some(size) = &t.size {
+                    if let Err(e) = parse_memory_bytes(size.as_str()) {
+                        err(at.key("size"), format!("'{}': {e}", size.as_str()));
+                    }
+                }
+                if let Some(m) = &t.access_mode {
+                    if !matches!(m.as_str(), "ReadWriteOnce" | "ReadWriteMany" | "ReadOnlyMany") {
+                        err(
+                            at.key("accessMode"),
+                            format!("'{m}': expected ReadWriteOnce, ReadWriteMany or ReadOnlyMany"),
+                        );
+                    }
+                }
+                if let Some(c) = &t.storage_class_name {
+                    if !crate::spec::STORAGE_CLASSES.contains(&c.as_str()) {
+                        err(
+                            at.key("storageClassName"),
+                            format!(
+                                "unknown storage class '{c}'; this node offers: {}",
+                                crate::spec::STORAGE_CLASSES.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn validate_init_steps(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    let mut names = BTreeSet::new();
+    for (i, step) in s.init_steps.iter().enumerate() {
+        let at = root.key("initSteps").index(i);
+        if let Err(e) = dns1123_label(&step.name) {
+            errs.push(FieldError::new(at.key("name"), format!("init step name {e}")));
+        } else if !names.insert(step.name.as_str()) {
+            errs.push(FieldError::new(
+                at.key("name"),
+                format!("init step name '{}' is used twice", step.name),
+            ));
+        }
+        if s.process.is_some() {
+            errs.push(FieldError::new(
+                at.clone(),
+                String::from("init steps run as containers; a process service cannot have them"),
+            ));
+        }
+        if step.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
+            errs.push(FieldError::new(at.key("image"), "image must not be empty"));
+        }
+        for k in step.env.keys() {
+            if k.is_empty() || k.contains('=') {
+                errs.push(FieldError::new(
+                    at.key("env").key(k),
+                    format!("'{k}' is not a valid environment variable name"),
+                ));
+            }
+        }
+    }
 }
 
 /// Mount names become directory names on the host and mount paths mount points: both must be
@@ -107,11 +226,7 @@ fn validate_mounts(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>
                 ));
             }
             let p = &m.mount_path;
-            if !p.starts_with('/')
-                || p.contains(':')
-                || p.split('/').any(|c| c == ".." || c == ".")
-                || p == "/"
-            {
+            if !mount_path_ok(p) {
                 errs.push(FieldError::new(
                     at.key("mountPath"),
                     format!("'{p}' must be an absolute path without '.', '..' or ':' (and not /)"),

@@ -437,6 +437,7 @@ pub struct LogsOpts {
     pub since: Option<Duration>,
     pub instance: Option<String>,
     pub timestamps: bool,
+    pub init_step: Option<String>,
 }
 
 /// `rune logs NAME`.
@@ -456,6 +457,7 @@ pub async fn logs(conn: &Conn, name: &str, o: LogsOpts) -> Result<(), CliError> 
             tail: o.tail,
             since_seconds: o.since.map(|d| d.as_secs() as i64).unwrap_or(0),
             timestamps: o.timestamps,
+            init_step: o.init_step.clone().unwrap_or_default(),
         })
         .await
         .map_err(|s| conn.status(s))?

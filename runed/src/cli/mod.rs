@@ -290,6 +290,9 @@ pub enum Cmd {
         /// Prefix lines with their time; containers only.
         #[arg(long)]
         timestamps: bool,
+        /// The output of this init step's last run instead.
+        #[arg(long)]
+        init_step: Option<String>,
     },
     /// Run a command in an instance: `rune exec NAME [-it] -- CMD ARGS...`.
     Exec {
@@ -881,8 +884,10 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             since,
             instance,
             timestamps,
+            init_step,
         } => {
             let o = instances::LogsOpts {
+                init_step: init_step.clone(),
                 follow: *follow,
                 tail: *tail,
                 since: *since,

@@ -386,6 +386,23 @@ impl Orchestrator {
         Ok(self.inner.docker.logs(&rec.runtime_id, q).await?)
     }
 
+    /// The output of the last run of an instance's init step; `None` when it has not run.
+    pub async fn init_step_logs(
+        &self,
+        rec: &InstanceRecord,
+        step: &str,
+        q: &LogQuery,
+    ) -> Result<Option<LogStream>, OrchestratorError> {
+        if rec.runtime == "process" {
+            return Ok(None);
+        }
+        Ok(self
+            .inner
+            .docker
+            .init_step_logs(&rec.namespace, &rec.id, step, q)
+            .await?)
+    }
+
     /// Runs a command in a running instance.
     pub async fn exec(
         &self,

@@ -19,6 +19,8 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Mutex};
 
+use rune_statemachine::spec::{InitStep, VolumeSpec};
+
 use super::{
     ExecInput, ExecOutput, ExecSpec, Exit, Found, Launch, LogQuery, LogStream, Run, RunError, RunHandle,
 };
@@ -27,6 +29,16 @@ use super::{
 pub const LABEL_MANAGED: &str = "rune.managed";
 /// Label naming the cluster (the data dir's identity) a container belongs to.
 pub const LABEL_CLUSTER: &str = "rune.cluster";
+/// Label marking an init step's container (its value is the step's name).
+pub const LABEL_INIT_STEP: &str = "rune.init-step";
+/// How long an ended init step's container is kept once its instance no longer runs.
+const INIT_STEP_KEEP_S: i64 = 3600;
+/// Label naming the spec volume a Docker volume backs.
+pub const LABEL_VOLUME: &str = "rune.volume";
+/// Label naming the shared claim a Docker volume is.
+pub const LABEL_CLAIM: &str = "rune.claim";
+/// Label recording the size a claim template asked for.
+pub const LABEL_SIZE: &str = "rune.size";
 
 /// How runed talks to the Docker Engine (`docker.api-version`, `fallback-api-version`,
 /// `negotiation-timeout-seconds` of the runefile).
@@ -310,20 +322,19 @@ impl DockerRunner {
         }
     }
 
-    /// Creates and starts the container of an instance, replacing a stale one of the same name.
-    pub async fn start(&self, l: &Launch) -> Result<Run, RunError> {
-        let d = self.docker().await?;
-        let gateway = self.ensure_network().await?;
-        let spec = &l.spec;
-        let image = spec.image.clone().unwrap_or_default();
-        if let Err(e) = d.inspect_image(&image).await {
-            if !not_found(&e) {
-                return Err(self.failed(e).await);
-            }
-            self.pull(&d, &image).await?;
+    /// Makes sure an image is present, pulling it when it is not.
+    async fn ensure_image(&self, d: &Docker, image: &str) -> Result<(), RunError> {
+        match d.inspect_image(image).await {
+            Ok(_) => Ok(()),
+            Err(e) if not_found(&e) => self.pull(d, image).await,
+            Err(e) => Err(self.failed(e).await),
         }
-        let name = self.container_name(&l.namespace, &l.id);
-        match d.inspect_container(&name, None).await {
+    }
+
+    /// Removes what is left of a previous run under this name, refusing to touch a container
+    /// this runed does not manage.
+    async fn clear_name(&self, d: &Docker, name: &str) -> Result<(), RunError> {
+        match d.inspect_container(name, None).await {
             Ok(c) => {
                 let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
                 if !self.ours(&labels) {
@@ -331,13 +342,19 @@ impl DockerRunner {
                         "container name {name} is taken by a container rune does not manage on this node"
                     )));
                 }
-                self.remove(&name).await?;
-                tracing::info!(container = %name, "removed the previous container of this instance");
+                self.remove(name).await?;
+                tracing::info!(container = %name, "removed the previous container of this name");
+                Ok(())
             }
-            Err(e) if not_found(&e) => {}
-            Err(e) => return Err(self.failed(e).await),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(self.failed(e).await),
         }
-        let mut labels: HashMap<String, String> = spec
+    }
+
+    /// The labels every container of an instance carries (its init steps' too).
+    fn labels(&self, l: &Launch) -> HashMap<String, String> {
+        let mut labels: HashMap<String, String> = l
+            .spec
             .labels
             .iter()
             .map(|(k, v)| (k.clone(), v.0.clone()))
@@ -353,7 +370,193 @@ impl DockerRunner {
         ] {
             labels.insert(k.into(), v.into());
         }
-        let (nano_cpus, memory) = limits(spec);
+        labels
+    }
+
+    /// The Docker volume behind a spec volume: `claim` is one per namespace and claim name,
+    /// `claimTemplate` one per instance and volume name, so an instance finds its data again
+    /// after a restart, a rollout or a restart of runed.
+    pub fn volume_name(&self, ns: &str, instance: &str, v: &VolumeSpec) -> String {
+        match &v.claim {
+            Some(claim) => format!("rune-{}-{ns}-{claim}", self.owner()),
+            None => format!("rune-{}-{ns}-{instance}-{}", self.owner(), v.name),
+        }
+    }
+
+    /// Creates the volume if it does not exist (creating is idempotent in the engine) and
+    /// returns its bind.
+    async fn ensure_volume(&self, d: &Docker, l: &Launch, v: &VolumeSpec) -> Result<String, RunError> {
+        let name = self.volume_name(&l.namespace, &l.id, v);
+        match d.inspect_volume(&name).await {
+            Ok(existing) => {
+                if !self.ours(&existing.labels) {
+                    return Err(RunError::Launch(format!(
+                        "volume {name} exists and rune does not manage it on this node"
+                    )));
+                }
+            }
+            Err(e) if not_found(&e) => {
+                let mut labels = HashMap::from([
+                    (LABEL_MANAGED.to_string(), "true".to_string()),
+                    ("rune.node".to_string(), self.node.clone()),
+                    (LABEL_CLUSTER.to_string(), self.cluster.clone()),
+                    ("rune.namespace".to_string(), l.namespace.clone()),
+                    (LABEL_VOLUME.to_string(), v.name.clone()),
+                ]);
+                match (&v.claim, &v.claim_template) {
+                    (Some(c), _) => {
+                        labels.insert(LABEL_CLAIM.into(), c.clone());
+                    }
+                    (None, t) => {
+                        labels.insert("rune.service".into(), l.service.clone());
+                        labels.insert("rune.instance".into(), l.id.clone());
+                        if let Some(size) = t.as_ref().and_then(|t| t.size.as_ref()) {
+                            labels.insert(LABEL_SIZE.into(), size.0.clone());
+                        }
+                        let class = t.as_ref().and_then(|t| t.storage_class_name.clone());
+                        labels.insert(
+                            "rune.storage-class".into(),
+                            class.unwrap_or_else(|| "local".into()),
+                        );
+                    }
+                }
+                let req = bollard::models::VolumeCreateRequest {
+                    name: Some(name.clone()),
+                    driver: Some("local".into()),
+                    labels: Some(labels),
+                    ..Default::default()
+                };
+                if let Err(e) = d.create_volume(req).await {
+                    return Err(RunError::Launch(format!(
+                        "cannot create volume {name}: {}",
+                        bollard_err(&self.socket, e)
+                    )));
+                }
+                tracing::info!(volume = %name, instance = %l.id, "created a volume");
+            }
+            Err(e) => return Err(self.failed(e).await),
+        }
+        let ro = if v.read_only == Some(true) { ":ro" } else { "" };
+        Ok(format!("{name}:{}{ro}", v.mount_path))
+    }
+
+    fn host_config(&self, l: &Launch, gateway: String, binds: &[String]) -> HostConfig {
+        let r = resources(&l.spec);
+        HostConfig {
+            nano_cpus: r.nano_cpus,
+            cpu_shares: r.cpu_shares,
+            memory: r.memory,
+            memory_reservation: r.memory_reservation,
+            // Services find each other by name: `api` is `api.<ns>.rune`, served by runed's
+            // DNS on the node network's gateway.
+            network_mode: Some(self.network_name()),
+            dns: Some(vec![gateway]),
+            dns_search: Some(vec![format!("{}.rune", l.namespace)]),
+            binds: (!binds.is_empty()).then(|| binds.to_vec()),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The container of an instance's init step; kept after it ends so `rune logs
+    /// --init-step` can read it, replaced by the next run.
+    pub fn init_container_name(&self, ns: &str, id: &str, step: &str) -> String {
+        format!("{}-init-{step}", self.container_name(ns, id))
+    }
+
+    /// Runs one init step to its end; an exit other than 0 fails the instance's start.
+    async fn run_init_step(
+        &self,
+        d: &Docker,
+        l: &Launch,
+        step: &InitStep,
+        gateway: &str,
+        binds: &[String],
+    ) -> Result<(), RunError> {
+        let name = self.init_container_name(&l.namespace, &l.id, &step.name);
+        self.clear_name(d, &name).await?;
+        let image = step
+            .image
+            .clone()
+            .or_else(|| l.spec.image.clone())
+            .unwrap_or_default();
+        self.ensure_image(d, &image).await?;
+        let mut env = l.env.clone();
+        env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.0.clone())));
+        let mut labels = self.labels(l);
+        labels.insert(LABEL_INIT_STEP.into(), step.name.clone());
+        let body = ContainerCreateBody {
+            image: Some(image),
+            entrypoint: step.command.as_ref().map(command_vec),
+            cmd: step
+                .args
+                .as_ref()
+                .map(|a| a.iter().map(|t| t.0.clone()).collect()),
+            env: Some(super::process::env_list(&env)),
+            labels: Some(labels),
+            hostname: Some(l.id.clone()),
+            host_config: Some(self.host_config(l, gateway.to_string(), binds)),
+            ..Default::default()
+        };
+        let created = d
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| {
+                RunError::Launch(format!(
+                    "init step '{}': cannot create its container: {}",
+                    step.name,
+                    bollard_err(&self.socket, e)
+                ))
+            })?;
+        if let Err(e) = d.start_container(&created.id, None).await {
+            return Err(RunError::Launch(format!(
+                "init step '{}': cannot start: {}",
+                step.name,
+                bollard_err(&self.socket, e)
+            )));
+        }
+        tracing::info!(instance = %l.id, step = %step.name, "init step started");
+        let exit = self.wait(&created.id).await;
+        if exit.code == Some(0) {
+            tracing::info!(instance = %l.id, step = %step.name, "init step done");
+            return Ok(());
+        }
+        Err(RunError::Launch(format!(
+            "init step '{}' failed: {}",
+            step.name, exit.reason
+        )))
+    }
+
+    /// Creates and starts the container of an instance, replacing a stale one of the same name;
+    /// its volumes are made first and its init steps run to completion before it.
+    pub async fn start(&self, l: &Launch) -> Result<Run, RunError> {
+        let d = self.docker().await?;
+        let gateway = self.ensure_network().await?;
+        let spec = &l.spec;
+        let image = spec.image.clone().unwrap_or_default();
+        self.ensure_image(&d, &image).await?;
+        let name = self.container_name(&l.namespace, &l.id);
+        self.clear_name(&d, &name).await?;
+        let mut binds: Vec<String> = l
+            .mounts
+            .iter()
+            .map(|m| format!("{}:{}:ro", m.host.display(), m.target.display()))
+            .collect();
+        for v in &spec.volumes {
+            binds.push(self.ensure_volume(&d, l, v).await?);
+        }
+        for step in &spec.init_steps {
+            self.run_init_step(&d, l, step, &gateway, &binds).await?;
+        }
         let body = ContainerCreateBody {
             image: Some(image.clone()),
             entrypoint: spec.command.as_ref().map(command_vec),
@@ -362,7 +565,7 @@ impl DockerRunner {
                 .as_ref()
                 .map(|a| a.iter().map(|t| t.0.clone()).collect()),
             env: Some(super::process::env_list(&l.env)),
-            labels: Some(labels),
+            labels: Some(self.labels(l)),
             hostname: Some(l.id.clone()),
             exposed_ports: Some(
                 spec.ports
@@ -374,26 +577,7 @@ impl DockerRunner {
                     .collect(),
             ),
             stop_timeout: Some(super::grace(spec).as_secs() as i64),
-            host_config: Some(HostConfig {
-                nano_cpus,
-                memory,
-                // Services find each other by name: `api` is `api.<ns>.rune`, served by runed's
-                // DNS on the node network's gateway.
-                network_mode: Some(self.network_name()),
-                dns: Some(vec![gateway]),
-                dns_search: Some(vec![format!("{}.rune", l.namespace)]),
-                binds: (!l.mounts.is_empty()).then(|| {
-                    l.mounts
-                        .iter()
-                        .map(|m| format!("{}:{}:ro", m.host.display(), m.target.display()))
-                        .collect()
-                }),
-                restart_policy: Some(RestartPolicy {
-                    name: Some(RestartPolicyNameEnum::NO),
-                    maximum_retry_count: None,
-                }),
-                ..Default::default()
-            }),
+            host_config: Some(self.host_config(l, gateway, &binds)),
             ..Default::default()
         };
         let created = d
@@ -547,8 +731,55 @@ impl DockerRunner {
         Exit { code, reason }
     }
 
-    /// Stops (SIGTERM, SIGKILL after `grace`) and removes a container.
+    /// Removes the init step containers of the instance a container belongs to, so that
+    /// nothing holds its volumes once it is gone.
+    async fn remove_init_steps_of(&self, d: &Docker, id: &str) {
+        let Ok(c) = d.inspect_container(id, None).await else {
+            return;
+        };
+        let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
+        let (Some(ns), Some(instance)) = (labels.get("rune.namespace"), labels.get("rune.instance")) else {
+            return;
+        };
+        if labels.contains_key(LABEL_INIT_STEP) {
+            return;
+        }
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("rune.node={}", self.node),
+                format!("rune.namespace={ns}"),
+                format!("rune.instance={instance}"),
+                LABEL_INIT_STEP.to_string(),
+            ],
+        )]);
+        let Ok(list) = d
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+        else {
+            return;
+        };
+        for c in list {
+            if self.ours(&c.labels.unwrap_or_default()) {
+                if let Some(cid) = c.id {
+                    if let Err(e) = self.remove(&cid).await {
+                        tracing::warn!(container = %cid, error = %e, "cannot remove an init step container");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops (SIGTERM, SIGKILL after `grace`) and removes a container, and its init steps'.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RunError> {
+        if let Ok(d) = self.docker().await {
+            self.remove_init_steps_of(&d, id).await;
+        }
         // The engine answers after the grace period and the kill: a client timeout shorter than
         // that would call a slow, successful stop a failure.
         let d = self
@@ -617,6 +848,7 @@ impl DockerRunner {
             Err(e) => return Err(self.failed(e).await),
         };
         let mut out = Vec::new();
+        let mut init_steps = Vec::new();
         for c in list {
             let labels = c.labels.unwrap_or_default();
             if !self.ours(&labels) {
@@ -626,6 +858,17 @@ impl DockerRunner {
             let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
             let Some(id) = c.id else { continue };
             let running = matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));
+            if labels.contains_key(LABEL_INIT_STEP) {
+                // Not an instance: kept for its logs while its instance lives.
+                init_steps.push((
+                    get("rune.namespace"),
+                    get("rune.instance"),
+                    id,
+                    running,
+                    c.created.unwrap_or(0),
+                ));
+                continue;
+            }
             let address = if running {
                 self.address(&id).await.unwrap_or_default()
             } else {
@@ -643,7 +886,38 @@ impl DockerRunner {
                 },
             });
         }
+        // An init step whose instance has not run for an hour is only clutter (a failed one is
+        // kept that long for `rune logs --init-step`; each retry makes a new one).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for (ns, instance, id, running, created) in init_steps {
+            if !running
+                && now - created > INIT_STEP_KEEP_S
+                && !out.iter().any(|f| f.namespace == ns && f.id == instance)
+            {
+                if let Err(e) = self.remove(&id).await {
+                    tracing::warn!(container = %id, error = %e, "cannot remove an old init step container");
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// The output of the last run of an instance's init step; `None` when it has not run.
+    pub async fn init_step_logs(
+        &self,
+        ns: &str,
+        instance: &str,
+        step: &str,
+        q: &LogQuery,
+    ) -> Result<Option<LogStream>, RunError> {
+        let name = self.init_container_name(ns, instance, step);
+        match self.docker().await?.inspect_container(&name, None).await {
+            Ok(_) => Ok(Some(self.logs(&name, q).await?)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(self.failed(e).await),
+        }
     }
 
     /// The container's output, as Docker keeps it.
@@ -806,23 +1080,42 @@ fn command_vec(c: &rune_statemachine::spec::StringOrList) -> Vec<String> {
     }
 }
 
-/// CPU limit in nano-CPUs and memory limit in bytes from `resources.*.limit`.
-fn limits(spec: &rune_statemachine::spec::ServiceSpec) -> (Option<i64>, Option<i64>) {
+/// What `resources` asks of the engine.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct EngineResources {
+    /// CPU limit (`cpu.limit`), in billionths of a CPU.
+    nano_cpus: Option<i64>,
+    /// Relative CPU weight (`cpu.request` x 1024, at least 2, as the original set it).
+    cpu_shares: Option<i64>,
+    /// Hard memory limit (`memory.limit`), in bytes.
+    memory: Option<i64>,
+    /// Soft memory reservation (`memory.request`), in bytes.
+    memory_reservation: Option<i64>,
+}
+
+fn resources(spec: &rune_statemachine::spec::ServiceSpec) -> EngineResources {
+    use rune_statemachine::validate::{parse_cpu_millis, parse_memory_bytes};
     let Some(r) = &spec.resources else {
-        return (None, None);
+        return EngineResources::default();
     };
-    let cpu = r
-        .cpu
-        .as_ref()
-        .and_then(|c| c.limit.as_ref())
-        .and_then(|l| rune_statemachine::validate::parse_cpu_millis(l.as_str()).ok())
-        .and_then(|m| i64::try_from(m).ok())
-        .map(|m| m.saturating_mul(1_000_000));
-    let mem = r
-        .memory
-        .as_ref()
-        .and_then(|c| c.limit.as_ref())
-        .and_then(|l| rune_statemachine::validate::parse_memory_bytes(l.as_str()).ok())
-        .and_then(|b| i64::try_from(b).ok());
-    (cpu, mem)
+    let cpu = |f: fn(&rune_statemachine::spec::RequestLimit) -> Option<&rune_statemachine::spec::Text>| {
+        r.cpu
+            .as_ref()
+            .and_then(f)
+            .and_then(|t| parse_cpu_millis(t.as_str()).ok())
+            .and_then(|m| i64::try_from(m).ok())
+    };
+    let mem = |f: fn(&rune_statemachine::spec::RequestLimit) -> Option<&rune_statemachine::spec::Text>| {
+        r.memory
+            .as_ref()
+            .and_then(f)
+            .and_then(|t| parse_memory_bytes(t.as_str()).ok())
+            .and_then(|b| i64::try_from(b).ok())
+    };
+    EngineResources {
+        nano_cpus: cpu(|c| c.limit.as_ref()).map(|m| m.saturating_mul(1_000_000)),
+        cpu_shares: cpu(|c| c.request.as_ref()).map(|m| (m.saturating_mul(1024) / 1000).max(2)),
+        memory: mem(|c| c.limit.as_ref()),
+        memory_reservation: mem(|c| c.request.as_ref()),
+    }
 }

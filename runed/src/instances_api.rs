@@ -722,6 +722,61 @@ impl pb::instance_api_server::InstanceApi for Api {
         )))
     }
 
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let all = req.get_ref().all_namespaces;
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(
+            &req,
+            "volumes",
+            "list",
+            if all { None } else { Some(ns.as_str()) },
+        )?;
+        let volumes = self
+            .orchestrator
+            .volumes()
+            .await
+            .map_err(orch_status)?
+            .into_iter()
+            .filter(|v| all || v.namespace == ns)
+            .map(|v| pb::Volume {
+                name: v.name(),
+                namespace: v.namespace,
+                service: v.service,
+                instance: v.instance,
+                claim: v.claim,
+                requested_size: v.requested_size,
+                usage_bytes: v.usage_bytes.and_then(|b| i64::try_from(b).ok()).unwrap_or(-1),
+                in_use: !v.users.is_empty(),
+                storage_class: v.storage_class,
+                engine_name: v.engine_name,
+            })
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(&req, "volumes", "delete", Some(&ns))?;
+        let name = &req.get_ref().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument(
+                "name: which volume (see rune volume list)",
+            ));
+        }
+        self.orchestrator
+            .delete_volume(&ns, name)
+            .await
+            .map_err(orch_status)?;
+        tracing::info!(namespace = %ns, volume = %name, "volume deleted");
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
     type ExecStream = Stream_<pb::ExecResponse>;
 
     async fn exec(

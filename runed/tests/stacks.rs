@@ -29,12 +29,6 @@ fn volumes_of(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
-fn remove_volumes(d: &Daemon) {
-    for v in volumes_of(d) {
-        let _ = Command::new("docker").args(["volume", "rm", "-f", &v]).output();
-    }
-}
-
 /// Removes what a test left on the engine (containers first: they hold the volumes), even when
 /// it failed half way.
 struct Cleanup(String);
@@ -155,6 +149,26 @@ fn init_step_fills_a_volume_that_outlives_rollouts_restarts_and_the_service() {
         "seeded round 1: hello from the configmap\nseeded round 2: hello from the configmap\n"
     );
 
+    // The volume as users see it: its claim name, the size asked for, what it holds, its user.
+    let vols: serde_json::Value =
+        serde_json::from_str(&run_ok(&d, &["volume", "list", "-o", "json"])).unwrap();
+    let v = &vols[0];
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["service"].as_str(),
+            v["instance"].as_str(),
+            v["requestedSize"].as_str()
+        ),
+        (Some("data-db-0"), Some("db"), Some("db-0"), Some("1Gi")),
+        "{vols}"
+    );
+    assert_eq!(v["inUse"], true, "{vols}");
+    assert!(v["usageBytes"].as_u64() > Some(50), "{vols}");
+    let o = d.rune(&["volume", "delete", "data-db-0"]);
+    assert_eq!(code(&o), 5, "a volume in use is not deleted: {}", stderr(&o));
+    assert!(stderr(&o).contains("in use by"), "{}", stderr(&o));
+
     // runed dies and comes back, adopting the container: the data is where it was.
     d.sigkill();
     d.restart();
@@ -169,12 +183,16 @@ fn init_step_fills_a_volume_that_outlives_rollouts_restarts_and_the_service() {
     run_ok(&d, &["delete", "db"]);
     wait_until(LONG, "db's instances to go", || instances_gone(&d));
     assert_eq!(volumes_of(&d).len(), 1, "the volume was deleted with its service");
-    // Nothing holds it any more: the init step's container went with the instance.
-    remove_volumes(&d);
-    assert!(
-        volumes_of(&d).is_empty(),
-        "the volume is still held by a container"
-    );
+    wait_until(LONG, "the last container using the volume to go", || {
+        let list = run_ok(&d, &["volume", "list"]);
+        assert!(list.contains("data-db-0"), "{list}");
+        list.contains(" no")
+    });
+    // Nothing holds it any more (the init step's container went with the instance): deleted.
+    assert!(run_ok(&d, &["volume", "delete", "data-db-0"]).contains("deleted"));
+    assert!(volumes_of(&d).is_empty());
+    let o = d.rune(&["volume", "delete", "data-db-0"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
 }
 
 fn instances_gone(d: &Daemon) -> bool {

@@ -11,7 +11,7 @@ use crate::meta::ObjectMeta;
 use crate::validate::dns1123_label;
 
 /// Resources a rule can name, in their canonical (plural) spelling.
-pub const RESOURCES: [&str; 14] = [
+pub const RESOURCES: [&str; 15] = [
     "services",
     "endpoints",
     "instances",
@@ -21,6 +21,7 @@ pub const RESOURCES: [&str; 14] = [
     "logs",
     "exec",
     "health",
+    "volumes",
     "users",
     "policies",
     "tokens",
@@ -48,6 +49,7 @@ pub fn canonical_resource(r: &str) -> Option<&'static str> {
         "user" => "users",
         "policy" => "policies",
         "token" => "tokens",
+        "volume" | "vol" => "volumes",
         other => other,
     };
     RESOURCES.iter().copied().find(|x| *x == plural)
@@ -182,7 +184,7 @@ pub fn builtin_policies() -> Vec<PolicySpec> {
 
 /// What readwrite and readonly cover. Identity (users, policies, tokens, admin) is left out on
 /// purpose: whoever can create tokens or attach policies can make themselves root.
-pub const WORKLOAD_RESOURCES: [&str; 9] = [
+pub const WORKLOAD_RESOURCES: [&str; 10] = [
     "services",
     "endpoints",
     "instances",
@@ -192,6 +194,7 @@ pub const WORKLOAD_RESOURCES: [&str; 9] = [
     "logs",
     "exec",
     "health",
+    "volumes",
 ];
 
 /// Whether `name` is a built-in policy.

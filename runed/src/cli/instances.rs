@@ -652,3 +652,113 @@ mod tests {
         );
     }
 }
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name,
+        "namespace": v.namespace,
+        "service": v.service,
+        "instance": v.instance,
+        "claim": v.claim,
+        "storageClass": v.storage_class,
+        "requestedSize": v.requested_size,
+        "usageBytes": (v.usage_bytes >= 0).then_some(v.usage_bytes),
+        "inUse": v.in_use,
+        "engineName": v.engine_name,
+    })
+}
+
+fn human_bytes(b: i64) -> String {
+    if b < 0 {
+        return "-".into();
+    }
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", units[u])
+    }
+}
+
+/// `rune volume list`.
+pub async fn volume_list(conn: &Conn, all: bool, format: Format) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    let list = c
+        .list_volumes(pb::ListVolumesRequest {
+            namespace: conn.namespace.clone(),
+            all_namespaces: all,
+        })
+        .await
+        .map_err(|s| conn.status(s))?
+        .into_inner()
+        .volumes;
+    match format {
+        Format::Table | Format::Wide => {
+            if list.is_empty() {
+                eprintln!("No volumes found.");
+                return Ok(());
+            }
+            let mut rows = vec![vec![
+                "NAMESPACE",
+                "NAME",
+                "SERVICE",
+                "INSTANCE",
+                "CLASS",
+                "REQUESTED",
+                "USED",
+                "IN USE",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()];
+            for v in &list {
+                let dash = |s: &str| {
+                    if s.is_empty() {
+                        "-".to_string()
+                    } else {
+                        s.to_string()
+                    }
+                };
+                rows.push(vec![
+                    v.namespace.clone(),
+                    v.name.clone(),
+                    dash(&v.service),
+                    dash(&v.instance),
+                    dash(&v.storage_class),
+                    dash(&v.requested_size),
+                    human_bytes(v.usage_bytes),
+                    if v.in_use { "yes" } else { "no" }.into(),
+                ]);
+            }
+            print_table(&rows);
+        }
+        Format::Json => {
+            let v: Vec<_> = list.iter().map(volume_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Format::Yaml => {
+            let v: Vec<_> = list.iter().map(volume_json).collect();
+            print!("{}", crate::yaml::emit(&serde_json::Value::Array(v)));
+        }
+    }
+    Ok(())
+}
+
+/// `rune volume delete NAME`.
+pub async fn volume_delete(conn: &Conn, name: &str) -> Result<(), CliError> {
+    let mut c = client(conn.channel().await?);
+    c.delete_volume(pb::DeleteVolumeRequest {
+        namespace: conn.namespace.clone(),
+        name: name.to_string(),
+    })
+    .await
+    .map_err(|s| conn.status(s))?;
+    println!("volume/{}/{name} deleted", conn.namespace);
+    Ok(())
+}

@@ -377,6 +377,12 @@ pub enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         address: String,
     },
+    /// Volumes of container services: `list`, `delete NAME`. They outlive their services.
+    Volume {
+        /// What to do.
+        #[command(subcommand)]
+        action: VolumeCmd,
+    },
     /// Network policy: `explain FROM TO [PORT]` and the data plane's `status`.
     Policy {
         /// What to do.
@@ -388,6 +394,24 @@ pub enum Cmd {
         /// What to do.
         #[command(subcommand)]
         action: AdminCmd,
+    },
+}
+
+/// `rune volume ...`.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Volumes, what asked for them, their size and use.
+    #[command(alias = "ls")]
+    List {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Delete a volume and its data; refused while a container uses it.
+    #[command(alias = "rm")]
+    Delete {
+        /// As `rune volume list` names it.
+        name: String,
     },
 }
 
@@ -960,6 +984,12 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             ports,
             address,
         } => network::port_forward(&Conn::resolve(&cli)?, service, ports, address).await,
+        Cmd::Volume {
+            action: VolumeCmd::List { all_namespaces },
+        } => instances::volume_list(&Conn::resolve(&cli)?, *all_namespaces, format).await,
+        Cmd::Volume {
+            action: VolumeCmd::Delete { name },
+        } => instances::volume_delete(&Conn::resolve(&cli)?, name).await,
         Cmd::Policy {
             action: PolicyCmd::Explain { from, to, port },
         } => network::explain(&Conn::resolve(&cli)?, from, to, *port, format).await,

@@ -386,6 +386,28 @@ impl Orchestrator {
         Ok(self.inner.docker.logs(&rec.runtime_id, q).await?)
     }
 
+    /// The volumes of container services on this node.
+    pub async fn volumes(&self) -> Result<Vec<runner::docker::VolumeInfo>, OrchestratorError> {
+        Ok(self.inner.docker.list_volumes().await?)
+    }
+
+    /// Deletes a volume of namespace `ns` by its user-facing name; refused while a container uses it.
+    pub async fn delete_volume(&self, ns: &str, name: &str) -> Result<(), OrchestratorError> {
+        let all = self.inner.docker.list_volumes().await?;
+        let Some(v) = all.iter().find(|v| v.namespace == ns && v.name() == name) else {
+            return Err(OrchestratorError::NotFound(format!(
+                "volume {ns}/{name} not found"
+            )));
+        };
+        match self.inner.docker.delete_volume(&v.engine_name).await {
+            Ok(()) => Ok(()),
+            Err(RunError::Launch(m)) => Err(OrchestratorError::FailedPrecondition(format!(
+                "volume {ns}/{name} is {m}; stop or delete its service first"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The output of the last run of an instance's init step; `None` when it has not run.
     pub async fn init_step_logs(
         &self,

@@ -904,6 +904,100 @@ impl DockerRunner {
         Ok(out)
     }
 
+    /// The volumes this runed made, with what uses them and how much they hold.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, RunError> {
+        let d = self.docker().await?;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("rune.node={}", self.node),
+            ],
+        )]);
+        let list = d
+            .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+                filters: Some(filters),
+            }))
+            .await;
+        let list = match list {
+            Ok(l) => l.volumes.unwrap_or_default(),
+            Err(e) => return Err(self.failed(e).await),
+        };
+        let mut out = Vec::new();
+        for v in list {
+            if !self.ours(&v.labels) {
+                continue;
+            }
+            let get = |k: &str| v.labels.get(k).cloned().unwrap_or_default();
+            let users = self.volume_users(&d, &v.name).await?;
+            let mountpoint = std::path::PathBuf::from(&v.mountpoint);
+            // Walking a big volume takes a while: off the async threads.
+            let usage = tokio::task::spawn_blocking(move || dir_usage(&mountpoint))
+                .await
+                .ok()
+                .flatten();
+            out.push(VolumeInfo {
+                engine_name: v.name.clone(),
+                namespace: get("rune.namespace"),
+                service: get("rune.service"),
+                instance: get("rune.instance"),
+                volume: get(LABEL_VOLUME),
+                claim: get(LABEL_CLAIM),
+                requested_size: get(LABEL_SIZE),
+                storage_class: get("rune.storage-class"),
+                usage_bytes: usage,
+                users,
+            });
+        }
+        out.sort_by(|a, b| (&a.namespace, a.name()).cmp(&(&b.namespace, b.name())));
+        Ok(out)
+    }
+
+    /// Names of the containers (running or not) that mount a volume.
+    async fn volume_users(&self, d: &Docker, volume: &str) -> Result<Vec<String>, RunError> {
+        let filters = HashMap::from([("volume".to_string(), vec![volume.to_string()])]);
+        match d
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(l) => Ok(l
+                .into_iter()
+                .filter_map(|c| {
+                    c.names
+                        .and_then(|n| n.first().map(|n| n.trim_start_matches('/').to_string()))
+                })
+                .collect()),
+            Err(e) => Err(self.failed(e).await),
+        }
+    }
+
+    /// Deletes a volume no container uses; `Err(Launch)` names the users otherwise.
+    pub async fn delete_volume(&self, engine_name: &str) -> Result<(), RunError> {
+        let d = self.docker().await?;
+        let users = self.volume_users(&d, engine_name).await?;
+        if !users.is_empty() {
+            return Err(RunError::Launch(format!("in use by {}", users.join(", "))));
+        }
+        match d
+            .remove_volume(
+                engine_name,
+                None::<bollard::query_parameters::RemoveVolumeOptions>,
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e @ bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {
+                Err(RunError::Launch(bollard_err(&self.socket, e).to_string()))
+            }
+            Err(e) => Err(self.failed(e).await),
+        }
+    }
+
     /// The output of the last run of an instance's init step; `None` when it has not run.
     pub async fn init_step_logs(
         &self,
@@ -1078,6 +1172,66 @@ fn command_vec(c: &rune_statemachine::spec::StringOrList) -> Vec<String> {
         rune_statemachine::spec::StringOrList::One(s) => vec![s.clone()],
         rune_statemachine::spec::StringOrList::Many(v) => v.clone(),
     }
+}
+
+/// A volume as `rune volume list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// The engine's name.
+    pub engine_name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service, for a per-instance claim.
+    pub service: String,
+    /// Instance, for a per-instance claim.
+    pub instance: String,
+    /// The spec's volume name.
+    pub volume: String,
+    /// The shared claim's name, for a shared claim.
+    pub claim: String,
+    /// The size the claim template asked for.
+    pub requested_size: String,
+    /// Storage class.
+    pub storage_class: String,
+    /// Bytes held, when the host's copy could be read.
+    pub usage_bytes: Option<u64>,
+    /// Containers mounting it.
+    pub users: Vec<String>,
+}
+
+impl VolumeInfo {
+    /// The user-facing name: the claim, or `<volume>-<instance>` as a StatefulSet names its
+    /// claims.
+    pub fn name(&self) -> String {
+        if self.claim.is_empty() {
+            format!("{}-{}", self.volume, self.instance)
+        } else {
+            self.claim.clone()
+        }
+    }
+}
+
+/// Bytes in the files under a directory (not following links); `None` when unreadable.
+fn dir_usage(dir: &std::path::Path) -> Option<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    let mut seen = 0usize;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()? {
+            let Ok(e) = e else { continue };
+            seen += 1;
+            if seen > 1_000_000 {
+                return Some(total);
+            }
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total = total.saturating_add(m.len());
+            }
+        }
+    }
+    Some(total)
 }
 
 /// What `resources` asks of the engine.

@@ -619,40 +619,6 @@ pub async fn exec(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status(desired: u32, updated: u32, ready: u32, instances: u32) -> pb::RolloutStatus {
-        pb::RolloutStatus {
-            desired,
-            updated,
-            ready,
-            instances,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn progress_counts_never_exceed_the_scale() {
-        let w = "service/default/web";
-        // Scaling 2 → 1: both old instances are still ready for a moment.
-        assert_eq!(
-            progress_line(w, &status(1, 1, 2, 2)),
-            "service/default/web: 1/1 updated, 1/1 ready, 1 stopping"
-        );
-        assert_eq!(
-            progress_line(w, &status(3, 1, 0, 3)),
-            "service/default/web: 1/3 updated, 0/3 ready"
-        );
-        // A stop reads as what is left, never "3/0".
-        assert_eq!(
-            progress_line(w, &status(0, 3, 2, 3)),
-            "service/default/web: stopping, 3 instance(s) left"
-        );
-    }
-}
-
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     serde_json::json!({
         "name": v.name,
@@ -761,4 +727,38 @@ pub async fn volume_delete(conn: &Conn, name: &str) -> Result<(), CliError> {
     .map_err(|s| conn.status(s))?;
     println!("volume/{}/{name} deleted", conn.namespace);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(desired: u32, updated: u32, ready: u32, instances: u32) -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            desired,
+            updated,
+            ready,
+            instances,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn progress_counts_never_exceed_the_scale() {
+        let w = "service/default/web";
+        // Scaling 2 → 1: both old instances are still ready for a moment.
+        assert_eq!(
+            progress_line(w, &status(1, 1, 2, 2)),
+            "service/default/web: 1/1 updated, 1/1 ready, 1 stopping"
+        );
+        assert_eq!(
+            progress_line(w, &status(3, 1, 0, 3)),
+            "service/default/web: 1/3 updated, 0/3 ready"
+        );
+        // A stop reads as what is left, never "3/0".
+        assert_eq!(
+            progress_line(w, &status(0, 3, 2, 3)),
+            "service/default/web: stopping, 3 instance(s) left"
+        );
+    }
 }

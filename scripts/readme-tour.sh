@@ -179,6 +179,10 @@ teardown() {
         fi
         sleep 0.5
     done
+    # Volumes outlive their services by design: the tour's go by name once nothing uses them.
+    while read -r ns name; do
+        $r volume delete "$name" -n "$ns" >/dev/null || return 1
+    done < <($r volume list -A 2>/dev/null | awk 'NR > 1 { print $1, $2 }')
 }
 stop_runed() {
     [[ -n "$runed_pid" ]] || return 0

@@ -106,6 +106,18 @@ fn story_line(r: &InstanceRecord) -> Option<pb::LogChunk> {
     })
 }
 
+/// An instance's log bytes as the chunks the API streams.
+fn chunks(id: String, s: rune_orchestrator::LogStream) -> Stream_<pb::LogChunk> {
+    s.map(move |b| match b {
+        Ok(data) => Ok(pb::LogChunk {
+            instance: id.clone(),
+            data: data.to_vec(),
+        }),
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    })
+    .boxed()
+}
+
 impl Api {
     /// Follows every instance of a service, and each one that starts later (scaled up, or
     /// replaced by a rollout or a restart) from its start, until the client leaves.
@@ -311,17 +323,7 @@ impl Api {
             else {
                 continue;
             };
-            let id = r.id.clone();
-            streams.push(
-                s.map(move |b| match b {
-                    Ok(data) => Ok(pb::LogChunk {
-                        instance: id.clone(),
-                        data: data.to_vec(),
-                    }),
-                    Err(e) => Err(Status::unavailable(e.to_string())),
-                })
-                .boxed(),
-            );
+            streams.push(chunks(r.id.clone(), s));
         }
         if streams.is_empty() {
             return Err(Status::not_found(format!(
@@ -701,17 +703,7 @@ impl pb::instance_api_server::InstanceApi for Api {
                 streams.push(futures::stream::once(async move { Ok(chunk) }).boxed());
             }
             let s = self.orchestrator.logs(r, &q).await.map_err(orch_status)?;
-            let id = r.id.clone();
-            streams.push(
-                s.map(move |b| match b {
-                    Ok(data) => Ok(pb::LogChunk {
-                        instance: id.clone(),
-                        data: data.to_vec(),
-                    }),
-                    Err(e) => Err(Status::unavailable(e.to_string())),
-                })
-                .boxed(),
-            );
+            streams.push(chunks(r.id.clone(), s));
         }
         let merged = futures::stream::select_all(streams);
         Ok(Response::new(crate::auth::until_token_ends(

@@ -179,7 +179,17 @@ teardown() {
         fi
         sleep 0.5
     done
-    # Volumes outlive their services by design: the tour's go by name once nothing uses them.
+    # Volumes outlive their services by design: the tour's go by name once nothing uses them
+    # (the last container may go a moment after its instance's record).
+    deadline=$((SECONDS + 60))
+    while $r volume list -A 2>/dev/null | awk 'NR > 1 && $NF == "yes" { found = 1 } END { exit !found }'; do
+        if ((SECONDS > deadline)); then
+            echo "readme-tour: volumes still in use a minute after their services were deleted:" >&2
+            $r volume list -A >&2
+            return 1
+        fi
+        sleep 0.5
+    done
     while read -r ns name; do
         $r volume delete "$name" -n "$ns" >/dev/null || return 1
     done < <($r volume list -A 2>/dev/null | awk 'NR > 1 { print $1, $2 }')

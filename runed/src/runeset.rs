@@ -81,10 +81,6 @@ pub struct Rendered {
     pub release: String,
     /// The effective namespace (`-n`, else the manifest's, else `default`).
     pub namespace: String,
-    /// The merged values.
-    pub values: Value,
-    /// SHA-256 of the merged values: two casts with the same digest used the same values.
-    pub values_digest: String,
     /// The casts, in file-name order.
     pub casts: Vec<RenderedCast>,
 }
@@ -436,13 +432,10 @@ pub fn render(src: &Source, opts: &Options) -> Result<Rendered, Problem> {
             text,
         });
     }
-    let values_digest = hex::encode(Sha256::digest(values.to_string().as_bytes()));
     Ok(Rendered {
         manifest,
         release,
         namespace,
-        values,
-        values_digest,
         casts,
     })
 }
@@ -901,7 +894,6 @@ mod tests {
             "{}",
             r2.casts[0].text
         );
-        assert_ne!(r.values_digest, r2.values_digest);
         assert_eq!(r.release, "app");
         assert_eq!(r.namespace, "demo");
     }

@@ -177,13 +177,7 @@ fn a_missing_secret_fails_the_instance_until_it_exists() {
         "service:\n  name: needy\n  scale: 1\n  process:\n    command: /bin/sleep\n    args: ['3600']\n  env:\n    PW: '{{secret:later/password}}'\n",
     );
     run_ok(&d, &["cast", "--detach", &f]);
-    wait_until(LONG, "the instance to fail with the reason", || {
-        instances(&d, "needy").first().is_some_and(|i| {
-            i["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("secret default/later not found"))
-        })
-    });
+    wait_for_reason(&d, "needy", "secret default/later not found");
     let s = write(
         &d,
         "s.yaml",
@@ -207,13 +201,7 @@ fn a_missing_secret_fails_the_instance_until_it_exists() {
         "service:\n  name: nosy\n  scale: 1\n  process:\n    command: /bin/sleep\n    args: ['3600']\n  env:\n    PW: '{{secret:db.prod.rune/password}}'\n",
     );
     run_ok(&d, &["cast", "--detach", &f]);
-    wait_until(LONG, "the cross-namespace reference to fail", || {
-        instances(&d, "nosy").first().is_some_and(|i| {
-            i["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("secret prod/db is in another namespace"))
-        })
-    });
+    wait_for_reason(&d, "nosy", "secret prod/db is in another namespace");
     // Mount names and paths that would escape runed's directories are refused at cast.
     let f = write(
         &d,

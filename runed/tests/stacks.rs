@@ -219,13 +219,7 @@ fn a_failing_init_step_fails_the_instance_with_its_name_and_code() {
 ",
     );
     run_ok(&d, &["cast", "--detach", &spec]);
-    wait_until(LONG, "the init step's failure to be reported", || {
-        instances(&d, "bad").first().is_some_and(|i| {
-            i["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("init step 'migrate' failed: exited with code 7"))
-        })
-    });
+    wait_for_reason(&d, "bad", "init step 'migrate' failed: exited with code 7");
     let logs = run_ok(&d, &["logs", "bad", "--init-step", "migrate"]);
     assert!(logs.contains("no database"), "{logs}");
     // Retried: the instance is held back, not given up on.

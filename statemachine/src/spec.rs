@@ -220,7 +220,8 @@ pub struct InitStep {
     /// Arguments to `command`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<Text>>,
-    /// Extra environment, over the instance's.
+    /// Extra environment over the instance's, taken literally (`{{secret:..}}` is resolved in
+    /// the service's `env`, which steps see too).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, Text>,
 }

@@ -50,6 +50,19 @@ pub fn run_ok(d: &Daemon, args: &[&str]) -> String {
     stdout(&o)
 }
 
+/// Waits (90 s at most) until the first instance of `svc` reports a reason containing `needle`.
+pub fn wait_for_reason(d: &Daemon, svc: &str, needle: &str) {
+    rune_chaos_tests::wait_until(
+        std::time::Duration::from_secs(90),
+        &format!("{svc}'s instance to report '{needle}'"),
+        || {
+            instances(d, svc)
+                .first()
+                .is_some_and(|i| i["reason"].as_str().is_some_and(|r| r.contains(needle)))
+        },
+    );
+}
+
 /// `rune get instances SVC -o json`.
 pub fn instances(d: &Daemon, svc: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(&run_ok(d, &["get", "instances", svc, "-o", "json"]))

@@ -388,12 +388,12 @@ impl Orchestrator {
 
     /// The volumes of container services on this node.
     pub async fn volumes(&self) -> Result<Vec<runner::docker::VolumeInfo>, OrchestratorError> {
-        Ok(self.inner.docker.list_volumes().await?)
+        Ok(self.inner.docker.list_volumes(true).await?)
     }
 
     /// Deletes a volume of namespace `ns` by its user-facing name; refused while a container uses it.
     pub async fn delete_volume(&self, ns: &str, name: &str) -> Result<(), OrchestratorError> {
-        let all = self.inner.docker.list_volumes().await?;
+        let all = self.inner.docker.list_volumes(false).await?;
         let Some(v) = all.iter().find(|v| v.namespace == ns && v.name() == name) else {
             return Err(OrchestratorError::NotFound(format!(
                 "volume {ns}/{name} not found"

@@ -501,31 +501,12 @@ impl DockerRunner {
             host_config: Some(self.host_config(l, gateway.to_string(), binds)),
             ..Default::default()
         };
-        let created = d
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.clone()),
-                    ..Default::default()
-                }),
-                body,
-            )
-            .await
-            .map_err(|e| {
-                RunError::Launch(format!(
-                    "init step '{}': cannot create its container: {}",
-                    step.name,
-                    bollard_err(&self.socket, e)
-                ))
-            })?;
-        if let Err(e) = d.start_container(&created.id, None).await {
-            return Err(RunError::Launch(format!(
-                "init step '{}': cannot start: {}",
-                step.name,
-                bollard_err(&self.socket, e)
-            )));
-        }
+        let id = self.create_started(d, &name, body).await.map_err(|e| match e {
+            RunError::Launch(m) => RunError::Launch(format!("init step '{}': {m}", step.name)),
+            e => e,
+        })?;
         tracing::info!(instance = %l.id, step = %step.name, "init step started");
-        let exit = self.wait(&created.id).await;
+        let exit = self.wait(&id).await;
         if exit.code == Some(0) {
             tracing::info!(instance = %l.id, step = %step.name, "init step done");
             return Ok(());
@@ -580,10 +561,27 @@ impl DockerRunner {
             host_config: Some(self.host_config(l, gateway, &binds)),
             ..Default::default()
         };
+        let id = self.create_started(&d, &name, body).await?;
+        let address = self.address(&id).await.unwrap_or_default();
+        Ok(Run {
+            handle: RunHandle::Container { id },
+            address,
+        })
+    }
+
+    /// Creates and starts a container, returning its id. What the engine refuses is the
+    /// launch's fault (`Launch`); a lost engine is `EngineDown`, retried. A container that
+    /// cannot start is removed again.
+    async fn create_started(
+        &self,
+        d: &Docker,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, RunError> {
         let created = d
             .create_container(
                 Some(CreateContainerOptions {
-                    name: Some(name.clone()),
+                    name: Some(name.to_string()),
                     ..Default::default()
                 }),
                 body,
@@ -617,11 +615,7 @@ impl DockerRunner {
                 e => self.failed(e).await,
             });
         }
-        let address = self.address(&created.id).await.unwrap_or_default();
-        Ok(Run {
-            handle: RunHandle::Container { id: created.id },
-            address,
-        })
+        Ok(created.id)
     }
 
     async fn pull(&self, d: &Docker, image: &str) -> Result<(), RunError> {
@@ -904,8 +898,9 @@ impl DockerRunner {
         Ok(out)
     }
 
-    /// The volumes this runed made, with what uses them and how much they hold.
-    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, RunError> {
+    /// The volumes this runed made, with what uses them and how much they hold (`measure`:
+    /// walking every volume's files is for `rune volume list`, not for finding one by name).
+    pub async fn list_volumes(&self, measure: bool) -> Result<Vec<VolumeInfo>, RunError> {
         let d = self.docker().await?;
         let filters = HashMap::from([(
             "label".to_string(),
@@ -924,19 +919,9 @@ impl DockerRunner {
             Err(e) => return Err(self.failed(e).await),
         };
         let mut out = Vec::new();
-        for v in list {
-            if !self.ours(&v.labels) {
-                continue;
-            }
+        for v in list.into_iter().filter(|v| self.ours(&v.labels)) {
             let get = |k: &str| v.labels.get(k).cloned().unwrap_or_default();
-            let users = self.volume_users(&d, &v.name).await?;
-            let mountpoint = std::path::PathBuf::from(&v.mountpoint);
-            // Walking a big volume takes a while: off the async threads.
-            let usage = tokio::task::spawn_blocking(move || dir_usage(&mountpoint))
-                .await
-                .ok()
-                .flatten();
-            out.push(VolumeInfo {
+            let mut info = VolumeInfo {
                 engine_name: v.name.clone(),
                 namespace: get("rune.namespace"),
                 service: get("rune.service"),
@@ -945,9 +930,19 @@ impl DockerRunner {
                 claim: get(LABEL_CLAIM),
                 requested_size: get(LABEL_SIZE),
                 storage_class: get("rune.storage-class"),
-                usage_bytes: usage,
-                users,
-            });
+                usage_bytes: None,
+                users: Vec::new(),
+            };
+            if measure {
+                info.users = self.volume_users(&d, &v.name).await?;
+                let mountpoint = std::path::PathBuf::from(&v.mountpoint);
+                // Walking a big volume takes a while: off the async threads.
+                info.usage_bytes = tokio::task::spawn_blocking(move || dir_usage(&mountpoint))
+                    .await
+                    .ok()
+                    .flatten();
+            }
+            out.push(info);
         }
         out.sort_by(|a, b| (&a.namespace, a.name()).cmp(&(&b.namespace, b.name())));
         Ok(out)
@@ -1193,9 +1188,9 @@ pub struct VolumeInfo {
     pub requested_size: String,
     /// Storage class.
     pub storage_class: String,
-    /// Bytes held, when the host's copy could be read.
+    /// Bytes held, when measured and the host's copy could be read.
     pub usage_bytes: Option<u64>,
-    /// Containers mounting it.
+    /// Containers mounting it, when measured.
     pub users: Vec<String>,
 }
 

@@ -348,7 +348,8 @@ impl Daemon {
 
 impl Daemon {
     /// Removes every instance this daemon started: its containers (by node label) and its
-    /// process groups (from their state files). runed leaves instances running when it stops.
+    /// process groups (from their state files), then its networks and volumes (which outlive
+    /// their services by design). runed leaves instances running when it stops.
     pub fn remove_instances(&self) {
         if let Ok(out) = Command::new("docker")
             .args(["ps", "-aq", "--filter", &format!("label=rune.node={}", self.node)])
@@ -370,20 +371,23 @@ impl Daemon {
         for pid in self.process_pids() {
             kill_group(pid);
         }
-        // The node's container networks, once its containers are gone.
-        if let Ok(out) = Command::new("docker")
-            .args([
-                "network",
-                "ls",
-                "-q",
-                "--filter",
-                &format!("label=rune.node={}", self.node),
-            ])
-            .output()
-        {
+        // The node's container networks and volumes, once its containers are gone.
+        for kind in ["network", "volume"] {
+            let Ok(out) = Command::new("docker")
+                .args([
+                    kind,
+                    "ls",
+                    "-q",
+                    "--filter",
+                    &format!("label=rune.node={}", self.node),
+                ])
+                .output()
+            else {
+                continue;
+            };
             for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("docker")
-                    .args(["network", "rm", id])
+                    .args([kind, "rm", id])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status();

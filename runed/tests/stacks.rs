@@ -29,36 +29,6 @@ fn volumes_of(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
-/// Removes what a test left on the engine (containers first: they hold the volumes), even when
-/// it failed half way.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let label = format!("label=rune.node={}", self.0);
-        let ids = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &label])
-            .output();
-        for id in ids
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default()
-            .split_whitespace()
-        {
-            let _ = Command::new("docker").args(["rm", "-f", id]).output();
-        }
-        let vols = Command::new("docker")
-            .args(["volume", "ls", "-q", "--filter", &label])
-            .output();
-        for v in vols
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default()
-            .split_whitespace()
-        {
-            let _ = Command::new("docker").args(["volume", "rm", "-f", v]).output();
-        }
-    }
-}
-
 fn docker_inspect(id: &str, format: &str) -> String {
     let o = Command::new("docker")
         .args(["inspect", "-f", format, id])
@@ -107,7 +77,6 @@ service:
 fn init_step_fills_a_volume_that_outlives_rollouts_restarts_and_the_service() {
     image();
     let mut d = Daemon::start(&bins());
-    let _cleanup = Cleanup(d.node.clone());
     let spec = write(&d, "db.yaml", DB);
     let out = run_ok(&d, &["cast", &spec]);
     assert!(out.contains("ready: 1/1"), "{out}");
@@ -204,7 +173,6 @@ fn instances_gone(d: &Daemon) -> bool {
 fn a_failing_init_step_fails_the_instance_with_its_name_and_code() {
     image();
     let d = Daemon::start(&bins());
-    let _cleanup = Cleanup(d.node.clone());
     let spec = write(
         &d,
         "bad.yaml",

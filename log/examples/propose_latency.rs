@@ -37,6 +37,7 @@ fn main() {
                 create_namespace: false,
                 force: false,
                 history_limit: 10,
+                release: None,
             };
             let t = Instant::now();
             log.propose(cmd).await.expect("propose");

@@ -256,7 +256,9 @@ fn targets(cmd: &Command) -> Vec<String> {
             .map(|n| format!("namespace/{n}"))
             .chain(policies.iter().map(|p| format!("policy/{}", p.name)))
             .collect(),
-        Command::Apply { resources, .. } => resources
+        Command::Apply {
+            resources, release, ..
+        } => resources
             .iter()
             .map(|r| match r {
                 Resource::Service(s) => format!("service/{}/{}", s.namespace(), s.name),
@@ -264,8 +266,15 @@ fn targets(cmd: &Command) -> Vec<String> {
                 Resource::Secret(s) => format!("secret/{}/{}", s.namespace, s.name),
                 Resource::Configmap(c) => format!("configmap/{}/{}", c.namespace, c.name),
             })
+            .chain(
+                release
+                    .iter()
+                    .map(|r| format!("release/{}/{}", r.namespace, r.name)),
+            )
             .collect(),
+        Command::DeleteRelease { namespace, name, .. } => vec![format!("release/{namespace}/{name}")],
         Command::DeleteService { namespace, name, .. }
+        | Command::RollbackService { namespace, name, .. }
         | Command::Scale { namespace, name, .. }
         | Command::Restart { namespace, name } => vec![format!("service/{namespace}/{name}")],
         Command::InstanceEvents { events } => {

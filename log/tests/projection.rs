@@ -118,6 +118,7 @@ fn a_paused_projection_goes_stale_and_catches_up() {
             create_namespace: false,
             force: false,
             history_limit: 10,
+            release: None,
         })
         .await
         .unwrap();

@@ -62,7 +62,8 @@ impl Api {
 
 pub(crate) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn meta(m: &ObjectMeta) -> pb::ObjectMeta {
+/// Bookkeeping as the API sends it.
+pub(crate) fn meta(m: &ObjectMeta) -> pb::ObjectMeta {
     pb::ObjectMeta {
         created_at_ms: m.created_at_ms,
         updated_at_ms: m.updated_at_ms,
@@ -358,6 +359,11 @@ impl pb::service_api_server::ServiceApi for Api {
         if req.resources.is_empty() {
             return Err(Status::invalid_argument("resources: nothing to apply"));
         }
+        let release = req
+            .release
+            .as_ref()
+            .map(crate::releases_api::release_spec)
+            .transpose()?;
         let mut decoded = Vec::with_capacity(req.resources.len());
         for (i, r) in req.resources.iter().enumerate() {
             decoded.push(decode_resource(r, i, self.secrets.limits)?);
@@ -371,6 +377,9 @@ impl pb::service_api_server::ServiceApi for Api {
         // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway.
         let txn = self.log.read().map_err(internal)?;
         let mut predicted = self.predict(&txn, &resources, req.force, req.create_namespace)?;
+        if let Some(rel) = &release {
+            predicted.push(crate::releases_api::predict(&txn, rel, &resources)?);
+        }
         drop(txn);
         predicted.extend(unchanged_secrets);
         for p in &predicted {
@@ -401,6 +410,7 @@ impl pb::service_api_server::ServiceApi for Api {
             create_namespace: req.create_namespace,
             force: req.force,
             history_limit: self.history_limit,
+            release,
         };
         let p = self.log.propose(cmd).await.map_err(not_proposed)?;
         let changes = p.outcome.map_err(rejection)?;
@@ -696,6 +706,31 @@ impl pb::service_api_server::ServiceApi for Api {
             });
         }
         Ok(Response::new(pb::ServiceHistoryResponse { revisions }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::ServiceChangeResponse>, Status> {
+        self.rollback_(req).await
+    }
+
+    async fn list_releases(
+        &self,
+        req: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.list_releases_(req).await
+    }
+
+    async fn get_release(&self, req: Request<pb::ReleaseRef>) -> Result<Response<pb::Release>, Status> {
+        self.get_release_(req).await
+    }
+
+    async fn delete_release(
+        &self,
+        req: Request<pb::DeleteReleaseRequest>,
+    ) -> Result<Response<pb::DeleteReleaseResponse>, Status> {
+        self.delete_release_(req).await
     }
 }
 

@@ -16,6 +16,7 @@ pub mod instances_api;
 pub mod metrics;
 pub mod network_api;
 pub mod paging;
+pub mod releases_api;
 pub mod restore;
 pub mod runeset;
 pub mod sealing;

@@ -83,6 +83,9 @@ pub struct Rendered {
     pub namespace: String,
     /// The casts, in file-name order.
     pub casts: Vec<RenderedCast>,
+    /// `sha256:<hex>` of the merged values as canonical JSON: recorded with the release, so
+    /// `rune release status` tells whether two casts used the same values without keeping them.
+    pub values_digest: String,
 }
 
 /// A runeset on disk: the directory itself, or an archive unpacked into a temporary one.
@@ -433,6 +436,7 @@ pub fn render(src: &Source, opts: &Options) -> Result<Rendered, Problem> {
         });
     }
     Ok(Rendered {
+        values_digest: format!("sha256:{}", rune_statemachine::store::spec_hash(&values)),
         manifest,
         release,
         namespace,

@@ -369,6 +369,7 @@ impl rune_ingress::acme::Vault for CertVault {
                     create_namespace: false,
                     force: false,
                     history_limit: rune_statemachine::DEFAULT_HISTORY_LIMIT,
+                    release: None,
                 })
                 .await
                 .map_err(|e| e.to_string())?;

@@ -4,8 +4,8 @@ use rune_proto::v1 as pb;
 use rune_secrets::Kek;
 use rune_statemachine::secret::{SealedSecret, SecretData};
 use rune_statemachine::store::{
-    configmap_key, configmaps_prefix, get_record, secret_history_prefix, secret_key, secrets_prefix,
-    ConfigmapRecord, ObjectMeta, SecretRecord,
+    configmap_history, configmap_key, configmaps_prefix, get_record, secret_history_prefix, secret_key,
+    secrets_prefix, ConfigmapRecord, ObjectMeta, SecretRecord,
 };
 use rune_statemachine::{Command, STATE_TABLE};
 use tonic::{Request, Response, Status};
@@ -130,6 +130,45 @@ impl pb::secret_api_server::SecretApi for Api {
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("configmap {ns}/{name} not found")))?;
         Ok(Response::new(configmap_pb(&rec)))
+    }
+
+    async fn configmap_history(
+        &self,
+        req: Request<pb::ObjectRef>,
+    ) -> Result<Response<pb::ConfigmapHistoryResponse>, Status> {
+        let ns = namespace_or_default(&req.get_ref().namespace).to_string();
+        authorize(&req, "configmaps", "get", Some(&ns))?;
+        let name = req.into_inner().name;
+        let txn = self.log.read().map_err(internal)?;
+        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+        let rec = get_record::<ConfigmapRecord, _>(&t, &configmap_key(&ns, &name))
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("configmap {ns}/{name} not found")))?;
+        let mut versions: Vec<pb::Configmap> = configmap_history(&t, &ns, &name)
+            .map_err(internal)?
+            .into_iter()
+            .rev()
+            .map(|v| pb::Configmap {
+                namespace: v.configmap.namespace,
+                name: v.configmap.name,
+                data: v.configmap.data.into_iter().collect(),
+                meta: Some(pb::ObjectMeta {
+                    created_at_ms: v.created_at_ms,
+                    updated_at_ms: v.created_at_ms,
+                    generation: v.version,
+                    ..Default::default()
+                }),
+            })
+            .collect();
+        // A configmap cast before versions were kept has none until its next change.
+        if versions
+            .first()
+            .and_then(|v| v.meta.as_ref())
+            .is_none_or(|m| m.generation != rec.meta.generation)
+        {
+            versions.insert(0, configmap_pb(&rec));
+        }
+        Ok(Response::new(pb::ConfigmapHistoryResponse { versions }))
     }
 
     async fn list_configmaps(

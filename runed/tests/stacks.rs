@@ -235,3 +235,201 @@ fn bad_volumes_and_steps_are_refused_by_field() {
         .lines()
         .all(|l| !l.starts_with("v ")));
 }
+
+const SHOP_MANIFEST: &str = "name: shop
+version: 1.0.0
+description: a database that keeps its data
+namespace: shop
+defaults:
+  greeting: hello
+";
+
+const SHOP_CAST: &str = "configmap:
+  name: greeting
+  data:
+    msg: \"{{values:greeting}}\"
+---
+service:
+  name: db
+  image: busybox
+  scale: 1
+  command: [\"sleep\", \"3600\"]
+  stopGracePeriodSeconds: 1
+  volumes:
+    - name: data
+      mountPath: /data
+      claimTemplate: {size: 1Gi}
+  initSteps:
+    - name: seed
+      command: [\"/bin/sh\", \"-c\", \"echo seeded >> /data/seed\"]
+";
+
+#[test]
+fn a_release_is_recorded_upgraded_and_deleted_with_or_without_its_volumes() {
+    image();
+    let d = Daemon::start(&bins());
+    let dir = d.scratch().join("shop");
+    std::fs::create_dir_all(dir.join("casts")).unwrap();
+    std::fs::write(dir.join("runeset.yaml"), SHOP_MANIFEST).unwrap();
+    std::fs::write(dir.join("casts/db.yaml"), SHOP_CAST).unwrap();
+    let dir = dir.to_str().unwrap();
+
+    let out = run_ok(&d, &["cast", dir]);
+    assert!(out.contains("release/shop/shop created (generation 1)"), "{out}");
+    assert!(out.contains("ready: 1/1"), "{out}");
+    // Cast again as it is: nothing changes, the release included.
+    let out = run_ok(&d, &["cast", dir]);
+    assert!(out.contains("release/shop/shop unchanged"), "{out}");
+    assert!(!out.contains("configured") && !out.contains("created"), "{out}");
+
+    let list: serde_json::Value =
+        serde_json::from_str(&run_ok(&d, &["-n", "shop", "release", "list", "-o", "json"])).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let r = &list[0];
+    assert_eq!(
+        (r["name"].as_str(), r["version"].as_str(), r["revision"].as_u64()),
+        (Some("shop"), Some("1.0.0"), Some(1)),
+        "{list}"
+    );
+    let digest = r["valuesDigest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{list}");
+
+    // New values are a new revision with a new digest.
+    let out = run_ok(&d, &["cast", dir, "--set", "greeting=hi"]);
+    assert!(
+        out.contains("release/shop/shop configured (generation 2)"),
+        "{out}"
+    );
+    assert!(out.contains("configmap/shop/greeting configured"), "{out}");
+    let st = run_ok(&d, &["-n", "shop", "release", "status", "shop"]);
+    assert!(st.contains("Runeset:   shop 1.0.0"), "{st}");
+    assert!(st.contains("Revision:  2"), "{st}");
+    assert!(!st.contains(&digest), "{st}");
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("service") && l.contains("db") && l.contains("1/1 ready")),
+        "{st}"
+    );
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("configmap") && l.contains("greeting") && l.contains("present")),
+        "{st}"
+    );
+
+    // Deleting the release removes what it cast and keeps the data.
+    let out = run_ok(&d, &["-n", "shop", "release", "delete", "shop"]);
+    for want in [
+        "service shop/db deleted",
+        "configmap shop/greeting deleted",
+        "release shop/shop deleted",
+        "kept 1 volume(s): data-db-0",
+    ] {
+        assert!(out.contains(want), "{want} in:\n{out}");
+    }
+    assert!(!run_ok(&d, &["-n", "shop", "get", "svc"]).contains("db"));
+    assert_eq!(volumes_of(&d).len(), 1);
+    let o = d.rune(&["-n", "shop", "release", "status", "shop"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+
+    // Installed again, the new instance finds its data; then the volumes go too when asked.
+    run_ok(&d, &["cast", dir]);
+    let seed = run_ok(&d, &["-n", "shop", "exec", "db", "--", "cat", "/data/seed"]);
+    assert_eq!(seed, "seeded\nseeded\n");
+    let out = run_ok(
+        &d,
+        &["-n", "shop", "release", "delete", "shop", "--delete-volumes"],
+    );
+    assert!(out.contains("volume/shop/data-db-0 deleted"), "{out}");
+    assert!(volumes_of(&d).is_empty());
+}
+
+#[test]
+fn rollback_returns_to_generation_one_after_two_changes() {
+    image();
+    let d = Daemon::start(&bins());
+    let svc = |round: &str| {
+        format!(
+            "service:
+  name: api
+  image: busybox
+  scale: 1
+  command: [\"sleep\", \"3600\"]
+  stopGracePeriodSeconds: 1
+  env:
+    ROUND: \"{round}\"
+"
+        )
+    };
+    for round in ["1", "2", "3"] {
+        run_ok(
+            &d,
+            &["cast", &write(&d, &format!("api{round}.yaml"), &svc(round))],
+        );
+    }
+    let round = |d: &Daemon| run_ok(d, &["exec", "api", "--", "/bin/sh", "-c", "echo $ROUND"]);
+    assert_eq!(round(&d), "3\n");
+    let out = run_ok(&d, &["rollback", "api", "--to-generation", "1"]);
+    assert!(
+        out.contains("rolled back to generation 1: env changed (generation 4)"),
+        "{out}"
+    );
+    assert!(out.contains("ready: 1/1"), "{out}");
+    assert_eq!(round(&d), "1\n");
+    let hist = run_ok(&d, &["get", "svc", "api", "--history"]);
+    let gens: Vec<&str> = hist
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(gens, ["4", "3", "2", "1"], "{hist}");
+    // Back once more without a generation: the one before the current (3).
+    run_ok(&d, &["rollback", "api"]);
+    assert_eq!(round(&d), "3\n");
+    for (args, want_code, want) in [
+        (
+            vec!["rollback", "api", "--to-generation", "99"],
+            4,
+            "generation 99 is not kept",
+        ),
+        (vec!["rollback", "nope"], 4, "service default/nope not found"),
+    ] {
+        let o = d.rune(&args);
+        assert_eq!(code(&o), want_code, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{want} in {}", stderr(&o));
+    }
+
+    // Configmaps keep their versions too.
+    for v in ["a", "b", "c"] {
+        run_ok(
+            &d,
+            &[
+                "cast",
+                &write(
+                    &d,
+                    &format!("cm{v}.yaml"),
+                    &format!("configmap:\n  name: cfg\n  data:\n    mode: {v}\n"),
+                ),
+            ],
+        );
+    }
+    let h: serde_json::Value = serde_json::from_str(&run_ok(
+        &d,
+        &["get", "configmap", "cfg", "--history", "-o", "json"],
+    ))
+    .unwrap();
+    let seen: Vec<(u64, &str)> = h
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| {
+                    (
+                        v["version"].as_u64().unwrap_or(0),
+                        v["data"]["mode"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(seen, [(3, "c"), (2, "b"), (1, "a")], "{h}");
+    run_ok(&d, &["delete", "api"]);
+}

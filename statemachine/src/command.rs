@@ -70,6 +70,36 @@ pub enum Command {
         /// How many previous specs to keep per service, chosen by the proposer's config.
         #[serde(default = "default_history_limit")]
         history_limit: u32,
+        /// The runeset release this cast installs or upgrades: recorded with what it cast, in
+        /// the same entry, so a release never names resources that were not written.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<ReleaseSpec>,
+    },
+    /// Casts an earlier spec of a service again as a new generation (`rune rollback`); the
+    /// current scale is kept, as `kubectl rollout undo` keeps replicas.
+    RollbackService {
+        /// Namespace of the service.
+        namespace: String,
+        /// Name of the service.
+        name: String,
+        /// The generation whose spec to restore; the newest kept one before the current when
+        /// absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_generation: Option<u64>,
+        /// How many previous specs to keep, as for a cast.
+        #[serde(default = "default_history_limit")]
+        history_limit: u32,
+    },
+    /// Removes a release and every service, configmap and secret it cast (volumes are not
+    /// state: the caller deletes them when asked).
+    DeleteRelease {
+        /// Namespace of the release.
+        namespace: String,
+        /// Name of the release.
+        name: String,
+        /// Delete even when services outside the release depend on its services.
+        #[serde(default)]
+        force: bool,
     },
     /// Removes a service and its history; its instances are then stopped and removed.
     DeleteService {
@@ -182,6 +212,25 @@ pub enum Command {
     },
 }
 
+/// A runeset release as a cast names it: which runeset, which version, with which values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    /// Release name (`--release`, else the runeset's name).
+    pub name: String,
+    /// The namespace the release lives in (the runeset's).
+    pub namespace: String,
+    /// The runeset's name.
+    pub runeset: String,
+    /// The runeset's version.
+    pub version: String,
+    /// The runeset's description.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// `sha256:<hex>` of the merged values, so two casts can tell whether values changed
+    /// without the state holding them (values may carry secrets).
+    pub values_digest: String,
+}
+
 /// A secret version's data key, wrapped again under a new KEK.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rewrap {
@@ -217,6 +266,7 @@ impl Command {
                 | Command::InstanceEvents { .. }
                 | Command::DeleteSecret { .. }
                 | Command::DeleteConfigmap { .. }
+                | Command::DeleteRelease { .. }
                 | Command::RewrapSecrets { .. }
                 | Command::DeleteUser { .. }
                 | Command::DeletePolicy { .. }
@@ -230,6 +280,8 @@ impl Command {
             Command::Init { .. } => "init",
             Command::Apply { .. } => "apply",
             Command::DeleteService { .. } => "delete_service",
+            Command::RollbackService { .. } => "rollback_service",
+            Command::DeleteRelease { .. } => "delete_release",
             Command::DeleteNamespace { .. } => "delete_namespace",
             Command::Scale { .. } => "scale",
             Command::Restart { .. } => "restart",
@@ -288,6 +340,8 @@ pub enum Kind {
     Endpoints,
     /// A service's virtual IP.
     Vip,
+    /// A runeset release.
+    Release,
 }
 
 impl Kind {
@@ -304,6 +358,7 @@ impl Kind {
             Kind::Token => "token",
             Kind::Endpoints => "endpoints",
             Kind::Vip => "vip",
+            Kind::Release => "release",
         }
     }
 }

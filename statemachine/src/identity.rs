@@ -11,7 +11,7 @@ use crate::meta::ObjectMeta;
 use crate::validate::dns1123_label;
 
 /// Resources a rule can name, in their canonical (plural) spelling.
-pub const RESOURCES: [&str; 15] = [
+pub const RESOURCES: [&str; 16] = [
     "services",
     "endpoints",
     "instances",
@@ -22,6 +22,7 @@ pub const RESOURCES: [&str; 15] = [
     "exec",
     "health",
     "volumes",
+    "releases",
     "users",
     "policies",
     "tokens",
@@ -50,6 +51,7 @@ pub fn canonical_resource(r: &str) -> Option<&'static str> {
         "policy" => "policies",
         "token" => "tokens",
         "volume" | "vol" => "volumes",
+        "release" | "rel" => "releases",
         other => other,
     };
     RESOURCES.iter().copied().find(|x| *x == plural)
@@ -184,7 +186,7 @@ pub fn builtin_policies() -> Vec<PolicySpec> {
 
 /// What readwrite and readonly cover. Identity (users, policies, tokens, admin) is left out on
 /// purpose: whoever can create tokens or attach policies can make themselves root.
-pub const WORKLOAD_RESOURCES: [&str; 10] = [
+pub const WORKLOAD_RESOURCES: [&str; 11] = [
     "services",
     "endpoints",
     "instances",
@@ -195,6 +197,7 @@ pub const WORKLOAD_RESOURCES: [&str; 10] = [
     "exec",
     "health",
     "volumes",
+    "releases",
 ];
 
 /// Whether `name` is a built-in policy.

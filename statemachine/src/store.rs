@@ -20,10 +20,15 @@ use crate::validate::{validate_namespace, validate_service};
 
 mod endpoints;
 mod objects;
+mod releases;
 mod vips;
 pub use objects::{
-    configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key, secrets_prefix,
-    token_hash_key, token_key, user_key, ConfigmapRecord, SecretRecord, SECRET_HISTORY_ALL,
+    configmap_history, configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key,
+    secrets_prefix, token_hash_key, token_key, user_key, ConfigmapRecord, ConfigmapVersion, SecretRecord,
+    SECRET_HISTORY_ALL,
+};
+pub use releases::{
+    merged as release_merged, owned_refs, release_key, releases_prefix, ReleaseRecord, ResourceRef,
 };
 
 /// The desired state: `namespaces/<ns>`, `services/<ns>/<name>`, `history/services/<ns>/<name>/<gen>`.
@@ -426,6 +431,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             create_namespace,
             force,
             history_limit,
+            release,
         } => {
             for r in resources {
                 let res = match r {
@@ -480,7 +486,9 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                                 put
                             }
                             Resource::Secret(s) => objects::put_secret(o, index, now, s, *history_limit)?,
-                            Resource::Configmap(c) => objects::put_configmap(o, index, now, c, *force)?,
+                            Resource::Configmap(c) => {
+                                objects::put_configmap(o, index, now, c, *force, *history_limit)?
+                            }
                             Resource::Namespace(_) => continue,
                         };
                         match put {
@@ -491,47 +499,139 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 };
                 changes.extend(res);
             }
+            if let Some(rel) = release {
+                match releases::put_release(o, index, now, rel, resources)? {
+                    Ok(c) => changes.push(c),
+                    Err(r) => return Ok(Err(r)),
+                }
+            }
         }
         Command::DeleteService {
             namespace,
             name,
             force,
         } => {
-            let key = service_key(namespace, name);
-            let Some(rec) = o.get::<ServiceRecord>(&key)? else {
+            let Some(rec) = o.get::<ServiceRecord>(&service_key(namespace, name))? else {
                 return Ok(Err(service_not_found(namespace, name)));
             };
             if !force {
-                let dependents = dependents_of(o, namespace, name)?;
-                if !dependents.is_empty() {
-                    return Ok(Err(Rejection::FailedPrecondition(format!(
-                        "cannot delete {namespace}/{name}: {} {} on it (use --force to delete anyway)",
-                        dependents.join(", "),
-                        if dependents.len() == 1 {
-                            "depends"
-                        } else {
-                            "depend"
-                        }
-                    ))));
+                if let Err(r) = refuse_dependents(o, namespace, name, &[])? {
+                    return Ok(Err(r));
                 }
             }
-            o.delete(key);
-            for k in o.keys_with_prefix(&history_prefix(namespace, name))? {
-                o.delete(k);
-            }
-            if let Some(vip) = &rec.vip {
-                vips::release(o, now, vip);
-                changes.push(change(Kind::Vip, namespace, name, Action::Deleted, 1, vip));
-            }
+            changes.extend(remove_service(o, now, rec)?);
             touched.insert((namespace.clone(), name.clone()));
-            changes.push(Change {
-                kind: Kind::Service,
-                namespace: namespace.clone(),
-                name: name.clone(),
-                action: Action::Deleted,
-                generation: rec.meta.generation,
-                summary: String::new(),
-            });
+        }
+        Command::RollbackService {
+            namespace,
+            name,
+            to_generation,
+            history_limit,
+        } => {
+            let Some(rec) = o.get::<ServiceRecord>(&service_key(namespace, name))? else {
+                return Ok(Err(service_not_found(namespace, name)));
+            };
+            let mut kept = Vec::new();
+            for k in o.keys_with_prefix(&history_prefix(namespace, name))? {
+                kept.extend(o.get::<Revision>(&k)?);
+            }
+            let target = match to_generation {
+                Some(g) if *g == rec.meta.generation => {
+                    changes.push(change(
+                        Kind::Service,
+                        namespace,
+                        name,
+                        Action::Unchanged,
+                        rec.meta.generation,
+                        &format!("generation {g} is the current one"),
+                    ));
+                    return Ok(Ok(changes));
+                }
+                Some(g) => kept.iter().find(|r| r.generation == *g),
+                None => kept.last(),
+            };
+            let Some(target) = target else {
+                let list: Vec<String> = kept.iter().map(|r| r.generation.to_string()).collect();
+                return Ok(Err(match to_generation {
+                    Some(g) => Rejection::NotFound(format!(
+                        "service {namespace}/{name}: generation {g} is not kept (kept: {}; current: {})",
+                        if list.is_empty() { "none".to_string() } else { list.join(", ") },
+                        rec.meta.generation
+                    )),
+                    None => Rejection::FailedPrecondition(format!(
+                        "service {namespace}/{name} has no earlier spec to roll back to (generation {} is its first kept)",
+                        rec.meta.generation
+                    )),
+                }));
+            };
+            let mut spec = target.spec.clone();
+            spec.scale = rec.spec.scale;
+            let from = target.generation;
+            match put_service(o, index, now, &spec, false, *history_limit)? {
+                Ok(mut c) => {
+                    if c.action == Action::Unchanged {
+                        c.summary = format!("the current spec is generation {from}'s already");
+                    } else {
+                        c.summary = format!("rolled back to generation {from}: {}", c.summary);
+                        touched.insert((namespace.clone(), name.clone()));
+                    }
+                    changes.push(c);
+                }
+                Err(r) => return Ok(Err(r)),
+            }
+        }
+        Command::DeleteRelease {
+            namespace,
+            name,
+            force,
+        } => {
+            let Some(rel) = o.get::<ReleaseRecord>(&release_key(namespace, name))? else {
+                return Ok(Err(Rejection::NotFound(format!(
+                    "release {namespace}/{name} not found"
+                ))));
+            };
+            let own: Vec<(String, String)> = rel
+                .resources
+                .iter()
+                .filter(|r| r.kind == "service")
+                .map(|r| (r.namespace.clone(), r.name.clone()))
+                .collect();
+            for r in &rel.resources {
+                match r.kind.as_str() {
+                    "service" => {
+                        let Some(rec) = o.get::<ServiceRecord>(&service_key(&r.namespace, &r.name))? else {
+                            continue;
+                        };
+                        if !force {
+                            if let Err(rej) = refuse_dependents(o, &r.namespace, &r.name, &own)? {
+                                return Ok(Err(rej));
+                            }
+                        }
+                        changes.extend(remove_service(o, now, rec)?);
+                        touched.insert((r.namespace.clone(), r.name.clone()));
+                    }
+                    "configmap" => {
+                        if let Ok(c) = objects::delete_configmap(o, &r.namespace, &r.name)? {
+                            changes.extend(c);
+                        }
+                    }
+                    "secret" => {
+                        if let Ok(c) = objects::delete_secret(o, &r.namespace, &r.name)? {
+                            changes.extend(c);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            o.delete(release_key(namespace, name));
+            changes.push(change(
+                Kind::Release,
+                namespace,
+                name,
+                Action::Deleted,
+                rel.meta.generation,
+                "",
+            ));
         }
         Command::Scale {
             namespace,
@@ -637,6 +737,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 return Ok(Err(Rejection::NotFound(format!("namespace {name} not found"))));
             };
             for (prefix, what) in [
+                (releases_prefix(Some(name)), "release"),
                 (services_prefix(Some(name)), "service"),
                 (secrets_prefix(Some(name)), "secret"),
                 (configmaps_prefix(Some(name)), "configmap"),
@@ -663,6 +764,73 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         changes.extend(endpoints::recompute(o, &ns, &svc)?);
     }
     Ok(Ok(changes))
+}
+
+/// Deletes the oldest versions under `prefix` beyond the newest `keep`.
+fn prune_history<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    prefix: &str,
+    keep: usize,
+) -> Result<(), StoreError> {
+    let keys = o.keys_with_prefix(prefix)?;
+    if keys.len() > keep {
+        for k in &keys[..keys.len() - keep] {
+            o.delete(k.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a service, its history and its VIP (released to cool down); what it changed.
+fn remove_service<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    now: i64,
+    rec: ServiceRecord,
+) -> Result<Vec<Change>, StoreError> {
+    let (ns, name) = (rec.spec.namespace().to_string(), rec.spec.name.clone());
+    let mut changes = Vec::new();
+    o.delete(service_key(&ns, &name));
+    for k in o.keys_with_prefix(&history_prefix(&ns, &name))? {
+        o.delete(k);
+    }
+    if let Some(vip) = &rec.vip {
+        vips::release(o, now, vip);
+        changes.push(change(Kind::Vip, &ns, &name, Action::Deleted, 1, vip));
+    }
+    changes.push(change(
+        Kind::Service,
+        &ns,
+        &name,
+        Action::Deleted,
+        rec.meta.generation,
+        "",
+    ));
+    Ok(changes)
+}
+
+/// Refuses the deletion of `ns/name` while services other than `also_going` depend on it.
+fn refuse_dependents<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &Overlay<'_, R>,
+    ns: &str,
+    name: &str,
+    also_going: &[(String, String)],
+) -> Result<Result<(), Rejection>, StoreError> {
+    let dependents: Vec<String> = dependents_of(o, ns, name)?
+        .into_iter()
+        .filter(|d| !also_going.iter().any(|(n, s)| *d == format!("{n}/{s}")))
+        .collect();
+    if dependents.is_empty() {
+        return Ok(Ok(()));
+    }
+    Ok(Err(Rejection::FailedPrecondition(format!(
+        "cannot delete {ns}/{name}: {} {} on it (use --force to delete anyway)",
+        dependents.join(", "),
+        if dependents.len() == 1 {
+            "depends"
+        } else {
+            "depend"
+        }
+    ))))
 }
 
 fn service_not_found(ns: &str, name: &str) -> Rejection {
@@ -801,13 +969,7 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
                     replaced_at_ms: now,
                 },
             );
-            let keep = history_limit as usize;
-            let keys = o.keys_with_prefix(&history_prefix(&ns, &name))?;
-            if keys.len() > keep {
-                for k in &keys[..keys.len() - keep] {
-                    o.delete(k.clone());
-                }
-            }
+            prune_history(o, &history_prefix(&ns, &name), history_limit as usize)?;
             let meta = ObjectMeta {
                 updated_at_ms: now,
                 generation: rec.meta.generation + 1,

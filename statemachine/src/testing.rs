@@ -40,17 +40,50 @@ pub fn service() -> impl Strategy<Value = Resource> {
     })
 }
 
+/// No release (`n` 0 or 3+), or one of two releases in two versions: enough for upgrades,
+/// unchanged re-casts and ownership conflicts.
+fn release(n: usize) -> Option<crate::command::ReleaseSpec> {
+    let (name, version) = match n {
+        1 => ("app", "1.0.0"),
+        2 => ("other", "1.0.0"),
+        3 => ("app", "1.1.0"),
+        _ => return None,
+    };
+    Some(crate::command::ReleaseSpec {
+        name: name.into(),
+        namespace: "default".into(),
+        runeset: name.into(),
+        version: version.into(),
+        description: String::new(),
+        values_digest: format!("sha256:{n}"),
+    })
+}
+
 /// Any command, with the mix of kinds a busy cluster sees, rejections included.
 pub fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
-        4 => (prop::collection::vec(service(), 1..3), any::<bool>(), any::<bool>(), 1..4u32).prop_map(
-            |(resources, create_namespace, force, history_limit)| Command::Apply { resources, create_namespace, force, history_limit }
+        4 => (prop::collection::vec(service(), 1..3), any::<bool>(), any::<bool>(), 1..4u32, 0..4usize).prop_map(
+            |(resources, create_namespace, force, history_limit, rel)| Command::Apply {
+                resources, create_namespace, force, history_limit, release: release(rel),
+            }
         ),
+        1 => (0..4usize, prop::option::of(1..5u64)).prop_map(|(n, to_generation)| Command::RollbackService {
+            namespace: "default".into(),
+            name: ["api", "db", "web", "nope"][n].into(),
+            to_generation,
+            history_limit: 3,
+        }),
+        1 => (0..3usize, any::<bool>()).prop_map(|(n, force)| Command::DeleteRelease {
+            namespace: "default".into(),
+            name: ["app", "other", "nope"][n].into(),
+            force,
+        }),
         1 => (0..3usize).prop_map(|n| Command::Apply {
             resources: vec![Resource::Namespace(NamespaceSpec { name: ["team", "ops", "x"][n].into(), ..Default::default() })],
             create_namespace: false,
             force: false,
             history_limit: 10,
+            release: None,
         }),
         1 => (0..4usize, 0..3usize, any::<bool>()).prop_map(|(n, ns, force)| Command::DeleteService {
             namespace: ["default", "team", "ops"][ns].into(),
@@ -101,6 +134,7 @@ pub fn command() -> impl Strategy<Value = Command> {
             create_namespace: false,
             force: false,
             history_limit: 2,
+            release: release(n + 1),
         }),
         1 => (0..2usize, 0..2usize).prop_map(|(n, v)| Command::Apply {
             resources: vec![Resource::Configmap(Configmap {
@@ -110,7 +144,8 @@ pub fn command() -> impl Strategy<Value = Command> {
             })],
             create_namespace: false,
             force: false,
-            history_limit: 10,
+            history_limit: 2,
+            release: release(3 * v),
         }),
         1 => (0..2usize, 1..4u64).prop_map(|(n, version)| Command::RewrapSecrets {
             items: vec![Rewrap {

@@ -26,6 +26,7 @@ fn sealed(name: &str, version: u64, kek: &str) -> Command {
         create_namespace: false,
         force: false,
         history_limit: 2,
+        release: None,
     }
 }
 

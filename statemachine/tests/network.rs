@@ -14,6 +14,7 @@ fn cast(s: &mut State, name: &str, scale: i64) -> Result<(), Rejection> {
         create_namespace: false,
         force: false,
         history_limit: 10,
+        release: None,
     })
     .map(|_| ())
 }

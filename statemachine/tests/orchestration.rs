@@ -19,6 +19,7 @@ fn svc(name: &str, scale: i64, deps: serde_json::Value) -> Command {
         create_namespace: false,
         force: false,
         history_limit: 10,
+        release: None,
     }
 }
 

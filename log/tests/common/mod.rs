@@ -17,6 +17,7 @@ pub fn svc(name: &str, scale: i64) -> Command {
         create_namespace: false,
         force: false,
         history_limit: 3,
+        release: None,
     }
 }
 

@@ -596,8 +596,14 @@ pub async fn get(
     name: Option<&str>,
     all: bool,
     show_values: bool,
+    history: bool,
     format: Format,
 ) -> Result<(), CliError> {
+    if history && (kind != "configmap" || name.is_none()) {
+        return Err(CliError::usage(
+            "--history needs a service or configmap name (secret versions: --version is not offered yet)",
+        ));
+    }
     let mut c = pb::secret_api_client::SecretApiClient::new(conn.channel().await?);
     let st = |s| conn.status(s);
     let ns = if all {
@@ -679,19 +685,20 @@ pub async fn get(
                 json!({"name": s.name, "namespace": s.namespace, "type": s.r#type, "version": s.version, "data": data})
             })
             .collect();
-        for (i, v) in items.iter().enumerate() {
-            if format == Format::Json {
-                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-            } else {
-                if i > 0 {
-                    println!("---");
-                }
-                print!("{}", yaml::emit(&json!({"secret": v})));
-            }
-        }
+        print_items("secret", &items, format, name.is_some());
         return Ok(());
     }
     let list = match name {
+        Some(n) if history => {
+            c.configmap_history(pb::ObjectRef {
+                namespace: conn.namespace.clone(),
+                name: n.into(),
+            })
+            .await
+            .map_err(st)?
+            .into_inner()
+            .versions
+        }
         Some(n) => vec![c
             .get_configmap(pb::ObjectRef {
                 namespace: conn.namespace.clone(),
@@ -739,19 +746,38 @@ pub async fn get(
         print_table(&rows);
         return Ok(());
     }
-    for (i, c) in list.iter().enumerate() {
-        let data: std::collections::BTreeMap<&String, &String> = c.data.iter().collect();
-        let v = json!({"name": c.name, "namespace": c.namespace, "data": data});
-        if format == Format::Json {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        } else {
-            if i > 0 {
-                println!("---");
+    let items: Vec<serde_json::Value> = list
+        .iter()
+        .map(|c| {
+            let data: std::collections::BTreeMap<&String, &String> = c.data.iter().collect();
+            let mut v = json!({"name": c.name, "namespace": c.namespace, "data": data});
+            if history {
+                v["version"] = json!(c.meta.as_ref().map_or(0, |m| m.generation));
             }
-            print!("{}", yaml::emit(&json!({"configmap": v})));
-        }
-    }
+            v
+        })
+        .collect();
+    print_items("configmap", &items, format, name.is_some() && !history);
     Ok(())
+}
+
+/// Secrets or configmaps as JSON (one object for one named item, else an array) or as YAML
+/// castfile documents (`kind:` wrapped, `---` between them).
+fn print_items(kind: &str, items: &[serde_json::Value], format: Format, one: bool) {
+    if format == Format::Json {
+        let v = match items {
+            [only] if one => only.clone(),
+            _ => serde_json::Value::Array(items.to_vec()),
+        };
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    for (i, v) in items.iter().enumerate() {
+        if i > 0 {
+            println!("---");
+        }
+        print!("{}", yaml::emit(&json!({ kind: v })));
+    }
 }
 
 /// `rune delete secret|configmap NAME`.

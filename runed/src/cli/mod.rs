@@ -5,6 +5,7 @@ mod identity;
 mod instances;
 mod network;
 mod output;
+mod releases;
 mod replay;
 mod tty;
 
@@ -205,7 +206,7 @@ pub enum Cmd {
         /// Label selector, k=v[,k=v].
         #[arg(short = 'l', long)]
         selector: Option<String>,
-        /// Previous specs of a service.
+        /// Previous specs of a service, or versions of a configmap.
         #[arg(long)]
         history: bool,
         /// Show secret values (needs the reveal verb on secrets).
@@ -245,6 +246,27 @@ pub enum Cmd {
         /// How long to wait.
         #[command(flatten)]
         wait: instances::WaitArgs,
+    },
+    /// Cast an earlier spec of a service again, as a new generation (the scale is kept).
+    Rollback {
+        /// Service name.
+        name: String,
+        /// The generation to go back to (`rune get svc NAME --history`); default: the one
+        /// before the current.
+        #[arg(long)]
+        to_generation: Option<u64>,
+        /// Return without waiting for the rollout.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait.
+        #[command(flatten)]
+        wait: instances::WaitArgs,
+    },
+    /// Runeset releases: `list`, `status NAME`, `delete NAME [--delete-volumes]`.
+    Release {
+        /// What to do.
+        #[command(subcommand)]
+        action: ReleaseCmd,
     },
     /// Stop a service: scale 0, remembering the scale for `rune restart`.
     Stop {
@@ -394,6 +416,39 @@ pub enum Cmd {
         /// What to do.
         #[command(subcommand)]
         action: AdminCmd,
+    },
+}
+
+/// `rune release ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCmd {
+    /// Releases, their runeset version and revision.
+    #[command(alias = "ls")]
+    List {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// What a release cast and how it is doing.
+    Status {
+        /// Release name.
+        name: String,
+    },
+    /// Delete a release and every service, configmap and secret it cast; volumes are kept
+    /// unless asked.
+    #[command(alias = "rm")]
+    Delete {
+        /// Release name.
+        name: String,
+        /// Also delete the volumes of its services once their containers are gone.
+        #[arg(long)]
+        delete_volumes: bool,
+        /// Delete even when services outside the release depend on its services.
+        #[arg(short, long)]
+        force: bool,
+        /// How long to wait for the containers to let go of the volumes.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -850,6 +905,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                         name.as_deref(),
                         *all_namespaces,
                         *show_values,
+                        *history,
                         format,
                     )
                     .await
@@ -861,6 +917,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                         name.as_deref(),
                         *all_namespaces,
                         false,
+                        *history,
                         format,
                     )
                     .await
@@ -984,6 +1041,35 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             ports,
             address,
         } => network::port_forward(&Conn::resolve(&cli)?, service, ports, address).await,
+        Cmd::Rollback {
+            name,
+            to_generation,
+            no_wait,
+            wait,
+        } => {
+            releases::rollback(
+                &Conn::resolve(&cli)?,
+                name,
+                *to_generation,
+                (!no_wait).then_some(wait),
+            )
+            .await
+        }
+        Cmd::Release {
+            action: ReleaseCmd::List { all_namespaces },
+        } => releases::list(&Conn::resolve(&cli)?, *all_namespaces, format).await,
+        Cmd::Release {
+            action: ReleaseCmd::Status { name },
+        } => releases::status(&Conn::resolve(&cli)?, name, format).await,
+        Cmd::Release {
+            action:
+                ReleaseCmd::Delete {
+                    name,
+                    delete_volumes,
+                    force,
+                    timeout,
+                },
+        } => releases::delete(&Conn::resolve(&cli)?, name, *force, *delete_volumes, *timeout).await,
         Cmd::Volume {
             action: VolumeCmd::List { all_namespaces },
         } => instances::volume_list(&Conn::resolve(&cli)?, *all_namespaces, format).await,
@@ -1243,6 +1329,14 @@ async fn cast(conn: &Conn, read: Read, mut o: CastOpts) -> Result<(), CliError> 
         create_namespace: o.create_namespace,
         force: o.force,
         dry_run: o.dry_run,
+        release: runeset.as_ref().map(|r| pb::ReleaseSpec {
+            name: r.release.clone(),
+            namespace: r.namespace.clone(),
+            runeset: r.manifest.name.clone(),
+            version: r.manifest.version.clone(),
+            description: r.manifest.description.clone(),
+            values_digest: r.values_digest.clone(),
+        }),
     });
     // The write itself is quick; only the rollouts after it are waited for at length.
     req.set_timeout(o.wait.timeout.unwrap_or(Duration::from_secs(300)));

@@ -1,13 +1,16 @@
 //! Apply for secrets, configmaps, users, policies and tokens.
 //!
 //! Keys: `secrets/<ns>/<name>`, `history/secrets/<ns>/<name>/<version>`, `configmaps/<ns>/<name>`,
+//! `history/configmaps/<ns>/<name>/<version>`,
 //! `users/<name>`, `policies/<name>`, `tokens/<id>` and `token-hashes/<sha256>` → id, the index
 //! that makes authenticating a request one lookup.
 
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use super::{change, history_key_for, invalid, new_meta, spec_hash, ObjectMeta, Overlay, StoreError};
+use super::{
+    change, history_key_for, invalid, new_meta, prune_history, spec_hash, ObjectMeta, Overlay, StoreError,
+};
 use crate::command::{Action, Change, Kind, Rejection, Rewrap};
 use crate::identity::{is_builtin, normalize_policy, PolicyRecord, PolicySpec, TokenRecord, UserRecord};
 use crate::secret::{validate_configmap, validate_sealed, Configmap, SealedSecret};
@@ -118,13 +121,7 @@ pub(super) fn put_secret<R: ReadableTable<&'static str, &'static [u8]>>(
     };
     let prefix = secret_history_prefix(&s.namespace, &s.name);
     o.put(history_key_for(&prefix, s.version), s);
-    let keys = o.keys_with_prefix(&prefix)?;
-    let keep = history_limit.max(1) as usize;
-    if keys.len() > keep {
-        for k in &keys[..keys.len() - keep] {
-            o.delete(k.clone());
-        }
-    }
+    prune_history(o, &prefix, history_limit.max(1) as usize)?;
     let summary = format!("version {}, keys {}", s.version, s.keys.join(","));
     o.put(
         key,
@@ -143,12 +140,37 @@ pub(super) fn put_secret<R: ReadableTable<&'static str, &'static [u8]>>(
     )))
 }
 
+/// One kept version of a configmap, for `rune get configmap NAME --history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigmapVersion {
+    /// Its version (the configmap's generation when it was cast).
+    pub version: u64,
+    /// The data.
+    pub configmap: Configmap,
+    /// When it was cast.
+    pub created_at_ms: i64,
+}
+
+fn configmap_history_prefix(ns: &str, name: &str) -> String {
+    format!("history/configmaps/{ns}/{name}/")
+}
+
+/// The kept versions of a configmap, oldest first (the newest is the current one). Configmaps
+/// cast before versions were kept have none until their next change.
+pub fn configmap_history<R>(table: &R, ns: &str, name: &str) -> Result<Vec<ConfigmapVersion>, StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    super::list_records(table, &configmap_history_prefix(ns, name))
+}
+
 pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
     o: &mut Overlay<'_, R>,
     index: u64,
     now: i64,
     c: &Configmap,
     force: bool,
+    history_limit: u32,
 ) -> Result<Result<Change, Rejection>, StoreError> {
     let errs = validate_configmap(c);
     if !errs.is_empty() {
@@ -171,6 +193,16 @@ pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
         Some(p) => (Action::Configured, p.meta.next(now, index, hash)),
     };
     let summary = format!("version {}", meta.generation);
+    let prefix = configmap_history_prefix(&c.namespace, &c.name);
+    o.put(
+        history_key_for(&prefix, meta.generation),
+        &ConfigmapVersion {
+            version: meta.generation,
+            configmap: c.clone(),
+            created_at_ms: now,
+        },
+    );
+    prune_history(o, &prefix, history_limit.max(1) as usize)?;
     let ch = change(
         Kind::Configmap,
         &c.namespace,
@@ -224,6 +256,9 @@ pub(super) fn delete_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
         ))));
     };
     o.delete(key);
+    for k in o.keys_with_prefix(&configmap_history_prefix(ns, name))? {
+        o.delete(k);
+    }
     Ok(Ok(vec![change(
         Kind::Configmap,
         ns,

@@ -69,3 +69,12 @@ impl State {
         get_record(&t, key).unwrap()
     }
 }
+
+impl State {
+    /// Runs `f` on a read-only view of the state table.
+    pub fn read<T>(&self, f: impl FnOnce(&redb::ReadOnlyTable<&'static str, &'static [u8]>) -> T) -> T {
+        let r = self.db.begin_read().unwrap();
+        let t = r.open_table(STATE_TABLE).unwrap();
+        f(&t)
+    }
+}

@@ -1,0 +1,260 @@
+//! Apply's decisions for rollback, runeset releases and configmap versions.
+
+mod common;
+
+use common::State;
+use rune_statemachine::command::ReleaseSpec;
+use rune_statemachine::secret::Configmap;
+use rune_statemachine::store::{
+    configmap_key, release_key, service_key, ConfigmapRecord, ReleaseRecord, ServiceRecord,
+};
+use rune_statemachine::{Action, Command, Kind, Rejection, Resource};
+
+fn spec(name: &str, image: &str, scale: i64, deps: serde_json::Value) -> Resource {
+    Resource::Service(
+        serde_json::from_value(serde_json::json!({
+            "name": name, "image": image, "scale": scale, "dependencies": deps
+        }))
+        .unwrap(),
+    )
+}
+
+fn cast(resources: Vec<Resource>, release: Option<ReleaseSpec>) -> Command {
+    Command::Apply {
+        resources,
+        create_namespace: true,
+        force: false,
+        history_limit: 3,
+        release,
+    }
+}
+
+fn cm(name: &str, v: &str) -> Resource {
+    Resource::Configmap(Configmap {
+        namespace: "default".into(),
+        name: name.into(),
+        data: [("mode".to_string(), v.to_string())].into_iter().collect(),
+    })
+}
+
+fn rel(name: &str, version: &str, digest: &str) -> ReleaseSpec {
+    ReleaseSpec {
+        name: name.into(),
+        namespace: "default".into(),
+        runeset: "app".into(),
+        version: version.into(),
+        description: String::new(),
+        values_digest: format!("sha256:{digest}"),
+    }
+}
+
+fn rollback(name: &str, to: Option<u64>) -> Command {
+    Command::RollbackService {
+        namespace: "default".into(),
+        name: name.into(),
+        to_generation: to,
+        history_limit: 3,
+    }
+}
+
+fn image(s: &State, name: &str) -> (String, i64, u64) {
+    let r: ServiceRecord = s.get(&service_key("default", name)).unwrap();
+    (r.spec.image.clone().unwrap(), r.spec.scale(), r.meta.generation)
+}
+
+#[test]
+fn rollback_casts_an_earlier_spec_as_a_new_generation_and_keeps_the_scale() {
+    let mut s = State::new();
+    s.run(cast(vec![spec("api", "v1", 1, serde_json::json!([]))], None))
+        .unwrap();
+    s.run(cast(vec![spec("api", "v2", 1, serde_json::json!([]))], None))
+        .unwrap();
+    s.run(cast(vec![spec("api", "v3", 1, serde_json::json!([]))], None))
+        .unwrap();
+    s.run(Command::Scale {
+        namespace: "default".into(),
+        name: "api".into(),
+        scale: 4,
+    })
+    .unwrap();
+    assert_eq!(image(&s, "api"), ("v3".into(), 4, 4));
+
+    let out = s.run(rollback("api", Some(1))).unwrap();
+    assert_eq!(out[0].action, Action::Configured);
+    assert!(
+        out[0].summary.starts_with("rolled back to generation 1"),
+        "{}",
+        out[0].summary
+    );
+    assert_eq!(
+        image(&s, "api"),
+        ("v1".into(), 4, 5),
+        "generation 1's spec, today's scale"
+    );
+
+    // Without a generation: the newest kept one before the current (generation 4, v3).
+    s.run(rollback("api", None)).unwrap();
+    assert_eq!(image(&s, "api"), ("v3".into(), 4, 6));
+
+    // Rolling back to what runs is a no-op, and says so.
+    let out = s.run(rollback("api", Some(6))).unwrap();
+    assert_eq!(out[0].action, Action::Unchanged);
+    assert_eq!(image(&s, "api").2, 6);
+}
+
+#[test]
+fn rollback_refuses_what_is_not_kept() {
+    let mut s = State::new();
+    s.run(cast(vec![spec("api", "v1", 1, serde_json::json!([]))], None))
+        .unwrap();
+    match s.run(rollback("api", None)) {
+        Err(Rejection::FailedPrecondition(m)) => assert!(m.contains("no earlier spec"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    for v in 2..=6 {
+        s.run(cast(
+            vec![spec("api", &format!("v{v}"), 1, serde_json::json!([]))],
+            None,
+        ))
+        .unwrap();
+    }
+    // history_limit 3 keeps generations 3, 4 and 5 behind the current 6.
+    match s.run(rollback("api", Some(1))) {
+        Err(Rejection::NotFound(m)) => assert!(
+            m.contains("generation 1 is not kept (kept: 3, 4, 5; current: 6)"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.run(rollback("nope", None)),
+        Err(Rejection::NotFound(_))
+    ));
+    assert_eq!(image(&s, "api"), ("v6".into(), 1, 6), "refusals write nothing");
+}
+
+#[test]
+fn a_release_records_what_its_casts_wrote_and_an_unchanged_recast_changes_nothing() {
+    let mut s = State::new();
+    let out = s
+        .run(cast(
+            vec![cm("cfg", "a"), spec("api", "v1", 1, serde_json::json!([]))],
+            Some(rel("app", "1.0.0", "x")),
+        ))
+        .unwrap();
+    let r = out.iter().find(|c| c.kind == Kind::Release).unwrap();
+    assert_eq!((r.action, r.generation), (Action::Created, 1));
+    let rec: ReleaseRecord = s.get(&release_key("default", "app")).unwrap();
+    let names: Vec<String> = rec.resources.iter().map(|r| r.to_string()).collect();
+    assert_eq!(names, ["configmap default/cfg", "service default/api"]);
+
+    let out = s
+        .run(cast(
+            vec![cm("cfg", "a"), spec("api", "v1", 1, serde_json::json!([]))],
+            Some(rel("app", "1.0.0", "x")),
+        ))
+        .unwrap();
+    assert!(out.iter().all(|c| c.action == Action::Unchanged), "{out:?}");
+
+    // New values alone make a new revision; a dropped service stays in the release.
+    let out = s
+        .run(cast(
+            vec![cm("cfg", "a"), spec("web", "v1", 1, serde_json::json!([]))],
+            Some(rel("app", "1.0.0", "y")),
+        ))
+        .unwrap();
+    let r = out.iter().find(|c| c.kind == Kind::Release).unwrap();
+    assert_eq!((r.action, r.generation), (Action::Configured, 2));
+    let rec: ReleaseRecord = s.get(&release_key("default", "app")).unwrap();
+    assert_eq!(rec.resources.len(), 3);
+
+    // Another release cannot take over what this one owns, and the refusal writes nothing.
+    match s.run(cast(
+        vec![spec("api", "v9", 1, serde_json::json!([]))],
+        Some(rel("other", "1.0.0", "x")),
+    )) {
+        Err(Rejection::FailedPrecondition(m)) => {
+            assert!(
+                m.contains("service default/api belongs to release default/app"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(image(&s, "api").0, "v1");
+    assert!(s.get::<ReleaseRecord>(&release_key("default", "other")).is_none());
+}
+
+#[test]
+fn deleting_a_release_removes_what_it_cast_and_respects_outside_dependents() {
+    let mut s = State::new();
+    s.run(cast(
+        vec![
+            cm("cfg", "a"),
+            spec("db", "pg", 1, serde_json::json!([])),
+            spec("api", "v1", 1, serde_json::json!(["db"])),
+        ],
+        Some(rel("app", "1.0.0", "x")),
+    ))
+    .unwrap();
+    s.run(cast(
+        vec![spec("outside", "v1", 1, serde_json::json!(["api"]))],
+        None,
+    ))
+    .unwrap();
+    let del = |force| Command::DeleteRelease {
+        namespace: "default".into(),
+        name: "app".into(),
+        force,
+    };
+    // db depends on nothing outside, api is needed by `outside`: refused whole.
+    match s.run(del(false)) {
+        Err(Rejection::FailedPrecondition(m)) => assert!(m.contains("default/outside depends"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.get::<ServiceRecord>(&service_key("default", "db")).is_some());
+    // A resource deleted by hand is skipped, not an error.
+    s.run(Command::DeleteConfigmap {
+        namespace: "default".into(),
+        name: "cfg".into(),
+    })
+    .unwrap();
+    let out = s.run(del(true)).unwrap();
+    let deleted: Vec<String> = out
+        .iter()
+        .filter(|c| c.action == Action::Deleted && c.kind != Kind::Vip)
+        .map(|c| format!("{} {}", c.kind.as_str(), c.name))
+        .collect();
+    assert_eq!(deleted, ["service api", "service db", "release app"]);
+    for n in ["db", "api"] {
+        assert!(s.get::<ServiceRecord>(&service_key("default", n)).is_none());
+    }
+    assert!(s
+        .get::<ServiceRecord>(&service_key("default", "outside"))
+        .is_some());
+    assert!(s.get::<ReleaseRecord>(&release_key("default", "app")).is_none());
+    assert!(matches!(s.run(del(false)), Err(Rejection::NotFound(_))));
+}
+
+#[test]
+fn configmaps_keep_their_versions_up_to_the_limit() {
+    let mut s = State::new();
+    for v in ["a", "b", "b", "c", "d"] {
+        s.run(cast(vec![cm("cfg", v)], None)).unwrap();
+    }
+    let rec: ConfigmapRecord = s.get(&configmap_key("default", "cfg")).unwrap();
+    assert_eq!(rec.meta.generation, 4, "the unchanged re-cast is no version");
+    let versions = s.read(|t| rune_statemachine::store::configmap_history(t, "default", "cfg").unwrap());
+    let kept: Vec<(u64, String)> = versions
+        .iter()
+        .map(|v| (v.version, v.configmap.data["mode"].clone()))
+        .collect();
+    assert_eq!(kept, [(2, "b".into()), (3, "c".into()), (4, "d".into())]);
+    s.run(Command::DeleteConfigmap {
+        namespace: "default".into(),
+        name: "cfg".into(),
+    })
+    .unwrap();
+    let versions = s.read(|t| rune_statemachine::store::configmap_history(t, "default", "cfg").unwrap());
+    assert!(versions.is_empty(), "versions go with the configmap");
+}

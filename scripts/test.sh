@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 # namespaces), pebble is the ACME server the ingress gets certificates from, debootstrap builds
 # the Debian root that boots systemd for the tests of the installed unit; openssl and python3
 # serve the README tour (a TLS secret, a process service); unbound is the caching resolver
-# put in front of runed's DNS to show its negative answers are cached.
+# put in front of runed's DNS to show its negative answers are cached; docker-registry (with
+# htpasswd from apache2-utils) is the private registry images are pulled from with credentials.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
@@ -27,6 +28,8 @@ command -v unbound-control >/dev/null || need+=(unbound)
 command -v nft >/dev/null || need+=(nftables)
 command -v pebble >/dev/null || need+=(pebble)
 command -v openssl >/dev/null || need+=(openssl)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
 [ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

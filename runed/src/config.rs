@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 use crate::yaml::{self, Node, NodeKind};
 
+mod registries;
+
 /// Command-line flags of `runed`; each overrides the runefile.
 #[derive(Debug, Clone, Default, clap::Parser)]
 #[command(
@@ -186,6 +188,8 @@ pub struct Settings {
     pub docker_socket: String,
     /// `docker.api-version`, `fallback-api-version`, `negotiation-timeout-seconds`.
     pub docker_client: rune_orchestrator::runner::docker::DockerClientConfig,
+    /// `docker.registries`: pull credentials, checked.
+    pub registries: Vec<rune_orchestrator::registry::Registry>,
     /// Where the KEK comes from.
     pub kek_source: rune_secrets::KekSource,
     /// `storage.secret-limits`.
@@ -266,6 +270,7 @@ impl Settings {
         c.docker_socket = self.docker_socket.clone();
         c.docker_client = self.docker_client;
         c.run_dir = self.run_dir.clone();
+        c.registries = self.registries.clone();
         c
     }
 }
@@ -313,7 +318,7 @@ struct Runefile {
     ingress: Option<IngressSection>,
     acme: Option<AcmeSection>,
     /// The docs' top-level spelling of `docker.registries`.
-    registries: Option<Vec<serde_json::Value>>,
+    registries: Option<Vec<registries::RegistryEntry>>,
     // Keys of the original format that mean nothing to runed: accepted, and said to be ignored.
     namespace: Option<String>,
     client: Option<ClientSection>,
@@ -407,7 +412,7 @@ struct DockerSection {
     config_dir_mode: Option<Scalar>,
     config_file_mode: Option<Scalar>,
     socket: Option<String>,
-    registries: Option<Vec<serde_json::Value>>,
+    registries: Option<Vec<registries::RegistryEntry>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -559,7 +564,18 @@ impl Source {
     fn at(&self, key: &str) -> String {
         match &self.doc {
             Some(doc) => {
-                let path = FieldPath(key.split('.').map(|k| Seg::Key(k.to_string())).collect());
+                // `a.b[2].c`: keys and list indices.
+                let mut segs = Vec::new();
+                for part in key.split('.') {
+                    let (k, idx) = part.split_once('[').unwrap_or((part, ""));
+                    segs.push(Seg::Key(k.to_string()));
+                    segs.extend(
+                        idx.split('[')
+                            .filter_map(|i| i.trim_end_matches(']').parse().ok())
+                            .map(Seg::Index),
+                    );
+                }
+                let path = FieldPath(segs);
                 format!("{}:{}: {key}", self.name, doc.line_of(&path))
             }
             None => key.to_string(),
@@ -691,18 +707,17 @@ impl Settings {
         }
         // Keys that would change what runed does in ways it cannot: refused, never ignored.
         let refuse = |key: &str, why: &str| Err(src.err(key, format!("not supported: {why}")));
-        if docker.registries.as_ref().is_some_and(|r| !r.is_empty()) {
-            return refuse(
-                "docker.registries",
-                "registry credentials are not wired into image pulls in this release (they come with private-registry support); remove the list, or pre-pull the images",
-            );
-        }
-        if file.registries.as_ref().is_some_and(|r| !r.is_empty()) {
-            return refuse(
-                "registries",
-                "registry credentials are not wired into image pulls in this release (they come with private-registry support); remove the list, or pre-pull the images",
-            );
-        }
+        let registries = match (&docker.registries, &file.registries) {
+            (Some(d), Some(t)) if !d.is_empty() && !t.is_empty() => {
+                return Err(src.err(
+                    "registries",
+                    "given twice: here and as docker.registries; keep one list",
+                ))
+            }
+            (Some(d), _) if !d.is_empty() => registries::check(d, "docker.registries", &src, &mut ignored)?,
+            (_, Some(t)) => registries::check(t, "registries", &src, &mut ignored)?,
+            _ => Vec::new(),
+        };
         for (value, key) in [
             (&docker.secret_dir_mode, "docker.secret-dir-mode"),
             (&docker.secret_file_mode, "docker.secret-file-mode"),
@@ -1080,6 +1095,7 @@ impl Settings {
             node_name,
             docker_socket,
             docker_client,
+            registries,
             kek_source,
             secret_limits,
             allow_remote_admin: auth.allow_remote_admin.unwrap_or(false),
@@ -1428,16 +1444,94 @@ mod tests {
             "{:?}",
             s.ignored
         );
-        // The registry example is refused with a reason, not silently ignored.
+        // The registry example's ECR entry is refused with a reason, not silently ignored.
         let e = Settings::resolve(&Flags {
             config: Some(peer_runefile("runefile.yaml")),
             ..Default::default()
         })
         .unwrap_err();
         assert!(
-            e.0.contains("runefile.yaml:25: docker.registries: not supported"),
+            e.0.contains(
+                "runefile.yaml:30: docker.registries[0].auth.type: not supported: ecr needs the AWS API"
+            ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn registries_load_by_kind_and_refuse_what_cannot_work_with_lines() {
+        use rune_orchestrator::registry::RegistryAuth;
+        let f = write(
+            "docker:
+  registries:
+    - name: local
+      registry: 127.0.0.1:5000
+      auth: {type: basic, username: ci, password: \"${HOME}\"}
+    - name: ghcr
+      registry: GHCR.io
+      auth: {type: token, token: t0k}
+    - name: corp
+      registry: \"*.corp.example\"
+      auth:
+        type: dockerconfigjson
+        fromSecret: {name: regcred}
+    - name: open
+      registry: localhost:5000
+      auth: {type: basic, username: \"\", password: \"\", insecure: true}
+",
+        );
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let home = std::env::var("HOME").unwrap_or_default();
+        assert_eq!(s.registries.len(), 4);
+        assert_eq!(
+            s.registries[0].auth,
+            RegistryAuth::Basic {
+                username: "ci".into(),
+                password: home
+            }
+        );
+        assert_eq!(s.registries[1].registry, "ghcr.io");
+        assert_eq!(s.registries[1].auth, RegistryAuth::Token { token: "t0k".into() });
+        assert_eq!(
+            s.registries[2].auth,
+            RegistryAuth::DockerConfigJson {
+                namespace: "system".into(),
+                name: "regcred".into()
+            }
+        );
+        assert_eq!(s.registries[3].auth, RegistryAuth::None);
+        assert!(
+            s.ignored
+                .iter()
+                .any(|i| i.contains(":16: docker.registries[3].auth.insecure: ignored")),
+            "{:?}",
+            s.ignored
+        );
+        assert_eq!(s.orchestrator("c").registries, s.registries);
+
+        for (text, want) in [
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: ecr, region: x}}\n", ":3: docker.registries[0].auth.type: not supported: ecr"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: basic, username: u}}\n", "docker.registries[0].auth.password: is required for type basic"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: token}}\n", "auth.token: is required for type token"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: dockerconfigjson}}\n", "auth.from-secret: is required"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: magic}}\n", "auth.type: 'magic' is not one of basic, token, dockerconfigjson"),
+            ("docker:\n  registries:\n    - {name: a, registry: \"https://r.io/v2\"}\n", "docker.registries[0].registry: 'https://r.io/v2' is not a host[:port]"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io}\n    - {name: a, registry: s.io}\n", ":4: docker.registries[1].name: 'a' is used by an earlier entry"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: token, token: \"${RUNE_TEST_SURELY_UNSET}\"}}\n", "environment variable RUNE_TEST_SURELY_UNSET is not set"),
+            ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: token, token: x, tokn: y}}\n", "auth.tokn: unknown key"),
+        ] {
+            let f = write(text);
+            let e = Settings::resolve(&Flags {
+                config: Some(f.path().into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.0.contains(want), "{text:?}: {e}");
+        }
     }
 
     #[test]
@@ -1508,7 +1602,10 @@ mod tests {
                 "runner:\n  process:\n    enabled: false\n",
                 ":3: runner.process.enabled: not supported",
             ),
-            ("registries:\n  - name: x\n", ":1: registries: not supported"),
+            (
+                "registries:\n  - name: x\n",
+                ":2: registries[0].registry: is required",
+            ),
             (
                 "storage:\n  reserve: lots\n",
                 ":2: storage.reserve: 'lots' is not a size",

@@ -48,11 +48,11 @@ fn peer_specs_lint_and_cast_as_they_are() {
     // The original's full server example: what runed has no use for is named, not dropped.
     let o = d.rune(&["lint", peer("config--runefile.yaml").to_str().unwrap()]);
     assert!(stdout(&o).contains("plugins: ignored"), "{}", stdout(&o));
-    // Registry credentials are not wired yet: refused with the key and line, not ignored.
+    // Its ECR entry cannot work here: refused with the key, line and what to do instead.
     let o = d.rune(&["lint", peer("runefile.yaml").to_str().unwrap()]);
     assert_eq!(code(&o), 6, "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("runefile.yaml:25: docker.registries: not supported"),
+        stderr(&o).contains("runefile.yaml:30: docker.registries[0].auth.type: not supported: ecr"),
         "{}",
         stderr(&o)
     );
@@ -167,6 +167,7 @@ fn runeset_renders_lints_casts_and_packs() {
             "configmap/demo/app-settings created (generation 1)",
             "configmap/demo/example-app-configmap created (generation 1)",
             "namespace/demo created (generation 1)",
+            "release/demo/example-app created (generation 1)",
             "secret/demo/db-credentials created (generation 1)",
             "service/demo/webapp-api created (generation 1)",
             "service/demo/webapp-frontend created (generation 1)",

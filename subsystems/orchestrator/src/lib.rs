@@ -16,6 +16,7 @@
 pub mod inject;
 pub mod logfile;
 pub mod probe;
+pub mod registry;
 pub mod runner;
 mod supervisor;
 
@@ -81,6 +82,8 @@ pub struct OrchestratorConfig {
     pub run_dir: PathBuf,
     /// Opens secrets for env and mounts; without it, instances that use secrets fail to start.
     pub secrets: Option<Arc<dyn inject::SecretSource>>,
+    /// `docker.registries`: pull credentials for private registries.
+    pub registries: Vec<registry::Registry>,
 }
 
 impl OrchestratorConfig {
@@ -104,6 +107,7 @@ impl OrchestratorConfig {
             log_writer: None,
             run_dir: std::env::temp_dir().join("rune-run"),
             secrets: None,
+            registries: Vec::new(),
         }
     }
 }
@@ -531,12 +535,24 @@ impl Inner {
     }
 
     async fn start(&self, l: &Launch) -> Result<Run, RunError> {
-        let l = &self.resolved(l, true)?;
+        let mut l = self.resolved(l, true)?;
         if l.spec.process.is_some() {
-            self.process.start(l).await
-        } else {
-            self.docker.start(l).await
+            return self.process.start(&l).await;
         }
+        let images: Vec<&str> = l
+            .spec
+            .image
+            .iter()
+            .map(String::as_str)
+            .chain(l.spec.init_steps.iter().filter_map(|s| s.image.as_deref()))
+            .collect();
+        l.pull_auth = registry::pull_auth(
+            &self.cfg.registries,
+            &images,
+            l.spec.image_registry.as_deref(),
+            |ns, name| registry::read_secret(&self.log, self.cfg.secrets.as_deref(), ns, name),
+        )?;
+        self.docker.start(&l).await
     }
 
     /// The last line an instance wrote (stdout or stderr), to tell why it exited: "exited with
@@ -715,6 +731,7 @@ fn launch(svc: &ServiceRecord, id: &str, template: String) -> Launch {
         spec: Arc::new(svc.spec.clone()),
         env,
         mounts: Vec::new(),
+        pull_auth: BTreeMap::new(),
     }
 }
 

@@ -34,6 +34,7 @@ async fn a_grace_period_longer_than_the_request_timeout_stops_cleanly() {
         spec: Arc::new(spec),
         env: BTreeMap::new(),
         mounts: Vec::new(),
+        pull_auth: BTreeMap::new(),
     };
     let run = docker
         .start(&launch)

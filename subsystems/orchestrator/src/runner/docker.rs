@@ -80,6 +80,31 @@ pub struct DockerRunner {
     network_lock: tokio::sync::Mutex<()>,
 }
 
+/// What to do about a pull the registry refused for want of (right) credentials.
+fn auth_hint(why: &str, image: &str, auth: Option<&crate::registry::PullAuth>) -> String {
+    let w = why.to_ascii_lowercase();
+    let refused = [
+        "unauthorized",
+        "authentication required",
+        "no basic auth credentials",
+        "access denied",
+        "denied:",
+    ]
+    .iter()
+    .any(|k| w.contains(k));
+    match (refused, auth) {
+        (false, _) => String::new(),
+        (true, None) => format!(
+            " (the registry {} wants credentials: add it to docker.registries in the runefile)",
+            crate::registry::image_host(image)
+        ),
+        (true, Some(a)) => format!(
+            " (the registry refused the credentials of docker.registries entry '{}')",
+            a.entry
+        ),
+    }
+}
+
 fn bollard_err(socket: &str, e: bollard::errors::Error) -> RunError {
     use bollard::errors::Error as E;
     match e {
@@ -322,11 +347,15 @@ impl DockerRunner {
         }
     }
 
-    /// Makes sure an image is present, pulling it when it is not.
-    async fn ensure_image(&self, d: &Docker, image: &str) -> Result<(), RunError> {
+    /// Makes sure an image is present, pulling it when it is not, with the launch's
+    /// credentials for its registry.
+    async fn ensure_image(&self, d: &Docker, image: &str, l: &Launch) -> Result<(), RunError> {
         match d.inspect_image(image).await {
             Ok(_) => Ok(()),
-            Err(e) if not_found(&e) => self.pull(d, image).await,
+            Err(e) if not_found(&e) => {
+                let auth = l.pull_auth.get(&crate::registry::image_host(image));
+                self.pull(d, image, auth).await
+            }
             Err(e) => Err(self.failed(e).await),
         }
     }
@@ -483,7 +512,7 @@ impl DockerRunner {
             .clone()
             .or_else(|| l.spec.image.clone())
             .unwrap_or_default();
-        self.ensure_image(d, &image).await?;
+        self.ensure_image(d, &image, l).await?;
         let mut env = l.env.clone();
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.0.clone())));
         let mut labels = self.labels(l);
@@ -524,7 +553,7 @@ impl DockerRunner {
         let gateway = self.ensure_network().await?;
         let spec = &l.spec;
         let image = spec.image.clone().unwrap_or_default();
-        self.ensure_image(&d, &image).await?;
+        self.ensure_image(&d, &image, l).await?;
         let name = self.container_name(&l.namespace, &l.id);
         self.clear_name(&d, &name).await?;
         let mut binds: Vec<String> = l
@@ -618,11 +647,23 @@ impl DockerRunner {
         Ok(created.id)
     }
 
-    async fn pull(&self, d: &Docker, image: &str) -> Result<(), RunError> {
+    async fn pull(
+        &self,
+        d: &Docker,
+        image: &str,
+        auth: Option<&crate::registry::PullAuth>,
+    ) -> Result<(), RunError> {
         let (repo, tag) = match image.rsplit_once(':') {
             Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
             _ => (image.to_string(), "latest".to_string()),
         };
+        let creds = auth.map(|a| bollard::auth::DockerCredentials {
+            username: a.username.clone(),
+            password: a.password.clone(),
+            registrytoken: a.registry_token.clone(),
+            serveraddress: Some(a.server.clone()),
+            ..Default::default()
+        });
         let mut s = d.create_image(
             Some(CreateImageOptions {
                 from_image: Some(repo),
@@ -630,7 +671,7 @@ impl DockerRunner {
                 ..Default::default()
             }),
             None,
-            None,
+            creds,
         );
         let pulled = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(item) = s.next().await {
@@ -641,13 +682,16 @@ impl DockerRunner {
         .await;
         match pulled {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(RunError::Image {
-                image: image.into(),
-                message: format!(
-                    "not present locally and the pull failed: {}",
-                    bollard_err(&self.socket, e)
-                ),
-            }),
+            Ok(Err(e)) => {
+                let why = bollard_err(&self.socket, e).to_string();
+                Err(RunError::Image {
+                    image: image.into(),
+                    message: format!(
+                        "not present locally and the pull failed: {why}{}",
+                        auth_hint(&why, image, auth)
+                    ),
+                })
+            }
             Err(_) => Err(RunError::Image {
                 image: image.into(),
                 message: "not present locally and the pull did not finish within 120s".into(),

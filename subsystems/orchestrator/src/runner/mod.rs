@@ -42,6 +42,8 @@ pub struct Launch {
     pub env: BTreeMap<String, String>,
     /// Secret and configmap files to mount read-only (filled at start).
     pub mounts: Vec<MountDir>,
+    /// Pull credentials by registry host, for the images of this start (filled at start).
+    pub pull_auth: BTreeMap<String, crate::registry::PullAuth>,
 }
 
 /// A directory of files on the host, mounted read-only into an instance.

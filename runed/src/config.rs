@@ -64,6 +64,10 @@ pub struct Flags {
     /// The Docker Engine's unix socket (default /var/run/docker.sock, or DOCKER_HOST=unix://...).
     #[arg(long, env = "RUNE_DOCKER_SOCKET")]
     pub docker_socket: Option<String>,
+    /// Where process services' volumes live (default: beside the data dir, DATA_DIR-volumes;
+    /// never inside it, so a restore or a wiped data dir leaves the data alone).
+    #[arg(long, env = "RUNE_VOLUMES_ROOT")]
+    pub volumes_root: Option<PathBuf>,
     /// The KEK file (base64 of 32 bytes); sets crypto.kek.source to file.
     #[arg(long, env = "RUNE_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
@@ -190,6 +194,8 @@ pub struct Settings {
     pub docker_client: rune_orchestrator::runner::docker::DockerClientConfig,
     /// `docker.registries`: pull credentials, checked.
     pub registries: Vec<rune_orchestrator::registry::Registry>,
+    /// `runner.process.volumes-root`: process services' volumes, outside the data dir.
+    pub volumes_root: PathBuf,
     /// Where the KEK comes from.
     pub kek_source: rune_secrets::KekSource,
     /// `storage.secret-limits`.
@@ -271,6 +277,7 @@ impl Settings {
         c.docker_client = self.docker_client;
         c.run_dir = self.run_dir.clone();
         c.registries = self.registries.clone();
+        c.volumes_root = self.volumes_root.clone();
         c
     }
 }
@@ -427,6 +434,7 @@ struct RunnerSection {
 struct RunnerSwitch {
     enabled: Option<bool>,
     socket: Option<String>,
+    volumes_root: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -783,7 +791,13 @@ impl Settings {
         if runner.process.as_ref().is_some_and(|p| p.socket.is_some()) {
             return Err(src.err(
                 "runner.process.socket",
-                "unknown key (runner.process has only enabled)",
+                "unknown key (runner.process has enabled and volumes-root)",
+            ));
+        }
+        if runner.docker.as_ref().is_some_and(|p| p.volumes_root.is_some()) {
+            return Err(src.err(
+                "runner.docker.volumes-root",
+                "unknown key (the Docker Engine keeps container volumes; runner.process.volumes-root is for process services)",
             ));
         }
 
@@ -820,6 +834,29 @@ impl Settings {
             .or(server.data_dir.map(PathBuf::from))
             .or(file.data_dir.map(PathBuf::from))
             .unwrap_or(default_dir);
+        let volumes_root = flags
+            .volumes_root
+            .clone()
+            .or(runner
+                .process
+                .as_ref()
+                .and_then(|p| p.volumes_root.clone())
+                .map(PathBuf::from))
+            .unwrap_or_else(|| {
+                let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
+                name.push("-volumes");
+                data_dir.with_file_name(name)
+            });
+        if volumes_root.starts_with(&data_dir) {
+            return Err(src.err(
+                "runner.process.volumes-root",
+                format!(
+                    "{} is inside the data dir {}; volumes must outlive what happens to it (a restore replaces it)",
+                    volumes_root.display(),
+                    data_dir.display()
+                ),
+            ));
+        }
         let level = if flags.debug || file.debug == Some(true) {
             "debug".to_string()
         } else {
@@ -1096,6 +1133,7 @@ impl Settings {
             docker_socket,
             docker_client,
             registries,
+            volumes_root,
             kek_source,
             secret_limits,
             allow_remote_admin: auth.allow_remote_admin.unwrap_or(false),

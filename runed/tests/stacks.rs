@@ -433,3 +433,84 @@ fn rollback_returns_to_generation_one_after_two_changes() {
     assert_eq!(seen, [(3, "c"), (2, "b"), (1, "a")], "{h}");
     run_ok(&d, &["delete", "api"]);
 }
+
+#[test]
+fn process_services_keep_their_volumes_under_the_volumes_root() {
+    let mut d = Daemon::new(&bins());
+    let root = d.scratch().join("vols");
+    d.extra = vec!["--volumes-root".into(), root.display().to_string()];
+    d.restart();
+    let mnt = d.scratch().join("mnt");
+    let spec = format!(
+        "service:
+  name: keeper
+  scale: 1
+  stopGracePeriodSeconds: 1
+  process:
+    command: /bin/sh
+    args: [\"-c\", \"echo run >> {m}/own/log; echo run >> {m}/shared/log; exec sleep 3600\"]
+  volumes:
+    - name: own
+      mountPath: {m}/own
+      claimTemplate: {{size: 1Gi}}
+    - name: shared
+      mountPath: {m}/shared
+      claim: common
+",
+        m = mnt.display()
+    );
+    let out = run_ok(&d, &["cast", &write(&d, "keeper.yaml", &spec)]);
+    assert!(out.contains("ready: 1/1"), "{out}");
+    // Lines the runs wrote into the instance's own volume (under <root>/<owner>/<ns>/instances).
+    let own = || {
+        std::fs::read_to_string(
+            std::fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .next()
+                .unwrap()
+                .path()
+                .join("default/instances/own-keeper-0/log"),
+        )
+        .unwrap_or_default()
+        .lines()
+        .count()
+    };
+    wait_until(LONG, "the first run to write into its volume", || own() == 1);
+    // The mount point on the host stays empty: the volume is bound in the process's namespace.
+    assert!(std::fs::read_dir(mnt.join("own")).unwrap().next().is_none());
+
+    run_ok(&d, &["restart", "keeper"]);
+    wait_until(LONG, "the second run to find the first's data", || own() == 2);
+
+    let vols: serde_json::Value =
+        serde_json::from_str(&run_ok(&d, &["volume", "list", "-o", "json"])).unwrap();
+    let names: Vec<(&str, &str, bool)> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or(""),
+                v["requestedSize"].as_str().unwrap_or(""),
+                v["inUse"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [("common", "", true), ("own-keeper-0", "1Gi", true)],
+        "{vols}"
+    );
+    let o = d.rune(&["volume", "delete", "common"]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("in use by keeper-0"), "{}", stderr(&o));
+
+    run_ok(&d, &["delete", "keeper"]);
+    wait_until(LONG, "keeper's instance to go", || instances_gone(&d));
+    assert_eq!(own(), 2, "the volume outlives its service");
+    for v in ["own-keeper-0", "common"] {
+        assert!(run_ok(&d, &["volume", "delete", v]).contains("deleted"));
+    }
+    assert!(run_ok(&d, &["volume", "list", "-o", "json"]).trim() == "[]");
+}

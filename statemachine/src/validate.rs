@@ -124,14 +124,6 @@ fn validate_volumes(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError
                 format!("'{}' is mounted twice", v.mount_path),
             );
         }
-        if s.process.is_some() {
-            err(
-                at.clone(),
-                String::from(
-                    "volumes are for container services; a process service uses host paths directly",
-                ),
-            );
-        }
         match (&v.claim, &v.claim_template) {
             (Some(_), Some(_)) | (None, None) => err(
                 at.clone(),

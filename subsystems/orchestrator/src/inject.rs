@@ -235,6 +235,7 @@ pub fn resolve(
             .map(|m| MountDir {
                 host: base.join(&m.name),
                 target: PathBuf::from(&m.mount_path),
+                writable: false,
             })
             .filter(|m| m.host.is_dir())
             .collect();
@@ -325,6 +326,7 @@ fn write_mount(
     Ok(MountDir {
         host: dir,
         target: PathBuf::from(&m.mount_path),
+        writable: false,
     })
 }
 

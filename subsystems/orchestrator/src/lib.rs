@@ -84,6 +84,8 @@ pub struct OrchestratorConfig {
     pub secrets: Option<Arc<dyn inject::SecretSource>>,
     /// `docker.registries`: pull credentials for private registries.
     pub registries: Vec<registry::Registry>,
+    /// Where process services' volumes live (this runed's under `<root>/<owner>`).
+    pub volumes_root: PathBuf,
 }
 
 impl OrchestratorConfig {
@@ -108,6 +110,7 @@ impl OrchestratorConfig {
             run_dir: std::env::temp_dir().join("rune-run"),
             secrets: None,
             registries: Vec::new(),
+            volumes_root: std::env::temp_dir().join("rune-volumes"),
         }
     }
 }
@@ -276,7 +279,11 @@ impl Orchestrator {
     pub async fn start(log: Arc<Log>, cfg: OrchestratorConfig, stale_budget: Duration) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(REPORT_QUEUE);
         let inner = Arc::new(Inner {
-            process: ProcessRunner::new(cfg.data_dir.join("instances"), cfg.log_writer.clone()),
+            process: ProcessRunner::new(
+                cfg.data_dir.join("instances"),
+                cfg.log_writer.clone(),
+                runner::host_volumes::HostVolumes::new(cfg.volumes_root.join(cfg.owner())),
+            ),
             docker: DockerRunner::new(
                 cfg.docker_socket.clone(),
                 cfg.node.clone(),
@@ -390,13 +397,34 @@ impl Orchestrator {
         Ok(self.inner.docker.logs(&rec.runtime_id, q).await?)
     }
 
-    /// The volumes of container services on this node.
+    /// The volumes on this node: container services' (the engine's) and process services'
+    /// (directories under the volumes root).
     pub async fn volumes(&self) -> Result<Vec<runner::docker::VolumeInfo>, OrchestratorError> {
-        Ok(self.inner.docker.list_volumes(true).await?)
+        let mut all = self.inner.docker.list_volumes(true).await?;
+        let procs = self.inner.process.volumes().clone();
+        let mut host = tokio::task::spawn_blocking(move || procs.list(true))
+            .await
+            .unwrap_or_default();
+        self.inner.fill_process_users(&mut host);
+        all.extend(host);
+        all.sort_by(|a, b| (&a.namespace, a.name()).cmp(&(&b.namespace, b.name())));
+        Ok(all)
     }
 
-    /// Deletes a volume of namespace `ns` by its user-facing name; refused while a container uses it.
+    /// Deletes a volume of namespace `ns` by its user-facing name; refused while a container or
+    /// process uses it.
     pub async fn delete_volume(&self, ns: &str, name: &str) -> Result<(), OrchestratorError> {
+        let mut host = self.inner.process.volumes().list(false);
+        self.inner.fill_process_users(&mut host);
+        if let Some(v) = host.iter().find(|v| v.namespace == ns && v.name() == name) {
+            if !v.users.is_empty() {
+                return Err(OrchestratorError::FailedPrecondition(format!(
+                    "volume {ns}/{name} is in use by {}; stop or delete its service first",
+                    v.users.join(", ")
+                )));
+            }
+            return Ok(self.inner.process.volumes().delete(v)?);
+        }
         let all = self.inner.docker.list_volumes(false).await?;
         let Some(v) = all.iter().find(|v| v.namespace == ns && v.name() == name) else {
             return Err(OrchestratorError::NotFound(format!(
@@ -503,6 +531,42 @@ impl Inner {
     fn set_probe(&self, key: &Key, name: &str, p: ProbeLive) {
         if let Ok(mut l) = self.live.lock() {
             l.entry(key.clone()).or_default().probes.insert(name.into(), p);
+        }
+    }
+
+    /// The live process instances using each process volume: the instance itself for a
+    /// per-instance one, every instance whose service names the claim for a shared one.
+    fn fill_process_users(&self, vols: &mut [runner::docker::VolumeInfo]) {
+        let live: Vec<runner::Found> = self.process.list().into_iter().filter(|f| f.running).collect();
+        let claims_of = |ns: &str, svc: &str| -> Vec<String> {
+            let Ok(txn) = self.log.read() else {
+                return Vec::new();
+            };
+            let Ok(t) = txn.open_table(STATE_TABLE) else {
+                return Vec::new();
+            };
+            rune_statemachine::store::get_record::<ServiceRecord, _>(
+                &t,
+                &rune_statemachine::store::service_key(ns, svc),
+            )
+            .ok()
+            .flatten()
+            .map(|r| r.spec.volumes.iter().filter_map(|v| v.claim.clone()).collect())
+            .unwrap_or_default()
+        };
+        for v in vols.iter_mut() {
+            v.users = live
+                .iter()
+                .filter(|f| {
+                    f.namespace == v.namespace
+                        && if v.claim.is_empty() {
+                            f.id == v.instance
+                        } else {
+                            claims_of(&f.namespace, &f.service).contains(&v.claim)
+                        }
+                })
+                .map(|f| f.id.clone())
+                .collect();
         }
     }
 

@@ -1251,7 +1251,7 @@ impl VolumeInfo {
 }
 
 /// Bytes in the files under a directory (not following links); `None` when unreadable.
-fn dir_usage(dir: &std::path::Path) -> Option<u64> {
+pub(super) fn dir_usage(dir: &std::path::Path) -> Option<u64> {
     let mut total = 0u64;
     let mut stack = vec![dir.to_path_buf()];
     let mut seen = 0usize;

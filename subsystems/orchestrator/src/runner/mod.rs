@@ -4,6 +4,7 @@
 //! running) so the supervisor above them never asks which one it has.
 
 pub mod docker;
+pub mod host_volumes;
 
 /// `node-cluster8`: what names this runed's objects outside its data dir (containers, their
 /// network, mount directories), so that runeds sharing a host (same node name, other data
@@ -53,6 +54,8 @@ pub struct MountDir {
     pub host: std::path::PathBuf,
     /// Where the instance sees them.
     pub target: std::path::PathBuf,
+    /// Bound read-write (a volume); secret and configmap files are always read-only.
+    pub writable: bool,
 }
 
 /// Failures of a runner, worded for `rune get instances`.

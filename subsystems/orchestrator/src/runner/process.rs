@@ -37,6 +37,7 @@ struct StateFile {
 pub struct ProcessRunner {
     root: PathBuf,
     writer: Option<PathBuf>,
+    volumes: super::host_volumes::HostVolumes,
 }
 
 /// The PATH given to processes, which inherit nothing else from runed's environment.
@@ -45,11 +46,21 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 impl ProcessRunner {
     /// A runner keeping its files under `root`; `writer` is the runed binary that timestamps
     /// output (see [`crate::logfile`]).
-    pub fn new(root: impl Into<PathBuf>, writer: Option<PathBuf>) -> Self {
+    pub fn new(
+        root: impl Into<PathBuf>,
+        writer: Option<PathBuf>,
+        volumes: super::host_volumes::HostVolumes,
+    ) -> Self {
         Self {
             root: root.into(),
             writer,
+            volumes,
         }
+    }
+
+    /// The process services' volumes.
+    pub fn volumes(&self) -> &super::host_volumes::HostVolumes {
+        &self.volumes
     }
 
     /// Where the process's stdout and stderr go: the pipe of a log writer, or the file itself.
@@ -121,6 +132,15 @@ impl ProcessRunner {
                 workdir.display()
             )));
         }
+        let mut mounts = l.mounts.clone();
+        mounts.extend(self.volumes.prepare(l, uid, gid)?);
+        // SAFETY: geteuid has no preconditions.
+        if !mounts.is_empty() && unsafe { libc::geteuid() } != 0 {
+            return Err(RunError::Launch(
+                "secret, configmap and volume mounts of a process service need runed to run as root (they are bound in the process's own mount namespace)".into(),
+            ));
+        }
+        let l = &Launch { mounts, ..l.clone() };
         for m in &l.mounts {
             // The mount point must exist on the host; the files are visible only inside the
             // process's own mount namespace.
@@ -495,7 +515,8 @@ fn chown_tree(p: &Path, uid: Option<u32>, gid: Option<u32>) -> std::io::Result<(
     Ok(())
 }
 
-/// In the child, before exec: a private mount namespace, each mount bound read-only, then the
+/// In the child, before exec: a private mount namespace, each mount bound (read-only unless it
+/// is a writable volume), then the
 /// group and user dropped. Everything the child touches is prepared here, before fork, because
 /// between fork and exec only async-signal-safe calls are allowed.
 fn mount_then_drop(
@@ -507,12 +528,13 @@ fn mount_then_drop(
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
-    let binds: Vec<(CString, CString)> = mounts
+    let binds: Vec<(CString, CString, bool)> = mounts
         .iter()
         .filter_map(|m| {
             Some((
                 CString::new(m.host.as_os_str().as_bytes()).ok()?,
                 CString::new(m.target.as_os_str().as_bytes()).ok()?,
+                m.writable,
             ))
         })
         .collect();
@@ -536,7 +558,7 @@ fn mount_then_drop(
             {
                 return fail();
             }
-            for (src, dst) in &binds {
+            for (src, dst, writable) in &binds {
                 if libc::mount(
                     src.as_ptr(),
                     dst.as_ptr(),
@@ -546,6 +568,9 @@ fn mount_then_drop(
                 ) != 0
                 {
                     return fail();
+                }
+                if *writable {
+                    continue;
                 }
                 let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
                 if libc::mount(

@@ -371,6 +371,7 @@ impl Daemon {
         for pid in self.process_pids() {
             kill_group(pid);
         }
+        self.remove_cgroups();
         // The node's container networks and volumes, once its containers are gone.
         for kind in ["network", "volume"] {
             let Ok(out) = Command::new("docker")
@@ -391,6 +392,52 @@ impl Daemon {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status();
+            }
+        }
+    }
+
+    /// The resource groups runed made for its process instances (`rune-<node>-<cluster>/`
+    /// under this process's own groups, v1 or v2), once the killed processes have left them.
+    fn remove_cgroups(&self) {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mut bases = Vec::new();
+        for l in own.lines() {
+            let mut p = l.splitn(3, ':');
+            let (Some(_), Some(ctrls), Some(path)) = (p.next(), p.next(), p.next()) else {
+                continue;
+            };
+            let path = path.trim_start_matches('/');
+            for c in ctrls.split(',') {
+                if c == "memory" || c == "cpu" {
+                    bases.push(PathBuf::from("/sys/fs/cgroup").join(c).join(path));
+                }
+            }
+            if ctrls.is_empty() {
+                bases.push(PathBuf::from("/sys/fs/cgroup").join(path));
+            }
+        }
+        let prefix = format!("rune-{}-", self.node);
+        for base in bases {
+            let Ok(rd) = std::fs::read_dir(&base) else {
+                continue;
+            };
+            for d in rd
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    for leaf in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+                        if leaf.path().is_dir() {
+                            let _ = std::fs::remove_dir(leaf.path());
+                        }
+                    }
+                    // A killed process leaves its group a moment after the signal.
+                    if std::fs::remove_dir(d.path()).is_ok() || Instant::now() > deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
     }

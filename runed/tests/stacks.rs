@@ -514,3 +514,73 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
     }
     assert!(run_ok(&d, &["volume", "list", "-o", "json"]).trim() == "[]");
 }
+
+/// The limit file of a process's memory group, as the kernel shows it (v1 or v2).
+fn memory_limit_of(pid: &str) -> String {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for l in cg.lines() {
+        let mut p = l.splitn(3, ':');
+        let (_, ctrls, path) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
+        if ctrls.split(',').any(|c| c == "memory") {
+            return std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+                .unwrap();
+        }
+        if ctrls.is_empty() {
+            if let Ok(v) = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")) {
+                return v;
+            }
+        }
+    }
+    panic!("no memory group for {pid}: {cg}")
+}
+
+#[test]
+fn memory_limits_reach_processes_and_containers_and_oom_kills_say_so() {
+    image();
+    let d = Daemon::start(&bins());
+    let limited = "service:
+  name: capped
+  scale: 1
+  stopGracePeriodSeconds: 1
+  resources:
+    memory: {limit: 48Mi, request: 16Mi}
+    cpu: {limit: 500m}
+  process:
+    command: /bin/sleep
+    args: [\"3600\"]
+";
+    let out = run_ok(&d, &["cast", &write(&d, "capped.yaml", limited)]);
+    assert!(out.contains("ready: 1/1"), "{out}");
+    let pid = instances(&d, "capped")[0]["runtimeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(memory_limit_of(&pid).trim(), (48u64 << 20).to_string());
+
+    // Both runtimes: a 64 MiB buffer in a 16 MiB limit is killed, and the reason says why.
+    let hog = |name: &str, runtime: &str| {
+        format!(
+            "service:
+  name: {name}
+  scale: 1
+  resources:
+    memory: {{limit: 16Mi}}
+{runtime}"
+        )
+    };
+    let process = "  process:\n    command: /bin/busybox\n    args: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n";
+    let container = "  image: busybox\n  command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n";
+    for (name, runtime) in [("hog-process", process), ("hog-container", container)] {
+        run_ok(
+            &d,
+            &[
+                "cast",
+                "--detach",
+                &write(&d, &format!("{name}.yaml"), &hog(name, runtime)),
+            ],
+        );
+        wait_for_reason(&d, name, "OOM-killed (memory limit reached)");
+        run_ok(&d, &["delete", name]);
+    }
+    run_ok(&d, &["delete", "capped"]);
+}

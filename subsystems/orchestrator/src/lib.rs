@@ -278,11 +278,24 @@ impl Orchestrator {
     /// Starts the projection, the reconcile loop and the reporter.
     pub async fn start(log: Arc<Log>, cfg: OrchestratorConfig, stale_budget: Duration) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+        let cgroups = runner::cgroup::Cgroups::detect(
+            std::path::Path::new("/sys/fs/cgroup"),
+            &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+            &cfg.owner(),
+        );
+        match &cgroups {
+            runner::cgroup::Cgroups::Unavailable(_) => tracing::warn!(
+                cgroups = %cgroups.describe(),
+                "process services cannot be given resource limits here; those that ask are refused"
+            ),
+            _ => tracing::info!(cgroups = %cgroups.describe(), "process resource limits"),
+        }
         let inner = Arc::new(Inner {
             process: ProcessRunner::new(
                 cfg.data_dir.join("instances"),
                 cfg.log_writer.clone(),
                 runner::host_volumes::HostVolumes::new(cfg.volumes_root.join(cfg.owner())),
+                cgroups,
             ),
             docker: DockerRunner::new(
                 cfg.docker_socket.clone(),
@@ -657,13 +670,13 @@ impl Inner {
         None
     }
 
-    async fn wait(&self, run: &mut Run) -> Exit {
+    async fn wait(&self, ns: &str, id: &str, run: &mut Run) -> Exit {
         match &run.handle {
             RunHandle::Container { id } => {
                 let id = id.clone();
                 self.docker.wait(&id).await
             }
-            _ => self.process.wait(&mut run.handle).await,
+            _ => self.process.wait(ns, id, &mut run.handle).await,
         }
     }
 

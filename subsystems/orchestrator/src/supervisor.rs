@@ -134,7 +134,7 @@ impl Supervisor {
                 let address = run.address.clone();
                 let runtime_id = run.handle.runtime_id();
                 tokio::select! {
-                    e = self.inner.wait(&mut run) => Ended::Exited(e),
+                    e = self.inner.wait(&self.launch.namespace, &self.launch.id, &mut run) => Ended::Exited(e),
                     m = probes(inner, key, launch, address, runtime_id) => {
                         let e = self.inner.stop(&self.launch, &mut run).await;
                         Ended::Unhealthy(Exit { code: e.code, reason: format!("killed: liveness probe failed: {m}") })

@@ -1273,20 +1273,21 @@ pub(super) fn dir_usage(dir: &std::path::Path) -> Option<u64> {
     Some(total)
 }
 
-/// What `resources` asks of the engine.
+/// What `resources` asks of the engine (and of a process's cgroup).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct EngineResources {
+pub struct EngineResources {
     /// CPU limit (`cpu.limit`), in billionths of a CPU.
-    nano_cpus: Option<i64>,
+    pub nano_cpus: Option<i64>,
     /// Relative CPU weight (`cpu.request` x 1024, at least 2, as the original set it).
-    cpu_shares: Option<i64>,
+    pub cpu_shares: Option<i64>,
     /// Hard memory limit (`memory.limit`), in bytes.
-    memory: Option<i64>,
+    pub memory: Option<i64>,
     /// Soft memory reservation (`memory.request`), in bytes.
-    memory_reservation: Option<i64>,
+    pub memory_reservation: Option<i64>,
 }
 
-fn resources(spec: &rune_statemachine::spec::ServiceSpec) -> EngineResources {
+/// The limits and requests of a spec, in the engine's units.
+pub fn resources(spec: &rune_statemachine::spec::ServiceSpec) -> EngineResources {
     use rune_statemachine::validate::{parse_cpu_millis, parse_memory_bytes};
     let Some(r) = &spec.resources else {
         return EngineResources::default();

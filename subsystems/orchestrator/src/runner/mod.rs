@@ -3,6 +3,7 @@
 //! Both runners answer the same questions (start, wait, stop, logs, exec, what is already
 //! running) so the supervisor above them never asks which one it has.
 
+pub mod cgroup;
 pub mod docker;
 pub mod host_volumes;
 

@@ -38,6 +38,7 @@ pub struct ProcessRunner {
     root: PathBuf,
     writer: Option<PathBuf>,
     volumes: super::host_volumes::HostVolumes,
+    cgroups: super::cgroup::Cgroups,
 }
 
 /// The PATH given to processes, which inherit nothing else from runed's environment.
@@ -45,17 +46,25 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 impl ProcessRunner {
     /// A runner keeping its files under `root`; `writer` is the runed binary that timestamps
-    /// output (see [`crate::logfile`]).
+    /// output (see [`crate::logfile`]); `volumes` and `cgroups` give processes their storage
+    /// and limits.
     pub fn new(
         root: impl Into<PathBuf>,
         writer: Option<PathBuf>,
         volumes: super::host_volumes::HostVolumes,
+        cgroups: super::cgroup::Cgroups,
     ) -> Self {
         Self {
             root: root.into(),
             writer,
             volumes,
+            cgroups,
         }
+    }
+
+    /// How resource limits reach processes on this host.
+    pub fn cgroups(&self) -> &super::cgroup::Cgroups {
+        &self.cgroups
     }
 
     /// The process services' volumes.
@@ -157,15 +166,22 @@ impl ProcessRunner {
             // Without a writer the process appends to its log itself, so it must be allowed to.
             let _ = std::os::unix::fs::chown(dir.join("output.log"), Some(uid), gid);
         }
+        let join = self
+            .cgroups
+            .create(&l.namespace, &l.id, &super::docker::resources(&l.spec))?;
         let mut cmd = command(
             &p.command,
             p.args.iter().map(|a| a.0.as_str()),
             &workdir,
             l,
             (uid, gid),
+            join.as_ref(),
         );
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-        let child = tokio::process::Command::from(cmd).spawn().map_err(|e| {
+        let spawned = tokio::process::Command::from(cmd).spawn();
+        // The child holds its own copies of the group files until exec; runed needs none.
+        drop(join);
+        let child = spawned.map_err(|e| {
             let what = match e.kind() {
                 std::io::ErrorKind::NotFound => "not found".to_string(),
                 std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
@@ -201,8 +217,18 @@ impl ProcessRunner {
         })
     }
 
-    /// Waits until the run ends.
-    pub async fn wait(&self, h: &mut RunHandle) -> Exit {
+    /// Waits until the run ends; a kill by the kernel's OOM killer in the instance's group is
+    /// said as such, and the group goes.
+    pub async fn wait(&self, ns: &str, id: &str, h: &mut RunHandle) -> Exit {
+        let mut exit = self.wait_run(h).await;
+        if exit.code == Some(128 + i64::from(libc::SIGKILL)) && self.cgroups.oom_killed(ns, id) {
+            exit.reason = "OOM-killed (memory limit reached)".into();
+        }
+        self.cgroups.remove(ns, id);
+        exit
+    }
+
+    async fn wait_run(&self, h: &mut RunHandle) -> Exit {
         match h {
             RunHandle::Child { child, .. } => match child.wait().await {
                 Ok(st) => exit_of(st),
@@ -231,14 +257,14 @@ impl ProcessRunner {
     pub async fn stop(&self, ns: &str, id: &str, h: &mut RunHandle, grace: Duration) -> Exit {
         let pid = match h {
             RunHandle::Child { pid, .. } | RunHandle::Adopted { pid, .. } => *pid,
-            RunHandle::Container { .. } => return self.wait(h).await,
+            RunHandle::Container { .. } => return self.wait(ns, id, h).await,
         };
         signal_group(pid, libc::SIGTERM);
-        let exit = match tokio::time::timeout(grace, self.wait(h)).await {
+        let exit = match tokio::time::timeout(grace, self.wait(ns, id, h)).await {
             Ok(e) => e,
             Err(_) => {
                 signal_group(pid, libc::SIGKILL);
-                let mut e = self.wait(h).await;
+                let mut e = self.wait(ns, id, h).await;
                 e.reason = format!("killed after the {}s grace period", grace.as_secs());
                 e
             }
@@ -397,7 +423,7 @@ impl ProcessRunner {
         if spec.tty {
             return super::pty::spawn(prog, args, &workdir, &l.env, uid, gid, spec.cols, spec.rows);
         }
-        let mut cmd = command(prog, args, &workdir, l, (uid, gid));
+        let mut cmd = command(prog, args, &workdir, l, (uid, gid), None);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -477,6 +503,7 @@ fn command<I, S>(
     workdir: &Path,
     l: &Launch,
     (uid, gid): (Option<u32>, Option<u32>),
+    join: Option<&super::cgroup::Join>,
 ) -> std::process::Command
 where
     I: IntoIterator<Item = S>,
@@ -490,7 +517,7 @@ where
         .env("HOME", workdir)
         .envs(&l.env)
         .process_group(0);
-    if l.mounts.is_empty() {
+    if l.mounts.is_empty() && join.is_none() {
         if let Some(gid) = gid {
             cmd.gid(gid);
         }
@@ -498,9 +525,12 @@ where
             cmd.uid(uid);
         }
     } else {
-        // std drops privileges before pre_exec runs, and mounting needs them: the child sets up
-        // its mounts first and drops privileges itself.
-        mount_then_drop(&mut cmd, &l.mounts, uid, gid);
+        // std drops privileges before pre_exec runs, and joining a group and mounting need
+        // them: the child does both first and drops privileges itself.
+        let fds: Vec<std::os::fd::RawFd> = join
+            .map(|j| j.procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect())
+            .unwrap_or_default();
+        prepare_child(&mut cmd, &l.mounts, fds, uid, gid);
     }
     cmd
 }
@@ -515,13 +545,14 @@ fn chown_tree(p: &Path, uid: Option<u32>, gid: Option<u32>) -> std::io::Result<(
     Ok(())
 }
 
-/// In the child, before exec: a private mount namespace, each mount bound (read-only unless it
-/// is a writable volume), then the
+/// In the child, before exec: its resource groups joined, a private mount namespace (when it
+/// has mounts), each mount bound (read-only unless it is a writable volume), then the
 /// group and user dropped. Everything the child touches is prepared here, before fork, because
 /// between fork and exec only async-signal-safe calls are allowed.
-fn mount_then_drop(
+fn prepare_child(
     cmd: &mut std::process::Command,
     mounts: &[super::MountDir],
+    cgroup_fds: Vec<std::os::fd::RawFd>,
     uid: Option<u32>,
     gid: Option<u32>,
 ) {
@@ -545,16 +576,18 @@ fn mount_then_drop(
     unsafe {
         cmd.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            super::cgroup::join_in_child(&cgroup_fds)?;
+            if !binds.is_empty() && libc::unshare(libc::CLONE_NEWNS) != 0 {
                 return fail();
             }
-            if libc::mount(
-                none.as_ptr(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
+            if !binds.is_empty()
+                && libc::mount(
+                    none.as_ptr(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
             {
                 return fail();
             }

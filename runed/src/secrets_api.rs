@@ -47,6 +47,15 @@ fn configmap_pb(r: &ConfigmapRecord) -> pb::Configmap {
     }
 }
 
+fn configmap_record<R>(t: &R, ns: &str, name: &str) -> Result<ConfigmapRecord, Status>
+where
+    R: redb::ReadableTable<&'static str, &'static [u8]>,
+{
+    get_record::<ConfigmapRecord, _>(t, &configmap_key(ns, name))
+        .map_err(internal)?
+        .ok_or_else(|| Status::not_found(format!("configmap {ns}/{name} not found")))
+}
+
 #[tonic::async_trait]
 impl pb::secret_api_server::SecretApi for Api {
     async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Result<Response<pb::Secret>, Status> {
@@ -126,9 +135,7 @@ impl pb::secret_api_server::SecretApi for Api {
         let name = req.into_inner().name;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let rec = get_record::<ConfigmapRecord, _>(&t, &configmap_key(&ns, &name))
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("configmap {ns}/{name} not found")))?;
+        let rec = configmap_record(&t, &ns, &name)?;
         Ok(Response::new(configmap_pb(&rec)))
     }
 
@@ -141,9 +148,7 @@ impl pb::secret_api_server::SecretApi for Api {
         let name = req.into_inner().name;
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let rec = get_record::<ConfigmapRecord, _>(&t, &configmap_key(&ns, &name))
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("configmap {ns}/{name} not found")))?;
+        let rec = configmap_record(&t, &ns, &name)?;
         let mut versions: Vec<pb::Configmap> = configmap_history(&t, &ns, &name)
             .map_err(internal)?
             .into_iter()

@@ -584,3 +584,62 @@ fn memory_limits_reach_processes_and_containers_and_oom_kills_say_so() {
     }
     run_ok(&d, &["delete", "capped"]);
 }
+
+#[test]
+fn security_context_reaches_the_engine_and_bad_values_are_named() {
+    image();
+    let d = Daemon::start(&bins());
+    let spec = "service:
+  name: tuned
+  image: busybox
+  scale: 1
+  command: [\"sleep\", \"3600\"]
+  stopGracePeriodSeconds: 1
+  securityContext:
+    seccompProfile: {type: Unconfined}
+    capAdd: [NET_ADMIN]
+    capDrop: [CAP_MKNOD]
+  initSteps:
+    - name: check
+      command: [\"true\"]
+      securityContext: {capDrop: [ALL]}
+";
+    let out = run_ok(&d, &["cast", &write(&d, "tuned.yaml", spec)]);
+    assert!(out.contains("ready: 1/1"), "{out}");
+    let cid = instances(&d, "tuned")[0]["runtimeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        docker_inspect(&cid, "{{.HostConfig.SecurityOpt}} {{.HostConfig.CapAdd}} {{.HostConfig.CapDrop}} {{.HostConfig.Privileged}}"),
+        "[seccomp=unconfined] [NET_ADMIN] [CAP_MKNOD] false"
+    );
+    let step = format!(
+        "{}-init-check",
+        docker_inspect(&cid, "{{.Name}}").trim_start_matches('/')
+    );
+    assert_eq!(docker_inspect(&step, "{{.HostConfig.CapDrop}}"), "[ALL]");
+    run_ok(&d, &["delete", "tuned"]);
+
+    let bad = write(
+        &d,
+        "bad.yaml",
+        "service:
+  name: bad
+  image: busybox
+  imagePull: sometimes
+  securityContext:
+    seccompProfile: {type: strict, localhostProfile: rel.json}
+    capAdd: [net-admin]
+",
+    );
+    let o = d.rune(&["cast", &bad]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    for want in [
+        "imagePull: 'sometimes' is not one of missing, always, never",
+        "securityContext.seccompProfile.type: 'strict' is not one of default, unconfined, localhost",
+        "securityContext.capAdd[0]: 'net-admin' is not a capability name",
+    ] {
+        assert!(stderr(&o).contains(want), "{want} in:\n{}", stderr(&o));
+    }
+}

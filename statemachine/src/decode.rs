@@ -106,9 +106,46 @@ pub fn decode<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, Vec<F
                     })
                     .collect(),
             );
-            errors.push(FieldError::new(path, tidy_serde_message(&e.to_string())));
+            // An untagged shape says nothing of why no variant fit; the usual reason is a key
+            // left without a value (`password:` after a placeholder rendered to nothing).
+            let message = e.to_string();
+            if message.contains("untagged enum") {
+                if let Some(null) = first_null_under(value, &path) {
+                    errors.push(FieldError::new(
+                        null,
+                        "has no value (an empty YAML value is null); give one, or quote \"\" for an empty string",
+                    ));
+                    return Err(errors);
+                }
+            }
+            errors.push(FieldError::new(path, tidy_serde_message(&message)));
             Err(errors)
         }
+    }
+}
+
+/// The path of the first null directly inside the value at `at` (a mapping's value or a list's
+/// item, one level down).
+fn first_null_under(root: &serde_json::Value, at: &FieldPath) -> Option<FieldPath> {
+    let mut v = root;
+    for seg in &at.0 {
+        v = match seg {
+            Seg::Key(k) => v.get(k)?,
+            Seg::Index(i) => v.get(i)?,
+        };
+    }
+    let child = |seg: Seg| {
+        let mut p = at.clone();
+        p.0.push(seg);
+        p
+    };
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .find(|(_, x)| x.is_null())
+            .map(|(k, _)| child(Seg::Key(k.clone()))),
+        serde_json::Value::Array(a) => a.iter().position(|x| x.is_null()).map(|i| child(Seg::Index(i))),
+        _ => None,
     }
 }
 
@@ -176,6 +213,15 @@ mod tests {
         let errs = decode::<ServiceSpec>(&v).unwrap_err();
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].path.to_string(), "ports[0].port");
+    }
+
+    #[test]
+    fn a_key_without_a_value_is_named() {
+        let v = serde_json::json!({"name": "s", "data": {"user": "u", "password": null}});
+        let errs = decode::<crate::secret::SecretSpec>(&v).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path.to_string(), "data.password");
+        assert!(errs[0].message.contains("has no value"), "{}", errs[0].message);
     }
 
     #[test]

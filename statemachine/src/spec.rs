@@ -169,6 +169,43 @@ pub struct ServiceSpec {
     /// volumes, mounts and environment): migrations, permissions, seeding.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init_steps: Vec<InitStep>,
+    /// When to pull the image: `missing` (the default: only when the node does not have it),
+    /// `always` (before every start, so a moved tag is followed) or `never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull: Option<String>,
+    /// What the container may do beyond the engine's defaults (containers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<ContainerSecurity>,
+}
+
+/// A container's seccomp profile, capabilities and privilege, as the original accepts them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSecurity {
+    /// The seccomp filter: the engine's default, none, or a profile file on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_profile: Option<SeccompProfile>,
+    /// Capabilities added to the engine's default set (`NET_ADMIN`, `CAP_NET_ADMIN`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities removed (`ALL` for every one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// Every capability and every device of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileged: Option<bool>,
+}
+
+/// `seccompProfile: {type: default|unconfined|localhost, localhostProfile: /path.json}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SeccompProfile {
+    /// `default`, `unconfined` or `localhost` (any case: `Unconfined` as Kubernetes writes it).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `localhost`: the profile's JSON file on the node, read at each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localhost_profile: Option<String>,
 }
 
 /// Where a volume is mounted and which claim backs it.
@@ -224,6 +261,9 @@ pub struct InitStep {
     /// the service's `env`, which steps see too).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, Text>,
+    /// The step's container's seccomp profile, capabilities and privilege.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<ContainerSecurity>,
 }
 
 /// Storage classes a single node offers.

@@ -85,6 +85,7 @@ pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
     validate_mounts(s, &root, &mut errs);
     validate_volumes(s, &root, &mut errs);
     validate_init_steps(s, &root, &mut errs);
+    validate_container_settings(s, &root, &mut errs);
     errs
 }
 
@@ -191,6 +192,80 @@ fn validate_init_steps(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldEr
                 errs.push(FieldError::new(
                     at.key("env").key(k),
                     format!("'{k}' is not a valid environment variable name"),
+                ));
+            }
+        }
+        if let Some(sc) = &step.security_context {
+            validate_security(sc, &at.key("securityContext"), errs);
+        }
+    }
+}
+
+/// `imagePull` and `securityContext`: container settings, refused on process services.
+fn validate_container_settings(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>) {
+    if let Some(p) = &s.image_pull {
+        if !IMAGE_PULL.contains(&p.as_str()) {
+            errs.push(FieldError::new(
+                root.key("imagePull"),
+                format!("'{p}' is not one of {}", IMAGE_PULL.join(", ")),
+            ));
+        }
+        if s.process.is_some() {
+            errs.push(FieldError::new(
+                root.key("imagePull"),
+                "a process service has no image to pull",
+            ));
+        }
+    }
+    if let Some(sc) = &s.security_context {
+        if s.process.is_some() {
+            errs.push(FieldError::new(
+                root.key("securityContext"),
+                "applies to containers; a process service's user and group are process.securityContext",
+            ));
+        }
+        validate_security(sc, &root.key("securityContext"), errs);
+    }
+}
+
+/// What `imagePull` may say.
+pub const IMAGE_PULL: [&str; 3] = ["missing", "always", "never"];
+
+fn validate_security(sc: &crate::spec::ContainerSecurity, at: &FieldPath, errs: &mut Vec<FieldError>) {
+    if let Some(p) = &sc.seccomp_profile {
+        let at = at.key("seccompProfile");
+        match (p.kind.to_ascii_lowercase().as_str(), &p.localhost_profile) {
+            ("default" | "unconfined", None) => {}
+            ("localhost", Some(path)) if path.starts_with('/') => {}
+            ("localhost", Some(path)) => errs.push(FieldError::new(
+                at.key("localhostProfile"),
+                format!("'{path}' must be an absolute path to the profile's JSON on the node"),
+            )),
+            ("localhost", None) => errs.push(FieldError::new(
+                at.key("localhostProfile"),
+                "is required for type localhost",
+            )),
+            ("default" | "unconfined", Some(_)) => errs.push(FieldError::new(
+                at.key("localhostProfile"),
+                format!("only goes with type localhost, not {}", p.kind),
+            )),
+            _ => errs.push(FieldError::new(
+                at.key("type"),
+                format!("'{}' is not one of default, unconfined, localhost", p.kind),
+            )),
+        }
+    }
+    for (field, caps) in [("capAdd", &sc.cap_add), ("capDrop", &sc.cap_drop)] {
+        for (i, c) in caps.iter().enumerate() {
+            let name = c.strip_prefix("CAP_").unwrap_or(c);
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                errs.push(FieldError::new(
+                    at.key(field).index(i),
+                    format!("'{c}' is not a capability name (NET_ADMIN, CAP_SYS_TIME, ALL)"),
                 ));
             }
         }

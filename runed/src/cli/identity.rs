@@ -724,6 +724,25 @@ pub async fn get(
         .await
         .map_err(st)?,
     };
+    if format.is_table() && history {
+        // Versions are compared by what they hold: configmaps are not secret.
+        let mut rows = vec![vec!["VERSION".into(), "CAST".into(), "DATA".into()]];
+        rows.extend(list.iter().map(|c| {
+            let meta = c.meta.clone().unwrap_or_default();
+            let data: std::collections::BTreeMap<&String, &String> = c.data.iter().collect();
+            let mut text = data
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.replace('\n', "\\n")))
+                .collect::<Vec<_>>()
+                .join(" ");
+            if text.chars().count() > 80 {
+                text = text.chars().take(79).collect::<String>() + "…";
+            }
+            vec![meta.generation.to_string(), age(meta.created_at_ms), text]
+        }));
+        print_table(&rows);
+        return Ok(());
+    }
     if format.is_table() {
         let mut rows = vec![vec![
             "NAME".into(),

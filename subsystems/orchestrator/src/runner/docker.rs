@@ -347,15 +347,22 @@ impl DockerRunner {
         }
     }
 
-    /// Makes sure an image is present, pulling it when it is not, with the launch's
-    /// credentials for its registry.
+    /// Makes sure an image is present, pulling it with the launch's
+    /// credentials for its registry, as the service's `imagePull` says: `missing` (default),
+    /// `always` (every start, so a moved tag is followed), `never`.
     async fn ensure_image(&self, d: &Docker, image: &str, l: &Launch) -> Result<(), RunError> {
+        let auth = l.pull_auth.get(&crate::registry::image_host(image));
+        let policy = l.spec.image_pull.as_deref().unwrap_or("missing");
+        if policy == "always" {
+            return self.pull(d, image, auth).await;
+        }
         match d.inspect_image(image).await {
             Ok(_) => Ok(()),
-            Err(e) if not_found(&e) => {
-                let auth = l.pull_auth.get(&crate::registry::image_host(image));
-                self.pull(d, image, auth).await
-            }
+            Err(e) if not_found(&e) && policy == "never" => Err(RunError::Image {
+                image: image.into(),
+                message: "not on this node, and imagePull is never".into(),
+            }),
+            Err(e) if not_found(&e) => self.pull(d, image, auth).await,
             Err(e) => Err(self.failed(e).await),
         }
     }
@@ -469,9 +476,35 @@ impl DockerRunner {
         Ok(format!("{name}:{}{ro}", v.mount_path))
     }
 
-    fn host_config(&self, l: &Launch, gateway: String, binds: &[String]) -> HostConfig {
+    fn host_config(
+        &self,
+        l: &Launch,
+        gateway: String,
+        binds: &[String],
+        security: Option<&rune_statemachine::spec::ContainerSecurity>,
+    ) -> Result<HostConfig, RunError> {
         let r = resources(&l.spec);
-        HostConfig {
+        let sec = security.cloned().unwrap_or_default();
+        let seccomp = match &sec.seccomp_profile {
+            Some(p) if p.kind.eq_ignore_ascii_case("unconfined") => Some("seccomp=unconfined".to_string()),
+            Some(p) if p.kind.eq_ignore_ascii_case("localhost") => {
+                // The engine takes the profile itself, as `docker run --security-opt` sends it.
+                let path = p.localhost_profile.clone().unwrap_or_default();
+                let json = std::fs::read_to_string(&path).map_err(|e| {
+                    RunError::Launch(format!(
+                        "securityContext.seccompProfile.localhostProfile {path}: {e}"
+                    ))
+                })?;
+                Some(format!("seccomp={json}"))
+            }
+            _ => None,
+        };
+        let caps = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+        Ok(HostConfig {
+            privileged: sec.privileged,
+            cap_add: caps(&sec.cap_add),
+            cap_drop: caps(&sec.cap_drop),
+            security_opt: seccomp.map(|s| vec![s]),
             nano_cpus: r.nano_cpus,
             cpu_shares: r.cpu_shares,
             memory: r.memory,
@@ -487,7 +520,7 @@ impl DockerRunner {
                 maximum_retry_count: None,
             }),
             ..Default::default()
-        }
+        })
     }
 
     /// The container of an instance's init step; kept after it ends so `rune logs
@@ -527,7 +560,12 @@ impl DockerRunner {
             env: Some(super::process::env_list(&env)),
             labels: Some(labels),
             hostname: Some(l.id.clone()),
-            host_config: Some(self.host_config(l, gateway.to_string(), binds)),
+            host_config: Some(self.host_config(
+                l,
+                gateway.to_string(),
+                binds,
+                step.security_context.as_ref(),
+            )?),
             ..Default::default()
         };
         let id = self.create_started(d, &name, body).await.map_err(|e| match e {
@@ -587,7 +625,7 @@ impl DockerRunner {
                     .collect(),
             ),
             stop_timeout: Some(super::grace(spec).as_secs() as i64),
-            host_config: Some(self.host_config(l, gateway, &binds)),
+            host_config: Some(self.host_config(l, gateway, &binds, spec.security_context.as_ref())?),
             ..Default::default()
         };
         let id = self.create_started(&d, &name, body).await?;

@@ -195,6 +195,25 @@ fn a_failing_init_step_fails_the_instance_with_its_name_and_code() {
         instances(&d, "bad")[0]["restarts"].as_u64() >= Some(1)
     });
     run_ok(&d, &["delete", "bad"]);
+
+    // A process service's steps run on the host and fail the same way.
+    let spec = write(
+        &d,
+        "badproc.yaml",
+        "service:
+  name: badproc
+  scale: 1
+  process: {command: /bin/sleep, args: [\"3600\"]}
+  initSteps:
+    - name: migrate
+      command: [/bin/sh, -c, \"echo no database; exit 7\"]
+",
+    );
+    run_ok(&d, &["cast", "--detach", &spec]);
+    wait_for_reason(&d, "badproc", "init step 'migrate' failed: exited with code 7");
+    let logs = run_ok(&d, &["logs", "badproc", "--init-step", "migrate"]);
+    assert!(logs.contains("no database"), "{logs}");
+    run_ok(&d, &["delete", "badproc"]);
 }
 
 #[test]
@@ -456,6 +475,9 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
     - name: shared
       mountPath: {m}/shared
       claim: common
+  initSteps:
+    - name: seed
+      command: [/bin/sh, -c, \"echo seed >> {m}/own/log; echo step ran as $RUNE_INSTANCE_ID\"]
 ",
         m = mnt.display()
     );
@@ -476,12 +498,18 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
         .lines()
         .count()
     };
-    wait_until(LONG, "the first run to write into its volume", || own() == 1);
+    wait_until(
+        LONG,
+        "the step and the first run to write into the volume",
+        || own() == 2,
+    );
+    let logs = run_ok(&d, &["logs", "keeper", "--init-step", "seed"]);
+    assert!(logs.contains("step ran as keeper-0"), "{logs}");
     // The mount point on the host stays empty: the volume is bound in the process's namespace.
     assert!(std::fs::read_dir(mnt.join("own")).unwrap().next().is_none());
 
     run_ok(&d, &["restart", "keeper"]);
-    wait_until(LONG, "the second run to find the first's data", || own() == 2);
+    wait_until(LONG, "the second run to find the first's data", || own() == 4);
 
     let vols: serde_json::Value =
         serde_json::from_str(&run_ok(&d, &["volume", "list", "-o", "json"])).unwrap();
@@ -508,7 +536,7 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
 
     run_ok(&d, &["delete", "keeper"]);
     wait_until(LONG, "keeper's instance to go", || instances_gone(&d));
-    assert_eq!(own(), 2, "the volume outlives its service");
+    assert_eq!(own(), 4, "the volume outlives its service");
     for v in ["own-keeper-0", "common"] {
         assert!(run_ok(&d, &["volume", "delete", v]).contains("deleted"));
     }

@@ -179,10 +179,25 @@ fn validate_init_steps(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldEr
             ));
         }
         if s.process.is_some() {
-            errs.push(FieldError::new(
-                at.clone(),
-                String::from("init steps run as containers; a process service cannot have them"),
-            ));
+            // A process service's steps run on the host, as its process does.
+            if step.image.is_some() {
+                errs.push(FieldError::new(
+                    at.key("image"),
+                    "a process service's init steps run on the host: give a command, not an image",
+                ));
+            }
+            if step.command.is_none() {
+                errs.push(FieldError::new(
+                    at.key("command"),
+                    "is required for a process service's init step",
+                ));
+            }
+            if step.security_context.is_some() {
+                errs.push(FieldError::new(
+                    at.key("securityContext"),
+                    "applies to containers; a process service's steps run as its process.securityContext user",
+                ));
+            }
         }
         if step.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
             errs.push(FieldError::new(at.key("image"), "image must not be empty"));

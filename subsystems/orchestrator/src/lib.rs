@@ -461,7 +461,10 @@ impl Orchestrator {
         q: &LogQuery,
     ) -> Result<Option<LogStream>, OrchestratorError> {
         if rec.runtime == "process" {
-            return Ok(None);
+            return Ok(self
+                .inner
+                .process
+                .init_step_logs(&rec.namespace, &rec.id, step, q));
         }
         Ok(self
             .inner

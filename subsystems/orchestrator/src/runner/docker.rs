@@ -1244,7 +1244,7 @@ impl DockerRunner {
     }
 }
 
-fn command_vec(c: &rune_statemachine::spec::StringOrList) -> Vec<String> {
+pub(super) fn command_vec(c: &rune_statemachine::spec::StringOrList) -> Vec<String> {
     match c {
         rune_statemachine::spec::StringOrList::One(s) => vec![s.clone()],
         rune_statemachine::spec::StringOrList::Many(v) => v.clone(),

@@ -161,14 +161,16 @@ impl ProcessRunner {
                 })?;
             }
         }
+        let join = self
+            .cgroups
+            .create(&l.namespace, &l.id, &super::docker::resources(&l.spec))?;
+        self.run_init_steps(l, &workdir, (uid, gid), join.as_ref())
+            .await?;
         let (stdout, stderr) = self.output(&dir)?;
         if let Some(uid) = uid {
             // Without a writer the process appends to its log itself, so it must be allowed to.
             let _ = std::os::unix::fs::chown(dir.join("output.log"), Some(uid), gid);
         }
-        let join = self
-            .cgroups
-            .create(&l.namespace, &l.id, &super::docker::resources(&l.spec))?;
         let mut cmd = command(
             &p.command,
             p.args.iter().map(|a| a.0.as_str()),
@@ -215,6 +217,78 @@ impl ProcessRunner {
             handle: RunHandle::Child { child, pid },
             address: "127.0.0.1".into(),
         })
+    }
+
+    /// Runs a process service's init steps on the host, in order, each to exit 0, with the
+    /// instance's environment, mounts, volumes and limits. Each step's output goes to
+    /// `init-<step>.log` in the instance's folder, replaced by its next run; what a step leaves
+    /// running in its process group is killed when it ends, as a step container's would be.
+    async fn run_init_steps(
+        &self,
+        l: &Launch,
+        workdir: &Path,
+        ids: (Option<u32>, Option<u32>),
+        join: Option<&super::cgroup::Join>,
+    ) -> Result<(), RunError> {
+        for step in &l.spec.init_steps {
+            let failed = |m: String| RunError::Launch(format!("init step '{}': {m}", step.name));
+            let mut argv = step
+                .command
+                .as_ref()
+                .map(super::docker::command_vec)
+                .unwrap_or_default();
+            argv.extend(step.args.iter().flatten().map(|a| a.0.clone()));
+            let Some((prog, args)) = argv.split_first() else {
+                return Err(failed("a process service's step needs a command".into()));
+            };
+            let path = self.init_log_path(&l.namespace, &l.id, &step.name);
+            let out = std::fs::File::create(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            if ids.0.is_some() || ids.1.is_some() {
+                let _ = std::os::unix::fs::chown(&path, ids.0, ids.1);
+            }
+            let err = out.try_clone().map_err(|e| failed(e.to_string()))?;
+            let mut sl = l.clone();
+            sl.env
+                .extend(step.env.iter().map(|(k, v)| (k.clone(), v.0.clone())));
+            let mut cmd = command(prog, args, workdir, &sl, ids, join);
+            cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+            let mut child = tokio::process::Command::from(cmd)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| failed(format!("{prog}: {e}")))?;
+            let pid = child.id().and_then(|p| i32::try_from(p).ok());
+            tracing::info!(instance = %l.id, step = %step.name, "init step started");
+            let st = child.wait().await.map_err(|e| failed(e.to_string()))?;
+            if let Some(pid) = pid {
+                signal_group(pid, libc::SIGKILL);
+            }
+            let exit = exit_of(st);
+            if exit.code != Some(0) {
+                let why = if exit.code == Some(128 + i64::from(libc::SIGKILL))
+                    && self.cgroups.oom_killed(&l.namespace, &l.id)
+                {
+                    "OOM-killed (memory limit reached)".to_string()
+                } else {
+                    exit.reason
+                };
+                return Err(RunError::Launch(format!(
+                    "init step '{}' failed: {why}",
+                    step.name
+                )));
+            }
+            tracing::info!(instance = %l.id, step = %step.name, "init step done");
+        }
+        Ok(())
+    }
+
+    fn init_log_path(&self, ns: &str, id: &str, step: &str) -> PathBuf {
+        self.dir(ns, id).join(format!("init-{step}.log"))
+    }
+
+    /// The output of an init step's last run; `None` when it has not run.
+    pub fn init_step_logs(&self, ns: &str, id: &str, step: &str, q: &LogQuery) -> Option<LogStream> {
+        let path = self.init_log_path(ns, id, step);
+        path.exists().then(|| stream_file(path, q))
     }
 
     /// Waits until the run ends; a kill by the kernel's OOM killer in the instance's group is
@@ -338,68 +412,7 @@ impl ProcessRunner {
 
     /// The output of an instance: whole lines, filtered by time when asked.
     pub fn logs(&self, ns: &str, id: &str, q: &LogQuery) -> LogStream {
-        let path = self.log_path(ns, id);
-        let q = q.clone();
-        let (tx, rx) = mpsc::channel::<Result<bytes::Bytes, RunError>>(16);
-        tokio::task::spawn_blocking(move || {
-            let f = loop {
-                match std::fs::File::open(&path) {
-                    Ok(f) => break f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && q.follow => {
-                        if tx.is_closed() {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(RunError::Runtime(format!("cannot read the log: {e}"))));
-                        return;
-                    }
-                }
-            };
-            let mut f = f;
-            let start = if q.tail > 0 {
-                tail_offset(&mut f, q.tail).unwrap_or(0)
-            } else {
-                0
-            };
-            if f.seek(SeekFrom::Start(start)).is_err() {
-                return;
-            }
-            let mut r = std::io::BufReader::new(f);
-            let mut line = Vec::new();
-            loop {
-                // A line without its newline yet is kept until the rest arrives.
-                match std::io::BufRead::read_until(&mut r, b'\n', &mut line) {
-                    Ok(_) if line.last() == Some(&b'\n') => {
-                        let (ts, text) = crate::logfile::split(&line);
-                        let keep = q.since_s == 0 || ts.is_none_or(|t| t >= q.since_s);
-                        if keep {
-                            let out = if q.timestamps { line.clone() } else { text.to_vec() };
-                            if tx.blocking_send(Ok(bytes::Bytes::from(out))).is_err() {
-                                return;
-                            }
-                        }
-                        line.clear();
-                    }
-                    Ok(_) => {
-                        if !q.follow || tx.is_closed() {
-                            if !line.is_empty() {
-                                let _ = tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(&mut line))));
-                            }
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(RunError::Runtime(format!("cannot read the log: {e}"))));
-                        return;
-                    }
-                }
-            }
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+        stream_file(self.log_path(ns, id), q)
     }
 
     /// Runs a command beside an instance: same user, working directory and environment.
@@ -493,6 +506,71 @@ impl ProcessRunner {
         });
         Ok((in_tx, out_rx))
     }
+}
+
+/// A log file's lines as `rune logs` asks for them (tail, since, follow, timestamps).
+fn stream_file(path: PathBuf, q: &LogQuery) -> LogStream {
+    let q = q.clone();
+    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes, RunError>>(16);
+    tokio::task::spawn_blocking(move || {
+        let f = loop {
+            match std::fs::File::open(&path) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && q.follow => {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(RunError::Runtime(format!("cannot read the log: {e}"))));
+                    return;
+                }
+            }
+        };
+        let mut f = f;
+        let start = if q.tail > 0 {
+            tail_offset(&mut f, q.tail).unwrap_or(0)
+        } else {
+            0
+        };
+        if f.seek(SeekFrom::Start(start)).is_err() {
+            return;
+        }
+        let mut r = std::io::BufReader::new(f);
+        let mut line = Vec::new();
+        loop {
+            // A line without its newline yet is kept until the rest arrives.
+            match std::io::BufRead::read_until(&mut r, b'\n', &mut line) {
+                Ok(_) if line.last() == Some(&b'\n') => {
+                    let (ts, text) = crate::logfile::split(&line);
+                    let keep = q.since_s == 0 || ts.is_none_or(|t| t >= q.since_s);
+                    if keep {
+                        let out = if q.timestamps { line.clone() } else { text.to_vec() };
+                        if tx.blocking_send(Ok(bytes::Bytes::from(out))).is_err() {
+                            return;
+                        }
+                    }
+                    line.clear();
+                }
+                Ok(_) => {
+                    if !q.follow || tx.is_closed() {
+                        if !line.is_empty() {
+                            let _ = tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(&mut line))));
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(RunError::Runtime(format!("cannot read the log: {e}"))));
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// A command as an instance runs: its own process group, its user, its working directory, and

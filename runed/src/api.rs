@@ -372,6 +372,18 @@ impl pb::service_api_server::ServiceApi for Api {
         // rotation waits until this cast's entry is applied.
         let _no_rotation = self.secrets.cast_guard().await;
         let (mut resources, unchanged_secrets) = self.secrets.seal_cast(&self.log, &caller, decoded)?;
+        // Unchanged secrets are left out of the write, but a release owns them all the same.
+        let release = release.map(|mut r| {
+            r.also = unchanged_secrets
+                .iter()
+                .map(|u| rune_statemachine::store::ResourceRef {
+                    kind: u.kind.clone(),
+                    namespace: u.namespace.clone(),
+                    name: u.name.clone(),
+                })
+                .collect();
+            r
+        });
         resources.sort_by_key(cast_rank);
         // The applied state already holds every acknowledged write (apply runs before the reply),
         // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway.
@@ -399,7 +411,11 @@ impl pb::service_api_server::ServiceApi for Api {
         let unchanged = predicted
             .iter()
             .all(|p| p.action == pb::ApplyAction::Unchanged as i32);
-        if req.dry_run || unchanged || resources.is_empty() {
+        // A release cast whose resources are all unchanged secrets still records the release.
+        let release_changes = predicted
+            .iter()
+            .any(|p| p.kind == "release" && p.action != pb::ApplyAction::Unchanged as i32);
+        if req.dry_run || unchanged || (resources.is_empty() && !release_changes) {
             return Ok(Response::new(pb::ApplyResponse {
                 results: predicted,
                 index: 0,

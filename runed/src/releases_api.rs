@@ -7,8 +7,8 @@ use rune_proto::v1 as pb;
 use rune_statemachine::command::ReleaseSpec;
 use rune_statemachine::instance::{instances_prefix, InstanceRecord};
 use rune_statemachine::store::{
-    configmap_key, get_record, list_records, owned_refs, release_key, release_merged, releases_prefix,
-    secret_key, service_key, ReleaseRecord, ServiceRecord,
+    configmap_key, get_record, list_records, release_key, release_merged, releases_prefix, secret_key,
+    service_key, services_prefix, ReleaseRecord, ServiceRecord,
 };
 use rune_statemachine::{Command, Resource, STATE_TABLE};
 use tonic::{Request, Response, Status};
@@ -45,6 +45,8 @@ pub(crate) fn release_spec(r: &pb::ReleaseSpec) -> Result<ReleaseSpec, Status> {
         version: r.version.clone(),
         description: r.description.clone(),
         values_digest: r.values_digest.clone(),
+        also: Vec::new(),
+        adopt: r.adopt,
     })
 }
 
@@ -58,7 +60,7 @@ pub(crate) fn predict(
     let t = txn.open_table(STATE_TABLE).map_err(internal)?;
     let prev: Option<ReleaseRecord> =
         get_record(&t, &release_key(&rel.namespace, &rel.name)).map_err(internal)?;
-    let (_, hash) = release_merged(prev.as_ref(), rel, &owned_refs(resources));
+    let (_, _, hash) = release_merged(prev.as_ref(), rel, resources);
     let (action, generation) = match &prev {
         None => (pb::ApplyAction::Created, 1),
         Some(p) if p.meta.spec_hash == hash => (pb::ApplyAction::Unchanged, p.meta.generation),
@@ -81,6 +83,7 @@ fn spec_pb(s: &ReleaseSpec) -> pb::ReleaseSpec {
         version: s.version.clone(),
         description: s.description.clone(),
         values_digest: s.values_digest.clone(),
+        adopt: false,
     }
 }
 
@@ -183,7 +186,7 @@ impl Api {
         if req.name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
         }
-        let (services, claims) = {
+        let (services, claims, revision) = {
             let txn = self.log.read().map_err(internal)?;
             let t = txn.open_table(STATE_TABLE).map_err(internal)?;
             let Some(r) =
@@ -206,7 +209,17 @@ impl Api {
                     services.push(x.name.clone());
                 }
             }
-            (services, claims)
+            // A shared claim another service (outside the release) names is not the release's
+            // to delete.
+            let all: Vec<ServiceRecord> = list_records(&t, &services_prefix(Some(&ns))).map_err(internal)?;
+            for s in all.iter().filter(|s| !services.contains(&s.spec.name)) {
+                for v in &s.spec.volumes {
+                    if let Some(c) = &v.claim {
+                        claims.remove(c);
+                    }
+                }
+            }
+            (services, claims, r.meta.generation)
         };
         let p = self
             .log
@@ -214,6 +227,7 @@ impl Api {
                 namespace: ns,
                 name: req.name,
                 force: req.force,
+                revision: Some(revision),
             })
             .await
             .map_err(not_proposed)?;

@@ -293,8 +293,23 @@ fn a_release_is_recorded_upgraded_and_deleted_with_or_without_its_volumes() {
     std::fs::write(dir.join("casts/db.yaml"), SHOP_CAST).unwrap();
     let dir = dir.to_str().unwrap();
 
-    let out = run_ok(&d, &["cast", dir]);
+    // A configmap cast by hand first is not taken over unless asked.
+    let by_hand = write(
+        &d,
+        "greeting.yaml",
+        "configmap:\n  name: greeting\n  namespace: shop\n  data: {msg: old}\n",
+    );
+    run_ok(&d, &["cast", "--create-namespace", &by_hand]);
+    let o = d.rune(&["cast", dir]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("configmap shop/greeting exists outside release shop/shop; a release only takes what it creates: cast with --adopt"),
+        "{}",
+        stderr(&o)
+    );
+    let out = run_ok(&d, &["cast", dir, "--adopt"]);
     assert!(out.contains("release/shop/shop created (generation 1)"), "{out}");
+    assert!(out.contains("configmap/shop/greeting configured"), "{out}");
     assert!(out.contains("ready: 1/1"), "{out}");
     // Cast again as it is: nothing changes, the release included.
     let out = run_ok(&d, &["cast", dir]);
@@ -483,7 +498,7 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
     );
     let out = run_ok(&d, &["cast", &write(&d, "keeper.yaml", &spec)]);
     assert!(out.contains("ready: 1/1"), "{out}");
-    // Lines the runs wrote into the instance's own volume (under <root>/<owner>/<ns>/instances).
+    // Lines the runs wrote into the instance's own volume (<root>/<owner>/<ns>/instances/<instance>/<volume>).
     let own = || {
         std::fs::read_to_string(
             std::fs::read_dir(&root)
@@ -492,7 +507,7 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
                 .next()
                 .unwrap()
                 .path()
-                .join("default/instances/own-keeper-0/log"),
+                .join("default/instances/keeper-0/own/log"),
         )
         .unwrap_or_default()
         .lines()

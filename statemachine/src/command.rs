@@ -11,8 +11,10 @@ use crate::instance::InstanceEvent;
 use crate::secret::{Configmap, SealedSecret};
 use crate::spec::{NamespaceSpec, ServiceSpec};
 
-/// The entry format this build writes. Builds decode every version up to this one.
-pub const FORMAT_VERSION: u32 = 1;
+/// The entry format this build writes. Builds decode every version up to this one, and apply
+/// each as the build that wrote it would: v2 added configmap versions, so a v1 entry still
+/// writes none (replaying an old log gives the state it gave then).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// One proposed write, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,9 +99,13 @@ pub enum Command {
         namespace: String,
         /// Name of the release.
         name: String,
-        /// Delete even when services outside the release depend on its services.
+        /// Delete even when services outside the release depend on what it holds.
         #[serde(default)]
         force: bool,
+        /// The revision the caller checked its permissions against: refused when a cast
+        /// changed the release since (it may hold more now).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<u64>,
     },
     /// Removes a service and its history; its instances are then stopped and removed.
     DeleteService {
@@ -229,6 +235,14 @@ pub struct ReleaseSpec {
     /// `sha256:<hex>` of the merged values, so two casts can tell whether values changed
     /// without the state holding them (values may carry secrets).
     pub values_digest: String,
+    /// Resources of the cast left out of `resources` because they did not change (sealed
+    /// secrets already stored): the release owns them all the same. Never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<crate::store::ResourceRef>,
+    /// Take over resources of the cast that exist outside any release (`--adopt`): what was
+    /// cast before releases were recorded, or by hand. Never stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
 }
 
 /// A secret version's data key, wrapped again under a new KEK.

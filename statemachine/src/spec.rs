@@ -203,7 +203,8 @@ pub struct SeccompProfile {
     /// `default`, `unconfined` or `localhost` (any case: `Unconfined` as Kubernetes writes it).
     #[serde(rename = "type")]
     pub kind: String,
-    /// For `localhost`: the profile's JSON file on the node, read at each start.
+    /// For `localhost`: the profile's JSON file under the node's `/etc/rune/seccomp`, read at
+    /// each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub localhost_profile: Option<String>,
 }

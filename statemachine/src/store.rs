@@ -433,6 +433,10 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             history_limit,
             release,
         } => {
+            let before = match release {
+                Some(rel) => releases::existing(o, rel, resources)?,
+                None => Default::default(),
+            };
             for r in resources {
                 let res = match r {
                     Resource::Namespace(ns) => {
@@ -487,7 +491,9 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                             }
                             Resource::Secret(s) => objects::put_secret(o, index, now, s, *history_limit)?,
                             Resource::Configmap(c) => {
-                                objects::put_configmap(o, index, now, c, *force, *history_limit)?
+                                // v1 entries kept no configmap versions; replaying them must not.
+                                let keep = (e.version >= 2).then_some(*history_limit);
+                                objects::put_configmap(o, index, now, c, *force, keep)?
                             }
                             Resource::Namespace(_) => continue,
                         };
@@ -500,7 +506,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 changes.extend(res);
             }
             if let Some(rel) = release {
-                match releases::put_release(o, index, now, rel, resources)? {
+                match releases::put_release(o, index, now, rel, resources, &before)? {
                     Ok(c) => changes.push(c),
                     Err(r) => return Ok(Err(r)),
                 }
@@ -584,12 +590,24 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             namespace,
             name,
             force,
+            revision,
         } => {
             let Some(rel) = o.get::<ReleaseRecord>(&release_key(namespace, name))? else {
                 return Ok(Err(Rejection::NotFound(format!(
                     "release {namespace}/{name} not found"
                 ))));
             };
+            if revision.is_some_and(|r| r != rel.meta.generation) {
+                return Ok(Err(Rejection::FailedPrecondition(format!(
+                    "release {namespace}/{name} changed while it was being deleted (now revision {}); delete it again",
+                    rel.meta.generation
+                ))));
+            }
+            if !force {
+                if let Err(rej) = refuse_object_users(o, &rel)? {
+                    return Ok(Err(rej));
+                }
+            }
             let own: Vec<(String, String)> = rel
                 .resources
                 .iter()
@@ -806,6 +824,64 @@ fn remove_service<R: ReadableTable<&'static str, &'static [u8]>>(
         "",
     ));
     Ok(changes)
+}
+
+/// Refuses deleting a release's configmaps and secrets while a service outside it depends on
+/// them or mounts them (its next start would fail).
+fn refuse_object_users<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &Overlay<'_, R>,
+    rel: &ReleaseRecord,
+) -> Result<Result<(), Rejection>, StoreError> {
+    let inside = |ns: &str, svc: &str| {
+        rel.resources
+            .iter()
+            .any(|r| r.kind == "service" && r.namespace == ns && r.name == svc)
+    };
+    for k in o.keys_with_prefix(&services_prefix(None))? {
+        let Some(s) = o.get::<ServiceRecord>(&k)? else {
+            continue;
+        };
+        let ns = s.spec.namespace().to_string();
+        if inside(&ns, &s.spec.name) {
+            continue;
+        }
+        let deps = resolve(&s.spec);
+        let mounts: Vec<(bool, &str)> = s
+            .spec
+            .secret_mounts
+            .iter()
+            .map(|m| (true, m.secret_name.as_deref().unwrap_or(&m.name)))
+            .chain(
+                s.spec
+                    .config_mounts
+                    .iter()
+                    .chain(&s.spec.configmap_mounts)
+                    .map(|m| {
+                        let n = m.configmap_name.as_deref().or(m.config_name.as_deref());
+                        (false, n.unwrap_or(&m.name))
+                    }),
+            )
+            .collect();
+        for r in rel.resources.iter().filter(|r| r.kind != "service") {
+            let secret = r.kind == "secret";
+            let kind = if secret {
+                DepKind::Secret
+            } else {
+                DepKind::Configmap
+            };
+            let by_dep = deps
+                .iter()
+                .any(|d| d.kind == kind && !d.optional && d.namespace == r.namespace && d.name == r.name);
+            let by_mount = ns == r.namespace && mounts.iter().any(|(s, n)| *s == secret && *n == r.name);
+            if by_dep || by_mount {
+                return Ok(Err(Rejection::FailedPrecondition(format!(
+                    "cannot delete {r}: {ns}/{} uses it (use --force to delete anyway)",
+                    s.spec.name
+                ))));
+            }
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// Refuses the deletion of `ns/name` while services other than `also_going` depend on it.

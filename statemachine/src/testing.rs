@@ -56,6 +56,8 @@ fn release(n: usize) -> Option<crate::command::ReleaseSpec> {
         version: version.into(),
         description: String::new(),
         values_digest: format!("sha256:{n}"),
+        also: Vec::new(),
+        adopt: n == 3,
     })
 }
 
@@ -77,6 +79,7 @@ pub fn command() -> impl Strategy<Value = Command> {
             namespace: "default".into(),
             name: ["app", "other", "nope"][n].into(),
             force,
+            revision: None,
         }),
         1 => (0..3usize).prop_map(|n| Command::Apply {
             resources: vec![Resource::Namespace(NamespaceSpec { name: ["team", "ops", "x"][n].into(), ..Default::default() })],

@@ -251,10 +251,13 @@ fn validate_security(sc: &crate::spec::ContainerSecurity, at: &FieldPath, errs: 
         let at = at.key("seccompProfile");
         match (p.kind.to_ascii_lowercase().as_str(), &p.localhost_profile) {
             ("default" | "unconfined", None) => {}
-            ("localhost", Some(path)) if path.starts_with('/') => {}
+            ("localhost", Some(path))
+                if !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty()) => {}
             ("localhost", Some(path)) => errs.push(FieldError::new(
                 at.key("localhostProfile"),
-                format!("'{path}' must be an absolute path to the profile's JSON on the node"),
+                format!(
+                    "'{path}' must be a file name under the node's /etc/rune/seccomp (relative, no '..')"
+                ),
             )),
             ("localhost", None) => errs.push(FieldError::new(
                 at.key("localhostProfile"),

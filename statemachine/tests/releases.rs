@@ -45,6 +45,8 @@ fn rel(name: &str, version: &str, digest: &str) -> ReleaseSpec {
         version: version.into(),
         description: String::new(),
         values_digest: format!("sha256:{digest}"),
+        also: Vec::new(),
+        adopt: false,
     }
 }
 
@@ -206,6 +208,7 @@ fn deleting_a_release_removes_what_it_cast_and_respects_outside_dependents() {
         namespace: "default".into(),
         name: "app".into(),
         force,
+        revision: None,
     };
     // db depends on nothing outside, api is needed by `outside`: refused whole.
     match s.run(del(false)) {
@@ -257,4 +260,109 @@ fn configmaps_keep_their_versions_up_to_the_limit() {
     .unwrap();
     let versions = s.read(|t| rune_statemachine::store::configmap_history(t, "default", "cfg").unwrap());
     assert!(versions.is_empty(), "versions go with the configmap");
+}
+
+#[test]
+fn a_release_takes_only_what_it_creates_and_owns_unchanged_secrets_it_names() {
+    let mut s = State::new();
+    s.run(cast(vec![spec("api", "v1", 1, serde_json::json!([]))], None))
+        .unwrap();
+    // api exists outside any release: not taken over, nothing written.
+    match s.run(cast(
+        vec![cm("cfg", "a"), spec("api", "v2", 1, serde_json::json!([]))],
+        Some(rel("app", "1.0.0", "x")),
+    )) {
+        Err(Rejection::FailedPrecondition(m)) => {
+            assert!(
+                m.contains("service default/api exists outside release default/app"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        s.get::<ReleaseRecord>(&release_key("default", "app")).is_none(),
+        "nothing written"
+    );
+    assert!(s
+        .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
+        .is_none());
+    // Asked to, it adopts it.
+    let mut adopting = rel("adopter", "1.0.0", "x");
+    adopting.adopt = true;
+    s.run(cast(
+        vec![spec("api", "v1", 1, serde_json::json!([]))],
+        Some(adopting),
+    ))
+    .unwrap();
+    let rec: ReleaseRecord = s.get(&release_key("default", "adopter")).unwrap();
+    assert_eq!(rec.resources.len(), 1);
+    assert!(!rec.spec.adopt, "`adopt` is a message, not state");
+    // A secret the cast left out as unchanged is the release's when the release made it.
+    let mut r = rel("app", "1.0.0", "x");
+    r.also = vec![rune_statemachine::store::ResourceRef {
+        kind: "secret".into(),
+        namespace: "default".into(),
+        name: "db".into(),
+    }];
+    s.run(cast(vec![cm("cfg", "a")], Some(r))).unwrap();
+    let rec: ReleaseRecord = s.get(&release_key("default", "app")).unwrap();
+    let names: Vec<String> = rec.resources.iter().map(|r| r.to_string()).collect();
+    assert_eq!(names, ["configmap default/cfg", "secret default/db"]);
+    assert!(rec.spec.also.is_empty(), "`also` is a message, not state");
+}
+
+#[test]
+fn a_release_delete_checks_its_revision_and_outside_users_of_its_configmaps() {
+    let mut s = State::new();
+    s.run(cast(vec![cm("cfg", "a")], Some(rel("app", "1.0.0", "x"))))
+        .unwrap();
+    let outside = Resource::Service(
+        serde_json::from_value(serde_json::json!({
+            "name": "reader", "image": "busybox",
+            "configmapMounts": [{"name": "c", "mountPath": "/etc/c", "configmapName": "cfg"}]
+        }))
+        .unwrap(),
+    );
+    s.run(cast(vec![outside], None)).unwrap();
+    let del = |force, revision| Command::DeleteRelease {
+        namespace: "default".into(),
+        name: "app".into(),
+        force,
+        revision,
+    };
+    match s.run(del(false, Some(7))) {
+        Err(Rejection::FailedPrecondition(m)) => {
+            assert!(m.contains("changed while it was being deleted"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match s.run(del(false, Some(1))) {
+        Err(Rejection::FailedPrecondition(m)) => {
+            assert!(
+                m.contains("cannot delete configmap default/cfg: default/reader uses it"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s
+        .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
+        .is_some());
+    s.run(del(true, Some(1))).unwrap();
+    assert!(s
+        .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
+        .is_none());
+}
+
+#[test]
+fn v1_entries_keep_no_configmap_versions_as_the_build_that_wrote_them() {
+    let mut s = State::new();
+    s.run_version(1, cast(vec![cm("cfg", "a")], None)).unwrap();
+    s.run_version(1, cast(vec![cm("cfg", "b")], None)).unwrap();
+    let versions = s.read(|t| rune_statemachine::store::configmap_history(t, "default", "cfg").unwrap());
+    assert!(versions.is_empty(), "{versions:?}");
+    s.run(cast(vec![cm("cfg", "c")], None)).unwrap();
+    let versions = s.read(|t| rune_statemachine::store::configmap_history(t, "default", "cfg").unwrap());
+    assert_eq!(versions.iter().map(|v| v.version).collect::<Vec<_>>(), [3]);
 }

@@ -482,6 +482,10 @@ pub struct RunesetArgs {
     /// The release name (default: the runeset's name).
     #[arg(long)]
     pub release: Option<String>,
+    /// Let the release take over resources that exist outside any release (cast before
+    /// releases were recorded, or by hand); deleting the release then deletes them.
+    #[arg(long)]
+    pub adopt: bool,
 }
 
 /// `rune policy ...`.
@@ -880,6 +884,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let conn = Conn::resolve(&cli)?;
             let opts = CastOpts {
                 create_namespace: *create_namespace,
+                adopt: values.adopt,
                 dry_run: *dry_run,
                 force: *force,
                 detach: *detach,
@@ -1151,9 +1156,9 @@ fn read_castfiles(
             runeset: Some(rendered),
         });
     }
-    if !values.values.is_empty() || !values.set.is_empty() || values.release.is_some() {
+    if !values.values.is_empty() || !values.set.is_empty() || values.release.is_some() || values.adopt {
         return Err(CliError::usage(
-            "--values, --set and --release apply to a runeset (a directory with runeset.yaml, or a .runeset.tgz)",
+            "--values, --set, --release and --adopt apply to a runeset (a directory with runeset.yaml, or a .runeset.tgz)",
         ));
     }
     let files = castfile::expand_paths(paths, recursive).map_err(|p| CliError::usage(p.to_string()))?;
@@ -1240,6 +1245,7 @@ fn lint(read: Read) -> Result<(), CliError> {
 
 struct CastOpts {
     create_namespace: bool,
+    adopt: bool,
     dry_run: bool,
     force: bool,
     detach: bool,
@@ -1336,6 +1342,7 @@ async fn cast(conn: &Conn, read: Read, mut o: CastOpts) -> Result<(), CliError> 
             version: r.manifest.version.clone(),
             description: r.manifest.description.clone(),
             values_digest: r.values_digest.clone(),
+            adopt: o.adopt,
         }),
     });
     // The write itself is quick; only the rollouts after it are waited for at length.

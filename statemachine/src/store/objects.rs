@@ -170,7 +170,7 @@ pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
     now: i64,
     c: &Configmap,
     force: bool,
-    history_limit: u32,
+    history_limit: Option<u32>,
 ) -> Result<Result<Change, Rejection>, StoreError> {
     let errs = validate_configmap(c);
     if !errs.is_empty() {
@@ -193,16 +193,19 @@ pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
         Some(p) => (Action::Configured, p.meta.next(now, index, hash)),
     };
     let summary = format!("version {}", meta.generation);
-    let prefix = configmap_history_prefix(&c.namespace, &c.name);
-    o.put(
-        history_key_for(&prefix, meta.generation),
-        &ConfigmapVersion {
-            version: meta.generation,
-            configmap: c.clone(),
-            created_at_ms: now,
-        },
-    );
-    prune_history(o, &prefix, history_limit.max(1) as usize)?;
+    // `None` for entries written before configmaps kept versions (format v1).
+    if let Some(limit) = history_limit {
+        let prefix = configmap_history_prefix(&c.namespace, &c.name);
+        o.put(
+            history_key_for(&prefix, meta.generation),
+            &ConfigmapVersion {
+                version: meta.generation,
+                configmap: c.clone(),
+                created_at_ms: now,
+            },
+        );
+        prune_history(o, &prefix, limit.max(1) as usize)?;
+    }
     let ch = change(
         Kind::Configmap,
         &c.namespace,

@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use super::{change, new_meta, spec_hash, ObjectMeta, Overlay, StoreError};
+use super::{
+    change, configmap_key, new_meta, secret_key, service_key, spec_hash, ObjectMeta, Overlay, StoreError,
+};
 use crate::command::{Action, Change, Kind, Rejection, ReleaseSpec, Resource};
 
 /// A stored release.
@@ -74,20 +76,55 @@ pub fn owned_refs(resources: &[Resource]) -> BTreeSet<ResourceRef> {
         .collect()
 }
 
-/// What a release's record would be after a cast of `refs`, and its hash: the API tells an
-/// unchanged re-cast with it, apply decides with it.
+/// What a release's record would be after a cast of `resources` (and the unchanged ones the
+/// spec names in `also`): its resources, its stored spec, and its hash. The API tells an
+/// unchanged re-cast with it; apply decides with it.
 pub fn merged(
     prev: Option<&ReleaseRecord>,
     spec: &ReleaseSpec,
-    refs: &BTreeSet<ResourceRef>,
-) -> (Vec<ResourceRef>, String) {
+    resources: &[Resource],
+) -> (Vec<ResourceRef>, ReleaseSpec, String) {
     let mut all: BTreeSet<ResourceRef> = prev
         .map(|p| p.resources.iter().cloned().collect())
         .unwrap_or_default();
-    all.extend(refs.iter().cloned());
+    all.extend(cast_refs(spec, resources));
     let all: Vec<ResourceRef> = all.into_iter().collect();
-    let hash = spec_hash(&(spec, &all));
-    (all, hash)
+    let stored = ReleaseSpec {
+        also: Vec::new(),
+        adopt: false,
+        ..spec.clone()
+    };
+    let hash = spec_hash(&(&stored, &all));
+    (all, stored, hash)
+}
+
+/// Everything a release cast brings: its resources and the unchanged ones it names.
+fn cast_refs(spec: &ReleaseSpec, resources: &[Resource]) -> BTreeSet<ResourceRef> {
+    let mut refs = owned_refs(resources);
+    refs.extend(spec.also.iter().cloned());
+    refs
+}
+
+/// Which of a release cast's resources exist before it is applied (read before any write).
+pub(super) fn existing<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &Overlay<'_, R>,
+    spec: &ReleaseSpec,
+    resources: &[Resource],
+) -> Result<BTreeSet<ResourceRef>, StoreError> {
+    #[derive(Deserialize)]
+    struct Any {}
+    let mut out = BTreeSet::new();
+    for r in cast_refs(spec, resources) {
+        let key = match r.kind.as_str() {
+            "service" => service_key(&r.namespace, &r.name),
+            "configmap" => configmap_key(&r.namespace, &r.name),
+            _ => secret_key(&r.namespace, &r.name),
+        };
+        if o.get::<Any>(&key)?.is_some() {
+            out.insert(r);
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn put_release<R: ReadableTable<&'static str, &'static [u8]>>(
@@ -96,6 +133,7 @@ pub(super) fn put_release<R: ReadableTable<&'static str, &'static [u8]>>(
     now: i64,
     spec: &ReleaseSpec,
     resources: &[Resource],
+    before: &BTreeSet<ResourceRef>,
 ) -> Result<Result<Change, Rejection>, StoreError> {
     for (field, v) in [("release", &spec.name), ("namespace", &spec.namespace)] {
         if let Err(e) = crate::validate::dns1123_label(v) {
@@ -105,7 +143,7 @@ pub(super) fn put_release<R: ReadableTable<&'static str, &'static [u8]>>(
             ))));
         }
     }
-    let refs = owned_refs(resources);
+    let refs = cast_refs(spec, resources);
     for k in o.keys_with_prefix(&releases_prefix(None))? {
         let Some(other) = o.get::<ReleaseRecord>(&k)? else {
             continue;
@@ -122,7 +160,18 @@ pub(super) fn put_release<R: ReadableTable<&'static str, &'static [u8]>>(
     }
     let key = release_key(&spec.namespace, &spec.name);
     let prev = o.get::<ReleaseRecord>(&key)?;
-    let (all, hash) = merged(prev.as_ref(), spec, &refs);
+    // What existed before this cast and is not the release's is not taken over: deleting the
+    // release would delete it.
+    for r in &refs {
+        let held = prev.as_ref().is_some_and(|p| p.resources.contains(r));
+        if !held && !spec.adopt && before.contains(r) {
+            return Ok(Err(Rejection::FailedPrecondition(format!(
+                "{r} exists outside release {}/{}; a release only takes what it creates: cast with --adopt to take it over (deleting the release will delete it), or delete it first",
+                spec.namespace, spec.name
+            ))));
+        }
+    }
+    let (all, stored, hash) = merged(prev.as_ref(), spec, resources);
     let summary = format!(
         "runeset {} {}, {} resource(s)",
         spec.runeset,
@@ -154,7 +203,7 @@ pub(super) fn put_release<R: ReadableTable<&'static str, &'static [u8]>>(
     o.put(
         key,
         &ReleaseRecord {
-            spec: spec.clone(),
+            spec: stored,
             resources: all,
             meta,
         },

@@ -48,6 +48,11 @@ impl State {
     }
 
     pub fn run(&mut self, c: Command) -> Outcome {
+        self.run_version(rune_statemachine::FORMAT_VERSION, c)
+    }
+
+    /// Applies `c` as an entry of format `version` (an older build's).
+    pub fn run_version(&mut self, version: u32, c: Command) -> Outcome {
         self.index += 1;
         let txn = self.db.begin_write().unwrap();
         let out = {
@@ -55,7 +60,10 @@ impl State {
             apply(
                 &mut t,
                 self.index,
-                &Envelope::new(self.now_ms + self.index as i64, c),
+                &Envelope {
+                    version,
+                    ..Envelope::new(self.now_ms + self.index as i64, c)
+                },
             )
             .unwrap()
         };

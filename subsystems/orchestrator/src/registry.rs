@@ -122,7 +122,12 @@ pub fn entry_for<'a>(
 ) -> Result<Option<&'a Registry>, RunError> {
     if let Some(name) = image_registry.filter(|n| !n.is_empty()) {
         return match registries.iter().find(|r| r.name == name) {
-            Some(r) => Ok(Some(r)),
+            // An entry's credentials only ever go to the registry it names.
+            Some(r) if covers(&r.registry, host) => Ok(Some(r)),
+            Some(r) => Err(RunError::Launch(format!(
+                "imageRegistry '{name}' is for {}, not {host} (the image's registry): its credentials go nowhere else",
+                r.registry
+            ))),
             None => Err(RunError::Launch(format!(
                 "imageRegistry '{name}' is not in this runed's docker.registries ({})",
                 if registries.is_empty() {
@@ -143,8 +148,8 @@ pub fn entry_for<'a>(
     Ok(exact.or_else(|| registries.iter().find(|r| covers(&r.registry, host))))
 }
 
-/// Credentials for every image of a start (its own and its init steps'), by registry host.
-/// `read` opens a secret for `dockerconfigjson` entries.
+/// Credentials for every image of a start (the service's first, then its init steps'), by
+/// registry host. `read` opens a secret for `dockerconfigjson` entries.
 pub fn pull_auth(
     registries: &[Registry],
     images: &[&str],
@@ -152,12 +157,20 @@ pub fn pull_auth(
     mut read: impl FnMut(&str, &str) -> Result<BTreeMap<String, Vec<u8>>, RunError>,
 ) -> Result<BTreeMap<String, PullAuth>, RunError> {
     let mut out = BTreeMap::new();
-    for image in images {
+    for (i, image) in images.iter().enumerate() {
         let host = image_host(image);
         if out.contains_key(&host) {
             continue;
         }
-        let Some(entry) = entry_for(registries, &host, image_registry)? else {
+        // `imageRegistry` is the service image's; a step's image from elsewhere (busybox from
+        // Docker Hub) is matched by its own host.
+        let named = image_registry.filter(|n| {
+            i == 0
+                || registries
+                    .iter()
+                    .any(|r| r.name == *n && covers(&r.registry, &host))
+        });
+        let Some(entry) = entry_for(registries, &host, named)? else {
             continue;
         };
         let mut auth = PullAuth {
@@ -296,7 +309,14 @@ mod tests {
         assert_eq!(name("badexample.com", None), None);
         assert_eq!(name("docker.io", None).as_deref(), Some("hub"));
         assert_eq!(name("quay.io", None), None);
-        assert_eq!(name("quay.io", Some("exact")).as_deref(), Some("exact"));
+        assert_eq!(
+            name("registry.example.com", Some("wild")).as_deref(),
+            Some("wild")
+        );
+        match entry_for(&regs, "attacker.example", Some("exact")) {
+            Err(RunError::Launch(m)) => assert!(m.contains("its credentials go nowhere else"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         match entry_for(&regs, "quay.io", Some("nope")) {
             Err(RunError::Launch(m)) => assert!(m.contains("imageRegistry 'nope' is not in"), "{m}"),
             other => panic!("{other:?}"),

@@ -66,10 +66,10 @@ impl Cgroups {
                     "cgroup v2 is mounted but /proc/self/cgroup has no 0:: line".into(),
                 );
             };
-            let parent = sysfs.join(path);
-            return match v2_prepare(&parent, &dir) {
+            let own = sysfs.join(path);
+            return match v2_prepare(&own, &dir) {
                 Ok(base) => Cgroups::V2 { base },
-                Err(e) => Cgroups::Unavailable(format!("cgroup v2 at {}: {e}", parent.display())),
+                Err(e) => Cgroups::Unavailable(format!("cgroup v2: {e}")),
             };
         }
         let v1 = |name: &str| -> Option<PathBuf> {
@@ -235,22 +235,32 @@ fn weight(shares: i64) -> i64 {
     (1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142).clamp(1, 10_000)
 }
 
-/// Creates `<parent>/<dir>` with the memory and cpu controllers for its children. A delegated
-/// group with processes in it cannot hand controllers down (the no-internal-process rule), so
-/// runed first moves itself into a leaf of its own group.
-fn v2_prepare(parent: &Path, dir: &str) -> std::io::Result<PathBuf> {
+/// Creates `<parent>/<dir>` with the memory and cpu controllers for its children. The
+/// no-internal-process rule forbids handing controllers down from a group runed itself is in,
+/// and runed does not move itself: under systemd the unit's group must take the next runed's
+/// main process at a restart. With `DelegateSubgroup=` (systemd 254+) runed runs in a leaf of
+/// its unit's group, and the groups are made beside it.
+fn v2_prepare(own: &Path, dir: &str) -> std::io::Result<PathBuf> {
     let enable = |p: &Path| -> std::io::Result<()> {
         std::fs::OpenOptions::new()
             .write(true)
             .open(p.join("cgroup.subtree_control"))?
             .write_all(b"+memory +cpu")
     };
-    if enable(parent).is_err() {
-        let leaf = parent.join("runed");
-        std::fs::create_dir_all(&leaf)?;
-        std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())?;
-        enable(parent)?;
-    }
+    let delegated_leaf = own.file_name().is_some_and(|n| n == "supervisor" || n == "runed");
+    let parent = match own.parent() {
+        Some(p) if delegated_leaf => p.to_path_buf(),
+        _ => own.to_path_buf(),
+    };
+    enable(&parent).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot hand the memory and cpu controllers down from {} ({e}); run runed in a delegated subgroup (systemd: Delegate=yes with DelegateSubgroup=supervisor)",
+                parent.display()
+            ),
+        )
+    })?;
     let base = parent.join(dir);
     std::fs::create_dir_all(&base)?;
     enable(&base)?;

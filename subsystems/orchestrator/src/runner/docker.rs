@@ -80,6 +80,11 @@ pub struct DockerRunner {
     network_lock: tokio::sync::Mutex<()>,
 }
 
+/// Where `seccompProfile: {type: localhost, localhostProfile: NAME}` profiles live on a node
+/// (as the kubelet keeps them under its own directory): a spec can name a profile, never an
+/// arbitrary file for root to read.
+pub const SECCOMP_DIR: &str = "/etc/rune/seccomp";
+
 /// What to do about a pull the registry refused for want of (right) credentials.
 fn auth_hint(why: &str, image: &str, auth: Option<&crate::registry::PullAuth>) -> String {
     let w = why.to_ascii_lowercase();
@@ -488,11 +493,14 @@ impl DockerRunner {
         let seccomp = match &sec.seccomp_profile {
             Some(p) if p.kind.eq_ignore_ascii_case("unconfined") => Some("seccomp=unconfined".to_string()),
             Some(p) if p.kind.eq_ignore_ascii_case("localhost") => {
-                // The engine takes the profile itself, as `docker run --security-opt` sends it.
-                let path = p.localhost_profile.clone().unwrap_or_default();
+                // The engine takes the profile itself, as `docker run --security-opt` sends it;
+                // only profiles an operator put in the seccomp directory are read.
+                let rel = p.localhost_profile.clone().unwrap_or_default();
+                let path = std::path::Path::new(SECCOMP_DIR).join(&rel);
                 let json = std::fs::read_to_string(&path).map_err(|e| {
                     RunError::Launch(format!(
-                        "securityContext.seccompProfile.localhostProfile {path}: {e}"
+                        "securityContext.seccompProfile.localhostProfile {}: {e}",
+                        path.display()
                     ))
                 })?;
                 Some(format!("seccomp={json}"))

@@ -2,7 +2,7 @@
 //! bound at `mountPath` in the process's private mount namespace, as the engine binds a named
 //! volume into a container.
 //!
-//! Layout under `<root>/<owner>/<ns>/`: `instances/<volume>-<instance>/` for a `claimTemplate`
+//! Layout under `<root>/<owner>/<ns>/`: `instances/<instance>/<volume>/` for a `claimTemplate`
 //! (one per instance, kept across restarts and rollouts) and `claims/<claim>/` for a shared
 //! claim, each with a `<dir>.json` beside it saying what asked for it. Nothing here deletes a
 //! volume except [`HostVolumes::delete`].
@@ -42,11 +42,8 @@ impl HostVolumes {
     fn path_of(&self, ns: &str, claim: Option<&str>, volume: &str, instance: &str) -> PathBuf {
         match claim {
             Some(c) => self.root.join(ns).join("claims").join(c),
-            None => self
-                .root
-                .join(ns)
-                .join("instances")
-                .join(format!("{volume}-{instance}")),
+            // By instance, then volume: `<volume>-<instance>` alone could be two services'.
+            None => self.root.join(ns).join("instances").join(instance).join(volume),
         }
     }
 
@@ -104,8 +101,13 @@ impl HostVolumes {
         let mut out = Vec::new();
         for ns_dir in dirs(&self.root) {
             let ns = name(&ns_dir);
-            for kind in ["instances", "claims"] {
-                for dir in dirs(&ns_dir.join(kind)) {
+            let per_instance = dirs(&ns_dir.join("instances"))
+                .into_iter()
+                .flat_map(|i| dirs(&i))
+                .map(|d| ("instances", d));
+            let claims = dirs(&ns_dir.join("claims")).into_iter().map(|d| ("claims", d));
+            for (kind, dir) in per_instance.chain(claims) {
+                {
                     let meta: Meta = std::fs::read(meta_path(&dir))
                         .ok()
                         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -145,6 +147,13 @@ impl HostVolumes {
         std::fs::remove_dir_all(&dir)
             .map_err(|e| RunError::Runtime(format!("cannot delete {}: {e}", dir.display())))?;
         let _ = std::fs::remove_file(meta_path(&dir));
+        // An instance's folder goes with its last volume.
+        if let Some(parent) = dir
+            .parent()
+            .filter(|p| p.parent().is_some_and(|g| g.ends_with("instances")))
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
         Ok(())
     }
 }

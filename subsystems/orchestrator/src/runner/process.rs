@@ -155,7 +155,9 @@ impl ProcessRunner {
             // process's own mount namespace.
             std::fs::create_dir_all(&m.target)
                 .map_err(|e| RunError::Launch(format!("mount path {}: {e}", m.target.display())))?;
-            if uid.is_some() || gid.is_some() {
+            // Volumes were handed over when made; what the workload put in them (links to
+            // anywhere) is never walked by root.
+            if !m.writable && (uid.is_some() || gid.is_some()) {
                 chown_tree(&m.host, uid, gid).map_err(|e| {
                     RunError::Runtime(format!("cannot hand the mount files to the process user: {e}"))
                 })?;
@@ -613,9 +615,10 @@ where
     cmd
 }
 
+/// Hands runed's own mount files to the process user; links are changed, never followed.
 fn chown_tree(p: &Path, uid: Option<u32>, gid: Option<u32>) -> std::io::Result<()> {
-    std::os::unix::fs::chown(p, uid, gid)?;
-    if p.is_dir() {
+    std::os::unix::fs::lchown(p, uid, gid)?;
+    if std::fs::symlink_metadata(p)?.is_dir() {
         for e in std::fs::read_dir(p)? {
             chown_tree(&e?.path(), uid, gid)?;
         }

@@ -1293,6 +1293,17 @@ mod tests {
         f
     }
 
+    /// Why a runefile holding `text` is refused.
+    fn refusal(text: &str) -> String {
+        let f = write(text);
+        Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .0
+    }
+
     #[test]
     fn both_spellings_and_flag_precedence() {
         let f = write("server:\n  grpc_address: \":9999\"\ndata_dir: /tmp/x\nlog:\n  level: warn\n");
@@ -1562,13 +1573,8 @@ mod tests {
             ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: token, token: \"${RUNE_TEST_SURELY_UNSET}\"}}\n", "environment variable RUNE_TEST_SURELY_UNSET is not set"),
             ("docker:\n  registries:\n    - {name: a, registry: r.io, auth: {type: token, token: x, tokn: y}}\n", "auth.tokn: unknown key"),
         ] {
-            let f = write(text);
-            let e = Settings::resolve(&Flags {
-                config: Some(f.path().into()),
-                ..Default::default()
-            })
-            .unwrap_err();
-            assert!(e.0.contains(want), "{text:?}: {e}");
+            let e = refusal(text);
+            assert!(e.contains(want), "{text:?}: {e}");
         }
     }
 
@@ -1594,13 +1600,8 @@ mod tests {
                 ":2: resources.gpu: unknown key",
             ),
         ] {
-            let f = write(text);
-            let e = Settings::resolve(&Flags {
-                config: Some(f.path().into()),
-                ..Default::default()
-            })
-            .unwrap_err();
-            assert!(e.0.contains(want), "{text:?}: {e}");
+            let e = refusal(text);
+            assert!(e.contains(want), "{text:?}: {e}");
         }
     }
 
@@ -1653,13 +1654,8 @@ mod tests {
                 ":2: docker.api-version: 'latest'",
             ),
         ] {
-            let f = write(text);
-            let e = Settings::resolve(&Flags {
-                config: Some(f.path().into()),
-                ..Default::default()
-            })
-            .unwrap_err();
-            assert!(e.0.contains(want), "{text:?}: {e}");
+            let e = refusal(text);
+            assert!(e.contains(want), "{text:?}: {e}");
         }
         // Empty values of the original format mean "none" and load.
         let f = write("auth:\n  api_keys: \"\"\n  provider: token\n  token: \"\"\ndocker:\n  registries: []\nstorage:\n  reserve: 64MiB\n");

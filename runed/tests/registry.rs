@@ -203,6 +203,11 @@ fn private_images_pull_with_the_runefiles_credentials_and_fail_clearly_without()
         ],
     );
     assert!(out.contains("ready: 1/1"), "{out}");
+    // Credentials are needed for pulls only: with the secret gone, the image on the node
+    // still starts.
+    run_ok(&d, &["delete", "secret", "regcred", "-n", "system"]);
+    let out = run_ok(&d, &["restart", "web"]);
+    assert!(out.contains("ready: 1/1"), "{out}");
 
     run_ok(
         &d,

@@ -520,6 +520,18 @@ fn process_services_keep_their_volumes_under_the_volumes_root() {
     );
     let logs = run_ok(&d, &["logs", "keeper", "--init-step", "seed"]);
     assert!(logs.contains("step ran as keeper-0"), "{logs}");
+    // A command run beside the instance sees its volume where the instance does.
+    let seen = run_ok(
+        &d,
+        &[
+            "exec",
+            "keeper",
+            "--",
+            "cat",
+            &format!("{}/own/log", mnt.display()),
+        ],
+    );
+    assert_eq!(seen, "seed\nrun\n");
     // The mount point on the host stays empty: the volume is bound in the process's namespace.
     assert!(std::fs::read_dir(mnt.join("own")).unwrap().next().is_none());
 
@@ -599,6 +611,9 @@ fn memory_limits_reach_processes_and_containers_and_oom_kills_say_so() {
         .unwrap()
         .to_string();
     assert_eq!(memory_limit_of(&pid).trim(), (48u64 << 20).to_string());
+    // ... and a command run beside it is held to the same limits.
+    let cg = run_ok(&d, &["exec", "capped", "--", "cat", "/proc/self/cgroup"]);
+    assert!(cg.contains("default.capped-0"), "{cg}");
 
     // Both runtimes: a 64 MiB buffer in a 16 MiB limit is killed, and the reason says why.
     let hog = |name: &str, runtime: &str| {

@@ -149,13 +149,14 @@ pub fn entry_for<'a>(
 }
 
 /// Credentials for every image of a start (the service's first, then its init steps'), by
-/// registry host. `read` opens a secret for `dockerconfigjson` entries.
+/// registry host; a host whose credentials could not be read has the reason instead, raised
+/// only if that image has to be pulled. `read` opens a secret for `dockerconfigjson` entries.
 pub fn pull_auth(
     registries: &[Registry],
     images: &[&str],
     image_registry: Option<&str>,
     mut read: impl FnMut(&str, &str) -> Result<BTreeMap<String, Vec<u8>>, RunError>,
-) -> Result<BTreeMap<String, PullAuth>, RunError> {
+) -> Result<BTreeMap<String, Result<PullAuth, RunError>>, RunError> {
     let mut out = BTreeMap::new();
     for (i, image) in images.iter().enumerate() {
         let host = image_host(image);
@@ -188,18 +189,29 @@ pub fn pull_auth(
             }
             RegistryAuth::Token { token } => auth.registry_token = Some(token.clone()),
             RegistryAuth::DockerConfigJson { namespace, name } => {
-                let data = read(namespace, name)?;
-                let (u, p) = from_docker_config(&data, &host).map_err(|m| {
-                    RunError::Launch(format!(
-                        "docker.registries entry '{}': secret {namespace}/{name}: {m}",
-                        entry.name
-                    ))
-                })?;
-                auth.username = Some(u);
-                auth.password = Some(p);
+                // Kept as the host's answer, not raised: it matters only if a pull is needed,
+                // and a node that has the image must still start it.
+                let creds = read(namespace, name).and_then(|data| {
+                    from_docker_config(&data, &host).map_err(|m| {
+                        RunError::Launch(format!(
+                            "docker.registries entry '{}': secret {namespace}/{name}: {m}",
+                            entry.name
+                        ))
+                    })
+                });
+                match creds {
+                    Ok((u, p)) => {
+                        auth.username = Some(u);
+                        auth.password = Some(p);
+                    }
+                    Err(e) => {
+                        out.insert(host, Err(e));
+                        continue;
+                    }
+                }
             }
         }
-        out.insert(host, auth);
+        out.insert(host, Ok(auth));
     }
     Ok(out)
 }
@@ -346,7 +358,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got.len(), 1, "Docker Hub has no entry: {got:?}");
-        let a = &got["reg.corp.example"];
+        let a = got["reg.corp.example"].as_ref().unwrap();
         assert_eq!(
             (a.username.as_deref(), a.password.as_deref(), a.entry.as_str()),
             (Some("robot"), Some("s3cret"), "corp")
@@ -363,7 +375,8 @@ mod tests {
             ),
             ("not json", "is not JSON"),
         ] {
-            match pull_auth(&regs, &["reg.corp.example/app"], None, |_, _| Ok(cfg(bad))) {
+            let got = pull_auth(&regs, &["reg.corp.example/app"], None, |_, _| Ok(cfg(bad))).unwrap();
+            match &got["reg.corp.example"] {
                 Err(RunError::Launch(m)) => {
                     assert!(
                         m.contains("entry 'corp': secret system/regcred") && m.contains(want),

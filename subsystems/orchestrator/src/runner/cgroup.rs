@@ -188,6 +188,22 @@ impl Cgroups {
         Ok(Some(Join { procs }))
     }
 
+    /// The groups of a running instance, to put a command run beside it (`rune exec`) in
+    /// them; `None` when it has none.
+    pub fn existing(&self, ns: &str, id: &str) -> Option<Join> {
+        let procs: Vec<std::fs::File> = self
+            .dirs(ns, id)
+            .iter()
+            .filter_map(|d| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("cgroup.procs"))
+                    .ok()
+            })
+            .collect();
+        (!procs.is_empty()).then_some(Join { procs })
+    }
+
     /// Whether the kernel's OOM killer killed something in the instance's group.
     pub fn oom_killed(&self, ns: &str, id: &str) -> bool {
         let file = match self {

@@ -356,10 +356,15 @@ impl DockerRunner {
     /// credentials for its registry, as the service's `imagePull` says: `missing` (default),
     /// `always` (every start, so a moved tag is followed), `never`.
     async fn ensure_image(&self, d: &Docker, image: &str, l: &Launch) -> Result<(), RunError> {
-        let auth = l.pull_auth.get(&crate::registry::image_host(image));
+        // Credentials that could not be read fail a start only when it has to pull.
+        let auth = || match l.pull_auth.get(&crate::registry::image_host(image)) {
+            Some(Ok(a)) => Ok(Some(a)),
+            Some(Err(e)) => Err(e.clone()),
+            None => Ok(None),
+        };
         let policy = l.spec.image_pull.as_deref().unwrap_or("missing");
         if policy == "always" {
-            return self.pull(d, image, auth).await;
+            return self.pull(d, image, auth()?).await;
         }
         match d.inspect_image(image).await {
             Ok(_) => Ok(()),
@@ -367,7 +372,7 @@ impl DockerRunner {
                 image: image.into(),
                 message: "not on this node, and imagePull is never".into(),
             }),
-            Err(e) if not_found(&e) => self.pull(d, image, auth).await,
+            Err(e) if not_found(&e) => self.pull(d, image, auth()?).await,
             Err(e) => Err(self.failed(e).await),
         }
     }

@@ -45,7 +45,7 @@ pub struct Launch {
     /// Secret and configmap files to mount read-only (filled at start).
     pub mounts: Vec<MountDir>,
     /// Pull credentials by registry host, for the images of this start (filled at start).
-    pub pull_auth: BTreeMap<String, crate::registry::PullAuth>,
+    pub pull_auth: BTreeMap<String, Result<crate::registry::PullAuth, RunError>>,
 }
 
 /// A directory of files on the host, mounted read-only into an instance.

@@ -438,7 +438,11 @@ impl ProcessRunner {
         if spec.tty {
             return super::pty::spawn(prog, args, &workdir, &l.env, uid, gid, spec.cols, spec.rows);
         }
-        let mut cmd = command(prog, args, &workdir, l, (uid, gid), None);
+        // Beside the instance: its volumes bound as it has them, inside its resource groups.
+        let mut l = l.clone();
+        l.mounts.extend(self.volumes.prepare(&l, uid, gid)?);
+        let join = self.cgroups.existing(&l.namespace, &l.id);
+        let mut cmd = command(prog, args, &workdir, &l, (uid, gid), join.as_ref());
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -446,6 +450,7 @@ impl ProcessRunner {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| RunError::Launch(format!("{prog}: {e}")))?;
+        drop(join);
         let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(16);
         let (out_tx, out_rx) = mpsc::channel::<ExecOutput>(16);
         let mut stdin = child.stdin.take();

@@ -159,37 +159,35 @@ start_runed() {
     done
     runed_pid=$(cat "$TOUR_WORK/.steps/runed.pid")
 }
+# Polls the check `$3` until it fails, for at most a minute; then says `$1` and shows `$2`.
+within_a_minute() {
+    local deadline=$((SECONDS + 60))
+    while $3; do
+        if ((SECONDS > deadline)); then
+            echo "readme-tour: $1 a minute after their services were deleted:" >&2
+            $2 >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
 # Deletes every service the tour cast, through the API, and waits for their instances to go.
 teardown() {
     local token=$TOUR_WORK/home/.rune/root.token
     [[ -f "$token" ]] || return 0
     local r="rune --api-server 127.0.0.1:7863 --token-file $token"
+    instances_left() { [[ -n "$($r get instances -A 2>/dev/null)" ]]; }
+    volumes_in_use() { $r volume list -A 2>/dev/null | awk 'NR > 1 && $NF == "yes" { found = 1 } END { exit !found }'; }
     # Kept for the last resort of cleanup: what to remove if runed cannot.
     $r get instances -A -o json >"$TOUR_WORK/.steps/instances.json" 2>/dev/null || true
     local ns name
     while read -r ns name; do
         $r delete service "$name" -n "$ns" --force >/dev/null || return 1
     done < <($r get services -A 2>/dev/null | awk 'NR > 1 { print $1, $2 }')
-    local deadline=$((SECONDS + 60))
-    while [[ -n "$($r get instances -A 2>/dev/null)" ]]; do
-        if ((SECONDS > deadline)); then
-            echo "readme-tour: instances left a minute after their services were deleted:" >&2
-            $r get instances -A >&2
-            return 1
-        fi
-        sleep 0.5
-    done
+    within_a_minute "instances left" "$r get instances -A" instances_left || return 1
     # Volumes outlive their services by design: the tour's go by name once nothing uses them
     # (the last container may go a moment after its instance's record).
-    deadline=$((SECONDS + 60))
-    while $r volume list -A 2>/dev/null | awk 'NR > 1 && $NF == "yes" { found = 1 } END { exit !found }'; do
-        if ((SECONDS > deadline)); then
-            echo "readme-tour: volumes still in use a minute after their services were deleted:" >&2
-            $r volume list -A >&2
-            return 1
-        fi
-        sleep 0.5
-    done
+    within_a_minute "volumes still in use" "$r volume list -A" volumes_in_use || return 1
     while read -r ns name; do
         $r volume delete "$name" -n "$ns" >/dev/null || return 1
     done < <($r volume list -A 2>/dev/null | awk 'NR > 1 { print $1, $2 }')

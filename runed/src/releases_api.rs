@@ -7,8 +7,8 @@ use rune_proto::v1 as pb;
 use rune_statemachine::command::ReleaseSpec;
 use rune_statemachine::instance::{instances_prefix, InstanceRecord};
 use rune_statemachine::store::{
-    configmap_key, get_record, list_records, release_key, release_merged, releases_prefix, secret_key,
-    service_key, services_prefix, ReleaseRecord, ServiceRecord,
+    get_record, list_records, release_key, release_merged, releases_prefix, services_prefix, ReleaseRecord,
+    ServiceRecord,
 };
 use rune_statemachine::{Command, Resource, STATE_TABLE};
 use tonic::{Request, Response, Status};
@@ -96,10 +96,8 @@ where
     struct Stored {}
     let mut resources = Vec::with_capacity(r.resources.len());
     for x in &r.resources {
-        let (present, status) = match x.kind.as_str() {
-            "service" => match get_record::<ServiceRecord, _>(t, &service_key(&x.namespace, &x.name))
-                .map_err(internal)?
-            {
+        let (present, status) = if x.kind == "service" {
+            match get_record::<ServiceRecord, _>(t, &x.key()).map_err(internal)? {
                 Some(s) => {
                     let inst: Vec<InstanceRecord> =
                         list_records(t, &instances_prefix(Some(&x.namespace), Some(&x.name)))
@@ -108,20 +106,10 @@ where
                     (true, format!("{ready}/{} ready", s.spec.scale()))
                 }
                 None => (false, String::new()),
-            },
-            "configmap" => (
-                get_record::<Stored, _>(t, &configmap_key(&x.namespace, &x.name))
-                    .map_err(internal)?
-                    .is_some(),
-                String::new(),
-            ),
-            "secret" => (
-                get_record::<Stored, _>(t, &secret_key(&x.namespace, &x.name))
-                    .map_err(internal)?
-                    .is_some(),
-                String::new(),
-            ),
-            _ => (false, String::new()),
+            }
+        } else {
+            let present = get_record::<Stored, _>(t, &x.key()).map_err(internal)?.is_some();
+            (present, String::new())
         };
         resources.push(pb::ReleaseResource {
             kind: x.kind.clone(),
@@ -202,9 +190,7 @@ impl Api {
                 if x.kind != "service" {
                     continue;
                 }
-                if let Some(s) = get_record::<ServiceRecord, _>(&t, &service_key(&x.namespace, &x.name))
-                    .map_err(internal)?
-                {
+                if let Some(s) = get_record::<ServiceRecord, _>(&t, &x.key()).map_err(internal)? {
                     claims.extend(s.spec.volumes.iter().filter_map(|v| v.claim.clone()));
                     services.push(x.name.clone());
                 }

@@ -645,6 +645,18 @@ pub struct Mount {
     pub items: Vec<KeyToPath>,
 }
 
+impl Mount {
+    /// The secret (`secret`) or configmap it mounts: its own field, else the mount's name.
+    pub fn source(&self, secret: bool) -> &str {
+        let named = if secret {
+            self.secret_name.as_deref()
+        } else {
+            self.configmap_name.as_deref().or(self.config_name.as_deref())
+        };
+        named.unwrap_or(&self.name)
+    }
+}
+
 /// A key mounted under a file name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]

@@ -850,16 +850,13 @@ fn refuse_object_users<R: ReadableTable<&'static str, &'static [u8]>>(
             .spec
             .secret_mounts
             .iter()
-            .map(|m| (true, m.secret_name.as_deref().unwrap_or(&m.name)))
+            .map(|m| (true, m.source(true)))
             .chain(
                 s.spec
                     .config_mounts
                     .iter()
                     .chain(&s.spec.configmap_mounts)
-                    .map(|m| {
-                        let n = m.configmap_name.as_deref().or(m.config_name.as_deref());
-                        (false, n.unwrap_or(&m.name))
-                    }),
+                    .map(|m| (false, m.source(false))),
             )
             .collect();
         for r in rel.resources.iter().filter(|r| r.kind != "service") {

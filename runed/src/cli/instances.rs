@@ -634,24 +634,6 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
     })
 }
 
-fn human_bytes(b: i64) -> String {
-    if b < 0 {
-        return "-".into();
-    }
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b}B")
-    } else {
-        format!("{v:.1}{}", units[u])
-    }
-}
-
 /// `rune volume list`.
 pub async fn volume_list(conn: &Conn, all: bool, format: Format) -> Result<(), CliError> {
     let mut c = client(conn.channel().await?);
@@ -698,7 +680,7 @@ pub async fn volume_list(conn: &Conn, all: bool, format: Format) -> Result<(), C
                     dash(&v.instance),
                     dash(&v.storage_class),
                     dash(&v.requested_size),
-                    human_bytes(v.usage_bytes),
+                    u64::try_from(v.usage_bytes).map_or("-".into(), rune_log::space::human),
                     if v.in_use { "yes" } else { "no" }.into(),
                 ]);
             }

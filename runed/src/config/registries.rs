@@ -25,6 +25,8 @@ struct AuthSection {
     username: Option<String>,
     password: Option<String>,
     token: Option<String>,
+    // Only ecr's, which is refused: decoded so that the key is known.
+    #[allow(dead_code)]
     region: Option<String>,
     #[serde(alias = "fromSecret")]
     from_secret: Option<FromSecret>,
@@ -195,7 +197,6 @@ pub(super) fn check(
                 }
             }
             "ecr" => {
-                let _ = &a.region;
                 return Err(err(
                     "auth.type",
                     "not supported: ecr needs the AWS API to mint pull tokens, which this runed does not call; use type basic with user AWS and the output of `aws ecr get-login-password` as the password, or a dockerconfigjson secret",

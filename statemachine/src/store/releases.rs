@@ -37,6 +37,17 @@ pub struct ResourceRef {
     pub name: String,
 }
 
+impl ResourceRef {
+    /// Its key in the state table.
+    pub fn key(&self) -> String {
+        match self.kind.as_str() {
+            "service" => service_key(&self.namespace, &self.name),
+            "configmap" => configmap_key(&self.namespace, &self.name),
+            _ => secret_key(&self.namespace, &self.name),
+        }
+    }
+}
+
 impl std::fmt::Display for ResourceRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
@@ -115,12 +126,7 @@ pub(super) fn existing<R: ReadableTable<&'static str, &'static [u8]>>(
     struct Any {}
     let mut out = BTreeSet::new();
     for r in cast_refs(spec, resources) {
-        let key = match r.kind.as_str() {
-            "service" => service_key(&r.namespace, &r.name),
-            "configmap" => configmap_key(&r.namespace, &r.name),
-            _ => secret_key(&r.namespace, &r.name),
-        };
-        if o.get::<Any>(&key)?.is_some() {
+        if o.get::<Any>(&r.key())?.is_some() {
             out.insert(r);
         }
     }

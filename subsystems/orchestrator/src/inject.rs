@@ -59,13 +59,7 @@ impl Reader<'_> {
         if !self.cache.contains_key(&k) {
             let missing = || RunError::Launch(format!("{what} {ns}/{name} not found"));
             let data = if secret {
-                let rec: SecretRecord = get_record(&self.table, &secret_key(ns, name))
-                    .map_err(|e| RunError::Runtime(e.to_string()))?
-                    .ok_or_else(missing)?;
-                let src = self
-                    .secrets
-                    .ok_or_else(|| RunError::Launch(format!("secret {ns}/{name}: no KEK is loaded")))?;
-                src.open(&rec.sealed).map_err(RunError::Launch)?
+                open_secret(&self.table, self.secrets, ns, name)?
             } else {
                 let rec: ConfigmapRecord = get_record(&self.table, &configmap_key(ns, name))
                     .map_err(|e| RunError::Runtime(e.to_string()))?
@@ -93,6 +87,25 @@ impl Reader<'_> {
             ))
         })
     }
+}
+
+/// The plaintext of a stored secret, by namespace and name (no namespace rule here: callers
+/// decide whose secrets may be read).
+pub(crate) fn open_secret<R>(
+    table: &R,
+    secrets: Option<&dyn SecretSource>,
+    ns: &str,
+    name: &str,
+) -> Result<SecretData, RunError>
+where
+    R: redb::ReadableTable<&'static str, &'static [u8]>,
+{
+    let rec: SecretRecord = get_record(table, &secret_key(ns, name))
+        .map_err(|e| RunError::Runtime(e.to_string()))?
+        .ok_or_else(|| RunError::Launch(format!("secret {ns}/{name} not found")))?;
+    let src = secrets.ok_or_else(|| RunError::Launch(format!("secret {ns}/{name}: no KEK is loaded")))?;
+    src.open(&rec.sealed)
+        .map_err(|e| RunError::Launch(format!("secret {ns}/{name}: {e}")))
 }
 
 /// Replaces every `{{secret:name/key}}` and `{{configmap:name/key}}` in `v`.
@@ -270,15 +283,7 @@ fn write_mount(
     base: &Path,
 ) -> Result<MountDir, RunError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let obj = if secret {
-        m.secret_name.clone().unwrap_or_else(|| m.name.clone())
-    } else {
-        m.configmap_name
-            .clone()
-            .or(m.config_name.clone())
-            .unwrap_or_else(|| m.name.clone())
-    };
-    let (ons, name) = split_ref(&obj, ns);
+    let (ons, name) = split_ref(m.source(secret), ns);
     let data = r.get(secret, &ons, &name)?.clone();
     let what = if secret { "secret" } else { "configmap" };
     let files: Vec<(String, Vec<u8>)> = if m.items.is_empty() {

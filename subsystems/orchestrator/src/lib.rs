@@ -418,7 +418,7 @@ impl Orchestrator {
         let mut host = tokio::task::spawn_blocking(move || procs.list(true))
             .await
             .unwrap_or_default();
-        self.inner.fill_process_users(&mut host);
+        self.inner.fill_process_users(&mut host)?;
         all.extend(host);
         all.sort_by(|a, b| (&a.namespace, a.name()).cmp(&(&b.namespace, b.name())));
         Ok(all)
@@ -428,7 +428,7 @@ impl Orchestrator {
     /// process uses it.
     pub async fn delete_volume(&self, ns: &str, name: &str) -> Result<(), OrchestratorError> {
         let mut host = self.inner.process.volumes().list(false);
-        self.inner.fill_process_users(&mut host);
+        self.inner.fill_process_users(&mut host)?;
         if let Some(v) = host.iter().find(|v| v.namespace == ns && v.name() == name) {
             if !v.users.is_empty() {
                 return Err(OrchestratorError::FailedPrecondition(format!(
@@ -551,39 +551,39 @@ impl Inner {
     }
 
     /// The live process instances using each process volume: the instance itself for a
-    /// per-instance one, every instance whose service names the claim for a shared one.
-    fn fill_process_users(&self, vols: &mut [runner::docker::VolumeInfo]) {
-        let live: Vec<runner::Found> = self.process.list().into_iter().filter(|f| f.running).collect();
-        let claims_of = |ns: &str, svc: &str| -> Vec<String> {
-            let Ok(txn) = self.log.read() else {
-                return Vec::new();
-            };
-            let Ok(t) = txn.open_table(STATE_TABLE) else {
-                return Vec::new();
-            };
-            rune_statemachine::store::get_record::<ServiceRecord, _>(
+    /// per-instance one, every instance whose service names the claim for a shared one. A
+    /// failed read of the state is an error, never "unused" (a delete would follow it).
+    fn fill_process_users(&self, vols: &mut [runner::docker::VolumeInfo]) -> Result<(), RunError> {
+        let runtime = |e: &dyn std::fmt::Display| RunError::Runtime(e.to_string());
+        let txn = self.log.read().map_err(|e| runtime(&e))?;
+        let t = txn.open_table(STATE_TABLE).map_err(|e| runtime(&e))?;
+        let mut live: Vec<(runner::Found, Vec<String>)> = Vec::new();
+        for f in self.process.list().into_iter().filter(|f| f.running) {
+            let svc: Option<ServiceRecord> = rune_statemachine::store::get_record(
                 &t,
-                &rune_statemachine::store::service_key(ns, svc),
+                &rune_statemachine::store::service_key(&f.namespace, &f.service),
             )
-            .ok()
-            .flatten()
-            .map(|r| r.spec.volumes.iter().filter_map(|v| v.claim.clone()).collect())
-            .unwrap_or_default()
-        };
+            .map_err(|e| runtime(&e))?;
+            let claims = svc
+                .map(|r| r.spec.volumes.iter().filter_map(|v| v.claim.clone()).collect())
+                .unwrap_or_default();
+            live.push((f, claims));
+        }
         for v in vols.iter_mut() {
             v.users = live
                 .iter()
-                .filter(|f| {
+                .filter(|(f, claims)| {
                     f.namespace == v.namespace
                         && if v.claim.is_empty() {
                             f.id == v.instance
                         } else {
-                            claims_of(&f.namespace, &f.service).contains(&v.claim)
+                            claims.contains(&v.claim)
                         }
                 })
-                .map(|f| f.id.clone())
+                .map(|(f, _)| f.id.clone())
                 .collect();
         }
+        Ok(())
     }
 
     fn launch_of(&self, rec: &InstanceRecord) -> Result<Launch, OrchestratorError> {

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use rune_statemachine::store::{get_record, secret_key, SecretRecord};
 use rune_statemachine::STATE_TABLE;
 
 use crate::inject::SecretSource;
@@ -267,12 +266,7 @@ pub fn read_secret(
     let t = txn
         .open_table(STATE_TABLE)
         .map_err(|e| RunError::Runtime(e.to_string()))?;
-    let rec: SecretRecord = get_record(&t, &secret_key(ns, name))
-        .map_err(|e| RunError::Runtime(e.to_string()))?
-        .ok_or_else(|| RunError::Launch(format!("registry secret {ns}/{name} not found")))?;
-    let src = secrets.ok_or_else(|| RunError::Launch("secrets cannot be opened on this node".into()))?;
-    src.open(&rec.sealed)
-        .map_err(|e| RunError::Launch(format!("registry secret {ns}/{name}: {e}")))
+    crate::inject::open_secret(&t, secrets, ns, name)
 }
 
 #[cfg(test)]

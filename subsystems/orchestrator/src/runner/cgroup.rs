@@ -337,12 +337,12 @@ mod tests {
         };
         assert_eq!(memory, &sys.path().join("memory/svc/rune-n1"));
         assert_eq!(cpu, &sys.path().join("cpu/svc/rune-n1"));
+        // The kernel makes cgroup.procs in a new group; here it is made beforehand (which also
+        // keeps create() from removing the non-empty directory).
         for d in [memory, cpu] {
             std::fs::create_dir_all(d.join("default.api-0")).unwrap();
             std::fs::write(d.join("default.api-0/cgroup.procs"), "").unwrap();
         }
-        // create() recreates the dirs; the fake has no kernel to make cgroup.procs, so make
-        // the files appear as the kernel would by pre-creating and keeping the dirs non-empty.
         let r = EngineResources {
             nano_cpus: Some(500_000_000),
             cpu_shares: Some(256),

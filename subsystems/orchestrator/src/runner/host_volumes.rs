@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::docker::{dir_usage, VolumeInfo};
+use super::process::read_dirs;
 use super::{Launch, MountDir, RunError};
 
 /// The storage class process volumes are given (the only one, as for containers).
@@ -99,40 +100,35 @@ impl HostVolumes {
     /// knows which instances run).
     pub fn list(&self, measure: bool) -> Vec<VolumeInfo> {
         let mut out = Vec::new();
-        for ns_dir in dirs(&self.root) {
+        for ns_dir in read_dirs(&self.root) {
             let ns = name(&ns_dir);
-            let per_instance = dirs(&ns_dir.join("instances"))
+            let per_instance = read_dirs(&ns_dir.join("instances"))
                 .into_iter()
-                .flat_map(|i| dirs(&i))
-                .map(|d| ("instances", d));
-            let claims = dirs(&ns_dir.join("claims")).into_iter().map(|d| ("claims", d));
-            for (kind, dir) in per_instance.chain(claims) {
-                {
-                    let meta: Meta = std::fs::read(meta_path(&dir))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok())
-                        .unwrap_or_default();
-                    out.push(VolumeInfo {
-                        engine_name: dir.display().to_string(),
-                        namespace: ns.clone(),
-                        service: meta.service,
-                        instance: meta.instance,
-                        volume: meta.volume,
-                        claim: if kind == "claims" { name(&dir) } else { meta.claim },
-                        requested_size: meta.requested_size,
-                        storage_class: CLASS.into(),
-                        usage_bytes: if measure { dir_usage(&dir) } else { None },
-                        users: Vec::new(),
-                    });
-                }
+                .flat_map(|i| read_dirs(&i));
+            let claims = read_dirs(&ns_dir.join("claims"));
+            for (shared, dir) in per_instance
+                .map(|d| (false, d))
+                .chain(claims.into_iter().map(|d| (true, d)))
+            {
+                let meta: Meta = std::fs::read(meta_path(&dir))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                out.push(VolumeInfo {
+                    engine_name: dir.display().to_string(),
+                    namespace: ns.clone(),
+                    service: meta.service,
+                    instance: meta.instance,
+                    volume: meta.volume,
+                    claim: if shared { name(&dir) } else { meta.claim },
+                    requested_size: meta.requested_size,
+                    storage_class: CLASS.into(),
+                    usage_bytes: if measure { dir_usage(&dir) } else { None },
+                    users: Vec::new(),
+                });
             }
         }
         out
-    }
-
-    /// Whether `v` is one of these (its engine name is a path under the root).
-    pub fn owns(&self, v: &VolumeInfo) -> bool {
-        Path::new(&v.engine_name).starts_with(&self.root)
     }
 
     /// Deletes a volume's directory and what it holds.
@@ -169,12 +165,4 @@ fn name(p: &Path) -> String {
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_string()
-}
-
-fn dirs(p: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
 }

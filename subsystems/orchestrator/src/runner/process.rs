@@ -740,7 +740,8 @@ fn exit_of(st: std::process::ExitStatus) -> Exit {
     }
 }
 
-fn read_dirs(p: &Path) -> Vec<PathBuf> {
+/// The directories in `p` (none when it cannot be read).
+pub(super) fn read_dirs(p: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(p) else {
         return vec![];
     };

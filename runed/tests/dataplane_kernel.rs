@@ -205,6 +205,7 @@ fn nftables_enforce_policy_on_real_packets() {
         String::from_utf8_lossy(&o.stderr)
     );
     wait_until(LONG, "the kernel drop to be counted", || kernel_drops(&d) >= 1.0);
+    let counted = kernel_drops(&d);
     // The proxy port is no way around the VIP from outside.
     let proxy = format!("http://10.250.2.1:{}/", {
         let v: Value = serde_json::from_str(&run_ok(&d, &["get", "services", "web", "-o", "json"])).unwrap();
@@ -272,6 +273,11 @@ fn nftables_enforce_policy_on_real_packets() {
         stdout(&lab.exec(2, &["curl", "-sS", "-m", "2", &url])).contains("hello-web")
     });
     assert!(d.running() && d.pid() == pid, "no restart");
+    // The rewritten chain keeps the drops counted under it.
+    assert!(
+        kernel_drops(&d) >= counted,
+        "kernel drops went back after the policy change"
+    );
     go_tx.send(()).unwrap();
     let (_, second) = res_rx.recv_timeout(LONG).unwrap();
     holder.join().unwrap();
@@ -296,12 +302,13 @@ fn nftables_enforce_policy_on_real_packets() {
 fn missing_nft_is_said_and_the_proxy_still_enforces() {
     let mut d = Daemon::new(&bins());
     d.nftables = true;
-    // No nft on this PATH (busybox and the shell are found by absolute path).
-    d.env.push(("PATH".into(), "/nonexistent".into()));
+    // No libnftables where runed looks for it.
+    d.env
+        .push(("RUNE_LIBNFTABLES".into(), "/nonexistent/libnftables.so.1".into()));
     d.restart();
     let status = run_ok(&d, &["policy", "status"]);
     assert!(
-        status.contains("kernel enforcement: off: nft is missing (install Debian's nftables)"),
+        status.contains("kernel enforcement: off: nftables is missing (install Debian's nftables)"),
         "{status}"
     );
     let metrics = http_get(d.metrics, "/metrics").unwrap().1;

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+mod libnft;
 pub mod nft;
 pub mod owner;
 pub mod policy;
@@ -182,10 +183,11 @@ struct Kernel {
     status: KernelStatus,
     /// The model the kernel's table holds, when this runed loaded it and knows it.
     model: Option<nft::Model>,
-    /// Counter totals carried over from earlier programs (a reload resets the kernel's).
+    /// Drops by chain carried over from addresses whose counts were deleted (they left their
+    /// chain, or the table was loaded whole).
     carried: BTreeMap<String, u64>,
-    /// The latest reading.
-    read: BTreeMap<String, u64>,
+    /// The latest reading, by address.
+    read: nft::Drops,
     /// Bumped by every load, so a reading of a table that was replaced meanwhile is dropped.
     generation: u64,
     counters: Vec<nft::CounterKey>,
@@ -220,6 +222,8 @@ pub struct DataPlane {
     /// there, one per service port (`api:8080` is `gateway:8080`).
     containers: Mutex<ContainerSide>,
     kernel: Mutex<Kernel>,
+    /// The open libnftables context (production mode), or why there is none.
+    nft: Result<nft::Nft, String>,
     active: Mutex<HashMap<SocketAddr, usize>>,
     /// Round-robin position of port-forward connections.
     forward_rr: AtomicUsize,
@@ -258,11 +262,22 @@ impl DataPlane {
     /// Builds the view, opens the listeners, programs the kernel (when asked) and starts
     /// tailing the log. Returns once VIP traffic can flow.
     pub async fn start(log: Arc<Log>, mut cfg: DataPlaneConfig) -> Result<Arc<Self>, DpError> {
+        let nft = if cfg.kernel {
+            nft::Nft::open().map_err(|e| e.to_string())
+        } else {
+            Err("off".to_string())
+        };
         if cfg.kernel && !cfg.listen.is_loopback() {
             // Off loopback, the proxy ports are shielded from outside by the table's input
             // chain; if no table can be loaded, they stay on loopback.
             let empty = nft::Model::of(&Table::default(), &BTreeMap::new(), cfg.port_range);
-            if let Err(e) = nft::apply(nft::full(&cfg.nft_table, &empty)).await {
+            let loaded = match &nft {
+                Ok(n) => nft::apply(n, nft::full(&cfg.nft_table, &empty))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            if let Err(e) = loaded {
                 tracing::warn!(error = %e, "nftables cannot be programmed; the proxy listens on 127.0.0.1 only");
                 cfg.listen = IpAddr::from([127, 0, 0, 1]);
             }
@@ -287,12 +302,13 @@ impl DataPlane {
                 },
                 model: None,
                 carried: BTreeMap::new(),
-                read: BTreeMap::new(),
+                read: nft::Drops::new(),
                 generation: 0,
                 counters: Vec::new(),
                 vips: HashSet::new(),
             }),
             active: Mutex::new(HashMap::new()),
+            nft,
             forward_rr: AtomicUsize::new(0),
             counters_wanted: AtomicBool::new(false),
             stats: Stats::default(),
@@ -374,9 +390,10 @@ impl DataPlane {
             .map(|m| m.iter().map(|((k, p, r), n)| (k.clone(), *p, *r, *n)).collect())
             .unwrap_or_default();
         if let Ok(k) = self.kernel.lock() {
+            let live = k.model.as_ref().map(|m| m.tally(&k.read)).unwrap_or_default();
             for c in &k.counters {
                 let name = nft::counter_name(&c.service, c.direction);
-                let n = k.carried.get(&name).copied().unwrap_or(0) + k.read.get(&name).copied().unwrap_or(0);
+                let n = k.carried.get(&name).copied().unwrap_or(0) + live.get(&name).copied().unwrap_or(0);
                 out.push((c.service.clone(), c.direction, "kernel", n));
             }
         }
@@ -406,8 +423,9 @@ impl DataPlane {
 
     /// Reads the kernel's counters now (the background reader does this every few seconds).
     pub async fn refresh_counters(&self) {
+        let Ok(n) = &self.nft else { return };
         let generation = self.kernel.lock().map(|k| k.generation).unwrap_or(0);
-        match nft::counters(&self.cfg.nft_table).await {
+        match nft::drops(n, &self.cfg.nft_table).await {
             Ok(read) => {
                 if let Ok(mut k) = self.kernel.lock() {
                     if k.generation == generation {
@@ -729,51 +747,61 @@ impl DataPlane {
             }
             k.model.clone().filter(|_| k.status.enforcing)
         };
+        let nft = match &self.nft {
+            Ok(n) => n,
+            Err(e) => {
+                if let Ok(mut k) = self.kernel.lock() {
+                    kernel_off(&mut k, e, Duration::ZERO);
+                }
+                return;
+            }
+        };
         let table = &self.cfg.nft_table;
         let started = Instant::now();
-        // Counters of chains that go away (all of them, for a whole load) restart at zero:
-        // carry what they counted so far.
-        let gone = |old: &nft::Model| old.chains.keys().any(|n| !model.chains.contains_key(n));
+        // Drop counts the change deletes (those of addresses leaving their chain; all of them
+        // in a whole load) are read first, to be carried.
+        let leaving = loaded.as_ref().map(|old| old.leaving(&model)).unwrap_or_default();
         let mut whole = loaded.is_none();
-        let mut before = if whole || loaded.as_ref().is_some_and(gone) {
-            nft::counters(table).await.unwrap_or_default()
+        let mut before = if whole || !leaving.is_empty() {
+            nft::drops(nft, table).await.unwrap_or_default()
         } else {
-            BTreeMap::new()
+            nft::Drops::new()
         };
         let mut r = match &loaded {
-            Some(old) => nft::apply(nft::delta(table, old, &model)).await,
-            None => nft::apply(nft::full(table, &model)).await,
+            Some(old) => nft::apply(nft, nft::delta(table, old, &model)).await,
+            None => nft::apply(nft, nft::full(table, &model)).await,
         };
         if let (Err(e), false) = (&r, whole) {
             tracing::warn!(error = %e, "an incremental nftables change was refused; loading the table whole");
-            before = nft::counters(table).await.unwrap_or_default();
+            before = nft::drops(nft, table).await.unwrap_or_default();
             whole = true;
-            r = nft::apply(nft::full(table, &model)).await;
+            r = nft::apply(nft, nft::full(table, &model)).await;
         }
         let took = started.elapsed();
         let Ok(mut k) = self.kernel.lock() else { return };
         match r {
             Ok(()) => {
-                let reset: Vec<String> = if whole {
-                    before.keys().cloned().collect()
-                } else {
-                    before
+                let carry: Vec<(&'static str, Ipv4Addr, String)> = match (whole, &loaded) {
+                    (false, _) => leaving,
+                    // Every count restarted: the model that counted them says whose they were.
+                    (true, Some(old)) => before
                         .keys()
-                        .filter(|n| !model.chains.contains_key(*n))
-                        .cloned()
-                        .collect()
+                        .filter_map(|(d, ip)| old.chain_of(d, *ip).map(|c| (*d, *ip, c.clone())))
+                        .collect(),
+                    (true, None) => Vec::new(),
                 };
-                for name in &reset {
-                    let n = before.get(name).copied().unwrap_or(0);
-                    *k.carried.entry(name.clone()).or_default() += n;
-                    k.read.remove(name);
+                for (direction, ip, chain) in &carry {
+                    if let Some(n) = before.get(&(*direction, *ip)) {
+                        *k.carried.entry(chain.clone()).or_default() += n;
+                    }
+                    k.read.remove(&(*direction, *ip));
                 }
                 if whole {
-                    // Every counter restarted, including any the reading before missed.
+                    // Every count restarted, including any the reading before missed.
                     k.read.clear();
                 }
-                if !reset.is_empty() || whole {
-                    // A reading taken before this change may hold counters now reset.
+                if !carry.is_empty() || whole {
+                    // A reading taken before this change may hold counts now deleted.
                     k.generation += 1;
                 }
                 if !k.status.enforcing {
@@ -788,26 +816,31 @@ impl DataPlane {
                 k.model = Some(model);
                 k.vips = vips;
             }
-            Err(e) => {
-                // Said once per change: losing enforcement is an error, never having it (no
-                // nft, no privilege) a warning; the same failure again is not news.
-                // The DNS answers a name only once its VIP is redirected (`carries`).
-                let detail = format!("off: {e}; VIPs not in the loaded table are not redirected, so the DNS does not answer their names");
-                if k.status.enforcing {
-                    tracing::error!(error = %e, "kernel enforcement stopped; policy is enforced in the proxy only");
-                } else if k.status.detail != detail {
-                    tracing::warn!(error = %e, "kernel enforcement is off");
-                }
-                k.status = KernelStatus {
-                    enforcing: false,
-                    detail,
-                    last_program: took,
-                };
-                // What the kernel holds is not known for sure: the next change loads it whole.
-                k.model = None;
-            }
+            Err(e) => kernel_off(&mut k, &e, took),
         }
     }
+}
+
+/// Records that the kernel does not enforce, and why. Said once per change: losing
+/// enforcement is an error, never having it (no nftables, no privilege) a warning; the same
+/// failure again is not news. The DNS answers a name only once its VIP is redirected
+/// (`carries`).
+fn kernel_off(k: &mut Kernel, e: &dyn std::fmt::Display, took: Duration) {
+    let detail = format!(
+        "off: {e}; VIPs not in the loaded table are not redirected, so the DNS does not answer their names"
+    );
+    if k.status.enforcing {
+        tracing::error!(error = %e, "kernel enforcement stopped; policy is enforced in the proxy only");
+    } else if k.status.detail != detail {
+        tracing::warn!(error = %e, "kernel enforcement is off");
+    }
+    k.status = KernelStatus {
+        enforcing: false,
+        detail,
+        last_program: took,
+    };
+    // What the kernel holds is not known for sure: the next change loads it whole.
+    k.model = None;
 }
 
 /// `rune policy explain`'s answer.

@@ -127,17 +127,19 @@ fn deltas_leave_the_table_a_full_load_gives() {
         ),
         ("all back", base.clone()),
     ];
-    rt.block_on(nft::apply(nft::full(TABLE, &base)))
+    // Opened after entering the namespace: its socket lives there.
+    let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
+    rt.block_on(nft::apply(&n, nft::full(TABLE, &base)))
         .expect("full load");
-    // 30 ingress chains with their counters and rules, the maps and the base chains.
+    // 30 ingress chains with their rules, the maps, the drop sets and the base chains.
     let loaded = listed();
     assert!(loaded.len() > 100, "{}", loaded.len());
     let mut current = base.clone();
     for (what, next) in steps {
-        rt.block_on(nft::apply(nft::delta(TABLE, &current, &next)))
+        rt.block_on(nft::apply(&n, nft::delta(TABLE, &current, &next)))
             .unwrap_or_else(|e| panic!("{what}: delta refused: {e}"));
         let by_delta = listed();
-        rt.block_on(nft::apply(nft::full(TABLE, &next)))
+        rt.block_on(nft::apply(&n, nft::full(TABLE, &next)))
             .expect("full load");
         assert_eq!(
             by_delta,

@@ -14,13 +14,15 @@
 //! Each listener address has its own hickory `Catalog`, sharing the records and the forwarder:
 //! in dev mode the answer depends on which address was asked. TCP is served by hickory's
 //! `Server`; UDP by one SO_REUSEPORT socket per core, each read by a thread that answers our
-//! zones in place (`serve_udp`).
+//! zones in place (`serve_udp`) and keeps the answers it made, by the query's bytes, until
+//! the next applied entry ([`Answers`]).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod zone;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -101,18 +103,20 @@ struct Shared {
 impl Shared {
     /// Why a name of our zones must not be answered now, if it must not.
     fn refuse(&self, name: &LowerName) -> Option<ResponseCode> {
+        (!self.open_for(self.records.vip_behind(name))).then_some(ResponseCode::ServFail)
+    }
+
+    /// The gate: whether a name of our zones leading to `vip` (or to no VIP) may be answered
+    /// now. A poisoned lock fails closed like an unset data path.
+    fn open_for(&self, vip: Option<Ipv4Addr>) -> bool {
         if self.projection.stale() || !self.records.readable() {
-            return Some(ResponseCode::ServFail);
+            return false;
         }
-        // A poisoned lock fails closed like an unset data path.
         let dp = self.data_path.read().ok().and_then(|d| d.clone());
         let Some(dp) = dp else {
-            return Some(ResponseCode::ServFail);
+            return false;
         };
-        match self.records.vip_behind(name) {
-            Some(vip) if !dp.carries(vip) => Some(ResponseCode::ServFail),
-            _ => None,
-        }
+        vip.is_none_or(|v| dp.carries(v))
     }
 
     /// A catalog for a listener on `here`, for queries that came over TCP or not.
@@ -373,6 +377,7 @@ fn serve_udp(
     rt: tokio::runtime::Handle,
 ) {
     let mut buf = vec![0u8; 4096];
+    let mut answers = Answers::default();
     while !stop.load(Ordering::Relaxed) {
         let (n, src) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
@@ -393,6 +398,9 @@ fn serve_udp(
         if src.port() == 0 {
             continue;
         }
+        if answers.send_kept(&buf[..n], &handler.shared, &sock, src) {
+            continue;
+        }
         let request = match Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) {
             Ok(r) => r,
             Err(_) => {
@@ -409,14 +417,29 @@ fn serve_udp(
         let reply = UdpReply {
             sock: sock.clone(),
             dst: src,
+            sent: None,
         };
         if handler.is_ours(&request) {
+            // Read before answering: an answer is never kept under a newer index than the
+            // records it was made from.
+            let at = handler.shared.projection.applied_index();
+            let sent = Arc::new(Mutex::new(Vec::new()));
+            let reply = UdpReply {
+                sent: Some(sent.clone()),
+                ..reply
+            };
             // A bug in answering one packet must not end this socket's thread.
             let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 futures::executor::block_on(handler.answer::<_, TokioTime>(&request, true, reply))
             }));
             if answered.is_err() {
                 tracing::error!(%src, "answering a DNS query panicked; the query is dropped");
+            } else if let Ok(sent) = sent.lock() {
+                let vip = request
+                    .request_info()
+                    .ok()
+                    .and_then(|i| handler.shared.records.vip_behind(i.query.name()));
+                answers.keep(&buf[..n], &sent, vip, at);
             }
         } else if let Ok(permit) = forwards.clone().try_acquire_owned() {
             let handler = handler.clone();
@@ -427,6 +450,85 @@ fn serve_udp(
         } else {
             tracing::debug!(%src, "too many forwarded queries in flight; one dropped");
         }
+    }
+}
+
+/// Answers a UDP thread made for our zones, by the query's bytes after its ID: the same bytes
+/// get the same answer (the records, the listener and the transport are the same), so a
+/// repeated query costs a lookup and a copy instead of a parse, a catalog walk and an
+/// encoding. All are dropped when the applied index moves (the records, and the SOA serial,
+/// may have changed); the gate is asked again on every use, since the data path and the
+/// projection's staleness change without an entry. Only NOERROR and NXDOMAIN answers are kept:
+/// a SERVFAIL says the gate or the catalog could not answer then.
+#[derive(Default)]
+struct Answers {
+    at: u64,
+    by_query: HashMap<Box<[u8]>, Kept>,
+    scratch: Vec<u8>,
+}
+
+/// A kept answer, and the VIP its name leads to (the gate's question).
+struct Kept {
+    bytes: Box<[u8]>,
+    vip: Option<Ipv4Addr>,
+}
+
+/// Answers kept per UDP thread; past it they are all dropped and kept anew.
+const ANSWERS: usize = 4096;
+
+/// Queries longer than this are answered but not kept.
+const KEPT_QUERY_MAX: usize = 512;
+
+impl Answers {
+    /// Sends the kept answer to `query` with its ID, if there is one and the gate is open.
+    fn send_kept(
+        &mut self,
+        query: &[u8],
+        shared: &Shared,
+        sock: &std::net::UdpSocket,
+        src: SocketAddr,
+    ) -> bool {
+        if query.len() <= 12 || self.by_query.is_empty() {
+            return false;
+        }
+        let at = shared.projection.applied_index();
+        if at != self.at {
+            self.by_query.clear();
+            return false;
+        }
+        let Some(kept) = self.by_query.get(&query[2..]) else {
+            return false;
+        };
+        if !shared.open_for(kept.vip) {
+            return false;
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&kept.bytes);
+        self.scratch[..2].copy_from_slice(&query[..2]);
+        let _ = sock.send_to(&self.scratch, src);
+        true
+    }
+
+    /// Keeps the answer sent to `query`, made from the records at index `at`.
+    fn keep(&mut self, query: &[u8], sent: &[u8], vip: Option<Ipv4Addr>, at: u64) {
+        if query.len() <= 12 || query.len() > KEPT_QUERY_MAX || sent.len() < 12 {
+            return;
+        }
+        let rcode = sent[3] & 0x0f;
+        if rcode != ResponseCode::NoError.low() && rcode != ResponseCode::NXDomain.low() {
+            return;
+        }
+        if at != self.at || self.by_query.len() >= ANSWERS {
+            self.by_query.clear();
+            self.at = at;
+        }
+        self.by_query.insert(
+            query[2..].into(),
+            Kept {
+                bytes: sent.into(),
+                vip,
+            },
+        );
     }
 }
 
@@ -455,6 +557,8 @@ fn formerr(packet: &[u8]) -> Option<Vec<u8>> {
 struct UdpReply {
     sock: Arc<std::net::UdpSocket>,
     dst: SocketAddr,
+    /// Where to leave a copy of what was sent, to be kept.
+    sent: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 #[async_trait::async_trait]
@@ -479,6 +583,9 @@ impl ResponseHandler for UdpReply {
         };
         // A UDP send does not wait for the peer; the socket's buffer takes it at once.
         self.sock.send_to(&bytes, self.dst)?;
+        if let Some(Ok(mut sent)) = self.sent.as_ref().map(|s| s.lock()) {
+            *sent = bytes;
+        }
         Ok(info)
     }
 }

@@ -786,7 +786,7 @@ impl DataPlane {
                     // Every count restarted: the model that counted them says whose they were.
                     (true, Some(old)) => before
                         .keys()
-                        .filter_map(|(d, ip)| old.chain_of(d, *ip).map(|c| (*d, *ip, c.clone())))
+                        .filter_map(|(d, ip)| old.policy_of(d, *ip).map(|c| (*d, *ip, c.clone())))
                         .collect(),
                     (true, None) => Vec::new(),
                 };

@@ -19,7 +19,10 @@ struct Netns(String);
 
 impl Netns {
     fn enter() -> Self {
-        let name = format!("rune-nft-test-{}", std::process::id());
+        // Tests run in parallel in this process: each its own namespace.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("rune-nft-test-{}-{n}", std::process::id());
         let st = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -216,4 +219,126 @@ fn one_services_change_touches_only_its_entries() {
     // Its elements, plus the ingress chain's rules once over: its new network is the first of
     // its prefix length (/12), which gets its pair of sets.
     assert!(v["nftables"].as_array().is_some_and(|a| a.len() <= 16), "{text}");
+}
+
+/// Runs `ip` with these arguments, asserting it worked.
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("ip(8)");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Moves the calling thread into namespace `name`.
+fn enter(name: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
+    // SAFETY: setns(2) on a namespace descriptor we own; it moves only this thread.
+    assert_eq!(
+        unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+        0,
+        "setns"
+    );
+}
+
+/// Real packets through the loaded table, routed by the namespace the table lives in: a
+/// "container" whose egress policy allows one network on port 80 reaches it there, is
+/// dropped (and counted) on port 81, and the node's DNS port stays open to it.
+#[test]
+fn egress_policy_on_real_packets() {
+    use rune_dataplane::table::{Mode, Svc, Table};
+    use rune_statemachine::spec::{EgressRule, NetworkPolicy, Peer, PortRef};
+    use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    let host = Netns::enter();
+    // Made before anything can fail, so both are deleted with their veths.
+    let pid = std::process::id();
+    let (c, p) = (format!("rune-nft-c-{pid}"), format!("rune-nft-p-{pid}"));
+    let _c = Netns(c.clone());
+    let _p = Netns(p.clone());
+    ip(&["netns", "add", &c]);
+    ip(&["netns", "add", &p]);
+    for (ns, h, n, net) in [(&c, "hc0", "c0", "10.200.1"), (&p, "hp0", "p0", "10.200.2")] {
+        ip(&["link", "add", h, "type", "veth", "peer", "name", n, "netns", ns]);
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", h]);
+        ip(&["link", "set", h, "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{net}.2/24"), "dev", n]);
+        ip(&["-n", ns, "link", "set", n, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "route", "add", "default", "via", &format!("{net}.1")]);
+    }
+    ip(&["link", "set", "lo", "up"]);
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the namespace");
+
+    let key = SvcKey::new("default", "client");
+    let np = NetworkPolicy {
+        ingress: vec![],
+        egress: vec![EgressRule {
+            to: vec![Peer {
+                cidr: Some("10.200.2.0/24".into()),
+                ..Default::default()
+            }],
+            ports: vec![PortRef::Number(80)],
+        }],
+    };
+    let mut t = Table::default();
+    t.services.insert(
+        key.clone(),
+        std::sync::Arc::new(Svc {
+            key: key.clone(),
+            vip: None,
+            mode: Mode::RoundRobin,
+            ports: vec![],
+            policy: rune_dataplane::policy::compile("default", Some(&np)),
+            endpoints: vec![],
+            local_ips: vec![IpAddr::from([10, 200, 1, 2])],
+            local_instances: 1,
+        }),
+    );
+    let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(nft::apply(
+        &n,
+        nft::full(TABLE, &Model::of(&t, &BTreeMap::new(), RANGE)),
+    ))
+    .expect("full load");
+
+    // Listeners in the peer's namespace on 80 and 81, and in the host's on 53.
+    let mut listeners = Vec::new();
+    for (ns, port) in [(p.clone(), 80u16), (p.clone(), 81), (host.0.clone(), 53)] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        listeners.push(std::thread::spawn(move || {
+            enter(&ns);
+            let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+            tx.send(()).unwrap();
+            // One connection is all a check makes; the thread ends with the test.
+            let _ = l.accept();
+        }));
+        rx.recv().unwrap();
+    }
+    let connect = |to: &str| -> bool {
+        let to: SocketAddr = to.parse().unwrap();
+        let c = c.clone();
+        std::thread::spawn(move || {
+            enter(&c);
+            TcpStream::connect_timeout(&to, Duration::from_millis(1500)).is_ok()
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(connect("10.200.2.2:80"), "the allowed network and port");
+    assert!(!connect("10.200.2.2:81"), "another port is dropped");
+    assert!(connect("10.200.1.1:53"), "the node's DNS stays reachable");
+    let drops = rt.block_on(nft::drops(&n, TABLE)).expect("drops");
+    assert!(
+        drops
+            .get(&("egress", "10.200.1.2".parse().unwrap()))
+            .is_some_and(|n| *n >= 1),
+        "{drops:?}"
+    );
 }

@@ -533,6 +533,19 @@ impl Drop for Daemon {
 }
 
 /// stdout of a command as text.
+/// A DNS query for `name`, type A, recursion desired: the same bytes for the same ID and name
+/// (dig adds a fresh cookie to each query, so its queries are never alike).
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut p = id.to_be_bytes().to_vec();
+    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        p.push(l.len() as u8);
+        p.extend_from_slice(l.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -278,6 +278,21 @@ fn main() {
         runed.2 / hp.2
     );
 
+    common::summary(
+        "data plane short connections/s",
+        "conn/s",
+        runed.1 .0,
+        Some(("haproxy", hp.1 .0)),
+        true,
+    );
+    common::summary(
+        "data plane long stream",
+        "MiB/s",
+        runed.2,
+        Some(("direct", direct.2)),
+        true,
+    );
+
     drop(d);
     if in_ns {
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();

@@ -212,4 +212,19 @@ fn main() {
         pct(&mut to_answer, 0.5) / 1e3,
         pct(&mut to_answer, 0.99) / 1e3
     );
+    common::summary("DNS queries/s (dnsperf)", "q/s", rq, Some(("unbound", uq)), true);
+    common::summary(
+        "DNS average latency under load",
+        "µs",
+        rl,
+        Some(("unbound", ul)),
+        false,
+    );
+    common::summary(
+        "cast → DNS answer, p99",
+        "ms",
+        pct(&mut to_answer, 0.99) / 1e3,
+        None,
+        false,
+    );
 }

@@ -5,6 +5,8 @@
 //! with upstream keep-alive), and prints wrk's requests/s and p50/p99 for keep-alive
 //! connections and for a new connection per request, with the ratios.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
@@ -175,5 +177,19 @@ fn main() {
         "\nratios runed/nginx: keep-alive {:.2}, new connection {:.2}",
         rows[0].1 .0 / rows[1].1 .0,
         rows[0].2 .0 / rows[1].2 .0
+    );
+    common::summary(
+        "ingress HTTPS keep-alive",
+        "req/s",
+        rows[0].1 .0,
+        Some(("nginx", rows[1].1 .0)),
+        true,
+    );
+    common::summary(
+        "ingress HTTPS new connections",
+        "req/s",
+        rows[0].2 .0,
+        Some(("nginx", rows[1].2 .0)),
+        true,
     );
 }

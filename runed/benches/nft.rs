@@ -79,6 +79,22 @@ fn main() {
                 started.elapsed()
             })
             .collect();
+        if n == 1000 {
+            common::summary(
+                "nftables full load, 1,000 policy services",
+                "ms",
+                ms(pct(&mut loads, 0.5)),
+                None,
+                false,
+            );
+            common::summary(
+                "nftables one service's change, 1,000 policy services, p50",
+                "ms",
+                ms(pct(&mut changes, 0.5)),
+                None,
+                false,
+            );
+        }
         println!(
             "| {n} | {model_us:.0} | {:.1} | {:.2} | {:.2} | {commands} | {:.2} |",
             ms(pct(&mut loads, 0.5)),

@@ -232,6 +232,20 @@ fn backup_vs_etcd(rt: &tokio::runtime::Runtime, bins: &Bins) {
                 runed.save.as_secs_f64() / e.save.as_secs_f64(),
                 runed.restore.as_secs_f64() / e.restore.as_secs_f64()
             );
+            common::summary(
+                "online backup",
+                "ms",
+                runed.save.as_secs_f64() * 1e3,
+                Some(("etcdctl snapshot save", e.save.as_secs_f64() * 1e3)),
+                false,
+            );
+            common::summary(
+                "restore",
+                "ms",
+                runed.restore.as_secs_f64() * 1e3,
+                Some(("etcdctl snapshot restore", e.restore.as_secs_f64() * 1e3)),
+                false,
+            );
         }
         None => {
             eprintln!("etcd not found: `apt-get install etcd-server etcd-client` for the side-by-side row")

@@ -145,6 +145,29 @@ fn main() {
         let (t0, c0) = (Instant::now(), common::cpu_ticks(pid));
         std::thread::sleep(Duration::from_secs(20));
         let cpu = (common::cpu_ticks(pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
+        if n == 5000 {
+            common::summary(
+                "cast → DNS answer, 5,000 services, p99",
+                "ms",
+                pct(&mut dns, 0.99),
+                None,
+                false,
+            );
+            common::summary(
+                "cast → data plane ready, 5,000 services, p99",
+                "ms",
+                pct(&mut dp, 0.99),
+                None,
+                false,
+            );
+            common::summary(
+                "idle CPU, 5,000 services at scale 0",
+                "% of a core",
+                cpu,
+                None,
+                false,
+            );
+        }
         println!(
             "| {n} | {:.2} | {:.2} | {:.2} | {:.2} | {cpu:.2} | {:.1} |",
             pct(&mut dns, 0.5),

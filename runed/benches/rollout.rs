@@ -185,6 +185,13 @@ fn main() {
             samples.extend(rt.block_on(cast_and_time(&ch, &names, spec)));
             rt.block_on(delete_all(&ch, &names));
         }
+        common::summary(
+            &format!("cast → ready, {n} {kind} service(s) at once, p50"),
+            "ms",
+            pct(&samples, 0.5),
+            None,
+            false,
+        );
         println!(
             "| {n} | {kind} | {} | {:.1} | {:.1} |",
             samples.len(),
@@ -221,6 +228,13 @@ fn main() {
         std::thread::sleep(Duration::from_secs(5));
         let mib = common::rss_kib(pid) as f64 / 1024.0;
         let (nw, w) = writers();
+        common::summary(
+            &format!("runed RSS, {n} process services"),
+            "MiB",
+            mib,
+            Some(("original Rune (documented)", original_mib)),
+            false,
+        );
         println!(
             "| {n} | {mib:.1} | {original_mib:.0} MiB | {:.3} | {nw} | {w} |",
             mib / original_mib

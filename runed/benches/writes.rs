@@ -242,6 +242,13 @@ fn main() {
                 "| {prefill} | {clients} | {:.0} | {:.2} | {:.2} | {ew} | {ep50} | {ep99} | {ratio} |",
                 r.writes_per_s, r.p50_ms, r.p99_ms
             );
+            common::summary(
+                &format!("durable writes, {clients} client(s), {prefill} services there"),
+                "writes/s",
+                r.writes_per_s,
+                Some(("etcd", e.as_ref().map_or(0.0, |e| e.writes_per_s))),
+                true,
+            );
             runed_rates.push((prefill, clients, r.writes_per_s));
             last = Some(d);
         }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use rune_chaos_tests::{http_get, stdout, wait_until, Daemon};
+use rune_chaos_tests::{dns_query, http_get, stdout, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -132,19 +132,6 @@ fn answers_rune_names_forwards_the_rest_and_fails_closed() {
     });
 }
 
-/// A query for `name` type A with this ID, the same bytes every time otherwise (dig adds a
-/// fresh cookie to each query, so its queries are never alike).
-fn raw_query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 /// `(id, rcode, answers)` of the reply to a raw query.
 fn ask_raw(dns: SocketAddr, q: &[u8]) -> (u16, u8, u16) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -169,27 +156,27 @@ fn repeated_queries_get_kept_answers_that_follow_the_state_and_the_gate() {
     run_ok(&d, &["cast", "--detach", &f]);
     // The same bytes again, under other IDs: each reply carries its own query's ID.
     for id in [1, 2, 3] {
-        assert_eq!(ask_raw(d.dns, &raw_query(id, "web.default.rune")), (id, 0, 1));
+        assert_eq!(ask_raw(d.dns, &dns_query(id, "web.default.rune")), (id, 0, 1));
     }
     // A kept answer never passes a closed gate.
     failpoint(&d, "dns-data-path-ready", false);
-    assert_eq!(ask_raw(d.dns, &raw_query(4, "web.default.rune")).1, 2, "SERVFAIL");
+    assert_eq!(ask_raw(d.dns, &dns_query(4, "web.default.rune")).1, 2, "SERVFAIL");
     failpoint(&d, "dns-data-path-ready", true);
-    assert_eq!(ask_raw(d.dns, &raw_query(5, "web.default.rune")), (5, 0, 1));
+    assert_eq!(ask_raw(d.dns, &dns_query(5, "web.default.rune")), (5, 0, 1));
     // Nor outlives the entry that changes the name.
     assert_eq!(
-        ask_raw(d.dns, &raw_query(6, "nope.default.rune")).1,
+        ask_raw(d.dns, &dns_query(6, "nope.default.rune")).1,
         3,
         "NXDOMAIN"
     );
     run_ok(&d, &["delete", "service", "web"]);
     wait_until(LONG, "web's name to be gone", || {
-        ask_raw(d.dns, &raw_query(7, "web.default.rune")).1 == 3
+        ask_raw(d.dns, &dns_query(7, "web.default.rune")).1 == 3
     });
     let f = write(&d, "nope.yaml", "service:\n  name: nope\n  image: busybox\n");
     run_ok(&d, &["cast", "--detach", &f]);
     wait_until(LONG, "a name kept as NXDOMAIN to answer once cast", || {
-        ask_raw(d.dns, &raw_query(8, "nope.default.rune")) == (8, 0, 1)
+        ask_raw(d.dns, &dns_query(8, "nope.default.rune")) == (8, 0, 1)
     });
 }
 

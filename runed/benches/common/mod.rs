@@ -9,6 +9,22 @@ use std::time::Duration;
 
 use rune_chaos_tests::{free_port, http_get, wait_until};
 
+/// One row of `scripts/bench.sh`'s table, printed as a tab-separated `summary` line: what was
+/// measured, runed's figure and unit, and the peer's (name and figure) when there is one. The
+/// ratio is runed against the peer, turned so that above 1 always means runed is ahead
+/// (`higher_is_better` false for times and memory).
+pub fn summary(figure: &str, unit: &str, runed: f64, peer: Option<(&str, f64)>, higher_is_better: bool) {
+    let (name, value, ratio) = match peer {
+        Some((name, v)) if v > 0.0 && runed > 0.0 => {
+            let r = if higher_is_better { runed / v } else { v / runed };
+            (name.to_string(), format!("{v:.2}"), format!("{r:.2}"))
+        }
+        Some((name, _)) => (name.to_string(), "n/a".into(), "n/a".into()),
+        None => (String::new(), String::new(), String::new()),
+    };
+    println!("summary\t{figure}\t{runed:.2}\t{unit}\t{name}\t{value}\t{ratio}");
+}
+
 /// etcd's `PutRequest` (the fields a put needs).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PutRequest {
@@ -94,17 +110,7 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A DNS query for `name`, type A, recursion desired.
-pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
-    let mut p = id.to_be_bytes().to_vec();
-    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for l in name.split('.') {
-        p.push(l.len() as u8);
-        p.extend_from_slice(l.as_bytes());
-    }
-    p.extend_from_slice(&[0, 0, 1, 0, 1]);
-    p
-}
+pub use rune_chaos_tests::dns_query;
 
 /// Whether `server` answers `name` with at least one record.
 pub fn dns_answers(sock: &std::net::UdpSocket, server: std::net::SocketAddr, name: &str) -> bool {

@@ -183,8 +183,8 @@ struct Kernel {
     status: KernelStatus,
     /// The model the kernel's table holds, when this runed loaded it and knows it.
     model: Option<nft::Model>,
-    /// Drops by chain carried over from addresses whose counts were deleted (they left their
-    /// chain, or the table was loaded whole).
+    /// Drops by policy carried over from addresses whose counts were deleted (they left their
+    /// policy, or the table was loaded whole).
     carried: BTreeMap<String, u64>,
     /// The latest reading, by address.
     read: nft::Drops,
@@ -758,7 +758,7 @@ impl DataPlane {
         };
         let table = &self.cfg.nft_table;
         let started = Instant::now();
-        // Drop counts the change deletes (those of addresses leaving their chain; all of them
+        // Drop counts the change deletes (those of addresses leaving their policy; all of them
         // in a whole load) are read first, to be carried.
         let leaving = loaded.as_ref().map(|old| old.leaving(&model)).unwrap_or_default();
         let mut whole = loaded.is_none();

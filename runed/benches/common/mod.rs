@@ -14,15 +14,25 @@ use rune_chaos_tests::{free_port, http_get, wait_until};
 /// ratio is runed against the peer, turned so that above 1 always means runed is ahead
 /// (`higher_is_better` false for times and memory).
 pub fn summary(figure: &str, unit: &str, runed: f64, peer: Option<(&str, f64)>, higher_is_better: bool) {
+    let fmt = |v: f64| {
+        if v >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.2}")
+        }
+    };
     let (name, value, ratio) = match peer {
         Some((name, v)) if v > 0.0 && runed > 0.0 => {
             let r = if higher_is_better { runed / v } else { v / runed };
-            (name.to_string(), format!("{v:.2}"), format!("{r:.2}"))
+            (name.to_string(), fmt(v), format!("{r:.2}"))
         }
         Some((name, _)) => (name.to_string(), "n/a".into(), "n/a".into()),
         None => (String::new(), String::new(), String::new()),
     };
-    println!("summary\t{figure}\t{runed:.2}\t{unit}\t{name}\t{value}\t{ratio}");
+    println!(
+        "summary\t{figure}\t{}\t{unit}\t{name}\t{value}\t{ratio}",
+        fmt(runed)
+    );
 }
 
 /// etcd's `PutRequest` (the fields a put needs).

@@ -181,7 +181,8 @@ impl Stats {
 
 struct Kernel {
     status: KernelStatus,
-    /// The model the kernel's table holds, when this runed loaded it and knows it.
+    /// The model this runed last loaded. What the kernel holds while `status.enforcing`;
+    /// after a failure, still what its drop counts are attributed by.
     model: Option<nft::Model>,
     /// Drops by policy carried over from addresses whose counts were deleted (they left their
     /// policy, or the table was loaded whole).
@@ -762,8 +763,10 @@ impl DataPlane {
         // in a whole load) are read first, to be carried.
         let leaving = loaded.as_ref().map(|old| old.leaving(&model)).unwrap_or_default();
         let mut whole = loaded.is_none();
+        // A failed reading falls back to the last one: fewer drops carried, none lost twice.
+        let last_read = || self.kernel.lock().map(|k| k.read.clone()).unwrap_or_default();
         let mut before = if whole || !leaving.is_empty() {
-            nft::drops(nft, table).await.unwrap_or_default()
+            nft::drops(nft, table).await.unwrap_or_else(|_| last_read())
         } else {
             nft::Drops::new()
         };
@@ -773,7 +776,7 @@ impl DataPlane {
         };
         if let (Err(e), false) = (&r, whole) {
             tracing::warn!(error = %e, "an incremental nftables change was refused; loading the table whole");
-            before = nft::drops(nft, table).await.unwrap_or_default();
+            before = nft::drops(nft, table).await.unwrap_or_else(|_| last_read());
             whole = true;
             r = nft::apply(nft, nft::full(table, &model)).await;
         }
@@ -781,9 +784,10 @@ impl DataPlane {
         let Ok(mut k) = self.kernel.lock() else { return };
         match r {
             Ok(()) => {
-                let carry: Vec<(&'static str, Ipv4Addr, String)> = match (whole, &loaded) {
+                let carry: Vec<(&'static str, Ipv4Addr, String)> = match (whole, &k.model) {
                     (false, _) => leaving,
-                    // Every count restarted: the model that counted them says whose they were.
+                    // Every count restarted: the model that counted them (the last one loaded,
+                    // even if a change failed since) says whose they were.
                     (true, Some(old)) => before
                         .keys()
                         .filter_map(|(d, ip)| old.policy_of(d, *ip).map(|c| (*d, *ip, c.clone())))
@@ -839,8 +843,8 @@ fn kernel_off(k: &mut Kernel, e: &dyn std::fmt::Display, took: Duration) {
         detail,
         last_program: took,
     };
-    // What the kernel holds is not known for sure: the next change loads it whole.
-    k.model = None;
+    // What the kernel holds is not known for sure: not enforcing, the next change loads it
+    // whole. The last model stays, to attribute the drops counted under it.
 }
 
 /// `rune policy explain`'s answer.

@@ -18,10 +18,11 @@
 //!   `eg_guarded`) through chain `egress`, and traffic to an address an ingress policy guards
 //!   (its VIP or containers, `in_guarded`) through chain `ingress`. Established flows pass
 //!   first, so a policy change never cuts a connection it allowed.
-//! - A policy is elements of four sets per direction, keyed by the guarded address and the
-//!   peer (the other end): `in_allow` (`guarded . peer . TCP port`), `in_any` (every port),
-//!   `in_net` and `in_net_any` (a peer network: interval sets, nested networks left out).
-//!   Ingress that matches is accepted; egress that matches returns, so ingress still follows.
+//! - A policy is elements of sets per direction, keyed by the guarded address and the peer
+//!   (the other end): `in_allow` (`guarded . peer . TCP port`), `in_any` (every port), and
+//!   per prefix length L of peer networks `in_netL` / `in_netL_any`, looked up with the peer
+//!   masked (`ip saddr & mask`). Ingress that matches is accepted; egress that matches
+//!   returns, so ingress still follows.
 //! - What matches nothing goes to `in_deny` / `eg_deny`, which count the packet in the dynamic
 //!   sets `in_drops` (by destination) / `eg_drops` (by source) and drop it: these are the
 //!   kernel drops, told apart by policy through the address. A full set stops only the

@@ -130,6 +130,7 @@ fn with_nested_networks(t: &rune_dataplane::table::Table, i: usize) -> rune_data
                 },
                 peer("192.168.0.0/16"),
                 peer("192.168.1.0/24"),
+                peer("0.0.0.0/0"),
             ],
             ports: vec![],
         }],

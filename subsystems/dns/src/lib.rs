@@ -452,19 +452,30 @@ impl Outgoing {
         self.to.push(Some(SockaddrStorage::from(to)));
     }
 
-    /// Sends what is queued; what the socket does not take is dropped, as a lost datagram
-    /// would be (the client asks again).
+    /// Sends what is queued. `sendmmsg` stops at the first answer it cannot send: that one is
+    /// dropped, as a lost datagram would be (its client asks again), and the rest still go.
     fn send(&mut self, fd: std::os::fd::RawFd, headers: &mut MultiHeaders<SockaddrStorage>) {
-        if self.to.is_empty() {
-            return;
-        }
         let slices: Vec<[IoSlice<'_>; 1]> = self.bytes[..self.to.len()]
             .iter()
             .map(|b| [IoSlice::new(b)])
             .collect();
-        let none: [ControlMessage<'_>; 0] = [];
-        if let Err(e) = sendmmsg(fd, headers, &slices, &self.to, none, MsgFlags::empty()) {
-            tracing::debug!(error = %e, "DNS answers not sent");
+        let mut from = 0;
+        while from < slices.len() {
+            let none: [ControlMessage<'_>; 0] = [];
+            match sendmmsg(
+                fd,
+                headers,
+                &slices[from..],
+                &self.to[from..],
+                none,
+                MsgFlags::empty(),
+            ) {
+                Ok(sent) => from += sent.count().max(1),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a DNS answer not sent");
+                    from += 1;
+                }
+            }
         }
         self.to.clear();
     }

@@ -3,7 +3,7 @@
 # Usage: scripts/bench.sh [BENCH ...]   (default: all; names are runed/benches/*.rs)
 # Needs root (network namespaces, nftables) and Docker (the rollout's container rows). Each
 # bench's own output is kept in target/bench/<time>/<bench>.txt. Not part of .ci/run: the
-# whole set takes about half an hour on 2 cores.
+# whole set takes about 15 minutes on 2 cores, after a release build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -31,14 +31,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 [ -x /usr/bin/python3 ] || need+=(python3)
-if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "test.sh: missing ${need[*]}: run as root or install them with apt-get" >&2
-        exit 1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+scripts/apt-install.sh test.sh ${need[@]+"${need[@]}"} || exit 1
 
 echo "== format"
 cargo fmt --all -- --check

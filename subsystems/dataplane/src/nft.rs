@@ -606,10 +606,10 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
         ))));
         cmds.push(add(NfListObject::Rule(b.input_rule(new.range))));
     }
+    let leaving = old.leaving(new);
     for direction in ["ingress", "egress"] {
-        let ips: Vec<_> = old
-            .leaving(new)
-            .into_iter()
+        let ips: Vec<_> = leaving
+            .iter()
             .filter(|(d, _, _)| *d == direction)
             .map(|(_, ip, _)| s(&ip.to_string()))
             .collect();

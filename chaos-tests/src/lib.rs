@@ -310,6 +310,17 @@ impl Daemon {
         status.expect("exit status")
     }
 
+    /// Starts runed expecting it to refuse its configuration: it must exit with 78
+    /// (EX_CONFIG). Returns what this start logged, for the caller to check the reason.
+    pub fn refused_at_start(&mut self) -> String {
+        let before = self.logs().len();
+        self.spawn();
+        let st = self.wait_exit(Duration::from_secs(60));
+        let out = self.logs().get(before..).unwrap_or_default().to_string();
+        assert_eq!(st.code(), Some(78), "expected a refusal at start: {out}");
+        out
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         self.child

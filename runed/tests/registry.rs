@@ -245,13 +245,9 @@ fn an_ecr_entry_stops_runed_at_start_saying_why() {
         "docker:\n  registries:\n    - name: prod\n      registry: 1234.dkr.ecr.us-west-2.amazonaws.com\n      auth: {type: ecr, region: us-west-2}\n",
     );
     d.extra = vec!["--config".into(), rf];
-    d.spawn();
-    let st = d.wait_exit(Duration::from_secs(60));
-    assert_eq!(st.code(), Some(78), "{}", d.logs());
+    let out = d.refused_at_start();
     assert!(
-        d.logs()
-            .contains("runefile.yaml:5: docker.registries[0].auth.type: not supported: ecr"),
-        "{}",
-        d.logs()
+        out.contains("runefile.yaml:5: docker.registries[0].auth.type: not supported: ecr"),
+        "{out}"
     );
 }

@@ -226,16 +226,8 @@ fn kek_missing_malformed_or_wrong_refuses_to_start() {
     let kek = d.data_dir.join("kek.b64");
     let good = std::fs::read_to_string(&kek).unwrap();
 
-    let refuse = |d: &mut Daemon, what: &str| {
-        let before = d.logs().len();
-        d.spawn();
-        let st = d.wait_exit(Duration::from_secs(60));
-        let out = d.logs()[before..].to_string();
-        assert_eq!(st.code(), Some(78), "{what}: {out}");
-        out
-    };
     std::fs::remove_file(&kek).unwrap();
-    let out = refuse(&mut d, "missing");
+    let out = d.refused_at_start();
     assert!(
         out.contains("is missing") && out.contains("restore the KEK file"),
         "{out}"
@@ -243,11 +235,11 @@ fn kek_missing_malformed_or_wrong_refuses_to_start() {
     assert!(!kek.exists(), "a new KEK was generated over sealed secrets");
 
     std::fs::write(&kek, "not base64 at all!\n").unwrap();
-    let out = refuse(&mut d, "malformed");
+    let out = d.refused_at_start();
     assert!(out.contains("malformed"), "{out}");
 
     std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
-    let out = refuse(&mut d, "wrong");
+    let out = d.refused_at_start();
     assert!(out.contains("does not open the stored secrets"), "{out}");
 
     std::fs::write(&kek, good).unwrap();
@@ -262,14 +254,8 @@ fn kek_missing_malformed_or_wrong_refuses_to_start() {
         "crypto:\n  kek:\n    source: env\n    env-var: RUNE_TEST_UNSET_KEK\n",
     );
     e.extra = vec!["--config".into(), rf];
-    e.spawn();
-    let st = e.wait_exit(Duration::from_secs(60));
-    assert_eq!(st.code(), Some(78), "{}", e.logs());
-    assert!(
-        e.logs().contains("RUNE_TEST_UNSET_KEK is not set"),
-        "{}",
-        e.logs()
-    );
+    let out = e.refused_at_start();
+    assert!(out.contains("RUNE_TEST_UNSET_KEK is not set"), "{out}");
 }
 
 #[test]
@@ -316,8 +302,7 @@ fn rotating_the_kek_keeps_services_running_and_retires_the_old_key() {
     // The old KEK opens nothing any more; the new one is all runed needs.
     assert_eq!(d.sigterm().code(), Some(0));
     std::fs::write(&kek, &old).unwrap();
-    d.spawn();
-    assert_eq!(d.wait_exit(Duration::from_secs(60)).code(), Some(78));
+    d.refused_at_start();
     std::fs::copy(&new_file, &kek).unwrap();
     d.restart();
     assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&value));

@@ -18,6 +18,7 @@ fn main() {
         log.propose(Command::Init {
             cluster_cidr: None,
             cluster_id: None,
+            claim_hosts: false,
             policies: vec![],
             namespaces: vec!["default".into()],
         })

@@ -17,7 +17,7 @@ proptest! {
         rt.block_on(async {
             let cfg = LogConfig { snapshot_every: 15, keep_after_snapshot: 3, ..LogConfig::new(dir.path()) };
             let log = Log::open(cfg).await.unwrap();
-            log.propose(Command::Init { policies: rune_statemachine::identity::builtin_policies(), namespaces: vec!["system".into(), "default".into()], cluster_cidr: Some("10.96.0.0/29".into()), cluster_id: Some("determinism".into()) }).await.unwrap();
+            log.propose(Command::Init { policies: rune_statemachine::identity::builtin_policies(), namespaces: vec!["system".into(), "default".into()], cluster_cidr: Some("10.96.0.0/29".into()), cluster_id: Some("determinism".into()), claim_hosts: false }).await.unwrap();
             for c in cmds {
                 log.propose(c).await.unwrap();
             }

@@ -38,6 +38,7 @@ fn init() -> Command {
         namespaces: vec!["system".into(), "default".into()],
         cluster_cidr: Some("10.96.0.0/29".into()),
         cluster_id: Some("projection".into()),
+        claim_hosts: false,
     }
 }
 

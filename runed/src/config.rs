@@ -124,6 +124,10 @@ pub struct Flags {
     /// Renew certificates this long before expiry instead of the default rule (tests).
     #[arg(long, value_parser = humantime::parse_duration, hide = true)]
     pub acme_renew_before: Option<std::time::Duration>,
+    /// How long the certificate of a host no longer exposed is kept before it is deleted
+    /// (default 24h; re-exposing the host within that time needs no new order).
+    #[arg(long, env = "RUNE_ACME_KEEP_UNEXPOSED", value_parser = humantime::parse_duration)]
+    pub acme_keep_unexposed: Option<std::time::Duration>,
     /// Unix socket serving every RPC to local root (admin recovery when gRPC is bound to a
     /// private interface); empty turns it off. Default: <run-dir>/admin.sock.
     #[arg(long, env = "RUNE_ADMIN_SOCKET")]
@@ -506,6 +510,7 @@ struct AcmeSection {
     staging: Option<bool>,
     ca_file: Option<String>,
     renew_before: Option<String>,
+    keep_unexposed: Option<String>,
 }
 
 // Decoded only so that unknown keys inside are refused; the values are not used.
@@ -1059,14 +1064,19 @@ impl Settings {
                 .acme_ca_file
                 .clone()
                 .or(acme_file.ca_file.map(PathBuf::from)),
-            renew_before: match (flags.acme_renew_before, acme_file.renew_before) {
-                (Some(d), _) => Some(d),
-                (None, Some(t)) => Some(
-                    humantime::parse_duration(&t)
-                        .map_err(|e| src.err("acme.renew-before", format!("'{t}': {e}")))?,
-                ),
-                (None, None) => None,
-            },
+            renew_before: flag_or_file_duration(
+                &src,
+                "acme.renew-before",
+                flags.acme_renew_before,
+                acme_file.renew_before,
+            )?,
+            keep_unexposed: flag_or_file_duration(
+                &src,
+                "acme.keep-unexposed",
+                flags.acme_keep_unexposed,
+                acme_file.keep_unexposed,
+            )?
+            .unwrap_or(rune_ingress::acme::DEFAULT_KEEP_UNEXPOSED),
         };
         let tls = tls_setting(flags, dev_mode, auth.tls.as_ref().or(server.tls.as_ref()))?;
         let kek_source = kek_source(
@@ -1225,6 +1235,22 @@ fn kek_source(
             &format!("{at}.source"),
             format!("'{other}' is not one of file, env, generated"),
         )),
+    }
+}
+
+/// A duration given by flag (which wins) or by the runefile's `key`; a bad value names the key.
+fn flag_or_file_duration(
+    src: &Source,
+    key: &str,
+    flag: Option<std::time::Duration>,
+    file: Option<String>,
+) -> Result<Option<std::time::Duration>, ConfigError> {
+    match (flag, file) {
+        (Some(d), _) => Ok(Some(d)),
+        (None, Some(t)) => humantime::parse_duration(&t)
+            .map(Some)
+            .map_err(|e| src.err(key, format!("'{t}': {e}"))),
+        (None, None) => Ok(None),
     }
 }
 

@@ -582,9 +582,10 @@ fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// Seeds the reserved namespaces, the built-in policies, the cluster CIDR and the cluster's
-/// identity on a new cluster, through the log like every write.
+/// identity on a new cluster, and the host claims of a state older than them, through the log
+/// like every write.
 async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
-    let (missing, policies, cluster_cidr, cluster_id) = {
+    let (missing, policies, cluster_cidr, cluster_id, claim_hosts) = {
         let txn = log.read()?;
         let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
         let mut v = Vec::new();
@@ -612,14 +613,22 @@ async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
         let id = rune_statemachine::store::cluster_id(&t)?
             .is_none()
             .then(|| hex::encode(rune_secrets::random_bytes(8)));
-        (v, p, cidr, id)
+        // A state written before host claims (v3) gets them once, in one entry.
+        let claim = rune_statemachine::store::unclaimed_hosts(&t)?;
+        (v, p, cidr, id, claim)
     };
-    if !missing.is_empty() || !policies.is_empty() || cluster_cidr.is_some() || cluster_id.is_some() {
+    if !missing.is_empty()
+        || !policies.is_empty()
+        || cluster_cidr.is_some()
+        || cluster_id.is_some()
+        || claim_hosts
+    {
         log.propose(Command::Init {
             namespaces: missing,
             policies,
             cluster_cidr,
             cluster_id,
+            claim_hosts,
         })
         .await?
         .outcome?;

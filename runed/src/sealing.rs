@@ -11,7 +11,7 @@ use rune_secrets::{check, open, rewrap, seal, Kek, KekError, KekSource, Keyring}
 use rune_statemachine::command::Rewrap;
 use rune_statemachine::secret::{SealedSecret, SecretData, SecretLimits};
 use rune_statemachine::store::{
-    get_record, list_records, secret_key, secrets_prefix, SecretRecord, SECRET_HISTORY_ALL,
+    get_record, list_records, scan_prefix, secret_key, secrets_prefix, SecretRecord, SECRET_HISTORY_ALL,
 };
 use rune_statemachine::{Command, Resource, STATE_TABLE};
 use tonic::Status;
@@ -374,6 +374,38 @@ impl rune_ingress::acme::Vault for CertVault {
                 .await
                 .map_err(|e| e.to_string())?;
             p.outcome.map(|_| ()).map_err(|r| format!("{r:?}"))
+        })
+    }
+
+    fn names(&self, namespace: &str, prefix: &str) -> Result<Vec<String>, String> {
+        let txn = self.log.read().map_err(|e| e.to_string())?;
+        let t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+        let under = secrets_prefix(Some(namespace));
+        let keys = scan_prefix(&t, &format!("{under}{prefix}")).map_err(|e| e.to_string())?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(&under).map(str::to_string))
+            .collect())
+    }
+
+    fn delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let p = self
+                .log
+                .propose(Command::DeleteSecret {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            match p.outcome {
+                Ok(_) | Err(rune_statemachine::Rejection::NotFound(_)) => Ok(()),
+                Err(r) => Err(r.to_string()),
+            }
         })
     }
 }

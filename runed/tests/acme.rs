@@ -1,7 +1,8 @@
 //! Automatic and manual certificates on the edge ingress, with Debian's pebble as the ACME
 //! server: a certificate is issued over HTTP-01 answered by the ingress, verifies against
 //! pebble's root, is renewed and hot-swapped while requests keep succeeding, and a manual TLS
-//! secret is served (and a bad pair refused at cast time).
+//! secret is served (and a bad pair refused at cast time); orders for several hosts run side by
+//! side, and the certificate of a host no longer exposed is deleted.
 
 mod common;
 
@@ -9,6 +10,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{bins, code, run_ok, write, Killed};
@@ -41,14 +44,17 @@ fn backend() -> SocketAddr {
 }
 
 /// pebble on loopback with a certificate made here, resolving every `.test` name to 127.0.0.1
-/// through dnsmasq, validating HTTP-01 on `http_port`. Returns the guards, the directory URL,
+/// (and every `.hang` name to 127.0.0.2) through dnsmasq, validating HTTP-01 on `http_port`. Returns the guards, the directory URL,
 /// the file of pebble's own TLS certificate and its issuing root (PEM).
 fn pebble(dir: &Path, http_port: u16) -> (Vec<Killed>, String, String, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let (cert, key) = (dir.join("pebble.pem"), dir.join("pebble.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let (resolver, dns) = common::dnsmasq("/test/127.0.0.1");
+    let (resolver, dns) = common::dnsmasq_with(&[
+        "--address=/test/127.0.0.1".to_string(),
+        "--address=/hang/127.0.0.2".to_string(),
+    ]);
     let (api, mgmt) = (free_port(), free_port());
     let cfg = dir.join("pebble.json");
     std::fs::write(
@@ -193,14 +199,109 @@ fn acme_issues_renews_and_hot_swaps_and_manual_pairs_are_checked() {
     wait_until(LONG, "the manual certificate to be served", || {
         https_get(https.port(), "manual.test", ca.to_str().unwrap()).is_ok_and(|b| b == "hello-web\n")
     });
-    let out = run_ok(&d, &["get", "ingresses"]);
-    let line = |host: &str| {
-        out.lines()
-            .find(|l| l.contains(host))
-            .unwrap_or_default()
-            .to_string()
-    };
-    let web = line("web.test");
-    assert!(web.contains("acme") && web.contains(" in "), "{out}");
-    assert!(line("manual.test").contains("manual"), "{out}");
+    // As the original prints them: NAMESPACE SERVICE HOST TLS CERT EXPIRES.
+    let web = ingress_row(&d, "web.test");
+    assert_eq!(
+        web[..5],
+        ["default", "web", "web.test", "acme", "ready"],
+        "{web:?}"
+    );
+    assert!(web[5].ends_with('d'), "{web:?}");
+    let manual = ingress_row(&d, "manual.test");
+    assert_eq!(manual[3..5], ["manual", "ready"], "{manual:?}");
+    // rcgen's default validity runs to the year 4096.
+    assert!(
+        manual[5]
+            .trim_end_matches('d')
+            .parse::<u64>()
+            .is_ok_and(|d| d > 365_000),
+        "{manual:?}"
+    );
+}
+
+fn acme_service(name: &str, host: &str, port: u16) -> String {
+    format!(
+        "service:\n  name: {name}\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n  expose:\n    port: http\n    host: {host}\n    tls:\n      auto: true\n"
+    )
+}
+
+/// The cells of `rune get ingresses` for `host`.
+fn ingress_row(d: &Daemon, host: &str) -> Vec<String> {
+    let out = stdout(&d.rune(&["get", "ingresses"]));
+    out.lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(host))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn orders_run_side_by_side_and_unexposed_certificates_are_deleted() {
+    let back = backend();
+    let mut d = Daemon::new(&bins());
+    let (http, https) = d.ingress;
+    // Where `.hang` names resolve: connections are accepted and never answered, so pebble's
+    // check of such a host hangs until its own timeout (15 s).
+    let tarpit = TcpListener::bind(("127.0.0.2", http.port())).unwrap();
+    let held = Arc::new(AtomicUsize::new(0));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        let mut streams = Vec::new();
+        for s in tarpit.incoming().flatten() {
+            streams.push(s);
+            h.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let (_guards, directory, pebble_cert, root) = pebble(d.scratch(), http.port());
+    d.extra = vec![
+        "--dev-mode".into(),
+        "--acme-directory-url".into(),
+        directory,
+        "--acme-ca-file".into(),
+        pebble_cert,
+        "--acme-keep-unexposed".into(),
+        "0s".into(),
+    ];
+    d.restart();
+    let slow = write(&d, "slow.yaml", &acme_service("slow", "slow.hang", back.port()));
+    run_ok(&d, &["cast", &slow, "--timeout", "60s"]);
+    wait_until(LONG, "pebble to be checking slow.hang", || {
+        held.load(Ordering::SeqCst) > 0
+    });
+    // While that order hangs, another host's order goes through.
+    let fast = write(&d, "fast.yaml", &acme_service("fast", "fast.test", back.port()));
+    run_ok(&d, &["cast", &fast, "--timeout", "60s"]);
+    wait_until(LONG, "a certificate for fast.test", || {
+        https_get(https.port(), "fast.test", &root).is_ok_and(|b| b == "hello-web\n")
+    });
+    let row = ingress_row(&d, "slow.hang");
+    assert_eq!(row.get(4).map(String::as_str), Some("pending"), "{row:?}");
+    let row = ingress_row(&d, "fast.test");
+    assert_eq!(
+        row.get(3..5),
+        Some(&["acme".to_string(), "ready".to_string()][..]),
+        "{row:?}"
+    );
+    assert!(
+        row.get(5)
+            .is_some_and(|e| e.ends_with('d') && e[..e.len() - 1].parse::<u32>().is_ok()),
+        "{row:?}"
+    );
+
+    // Not exposed any more: no longer served, and its stored certificate is deleted.
+    let secret = rune_ingress::acme::cert_secret_name("fast.test");
+    assert!(secret_version(&d, &secret) >= 1);
+    let plain = write(
+        &d,
+        "fast.yaml",
+        &format!(
+            "service:\n  name: fast\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &plain, "--detach"]);
+    wait_until(LONG, "the certificate of fast.test to be deleted", || {
+        secret_version(&d, &secret) == 0
+    });
+    let e = https_get(https.port(), "fast.test", &root).unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
 }

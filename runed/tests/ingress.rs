@@ -1,5 +1,6 @@
 //! The edge ingress end to end (dev mode has the edge role): routing by host over HTTP and
-//! HTTPS (HTTP/1.1 and HTTP/2), the forwarded headers, 404 and 503, and an upgraded connection.
+//! HTTPS (HTTP/1.1 and HTTP/2), the forwarded headers, 404 and 503, an upgraded connection,
+//! the opt-in redirect to HTTPS, and one service per host (a second claim refused at cast).
 //! The backend is a server in this test that a process service's port points at, so the test
 //! can see exactly what the ingress sent.
 
@@ -11,8 +12,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bins, failpoint, run_ok, write};
-use rune_chaos_tests::{stdout, wait_until, Daemon};
+use common::{bins, code, failpoint, run_ok, write};
+use rune_chaos_tests::{stderr, stdout, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -234,5 +235,111 @@ fn stale_routes_fail_closed_and_recover() {
     failpoint(&d, "ingress-tail-pause", false);
     wait_until(LONG, "the ingress to catch up and route again", || {
         get() == "hello-web\n 200"
+    });
+}
+
+fn exposed(name: &str, port: u16, expose: &str) -> String {
+    format!(
+        "service:\n  name: {name}\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n  expose: {expose}\n"
+    )
+}
+
+/// `expose.tls.redirect` sends plain HTTP to HTTPS (ACME's HTTP-01 path excepted); a second
+/// service claiming a host is refused at cast, naming the field and the holder, and may take
+/// the host once the holder lets it go; `rune get ingresses` prints the original's columns.
+#[test]
+fn redirects_to_https_and_one_host_routes_to_one_service() {
+    let (back, _) = backend();
+    let mut d = Daemon::new(&bins());
+    d.extra.push("--dev-mode".into());
+    d.restart();
+    let (http, https) = d.ingress;
+    let f = write(
+        &d,
+        "web.yaml",
+        &exposed(
+            "web",
+            back.port(),
+            "{port: http, host: web.test, tls: {redirect: true}}",
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let url = format!("http://{http}/a/b?c=1");
+    let head = || {
+        curl(&[
+            "-H",
+            "Host: web.test",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-o",
+            "/dev/null",
+            &url,
+        ])
+        .0
+    };
+    let want = format!("308 https://web.test:{}/a/b?c=1", https.port());
+    wait_until(LONG, "plain HTTP to be redirected", || head() == want);
+    // HTTP-01 challenges are answered over HTTP whatever the host asks.
+    let (body, _) = curl(&[
+        "-H",
+        "Host: web.test",
+        &format!("http://{http}/.well-known/acme-challenge/nope"),
+    ]);
+    assert_eq!(body, "no such challenge\n");
+    // Following the redirect reaches the backend over HTTPS.
+    let (out, err) = curl(&[
+        "-kL",
+        "--resolve",
+        &format!("web.test:{}:127.0.0.1", https.port()),
+        "--resolve",
+        &format!("web.test:{}:127.0.0.1", http.port()),
+        &format!("http://web.test:{}/", http.port()),
+    ]);
+    assert_eq!(out, "hello-web\n", "{err}");
+    let table = run_ok(&d, &["get", "ingresses"]);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.contains("web.test"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row,
+        ["default", "web", "web.test", "self-signed", "self-signed", "-"],
+        "{table}"
+    );
+
+    // A second service claiming the host (in another case) is refused whole.
+    let g = write(
+        &d,
+        "other.yaml",
+        &exposed("other", back.port(), "{port: http, host: WEB.test}"),
+    );
+    let o = d.rune(&["cast", &g, "--detach"]);
+    assert_ne!(code(&o), 0);
+    let e = stderr(&o);
+    assert!(
+        e.contains("expose.host") && e.contains("web.test") && e.contains("default/web"),
+        "{e}"
+    );
+    let o = d.rune(&["get", "service", "other"]);
+    assert_ne!(code(&o), 0, "nothing of the refused cast is kept: {}", stdout(&o));
+    // Once web moves to another host, other may take this one; redirects stay per host.
+    let f = write(
+        &d,
+        "web.yaml",
+        &exposed("web", back.port(), "{port: http, host: www.test}"),
+    );
+    run_ok(&d, &["cast", &f, "--detach"]);
+    run_ok(&d, &["cast", &g, "--timeout", "60s"]);
+    wait_until(LONG, "web.test to be served over HTTP by other", || {
+        curl(&[
+            "-H",
+            "Host: web.test",
+            "-w",
+            " %{http_code}",
+            &format!("http://{http}/"),
+        ])
+        .0 == "hello-web\n 200"
     });
 }

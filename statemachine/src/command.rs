@@ -13,8 +13,9 @@ use crate::spec::{NamespaceSpec, ServiceSpec};
 
 /// The entry format this build writes. Builds decode every version up to this one, and apply
 /// each as the build that wrote it would: v2 added configmap versions, so a v1 entry still
-/// writes none (replaying an old log gives the state it gave then).
-pub const FORMAT_VERSION: u32 = 2;
+/// writes none (replaying an old log gives the state it gave then); v3 added host claims, so a
+/// v2 cast of a host another service exposes is still accepted.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// One proposed write, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +59,10 @@ pub enum Command {
         /// several runeds on one host never touch each other's. Kept once set.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cluster_id: Option<String>,
+        /// Claim the hosts of exposed services cast before claims existed (format v3), first
+        /// by namespace and name, so that a later cast cannot take a host already served.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        claim_hosts: bool,
     },
     /// A cast: all resources are applied, or none is.
     Apply {

@@ -32,7 +32,15 @@ pub struct NetworkConfig {
     pub cluster_cidr: String,
 }
 
-/// Who holds a VIP.
+/// Prefix of exposed hosts claimed by a service (`network/hosts/<host>`): one service per host.
+pub const HOSTS_PREFIX: &str = "network/hosts/";
+
+/// Key of the claim on an exposed host (lower-case).
+pub fn host_key(host: &str) -> String {
+    format!("{HOSTS_PREFIX}{host}")
+}
+
+/// Who holds a VIP or an exposed host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipHolder {
     /// Namespace of the service.

@@ -542,6 +542,16 @@ pub struct Expose {
     pub client_cert: Option<serde_json::Value>,
 }
 
+impl Expose {
+    /// The host as the ingress matches it: trimmed and lower-case; `None` when absent or empty.
+    pub fn host(&self) -> Option<String> {
+        self.host
+            .as_deref()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+    }
+}
+
 impl Default for PortRef {
     fn default() -> Self {
         PortRef::Number(0)
@@ -564,6 +574,10 @@ pub struct ExposeTls {
     /// TLS secret for manual mode (newer spelling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// Answer plain HTTP for this host with a permanent redirect to HTTPS (ACME challenges
+    /// are still answered over HTTP). Opt-in, as a host may serve both on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<bool>,
 }
 
 /// Discovery.

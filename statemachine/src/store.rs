@@ -19,9 +19,11 @@ use crate::spec::{NamespaceSpec, ServiceSpec};
 use crate::validate::{validate_namespace, validate_service};
 
 mod endpoints;
+mod hosts;
 mod objects;
 mod releases;
 mod vips;
+pub use hosts::unclaimed as unclaimed_hosts;
 pub use objects::{
     configmap_history, configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key,
     secrets_prefix, token_hash_key, token_key, user_key, ConfigmapRecord, ConfigmapVersion, SecretRecord,
@@ -395,6 +397,8 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         return Ok(Err(Rejection::UnsupportedFormat(e.version)));
     }
     let now = e.proposed_at_ms;
+    // Host claims came with v3; older entries are applied as their build did.
+    let claims = e.version >= 3;
     let mut changes = Vec::new();
     // Services whose endpoints may have changed, recomputed once at the end.
     let mut touched: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
@@ -404,7 +408,11 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             policies,
             cluster_cidr,
             cluster_id,
+            claim_hosts,
         } => {
+            if *claim_hosts {
+                hosts::backfill(o)?;
+            }
             if let Some(id) = cluster_id {
                 if o.get::<String>(CLUSTER_ID_KEY)?.is_none() {
                     o.put(CLUSTER_ID_KEY.to_string(), &id);
@@ -467,7 +475,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                         }
                         let put = match r {
                             Resource::Service(s) => {
-                                let put = put_service(o, index, now, s, *force, *history_limit)?;
+                                let put = put_service(o, index, now, s, *force, *history_limit, claims)?;
                                 if let Ok(c) = &put {
                                     if c.action != Action::Unchanged {
                                         touched.insert((c.namespace.clone(), c.name.clone()));
@@ -573,7 +581,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             let mut spec = target.spec.clone();
             spec.scale = rec.spec.scale;
             let from = target.generation;
-            match put_service(o, index, now, &spec, false, *history_limit)? {
+            match put_service(o, index, now, &spec, false, *history_limit, claims)? {
                 Ok(mut c) => {
                     if c.action == Action::Unchanged {
                         c.summary = format!("the current spec is generation {from}'s already");
@@ -808,6 +816,7 @@ fn remove_service<R: ReadableTable<&'static str, &'static [u8]>>(
     let (ns, name) = (rec.spec.namespace().to_string(), rec.spec.name.clone());
     let mut changes = Vec::new();
     o.delete(service_key(&ns, &name));
+    hosts::release_of(o, &rec.spec)?;
     for k in o.keys_with_prefix(&history_prefix(&ns, &name))? {
         o.delete(k);
     }
@@ -987,6 +996,7 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
     spec: &ServiceSpec,
     force: bool,
     history_limit: u32,
+    claims: bool,
 ) -> Result<Result<Change, Rejection>, StoreError> {
     let mut spec = spec.clone();
     let ns = spec.namespace().to_string();
@@ -1007,6 +1017,7 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
             Err(r) => return Ok(Err(r)),
         },
     };
+    let old_host = existing.as_ref().and_then(|r| hosts::host_of(&r.spec));
     let (action, meta, summary) = match existing {
         None => {
             let summary = format!(
@@ -1058,6 +1069,11 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
             (Action::Configured, meta, summary)
         }
     };
+    if claims {
+        if let Err(r) = hosts::claim(o, old_host, &spec)? {
+            return Ok(Err(r));
+        }
+    }
     let c = change(Kind::Service, &ns, &name, action, meta.generation, &summary);
     let has_deps = !spec.dependencies.is_empty();
     o.put(key, &ServiceRecord { spec, meta, vip });

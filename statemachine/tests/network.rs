@@ -3,6 +3,7 @@
 mod common;
 
 use common::State;
+use rune_statemachine::network::{host_key, VipHolder};
 use rune_statemachine::store::{service_key, ServiceRecord};
 use rune_statemachine::{Command, Rejection, Resource};
 
@@ -82,6 +83,7 @@ fn services_cast_before_the_network_get_a_vip_when_it_is_set() {
         cluster_id: None,
         policies: vec![],
         namespaces: vec![],
+        claim_hosts: false,
     })
     .unwrap();
     assert_eq!(vip(&s, "old").as_deref(), Some("100.64.0.2"));
@@ -91,8 +93,87 @@ fn services_cast_before_the_network_get_a_vip_when_it_is_set() {
         cluster_id: None,
         policies: vec![],
         namespaces: vec![],
+        claim_hosts: false,
     }) {
         Err(Rejection::Invalid(m)) => assert!(m.contains("networking.cluster-cidr"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+fn exposed(name: &str, host: Option<&str>) -> Command {
+    let mut spec = serde_json::json!({"name": name, "image": "busybox", "scale": 1,
+        "ports": [{"name": "http", "port": 80}]});
+    if let Some(h) = host {
+        spec["expose"] = serde_json::json!({"port": "http", "host": h});
+    }
+    Command::Apply {
+        resources: vec![Resource::Service(serde_json::from_value(spec).unwrap())],
+        create_namespace: false,
+        force: false,
+        history_limit: 10,
+        release: None,
+    }
+}
+
+fn holder(s: &State, host: &str) -> Option<String> {
+    s.get::<VipHolder>(&host_key(host))
+        .map(|h| format!("{}/{}", h.namespace, h.service))
+}
+
+#[test]
+fn one_host_routes_to_one_service() {
+    let mut s = State::with_network("10.96.0.0/24");
+    s.run(exposed("a", Some("Web.Example.com"))).unwrap();
+    assert_eq!(holder(&s, "web.example.com").as_deref(), Some("default/a"));
+    // A second service claiming it (in any case) is refused, naming the field and the holder,
+    // and nothing of that cast is written.
+    match s.run(exposed("b", Some("web.example.com "))) {
+        Err(Rejection::AlreadyExists(m)) => assert!(
+            m.contains("expose.host") && m.contains("web.example.com") && m.contains("default/a"),
+            "{m}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(s.get::<ServiceRecord>(&service_key("default", "b")).is_none());
+    // Re-casting the holder is fine; moving it to another host frees the first.
+    s.run(exposed("a", Some("web.example.com"))).unwrap();
+    s.run(exposed("a", Some("api.example.com"))).unwrap();
+    assert_eq!(holder(&s, "web.example.com"), None);
+    s.run(exposed("b", Some("web.example.com"))).unwrap();
+    assert_eq!(holder(&s, "web.example.com").as_deref(), Some("default/b"));
+    // Dropping the expose block, or deleting the service, frees its host.
+    s.run(exposed("b", None)).unwrap();
+    assert_eq!(holder(&s, "web.example.com"), None);
+    s.run(Command::DeleteService {
+        namespace: "default".into(),
+        name: "a".into(),
+        force: false,
+    })
+    .unwrap();
+    assert_eq!(holder(&s, "api.example.com"), None);
+    s.run(exposed("c", Some("api.example.com"))).unwrap();
+}
+
+#[test]
+fn v2_casts_keep_their_semantics_and_init_claims_their_hosts() {
+    let mut s = State::with_network("10.96.0.0/24");
+    // Entries written before claims: both accepted, no claim, as that build did.
+    s.run_version(2, exposed("b", Some("web.example.com"))).unwrap();
+    s.run_version(2, exposed("a", Some("web.example.com"))).unwrap();
+    assert_eq!(holder(&s, "web.example.com"), None);
+    // The seed's backfill gives the host to the first by name (the one the ingress serves).
+    s.run(Command::Init {
+        namespaces: vec![],
+        policies: vec![],
+        cluster_cidr: None,
+        cluster_id: None,
+        claim_hosts: true,
+    })
+    .unwrap();
+    assert_eq!(holder(&s, "web.example.com").as_deref(), Some("default/a"));
+    assert!(!s.read(|t| rune_statemachine::store::unclaimed_hosts(t).unwrap()));
+    assert!(matches!(
+        s.run(exposed("c", Some("web.example.com"))),
+        Err(Rejection::AlreadyExists(_))
+    ));
 }

@@ -26,6 +26,7 @@ pub fn init() -> Command {
     Command::Init {
         cluster_cidr: None,
         cluster_id: None,
+        claim_hosts: false,
         policies: vec![],
         namespaces: vec!["system".into(), "default".into()],
     }

@@ -109,34 +109,61 @@ pub async fn get_ingresses(conn: &Conn, all: bool, format: Format) -> Result<(),
         .iter()
         .map(|s| s.to_string())
         .collect::<Vec<_>>()];
+    let mut notes = Vec::new();
     for i in &r.ingresses {
-        let cert = match (i.cert.as_str(), i.cert_state.as_str()) {
-            ("", _) => "-".to_string(),
-            (kind, "") => kind.to_string(),
-            (kind, "ready") => kind.to_string(),
-            (kind, state) if i.cert_detail.is_empty() => format!("{kind} ({state})"),
-            (kind, state) => format!("{kind} ({state}: {})", i.cert_detail),
-        };
-        let expires = if i.expires_ms > 0 {
-            let days = (i.expires_ms - now_ms()) / 86_400_000;
-            format!("in {days}d")
-        } else {
-            "-".into()
-        };
+        let (tls, cert) = ingress_cells(i);
+        if !i.cert_detail.is_empty() {
+            notes.push(format!("{}: {cert}: {}", i.host, i.cert_detail));
+        }
         rows.push(vec![
             i.namespace.clone(),
             i.service.clone(),
             i.host.clone(),
-            i.tls.clone(),
+            tls,
             cert,
-            expires,
+            expires_in(i.expires_ms, now_ms()),
         ]);
     }
     super::output::print_table(&rows);
+    for n in notes {
+        eprintln!("{n}");
+    }
     if !r.edge {
         eprintln!("(this runed has no edge role: nothing is served here)");
     }
     Ok(())
+}
+
+/// The TLS and CERT cells, as the original prints them: TLS `acme`, `manual`, `self-signed`
+/// or `-`; CERT the certificate's state (`ready`, `pending`, `error`), `self-signed`, or `-`
+/// where nothing is served (no TLS, or a runed without the edge role).
+fn ingress_cells(i: &pb::Ingress) -> (String, String) {
+    let tls = match i.tls.as_str() {
+        "none" | "" => "-",
+        t => t,
+    };
+    let cert = match (tls, i.cert.as_str(), i.cert_state.as_str()) {
+        ("-", _, _) | (_, "", _) => "-",
+        ("self-signed", _, _) => "self-signed",
+        (_, _, "") => "pending",
+        (_, _, state) => state,
+    };
+    (tls.to_string(), cert.to_string())
+}
+
+/// Time left until `expires_ms`: `89d`, `5h`, `12m`, `30s`, `expired`; `-` when unknown.
+fn expires_in(expires_ms: i64, now_ms: i64) -> String {
+    if expires_ms <= 0 {
+        return "-".into();
+    }
+    let left = (expires_ms - now_ms) / 1000;
+    match left {
+        l if l <= 0 => "expired".into(),
+        l if l >= 86_400 => format!("{}d", l / 86_400),
+        l if l >= 3600 => format!("{}h", l / 3600),
+        l if l >= 60 => format!("{}m", l / 60),
+        l => format!("{l}s"),
+    }
 }
 
 fn now_ms() -> i64 {
@@ -318,4 +345,44 @@ async fn tunnel(
     let _ = wr.shutdown().await;
     up.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_cells_read_as_the_original_prints_them() {
+        let ing = |tls: &str, cert: &str, state: &str| pb::Ingress {
+            tls: tls.into(),
+            cert: cert.into(),
+            cert_state: state.into(),
+            ..Default::default()
+        };
+        let cells = |i: pb::Ingress| {
+            let (t, c) = ingress_cells(&i);
+            format!("{t} {c}")
+        };
+        assert_eq!(cells(ing("acme", "acme", "ready")), "acme ready");
+        assert_eq!(cells(ing("acme", "self-signed", "pending")), "acme pending");
+        assert_eq!(cells(ing("acme", "self-signed", "")), "acme pending");
+        assert_eq!(cells(ing("manual", "manual", "error")), "manual error");
+        assert_eq!(
+            cells(ing("self-signed", "self-signed", "")),
+            "self-signed self-signed"
+        );
+        assert_eq!(cells(ing("none", "", "")), "- -");
+        assert_eq!(
+            cells(ing("acme", "", "")),
+            "acme -",
+            "no edge role: nothing served"
+        );
+        let day = 86_400_000;
+        assert_eq!(expires_in(89 * day + 5_000, 0), "89d");
+        assert_eq!(expires_in(5 * 3_600_000 + 1, 0), "5h");
+        assert_eq!(expires_in(12 * 60_000, 0), "12m");
+        assert_eq!(expires_in(30_000, 0), "30s");
+        assert_eq!(expires_in(1_000, 2_000), "expired");
+        assert_eq!(expires_in(0, 2_000), "-");
+    }
 }

@@ -29,6 +29,7 @@ impl State {
             cluster_id: None,
             policies: rune_statemachine::identity::builtin_policies(),
             namespaces: vec!["default".into()],
+            claim_hosts: false,
         })
         .expect("init");
         s
@@ -42,6 +43,7 @@ impl State {
             cluster_id: None,
             policies: vec![],
             namespaces: vec![],
+            claim_hosts: false,
         })
         .expect("network");
         s

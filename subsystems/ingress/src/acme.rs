@@ -33,6 +33,14 @@ pub trait Vault: Send + Sync {
         name: &'a str,
         data: SecretData,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+    /// The names of the secrets of `namespace` that start with `prefix`, none opened.
+    fn names(&self, namespace: &str, prefix: &str) -> Result<Vec<String>, String>;
+    /// Deletes a secret; returns once it is applied (a secret already gone is not an error).
+    fn delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 }
 
 /// The namespace certificates and the account live in.
@@ -50,6 +58,23 @@ pub struct AcmeConfig {
     pub ca_file: Option<PathBuf>,
     /// Renew this long before expiry instead of the default rule (tests force early renewals).
     pub renew_before: Option<Duration>,
+    /// How long the certificate of a host no longer exposed is kept before it is deleted, so
+    /// that a host taken down and put back within that time is not ordered again (ACME
+    /// servers limit duplicate orders).
+    pub keep_unexposed: Duration,
+}
+
+/// The default of [`AcmeConfig::keep_unexposed`].
+pub const DEFAULT_KEEP_UNEXPOSED: Duration = Duration::from_secs(24 * 3600);
+
+/// The prefix of [`cert_secret_name`].
+pub const CERT_SECRET_PREFIX: &str = "tls-";
+
+/// Whether a secret name is one [`cert_secret_name`] gives (`tls-…-` and 8 hex digits).
+pub fn is_cert_secret_name(name: &str) -> bool {
+    name.strip_prefix(CERT_SECRET_PREFIX)
+        .and_then(|rest| rest.rsplit_once('-'))
+        .is_some_and(|(_, h)| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The secret that holds a host's issued certificate: readable, and unique per host.
@@ -63,7 +88,7 @@ pub fn cert_secret_name(host: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(40)
         .collect();
-    format!("tls-{}-{h:08x}", readable.trim_matches('-'))
+    format!("{CERT_SECRET_PREFIX}{}-{h:08x}", readable.trim_matches('-'))
 }
 
 /// A certificate ready to serve, with what the status shows.
@@ -332,5 +357,9 @@ mod tests {
         assert_eq!(renew_at(&l, Some(Duration::from_secs(86_400))), 5 * 86_400);
         assert_ne!(cert_secret_name("a-b.c"), cert_secret_name("a.b-c"));
         assert!(cert_secret_name("web.example.com").starts_with("tls-web-example-com-"));
+        assert!(is_cert_secret_name(&cert_secret_name("web.example.com")));
+        assert!(is_cert_secret_name(&cert_secret_name("-")));
+        assert!(!is_cert_secret_name("tls-mine"));
+        assert!(!is_cert_secret_name("web-tls-0123abcd"));
     }
 }

@@ -80,6 +80,8 @@ pub struct Ingress {
     vault: Arc<dyn acme::Vault>,
     challenges: acme::Challenges,
     states: Mutex<BTreeMap<String, acme::CertState>>,
+    /// Where redirected plain-HTTP requests are sent (the HTTPS listener's port).
+    https_port: u16,
 }
 
 /// Requests of one host by status code (100..=599).
@@ -115,7 +117,12 @@ impl Certs {
         self.by_host.read().ok()?.get(host).map(|(_, k)| *k)
     }
 
+    /// The hosts exposed now: certificates of hosts no longer exposed stop being served (a
+    /// handshake for them gets the shared fallback, as for any unknown name).
     fn expose(&self, hosts: HashSet<String>) {
+        if let Ok(mut m) = self.by_host.write() {
+            m.retain(|h, _| hosts.contains(h));
+        }
         if let Ok(mut e) = self.exposed.write() {
             *e = hosts;
         }
@@ -185,6 +192,7 @@ impl Ingress {
             challenges: acme::Challenges::default(),
             states: Mutex::new(BTreeMap::new()),
             projection,
+            https_port: https_addr.port(),
         });
         tokio::spawn(certificates(ing.clone()));
         tokio::spawn(serve(ing.clone(), http, None));
@@ -265,6 +273,20 @@ impl Ingress {
         }
     }
 
+    /// A permanent redirect (308: the method and body are kept) to the same target over HTTPS.
+    fn redirect(&self, host: &str, target: &str) -> Response<Body> {
+        let location = match self.https_port {
+            443 => format!("https://{host}{target}"),
+            port => format!("https://{host}:{port}{target}"),
+        };
+        self.count(host, StatusCode::PERMANENT_REDIRECT);
+        let mut r = plain(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            r.headers_mut().insert(hyper::header::LOCATION, v);
+        }
+        r
+    }
+
     async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
@@ -320,6 +342,9 @@ impl Ingress {
                 format!("no service is exposed as {host}\n"),
             );
         };
+        if route.redirect && scheme == "http" {
+            return self.redirect(&host, req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        }
         if route.endpoints.is_empty() {
             self.count(&host, StatusCode::SERVICE_UNAVAILABLE);
             return plain(
@@ -468,13 +493,30 @@ async fn serve(ing: Arc<Ingress>, l: TcpListener, tls: Option<tokio_rustls::TlsA
 }
 
 /// Keeps every TLS host's certificate current: manual ones from their secret, ACME ones from
-/// the vault, ordered when missing or due, with backoff on failure.
+/// the vault, ordered when missing or due, with backoff on failure. Orders run side by side,
+/// one per host at a time, so a slow or failing order does not hold the others back. Stored
+/// certificates of hosts no longer exposed are deleted once `keep_unexposed` has passed.
 async fn certificates(ing: Arc<Ingress>) {
     let mut installed: HashMap<String, Vec<u8>> = HashMap::new();
     let mut retry_at: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
-    let mut account: Option<instant_acme::Account> = None;
     let mut checked: HashMap<String, (tokio::time::Instant, i64)> = HashMap::new();
+    let account: Arc<tokio::sync::OnceCell<instant_acme::Account>> = Arc::default();
+    let mut orders: tokio::task::JoinSet<Result<(), String>> = tokio::task::JoinSet::new();
+    let mut ordering: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut unexposed: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
+        while let Some(done) = orders.try_join_next_with_id() {
+            let (id, result) = match done {
+                Ok((id, r)) => (id, r),
+                Err(e) => (e.id(), Err(format!("the order task failed: {e}"))),
+            };
+            let Some(host) = ordering.remove(&id) else {
+                continue;
+            };
+            ordered(&ing, &host, result, &mut retry_at);
+            // Read back from the vault on this pass.
+            checked.remove(&host);
+        }
         let routes = ing.routes();
         for (host, r) in &routes.by_host {
             let (ns, name) = match r.tls.as_str() {
@@ -535,13 +577,10 @@ async fn certificates(ing: Arc<Ingress>) {
             } else if kind == "manual" {
                 ing.set_state(host, "error", format!("secret {ns}/{name} not found"), 0);
             }
-            if kind != "acme" || !due {
-                continue;
-            }
-            if retry_at
+            let backing_off = retry_at
                 .get(host)
-                .is_some_and(|(at, _)| tokio::time::Instant::now() < *at)
-            {
+                .is_some_and(|(at, _)| tokio::time::Instant::now() < *at);
+            if kind != "acme" || !due || backing_off || ordering.values().any(|h| h == host) {
                 continue;
             }
             if !installed.contains_key(host) {
@@ -552,42 +591,14 @@ async fn certificates(ing: Arc<Ingress>) {
                     0,
                 );
             }
-            let result = async {
-                if account.is_none() {
-                    account = Some(acme::account(&ing.acme, ing.vault.as_ref()).await?);
-                }
-                let acct = account.as_ref().ok_or("no ACME account")?;
-                let (chain, key) = acme::order(acct, host, &ing.challenges).await?;
-                acme::load_pair(chain.as_bytes(), key.as_bytes())?;
-                let data = BTreeMap::from([
-                    ("tls.crt".to_string(), chain.into_bytes()),
-                    ("tls.key".to_string(), key.into_bytes()),
-                ]);
-                ing.vault.put(&ns, &name, data).await
-            }
-            .await;
-            match result {
-                Ok(()) => {
-                    retry_at.remove(host);
-                    tracing::info!(%host, "certificate issued");
-                }
-                Err(e) => {
-                    let wait = retry_at.get(host).map_or(Duration::from_secs(30), |(_, w)| {
-                        (*w * 2).min(Duration::from_secs(3600))
-                    });
-                    tracing::warn!(%host, error = %e, retry_in = ?wait, "certificate order failed");
-                    // A valid certificate keeps serving (and stays "ready") while renewal retries.
-                    let serving = ing
-                        .certificate_states()
-                        .get(host.as_str())
-                        .is_some_and(|c| c.state == "ready");
-                    if !serving {
-                        ing.set_state(host, "error", e, 0);
-                    }
-                    retry_at.insert(host.clone(), (tokio::time::Instant::now() + wait, wait));
-                }
-            }
+            let (ing2, account, host2) = (ing.clone(), account.clone(), host.clone());
+            let task = orders.spawn(async move { order(&ing2, &account, &host2, &name).await });
+            ordering.insert(task.id(), host.clone());
         }
+        // What is no longer exposed: forgotten here, and its stored certificate deleted later.
+        installed.retain(|h, _| routes.by_host.contains_key(h));
+        checked.retain(|h, _| routes.by_host.contains_key(h));
+        retry_at.retain(|h, _| routes.by_host.contains_key(h));
         if let Ok(mut m) = ing.states.lock() {
             m.retain(|h, _| {
                 routes
@@ -596,7 +607,107 @@ async fn certificates(ing: Arc<Ingress>) {
                     .is_some_and(|r| r.tls == "acme" || r.tls == "manual")
             });
         }
+        sweep(&ing, &routes, &ordering, &mut unexposed).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Orders a certificate for `host` and stores it as the secret `name`.
+async fn order(
+    ing: &Ingress,
+    account: &tokio::sync::OnceCell<instant_acme::Account>,
+    host: &str,
+    name: &str,
+) -> Result<(), String> {
+    let acct = account
+        .get_or_try_init(|| acme::account(&ing.acme, ing.vault.as_ref()))
+        .await?;
+    let (chain, key) = acme::order(acct, host, &ing.challenges).await?;
+    acme::load_pair(chain.as_bytes(), key.as_bytes())?;
+    let data = BTreeMap::from([
+        ("tls.crt".to_string(), chain.into_bytes()),
+        ("tls.key".to_string(), key.into_bytes()),
+    ]);
+    ing.vault.put(acme::SYSTEM_NAMESPACE, name, data).await
+}
+
+/// Takes the result of one host's order: clears its backoff, or doubles it (30 s to 1 h).
+fn ordered(
+    ing: &Ingress,
+    host: &str,
+    result: Result<(), String>,
+    retry_at: &mut HashMap<String, (tokio::time::Instant, Duration)>,
+) {
+    match result {
+        Ok(()) => {
+            retry_at.remove(host);
+            tracing::info!(%host, "certificate issued");
+        }
+        Err(e) => {
+            let wait = retry_at.get(host).map_or(Duration::from_secs(30), |(_, w)| {
+                (*w * 2).min(Duration::from_secs(3600))
+            });
+            tracing::warn!(%host, error = %e, retry_in = ?wait, "certificate order failed");
+            // A valid certificate keeps serving (and stays "ready") while renewal retries.
+            let serving = ing
+                .certificate_states()
+                .get(host)
+                .is_some_and(|c| c.state == "ready");
+            if !serving {
+                ing.set_state(host, "error", e, 0);
+            }
+            retry_at.insert(host.to_string(), (tokio::time::Instant::now() + wait, wait));
+        }
+    }
+}
+
+/// Deletes the stored certificates of hosts that have not been exposed with ACME for
+/// `keep_unexposed`. Only while the routes are current: routes that lag (or were never built)
+/// would make every host look gone.
+async fn sweep(
+    ing: &Ingress,
+    routes: &Routes,
+    ordering: &HashMap<tokio::task::Id, String>,
+    unexposed: &mut HashMap<String, tokio::time::Instant>,
+) {
+    if ing.projection.applied_index() == 0 || ing.projection.stale_seconds() > 0.0 {
+        return;
+    }
+    let names = match ing.vault.names(acme::SYSTEM_NAMESPACE, acme::CERT_SECRET_PREFIX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list stored certificates");
+            return;
+        }
+    };
+    let wanted: HashSet<String> = routes
+        .by_host
+        .iter()
+        .filter(|(_, r)| r.tls == "acme")
+        .map(|(h, _)| h)
+        .chain(ordering.values())
+        .map(|h| acme::cert_secret_name(h))
+        .collect();
+    let gone: Vec<String> = names
+        .into_iter()
+        .filter(|n| acme::is_cert_secret_name(n) && !wanted.contains(n))
+        .collect();
+    unexposed.retain(|n, _| gone.contains(n));
+    let now = tokio::time::Instant::now();
+    for name in gone {
+        let since = *unexposed.entry(name.clone()).or_insert(now);
+        if now.duration_since(since) < ing.acme.keep_unexposed {
+            continue;
+        }
+        match ing.vault.delete(acme::SYSTEM_NAMESPACE, &name).await {
+            Ok(()) => {
+                unexposed.remove(&name);
+                tracing::info!(secret = %name, "deleted the certificate of a host no longer exposed");
+            }
+            Err(e) => {
+                tracing::warn!(secret = %name, error = %e, "cannot delete the certificate of a host no longer exposed")
+            }
+        }
     }
 }
 

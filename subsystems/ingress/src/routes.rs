@@ -24,6 +24,8 @@ pub struct Route {
     pub tls: String,
     /// The TLS secret of manual mode (in the service's namespace).
     pub secret: Option<String>,
+    /// Plain HTTP requests get a permanent redirect to HTTPS (`expose.tls.redirect`).
+    pub redirect: bool,
     /// The ready endpoints of that port.
     pub endpoints: Vec<SocketAddr>,
 }
@@ -78,8 +80,8 @@ impl Exposed {
         }
     }
 
-    /// The routes this view gives. Two services exposing one host: the first by namespace
-    /// and name wins, and the other is logged.
+    /// The routes this view gives. Two services exposing one host (only a state written
+    /// before apply refused that): the first by namespace and name wins, and the other is logged.
     pub fn routes(&self) -> Routes {
         let mut by_host: HashMap<String, Route> = HashMap::new();
         for ((ns, name), r) in &self.services {
@@ -134,6 +136,7 @@ impl Exposed {
                         .tls
                         .as_ref()
                         .and_then(|t| t.secret_name.clone().or_else(|| t.secret.clone())),
+                    redirect: e.tls.as_ref().is_some_and(|t| t.redirect == Some(true)),
                     endpoints,
                 },
             );
@@ -144,11 +147,5 @@ impl Exposed {
 
 /// The host a service exposes, lower-case, if any.
 fn host_of(r: &ServiceRecord) -> Option<String> {
-    r.spec
-        .expose
-        .as_ref()?
-        .host
-        .as_deref()
-        .map(|h| h.trim().to_ascii_lowercase())
-        .filter(|h| !h.is_empty())
+    r.spec.expose.as_ref()?.host()
 }

@@ -21,6 +21,7 @@ pub mod owner;
 pub mod policy;
 pub mod ports;
 pub mod proxy;
+mod splice;
 pub mod table;
 #[cfg(feature = "testing")]
 pub mod testing;

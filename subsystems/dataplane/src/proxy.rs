@@ -14,9 +14,6 @@ use crate::policy::{decide, Source, SvcKey, Target};
 use crate::table::{Mode, Svc};
 use crate::{DataPlane, SvcCounters};
 
-/// Buffer size of each direction of a piped connection.
-const PIPE_BUFFER: usize = 32 * 1024;
-
 /// Accepts connections for one service port until aborted.
 pub(crate) async fn serve(dp: Arc<DataPlane>, key: SvcKey, port: u16, l: TcpListener) {
     let rr = Arc::new(AtomicUsize::new(0));
@@ -185,21 +182,20 @@ pub(crate) async fn connect(
     None
 }
 
-/// Pipes both ways until both sides are done, counting bytes and open connections (per
-/// endpoint when `track`, for the least-connections balancer).
+/// Pipes both ways (in the kernel, [`crate::splice`]) until both sides are done, counting
+/// bytes and open connections (per endpoint when `track`, for the least-connections balancer).
 pub(crate) async fn pipe(
     dp: &DataPlane,
     counters: &SvcCounters,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     ep: SocketAddr,
     track: bool,
 ) {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let _guard = dp.open(ep, track);
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, PIPE_BUFFER, PIPE_BUFFER).await
-    {
+    match crate::splice::both_ways(&client, &upstream).await {
         Ok((to_endpoint, to_client)) => counters.add_bytes(to_endpoint, to_client),
         Err(e) => tracing::debug!(endpoint = %ep, error = %e, "connection ended with an error"),
     }

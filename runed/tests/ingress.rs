@@ -238,6 +238,44 @@ fn stale_routes_fail_closed_and_recover() {
     });
 }
 
+/// One TLS 1.3 handshake by openssl's client: `New` or `Reused`. The session it ends with is
+/// kept in `file` (read back first when `resume`).
+fn tls_session(port: u16, host: &str, file: &std::path::Path, resume: bool) -> String {
+    let _ = std::fs::remove_file(file.with_extension("new"));
+    let mut c = Command::new("openssl");
+    c.args([
+        "s_client",
+        "-tls1_3",
+        "-connect",
+        &format!("127.0.0.1:{port}"),
+        "-servername",
+        host,
+    ])
+    .arg("-sess_out")
+    .arg(file.with_extension("new"));
+    if resume {
+        c.arg("-sess_in").arg(file);
+    }
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl (Debian's openssl)");
+    // The tickets come after the handshake: wait until the session holding one is written.
+    wait_until(LONG, "openssl to keep a session", || {
+        std::fs::metadata(file.with_extension("new")).is_ok_and(|m| m.len() > 0)
+    });
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    std::fs::rename(file.with_extension("new"), file).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.split(',').next().filter(|w| *w == "New" || *w == "Reused"))
+        .unwrap_or("no handshake")
+        .to_string()
+}
+
 fn exposed(name: &str, port: u16, expose: &str) -> String {
     format!(
         "service:\n  name: {name}\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n  expose: {expose}\n"
@@ -296,6 +334,15 @@ fn redirects_to_https_and_one_host_routes_to_one_service() {
         &format!("http://web.test:{}/", http.port()),
     ]);
     assert_eq!(out, "hello-web\n", "{err}");
+    // A returning client resumes its TLS 1.3 session from a ticket: no full handshake.
+    assert_eq!(
+        tls_session(https.port(), "web.test", &d.scratch().join("sess.pem"), false),
+        "New"
+    );
+    assert_eq!(
+        tls_session(https.port(), "web.test", &d.scratch().join("sess.pem"), true),
+        "Reused"
+    );
     let table = run_ok(&d, &["get", "ingresses"]);
     let row: Vec<&str> = table
         .lines()

@@ -176,6 +176,9 @@ impl Ingress {
                 .with_no_client_auth()
                 .with_cert_resolver(certs.clone());
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Returning clients resume with a ticket (keys rotated by rustls every 6 h) instead of
+        // a full handshake; the in-memory session cache serves clients that send session IDs.
+        tls.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| IngressError::Tls(e.to_string()))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));

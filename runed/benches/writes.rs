@@ -115,7 +115,13 @@ async fn bench_runed(addr: String, bearer: Bearer, clients: usize, seconds: u64,
                 }],
                 ..Default::default()
             };
-            client.apply(req).await.is_ok()
+            match client.apply(req).await {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("runed write failed: {}", e.message());
+                    false
+                }
+            }
         }
     })
     .await
@@ -208,7 +214,11 @@ fn main() {
             if !only("BENCH_CLIENTS", clients) || !only("BENCH_PREFILL", prefill) {
                 continue;
             }
-            let d = Daemon::start(&bins);
+            // Every write creates a service, and each takes a VIP: 5,000 plus five seconds at
+            // 64 clients outgrow the default /16, so the runs get a /8.
+            let mut d = Daemon::new(&bins);
+            d.extra = vec!["--cluster-cidr".into(), "10.0.0.0/8".into()];
+            d.restart();
             let etcd = start_etcd();
             if etcd.is_none() && round == 0 && prefill == 0 {
                 eprintln!(

@@ -199,6 +199,21 @@ fn acme_issues_renews_and_hot_swaps_and_manual_pairs_are_checked() {
     wait_until(LONG, "the manual certificate to be served", || {
         https_get(https.port(), "manual.test", ca.to_str().unwrap()).is_ok_and(|b| b == "hello-web\n")
     });
+    // Taken away and put back at once (between two passes of the certificate loop): the
+    // manual pair is served again, not a self-signed stand-in.
+    let bare = write(
+        &d,
+        "bare.yaml",
+        &format!(
+            "service:\n  name: manual\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &bare, "--detach"]);
+    run_ok(&d, &["cast", &f, "--detach"]);
+    wait_until(LONG, "the manual certificate to be served again", || {
+        https_get(https.port(), "manual.test", ca.to_str().unwrap()).is_ok_and(|b| b == "hello-web\n")
+    });
     // As the original prints them: NAMESPACE SERVICE HOST TLS CERT EXPIRES.
     let web = ingress_row(&d, "web.test");
     assert_eq!(

@@ -534,12 +534,15 @@ async fn certificates(ing: Arc<Ingress>) {
                 _ => continue,
             };
             let kind = if r.tls == "manual" { "manual" } else { "acme" };
+            // What the resolver serves: a host taken away and put back between two passes lost
+            // its certificate there (and may hold a self-signed one) though `installed` has it.
+            let served = ing.certs.kind(host) == Some(kind);
             // A served certificate that is not due is looked at again every 10 s (a changed
             // manual secret shows up then), not on every pass.
             let fresh = checked
                 .get(host)
                 .is_some_and(|(at, renew)| at.elapsed() < Duration::from_secs(10) && *renew > unix_now());
-            if fresh && installed.contains_key(host) {
+            if fresh && served && installed.contains_key(host) {
                 continue;
             }
             let stored = match ing.vault.get(&ns, &name) {
@@ -557,7 +560,7 @@ async fn certificates(ing: Arc<Ingress>) {
                 );
                 match acme::load_pair(&crt, &key) {
                     Ok(l) => {
-                        if installed.get(host) != Some(&crt) {
+                        if installed.get(host) != Some(&crt) || !served {
                             ing.certs.install(host, l.key.clone(), kind);
                             installed.insert(host.clone(), crt.clone());
                             tracing::info!(%host, kind, not_after = l.not_after, "certificate installed");

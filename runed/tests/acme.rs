@@ -97,6 +97,19 @@ fn pebble(dir: &Path, http_port: u16) -> (Vec<Killed>, String, String, String) {
     )
 }
 
+/// runed's flags for a dev-mode edge ordering from pebble, and `more`.
+fn acme_flags(directory: String, pebble_cert: String, more: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--dev-mode".to_string(),
+        "--acme-directory-url".to_string(),
+        directory,
+        "--acme-ca-file".to_string(),
+        pebble_cert,
+    ];
+    v.extend(more.iter().map(|s| s.to_string()));
+    v
+}
+
 fn https_get(port: u16, host: &str, ca: &str) -> Result<String, String> {
     let o = Command::new("curl")
         .args(["-sS", "-m", "10", "--cacert", ca, "--resolve"])
@@ -123,17 +136,9 @@ fn acme_issues_renews_and_hot_swaps_and_manual_pairs_are_checked() {
     let mut d = Daemon::new(&bins());
     let (http, https) = d.ingress;
     let (_guards, directory, pebble_cert, root) = pebble(d.scratch(), http.port());
-    d.extra = vec![
-        "--dev-mode".into(),
-        "--acme-directory-url".into(),
-        directory,
-        "--acme-ca-file".into(),
-        pebble_cert,
-        // Longer than pebble's certificates live: every certificate is due at once, so the
-        // test sees renewals (and their hot swap) within seconds.
-        "--acme-renew-before".into(),
-        "100000h".into(),
-    ];
+    // Longer than pebble's certificates live: every certificate is due at once, so the test
+    // sees renewals (and their hot swap) within seconds.
+    d.extra = acme_flags(directory, pebble_cert, &["--acme-renew-before", "100000h"]);
     d.restart();
     let f = write(
         &d,
@@ -267,15 +272,7 @@ fn orders_run_side_by_side_and_unexposed_certificates_are_deleted() {
         }
     });
     let (_guards, directory, pebble_cert, root) = pebble(d.scratch(), http.port());
-    d.extra = vec![
-        "--dev-mode".into(),
-        "--acme-directory-url".into(),
-        directory,
-        "--acme-ca-file".into(),
-        pebble_cert,
-        "--acme-keep-unexposed".into(),
-        "0s".into(),
-    ];
+    d.extra = acme_flags(directory, pebble_cert, &["--acme-keep-unexposed", "0s"]);
     d.restart();
     let slow = write(&d, "slow.yaml", &acme_service("slow", "slow.hang", back.port()));
     run_ok(&d, &["cast", &slow, "--timeout", "60s"]);

@@ -60,6 +60,14 @@ fn backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (addr, seen)
 }
 
+/// A runed in dev mode (which has the edge role).
+fn dev_daemon() -> Daemon {
+    let mut d = Daemon::new(&bins());
+    d.extra.push("--dev-mode".into());
+    d.restart();
+    d
+}
+
 fn curl(args: &[&str]) -> (String, String) {
     let o = Command::new("curl")
         .args(["-sS", "-m", "10"])
@@ -72,9 +80,7 @@ fn curl(args: &[&str]) -> (String, String) {
 #[test]
 fn routes_by_host_over_http_and_https() {
     let (back, seen) = backend();
-    let mut d = Daemon::new(&bins());
-    d.extra.push("--dev-mode".into());
-    d.restart();
+    let d = dev_daemon();
     let (http, https) = d.ingress;
     let f = write(
         &d,
@@ -288,9 +294,7 @@ fn exposed(name: &str, port: u16, expose: &str) -> String {
 #[test]
 fn redirects_to_https_and_one_host_routes_to_one_service() {
     let (back, _) = backend();
-    let mut d = Daemon::new(&bins());
-    d.extra.push("--dev-mode".into());
-    d.restart();
+    let d = dev_daemon();
     let (http, https) = d.ingress;
     let f = write(
         &d,

@@ -495,9 +495,14 @@ async fn serve(ing: Arc<Ingress>, l: TcpListener, tls: Option<tokio_rustls::TlsA
     }
 }
 
+/// ACME orders in flight at most: enough that one slow order holds nobody back, few enough
+/// that a first start with many hosts does not trip the server's new-order rate limit.
+const MAX_ORDERS: usize = 8;
+
 /// Keeps every TLS host's certificate current: manual ones from their secret, ACME ones from
-/// the vault, ordered when missing or due, with backoff on failure. Orders run side by side,
-/// one per host at a time, so a slow or failing order does not hold the others back. Stored
+/// the vault, ordered when missing or due, with backoff on failure. Orders run side by side
+/// ([`MAX_ORDERS`] at most, one per host), so a slow or failing order does not hold the others
+/// back. Stored
 /// certificates of hosts no longer exposed are deleted once `keep_unexposed` has passed.
 async fn certificates(ing: Arc<Ingress>) {
     let mut installed: HashMap<String, Vec<u8>> = HashMap::new();
@@ -587,6 +592,10 @@ async fn certificates(ing: Arc<Ingress>) {
                 .get(host)
                 .is_some_and(|(at, _)| tokio::time::Instant::now() < *at);
             if kind != "acme" || !due || backing_off || ordering.values().any(|h| h == host) {
+                continue;
+            }
+            if ordering.len() >= MAX_ORDERS {
+                // The rest wait for a free slot (ACME servers limit new orders per account).
                 continue;
             }
             if !installed.contains_key(host) {

@@ -256,7 +256,47 @@ impl Api {
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let mut out = Vec::new();
         let mut new_namespaces = std::collections::BTreeSet::new();
+        // The hosts this cast's services expose, in cast order, as apply sees them: a host
+        // another service of the cast claimed first is refused, one it moved away from is free.
+        let mut hosts: std::collections::BTreeMap<String, rune_statemachine::network::VipHolder> =
+            std::collections::BTreeMap::new();
+        let mut cast: std::collections::BTreeMap<(String, String), Option<String>> =
+            std::collections::BTreeMap::new();
         for r in resources {
+            if let Resource::Service(s) = r {
+                let refused = |host: &str, h: &rune_statemachine::network::VipHolder| {
+                    Status::already_exists(rune_statemachine::store::host_taken(
+                        s.namespace(),
+                        &s.name,
+                        host,
+                        h,
+                    ))
+                };
+                if let Some((host, h)) =
+                    rune_statemachine::store::host_claimed_by_other(&t, s).map_err(internal)?
+                {
+                    let moved_away = cast
+                        .get(&(h.namespace.clone(), h.service.clone()))
+                        .is_some_and(|now| now.as_deref() != Some(host.as_str()));
+                    if !moved_away {
+                        return Err(refused(&host, &h));
+                    }
+                }
+                let host = s.expose.as_ref().and_then(|e| e.host());
+                cast.insert((s.namespace().to_string(), s.name.clone()), host.clone());
+                if let Some(host) = host {
+                    let me = rune_statemachine::network::VipHolder {
+                        namespace: s.namespace().to_string(),
+                        service: s.name.clone(),
+                    };
+                    match hosts.get(&host) {
+                        Some(h) if *h != me => return Err(refused(&host, h)),
+                        _ => {
+                            hosts.insert(host, me);
+                        }
+                    }
+                }
+            }
             let (kind, ns, name, key, hash) = match r {
                 Resource::Service(_) | Resource::Secret(_) | Resource::Configmap(_) => {
                     let ns = match r {

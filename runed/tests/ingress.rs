@@ -366,23 +366,51 @@ fn redirects_to_https_and_one_host_routes_to_one_service() {
         "other.yaml",
         &exposed("other", back.port(), "{port: http, host: WEB.test}"),
     );
-    let o = d.rune(&["cast", &g, "--detach"]);
-    assert_ne!(code(&o), 0);
-    let e = stderr(&o);
-    assert!(
-        e.contains("expose.host") && e.contains("web.test") && e.contains("default/web"),
-        "{e}"
-    );
+    for dry in [false, true] {
+        let mut args = vec!["cast", g.as_str(), "--detach"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let o = d.rune(&args);
+        assert_eq!(code(&o), 5, "a conflict (dry run: {dry}): {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("expose.host") && e.contains("web.test") && e.contains("default/web"),
+            "{e}"
+        );
+    }
     let o = d.rune(&["get", "service", "other"]);
     assert_ne!(code(&o), 0, "nothing of the refused cast is kept: {}", stdout(&o));
-    // Once web moves to another host, other may take this one; redirects stay per host.
-    let f = write(
+    // Two services of one cast claiming one host: the second is refused, naming the first.
+    let two = write(
         &d,
-        "web.yaml",
-        &exposed("web", back.port(), "{port: http, host: www.test}"),
+        "two.yaml",
+        &format!(
+            "{}---\n{}",
+            exposed("two-a", back.port(), "{port: http, host: dup.test}"),
+            exposed("two-b", back.port(), "{port: http, host: dup.test}")
+        ),
     );
-    run_ok(&d, &["cast", &f, "--detach"]);
-    run_ok(&d, &["cast", &g, "--timeout", "60s"]);
+    let o = d.rune(&["cast", &two, "--detach"]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("default/two-b: expose.host: dup.test is already exposed by service default/two-a"),
+        "{}",
+        stderr(&o)
+    );
+    // In one cast, web moves to another host and other takes this one (in that order, as
+    // apply sees them); redirects stay per host.
+    let both = write(
+        &d,
+        "both.yaml",
+        &format!(
+            "{}---\n{}",
+            exposed("web", back.port(), "{port: http, host: www.test}"),
+            exposed("other", back.port(), "{port: http, host: WEB.test}")
+        ),
+    );
+    run_ok(&d, &["cast", &both, "--timeout", "60s"]);
     wait_until(LONG, "web.test to be served over HTTP by other", || {
         curl(&[
             "-H",

@@ -23,7 +23,9 @@ mod hosts;
 mod objects;
 mod releases;
 mod vips;
-pub use hosts::unclaimed as unclaimed_hosts;
+pub use hosts::{
+    claimed_by_other as host_claimed_by_other, taken as host_taken, unclaimed as unclaimed_hosts,
+};
 pub use objects::{
     configmap_history, configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key,
     secrets_prefix, token_hash_key, token_key, user_key, ConfigmapRecord, ConfigmapVersion, SecretRecord,

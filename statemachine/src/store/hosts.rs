@@ -25,13 +25,7 @@ pub(super) fn claim<R: ReadableTable<&'static str, &'static [u8]>>(
         let key = host_key(host);
         match o.get::<VipHolder>(&key)? {
             Some(h) if h.namespace == ns && h.service == name => {}
-            Some(h) => {
-                return Ok(Err(Rejection::AlreadyExists(format!(
-                    "service {ns}/{name}: expose.host: {host} is already exposed by service {}/{}; \
-                     one host routes to one service",
-                    h.namespace, h.service
-                ))))
-            }
+            Some(h) => return Ok(Err(Rejection::AlreadyExists(taken(&ns, &name, host, &h)))),
             None => o.put(
                 key,
                 &VipHolder {
@@ -45,6 +39,30 @@ pub(super) fn claim<R: ReadableTable<&'static str, &'static [u8]>>(
         release(o, &ns, &name, &host)?;
     }
     Ok(Ok(()))
+}
+
+/// Why `namespace/service` cannot have `host`: `holder` has it.
+pub fn taken(namespace: &str, service: &str, host: &str, holder: &VipHolder) -> String {
+    format!(
+        "service {namespace}/{service}: expose.host: {host} is already exposed by service {}/{}; \
+         one host routes to one service",
+        holder.namespace, holder.service
+    )
+}
+
+/// The host `spec` would claim and who holds it now, when that is another service: what a
+/// cast of `spec` would be refused for (for the API's prediction; apply decides).
+pub fn claimed_by_other<R: ReadableTable<&'static str, &'static [u8]>>(
+    table: &R,
+    spec: &ServiceSpec,
+) -> Result<Option<(String, VipHolder)>, StoreError> {
+    let Some(host) = host_of(spec) else {
+        return Ok(None);
+    };
+    let holder = super::get_record::<VipHolder, _>(table, &host_key(&host))?;
+    Ok(holder
+        .filter(|h| !(h.namespace == spec.namespace() && h.service == spec.name))
+        .map(|h| (host, h)))
 }
 
 /// Gives up the service's claim on `host`, if it holds it.

@@ -381,6 +381,19 @@ fn redirects_to_https_and_one_host_routes_to_one_service() {
     }
     let o = d.rune(&["get", "service", "other"]);
     assert_ne!(code(&o), 0, "nothing of the refused cast is kept: {}", stdout(&o));
+    // A host that can never match a request is refused at cast, naming the field.
+    let bad = write(
+        &d,
+        "bad.yaml",
+        &exposed("bad", back.port(), "{port: http, host: \"https://bad.test\"}"),
+    );
+    let o = d.rune(&["cast", &bad, "--detach"]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("expose.host") && stderr(&o).contains("is a URL"),
+        "{}",
+        stderr(&o)
+    );
     // Two services of one cast claiming one host: the second is refused, naming the first.
     let two = write(
         &d,

@@ -16,7 +16,7 @@ use crate::command::{Action, Change, Command, Envelope, Kind, Outcome, Rejection
 use crate::deps::{find_cycle, resolve, DepKind, ServiceId};
 use crate::instance::{fold, instance_key, InstanceRecord};
 use crate::spec::{NamespaceSpec, ServiceSpec};
-use crate::validate::{validate_namespace, validate_service};
+use crate::validate::{validate_namespace, validate_service_at};
 
 mod endpoints;
 mod hosts;
@@ -399,8 +399,6 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         return Ok(Err(Rejection::UnsupportedFormat(e.version)));
     }
     let now = e.proposed_at_ms;
-    // Host claims came with v3; older entries are applied as their build did.
-    let claims = e.version >= 3;
     let mut changes = Vec::new();
     // Services whose endpoints may have changed, recomputed once at the end.
     let mut touched: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
@@ -477,7 +475,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                         }
                         let put = match r {
                             Resource::Service(s) => {
-                                let put = put_service(o, index, now, s, *force, *history_limit, claims)?;
+                                let put = put_service(o, index, now, s, *force, *history_limit, e.version)?;
                                 if let Ok(c) = &put {
                                     if c.action != Action::Unchanged {
                                         touched.insert((c.namespace.clone(), c.name.clone()));
@@ -583,7 +581,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             let mut spec = target.spec.clone();
             spec.scale = rec.spec.scale;
             let from = target.generation;
-            match put_service(o, index, now, &spec, false, *history_limit, claims)? {
+            match put_service(o, index, now, &spec, false, *history_limit, e.version)? {
                 Ok(mut c) => {
                     if c.action == Action::Unchanged {
                         c.summary = format!("the current spec is generation {from}'s already");
@@ -998,12 +996,13 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
     spec: &ServiceSpec,
     force: bool,
     history_limit: u32,
-    claims: bool,
+    version: u32,
 ) -> Result<Result<Change, Rejection>, StoreError> {
     let mut spec = spec.clone();
     let ns = spec.namespace().to_string();
     spec.namespace = Some(ns.clone());
-    let errs = validate_service(&spec);
+    // An entry is judged as the build that wrote it did: host syntax and claims came with v3.
+    let errs = validate_service_at(&spec, version);
     if !errs.is_empty() {
         return Ok(Err(invalid("service", &spec.name, &errs)));
     }
@@ -1071,7 +1070,7 @@ fn put_service<R: ReadableTable<&'static str, &'static [u8]>>(
             (Action::Configured, meta, summary)
         }
     };
-    if claims {
+    if version >= 3 {
         if let Err(r) = hosts::claim(o, old_host, &spec)? {
             return Ok(Err(r));
         }

@@ -49,8 +49,51 @@ pub fn validate_namespace(ns: &NamespaceSpec) -> Vec<FieldError> {
     errs
 }
 
+/// Checks an exposed host: a DNS name the ingress can match against `Host` and SNI (any case;
+/// it is matched lower-case).
+pub fn exposed_host(host: &str) -> Result<(), String> {
+    let h = host.trim().to_ascii_lowercase();
+    if h.contains("://") {
+        return Err(format!(
+            "'{host}' is a URL; give the host name alone (such as api.example.com)"
+        ));
+    }
+    if h.starts_with("*.") {
+        return Err(format!(
+            "'{host}': wildcard hosts are not supported; expose each host name"
+        ));
+    }
+    if h.contains(':') || h.contains('/') {
+        return Err(format!(
+            "'{host}' must be a host name alone, without a port or a path (expose.path takes a path)"
+        ));
+    }
+    if h.len() > 253 {
+        return Err(format!(
+            "'{host}' is {} characters long; at most 253 are allowed",
+            h.len()
+        ));
+    }
+    for label in h.split('.') {
+        dns1123_label(label).map_err(|e| {
+            if label.is_empty() {
+                format!("'{host}' has an empty label (a leading, trailing or doubled '.')")
+            } else {
+                format!("'{host}': label {e}")
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// Validates a service spec; an empty result means the spec can be stored.
 pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
+    validate_service_at(s, crate::FORMAT_VERSION)
+}
+
+/// [`validate_service`] as the build that wrote entry format `version` did, so a replayed old
+/// entry is judged by the rules it was accepted under (v3 added `expose.host`'s syntax).
+pub fn validate_service_at(s: &ServiceSpec, version: u32) -> Vec<FieldError> {
     let root = FieldPath::root();
     let mut errs = Vec::new();
     validate_basics(s, &root, &mut errs);
@@ -82,6 +125,14 @@ pub fn validate_service(s: &ServiceSpec) -> Vec<FieldError> {
         }
     }
     validate_refs(s, &root, &mut errs);
+    if version >= 3 {
+        let host = s.expose.as_ref().and_then(|e| e.host.as_deref());
+        if let Some(h) = host.filter(|h| !h.trim().is_empty()) {
+            if let Err(m) = exposed_host(h) {
+                errs.push(FieldError::new(root.key("expose").key("host"), m));
+            }
+        }
+    }
     validate_mounts(s, &root, &mut errs);
     validate_volumes(s, &root, &mut errs);
     validate_init_steps(s, &root, &mut errs);
@@ -896,5 +947,35 @@ mod tests {
         assert_eq!(parse_cpu_millis("0.5"), Ok(500));
         assert_eq!(parse_memory_bytes("1Ki"), Ok(1024));
         assert!(parse_memory_bytes("1Qi").is_err());
+    }
+
+    #[test]
+    fn exposed_hosts_are_plain_dns_names() {
+        for ok in ["api.example.com", "Web.Test", "localhost", "a-1.b2.local"] {
+            assert_eq!(exposed_host(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("https://api.example.com", "is a URL"),
+            ("*.example.com", "wildcard"),
+            ("api.example.com:8443", "without a port"),
+            ("api.example.com/v1", "without a port or a path"),
+            ("api..example.com", "empty label"),
+            ("api.example.com.", "empty label"),
+            ("-api.example.com", "must start and end"),
+            ("api_1.example.com", "only lowercase letters"),
+            ("my api.example.com", "only lowercase letters"),
+        ] {
+            let e = exposed_host(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let long = format!("{}.com", "a".repeat(64));
+        assert!(exposed_host(&long).unwrap_err().contains("at most 63"));
+        // In a spec: named by its field, and only for entries of format v3 on.
+        let s: ServiceSpec = serde_json::from_value(serde_json::json!({"name": "web", "image": "x",
+            "ports": [{"name": "http", "port": 80}], "expose": {"port": "http", "host": "http://web.test"}}))
+        .unwrap();
+        let paths: Vec<String> = validate_service(&s).iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(paths, ["expose.host"]);
+        assert!(validate_service_at(&s, 2).is_empty());
     }
 }

@@ -176,4 +176,11 @@ fn v2_casts_keep_their_semantics_and_init_claims_their_hosts() {
         s.run(exposed("c", Some("web.example.com"))),
         Err(Rejection::AlreadyExists(_))
     ));
+    // Host syntax, too, is judged as the entry's build did.
+    s.run_version(2, exposed("d", Some("d.example.com:8080")))
+        .unwrap();
+    match s.run(exposed("e", Some("e.example.com:8080"))) {
+        Err(Rejection::Invalid(m)) => assert!(m.contains("expose.host"), "{m}"),
+        other => panic!("expected the host refused, got {other:?}"),
+    }
 }

@@ -11,7 +11,7 @@ use rune_secrets::{check, open, rewrap, seal, Kek, KekError, KekSource, Keyring}
 use rune_statemachine::command::Rewrap;
 use rune_statemachine::secret::{SealedSecret, SecretData, SecretLimits};
 use rune_statemachine::store::{
-    get_record, list_records, scan_prefix, secret_key, secrets_prefix, SecretRecord, SECRET_HISTORY_ALL,
+    get_record, list_records, secret_key, secrets_prefix, SecretRecord, SECRET_HISTORY_ALL,
 };
 use rune_statemachine::{Command, Resource, STATE_TABLE};
 use tonic::Status;
@@ -381,11 +381,21 @@ impl rune_ingress::acme::Vault for CertVault {
         let txn = self.log.read().map_err(|e| e.to_string())?;
         let t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
         let under = secrets_prefix(Some(namespace));
-        let keys = scan_prefix(&t, &format!("{under}{prefix}")).map_err(|e| e.to_string())?;
-        Ok(keys
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(&under).map(str::to_string))
-            .collect())
+        let from = format!("{under}{prefix}");
+        // Keys only: the values (sealed certificates) are not copied to be thrown away.
+        let mut names = Vec::new();
+        for item in t.range::<&str>(from.as_str()..).map_err(|e| e.to_string())? {
+            let (k, _) = item.map_err(|e| e.to_string())?;
+            let Some(name) = k
+                .value()
+                .strip_prefix(from.as_str())
+                .map(|rest| format!("{prefix}{rest}"))
+            else {
+                break;
+            };
+            names.push(name);
+        }
+        Ok(names)
     }
 
     fn delete<'a>(

@@ -495,6 +495,9 @@ async fn serve(ing: Arc<Ingress>, l: TcpListener, tls: Option<tokio_rustls::TlsA
     }
 }
 
+/// How often stored certificates are checked against the exposed hosts.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// ACME orders in flight at most: enough that one slow order holds nobody back, few enough
 /// that a first start with many hosts does not trip the server's new-order rate limit.
 const MAX_ORDERS: usize = 8;
@@ -512,6 +515,7 @@ async fn certificates(ing: Arc<Ingress>) {
     let mut orders: tokio::task::JoinSet<Result<(), String>> = tokio::task::JoinSet::new();
     let mut ordering: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut unexposed: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let mut swept: Option<tokio::time::Instant> = None;
     loop {
         while let Some(done) = orders.try_join_next_with_id() {
             let (id, result) = match done {
@@ -622,7 +626,10 @@ async fn certificates(ing: Arc<Ingress>) {
                     .is_some_and(|r| r.tls == "acme" || r.tls == "manual")
             });
         }
-        sweep(&ing, &routes, &ordering, &mut unexposed).await;
+        if swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            sweep(&ing, &routes, &ordering, &mut unexposed).await;
+            swept = Some(tokio::time::Instant::now());
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -256,47 +256,8 @@ impl Api {
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let mut out = Vec::new();
         let mut new_namespaces = std::collections::BTreeSet::new();
-        // The hosts this cast's services expose, in cast order, as apply sees them: a host
-        // another service of the cast claimed first is refused, one it moved away from is free.
-        let mut hosts: std::collections::BTreeMap<String, rune_statemachine::network::VipHolder> =
-            std::collections::BTreeMap::new();
-        let mut cast: std::collections::BTreeMap<(String, String), Option<String>> =
-            std::collections::BTreeMap::new();
+        refuse_taken_hosts(&t, resources)?;
         for r in resources {
-            if let Resource::Service(s) = r {
-                let refused = |host: &str, h: &rune_statemachine::network::VipHolder| {
-                    Status::already_exists(rune_statemachine::store::host_taken(
-                        s.namespace(),
-                        &s.name,
-                        host,
-                        h,
-                    ))
-                };
-                if let Some((host, h)) =
-                    rune_statemachine::store::host_claimed_by_other(&t, s).map_err(internal)?
-                {
-                    let moved_away = cast
-                        .get(&(h.namespace.clone(), h.service.clone()))
-                        .is_some_and(|now| now.as_deref() != Some(host.as_str()));
-                    if !moved_away {
-                        return Err(refused(&host, &h));
-                    }
-                }
-                let host = s.expose.as_ref().and_then(|e| e.host());
-                cast.insert((s.namespace().to_string(), s.name.clone()), host.clone());
-                if let Some(host) = host {
-                    let me = rune_statemachine::network::VipHolder {
-                        namespace: s.namespace().to_string(),
-                        service: s.name.clone(),
-                    };
-                    match hosts.get(&host) {
-                        Some(h) if *h != me => return Err(refused(&host, h)),
-                        _ => {
-                            hosts.insert(host, me);
-                        }
-                    }
-                }
-            }
             let (kind, ns, name, key, hash) = match r {
                 Resource::Service(_) | Resource::Secret(_) | Resource::Configmap(_) => {
                     let ns = match r {
@@ -372,6 +333,55 @@ impl Api {
         }
         Ok(out)
     }
+}
+
+/// Refuses, before anything is proposed, what apply would: a host held by a service outside
+/// this cast, or claimed by two services of it. A holder inside the cast may be moving away, so
+/// that case is left to apply, which decides in cast order.
+fn refuse_taken_hosts(
+    t: &impl redb::ReadableTable<&'static str, &'static [u8]>,
+    resources: &[Resource],
+) -> Result<(), Status> {
+    use rune_statemachine::network::VipHolder;
+    let services: Vec<&rune_statemachine::spec::ServiceSpec> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Service(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let in_cast = |h: &VipHolder| {
+        services
+            .iter()
+            .any(|s| s.namespace() == h.namespace && s.name == h.service)
+    };
+    let mut claimed: std::collections::BTreeMap<String, VipHolder> = std::collections::BTreeMap::new();
+    for s in &services {
+        let refused = |host: &str, h: &VipHolder| {
+            Status::already_exists(rune_statemachine::store::host_taken(
+                s.namespace(),
+                &s.name,
+                host,
+                h,
+            ))
+        };
+        if let Some((host, h)) = rune_statemachine::store::host_claimed_by_other(t, s).map_err(internal)? {
+            if !in_cast(&h) {
+                return Err(refused(&host, &h));
+            }
+        }
+        if let Some(host) = s.expose.as_ref().and_then(|e| e.host()) {
+            let me = VipHolder {
+                namespace: s.namespace().to_string(),
+                service: s.name.clone(),
+            };
+            if let Some(first) = claimed.get(&host).filter(|first| **first != me) {
+                return Err(refused(&host, first));
+            }
+            claimed.insert(host, me);
+        }
+    }
+    Ok(())
 }
 
 fn result(

@@ -816,7 +816,9 @@ fn remove_service<R: ReadableTable<&'static str, &'static [u8]>>(
     let (ns, name) = (rec.spec.namespace().to_string(), rec.spec.name.clone());
     let mut changes = Vec::new();
     o.delete(service_key(&ns, &name));
-    hosts::release_of(o, &rec.spec)?;
+    if let Some(host) = hosts::host_of(&rec.spec) {
+        hosts::release(o, &ns, &name, &host)?;
+    }
     for k in o.keys_with_prefix(&history_prefix(&ns, &name))? {
         o.delete(k);
     }

@@ -81,17 +81,6 @@ pub(super) fn release<R: ReadableTable<&'static str, &'static [u8]>>(
     Ok(())
 }
 
-/// The release of a removed service's host.
-pub(super) fn release_of<R: ReadableTable<&'static str, &'static [u8]>>(
-    o: &mut Overlay<'_, R>,
-    spec: &ServiceSpec,
-) -> Result<(), StoreError> {
-    match host_of(spec) {
-        Some(h) => release(o, spec.namespace(), &spec.name, &h),
-        None => Ok(()),
-    }
-}
-
 /// Claims the hosts of services cast before claims existed, first by namespace and name (the
 /// one the ingress served); a service whose host is held by another keeps running unrouted.
 pub(super) fn backfill<R: ReadableTable<&'static str, &'static [u8]>>(

@@ -710,7 +710,7 @@ async fn sweep(
         .chain(ordering.values())
         .map(|h| acme::cert_secret_name(h))
         .collect();
-    let gone: Vec<String> = names
+    let gone: HashSet<String> = names
         .into_iter()
         .filter(|n| acme::is_cert_secret_name(n) && !wanted.contains(n))
         .collect();

@@ -158,6 +158,33 @@ fn repeated_queries_get_kept_answers_that_follow_the_state_and_the_gate() {
     for id in [1, 2, 3] {
         assert_eq!(ask_raw(d.dns, &dns_query(id, "web.default.rune")), (id, 0, 1));
     }
+    // A burst read in batches (kept and fresh answers mixed in one sendmmsg): every query gets
+    // exactly one reply, under its own ID.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ids: Vec<u16> = (100..164).collect();
+    for id in &ids {
+        let name = if id % 8 == 0 {
+            "nope.default.rune"
+        } else {
+            "web.default.rune"
+        };
+        sock.send_to(&dns_query(*id, name), d.dns).unwrap();
+    }
+    let mut replies = std::collections::BTreeMap::new();
+    let mut buf = [0u8; 512];
+    while replies.len() < ids.len() {
+        let n = sock.recv(&mut buf).expect("a reply to every query of the burst");
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        let rcode = buf[3] & 0x0f;
+        assert!(
+            n >= 12 && replies.insert(id, rcode).is_none(),
+            "one reply per query, id {id}"
+        );
+    }
+    for id in &ids {
+        assert_eq!(replies[id], if id % 8 == 0 { 3 } else { 0 }, "id {id}");
+    }
     // A kept answer never passes a closed gate.
     failpoint(&d, "dns-data-path-ready", false);
     assert_eq!(ask_raw(d.dns, &dns_query(4, "web.default.rune")).1, 2, "SERVFAIL");

@@ -41,7 +41,7 @@ use hickory_server::zone_handler::MessageResponse;
 use hickory_server::zone_handler::{Catalog, MessageResponseBuilder, ZoneHandler};
 use hickory_server::Server;
 use nix::errno::Errno;
-use nix::sys::socket::{recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 use rune_log::projection::Projection;
 use rune_log::Log;
 use std::io::{IoSlice, IoSliceMut};
@@ -385,7 +385,6 @@ fn serve_udp(
     let fd = sock.as_raw_fd();
     let mut bufs = vec![[0u8; 4096]; BATCH];
     let mut received = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut sending = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut out = Outgoing::default();
     let mut answers = Answers::default();
@@ -416,7 +415,7 @@ fn serve_udp(
             }
             answer_udp(packet, src, &sock, &handler, &forwards, &rt, &mut answers);
         }
-        out.send(fd, &mut sending);
+        out.send(&sock);
     }
 }
 
@@ -435,7 +434,7 @@ fn std_addr(a: SockaddrStorage) -> Option<SocketAddr> {
 #[derive(Default)]
 struct Outgoing {
     bytes: Vec<Vec<u8>>,
-    to: Vec<Option<SockaddrStorage>>,
+    to: Vec<rustix::net::SocketAddrAny>,
 }
 
 impl Outgoing {
@@ -449,34 +448,35 @@ impl Outgoing {
         b.clear();
         b.extend_from_slice(answer);
         b[..2].copy_from_slice(id);
-        self.to.push(Some(SockaddrStorage::from(to)));
+        self.to.push(to.into());
     }
 
     /// Sends what is queued. `sendmmsg` stops at the first answer it cannot send: that one is
     /// dropped, as a lost datagram would be (its client asks again), and the rest still go.
-    fn send(&mut self, fd: std::os::fd::RawFd, headers: &mut MultiHeaders<SockaddrStorage>) {
-        let slices: Vec<[IoSlice<'_>; 1]> = self.bytes[..self.to.len()]
+    /// (rustix's, not nix's: reading nix's results back touches address slots it never wrote.)
+    fn send(&mut self, sock: &std::net::UdpSocket) {
+        use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
+        let n = self.to.len();
+        let slices: Vec<[IoSlice<'_>; 1]> = self.bytes[..n].iter().map(|b| [IoSlice::new(b)]).collect();
+        let mut control: Vec<SendAncillaryBuffer<'_, '_, '_>> = (0..n).map(|_| Default::default()).collect();
+        let mut headers: Vec<MMsgHdr<'_>> = self
+            .to
             .iter()
-            .map(|b| [IoSlice::new(b)])
+            .zip(&slices)
+            .zip(control.iter_mut())
+            .map(|((to, iov), c)| MMsgHdr::new_with_addr(to, iov, c))
             .collect();
         let mut from = 0;
-        while from < slices.len() {
-            let none: [ControlMessage<'_>; 0] = [];
-            match sendmmsg(
-                fd,
-                headers,
-                &slices[from..],
-                &self.to[from..],
-                none,
-                MsgFlags::empty(),
-            ) {
-                Ok(sent) => from += sent.count().max(1),
+        while from < n {
+            match sendmmsg(sock, &mut headers[from..], SendFlags::empty()) {
+                Ok(sent) => from += sent.max(1),
                 Err(e) => {
                     tracing::debug!(error = %e, "a DNS answer not sent");
                     from += 1;
                 }
             }
         }
+        drop(headers);
         self.to.clear();
     }
 }
@@ -572,7 +572,8 @@ impl Answers {
     /// The kept answer to `query` (its ID still to be set), if there is one and the gate is
     /// open.
     fn kept(&mut self, query: &[u8], shared: &Shared) -> Option<&[u8]> {
-        if query.len() <= 12 || self.by_query.is_empty() {
+        // Longer queries are never kept: no need to hash them.
+        if query.len() <= 12 || query.len() > KEPT_QUERY_MAX || self.by_query.is_empty() {
             return None;
         }
         let at = shared.projection.applied_index();

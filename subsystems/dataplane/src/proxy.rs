@@ -182,20 +182,29 @@ pub(crate) async fn connect(
     None
 }
 
-/// Pipes both ways (in the kernel, [`crate::splice`]) until both sides are done, counting
+/// Pipes both ways (in the kernel, [`crate::splice`]; in user space when no pipe can be made)
+/// until both sides are done, counting
 /// bytes and open connections (per endpoint when `track`, for the least-connections balancer).
 pub(crate) async fn pipe(
     dp: &DataPlane,
     counters: &SvcCounters,
-    client: TcpStream,
-    upstream: TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
     ep: SocketAddr,
     track: bool,
 ) {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let _guard = dp.open(ep, track);
-    match crate::splice::both_ways(&client, &upstream).await {
+    let piped = match crate::splice::pipes() {
+        Ok(p) => crate::splice::both_ways(&client, &upstream, p).await,
+        Err(e) => {
+            // Out of descriptors for pipes: copy in user space, as before splice.
+            tracing::debug!(error = %e, "no pipe for splice; copying");
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 32 * 1024, 32 * 1024).await
+        }
+    };
+    match piped {
         Ok((to_endpoint, to_client)) => counters.add_bytes(to_endpoint, to_client),
         Err(e) => tracing::debug!(endpoint = %ep, error = %e, "connection ended with an error"),
     }

@@ -13,13 +13,13 @@ use tokio::net::TcpStream;
 
 /// Bytes asked of one splice: what a pipe holds once enlarged.
 const CHUNK: usize = 256 * 1024;
-/// Pipes kept for reuse.
-const POOL: usize = 256;
+/// Pipes kept for reuse (two fds each, held while idle).
+const POOL: usize = 64;
 
 static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
 /// One kernel pipe; empty whenever it is in the pool.
-struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
@@ -53,10 +53,9 @@ impl Pipe {
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-/// Moves what `from` sends to `to` until `from` ends its side, then ends `to`'s write side.
-/// Returns the bytes moved.
-pub(crate) async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let pipe = Pipe::take()?;
+/// Moves what `from` sends to `to` through `pipe` until `from` ends its side, then ends `to`'s
+/// write side. Returns the bytes moved.
+async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Pipe) -> io::Result<u64> {
     let mut held = 0usize;
     let result = async {
         let mut total = 0u64;
@@ -69,16 +68,10 @@ pub(crate) async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64>
                 .await?;
             if n == 0 {
                 // The peer is done sending: tell the other side, keep the other direction going.
-                nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write).or_else(
-                    |e| {
-                        if e == nix::errno::Errno::ENOTCONN {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    },
-                )?;
-                return Ok(total);
+                match nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
+                    Ok(()) | Err(nix::errno::Errno::ENOTCONN) => return Ok(total),
+                    Err(e) => return Err(e.into()),
+                }
             }
             held = n;
             while held > 0 {
@@ -98,10 +91,20 @@ pub(crate) async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64>
     result
 }
 
+/// The two pipes of a connection; `Err` when none can be made (out of descriptors), and the
+/// caller then copies in user space.
+pub(crate) fn pipes() -> io::Result<(Pipe, Pipe)> {
+    Ok((Pipe::take()?, Pipe::take()?))
+}
+
 /// Pipes both ways until both directions are done (each ends its side as `copy_bidirectional`
 /// does); the first error ends both. Returns (bytes to `b`, bytes to `a`).
-pub(crate) async fn both_ways(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b), one_way(b, a))
+pub(crate) async fn both_ways(
+    a: &TcpStream,
+    b: &TcpStream,
+    (ab, ba): (Pipe, Pipe),
+) -> io::Result<(u64, u64)> {
+    tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba))
 }
 
 #[cfg(test)]
@@ -120,7 +123,7 @@ mod tests {
         let relay = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(saddr).await.unwrap();
-            both_ways(&c, &u).await.unwrap()
+            both_ways(&c, &u, pipes().unwrap()).await.unwrap()
         });
         let echo = tokio::spawn(async move {
             let (mut s, _) = server.accept().await.unwrap();

@@ -310,18 +310,19 @@ fn egress_policy_on_real_packets() {
     .expect("full load");
 
     // Listeners in the peer's namespace on 80 and 81, and in the host's on 53.
-    let mut listeners = Vec::new();
-    for (ns, port) in [(p.clone(), 80u16), (p.clone(), 81), (host.0.clone(), 53)] {
-        let (tx, rx) = std::sync::mpsc::channel();
-        listeners.push(std::thread::spawn(move || {
-            enter(&ns);
-            let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
-            tx.send(()).unwrap();
-            // One connection is all a check makes; the thread ends with the test.
-            let _ = l.accept();
-        }));
-        rx.recv().unwrap();
-    }
+    // Bound in their namespace, kept here: the kernel completes a handshake into the backlog,
+    // no accept is needed, and they close when the test ends (no thread left in a namespace).
+    let _listeners: Vec<TcpListener> = [(p.clone(), 80u16), (p.clone(), 81), (host.0.clone(), 53)]
+        .into_iter()
+        .map(|(ns, port)| {
+            std::thread::spawn(move || {
+                enter(&ns);
+                TcpListener::bind(("0.0.0.0", port)).expect("bind")
+            })
+            .join()
+            .expect("listener thread")
+        })
+        .collect();
     let connect = |to: &str| -> bool {
         let to: SocketAddr = to.parse().unwrap();
         let c = c.clone();

@@ -5,7 +5,7 @@
 # bench's own output is kept in target/bench/<time>/<bench>.txt. Not part of .ci/run: the
 # whole set takes about 15 minutes on 2 cores, after a release build.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 # The peers: etcd (writes, backup), unbound and dnsperf (DNS), haproxy (data plane), nginx and
 # wrk (ingress), nftables (the kernel table), busybox-static (the test image).
@@ -20,10 +20,11 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
-[ -x /bin/busybox ] || need+=(busybox-static)
+# Static, as test.sh asks: it is copied into an image FROM scratch.
+[ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static file)
 scripts/apt-install.sh bench.sh ${need[@]+"${need[@]}"} || exit 1
-scripts/ensure-docker.sh
-scripts/test-images.sh
+scripts/ensure-docker.sh || exit 1
+scripts/test-images.sh || exit 1
 
 if [ $# -gt 0 ]; then
     benches=("$@")
@@ -31,7 +32,7 @@ else
     benches=(writes dns nft dataplane ingress projections rollout operations)
 fi
 out="target/bench/$(date +%Y%m%d-%H%M%S)"
-mkdir -p "$out"
+mkdir -p "$out" || exit 1
 cargo bench -p runed --no-run || exit 1
 failed=()
 for b in "${benches[@]}"; do

@@ -299,15 +299,22 @@ impl Daemon {
         self.wait_exit(Duration::from_secs(30));
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit. Past `limit` it is killed and reaped (nothing is left
+    /// running behind a failed test) and the test fails with runed's log.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("runed is not running");
-        let mut status = None;
-        wait_until(limit, "runed to exit", || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        status.expect("exit status")
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("runed did not exit within {limit:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts runed expecting it to refuse its configuration: it must exit with 78
@@ -543,7 +550,6 @@ impl Drop for Daemon {
     }
 }
 
-/// stdout of a command as text.
 /// A DNS query for `name`, type A, recursion desired: the same bytes for the same ID and name
 /// (dig adds a fresh cookie to each query, so its queries are never alike).
 pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
@@ -557,6 +563,7 @@ pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
     p
 }
 
+/// stdout of a command as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -221,7 +221,7 @@ fn main() {
         false,
     );
     common::summary(
-        "cast → DNS answer, p99",
+        "cast → DNS answer, 50 casts without load, p99",
         "ms",
         pct(&mut to_answer, 0.99) / 1e3,
         None,

@@ -50,24 +50,29 @@ fn spec(name: &str) -> String {
 async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
     let stop = Instant::now() + Duration::from_secs(seconds);
     let failures = Arc::new(AtomicU64::new(0));
+    // The first failure's reason, for the assertion below (not one line per failed write).
+    let first_failure: Arc<std::sync::OnceLock<String>> = Arc::default();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let op = op.clone();
         let failures = failures.clone();
+        let first_failure = first_failure.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = 0;
             while Instant::now() < stop {
                 let t = Instant::now();
-                if op(c, i).await {
-                    lat.push(t.elapsed());
-                } else {
-                    failures.fetch_add(1, Ordering::Relaxed);
+                match op(c, i).await {
+                    Ok(()) => lat.push(t.elapsed()),
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        let _ = first_failure.set(e);
+                    }
                 }
                 i += 1;
             }
@@ -82,7 +87,8 @@ where
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
-        "writes failed during the run"
+        "writes failed during the run, the first: {}",
+        first_failure.get().map_or("", String::as_str)
     );
     summarize(all, elapsed)
 }
@@ -115,13 +121,11 @@ async fn bench_runed(addr: String, bearer: Bearer, clients: usize, seconds: u64,
                 }],
                 ..Default::default()
             };
-            match client.apply(req).await {
-                Ok(_) => true,
-                Err(e) => {
-                    eprintln!("runed write failed: {}", e.message());
-                    false
-                }
-            }
+            client
+                .apply(req)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("runed: {}", e.message()))
         }
     })
     .await
@@ -132,7 +136,12 @@ async fn bench_etcd(addr: String, clients: usize, seconds: u64, round: usize) ->
     drive(clients, seconds, move |c, i| {
         let ch = chans[c].clone();
         let value = spec(&format!("b{round}-c{c}-{i}")).into_bytes();
-        common::etcd_put(ch, format!("/bench/b{round}-c{c}-{i}").into_bytes(), value)
+        let put = common::etcd_put(ch, format!("/bench/b{round}-c{c}-{i}").into_bytes(), value);
+        async move {
+            put.await
+                .then_some(())
+                .ok_or_else(|| "etcd: a put failed".to_string())
+        }
     })
     .await
 }
@@ -256,7 +265,7 @@ fn main() {
                 &format!("durable writes, {clients} client(s), {prefill} services there"),
                 "writes/s",
                 r.writes_per_s,
-                Some(("etcd", e.as_ref().map_or(0.0, |e| e.writes_per_s))),
+                e.as_ref().map(|e| ("etcd", e.writes_per_s)),
                 true,
             );
             runed_rates.push((prefill, clients, r.writes_per_s));

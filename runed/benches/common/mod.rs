@@ -26,6 +26,7 @@ pub fn summary(figure: &str, unit: &str, runed: f64, peer: Option<(&str, f64)>, 
             let r = if higher_is_better { runed / v } else { v / runed };
             (name.to_string(), fmt(v), format!("{r:.2}"))
         }
+        Some((name, v)) if v > 0.0 => (name.to_string(), fmt(v), "n/a".into()),
         Some((name, _)) => (name.to_string(), "n/a".into(), "n/a".into()),
         None => (String::new(), String::new(), String::new()),
     };

@@ -184,7 +184,7 @@ struct Kernel {
     status: KernelStatus,
     /// The model this runed last loaded. What the kernel holds while `status.enforcing`;
     /// after a failure, still what its drop counts are attributed by.
-    model: Option<nft::Model>,
+    model: Option<Arc<nft::Model>>,
     /// Drops by policy carried over from addresses whose counts were deleted (they left their
     /// policy, or the table was loaded whole).
     carried: BTreeMap<String, u64>,
@@ -743,7 +743,7 @@ impl DataPlane {
             let Ok(mut k) = self.kernel.lock() else { return };
             // The loaded table is already this model (a service without ports adds nothing):
             // it carries this view's VIPs as it is.
-            if k.status.enforcing && k.model.as_ref() == Some(&model) {
+            if k.status.enforcing && k.model.as_deref() == Some(&model) {
                 k.vips = vips;
                 return;
             }
@@ -818,7 +818,7 @@ impl DataPlane {
                     last_program: took,
                 };
                 k.counters = model.counters();
-                k.model = Some(model);
+                k.model = Some(Arc::new(model));
                 k.vips = vips;
             }
             Err(e) => kernel_off(&mut k, &e, took),

@@ -531,8 +531,8 @@ pub fn full(table: &str, m: &Model) -> Vec<NfObject<'static>> {
 }
 
 /// Commands that turn the kernel's table from `old` into `new`, touching only the elements
-/// that differ, or nothing when they are equal: every removal first, then every addition, so
-/// no two networks of an interval set overlap on the way. The drop counts of addresses that
+/// that differ, or nothing when they are equal: every removal first, then every addition. The
+/// drop counts of addresses that
 /// leave their policy ([`Model::leaving`]) are deleted, so a reused address starts from zero.
 pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
     let b = Build::new(table);
@@ -992,18 +992,17 @@ pub fn encode(cmds: Vec<NfObject<'static>>) -> Result<String, NftError> {
         if i > 0 {
             out.push(b',');
         }
-        let declares = matches!(o, NfObject::CmdObject(NfCmd::Add(NfListObject::Set(_))));
-        if !declares {
+        let drop_set = matches!(
+            o,
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Set(s))) if matches!(&*s.name, "in_drops" | "eg_drops")
+        );
+        if !drop_set {
             serde_json::to_writer(&mut out, o).map_err(failed)?;
             continue;
         }
         let mut v = serde_json::to_value(o).map_err(failed)?;
         if let Some(set) = v.get_mut("add").and_then(|a| a.get_mut("set")) {
-            let drops = matches!(
-                set.get("name").and_then(|n| n.as_str()),
-                Some("in_drops" | "eg_drops")
-            );
-            if drops && set.get("size").is_some() {
+            if set.get("size").is_some() {
                 set["stmt"] = serde_json::json!([{ "counter": null }]);
             }
         }

@@ -102,7 +102,7 @@ fn scrub(v: &mut Value) {
 }
 
 /// `t` with service `i`'s ingress allowing networks inside one another, with ports and
-/// without, and an egress policy: the kernel refuses overlapping intervals in one set.
+/// without, and an egress policy: each length gets its own exact sets, looked up masked.
 fn with_nested_networks(t: &rune_dataplane::table::Table, i: usize) -> rune_dataplane::table::Table {
     use rune_statemachine::spec::{EgressRule, IngressRule, NetworkPolicy, Peer, PortRef};
     let mut t = t.clone();

@@ -17,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backup;
+mod batch;
 mod db;
 pub mod lag;
 pub mod log_store;

@@ -4,11 +4,14 @@
 //! keep their order; the thread drains whatever is queued into one write and one `fdatasync`, and
 //! then completes openraft's [`LogFlushed`] callbacks. The committed log id rides along with the
 //! next synced write instead of paying its own. openraft 0.9 waits for each append's flush before
-//! the next, so group commit of client writes happens before raft, in [`crate::Log`]'s batcher.
+//! the next, so group commit of client writes happens before raft (`batch.rs`). The last entries
+//! appended are also kept decoded, so the state machine's read of a just-committed entry is a
+//! clone, not a JSON decode.
 //!
 //! Data dirs written before the WAL kept the log in `raft-log.redb`; [`migrate_redb`] moves such
 //! a log into the WAL once, at open.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -62,6 +65,57 @@ enum Op {
     },
 }
 
+/// How many of the last appended entries [`Recent`] keeps decoded.
+const RECENT_ENTRIES: usize = 256;
+
+/// The last entries appended, as openraft handed them over: the state machine reads each entry
+/// just after it commits, and a clone (the batch inside is shared) costs far less than decoding
+/// its JSON again. Holds an entry only while the WAL holds the same one: appends add, truncate,
+/// purge and a failed write remove.
+#[derive(Clone, Default)]
+struct Recent(Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>);
+
+impl Recent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
+        // Every change is a few map operations that do not panic midway.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, entries: &[Entry<TypeConfig>]) {
+        let mut m = self.lock();
+        for e in entries {
+            m.insert(e.log_id.index, e.clone());
+        }
+        while m.len() > RECENT_ENTRIES {
+            m.pop_first();
+        }
+    }
+
+    /// Every entry of `start..=end`, if all of them are here.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let m = self.lock();
+        let want = usize::try_from(end.checked_sub(start)?.checked_add(1)?).ok()?;
+        let got: Vec<_> = m.range(start..=end).map(|(_, e)| e.clone()).collect();
+        (got.len() == want).then_some(got)
+    }
+
+    fn remove_from(&self, from: u64) {
+        self.lock().split_off(&from);
+    }
+
+    fn remove_upto(&self, upto: u64) {
+        let mut m = self.lock();
+        *m = m.split_off(&upto.saturating_add(1));
+    }
+
+    fn remove(&self, indexes: &[u64]) {
+        let mut m = self.lock();
+        for i in indexes {
+            m.remove(i);
+        }
+    }
+}
+
 /// The log store handed to openraft; cheap to clone, reads go straight to the WAL's index.
 #[derive(Clone)]
 pub struct LogStore {
@@ -69,6 +123,7 @@ pub struct LogStore {
     tx: mpsc::Sender<Op>,
     /// The latest committed log id, written with the next synced batch rather than on its own.
     committed: Arc<Mutex<Option<Vec<u8>>>>,
+    recent: Recent,
 }
 
 impl LogStore {
@@ -80,10 +135,12 @@ impl LogStore {
         let (closed_tx, closed_rx) = oneshot::channel();
         let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let writer_committed = committed.clone();
+        let recent = Recent::default();
+        let writer_recent = recent.clone();
         std::thread::Builder::new()
             .name("rune-log-writer".into())
             .spawn(move || {
-                writer(wal, rx, writer_committed, metrics);
+                writer(wal, rx, writer_committed, writer_recent, metrics);
                 let _ = closed_tx.send(());
             })
             .map_err(|source| WalError::Io {
@@ -95,6 +152,7 @@ impl LogStore {
                 reader,
                 tx,
                 committed,
+                recent,
             },
             closed_rx,
         ))
@@ -154,6 +212,7 @@ fn writer(
     mut wal: wal::Writer,
     rx: mpsc::Receiver<Op>,
     committed: Arc<Mutex<Option<Vec<u8>>>>,
+    recent: Recent,
     metrics: Metrics,
 ) {
     while let Ok(first) = rx.recv() {
@@ -213,10 +272,15 @@ fn writer(
         }
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log write failed");
-            wal.forget_pending(ops.iter().flat_map(|op| match op {
-                Op::Append { entries, .. } => entries.iter().map(|(i, _)| *i).collect(),
-                _ => Vec::new(),
-            }));
+            let failed: Vec<u64> = ops
+                .iter()
+                .flat_map(|op| match op {
+                    Op::Append { entries, .. } => entries.iter().map(|(i, _)| *i).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            recent.remove(&failed);
+            wal.forget_pending(failed);
         }
         for op in ops {
             let r = result.clone();
@@ -348,6 +412,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
         let r: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        let start = match r.0 {
+            Bound::Included(i) => Some(i),
+            Bound::Excluded(i) => i.checked_add(1),
+            Bound::Unbounded => Some(0),
+        };
+        let end = match r.1 {
+            Bound::Included(i) => Some(i),
+            Bound::Excluded(i) => i.checked_sub(1),
+            Bound::Unbounded => self.reader.lock().last_index(),
+        };
+        if let Some(hit) = start.zip(end).and_then(|(s, e)| self.recent.get(s, e)) {
+            return Ok(hit);
+        }
         // Reads from the page cache: short enough to run on the runtime.
         read_entries(&self.reader, r).map_err(read_err)
     }
@@ -412,13 +489,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        for e in entries {
-            let bytes: Arc<[u8]> = serde_json::to_vec(&e).map_err(write_err)?.into();
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let mut encoded = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let bytes: Arc<[u8]> = serde_json::to_vec(e).map_err(write_err)?.into();
             encoded.push((e.log_id.index, bytes));
         }
         // Readable from now on, as openraft expects; durable once the callback fires.
         self.reader.lock().add_pending(&encoded);
+        self.recent.add(&entries);
         self.send(Op::Append {
             entries: encoded,
             done: callback,
@@ -426,6 +505,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {
+        self.recent.remove_from(log_id.index);
         self.send_wait(|done| Op::Truncate {
             from: log_id.index,
             done,
@@ -435,6 +515,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {
         let last_purged = serde_json::to_vec(&log_id).map_err(write_err)?;
+        self.recent.remove_upto(log_id.index);
         self.send_wait(|done| Op::Purge {
             upto: log_id.index,
             last_purged,

@@ -5,19 +5,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use redb::{Database, ReadTransaction, ReadableDatabase};
 use rune_statemachine::{Command, Envelope, Outcome, STATE_TABLE};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, watch};
 
+use crate::batch::Batcher;
 use crate::db::ClosingDb;
 use crate::log_store::{migrate_redb, LogStore};
 use crate::metrics::Metrics;
 use crate::network::NoNetwork;
 use crate::space::{NoSpace, Space};
 use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
-use crate::types::{Batch, TypeConfig, NODE_ID};
+use crate::types::{TypeConfig, NODE_ID};
 
 /// The raft log's directory under the data dir (see [`crate::wal`]).
 pub const LOG_DIR: &str = "raft-log";
@@ -112,7 +112,7 @@ pub struct Proposed {
 /// A running single-voter raft log with its state machine.
 pub struct Log {
     raft: Raft<TypeConfig>,
-    proposals: mpsc::Sender<Pending>,
+    batcher: Arc<Batcher>,
     state: Arc<ClosingDb>,
     state_closed: tokio::sync::oneshot::Receiver<()>,
     notifier: Arc<Notifier>,
@@ -138,86 +138,6 @@ fn open_db(
             source: Box::new(other),
         },
     })
-}
-
-/// Proposals waiting for the batcher; senders wait (back-pressure) beyond this.
-const MAX_QUEUED_PROPOSALS: usize = 4096;
-/// Largest batch in one entry: bounds entry size and the work one apply does.
-const MAX_BATCH: usize = 512;
-/// Entries proposed but not yet applied. One maximises batching; measured with `cargo bench
-/// --bench writes`, two or four (overlapping one entry's apply with the next one's append) made
-/// batches smaller and throughput lower at 16 and 64 clients, with the redb log and again with
-/// the WAL (16 clients: 7,285 writes/s with one, 6,110 with two, 5,221 with four).
-const MAX_ENTRIES_IN_FLIGHT: usize = 1;
-
-/// A proposal and where its outcome goes.
-struct Pending {
-    envelope: Envelope,
-    reply: oneshot::Sender<Result<Proposed, ProposeError>>,
-}
-
-/// Group commit: while entries are being made durable and applied, proposals queue up; the next
-/// entry carries all of them, so they share one fsync (openraft 0.9 waits for each append's
-/// flush before the next, so batching must happen before raft).
-async fn batcher(raft: Raft<TypeConfig>, mut queue: mpsc::Receiver<Pending>, metrics: Metrics) {
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        // Wait for a slot before draining the queue, so the batch takes everything that queued.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        metrics.batch_envelopes.record(batch.len() as u64, &[]);
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let (envelopes, replies): (Vec<Envelope>, Vec<_>) =
-                batch.into_iter().map(|p| (p.envelope, p.reply)).unzip();
-            let result = raft.client_write(Batch(envelopes)).await;
-            drop(permit);
-            answer(result, replies);
-        });
-    }
-}
-
-fn answer(
-    result: Result<
-        openraft::raft::ClientWriteResponse<TypeConfig>,
-        RaftError<u64, ClientWriteError<u64, BasicNode>>,
-    >,
-    replies: Vec<oneshot::Sender<Result<Proposed, ProposeError>>>,
-) {
-    match result {
-        Ok(resp) => {
-            let index = resp.log_id.index;
-            let mut outcomes = resp.data.0.into_iter();
-            for reply in replies {
-                let r = match outcomes.next() {
-                    Some(outcome) => Ok(Proposed { index, outcome }),
-                    None => Err(ProposeError::Unavailable(
-                        "apply answered fewer outcomes than proposals".into(),
-                    )),
-                };
-                let _ = reply.send(r);
-            }
-        }
-        Err(e) => {
-            let msg = match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                    format!("not the leader (leader: {:?})", f.leader_id)
-                }
-                e => e.to_string(),
-            };
-            for reply in replies {
-                let _ = reply.send(Err(ProposeError::Unavailable(msg.clone())));
-            }
-        }
-    }
 }
 
 /// Milliseconds since the Unix epoch, chosen by proposers (never by apply).
@@ -296,10 +216,8 @@ impl Log {
             .state(ServerState::Leader, "become leader")
             .await
             .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
-        let (proposals, queue) = mpsc::channel(MAX_QUEUED_PROPOSALS);
-        tokio::spawn(batcher(raft.clone(), queue, metrics.clone()));
         let log = Self {
-            proposals,
+            batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
             raft,
             state,
@@ -334,18 +252,7 @@ impl Log {
         self.metrics
             .proposals
             .add(1, &[opentelemetry::KeyValue::new("command", command.kind())]);
-        let (reply, rx) = oneshot::channel();
-        let pending = Pending {
-            envelope: Envelope::new(now_ms(), command),
-            reply,
-        };
-        self.proposals
-            .send(pending)
-            .await
-            .map_err(|_| ProposeError::Unavailable("the log is shut down".into()))?;
-        let r = rx
-            .await
-            .map_err(|_| ProposeError::Unavailable("the log is shut down".into()))?;
+        let r = self.batcher.propose(Envelope::new(now_ms(), command)).await;
         self.metrics
             .propose_seconds
             .record(started.elapsed().as_secs_f64(), &[]);
@@ -368,6 +275,16 @@ impl Log {
         self.read()
     }
 
+    /// Changes after every applied entry that wrote a user, policy or token (and when the state
+    /// is replaced), before that entry's proposer hears OK: a cache of what those records decide
+    /// is current while this stays what it was when the cache was filled (read it before
+    /// reading the state).
+    pub fn identity_epoch(&self) -> u64 {
+        self.notifier
+            .identity_epoch
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The applied index, watchable: projections wait on it.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.notifier.applied.subscribe()
@@ -386,6 +303,7 @@ impl Log {
                 .map_err(|e| storage(&e))?;
         }
         txn.commit().map_err(|e| storage(&e))?;
+        self.notifier.identity_changed();
         let index = *self.notifier.applied.borrow();
         let _ = self.notifier.events.send(Arc::new(AppliedEntry {
             index,
@@ -427,13 +345,19 @@ impl Log {
     /// disk), with why. Nothing can be written afterwards: runed exits so that its supervisor
     /// restarts it, and the restart recovers from the log.
     pub async fn failed(&self) -> String {
-        let mut rx = self.raft.metrics();
+        // Waits on the server metrics: they change with the role or the leader, not with every
+        // write as the full metrics do (which woke this task once per write), and their sender
+        // goes away when raft's core stops, after it has recorded why.
+        let mut server = self.raft.server_metrics();
         loop {
-            if let Err(e) = &rx.borrow_and_update().running_state {
+            if let Err(e) = &self.raft.metrics().borrow().running_state {
                 return e.to_string();
             }
-            if rx.changed().await.is_err() {
-                return "raft stopped".into();
+            if server.changed().await.is_err() {
+                return match &self.raft.metrics().borrow().running_state {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "raft stopped".into(),
+                };
             }
         }
     }

@@ -199,7 +199,7 @@ impl Replay {
             if todo.is_empty() {
                 continue;
             }
-            let (replies, _) = apply_entries(&db, &todo, Durability::None).map_err(rd)?;
+            let replies = apply_entries(&db, &todo, Durability::None).map_err(rd)?.replies;
             for (e, r) in todo.iter().zip(replies) {
                 describe(e, Some(&r.0)).into_iter().for_each(&mut each);
                 applied = e.log_id.index;
@@ -349,11 +349,11 @@ fn describe(e: &Entry<TypeConfig>, outcomes: Option<&[Outcome]>) -> Vec<ReplayLi
             vec![l]
         }
         EntryPayload::Normal(batch) => batch
-            .0
+            .envelopes
             .iter()
             .enumerate()
             .map(|(i, env)| {
-                let mut l = line(if batch.0.len() > 1 { i + 1 } else { 0 });
+                let mut l = line(if batch.envelopes.len() > 1 { i + 1 } else { 0 });
                 l.kind = env.command.kind().into();
                 l.proposed_at_ms = Some(env.proposed_at_ms);
                 l.resources = targets(&env.command);

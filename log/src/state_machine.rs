@@ -7,6 +7,7 @@
 //! never behind a purged part of the log.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -61,6 +62,15 @@ pub struct AppliedEntry {
 pub(crate) struct Notifier {
     pub applied: watch::Sender<u64>,
     pub events: broadcast::Sender<Arc<AppliedEntry>>,
+    /// Bumped after each commit that wrote under [`store::IDENTITY_PREFIXES`] (and when the
+    /// whole state is replaced), before anyone hears OK for it.
+    pub identity_epoch: AtomicU64,
+}
+
+impl Notifier {
+    pub(crate) fn identity_changed(&self) {
+        self.identity_epoch.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// The state machine handed to openraft.
@@ -71,16 +81,27 @@ pub struct StateMachine {
     pub(crate) metrics: Metrics,
 }
 
+/// What [`apply_entries`] did.
+pub(crate) struct Applied {
+    /// One reply per entry.
+    pub replies: Vec<Reply>,
+    /// One event per envelope.
+    pub events: Vec<AppliedEntry>,
+    /// Whether a record under [`store::IDENTITY_PREFIXES`] was written.
+    pub identity: bool,
+}
+
 /// Applies entries to `db` in one transaction; shared by the live node and offline replay.
 pub(crate) fn apply_entries(
     db: &Database,
     entries: &[Entry<TypeConfig>],
     durability: Durability,
-) -> Result<(Vec<Reply>, Vec<AppliedEntry>), String> {
+) -> Result<Applied, String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(durability).map_err(|e| e.to_string())?;
     let mut replies = Vec::with_capacity(entries.len());
     let mut events = Vec::new();
+    let mut identity = false;
     {
         let mut table = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(SM_META).map_err(|e| e.to_string())?;
@@ -95,10 +116,13 @@ pub(crate) fn apply_entries(
                     Reply(vec![])
                 }
                 EntryPayload::Normal(batch) => {
-                    let mut outcomes = Vec::with_capacity(batch.0.len());
-                    for env in &batch.0 {
+                    let mut outcomes = Vec::with_capacity(batch.envelopes.len());
+                    for env in batch.envelopes.iter() {
                         let (outcome, writes) = store::apply_traced(&mut table, e.log_id.index, env)
                             .map_err(|e| e.to_string())?;
+                        identity |= writes
+                            .iter()
+                            .any(|(k, _)| store::IDENTITY_PREFIXES.iter().any(|p| k.starts_with(p)));
                         // Just encoded by this apply: a value that does not decode back is a bug.
                         let deltas = writes
                             .iter()
@@ -128,7 +152,11 @@ pub(crate) fn apply_entries(
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
-    Ok((replies, events))
+    Ok(Applied {
+        replies,
+        events,
+        identity,
+    })
 }
 
 /// The last applied log id and the membership it left.
@@ -211,7 +239,11 @@ impl StateMachine {
         let (db, closed) = ClosingDb::new(db);
         let (applied, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
-        let notifier = Arc::new(Notifier { applied, events });
+        let notifier = Arc::new(Notifier {
+            applied,
+            events,
+            identity_epoch: AtomicU64::new(0),
+        });
         (
             Self {
                 db: Arc::new(db),
@@ -272,9 +304,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(vec![]);
         };
         let db = self.db.clone();
-        let (replies, events) =
-            // No fsync here (Durability::None): short enough to run on the runtime.
-            apply_entries(&db, &entries, Durability::None).map_err(sm_err)?;
+        // No fsync here (Durability::None): short enough to run on the runtime.
+        let Applied {
+            replies,
+            events,
+            identity,
+        } = apply_entries(&db, &entries, Durability::None).map_err(sm_err)?;
+        if identity {
+            self.notifier.identity_changed();
+        }
         self.metrics.commits.add(entries.len() as u64, &[]);
         let rejected = replies.iter().flat_map(|r| &r.0).filter(|o| o.is_err()).count();
         if rejected > 0 {
@@ -313,6 +351,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot::write(&self.snapshot_dir, meta, &body).map_err(|e| e.to_string())
         })
         .map_err(sm_err)?;
+        self.notifier.identity_changed();
         if let Some(l) = &meta.last_log_id {
             // Nothing was applied entry by entry: followers of the log start over.
             let _ = self.notifier.events.send(Arc::new(AppliedEntry {

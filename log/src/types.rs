@@ -1,19 +1,39 @@
 //! The openraft type configuration: what an entry carries and what applying it answers.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use rune_statemachine::{Envelope, Outcome};
 use serde::{Deserialize, Serialize};
 
 /// One log entry's payload: the proposals that arrived while the previous entry was being
 /// made durable. Batching them into one entry is what makes them share one fsync (openraft 0.9
-/// waits for each append's flush before the next). Applied in order, each on its own.
+/// waits for each append's flush before the next). Applied in order, each on its own. Shared
+/// (`Arc`), so the copy of an entry that the log keeps for the state machine costs no deep clone;
+/// it is encoded as the list it holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Batch(pub Vec<Envelope>);
+#[serde(transparent)]
+pub struct Batch {
+    /// The proposals, in the order they are applied.
+    pub envelopes: Arc<[Envelope]>,
+    /// Where their outcomes go; only on the way into raft.
+    #[serde(skip)]
+    pub(crate) answer: crate::batch::Carried,
+}
+
+impl Batch {
+    /// An entry of `envelopes` whose outcomes go nowhere (replay, tests).
+    pub fn new(envelopes: Vec<Envelope>) -> Self {
+        Self {
+            envelopes: envelopes.into(),
+            answer: Default::default(),
+        }
+    }
+}
 
 impl std::fmt::Display for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "batch of {}", self.0.len())
+        write!(f, "batch of {}", self.envelopes.len())
     }
 }
 
@@ -32,6 +52,7 @@ openraft::declare_raft_types!(
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
+        Responder = crate::batch::Answer,
 );
 
 /// The id of this node; release 1 is a single voter.

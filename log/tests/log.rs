@@ -89,6 +89,49 @@ async fn concurrent_proposals_are_all_applied_and_replay_works_after_purge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_racing_a_shutdown_are_all_answered() {
+    // The batcher has no task of its own: the entry in flight answers its proposers and submits
+    // what queued. A shutdown must still answer every queued proposal, and later ones at once.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
+    log.propose(init()).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            (i, log.propose(svc(&format!("r{i}"), 1)).await)
+        }));
+    }
+    log.shutdown().await.unwrap();
+    let mut acknowledged = Vec::new();
+    for t in tasks {
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(20), t)
+            .await
+            .expect("a proposal racing the shutdown was never answered");
+        match answered.unwrap() {
+            (i, Ok(p)) => {
+                assert!(p.outcome.is_ok());
+                acknowledged.push(i);
+            }
+            (_, Err(e)) => assert!(matches!(e, rune_log::ProposeError::Unavailable(_)), "{e}"),
+        }
+    }
+    let late = tokio::time::timeout(std::time::Duration::from_secs(20), log.propose(svc("late", 1)))
+        .await
+        .expect("a proposal after the shutdown was never answered");
+    assert!(
+        matches!(late, Err(rune_log::ProposeError::Unavailable(_))),
+        "{late:?}"
+    );
+    for i in acknowledged {
+        assert!(
+            read_service(&log, &format!("r{i}")).is_some(),
+            "acknowledged r{i} is missing"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_the_first_key_that_differs() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(LogConfig::new(dir.path())).await.unwrap();

@@ -24,6 +24,9 @@ struct Run {
     writes_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The server's CPU time (user and system) per write, µs: steadier than throughput on a
+    /// shared machine, and what a change to the write path moves.
+    cpu_us: f64,
 }
 
 fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
@@ -37,6 +40,7 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
         writes_per_s: lat.len() as f64 / elapsed.as_secs_f64(),
         p50_ms: pct(0.50).as_secs_f64() * 1e3,
         p99_ms: pct(0.99).as_secs_f64() * 1e3,
+        cpu_us: 0.0,
     }
 }
 
@@ -45,6 +49,21 @@ fn spec(name: &str) -> String {
         serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"V": ""}}).to_string();
     let pad = "x".repeat(VALUE_BYTES.saturating_sub(base.len()));
     serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"V": pad}}).to_string()
+}
+
+/// [`drive`], with the CPU that process `pid` spent during it.
+async fn drive_cpu<F, Fut>(pid: Option<u32>, clients: usize, seconds: u64, op: F) -> Run
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let ticks = || pid.map_or(0, common::cpu_ticks);
+    let before = ticks();
+    let mut r = drive(clients, seconds, op).await;
+    let writes = r.writes_per_s * seconds as f64;
+    // USER_HZ is 100 on Linux.
+    r.cpu_us = (ticks() - before) as f64 * 10_000.0 / writes.max(1.0);
+    r
 }
 
 async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run
@@ -107,9 +126,16 @@ async fn channels(addr: String, n: usize) -> Vec<Channel> {
     v
 }
 
-async fn bench_runed(addr: String, bearer: Bearer, clients: usize, seconds: u64, round: usize) -> Run {
+async fn bench_runed(
+    addr: String,
+    bearer: Bearer,
+    pid: Option<u32>,
+    clients: usize,
+    seconds: u64,
+    round: usize,
+) -> Run {
     let chans = Arc::new(channels(addr, clients).await);
-    drive(clients, seconds, move |c, i| {
+    drive_cpu(pid, clients, seconds, move |c, i| {
         let ch = chans[c].clone();
         let bearer = bearer.clone();
         async move {
@@ -131,9 +157,9 @@ async fn bench_runed(addr: String, bearer: Bearer, clients: usize, seconds: u64,
     .await
 }
 
-async fn bench_etcd(addr: String, clients: usize, seconds: u64, round: usize) -> Run {
+async fn bench_etcd(addr: String, pid: u32, clients: usize, seconds: u64, round: usize) -> Run {
     let chans = Arc::new(channels(addr, clients).await);
-    drive(clients, seconds, move |c, i| {
+    drive_cpu(Some(pid), clients, seconds, move |c, i| {
         let ch = chans[c].clone();
         let value = spec(&format!("b{round}-c{c}-{i}")).into_bytes();
         let put = common::etcd_put(ch, format!("/bench/b{round}-c{c}-{i}").into_bytes(), value);
@@ -213,8 +239,8 @@ fn main() {
     );
     println!("each run on a fresh runed and a fresh etcd holding that many services (keys) already");
     println!();
-    println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | runed/etcd |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
     let mut last = None;
     let only = |var: &str, v: usize| std::env::var(var).map_or(true, |s| s == v.to_string());
@@ -241,25 +267,33 @@ fn main() {
             let r = rt.block_on(bench_runed(
                 format!("http://{}", d.grpc),
                 d.bearer(),
+                d.pid(),
                 clients,
                 seconds,
                 round,
             ));
             let e = etcd
                 .as_ref()
-                .map(|e| rt.block_on(bench_etcd(e.url.clone(), clients, seconds, round)));
-            let (ew, ep50, ep99, ratio) = match &e {
+                .map(|e| rt.block_on(bench_etcd(e.url.clone(), e.pid(), clients, seconds, round)));
+            let (ew, ep50, ep99, ecpu, ratio) = match &e {
                 Some(e) => (
                     format!("{:.0}", e.writes_per_s),
                     format!("{:.2}", e.p50_ms),
                     format!("{:.2}", e.p99_ms),
+                    format!("{:.0}", e.cpu_us),
                     format!("{:.2}", r.writes_per_s / e.writes_per_s),
                 ),
-                None => ("n/a".into(), "n/a".into(), "n/a".into(), "n/a".into()),
+                None => (
+                    "n/a".into(),
+                    "n/a".into(),
+                    "n/a".into(),
+                    "n/a".into(),
+                    "n/a".into(),
+                ),
             };
             println!(
-                "| {prefill} | {clients} | {:.0} | {:.2} | {:.2} | {ew} | {ep50} | {ep99} | {ratio} |",
-                r.writes_per_s, r.p50_ms, r.p99_ms
+                "| {prefill} | {clients} | {:.0} | {:.2} | {:.2} | {:.0} | {ew} | {ep50} | {ep99} | {ecpu} | {ratio} |",
+                r.writes_per_s, r.p50_ms, r.p99_ms, r.cpu_us
             );
             common::summary(
                 &format!("durable writes, {clients} client(s), {prefill} services there"),

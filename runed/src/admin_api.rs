@@ -86,7 +86,12 @@ impl Api {
         list_records(&t, prefix).map_err(internal)
     }
 
-    fn gate<T>(&self, req: &Request<T>, resource: &str, verb: &str) -> Result<crate::auth::Caller, Status> {
+    fn gate<T>(
+        &self,
+        req: &Request<T>,
+        resource: &str,
+        verb: &str,
+    ) -> Result<std::sync::Arc<crate::auth::Caller>, Status> {
         admin_gate(req, self.allow_remote_admin)?;
         authorize(req, resource, verb, None)
     }
@@ -179,10 +184,10 @@ impl pb::admin_api_server::AdminApi for Api {
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let c = crate::auth::caller(&req)?;
         Ok(Response::new(pb::WhoAmIResponse {
-            user: c.user,
-            token_id: c.token_id,
-            token_name: c.token_name,
-            policies: c.policies,
+            user: c.user.clone(),
+            token_id: c.token_id.clone(),
+            token_name: c.token_name.clone(),
+            policies: c.policies.clone(),
             expires_at_ms: c.expires_at_ms.unwrap_or(0),
         }))
     }

@@ -5,8 +5,9 @@
 //! [`authorize`] with the resource, verb and the namespace the request acts on, so that a
 //! namespace-scoped policy is checked against the namespace actually touched, creates included.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rune_log::Log;
 use rune_statemachine::identity::{allows, PolicyRecord, PolicyRule, TokenRecord, UserRecord};
@@ -44,24 +45,83 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Tokens resolved since users, policies or tokens last changed ([`Log::identity_epoch`]):
+/// every request carries a token, and reading and decoding its token, user and policies from
+/// the state each time cost more than the rest of a small write's checks.
+#[derive(Default)]
+struct Resolved {
+    epoch: u64,
+    /// By token hash; only tokens that resolved (a stream of bad tokens cannot grow it).
+    callers: HashMap<String, Arc<Caller>>,
+}
+
+/// Tokens kept in [`Resolved`] at most; past it the map starts over.
+const RESOLVED_MAX: usize = 4096;
+
 /// The interceptor in front of every authenticated service.
 #[derive(Clone)]
 pub struct Authenticator {
     log: Arc<Log>,
+    resolved: Arc<Mutex<Resolved>>,
 }
 
 impl Authenticator {
     /// An authenticator reading tokens from the applied state.
     pub fn new(log: Arc<Log>) -> Self {
-        Self { log }
+        Self {
+            log,
+            resolved: Arc::default(),
+        }
     }
 
-    fn resolve(&self, secret: &str) -> Result<Caller, Status> {
+    fn resolved(&self) -> std::sync::MutexGuard<'_, Resolved> {
+        // A map of finished values: a panic elsewhere cannot leave it half-changed.
+        self.resolved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn resolve(&self, secret: &str) -> Result<Arc<Caller>, Status> {
+        let hash = token_hash(secret);
+        // Read before the state: a change applied after this read bumps it, so what is
+        // resolved below from an older state is never kept under a newer epoch.
+        let epoch = self.log.identity_epoch();
+        let cached = {
+            let r = self.resolved();
+            (r.epoch == epoch)
+                .then(|| r.callers.get(&hash).cloned())
+                .flatten()
+        };
+        let caller = match cached {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(self.resolve_from_state(&hash)?);
+                let mut r = self.resolved();
+                // A resolution from an older epoch than the map's is used once, not kept.
+                if epoch >= r.epoch {
+                    if r.epoch != epoch || r.callers.len() >= RESOLVED_MAX {
+                        r.callers.clear();
+                        r.epoch = epoch;
+                    }
+                    r.callers.insert(hash, c.clone());
+                }
+                c
+            }
+        };
+        // Expiry moves with the clock, not with the log: checked on every request.
+        if caller.expires_at_ms.is_some_and(|e| now_ms() >= e) {
+            return Err(Status::unauthenticated(format!(
+                "token {} has expired",
+                caller.token_name
+            )));
+        }
+        Ok(caller)
+    }
+
+    fn resolve_from_state(&self, hash: &str) -> Result<Caller, Status> {
         let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
         let txn = self.log.read().map_err(|e| internal(&e))?;
         let t = txn.open_table(STATE_TABLE).map_err(|e| internal(&e))?;
         let invalid = || Status::unauthenticated("invalid bearer token");
-        let id: String = get_record(&t, &token_hash_key(&token_hash(secret)))
+        let id: String = get_record(&t, &token_hash_key(hash))
             .map_err(|e| internal(&e))?
             .ok_or_else(invalid)?;
         let tok: TokenRecord = get_record(&t, &token_key(&id))
@@ -152,7 +212,7 @@ impl tonic::service::Interceptor for Authenticator {
         }
         let Some(header) = req.metadata().get("authorization") else {
             if local_root(&req) {
-                req.extensions_mut().insert(Caller::local_root());
+                req.extensions_mut().insert(Arc::new(Caller::local_root()));
                 return Ok(req);
             }
             return Err(Status::unauthenticated("missing bearer token"));
@@ -286,9 +346,9 @@ pub fn until_token_ends<T: Send + 'static>(
 }
 
 /// The caller the interceptor resolved, for handlers that check several resources themselves.
-pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+pub fn caller<T>(req: &Request<T>) -> Result<Arc<Caller>, Status> {
     req.extensions()
-        .get::<Caller>()
+        .get::<Arc<Caller>>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("missing bearer token"))
 }
@@ -299,7 +359,7 @@ pub fn authorize<T>(
     resource: &str,
     verb: &str,
     namespace: Option<&str>,
-) -> Result<Caller, Status> {
+) -> Result<Arc<Caller>, Status> {
     let caller = caller(req)?;
     check(&caller, resource, verb, namespace)?;
     Ok(caller)

@@ -164,6 +164,17 @@ impl Secrets {
         caller: &crate::auth::Caller,
         decoded: Vec<Decoded>,
     ) -> Result<(Vec<Resource>, Vec<pb::ApplyResult>), Status> {
+        // Most casts hold no secret: no key ring and no read of the state for them.
+        if decoded.iter().all(|d| matches!(d, Decoded::Resource(_))) {
+            let out = decoded
+                .into_iter()
+                .filter_map(|d| match d {
+                    Decoded::Resource(r) => Some(r),
+                    Decoded::Secret { .. } => None,
+                })
+                .collect();
+            return Ok((out, Vec::new()));
+        }
         let ring = self.ring();
         let txn = log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;

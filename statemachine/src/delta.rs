@@ -6,6 +6,8 @@
 //! [`crate::store::apply_traced`]'s writes or the stored records), so "built from the state at
 //! N" and "fed entry by entry up to N" cannot disagree: the projection tests hold them to it. A delta carries the whole new record (or its absence), never a summary to parse.
 
+use std::sync::Arc;
+
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +26,7 @@ pub enum Delta {
         /// Name.
         name: String,
         /// The record now, or `None` once deleted.
-        record: Option<Box<ServiceRecord>>,
+        record: Option<Arc<ServiceRecord>>,
     },
     /// What the state knows of one instance.
     Instance {
@@ -35,7 +37,7 @@ pub enum Delta {
         /// Instance id (`<service>-<i>`).
         id: String,
         /// The record now, or `None` once removed.
-        record: Option<Box<InstanceRecord>>,
+        record: Option<Arc<InstanceRecord>>,
     },
     /// A service's ready endpoints, replaced whole.
     Endpoints {
@@ -44,7 +46,7 @@ pub enum Delta {
         /// The service.
         service: String,
         /// The set now, or `None` once the service is gone.
-        set: Option<Box<EndpointSet>>,
+        set: Option<Arc<EndpointSet>>,
     },
 }
 
@@ -76,18 +78,18 @@ impl Delta {
             (Some("services"), Some(ns), Some(name), None, None) => Delta::Service {
                 namespace: ns.into(),
                 name: name.into(),
-                record: value.map(|v| decode(key, v)).transpose()?,
+                record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
             },
             (Some("instances"), Some(ns), Some(service), Some(id), None) => Delta::Instance {
                 namespace: ns.into(),
                 service: service.into(),
                 id: id.into(),
-                record: value.map(|v| decode(key, v)).transpose()?,
+                record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
             },
             (Some("endpoints"), Some(ns), Some(service), None, None) => Delta::Endpoints {
                 namespace: ns.into(),
                 service: service.into(),
-                set: value.map(|v| decode(key, v)).transpose()?,
+                set: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
             },
             _ => return Ok(None),
         };

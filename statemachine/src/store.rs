@@ -29,7 +29,7 @@ pub use hosts::{
 pub use objects::{
     configmap_history, configmap_key, configmaps_prefix, policy_key, secret_history_prefix, secret_key,
     secrets_prefix, token_hash_key, token_key, user_key, ConfigmapRecord, ConfigmapVersion, SecretRecord,
-    SECRET_HISTORY_ALL,
+    IDENTITY_PREFIXES, SECRET_HISTORY_ALL,
 };
 pub use releases::{
     merged as release_merged, owned_refs, release_key, releases_prefix, ReleaseRecord, ResourceRef,

@@ -295,18 +295,18 @@ pub fn delta() -> impl Strategy<Value = Delta> {
             2 => prop::option::weighted(0.8, service_record(ns, svc)).prop_map(move |r| Delta::Service {
                 namespace: ns.into(),
                 name: svc.into(),
-                record: r.map(Box::new),
+                record: r.map(std::sync::Arc::new),
             }),
             3 => prop::option::weighted(0.8, instance_record(ns, svc, format!("{svc}-{i}"))).prop_map(move |r| Delta::Instance {
                 namespace: ns.into(),
                 service: svc.into(),
                 id: format!("{svc}-{i}"),
-                record: r.map(Box::new),
+                record: r.map(std::sync::Arc::new),
             }),
             2 => prop::option::weighted(0.8, endpoint_set(ns, svc)).prop_map(move |set| Delta::Endpoints {
                 namespace: ns.into(),
                 service: svc.into(),
-                set: set.map(Box::new),
+                set: set.map(std::sync::Arc::new),
             }),
         ]
     })

@@ -71,6 +71,13 @@ pub struct Etcd {
     pub url: String,
 }
 
+impl Etcd {
+    /// Its process id, for CPU and memory figures.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -61,6 +61,11 @@ pub fn configmaps_prefix(ns: Option<&str>) -> String {
     ns.map_or_else(|| "configmaps/".into(), |ns| format!("configmaps/{ns}/"))
 }
 
+/// Prefixes of every record that decides who a bearer token is and what it may do (users,
+/// policies, tokens and their hashes): readers that cache an identity drop it when an entry
+/// writes under one of them.
+pub const IDENTITY_PREFIXES: [&str; 4] = ["users/", "policies/", "tokens/", "token-hashes/"];
+
 /// Key of a user.
 pub fn user_key(name: &str) -> String {
     format!("users/{name}")

@@ -476,7 +476,7 @@ mod tests {
         Delta::Service {
             namespace: "default".into(),
             name: "api".into(),
-            record: Some(Box::new(ServiceRecord {
+            record: Some(Arc::new(ServiceRecord {
                 spec: Default::default(),
                 meta: Default::default(),
                 vip: Some(vip.into()),

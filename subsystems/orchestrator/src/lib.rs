@@ -182,7 +182,7 @@ impl Picture {
             } => {
                 let id = (namespace.clone(), name.clone());
                 match record {
-                    Some(r) => self.services.insert(id.clone(), Arc::new((**r).clone())),
+                    Some(r) => self.services.insert(id.clone(), r.clone()),
                     None => self.services.remove(&id),
                 };
                 Some(id)
@@ -1114,7 +1114,12 @@ impl Loop {
 
         // Desired instances.
         let mut desired: BTreeMap<Key, String> = BTreeMap::new();
-        let current = svc.as_ref().map(|s| template_hash(&s.spec, &s.meta));
+        // The template (a hash of the spec) matters only to instances wanted or running: a
+        // service at scale 0 with nothing left skips it.
+        let current = svc
+            .as_ref()
+            .filter(|s| (s.spec.skip != Some(true) && s.spec.scale() > 0) || !mine(&self.sups).is_empty())
+            .map(|s| template_hash(&s.spec, &s.meta));
         if let (Some(s), Some(template)) = (&svc, &current) {
             if s.spec.skip != Some(true) {
                 for i in 0..s.spec.scale().max(0) {

@@ -21,16 +21,6 @@ pub struct Batch {
     pub(crate) answer: crate::batch::Carried,
 }
 
-impl Batch {
-    /// An entry of `envelopes` whose outcomes go nowhere (replay, tests).
-    pub fn new(envelopes: Vec<Envelope>) -> Self {
-        Self {
-            envelopes: envelopes.into(),
-            answer: Default::default(),
-        }
-    }
-}
-
 impl std::fmt::Display for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "batch of {}", self.envelopes.len())

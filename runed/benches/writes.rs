@@ -24,6 +24,8 @@ struct Run {
     writes_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Writes acknowledged during the run.
+    writes: usize,
     /// The server's CPU time (user and system) per write, µs: steadier than throughput on a
     /// shared machine, and what a change to the write path moves.
     cpu_us: f64,
@@ -40,6 +42,7 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
         writes_per_s: lat.len() as f64 / elapsed.as_secs_f64(),
         p50_ms: pct(0.50).as_secs_f64() * 1e3,
         p99_ms: pct(0.99).as_secs_f64() * 1e3,
+        writes: lat.len(),
         cpu_us: 0.0,
     }
 }
@@ -60,9 +63,8 @@ where
     let ticks = || pid.map_or(0, common::cpu_ticks);
     let before = ticks();
     let mut r = drive(clients, seconds, op).await;
-    let writes = r.writes_per_s * seconds as f64;
     // USER_HZ is 100 on Linux.
-    r.cpu_us = (ticks() - before) as f64 * 10_000.0 / writes.max(1.0);
+    r.cpu_us = (ticks() - before) as f64 * 10_000.0 / r.writes.max(1) as f64;
     r
 }
 

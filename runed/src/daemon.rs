@@ -235,6 +235,7 @@ async fn start_ingress(
             secrets: secrets.clone(),
         }),
         stale_budget: s.stale_budget,
+        workers: 0,
     };
     rune_ingress::Ingress::start(log.clone(), cfg)
         .await

@@ -135,6 +135,23 @@ fn routes_by_host_over_http_and_https() {
     }
     let head = seen.lock().unwrap().last().cloned().unwrap();
     assert!(head.contains("x-forwarded-proto: https"), "{head}");
+    // The server's suite order decides: AES-128-GCM even for a client that lists AES-256 first;
+    // a client that offers only ChaCha20 is still served.
+    for (offer, chosen) in [
+        (
+            "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        ("TLS_CHACHA20_POLY1305_SHA256", "TLS_CHACHA20_POLY1305_SHA256"),
+    ] {
+        let (out, err) = curl(&["-kv", "--tls13-ciphers", offer, "--resolve", &resolve, &surl]);
+        assert_eq!(out, "hello-web\n", "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("SSL connection using"))
+            .unwrap_or_default();
+        assert!(line.contains(chosen), "offered {offer}, expected {chosen}: {err}");
+    }
     // A name nobody exposes still gets a handshake (one shared fallback certificate) and a 404.
     let other = format!("other.test:{}:127.0.0.1", https.port());
     let (out, err) = curl(&[

@@ -77,8 +77,7 @@ impl Batcher {
 
     /// Queues `envelope` and waits until the entry carrying it is applied.
     pub(crate) async fn propose(self: &Arc<Self>, envelope: Envelope) -> Result<Proposed, ProposeError> {
-        let shut = || ProposeError::Unavailable("the log is shut down".into());
-        let room = self.room.clone().acquire_owned().await.map_err(|_| shut())?;
+        let room = self.room.clone().acquire_owned().await.map_err(|_| shut_down())?;
         let (reply, rx) = oneshot::channel();
         let mine = {
             let mut g = self.gate();
@@ -99,7 +98,7 @@ impl Batcher {
             // On failure raft dropped the entry, and with it the answer, which said why.
             let _ = self.raft.client_write_ff(entry).await;
         }
-        rx.await.map_err(|_| shut())?
+        rx.await.map_err(|_| shut_down())?
     }
 
     /// One entry for `batch`, carrying its [`Answer`]. Made without an await, so that from
@@ -121,33 +120,43 @@ impl Batcher {
 
     /// The entry in flight is done: the next one carries what queued meanwhile.
     fn next(self: Arc<Self>) {
+        let rt = tokio::runtime::Handle::try_current().ok();
         let batch = {
             let mut g = self.gate();
             if g.queue.is_empty() {
                 g.in_flight = false;
                 return;
             }
-            g.take()
+            match rt {
+                Some(_) => g.take(),
+                // No runtime left: nothing can be proposed any more. Everything queued is
+                // refused and the gate opened under one lock, so no later proposal waits on
+                // an entry that will never come.
+                None => {
+                    g.in_flight = false;
+                    g.queue.drain(..).collect()
+                }
+            }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
+        match rt {
+            Some(rt) => {
                 let entry = self.entry(batch);
                 let raft = self.raft.clone();
                 rt.spawn(async move {
                     let _ = raft.client_write_ff(entry).await;
                 });
             }
-            // No runtime left: nothing can be proposed any more.
-            Err(_) => {
+            None => {
                 for p in batch {
-                    let _ = p
-                        .reply
-                        .send(Err(ProposeError::Unavailable("the log is shut down".into())));
+                    let _ = p.reply.send(Err(shut_down()));
                 }
-                self.gate().in_flight = false;
             }
         }
     }
+}
+
+fn shut_down() -> ProposeError {
+    ProposeError::Unavailable("the log is shut down".into())
 }
 
 /// Travels inside a [`Batch`] into raft, where it becomes the entry's [`Answer`]: neither

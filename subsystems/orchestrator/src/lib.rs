@@ -1116,16 +1116,23 @@ impl Loop {
         let mut desired: BTreeMap<Key, String> = BTreeMap::new();
         // The template (a hash of the spec) matters only to instances wanted or running: a
         // service at scale 0 with nothing left skips it.
+        let wanted = svc
+            .as_ref()
+            .filter(|s| s.spec.skip != Some(true))
+            .map_or(0, |s| s.spec.scale().max(0));
+        let running = self
+            .sups
+            .range(from.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.0 == id.0 && k.1 == id.1);
         let current = svc
             .as_ref()
-            .filter(|s| (s.spec.skip != Some(true) && s.spec.scale() > 0) || !mine(&self.sups).is_empty())
+            .filter(|_| wanted > 0 || running)
             .map(|s| template_hash(&s.spec, &s.meta));
         if let (Some(s), Some(template)) = (&svc, &current) {
-            if s.spec.skip != Some(true) {
-                for i in 0..s.spec.scale().max(0) {
-                    let iid = format!("{}-{i}", s.spec.name);
-                    desired.insert((id.0.clone(), id.1.clone(), iid), template.clone());
-                }
+            for i in 0..wanted {
+                let iid = format!("{}-{i}", s.spec.name);
+                desired.insert((id.0.clone(), id.1.clone(), iid), template.clone());
             }
         }
         let is_container = svc.as_ref().is_some_and(|s| s.spec.process.is_none());

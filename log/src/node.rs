@@ -372,6 +372,12 @@ impl Log {
         )
     }
 
+    /// This node's view of the raft cluster, as `rune admin cluster status` shows it: read
+    /// from raft's metrics, so it costs no log entry and answers while writes are refused.
+    pub fn cluster_status(&self) -> ClusterStatus {
+        ClusterStatus::from_metrics(&self.raft.metrics().borrow())
+    }
+
     /// Takes a snapshot of everything applied so far (and purges the log behind it), and waits
     /// until it is written.
     pub async fn snapshot(&self) -> Result<(), LogError> {
@@ -424,5 +430,117 @@ impl Log {
             }
         }
         durable
+    }
+}
+
+/// One member of the raft cluster, as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMember {
+    /// Raft's node id.
+    pub id: u64,
+    /// Where its raft traffic goes (`local` for the single-voter cluster).
+    pub address: String,
+    /// A voter counts towards the quorum; a learner only receives the log.
+    pub voter: bool,
+    /// The last log index known to be on its disk; only the leader tracks it.
+    pub matched: Option<u64>,
+}
+
+/// This node's view of the cluster: its role, the term, who leads, how far the log reached
+/// and who the members are. The same fields `etcdctl endpoint status` shows, so an operator
+/// can tell a stuck apply (applied behind committed) from a lost quorum (no leader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This node's raft id.
+    pub node: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: &'static str,
+    /// The current term.
+    pub term: u64,
+    /// The leader this node follows (itself when it leads), if it knows one.
+    pub leader: Option<u64>,
+    /// The last index in this node's log.
+    pub last_index: u64,
+    /// The highest index a quorum of voters holds: known to the leader only.
+    pub committed: Option<u64>,
+    /// The last index applied to the state.
+    pub applied: u64,
+    /// The last index the latest snapshot covers.
+    pub snapshot: Option<u64>,
+    /// The log was purged up to and including this index (it lives on in the snapshot).
+    pub purged: Option<u64>,
+    /// Milliseconds since a quorum last acknowledged this leader; none when not leading.
+    pub millis_since_quorum_ack: Option<u64>,
+    /// The members, voters first, by id.
+    pub members: Vec<ClusterMember>,
+}
+
+/// What a majority of voters holds, given each voter's matched index: the quorum-th highest.
+fn quorum_index(mut held: Vec<u64>) -> Option<u64> {
+    held.sort_unstable_by(|a, b| b.cmp(a));
+    held.get(held.len() / 2).copied()
+}
+
+impl ClusterStatus {
+    fn from_metrics(m: &openraft::RaftMetrics<u64, BasicNode>) -> Self {
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let matched = |id: &u64| -> Option<u64> {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id).copied().flatten())
+                .map(|l| l.index)
+        };
+        let mut members: Vec<ClusterMember> = membership
+            .nodes()
+            .map(|(id, node)| ClusterMember {
+                id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+                matched: matched(id),
+            })
+            .collect();
+        members.sort_by_key(|x| (!x.voter, x.id));
+        let committed = m
+            .replication
+            .as_ref()
+            .and_then(|_| quorum_index(voters.iter().map(|id| matched(id).unwrap_or(0)).collect()));
+        Self {
+            node: m.id,
+            role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            term: m.current_term,
+            leader: m.current_leader,
+            last_index: m.last_log_index.unwrap_or(0),
+            committed,
+            applied: m.last_applied.map_or(0, |l| l.index),
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+            members,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quorum_index;
+
+    #[test]
+    fn committed_is_what_a_majority_of_voters_holds() {
+        assert_eq!(quorum_index(vec![]), None);
+        assert_eq!(quorum_index(vec![7]), Some(7));
+        // Two voters: both must hold it.
+        assert_eq!(quorum_index(vec![9, 4]), Some(4));
+        // Three: any two.
+        assert_eq!(quorum_index(vec![3, 10, 8]), Some(8));
+        // Four: any three.
+        assert_eq!(quorum_index(vec![10, 9, 8, 1]), Some(8));
+        assert_eq!(quorum_index(vec![5, 0, 0, 5, 5]), Some(5));
     }
 }

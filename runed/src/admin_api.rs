@@ -466,4 +466,43 @@ impl pb::admin_api_server::AdminApi for Api {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    /// Needs `get` on `admin`, as the backup: members' addresses are the cluster's layout.
+    async fn cluster_status(
+        &self,
+        req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.gate(&req, "admin", "get")?;
+        let s = self.log.cluster_status();
+        let cluster_id = {
+            let txn = self.log.read().map_err(internal)?;
+            let t = txn.open_table(STATE_TABLE).map_err(internal)?;
+            rune_statemachine::store::cluster_id(&t)
+                .map_err(internal)?
+                .unwrap_or_default()
+        };
+        Ok(Response::new(pb::ClusterStatusResponse {
+            cluster_id,
+            node_id: s.node,
+            role: s.role.into(),
+            term: s.term,
+            leader_id: s.leader,
+            last_index: s.last_index,
+            committed_index: s.committed,
+            applied_index: s.applied,
+            snapshot_index: s.snapshot,
+            purged_index: s.purged,
+            millis_since_quorum_ack: s.millis_since_quorum_ack,
+            members: s
+                .members
+                .into_iter()
+                .map(|m| pb::ClusterMember {
+                    id: m.id,
+                    address: m.address,
+                    voter: m.voter,
+                    matched_index: m.matched,
+                })
+                .collect(),
+        }))
+    }
 }

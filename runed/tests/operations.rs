@@ -99,6 +99,61 @@ fn health_answers_plainly_verbosely_and_over_grpc() {
 }
 
 #[test]
+fn cluster_status_shows_the_one_voter_and_follows_the_log() {
+    let mut d = Daemon::new(&bins());
+    d.restart();
+    let status = |d: &Daemon| -> serde_json::Value {
+        serde_json::from_str(&run_ok(d, &["admin", "cluster", "status", "-o", "json"])).unwrap()
+    };
+    let before = status(&d);
+    let node = before["node"].as_u64().unwrap();
+    assert_eq!(before["role"], "leader", "{before}");
+    assert_eq!(before["leader"].as_u64(), Some(node), "{before}");
+    assert!(before["term"].as_u64().unwrap() >= 1, "{before}");
+    assert!(!before["clusterId"].as_str().unwrap().is_empty(), "{before}");
+    let members = before["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{before}");
+    assert_eq!(members[0]["id"].as_u64(), Some(node));
+    assert_eq!(members[0]["voter"], true);
+
+    // A cast is acknowledged once applied: the status has seen it written, committed and
+    // applied (and nothing applied is beyond what is committed).
+    let f = write(&d, "s.yaml", "service:\n  name: s\n  image: x\n  scale: 0\n");
+    run_ok(&d, &["cast", "--detach", &f]);
+    let after = status(&d);
+    let (applied, committed, last) = (
+        after["appliedIndex"].as_u64().unwrap(),
+        after["committedIndex"].as_u64().unwrap(),
+        after["lastIndex"].as_u64().unwrap(),
+    );
+    assert!(
+        applied > before["appliedIndex"].as_u64().unwrap(),
+        "{before} then {after}"
+    );
+    assert!(applied <= committed && committed <= last, "{after}");
+    assert_eq!(
+        after["members"][0]["matchedIndex"].as_u64(),
+        Some(committed),
+        "{after}"
+    );
+
+    // The table: the node's line, then the members'.
+    let table = run_ok(&d, &["admin", "cluster", "status"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("CLUSTER") && lines[0].contains("COMMITTED"),
+        "{table}"
+    );
+    assert!(lines[1].split_whitespace().nth(2) == Some("leader"), "{table}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{node} ")) && l.contains("local") && l.contains("yes")),
+        "{table}"
+    );
+}
+
+#[test]
 fn admin_socket_serves_local_root_when_grpc_is_on_a_private_interface() {
     let ip = outside_address().expect("a non-loopback IPv4 address (ip -4 addr)");
     let mut d = Daemon::new(&bins());

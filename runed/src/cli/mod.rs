@@ -1,5 +1,6 @@
 //! The `rune` command line: kubectl's conventions over runed's gRPC API.
 
+mod cluster;
 pub mod context;
 mod identity;
 mod instances;
@@ -573,6 +574,20 @@ pub enum AdminCmd {
         #[arg(long)]
         new_kek_file: PathBuf,
     },
+    /// The raft cluster behind the log.
+    Cluster {
+        /// What to do.
+        #[command(subcommand)]
+        action: ClusterCmd,
+    },
+}
+
+/// `rune admin cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// This node's role, term and leader, how far its log is written, committed and applied,
+    /// and the members (`-o json` for scripts).
+    Status,
 }
 
 /// Attaches the bearer token to every call.
@@ -1041,6 +1056,11 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Cmd::Admin {
             action: AdminCmd::Backup { out },
         } => backup(&Conn::resolve_admin(&cli).await?, out).await,
+        Cmd::Admin {
+            action: AdminCmd::Cluster {
+                action: ClusterCmd::Status,
+            },
+        } => cluster::status(&Conn::resolve_admin(&cli).await?, format).await,
         Cmd::PortForward {
             service,
             ports,

@@ -26,7 +26,8 @@ fn release_json(r: &pb::Release) -> serde_json::Value {
     })
 }
 
-fn print_structured(v: &serde_json::Value, format: Format) {
+/// JSON or YAML, as `-o` asked, for commands whose output is one value.
+pub(crate) fn print_structured(v: &serde_json::Value, format: Format) {
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {

@@ -119,6 +119,9 @@ pub struct Log {
     metrics: Metrics,
     log_closed: tokio::sync::oneshot::Receiver<()>,
     space: Arc<Space>,
+    /// Times this node saw the leader change (or a leader appear): a count an operator alerts
+    /// on, as on etcd's `leader_changes_seen`.
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn open_db(
@@ -216,6 +219,7 @@ impl Log {
             .state(ServerState::Leader, "become leader")
             .await
             .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
+        let raft_for_count = raft.clone();
         let log = Self {
             batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
@@ -225,6 +229,7 @@ impl Log {
             metrics,
             log_closed,
             space: Arc::new(Space::new(dir, cfg.reserve_bytes)),
+            leader_changes: count_leader_changes(&raft_for_count),
         };
         // Leadership commits a blank entry; wait until it, and all before it, is applied.
         let last = log.raft.metrics().borrow().last_log_index.unwrap_or(0);
@@ -372,6 +377,12 @@ impl Log {
         )
     }
 
+    /// How many times this node has seen the leader change since it opened the log (the
+    /// leader it found at open counts as one).
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// This node's view of the raft cluster, as `rune admin cluster status` shows it: read
     /// from raft's metrics, so it costs no log entry and answers while writes are refused.
     pub fn cluster_status(&self) -> ClusterStatus {
@@ -431,6 +442,29 @@ impl Log {
         }
         durable
     }
+}
+
+/// Counts changes of the leader raft reports, on a task that ends with raft. Follows the
+/// server metrics, which change with the role and the leader only, not with every write.
+fn count_leader_changes(raft: &Raft<TypeConfig>) -> Arc<std::sync::atomic::AtomicU64> {
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut server = raft.server_metrics();
+    let c = count.clone();
+    tokio::spawn(async move {
+        let mut seen = None;
+        loop {
+            let leader = server.borrow_and_update().current_leader;
+            // As etcd counts: a leader after none (a new election) or another leader.
+            if leader.is_some() && leader != seen {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            seen = leader;
+            if server.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    count
 }
 
 /// One member of the raft cluster, as this node knows it.

@@ -55,6 +55,62 @@ pub fn log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: 
             })
             .build();
     }
+    // Raft's view, per node, as etcd's `server_has_leader`, `server_is_leader` and
+    // `server_leader_changes_seen_total`; lag per member where this node leads.
+    type Role = (&'static str, &'static str, fn(&rune_log::ClusterStatus) -> u64);
+    let roles: [Role; 3] = [
+        ("rune_log_has_leader", "1 while this node knows a leader", |s| {
+            u64::from(s.leader.is_some())
+        }),
+        ("rune_log_is_leader", "1 while this node leads", |s| {
+            u64::from(s.leader == Some(s.node))
+        }),
+        (
+            "rune_log_committed_index",
+            "Last log index a quorum of voters holds (known where this node leads)",
+            |s| s.committed.unwrap_or(0),
+        ),
+    ];
+    for (name, help, f) in roles {
+        let log = Arc::downgrade(log);
+        meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |o| {
+                if let Some(log) = log.upgrade() {
+                    o.observe(f(&log.cluster_status()), &[]);
+                }
+            })
+            .build();
+    }
+    let weak = Arc::downgrade(log);
+    meter
+        .u64_observable_counter("rune_log_leader_changes_seen")
+        .with_description("Times this node saw a new leader since it started")
+        .with_callback(move |o| {
+            if let Some(log) = weak.upgrade() {
+                o.observe(log.leader_changes(), &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(log);
+    meter
+        .u64_observable_gauge("rune_log_replication_lag_entries")
+        .with_description("Entries a member's disk is behind this leader's log (per member; leaders only)")
+        .with_callback(move |o| {
+            if let Some(log) = weak.upgrade() {
+                let s = log.cluster_status();
+                for m in &s.members {
+                    if let Some(matched) = m.matched {
+                        o.observe(
+                            s.last_index.saturating_sub(matched),
+                            &[opentelemetry::KeyValue::new("member", m.id.to_string())],
+                        );
+                    }
+                }
+            }
+        })
+        .build();
     let weak = Arc::downgrade(log);
     meter
         .u64_observable_gauge("rune_storage_free_bytes")

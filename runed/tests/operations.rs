@@ -137,6 +137,18 @@ fn cluster_status_shows_the_one_voter_and_follows_the_log() {
         "{after}"
     );
 
+    // The same, per node, for Prometheus: this node leads, saw one leader, and its one member
+    // is not behind.
+    let (_, body) = http_get(d.metrics, "/metrics").unwrap();
+    for line in [
+        "rune_log_has_leader 1",
+        "rune_log_is_leader 1",
+        "rune_log_leader_changes_seen_total 1",
+        &format!("rune_log_replication_lag_entries{{member=\"{node}\"}} 0"),
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} missing:\n{body}");
+    }
+
     // The table: the node's line, then the members'.
     let table = run_ok(&d, &["admin", "cluster", "status"]);
     let lines: Vec<&str> = table.lines().collect();
@@ -488,6 +500,10 @@ fn seed_metrics_are_there_from_the_start_and_after_a_restart() {
         "rune_ingress_requests_total",
         "rune_storage_free_bytes",
         "rune_storage_reserve_bytes",
+        "rune_log_has_leader",
+        "rune_log_is_leader",
+        "rune_log_committed_index",
+        "rune_log_leader_changes_seen_total",
     ];
     for round in ["fresh", "restarted"] {
         let (_, body) = http_get(d.metrics, "/metrics").unwrap();

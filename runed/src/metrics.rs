@@ -25,40 +25,26 @@ pub fn init() -> anyhow::Result<(prometheus::Registry, opentelemetry_sdk::metric
     Ok((registry, provider))
 }
 
-/// The log's positions, and the data dir's free space and reserve.
+/// The log's positions, raft's view of the cluster, and the data dir's free space and reserve.
 pub fn log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: &Arc<Log>) {
     let meter = provider.meter("rune");
-    type Gauge = (&'static str, &'static str, fn((u64, u64, u64)) -> u64);
-    let gauges: [Gauge; 4] = [
+    // Raft's per-node view as well, under etcd's names (`server_has_leader`,
+    // `server_is_leader`, `server_leader_changes_seen_total`), and lag per member where this
+    // node leads.
+    type Gauge = (&'static str, &'static str, fn(&rune_log::ClusterStatus) -> u64);
+    let gauges: [Gauge; 7] = [
         (
             "rune_log_applied_index",
             "Last log index applied to the state machine",
-            |p| p.2,
+            |s| s.applied,
         ),
-        ("rune_log_last_index", "Last log index written", |p| p.1),
+        ("rune_log_last_index", "Last log index written", |s| s.last_index),
         (
             "rune_log_apply_lag_entries",
             "Entries written but not yet applied",
-            |p| p.1.saturating_sub(p.2),
+            |s| s.last_index.saturating_sub(s.applied),
         ),
-        ("rune_log_term", "Current raft term", |p| p.0),
-    ];
-    for (name, help, f) in gauges {
-        let log = Arc::downgrade(log);
-        meter
-            .u64_observable_gauge(name)
-            .with_description(help)
-            .with_callback(move |o| {
-                if let Some(log) = log.upgrade() {
-                    o.observe(f(log.positions()), &[]);
-                }
-            })
-            .build();
-    }
-    // Raft's view, per node, as etcd's `server_has_leader`, `server_is_leader` and
-    // `server_leader_changes_seen_total`; lag per member where this node leads.
-    type Role = (&'static str, &'static str, fn(&rune_log::ClusterStatus) -> u64);
-    let roles: [Role; 3] = [
+        ("rune_log_term", "Current raft term", |s| s.term),
         ("rune_log_has_leader", "1 while this node knows a leader", |s| {
             u64::from(s.leader.is_some())
         }),
@@ -71,7 +57,7 @@ pub fn log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: 
             |s| s.committed.unwrap_or(0),
         ),
     ];
-    for (name, help, f) in roles {
+    for (name, help, f) in gauges {
         let log = Arc::downgrade(log);
         meter
             .u64_observable_gauge(name)

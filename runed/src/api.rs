@@ -1,5 +1,6 @@
 //! The gRPC API: decode and validate requests, decide, propose, and map outcomes to statuses.
-//! This is the only module of the daemon that knows protobuf types.
+//! With the other `*_api.rs` modules, `serve.rs` and `sealing.rs`, the only part of the daemon
+//! that knows protobuf types.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -53,8 +53,8 @@ pub enum RestoreError {
 }
 
 /// Runs `runed restore ARGS`; returns the process exit code.
-pub fn main(args: &[String]) -> ExitCode {
-    let argv = std::iter::once("runed restore".to_string()).chain(args.iter().cloned());
+pub fn main(args: &[std::ffi::OsString]) -> ExitCode {
+    let argv = std::iter::once(std::ffi::OsString::from("runed restore")).chain(args.iter().cloned());
     let args = match RestoreArgs::try_parse_from(argv) {
         Ok(a) => a,
         Err(e) => {

@@ -360,8 +360,12 @@ pub fn render(src: &Source, opts: &Options) -> Result<Rendered, Problem> {
             merge(&mut values, read_values_file(&f, &shown)?);
         }
     }
-    let mut env: Vec<(String, String)> = std::env::vars()
-        .filter_map(|(k, v)| Some((k.strip_prefix(ENV_PREFIX)?.replace("__", "."), v)))
+    // `vars_os`: a variable that is not UTF-8 (ours or anyone's) is skipped, not a panic.
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let (k, v) = (k.into_string().ok()?, v.into_string().ok()?);
+            Some((k.strip_prefix(ENV_PREFIX)?.replace("__", "."), v))
+        })
         .collect();
     env.sort();
     for (k, v) in env {

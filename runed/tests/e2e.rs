@@ -502,6 +502,15 @@ fn runed_refuses_bad_config_and_unusable_data_dir() {
         .unwrap();
     assert_eq!(o.status.code(), Some(78));
 
+    // An argument that is not UTF-8 is a bad command line like any other, not a panic.
+    use std::os::unix::ffi::OsStrExt;
+    let o = std::process::Command::new(&b.runed)
+        .arg("--no-such-flag")
+        .arg(std::ffi::OsStr::from_bytes(b"/srv/d\xe5ta"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+
     // A data dir below a regular file cannot be created, even by root.
     let file = tmp.path().join("a-file");
     std::fs::write(&file, "").unwrap();

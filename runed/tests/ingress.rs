@@ -255,6 +255,24 @@ fn stale_routes_fail_closed_and_recover() {
     });
     let (_, verbose) = rune_chaos_tests::http_get(d.http, "/healthz?verbose").unwrap();
     assert!(verbose.contains("[-]ingress"), "{verbose}");
+    // Hosts come from clients: while stale, one nobody exposed is counted under the shared
+    // label, not under a label of its own (which any client could multiply).
+    let (code, _) = curl(&[
+        "-H",
+        "Host: nobody-exposed-this.test",
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &url,
+    ]);
+    assert_eq!(code, "503");
+    let (_, metrics) = rune_chaos_tests::http_get(d.metrics, "/metrics").unwrap();
+    assert!(!metrics.contains("nobody-exposed-this.test"), "{metrics}");
+    assert!(
+        metrics.contains("rune_ingress_requests_total{host=\"web.test\",status=\"503\"}"),
+        "{metrics}"
+    );
     failpoint(&d, "ingress-tail-pause", false);
     wait_until(LONG, "the ingress to catch up and route again", || {
         get() == "hello-web\n 200"

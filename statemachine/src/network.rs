@@ -77,7 +77,8 @@ impl Cidr {
         if prefix > 29 {
             return Err(format!("'{s}' is too small: use a /29 or larger"));
         }
-        let mask = u32::MAX << (32 - u32::from(prefix));
+        // A /0 shifts by 32, which `<<` refuses.
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         let base = u32::from(ip) & mask;
         let c = Cidr { base, prefix };
         let allowed = [
@@ -131,6 +132,8 @@ mod tests {
         assert!(Cidr::parse("172.20.0.0/16").is_ok());
         assert!(Cidr::parse("8.8.8.0/24").unwrap_err().contains("not private"));
         assert!(Cidr::parse("10.0.0.0/7").unwrap_err().contains("not private"));
+        // No shift overflow on the way to that answer.
+        assert!(Cidr::parse("10.0.0.0/0").unwrap_err().contains("not private"));
         assert!(Cidr::parse("10.0.0.0/30").unwrap_err().contains("too small"));
         assert!(Cidr::parse("10.0.0.0").is_err());
         assert!(Cidr::parse("10.0.0.300/16").is_err());

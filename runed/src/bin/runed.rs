@@ -4,12 +4,14 @@ use clap::Parser;
 use runed::config::{Flags, Settings};
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(rune_orchestrator::logfile::WRITER_ARG) {
-        let code = rune_orchestrator::logfile::writer_main(args.get(2).map_or("", String::as_str));
+    // Raw, as clap reads them: a path that is not UTF-8 is an argument, not a panic.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let arg = |i: usize| args.get(i).and_then(|a| a.to_str());
+    if arg(1) == Some(rune_orchestrator::logfile::WRITER_ARG) {
+        let code = rune_orchestrator::logfile::writer_main(arg(2).unwrap_or(""));
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    if args.get(1).map(String::as_str) == Some("restore") {
+    if arg(1) == Some("restore") {
         return runed::restore::main(&args[2..]);
     }
     let flags = match Flags::try_parse() {

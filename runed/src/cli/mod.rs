@@ -1455,10 +1455,10 @@ async fn version(cli: &Cli, client_only: bool) -> Result<(), CliError> {
 }
 
 fn mask(t: &str) -> String {
-    if t.len() <= 8 {
+    if t.chars().count() <= 8 {
         "****".into()
     } else {
-        format!("{}****", &t[..4])
+        format!("{}****", t.chars().take(4).collect::<String>())
     }
 }
 
@@ -1615,4 +1615,15 @@ async fn backup(conn: &Conn, out: &std::path::Path) -> Result<(), CliError> {
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masked_tokens_keep_four_characters_whatever_their_bytes() {
+        assert_eq!(super::mask("short"), "****");
+        assert_eq!(super::mask("rune_0123456789"), "rune****");
+        // A multi-byte character across byte 4 is kept whole, not split.
+        assert_eq!(super::mask("abcé12345"), "abcé****");
+    }
 }

@@ -32,8 +32,14 @@ pub struct ReplayArgs {
 fn time(ms: Option<i64>) -> String {
     match ms {
         Some(ms) if ms > 0 => {
+            use std::fmt::Write;
             let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
-            humantime::format_rfc3339_millis(t).to_string()
+            let mut out = String::new();
+            // RFC 3339 stops at year 9999; a clock beyond it is shown as it was stored.
+            match write!(out, "{}", humantime::format_rfc3339_millis(t)) {
+                Ok(()) => out,
+                Err(_) => format!("{ms} ms"),
+            }
         }
         _ => "-".into(),
     }

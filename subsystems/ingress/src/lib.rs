@@ -347,8 +347,14 @@ impl Ingress {
             })
             .to_ascii_lowercase();
         if self.projection.stale() {
-            // Routes this far behind may send a request where the service no longer is.
-            self.count(&host, StatusCode::SERVICE_UNAVAILABLE);
+            // Routes this far behind may send a request where the service no longer is. Hosts
+            // come from clients: only an exposed one gets a label of its own.
+            let label = if self.routes().by_host.contains_key(&host) {
+                host.as_str()
+            } else {
+                UNKNOWN_HOST
+            };
+            self.count(label, StatusCode::SERVICE_UNAVAILABLE);
             return plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the ingress's routes are behind the state; try again shortly\n".into(),

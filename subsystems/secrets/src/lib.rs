@@ -169,7 +169,8 @@ fn aad(ns: &str, name: &str, version: u64) -> String {
 fn seal_bytes(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<String, CryptoError> {
     let cipher = Aes256Gcm::new(key.into());
     let mut nonce = [0u8; NONCE_LEN];
-    OsRng.fill_bytes(&mut nonce);
+    // `try_`: a refused getrandom (a seccomp filter) fails this seal instead of panicking.
+    OsRng.try_fill_bytes(&mut nonce).map_err(|_| CryptoError::Seal)?;
     let ct = cipher
         .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
         .map_err(|_| CryptoError::Seal)?;
@@ -200,7 +201,7 @@ pub fn seal(
     data: &SecretData,
 ) -> Result<SealedSecret, CryptoError> {
     let mut dek = [0u8; 32];
-    OsRng.fill_bytes(&mut dek);
+    OsRng.try_fill_bytes(&mut dek).map_err(|_| CryptoError::Seal)?;
     let a = aad(namespace, name, version);
     let plain: BTreeMap<&String, String> = data.iter().map(|(k, v)| (k, B64.encode(v))).collect();
     let json = serde_json::to_vec(&plain).map_err(|_| CryptoError::Seal)?;

@@ -110,42 +110,52 @@ pub fn spawn(
     let mut writer = std::fs::File::from(master);
     let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(16);
     let (out_tx, out_rx) = mpsc::channel::<ExecOutput>(16);
-    std::thread::spawn(move || {
-        while let Some(i) = in_rx.blocking_recv() {
-            match i {
-                ExecInput::Stdin(b) => {
-                    if writer.write_all(&b).is_err() {
-                        break;
+    // A thread the system refuses (tasks limit) fails this exec, not the task serving it; the
+    // child, killed on drop, goes with it.
+    let thread_error =
+        |e: std::io::Error| RunError::Runtime(format!("cannot start the terminal's thread: {e}"));
+    std::thread::Builder::new()
+        .name("exec-pty-in".into())
+        .spawn(move || {
+            while let Some(i) = in_rx.blocking_recv() {
+                match i {
+                    ExecInput::Stdin(b) => {
+                        if writer.write_all(&b).is_err() {
+                            break;
+                        }
                     }
-                }
-                ExecInput::Resize { cols, rows } => {
-                    let ws = winsize(cols, rows);
-                    // SAFETY: TIOCSWINSZ reads one winsize from the pointer passed.
-                    unsafe {
-                        libc::ioctl(writer.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+                    ExecInput::Resize { cols, rows } => {
+                        let ws = winsize(cols, rows);
+                        // SAFETY: TIOCSWINSZ reads one winsize from the pointer passed.
+                        unsafe {
+                            libc::ioctl(writer.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+                        }
                     }
+                    // A terminal has no end of input of its own; ^D is a byte the client sends.
+                    ExecInput::Eof => {}
                 }
-                // A terminal has no end of input of its own; ^D is a byte the client sends.
-                ExecInput::Eof => {}
             }
-        }
-    });
+        })
+        .map_err(thread_error)?;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let tx = out_tx.clone();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 16 * 1024];
-        // EIO once the last process holding the terminal is gone.
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0
-                || tx
-                    .blocking_send(ExecOutput::Stdout(bytes::Bytes::copy_from_slice(&buf[..n])))
-                    .is_err()
-            {
-                break;
+    std::thread::Builder::new()
+        .name("exec-pty-out".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            // EIO once the last process holding the terminal is gone.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0
+                    || tx
+                        .blocking_send(ExecOutput::Stdout(bytes::Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                {
+                    break;
+                }
             }
-        }
-        let _ = done_tx.send(());
-    });
+            let _ = done_tx.send(());
+        })
+        .map_err(thread_error)?;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     tokio::spawn(async move {
         let waited = tokio::select! {

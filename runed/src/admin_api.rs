@@ -17,12 +17,16 @@ use crate::grpc::{internal, not_proposed, rejection};
 const BACKUP_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A new token secret: `rune_` and 32 random bytes in hex, recognisable by secret scanners.
-fn new_secret() -> String {
-    format!("rune_{}", hex::encode(rune_secrets::random_bytes(32)))
+fn new_secret() -> Result<String, Status> {
+    Ok(format!("rune_{}", hex::encode(random(32)?)))
 }
 
-fn new_id() -> String {
-    hex::encode(rune_secrets::random_bytes(8))
+fn new_id() -> Result<String, Status> {
+    Ok(hex::encode(random(8)?))
+}
+
+fn random(n: usize) -> Result<Vec<u8>, Status> {
+    rune_secrets::random_bytes(n).map_err(|e| Status::unavailable(e.to_string()))
 }
 
 fn user_pb(u: &UserRecord) -> pb::User {
@@ -146,9 +150,9 @@ impl pb::bootstrap_api_server::BootstrapApi for Api {
             ));
         }
         admin_gate(&req, self.allow_remote_admin)?;
-        let secret = new_secret();
+        let secret = new_secret()?;
         let token = TokenRecord {
-            id: new_id(),
+            id: new_id()?,
             name: format!("bootstrap-{}", now_ms()),
             subject: "root".into(),
             description: "minted by rune admin bootstrap".into(),
@@ -347,10 +351,10 @@ impl pb::admin_api_server::AdminApi for Api {
         if r.ttl_seconds < 0 {
             return Err(Status::invalid_argument("ttl: must not be negative"));
         }
-        let secret = new_secret();
+        let secret = new_secret()?;
         let now = now_ms();
         let token = TokenRecord {
-            id: new_id(),
+            id: new_id()?,
             name: r.name,
             subject: r.subject,
             description: r.description,

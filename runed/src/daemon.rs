@@ -611,9 +611,10 @@ async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
         let cidr = (stored.map(|c| c.cluster_cidr).as_deref() != Some(cluster_cidr))
             .then(|| cluster_cidr.to_string());
         // Chosen here, carried in the entry: apply stays deterministic.
-        let id = rune_statemachine::store::cluster_id(&t)?
-            .is_none()
-            .then(|| hex::encode(rune_secrets::random_bytes(8)));
+        let id = match rune_statemachine::store::cluster_id(&t)? {
+            Some(_) => None,
+            None => Some(hex::encode(rune_secrets::random_bytes(8)?)),
+        };
         // A state written before host claims (v3) gets them once, in one entry.
         let claim = rune_statemachine::store::unclaimed_hosts(&t)?;
         (v, p, cidr, id, claim)

@@ -26,11 +26,19 @@ use sha2::{Digest, Sha256};
 const NONCE_LEN: usize = 12;
 
 /// `n` bytes from the operating system's CSPRNG.
-pub fn random_bytes(n: usize) -> Vec<u8> {
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, RandomError> {
     let mut v = vec![0u8; n];
-    OsRng.fill_bytes(&mut v);
-    v
+    OsRng
+        .try_fill_bytes(&mut v)
+        .map_err(|e| RandomError(e.to_string()))?;
+    Ok(v)
 }
+
+/// The operating system refused randomness (getrandom denied, as by a seccomp filter): keys and
+/// tokens are then not made at all, rather than made weak or the process stopped by a panic.
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random source failed: {0}")]
+pub struct RandomError(String);
 
 /// A key-encryption key. Its id is derived from the key, so a stored secret names the KEK that
 /// opens it without revealing anything about it.
@@ -57,10 +65,12 @@ impl Kek {
     }
 
     /// A new random KEK.
-    pub fn generate() -> Self {
+    pub fn generate() -> Result<Self, RandomError> {
         let mut key = [0u8; 32];
-        OsRng.fill_bytes(&mut key);
-        Self::from_bytes(key)
+        OsRng
+            .try_fill_bytes(&mut key)
+            .map_err(|e| RandomError(e.to_string()))?;
+        Ok(Self::from_bytes(key))
     }
 
     /// Parses the base64 text of a KEK file or variable (whitespace around it is ignored).
@@ -146,6 +156,9 @@ pub enum KekError {
     /// A new KEK file could not be written.
     #[error("cannot write the KEK file {0}: {1}")]
     Write(PathBuf, std::io::Error),
+    /// A new KEK could not be drawn.
+    #[error(transparent)]
+    Random(#[from] RandomError),
 }
 
 /// Failures to seal or open.
@@ -308,7 +321,7 @@ pub fn pending_path(path: &Path) -> PathBuf {
 pub fn load(source: &KekSource, may_generate: bool) -> Result<Loaded, KekError> {
     match source {
         KekSource::Generated => Ok(Loaded {
-            kek: Kek::generate(),
+            kek: Kek::generate()?,
             created: true,
             pending: None,
         }),
@@ -341,7 +354,7 @@ pub fn load(source: &KekSource, may_generate: bool) -> Result<Loaded, KekError> 
                     if !(*generate_if_missing && may_generate) {
                         return Err(KekError::Missing(path.clone()));
                     }
-                    let kek = Kek::generate();
+                    let kek = Kek::generate()?;
                     write_kek_file(path, &kek)?;
                     Ok(Loaded {
                         kek,
@@ -407,7 +420,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_binding() {
-        let ring = Keyring::new(Kek::generate());
+        let ring = Keyring::new(Kek::generate().unwrap());
         let s = seal(&ring, "default", "db", 1, &data()).unwrap();
         assert!(!s.ciphertext.contains("hunter2"));
         assert_eq!(open(&ring, &s).unwrap(), data());
@@ -432,16 +445,16 @@ mod tests {
 
     #[test]
     fn wrong_kek_and_rotation() {
-        let old = Keyring::new(Kek::generate());
+        let old = Keyring::new(Kek::generate().unwrap());
         let s = seal(&old, "default", "db", 3, &data()).unwrap();
-        let stranger = Keyring::new(Kek::generate());
+        let stranger = Keyring::new(Kek::generate().unwrap());
         assert!(matches!(open(&stranger, &s), Err(CryptoError::UnknownKek(..))));
         // Same id (forged) but another key: authentication fails rather than garbage out.
         let mut forged = s.clone();
         forged.kek_id = stranger.primary().id().to_string();
         assert!(matches!(open(&stranger, &forged), Err(CryptoError::Open(..))));
 
-        let new = Kek::generate();
+        let new = Kek::generate().unwrap();
         let ring = old.rotated_to(new.clone());
         let wrapped = rewrap(&ring, &new, &s).unwrap();
         let moved = SealedSecret {

@@ -219,7 +219,7 @@ impl Log {
             .state(ServerState::Leader, "become leader")
             .await
             .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
-        let raft_for_count = raft.clone();
+        let leader_changes = count_leader_changes(&raft);
         let log = Self {
             batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
@@ -229,7 +229,7 @@ impl Log {
             metrics,
             log_closed,
             space: Arc::new(Space::new(dir, cfg.reserve_bytes)),
-            leader_changes: count_leader_changes(&raft_for_count),
+            leader_changes,
         };
         // Leadership commits a blank entry; wait until it, and all before it, is applied.
         let last = log.raft.metrics().borrow().last_log_index.unwrap_or(0);

@@ -28,10 +28,14 @@ const NONCE_LEN: usize = 12;
 /// `n` bytes from the operating system's CSPRNG.
 pub fn random_bytes(n: usize) -> Result<Vec<u8>, RandomError> {
     let mut v = vec![0u8; n];
-    OsRng
-        .try_fill_bytes(&mut v)
-        .map_err(|e| RandomError(e.to_string()))?;
+    fill_random(&mut v)?;
     Ok(v)
+}
+
+/// Every key, nonce and token of this crate is drawn here: `try_`, so a refused getrandom is
+/// an error for the caller, not a panic.
+fn fill_random(buf: &mut [u8]) -> Result<(), RandomError> {
+    OsRng.try_fill_bytes(buf).map_err(|e| RandomError(e.to_string()))
 }
 
 /// The operating system refused randomness (getrandom denied, as by a seccomp filter): keys and
@@ -67,9 +71,7 @@ impl Kek {
     /// A new random KEK.
     pub fn generate() -> Result<Self, RandomError> {
         let mut key = [0u8; 32];
-        OsRng
-            .try_fill_bytes(&mut key)
-            .map_err(|e| RandomError(e.to_string()))?;
+        fill_random(&mut key)?;
         Ok(Self::from_bytes(key))
     }
 
@@ -173,6 +175,9 @@ pub enum CryptoError {
     /// Encryption failed (cannot happen with valid key sizes).
     #[error("sealing failed")]
     Seal,
+    /// No nonce or data key could be drawn.
+    #[error(transparent)]
+    Random(#[from] RandomError),
 }
 
 fn aad(ns: &str, name: &str, version: u64) -> String {
@@ -182,8 +187,7 @@ fn aad(ns: &str, name: &str, version: u64) -> String {
 fn seal_bytes(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<String, CryptoError> {
     let cipher = Aes256Gcm::new(key.into());
     let mut nonce = [0u8; NONCE_LEN];
-    // `try_`: a refused getrandom (a seccomp filter) fails this seal instead of panicking.
-    OsRng.try_fill_bytes(&mut nonce).map_err(|_| CryptoError::Seal)?;
+    fill_random(&mut nonce)?;
     let ct = cipher
         .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
         .map_err(|_| CryptoError::Seal)?;
@@ -214,7 +218,7 @@ pub fn seal(
     data: &SecretData,
 ) -> Result<SealedSecret, CryptoError> {
     let mut dek = [0u8; 32];
-    OsRng.try_fill_bytes(&mut dek).map_err(|_| CryptoError::Seal)?;
+    fill_random(&mut dek)?;
     let a = aad(namespace, name, version);
     let plain: BTreeMap<&String, String> = data.iter().map(|(k, v)| (k, B64.encode(v))).collect();
     let json = serde_json::to_vec(&plain).map_err(|_| CryptoError::Seal)?;

@@ -120,15 +120,17 @@ fn cluster_status_shows_the_one_voter_and_follows_the_log() {
     // applied (and nothing applied is beyond what is committed).
     let f = write(&d, "s.yaml", "service:\n  name: s\n  image: x\n  scale: 0\n");
     run_ok(&d, &["cast", "--detach", &f]);
-    let after = status(&d);
+    // Raft publishes its metrics after it answers the proposer: wait for them, briefly.
+    let before_applied = before["appliedIndex"].as_u64().unwrap();
+    let mut after = serde_json::Value::Null;
+    wait_until(LONG, "the status to show the cast applied", || {
+        after = status(&d);
+        after["appliedIndex"].as_u64().unwrap() > before_applied
+    });
     let (applied, committed, last) = (
         after["appliedIndex"].as_u64().unwrap(),
         after["committedIndex"].as_u64().unwrap(),
         after["lastIndex"].as_u64().unwrap(),
-    );
-    assert!(
-        applied > before["appliedIndex"].as_u64().unwrap(),
-        "{before} then {after}"
     );
     assert!(applied <= committed && committed <= last, "{after}");
     assert_eq!(

@@ -2,17 +2,17 @@
 //! up, and the next entry carries all of them, so they share one fsync (openraft 0.9 waits for
 //! each append's flush before the next, so batching must happen before raft).
 //!
-//! No task sits between a proposer and raft: when nothing is in flight the proposer submits its
-//! own entry, and the entry's responder ([`Answer`], which openraft calls once the entry is
-//! applied) answers each proposer and submits whatever queued meanwhile. A lone writer's
-//! proposal so costs two fewer task wake-ups than going through a batching task would.
-
+//! No task sits between a lone proposer and raft: when nothing is in flight the proposer submits
+//! its own entry and waits on raft's answer itself ([`Flight`]), so a lone writer's proposal
+//! costs no wake-up beyond raft's own. When the answer comes, the next entry carries whatever
+//! queued meanwhile, flown by a task, which answers each of its proposers. A submitter that
+//! goes away (its caller gave up) starts the next entry as it goes, so nothing queued is left
+//! waiting.
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use openraft::error::ClientWriteError;
-use openraft::raft::responder::Responder;
-use openraft::raft::ClientWriteResult;
+use openraft::raft::ClientWriteResponse;
 use openraft::Raft;
 use rune_statemachine::Envelope;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -94,38 +94,39 @@ impl Batcher {
             }
         };
         if let Some(batch) = mine {
-            let entry = self.entry(batch);
-            // On failure raft dropped the entry, and with it the answer, which said why.
-            let _ = self.raft.client_write_ff(entry).await;
+            // Whatever queued while this entry flew goes on in a task of its own.
+            if let Some(next) = self.flight(batch).fly().await {
+                tokio::spawn(next.fly_on());
+            }
         }
         rx.await.map_err(|_| shut_down())?
     }
 
-    /// One entry for `batch`, carrying its [`Answer`]. Made without an await, so that from
-    /// here on whatever happens to the entry (answered, refused, dropped) answers its
-    /// proposers and moves the gate on: a queued proposal is never left waiting.
-    fn entry(self: &Arc<Self>, batch: Vec<Pending>) -> Batch {
+    /// The entry for `batch` and its [`Flight`]. Made without an await, so that from here on
+    /// whatever happens to the entry (answered, refused, dropped) answers its proposers and
+    /// moves the gate on: a queued proposal is never left waiting.
+    fn flight(self: &Arc<Self>, batch: Vec<Pending>) -> Flight {
         self.metrics.batch_envelopes.record(batch.len() as u64, &[]);
         let (envelopes, replies): (Vec<Envelope>, Vec<ReplyTx>) =
             batch.into_iter().map(|p| (p.envelope, p.reply)).unzip();
-        let answer = Answer {
+        Flight {
+            entry: Some(Batch {
+                envelopes: envelopes.into(),
+            }),
             replies,
             batcher: Some(self.clone()),
-        };
-        Batch {
-            envelopes: envelopes.into(),
-            answer: Carried(Some(answer)),
         }
     }
 
-    /// The entry in flight is done: the next one carries what queued meanwhile.
-    fn next(self: Arc<Self>) {
+    /// The entry in flight is done: the next one carries what queued meanwhile (none when
+    /// nothing did, or when no runtime is left to fly it).
+    fn next(self: Arc<Self>) -> Option<Flight> {
         let rt = tokio::runtime::Handle::try_current().ok();
         let batch = {
             let mut g = self.gate();
             if g.queue.is_empty() {
                 g.in_flight = false;
-                return;
+                return None;
             }
             match rt {
                 Some(_) => g.take(),
@@ -138,20 +139,13 @@ impl Batcher {
                 }
             }
         };
-        match rt {
-            Some(rt) => {
-                let entry = self.entry(batch);
-                let raft = self.raft.clone();
-                rt.spawn(async move {
-                    let _ = raft.client_write_ff(entry).await;
-                });
-            }
-            None => {
-                for p in batch {
-                    let _ = p.reply.send(Err(shut_down()));
-                }
-            }
+        if rt.is_some() {
+            return Some(self.flight(batch));
         }
+        for p in batch {
+            let _ = p.reply.send(Err(shut_down()));
+        }
+        None
     }
 }
 
@@ -159,38 +153,46 @@ fn shut_down() -> ProposeError {
     ProposeError::Unavailable("the log is shut down".into())
 }
 
-/// Travels inside a [`Batch`] into raft, where it becomes the entry's [`Answer`]: neither
-/// encoded nor cloned (a clone carries nothing).
-#[derive(Default)]
-pub struct Carried(Option<Answer>);
-
-impl Clone for Carried {
-    fn clone(&self) -> Self {
-        Self(None)
-    }
-}
-
-impl PartialEq for Carried {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for Carried {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Carried")
-    }
-}
-
-/// The responder of one entry: answers the proposals it carries, each with its own outcome,
-/// and starts the next entry.
-pub struct Answer {
+/// One entry on its way through raft: its proposers' replies, and the batcher whose next
+/// entry waits for it. Answered, refused or dropped, it moves the gate on.
+struct Flight {
+    entry: Option<Batch>,
     replies: Vec<ReplyTx>,
     batcher: Option<Arc<Batcher>>,
 }
 
-impl Answer {
-    fn answer(&mut self, result: ClientWriteResult<TypeConfig>) {
+impl Flight {
+    /// Flies this entry and every one after it, until the queue is empty: the task that
+    /// raft's answer wakes submits the next entry itself, with no task in between.
+    async fn fly_on(self) {
+        let mut flight = Some(self);
+        while let Some(f) = flight {
+            flight = f.fly().await;
+        }
+    }
+
+    /// Submits the entry and waits for raft's answer, then makes the next entry and answers
+    /// this one's proposers; returns the next entry, for the caller to fly.
+    async fn fly(mut self) -> Option<Flight> {
+        let (Some(batcher), Some(entry)) = (self.batcher.clone(), self.entry.take()) else {
+            return None;
+        };
+        let result = match batcher.raft.client_write_ff(entry).await {
+            Ok(answer) => match answer.await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => Err(refused(e)),
+                // Raft dropped the entry unanswered: shut down or its storage failed.
+                Err(_) => Err(dropped()),
+            },
+            Err(fatal) => Err(fatal.to_string()),
+        };
+        self.finish(result)
+    }
+
+    /// The entry is done: the next one is made first (so that it is submitted as soon as
+    /// these proposers are told), then each proposer gets its own outcome.
+    fn finish(&mut self, result: Result<ClientWriteResponse<TypeConfig>, String>) -> Option<Flight> {
+        let next = self.batcher.take().and_then(Batcher::next);
         let replies = std::mem::take(&mut self.replies);
         match result {
             Ok(resp) => {
@@ -206,55 +208,46 @@ impl Answer {
                     let _ = reply.send(r);
                 }
             }
-            Err(e) => {
-                let msg = match e {
-                    ClientWriteError::ForwardToLeader(f) => {
-                        format!("not the leader (leader: {:?})", f.leader_id)
-                    }
-                    e => e.to_string(),
-                };
+            Err(why) => {
                 for reply in replies {
-                    let _ = reply.send(Err(ProposeError::Unavailable(msg.clone())));
+                    let _ = reply.send(Err(ProposeError::Unavailable(why.clone())));
                 }
+            }
+        }
+        next
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Dropped before raft answered: the submitter's caller gave up, or there is no runtime
+        // left. Only a submitter's own proposal rides in an entry it submits (the gate was
+        // idle, so nothing else had queued), so no one else waits on this answer; what queued
+        // since goes in the next entry now.
+        if self.batcher.is_some() {
+            if let Some(next) = self.finish(Err(dropped())) {
+                // `next` holds a runtime's handle: there is one to spawn on.
+                tokio::spawn(next.fly_on());
             }
         }
     }
 }
 
-impl Responder<TypeConfig> for Answer {
-    type Receiver = ();
-
-    fn from_app_data(mut batch: Batch) -> (Batch, Self, ())
-    where
-        Self: Sized,
-    {
-        // Entries made outside the batcher (none today) carry no answer: an empty one.
-        let answer = batch.answer.0.take().unwrap_or(Answer {
-            replies: Vec::new(),
-            batcher: None,
-        });
-        (batch, answer, ())
-    }
-
-    fn send(mut self, result: ClientWriteResult<TypeConfig>) {
-        // The next entry first: its append can start while these proposers wake.
-        if let Some(b) = self.batcher.take() {
-            b.next();
-        }
-        self.answer(result);
+/// Why raft refused an entry, naming the leader when this node is not it.
+fn refused(e: ClientWriteError<u64, openraft::BasicNode>) -> String {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => format!(
+            "not the leader (leader: {})",
+            match (f.leader_id, f.leader_node) {
+                (Some(id), Some(n)) => format!("node {id} at {}", n.addr),
+                (Some(id), None) => format!("node {id}"),
+                _ => "none known".into(),
+            }
+        ),
+        e => e.to_string(),
     }
 }
 
-impl Drop for Answer {
-    fn drop(&mut self) {
-        // Dropped unanswered: raft refused or lost the entry (shut down, failed storage).
-        for reply in self.replies.drain(..) {
-            let _ = reply.send(Err(ProposeError::Unavailable(
-                "the log is shut down or failed before applying this write".into(),
-            )));
-        }
-        if let Some(b) = self.batcher.take() {
-            b.next();
-        }
-    }
+fn dropped() -> String {
+    "the log is shut down or failed before applying this write".into()
 }

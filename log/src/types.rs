@@ -16,9 +16,6 @@ use serde::{Deserialize, Serialize};
 pub struct Batch {
     /// The proposals, in the order they are applied.
     pub envelopes: Arc<[Envelope]>,
-    /// Where their outcomes go; only on the way into raft.
-    #[serde(skip)]
-    pub(crate) answer: crate::batch::Carried,
 }
 
 impl std::fmt::Display for Batch {
@@ -42,7 +39,6 @@ openraft::declare_raft_types!(
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
-        Responder = crate::batch::Answer,
 );
 
 /// The id of this node; release 1 is a single voter.

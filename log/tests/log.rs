@@ -132,6 +132,57 @@ async fn proposals_racing_a_shutdown_are_all_answered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposers_that_give_up_midway_never_stall_the_others() {
+    // A proposer that finds the log idle submits its entry and waits on raft's answer itself.
+    // Callers give up (a client disconnects, a deadline passes): one that gives up holding an
+    // entry must still start the next, so the writes queued behind it are answered, and what
+    // was acknowledged is there.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
+    log.propose(init()).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            // Every other proposer gives up after 0 to 2 ms, most of them mid-flight.
+            let patience = std::time::Duration::from_micros((i % 8) * 250);
+            let propose = log.propose(svc(&format!("g{i}"), 1));
+            if i % 2 == 0 {
+                (i, tokio::time::timeout(patience, propose).await.ok())
+            } else {
+                (i, Some(propose.await))
+            }
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for t in tasks {
+        let (i, answer) = tokio::time::timeout(std::time::Duration::from_secs(20), t)
+            .await
+            .expect("a proposal queued behind one whose proposer gave up was never answered")
+            .unwrap();
+        match answer {
+            Some(Ok(p)) => {
+                assert!(p.outcome.is_ok());
+                acknowledged.push(i);
+            }
+            Some(Err(e)) => panic!("r{i} refused: {e}"),
+            None => assert_eq!(i % 2, 0, "only the impatient give up"),
+        }
+    }
+    assert!(acknowledged.len() >= 200, "every patient proposer was answered");
+    for i in acknowledged {
+        assert!(
+            read_service(&log, &format!("g{i}")).is_some(),
+            "acknowledged g{i} is missing"
+        );
+    }
+    let after = tokio::time::timeout(std::time::Duration::from_secs(20), log.propose(svc("after", 1)))
+        .await
+        .expect("the log stalled after proposers gave up");
+    assert!(after.is_ok(), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_the_first_key_that_differs() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(LogConfig::new(dir.path())).await.unwrap();

@@ -24,6 +24,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 mod node;
+pub mod pki;
 pub mod projection;
 pub mod replay;
 pub mod snapshot;

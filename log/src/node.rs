@@ -14,7 +14,7 @@ use crate::batch::Batcher;
 use crate::db::ClosingDb;
 use crate::log_store::{migrate_redb, LogStore};
 use crate::metrics::Metrics;
-use crate::network::NoNetwork;
+use crate::network::{Network, RaftPort, RaftService, SNAPSHOT_CHUNK};
 use crate::space::{NoSpace, Space};
 use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
 use crate::types::{TypeConfig, NODE_ID};
@@ -39,6 +39,16 @@ pub struct LogConfig {
     pub keep_after_snapshot: u64,
     /// Bytes kept free on the data dir's file system: writes are refused below it (0: off).
     pub reserve_bytes: u64,
+    /// This node's raft id, unique in its cluster ([`NODE_ID`] for a single node).
+    pub node_id: u64,
+    /// Where the other members reach this node's raft port (`host:port`); `local` for a
+    /// single node, which has no one to talk to.
+    pub address: String,
+    /// A new data dir waits to be added to an existing cluster instead of founding its own.
+    pub join: bool,
+    /// This member's certificates for the raft port's mutual TLS ([`crate::pki`]); without,
+    /// peers are dialled in plain text (a single node dials no one).
+    pub tls: Option<crate::pki::NodeTls>,
 }
 
 impl LogConfig {
@@ -49,6 +59,10 @@ impl LogConfig {
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
             reserve_bytes: 0,
+            node_id: NODE_ID,
+            address: "local".into(),
+            join: false,
+            tls: None,
         }
     }
 }
@@ -78,6 +92,9 @@ pub enum LogError {
     /// openraft failed to start or elect itself.
     #[error("raft: {0}")]
     Raft(String),
+    /// A membership change was refused or did not finish.
+    #[error("cluster membership: {0}")]
+    Membership(String),
     /// Reading the state failed.
     #[error("state storage: {0}")]
     Storage(String),
@@ -152,8 +169,10 @@ pub fn now_ms() -> i64 {
 }
 
 impl Log {
-    /// Opens the log under `cfg.data_dir`, initialises a new single-voter cluster on first start,
-    /// and returns once this node is leader and has applied everything committed before.
+    /// Opens the log under `cfg.data_dir` and initialises a new single-voter cluster on first
+    /// start (unless `cfg.join`). A node that is the only voter returns once it leads and has
+    /// applied everything committed before; a member of a larger cluster returns at once and
+    /// follows (serve [`Log::serve_raft`] so that the leader reaches it).
     pub async fn open(cfg: LogConfig) -> Result<Self, LogError> {
         let dir = &cfg.data_dir;
         // Owner only, as etcd's: the log holds every spec and sealed secret.
@@ -190,47 +209,75 @@ impl Log {
         let (state, notifier) = (sm.db.clone(), sm.notifier.clone());
         let config = Config {
             cluster_name: "rune".into(),
-            heartbeat_interval: 500,
-            election_timeout_min: 1000,
-            election_timeout_max: 1500,
+            // A follower that heard a leader waits out the leader's lease (openraft: the
+            // maximum election timeout) and then an election timeout before it stands:
+            // 900 + 600..900 ms, so a new leader is elected under 2 s after the old one died
+            // (`--bench cluster`). Heartbeats at a fraction of that keep a loaded follower from
+            // standing while its leader lives. openraft also gives each AppendEntries the
+            // heartbeat interval to answer, so one carries at most `max_payload_entries`.
+            heartbeat_interval: 200,
+            election_timeout_min: 600,
+            election_timeout_max: 900,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every.max(1)),
             max_in_snapshot_log_to_keep: cfg.keep_after_snapshot,
             purge_batch_size: 1024,
-            max_payload_entries: 4096,
+            // Entries hold up to `MAX_BATCH` proposals each: 64 of them stay well inside the
+            // heartbeat a follower has to answer, and a follower catching up takes 64 per round
+            // trip.
+            max_payload_entries: 64,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK,
+            install_snapshot_timeout: 5_000,
             ..Default::default()
         }
         .validate()
         .map_err(|e| LogError::Raft(e.to_string()))?;
-        let raft = Raft::new(NODE_ID, Arc::new(config), NoNetwork, log_store, sm)
+        let id = cfg.node_id;
+        let raft = Raft::new(id, Arc::new(config), Network::new(cfg.tls.clone()), log_store, sm)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
-        if !raft
+        let initialized = raft
             .is_initialized()
             .await
-            .map_err(|e| LogError::Raft(e.to_string()))?
-        {
-            let members = BTreeMap::from([(NODE_ID, BasicNode::new("local"))]);
+            .map_err(|e| LogError::Raft(e.to_string()))?;
+        if !initialized && !cfg.join {
+            let members = BTreeMap::from([(id, BasicNode::new(&cfg.address))]);
             raft.initialize(members)
                 .await
                 .map_err(|e| LogError::Raft(e.to_string()))?;
-            tracing::info!("initialised a new single-voter cluster");
+            tracing::info!(node = id, "initialised a new single-voter cluster");
         }
-        raft.wait(Some(Duration::from_secs(30)))
-            .state(ServerState::Leader, "become leader")
+        // Alone, this node is its own quorum: open returns once it leads and has applied what
+        // was committed. A member of a larger cluster (or one waiting to join) cannot decide
+        // that alone; it starts following and catches up from the leader.
+        // Asked of raft's core, not its metrics, which may not show the membership yet.
+        let alone = raft
+            .with_raft_state(move |st| st.membership_state.effective().membership().voter_ids().eq([id]))
             .await
-            .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
-        let leader_changes = count_leader_changes(&raft);
+            .map_err(|e| LogError::Raft(e.to_string()))?;
         let log = Self {
             batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
+            leader_changes: count_leader_changes(&raft),
             raft,
             state,
             notifier,
             metrics,
             log_closed,
             space: Arc::new(Space::new(dir, cfg.reserve_bytes)),
-            leader_changes,
         };
+        if !alone {
+            tracing::info!(
+                node = id,
+                joining = !initialized,
+                "raft started as a member of a cluster"
+            );
+            return Ok(log);
+        }
+        log.raft
+            .wait(Some(Duration::from_secs(30)))
+            .state(ServerState::Leader, "become leader")
+            .await
+            .map_err(|e| LogError::Raft(format!("did not become leader: {e}")))?;
         // Leadership commits a blank entry; wait until it, and all before it, is applied.
         let last = log.raft.metrics().borrow().last_log_index.unwrap_or(0);
         log.raft
@@ -327,10 +374,103 @@ impl Log {
         self.notifier.events.subscribe()
     }
 
-    /// True while this node leads, runs, and its state can be read: the `/healthz` condition.
+    /// True while raft runs, this node knows a leader (itself, when alone) and its state can be
+    /// read: the `/healthz` condition. A follower that hears its leader is healthy; a node cut
+    /// off from the quorum is not.
     pub fn healthy(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.running_state.is_ok() && m.state == ServerState::Leader && self.read().is_ok()
+        let ok = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.running_state.is_ok() && m.current_leader.is_some()
+        };
+        ok && self.read().is_ok()
+    }
+
+    /// Serves this node's raft port on `listener`, where the other members reach
+    /// [`LogConfig::address`], with `tls` (see [`crate::network::RaftPort`]).
+    pub fn serve_raft(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<&crate::pki::NodeTls>,
+    ) -> Result<RaftPort, LogError> {
+        RaftPort::start(RaftService::server(self.raft.clone()), listener, tls)
+            .map_err(|e| LogError::Raft(format!("raft port: {e}")))
+    }
+
+    /// Adds node `id`, reached at `address`, as a voter: first as a learner, which receives the
+    /// log (or a snapshot) until it has caught up, then into the voters in one joint-consensus
+    /// change. Only the leader can; the call returns when the new membership is committed.
+    pub async fn add_voter(&self, id: u64, address: &str) -> Result<(), LogError> {
+        let refused = |e: &dyn std::fmt::Display| LogError::Membership(e.to_string());
+        self.raft
+            .add_learner(id, BasicNode::new(address), true)
+            .await
+            .map_err(|e| refused(&e))?;
+        let mut voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| refused(&e))?;
+        tracing::info!(node = id, address, "added a voter");
+        Ok(())
+    }
+
+    /// Takes node `id` out of the cluster (voter or learner). Only the leader can; a leader
+    /// that removes itself steps down once the change is committed.
+    pub async fn remove_member(&self, id: u64) -> Result<(), LogError> {
+        let refused = |e: &dyn std::fmt::Display| LogError::Membership(e.to_string());
+        let (voters, known) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+            let known = membership.nodes().any(|(n, _)| *n == id);
+            (voters, known)
+        };
+        if !known {
+            return Err(LogError::Membership(format!("node {id} is not a member")));
+        }
+        if voters.contains(&id) {
+            let rest: std::collections::BTreeSet<u64> = voters.into_iter().filter(|v| *v != id).collect();
+            if rest.is_empty() {
+                return Err(LogError::Membership(format!(
+                    "node {id} is the last voter; removing it would leave no cluster"
+                )));
+            }
+            self.raft
+                .change_membership(rest, false)
+                .await
+                .map_err(|e| refused(&e))?;
+        }
+        // Voters removed above stay as learners (retain = false drops them); a learner is
+        // removed by name.
+        let still_there = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == id);
+        if still_there {
+            self.raft
+                .change_membership(
+                    openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
+                    false,
+                )
+                .await
+                .map_err(|e| refused(&e))?;
+        }
+        tracing::info!(node = id, "removed a member");
+        Ok(())
     }
 
     /// A consistent view of the applied state for an online backup: one read transaction, so
@@ -393,20 +533,30 @@ impl Log {
     /// until it is written.
     pub async fn snapshot(&self) -> Result<(), LogError> {
         let applied = self.positions().2;
-        self.raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| LogError::Raft(e.to_string()))?;
-        self.raft
-            .wait(Some(Duration::from_secs(30)))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= applied),
-                "snapshot written",
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| LogError::Raft(e.to_string()))
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(|e| LogError::Raft(e.to_string()))?;
+            // Raft ignores the trigger while it builds another snapshot (one of its own, taken
+            // every `snapshot_every` entries): if that one ends short of `applied`, ask again.
+            let waited = self
+                .raft
+                .wait(Some(Duration::from_secs(2)))
+                .metrics(
+                    |m| m.snapshot.is_some_and(|s| s.index >= applied),
+                    "snapshot written",
+                )
+                .await;
+            match waited {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(LogError::Raft(e.to_string())),
+                Err(openraft::metrics::WaitError::Timeout(..)) => continue,
+                Err(e) => return Err(LogError::Raft(e.to_string())),
+            }
+        }
     }
 
     /// Stops raft and makes the applied state durable, so the next start replays nothing.

@@ -81,7 +81,7 @@ impl Health {
         let (ok, detail) = if !self.log.healthy() {
             (
                 false,
-                "not leading, stopped, or its state cannot be read".to_string(),
+                "no leader known, stopped, or its state cannot be read".to_string(),
             )
         } else if lag > 0 && stalled_for > APPLY_STALL_BUDGET {
             (

@@ -1,0 +1,306 @@
+//! Three logs in one process, each serving its raft port on loopback over the real gRPC
+//! transport with mutual TLS from a cluster CA: they form one cluster, replicate every write to
+//! every member (state digests equal), refuse writes on followers, elect a new leader when the
+//! leader stops, and take the old leader back as a follower that catches up. A learner added
+//! after the log was purged catches up from a snapshot. The raft port refuses a client without
+//! a certificate from the cluster's CA.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rune_log::network::RaftPort;
+use rune_log::pki::{ClusterCa, NodeTls};
+use rune_log::{Log, LogConfig, ProposeError};
+use rune_statemachine::store::digest;
+use rune_statemachine::STATE_TABLE;
+use tokio::net::TcpListener;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// One member: its log and its raft port.
+struct Node {
+    id: u64,
+    log: Log,
+    addr: SocketAddr,
+    port: RaftPort,
+}
+
+/// Opens the log in `dir` as node `id` and serves its raft port on `listener`, with `tls`.
+async fn start(id: u64, dir: &Path, listener: TcpListener, join: bool, tls: Option<NodeTls>) -> Node {
+    let addr = listener.local_addr().unwrap();
+    let cfg = LogConfig {
+        node_id: id,
+        address: addr.to_string(),
+        join,
+        tls: tls.clone(),
+        snapshot_every: 50,
+        keep_after_snapshot: 5,
+        ..LogConfig::new(dir)
+    };
+    let log = Log::open(cfg).await.unwrap();
+    let port = log.serve_raft(listener, tls.as_ref()).unwrap();
+    Node { id, log, addr, port }
+}
+
+/// Stops the node's raft and closes its port, its connections with it, as a crash would
+/// (the data dir stays).
+async fn kill(n: Node) -> SocketAddr {
+    n.log.close().await.unwrap();
+    tokio::time::timeout(DEADLINE, n.port.stop())
+        .await
+        .expect("the raft port closes")
+        .unwrap();
+    n.addr
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Waits until `log` has applied at least `index`.
+async fn applied(log: &Log, index: u64) {
+    let mut w = log.applied();
+    let reached = tokio::time::timeout(DEADLINE, w.wait_for(|a| *a >= index)).await;
+    assert!(
+        reached.is_ok_and(|r| r.is_ok()),
+        "applied {} never reached {index}",
+        *log.applied().borrow()
+    );
+}
+
+fn state_digest(log: &Log) -> String {
+    let txn = log.read().unwrap();
+    digest(&txn.open_table(STATE_TABLE).unwrap()).unwrap()
+}
+
+/// Waits until one of `nodes` leads, and returns its position.
+async fn leader_of(nodes: &[&Node]) -> usize {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let leaders: Vec<usize> = (0..nodes.len())
+            .filter(|i| {
+                let s = nodes[*i].log.cluster_status();
+                s.role == "leader" && s.leader == Some(nodes[*i].id)
+            })
+            .collect();
+        if let [one] = leaders[..] {
+            return one;
+        }
+        assert!(leaders.len() <= 1, "two leaders at once: {leaders:?}");
+        assert!(tokio::time::Instant::now() < until, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn dirs() -> (tempfile::TempDir, [PathBuf; 3]) {
+    let root = tempfile::tempdir().unwrap();
+    let d = [1, 2, 3].map(|i| root.path().join(format!("node{i}")));
+    (root, d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
+    let (_root, dirs) = dirs();
+    let ca = ClusterCa::generate("test").unwrap();
+    let tls = |id| Some(ca.issue(id).unwrap());
+    let n1 = start(1, &dirs[0], listener().await, false, tls(1)).await;
+    let n2 = start(2, &dirs[1], listener().await, true, tls(2)).await;
+    let n3 = start(3, &dirs[2], listener().await, true, tls(3)).await;
+    assert!(!n2.log.healthy(), "a node waiting to join knows no leader");
+
+    n1.log.propose(common::init()).await.unwrap();
+    n1.log.add_voter(2, &n2.addr.to_string()).await.unwrap();
+    n1.log.add_voter(3, &n3.addr.to_string()).await.unwrap();
+    let status = n1.log.cluster_status();
+    let voters: Vec<u64> = status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters, vec![1, 2, 3], "{status:?}");
+
+    let mut last = 0;
+    for i in 0..20 {
+        last = n1
+            .log
+            .propose(common::svc(&format!("s{i}"), 1))
+            .await
+            .unwrap()
+            .index;
+    }
+    for n in [&n1, &n2, &n3] {
+        applied(&n.log, last).await;
+        assert!(n.log.healthy(), "node {} follows a leader", n.id);
+        assert_eq!(n.log.cluster_status().leader, Some(1));
+    }
+    let d = state_digest(&n1.log);
+    assert_eq!(state_digest(&n2.log), d);
+    assert_eq!(state_digest(&n3.log), d);
+
+    // A follower refuses writes and says who leads; nothing is written.
+    match n2.log.propose(common::svc("on-follower", 1)).await {
+        Err(ProposeError::Unavailable(why)) => assert!(why.contains("not the leader"), "{why}"),
+        other => panic!("a follower took a write: {other:?}"),
+    }
+
+    // The leader stops: the other two elect one of themselves and go on writing.
+    let addr1 = kill(n1).await;
+    let rest = [&n2, &n3];
+    let l = leader_of(&rest).await;
+    let leader = rest[l];
+    let mut after = 0;
+    for i in 0..10 {
+        after = leader
+            .log
+            .propose(common::svc(&format!("after{i}"), 1))
+            .await
+            .unwrap()
+            .index;
+    }
+    assert!(after > last);
+    applied(&rest[1 - l].log, after).await;
+    assert_eq!(state_digest(&n2.log), state_digest(&n3.log));
+
+    // The old leader comes back on its old address as a follower and catches up.
+    let back = TcpListener::bind(addr1).await.unwrap();
+    let n1 = start(1, &dirs[0], back, false, tls(1)).await;
+    applied(&n1.log, after).await;
+    let s = n1.log.cluster_status();
+    assert_ne!(s.role, "leader", "{s:?}");
+    assert_eq!(s.leader, Some(leader.id));
+    let d = state_digest(&n2.log);
+    assert_eq!(state_digest(&n1.log), d);
+    assert_eq!(state_digest(&n3.log), d);
+
+    for n in [n1, n2, n3] {
+        kill(n).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_added_after_the_log_was_purged_catches_up_from_a_snapshot() {
+    // Plain text here (no certificates), the way a test may run it.
+    let (_root, dirs) = dirs();
+    let n1 = start(1, &dirs[0], listener().await, false, None).await;
+    n1.log.propose(common::init()).await.unwrap();
+    let mut last = 0;
+    // Raft purges in batches of 1,024 entries.
+    for i in 0..1100 {
+        last = n1
+            .log
+            .propose(common::svc(&format!("s{i}"), 1))
+            .await
+            .unwrap()
+            .index;
+    }
+    n1.log.snapshot().await.unwrap();
+    // Raft purges behind the snapshot on its own time.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while n1.log.cluster_status().purged.is_none_or(|p| p <= 1) {
+        assert!(tokio::time::Instant::now() < until, "the log was never purged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let n2 = start(2, &dirs[1], listener().await, true, None).await;
+    n1.log.add_voter(2, &n2.addr.to_string()).await.unwrap();
+    applied(&n2.log, last).await;
+    let s2 = n2.log.cluster_status();
+    assert!(s2.snapshot.is_some(), "it was sent a snapshot: {s2:?}");
+    assert_eq!(state_digest(&n2.log), state_digest(&n1.log));
+
+    // Two voters: both must hold a write for it to commit, and both do.
+    let w = n1.log.propose(common::svc("two", 1)).await.unwrap().index;
+    applied(&n2.log, w).await;
+
+    // Removing the second voter leaves node 1 alone, writing as before.
+    n1.log.remove_member(2).await.unwrap();
+    kill(n2).await;
+    let members: Vec<u64> = n1.log.cluster_status().members.iter().map(|m| m.id).collect();
+    assert_eq!(members, vec![1]);
+    n1.log.propose(common::svc("alone-again", 1)).await.unwrap();
+    assert!(
+        n1.log.remove_member(1).await.is_err(),
+        "the last voter cannot be removed"
+    );
+    assert!(
+        n1.log.remove_member(9).await.is_err(),
+        "a stranger cannot be removed"
+    );
+
+    kill(n1).await;
+}
+
+/// Asks `addr` for a vote over `tls` (none: plain text) as member 2 would.
+async fn ask_vote(addr: SocketAddr, target: u64, tls: Option<&NodeTls>) -> Result<(), String> {
+    use rune_proto::raft::raft_client::RaftClient;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    if let Some(t) = tls {
+        endpoint = endpoint.tls_config(t.client(target)).unwrap();
+    }
+    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1, 2), None);
+    let message = rune_proto::raft::Message {
+        json: serde_json::to_vec(&vote).unwrap(),
+        data: Vec::new(),
+    };
+    RaftClient::new(channel)
+        .vote(message)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("vote: {e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
+    let (_root, dirs) = dirs();
+    let ca = ClusterCa::generate("test").unwrap();
+    let n1 = start(1, &dirs[0], listener().await, false, Some(ca.issue(1).unwrap())).await;
+    let term = n1.log.cluster_status().term;
+
+    // A member's certificate from this CA is let in, and raft answers.
+    ask_vote(n1.addr, 1, Some(&ca.issue(2).unwrap())).await.unwrap();
+    // No certificate, plain text, or a certificate from another cluster's CA: refused.
+    let stranger = ClusterCa::generate("other").unwrap().issue(2).unwrap();
+    let refused = [
+        ("plain text", ask_vote(n1.addr, 1, None).await),
+        ("another CA", ask_vote(n1.addr, 1, Some(&stranger)).await),
+    ];
+    for (who, r) in refused {
+        assert!(r.is_err(), "{who} was let in");
+    }
+    // And a member checks whom it dialled: node 1's certificate does not pass for node 3.
+    let other_name = ask_vote(n1.addr, 3, Some(&ca.issue(2).unwrap())).await;
+    assert!(other_name.is_err(), "node 1 passed for node 3");
+    assert_eq!(
+        n1.log.cluster_status().term,
+        term,
+        "a refused peer moved raft's term"
+    );
+
+    // Certificates kept on disk come back as they were.
+    let tls = ca.issue(1).unwrap();
+    tls.save(&dirs[1]).unwrap();
+    let back = NodeTls::load(&dirs[1], 1).unwrap().unwrap();
+    assert_eq!(
+        (back.ca_pem, back.cert_pem, back.key_pem),
+        (tls.ca_pem, tls.cert_pem, tls.key_pem)
+    );
+    ca.save(&dirs[1]).unwrap();
+    let ca_back = ClusterCa::load(&dirs[1], "test").unwrap().unwrap();
+    assert_eq!(ca_back.cert_pem(), ca.cert_pem());
+    // What the reloaded CA signs is let in too.
+    ask_vote(n1.addr, 1, Some(&ca_back.issue(2).unwrap()))
+        .await
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dirs[1].join("cluster/node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    kill(n1).await;
+}

@@ -29,7 +29,7 @@ scripts/test-images.sh || exit 1
 if [ $# -gt 0 ]; then
     benches=("$@")
 else
-    benches=(writes dns nft dataplane ingress projections rollout operations)
+    benches=(writes cluster dns nft dataplane ingress projections rollout operations)
 fi
 out="target/bench/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out" || exit 1

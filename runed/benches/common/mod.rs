@@ -87,33 +87,50 @@ impl Drop for Etcd {
 
 /// Starts `$ETCD` (default `etcd` on PATH); `None` when it is not installed.
 pub fn start_etcd() -> Option<Etcd> {
+    start_etcd_cluster(1).and_then(|mut c| c.pop())
+}
+
+/// `n` etcd members forming one cluster on loopback, each with its own data dir; `None` when
+/// etcd is not installed. Returns once every member reports healthy.
+pub fn start_etcd_cluster(n: usize) -> Option<Vec<Etcd>> {
     let bin = std::env::var_os("ETCD")
         .map(PathBuf::from)
         .unwrap_or_else(|| "etcd".into());
-    let dir = tempfile::tempdir().ok()?;
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new(&bin)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
-        .args(["--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let addr = format!("127.0.0.1:{client}").parse().ok()?;
-    let etcd = Etcd { child, dir, url };
-    wait_until(Duration::from_secs(30), "etcd /health", || {
-        http_get(addr, "/health").is_some_and(|(c, _)| c == 200)
-    });
-    Some(etcd)
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let dir = tempfile::tempdir().ok()?;
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(&bin)
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        members.push(Etcd { child, dir, url });
+    }
+    for (client, _) in &ports {
+        let addr = format!("127.0.0.1:{client}").parse().ok()?;
+        wait_until(Duration::from_secs(30), "etcd /health", || {
+            http_get(addr, "/health").is_some_and(|(c, _)| c == 200)
+        });
+    }
+    Some(members)
 }
 
 /// Resident memory of a process, KiB.

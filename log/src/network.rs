@@ -5,6 +5,10 @@
 //! and again after a failure); [`RaftService`] is the server side, handing each request to the
 //! local raft. A single voter never calls a peer: its member address is `local`.
 //!
+//! Beside raft's own RPCs, `Propose` hands a write made on a follower to the leader
+//! ([`Forwarder`]), as etcd's followers pass proposals on: whichever member a client talks to,
+//! the write goes through the leader's batcher and the answer is the applied outcome.
+//!
 //! A peer that cannot be reached is [`Unreachable`] (openraft backs off before retrying it);
 //! any other transport failure is a network error (retried at once); an error raft itself
 //! answered comes back as the remote's error, as openraft expects.
@@ -28,8 +32,12 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::batch::Batcher;
+use crate::node::{ProposeError, Proposed};
 use crate::pki::NodeTls;
+use crate::space::{NoSpace, Space};
 use crate::types::TypeConfig;
+use rune_statemachine::{Envelope, Outcome};
 
 /// The largest raft message either end accepts: an AppendEntries of many large batches, or a
 /// snapshot chunk ([`SNAPSHOT_CHUNK`]) with its metadata. gRPC's default (4 MiB) would refuse
@@ -90,22 +98,7 @@ impl Peer {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint =
-            Endpoint::from_shared(format!("{scheme}://{}", self.addr)).map_err(|e| Unreachable::new(&e))?;
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint
-                .tls_config(tls.client(self.target))
-                .map_err(|e| Unreachable::new(&e))?;
-        }
-        let endpoint = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let c = RaftClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let c = dial(&self.addr, self.tls.as_deref(), self.target).map_err(|e| Unreachable::new(&e))?;
         self.client = Some(c.clone());
         Ok(c)
     }
@@ -141,6 +134,149 @@ impl Peer {
             serde_json::from_slice(&reply.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// A lazy client of member `target`'s raft port at `addr`: over mutual TLS with `tls`.
+fn dial(
+    addr: &str,
+    tls: Option<&NodeTls>,
+    target: u64,
+) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client(target))?;
+    }
+    let endpoint = endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(RaftClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// The answer to a forwarded proposal.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Forwarded {
+    /// Committed and applied at `index`, with what apply decided.
+    Applied {
+        /// The entry's index.
+        index: u64,
+        /// What applying it decided.
+        outcome: Outcome,
+    },
+    /// The leader's data dir is below its reserve.
+    NoSpace(NoSpace),
+    /// The member asked no longer leads: nothing was proposed.
+    NotLeader,
+    /// Not taken: no longer the leader, shutting down, or storage failed.
+    Unavailable(String),
+}
+
+/// How long a forwarded proposal may take, from the follower's side: as long as a write may.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Hands this follower's proposals to the leader, over one connection kept per leader.
+pub(crate) struct Forwarder {
+    tls: Option<Arc<NodeTls>>,
+    client: std::sync::Mutex<Option<(u64, String, RaftClient<Channel>)>>,
+}
+
+impl Forwarder {
+    pub(crate) fn new(tls: Option<NodeTls>) -> Self {
+        Self {
+            tls: tls.map(Arc::new),
+            client: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn client(&self, leader: u64, addr: &str) -> Result<RaftClient<Channel>, ProposeError> {
+        let mut cached = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, a, c)) = cached.as_ref() {
+            if *id == leader && a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let c = dial(addr, self.tls.as_deref(), leader).map_err(|e| {
+            ProposeError::Unavailable(format!("cannot reach the leader (node {leader} at {addr}): {e}"))
+        })?;
+        *cached = Some((leader, addr.to_string(), c.clone()));
+        Ok(c)
+    }
+
+    /// Proposes `envelope` through the leader `leader` at `addr` and waits for its outcome.
+    pub(crate) async fn propose(
+        &self,
+        leader: u64,
+        addr: &str,
+        envelope: &Envelope,
+    ) -> Result<Proposed, Forward> {
+        let failed = Forward::Failed;
+        let mut client = self.client(leader, addr).map_err(failed)?;
+        let json =
+            serde_json::to_vec(envelope).map_err(|e| failed(ProposeError::Unavailable(e.to_string())))?;
+        let mut request = Request::new(Message {
+            json,
+            data: Vec::new(),
+        });
+        request.set_timeout(FORWARD_TIMEOUT);
+        let reply = match client.propose(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let why = format!(
+                    "the leader (node {leader} at {addr}) did not answer: {}",
+                    s.message()
+                );
+                // Refused at connect: nothing was sent, so asking the next leader is safe.
+                // Anything later may have reached the leader: the caller hears it.
+                return Err(if never_connected(&s) {
+                    Forward::Retry(why)
+                } else {
+                    failed(ProposeError::Unavailable(why))
+                });
+            }
+        };
+        match serde_json::from_slice(&reply.json) {
+            Ok(Forwarded::Applied { index, outcome }) => Ok(Proposed { index, outcome }),
+            Ok(Forwarded::NoSpace(n)) => Err(failed(ProposeError::NoSpace(n))),
+            Ok(Forwarded::NotLeader) => Err(Forward::Retry(format!("node {leader} no longer leads"))),
+            Ok(Forwarded::Unavailable(why)) => Err(failed(ProposeError::Unavailable(format!(
+                "the leader (node {leader}): {why}"
+            )))),
+            Err(e) => Err(failed(ProposeError::Unavailable(format!(
+                "the leader's answer: {e}"
+            )))),
+        }
+    }
+}
+
+/// Why a forwarded proposal was not applied.
+pub(crate) enum Forward {
+    /// The leader did not take it (it no longer leads, or could not be reached at all): it may
+    /// be proposed again to the next leader.
+    Retry(String),
+    /// It may or may not have been written: the caller hears this.
+    Failed(ProposeError),
+}
+
+/// Whether `status` is a connection that was never made (refused, no route): a request that
+/// was never sent.
+fn never_connected(status: &Status) -> bool {
+    use std::error::Error as _;
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable, NotConnected};
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused | HostUnreachable | NetworkUnreachable | NotConnected
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A gRPC status as an error openraft can hold.
@@ -183,17 +319,48 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// The raft port's gRPC service: hands each peer's request to this node's raft.
+/// The raft port's gRPC service: hands each peer's request to this node's raft, and the
+/// proposals followers forward to its batcher.
 pub struct RaftService {
     raft: Raft<TypeConfig>,
+    batcher: Arc<Batcher>,
+    space: Arc<Space>,
 }
 
 impl RaftService {
     /// The service for `raft`, with message limits matching the peers' ([`MAX_MESSAGE`]).
-    pub fn server(raft: Raft<TypeConfig>) -> RaftServer<Self> {
-        RaftServer::new(Self { raft })
+    pub(crate) fn server(
+        raft: Raft<TypeConfig>,
+        batcher: Arc<Batcher>,
+        space: Arc<Space>,
+    ) -> RaftServer<Self> {
+        RaftServer::new(Self { raft, batcher, space })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A forwarded proposal's answer. Never forwarded again: a member that no longer leads
+    /// says so, and the follower asks again once it knows the new leader.
+    async fn forwarded(&self, envelope: Envelope) -> Forwarded {
+        let leads = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.current_leader == Some(m.id)
+        };
+        if !leads {
+            return Forwarded::NotLeader;
+        }
+        if let Err(n) = self.space.check(self.space.need(envelope.command.uses_reserve())) {
+            return Forwarded::NoSpace(n);
+        }
+        match self.batcher.propose(envelope).await {
+            Ok(p) => Forwarded::Applied {
+                index: p.index,
+                outcome: p.outcome,
+            },
+            Err(ProposeError::NoSpace(n)) => Forwarded::NoSpace(n),
+            Err(e) => Forwarded::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -291,5 +458,10 @@ impl RaftRpc for RaftService {
         let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&message)?;
         rpc.data = message.data;
         reply(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        let envelope: Envelope = decode(request.get_ref())?;
+        reply(&self.forwarded(envelope).await)
     }
 }

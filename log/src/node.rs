@@ -14,7 +14,7 @@ use crate::batch::Batcher;
 use crate::db::ClosingDb;
 use crate::log_store::{migrate_redb, LogStore};
 use crate::metrics::Metrics;
-use crate::network::{Network, RaftPort, RaftService, SNAPSHOT_CHUNK};
+use crate::network::{Forward, Forwarder, Network, RaftPort, RaftService, SNAPSHOT_CHUNK};
 use crate::space::{NoSpace, Space};
 use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
 use crate::types::{TypeConfig, NODE_ID};
@@ -117,6 +117,10 @@ pub enum ProposeError {
     NoSpace(#[from] NoSpace),
 }
 
+/// How long a proposal on a member that knows no leader waits for an election to end: longer
+/// than one election takes (a lease of 900 ms, then 600–900 ms).
+pub const LEADER_WAIT: Duration = Duration::from_secs(3);
+
 /// A proposal that was committed and applied.
 #[derive(Debug, Clone)]
 pub struct Proposed {
@@ -139,6 +143,8 @@ pub struct Log {
     /// Times this node saw the leader change (or a leader appear): a count an operator alerts
     /// on, as on etcd's `leader_changes_seen`.
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// Hands proposals made here to the leader when this node follows.
+    forwarder: Forwarder,
 }
 
 fn open_db(
@@ -255,6 +261,7 @@ impl Log {
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
         let log = Self {
+            forwarder: Forwarder::new(cfg.tls.clone()),
             batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
             leader_changes: count_leader_changes(&raft),
@@ -292,7 +299,9 @@ impl Log {
     /// Proposes a command and waits until it is durable, committed and applied.
     ///
     /// `Ok` means the write survives any crash from now on. The outcome may still be a rejection
-    /// decided by apply, which changed nothing.
+    /// decided by apply, which changed nothing. On a follower the proposal goes to the leader
+    /// (while an election runs, it waits up to [`LEADER_WAIT`] for one); a leader lost between
+    /// the two answers UNAVAILABLE, and the write did not happen.
     pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
         if let Err(e) = self.space.check(self.space.need(command.uses_reserve())) {
             self.metrics
@@ -304,11 +313,54 @@ impl Log {
         self.metrics
             .proposals
             .add(1, &[opentelemetry::KeyValue::new("command", command.kind())]);
-        let r = self.batcher.propose(Envelope::new(now_ms(), command)).await;
+        let envelope = Envelope::new(now_ms(), command);
+        let r = self.route(envelope).await;
         self.metrics
             .propose_seconds
             .record(started.elapsed().as_secs_f64(), &[]);
         r
+    }
+
+    /// Proposes `envelope` here when this node leads (or knows no leader: raft answers), else
+    /// through the leader. A leader that could not be reached at all, or no longer leads, did
+    /// not take it: the next one is asked, until [`LEADER_WAIT`] has passed.
+    async fn route(&self, envelope: Envelope) -> Result<Proposed, ProposeError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let Some((leader, addr)) = self.leader_elsewhere().await else {
+                return self.batcher.propose(envelope).await;
+            };
+            let why = match self.forwarder.propose(leader, &addr, &envelope).await {
+                Ok(p) => return Ok(p),
+                Err(Forward::Failed(e)) => return Err(e),
+                Err(Forward::Retry(why)) => why,
+            };
+            // Wait for this member to see the leader change (or an election start).
+            let mut m = self.raft.metrics();
+            let changed =
+                tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader != Some(leader))).await;
+            if !matches!(changed, Ok(Ok(_))) {
+                return Err(ProposeError::Unavailable(why));
+            }
+        }
+    }
+
+    /// The leader and its raft address when another member leads. While no leader is known
+    /// (an election), waits up to [`LEADER_WAIT`] for one; none (or this node) means propose
+    /// here, where raft answers for itself.
+    async fn leader_elsewhere(&self) -> Option<(u64, String)> {
+        let mut m = self.raft.metrics();
+        let electing = {
+            let now = m.borrow();
+            now.current_leader.is_none() && now.state != ServerState::Shutdown
+        };
+        if electing {
+            let _ = tokio::time::timeout(LEADER_WAIT, m.wait_for(|m| m.current_leader.is_some())).await;
+        }
+        let m = m.borrow();
+        let leader = m.current_leader.filter(|l| *l != m.id)?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
     }
 
     /// A read view of the applied state. Reads see a consistent state at some applied index.
@@ -393,8 +445,8 @@ impl Log {
         listener: tokio::net::TcpListener,
         tls: Option<&crate::pki::NodeTls>,
     ) -> Result<RaftPort, LogError> {
-        RaftPort::start(RaftService::server(self.raft.clone()), listener, tls)
-            .map_err(|e| LogError::Raft(format!("raft port: {e}")))
+        let service = RaftService::server(self.raft.clone(), self.batcher.clone(), self.space.clone());
+        RaftPort::start(service, listener, tls).map_err(|e| LogError::Raft(format!("raft port: {e}")))
     }
 
     /// Adds node `id`, reached at `address`, as a voter: first as a learner, which receives the

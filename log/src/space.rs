@@ -20,7 +20,7 @@ pub struct Space {
 }
 
 /// Why a write was refused: too little room left on the data dir's file system.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error(
     "the data dir {} has {} free, below the reserve of {} (storage.reserve): writes are refused until space is freed; deletes still work",
     dir.display(), human(*free), human(*reserve)

@@ -1,7 +1,8 @@
 //! Three logs in one process, each serving its raft port on loopback over the real gRPC
 //! transport with mutual TLS from a cluster CA: they form one cluster, replicate every write to
-//! every member (state digests equal), refuse writes on followers, elect a new leader when the
-//! leader stops, and take the old leader back as a follower that catches up. A learner added
+//! every member (state digests equal), take writes on followers through the leader, elect a
+//! new leader when the leader stops, and take the old leader back as a follower that catches
+//! up. A learner added
 //! after the log was purged catches up from a snapshot. The raft port refuses a client without
 //! a certificate from the cluster's CA.
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use rune_log::network::RaftPort;
 use rune_log::pki::{ClusterCa, NodeTls};
-use rune_log::{Log, LogConfig, ProposeError};
+use rune_log::{Log, LogConfig};
 use rune_statemachine::store::digest;
 use rune_statemachine::STATE_TABLE;
 use tokio::net::TcpListener;
@@ -136,14 +137,25 @@ async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
     assert_eq!(state_digest(&n2.log), d);
     assert_eq!(state_digest(&n3.log), d);
 
-    // A follower refuses writes and says who leads; nothing is written.
-    match n2.log.propose(common::svc("on-follower", 1)).await {
-        Err(ProposeError::Unavailable(why)) => assert!(why.contains("not the leader"), "{why}"),
-        other => panic!("a follower took a write: {other:?}"),
+    // A write made on a follower goes through the leader, and every member has it.
+    let on_follower = n2.log.propose(common::svc("on-follower", 1)).await.unwrap();
+    assert!(
+        on_follower.index > last && on_follower.outcome.is_ok(),
+        "{on_follower:?}"
+    );
+    last = on_follower.index;
+    for n in [&n1, &n2, &n3] {
+        applied(&n.log, last).await;
     }
+    let d = state_digest(&n1.log);
+    assert_eq!(state_digest(&n2.log), d);
+    assert_eq!(state_digest(&n3.log), d);
 
-    // The leader stops: the other two elect one of themselves and go on writing.
+    // The leader stops: the other two elect one of themselves and go on writing. A write made
+    // during the election waits for its outcome and goes to whoever wins.
     let addr1 = kill(n1).await;
+    let during = n3.log.propose(common::svc("during-election", 1)).await.unwrap();
+    assert!(during.index > last);
     let rest = [&n2, &n3];
     let l = leader_of(&rest).await;
     let leader = rest[l];

@@ -184,14 +184,14 @@ impl Flight {
                 // Raft dropped the entry unanswered: shut down or its storage failed.
                 Err(_) => Err(dropped()),
             },
-            Err(fatal) => Err(fatal.to_string()),
+            Err(fatal) => Err(ProposeError::Unavailable(fatal.to_string())),
         };
         self.finish(result)
     }
 
     /// The entry is done: the next one is made first (so that it is submitted as soon as
     /// these proposers are told), then each proposer gets its own outcome.
-    fn finish(&mut self, result: Result<ClientWriteResponse<TypeConfig>, String>) -> Option<Flight> {
+    fn finish(&mut self, result: Result<ClientWriteResponse<TypeConfig>, ProposeError>) -> Option<Flight> {
         let next = self.batcher.take().and_then(Batcher::next);
         let replies = std::mem::take(&mut self.replies);
         match result {
@@ -208,9 +208,12 @@ impl Flight {
                     let _ = reply.send(r);
                 }
             }
-            Err(why) => {
+            Err(e) => {
                 for reply in replies {
-                    let _ = reply.send(Err(ProposeError::Unavailable(why.clone())));
+                    let _ = reply.send(Err(match &e {
+                        ProposeError::NotLeader(why) => ProposeError::NotLeader(why.clone()),
+                        other => ProposeError::Unavailable(other.to_string()),
+                    }));
                 }
             }
         }
@@ -234,20 +237,20 @@ impl Drop for Flight {
 }
 
 /// Why raft refused an entry, naming the leader when this node is not it.
-fn refused(e: ClientWriteError<u64, openraft::BasicNode>) -> String {
+fn refused(e: ClientWriteError<u64, openraft::BasicNode>) -> ProposeError {
     match e {
-        ClientWriteError::ForwardToLeader(f) => format!(
+        ClientWriteError::ForwardToLeader(f) => ProposeError::NotLeader(format!(
             "not the leader (leader: {})",
             match (f.leader_id, f.leader_node) {
                 (Some(id), Some(n)) => format!("node {id} at {}", n.addr),
                 (Some(id), None) => format!("node {id}"),
                 _ => "none known".into(),
             }
-        ),
-        e => e.to_string(),
+        )),
+        e => ProposeError::Unavailable(e.to_string()),
     }
 }
 
-fn dropped() -> String {
-    "the log is shut down or failed before applying this write".into()
+fn dropped() -> ProposeError {
+    ProposeError::Unavailable("the log is shut down or failed before applying this write".into())
 }

@@ -10,13 +10,16 @@
 //! the write goes through the leader's batcher and the answer is the applied outcome.
 //!
 //! A peer that cannot be reached is [`Unreachable`] (openraft backs off before retrying it);
-//! any other transport failure is a network error (retried at once); an error raft itself
-//! answered comes back as the remote's error, as openraft expects.
+//! an AppendEntries refused as too large is `PayloadTooLarge` (openraft sends fewer entries);
+//! any other transport failure is a network error; an error raft itself answered comes back as
+//! the remote's error, as openraft expects.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -108,6 +111,7 @@ impl Peer {
         &mut self,
         req: &Q,
         data: Vec<u8>,
+        entries: u64,
         option: &RPCOption,
         call: F,
     ) -> RpcResult<P, E>
@@ -119,6 +123,11 @@ impl Peer {
         Fut: std::future::Future<Output = Result<Response<Message>, Status>>,
     {
         let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // Too large for the peer to accept: openraft sends fewer entries when told so.
+        let too_large = || RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint((entries / 2).max(1)));
+        if entries > 1 && json.len() + data.len() > MAX_MESSAGE {
+            return Err(too_large());
+        }
         let client = self.client().map_err(RPCError::Unreachable)?;
         let mut request = Request::new(Message { json, data });
         request.set_timeout(option.hard_ttl());
@@ -127,6 +136,12 @@ impl Peer {
             // Refused or no route: back off before trying this peer again.
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&StatusError(s))))
+            }
+            Err(s)
+                if entries > 1
+                    && matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) =>
+            {
+                return Err(too_large())
             }
             Err(s) => return Err(RPCError::Network(NetworkError::new(&StatusError(s)))),
         };
@@ -265,13 +280,13 @@ pub(crate) enum Forward {
 /// was never sent.
 fn never_connected(status: &Status) -> bool {
     use std::error::Error as _;
-    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable, NotConnected};
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable};
     let mut source = status.source();
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return matches!(
                 io.kind(),
-                ConnectionRefused | HostUnreachable | NetworkUnreachable | NotConnected
+                ConnectionRefused | HostUnreachable | NetworkUnreachable
             );
         }
         source = e.source();
@@ -290,7 +305,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>> {
-        self.send(&rpc, Vec::new(), &option, |mut c, r| async move {
+        let entries = rpc.entries.len() as u64;
+        self.send(&rpc, Vec::new(), entries, &option, |mut c, r| async move {
             c.append_entries(r).await
         })
         .await
@@ -300,6 +316,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         self.send(
             &rpc,
             Vec::new(),
+            0,
             &option,
             |mut c, r| async move { c.vote(r).await },
         )
@@ -312,7 +329,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
         let data = std::mem::take(&mut rpc.data);
-        self.send(&rpc, data, &option, |mut c, r| async move {
+        self.send(&rpc, data, 0, &option, |mut c, r| async move {
             c.install_snapshot(r).await
         })
         .await
@@ -359,6 +376,8 @@ impl RaftService {
                 outcome: p.outcome,
             },
             Err(ProposeError::NoSpace(n)) => Forwarded::NoSpace(n),
+            // Lost the lead between the check above and the batcher: nothing was appended.
+            Err(ProposeError::NotLeader(_)) => Forwarded::NotLeader,
             Err(e) => Forwarded::Unavailable(e.to_string()),
         }
     }

@@ -109,7 +109,12 @@ pub enum LogError {
 /// Failures to propose.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
-    /// The node is not leader, is shutting down, or its storage failed; the write did not happen.
+    /// This member does not lead (raft refused the entry before appending it): the write did
+    /// not happen, and the leader, when one is known, is named.
+    #[error("the log is not accepting writes here: {0}")]
+    NotLeader(String),
+    /// The node is shutting down or its storage failed, or the leader was lost after it took
+    /// the write: it may or may not have happened.
     #[error("the log is not accepting writes: {0}")]
     Unavailable(String),
     /// The data dir's file system is below its reserve; the write did not happen.
@@ -120,6 +125,14 @@ pub enum ProposeError {
 /// How long a proposal on a member that knows no leader waits for an election to end: longer
 /// than one election takes (a lease of 900 ms, then 600–900 ms).
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a leader may go without a quorum's acknowledgement and still call itself healthy:
+/// twice the longest election timeout, by when the others will have chosen another.
+const QUORUM_SILENCE_MS: u64 = 1_800;
+
+/// How long a write forwarded to the leader may take to be applied on the member that
+/// forwarded it, once the leader applied it.
+pub const APPLY_WAIT: Duration = Duration::from_secs(10);
 
 /// A proposal that was committed and applied.
 #[derive(Debug, Clone)]
@@ -145,6 +158,8 @@ pub struct Log {
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     /// Hands proposals made here to the leader when this node follows.
     forwarder: Forwarder,
+    /// This member's certificates for the raft port.
+    tls: Option<crate::pki::NodeTls>,
 }
 
 fn open_db(
@@ -262,6 +277,7 @@ impl Log {
             .map_err(|e| LogError::Raft(e.to_string()))?;
         let log = Self {
             forwarder: Forwarder::new(cfg.tls.clone()),
+            tls: cfg.tls.clone(),
             batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
             leader_changes: count_leader_changes(&raft),
@@ -292,6 +308,24 @@ impl Log {
             .applied_index_at_least(Some(last), "apply committed entries")
             .await
             .map_err(|e| LogError::Raft(format!("did not catch up: {e}")))?;
+        // A data dir founded before it had a raft port knows itself as `local`: the address
+        // the others will dial is recorded once it has one.
+        let recorded = {
+            let m = log.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        };
+        if recorded.as_deref().is_some_and(|a| a != cfg.address) {
+            let nodes = BTreeMap::from([(id, BasicNode::new(&cfg.address))]);
+            log.raft
+                .change_membership(openraft::ChangeMembers::SetNodes(nodes), true)
+                .await
+                .map_err(|e| LogError::Membership(format!("recording this node's address: {e}")))?;
+            tracing::info!(node = id, address = %cfg.address, "recorded this node's raft address");
+        }
         tracing::info!(applied = last, "log open");
         Ok(log)
     }
@@ -300,8 +334,10 @@ impl Log {
     ///
     /// `Ok` means the write survives any crash from now on. The outcome may still be a rejection
     /// decided by apply, which changed nothing. On a follower the proposal goes to the leader
-    /// (while an election runs, it waits up to [`LEADER_WAIT`] for one); a leader lost between
-    /// the two answers UNAVAILABLE, and the write did not happen.
+    /// (while an election runs, it waits up to [`LEADER_WAIT`] for one) and `Ok` comes once
+    /// this member has applied it too. [`ProposeError::Unavailable`] may follow a write that
+    /// did happen (a leader lost after it took the write): the caller reads before it retries
+    /// anything that is not idempotent.
     pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
         if let Err(e) = self.space.check(self.space.need(command.uses_reserve())) {
             self.metrics
@@ -327,11 +363,13 @@ impl Log {
     async fn route(&self, envelope: Envelope) -> Result<Proposed, ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            let Some((leader, addr)) = self.leader_elsewhere().await else {
+            let Some((leader, addr)) = self.leader_elsewhere(deadline).await else {
                 return self.batcher.propose(envelope).await;
             };
             let why = match self.forwarder.propose(leader, &addr, &envelope).await {
-                Ok(p) => return Ok(p),
+                // As on the leader, the write is applied here before its proposer hears OK, so
+                // that a read (or a token check) after it sees it.
+                Ok(p) => return self.applied_here(p).await,
                 Err(Forward::Failed(e)) => return Err(e),
                 Err(Forward::Retry(why)) => why,
             };
@@ -345,17 +383,37 @@ impl Log {
         }
     }
 
+    /// Waits until this member has applied `p`'s entry, then hands `p` back.
+    async fn applied_here(&self, p: Proposed) -> Result<Proposed, ProposeError> {
+        let mut applied = self.applied();
+        let reached = tokio::time::timeout(APPLY_WAIT, applied.wait_for(|a| *a >= p.index))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match reached {
+            true => Ok(p),
+            false => Err(ProposeError::Unavailable(format!(
+                "written at index {} by the leader, but not applied here within {APPLY_WAIT:?}",
+                p.index
+            ))),
+        }
+    }
+
     /// The leader and its raft address when another member leads. While no leader is known
-    /// (an election), waits up to [`LEADER_WAIT`] for one; none (or this node) means propose
-    /// here, where raft answers for itself.
-    async fn leader_elsewhere(&self) -> Option<(u64, String)> {
+    /// (an election), waits until `deadline` for one; none (or this node) means propose here,
+    /// where raft answers for itself.
+    async fn leader_elsewhere(&self, deadline: tokio::time::Instant) -> Option<(u64, String)> {
         let mut m = self.raft.metrics();
-        let electing = {
+        let (stopped, electing) = {
             let now = m.borrow();
-            now.current_leader.is_none() && now.state != ServerState::Shutdown
+            let stopped = now.running_state.is_err() || now.state == ServerState::Shutdown;
+            (stopped, now.current_leader.is_none())
         };
+        // A stopped raft keeps its last leader in its metrics: its own batcher says it stopped.
+        if stopped {
+            return None;
+        }
         if electing {
-            let _ = tokio::time::timeout(LEADER_WAIT, m.wait_for(|m| m.current_leader.is_some())).await;
+            let _ = tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader.is_some())).await;
         }
         let m = m.borrow();
         let leader = m.current_leader.filter(|l| *l != m.id)?;
@@ -427,48 +485,84 @@ impl Log {
     }
 
     /// True while raft runs, this node knows a leader (itself, when alone) and its state can be
-    /// read: the `/healthz` condition. A follower that hears its leader is healthy; a node cut
-    /// off from the quorum is not.
+    /// read: the `/healthz` condition. A follower that hears its leader is healthy; a leader
+    /// that no quorum has acknowledged for [`QUORUM_SILENCE_MS`] is not, nor a follower once
+    /// its election timeout has passed without a leader.
     pub fn healthy(&self) -> bool {
         let ok = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            m.running_state.is_ok() && m.current_leader.is_some()
+            let leads = m.current_leader == Some(m.id);
+            let voters = m.membership_config.membership().voter_ids().count();
+            // openraft's leader does not step down when it loses its quorum: it is cut off
+            // when no quorum has acknowledged it for longer than an election takes.
+            let heard = !leads
+                || voters <= 1
+                || m.millis_since_quorum_ack
+                    .is_some_and(|ms| ms <= QUORUM_SILENCE_MS);
+            m.running_state.is_ok() && m.current_leader.is_some() && heard
         };
         ok && self.read().is_ok()
     }
 
     /// Serves this node's raft port on `listener`, where the other members reach
-    /// [`LogConfig::address`], with `tls` (see [`crate::network::RaftPort`]).
-    pub fn serve_raft(
-        &self,
-        listener: tokio::net::TcpListener,
-        tls: Option<&crate::pki::NodeTls>,
-    ) -> Result<RaftPort, LogError> {
+    /// [`LogConfig::address`], over mutual TLS with [`LogConfig::tls`] (see
+    /// [`crate::network::RaftPort`]). Without certificates only a loopback address is served:
+    /// the port takes writes and log entries, so plain text is for tests on one machine.
+    pub fn serve_raft(&self, listener: tokio::net::TcpListener) -> Result<RaftPort, LogError> {
+        if self.tls.is_none() && !listener.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+            return Err(LogError::Raft(
+                "the raft port serves other hosts only over mutual TLS: this node has no cluster certificate"
+                    .into(),
+            ));
+        }
         let service = RaftService::server(self.raft.clone(), self.batcher.clone(), self.space.clone());
-        RaftPort::start(service, listener, tls).map_err(|e| LogError::Raft(format!("raft port: {e}")))
+        RaftPort::start(service, listener, self.tls.as_ref())
+            .map_err(|e| LogError::Raft(format!("raft port: {e}")))
     }
 
     /// Adds node `id`, reached at `address`, as a voter: first as a learner, which receives the
     /// log (or a snapshot) until it has caught up, then into the voters in one joint-consensus
-    /// change. Only the leader can; the call returns when the new membership is committed.
-    pub async fn add_voter(&self, id: u64, address: &str) -> Result<(), LogError> {
+    /// change. Only the leader can. A learner that does not catch up within `catch_up` (down,
+    /// a wrong address, a certificate the port refuses) is taken out again and the call fails.
+    pub async fn add_voter(&self, id: u64, address: &str, catch_up: Duration) -> Result<(), LogError> {
         let refused = |e: &dyn std::fmt::Display| LogError::Membership(e.to_string());
-        self.raft
-            .add_learner(id, BasicNode::new(address), true)
+        let added = self
+            .raft
+            .add_learner(id, BasicNode::new(address), false)
             .await
             .map_err(|e| refused(&e))?;
-        let mut voters: std::collections::BTreeSet<u64> = self
+        let at = added.log_id.index;
+        let caught_up = self
             .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        voters.insert(id);
+            .wait(Some(catch_up))
+            .metrics(
+                |m| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).copied().flatten())
+                        .is_some_and(|l| l.index >= at)
+                },
+                "the new learner caught up",
+            )
+            .await;
+        if let Err(e) = caught_up {
+            let ids = std::collections::BTreeSet::from([id]);
+            if let Err(undo) = self
+                .raft
+                .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
+                .await
+            {
+                tracing::warn!(node = id, error = %undo, "could not take out a learner that did not catch up");
+            }
+            return Err(LogError::Membership(format!(
+                "node {id} at {address} did not catch up: {e}"
+            )));
+        }
+        // Only this id is added to the voters: a concurrent change is not undone.
+        let ids = std::collections::BTreeSet::from([id]);
         self.raft
-            .change_membership(voters, false)
+            .change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
             .await
             .map_err(|e| refused(&e))?;
         tracing::info!(node = id, address, "added a voter");
@@ -490,34 +584,21 @@ impl Log {
         if !known {
             return Err(LogError::Membership(format!("node {id} is not a member")));
         }
+        let ids = std::collections::BTreeSet::from([id]);
         if voters.contains(&id) {
-            let rest: std::collections::BTreeSet<u64> = voters.into_iter().filter(|v| *v != id).collect();
-            if rest.is_empty() {
+            if voters.len() == 1 {
                 return Err(LogError::Membership(format!(
                     "node {id} is the last voter; removing it would leave no cluster"
                 )));
             }
+            // With retain = false the voter leaves the membership altogether, not as a learner.
             self.raft
-                .change_membership(rest, false)
+                .change_membership(openraft::ChangeMembers::RemoveVoters(ids), false)
                 .await
                 .map_err(|e| refused(&e))?;
-        }
-        // Voters removed above stay as learners (retain = false drops them); a learner is
-        // removed by name.
-        let still_there = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .any(|(n, _)| *n == id);
-        if still_there {
+        } else {
             self.raft
-                .change_membership(
-                    openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
-                    false,
-                )
+                .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
                 .await
                 .map_err(|e| refused(&e))?;
         }

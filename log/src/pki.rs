@@ -72,6 +72,8 @@ impl NodeTls {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            // A peer that opens a connection and never finishes the handshake is dropped.
+            .timeout(std::time::Duration::from_secs(10))
     }
 
     /// The client side towards member `target`: trusts the CA alone, expects `target`'s name,
@@ -142,7 +144,8 @@ impl ClusterCa {
         })
     }
 
-    /// The CA under `data_dir`'s [`PKI_DIR`], if this node holds it.
+    /// The CA under `data_dir`'s [`PKI_DIR`], if this node holds it. `cluster` must be the name
+    /// it was made with: what it signs names its subject as the issuer.
     pub fn load(data_dir: &Path, cluster: &str) -> Result<Option<Self>, PkiError> {
         let dir = data_dir.join(PKI_DIR);
         let (Some(cert_pem), Some(key_pem)) = (read(&dir.join(CA_CERT))?, read(&dir.join(CA_KEY))?) else {
@@ -221,7 +224,9 @@ fn write(path: &Path, text: &str) -> Result<(), PkiError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -232,5 +237,10 @@ fn write(path: &Path, text: &str) -> Result<(), PkiError> {
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename itself is durable once the directory is.
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io),
+        None => Ok(()),
+    }
 }

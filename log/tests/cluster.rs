@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rune_log::network::RaftPort;
-use rune_log::pki::{ClusterCa, NodeTls};
+use rune_log::pki::{node_name, ClusterCa, NodeTls};
 use rune_log::{Log, LogConfig};
 use rune_statemachine::store::digest;
 use rune_statemachine::STATE_TABLE;
 use tokio::net::TcpListener;
+use tonic::transport::{ClientTlsConfig, Identity};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -42,7 +43,7 @@ async fn start(id: u64, dir: &Path, listener: TcpListener, join: bool, tls: Opti
         ..LogConfig::new(dir)
     };
     let log = Log::open(cfg).await.unwrap();
-    let port = log.serve_raft(listener, tls.as_ref()).unwrap();
+    let port = log.serve_raft(listener).unwrap();
     Node { id, log, addr, port }
 }
 
@@ -113,8 +114,8 @@ async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
     assert!(!n2.log.healthy(), "a node waiting to join knows no leader");
 
     n1.log.propose(common::init()).await.unwrap();
-    n1.log.add_voter(2, &n2.addr.to_string()).await.unwrap();
-    n1.log.add_voter(3, &n3.addr.to_string()).await.unwrap();
+    n1.log.add_voter(2, &n2.addr.to_string(), DEADLINE).await.unwrap();
+    n1.log.add_voter(3, &n3.addr.to_string(), DEADLINE).await.unwrap();
     let status = n1.log.cluster_status();
     let voters: Vec<u64> = status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
     assert_eq!(voters, vec![1, 2, 3], "{status:?}");
@@ -213,7 +214,7 @@ async fn a_member_added_after_the_log_was_purged_catches_up_from_a_snapshot() {
     }
 
     let n2 = start(2, &dirs[1], listener().await, true, None).await;
-    n1.log.add_voter(2, &n2.addr.to_string()).await.unwrap();
+    n1.log.add_voter(2, &n2.addr.to_string(), DEADLINE).await.unwrap();
     applied(&n2.log, last).await;
     let s2 = n2.log.cluster_status();
     assert!(s2.snapshot.is_some(), "it was sent a snapshot: {s2:?}");
@@ -241,8 +242,8 @@ async fn a_member_added_after_the_log_was_purged_catches_up_from_a_snapshot() {
     kill(n1).await;
 }
 
-/// Asks `addr` for a vote over `tls` (none: plain text) as member 2 would.
-async fn ask_vote(addr: SocketAddr, target: u64, tls: Option<&NodeTls>) -> Result<(), String> {
+/// Asks `addr` for a vote as member 2 would, over `tls` (none: plain text).
+async fn ask_vote(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), String> {
     use rune_proto::raft::raft_client::RaftClient;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
@@ -250,7 +251,7 @@ async fn ask_vote(addr: SocketAddr, target: u64, tls: Option<&NodeTls>) -> Resul
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(5));
     if let Some(t) = tls {
-        endpoint = endpoint.tls_config(t.client(target)).unwrap();
+        endpoint = endpoint.tls_config(t).unwrap();
     }
     let channel = endpoint.connect().await.map_err(|e| format!("connect: {e:?}"))?;
     let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1, 2), None);
@@ -273,18 +274,33 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     let term = n1.log.cluster_status().term;
 
     // A member's certificate from this CA is let in, and raft answers.
-    ask_vote(n1.addr, 1, Some(&ca.issue(2).unwrap())).await.unwrap();
-    // No certificate, plain text, or a certificate from another cluster's CA: refused.
+    let member = ca.issue(2).unwrap();
+    ask_vote(n1.addr, Some(member.client(1))).await.unwrap();
+    // The client trusts this cluster's CA and checks node 1's name in every case below, so
+    // what is refused is the client: plain text, no certificate, another CA's certificate.
     let stranger = ClusterCa::generate("other").unwrap().issue(2).unwrap();
+    let trusting = || {
+        ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+            .domain_name(node_name(1))
+    };
     let refused = [
-        ("plain text", ask_vote(n1.addr, 1, None).await),
-        ("another CA", ask_vote(n1.addr, 1, Some(&stranger)).await),
+        ("plain text", ask_vote(n1.addr, None).await),
+        ("no certificate", ask_vote(n1.addr, Some(trusting())).await),
+        (
+            "another CA's certificate",
+            ask_vote(
+                n1.addr,
+                Some(trusting().identity(Identity::from_pem(&stranger.cert_pem, &stranger.key_pem))),
+            )
+            .await,
+        ),
     ];
     for (who, r) in refused {
         assert!(r.is_err(), "{who} was let in");
     }
     // And a member checks whom it dialled: node 1's certificate does not pass for node 3.
-    let other_name = ask_vote(n1.addr, 3, Some(&ca.issue(2).unwrap())).await;
+    let other_name = ask_vote(n1.addr, Some(member.client(3))).await;
     assert!(other_name.is_err(), "node 1 passed for node 3");
     assert_eq!(
         n1.log.cluster_status().term,
@@ -304,7 +320,7 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     let ca_back = ClusterCa::load(&dirs[1], "test").unwrap().unwrap();
     assert_eq!(ca_back.cert_pem(), ca.cert_pem());
     // What the reloaded CA signs is let in too.
-    ask_vote(n1.addr, 1, Some(&ca_back.issue(2).unwrap()))
+    ask_vote(n1.addr, Some(ca_back.issue(2).unwrap().client(1)))
         .await
         .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -314,5 +330,42 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
+    kill(n1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_founded_alone_records_its_raft_address_and_takes_members() {
+    // A data dir made before it had a raft port knows itself as `local`; the others must be
+    // able to dial it once it has one.
+    let (_root, dirs) = dirs();
+    let alone = Log::open(LogConfig::new(&dirs[0])).await.unwrap();
+    alone.propose(common::init()).await.unwrap();
+    assert_eq!(alone.cluster_status().members[0].address, "local");
+    alone.close().await.unwrap();
+
+    let ca = ClusterCa::generate("test").unwrap();
+    let n1 = start(1, &dirs[0], listener().await, false, Some(ca.issue(1).unwrap())).await;
+    assert_eq!(n1.log.cluster_status().members[0].address, n1.addr.to_string());
+    let n2 = start(2, &dirs[1], listener().await, true, Some(ca.issue(2).unwrap())).await;
+    n1.log.add_voter(2, &n2.addr.to_string(), DEADLINE).await.unwrap();
+    let w = n2.log.propose(common::svc("via-follower", 1)).await.unwrap();
+    applied(&n1.log, w.index).await;
+    assert_eq!(state_digest(&n1.log), state_digest(&n2.log));
+
+    // A learner that never answers is taken out again, and the call says so.
+    let silent = listener().await;
+    let gone = n1
+        .log
+        .add_voter(
+            3,
+            &silent.local_addr().unwrap().to_string(),
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(gone.is_err(), "a learner that never caught up became a voter");
+    let members: Vec<u64> = n1.log.cluster_status().members.iter().map(|m| m.id).collect();
+    assert_eq!(members, vec![1, 2]);
+
+    kill(n2).await;
     kill(n1).await;
 }

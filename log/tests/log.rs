@@ -155,6 +155,7 @@ async fn proposers_that_give_up_midway_never_stall_the_others() {
         }));
     }
     let mut acknowledged = Vec::new();
+    let mut gave_up = 0;
     for t in tasks {
         let (i, answer) = tokio::time::timeout(std::time::Duration::from_secs(20), t)
             .await
@@ -166,10 +167,13 @@ async fn proposers_that_give_up_midway_never_stall_the_others() {
                 acknowledged.push(i);
             }
             Some(Err(e)) => panic!("r{i} refused: {e}"),
-            None => assert_eq!(i % 2, 0, "only the impatient give up"),
+            None => {
+                assert_eq!(i % 2, 0, "only the impatient give up");
+                gave_up += 1;
+            }
         }
     }
-    assert!(acknowledged.len() >= 200, "every patient proposer was answered");
+    assert!(gave_up > 0, "no proposer gave up: the test did not test it");
     for i in acknowledged {
         assert!(
             read_service(&log, &format!("g{i}")).is_some(),

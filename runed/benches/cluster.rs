@@ -77,9 +77,7 @@ impl Member {
             ..LogConfig::new(&self.dir)
         };
         let log = Log::open(cfg).await.expect("open a member's log");
-        let port = log
-            .serve_raft(listener, Some(&self.tls))
-            .expect("serve the raft port");
+        let port = log.serve_raft(listener).expect("serve the raft port");
         self.running = Some((Arc::new(log), port));
     }
 
@@ -118,7 +116,7 @@ async fn cluster(root: &Path, n: u64, ca: &ClusterCa) -> Vec<Member> {
     first.propose(init()).await.expect("init");
     for m in &members[1..] {
         first
-            .add_voter(m.id, &m.addr.to_string())
+            .add_voter(m.id, &m.addr.to_string(), Duration::from_secs(30))
             .await
             .expect("add a voter");
     }

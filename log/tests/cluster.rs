@@ -73,6 +73,19 @@ async fn applied(log: &Log, index: u64) {
     );
 }
 
+/// `n` casts named `<prefix><i>` through `log`; the index of the last.
+async fn writes(log: &Log, prefix: &str, n: usize) -> u64 {
+    let mut last = 0;
+    for i in 0..n {
+        last = log
+            .propose(common::svc(&format!("{prefix}{i}"), 1))
+            .await
+            .unwrap()
+            .index;
+    }
+    last
+}
+
 fn state_digest(log: &Log) -> String {
     let txn = log.read().unwrap();
     digest(&txn.open_table(STATE_TABLE).unwrap()).unwrap()
@@ -120,15 +133,7 @@ async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
     let voters: Vec<u64> = status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
     assert_eq!(voters, vec![1, 2, 3], "{status:?}");
 
-    let mut last = 0;
-    for i in 0..20 {
-        last = n1
-            .log
-            .propose(common::svc(&format!("s{i}"), 1))
-            .await
-            .unwrap()
-            .index;
-    }
+    let mut last = writes(&n1.log, "s", 20).await;
     for n in [&n1, &n2, &n3] {
         applied(&n.log, last).await;
         assert!(n.log.healthy(), "node {} follows a leader", n.id);
@@ -160,15 +165,7 @@ async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
     let rest = [&n2, &n3];
     let l = leader_of(&rest).await;
     let leader = rest[l];
-    let mut after = 0;
-    for i in 0..10 {
-        after = leader
-            .log
-            .propose(common::svc(&format!("after{i}"), 1))
-            .await
-            .unwrap()
-            .index;
-    }
+    let after = writes(&leader.log, "after", 10).await;
     assert!(after > last);
     applied(&rest[1 - l].log, after).await;
     assert_eq!(state_digest(&n2.log), state_digest(&n3.log));
@@ -195,16 +192,8 @@ async fn a_member_added_after_the_log_was_purged_catches_up_from_a_snapshot() {
     let (_root, dirs) = dirs();
     let n1 = start(1, &dirs[0], listener().await, false, None).await;
     n1.log.propose(common::init()).await.unwrap();
-    let mut last = 0;
     // Raft purges in batches of 1,024 entries.
-    for i in 0..1100 {
-        last = n1
-            .log
-            .propose(common::svc(&format!("s{i}"), 1))
-            .await
-            .unwrap()
-            .index;
-    }
+    let last = writes(&n1.log, "s", 1100).await;
     n1.log.snapshot().await.unwrap();
     // Raft purges behind the snapshot on its own time.
     let until = tokio::time::Instant::now() + DEADLINE;

@@ -190,6 +190,17 @@ enum Forwarded {
     Unavailable(String),
 }
 
+/// The answer to a read-index request.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum ReadIndex {
+    /// Apply up to here, then read.
+    Index(u64),
+    /// The member asked no longer leads.
+    NotLeader,
+    /// The leader could not confirm it leads (no quorum answered, shutting down).
+    Unavailable(String),
+}
+
 /// How long a forwarded proposal may take, from the follower's side: as long as a write may.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -263,6 +274,30 @@ impl Forwarder {
             Err(e) => Err(failed(ProposeError::Unavailable(format!(
                 "the leader's answer: {e}"
             )))),
+        }
+    }
+}
+
+impl Forwarder {
+    /// Asks the leader `leader` at `addr` for its read index (confirmed with a quorum).
+    pub(crate) async fn read_index(&self, leader: u64, addr: &str) -> Result<u64, Forward> {
+        let mut client = self.client(leader, addr).map_err(Forward::Failed)?;
+        let mut request = Request::new(Message {
+            json: b"null".to_vec(),
+            data: Vec::new(),
+        });
+        request.set_timeout(FORWARD_TIMEOUT);
+        let why = |m: String| format!("the leader (node {leader} at {addr}): {m}");
+        // A read changes nothing: whatever failed, the next leader may be asked.
+        let reply = match client.read_index(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(Forward::Retry(why(s.message().to_string()))),
+        };
+        match serde_json::from_slice(&reply.json) {
+            Ok(ReadIndex::Index(i)) => Ok(i),
+            Ok(ReadIndex::NotLeader) => Err(Forward::Retry(why("no longer leads".into()))),
+            Ok(ReadIndex::Unavailable(m)) => Err(Forward::Retry(why(m))),
+            Err(e) => Err(Forward::Failed(ProposeError::Unavailable(why(e.to_string())))),
         }
     }
 }
@@ -482,5 +517,22 @@ impl RaftRpc for RaftService {
     async fn propose(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
         let envelope: Envelope = decode(request.get_ref())?;
         reply(&self.forwarded(envelope).await)
+    }
+
+    async fn read_index(&self, _request: Request<Message>) -> Result<Response<Message>, Status> {
+        let leads = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.current_leader == Some(m.id)
+        };
+        let answer = if !leads {
+            ReadIndex::NotLeader
+        } else {
+            match self.raft.get_read_log_id().await {
+                Ok((read, _applied)) => ReadIndex::Index(read.map_or(0, |l| l.index)),
+                Err(e) => ReadIndex::Unavailable(e.to_string()),
+            }
+        };
+        reply(&answer)
     }
 }

@@ -373,29 +373,38 @@ impl Log {
                 Err(Forward::Failed(e)) => return Err(e),
                 Err(Forward::Retry(why)) => why,
             };
-            // Wait for this member to see the leader change (or an election start).
-            let mut m = self.raft.metrics();
-            let changed =
-                tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader != Some(leader))).await;
-            if !matches!(changed, Ok(Ok(_))) {
+            if !self.leader_changed(leader, deadline).await {
                 return Err(ProposeError::Unavailable(why));
             }
         }
     }
 
+    /// Waits until this member sees the leader change from `leader` (or an election start);
+    /// false when `deadline` passed first.
+    async fn leader_changed(&self, leader: u64, deadline: tokio::time::Instant) -> bool {
+        let mut m = self.raft.metrics();
+        let changed =
+            tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader != Some(leader))).await;
+        matches!(changed, Ok(Ok(_)))
+    }
+
+    /// Waits up to [`APPLY_WAIT`] until this member has applied `index`.
+    async fn applied_up_to(&self, index: u64) -> bool {
+        let mut applied = self.applied();
+        tokio::time::timeout(APPLY_WAIT, applied.wait_for(|a| *a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Waits until this member has applied `p`'s entry, then hands `p` back.
     async fn applied_here(&self, p: Proposed) -> Result<Proposed, ProposeError> {
-        let mut applied = self.applied();
-        let reached = tokio::time::timeout(APPLY_WAIT, applied.wait_for(|a| *a >= p.index))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        match reached {
-            true => Ok(p),
-            false => Err(ProposeError::Unavailable(format!(
-                "written at index {} by the leader, but not applied here within {APPLY_WAIT:?}",
-                p.index
-            ))),
+        if self.applied_up_to(p.index).await {
+            return Ok(p);
         }
+        Err(ProposeError::Unavailable(format!(
+            "written at index {} by the leader, but not applied here within {APPLY_WAIT:?}",
+            p.index
+        )))
     }
 
     /// The leader and its raft address when another member leads. While no leader is known
@@ -428,13 +437,31 @@ impl Log {
             .map_err(|e| LogError::Storage(e.to_string()))
     }
 
-    /// A read view that includes every write acknowledged before this call.
+    /// A read view that includes every write acknowledged before this call, on any member: a
+    /// follower asks the leader for its read index (confirmed with a quorum, raft's ReadIndex)
+    /// and reads once it has applied that far.
     pub async fn read_linearizable(&self) -> Result<ReadTransaction, LogError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| LogError::Raft(e.to_string()))?;
-        self.read()
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let Some((leader, addr)) = self.leader_elsewhere(deadline).await else {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|e| LogError::Raft(e.to_string()))?;
+                return self.read();
+            };
+            let why = match self.forwarder.read_index(leader, &addr).await {
+                Ok(index) if self.applied_up_to(index).await => return self.read(),
+                Ok(index) => {
+                    format!("did not apply up to the leader's read index {index} within {APPLY_WAIT:?}")
+                }
+                Err(Forward::Failed(e)) => return Err(LogError::Raft(e.to_string())),
+                Err(Forward::Retry(why)) => why,
+            };
+            if !self.leader_changed(leader, deadline).await {
+                return Err(LogError::Raft(why));
+            }
+        }
     }
 
     /// Changes after every applied entry that wrote a user, policy or token (and when the state

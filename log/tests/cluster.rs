@@ -15,7 +15,7 @@ use std::time::Duration;
 use rune_log::network::RaftPort;
 use rune_log::pki::{node_name, ClusterCa, NodeTls};
 use rune_log::{Log, LogConfig};
-use rune_statemachine::store::digest;
+use rune_statemachine::store::{digest, get_record, service_key, ServiceRecord};
 use rune_statemachine::STATE_TABLE;
 use tokio::net::TcpListener;
 use tonic::transport::{ClientTlsConfig, Identity};
@@ -156,6 +156,18 @@ async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
     let d = state_digest(&n1.log);
     assert_eq!(state_digest(&n2.log), d);
     assert_eq!(state_digest(&n3.log), d);
+
+    // A linearizable read on a follower sees a write acknowledged by the leader just before.
+    n1.log.propose(common::svc("read-after", 1)).await.unwrap();
+    let txn = n3.log.read_linearizable().await.unwrap();
+    let t = txn.open_table(STATE_TABLE).unwrap();
+    let found: Option<ServiceRecord> = get_record(&t, &service_key("default", "read-after")).unwrap();
+    assert!(
+        found.is_some(),
+        "a linearizable read on a follower missed an acknowledged write"
+    );
+    drop(t);
+    drop(txn);
 
     // The leader stops: the other two elect one of themselves and go on writing. A write made
     // during the election waits for its outcome and goes to whoever wins.

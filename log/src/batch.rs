@@ -210,10 +210,7 @@ impl Flight {
             }
             Err(e) => {
                 for reply in replies {
-                    let _ = reply.send(Err(match &e {
-                        ProposeError::NotLeader(why) => ProposeError::NotLeader(why.clone()),
-                        other => ProposeError::Unavailable(other.to_string()),
-                    }));
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }

@@ -64,10 +64,8 @@ pub struct Network {
 
 impl Network {
     /// Peers reached with `tls` (none: plain text).
-    pub fn new(tls: Option<NodeTls>) -> Self {
-        Self {
-            tls: tls.map(Arc::new),
-        }
+    pub fn new(tls: Option<Arc<NodeTls>>) -> Self {
+        Self { tls }
     }
 }
 
@@ -211,9 +209,9 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    pub(crate) fn new(tls: Option<NodeTls>) -> Self {
+    pub(crate) fn new(tls: Option<Arc<NodeTls>>) -> Self {
         Self {
-            tls: tls.map(Arc::new),
+            tls,
             client: std::sync::Mutex::new(None),
         }
     }
@@ -243,12 +241,7 @@ impl Forwarder {
         let mut client = self.client(leader, addr).map_err(failed)?;
         let json =
             serde_json::to_vec(envelope).map_err(|e| failed(ProposeError::Unavailable(e.to_string())))?;
-        let mut request = Request::new(Message {
-            json,
-            data: Vec::new(),
-        });
-        request.set_timeout(FORWARD_TIMEOUT);
-        let reply = match client.propose(request).await {
+        let reply = match client.propose(forwarded(json)).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 let why = format!(
@@ -276,20 +269,13 @@ impl Forwarder {
             )))),
         }
     }
-}
 
-impl Forwarder {
     /// Asks the leader `leader` at `addr` for its read index (confirmed with a quorum).
     pub(crate) async fn read_index(&self, leader: u64, addr: &str) -> Result<u64, Forward> {
         let mut client = self.client(leader, addr).map_err(Forward::Failed)?;
-        let mut request = Request::new(Message {
-            json: b"null".to_vec(),
-            data: Vec::new(),
-        });
-        request.set_timeout(FORWARD_TIMEOUT);
         let why = |m: String| format!("the leader (node {leader} at {addr}): {m}");
         // A read changes nothing: whatever failed, the next leader may be asked.
-        let reply = match client.read_index(request).await {
+        let reply = match client.read_index(forwarded(b"null".to_vec())).await {
             Ok(r) => r.into_inner(),
             Err(s) => return Err(Forward::Retry(why(s.message().to_string()))),
         };
@@ -300,6 +286,16 @@ impl Forwarder {
             Err(e) => Err(Forward::Failed(ProposeError::Unavailable(why(e.to_string())))),
         }
     }
+}
+
+/// A request a follower makes of the leader, given as long as a write may take.
+fn forwarded(json: Vec<u8>) -> Request<Message> {
+    let mut request = Request::new(Message {
+        json,
+        data: Vec::new(),
+    });
+    request.set_timeout(FORWARD_TIMEOUT);
+    request
 }
 
 /// Why a forwarded proposal was not applied.
@@ -391,15 +387,17 @@ impl RaftService {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// Whether this member leads, as far as it knows.
+    fn leads(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(m.id)
+    }
+
     /// A forwarded proposal's answer. Never forwarded again: a member that no longer leads
     /// says so, and the follower asks again once it knows the new leader.
-    async fn forwarded(&self, envelope: Envelope) -> Forwarded {
-        let leads = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            m.current_leader == Some(m.id)
-        };
-        if !leads {
+    async fn take_forwarded(&self, envelope: Envelope) -> Forwarded {
+        if !self.leads() {
             return Forwarded::NotLeader;
         }
         if let Err(n) = self.space.check(self.space.need(envelope.command.uses_reserve())) {
@@ -422,7 +420,6 @@ impl RaftService {
 /// certificates (a client must present one the cluster's CA signed), in plain text without.
 /// Stopping it closes the listener and every connection, as a crash would for the peers.
 pub struct RaftPort {
-    addr: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -434,9 +431,6 @@ impl RaftPort {
         listener: tokio::net::TcpListener,
         tls: Option<&NodeTls>,
     ) -> Result<Self, tonic::transport::Error> {
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             server = server.tls_config(tls.server())?;
@@ -452,15 +446,9 @@ impl RaftPort {
                 .await
         });
         Ok(Self {
-            addr,
             stop: Some(stop),
             task,
         })
-    }
-
-    /// Where it listens.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        self.addr
     }
 
     /// Stops serving and waits until the listener and the connections are closed.
@@ -516,16 +504,11 @@ impl RaftRpc for RaftService {
 
     async fn propose(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
         let envelope: Envelope = decode(request.get_ref())?;
-        reply(&self.forwarded(envelope).await)
+        reply(&self.take_forwarded(envelope).await)
     }
 
     async fn read_index(&self, _request: Request<Message>) -> Result<Response<Message>, Status> {
-        let leads = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            m.current_leader == Some(m.id)
-        };
-        let answer = if !leads {
+        let answer = if !self.leads() {
             ReadIndex::NotLeader
         } else {
             match self.raft.get_read_log_id().await {

@@ -107,7 +107,7 @@ pub enum LogError {
 }
 
 /// Failures to propose.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     /// This member does not lead (raft refused the entry before appending it): the write did
     /// not happen, and the leader, when one is known, is named.
@@ -158,8 +158,9 @@ pub struct Log {
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     /// Hands proposals made here to the leader when this node follows.
     forwarder: Forwarder,
-    /// This member's certificates for the raft port.
-    tls: Option<crate::pki::NodeTls>,
+    /// This member's certificates for the raft port (shared with its peers' clients and the
+    /// forwarder).
+    tls: Option<Arc<crate::pki::NodeTls>>,
 }
 
 fn open_db(
@@ -253,7 +254,8 @@ impl Log {
         .validate()
         .map_err(|e| LogError::Raft(e.to_string()))?;
         let id = cfg.node_id;
-        let raft = Raft::new(id, Arc::new(config), Network::new(cfg.tls.clone()), log_store, sm)
+        let tls = cfg.tls.clone().map(Arc::new);
+        let raft = Raft::new(id, Arc::new(config), Network::new(tls.clone()), log_store, sm)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
         let initialized = raft
@@ -276,8 +278,8 @@ impl Log {
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
         let log = Self {
-            forwarder: Forwarder::new(cfg.tls.clone()),
-            tls: cfg.tls.clone(),
+            forwarder: Forwarder::new(tls.clone()),
+            tls,
             batcher: Batcher::new(raft.clone(), metrics.clone()),
             state_closed,
             leader_changes: count_leader_changes(&raft),
@@ -544,7 +546,7 @@ impl Log {
             ));
         }
         let service = RaftService::server(self.raft.clone(), self.batcher.clone(), self.space.clone());
-        RaftPort::start(service, listener, self.tls.as_ref())
+        RaftPort::start(service, listener, self.tls.as_deref())
             .map_err(|e| LogError::Raft(format!("raft port: {e}")))
     }
 

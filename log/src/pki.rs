@@ -215,32 +215,20 @@ fn read(path: &Path) -> Result<Option<String>, PkiError> {
     }
 }
 
-/// Writes `text` to `path` owner-only, through a temporary file renamed into place, so a
-/// crash leaves the old file or the new one.
+/// Writes `text` to `path` owner-only (tempfile makes its files 0600), through a temporary
+/// file of its own renamed into place, so a crash leaves the old file or the new one.
 fn write(path: &Path, text: &str) -> Result<(), PkiError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| PkiError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut f = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
+        .and_then(|_| f.as_file().sync_all())
         .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    f.persist(path).map_err(|e| io(e.error))?;
     // The rename itself is durable once the directory is.
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io),
-        None => Ok(()),
-    }
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }

@@ -411,16 +411,15 @@ fn serve_udp(
                     }
                     spins = budget;
                 }
-                // Nothing yet while polling: let the clients run, then look again.
-                Err(Errno::EAGAIN) if spins > 1 => {
+                // Nothing yet while polling: let the clients run and look again, or, polled
+                // in vain, poll less after the next batch and block now.
+                Err(Errno::EAGAIN) if spins > 0 => {
                     spins -= 1;
-                    std::thread::yield_now();
-                    continue;
-                }
-                // Polled in vain: poll less after the next batch, and block now.
-                Err(Errno::EAGAIN) if spins == 1 => {
-                    spins = 0;
-                    budget = (budget / 2).max(1);
+                    if spins == 0 {
+                        budget = (budget / 2).max(1);
+                    } else {
+                        std::thread::yield_now();
+                    }
                     continue;
                 }
                 // The socket's read timeout: look up to see whether to stop.

@@ -36,6 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::batch::Batcher;
+use crate::join::Joins;
 use crate::node::{ProposeError, Proposed};
 use crate::pki::NodeTls;
 use crate::space::{NoSpace, Space};
@@ -373,6 +374,10 @@ pub struct RaftService {
     raft: Raft<TypeConfig>,
     batcher: Arc<Batcher>,
     space: Arc<Space>,
+    /// Served over TLS: every RPC but `Join` needs a member's certificate.
+    tls: bool,
+    /// Whether (and how) new nodes may join here.
+    joins: Option<Arc<Joins>>,
 }
 
 impl RaftService {
@@ -381,10 +386,30 @@ impl RaftService {
         raft: Raft<TypeConfig>,
         batcher: Arc<Batcher>,
         space: Arc<Space>,
+        tls: bool,
+        joins: Option<Arc<Joins>>,
     ) -> RaftServer<Self> {
-        RaftServer::new(Self { raft, batcher, space })
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+        RaftServer::new(Self {
+            raft,
+            batcher,
+            space,
+            tls,
+            joins,
+        })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Lets a request through only from a member: over TLS, the client presented a
+    /// certificate, which the handshake has checked against the cluster's CA. (A client may
+    /// come without one, to join.)
+    fn member<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.tls && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "the raft port serves members only: present a certificate of the cluster's CA",
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this member leads, as far as it knows.
@@ -486,16 +511,19 @@ fn reply<T: Serialize>(result: &T) -> Result<Response<Message>, Status> {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
         let rpc: VoteRequest<u64> = decode(request.get_ref())?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
         let message = request.into_inner();
         let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&message)?;
         rpc.data = message.data;
@@ -503,11 +531,13 @@ impl RaftRpc for RaftService {
     }
 
     async fn propose(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
         let envelope: Envelope = decode(request.get_ref())?;
         reply(&self.take_forwarded(envelope).await)
     }
 
-    async fn read_index(&self, _request: Request<Message>) -> Result<Response<Message>, Status> {
+    async fn read_index(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
         let answer = if !self.leads() {
             ReadIndex::NotLeader
         } else {
@@ -517,5 +547,17 @@ impl RaftRpc for RaftService {
             }
         };
         reply(&answer)
+    }
+
+    async fn join(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        let joins = self
+            .joins
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this member does not admit new nodes"))?;
+        let json = joins.answer(&self.raft, &request.get_ref().json).await?;
+        Ok(Response::new(Message {
+            json,
+            data: Vec::new(),
+        }))
     }
 }

@@ -538,14 +538,25 @@ impl Log {
     /// [`LogConfig::address`], over mutual TLS with [`LogConfig::tls`] (see
     /// [`crate::network::RaftPort`]). Without certificates only a loopback address is served:
     /// the port takes writes and log entries, so plain text is for tests on one machine.
-    pub fn serve_raft(&self, listener: tokio::net::TcpListener) -> Result<RaftPort, LogError> {
+    /// With `joins`, new nodes may ask to join here ([`crate::join`]).
+    pub fn serve_raft(
+        &self,
+        listener: tokio::net::TcpListener,
+        joins: Option<crate::join::Joins>,
+    ) -> Result<RaftPort, LogError> {
         if self.tls.is_none() && !listener.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
             return Err(LogError::Raft(
                 "the raft port serves other hosts only over mutual TLS: this node has no cluster certificate"
                     .into(),
             ));
         }
-        let service = RaftService::server(self.raft.clone(), self.batcher.clone(), self.space.clone());
+        let service = RaftService::server(
+            self.raft.clone(),
+            self.batcher.clone(),
+            self.space.clone(),
+            self.tls.is_some(),
+            joins.map(Arc::new),
+        );
         RaftPort::start(service, listener, self.tls.as_deref())
             .map_err(|e| LogError::Raft(format!("raft port: {e}")))
     }
@@ -555,47 +566,8 @@ impl Log {
     /// change. Only the leader can. A learner that does not catch up within `catch_up` (down,
     /// a wrong address, a certificate the port refuses) is taken out again and the call fails.
     pub async fn add_voter(&self, id: u64, address: &str, catch_up: Duration) -> Result<(), LogError> {
-        let refused = |e: &dyn std::fmt::Display| LogError::Membership(e.to_string());
-        let added = self
-            .raft
-            .add_learner(id, BasicNode::new(address), false)
-            .await
-            .map_err(|e| refused(&e))?;
-        let at = added.log_id.index;
-        let caught_up = self
-            .raft
-            .wait(Some(catch_up))
-            .metrics(
-                |m| {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id).copied().flatten())
-                        .is_some_and(|l| l.index >= at)
-                },
-                "the new learner caught up",
-            )
-            .await;
-        if let Err(e) = caught_up {
-            let ids = std::collections::BTreeSet::from([id]);
-            if let Err(undo) = self
-                .raft
-                .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
-                .await
-            {
-                tracing::warn!(node = id, error = %undo, "could not take out a learner that did not catch up");
-            }
-            return Err(LogError::Membership(format!(
-                "node {id} at {address} did not catch up: {e}"
-            )));
-        }
-        // Only this id is added to the voters: a concurrent change is not undone.
-        let ids = std::collections::BTreeSet::from([id]);
-        self.raft
-            .change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
-            .await
-            .map_err(|e| refused(&e))?;
-        tracing::info!(node = id, address, "added a voter");
-        Ok(())
+        let at = add_learner(&self.raft, id, address).await?;
+        promote(&self.raft, id, address, at, catch_up).await
     }
 
     /// Takes node `id` out of the cluster (voter or learner). Only the leader can; a leader
@@ -889,4 +861,55 @@ mod tests {
         assert_eq!(quorum_index(vec![10, 9, 8, 1]), Some(8));
         assert_eq!(quorum_index(vec![5, 0, 0, 5, 5]), Some(5));
     }
+}
+
+/// Adds node `id` at `address` as a learner (the leader starts sending it the log) and returns
+/// the index of that membership change, once committed.
+pub(crate) async fn add_learner(raft: &Raft<TypeConfig>, id: u64, address: &str) -> Result<u64, LogError> {
+    let added = raft
+        .add_learner(id, BasicNode::new(address), false)
+        .await
+        .map_err(|e| LogError::Membership(e.to_string()))?;
+    Ok(added.log_id.index)
+}
+
+/// Makes learner `id` a voter once it holds the log up to `at`; one that does not within
+/// `catch_up` is taken out again.
+pub(crate) async fn promote(
+    raft: &Raft<TypeConfig>,
+    id: u64,
+    address: &str,
+    at: u64,
+    catch_up: Duration,
+) -> Result<(), LogError> {
+    let caught_up = raft
+        .wait(Some(catch_up))
+        .metrics(
+            |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .is_some_and(|l| l.index >= at)
+            },
+            "the new learner caught up",
+        )
+        .await;
+    let ids = std::collections::BTreeSet::from([id]);
+    if let Err(e) = caught_up {
+        if let Err(undo) = raft
+            .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
+            .await
+        {
+            tracing::warn!(node = id, error = %undo, "could not take out a learner that did not catch up");
+        }
+        return Err(LogError::Membership(format!(
+            "node {id} at {address} did not catch up: {e}"
+        )));
+    }
+    // Only this id is added to the voters: a concurrent change is not undone.
+    raft.change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
+        .await
+        .map_err(|e| LogError::Membership(e.to_string()))?;
+    tracing::info!(node = id, address, "added a voter");
+    Ok(())
 }

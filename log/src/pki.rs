@@ -5,8 +5,9 @@
 //! the raft port both ends present their certificate and accept only the CA's: a peer dials
 //! member `id` expecting the name `node-<id>.raft.rune`, so a certificate made for another
 //! member, or by another CA, is refused at the handshake, before any raft message is read.
-//! The files live under the data dir's [`PKI_DIR`], owner-only, keys `0600`, as etcd keeps its
-//! peer certificates.
+//! Every member's certificate also names [`ANY_MEMBER`], the name a joining node expects: it
+//! knows the CA (from its join token) but not yet whom it dials. The files live under the data
+//! dir's [`PKI_DIR`], owner-only, keys `0600`, as etcd keeps its peer certificates.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,11 @@ const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
 const NODE_CERT: &str = "node.crt";
 const NODE_KEY: &str = "node.key";
+const NODE_ID: &str = "node.id";
+
+/// The name every member's certificate carries besides its own: what a node that joins, and
+/// so knows the CA but no member yet, checks the member it dials for.
+pub const ANY_MEMBER: &str = "raft.rune";
 
 /// Why the cluster's certificates cannot be made, read or kept.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,14 @@ pub enum PkiError {
     /// rcgen could not make or parse a key or certificate.
     #[error("cluster certificate: {0}")]
     Cert(#[from] rcgen::Error),
+    /// A file under [`PKI_DIR`] holds something else than what was written there.
+    #[error("{path}: {why}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 /// The name member `id`'s certificate carries, and the name a peer expects when it dials it.
@@ -66,12 +80,14 @@ impl std::fmt::Debug for NodeTls {
 }
 
 impl NodeTls {
-    /// The raft port's server side: presents this member's certificate and requires one the
-    /// CA signed from every client.
+    /// The raft port's server side: presents this member's certificate and checks a client's
+    /// against the CA. A client without one gets through the handshake so that a joining node
+    /// can ask to join; every other RPC refuses it ([`crate::network`]).
     pub fn server(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(true)
             // A peer that opens a connection and never finishes the handshake is dropped.
             .timeout(std::time::Duration::from_secs(10))
     }
@@ -85,23 +101,34 @@ impl NodeTls {
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
     }
 
-    /// Writes the CA's and this member's certificate and key under `data_dir`'s [`PKI_DIR`].
+    /// Writes the CA's and this member's certificate, key and raft id under `data_dir`'s
+    /// [`PKI_DIR`]; the id last, so that a node interrupted here has no certificates at its
+    /// next start rather than half of them.
     pub fn save(&self, data_dir: &Path) -> Result<(), PkiError> {
         let dir = pki_dir(data_dir)?;
         write(&dir.join(CA_CERT), &self.ca_pem)?;
         write(&dir.join(NODE_CERT), &self.cert_pem)?;
-        write(&dir.join(NODE_KEY), &self.key_pem)
+        write(&dir.join(NODE_KEY), &self.key_pem)?;
+        write(&dir.join(NODE_ID), &format!("{}\n", self.node))
     }
 
-    /// This member's certificates as [`NodeTls::save`] left them, if there are any.
-    pub fn load(data_dir: &Path, node: u64) -> Result<Option<Self>, PkiError> {
+    /// This member's certificates and raft id as [`NodeTls::save`] left them, if there are any.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, PkiError> {
         let dir = data_dir.join(PKI_DIR);
-        let Some(cert_pem) = read(&dir.join(NODE_CERT))? else {
+        let Some(id) = read(&dir.join(NODE_ID))? else {
             return Ok(None);
         };
-        let (Some(ca_pem), Some(key_pem)) = (read(&dir.join(CA_CERT))?, read(&dir.join(NODE_KEY))?) else {
-            return Ok(None);
+        let node = id.trim().parse::<u64>().map_err(|e| PkiError::Damaged {
+            path: dir.join(NODE_ID),
+            why: format!("not a raft node id: {e}"),
+        })?;
+        let damaged = |f: &str| PkiError::Damaged {
+            path: dir.join(f),
+            why: "missing beside node.id".into(),
         };
+        let ca_pem = read(&dir.join(CA_CERT))?.ok_or_else(|| damaged(CA_CERT))?;
+        let cert_pem = read(&dir.join(NODE_CERT))?.ok_or_else(|| damaged(NODE_CERT))?;
+        let key_pem = read(&dir.join(NODE_KEY))?.ok_or_else(|| damaged(NODE_KEY))?;
         Ok(Some(Self {
             node,
             ca_pem,
@@ -119,12 +146,13 @@ pub struct ClusterCa {
 }
 
 /// The CA's certificate parameters: the same for the CA made at founding and the one read
-/// back from disk, so that what it signs later names it as the issuer it is.
-fn ca_params(cluster: &str) -> Result<CertificateParams, PkiError> {
+/// back from disk or handed to a joining node, so that what it signs later names it as the
+/// issuer it is. Trust is in the key, not the name: a member trusts its one CA only.
+fn ca_params() -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "rune");
-    dn.push(DnType::CommonName, format!("rune cluster CA {cluster}"));
+    dn.push(DnType::CommonName, "rune cluster CA");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -132,9 +160,9 @@ fn ca_params(cluster: &str) -> Result<CertificateParams, PkiError> {
 }
 
 impl ClusterCa {
-    /// A new CA for the cluster named `cluster` (its name is in the CA's subject only).
-    pub fn generate(cluster: &str) -> Result<Self, PkiError> {
-        let params = ca_params(cluster)?;
+    /// A new CA, made by the node that founds a cluster.
+    pub fn generate() -> Result<Self, PkiError> {
+        let params = ca_params()?;
         let key = KeyPair::generate()?;
         let cert_pem = params.self_signed(&key)?.pem();
         Ok(Self {
@@ -144,18 +172,33 @@ impl ClusterCa {
         })
     }
 
-    /// The CA under `data_dir`'s [`PKI_DIR`], if this node holds it. `cluster` must be the name
-    /// it was made with: what it signs names its subject as the issuer.
-    pub fn load(data_dir: &Path, cluster: &str) -> Result<Option<Self>, PkiError> {
+    /// The CA under `data_dir`'s [`PKI_DIR`], if this node holds it.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, PkiError> {
         let dir = data_dir.join(PKI_DIR);
         let (Some(cert_pem), Some(key_pem)) = (read(&dir.join(CA_CERT))?, read(&dir.join(CA_KEY))?) else {
             return Ok(None);
         };
-        Ok(Some(Self {
+        Self::from_pem(cert_pem, &key_pem)
+            .map(Some)
+            .map_err(|e| PkiError::Damaged {
+                path: dir.join(CA_KEY),
+                why: e.to_string(),
+            })
+    }
+
+    /// The CA from its certificate and key (PEM), as a joining node receives them: every
+    /// member holds the CA, so whichever leads can admit the next node.
+    pub fn from_pem(cert_pem: String, key_pem: &str) -> Result<Self, PkiError> {
+        Ok(Self {
             cert_pem,
-            key: KeyPair::from_pem(&key_pem)?,
-            params: ca_params(cluster)?,
-        }))
+            key: KeyPair::from_pem(key_pem)?,
+            params: ca_params()?,
+        })
+    }
+
+    /// The CA's private key (PEM), for a node that joins.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// Keeps the CA's certificate and key under `data_dir`'s [`PKI_DIR`].
@@ -170,10 +213,10 @@ impl ClusterCa {
         &self.cert_pem
     }
 
-    /// A new key and certificate for member `node`, named [`node_name`], good for both ends
-    /// of a raft connection.
+    /// A new key and certificate for member `node`, named [`node_name`] and [`ANY_MEMBER`],
+    /// good for both ends of a raft connection.
     pub fn issue(&self, node: u64) -> Result<NodeTls, PkiError> {
-        let mut p = CertificateParams::new(vec![node_name(node)])?;
+        let mut p = CertificateParams::new(vec![node_name(node), ANY_MEMBER.to_string()])?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "rune");
         dn.push(DnType::CommonName, node_name(node));

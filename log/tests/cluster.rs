@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rune_log::join::{Admission, JoinError, JoinToken, Joins};
 use rune_log::network::RaftPort;
 use rune_log::pki::{node_name, ClusterCa, NodeTls};
 use rune_log::{Log, LogConfig};
@@ -32,6 +33,18 @@ struct Node {
 
 /// Opens the log in `dir` as node `id` and serves its raft port on `listener`, with `tls`.
 async fn start(id: u64, dir: &Path, listener: TcpListener, join: bool, tls: Option<NodeTls>) -> Node {
+    start_with(id, dir, listener, join, tls, None).await
+}
+
+/// [`start`], admitting new nodes with `joins`.
+async fn start_with(
+    id: u64,
+    dir: &Path,
+    listener: TcpListener,
+    join: bool,
+    tls: Option<NodeTls>,
+    joins: Option<Joins>,
+) -> Node {
     let addr = listener.local_addr().unwrap();
     let cfg = LogConfig {
         node_id: id,
@@ -43,7 +56,7 @@ async fn start(id: u64, dir: &Path, listener: TcpListener, join: bool, tls: Opti
         ..LogConfig::new(dir)
     };
     let log = Log::open(cfg).await.unwrap();
-    let port = log.serve_raft(listener).unwrap();
+    let port = log.serve_raft(listener, joins).unwrap();
     Node { id, log, addr, port }
 }
 
@@ -119,7 +132,7 @@ fn dirs() -> (tempfile::TempDir, [PathBuf; 3]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_voters_replicate_fail_over_and_take_the_old_leader_back() {
     let (_root, dirs) = dirs();
-    let ca = ClusterCa::generate("test").unwrap();
+    let ca = ClusterCa::generate().unwrap();
     let tls = |id| Some(ca.issue(id).unwrap());
     let n1 = start(1, &dirs[0], listener().await, false, tls(1)).await;
     let n2 = start(2, &dirs[1], listener().await, true, tls(2)).await;
@@ -270,7 +283,7 @@ async fn ask_vote(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     let (_root, dirs) = dirs();
-    let ca = ClusterCa::generate("test").unwrap();
+    let ca = ClusterCa::generate().unwrap();
     let n1 = start(1, &dirs[0], listener().await, false, Some(ca.issue(1).unwrap())).await;
     let term = n1.log.cluster_status().term;
 
@@ -279,7 +292,7 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     ask_vote(n1.addr, Some(member.client(1))).await.unwrap();
     // The client trusts this cluster's CA and checks node 1's name in every case below, so
     // what is refused is the client: plain text, no certificate, another CA's certificate.
-    let stranger = ClusterCa::generate("other").unwrap().issue(2).unwrap();
+    let stranger = ClusterCa::generate().unwrap().issue(2).unwrap();
     let trusting = || {
         ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(ca.cert_pem()))
@@ -312,13 +325,13 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     // Certificates kept on disk come back as they were.
     let tls = ca.issue(1).unwrap();
     tls.save(&dirs[1]).unwrap();
-    let back = NodeTls::load(&dirs[1], 1).unwrap().unwrap();
+    let back = NodeTls::load(&dirs[1]).unwrap().unwrap();
     assert_eq!(
-        (back.ca_pem, back.cert_pem, back.key_pem),
-        (tls.ca_pem, tls.cert_pem, tls.key_pem)
+        (back.node, back.ca_pem, back.cert_pem, back.key_pem),
+        (1, tls.ca_pem, tls.cert_pem, tls.key_pem)
     );
     ca.save(&dirs[1]).unwrap();
-    let ca_back = ClusterCa::load(&dirs[1], "test").unwrap().unwrap();
+    let ca_back = ClusterCa::load(&dirs[1]).unwrap().unwrap();
     assert_eq!(ca_back.cert_pem(), ca.cert_pem());
     // What the reloaded CA signs is let in too.
     ask_vote(n1.addr, Some(ca_back.issue(2).unwrap().client(1)))
@@ -344,7 +357,7 @@ async fn a_node_founded_alone_records_its_raft_address_and_takes_members() {
     assert_eq!(alone.cluster_status().members[0].address, "local");
     alone.close().await.unwrap();
 
-    let ca = ClusterCa::generate("test").unwrap();
+    let ca = ClusterCa::generate().unwrap();
     let n1 = start(1, &dirs[0], listener().await, false, Some(ca.issue(1).unwrap())).await;
     assert_eq!(n1.log.cluster_status().members[0].address, n1.addr.to_string());
     let n2 = start(2, &dirs[1], listener().await, true, Some(ca.issue(2).unwrap())).await;
@@ -369,4 +382,128 @@ async fn a_node_founded_alone_records_its_raft_address_and_takes_members() {
 
     kill(n2).await;
     kill(n1).await;
+}
+
+/// Admits the secret `let-me-in`, handing over `extra`.
+struct Door;
+
+#[tonic::async_trait]
+impl Admission for Door {
+    async fn admit(&self, secret: &str) -> Result<String, tonic::Status> {
+        if secret == "let-me-in" {
+            Ok("extra".into())
+        } else {
+            Err(tonic::Status::unauthenticated("not that secret"))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_a_join_token_joins_through_any_member_and_becomes_a_voter() {
+    let (_root, dirs) = dirs();
+    let ca = ClusterCa::generate().unwrap();
+    let door = || {
+        Some(Joins::new(
+            std::sync::Arc::new(Door),
+            ClusterCa::load(&dirs[0]).unwrap().unwrap(),
+        ))
+    };
+    ca.save(&dirs[0]).unwrap();
+    let n1 = start_with(
+        1,
+        &dirs[0],
+        listener().await,
+        false,
+        Some(ca.issue(1).unwrap()),
+        door(),
+    )
+    .await;
+    n1.log.propose(common::init()).await.unwrap();
+    let token = |secret: &str| JoinToken {
+        ca_pem: ca.cert_pem().to_string(),
+        secret: secret.into(),
+    };
+
+    // Refused: a wrong secret (nothing joins), an address nobody can dial, a token of
+    // another CA (the member is not trusted: the secret is never sent).
+    let l2 = listener().await;
+    let a2 = l2.local_addr().unwrap().to_string();
+    let n1_addr = n1.addr.to_string();
+    match rune_log::join::request(&n1_addr, &token("guess"), &a2).await {
+        Err(JoinError::Refused { code, .. }) => assert_eq!(code, tonic::Code::Unauthenticated),
+        other => panic!("a wrong secret: {other:?}"),
+    }
+    match rune_log::join::request(&n1_addr, &token("let-me-in"), "nowhere").await {
+        Err(JoinError::Refused { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::InvalidArgument);
+            assert!(message.contains("nowhere"), "{message}");
+        }
+        other => panic!("a bad address: {other:?}"),
+    }
+    let stranger = JoinToken {
+        ca_pem: ClusterCa::generate().unwrap().cert_pem().to_string(),
+        secret: "let-me-in".into(),
+    };
+    assert!(rune_log::join::request(&n1_addr, &stranger, &a2).await.is_err());
+    assert_eq!(
+        n1.log.cluster_status().members.len(),
+        1,
+        "a refused node became a member"
+    );
+
+    // Admitted: node 2 gets id 2, the CA and what the admission adds; it starts with the
+    // grant and becomes a voter holding the state.
+    let grant = rune_log::join::request(&n1_addr, &token("let-me-in"), &a2)
+        .await
+        .unwrap();
+    assert_eq!((grant.node, grant.extra.as_str()), (2, "extra"));
+    grant.tls().save(&dirs[1]).unwrap();
+    grant.ca().unwrap().save(&dirs[1]).unwrap();
+    let joins2 = Joins::new(
+        std::sync::Arc::new(Door),
+        ClusterCa::load(&dirs[1]).unwrap().unwrap(),
+    );
+    let n2 = start_with(
+        2,
+        &dirs[1],
+        l2,
+        true,
+        NodeTls::load(&dirs[1]).unwrap(),
+        Some(joins2),
+    )
+    .await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !n1
+        .log
+        .cluster_status()
+        .members
+        .iter()
+        .any(|m| m.id == 2 && m.voter)
+    {
+        assert!(tokio::time::Instant::now() < until, "node 2 never became a voter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Node 3 asks node 2, a follower: it is sent on to the leader and gets the next id; the
+    // CA node 2 was handed signs for node 3 as node 1's does.
+    let l3 = listener().await;
+    let a3 = l3.local_addr().unwrap().to_string();
+    let grant3 = rune_log::join::request(&n2.addr.to_string(), &token("let-me-in"), &a3)
+        .await
+        .unwrap();
+    assert_eq!(grant3.node, 3);
+    let n3 = start(3, &dirs[2], l3, true, Some(grant3.tls())).await;
+    let w = writes(&n3.log, "via-3-", 3).await;
+    for n in [&n1, &n2, &n3] {
+        applied(&n.log, w).await;
+    }
+    assert_eq!(state_digest(&n3.log), state_digest(&n1.log));
+    // Asking again from the same address (a node that lost its grant) keeps its id.
+    let again = rune_log::join::request(&n1_addr, &token("let-me-in"), &a3)
+        .await
+        .unwrap();
+    assert_eq!(again.node, 3);
+    for n in [n3, n2, n1] {
+        kill(n).await;
+    }
 }

@@ -77,7 +77,7 @@ impl Member {
             ..LogConfig::new(&self.dir)
         };
         let log = Log::open(cfg).await.expect("open a member's log");
-        let port = log.serve_raft(listener).expect("serve the raft port");
+        let port = log.serve_raft(listener, None).expect("serve the raft port");
         self.running = Some((Arc::new(log), port));
     }
 
@@ -289,7 +289,7 @@ fn main() {
         .unwrap_or(20);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let root = tempfile::tempdir().expect("tempdir");
-    let ca = ClusterCa::generate("bench").expect("CA");
+    let ca = ClusterCa::generate().expect("CA");
 
     println!(
         "raft across members on loopback, one machine ({} cores), {seconds} s per run",

@@ -114,7 +114,7 @@ impl JoinToken {
                 c => c,
             })
             .collect();
-        while body.len() % 4 != 0 {
+        while !body.len().is_multiple_of(4) {
             body.push('=');
         }
         let mut pem = String::from(PEM_BEGIN);

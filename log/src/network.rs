@@ -200,6 +200,17 @@ enum ReadIndex {
     Unavailable(String),
 }
 
+/// The answer to a forwarded removal of a member.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Removed {
+    /// The member is out.
+    Done,
+    /// The member asked no longer leads: nothing was changed.
+    NotLeader,
+    /// The leader refused (the last voter, not a member) or could not commit the change.
+    Refused(String),
+}
+
 /// How long a forwarded proposal may take, from the follower's side: as long as a write may.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -268,6 +279,30 @@ impl Forwarder {
             Err(e) => Err(failed(ProposeError::Unavailable(format!(
                 "the leader's answer: {e}"
             )))),
+        }
+    }
+
+    /// Asks the leader `leader` at `addr` to take member `id` out: `Err(Retry)` when it did
+    /// not (it no longer leads, or was not reached), `Ok(Err(why))` when it refused.
+    pub(crate) async fn remove(
+        &self,
+        leader: u64,
+        addr: &str,
+        id: u64,
+    ) -> Result<Result<(), String>, Forward> {
+        let mut client = self.client(leader, addr).map_err(Forward::Failed)?;
+        let why = |m: &str| format!("the leader (node {leader} at {addr}): {m}");
+        let json = serde_json::to_vec(&id).map_err(|e| Forward::Retry(e.to_string()))?;
+        let reply = match client.remove_member(forwarded(json)).await {
+            Ok(r) => r.into_inner(),
+            // Removing a member twice is refused, not repeated: asking again is safe.
+            Err(s) => return Err(Forward::Retry(why(s.message()))),
+        };
+        match serde_json::from_slice(&reply.json) {
+            Ok(Removed::Done) => Ok(Ok(())),
+            Ok(Removed::NotLeader) => Err(Forward::Retry(why("no longer leads"))),
+            Ok(Removed::Refused(m)) => Ok(Err(m)),
+            Err(e) => Err(Forward::Retry(why(&e.to_string()))),
         }
     }
 
@@ -559,5 +594,21 @@ impl RaftRpc for RaftService {
             json,
             data: Vec::new(),
         }))
+    }
+
+    async fn remove_member(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
+        let id: u64 = decode(request.get_ref())?;
+        let answer = if !self.leads() {
+            Removed::NotLeader
+        } else {
+            match crate::node::remove_member(&self.raft, id).await {
+                Ok(()) => Removed::Done,
+                // The follower names it a membership error again.
+                Err(crate::LogError::Membership(why)) => Removed::Refused(why),
+                Err(e) => Removed::Refused(e.to_string()),
+            }
+        };
+        reply(&answer)
     }
 }

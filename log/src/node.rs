@@ -570,41 +570,24 @@ impl Log {
         promote(&self.raft, id, address, at, catch_up).await
     }
 
-    /// Takes node `id` out of the cluster (voter or learner). Only the leader can; a leader
-    /// that removes itself steps down once the change is committed.
+    /// Takes node `id` out of the cluster (voter or learner), never the last voter. The leader
+    /// makes the change: asked of a follower, it hands the request to the leader over the raft
+    /// port. A leader that removes itself steps down once the change is committed.
     pub async fn remove_member(&self, id: u64) -> Result<(), LogError> {
-        let refused = |e: &dyn std::fmt::Display| LogError::Membership(e.to_string());
-        let (voters, known) = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let membership = m.membership_config.membership();
-            let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-            let known = membership.nodes().any(|(n, _)| *n == id);
-            (voters, known)
-        };
-        if !known {
-            return Err(LogError::Membership(format!("node {id} is not a member")));
-        }
-        let ids = std::collections::BTreeSet::from([id]);
-        if voters.contains(&id) {
-            if voters.len() == 1 {
-                return Err(LogError::Membership(format!(
-                    "node {id} is the last voter; removing it would leave no cluster"
-                )));
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let Some((leader, addr)) = self.leader_elsewhere(deadline).await else {
+                return remove_member(&self.raft, id).await;
+            };
+            let why = match self.forwarder.remove(leader, &addr, id).await {
+                Ok(done) => return done.map_err(LogError::Membership),
+                Err(Forward::Failed(e)) => return Err(LogError::Membership(e.to_string())),
+                Err(Forward::Retry(why)) => why,
+            };
+            if !self.leader_changed(leader, deadline).await {
+                return Err(LogError::Membership(why));
             }
-            // With retain = false the voter leaves the membership altogether, not as a learner.
-            self.raft
-                .change_membership(openraft::ChangeMembers::RemoveVoters(ids), false)
-                .await
-                .map_err(|e| refused(&e))?;
-        } else {
-            self.raft
-                .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
-                .await
-                .map_err(|e| refused(&e))?;
         }
-        tracing::info!(node = id, "removed a member");
-        Ok(())
     }
 
     /// A consistent view of the applied state for an online backup: one read transaction, so
@@ -845,24 +828,6 @@ impl ClusterStatus {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::quorum_index;
-
-    #[test]
-    fn committed_is_what_a_majority_of_voters_holds() {
-        assert_eq!(quorum_index(vec![]), None);
-        assert_eq!(quorum_index(vec![7]), Some(7));
-        // Two voters: both must hold it.
-        assert_eq!(quorum_index(vec![9, 4]), Some(4));
-        // Three: any two.
-        assert_eq!(quorum_index(vec![3, 10, 8]), Some(8));
-        // Four: any three.
-        assert_eq!(quorum_index(vec![10, 9, 8, 1]), Some(8));
-        assert_eq!(quorum_index(vec![5, 0, 0, 5, 5]), Some(5));
-    }
-}
-
 /// Adds node `id` at `address` as a learner (the leader starts sending it the log) and returns
 /// the index of that membership change, once committed.
 pub(crate) async fn add_learner(raft: &Raft<TypeConfig>, id: u64, address: &str) -> Result<u64, LogError> {
@@ -912,4 +877,56 @@ pub(crate) async fn promote(
         .map_err(|e| LogError::Membership(e.to_string()))?;
     tracing::info!(node = id, address, "added a voter");
     Ok(())
+}
+
+/// Takes node `id` out of the cluster, on the leader (see [`Log::remove_member`]).
+pub(crate) async fn remove_member(raft: &Raft<TypeConfig>, id: u64) -> Result<(), LogError> {
+    let refused = |e: &dyn std::fmt::Display| LogError::Membership(e.to_string());
+    let (voters, known) = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let known = membership.nodes().any(|(n, _)| *n == id);
+        (voters, known)
+    };
+    if !known {
+        return Err(LogError::Membership(format!("node {id} is not a member")));
+    }
+    let ids = std::collections::BTreeSet::from([id]);
+    if voters.contains(&id) {
+        if voters.len() == 1 {
+            return Err(LogError::Membership(format!(
+                "node {id} is the last voter; removing it would leave no cluster"
+            )));
+        }
+        // With retain = false the voter leaves the membership altogether, not as a learner.
+        raft.change_membership(openraft::ChangeMembers::RemoveVoters(ids), false)
+            .await
+            .map_err(|e| refused(&e))?;
+    } else {
+        raft.change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
+            .await
+            .map_err(|e| refused(&e))?;
+    }
+    tracing::info!(node = id, "removed a member");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quorum_index;
+
+    #[test]
+    fn committed_is_what_a_majority_of_voters_holds() {
+        assert_eq!(quorum_index(vec![]), None);
+        assert_eq!(quorum_index(vec![7]), Some(7));
+        // Two voters: both must hold it.
+        assert_eq!(quorum_index(vec![9, 4]), Some(4));
+        // Three: any two.
+        assert_eq!(quorum_index(vec![3, 10, 8]), Some(8));
+        // Four: any three.
+        assert_eq!(quorum_index(vec![10, 9, 8, 1]), Some(8));
+        assert_eq!(quorum_index(vec![5, 0, 0, 5, 5]), Some(5));
+    }
 }

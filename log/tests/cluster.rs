@@ -503,6 +503,12 @@ async fn a_node_with_a_join_token_joins_through_any_member_and_becomes_a_voter()
         .await
         .unwrap();
     assert_eq!(again.node, 3);
+
+    // A removal asked of a follower is made by the leader; a stranger's is refused once.
+    n2.log.remove_member(3).await.unwrap();
+    assert!(!n1.log.cluster_status().members.iter().any(|m| m.id == 3));
+    let e = n2.log.remove_member(9).await.unwrap_err().to_string();
+    assert_eq!(e, "cluster membership: node 9 is not a member");
     for n in [n3, n2, n1] {
         kill(n).await;
     }

@@ -477,6 +477,85 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         self.gate(&req, "admin", "get")?;
+        Ok(Response::new(self.cluster_status_pb()?))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let (resource, verb) = crate::cluster::JOIN_RIGHT;
+        let caller = self.gate(&req, resource, verb)?;
+        let ca_pem = self.cluster_ca.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this runed serves no raft port: start it with --raft-listen (cluster.raft-listen) to form a cluster",
+            )
+        })?;
+        let ttl_seconds = match req.get_ref().ttl_seconds {
+            0 => JOIN_TOKEN_TTL_SECONDS,
+            n if n < 0 => return Err(Status::invalid_argument("ttl: must not be negative")),
+            n => n,
+        };
+        let secret = new_secret()?;
+        let now = now_ms();
+        let id = new_id()?;
+        let token = TokenRecord {
+            name: format!("join-{id}"),
+            id,
+            subject: caller.user.clone(),
+            description: "rune admin cluster join-token: lets a node join the cluster".into(),
+            policies: vec![],
+            issued_at_ms: now,
+            expires_at_ms: Some(now.saturating_add(ttl_seconds.saturating_mul(1000))),
+            revoked_at_ms: None,
+            secret_hash: token_hash(&secret),
+        };
+        self.propose_identity(Command::CreateToken {
+            token: token.clone(),
+            create_user: false,
+            bootstrap: false,
+        })
+        .await?;
+        let join_token = rune_log::join::JoinToken { ca_pem, secret }
+            .encode()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::warn!(user = %caller.user, token_id = %token.id, ttl_seconds, "join token minted");
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            join_token,
+            token_id: token.id,
+            expires_at_ms: token.expires_at_ms,
+            members: self
+                .log
+                .cluster_status()
+                .members
+                .into_iter()
+                .filter(|m| m.voter)
+                .map(|m| m.address)
+                .collect(),
+        }))
+    }
+
+    async fn remove_cluster_member(
+        &self,
+        req: Request<pb::RemoveClusterMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let caller = self.gate(&req, "admin", "delete")?;
+        let node = req.get_ref().node_id;
+        self.log.remove_member(node).await.map_err(|e| match e {
+            rune_log::LogError::Membership(why) if why.ends_with("is not a member") => Status::not_found(why),
+            rune_log::LogError::Membership(why) => Status::failed_precondition(why),
+            other => Status::unavailable(other.to_string()),
+        })?;
+        tracing::warn!(user = %caller.user, node, "removed a node from the cluster");
+        Ok(Response::new(self.cluster_status_pb()?))
+    }
+}
+
+/// How long a join token admits nodes unless asked otherwise: a day, as kubeadm's.
+const JOIN_TOKEN_TTL_SECONDS: i64 = 24 * 3600;
+
+impl Api {
+    fn cluster_status_pb(&self) -> Result<pb::ClusterStatusResponse, Status> {
         let s = self.log.cluster_status();
         let cluster_id = {
             let txn = self.log.read().map_err(internal)?;
@@ -485,7 +564,7 @@ impl pb::admin_api_server::AdminApi for Api {
                 .map_err(internal)?
                 .unwrap_or_default()
         };
-        Ok(Response::new(pb::ClusterStatusResponse {
+        Ok(pb::ClusterStatusResponse {
             cluster_id,
             node_id: s.node,
             role: s.role.into(),
@@ -507,6 +586,6 @@ impl pb::admin_api_server::AdminApi for Api {
                     matched_index: m.matched,
                 })
                 .collect(),
-        }))
+        })
     }
 }

@@ -42,6 +42,9 @@ pub struct Api {
     pub admin_socket: bool,
     /// The port the gRPC API listens on.
     pub grpc_port: u16,
+    /// The cluster CA's certificate (PEM) when this node serves a raft port: what a join
+    /// token carries.
+    pub cluster_ca: Option<String>,
 }
 
 impl Api {

@@ -79,7 +79,8 @@ impl Authenticator {
         self.resolved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn resolve(&self, secret: &str) -> Result<Arc<Caller>, Status> {
+    /// The caller a bearer token's secret stands for, as every RPC checks it.
+    pub fn resolve(&self, secret: &str) -> Result<Arc<Caller>, Status> {
         let hash = token_hash(secret);
         // Read before the state: a change applied after this read bumps it, so what is
         // resolved below from an older state is never kept under a newer epoch.

@@ -139,6 +139,32 @@ pub struct Flags {
     /// Test hooks under /debug/failpoints on the HTTP address. Never in production.
     #[arg(long, env = "RUNE_FAILPOINTS", hide = true)]
     pub enable_failpoints: bool,
+    /// This node's raft port (e.g. :7862), mutual TLS from the cluster's CA: turns clustering
+    /// on. Default: none, a single node.
+    #[arg(long, env = "RUNE_RAFT_LISTEN")]
+    pub raft_listen: Option<String>,
+    /// Where the other members reach this node's raft port (host:port; default the listen
+    /// address, which must then name an interface).
+    #[arg(long, env = "RUNE_RAFT_ADVERTISE")]
+    pub raft_advertise: Option<String>,
+    /// Join the cluster of the member whose raft port is at this address (host:port), on the
+    /// first start of an empty data dir. Needs --join-token-file.
+    #[arg(long, env = "RUNE_JOIN")]
+    pub join: Option<String>,
+    /// A file holding the token of `rune admin cluster join-token`.
+    #[arg(long, env = "RUNE_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+}
+
+/// `cluster.*`: this node's raft port and, on a node that joins, whom it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `cluster.raft-listen`.
+    pub listen: SocketAddr,
+    /// `cluster.raft-advertise`: the address recorded in the membership.
+    pub advertise: String,
+    /// `cluster.join` and `cluster.join-token-file`.
+    pub join: Option<(String, PathBuf)>,
 }
 
 /// How the API is served.
@@ -234,6 +260,8 @@ pub struct Settings {
     pub acme: rune_ingress::acme::AcmeConfig,
     /// Test hooks on.
     pub enable_failpoints: bool,
+    /// `cluster.*`; none for a single node without a raft port.
+    pub cluster: Option<ClusterSettings>,
     /// Runefile keys accepted but ignored, each as `file:line: key: ignored: why`.
     pub ignored: Vec<String>,
 }
@@ -335,6 +363,16 @@ struct Runefile {
     client: Option<ClientSection>,
     resources: Option<ResourcesSection>,
     plugins: Option<PluginsSection>,
+    cluster: Option<ClusterSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct ClusterSection {
+    raft_listen: Option<String>,
+    raft_advertise: Option<String>,
+    join: Option<String>,
+    join_token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1164,8 +1202,91 @@ impl Settings {
                 .then_some((ingress_http, ingress_https)),
             acme,
             enable_failpoints: flags.enable_failpoints,
+            cluster: cluster_settings(flags, file.cluster.unwrap_or_default(), &src)?,
             ignored,
         })
+    }
+}
+
+/// `cluster.*` and the flags over it, checked: an address that is one, a join with its token.
+fn cluster_settings(
+    flags: &Flags,
+    c: ClusterSection,
+    src: &Source,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let pick =
+        |flag: &Option<String>, file: Option<String>| flag.clone().or(file).filter(|v| !v.trim().is_empty());
+    let listen = pick(&flags.raft_listen, c.raft_listen);
+    let advertise = pick(&flags.raft_advertise, c.raft_advertise);
+    let join = pick(&flags.join, c.join);
+    let token_file = flags
+        .join_token_file
+        .clone()
+        .or(c.join_token_file.map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty());
+    let Some(listen) = listen else {
+        for (set, key) in [
+            (advertise.is_some(), "cluster.raft-advertise"),
+            (join.is_some(), "cluster.join"),
+            (token_file.is_some(), "cluster.join-token-file"),
+        ] {
+            if set {
+                return Err(src.err(
+                    key,
+                    "needs cluster.raft-listen (--raft-listen): the port raft uses",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let listen = parse_addr(&src.at("cluster.raft-listen"), &listen)?;
+    let advertise = match advertise {
+        Some(a) => {
+            check_host_port(&a).map_err(|why| src.err("cluster.raft-advertise", format!("'{a}': {why}")))?;
+            a.trim().to_string()
+        }
+        None if listen.ip().is_unspecified() => {
+            return Err(src.err(
+                "cluster.raft-advertise",
+                format!("is required when cluster.raft-listen ({listen}) names no one interface: the address the other members dial, such as 10.0.0.5:{}", listen.port()),
+            ))
+        }
+        None => listen.to_string(),
+    };
+    let join =
+        match (join, token_file) {
+            (None, None) => None,
+            (Some(_), None) => return Err(src.err(
+                "cluster.join-token-file",
+                "is required with cluster.join: a file holding the token of `rune admin cluster join-token`",
+            )),
+            (None, Some(_)) => {
+                return Err(src.err(
+                    "cluster.join",
+                    "is required with cluster.join-token-file: the raft address (host:port) of a member",
+                ))
+            }
+            (Some(j), Some(f)) => {
+                check_host_port(&j).map_err(|why| src.err("cluster.join", format!("'{j}': {why}")))?;
+                Some((j.trim().to_string(), f))
+            }
+        };
+    Ok(Some(ClusterSettings {
+        listen,
+        advertise,
+        join,
+    }))
+}
+
+/// `host:port` with a host and a port from 1 to 65535.
+fn check_host_port(v: &str) -> Result<(), String> {
+    let (host, port) = v.trim().rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("the host is missing".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err("the port is not a number from 1 to 65535".into()),
     }
 }
 
@@ -1702,5 +1823,63 @@ mod tests {
         assert_eq!(parse_size("0"), Some(0));
         assert_eq!(parse_size("12 parsecs"), None);
         assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_named() {
+        // None: a single node without a raft port.
+        assert_eq!(Settings::resolve(&Flags::default()).unwrap().cluster, None);
+        let f = write("cluster:\n  raft-listen: 127.0.0.1:7862\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = s.cluster.unwrap();
+        assert_eq!((c.advertise.as_str(), c.join), ("127.0.0.1:7862", None));
+        // Flags win; a join comes with its token file.
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            raft_listen: Some(":7999".into()),
+            raft_advertise: Some("node-b:7999".into()),
+            join: Some("10.0.0.1:7862".into()),
+            join_token_file: Some("/etc/rune/join".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = s.cluster.unwrap();
+        assert_eq!(c.listen.port(), 7999);
+        assert_eq!(c.advertise, "node-b:7999");
+        assert_eq!(
+            c.join,
+            Some(("10.0.0.1:7862".into(), PathBuf::from("/etc/rune/join")))
+        );
+        for (text, want) in [
+            (
+                "cluster:\n  raft-listen: :7862\n",
+                ":1: cluster.raft-advertise: is required",
+            ),
+            ("cluster:\n  raft-listen: nowhere\n", "cluster.raft-listen"),
+            (
+                "cluster:\n  join: 10.0.0.1:7862\n",
+                ":2: cluster.join: needs cluster.raft-listen",
+            ),
+            (
+                "cluster:\n  raft-listen: 127.0.0.1:7862\n  join: 10.0.0.1:7862\n",
+                "cluster.join-token-file: is required",
+            ),
+            (
+                "cluster:\n  raft-listen: 127.0.0.1:7862\n  join: 10.0.0.1\n  join-token-file: /t\n",
+                ":3: cluster.join: '10.0.0.1': expected host:port",
+            ),
+            (
+                "cluster:\n  raft-listen: 127.0.0.1:7862\n  raft-advertise: b:0\n",
+                ":3: cluster.raft-advertise: 'b:0': the port",
+            ),
+            ("cluster:\n  raft-port: 1\n", "raft-port"),
+        ] {
+            let e = refusal(text);
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 }

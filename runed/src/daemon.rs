@@ -153,8 +153,13 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-/// Binds every listener before anything changes, so a taken port fails fast.
-async fn bind_all(s: &Settings) -> anyhow::Result<Listeners> {
+/// Binds every listener before anything changes, so a taken port fails fast (the raft port,
+/// in a cluster, beside the others).
+async fn bind_all(s: &Settings) -> anyhow::Result<(Listeners, Option<TcpListener>)> {
+    let raft = match &s.cluster {
+        Some(c) => Some(bind("raft (cluster.raft-listen)", c.listen).await?),
+        None => None,
+    };
     let grpc = bind("gRPC", s.grpc_addr).await?;
     let http = bind("HTTP", s.http_addr).await?;
     let metrics = match s.metrics_addr {
@@ -165,12 +170,13 @@ async fn bind_all(s: &Settings) -> anyhow::Result<Listeners> {
         Some(p) => crate::serve::bind_admin_socket(p)?.map(|l| (l, p.clone())),
         None => None,
     };
-    Ok(Listeners {
+    let listeners = Listeners {
         grpc,
         http,
         metrics,
         admin,
-    })
+    };
+    Ok((listeners, raft))
 }
 
 /// TLS material, read (or, in dev mode, generated) before anything else changes.
@@ -250,8 +256,13 @@ async fn start_orchestrator(
     log: &Arc<Log>,
     secrets: &Arc<crate::sealing::Secrets>,
     cluster: &str,
+    runs_instances: bool,
 ) -> Arc<rune_orchestrator::Orchestrator> {
     let mut c = s.orchestrator(cluster);
+    c.runs_instances = runs_instances;
+    if !runs_instances {
+        tracing::warn!("instances run on the cluster's first node: this node's orchestrator starts none");
+    }
     c.secrets = Some(Arc::new(crate::sealing::SecretOpener(secrets.clone())));
     // The small writer installed beside runed, else runed itself (`runed __log-writer`).
     c.log_writer = std::env::current_exe().ok().map(|exe| {
@@ -348,26 +359,82 @@ fn report_status(log: Arc<Log>, health: Arc<Health>) {
     });
 }
 
-/// The log, seeded, with the room its data dir has for writes at this start.
-async fn start_log(s: &Settings) -> anyhow::Result<(Arc<Log>, bool)> {
+/// The log as runed started it: in a cluster with its raft port and the admission of joining
+/// nodes; with the room its data dir has for writes at this start.
+struct Started {
+    log: Arc<Log>,
+    room: bool,
+    raft: Option<Raft>,
+}
+
+/// This node's part in a cluster.
+struct Raft {
+    port: rune_log::network::RaftPort,
+    admission: Arc<crate::cluster::JoinAdmission>,
+    /// The CA's certificate, for join tokens.
+    ca_pem: String,
+    /// This node's raft id.
+    node: u64,
+}
+
+/// The log, seeded; in a cluster (`cluster.raft-listen`), with this node's raft identity
+/// (founded, joined, or kept from an earlier start) and its raft port served.
+async fn start_log(s: &Settings, raft_listener: Option<TcpListener>) -> anyhow::Result<Started> {
     systemd::status("opening the log");
-    let cfg = LogConfig {
+    let member = match &s.cluster {
+        Some(c) => Some(crate::cluster::member(s, c).await?),
+        None => None,
+    };
+    let mut cfg = LogConfig {
         snapshot_every: s.snapshot_every,
         keep_after_snapshot: s.keep_after_snapshot,
         reserve_bytes: s.storage_reserve,
         ..LogConfig::new(&s.data_dir)
     };
+    if let (Some(c), Some(m)) = (&s.cluster, &member) {
+        cfg.node_id = m.tls.node;
+        cfg.address = c.advertise.clone();
+        cfg.join = c.join.is_some();
+        cfg.tls = Some(m.tls.clone());
+    }
     let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
+    let raft = match (member, raft_listener, &s.cluster) {
+        (Some(m), Some(listener), Some(c)) => {
+            let admission = Arc::new(crate::cluster::JoinAdmission::new(
+                crate::auth::Authenticator::new(log.clone()),
+            ));
+            let ca_pem = m.ca.cert_pem().to_string();
+            let joins = rune_log::join::Joins::new(admission.clone(), m.ca);
+            let port = log
+                .serve_raft(listener, Some(joins))
+                .context("cluster.raft-listen")?;
+            tracing::info!(node = m.tls.node, listen = %c.listen, advertise = %c.advertise, "serving the raft port");
+            Some(Raft {
+                port,
+                admission,
+                ca_pem,
+                node: m.tls.node,
+            })
+        }
+        _ => None,
+    };
     // Below the reserve, writes at start would fail: runed starts anyway (reads, running
     // services and deletes work) and does them at its next start.
     let room = log.space().check(log.space().need(true));
     match &room {
-        Ok(()) => seed(&log, &s.cluster_cidr).await?,
+        Ok(()) => {
+            let founder = raft.as_ref().is_none_or(|r| r.node == rune_log::types::NODE_ID);
+            seed(&log, &s.cluster_cidr, raft.is_some(), founder).await?
+        }
         Err(e) => {
             tracing::warn!(error = %e, "not seeding the reserved namespaces and policies at this start")
         }
     }
-    Ok((log, room.is_ok()))
+    Ok(Started {
+        log,
+        room: room.is_ok(),
+        raft,
+    })
 }
 
 /// The KEKs, checked against every sealed secret, and a rotation an earlier runed left
@@ -416,6 +483,7 @@ async fn start_subsystems(
     log: &Arc<Log>,
     secrets: &Arc<Secrets>,
     provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
+    runs_instances: bool,
 ) -> anyhow::Result<Subsystems> {
     systemd::status("starting the DNS, the data plane and the ingress");
     let dns = start_dns(s, log).await?;
@@ -430,7 +498,7 @@ async fn start_subsystems(
     crate::metrics::dataplane(provider, &dataplane);
 
     systemd::status("starting the orchestrator");
-    let orchestrator = start_orchestrator(s, log, secrets, &cluster_id(log)?).await;
+    let orchestrator = start_orchestrator(s, log, secrets, &cluster_id(log)?, runs_instances).await;
     serve_containers(&dns, &dataplane, &orchestrator);
     let projections: Vec<_> = [
         Some(dns.projection().clone()),
@@ -481,13 +549,18 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         tracing::warn!("runefile {line}");
     }
     systemd::status("binding listeners");
-    let listeners = bind_all(&s).await?;
+    let (listeners, raft_listener) = bind_all(&s).await?;
     let tls = load_tls(&s)?;
-    let (log, room) = start_log(&s).await?;
+    let Started { log, room, raft } = start_log(&s, raft_listener).await?;
     let secrets = start_secrets(&s, &log, room).await?;
+    if let Some(r) = &raft {
+        r.admission.ready(secrets.clone());
+    }
     crate::metrics::log_gauges(&provider, &log);
     crate::metrics::network_changes(&provider, &log);
-    let sub = start_subsystems(&s, &log, &secrets, &provider).await?;
+    // Until instances are placed across nodes, they run on the cluster's first node only.
+    let runs_instances = raft.as_ref().is_none_or(|r| r.node == rune_log::types::NODE_ID);
+    let sub = start_subsystems(&s, &log, &secrets, &provider, runs_instances).await?;
     let health = Arc::new(Health::new(
         log.clone(),
         sub.orchestrator.clone(),
@@ -507,6 +580,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             .grpc
             .local_addr()
             .map_or(s.grpc_addr.port(), |a| a.port()),
+        cluster_ca: raft.as_ref().map(|r| r.ca_pem.clone()),
     };
     let auth = crate::auth::Authenticator::new(log.clone());
     let failpoints = failpoint_routes(&s, &log, &sub);
@@ -529,7 +603,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         () = stopped => None,
         why = log.failed() => Some(why),
     };
-    let stopped = stop(&s, log, sub, servers, health, failed).await;
+    let stopped = stop(&s, log, sub, servers, health, failed, raft.map(|r| r.port)).await;
     let _ = provider.shutdown();
     stopped
 }
@@ -543,6 +617,7 @@ async fn stop(
     mut servers: Servers,
     health: Arc<Health>,
     failed: Option<String>,
+    raft_port: Option<rune_log::network::RaftPort>,
 ) -> anyhow::Result<()> {
     health.set_shutting_down();
     if let Some(why) = &failed {
@@ -555,6 +630,11 @@ async fn stop(
     sub.orchestrator.shutdown().await;
     systemd::stopping("closing the log");
     let closed = log.shutdown().await;
+    if let Some(port) = raft_port {
+        if let Err(e) = port.stop().await {
+            tracing::warn!(error = %e, "the raft port did not close cleanly");
+        }
+    }
     servers.stop_http(drain).await;
     if let Some(why) = failed {
         return Err(LogFailed(why).into());
@@ -584,10 +664,16 @@ fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 
 /// Seeds the reserved namespaces, the built-in policies, the cluster CIDR and the cluster's
 /// identity on a new cluster, and the host claims of a state older than them, through the log
-/// like every write.
-async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
+/// like every write. In a cluster it reads what every member acknowledged (a joining node
+/// waits until it has caught up), and only the `founder` sets the cluster CIDR once there is
+/// one: the others' defaults must not undo it.
+async fn seed(log: &Log, cluster_cidr: &str, clustered: bool, founder: bool) -> anyhow::Result<()> {
     let (missing, policies, cluster_cidr, cluster_id, claim_hosts) = {
-        let txn = log.read()?;
+        let txn = if clustered {
+            caught_up(log).await?
+        } else {
+            log.read()?
+        };
         let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
         let mut v = Vec::new();
         for ns in RESERVED_NAMESPACES {
@@ -608,8 +694,14 @@ async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
             &t,
             rune_statemachine::network::CONFIG_KEY,
         )?;
-        let cidr = (stored.map(|c| c.cluster_cidr).as_deref() != Some(cluster_cidr))
-            .then(|| cluster_cidr.to_string());
+        let cidr = match stored.map(|c| c.cluster_cidr) {
+            Some(c) if c == cluster_cidr => None,
+            Some(c) if !founder => {
+                tracing::info!(cluster_cidr = %c, "using the cluster's network");
+                None
+            }
+            _ => Some(cluster_cidr.to_string()),
+        };
         // Chosen here, carried in the entry: apply stays deterministic.
         let id = match rune_statemachine::store::cluster_id(&t)? {
             Some(_) => None,
@@ -636,6 +728,26 @@ async fn seed(log: &Log, cluster_cidr: &str) -> anyhow::Result<()> {
         .outcome?;
     }
     Ok(())
+}
+
+/// How long a node that starts in a cluster may take to catch up with it before it gives up.
+const CATCH_UP: Duration = rune_log::join::CATCH_UP;
+
+/// A read of everything the cluster acknowledged, once this node has applied that far: a
+/// node that just joined waits until the leader has reached it and sent it the state.
+async fn caught_up(log: &Log) -> anyhow::Result<redb::ReadTransaction> {
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        match log.read_linearizable().await {
+            Ok(txn) => return Ok(txn),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                systemd::status("catching up with the cluster");
+                tracing::info!(error = %e, "waiting to catch up with the cluster");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("catching up with the cluster")),
+        }
+    }
 }
 
 /// The cluster's identity (empty before the first seed: what runed makes then carries none).

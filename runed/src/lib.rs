@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod castfile;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod grpc;

@@ -144,6 +144,18 @@ impl Secrets {
         }
     }
 
+    /// The KEK a node that joins the cluster is handed (base64, as in a KEK file). Refused
+    /// while a rotation is half-done: the new member would keep a KEK about to be retired.
+    pub fn kek_for_member(&self) -> Result<String, Status> {
+        let ring = self.ring();
+        if ring.has_previous() {
+            return Err(Status::failed_precondition(
+                "a KEK rotation is in progress on this member; join once it has finished",
+            ));
+        }
+        Ok(ring.primary().to_base64())
+    }
+
     /// Opens a sealed version with the loaded KEKs.
     pub fn open(&self, s: &SealedSecret) -> Result<SecretData, String> {
         open(&self.ring(), s).map_err(|e| e.to_string())

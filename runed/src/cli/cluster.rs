@@ -1,5 +1,5 @@
 //! `rune admin cluster status`: this node's view of the raft cluster, as `etcdctl endpoint
-//! status` shows etcd's.
+//! status` shows etcd's; `join-token` and `remove`, the membership changes an operator makes.
 
 use rune_proto::v1 as pb;
 use serde_json::json;
@@ -15,9 +15,72 @@ pub async fn status(conn: &Conn, format: Format) -> Result<(), CliError> {
         .await
         .map_err(|e| conn.status(e))?
         .into_inner();
+    print_status(&s, format);
+    Ok(())
+}
+
+/// `rune admin cluster join-token [--ttl D] [--out-file F]`.
+pub async fn join_token(
+    conn: &Conn,
+    ttl: Option<std::time::Duration>,
+    out_file: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    let r = pb::admin_api_client::AdminApiClient::new(conn.channel().await?)
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl_seconds: ttl.map_or(0, |d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
+        })
+        .await
+        .map_err(|e| conn.status(e))?
+        .into_inner();
+    let expires = r
+        .expires_at_ms
+        .map(|ms| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "never".into());
+    let members = r.members.join(" or ");
+    match out_file {
+        Some(p) => {
+            super::identity::write_private(p, &r.join_token)?;
+            eprintln!(
+                "join token (API token {}, expires {expires}) written to {}",
+                r.token_id,
+                p.display()
+            );
+        }
+        None => {
+            eprintln!(
+                "join token (API token {}, expires {expires}); it is shown only once:",
+                r.token_id
+            );
+            println!("{}", r.join_token);
+        }
+    }
+    eprintln!(
+        "on the new node: runed --raft-listen <its address:port> --join {members} --join-token-file <file>"
+    );
+    Ok(())
+}
+
+/// `rune admin cluster remove NODE`.
+pub async fn remove(conn: &Conn, node: u64, format: Format) -> Result<(), CliError> {
+    let s = pb::admin_api_client::AdminApiClient::new(conn.channel().await?)
+        .remove_cluster_member(pb::RemoveClusterMemberRequest { node_id: node })
+        .await
+        .map_err(|e| conn.status(e))?
+        .into_inner();
+    eprintln!("node {node} removed from the cluster");
+    print_status(&s, format);
+    Ok(())
+}
+
+fn print_status(s: &pb::ClusterStatusResponse, format: Format) {
     if !format.is_table() {
-        print_structured(&status_json(&s), format);
-        return Ok(());
+        print_structured(&status_json(s), format);
+        return;
     }
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     print_table(&[
@@ -67,7 +130,6 @@ pub async fn status(conn: &Conn, format: Format) -> Result<(), CliError> {
         ]);
     }
     print_table(&rows);
-    Ok(())
 }
 
 fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {

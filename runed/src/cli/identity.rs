@@ -108,7 +108,8 @@ pub enum TokenCmd {
 }
 
 /// Writes a secret file readable only by its owner, refusing to follow a symlink or clobber.
-fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
+/// Writes `text` to a new file only its owner reads (a secret shown once).
+pub(super) fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let fail = |e: std::io::Error| CliError::generic(format!("cannot write {}: {e}", path.display()));

@@ -588,6 +588,23 @@ pub enum ClusterCmd {
     /// This node's role, term and leader, how far its log is written, committed and applied,
     /// and the members (`-o json` for scripts).
     Status,
+    /// A token that lets a new node join: `runed --join <member's raft address>
+    /// --join-token-file <file> --raft-listen ...` on it. It carries the cluster CA's
+    /// certificate and an API token of yours (revoke it with `rune admin token revoke`).
+    JoinToken {
+        /// How long it admits nodes (default 24h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Write it to this file (mode 0600, must not exist) instead of printing it.
+        #[arg(long)]
+        out_file: Option<PathBuf>,
+    },
+    /// Takes a node out of the cluster (its raft id, from `status`); the leader makes the
+    /// change, whichever member is asked. The last voter cannot be removed.
+    Remove {
+        /// The node's raft id.
+        node: u64,
+    },
 }
 
 /// Attaches the bearer token to every call.
@@ -1061,6 +1078,17 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 action: ClusterCmd::Status,
             },
         } => cluster::status(&Conn::resolve_admin(&cli).await?, format).await,
+        Cmd::Admin {
+            action:
+                AdminCmd::Cluster {
+                    action: ClusterCmd::JoinToken { ttl, out_file },
+                },
+        } => cluster::join_token(&Conn::resolve_admin(&cli).await?, *ttl, out_file.as_deref()).await,
+        Cmd::Admin {
+            action: AdminCmd::Cluster {
+                action: ClusterCmd::Remove { node },
+            },
+        } => cluster::remove(&Conn::resolve_admin(&cli).await?, *node, format).await,
         Cmd::PortForward {
             service,
             ports,

@@ -86,6 +86,10 @@ pub struct OrchestratorConfig {
     pub registries: Vec<registry::Registry>,
     /// Where process services' volumes live (this runed's under `<root>/<owner>`).
     pub volumes_root: PathBuf,
+    /// Whether this node runs instances at all. In a cluster, until instances are placed
+    /// across nodes, only the first node does; the others keep the picture (for the API) and
+    /// start, stop and clean up nothing.
+    pub runs_instances: bool,
 }
 
 impl OrchestratorConfig {
@@ -111,6 +115,7 @@ impl OrchestratorConfig {
             secrets: None,
             registries: Vec::new(),
             volumes_root: std::env::temp_dir().join("rune-volumes"),
+            runs_instances: true,
         }
     }
 }
@@ -915,8 +920,10 @@ async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
         last_gc: Instant::now(),
         draining: Arc::new(Mutex::new(HashSet::new())),
     };
-    for f in inner.process.list() {
-        adopt_or_discard(&inner, &mut l.adopt, f);
+    if inner.cfg.runs_instances {
+        for f in inner.process.list() {
+            adopt_or_discard(&inner, &mut l.adopt, f);
+        }
     }
     let mut tick = tokio::time::interval(RESYNC_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -945,6 +952,13 @@ impl Loop {
         if !inner.built.load(Ordering::SeqCst) {
             // No picture of the state yet (its first read failed): acting on none would stop
             // everything adopted. The projection retries; health shows the loop idle.
+            return;
+        }
+        if !inner.cfg.runs_instances {
+            // Nothing to do, and nothing wrong: the loop is as alive as it is idle.
+            if let Ok(mut at) = inner.reconciled_at.lock() {
+                *at = Instant::now();
+            }
             return;
         }
         let started = Instant::now();

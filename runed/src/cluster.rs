@@ -1,0 +1,208 @@
+//! runed as a member of a raft cluster: its raft identity at start, and the admission of the
+//! nodes that join it.
+//!
+//! A node with `cluster.raft-listen` and no certificates yet either founds a cluster (makes
+//! the cluster CA with rcgen and signs its own certificate as raft node 1, the id a single
+//! node always had, so an existing data dir becomes the first member unchanged) or, with
+//! `cluster.join`, asks a member for a grant with its join token ([`rune_log::join`]): its
+//! raft id, its certificate, the CA, and the KEK, which it keeps where `crypto.kek` says, so
+//! every member opens the same secrets. What it was granted is kept under the data dir's
+//! `cluster/`, and later starts read it back: joining happens once.
+//!
+//! The join token is an API token (`rune admin cluster join-token`, 24 h by default) of a
+//! caller who may `create` on `admin`, with the CA's certificate in front of it; a member admits
+//! its bearer when that token still resolves to a caller allowed the same.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use rune_log::join::{Admission, JoinError, JoinToken};
+use rune_log::pki::{ClusterCa, NodeTls, PKI_DIR};
+use rune_secrets::{Kek, KekSource};
+use tonic::Status;
+
+use crate::config::{ClusterSettings, ConfigError, Settings};
+
+/// The resource and verb a join token's caller must hold, and a joining node's token too.
+pub const JOIN_RIGHT: (&str, &str) = ("admin", "create");
+
+/// This node's raft identity: its certificates (which name its raft id) and the cluster's CA.
+pub struct Member {
+    /// Its certificates for the raft port.
+    pub tls: NodeTls,
+    /// The CA, with which this member admits others.
+    pub ca: ClusterCa,
+}
+
+/// This node's raft identity: as kept from an earlier start, else founded or joined now.
+pub async fn member(s: &Settings, c: &ClusterSettings) -> anyhow::Result<Member> {
+    let dir = &s.data_dir;
+    if let Some(tls) = NodeTls::load(dir).context("reading this node's raft certificate")? {
+        let ca = ClusterCa::load(dir)
+            .context("reading the cluster's CA")?
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "{}: the cluster CA's key is missing beside this node's certificate",
+                    dir.join(PKI_DIR).display()
+                ))
+            })?;
+        return Ok(Member { tls, ca });
+    }
+    match &c.join {
+        None => found(dir),
+        Some((address, token_file)) => join(s, c, address, token_file).await,
+    }
+}
+
+/// A new cluster: its CA, and node 1's certificate.
+fn found(dir: &Path) -> anyhow::Result<Member> {
+    let ca = ClusterCa::generate().context("making the cluster's CA")?;
+    let tls = ca
+        .issue(rune_log::types::NODE_ID)
+        .context("signing this node's raft certificate")?;
+    ca.save(dir).context("keeping the cluster's CA")?;
+    tls.save(dir).context("keeping this node's raft certificate")?;
+    tracing::info!(
+        node = tls.node,
+        dir = %dir.join(PKI_DIR).display(),
+        "made the cluster's CA and this node's raft certificate"
+    );
+    Ok(Member { tls, ca })
+}
+
+/// Asks the member at `address` for a grant with the token in `token_file`, and keeps it.
+async fn join(s: &Settings, c: &ClusterSettings, address: &str, token_file: &Path) -> anyhow::Result<Member> {
+    let dir = &s.data_dir;
+    if dir.join(rune_log::LOG_DIR).exists() {
+        return Err(ConfigError(format!(
+            "cluster.join: {} already holds a raft log of its own; a node joins with an empty data dir (or start it without cluster.join, as the cluster it is)",
+            dir.display()
+        ))
+        .into());
+    }
+    let at = format!("cluster.join-token-file {}", token_file.display());
+    let text = std::fs::read_to_string(token_file).map_err(|e| ConfigError(format!("{at}: {e}")))?;
+    let token = JoinToken::parse(&text).map_err(|e| ConfigError(format!("{at}: {e}")))?;
+    crate::systemd::status(&format!("joining the cluster through {address}"));
+    tracing::info!(member = %address, advertise = %c.advertise, "asking to join the cluster");
+    let grant = match rune_log::join::request(address, &token, &c.advertise).await {
+        Ok(g) => g,
+        // Starting again will not change the answer: no restart loop.
+        Err(e @ (JoinError::Refused { .. } | JoinError::Token(_))) => {
+            return Err(ConfigError(format!("cluster.join: {e}")).into())
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cluster.join")),
+    };
+    keep_kek(&s.kek_source, &grant.extra)?;
+    let ca = grant.ca().context("the cluster's CA, as granted")?;
+    ca.save(dir).context("keeping the cluster's CA")?;
+    let tls = grant.tls();
+    tls.save(dir).context("keeping this node's raft certificate")?;
+    tracing::info!(node = tls.node, member = %address, "granted membership: joining as a learner");
+    Ok(Member { tls, ca })
+}
+
+/// Keeps the cluster's KEK where this node's `crypto.kek` reads it: every member must open
+/// the same sealed secrets. A KEK of this node's own that differs is refused, never replaced.
+fn keep_kek(source: &KekSource, granted: &str) -> Result<(), ConfigError> {
+    let kek = Kek::parse(granted).map_err(|e| ConfigError(format!("the KEK the cluster sent: {e}")))?;
+    let differs = |what: String| {
+        ConfigError(format!(
+            "crypto.kek: {what} holds another KEK than the cluster's ({}); a member must use the cluster's",
+            kek.id()
+        ))
+    };
+    match source {
+        KekSource::File { path, .. } => match std::fs::read_to_string(path) {
+            Ok(text) => match Kek::parse(&text) {
+                Ok(mine) if mine.id() == kek.id() => Ok(()),
+                _ => Err(differs(format!("the file {}", path.display()))),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => rune_secrets::write_kek_file(path, &kek)
+                .map_err(|e| ConfigError(format!("crypto.kek: keeping the cluster's KEK: {e}"))),
+            Err(e) => Err(ConfigError(format!("crypto.kek: {}: {e}", path.display()))),
+        },
+        KekSource::Env { var } => match std::env::var(var).ok().map(|v| Kek::parse(&v)) {
+            Some(Ok(mine)) if mine.id() == kek.id() => Ok(()),
+            _ => Err(differs(format!("the variable {var}"))),
+        },
+        KekSource::Generated => Err(ConfigError(
+            "crypto.kek.source generated gives each process a KEK of its own; a cluster member needs the cluster's: use a file (the default) or env".into(),
+        )),
+    }
+}
+
+/// Admits nodes that present a join token: an API token whose caller may still create on
+/// `admin`. Hands them the KEK once the secrets are loaded (until then: unavailable).
+pub struct JoinAdmission {
+    auth: crate::auth::Authenticator,
+    secrets: OnceLock<Arc<crate::sealing::Secrets>>,
+}
+
+impl JoinAdmission {
+    /// Checks tokens with `auth`.
+    pub fn new(auth: crate::auth::Authenticator) -> Self {
+        Self {
+            auth,
+            secrets: OnceLock::new(),
+        }
+    }
+
+    /// The KEKs, once loaded: from then on nodes are admitted.
+    pub fn ready(&self, secrets: Arc<crate::sealing::Secrets>) {
+        let _ = self.secrets.set(secrets);
+    }
+}
+
+#[tonic::async_trait]
+impl Admission for JoinAdmission {
+    async fn admit(&self, secret: &str) -> Result<String, Status> {
+        let caller = self.auth.resolve(secret)?;
+        crate::auth::check(&caller, JOIN_RIGHT.0, JOIN_RIGHT.1, None)?;
+        let secrets = self
+            .secrets
+            .get()
+            .ok_or_else(|| Status::unavailable("this member is still starting"))?;
+        let kek = secrets.kek_for_member()?;
+        tracing::warn!(user = %caller.user, token = %caller.token_name, "admitting a node into the cluster");
+        Ok(kek)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_joining_node_keeps_the_clusters_kek_and_refuses_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        let source = KekSource::File {
+            path: path.clone(),
+            generate_if_missing: true,
+        };
+        let cluster = Kek::generate().unwrap();
+        keep_kek(&source, &cluster.to_base64()).unwrap();
+        let kept = Kek::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(kept.id(), cluster.id());
+        // Again with the same KEK: nothing to do.
+        keep_kek(&source, &cluster.to_base64()).unwrap();
+        // Another cluster's KEK never replaces the file.
+        let other = Kek::generate().unwrap();
+        let e = keep_kek(&source, &other.to_base64()).unwrap_err().0;
+        assert!(
+            e.contains("another KEK") && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+        assert_eq!(
+            Kek::parse(&std::fs::read_to_string(&path).unwrap()).unwrap().id(),
+            cluster.id()
+        );
+        let e = keep_kek(&KekSource::Generated, &cluster.to_base64())
+            .unwrap_err()
+            .0;
+        assert!(e.contains("generated"), "{e}");
+        assert!(keep_kek(&source, "not base64").is_err());
+    }
+}

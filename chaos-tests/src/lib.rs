@@ -128,6 +128,8 @@ pub struct Daemon {
     pub nftables: bool,
     /// Extra environment for runed.
     pub env: Vec<(String, String)>,
+    /// Run runed inside this network namespace (`ip netns exec`), as on a machine of its own.
+    pub netns: Option<String>,
     child: Option<Child>,
     tmp: tempfile::TempDir,
 }
@@ -156,6 +158,7 @@ impl Daemon {
             tls_ca: None,
             nftables: false,
             env: Vec::new(),
+            netns: None,
             child: None,
             tmp,
         }
@@ -185,7 +188,15 @@ impl Daemon {
 
     /// The command that starts runed with this daemon's settings.
     pub fn command(&self) -> Command {
-        let mut c = Command::new(&self.bins.runed);
+        // `ip netns exec` enters the namespace and execs runed: the pid stays runed's.
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bins.runed);
+                c
+            }
+            None => Command::new(&self.bins.runed),
+        };
         c.arg("--data-dir")
             .arg(&self.data_dir)
             .args([
@@ -341,8 +352,16 @@ impl Daemon {
     }
 
     /// The `rune` command, pointed at this daemon, with its config in the temp dir.
+    /// In a network namespace, `rune` runs there too, as an operator on that machine would.
     pub fn rune_cmd(&self) -> Command {
-        let mut c = Command::new(&self.bins.rune);
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bins.rune);
+                c
+            }
+            None => Command::new(&self.bins.rune),
+        };
         c.env("RUNE_API_SERVER", self.grpc.to_string())
             .env("RUNE_ADMIN_SOCKET", self.admin_socket())
             .env("RUNE_CLI_CONFIG", self.tmp.path().join("cli-config.yaml"))

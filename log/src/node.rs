@@ -720,10 +720,16 @@ fn count_leader_changes(raft: &Raft<TypeConfig>) -> Arc<std::sync::atomic::Atomi
     tokio::spawn(async move {
         let mut seen = None;
         loop {
-            let leader = server.borrow_and_update().current_leader;
+            let (leader, term) = {
+                let m = server.borrow_and_update();
+                (m.current_leader, m.vote.leader_id().term)
+            };
             // As etcd counts: a leader after none (a new election) or another leader.
-            if leader.is_some() && leader != seen {
+            if let Some(l) = leader.filter(|_| leader != seen) {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // One line per change, with its term: an operator (or a test) can check that
+                // no term ever had two leaders.
+                tracing::info!(leader = l, term, "raft leader changed");
             }
             seen = leader;
             if server.changed().await.is_err() {

@@ -6,6 +6,12 @@
 //! everything; a fourth node joins and is removed through a follower; bad tokens and a data
 //! dir with a log of its own are refused at start with exit 78. Every node's log replays to
 //! the same state digest.
+//!
+//! Then the same on three "machines": runed in network namespaces of their own, bridged, with
+//! eight writers casting through every node while the leader is killed with SIGKILL, and again
+//! while the leader is cut off by nftables drop rules and then healed: every acknowledged
+//! write is on every node, no term had two leaders (from the nodes' logs), and the logs replay
+//! to one state.
 
 mod common;
 
@@ -227,4 +233,349 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
         digests.push(v["live_digest"].as_str().unwrap().to_string());
     }
     assert!(digests.iter().all(|x| *x == digests[0]), "{digests:?}");
+}
+
+/// The bridge's network: node `i` is `10.77.0.<i>`, the hub (where the test runs) `.254`.
+const NET: &str = "10.77.0";
+
+/// Moves the calling thread into a network namespace (children it spawns follow).
+fn enter(path: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: setns(2) on a namespace file descriptor we own; it changes only this thread's
+    // network namespace and touches no memory of ours.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+fn sh(args: &[&str]) {
+    let o = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Three machines on one switch: a namespace per node with `eth0` on a bridge in a hub
+/// namespace, where the test itself runs as a client on that network. Dropping it brings the
+/// thread home and deletes the namespaces (their links go with them).
+struct Net {
+    hub: String,
+    nodes: [String; 3],
+    home: std::fs::File,
+}
+
+impl Net {
+    fn new() -> Net {
+        let tag = format!("rc{}", std::process::id() % 100_000);
+        let net = Net {
+            hub: format!("{tag}h"),
+            nodes: [1, 2, 3].map(|i| format!("{tag}n{i}")),
+            home: std::fs::File::open("/proc/thread-self/ns/net").unwrap(),
+        };
+        let hub = net.hub.as_str();
+        for n in std::iter::once(hub).chain(net.nodes.iter().map(String::as_str)) {
+            sh(&["ip", "netns", "add", n]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "-n", hub, "link", "add", "br0", "type", "bridge"]);
+        sh(&[
+            "ip",
+            "-n",
+            hub,
+            "addr",
+            "add",
+            &format!("{NET}.254/24"),
+            "dev",
+            "br0",
+        ]);
+        sh(&["ip", "-n", hub, "link", "set", "br0", "up"]);
+        for (i, n) in net.nodes.iter().enumerate() {
+            let port = format!("v{}", i + 1);
+            sh(&[
+                "ip", "link", "add", &port, "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", n,
+            ]);
+            sh(&["ip", "-n", hub, "link", "set", &port, "master", "br0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{NET}.{}/24", i + 1),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+        }
+        net.enter_hub();
+        net
+    }
+
+    fn enter_hub(&self) {
+        enter(&format!("/var/run/netns/{}", self.hub));
+    }
+
+    /// Drops everything node `i` sends or receives on its network, in nftables.
+    fn cut(&self, i: usize) {
+        let rules = "table inet rune_test_cut {\n chain in { type filter hook input priority -300; iifname \"eth0\" drop; }\n chain out { type filter hook output priority -300; oifname \"eth0\" drop; }\n}\n";
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), rules).unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.nodes[i],
+            "nft",
+            "-f",
+            &f.path().display().to_string(),
+        ]);
+    }
+
+    fn heal(&self, i: usize) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.nodes[i],
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "rune_test_cut",
+        ]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `enter`, with the descriptor of the namespace the thread started in.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+        for n in std::iter::once(&self.hub).chain(&self.nodes) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}
+
+/// Node `i` (1-based) in its namespace: gRPC, HTTP and raft on its address on the bridge.
+fn machine(net: &Net, i: usize, join: Option<&str>) -> Daemon {
+    let mut d = Daemon::new(&bins());
+    let ip: std::net::IpAddr = format!("{NET}.{i}").parse().unwrap();
+    d.netns = Some(net.nodes[i - 1].clone());
+    d.grpc = (ip, 7863).into();
+    d.http = (ip, 7861).into();
+    d.extra = vec!["--raft-listen".into(), format!("{ip}:7862")];
+    if let Some(token_file) = join {
+        d.extra.extend([
+            "--join".into(),
+            format!("{NET}.1:7862"),
+            "--join-token-file".into(),
+            token_file.into(),
+        ]);
+        d.auto_bootstrap = false;
+    }
+    d
+}
+
+/// Where a writer sends its casts: a node's API, with the cluster's token.
+#[derive(Clone)]
+struct Target {
+    grpc: String,
+    token: String,
+}
+
+/// Casts services `w<t>-<n>` round the nodes until `stop`, each bounded by 20 s; returns
+/// the names acknowledged (exit 0), counting them in `acked` as it goes.
+fn writer(
+    net_hub: String,
+    t: usize,
+    targets: Vec<Target>,
+    dir: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    enter(&format!("/var/run/netns/{net_hub}"));
+    let mut mine = Vec::new();
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let name = format!("w{t}-{n}");
+        let target = &targets[(t + n) % targets.len()];
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, service(&name)).unwrap();
+        let o = std::process::Command::new("timeout")
+            .args(["20", env!("CARGO_BIN_EXE_rune"), "cast", "--detach"])
+            .arg(&file)
+            .env("RUNE_API_SERVER", &target.grpc)
+            .env("RUNE_TOKEN", &target.token)
+            .env("RUNE_CLI_CONFIG", dir.join(format!("cli-{t}.yaml")))
+            .env_remove("RUNE_ADMIN_SOCKET")
+            .output()
+            .unwrap();
+        if o.status.success() {
+            mine.push(name);
+            acked.fetch_add(1, Ordering::SeqCst);
+        }
+        n += 1;
+    }
+    mine
+}
+
+/// The leader each node saw in each term, from its log lines: no term may have two.
+fn leaders_by_term(nodes: &[&Daemon]) -> std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> {
+    let mut seen: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> = Default::default();
+    for d in nodes {
+        for line in d.logs().lines().filter(|l| l.contains("raft leader changed")) {
+            let field = |k: &str| -> u64 {
+                let at = line.find(&format!("{k}=")).unwrap() + k.len() + 1;
+                line[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            seen.entry(field("term")).or_default().insert(field("leader"));
+        }
+    }
+    seen
+}
+
+/// The position in `nodes` of the one they agree leads, once they do.
+fn agreed_leader(nodes: &[&Daemon]) -> usize {
+    let mut at = 0;
+    wait_until(Duration::from_secs(15), "the nodes to agree on a leader", || {
+        let leaders: Vec<Option<u64>> = nodes.iter().map(|d| status(d)["leader"].as_u64()).collect();
+        let Some(l) = leaders[0].filter(|l| leaders.iter().all(|x| *x == Some(*l))) else {
+            return false;
+        };
+        match nodes.iter().position(|d| status(d)["node"].as_u64() == Some(l)) {
+            Some(i) => {
+                at = i;
+                true
+            }
+            None => false,
+        }
+    });
+    at
+}
+
+#[test]
+fn three_machines_keep_every_acknowledged_write_through_a_killed_and_a_cut_off_leader() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let net = Net::new();
+    let mut nodes = vec![machine(&net, 1, None)];
+    nodes[0].restart();
+    let token = nodes[0].token.clone().unwrap();
+    let token_file = nodes[0].scratch().join("join").display().to_string();
+    run_ok(
+        &nodes[0],
+        &["admin", "cluster", "join-token", "--out-file", &token_file],
+    );
+    for i in [2, 3] {
+        let mut d = machine(&net, i, Some(&token_file));
+        d.token = Some(token.clone());
+        d.restart();
+        nodes.push(d);
+    }
+    wait_until(Duration::from_secs(60), "three voters", || {
+        voters(&nodes[0]) == [1, 2, 3]
+    });
+
+    let targets: Vec<Target> = nodes
+        .iter()
+        .map(|d| Target {
+            grpc: d.grpc.to_string(),
+            token: token.clone(),
+        })
+        .collect();
+    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let dir = tempfile::tempdir().unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|t| {
+            let (hub, targets, dir, stop, acked) = (
+                net.hub.clone(),
+                targets.clone(),
+                dir.path().to_path_buf(),
+                stop.clone(),
+                acked.clone(),
+            );
+            std::thread::spawn(move || writer(hub, t, targets, dir, stop, acked))
+        })
+        .collect();
+    let more = |n: usize, what: &str| {
+        let from = acked.load(Ordering::SeqCst);
+        wait_until(Duration::from_secs(60), what, || {
+            acked.load(Ordering::SeqCst) >= from + n
+        });
+    };
+    more(20, "writes before any fault");
+
+    // SIGKILL the leader; the other two elect one and writes go on; it comes back.
+    let l = agreed_leader(&nodes.iter().collect::<Vec<_>>());
+    nodes[l].sigkill();
+    let others: Vec<&Daemon> = (0..3).filter(|i| *i != l).map(|i| &nodes[i]).collect();
+    agreed_leader(&others);
+    more(20, "writes after the leader was killed");
+    nodes[l].restart();
+    more(10, "writes after the old leader came back");
+
+    // Cut the leader off in nftables: the majority elects another and writes go on; healed,
+    // the old leader follows the new term.
+    let l = agreed_leader(&nodes.iter().collect::<Vec<_>>());
+    net.cut(l);
+    let others: Vec<&Daemon> = (0..3).filter(|i| *i != l).map(|i| &nodes[i]).collect();
+    let new = agreed_leader(&others);
+    more(20, "writes while the old leader is cut off");
+    net.heal(l);
+    wait_until(
+        Duration::from_secs(30),
+        "the cut-off leader to follow again",
+        || status(&nodes[l])["leader"].as_u64() == status(others[new])["node"].as_u64(),
+    );
+    more(10, "writes after healing");
+    stop.store(true, Ordering::SeqCst);
+    let acknowledged: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+
+    // Every acknowledged write is on every node; no term had two leaders; the logs replay to
+    // one state.
+    let all: Vec<&Daemon> = nodes.iter().collect();
+    let index = settled(&all);
+    for d in &all {
+        let held: std::collections::BTreeSet<String> = services(d).into_iter().collect();
+        let lost: Vec<&String> = acknowledged.iter().filter(|n| !held.contains(*n)).collect();
+        assert!(lost.is_empty(), "node lost acknowledged writes: {lost:?}");
+    }
+    let terms = leaders_by_term(&all);
+    assert!(terms.len() >= 3, "two elections after the first: {terms:?}");
+    for (term, leaders) in &terms {
+        assert_eq!(leaders.len(), 1, "term {term} had leaders {leaders:?}");
+    }
+    nodes.sort_by_key(|d| status(d)["role"] == "leader");
+    let mut digests = Vec::new();
+    for d in &mut nodes {
+        assert_eq!(d.sigterm().code(), Some(0), "{}", d.logs());
+        let data = d.data_dir.display().to_string();
+        let v: Value = serde_json::from_str(&run_ok(
+            d,
+            &["admin", "replay", "--data-dir", &data, "--verify", "-o", "json"],
+        ))
+        .unwrap();
+        assert!(v["first_difference"].is_null(), "{v}");
+        assert_eq!(v["index"].as_u64(), Some(index), "{v}");
+        digests.push(v["live_digest"].as_str().unwrap().to_string());
+    }
+    assert!(digests.iter().all(|x| *x == digests[0]), "{digests:?}");
+    eprintln!(
+        "{} writes acknowledged through a kill and a partition",
+        acknowledged.len()
+    );
 }

@@ -61,12 +61,39 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, Default, Clone)]
 pub struct Network {
     tls: Option<Arc<NodeTls>>,
+    contacts: Arc<Contacts>,
 }
 
 impl Network {
     /// Peers reached with `tls` (none: plain text).
     pub fn new(tls: Option<Arc<NodeTls>>) -> Self {
-        Self { tls }
+        Self {
+            tls,
+            contacts: Arc::default(),
+        }
+    }
+
+    /// When each peer last answered this node.
+    pub fn contacts(&self) -> Arc<Contacts> {
+        self.contacts.clone()
+    }
+}
+
+/// When each peer last answered a raft RPC of this node (a leader hears every member each
+/// heartbeat): how the leader tells a node that is gone from one that is idle.
+#[derive(Debug, Default)]
+pub struct Contacts(std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>);
+
+impl Contacts {
+    fn heard(&self, peer: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(peer, std::time::Instant::now());
+    }
+
+    /// When `peer` last answered, if it ever did.
+    pub fn last(&self, peer: u64) -> Option<std::time::Instant> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&peer).copied()
     }
 }
 
@@ -76,6 +103,7 @@ pub struct Peer {
     addr: String,
     tls: Option<Arc<NodeTls>>,
     client: Option<RaftClient<Channel>>,
+    contacts: Arc<Contacts>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -87,6 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             tls: self.tls.clone(),
             client: None,
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -144,6 +173,7 @@ impl Peer {
             }
             Err(s) => return Err(RPCError::Network(NetworkError::new(&StatusError(s)))),
         };
+        self.contacts.heard(self.target);
         let result: Result<P, RaftError<u64, E>> =
             serde_json::from_slice(&reply.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

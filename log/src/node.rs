@@ -161,6 +161,8 @@ pub struct Log {
     /// This member's certificates for the raft port (shared with its peers' clients and the
     /// forwarder).
     tls: Option<Arc<crate::pki::NodeTls>>,
+    /// When each peer last answered this node's raft RPCs.
+    contacts: Arc<crate::network::Contacts>,
 }
 
 fn open_db(
@@ -255,7 +257,9 @@ impl Log {
         .map_err(|e| LogError::Raft(e.to_string()))?;
         let id = cfg.node_id;
         let tls = cfg.tls.clone().map(Arc::new);
-        let raft = Raft::new(id, Arc::new(config), Network::new(tls.clone()), log_store, sm)
+        let network = Network::new(tls.clone());
+        let contacts = network.contacts();
+        let raft = Raft::new(id, Arc::new(config), network, log_store, sm)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
         let initialized = raft
@@ -278,6 +282,7 @@ impl Log {
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
         let log = Self {
+            contacts,
             forwarder: Forwarder::new(tls.clone()),
             tls,
             batcher: Batcher::new(raft.clone(), metrics.clone()),
@@ -638,6 +643,12 @@ impl Log {
     /// leader it found at open counts as one).
     pub fn leader_changes(&self) -> u64 {
         self.leader_changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// When member `id` last answered this node's raft RPCs (a leader hears each member every
+    /// heartbeat; a follower sends nothing): none if it never did.
+    pub fn last_contact(&self, id: u64) -> Option<std::time::Instant> {
+        self.contacts.last(id)
     }
 
     /// This node's view of the raft cluster, as `rune admin cluster status` shows it: read

@@ -277,7 +277,7 @@ fn targets(cmd: &Command) -> Vec<String> {
         | Command::RollbackService { namespace, name, .. }
         | Command::Scale { namespace, name, .. }
         | Command::Restart { namespace, name } => vec![format!("service/{namespace}/{name}")],
-        Command::InstanceEvents { events } => {
+        Command::InstanceEvents { events, .. } => {
             let mut v: Vec<String> = Vec::new();
             for e in events {
                 for r in [
@@ -292,6 +292,9 @@ fn targets(cmd: &Command) -> Vec<String> {
             v
         }
         Command::DeleteNamespace { name } => vec![format!("namespace/{name}")],
+        Command::RegisterNode { name, .. } | Command::SetNodeReady { name, .. } => {
+            vec![format!("node/{name}")]
+        }
         Command::DeleteSecret { namespace, name } => vec![format!("secret/{namespace}/{name}")],
         Command::DeleteConfigmap { namespace, name } => vec![format!("configmap/{namespace}/{name}")],
         Command::RewrapSecrets { items } => {

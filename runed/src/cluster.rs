@@ -170,6 +170,83 @@ impl Admission for JoinAdmission {
     }
 }
 
+/// Registers this node for placement under its `--node-name` (again at every start: a node
+/// that was found gone is ready once it is back). A name another raft node holds is refused.
+pub async fn register(log: &rune_log::Log, name: &str, raft_id: u64) -> anyhow::Result<()> {
+    let p = log
+        .propose(rune_statemachine::Command::RegisterNode {
+            name: name.to_string(),
+            raft_id,
+        })
+        .await
+        .context("registering this node")?;
+    p.outcome.map_err(|r| ConfigError(format!("node.name: {r}")))?;
+    Ok(())
+}
+
+/// The registered nodes, as the state holds them.
+fn nodes(log: &rune_log::Log) -> anyhow::Result<Vec<rune_statemachine::store::nodes::NodeRecord>> {
+    use rune_statemachine::store::{list_records, nodes::NODES_PREFIX};
+    let txn = log.read()?;
+    let t = txn.open_table(rune_statemachine::STATE_TABLE)?;
+    Ok(list_records(&t, NODES_PREFIX)?)
+}
+
+/// On the leader, every second: a registered node that has not answered raft for `grace` (or
+/// is no longer a member) is marked not ready, and apply places its instances on the others;
+/// one that answers again is marked ready. A new leader gives every node `grace` from when it
+/// took over: it has heard no one yet.
+pub fn watch_nodes(log: Arc<rune_log::Log>, me: u64, grace: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut leading_since: Option<std::time::Instant> = None;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let st = log.cluster_status();
+            if st.role == "shutdown" {
+                return;
+            }
+            if st.leader != Some(me) {
+                leading_since = None;
+                continue;
+            }
+            let since = *leading_since.get_or_insert_with(std::time::Instant::now);
+            let all = match nodes(&log) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the registered nodes");
+                    continue;
+                }
+            };
+            for n in all {
+                let member = st.members.iter().any(|m| m.id == n.raft_id);
+                let heard = log.last_contact(n.raft_id).map_or(since, |t| t.max(since));
+                let silent = if n.raft_id == me {
+                    std::time::Duration::ZERO
+                } else {
+                    heard.elapsed()
+                };
+                let ready = member && silent < grace;
+                // Back only once it answers again, not merely inside the grace of a new leader.
+                let back = member && log.last_contact(n.raft_id).is_some_and(|t| t.elapsed() < grace);
+                let want = if n.ready { ready } else { back || n.raft_id == me };
+                if want == n.ready {
+                    continue;
+                }
+                tracing::warn!(node = %n.name, raft_id = n.raft_id, ready = want, silent_s = silent.as_secs(), "node readiness changed; placing its instances again");
+                let cmd = rune_statemachine::Command::SetNodeReady {
+                    name: n.name.clone(),
+                    ready: want,
+                };
+                if let Err(e) = log.propose(cmd).await {
+                    tracing::warn!(node = %n.name, error = %e, "cannot record the node's readiness");
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

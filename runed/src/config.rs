@@ -154,6 +154,10 @@ pub struct Flags {
     /// A file holding the token of `rune admin cluster join-token`.
     #[arg(long, env = "RUNE_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// How long a node may be silent before its instances are placed on other nodes
+    /// (default 60s).
+    #[arg(long, env = "RUNE_NODE_GRACE", value_parser = humantime::parse_duration)]
+    pub node_grace: Option<std::time::Duration>,
 }
 
 /// `cluster.*`: this node's raft port and, on a node that joins, whom it joins.
@@ -165,6 +169,8 @@ pub struct ClusterSettings {
     pub advertise: String,
     /// `cluster.join` and `cluster.join-token-file`.
     pub join: Option<(String, PathBuf)>,
+    /// `cluster.node-grace`.
+    pub node_grace: std::time::Duration,
 }
 
 /// How the API is served.
@@ -373,6 +379,7 @@ struct ClusterSection {
     raft_advertise: Option<String>,
     join: Option<String>,
     join_token_file: Option<String>,
+    node_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1240,6 +1247,12 @@ fn cluster_settings(
         return Ok(None);
     };
     let listen = parse_addr(&src.at("cluster.raft-listen"), &listen)?;
+    let node_grace = match (flags.node_grace, c.node_grace) {
+        (Some(d), _) => d,
+        (None, Some(text)) => humantime::parse_duration(text.trim())
+            .map_err(|e| src.err("cluster.node-grace", format!("'{text}': {e}")))?,
+        (None, None) => std::time::Duration::from_secs(60),
+    };
     let advertise = match advertise {
         Some(a) => {
             check_host_port(&a).map_err(|why| src.err("cluster.raft-advertise", format!("'{a}': {why}")))?;
@@ -1275,6 +1288,7 @@ fn cluster_settings(
         listen,
         advertise,
         join,
+        node_grace,
     }))
 }
 
@@ -1877,6 +1891,10 @@ mod tests {
                 ":3: cluster.raft-advertise: 'b:0': the port",
             ),
             ("cluster:\n  raft-port: 1\n", "raft-port"),
+            (
+                "cluster:\n  raft-listen: 127.0.0.1:7862\n  node-grace: soon\n",
+                ":3: cluster.node-grace: 'soon'",
+            ),
         ] {
             let e = refusal(text);
             assert!(e.contains(want), "{text:?}: {e}");

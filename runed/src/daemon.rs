@@ -256,13 +256,10 @@ async fn start_orchestrator(
     log: &Arc<Log>,
     secrets: &Arc<crate::sealing::Secrets>,
     cluster: &str,
-    runs_instances: bool,
+    follows_placement: bool,
 ) -> Arc<rune_orchestrator::Orchestrator> {
     let mut c = s.orchestrator(cluster);
-    c.runs_instances = runs_instances;
-    if !runs_instances {
-        tracing::warn!("instances run on the cluster's first node: this node's orchestrator starts none");
-    }
+    c.follows_placement = follows_placement;
     c.secrets = Some(Arc::new(crate::sealing::SecretOpener(secrets.clone())));
     // The small writer installed beside runed, else runed itself (`runed __log-writer`).
     c.log_writer = std::env::current_exe().ok().map(|exe| {
@@ -483,7 +480,7 @@ async fn start_subsystems(
     log: &Arc<Log>,
     secrets: &Arc<Secrets>,
     provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
-    runs_instances: bool,
+    follows_placement: bool,
 ) -> anyhow::Result<Subsystems> {
     systemd::status("starting the DNS, the data plane and the ingress");
     let dns = start_dns(s, log).await?;
@@ -498,7 +495,7 @@ async fn start_subsystems(
     crate::metrics::dataplane(provider, &dataplane);
 
     systemd::status("starting the orchestrator");
-    let orchestrator = start_orchestrator(s, log, secrets, &cluster_id(log)?, runs_instances).await;
+    let orchestrator = start_orchestrator(s, log, secrets, &cluster_id(log)?, follows_placement).await;
     serve_containers(&dns, &dataplane, &orchestrator);
     let projections: Vec<_> = [
         Some(dns.projection().clone()),
@@ -558,9 +555,13 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     crate::metrics::log_gauges(&provider, &log);
     crate::metrics::network_changes(&provider, &log);
-    // Until instances are placed across nodes, they run on the cluster's first node only.
-    let runs_instances = raft.as_ref().is_none_or(|r| r.node == rune_log::types::NODE_ID);
-    let sub = start_subsystems(&s, &log, &secrets, &provider, runs_instances).await?;
+    if let (Some(r), Some(c)) = (&raft, &s.cluster) {
+        if room {
+            crate::cluster::register(&log, &s.node_name, r.node).await?;
+        }
+        crate::cluster::watch_nodes(log.clone(), r.node, c.node_grace);
+    }
+    let sub = start_subsystems(&s, &log, &secrets, &provider, raft.is_some()).await?;
     let health = Arc::new(Health::new(
         log.clone(),
         sub.orchestrator.clone(),

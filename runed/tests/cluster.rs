@@ -17,7 +17,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bins, code, run_ok, write};
+use common::{bins, code, instances, run_ok, write};
 use rune_chaos_tests::{free_port, stderr, wait_until, Daemon};
 use serde_json::Value;
 
@@ -26,7 +26,13 @@ use serde_json::Value;
 fn node(join: Option<(&str, &str)>) -> (Daemon, String) {
     let mut d = Daemon::new(&bins());
     let raft = format!("127.0.0.1:{}", free_port());
-    d.extra = vec!["--raft-listen".into(), raft.clone()];
+    // A node silent for 2 s gives its instances to the others (the default is a minute).
+    d.extra = vec![
+        "--raft-listen".into(),
+        raft.clone(),
+        "--node-grace".into(),
+        "2s".into(),
+    ];
     if let Some((member, token_file)) = join {
         d.extra.extend([
             "--join".into(),
@@ -148,6 +154,30 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     let revealed = run_ok(&c, &["get", "secret", "db", "--show-values", "-o", "json"]);
     assert!(revealed.contains("hunter2-cluster"), "{revealed}");
 
+    // Placed in apply, spread by count: one instance on each node, each run by its own node.
+    let spread = write(
+        &a,
+        "spread.yaml",
+        "service:\n  name: spread\n  scale: 3\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"exec sleep 3600\"]\n",
+    );
+    run_ok(&a, &["cast", "--detach", &spread]);
+    let running_on = |d: &Daemon| -> Vec<String> {
+        let mut nodes: Vec<String> = instances(d, "spread")
+            .iter()
+            .filter(|i| i["status"] == "Running")
+            .map(|i| i["node"].as_str().unwrap_or_default().to_string())
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let mut names = vec![a.node.clone(), b.node.clone(), c.node.clone()];
+    names.sort();
+    wait_until(
+        Duration::from_secs(60),
+        "one running instance on each node",
+        || running_on(&b) == names,
+    );
+
     // The leader dies: b and c elect one of themselves and take writes.
     a.sigkill();
     wait_until(Duration::from_secs(10), "a new leader", || {
@@ -157,13 +187,28 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     });
     let f = write(&c, "after.yaml", &service("after-failover"));
     run_ok(&c, &["cast", "--detach", &f]);
-    assert_eq!(services(&b), ["after-failover", "from-a", "from-b", "from-c"]);
+    assert_eq!(
+        services(&b),
+        ["after-failover", "from-a", "from-b", "from-c", "spread"]
+    );
+    // a stays away past its grace: its instance is placed on b or c and runs there.
+    wait_until(Duration::from_secs(60), "a's instance to run on b or c", || {
+        let on = running_on(&b);
+        on.len() == 3 && !on.contains(&a.node)
+    });
 
-    // a comes back on its data dir as a follower and catches up.
+    // a comes back on its data dir as a follower and catches up; the run it left behind
+    // (processes outlive runed) is stopped, since its instance now runs elsewhere.
     a.restart();
     wait_until(Duration::from_secs(30), "a to follow with everything", || {
-        status(&a)["role"] == "follower" && services(&a).len() == 4
+        status(&a)["role"] == "follower" && services(&a).len() == 5
     });
+    wait_until(
+        Duration::from_secs(30),
+        "a to stop the run it no longer owns",
+        || a.process_pids().is_empty(),
+    );
+    assert!(!running_on(&a).contains(&a.node));
 
     // A fourth node joins, then is removed through a follower.
     let (mut d4, _) = node(Some((&a_raft, &token_file)));
@@ -214,14 +259,32 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     let why = used.refused_at_start();
     assert!(why.contains("already holds a raft log of its own"), "{why}");
 
-    // Stopped at one index (the followers first: a leader that leaves starts an election and
-    // a new term's entry), every member's log replays to the same state.
+    // Stopped at one index, every member's log replays to the same state.
     let index = settled(&[&a, &b, &c]);
-    let mut nodes = [a, b, c];
+    stop_at_one_index(vec![a, b, c], index);
+}
+
+/// Stops the members so that none applies anything after `index`: the followers together
+/// first (a leader that left would start an election and a new term's entry, and a follower
+/// left alone with the leader would hear it mark the other one gone), then the leader; then
+/// checks that each log replays to the live state, all at `index` and with one digest.
+fn stop_at_one_index(mut nodes: Vec<Daemon>, index: u64) {
     nodes.sort_by_key(|d| status(d)["role"] == "leader");
+    let (followers, _) = nodes.split_at_mut(2);
+    for d in followers.iter() {
+        d.send("-TERM");
+    }
+    for d in followers.iter_mut() {
+        assert_eq!(
+            d.wait_exit(Duration::from_secs(60)).code(),
+            Some(0),
+            "{}",
+            d.logs()
+        );
+    }
+    assert_eq!(nodes[2].sigterm().code(), Some(0), "{}", nodes[2].logs());
     let mut digests = Vec::new();
-    for d in &mut nodes {
-        assert_eq!(d.sigterm().code(), Some(0), "{}", d.logs());
+    for d in &nodes {
         let data = d.data_dir.display().to_string();
         let v: Value = serde_json::from_str(&run_ok(
             d,
@@ -559,21 +622,7 @@ fn three_machines_keep_every_acknowledged_write_through_a_killed_and_a_cut_off_l
     for (term, leaders) in &terms {
         assert_eq!(leaders.len(), 1, "term {term} had leaders {leaders:?}");
     }
-    nodes.sort_by_key(|d| status(d)["role"] == "leader");
-    let mut digests = Vec::new();
-    for d in &mut nodes {
-        assert_eq!(d.sigterm().code(), Some(0), "{}", d.logs());
-        let data = d.data_dir.display().to_string();
-        let v: Value = serde_json::from_str(&run_ok(
-            d,
-            &["admin", "replay", "--data-dir", &data, "--verify", "-o", "json"],
-        ))
-        .unwrap();
-        assert!(v["first_difference"].is_null(), "{v}");
-        assert_eq!(v["index"].as_u64(), Some(index), "{v}");
-        digests.push(v["live_digest"].as_str().unwrap().to_string());
-    }
-    assert!(digests.iter().all(|x| *x == digests[0]), "{digests:?}");
+    stop_at_one_index(nodes, index);
     eprintln!(
         "{} writes acknowledged through a kill and a partition",
         acknowledged.len()

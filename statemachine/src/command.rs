@@ -143,6 +143,27 @@ pub enum Command {
     InstanceEvents {
         /// In the order they happened.
         events: Vec<InstanceEvent>,
+        /// The node that reports them, in a cluster: apply ignores a node's events about an
+        /// instance placed elsewhere (it moved while that node was away). None on a single
+        /// node and in older entries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+    },
+    /// A node of the cluster, by its `--node-name` and raft id, joins the placement of
+    /// instances (or, registered already, is ready again).
+    RegisterNode {
+        /// Its name (instances record it).
+        name: String,
+        /// Its raft id.
+        raft_id: u64,
+    },
+    /// The leader saw a node go silent past its grace period (`ready: false`: its instances
+    /// are placed elsewhere), or come back (`ready: true`: it takes new instances again).
+    SetNodeReady {
+        /// The node's name.
+        name: String,
+        /// Whether it takes instances.
+        ready: bool,
     },
     /// Removes an empty, non-reserved namespace.
     DeleteNamespace {
@@ -283,6 +304,8 @@ impl Command {
                 | Command::DeleteService { .. }
                 | Command::DeleteNamespace { .. }
                 | Command::InstanceEvents { .. }
+                | Command::RegisterNode { .. }
+                | Command::SetNodeReady { .. }
                 | Command::DeleteSecret { .. }
                 | Command::DeleteConfigmap { .. }
                 | Command::DeleteRelease { .. }
@@ -305,6 +328,8 @@ impl Command {
             Command::Scale { .. } => "scale",
             Command::Restart { .. } => "restart",
             Command::InstanceEvents { .. } => "instance_events",
+            Command::RegisterNode { .. } => "register_node",
+            Command::SetNodeReady { .. } => "set_node_ready",
             Command::DeleteSecret { .. } => "delete_secret",
             Command::DeleteConfigmap { .. } => "delete_configmap",
             Command::RewrapSecrets { .. } => "rewrap_secrets",
@@ -361,6 +386,8 @@ pub enum Kind {
     Vip,
     /// A runeset release.
     Release,
+    /// A node of the cluster.
+    Node,
 }
 
 impl Kind {
@@ -378,6 +405,7 @@ impl Kind {
             Kind::Endpoints => "endpoints",
             Kind::Vip => "vip",
             Kind::Release => "release",
+            Kind::Node => "node",
         }
     }
 }

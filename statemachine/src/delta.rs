@@ -39,6 +39,17 @@ pub enum Delta {
         /// The record now, or `None` once removed.
         record: Option<Arc<InstanceRecord>>,
     },
+    /// The node one instance is placed on, in a cluster.
+    Placement {
+        /// Namespace.
+        namespace: String,
+        /// Its service.
+        service: String,
+        /// Instance id (`<service>-<i>`).
+        id: String,
+        /// The node, or `None` once it has none.
+        node: Option<String>,
+    },
     /// A service's ready endpoints, replaced whole.
     Endpoints {
         /// Namespace.
@@ -59,6 +70,9 @@ impl Delta {
                 namespace, service, ..
             }
             | Delta::Endpoints {
+                namespace, service, ..
+            }
+            | Delta::Placement {
                 namespace, service, ..
             } => (namespace, service),
         }
@@ -86,6 +100,14 @@ impl Delta {
                 id: id.into(),
                 record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
             },
+            (Some("placements"), Some(ns), Some(service), Some(id), None) => Delta::Placement {
+                namespace: ns.into(),
+                service: service.into(),
+                id: id.into(),
+                node: value
+                    .map(|v| decode::<crate::store::nodes::PlacementRecord>(key, v).map(|p| p.node))
+                    .transpose()?,
+            },
             (Some("endpoints"), Some(ns), Some(service), None, None) => Delta::Endpoints {
                 namespace: ns.into(),
                 service: service.into(),
@@ -98,7 +120,7 @@ impl Delta {
 }
 
 /// The prefixes whose keys become deltas.
-pub const FOLLOWED_PREFIXES: [&str; 3] = ["services/", "instances/", "endpoints/"];
+pub const FOLLOWED_PREFIXES: [&str; 4] = ["services/", "instances/", "endpoints/", "placements/"];
 
 /// Every followed object in the state, as upserts in key order: where a projection starts.
 /// A record that does not decode fails the whole read, so a projection never mistakes a
@@ -107,6 +129,7 @@ pub fn snapshot<R: ReadableTable<&'static str, &'static [u8]>>(table: &R) -> Res
     debug_assert_eq!(FOLLOWED_PREFIXES[0], services_prefix(None));
     debug_assert_eq!(FOLLOWED_PREFIXES[1], instances_prefix(None, None));
     debug_assert_eq!(FOLLOWED_PREFIXES[2], endpoints_prefix(None));
+    debug_assert_eq!(FOLLOWED_PREFIXES[3], crate::store::nodes::PLACEMENTS_PREFIX);
     let mut out = Vec::new();
     for prefix in FOLLOWED_PREFIXES {
         for (k, v) in scan_prefix(table, prefix)? {

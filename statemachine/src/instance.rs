@@ -231,6 +231,8 @@ pub fn template_hash(spec: &ServiceSpec, meta: &ObjectMeta) -> String {
     s.network_policy = None;
     s.discovery = None;
     s.expose = None;
+    // Where instances run is not what they run: moving one is not a rollout.
+    s.placement = None;
     let h = crate::meta::spec_hash(&s);
     format!("{}-{}", &h[..16], meta.restart_count)
 }

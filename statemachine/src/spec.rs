@@ -176,6 +176,10 @@ pub struct ServiceSpec {
     /// What the container may do beyond the engine's defaults (containers only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<ContainerSecurity>,
+    /// Where its instances run in a cluster (`node: NAME` pins them all to one node); without,
+    /// they are spread over the ready nodes by count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
 }
 
 /// A container's seccomp profile, capabilities and privilege, as the original accepts them.
@@ -514,6 +518,15 @@ pub struct Peer {
     /// IPv4 or IPv6 CIDR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr: Option<String>,
+}
+
+/// Where a service's instances may run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Every instance on this node (its `--node-name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Ingress exposure.

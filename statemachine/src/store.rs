@@ -20,6 +20,7 @@ use crate::validate::{validate_namespace, validate_service_at};
 
 mod endpoints;
 mod hosts;
+pub mod nodes;
 mod objects;
 mod releases;
 mod vips;
@@ -402,6 +403,9 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
     let mut changes = Vec::new();
     // Services whose endpoints may have changed, recomputed once at the end.
     let mut touched: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
+    // Services whose scale changed without touching their endpoints: placed again at the end
+    // with the touched ones.
+    let mut rescaled: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
     match &e.command {
         Command::Init {
             namespaces,
@@ -688,6 +692,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 rec.spec.scale = Some(i64::from(*scale));
                 let summary = format!("scale {old}→{scale}");
                 changes.push(put_rescaled(o, key, rec, index, now, &summary));
+                rescaled.insert((namespace.clone(), name.clone()));
             }
         }
         Command::Restart { namespace, name } => {
@@ -703,12 +708,21 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 summary = format!("started again at scale {back}");
             }
             changes.push(put_rescaled(o, key, rec, index, now, &summary));
+            rescaled.insert((namespace.clone(), name.clone()));
         }
-        Command::InstanceEvents { events } => {
+        Command::RegisterNode { name, raft_id } => return nodes::register(o, now, name, *raft_id),
+        Command::SetNodeReady { name, ready } => return nodes::set_ready(o, now, name, *ready),
+        Command::InstanceEvents { events, node } => {
             for ev in events {
                 touched.insert((ev.namespace.clone(), ev.service.clone()));
                 let key = instance_key(&ev.namespace, &ev.service, &ev.id);
                 let prev = o.get::<InstanceRecord>(&key)?;
+                if let Some(reporter) = node {
+                    let recorded = prev.as_ref().map(|r| r.node.as_str());
+                    if nodes::from_elsewhere(o, &ev.namespace, &ev.service, &ev.id, recorded, reporter)? {
+                        continue;
+                    }
+                }
                 let existed = prev.is_some();
                 let (next, summary) = fold(prev, ev, now);
                 let (action, generation) = match &next {
@@ -786,7 +800,13 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             });
         }
     }
+    for (ns, svc) in &rescaled {
+        nodes::place(o, ns, svc)?;
+    }
     for (ns, svc) in touched {
+        if !rescaled.contains(&(ns.clone(), svc.clone())) {
+            nodes::place(o, &ns, &svc)?;
+        }
         changes.extend(endpoints::recompute(o, &ns, &svc)?);
     }
     Ok(Ok(changes))

@@ -102,7 +102,16 @@ pub fn command() -> impl Strategy<Value = Command> {
             namespace: "default".into(),
             name: ["api", "db", "web", "nope"][n].into(),
         }),
-        2 => prop::collection::vec((0..3usize, 0..3usize, 0..8usize), 1..4).prop_map(|evs| Command::InstanceEvents {
+        1 => (0..3usize, 1..4u64).prop_map(|(n, raft_id)| Command::RegisterNode {
+            name: ["n1", "n2", "n3"][n].into(),
+            raft_id,
+        }),
+        1 => (0..3usize, any::<bool>()).prop_map(|(n, ready)| Command::SetNodeReady {
+            name: ["n1", "n2", "n3"][n].into(),
+            ready,
+        }),
+        2 => (prop::collection::vec((0..3usize, 0..3usize, 0..8usize), 1..4), 0..4usize).prop_map(|(evs, node)| Command::InstanceEvents {
+            node: [None, Some("n1"), Some("n2"), Some("n3")][node].map(String::from),
             events: evs.into_iter().map(|(svc, i, e)| {
                 let service = ["api", "db", "web"][svc].to_string();
                 InstanceEvent {
@@ -308,6 +317,12 @@ pub fn delta() -> impl Strategy<Value = Delta> {
                 service: svc.into(),
                 set: set.map(std::sync::Arc::new),
             }),
+            1 => prop::option::weighted(0.8, 0..3usize).prop_map(move |n| Delta::Placement {
+                namespace: ns.into(),
+                service: svc.into(),
+                id: format!("{svc}-{i}"),
+                node: n.map(|n| ["n1", "n2", "n3"][n].to_string()),
+            }),
         ]
     })
 }
@@ -325,11 +340,18 @@ fn slot(d: &Delta) -> (u8, String, String, String) {
         Delta::Endpoints {
             namespace, service, ..
         } => (2, namespace.clone(), service.clone(), String::new()),
+        Delta::Placement {
+            namespace,
+            service,
+            id,
+            ..
+        } => (3, namespace.clone(), service.clone(), id.clone()),
     }
 }
 
 /// The state a sequence of deltas leaves, as [`crate::delta::snapshot`] would read it: the last
-/// delta of each object that still exists, services first, then instances, then endpoints.
+/// delta of each object that still exists, services first, then instances, endpoints and
+/// placements.
 pub fn fold<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
     let mut state: BTreeMap<(u8, String, String, String), Delta> = BTreeMap::new();
     for d in deltas {
@@ -337,6 +359,7 @@ pub fn fold<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
             Delta::Service { record, .. } => record.is_some(),
             Delta::Instance { record, .. } => record.is_some(),
             Delta::Endpoints { set, .. } => set.is_some(),
+            Delta::Placement { node, .. } => node.is_some(),
         };
         if exists {
             state.insert(slot(d), d.clone());

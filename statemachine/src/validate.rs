@@ -12,6 +12,22 @@ use crate::spec::{
 /// Largest scale a single node accepts; beyond it a typo (`scale: 10000`) is more likely than intent.
 pub const MAX_SCALE: i64 = 1000;
 
+/// Checks a node name as `--node-name` takes it (a host name): what `placement.node` pins to.
+pub fn node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("'{name}' must be a node name of 1 to 253 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(format!(
+            "'{name}' is not a node name: letters, digits, '-', '.' and '_' only"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a name against DNS-1123 label rules, so it can be a DNS name (`<svc>.<ns>.rune`).
 pub fn dns1123_label(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -98,6 +114,11 @@ pub fn validate_service_at(s: &ServiceSpec, version: u32) -> Vec<FieldError> {
     let mut errs = Vec::new();
     validate_basics(s, &root, &mut errs);
     validate_ports(s, &root, &mut errs);
+    if let Some(node) = s.placement.as_ref().and_then(|p| p.node.as_deref()) {
+        if let Err(m) = node_name(node) {
+            errs.push(FieldError::new(root.key("placement").key("node"), m));
+        }
+    }
     if let Some(r) = &s.resources {
         if let Some(cpu) = &r.cpu {
             check_request_limit(

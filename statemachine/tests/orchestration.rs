@@ -139,6 +139,7 @@ fn instance_events_fold_into_one_record() {
     let key = instance_key("default", "api", "api-0");
     let c = s
         .run(Command::InstanceEvents {
+            node: None,
             events: vec![
                 ev(
                     "api-0",
@@ -177,6 +178,7 @@ fn instance_events_fold_into_one_record() {
     );
 
     s.run(Command::InstanceEvents {
+        node: None,
         events: vec![
             ev(
                 "api-0",
@@ -200,6 +202,7 @@ fn instance_events_fold_into_one_record() {
     assert_eq!((r.phase, r.restarts, r.exit_code), (Phase::Backoff, 1, Some(3)));
 
     s.run(Command::InstanceEvents {
+        node: None,
         events: vec![ev("api-0", InstanceChange::Removed)],
     })
     .unwrap();
@@ -207,6 +210,7 @@ fn instance_events_fold_into_one_record() {
     // Removing again is a no-op, not an error: the orchestrator may retry after a crash.
     let again = s
         .run(Command::InstanceEvents {
+            node: None,
             events: vec![ev("api-0", InstanceChange::Removed)],
         })
         .unwrap();

@@ -173,6 +173,8 @@ impl Table {
     /// Applies one delta; returns the service whose view changed.
     pub fn apply(&mut self, d: &Delta) -> Option<SvcKey> {
         match d {
+            // Where an instance runs reaches the data plane through its endpoints.
+            Delta::Placement { .. } => None,
             Delta::Service {
                 namespace,
                 name,

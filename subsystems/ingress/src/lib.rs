@@ -864,6 +864,6 @@ impl View for RouteView {
     }
 
     fn wants(&self, d: &Delta) -> bool {
-        !matches!(d, Delta::Instance { .. })
+        !matches!(d, Delta::Instance { .. } | Delta::Placement { .. })
     }
 }

@@ -76,7 +76,7 @@ impl Exposed {
                 };
                 self.services.contains_key(&key)
             }
-            Delta::Instance { .. } => false,
+            Delta::Instance { .. } | Delta::Placement { .. } => false,
         }
     }
 

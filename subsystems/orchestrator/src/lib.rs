@@ -86,10 +86,11 @@ pub struct OrchestratorConfig {
     pub registries: Vec<registry::Registry>,
     /// Where process services' volumes live (this runed's under `<root>/<owner>`).
     pub volumes_root: PathBuf,
-    /// Whether this node runs instances at all. In a cluster, until instances are placed
-    /// across nodes, only the first node does; the others keep the picture (for the API) and
-    /// start, stop and clean up nothing.
-    pub runs_instances: bool,
+    /// In a cluster: run only the instances placed on this node (`placements/` in the state,
+    /// decided in apply), and sign reports with the node's name so that apply can ignore a
+    /// node that reports on an instance since placed elsewhere. Off on a single node, which
+    /// runs every instance.
+    pub follows_placement: bool,
 }
 
 impl OrchestratorConfig {
@@ -115,7 +116,7 @@ impl OrchestratorConfig {
             secrets: None,
             registries: Vec::new(),
             volumes_root: std::env::temp_dir().join("rune-volumes"),
-            runs_instances: true,
+            follows_placement: false,
         }
     }
 }
@@ -174,6 +175,8 @@ struct Sup {
 struct Picture {
     services: BTreeMap<SvcId, Arc<ServiceRecord>>,
     records: BTreeMap<SvcId, BTreeMap<String, InstanceRecord>>,
+    /// Instance id → node, per service (in a cluster).
+    placements: BTreeMap<SvcId, BTreeMap<String, String>>,
 }
 
 impl Picture {
@@ -206,6 +209,23 @@ impl Picture {
                 };
                 if recs.is_empty() {
                     self.records.remove(&sid);
+                }
+                Some(sid)
+            }
+            Delta::Placement {
+                namespace,
+                service,
+                id,
+                node,
+            } => {
+                let sid = (namespace.clone(), service.clone());
+                let placed = self.placements.entry(sid.clone()).or_default();
+                match node {
+                    Some(n) => placed.insert(id.clone(), n.clone()),
+                    None => placed.remove(id),
+                };
+                if placed.is_empty() {
+                    self.placements.remove(&sid);
                 }
                 Some(sid)
             }
@@ -327,7 +347,8 @@ impl Orchestrator {
         let _ = inner.projection.set(projection);
         let shutdown = Arc::new(Notify::new());
         let reporter_stop = Arc::new(Notify::new());
-        let reporter = tokio::spawn(report_loop(log, rx, reporter_stop.clone()));
+        let signed_by = inner.cfg.follows_placement.then(|| inner.cfg.node.clone());
+        let reporter = tokio::spawn(report_loop(log, rx, reporter_stop.clone(), signed_by));
         let reconciler = tokio::spawn(reconcile_loop(inner.clone(), shutdown.clone()));
         Arc::new(Self {
             inner,
@@ -822,7 +843,12 @@ fn launch(svc: &ServiceRecord, id: &str, template: String) -> Launch {
 
 /// Proposes reports in order, batching whatever queued up while the previous write was in flight.
 /// On `stop`, writes what is queued and returns.
-async fn report_loop(log: Arc<Log>, mut rx: mpsc::Receiver<InstanceEvent>, stop: Arc<Notify>) {
+async fn report_loop(
+    log: Arc<Log>,
+    mut rx: mpsc::Receiver<InstanceEvent>,
+    stop: Arc<Notify>,
+    node: Option<String>,
+) {
     let mut stopping = false;
     loop {
         let first = if stopping {
@@ -854,6 +880,7 @@ async fn report_loop(log: Arc<Log>, mut rx: mpsc::Receiver<InstanceEvent>, stop:
             match log
                 .propose(Command::InstanceEvents {
                     events: events.clone(),
+                    node: node.clone(),
                 })
                 .await
             {
@@ -920,10 +947,8 @@ async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
         last_gc: Instant::now(),
         draining: Arc::new(Mutex::new(HashSet::new())),
     };
-    if inner.cfg.runs_instances {
-        for f in inner.process.list() {
-            adopt_or_discard(&inner, &mut l.adopt, f);
-        }
+    for f in inner.process.list() {
+        adopt_or_discard(&inner, &mut l.adopt, f);
     }
     let mut tick = tokio::time::interval(RESYNC_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -952,13 +977,6 @@ impl Loop {
         if !inner.built.load(Ordering::SeqCst) {
             // No picture of the state yet (its first read failed): acting on none would stop
             // everything adopted. The projection retries; health shows the loop idle.
-            return;
-        }
-        if !inner.cfg.runs_instances {
-            // Nothing to do, and nothing wrong: the loop is as alive as it is idle.
-            if let Ok(mut at) = inner.reconciled_at.lock() {
-                *at = Instant::now();
-            }
             return;
         }
         let started = Instant::now();
@@ -1106,10 +1124,11 @@ impl Loop {
     /// one at a time, and clear records nobody stands behind. Costs the service's instances.
     async fn reconcile(&mut self, id: &SvcId) {
         let inner = self.inner.clone();
-        let (svc, records) = match inner.picture.read() {
+        let (svc, records, placed) = match inner.picture.read() {
             Ok(p) => (
                 p.services.get(id).cloned(),
                 p.records.get(id).cloned().unwrap_or_default(),
+                p.placements.get(id).cloned().unwrap_or_default(),
             ),
             Err(_) => return,
         };
@@ -1146,6 +1165,10 @@ impl Loop {
         if let (Some(s), Some(template)) = (&svc, &current) {
             for i in 0..wanted {
                 let iid = format!("{}-{i}", s.spec.name);
+                // In a cluster, only what apply placed on this node.
+                if inner.cfg.follows_placement && placed.get(&iid) != Some(&inner.cfg.node) {
+                    continue;
+                }
                 desired.insert((id.0.clone(), id.1.clone(), iid), template.clone());
             }
         }
@@ -1306,7 +1329,9 @@ impl Loop {
         // Records of this node with nobody behind them (runed died while removing them).
         for r in records.values() {
             let k = (r.namespace.clone(), r.service.clone(), r.id.clone());
-            let ours = r.node.is_empty() || r.node == inner.cfg.node;
+            let moved =
+                inner.cfg.follows_placement && placed.get(&r.id).is_some_and(|n| *n != inner.cfg.node);
+            let ours = (r.node.is_empty() || r.node == inner.cfg.node) && !moved;
             if ours
                 && !self.sups.contains_key(&k)
                 && !desired.contains_key(&k)

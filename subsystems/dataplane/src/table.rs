@@ -198,7 +198,10 @@ impl Table {
                 set,
             } => {
                 let key = SvcKey::new(namespace, service);
-                let list = set.as_deref().map(endpoints_of).unwrap_or_default();
+                let list = set
+                    .as_deref()
+                    .map(|s| endpoints_of(s, &self.node))
+                    .unwrap_or_default();
                 if let Some(svc) = self.services.get_mut(&key) {
                     Arc::make_mut(svc).endpoints = list.clone();
                 }
@@ -299,13 +302,19 @@ impl Table {
     }
 }
 
-fn endpoints_of(set: &EndpointSet) -> Vec<Ep> {
+/// The endpoints this node can reach: a loopback address (a process instance) is one only on
+/// the node that runs it; on any other node it would be this node's own loopback.
+fn endpoints_of(set: &EndpointSet, node: &str) -> Vec<Ep> {
     set.endpoints
         .iter()
         .filter_map(|e| {
+            let ip: std::net::IpAddr = e.address.parse().ok()?;
+            if ip.is_loopback() && !e.node.is_empty() && e.node != node {
+                return None;
+            }
             Some(Ep {
                 instance: e.instance.clone(),
-                ip: e.address.parse().ok()?,
+                ip,
                 targets: e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
             })
         })

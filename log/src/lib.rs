@@ -35,7 +35,7 @@ pub mod types;
 pub mod wal;
 
 pub use node::{
-    now_ms, ClusterMember, ClusterStatus, Log, LogConfig, LogError, ProposeError, Proposed, LEGACY_LOG_FILE,
-    LOG_DIR, SNAPSHOT_DIR, STATE_FILE,
+    now_ms, ClusterMember, ClusterStatus, Log, LogConfig, LogError, MemberView, ProposeError, Proposed,
+    LEGACY_LOG_FILE, LOG_DIR, SNAPSHOT_DIR, STATE_FILE,
 };
 pub use state_machine::AppliedEntry;

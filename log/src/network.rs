@@ -336,6 +336,16 @@ impl Forwarder {
         }
     }
 
+    /// Asks member `id` at `addr` for its own view.
+    pub(crate) async fn status(&self, id: u64, addr: &str) -> Result<crate::node::MemberView, String> {
+        let mut client = dial(addr, self.tls.as_deref(), id).map_err(|e| e.to_string())?;
+        let reply = client
+            .status(forwarded(b"null".to_vec()))
+            .await
+            .map_err(|s| s.message().to_string())?;
+        serde_json::from_slice(&reply.into_inner().json).map_err(|e| e.to_string())
+    }
+
     /// Asks the leader `leader` at `addr` for its read index (confirmed with a quorum).
     pub(crate) async fn read_index(&self, leader: u64, addr: &str) -> Result<u64, Forward> {
         let mut client = self.client(leader, addr).map_err(Forward::Failed)?;
@@ -640,5 +650,11 @@ impl RaftRpc for RaftService {
             }
         };
         reply(&answer)
+    }
+
+    async fn status(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
+        self.member(&request)?;
+        let status = crate::node::ClusterStatus::from_metrics(&self.raft.metrics().borrow());
+        reply(&crate::node::MemberView::from(&status))
     }
 }

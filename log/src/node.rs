@@ -645,6 +645,27 @@ impl Log {
         self.leader_changes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Every member's own view, asked over the raft port (this node's from its metrics); a
+    /// member that does not answer within a second has its error instead.
+    pub async fn member_views(&self) -> Vec<(u64, Result<MemberView, String>)> {
+        let status = self.cluster_status();
+        let mine = MemberView::from(&status);
+        let (me, mine) = (status.node, &mine);
+        let asks = status.members.iter().map(|m| async move {
+            if m.id == me || m.address == "local" {
+                return (m.id, Ok(mine.clone()));
+            }
+            let asked =
+                tokio::time::timeout(Duration::from_secs(1), self.forwarder.status(m.id, &m.address)).await;
+            let view = match asked {
+                Ok(v) => v,
+                Err(_) => Err("no answer within 1s".to_string()),
+            };
+            (m.id, view)
+        });
+        futures::future::join_all(asks).await
+    }
+
     /// When member `id` last answered this node's raft RPCs (a leader hears each member every
     /// heartbeat; a follower sends nothing): none if it never did.
     pub fn last_contact(&self, id: u64) -> Option<std::time::Instant> {
@@ -799,8 +820,39 @@ fn quorum_index(mut held: Vec<u64>) -> Option<u64> {
     held.get(held.len() / 2).copied()
 }
 
+/// One member's own view, as it answers a peer that asks ([`Log::member_views`]): what an
+/// operator compares across members (who leads in which term, how far each applied).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberView {
+    /// Its raft id.
+    pub node: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    /// Its current term.
+    pub term: u64,
+    /// The leader it follows.
+    pub leader: Option<u64>,
+    /// The last index in its log.
+    pub last_index: u64,
+    /// The last index it applied.
+    pub applied: u64,
+}
+
+impl From<&ClusterStatus> for MemberView {
+    fn from(s: &ClusterStatus) -> Self {
+        Self {
+            node: s.node,
+            role: s.role.to_string(),
+            term: s.term,
+            leader: s.leader,
+            last_index: s.last_index,
+            applied: s.applied,
+        }
+    }
+}
+
 impl ClusterStatus {
-    fn from_metrics(m: &openraft::RaftMetrics<u64, BasicNode>) -> Self {
+    pub(crate) fn from_metrics(m: &openraft::RaftMetrics<u64, BasicNode>) -> Self {
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let matched = |id: &u64| -> Option<u64> {

@@ -477,7 +477,23 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         self.gate(&req, "admin", "get")?;
-        Ok(Response::new(self.cluster_status_pb()?))
+        let mut status = self.cluster_status_pb()?;
+        let views: std::collections::HashMap<u64, Result<rune_log::MemberView, String>> =
+            self.log.member_views().await.into_iter().collect();
+        for m in &mut status.members {
+            match views.get(&m.id) {
+                Some(Ok(v)) => {
+                    m.role = v.role.clone();
+                    m.term = v.term;
+                    m.leader_id = v.leader;
+                    m.last_index = v.last_index;
+                    m.applied_index = v.applied;
+                }
+                Some(Err(e)) => m.error = e.clone(),
+                None => {}
+            }
+        }
+        Ok(Response::new(status))
     }
 
     async fn create_join_token(
@@ -584,6 +600,7 @@ impl Api {
                     address: m.address,
                     voter: m.voter,
                     matched_index: m.matched,
+                    ..Default::default()
                 })
                 .collect(),
         })

@@ -136,6 +136,19 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
         (Some(3), Some(1)),
         "{s}"
     );
+    // Any member shows every member as it answers for itself: one leader, one term.
+    let members = s["members"].as_array().unwrap().clone();
+    assert!(
+        members.iter().all(|m| m["term"] == members[0]["term"]
+            && m["leader"] == 1
+            && m["appliedIndex"].as_u64() > Some(0)),
+        "{members:?}"
+    );
+    assert_eq!(
+        members.iter().filter(|m| m["role"] == "leader").count(),
+        1,
+        "{members:?}"
+    );
 
     // Written anywhere, read everywhere; a secret sealed on one node opens on another.
     for (d, name) in [(&a, "from-a"), (&b, "from-b"), (&c, "from-c")] {
@@ -185,6 +198,14 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
             .iter()
             .any(|d| matches!(status(d)["leader"].as_u64(), Some(2 | 3)))
     });
+    let gone = status(&b)["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 1)
+        .cloned()
+        .unwrap();
+    assert!(gone["error"].is_string() && gone["role"].is_null(), "{gone}");
     let f = write(&c, "after.yaml", &service("after-failover"));
     run_ok(&c, &["cast", "--detach", &f]);
     assert_eq!(

@@ -110,22 +110,37 @@ fn print_status(s: &pb::ClusterStatusResponse, format: Format) {
         ],
     ]);
     println!();
-    let mut rows = vec![["MEMBER", "ADDRESS", "VOTER", "ROLE", "MATCHED"]
-        .map(String::from)
-        .to_vec()];
+    // Each member as it answered for itself: who it follows in which term, how far it applied.
+    let mut rows = vec![[
+        "MEMBER", "ADDRESS", "VOTER", "ROLE", "TERM", "LEADER", "LAST", "APPLIED", "MATCHED",
+    ]
+    .map(String::from)
+    .to_vec()];
     for m in &s.members {
-        let role = if Some(m.id) == s.leader_id {
-            "leader"
-        } else if m.voter {
-            "follower"
+        let (role, term, last, applied) = if m.role.is_empty() {
+            let why = if m.error.is_empty() {
+                "-".to_string()
+            } else {
+                format!("unreachable: {}", m.error)
+            };
+            (why, "-".into(), "-".into(), "-".into())
         } else {
-            "learner"
+            (
+                m.role.clone(),
+                m.term.to_string(),
+                m.last_index.to_string(),
+                m.applied_index.to_string(),
+            )
         };
         rows.push(vec![
             m.id.to_string(),
             m.address.clone(),
             if m.voter { "yes" } else { "no" }.into(),
-            role.into(),
+            role,
+            term,
+            opt(m.leader_id),
+            last,
+            applied,
             opt(m.matched_index),
         ]);
     }
@@ -150,6 +165,12 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
             "address": m.address,
             "voter": m.voter,
             "matchedIndex": m.matched_index,
+            "role": (!m.role.is_empty()).then_some(&m.role),
+            "term": (!m.role.is_empty()).then_some(m.term),
+            "leader": m.leader_id,
+            "lastIndex": (!m.role.is_empty()).then_some(m.last_index),
+            "appliedIndex": (!m.role.is_empty()).then_some(m.applied_index),
+            "error": (!m.error.is_empty()).then_some(&m.error),
         })).collect::<Vec<_>>(),
     })
 }

@@ -10,10 +10,13 @@
 //! which also says what else travels with the grant (runed: the KEK, so that the new member
 //! opens the same secrets).
 //!
-//! Only the leader admits, one node at a time: it picks the next free id (or the id a node at
-//! the same address already has, so a node that crashed before it kept its grant can ask
-//! again), adds the learner through the log before it answers, so the id is taken in every
-//! member's membership, and promotes it once it caught up ([`Joins::catch_up`]).
+//! Only the leader admits, one node at a time: it picks an id above every id the membership
+//! holds and the daemon remembers ([`Admission::taken_ids`]), so ids are never given twice (or
+//! the id a learner at the same address already has, so a node that crashed before it kept its
+//! grant can ask again; a voter asking again is refused: it would come back without its vote
+//! and log), adds the learner through the log before it answers, so the id is taken in every
+//! member's membership, and promotes it once it caught up ([`Joins::catch_up`]; a learner
+//! left behind by a leader change is promoted by the next leader, [`crate::Log::promote_learners`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +44,13 @@ pub trait Admission: Send + Sync + 'static {
     /// `Ok` admits the bearer of `secret` and is what it receives in [`JoinGrant::extra`]; an
     /// `Err` is the refusal it hears (`Unauthenticated`, `PermissionDenied`).
     async fn admit(&self, secret: &str) -> Result<String, Status>;
+
+    /// Raft ids once given out that the membership may no longer show (removed members the
+    /// daemon still remembers): a new node never gets one, so an old certificate never names
+    /// it.
+    fn taken_ids(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// A join token: the cluster CA's certificate (to check the member dialled) and a secret (for
@@ -258,7 +268,7 @@ impl Joins {
         check_address(&req.address)?;
         let extra = self.admission.admit(&req.secret).await?;
         let _one = self.one_at_a_time.lock().await;
-        let (existing, next) = {
+        let (existing, highest) = {
             let m = raft.metrics();
             let m = m.borrow();
             let membership = m.membership_config.membership();
@@ -266,19 +276,24 @@ impl Joins {
                 .nodes()
                 .find(|(_, n)| n.addr == req.address)
                 .map(|(id, _)| (*id, membership.voter_ids().any(|v| v == *id)));
-            let next = membership.nodes().map(|(id, _)| *id).max().unwrap_or(0) + 1;
-            (existing, next)
+            (existing, membership.nodes().map(|(id, _)| *id).max().unwrap_or(0))
         };
+        // A voter that asks again has lost its disk (its vote and log) or is someone posing at
+        // its address: letting it back under its id could lose committed entries.
+        if let Some((id, true)) = existing {
+            return Err(Status::already_exists(format!(
+                "node {id} at {} is a voter; a node that lost its data dir joins again after `rune admin cluster remove {id}`",
+                req.address
+            )));
+        }
+        let next = self.admission.taken_ids().into_iter().fold(highest, u64::max) + 1;
         let node = existing.map_or(next, |(id, _)| id);
         let tls = self
             .ca
             .issue(node)
             .map_err(|e| Status::internal(format!("issuing the new member's certificate: {e}")))?;
         match existing {
-            Some((_, true)) => {
-                tracing::info!(node, address = %req.address, "a voter asked to join again: certificates issued anew")
-            }
-            Some((_, false)) => self.promote_later(raft, node, &req.address, 0),
+            Some(_) => self.promote_later(raft, node, &req.address, 0),
             None => {
                 let at = crate::node::add_learner(raft, node, &req.address)
                     .await
@@ -354,6 +369,7 @@ pub async fn request(member: &str, token: &JoinToken, address: &str) -> Result<J
     })
     .map_err(|e| JoinError::Token(e.to_string()))?;
     let mut target = member.to_string();
+    let mut hops = 0;
     loop {
         let unreachable = |why: String| JoinError::Unreachable {
             address: target.clone(),
@@ -379,10 +395,17 @@ pub async fn request(member: &str, token: &JoinToken, address: &str) -> Result<J
                 match reply {
                     Ok(r) => match serde_json::from_slice(&r.into_inner().json) {
                         Ok(JoinAnswer::Granted(grant)) => return Ok(grant),
-                        Ok(JoinAnswer::NotLeader(Some(leader))) => {
+                        // Members that name each other during an election: asked again below,
+                        // within the deadline.
+                        Ok(JoinAnswer::NotLeader(Some(leader))) if hops < 3 => {
                             tracing::info!(member = %target, %leader, "asking the leader to join");
                             target = leader;
+                            hops += 1;
                             continue;
+                        }
+                        Ok(JoinAnswer::NotLeader(Some(leader))) => {
+                            hops = 0;
+                            format!("sent on to {leader} more than 3 times")
                         }
                         Ok(JoinAnswer::NotLeader(None)) => "no leader yet".to_string(),
                         Err(e) => return Err(unreachable(format!("an answer that is not a grant: {e}"))),

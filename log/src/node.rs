@@ -666,6 +666,46 @@ impl Log {
         futures::future::join_all(asks).await
     }
 
+    /// On the leader: makes a voter of every learner that holds the log to within one
+    /// AppendEntries of its end, and returns their ids. A join's promotion runs in the leader
+    /// that admitted it; after a leader change this finishes it.
+    pub async fn promote_learners(&self) -> Vec<u64> {
+        let ready: Vec<u64> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            if m.current_leader != Some(m.id) {
+                return Vec::new();
+            }
+            let last = m.last_log_index.unwrap_or(0);
+            let membership = m.membership_config.membership();
+            let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+            membership
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| !voters.contains(id))
+                .filter(|id| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).copied().flatten())
+                        .is_some_and(|l| l.index + 64 >= last)
+                })
+                .collect()
+        };
+        let mut promoted = Vec::new();
+        for id in ready {
+            let ids = std::collections::BTreeSet::from([id]);
+            match self
+                .raft
+                .change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
+                .await
+            {
+                Ok(_) => promoted.push(id),
+                Err(e) => tracing::debug!(node = id, error = %e, "learner not promoted yet"),
+            }
+        }
+        promoted
+    }
+
     /// When member `id` last answered this node's raft RPCs (a leader hears each member every
     /// heartbeat; a follower sends nothing): none if it never did.
     pub fn last_contact(&self, id: u64) -> Option<std::time::Instant> {

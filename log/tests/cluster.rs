@@ -498,11 +498,15 @@ async fn a_node_with_a_join_token_joins_through_any_member_and_becomes_a_voter()
         applied(&n.log, w).await;
     }
     assert_eq!(state_digest(&n3.log), state_digest(&n1.log));
-    // Asking again from the same address (a node that lost its grant) keeps its id.
-    let again = rune_log::join::request(&n1_addr, &token("let-me-in"), &a3)
-        .await
-        .unwrap();
-    assert_eq!(again.node, 3);
+    // A voter asking again (a lost data dir, or someone at its address) is refused: it would
+    // come back without its vote and log.
+    match rune_log::join::request(&n1_addr, &token("let-me-in"), &a3).await {
+        Err(JoinError::Refused { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::AlreadyExists);
+            assert!(message.contains("rune admin cluster remove 3"), "{message}");
+        }
+        other => panic!("a voter joining again: {other:?}"),
+    }
 
     // A removal asked of a follower is made by the leader; a stranger's is refused once.
     n2.log.remove_member(3).await.unwrap();

@@ -161,6 +161,7 @@ impl pb::bootstrap_api_server::BootstrapApi for Api {
             expires_at_ms: None,
             revoked_at_ms: None,
             secret_hash: token_hash(&secret),
+            purpose: None,
         };
         let id = token.id.clone();
         // Apply refuses while any live token exists, deciding in log order: two racing
@@ -364,6 +365,7 @@ impl pb::admin_api_server::AdminApi for Api {
                 .then(|| now.saturating_add(r.ttl_seconds.saturating_mul(1000))),
             revoked_at_ms: None,
             secret_hash: token_hash(&secret),
+            purpose: None,
         };
         self.propose_identity(Command::CreateToken {
             token: token.clone(),
@@ -525,6 +527,7 @@ impl pb::admin_api_server::AdminApi for Api {
             expires_at_ms: Some(now.saturating_add(ttl_seconds.saturating_mul(1000))),
             revoked_at_ms: None,
             secret_hash: token_hash(&secret),
+            purpose: Some(rune_statemachine::identity::JOIN_PURPOSE.into()),
         };
         self.propose_identity(Command::CreateToken {
             token: token.clone(),
@@ -562,6 +565,10 @@ impl pb::admin_api_server::AdminApi for Api {
             rune_log::LogError::Membership(why) => Status::failed_precondition(why),
             other => Status::unavailable(other.to_string()),
         })?;
+        // Its instances go elsewhere now rather than after the grace period.
+        crate::cluster::forget(&self.log, node)
+            .await
+            .map_err(|e| Status::unavailable(format!("node {node} is out of the cluster, but {e:#}")))?;
         tracing::warn!(user = %caller.user, node, "removed a node from the cluster");
         Ok(Response::new(self.cluster_status_pb()?))
     }

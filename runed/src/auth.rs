@@ -79,8 +79,7 @@ impl Authenticator {
         self.resolved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The caller a bearer token's secret stands for, as every RPC checks it.
-    pub fn resolve(&self, secret: &str) -> Result<Arc<Caller>, Status> {
+    fn resolve(&self, secret: &str) -> Result<Arc<Caller>, Status> {
         let hash = token_hash(secret);
         // Read before the state: a change applied after this read bumps it, so what is
         // resolved below from an older state is never kept under a newer epoch.
@@ -94,7 +93,7 @@ impl Authenticator {
         let caller = match cached {
             Some(c) => c,
             None => {
-                let c = Arc::new(self.resolve_from_state(&hash)?);
+                let c = Arc::new(self.resolve_from_state(&hash, None)?);
                 let mut r = self.resolved();
                 // A resolution from an older epoch than the map's is used once, not kept.
                 if epoch >= r.epoch {
@@ -117,7 +116,15 @@ impl Authenticator {
         Ok(caller)
     }
 
-    fn resolve_from_state(&self, hash: &str) -> Result<Caller, Status> {
+    /// The caller a join token's secret stands for (`rune admin cluster join-token`): only a
+    /// token made for joining, which the API itself refuses.
+    pub fn resolve_join(&self, secret: &str) -> Result<Caller, Status> {
+        self.resolve_from_state(&token_hash(secret), Some(rune_statemachine::identity::JOIN_PURPOSE))
+    }
+
+    /// The caller of the token with this hash, if its purpose is `purpose` (`None`: an API
+    /// token).
+    fn resolve_from_state(&self, hash: &str, purpose: Option<&str>) -> Result<Caller, Status> {
         let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
         let txn = self.log.read().map_err(|e| internal(&e))?;
         let t = txn.open_table(STATE_TABLE).map_err(|e| internal(&e))?;
@@ -128,6 +135,12 @@ impl Authenticator {
         let tok: TokenRecord = get_record(&t, &token_key(&id))
             .map_err(|e| internal(&e))?
             .ok_or_else(invalid)?;
+        if tok.purpose.as_deref() != purpose {
+            return Err(Status::unauthenticated(match &tok.purpose {
+                Some(p) => format!("token {} is for {p} only, not for the API", tok.name),
+                None => format!("token {} is an API token, not a join token", tok.name),
+            }));
+        }
         if tok.revoked_at_ms.is_some() {
             return Err(Status::unauthenticated(format!("token {} is revoked", tok.name)));
         }

@@ -9,9 +9,10 @@
 //! every member opens the same secrets. What it was granted is kept under the data dir's
 //! `cluster/`, and later starts read it back: joining happens once.
 //!
-//! The join token is an API token (`rune admin cluster join-token`, 24 h by default) of a
-//! caller who may `create` on `admin`, with the CA's certificate in front of it; a member admits
-//! its bearer when that token still resolves to a caller allowed the same.
+//! The join token (`rune admin cluster join-token`, 24 h by default) is a token record made for
+//! joining only (the API refuses it) by a caller who may `create` on `admin`, with the CA's
+//! certificate in front of its secret; a member admits its bearer while that token is live and
+//! its user is still allowed the same.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -52,6 +53,20 @@ pub async fn member(s: &Settings, c: &ClusterSettings) -> anyhow::Result<Member>
     match &c.join {
         None => found(dir),
         Some((address, token_file)) => join(s, c, address, token_file).await,
+    }
+}
+
+/// A data dir that belongs to a cluster member cannot start as a single node: it would open
+/// raft as node 1 with the cluster's membership.
+pub fn refuse_member_dir(dir: &Path) -> Result<(), ConfigError> {
+    match NodeTls::load(dir) {
+        Ok(Some(tls)) => Err(ConfigError(format!(
+            "{} belongs to raft node {} of a cluster: start runed with cluster.raft-listen (--raft-listen) as before",
+            dir.display(),
+            tls.node
+        ))),
+        Ok(None) => Ok(()),
+        Err(e) => Err(ConfigError(format!("{}: {e}", dir.join(PKI_DIR).display()))),
     }
 }
 
@@ -136,15 +151,17 @@ fn keep_kek(source: &KekSource, granted: &str) -> Result<(), ConfigError> {
 /// Admits nodes that present a join token: an API token whose caller may still create on
 /// `admin`. Hands them the KEK once the secrets are loaded (until then: unavailable).
 pub struct JoinAdmission {
+    log: Arc<rune_log::Log>,
     auth: crate::auth::Authenticator,
     secrets: OnceLock<Arc<crate::sealing::Secrets>>,
 }
 
 impl JoinAdmission {
-    /// Checks tokens with `auth`.
-    pub fn new(auth: crate::auth::Authenticator) -> Self {
+    /// Checks join tokens against `log`'s state.
+    pub fn new(log: Arc<rune_log::Log>) -> Self {
         Self {
-            auth,
+            auth: crate::auth::Authenticator::new(log.clone()),
+            log,
             secrets: OnceLock::new(),
         }
     }
@@ -158,7 +175,7 @@ impl JoinAdmission {
 #[tonic::async_trait]
 impl Admission for JoinAdmission {
     async fn admit(&self, secret: &str) -> Result<String, Status> {
-        let caller = self.auth.resolve(secret)?;
+        let caller = self.auth.resolve_join(secret)?;
         crate::auth::check(&caller, JOIN_RIGHT.0, JOIN_RIGHT.1, None)?;
         let secrets = self
             .secrets
@@ -168,6 +185,30 @@ impl Admission for JoinAdmission {
         tracing::warn!(user = %caller.user, token = %caller.token_name, "admitting a node into the cluster");
         Ok(kek)
     }
+
+    fn taken_ids(&self) -> Vec<u64> {
+        use rune_statemachine::store::{get_record, nodes::HIGHEST_RAFT_ID_KEY};
+        let highest = self.log.read().ok().and_then(|txn| {
+            let t = txn.open_table(rune_statemachine::STATE_TABLE).ok()?;
+            get_record::<u64, _>(&t, HIGHEST_RAFT_ID_KEY).ok().flatten()
+        });
+        highest.into_iter().collect()
+    }
+}
+
+/// Forgets the node with raft id `raft_id` for placement (after `rune admin cluster remove`):
+/// its instances go to the others and its name is free again.
+pub async fn forget(log: &rune_log::Log, raft_id: u64) -> anyhow::Result<()> {
+    for n in nodes(log)?.into_iter().filter(|n| n.raft_id == raft_id) {
+        let p = log
+            .propose(rune_statemachine::Command::ForgetNode { name: n.name.clone() })
+            .await
+            .context("forgetting the node")?;
+        if let Err(r) = p.outcome {
+            tracing::warn!(node = %n.name, error = %r, "the removed node's record stays");
+        }
+    }
+    Ok(())
 }
 
 /// Registers this node for placement under its `--node-name` (again at every start: a node
@@ -212,6 +253,11 @@ pub fn watch_nodes(log: Arc<rune_log::Log>, me: u64, grace: std::time::Duration)
                 continue;
             }
             let since = *leading_since.get_or_insert_with(std::time::Instant::now);
+            // A join's promotion lives in the leader that admitted it: after a leader change,
+            // learners that caught up are made voters here.
+            for id in log.promote_learners().await {
+                tracing::info!(node = id, "promoted a learner that had caught up");
+            }
             let all = match nodes(&log) {
                 Ok(n) => n,
                 Err(e) => {

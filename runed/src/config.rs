@@ -1253,6 +1253,12 @@ fn cluster_settings(
             .map_err(|e| src.err("cluster.node-grace", format!("'{text}': {e}")))?,
         (None, None) => std::time::Duration::from_secs(60),
     };
+    if node_grace < std::time::Duration::from_secs(1) {
+        return Err(src.err(
+            "cluster.node-grace",
+            "must be at least 1s: a new leader has heard no one yet, and a shorter grace would move every instance at each election",
+        ));
+    }
     let advertise = match advertise {
         Some(a) => {
             check_host_port(&a).map_err(|why| src.err("cluster.raft-advertise", format!("'{a}': {why}")))?;

@@ -380,7 +380,10 @@ async fn start_log(s: &Settings, raft_listener: Option<TcpListener>) -> anyhow::
     systemd::status("opening the log");
     let member = match &s.cluster {
         Some(c) => Some(crate::cluster::member(s, c).await?),
-        None => None,
+        None => {
+            crate::cluster::refuse_member_dir(&s.data_dir)?;
+            None
+        }
     };
     let mut cfg = LogConfig {
         snapshot_every: s.snapshot_every,
@@ -391,15 +394,15 @@ async fn start_log(s: &Settings, raft_listener: Option<TcpListener>) -> anyhow::
     if let (Some(c), Some(m)) = (&s.cluster, &member) {
         cfg.node_id = m.tls.node;
         cfg.address = c.advertise.clone();
-        cfg.join = c.join.is_some();
+        // Node 1 founds; any other id was granted by a cluster, and must never found one of its
+        // own (a restart without --join before it received the log would fork the cluster).
+        cfg.join = c.join.is_some() || m.tls.node != rune_log::types::NODE_ID;
         cfg.tls = Some(m.tls.clone());
     }
     let log = Arc::new(Log::open(cfg).await.context("opening the log")?);
     let raft = match (member, raft_listener, &s.cluster) {
         (Some(m), Some(listener), Some(c)) => {
-            let admission = Arc::new(crate::cluster::JoinAdmission::new(
-                crate::auth::Authenticator::new(log.clone()),
-            ));
+            let admission = Arc::new(crate::cluster::JoinAdmission::new(log.clone()));
             let ca_pem = m.ca.cert_pem().to_string();
             let joins = rune_log::join::Joins::new(admission.clone(), m.ca);
             let port = log

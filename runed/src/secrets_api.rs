@@ -224,5 +224,13 @@ pub(crate) async fn rotate_kek(
     authorize(&req, "admin", "update", None)?;
     let new = Kek::parse(&req.into_inner().new_kek)
         .map_err(|e| Status::invalid_argument(format!("new_kek: {e}")))?;
+    // Every member keeps the KEK in its own file: rotating on one would leave the others
+    // unable to open what it re-wraps.
+    let members = api.log.cluster_status().members.len();
+    if members > 1 {
+        return Err(Status::failed_precondition(format!(
+            "this cluster has {members} members, each with its own copy of the KEK; rotating it across members is not supported yet"
+        )));
+    }
     api.secrets.rotate(&api.log, new).await
 }

@@ -157,6 +157,12 @@ pub enum Command {
         /// Its raft id.
         raft_id: u64,
     },
+    /// A node taken out of the cluster (`rune admin cluster remove`): its instances are placed
+    /// elsewhere and its name is free again (its raft id is never given out again).
+    ForgetNode {
+        /// The node's name.
+        name: String,
+    },
     /// The leader saw a node go silent past its grace period (`ready: false`: its instances
     /// are placed elsewhere), or come back (`ready: true`: it takes new instances again).
     SetNodeReady {
@@ -306,6 +312,7 @@ impl Command {
                 | Command::InstanceEvents { .. }
                 | Command::RegisterNode { .. }
                 | Command::SetNodeReady { .. }
+                | Command::ForgetNode { .. }
                 | Command::DeleteSecret { .. }
                 | Command::DeleteConfigmap { .. }
                 | Command::DeleteRelease { .. }
@@ -330,6 +337,7 @@ impl Command {
             Command::InstanceEvents { .. } => "instance_events",
             Command::RegisterNode { .. } => "register_node",
             Command::SetNodeReady { .. } => "set_node_ready",
+            Command::ForgetNode { .. } => "forget_node",
             Command::DeleteSecret { .. } => "delete_secret",
             Command::DeleteConfigmap { .. } => "delete_configmap",
             Command::RewrapSecrets { .. } => "rewrap_secrets",

@@ -138,7 +138,14 @@ pub struct TokenRecord {
     pub revoked_at_ms: Option<i64>,
     /// Hex SHA-256 of the secret.
     pub secret_hash: String,
+    /// What the token is for when it is not an API token: [`JOIN_PURPOSE`] lets a node join the
+    /// cluster and nothing else (the API refuses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
 }
+
+/// The purpose of a join token (`rune admin cluster join-token`).
+pub const JOIN_PURPOSE: &str = "cluster-join";
 
 impl TokenRecord {
     /// Whether the token can still authenticate at `now_ms`.

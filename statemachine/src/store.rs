@@ -712,6 +712,7 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
         }
         Command::RegisterNode { name, raft_id } => return nodes::register(o, now, name, *raft_id),
         Command::SetNodeReady { name, ready } => return nodes::set_ready(o, now, name, *ready),
+        Command::ForgetNode { name } => return nodes::forget(o, now, name),
         Command::InstanceEvents { events, node } => {
             for ev in events {
                 touched.insert((ev.namespace.clone(), ev.service.clone()));

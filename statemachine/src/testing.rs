@@ -110,6 +110,7 @@ pub fn command() -> impl Strategy<Value = Command> {
             name: ["n1", "n2", "n3"][n].into(),
             ready,
         }),
+        1 => (0..3usize).prop_map(|n| Command::ForgetNode { name: ["n1", "n2", "n3"][n].into() }),
         2 => (prop::collection::vec((0..3usize, 0..3usize, 0..8usize), 1..4), 0..4usize).prop_map(|(evs, node)| Command::InstanceEvents {
             node: [None, Some("n1"), Some("n2"), Some("n3")][node].map(String::from),
             events: evs.into_iter().map(|(svc, i, e)| {
@@ -191,6 +192,7 @@ pub fn command() -> impl Strategy<Value = Command> {
                 issued_at_ms: 1,
                 expires_at_ms: (n == 2).then_some(5),
                 secret_hash: format!("{n:064}"),
+                purpose: None,
                 ..Default::default()
             },
             create_user: n == 2,

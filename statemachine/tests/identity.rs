@@ -38,6 +38,7 @@ fn token(id: &str, user: &str, policies: &[&str]) -> TokenRecord {
         policies: policies.iter().map(|p| p.to_string()).collect(),
         issued_at_ms: 1,
         secret_hash: format!("{:0>64}", id),
+        purpose: None,
         ..Default::default()
     }
 }

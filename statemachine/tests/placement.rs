@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use common::State;
 use rune_statemachine::instance::{instance_key, InstanceChange, InstanceEvent, InstanceRecord};
-use rune_statemachine::store::nodes::{node_key, placement_key, NodeRecord, PlacementRecord};
+use rune_statemachine::store::nodes::{node_key, placement_key, NodeRecord, PlacementRecord, HIGHEST_RAFT_ID_KEY};
 use rune_statemachine::{Command, Rejection, Resource};
 
 fn svc(name: &str, scale: i64, pin: Option<&str>) -> Command {
@@ -176,6 +176,16 @@ fn names_and_raft_ids_are_one_to_one() {
         ready: false,
     });
     assert!(matches!(unknown, Err(Rejection::NotFound(_))));
+
+    // A node taken out of the cluster frees its name and gives its instances away; its raft id
+    // stays counted, so a node that joins later never gets it.
+    register(&mut s, "b", 5);
+    s.run(svc("api", 2, None)).unwrap();
+    s.run(Command::ForgetNode { name: "b".into() }).unwrap();
+    assert!(s.get::<NodeRecord>(&node_key("b")).is_none());
+    assert_eq!(placed(&s, "api", 2).values().collect::<Vec<_>>(), ["a", "a"]);
+    assert_eq!(s.get::<u64>(HIGHEST_RAFT_ID_KEY), Some(5));
+    register(&mut s, "b", 6);
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub const NODES_PREFIX: &str = "nodes/";
 /// Where placements live.
 pub const PLACEMENTS_PREFIX: &str = "placements/";
 const BY_NODE_PREFIX: &str = "node-placements/";
+/// The highest raft id any node registered with: a node that joins gets a higher one, so an
+/// id (and a certificate naming it) is never given to two nodes.
+pub const HIGHEST_RAFT_ID_KEY: &str = "cluster/highest-raft-id";
 
 /// A node of the cluster, as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +130,9 @@ pub(super) fn register<R: ReadableTable<&'static str, &'static [u8]>>(
         ),
     };
     o.put(node_key(name), &record);
+    if o.get::<u64>(HIGHEST_RAFT_ID_KEY)?.is_none_or(|h| h < raft_id) {
+        o.put(HIGHEST_RAFT_ID_KEY.to_string(), &raft_id);
+    }
     let mut changes = vec![change(Kind::Node, "", name, action, raft_id, "ready")];
     changes.extend(place_waiting(o)?);
     Ok(Ok(changes))
@@ -176,6 +182,26 @@ pub(super) fn set_ready<R: ReadableTable<&'static str, &'static [u8]>>(
             place(o, &ns, &svc)?;
         }
     }
+    Ok(Ok(changes))
+}
+
+/// Forgets node `name`: its instances are placed elsewhere and its record goes (its raft id
+/// stays counted in [`HIGHEST_RAFT_ID_KEY`]).
+pub(super) fn forget<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &mut Overlay<'_, R>,
+    now: i64,
+    name: &str,
+) -> Result<Result<Vec<Change>, Rejection>, StoreError> {
+    let raft_id = match o.get::<NodeRecord>(&node_key(name))? {
+        Some(n) => n.raft_id,
+        None => return Ok(Err(Rejection::NotFound(format!("node {name} is not registered")))),
+    };
+    let mut changes = match set_ready(o, now, name, false)? {
+        Ok(c) => c,
+        Err(r) => return Ok(Err(r)),
+    };
+    o.delete(node_key(name));
+    changes.push(change(Kind::Node, "", name, Action::Deleted, raft_id, "removed from the cluster"));
     Ok(Ok(changes))
 }
 

@@ -119,6 +119,11 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     assert!(stderr(&o).contains(&format!("--join {a_raft}")), "{}", stderr(&o));
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert!(token.starts_with("RJ1."), "{token}");
+    // What it holds lets a node join, not anyone use the API.
+    let secret = token.trim().rsplit_once('.').unwrap().1.to_string();
+    let o = a.rune_cmd().env("RUNE_TOKEN", &secret).args(["get", "services"]).output().unwrap();
+    assert_eq!(code(&o), 3, "a join token used for the API: {}", stderr(&o));
+    assert!(stderr(&o).contains("not for the API"), "{}", stderr(&o));
 
     // b joins through a (the leader), c through b (a follower, which sends it on).
     let (mut b, b_raft) = node(Some((&a_raft, &token_file)));
@@ -276,9 +281,20 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
         "--join-token-file".into(),
         token_file.clone(),
     ]);
+    // A member's data dir does not start as a single node, which would act as node 1.
+    let keep = used.extra.clone();
+    used.extra.clear();
+    let why = used.refused_at_start();
+    assert!(why.contains("belongs to raft node 1 of a cluster"), "{why}");
+    used.extra = keep;
     std::fs::remove_dir_all(used.data_dir.join("cluster")).unwrap();
     let why = used.refused_at_start();
     assert!(why.contains("already holds a raft log of its own"), "{why}");
+    // The KEK lives in a file per member: rotating it on one is refused.
+    let kek = write(&a, "new.kek", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
+    let o = a.rune(&["admin", "rotate-kek", "--new-kek-file", &kek]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
 
     // Stopped at one index, every member's log replays to the same state.
     let index = settled(&[&a, &b, &c]);

@@ -292,7 +292,9 @@ fn targets(cmd: &Command) -> Vec<String> {
             v
         }
         Command::DeleteNamespace { name } => vec![format!("namespace/{name}")],
-        Command::RegisterNode { name, .. } | Command::SetNodeReady { name, .. } | Command::ForgetNode { name } => {
+        Command::RegisterNode { name, .. }
+        | Command::SetNodeReady { name, .. }
+        | Command::ForgetNode { name } => {
             vec![format!("node/{name}")]
         }
         Command::DeleteSecret { namespace, name } => vec![format!("secret/{namespace}/{name}")],

@@ -119,7 +119,10 @@ impl Authenticator {
     /// The caller a join token's secret stands for (`rune admin cluster join-token`): only a
     /// token made for joining, which the API itself refuses.
     pub fn resolve_join(&self, secret: &str) -> Result<Caller, Status> {
-        self.resolve_from_state(&token_hash(secret), Some(rune_statemachine::identity::JOIN_PURPOSE))
+        self.resolve_from_state(
+            &token_hash(secret),
+            Some(rune_statemachine::identity::JOIN_PURPOSE),
+        )
     }
 
     /// The caller of the token with this hash, if its purpose is `purpose` (`None`: an API

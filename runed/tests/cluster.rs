@@ -121,7 +121,12 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     assert!(token.starts_with("RJ1."), "{token}");
     // What it holds lets a node join, not anyone use the API.
     let secret = token.trim().rsplit_once('.').unwrap().1.to_string();
-    let o = a.rune_cmd().env("RUNE_TOKEN", &secret).args(["get", "services"]).output().unwrap();
+    let o = a
+        .rune_cmd()
+        .env("RUNE_TOKEN", &secret)
+        .args(["get", "services"])
+        .output()
+        .unwrap();
     assert_eq!(code(&o), 3, "a join token used for the API: {}", stderr(&o));
     assert!(stderr(&o).contains("not for the API"), "{}", stderr(&o));
 

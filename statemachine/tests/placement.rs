@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use common::State;
 use rune_statemachine::instance::{instance_key, InstanceChange, InstanceEvent, InstanceRecord};
-use rune_statemachine::store::nodes::{node_key, placement_key, NodeRecord, PlacementRecord, HIGHEST_RAFT_ID_KEY};
+use rune_statemachine::store::nodes::{
+    node_key, placement_key, NodeRecord, PlacementRecord, HIGHEST_RAFT_ID_KEY,
+};
 use rune_statemachine::{Command, Rejection, Resource};
 
 fn svc(name: &str, scale: i64, pin: Option<&str>) -> Command {

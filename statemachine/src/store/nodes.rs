@@ -201,7 +201,14 @@ pub(super) fn forget<R: ReadableTable<&'static str, &'static [u8]>>(
         Err(r) => return Ok(Err(r)),
     };
     o.delete(node_key(name));
-    changes.push(change(Kind::Node, "", name, Action::Deleted, raft_id, "removed from the cluster"));
+    changes.push(change(
+        Kind::Node,
+        "",
+        name,
+        Action::Deleted,
+        raft_id,
+        "removed from the cluster",
+    ));
     Ok(Ok(changes))
 }
 

@@ -66,6 +66,8 @@ pub fn refuse_member_dir(dir: &Path) -> Result<(), ConfigError> {
             tls.node
         ))),
         Ok(None) => Ok(()),
+        // A data dir that cannot be read is the log's to report (it names the data dir).
+        Err(rune_log::pki::PkiError::Io { .. }) => Ok(()),
         Err(e) => Err(ConfigError(format!("{}: {e}", dir.join(PKI_DIR).display()))),
     }
 }

@@ -425,34 +425,23 @@ impl Net {
         enter(&format!("/var/run/netns/{}", self.hub));
     }
 
+    /// Runs `nft ARGS` in node `i`'s namespace.
+    fn nft(&self, i: usize, args: &[&str]) {
+        let mut cmd = vec!["ip", "netns", "exec", &self.nodes[i], "nft"];
+        cmd.extend_from_slice(args);
+        sh(&cmd);
+    }
+
     /// Drops everything node `i` sends or receives on its network, in nftables.
     fn cut(&self, i: usize) {
         let rules = "table inet rune_test_cut {\n chain in { type filter hook input priority -300; iifname \"eth0\" drop; }\n chain out { type filter hook output priority -300; oifname \"eth0\" drop; }\n}\n";
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), rules).unwrap();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.nodes[i],
-            "nft",
-            "-f",
-            &f.path().display().to_string(),
-        ]);
+        self.nft(i, &["-f", &f.path().display().to_string()]);
     }
 
     fn heal(&self, i: usize) {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.nodes[i],
-            "nft",
-            "delete",
-            "table",
-            "inet",
-            "rune_test_cut",
-        ]);
+        self.nft(i, &["delete", "table", "inet", "rune_test_cut"]);
     }
 }
 

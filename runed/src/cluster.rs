@@ -228,7 +228,7 @@ pub async fn register(log: &rune_log::Log, name: &str, raft_id: u64) -> anyhow::
 }
 
 /// The registered nodes, as the state holds them.
-fn nodes(log: &rune_log::Log) -> anyhow::Result<Vec<rune_statemachine::store::nodes::NodeRecord>> {
+pub fn nodes(log: &rune_log::Log) -> anyhow::Result<Vec<rune_statemachine::store::nodes::NodeRecord>> {
     use rune_statemachine::store::{list_records, nodes::NODES_PREFIX};
     let txn = log.read()?;
     let t = txn.open_table(rune_statemachine::STATE_TABLE)?;

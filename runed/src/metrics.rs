@@ -97,6 +97,38 @@ pub fn log_gauges(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, log: 
             }
         })
         .build();
+    // Placement in a cluster, per registered node (none on a single node): read from the state
+    // at scrape time, as every member sees it.
+    type NodeGauge = (
+        &'static str,
+        &'static str,
+        fn(&rune_statemachine::store::nodes::NodeRecord) -> u64,
+    );
+    let node_gauges: [NodeGauge; 2] = [
+        (
+            "rune_cluster_node_ready",
+            "1 while the node takes instances; 0 once the leader found it silent past cluster.node-grace",
+            |n| u64::from(n.ready),
+        ),
+        (
+            "rune_cluster_instances_placed",
+            "Instances placed on the node",
+            |n| n.placed,
+        ),
+    ];
+    for (name, help, f) in node_gauges {
+        let weak = Arc::downgrade(log);
+        meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |o| {
+                let Some(log) = weak.upgrade() else { return };
+                for n in crate::cluster::nodes(&log).unwrap_or_default() {
+                    o.observe(f(&n), &[opentelemetry::KeyValue::new("node", n.name.clone())]);
+                }
+            })
+            .build();
+    }
     let weak = Arc::downgrade(log);
     meter
         .u64_observable_gauge("rune_storage_free_bytes")

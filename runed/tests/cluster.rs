@@ -200,6 +200,16 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
         "one running instance on each node",
         || running_on(&b) == names,
     );
+    // Every member's /metrics shows the placement per node.
+    let (_, body) = rune_chaos_tests::http_get(c.metrics, "/metrics").unwrap();
+    for n in &names {
+        for line in [
+            format!("rune_cluster_node_ready{{node=\"{n}\"}} 1"),
+            format!("rune_cluster_instances_placed{{node=\"{n}\"}} 1"),
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line} missing:\n{body}");
+        }
+    }
 
     // The leader dies: b and c elect one of themselves and take writes.
     a.sigkill();

@@ -340,16 +340,19 @@ fn leader_elsewhere(raft: &Raft<TypeConfig>) -> Option<Option<String>> {
 
 /// A raft address the others can dial: `host:port`.
 fn check_address(address: &str) -> Result<(), Status> {
-    let bad = |why: &str| Status::invalid_argument(format!("address '{address}': {why}"));
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| bad("expected host:port"))?;
+    raft_address(address).map_err(|why| Status::invalid_argument(format!("address '{address}': {why}")))
+}
+
+/// Checks a raft address as members dial it, `host:port` (not `local`, a lone node's): the
+/// one check for what an operator configures and what a joining node sends.
+pub fn raft_address(address: &str) -> Result<(), String> {
+    let (host, port) = address.trim().rsplit_once(':').ok_or("expected host:port")?;
     if host.is_empty() || host == "local" {
-        return Err(bad("the host is missing"));
+        return Err("the host is missing".into());
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
-        _ => Err(bad("the port is not a number from 1 to 65535")),
+        _ => Err("the port is not a number from 1 to 65535".into()),
     }
 }
 

@@ -1261,7 +1261,7 @@ fn cluster_settings(
     }
     let advertise = match advertise {
         Some(a) => {
-            check_host_port(&a).map_err(|why| src.err("cluster.raft-advertise", format!("'{a}': {why}")))?;
+            rune_log::join::raft_address(&a).map_err(|why| src.err("cluster.raft-advertise", format!("'{a}': {why}")))?;
             a.trim().to_string()
         }
         None if listen.ip().is_unspecified() => {
@@ -1286,7 +1286,8 @@ fn cluster_settings(
                 ))
             }
             (Some(j), Some(f)) => {
-                check_host_port(&j).map_err(|why| src.err("cluster.join", format!("'{j}': {why}")))?;
+                rune_log::join::raft_address(&j)
+                    .map_err(|why| src.err("cluster.join", format!("'{j}': {why}")))?;
                 Some((j.trim().to_string(), f))
             }
         };
@@ -1296,18 +1297,6 @@ fn cluster_settings(
         join,
         node_grace,
     }))
-}
-
-/// `host:port` with a host and a port from 1 to 65535.
-fn check_host_port(v: &str) -> Result<(), String> {
-    let (host, port) = v.trim().rsplit_once(':').ok_or("expected host:port")?;
-    if host.is_empty() {
-        return Err("the host is missing".into());
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err("the port is not a number from 1 to 65535".into()),
-    }
 }
 
 /// This process's effective uid.

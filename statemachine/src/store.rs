@@ -801,13 +801,14 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             });
         }
     }
-    for (ns, svc) in &rescaled {
-        nodes::place(o, ns, svc)?;
+    // Placements follow a service's spec, scale and presence, never an instance report: the
+    // entries orchestrators write most often cost no placement reads.
+    if !matches!(e.command, Command::InstanceEvents { .. }) {
+        for (ns, svc) in touched.iter().chain(&rescaled) {
+            nodes::place(o, ns, svc)?;
+        }
     }
     for (ns, svc) in touched {
-        if !rescaled.contains(&(ns.clone(), svc.clone())) {
-            nodes::place(o, &ns, &svc)?;
-        }
         changes.extend(endpoints::recompute(o, &ns, &svc)?);
     }
     Ok(Ok(changes))

@@ -143,7 +143,7 @@ fn a_paused_projection_goes_stale_and_catches_up() {
             .lock()
             .unwrap()
             .iter()
-            .map(|d| (d.service().1.to_string(), ()))
+            .filter_map(|d| Some((d.service()?.1.to_string(), ())))
             .collect();
         assert!(names.contains_key("api"), "{names:?}");
         assert_eq!(p.errors(), 0);

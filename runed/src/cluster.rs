@@ -215,16 +215,50 @@ pub async fn forget(log: &rune_log::Log, raft_id: u64) -> anyhow::Result<()> {
 
 /// Registers this node for placement under its `--node-name` (again at every start: a node
 /// that was found gone is ready once it is back). A name another raft node holds is refused.
-pub async fn register(log: &rune_log::Log, name: &str, raft_id: u64) -> anyhow::Result<()> {
+pub async fn register(
+    log: &rune_log::Log,
+    name: &str,
+    raft_id: u64,
+    gateway: std::net::SocketAddr,
+) -> anyhow::Result<()> {
     let p = log
         .propose(rune_statemachine::Command::RegisterNode {
             name: name.to_string(),
             raft_id,
+            gateway: Some(gateway.to_string()),
         })
         .await
         .context("registering this node")?;
     p.outcome.map_err(|r| ConfigError(format!("node.name: {r}")))?;
     Ok(())
+}
+
+/// The address the other nodes dial for this node's gateway: the one it listens on, or, when
+/// that is every interface, the host the other members know this node by (`raft-advertise`,
+/// resolved once here) with the gateway's port.
+pub async fn gateway_address(
+    c: &crate::config::ClusterSettings,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<std::net::SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    let found = tokio::net::lookup_host(c.advertise.as_str())
+        .await
+        .with_context(|| {
+            format!(
+                "resolving cluster.raft-advertise ({}) for the gateway's address",
+                c.advertise
+            )
+        })?
+        .next();
+    let ip = found.map(|a| a.ip()).ok_or_else(|| {
+        ConfigError(format!(
+            "cluster.raft-advertise: {} names no address; the other nodes could not reach this node's gateway",
+            c.advertise
+        ))
+    })?;
+    Ok(std::net::SocketAddr::new(ip, bound.port()))
 }
 
 /// The registered nodes, as the state holds them.

@@ -158,6 +158,10 @@ pub struct Flags {
     /// (default 60s).
     #[arg(long, env = "RUNE_NODE_GRACE", value_parser = humantime::parse_duration)]
     pub node_grace: Option<std::time::Duration>,
+    /// Where the other nodes' data planes reach this node's instances (default: the raft
+    /// listen address's host, port 7864; port 0 takes a free one).
+    #[arg(long, env = "RUNE_GATEWAY_LISTEN")]
+    pub gateway_listen: Option<String>,
 }
 
 /// `cluster.*`: this node's raft port and, on a node that joins, whom it joins.
@@ -171,6 +175,9 @@ pub struct ClusterSettings {
     pub join: Option<(String, PathBuf)>,
     /// `cluster.node-grace`.
     pub node_grace: std::time::Duration,
+    /// `cluster.gateway-listen`: where the other nodes' data planes reach this node's
+    /// instances.
+    pub gateway_listen: SocketAddr,
 }
 
 /// How the API is served.
@@ -380,6 +387,7 @@ struct ClusterSection {
     join: Option<String>,
     join_token_file: Option<String>,
     node_grace: Option<String>,
+    gateway_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1226,6 +1234,7 @@ fn cluster_settings(
     let listen = pick(&flags.raft_listen, c.raft_listen);
     let advertise = pick(&flags.raft_advertise, c.raft_advertise);
     let join = pick(&flags.join, c.join);
+    let gateway = pick(&flags.gateway_listen, c.gateway_listen);
     let token_file = flags
         .join_token_file
         .clone()
@@ -1236,6 +1245,7 @@ fn cluster_settings(
             (advertise.is_some(), "cluster.raft-advertise"),
             (join.is_some(), "cluster.join"),
             (token_file.is_some(), "cluster.join-token-file"),
+            (gateway.is_some(), "cluster.gateway-listen"),
         ] {
             if set {
                 return Err(src.err(
@@ -1247,6 +1257,16 @@ fn cluster_settings(
         return Ok(None);
     };
     let listen = parse_addr(&src.at("cluster.raft-listen"), &listen)?;
+    let gateway_listen = match gateway {
+        Some(g) => parse_addr(&src.at("cluster.gateway-listen"), &g)?,
+        None => SocketAddr::new(listen.ip(), DEFAULT_GATEWAY_PORT),
+    };
+    if gateway_listen == listen {
+        return Err(src.err(
+            "cluster.gateway-listen",
+            format!("{gateway_listen} is the raft port's address; give the gateway a port of its own"),
+        ));
+    }
     let node_grace = match (flags.node_grace, c.node_grace) {
         (Some(d), _) => d,
         (None, Some(text)) => humantime::parse_duration(text.trim())
@@ -1296,8 +1316,13 @@ fn cluster_settings(
         advertise,
         join,
         node_grace,
+        gateway_listen,
     }))
 }
+
+/// The node gateway's port unless `cluster.gateway-listen` says otherwise (beside the API's
+/// 7863 and raft's customary 7862).
+pub const DEFAULT_GATEWAY_PORT: u16 = 7864;
 
 /// This process's effective uid.
 pub fn current_uid() -> u32 {
@@ -1846,6 +1871,20 @@ mod tests {
         .unwrap();
         let c = s.cluster.unwrap();
         assert_eq!((c.advertise.as_str(), c.join), ("127.0.0.1:7862", None));
+        // The gateway beside raft by default, or where it is told.
+        assert_eq!(c.gateway_listen, "127.0.0.1:7864".parse().unwrap());
+        let f = write(
+            "cluster:
+  raft-listen: 127.0.0.1:7862
+  gateway-listen: :7000
+",
+        );
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.cluster.unwrap().gateway_listen, "0.0.0.0:7000".parse().unwrap());
         // Flags win; a join comes with its token file.
         let s = Settings::resolve(&Flags {
             config: Some(f.path().into()),
@@ -1886,6 +1925,18 @@ mod tests {
                 ":3: cluster.raft-advertise: 'b:0': the port",
             ),
             ("cluster:\n  raft-port: 1\n", "raft-port"),
+            (
+                "cluster:\n  raft-listen: 127.0.0.1:7862\n  gateway-listen: 127.0.0.1:7862\n",
+                ":3: cluster.gateway-listen: 127.0.0.1:7862 is the raft port's address",
+            ),
+            (
+                "cluster:\n  raft-listen: 127.0.0.1:7862\n  gateway-listen: here\n",
+                "cluster.gateway-listen: 'here' is not an address",
+            ),
+            (
+                "cluster:\n  gateway-listen: :7864\n",
+                ":2: cluster.gateway-listen: needs cluster.raft-listen",
+            ),
             (
                 "cluster:\n  raft-listen: 127.0.0.1:7862\n  node-grace: soon\n",
                 ":3: cluster.node-grace: 'soon'",

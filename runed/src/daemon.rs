@@ -153,11 +153,20 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-/// Binds every listener before anything changes, so a taken port fails fast (the raft port,
-/// in a cluster, beside the others).
-async fn bind_all(s: &Settings) -> anyhow::Result<(Listeners, Option<TcpListener>)> {
-    let raft = match &s.cluster {
-        Some(c) => Some(bind("raft (cluster.raft-listen)", c.listen).await?),
+/// A clustered node's own ports: raft, and the gateway other nodes reach its instances by.
+struct ClusterPorts {
+    raft: TcpListener,
+    gateway: TcpListener,
+}
+
+/// Binds every listener before anything changes, so a taken port fails fast (the raft port
+/// and the gateway, in a cluster, beside the others).
+async fn bind_all(s: &Settings) -> anyhow::Result<(Listeners, Option<ClusterPorts>)> {
+    let cluster = match &s.cluster {
+        Some(c) => Some(ClusterPorts {
+            raft: bind("raft (cluster.raft-listen)", c.listen).await?,
+            gateway: bind("the node gateway (cluster.gateway-listen)", c.gateway_listen).await?,
+        }),
         None => None,
     };
     let grpc = bind("gRPC", s.grpc_addr).await?;
@@ -176,7 +185,7 @@ async fn bind_all(s: &Settings) -> anyhow::Result<(Listeners, Option<TcpListener
         metrics,
         admin,
     };
-    Ok((listeners, raft))
+    Ok((listeners, cluster))
 }
 
 /// TLS material, read (or, in dev mode, generated) before anything else changes.
@@ -549,7 +558,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         tracing::warn!("runefile {line}");
     }
     systemd::status("binding listeners");
-    let (listeners, raft_listener) = bind_all(&s).await?;
+    let (listeners, cluster_ports) = bind_all(&s).await?;
+    let (raft_listener, gateway) = match cluster_ports {
+        Some(p) => (Some(p.raft), Some(p.gateway)),
+        None => (None, None),
+    };
     let tls = load_tls(&s)?;
     let Started { log, room, raft } = start_log(&s, raft_listener).await?;
     let secrets = start_secrets(&s, &log, room).await?;
@@ -558,13 +571,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     crate::metrics::log_gauges(&provider, &log);
     crate::metrics::network_changes(&provider, &log);
-    if let (Some(r), Some(c)) = (&raft, &s.cluster) {
+    if let (Some(r), Some(c), Some(g)) = (&raft, &s.cluster, &gateway) {
         if room {
-            crate::cluster::register(&log, &s.node_name, r.node).await?;
+            let at = crate::cluster::gateway_address(c, g.local_addr()?).await?;
+            crate::cluster::register(&log, &s.node_name, r.node, at).await?;
         }
         crate::cluster::watch_nodes(log.clone(), r.node, c.node_grace);
     }
     let sub = start_subsystems(&s, &log, &secrets, &provider, raft.is_some()).await?;
+    if let Some(g) = gateway {
+        sub.dataplane.serve_gateway(g);
+    }
     let health = Arc::new(Health::new(
         log.clone(),
         sub.orchestrator.clone(),

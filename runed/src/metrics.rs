@@ -227,7 +227,7 @@ pub fn dataplane(
     let weak = Arc::downgrade(dp);
     meter
         .u64_observable_counter("rune_dataplane_connections")
-        .with_description("Connections to service VIPs by result: forwarded, denied, no_endpoint, stale")
+        .with_description("Connections to service VIPs by result: forwarded, denied, no_endpoint, stale; from_node: taken by this node's gateway for one of its instances")
         .with_callback(move |o| {
             if let Some(d) = weak.upgrade() {
                 for (k, result, n) in d.stats.connections() {
@@ -249,6 +249,18 @@ pub fn dataplane(
                     l.push(KeyValue::new("direction", direction));
                     o.observe(n, &l);
                 }
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(dp);
+    meter
+        .u64_observable_counter("rune_dataplane_gateway_refused")
+        .with_description(
+            "Connections to the node gateway from addresses that are no other node's gateway, closed",
+        )
+        .with_callback(move |o| {
+            if let Some(d) = weak.upgrade() {
+                o.observe(d.stats.gateway_strangers.load(Ordering::Relaxed), &[]);
             }
         })
         .build();

@@ -17,7 +17,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bins, code, instances, run_ok, write};
+use common::{bins, code, run_ok, write};
 use rune_chaos_tests::{free_port, stderr, wait_until, Daemon};
 use serde_json::Value;
 
@@ -27,9 +27,12 @@ fn node(join: Option<(&str, &str)>) -> (Daemon, String) {
     let mut d = Daemon::new(&bins());
     let raft = format!("127.0.0.1:{}", free_port());
     // A node silent for 2 s gives its instances to the others (the default is a minute).
+    // Three nodes on one loopback: each gateway on a port of its own.
     d.extra = vec![
         "--raft-listen".into(),
         raft.clone(),
+        "--gateway-listen".into(),
+        "127.0.0.1:0".into(),
         "--node-grace".into(),
         "2s".into(),
     ];
@@ -185,7 +188,15 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     );
     run_ok(&a, &["cast", "--detach", &spread]);
     let running_on = |d: &Daemon| -> Vec<String> {
-        let mut nodes: Vec<String> = instances(d, "spread")
+        // A follower may not have applied the cast yet: not found is "nothing runs yet".
+        let o = d.rune(&["get", "instances", "spread", "-o", "json"]);
+        if code(&o) != 0 {
+            return Vec::new();
+        }
+        let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let mut nodes: Vec<String> = listed
+            .as_array()
+            .unwrap()
             .iter()
             .filter(|i| i["status"] == "Running")
             .map(|i| i["node"].as_str().unwrap_or_default().to_string())
@@ -426,6 +437,17 @@ impl Net {
                 "eth0",
             ]);
             sh(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+            // A host has a route for everything; VIPs need one for its own traffic to them.
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{NET}.254"),
+            ]);
         }
         net.enter_hub();
         net
@@ -468,11 +490,13 @@ impl Drop for Net {
     }
 }
 
-/// Node `i` (1-based) in its namespace: gRPC, HTTP and raft on its address on the bridge.
+/// Node `i` (1-based) in its namespace: gRPC, HTTP, raft and the gateway (its default port)
+/// on its address on the bridge; nftables redirects VIPs in its namespace, as on a machine.
 fn machine(net: &Net, i: usize, join: Option<&str>) -> Daemon {
     let mut d = Daemon::new(&bins());
     let ip: std::net::IpAddr = format!("{NET}.{i}").parse().unwrap();
     d.netns = Some(net.nodes[i - 1].clone());
+    d.nftables = true;
     d.grpc = (ip, 7863).into();
     d.http = (ip, 7861).into();
     d.extra = vec!["--raft-listen".into(), format!("{ip}:7862")];
@@ -571,6 +595,89 @@ fn agreed_leader(nodes: &[&Daemon]) -> usize {
     at
 }
 
+/// A process service at scale 3 runs one instance per machine, each answering with its own
+/// id on its node's loopback; from every machine its VIP reaches all three (two of them
+/// through the other nodes' gateways), and each gateway counts what it carried. A stranger
+/// on the network gets nothing from a gateway.
+fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
+    let www = nodes[0].scratch().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let spec = format!(
+        "service:\n  name: hello\n  scale: 3\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"d={www}/$RUNE_INSTANCE_ID; mkdir -p $d; echo $RUNE_INSTANCE_ID > $d/index.html; exec busybox httpd -f -p 127.0.0.1:8080 -h $d\"]\n  ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n",
+        www = www.display()
+    );
+    let f = write(&nodes[0], "hello.yaml", &spec);
+    run_ok(&nodes[0], &["cast", &f, "--detach"]);
+    let v: Value =
+        serde_json::from_str(&run_ok(&nodes[0], &["get", "services", "hello", "-o", "json"])).unwrap();
+    let url = format!("http://{}/", v["vip"].as_str().unwrap());
+    let all: std::collections::BTreeSet<String> = (0..3).map(|i| format!("hello-{i}")).collect();
+    for (i, n) in net.nodes.iter().enumerate() {
+        let mut seen = std::collections::BTreeSet::new();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("node {} to reach all three instances by the VIP", i + 1),
+            || {
+                let o = std::process::Command::new("ip")
+                    .args(["netns", "exec", n, "curl", "-sS", "-m", "3", &url])
+                    .output()
+                    .unwrap();
+                seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
+                all.is_subset(&seen)
+            },
+        );
+    }
+    for (i, n) in net.nodes.iter().enumerate() {
+        let metrics = format!("http://{}/metrics", nodes[i].metrics);
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", n, "curl", "-sS", "-m", "3", &metrics])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        let carried: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("rune_dataplane_connections_total{")
+                    && l.contains("result=\"from_node\"")
+                    && l.contains("service=\"hello\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(
+            carried >= 1.0,
+            "node {}'s gateway carried nothing:\n{text}",
+            i + 1
+        );
+    }
+    // The test runs on the hub: an address on the network that is no node's gateway.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((format!("{NET}.1").as_str(), 7864)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = b"default hello hello-0 80";
+    let mut req = b"RGW1".to_vec();
+    req.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    req.extend_from_slice(body);
+    let _ = s.write_all(&req);
+    let mut answer = [0u8; 1];
+    assert!(
+        !matches!(s.read(&mut answer), Ok(1)),
+        "a stranger got an answer from a gateway: {answer:?}"
+    );
+    let o = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.nodes[0], "curl", "-sS", "-m", "3"])
+        .arg(format!("http://{}/metrics", nodes[0].metrics))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.lines().any(|l| l
+            .strip_prefix("rune_dataplane_gateway_refused_total")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|n| n >= 1.0)),
+        "the stranger was not counted:\n{text}"
+    );
+}
+
 #[test]
 fn three_machines_keep_every_acknowledged_write_through_a_killed_and_a_cut_off_leader() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -593,6 +700,7 @@ fn three_machines_keep_every_acknowledged_write_through_a_killed_and_a_cut_off_l
     wait_until(Duration::from_secs(60), "three voters", || {
         voters(&nodes[0]) == [1, 2, 3]
     });
+    one_vip_reaches_every_node(&net, &nodes);
 
     let targets: Vec<Target> = nodes
         .iter()

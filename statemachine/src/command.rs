@@ -156,6 +156,10 @@ pub enum Command {
         name: String,
         /// Its raft id.
         raft_id: u64,
+        /// Where the other nodes' data planes reach its instances (its gateway, host:port).
+        /// None in older entries: such a node's instances are reachable only on itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gateway: Option<String>,
     },
     /// A node taken out of the cluster (`rune admin cluster remove`): its instances are placed
     /// elsewhere and its name is free again (its raft id is never given out again).

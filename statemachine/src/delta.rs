@@ -59,12 +59,20 @@ pub enum Delta {
         /// The set now, or `None` once the service is gone.
         set: Option<Arc<EndpointSet>>,
     },
+    /// A node of the cluster: whether it takes instances and where its gateway is.
+    Node {
+        /// Its name.
+        name: String,
+        /// The record now, or `None` once forgotten.
+        record: Option<Arc<crate::store::nodes::NodeRecord>>,
+    },
 }
 
 impl Delta {
-    /// The service this delta concerns: what a keyed work queue enqueues.
-    pub fn service(&self) -> (&str, &str) {
-        match self {
+    /// The service this delta concerns: what a keyed work queue enqueues (none for a node).
+    pub fn service(&self) -> Option<(&str, &str)> {
+        Some(match self {
+            Delta::Node { .. } => return None,
             Delta::Service { namespace, name, .. } => (namespace, name),
             Delta::Instance {
                 namespace, service, ..
@@ -75,7 +83,7 @@ impl Delta {
             | Delta::Placement {
                 namespace, service, ..
             } => (namespace, service),
-        }
+        })
     }
 
     /// The delta a write of `key` stands for, if projections follow that key. A value that does
@@ -113,6 +121,10 @@ impl Delta {
                 service: service.into(),
                 set: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
             },
+            (Some("nodes"), Some(name), None, None, None) => Delta::Node {
+                name: name.into(),
+                record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
+            },
             _ => return Ok(None),
         };
         Ok(Some(delta))
@@ -120,7 +132,7 @@ impl Delta {
 }
 
 /// The prefixes whose keys become deltas.
-pub const FOLLOWED_PREFIXES: [&str; 4] = ["services/", "instances/", "endpoints/", "placements/"];
+pub const FOLLOWED_PREFIXES: [&str; 5] = ["services/", "instances/", "endpoints/", "placements/", "nodes/"];
 
 /// Every followed object in the state, as upserts in key order: where a projection starts.
 /// A record that does not decode fails the whole read, so a projection never mistakes a
@@ -130,6 +142,7 @@ pub fn snapshot<R: ReadableTable<&'static str, &'static [u8]>>(table: &R) -> Res
     debug_assert_eq!(FOLLOWED_PREFIXES[1], instances_prefix(None, None));
     debug_assert_eq!(FOLLOWED_PREFIXES[2], endpoints_prefix(None));
     debug_assert_eq!(FOLLOWED_PREFIXES[3], crate::store::nodes::PLACEMENTS_PREFIX);
+    debug_assert_eq!(FOLLOWED_PREFIXES[4], crate::store::nodes::NODES_PREFIX);
     let mut out = Vec::new();
     for prefix in FOLLOWED_PREFIXES {
         for (k, v) in scan_prefix(table, prefix)? {

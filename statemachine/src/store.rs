@@ -710,7 +710,11 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             changes.push(put_rescaled(o, key, rec, index, now, &summary));
             rescaled.insert((namespace.clone(), name.clone()));
         }
-        Command::RegisterNode { name, raft_id } => return nodes::register(o, now, name, *raft_id),
+        Command::RegisterNode {
+            name,
+            raft_id,
+            gateway,
+        } => return nodes::register(o, now, name, *raft_id, gateway.as_deref()),
         Command::SetNodeReady { name, ready } => return nodes::set_ready(o, now, name, *ready),
         Command::ForgetNode { name } => return nodes::forget(o, now, name),
         Command::InstanceEvents { events, node } => {

@@ -13,6 +13,7 @@ use crate::instance::{InstanceChange, InstanceEvent, InstanceRecord, Phase};
 use crate::network::{Endpoint, EndpointPort, EndpointSet};
 use crate::secret::{Configmap, SealedSecret};
 use crate::spec::{NamespaceSpec, PortSpec, ServiceSpec, Text};
+use crate::store::nodes::NodeRecord;
 use crate::store::{ObjectMeta, ServiceRecord};
 use crate::{Command, Resource};
 
@@ -102,9 +103,10 @@ pub fn command() -> impl Strategy<Value = Command> {
             namespace: "default".into(),
             name: ["api", "db", "web", "nope"][n].into(),
         }),
-        1 => (0..3usize, 1..4u64).prop_map(|(n, raft_id)| Command::RegisterNode {
+        1 => (0..3usize, 1..4u64, prop::option::of(0..2u8)).prop_map(|(n, raft_id, g)| Command::RegisterNode {
             name: ["n1", "n2", "n3"][n].into(),
             raft_id,
+            gateway: g.map(|g| format!("10.0.0.{}:7864", g + 1)),
         }),
         1 => (0..3usize, any::<bool>()).prop_map(|(n, ready)| Command::SetNodeReady {
             name: ["n1", "n2", "n3"][n].into(),
@@ -278,15 +280,20 @@ pub fn instance_record(
 
 /// A service's ready endpoints.
 pub fn endpoint_set(ns: &'static str, service: &'static str) -> impl Strategy<Value = EndpointSet> {
-    prop::collection::vec((0..3usize, 0..2u16), 0..3).prop_map(move |eps| EndpointSet {
+    prop::collection::vec((0..3usize, 0..2u16, 0..4usize), 0..3).prop_map(move |eps| EndpointSet {
         namespace: ns.into(),
         service: service.into(),
         endpoints: eps
             .into_iter()
-            .map(|(i, p)| Endpoint {
+            .map(|(i, p, n)| Endpoint {
                 instance: format!("{service}-{i}"),
-                address: format!("172.20.0.{}", 2 + i),
-                node: "n1".into(),
+                // Containers and processes, on this node, another or none named (one node).
+                address: if n == 3 {
+                    "127.0.0.1".into()
+                } else {
+                    format!("172.20.0.{}", 2 + i)
+                },
+                node: ["n1", "n2", "", "n2"][n].into(),
                 ports: vec![EndpointPort {
                     name: format!("p{p}"),
                     port: 8000 + p,
@@ -325,6 +332,17 @@ pub fn delta() -> impl Strategy<Value = Delta> {
                 id: format!("{svc}-{i}"),
                 node: n.map(|n| ["n1", "n2", "n3"][n].to_string()),
             }),
+            1 => prop::option::weighted(0.8, (any::<bool>(), prop::option::of(0..2u8))).prop_map(move |r| Delta::Node {
+                name: ["n1", "n2", "n3"][i].into(),
+                record: r.map(|(ready, g)| std::sync::Arc::new(NodeRecord {
+                    name: ["n1", "n2", "n3"][i].into(),
+                    raft_id: i as u64 + 1,
+                    ready,
+                    since_ms: 0,
+                    placed: 0,
+                    gateway: g.map(|g| format!("10.0.0.{}:7864", g + 1)),
+                })),
+            }),
         ]
     })
 }
@@ -348,6 +366,7 @@ fn slot(d: &Delta) -> (u8, String, String, String) {
             id,
             ..
         } => (3, namespace.clone(), service.clone(), id.clone()),
+        Delta::Node { name, .. } => (4, name.clone(), String::new(), String::new()),
     }
 }
 
@@ -362,6 +381,7 @@ pub fn fold<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
             Delta::Instance { record, .. } => record.is_some(),
             Delta::Endpoints { set, .. } => set.is_some(),
             Delta::Placement { node, .. } => node.is_some(),
+            Delta::Node { record, .. } => record.is_some(),
         };
         if exists {
             state.insert(slot(d), d.clone());

@@ -31,6 +31,7 @@ fn register(s: &mut State, name: &str, raft_id: u64) {
     s.run(Command::RegisterNode {
         name: name.into(),
         raft_id,
+        gateway: None,
     })
     .unwrap();
 }
@@ -160,6 +161,7 @@ fn names_and_raft_ids_are_one_to_one() {
     let taken = s.run(Command::RegisterNode {
         name: "a".into(),
         raft_id: 2,
+        gateway: None,
     });
     assert!(
         matches!(&taken, Err(Rejection::AlreadyExists(m)) if m.contains("taken by raft node 1")),
@@ -168,6 +170,7 @@ fn names_and_raft_ids_are_one_to_one() {
     let renamed = s.run(Command::RegisterNode {
         name: "a2".into(),
         raft_id: 1,
+        gateway: None,
     });
     assert!(
         matches!(&renamed, Err(Rejection::AlreadyExists(m)) if m.contains("--node-name a")),
@@ -235,4 +238,37 @@ fn a_node_reporting_on_an_instance_placed_elsewhere_is_ignored() {
     })
     .unwrap();
     assert!(record(&s).is_none());
+}
+
+/// A node says where its gateway is at each start; a new address replaces the old one, the
+/// same one again writes nothing, and one that is no address is refused naming it.
+#[test]
+fn a_node_records_its_gateway() {
+    let mut s = State::new();
+    let at = |s: &State| s.get::<NodeRecord>(&node_key("a")).and_then(|n| n.gateway);
+    let reg = |s: &mut State, gateway: Option<&str>| {
+        s.run(Command::RegisterNode {
+            name: "a".into(),
+            raft_id: 1,
+            gateway: gateway.map(String::from),
+        })
+    };
+    reg(&mut s, Some("10.0.0.1:7864")).unwrap();
+    assert_eq!(at(&s).as_deref(), Some("10.0.0.1:7864"));
+    assert!(
+        reg(&mut s, Some("10.0.0.1:7864")).unwrap().is_empty(),
+        "nothing changed"
+    );
+    assert!(!reg(&mut s, Some("10.0.0.9:7000")).unwrap().is_empty());
+    assert_eq!(at(&s).as_deref(), Some("10.0.0.9:7000"));
+    let bad = reg(&mut s, Some("node-a:7864"));
+    assert!(
+        matches!(&bad, Err(Rejection::Invalid(m)) if m.contains("gateway 'node-a:7864'")),
+        "{bad:?}"
+    );
+    assert_eq!(
+        at(&s).as_deref(),
+        Some("10.0.0.9:7000"),
+        "a refusal writes nothing"
+    );
 }

@@ -44,6 +44,10 @@ pub struct NodeRecord {
     pub since_ms: i64,
     /// Instances placed on it now.
     pub placed: u64,
+    /// Where the other nodes' data planes reach its instances (host:port), as it said at its
+    /// last start; None for a node registered by an older build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// The node an instance runs on.
@@ -91,10 +95,19 @@ pub(super) fn register<R: ReadableTable<&'static str, &'static [u8]>>(
     now: i64,
     name: &str,
     raft_id: u64,
+    gateway: Option<&str>,
 ) -> Result<Result<Vec<Change>, Rejection>, StoreError> {
     if let Err(m) = crate::validate::node_name(name) {
         return Ok(Err(Rejection::Invalid(format!("node name {m}"))));
     }
+    if let Some(g) = gateway {
+        if g.parse::<std::net::SocketAddr>().is_err() {
+            return Ok(Err(Rejection::Invalid(format!(
+                "node gateway '{g}' is not an address and port (such as 10.0.0.5:7864)"
+            ))));
+        }
+    }
+    let gateway = gateway.map(str::to_string);
     let all = nodes(o)?;
     if let Some(other) = all.iter().find(|n| n.raft_id == raft_id && n.name != name) {
         return Ok(Err(Rejection::AlreadyExists(format!(
@@ -109,11 +122,13 @@ pub(super) fn register<R: ReadableTable<&'static str, &'static [u8]>>(
                 n.raft_id
             ))))
         }
-        Some(n) if n.ready => return Ok(Ok(Vec::new())),
+        Some(n) if n.ready && n.gateway == gateway => return Ok(Ok(Vec::new())),
+        Some(n) if n.ready => (NodeRecord { gateway, ..n }, Action::Configured),
         Some(n) => (
             NodeRecord {
                 ready: true,
                 since_ms: now,
+                gateway,
                 ..n
             },
             Action::Configured,
@@ -125,6 +140,7 @@ pub(super) fn register<R: ReadableTable<&'static str, &'static [u8]>>(
                 ready: true,
                 since_ms: now,
                 placed: 0,
+                gateway,
             },
             Action::Created,
         ),

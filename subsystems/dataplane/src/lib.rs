@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+mod gateway;
 mod libnft;
 pub mod nft;
 pub mod owner;
@@ -97,6 +98,7 @@ pub struct SvcCounters {
     denied: AtomicU64,
     no_endpoint: AtomicU64,
     stale: AtomicU64,
+    from_node: AtomicU64,
     to_endpoint: AtomicU64,
     to_client: AtomicU64,
 }
@@ -107,6 +109,7 @@ impl SvcCounters {
             "forwarded" => &self.forwarded,
             "denied" => &self.denied,
             "no_endpoint" => &self.no_endpoint,
+            "from_node" => &self.from_node,
             _ => &self.stale,
         };
         c.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +128,8 @@ pub struct Stats {
     drops: Mutex<BTreeMap<(SvcKey, &'static str, &'static str), u64>>,
     /// Open connections through the proxy.
     pub active: AtomicI64,
+    /// Connections to the gateway from addresses that are no other node's gateway (closed).
+    pub gateway_strangers: AtomicU64,
 }
 
 impl Stats {
@@ -142,7 +147,10 @@ impl Stats {
         }
     }
 
-    fn each(&self, f: impl Fn(&SvcCounters) -> [(&'static str, u64); 4]) -> Vec<(SvcKey, &'static str, u64)> {
+    fn each<const N: usize>(
+        &self,
+        f: impl Fn(&SvcCounters) -> [(&'static str, u64); N],
+    ) -> Vec<(SvcKey, &'static str, u64)> {
         let Ok(m) = self.per_service.lock() else {
             return Vec::new();
         };
@@ -155,7 +163,8 @@ impl Stats {
             .collect()
     }
 
-    /// Connections by service and result (`forwarded`, `denied`, `no_endpoint`, `stale`).
+    /// Connections by service and result (`forwarded`, `denied`, `no_endpoint`, `stale`, and
+    /// `from_node`: taken by this node's gateway for one of its instances).
     pub fn connections(&self) -> Vec<(SvcKey, &'static str, u64)> {
         self.each(|c| {
             [
@@ -163,6 +172,7 @@ impl Stats {
                 ("denied", c.denied.load(Ordering::Relaxed)),
                 ("no_endpoint", c.no_endpoint.load(Ordering::Relaxed)),
                 ("stale", c.stale.load(Ordering::Relaxed)),
+                ("from_node", c.from_node.load(Ordering::Relaxed)),
             ]
         })
     }
@@ -173,8 +183,6 @@ impl Stats {
             [
                 ("to_endpoint", c.to_endpoint.load(Ordering::Relaxed)),
                 ("to_client", c.to_client.load(Ordering::Relaxed)),
-                ("", 0),
-                ("", 0),
             ]
         })
     }
@@ -226,7 +234,7 @@ pub struct DataPlane {
     kernel: Mutex<Kernel>,
     /// The open libnftables context (production mode), or why there is none.
     nft: Result<nft::Nft, String>,
-    active: Mutex<HashMap<SocketAddr, usize>>,
+    active: Mutex<HashMap<proxy::Route, usize>>,
     /// Round-robin position of port-forward connections.
     forward_rr: AtomicUsize,
     /// Set when someone read the drops: the kernel's counters are then read again. Listing
@@ -239,7 +247,7 @@ pub struct DataPlane {
 /// Decrements an endpoint's open-connection count when a connection ends.
 pub(crate) struct OpenGuard<'a> {
     dp: &'a DataPlane,
-    ep: SocketAddr,
+    ep: proxy::Route,
     track: bool,
 }
 
@@ -323,6 +331,13 @@ impl DataPlane {
             tokio::spawn(read_counters(Arc::downgrade(&dp)));
         }
         Ok(dp)
+    }
+
+    /// Serves the node gateway on `l` (in a cluster): the other nodes' data planes reach this
+    /// node's instances through it. Runs as long as the process.
+    pub fn serve_gateway(self: &Arc<Self>, l: TcpListener) {
+        tracing::info!(address = ?l.local_addr().ok(), "node gateway listening");
+        tokio::spawn(gateway::serve(self.clone(), l));
     }
 
     /// The current view.
@@ -503,7 +518,7 @@ impl DataPlane {
         ns: &str,
         name: &str,
         port: &str,
-    ) -> Result<(TcpStream, SocketAddr), DpError> {
+    ) -> Result<(TcpStream, proxy::Route), DpError> {
         let t = self.table();
         let key = SvcKey::new(ns, name);
         let svc = t
@@ -526,7 +541,7 @@ impl DataPlane {
     }
 
     /// Counts an open connection; per endpoint only when the balancer needs it (`track`).
-    fn open(&self, ep: SocketAddr, track: bool) -> OpenGuard<'_> {
+    fn open(&self, ep: proxy::Route, track: bool) -> OpenGuard<'_> {
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         if track {
             if let Ok(mut m) = self.active.lock() {
@@ -904,7 +919,7 @@ impl View for DpView {
             // Copies only if a reader holds the current view: then it keeps the one it has.
             let t = Arc::make_mut(&mut guard);
             for d in deltas {
-                changed.extend(t.apply(d));
+                t.apply(d, &mut changed);
             }
             guard.clone()
         };

@@ -14,6 +14,25 @@ use crate::policy::{decide, Source, SvcKey, Target};
 use crate::table::{Mode, Svc};
 use crate::{DataPlane, SvcCounters};
 
+/// Where a connection went: the endpoint's own address, and the gateway of the node it runs
+/// on when that is another node (its address means something only there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Route {
+    /// The other node's gateway, if any.
+    pub via: Option<SocketAddr>,
+    /// The endpoint's address and port on its node.
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.via {
+            Some(gw) => write!(f, "{} via {gw}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
 /// Accepts connections for one service port until aborted.
 pub(crate) async fn serve(dp: Arc<DataPlane>, key: SvcKey, port: u16, l: TcpListener) {
     let rr = Arc::new(AtomicUsize::new(0));
@@ -35,7 +54,7 @@ pub(crate) async fn serve(dp: Arc<DataPlane>, key: SvcKey, port: u16, l: TcpList
 }
 
 /// Closes with a reset: the client learns at once that nobody will answer.
-fn reset(s: TcpStream) {
+pub(crate) fn reset(s: TcpStream) {
     if let Ok(std) = s.into_std() {
         let _ = socket_linger_zero(&std);
     }
@@ -142,41 +161,50 @@ async fn handle(
 }
 
 /// Connects to an endpoint of `svc` for service port `port`, trying each ready endpoint once
-/// from the balancer's choice onward.
+/// from the balancer's choice onward; one on another node through that node's gateway.
 pub(crate) async fn connect(
     dp: &DataPlane,
     svc: &Svc,
     port: u16,
     rr: &AtomicUsize,
-) -> Option<(TcpStream, SocketAddr)> {
+) -> Option<(TcpStream, Route)> {
     if svc.mode == Mode::None {
         return None;
     }
-    let addrs: Vec<SocketAddr> = svc
+    let routes: Vec<(Route, &str)> = svc
         .endpoints
         .iter()
-        .filter_map(|e| Some(SocketAddr::new(e.ip, e.target(port)?)))
+        .filter_map(|e| {
+            let addr = SocketAddr::new(e.ip, e.target(port)?);
+            Some((Route { via: e.via, addr }, e.instance.as_str()))
+        })
         .collect();
-    if addrs.is_empty() {
+    if routes.is_empty() {
         return None;
     }
     let start = match svc.mode {
         Mode::LeastConnections => {
             let active = dp.active.lock().ok()?;
             let offset = rr.fetch_add(1, Ordering::Relaxed);
-            (0..addrs.len())
-                .map(|i| (i + offset) % addrs.len())
-                .min_by_key(|i| active.get(&addrs[*i]).copied().unwrap_or(0))
+            (0..routes.len())
+                .map(|i| (i + offset) % routes.len())
+                .min_by_key(|i| active.get(&routes[*i].0).copied().unwrap_or(0))
                 .unwrap_or(0)
         }
-        _ => rr.fetch_add(1, Ordering::Relaxed) % addrs.len(),
+        _ => rr.fetch_add(1, Ordering::Relaxed) % routes.len(),
     };
-    for i in 0..addrs.len() {
-        let a = addrs[(start + i) % addrs.len()];
-        match tokio::time::timeout(dp.cfg.connect_timeout, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => return Some((s, a)),
-            Ok(Err(e)) => tracing::debug!(endpoint = %a, error = %e, "endpoint refused; trying the next"),
-            Err(_) => tracing::debug!(endpoint = %a, "endpoint did not answer in time; trying the next"),
+    for i in 0..routes.len() {
+        let (route, instance) = routes[(start + i) % routes.len()];
+        let dial = async {
+            match route.via {
+                None => TcpStream::connect(route.addr).await,
+                Some(gw) => crate::gateway::dial(gw, &svc.key, instance, port).await,
+            }
+        };
+        match tokio::time::timeout(dp.cfg.connect_timeout, dial).await {
+            Ok(Ok(s)) => return Some((s, route)),
+            Ok(Err(e)) => tracing::debug!(endpoint = %route, error = %e, "endpoint refused; trying the next"),
+            Err(_) => tracing::debug!(endpoint = %route, "endpoint did not answer in time; trying the next"),
         }
     }
     None
@@ -190,7 +218,7 @@ pub(crate) async fn pipe(
     counters: &SvcCounters,
     mut client: TcpStream,
     mut upstream: TcpStream,
-    ep: SocketAddr,
+    ep: Route,
     track: bool,
 ) {
     let _ = client.set_nodelay(true);

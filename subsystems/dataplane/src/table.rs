@@ -4,7 +4,7 @@
 //! later one, a service at a time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use rune_statemachine::delta::Delta;
@@ -42,10 +42,13 @@ impl Mode {
 pub struct Ep {
     /// Instance id.
     pub instance: String,
-    /// Its address.
+    /// Its address (on its own node: a container's bridge address or loopback).
     pub ip: IpAddr,
     /// Service port number → the port the instance listens on.
     pub targets: Vec<(u16, u16)>,
+    /// The gateway of the node it runs on, when that is another node: its address is
+    /// reachable only there, so connections go through that node's data plane.
+    pub via: Option<SocketAddr>,
 }
 
 impl Ep {
@@ -116,6 +119,11 @@ pub struct Table {
     node: String,
     /// Ready endpoints by service, kept apart from `services` since they may arrive first.
     endpoints: HashMap<SvcKey, Vec<Ep>>,
+    /// The endpoint sets as the state holds them: a node's gateway that changes changes the
+    /// endpoints of every service with instances there.
+    sets: HashMap<SvcKey, Arc<EndpointSet>>,
+    /// The gateways of the other nodes, by name.
+    gateways: BTreeMap<String, SocketAddr>,
     /// This node's running instances by service and id.
     locals: HashMap<SvcKey, BTreeMap<String, Local>>,
     /// Services with an egress policy.
@@ -164,17 +172,68 @@ impl Table {
     /// The view of a state given as deltas (see [`rune_statemachine::delta::snapshot`]).
     pub fn build<'a>(node: &str, state: impl IntoIterator<Item = &'a Delta>) -> Table {
         let mut t = Table::new(node);
+        let mut changed = BTreeSet::new();
         for d in state {
-            t.apply(d);
+            t.apply(d, &mut changed);
         }
         t
     }
 
-    /// Applies one delta; returns the service whose view changed.
-    pub fn apply(&mut self, d: &Delta) -> Option<SvcKey> {
+    /// Applies one delta; adds the services whose view changed to `changed`.
+    pub fn apply(&mut self, d: &Delta, changed: &mut BTreeSet<SvcKey>) {
+        if let Delta::Node { name, record } = d {
+            let gateway = record
+                .as_ref()
+                .and_then(|r| r.gateway.as_deref())
+                .and_then(|g| g.parse().ok());
+            changed.extend(self.node(name, gateway));
+            return;
+        }
+        changed.extend(self.apply_one(d));
+    }
+
+    /// A node's gateway: the endpoints of every service with instances there follow it.
+    fn node(&mut self, name: &str, gateway: Option<SocketAddr>) -> Vec<SvcKey> {
+        let before = match gateway.filter(|_| name != self.node) {
+            Some(g) => self.gateways.insert(name.to_string(), g),
+            None => self.gateways.remove(name),
+        };
+        if before == gateway {
+            return Vec::new();
+        }
+        let keys: Vec<SvcKey> = self
+            .sets
+            .iter()
+            .filter(|(_, set)| set.endpoints.iter().any(|e| e.node == name))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            let set = self.sets.get(k).cloned();
+            self.set_endpoints(k, set.as_deref());
+        }
+        keys
+    }
+
+    fn set_endpoints(&mut self, key: &SvcKey, set: Option<&EndpointSet>) {
+        let list = set
+            .map(|s| endpoints_of(s, &self.node, &self.gateways))
+            .unwrap_or_default();
+        if let Some(svc) = self.services.get_mut(key) {
+            Arc::make_mut(svc).endpoints = list.clone();
+        }
+        if list.is_empty() {
+            self.endpoints.remove(key);
+        } else {
+            self.endpoints.insert(key.clone(), list);
+        }
+    }
+
+    fn apply_one(&mut self, d: &Delta) -> Option<SvcKey> {
         match d {
             // Where an instance runs reaches the data plane through its endpoints.
             Delta::Placement { .. } => None,
+            // Handled by `apply`: it may change several services.
+            Delta::Node { .. } => None,
             Delta::Service {
                 namespace,
                 name,
@@ -198,18 +257,11 @@ impl Table {
                 set,
             } => {
                 let key = SvcKey::new(namespace, service);
-                let list = set
-                    .as_deref()
-                    .map(|s| endpoints_of(s, &self.node))
-                    .unwrap_or_default();
-                if let Some(svc) = self.services.get_mut(&key) {
-                    Arc::make_mut(svc).endpoints = list.clone();
-                }
-                if list.is_empty() {
-                    self.endpoints.remove(&key);
-                } else {
-                    self.endpoints.insert(key.clone(), list);
-                }
+                match set {
+                    Some(s) => self.sets.insert(key.clone(), s.clone()),
+                    None => self.sets.remove(&key),
+                };
+                self.set_endpoints(&key, set.as_deref());
                 Some(key)
             }
             Delta::Instance {
@@ -298,24 +350,43 @@ impl Table {
     pub fn digest(&self) -> String {
         let by_ip: BTreeMap<_, _> = self.by_ip.iter().collect();
         let by_pgid: BTreeMap<_, _> = self.by_pgid.iter().collect();
-        format!("{:?}|{by_ip:?}|{by_pgid:?}|{}", self.services, self.any_egress)
+        format!(
+            "{:?}|{by_ip:?}|{by_pgid:?}|{}|{:?}",
+            self.services, self.any_egress, self.gateways
+        )
+    }
+
+    /// Whether `ip` is the gateway address of another node: the only peers this node's
+    /// gateway serves.
+    pub fn is_node(&self, ip: IpAddr) -> bool {
+        self.gateways.values().any(|g| g.ip() == ip)
     }
 }
 
-/// The endpoints this node can reach: a loopback address (a process instance) is one only on
-/// the node that runs it; on any other node it would be this node's own loopback.
-fn endpoints_of(set: &EndpointSet, node: &str) -> Vec<Ep> {
+/// The endpoints this node can reach, and how. An instance of another node is reached through
+/// that node's gateway (its address, a container's on that node's bridge or that node's
+/// loopback, means something only there); a node without a gateway (an older build) keeps
+/// what it had: its containers are dialled directly, where the operator routes them, and its
+/// process instances are left out (their loopback address would be this node's own).
+fn endpoints_of(set: &EndpointSet, node: &str, gateways: &BTreeMap<String, SocketAddr>) -> Vec<Ep> {
     set.endpoints
         .iter()
         .filter_map(|e| {
             let ip: std::net::IpAddr = e.address.parse().ok()?;
-            if ip.is_loopback() && !e.node.is_empty() && e.node != node {
+            let remote = !e.node.is_empty() && e.node != node;
+            let via = if remote {
+                gateways.get(&e.node).copied()
+            } else {
+                None
+            };
+            if remote && via.is_none() && ip.is_loopback() {
                 return None;
             }
             Some(Ep {
                 instance: e.instance.clone(),
                 ip,
                 targets: e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
+                via,
             })
         })
         .collect()

@@ -53,6 +53,7 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
                         instance: format!("s{i}-{k}"),
                         ip: ip(k),
                         targets: vec![(80, 8080)],
+                        via: None,
                     })
                     .collect(),
                 local_ips: vec![ip(0), ip(1)],

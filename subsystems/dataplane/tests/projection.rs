@@ -13,7 +13,7 @@ proptest! {
         let cut = cut.min(ds.len());
         let mut fed = Table::build("n1", &fold(&ds[..cut]));
         for d in &ds[cut..] {
-            fed.apply(d);
+            fed.apply(d, &mut std::collections::BTreeSet::new());
         }
         let built = Table::build("n1", &fold(&ds));
         prop_assert_eq!(fed.digest(), built.digest());
@@ -71,4 +71,60 @@ fn loopback_endpoints_count_only_on_their_own_node() {
         .map(|e| e.instance.as_str())
         .collect();
     assert_eq!(ids, ["api-0", "api-2"]);
+
+    // Once b says where its gateway is, a reaches both of b's instances through it, whatever
+    // the order the deltas come in.
+    let gw: std::net::SocketAddr = "10.0.0.2:7864".parse().unwrap();
+    let node_b = Delta::Node {
+        name: "b".into(),
+        record: Some(Arc::new(rune_statemachine::store::nodes::NodeRecord {
+            name: "b".into(),
+            raft_id: 2,
+            ready: true,
+            since_ms: 0,
+            placed: 2,
+            gateway: Some(gw.to_string()),
+        })),
+    };
+    let mut fed = on_a.clone();
+    let mut changed = std::collections::BTreeSet::new();
+    fed.apply(&node_b, &mut changed);
+    assert_eq!(
+        changed.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        ["default/api"]
+    );
+    let routes = |t: &Table| -> Vec<(String, Option<std::net::SocketAddr>)> {
+        t.get("default", "api")
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(|e| (e.instance.clone(), e.via))
+            .collect()
+    };
+    assert_eq!(
+        routes(&fed),
+        [
+            ("api-0".into(), None),
+            ("api-1".into(), Some(gw)),
+            ("api-2".into(), Some(gw))
+        ]
+    );
+    let first = [node_b.clone(), deltas[0].clone(), deltas[1].clone()];
+    assert_eq!(Table::build("a", &first).digest(), fed.digest());
+    assert!(fed.is_node(gw.ip()) && !fed.is_node("10.0.0.1".parse().unwrap()));
+    // On b itself its own instances are dialled directly; a has no gateway, so a's process
+    // instance is left out there.
+    assert_eq!(
+        routes(&Table::build("b", &first)),
+        [("api-1".into(), None), ("api-2".into(), None)]
+    );
+    // b gone from the state: a falls back to what it had.
+    fed.apply(
+        &Delta::Node {
+            name: "b".into(),
+            record: None,
+        },
+        &mut std::collections::BTreeSet::new(),
+    );
+    assert_eq!(routes(&fed), [("api-0".into(), None), ("api-2".into(), None)]);
 }

@@ -864,6 +864,9 @@ impl View for RouteView {
     }
 
     fn wants(&self, d: &Delta) -> bool {
-        !matches!(d, Delta::Instance { .. } | Delta::Placement { .. })
+        !matches!(
+            d,
+            Delta::Instance { .. } | Delta::Placement { .. } | Delta::Node { .. }
+        )
     }
 }

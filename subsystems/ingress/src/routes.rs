@@ -76,7 +76,7 @@ impl Exposed {
                 };
                 self.services.contains_key(&key)
             }
-            Delta::Instance { .. } | Delta::Placement { .. } => false,
+            Delta::Instance { .. } | Delta::Placement { .. } | Delta::Node { .. } => false,
         }
     }
 

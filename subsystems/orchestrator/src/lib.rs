@@ -229,7 +229,7 @@ impl Picture {
                 }
                 Some(sid)
             }
-            Delta::Endpoints { .. } => None,
+            Delta::Endpoints { .. } | Delta::Node { .. } => None,
         }
     }
 }
@@ -1438,7 +1438,7 @@ impl View for PictureView {
     }
 
     fn wants(&self, d: &Delta) -> bool {
-        !matches!(d, Delta::Endpoints { .. })
+        !matches!(d, Delta::Endpoints { .. } | Delta::Node { .. })
     }
 }
 

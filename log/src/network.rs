@@ -479,10 +479,28 @@ impl RaftService {
     /// certificate, which the handshake has checked against the cluster's CA. (A client may
     /// come without one, to join.)
     fn member<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        if self.tls && request.peer_certs().is_none_or(|c| c.is_empty()) {
+        if !self.tls {
+            return Ok(());
+        }
+        let Some(cert) = request.peer_certs().and_then(|c| c.first().cloned()) else {
             return Err(Status::unauthenticated(
                 "the raft port serves members only: present a certificate of the cluster's CA",
             ));
+        };
+        let Some(id) = crate::pki::member_id(&cert) else {
+            return Err(Status::permission_denied(
+                "the certificate names no member (node-<id>.raft.rune)",
+            ));
+        };
+        // The CA signed it; the membership says whether it is still one of us. A node that
+        // holds no membership yet (it is joining) takes its leader's word.
+        let m = self.raft.metrics();
+        let membership = m.borrow().membership_config.clone();
+        let membership = membership.membership();
+        if membership.nodes().next().is_some() && membership.get_node(&id).is_none() {
+            return Err(Status::permission_denied(format!(
+                "node {id} is not a member of this cluster (removed, or never admitted)"
+            )));
         }
         Ok(())
     }

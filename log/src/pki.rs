@@ -6,7 +6,8 @@
 //! member `id` expecting the name `node-<id>.raft.rune`, so a certificate made for another
 //! member, or by another CA, is refused at the handshake, before any raft message is read.
 //! Every member's certificate also names [`ANY_MEMBER`], the name a joining node expects: it
-//! knows the CA (from its join token) but not yet whom it dials. The files live under the data
+//! knows the CA (from its join token) but not yet whom it dials. A server takes calls only
+//! from a certificate naming a current member ([`member_id`]). The files live under the data
 //! dir's [`PKI_DIR`], owner-only, keys `0600`, as etcd keeps its peer certificates.
 
 use std::path::{Path, PathBuf};
@@ -56,6 +57,19 @@ pub enum PkiError {
 /// The name member `id`'s certificate carries, and the name a peer expects when it dials it.
 pub fn node_name(id: u64) -> String {
     format!("node-{id}.raft.rune")
+}
+
+/// The member id a certificate was issued for (its `node-<id>.raft.rune` name), so the raft
+/// port can tell a current member from a node that was removed but kept its certificate.
+pub fn member_id(cert_der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => {
+            d.strip_prefix("node-")?.strip_suffix(".raft.rune")?.parse().ok()
+        }
+        _ => None,
+    })
 }
 
 /// What one member needs on its raft port: the CA's certificate, its own certificate and key.

@@ -287,9 +287,17 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     let n1 = start(1, &dirs[0], listener().await, false, Some(ca.issue(1).unwrap())).await;
     let term = n1.log.cluster_status().term;
 
-    // A member's certificate from this CA is let in, and raft answers.
-    let member = ca.issue(2).unwrap();
+    // A member's certificate from this CA is let in, and raft answers; one the CA signed for a
+    // node that is no member (never admitted, or removed) is refused, naming it.
+    let member = ca.issue(1).unwrap();
     ask_vote(n1.addr, Some(member.client(1))).await.unwrap();
+    let outsider = ask_vote(n1.addr, Some(ca.issue(2).unwrap().client(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        outsider.contains("PermissionDenied") && outsider.contains("node 2 is not a member"),
+        "{outsider}"
+    );
     // The client trusts this cluster's CA and checks node 1's name in every case below, so
     // what is refused is the client: plain text, no certificate, another CA's certificate.
     let stranger = ClusterCa::generate().unwrap().issue(2).unwrap();
@@ -334,7 +342,7 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     let ca_back = ClusterCa::load(&dirs[1]).unwrap().unwrap();
     assert_eq!(ca_back.cert_pem(), ca.cert_pem());
     // What the reloaded CA signs is let in too.
-    ask_vote(n1.addr, Some(ca_back.issue(2).unwrap().client(1)))
+    ask_vote(n1.addr, Some(ca_back.issue(1).unwrap().client(1)))
         .await
         .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -492,6 +500,7 @@ async fn a_node_with_a_join_token_joins_through_any_member_and_becomes_a_voter()
         .await
         .unwrap();
     assert_eq!(grant3.node, 3);
+    let n3_tls = grant3.tls();
     let n3 = start(3, &dirs[2], l3, true, Some(grant3.tls())).await;
     let w = writes(&n3.log, "via-3-", 3).await;
     for n in [&n1, &n2, &n3] {
@@ -511,6 +520,9 @@ async fn a_node_with_a_join_token_joins_through_any_member_and_becomes_a_voter()
     // A removal asked of a follower is made by the leader; a stranger's is refused once.
     n2.log.remove_member(3).await.unwrap();
     assert!(!n1.log.cluster_status().members.iter().any(|m| m.id == 3));
+    // Its certificate is still the CA's, but the members no longer take its calls.
+    let gone = ask_vote(n1.addr, Some(n3_tls.client(1))).await.unwrap_err();
+    assert!(gone.contains("node 3 is not a member"), "{gone}");
     let e = n2.log.remove_member(9).await.unwrap_err().to_string();
     assert_eq!(e, "cluster membership: node 9 is not a member");
     for n in [n3, n2, n1] {

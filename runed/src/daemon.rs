@@ -237,6 +237,7 @@ async fn start_ingress(
     s: &Settings,
     log: &Arc<Log>,
     secrets: &Arc<crate::sealing::Secrets>,
+    dataplane: &Arc<rune_dataplane::DataPlane>,
 ) -> anyhow::Result<Option<Arc<rune_ingress::Ingress>>> {
     let Some((http, https)) = s.ingress else {
         return Ok(None);
@@ -251,6 +252,10 @@ async fn start_ingress(
         }),
         stale_budget: s.stale_budget,
         workers: 0,
+        remote: s.cluster.as_ref().map(|_| {
+            let through: Arc<dyn rune_ingress::Remote> = Arc::new(ThroughGateways(dataplane.clone()));
+            (s.node_name.clone(), through)
+        }),
     };
     rune_ingress::Ingress::start(log.clone(), cfg)
         .await
@@ -469,6 +474,23 @@ async fn start_secrets(s: &Settings, log: &Arc<Log>, room: bool) -> anyhow::Resu
 /// The DNS's question to the data plane: is this VIP carried?
 struct Carried(Arc<rune_dataplane::DataPlane>);
 
+/// The ingress reaches instances on other nodes through the data plane's node gateways.
+struct ThroughGateways(Arc<rune_dataplane::DataPlane>);
+
+impl rune_ingress::Remote for ThroughGateways {
+    fn dial(
+        &self,
+        namespace: &str,
+        service: &str,
+        instance: &str,
+        port: u16,
+    ) -> rune_ingress::BoxFuture<std::io::Result<tokio::net::TcpStream>> {
+        let dp = self.0.clone();
+        let (ns, svc, id) = (namespace.to_string(), service.to_string(), instance.to_string());
+        Box::pin(async move { dp.dial_instance(&ns, &svc, &id, port).await })
+    }
+}
+
 impl rune_dns::DataPath for Carried {
     fn carries(&self, vip: std::net::Ipv4Addr) -> bool {
         self.0.carries(vip)
@@ -500,7 +522,7 @@ async fn start_subsystems(
     // A name resolves only once traffic to its VIP can reach endpoints.
     let data_path: Arc<dyn rune_dns::DataPath> = Arc::new(Carried(dataplane.clone()));
     dns.set_data_path(Some(data_path.clone()));
-    let ingress = start_ingress(s, log, secrets).await?;
+    let ingress = start_ingress(s, log, secrets, &dataplane).await?;
     if let Some(ing) = &ingress {
         crate::metrics::ingress(provider, ing);
     }

@@ -499,7 +499,13 @@ fn machine(net: &Net, i: usize, join: Option<&str>) -> Daemon {
     d.nftables = true;
     d.grpc = (ip, 7863).into();
     d.http = (ip, 7861).into();
-    d.extra = vec!["--raft-listen".into(), format!("{ip}:7862")];
+    // Every machine is an edge: its ingress reaches the instances of every node too.
+    d.extra = vec![
+        "--raft-listen".into(),
+        format!("{ip}:7862"),
+        "--node-role".into(),
+        "edge".into(),
+    ];
     if let Some(token_file) = join {
         d.extra.extend([
             "--join".into(),
@@ -596,14 +602,14 @@ fn agreed_leader(nodes: &[&Daemon]) -> usize {
 }
 
 /// A process service at scale 3 runs one instance per machine, each answering with its own
-/// id on its node's loopback; from every machine its VIP reaches all three (two of them
-/// through the other nodes' gateways), and each gateway counts what it carried. A stranger
-/// on the network gets nothing from a gateway.
+/// id on its node's loopback; from every machine its VIP, and its exposed host at the
+/// machine's ingress, reach all three (two of them through the other nodes' gateways), and
+/// each gateway counts what it carried. A stranger on the network gets nothing from a gateway.
 fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
     let www = nodes[0].scratch().join("www");
     std::fs::create_dir_all(&www).unwrap();
     let spec = format!(
-        "service:\n  name: hello\n  scale: 3\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"d={www}/$RUNE_INSTANCE_ID; mkdir -p $d; echo $RUNE_INSTANCE_ID > $d/index.html; exec busybox httpd -f -p 127.0.0.1:8080 -h $d\"]\n  ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n",
+        "service:\n  name: hello\n  scale: 3\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"d={www}/$RUNE_INSTANCE_ID; mkdir -p $d; echo $RUNE_INSTANCE_ID > $d/index.html; exec busybox httpd -f -p 127.0.0.1:8080 -h $d\"]\n  ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n  expose:\n    port: http\n    host: hello.test\n",
         www = www.display()
     );
     let f = write(&nodes[0], "hello.yaml", &spec);
@@ -613,19 +619,26 @@ fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
     let url = format!("http://{}/", v["vip"].as_str().unwrap());
     let all: std::collections::BTreeSet<String> = (0..3).map(|i| format!("hello-{i}")).collect();
     for (i, n) in net.nodes.iter().enumerate() {
-        let mut seen = std::collections::BTreeSet::new();
-        wait_until(
-            Duration::from_secs(60),
-            &format!("node {} to reach all three instances by the VIP", i + 1),
-            || {
-                let o = std::process::Command::new("ip")
-                    .args(["netns", "exec", n, "curl", "-sS", "-m", "3", &url])
-                    .output()
-                    .unwrap();
-                seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
-                all.is_subset(&seen)
-            },
-        );
+        let edge = format!("http://{}/", nodes[i].ingress.0);
+        for (how, args) in [
+            ("the VIP", vec![url.as_str()]),
+            ("the ingress", vec!["-H", "Host: hello.test", edge.as_str()]),
+        ] {
+            let mut seen = std::collections::BTreeSet::new();
+            wait_until(
+                Duration::from_secs(60),
+                &format!("node {} to reach all three instances by {how}", i + 1),
+                || {
+                    let o = std::process::Command::new("ip")
+                        .args(["netns", "exec", n, "curl", "-sS", "-m", "3"])
+                        .args(&args)
+                        .output()
+                        .unwrap();
+                    seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
+                    all.is_subset(&seen)
+                },
+            );
+        }
     }
     for (i, n) in net.nodes.iter().enumerate() {
         let metrics = format!("http://{}/metrics", nodes[i].metrics);

@@ -540,6 +540,34 @@ impl DataPlane {
             .ok_or(DpError::NoEndpoint(key.to_string(), number))
     }
 
+    /// A connection to one ready endpoint of a service, by instance id, for service port
+    /// `port`: directly on this node, through its node's gateway elsewhere. For the ingress,
+    /// which picks its own endpoint and needs a way to one on another node.
+    pub async fn dial_instance(
+        &self,
+        ns: &str,
+        name: &str,
+        instance: &str,
+        port: u16,
+    ) -> std::io::Result<TcpStream> {
+        let key = SvcKey::new(ns, name);
+        let route = {
+            let t = self.table();
+            t.services.get(&key).and_then(|svc| {
+                let ep = svc.endpoints.iter().find(|e| e.instance == instance)?;
+                Some((ep.via, SocketAddr::new(ep.ip, ep.target(port)?)))
+            })
+        };
+        match route {
+            Some((Some(gw), _)) => gateway::dial(gw, &key, instance, port).await,
+            Some((None, addr)) => TcpStream::connect(addr).await,
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{instance} is not a ready endpoint of {key} port {port} here"),
+            )),
+        }
+    }
+
     /// Counts an open connection; per endpoint only when the balancer needs it (`track`).
     fn open(&self, ep: proxy::Route, track: bool) -> OpenGuard<'_> {
         self.stats.active.fetch_add(1, Ordering::Relaxed);

@@ -8,6 +8,7 @@
 //! `-Proto` and `-Host` are set. An unknown host gets 404, a host without a ready endpoint 503,
 //! both with a short plain body. HTTPS speaks HTTP/1.1 and HTTP/2 (ALPN) and picks the
 //! certificate by SNI; a host without a certificate of its own is served a self-signed one.
+//! In a cluster, an endpoint on another node is reached through that node ([`Remote`]).
 
 #![warn(missing_docs)]
 
@@ -34,7 +35,28 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 
-use routes::{Exposed, Routes};
+use routes::{Backend, Exposed, Routes};
+
+/// A boxed future, as [`Remote`] returns one.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// How the ingress of a cluster's node reaches an instance on another node, whose address means
+/// something only there: runed hands it the data plane's node gateway.
+pub trait Remote: Send + Sync {
+    /// A connection to `instance` of `namespace/service`, for service port `port`.
+    fn dial(
+        &self,
+        namespace: &str,
+        service: &str,
+        instance: &str,
+        port: u16,
+    ) -> BoxFuture<std::io::Result<tokio::net::TcpStream>>;
+}
+
+/// The host part of a backend URI that names an instance on another node
+/// (`<instance>.<service>.<namespace>.<REMOTE_HOST>`): hyper's pool keeps its connections
+/// apart from every other backend's, and [`Connector`] dials it through [`Remote`].
+const REMOTE_HOST: &str = "node.rune.invalid";
 
 /// The `host` label of requests for hosts nobody exposes (one label, so the metric stays bounded).
 pub const UNKNOWN_HOST: &str = "unknown";
@@ -55,6 +77,8 @@ pub struct IngressConfig {
     /// Threads serving HTTPS, each with a runtime and a backend pool of its own; 0: one per
     /// core (at most 8).
     pub workers: usize,
+    /// In a cluster: this node's name, and how to reach instances of the others.
+    pub remote: Option<(String, Arc<dyn Remote>)>,
 }
 
 /// Failures to start the ingress.
@@ -185,7 +209,11 @@ impl Ingress {
         tls.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| IngressError::Tls(e.to_string()))?;
         // The server's order decides (see `provider`), as Go's crypto/tls does.
         tls.ignore_client_order = true;
-        let view = Arc::new(RouteView::new(certs.clone()));
+        let exposed = match &cfg.remote {
+            Some((node, _)) => Exposed::on_node(node),
+            None => Exposed::default(),
+        };
+        let view = Arc::new(RouteView::new(certs.clone(), exposed));
         let projection = Projection::start(log, "ingress", view.clone(), cfg.stale_budget).await;
         let ing = Arc::new(Ingress {
             view,
@@ -199,8 +227,9 @@ impl Ingress {
             projection,
             https_port: https_addr.port(),
         });
+        let remote = cfg.remote.clone().map(|(_, r)| r);
         tokio::spawn(certificates(ing.clone()));
-        tokio::spawn(serve(ing.clone(), http, None));
+        tokio::spawn(serve(ing.clone(), http, None, remote.clone()));
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             n => n,
@@ -212,13 +241,13 @@ impl Ingress {
                 .enable_all()
                 .build()
                 .map_err(IngressError::Runtime)?;
-            let (ing, acceptor) = (ing.clone(), acceptor.clone());
+            let (ing, acceptor, remote) = (ing.clone(), acceptor.clone(), remote.clone());
             std::thread::Builder::new()
                 .name(format!("ingress-{i}"))
                 .spawn(move || {
                     rt.block_on(async move {
                         match TcpListener::from_std(l) {
-                            Ok(l) => serve(ing, l, Some(acceptor)).await,
+                            Ok(l) => serve(ing, l, Some(acceptor), remote).await,
                             Err(e) => tracing::error!(error = %e, "ingress worker cannot listen"),
                         }
                     });
@@ -383,9 +412,16 @@ impl Ingress {
                 format!("{}/{} has no ready backend\n", route.namespace, route.service),
             );
         }
-        let ep = route.endpoints[self.rr.fetch_add(1, Ordering::Relaxed) % route.endpoints.len()];
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-        let Ok(uri) = format!("http://{ep}{pq}").parse() else {
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let backend = &route.endpoints[self.rr.fetch_add(1, Ordering::Relaxed) % route.endpoints.len()];
+        let target = match backend {
+            Backend::Here(ep) => format!("http://{ep}{pq}"),
+            Backend::Elsewhere(instance) => format!(
+                "http://{instance}.{}.{}.{REMOTE_HOST}:{}{pq}",
+                route.service, route.namespace, route.port
+            ),
+        };
+        let Ok(uri) = target.parse() else {
             return plain(StatusCode::BAD_REQUEST, "bad request target\n".into());
         };
         let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
@@ -429,7 +465,7 @@ impl Ingress {
                 resp.map(|b| b.boxed())
             }
             Err(e) => {
-                tracing::debug!(%host, endpoint = %ep, error = %e, "backend failed");
+                tracing::debug!(%host, endpoint = ?backend, error = %e, "backend failed");
                 self.count(&host, StatusCode::BAD_GATEWAY);
                 plain(
                     StatusCode::BAD_GATEWAY,
@@ -508,20 +544,80 @@ fn provider() -> rustls::crypto::CryptoProvider {
 
 /// A pool of keep-alive connections to the backends. Each serving loop has its own, so a
 /// request and the backend connection it uses are driven by the same thread.
-type Backends = Client<HttpConnector, Incoming>;
+type Backends = Client<Connector, Incoming>;
 
-fn backends() -> Backends {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).build(connector)
+/// Dials backends: at their address, or, for an instance on another node (a
+/// [`REMOTE_HOST`] name), through [`Remote`].
+#[derive(Clone)]
+struct Connector {
+    http: HttpConnector,
+    remote: Option<Arc<dyn Remote>>,
+}
+
+/// How long a backend may take to accept, on this node or through another.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl tower_service::Service<hyper::Uri> for Connector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let elsewhere = uri
+            .host()
+            .and_then(|h| h.strip_suffix(REMOTE_HOST)?.strip_suffix('.'))
+            .and_then(|h| {
+                let mut parts = h.split('.');
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some(i), Some(s), Some(n), None) => Some((i.to_string(), s.to_string(), n.to_string())),
+                    _ => None,
+                }
+            });
+        match (elsewhere, &self.remote) {
+            (Some((instance, service, namespace)), Some(remote)) => {
+                let port = uri.port_u16().unwrap_or(80);
+                let remote = remote.clone();
+                Box::pin(async move {
+                    let dial = remote.dial(&namespace, &service, &instance, port);
+                    let s = tokio::time::timeout(CONNECT_TIMEOUT, dial)
+                        .await
+                        .map_err(|_| format!("{instance}: no answer through its node in time"))??;
+                    let _ = s.set_nodelay(true);
+                    Ok(TokioIo::new(s))
+                })
+            }
+            (Some(_), None) => {
+                Box::pin(async { Err("an instance on another node, and no way to reach it".into()) })
+            }
+            (None, _) => {
+                let connecting = self.http.call(uri);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+fn backends(remote: Option<Arc<dyn Remote>>) -> Backends {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Client::builder(TokioExecutor::new()).build(Connector { http, remote })
 }
 
 /// Accepts and serves connections on the current runtime. HTTPS runs one of these per worker
 /// thread on a shared listener, as nginx runs workers: a connection, its requests and its
 /// backend connection stay on one thread, so no request waits on a wake-up across threads.
-async fn serve(ing: Arc<Ingress>, l: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
-    let client = backends();
+async fn serve(
+    ing: Arc<Ingress>,
+    l: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    remote: Option<Arc<dyn Remote>>,
+) {
+    let client = backends(remote);
     loop {
         let (tcp, peer) = match l.accept().await {
             Ok(x) => x,
@@ -811,9 +907,9 @@ struct RouteView {
 }
 
 impl RouteView {
-    fn new(certs: Arc<Certs>) -> Self {
+    fn new(certs: Arc<Certs>, exposed: Exposed) -> Self {
         RouteView {
-            exposed: Mutex::new(Exposed::default()),
+            exposed: Mutex::new(exposed),
             routes: RwLock::new(Arc::new(Routes::default())),
             certs,
         }
@@ -836,7 +932,11 @@ impl RouteView {
 
 impl View for RouteView {
     async fn reset(&self, state: Vec<Delta>) -> Result<(), ProjectionError> {
-        let mut fresh = Exposed::default();
+        let mut fresh = self
+            .exposed
+            .lock()
+            .map_err(|e| ProjectionError::View(e.to_string()))?
+            .emptied();
         for d in &state {
             fresh.apply(d);
         }

@@ -27,7 +27,17 @@ pub struct Route {
     /// Plain HTTP requests get a permanent redirect to HTTPS (`expose.tls.redirect`).
     pub redirect: bool,
     /// The ready endpoints of that port.
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<Backend>,
+}
+
+/// One ready endpoint of a route, and how this node reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// On this node (or on one runed): dialled at its address.
+    Here(SocketAddr),
+    /// On another node, by instance id: its address means something only there, so the
+    /// connection goes through that node ([`crate::Remote`]).
+    Elsewhere(String),
 }
 
 /// Exposed hosts, lower-case.
@@ -44,9 +54,28 @@ pub struct Routes {
 pub struct Exposed {
     services: BTreeMap<(String, String), ServiceRecord>,
     endpoints: HashMap<(String, String), EndpointSet>,
+    /// This node, in a cluster: endpoints of other nodes are [`Backend::Elsewhere`]. None: every
+    /// endpoint is dialled where it is.
+    node: Option<String>,
 }
 
 impl Exposed {
+    /// The view of node `node` of a cluster, which reaches other nodes' instances through them.
+    pub fn on_node(node: &str) -> Exposed {
+        Exposed {
+            node: Some(node.to_string()),
+            ..Exposed::default()
+        }
+    }
+
+    /// An empty view for the same node, to be built again from a state.
+    pub fn emptied(&self) -> Exposed {
+        Exposed {
+            node: self.node.clone(),
+            ..Exposed::default()
+        }
+    }
+
     /// Takes one delta; returns whether the routes may have changed.
     pub fn apply(&mut self, d: &Delta) -> bool {
         match d {
@@ -103,7 +132,14 @@ impl Exposed {
                         .iter()
                         .filter_map(|ep| {
                             let target = ep.ports.iter().find(|p| p.port == port)?.target_port;
-                            Some(SocketAddr::new(ep.address.parse().ok()?, target))
+                            let elsewhere = self
+                                .node
+                                .as_ref()
+                                .is_some_and(|me| !ep.node.is_empty() && ep.node != *me);
+                            if elsewhere {
+                                return Some(Backend::Elsewhere(ep.instance.clone()));
+                            }
+                            Some(Backend::Here(SocketAddr::new(ep.address.parse().ok()?, target)))
                         })
                         .collect()
                 })

@@ -27,3 +27,58 @@ proptest! {
         prop_assert_eq!(fed.routes().by_host, built.routes().by_host);
     }
 }
+
+/// On a cluster's node, an endpoint of another node is reached through that node (by
+/// instance id), never at its address, which means something only there; one runed (no
+/// node) dials every endpoint where it is.
+#[test]
+fn endpoints_of_other_nodes_are_reached_through_them() {
+    use rune_ingress::routes::Backend;
+    use rune_statemachine::delta::Delta;
+    use rune_statemachine::network::{Endpoint, EndpointPort, EndpointSet};
+    use std::sync::Arc;
+    let spec = serde_json::json!({
+        "name": "web", "process": {"command": "/bin/true"}, "scale": 2,
+        "ports": [{"name": "http", "port": 80}],
+        "expose": {"port": "http", "host": "web.test"}
+    });
+    let ep = |id: &str, node: &str| Endpoint {
+        instance: id.into(),
+        address: "127.0.0.1".into(),
+        node: node.into(),
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            port: 80,
+            target_port: 8080,
+            protocol: "tcp".into(),
+        }],
+    };
+    let state = [
+        Delta::Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            record: Some(Arc::new(rune_statemachine::store::ServiceRecord {
+                spec: serde_json::from_value(spec).unwrap(),
+                meta: Default::default(),
+                vip: None,
+            })),
+        },
+        Delta::Endpoints {
+            namespace: "default".into(),
+            service: "web".into(),
+            set: Some(Arc::new(EndpointSet {
+                namespace: "default".into(),
+                service: "web".into(),
+                endpoints: vec![ep("web-0", "a"), ep("web-1", "b")],
+            })),
+        },
+    ];
+    let here = |e: &Exposed| e.routes().by_host["web.test"].endpoints.clone();
+    let mut on_a = Exposed::on_node("a");
+    for d in &state {
+        on_a.apply(d);
+    }
+    let local = Backend::Here("127.0.0.1:8080".parse().unwrap());
+    assert_eq!(here(&on_a), [local.clone(), Backend::Elsewhere("web-1".into())]);
+    assert_eq!(here(&build(&state)), [local.clone(), local]);
+}

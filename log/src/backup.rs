@@ -352,7 +352,18 @@ pub fn restore(
 }
 
 fn write_data_dir(dir: &Path, b: &Backup) -> Result<(), BackupError> {
-    let meta = &b.header.meta;
+    // A backup of any member restores into a single voter, as `etcdutl snapshot restore`
+    // rewrites the membership: the cluster's members are not there to form a quorum with.
+    let meta = &SnapshotMeta {
+        last_membership: StoredMembership::new(
+            *b.header.meta.last_membership.log_id(),
+            openraft::Membership::new(
+                vec![std::collections::BTreeSet::from([NODE_ID])],
+                std::collections::BTreeMap::from([(NODE_ID, BasicNode::new("local"))]),
+            ),
+        ),
+        ..b.header.meta.clone()
+    };
     {
         let db = Database::create(dir.join(STATE_FILE)).map_err(io)?;
         install(&db, meta, &b.records).map_err(io)?;

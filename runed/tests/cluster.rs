@@ -316,6 +316,42 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     std::fs::remove_dir_all(used.data_dir.join("cluster")).unwrap();
     let why = used.refused_at_start();
     assert!(why.contains("already holds a raft log of its own"), "{why}");
+    // A backup from any member, a follower's too, restores into a runed of its own with
+    // everything the cluster acknowledged, secrets included (the KEK travelled).
+    let leader = status(&a)["leader"].as_u64();
+    let follower = [&a, &b, &c]
+        .into_iter()
+        .find(|d| status(d)["node"].as_u64() != leader)
+        .unwrap();
+    let file = follower.scratch().join("follower.backup");
+    run_ok(follower, &["admin", "backup", "--out", file.to_str().unwrap()]);
+    let target = follower.scratch().join("restored");
+    let o = std::process::Command::new(&follower.bins.runed)
+        .args(["restore", "--from"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&target)
+        .arg("--kek-file")
+        .arg(follower.data_dir.join("kek.b64"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let mut restored = Daemon::new(&bins());
+    restored.data_dir = target;
+    restored.auto_bootstrap = false;
+    restored.token = a.token.clone();
+    restored.restart();
+    let names = services(&restored);
+    for n in ["from-a", "from-b", "from-c", "spread"] {
+        assert!(
+            names.iter().any(|x| x == n),
+            "{n} missing from the restored state: {names:?}"
+        );
+    }
+    let revealed = run_ok(&restored, &["get", "secret", "db", "--show-values", "-o", "json"]);
+    assert!(revealed.contains("hunter2-cluster"), "{revealed}");
+    restored.sigterm();
+
     // The KEK lives in a file per member: rotating it on one is refused.
     let kek = write(&a, "new.kek", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
     let o = a.rune(&["admin", "rotate-kek", "--new-kek-file", &kek]);

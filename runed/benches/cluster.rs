@@ -12,6 +12,11 @@
 //!   others) to the first write acknowledged by a new leader, p50/p99 over 20 kills, the old
 //!   leader restarted as a follower between kills.
 //!
+//! Then the same through three runed processes, as an operator runs them (formed with a join
+//! token, raft over mutual TLS on loopback): casts through the gRPC API of the first node
+//! against etcd's three members through theirs, and failover as a client sees it, from
+//! SIGKILL of the leading runed to the first cast a surviving node acknowledges.
+//!
 //! `BENCH_SECONDS` (default 5) sets the length of each write run; `BENCH_KILLS` (default 20) the
 //! number of kills; `ETCD` the etcd binary (skipped if absent).
 
@@ -278,6 +283,151 @@ async fn failover(root: &Path, ca: &ClusterCa, kills: usize) -> Vec<Duration> {
     took
 }
 
+/// Three runed processes formed into one cluster, as the README's "Three nodes" forms them.
+fn runed_cluster(bins: &rune_chaos_tests::Bins) -> Vec<rune_chaos_tests::Daemon> {
+    let node = |join: Option<(&str, &str)>| {
+        let mut d = rune_chaos_tests::Daemon::new(bins);
+        let raft = format!("127.0.0.1:{}", rune_chaos_tests::free_port());
+        d.extra = vec![
+            "--raft-listen".into(),
+            raft.clone(),
+            "--gateway-listen".into(),
+            "127.0.0.1:0".into(),
+            // Every cast takes a VIP: a /8 holds what the runs write.
+            "--cluster-cidr".into(),
+            "10.0.0.0/8".into(),
+        ];
+        if let Some((member, token)) = join {
+            d.extra.extend([
+                "--join".into(),
+                member.into(),
+                "--join-token-file".into(),
+                token.into(),
+            ]);
+            d.auto_bootstrap = false;
+        }
+        (d, raft)
+    };
+    let (mut a, raft) = node(None);
+    a.restart();
+    let token = a.scratch().join("join").display().to_string();
+    let o = a.rune(&["admin", "cluster", "join-token", "--out-file", &token]);
+    assert!(o.status.success(), "join-token: {}", rune_chaos_tests::stderr(&o));
+    let mut nodes = vec![a];
+    for _ in 0..2 {
+        let (mut d, _) = node(Some((&raft, &token)));
+        d.token = nodes[0].token.clone();
+        d.restart();
+        nodes.push(d);
+    }
+    rune_chaos_tests::wait_until(Duration::from_secs(120), "three voters", || {
+        nodes.iter().all(|d| {
+            rune_chaos_tests::http_get(d.metrics, "/metrics")
+                .is_some_and(|(_, m)| m.lines().any(|l| l == "rune_log_has_leader 1"))
+        }) && leader_of(&nodes).is_some()
+    });
+    nodes
+}
+
+/// The node whose metrics say it leads.
+fn leader_of(nodes: &[rune_chaos_tests::Daemon]) -> Option<usize> {
+    nodes.iter().position(|d| {
+        d.pid().is_some()
+            && rune_chaos_tests::http_get(d.metrics, "/metrics")
+                .is_some_and(|(_, m)| m.lines().any(|l| l == "rune_log_is_leader 1"))
+    })
+}
+
+/// One cast through `d`'s API, bounded by `limit`.
+async fn cast(
+    ch: tonic::transport::Channel,
+    bearer: rune_chaos_tests::Bearer,
+    name: String,
+    limit: Duration,
+) -> bool {
+    use rune_proto::v1 as pb;
+    let mut client = pb::service_api_client::ServiceApiClient::with_interceptor(ch, bearer);
+    let mut req = tonic::Request::new(pb::ApplyRequest {
+        resources: vec![pb::Resource {
+            kind: Some(pb::resource::Kind::ServiceJson(format!(
+                r#"{{"name":"{name}","image":"busybox","scale":0}}"#
+            ))),
+        }],
+        ..Default::default()
+    });
+    req.set_timeout(limit);
+    matches!(tokio::time::timeout(limit, client.apply(req)).await, Ok(Ok(_)))
+}
+
+async fn channel(d: &rune_chaos_tests::Daemon) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{}", d.grpc))
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// Casts through the first node's API, `clients` at a time.
+async fn api_writes(nodes: &[rune_chaos_tests::Daemon], clients: usize, seconds: u64, round: usize) -> Rate {
+    let mut chans = Vec::new();
+    for _ in 0..clients {
+        chans.push(channel(&nodes[0]).await);
+    }
+    let (chans, bearer) = (Arc::new(chans), nodes[0].bearer());
+    drive(clients, seconds, move |c, i| {
+        cast(
+            chans[c].clone(),
+            bearer.clone(),
+            format!("r{round}-c{c}-{i}"),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+}
+
+/// SIGKILL of the leading runed → the first cast a surviving node acknowledges, `kills`
+/// times; the killed runed restarts as a follower between kills.
+async fn api_failover(nodes: &mut [rune_chaos_tests::Daemon], kills: usize) -> Vec<Duration> {
+    let mut took = Vec::new();
+    for k in 0..kills {
+        let l = loop {
+            if let Some(l) = leader_of(nodes) {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut others = Vec::new();
+        for (i, d) in nodes.iter().enumerate().filter(|(i, _)| *i != l) {
+            others.push((channel(d).await, d.bearer(), i));
+        }
+        let started = Instant::now();
+        nodes[l].sigkill();
+        let mut n = 0;
+        'written: loop {
+            for (ch, bearer, _) in &others {
+                n += 1;
+                if cast(
+                    ch.clone(),
+                    bearer.clone(),
+                    format!("k{k}-{n}"),
+                    Duration::from_millis(500),
+                )
+                .await
+                {
+                    break 'written;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no surviving node took a cast"
+            );
+        }
+        took.push(started.elapsed());
+        nodes[l].restart();
+    }
+    took
+}
+
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
@@ -347,6 +497,60 @@ fn main() {
     );
     common::summary(
         "leader failover, kill → first acknowledged write, p99",
+        "ms",
+        pct(0.99),
+        None,
+        false,
+    );
+
+    // The same through runed processes and the API.
+    let bins = rune_chaos_tests::Bins {
+        runed: env!("CARGO_BIN_EXE_runed").into(),
+        rune: env!("CARGO_BIN_EXE_rune").into(),
+    };
+    let mut nodes = runed_cluster(&bins);
+    println!();
+    println!("three runed processes, casts through the first node's gRPC API; etcd's three members through the first one's");
+    println!();
+    println!("| clients | runed 3 nodes casts/s | p50 ms | etcd 3 members puts/s | p50 ms | runed/etcd |");
+    println!("|--:|--:|--:|--:|--:|--:|");
+    for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
+        let r = rt.block_on(api_writes(&nodes, clients, seconds, round));
+        // A fresh etcd cluster per row (none when etcd is not installed).
+        let e = rt.block_on(etcd_writes(3, clients, seconds));
+        let (ew, ep50, ratio) = match &e {
+            Some(e) => (
+                format!("{:.0}", e.per_s),
+                format!("{:.2}", e.p50_ms),
+                format!("{:.2}", r.per_s / e.per_s.max(1.0)),
+            ),
+            None => ("n/a".into(), "n/a".into(), "n/a".into()),
+        };
+        println!(
+            "| {clients} | {:.0} | {:.2} | {ew} | {ep50} | {ratio} |",
+            r.per_s, r.p50_ms
+        );
+        common::summary(
+            &format!("replicated casts through the API (3 runed), {clients} client(s)"),
+            "writes/s",
+            r.per_s,
+            e.as_ref().map(|e| ("etcd (3 members)", e.per_s)),
+            true,
+        );
+    }
+    let mut took = rt.block_on(api_failover(&mut nodes, kills));
+    took.sort();
+    let pct = |p: f64| took[((took.len() as f64 * p) as usize).min(took.len() - 1)].as_secs_f64() * 1e3;
+    println!();
+    println!(
+        "failover through the API, SIGKILL of the leading runed → first cast acknowledged, {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        took.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    common::summary(
+        "failover through the API (runed processes), SIGKILL → first acknowledged cast, p99",
         "ms",
         pct(0.99),
         None,

@@ -539,6 +539,13 @@ impl Log {
         ok && self.read().is_ok()
     }
 
+    /// Whether raft runs and the state reads: what a watchdog asks. A member cut off from its
+    /// quorum is alive (it serves what it has applied and rejoins when the network heals)
+    /// though not [`Log::healthy`]; restarting it would not bring the others back.
+    pub fn alive(&self) -> bool {
+        self.raft.metrics().borrow().running_state.is_ok() && self.read().is_ok()
+    }
+
     /// Serves this node's raft port on `listener`, where the other members reach
     /// [`LogConfig::address`], over mutual TLS with [`LogConfig::tls`] (see
     /// [`crate::network::RaftPort`]). Without certificates only a loopback address is served:

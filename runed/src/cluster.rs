@@ -214,23 +214,54 @@ pub async fn forget(log: &rune_log::Log, raft_id: u64) -> anyhow::Result<()> {
 }
 
 /// Registers this node for placement under its `--node-name` (again at every start: a node
-/// that was found gone is ready once it is back). A name another raft node holds is refused.
+/// that was found gone is ready once it is back) with its gateway's address. A name another
+/// raft node holds is refused. A node its own state already knows by this name and id is not
+/// held up by it: what it has is written in the background, retried until a quorum takes it,
+/// so a member cut off from the others still starts and serves.
 pub async fn register(
-    log: &rune_log::Log,
+    log: Arc<rune_log::Log>,
     name: &str,
     raft_id: u64,
     gateway: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
-    let p = log
-        .propose(rune_statemachine::Command::RegisterNode {
-            name: name.to_string(),
-            raft_id,
-            gateway: Some(gateway.to_string()),
-        })
-        .await
-        .context("registering this node")?;
-    p.outcome.map_err(|r| ConfigError(format!("node.name: {r}")))?;
-    Ok(())
+    let command = rune_statemachine::Command::RegisterNode {
+        name: name.to_string(),
+        raft_id,
+        gateway: Some(gateway.to_string()),
+    };
+    let known = nodes(&log)?
+        .into_iter()
+        .find(|n| n.name == name && n.raft_id == raft_id);
+    match known {
+        Some(n) if n.ready && n.gateway.as_deref() == Some(gateway.to_string().as_str()) => Ok(()),
+        Some(_) => {
+            tokio::spawn(async move {
+                loop {
+                    match log.propose(command.clone()).await {
+                        Ok(p) => {
+                            match p.outcome {
+                                Ok(_) => tracing::info!("registered this node for placement again"),
+                                Err(r) => {
+                                    tracing::error!(reason = %r, "this node's registration was refused")
+                                }
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot register this node yet; retrying");
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            });
+            Ok(())
+        }
+        None => {
+            let p = log.propose(command).await.context("registering this node")?;
+            p.outcome.map_err(|r| ConfigError(format!("node.name: {r}")))?;
+            Ok(())
+        }
+    }
 }
 
 /// The address the other nodes dial for this node's gateway: the one it listens on, or, when

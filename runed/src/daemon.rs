@@ -596,7 +596,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if let (Some(r), Some(c), Some(g)) = (&raft, &s.cluster, &gateway) {
         if room {
             let at = crate::cluster::gateway_address(c, g.local_addr()?).await?;
-            crate::cluster::register(&log, &s.node_name, r.node, at).await?;
+            crate::cluster::register(log.clone(), &s.node_name, r.node, at).await?;
         }
         crate::cluster::watch_nodes(log.clone(), r.node, c.node_grace);
     }
@@ -709,14 +709,31 @@ fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// identity on a new cluster, and the host claims of a state older than them, through the log
 /// like every write. In a cluster it reads what every member acknowledged (a joining node
 /// waits until it has caught up), and only the `founder` sets the cluster CIDR once there is
-/// one: the others' defaults must not undo it.
+/// one: the others' defaults must not undo it. A member whose own state already holds it all
+/// writes nothing and waits for no one, so it starts even while cut off from its quorum.
 async fn seed(log: &Log, cluster_cidr: &str, clustered: bool, founder: bool) -> anyhow::Result<()> {
+    // A node that just joined has no state yet (not even its table): it catches up below.
+    if clustered && matches!(seeding(&log.read()?, cluster_cidr, founder), Ok(None)) {
+        return Ok(());
+    }
+    let txn = if clustered {
+        caught_up(log).await?
+    } else {
+        log.read()?
+    };
+    if let Some(init) = seeding(&txn, cluster_cidr, founder)? {
+        log.propose(init).await?.outcome?;
+    }
+    Ok(())
+}
+
+/// What the state read by `txn` lacks of the seed, as the one `Init` entry that adds it.
+fn seeding(
+    txn: &redb::ReadTransaction,
+    cluster_cidr: &str,
+    founder: bool,
+) -> anyhow::Result<Option<Command>> {
     let (missing, policies, cluster_cidr, cluster_id, claim_hosts) = {
-        let txn = if clustered {
-            caught_up(log).await?
-        } else {
-            log.read()?
-        };
         let t = txn.open_table(STATE_TABLE).context("opening the state table")?;
         let mut v = Vec::new();
         for ns in RESERVED_NAMESPACES {
@@ -754,23 +771,18 @@ async fn seed(log: &Log, cluster_cidr: &str, clustered: bool, founder: bool) -> 
         let claim = rune_statemachine::store::unclaimed_hosts(&t)?;
         (v, p, cidr, id, claim)
     };
-    if !missing.is_empty()
+    let needed = !missing.is_empty()
         || !policies.is_empty()
         || cluster_cidr.is_some()
         || cluster_id.is_some()
-        || claim_hosts
-    {
-        log.propose(Command::Init {
-            namespaces: missing,
-            policies,
-            cluster_cidr,
-            cluster_id,
-            claim_hosts,
-        })
-        .await?
-        .outcome?;
-    }
-    Ok(())
+        || claim_hosts;
+    Ok(needed.then_some(Command::Init {
+        namespaces: missing,
+        policies,
+        cluster_cidr,
+        cluster_id,
+        claim_hosts,
+    }))
 }
 
 /// How long a node that starts in a cluster may take to catch up with it before it gives up.

@@ -5,7 +5,9 @@
 //! passes, the projections (DNS, data plane, ingress) keep up within their stale budget, and it
 //! is not shutting down. The watchdog asks less: only the two loops that a wedged process stops
 //! (the log and the orchestrator), since a stale projection fails closed on its own and a restart
-//! would not help it.
+//! would not help it; nor does it ask for a leader: a member cut off from its quorum keeps
+//! serving what it has (DNS, the data plane, its instances) until the network heals, where a
+//! restart would only take that away.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,7 +68,8 @@ impl Health {
         self.shutting_down.store(true, Ordering::Relaxed);
     }
 
-    fn log_component(&self) -> Component {
+    /// `liveness`: the watchdog's question, which a member without a leader passes.
+    fn log_component(&self, liveness: bool) -> Component {
         let (_, last, applied) = self.log.positions();
         let stalled_for = match self.progress.lock() {
             Ok(mut p) => {
@@ -78,7 +81,9 @@ impl Health {
             Err(_) => Duration::ZERO,
         };
         let lag = last.saturating_sub(applied);
-        let (ok, detail) = if !self.log.healthy() {
+        let (ok, detail) = if liveness && !self.log.alive() {
+            (false, "stopped, or its state cannot be read".to_string())
+        } else if !liveness && !self.log.healthy() {
             (
                 false,
                 "no leader known, stopped, or its state cannot be read".to_string(),
@@ -162,7 +167,7 @@ impl Health {
 
     /// Every component, in a fixed order.
     pub fn components(&self) -> Vec<Component> {
-        let mut v = vec![self.log_component(), self.orchestrator_component(true)];
+        let mut v = vec![self.log_component(false), self.orchestrator_component(true)];
         // The orchestrator's picture is part of its own line above.
         v.extend(
             self.projections
@@ -195,7 +200,7 @@ impl Health {
 
     /// Whether the loops a wedged process would stop still make progress: the watchdog's test.
     pub fn alive(&self) -> Result<(), String> {
-        for c in [self.log_component(), self.orchestrator_component(false)] {
+        for c in [self.log_component(true), self.orchestrator_component(false)] {
             if !c.ok {
                 return Err(format!("{} {}", c.name, c.detail));
             }

@@ -8,8 +8,9 @@
 //! the same state digest.
 //!
 //! Then the same on three "machines": runed in network namespaces of their own, bridged, with
-//! eight writers casting through every node while the leader is killed with SIGKILL, and again
-//! while the leader is cut off by nftables drop rules and then healed: every acknowledged
+//! eight writers casting through every node while the leader is killed with SIGKILL, again
+//! while the leader is cut off by nftables drop rules and then healed, and while a follower
+//! cut off is restarted (it starts from its own state and serves it): every acknowledged
 //! write is on every node, no term had two leaders (from the nodes' logs), and the logs replay
 //! to one state.
 
@@ -803,6 +804,43 @@ fn three_machines_keep_every_acknowledged_write_through_a_killed_and_a_cut_off_l
         || status(&nodes[l])["leader"].as_u64() == status(others[new])["node"].as_u64(),
     );
     more(10, "writes after healing");
+
+    // A follower cut off and restarted meanwhile starts from its own state and serves it (its
+    // API answers, /healthz says why it is not ready) rather than wait for a quorum it cannot
+    // reach; healed, it follows again.
+    let l = agreed_leader(&nodes.iter().collect::<Vec<_>>());
+    let f = (0..3).find(|i| *i != l).unwrap();
+    net.cut(f);
+    nodes[f].sigkill();
+    let starts = nodes[f].logs().matches("runed is ready").count();
+    nodes[f].spawn();
+    wait_until(Duration::from_secs(60), "the cut-off follower to start", || {
+        nodes[f].logs().matches("runed is ready").count() > starts
+    });
+    assert!(
+        services(&nodes[f]).len() >= 20,
+        "the cut-off follower serves its state"
+    );
+    // It may take the leader it remembers at its word until that one's lease runs out.
+    let healthz = format!("http://{}/healthz", nodes[f].http);
+    wait_until(
+        Duration::from_secs(30),
+        "the cut-off follower to say it has no leader",
+        || {
+            let o = std::process::Command::new("ip")
+                .args(["netns", "exec", &net.nodes[f], "curl", "-s", "-m", "3", &healthz])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).contains("no leader known")
+        },
+    );
+    assert!(nodes[f].running(), "the cut-off follower keeps running");
+    net.heal(f);
+    let http = nodes[f].http;
+    wait_until(Duration::from_secs(60), "the healed follower to be ready", || {
+        rune_chaos_tests::http_get(http, "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+    more(5, "writes after the follower came back");
     stop.store(true, Ordering::SeqCst);
     let acknowledged: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
 

@@ -449,51 +449,48 @@ pub struct RaftService {
     raft: Raft<TypeConfig>,
     batcher: Arc<Batcher>,
     space: Arc<Space>,
-    /// Served over TLS: every RPC but `Join` needs a member's certificate.
-    tls: bool,
     /// Whether (and how) new nodes may join here.
     joins: Option<Arc<Joins>>,
 }
 
-impl RaftService {
-    /// The service for `raft`, with message limits matching the peers' ([`MAX_MESSAGE`]).
-    pub(crate) fn server(
-        raft: Raft<TypeConfig>,
-        batcher: Arc<Batcher>,
-        space: Arc<Space>,
-        tls: bool,
-        joins: Option<Arc<Joins>>,
-    ) -> RaftServer<Self> {
-        RaftServer::new(Self {
-            raft,
-            batcher,
-            space,
-            tls,
-            joins,
-        })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE)
+/// The largest `Join` request: anyone the CA's trust lets finish the handshake may send one,
+/// so it is read only this far (a real one is well under a kilobyte).
+const JOIN_LIMIT: usize = 64 << 10;
+/// The path of the one RPC a client without a member's certificate may call.
+const JOIN_PATH: &str = "/rune.raft.v1.Raft/Join";
+
+/// Who may call, decided before a request's body is read: over TLS every RPC but `Join` needs
+/// a certificate naming a current member (so a stranger's 64 MiB `AppendEntries` is refused
+/// unread), and a `Join` is read up to [`JOIN_LIMIT`] bytes. A tower layer on the raft port.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    raft: Raft<TypeConfig>,
+    tls: bool,
+}
+
+impl Gate {
+    /// The gate of `raft`'s port; without TLS (tests on loopback) everyone is let in.
+    pub(crate) fn new(raft: Raft<TypeConfig>, tls: bool) -> Gate {
+        Gate { raft, tls }
     }
 
-    /// Lets a request through only from a member: over TLS, the client presented a
-    /// certificate, which the handshake has checked against the cluster's CA. (A client may
-    /// come without one, to join.)
-    fn member<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// The client presented a certificate (the handshake has checked it against the cluster's
+    /// CA) naming a member of the membership this node holds. A node with no membership yet
+    /// (one joining) takes its leader's word.
+    fn member(&self, certs: Option<&[tonic::transport::CertificateDer<'static>]>) -> Result<(), Status> {
         if !self.tls {
             return Ok(());
         }
-        let Some(cert) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        let Some(cert) = certs.and_then(|c| c.first()) else {
             return Err(Status::unauthenticated(
                 "the raft port serves members only: present a certificate of the cluster's CA",
             ));
         };
-        let Some(id) = crate::pki::member_id(&cert) else {
+        let Some(id) = crate::pki::member_id(cert) else {
             return Err(Status::permission_denied(
                 "the certificate names no member (node-<id>.raft.rune)",
             ));
         };
-        // The CA signed it; the membership says whether it is still one of us. A node that
-        // holds no membership yet (it is joining) takes its leader's word.
         let m = self.raft.metrics();
         let membership = m.borrow().membership_config.clone();
         let membership = membership.membership();
@@ -503,6 +500,73 @@ impl RaftService {
             )));
         }
         Ok(())
+    }
+}
+
+impl<S> tower::Layer<S> for Gate {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated {
+            inner,
+            gate: self.clone(),
+        }
+    }
+}
+
+/// The raft port's service behind its [`Gate`].
+#[derive(Clone)]
+pub(crate) struct Gated<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Gated<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == JOIN_PATH {
+            let req = req.map(|b| tonic::body::Body::new(http_body_util::Limited::new(b, JOIN_LIMIT)));
+            return Box::pin(self.inner.call(req));
+        }
+        let certs = req
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs());
+        match self.gate.member(certs.as_deref().map(Vec::as_slice)) {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+impl RaftService {
+    /// The service for `raft`, with message limits matching the peers' ([`MAX_MESSAGE`]).
+    pub(crate) fn server(
+        raft: Raft<TypeConfig>,
+        batcher: Arc<Batcher>,
+        space: Arc<Space>,
+        joins: Option<Arc<Joins>>,
+    ) -> RaftServer<Self> {
+        RaftServer::new(Self {
+            raft,
+            batcher,
+            space,
+            joins,
+        })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// Whether this member leads, as far as it knows.
@@ -543,9 +607,10 @@ pub struct RaftPort {
 }
 
 impl RaftPort {
-    /// Serves `service` on `listener`.
+    /// Serves `service` behind `gate` on `listener`.
     pub(crate) fn start(
         service: RaftServer<RaftService>,
+        gate: Gate,
         listener: tokio::net::TcpListener,
         tls: Option<&NodeTls>,
     ) -> Result<Self, tonic::transport::Error> {
@@ -555,7 +620,7 @@ impl RaftPort {
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let router = server.add_service(service);
+        let router = server.layer(gate).add_service(service);
         let task = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, async {
@@ -604,19 +669,16 @@ fn reply<T: Serialize>(result: &T) -> Result<Response<Message>, Status> {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
         let rpc: VoteRequest<u64> = decode(request.get_ref())?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
         let message = request.into_inner();
         let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&message)?;
         rpc.data = message.data;
@@ -624,13 +686,11 @@ impl RaftRpc for RaftService {
     }
 
     async fn propose(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
         let envelope: Envelope = decode(request.get_ref())?;
         reply(&self.take_forwarded(envelope).await)
     }
 
-    async fn read_index(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
+    async fn read_index(&self, _request: Request<Message>) -> Result<Response<Message>, Status> {
         let answer = if !self.leads() {
             ReadIndex::NotLeader
         } else {
@@ -655,7 +715,6 @@ impl RaftRpc for RaftService {
     }
 
     async fn remove_member(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
         let id: u64 = decode(request.get_ref())?;
         let answer = if !self.leads() {
             Removed::NotLeader
@@ -670,8 +729,7 @@ impl RaftRpc for RaftService {
         reply(&answer)
     }
 
-    async fn status(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
-        self.member(&request)?;
+    async fn status(&self, _request: Request<Message>) -> Result<Response<Message>, Status> {
         let status = crate::node::ClusterStatus::from_metrics(&self.raft.metrics().borrow());
         reply(&crate::node::MemberView::from(&status))
     }

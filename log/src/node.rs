@@ -566,10 +566,10 @@ impl Log {
             self.raft.clone(),
             self.batcher.clone(),
             self.space.clone(),
-            self.tls.is_some(),
             joins.map(Arc::new),
         );
-        RaftPort::start(service, listener, self.tls.as_deref())
+        let gate = crate::network::Gate::new(self.raft.clone(), self.tls.is_some());
+        RaftPort::start(service, gate, listener, self.tls.as_deref())
             .map_err(|e| LogError::Raft(format!("raft port: {e}")))
     }
 

@@ -280,6 +280,27 @@ async fn ask_vote(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), 
         .map_err(|e| format!("vote: {e:?}"))
 }
 
+/// Sends `json` as a join request to `addr` over `tls`, as a node without a certificate does.
+async fn ask_to_join(addr: SocketAddr, tls: ClientTlsConfig, json: Vec<u8>) -> Result<(), String> {
+    use rune_proto::raft::raft_client::RaftClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    RaftClient::new(channel)
+        .max_encoding_message_size(8 << 20)
+        .join(rune_proto::raft::Message {
+            json,
+            data: Vec::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("join: {e:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     let (_root, dirs) = dirs();
@@ -321,6 +342,21 @@ async fn the_raft_port_refuses_peers_without_the_clusters_certificate() {
     for (who, r) in refused {
         assert!(r.is_err(), "{who} was let in");
     }
+    // Without a certificate only Join is served, and only a small one is read: a megabyte is
+    // refused unread, while a small request gets its answer (this member admits no one).
+    let trusting_any = || {
+        ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+            .domain_name(rune_log::pki::ANY_MEMBER)
+    };
+    let big = ask_to_join(n1.addr, trusting_any(), vec![b' '; 1 << 20])
+        .await
+        .unwrap_err();
+    assert!(big.contains("length limit"), "{big}");
+    let small = ask_to_join(n1.addr, trusting_any(), b"{}".to_vec())
+        .await
+        .unwrap_err();
+    assert!(small.contains("does not admit new nodes"), "{small}");
     // And a member checks whom it dialled: node 1's certificate does not pass for node 3.
     let other_name = ask_vote(n1.addr, Some(member.client(3))).await;
     assert!(other_name.is_err(), "node 1 passed for node 3");

@@ -215,9 +215,10 @@ pub async fn forget(log: &rune_log::Log, raft_id: u64) -> anyhow::Result<()> {
 
 /// Registers this node for placement under its `--node-name` (again at every start: a node
 /// that was found gone is ready once it is back) with its gateway's address. A name another
-/// raft node holds is refused. A node its own state already knows by this name and id is not
-/// held up by it: what it has is written in the background, retried until a quorum takes it,
-/// so a member cut off from the others still starts and serves.
+/// raft node holds is refused. A node its own state already knows by this name and id waits
+/// for it only a little ([`REGISTER_WAIT`]): past that (no quorum within reach) it goes on in
+/// the background, retried until a quorum takes it, so a member cut off from the others
+/// still starts and serves.
 pub async fn register(
     log: Arc<rune_log::Log>,
     name: &str,
@@ -229,12 +230,19 @@ pub async fn register(
         raft_id,
         gateway: Some(gateway.to_string()),
     };
+    let refused = |r: rune_statemachine::Rejection| ConfigError(format!("node.name: {r}"));
     let known = nodes(&log)?
         .into_iter()
         .find(|n| n.name == name && n.raft_id == raft_id);
     match known {
         Some(n) if n.ready && n.gateway.as_deref() == Some(gateway.to_string().as_str()) => Ok(()),
         Some(_) => {
+            if let Ok(Ok(p)) = tokio::time::timeout(REGISTER_WAIT, log.propose(command.clone())).await {
+                return p.outcome.map(|_| ()).map_err(|r| refused(r).into());
+            }
+            tracing::warn!(
+                "no quorum within reach: starting from this node's own state, registering in the background"
+            );
             tokio::spawn(async move {
                 loop {
                     match log.propose(command.clone()).await {
@@ -248,7 +256,7 @@ pub async fn register(
                             return;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot register this node yet; retrying");
+                            tracing::debug!(error = %e, "cannot register this node yet; retrying");
                             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                         }
                     }
@@ -258,11 +266,15 @@ pub async fn register(
         }
         None => {
             let p = log.propose(command).await.context("registering this node")?;
-            p.outcome.map_err(|r| ConfigError(format!("node.name: {r}")))?;
+            p.outcome.map_err(refused)?;
             Ok(())
         }
     }
 }
+
+/// How long a node its state knows waits at start to register before it goes on without a
+/// quorum: a follower that restarts hears its leader within a heartbeat, so this is ample.
+pub const REGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The address the other nodes dial for this node's gateway: the one it listens on, or, when
 /// that is every interface, the host the other members know this node by (`raft-advertise`,

@@ -386,6 +386,9 @@ struct Raft {
     ca_pem: String,
     /// This node's raft id.
     node: u64,
+    /// The key of the cluster's node gateways: derived from the CA's key, which every
+    /// member holds and nothing else does.
+    gateway_key: rune_dataplane::gateway::GatewayKey,
 }
 
 /// The log, seeded; in a cluster (`cluster.raft-listen`), with this node's raft identity
@@ -418,6 +421,13 @@ async fn start_log(s: &Settings, raft_listener: Option<TcpListener>) -> anyhow::
         (Some(m), Some(listener), Some(c)) => {
             let admission = Arc::new(crate::cluster::JoinAdmission::new(log.clone()));
             let ca_pem = m.ca.cert_pem().to_string();
+            let gateway_key = {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                h.update(b"rune node gateway v1\n");
+                h.update(m.ca.key_pem().as_bytes());
+                h.finalize().into()
+            };
             let joins = rune_log::join::Joins::new(admission.clone(), m.ca);
             let port = log
                 .serve_raft(listener, Some(joins))
@@ -428,6 +438,7 @@ async fn start_log(s: &Settings, raft_listener: Option<TcpListener>) -> anyhow::
                 admission,
                 ca_pem,
                 node: m.tls.node,
+                gateway_key,
             })
         }
         _ => None,
@@ -601,8 +612,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         crate::cluster::watch_nodes(log.clone(), r.node, c.node_grace);
     }
     let sub = start_subsystems(&s, &log, &secrets, &provider, raft.is_some()).await?;
-    if let Some(g) = gateway {
-        sub.dataplane.serve_gateway(g);
+    if let (Some(g), Some(r)) = (gateway, &raft) {
+        sub.dataplane.serve_gateway(g, r.gateway_key);
     }
     let health = Arc::new(Health::new(
         log.clone(),

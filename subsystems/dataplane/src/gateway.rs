@@ -6,14 +6,17 @@
 //! ways, as the proxy does.
 //!
 //! The policy was decided where the connection entered (the proxy knows the client); the
-//! gateway serves only the other nodes' gateway addresses, and only instances of this node
-//! that are ready endpoints of the service named. The link between nodes is plain TCP: the
+//! gateway serves only the other nodes' gateway addresses, only requests that carry the
+//! cluster's gateway key (which only members can derive: a container on another node, whose
+//! traffic leaves that node from its address, cannot), and only instances of this node that
+//! are ready endpoints of the service named. The link between nodes is plain TCP: the
 //! cluster's network is trusted as a Kubernetes pod network without encryption is.
 //!
 //! On the wire, before the bytes of the connection: `RGW1`, a big-endian `u16` length and
-//! `namespace service instance port` (the service port, space-separated); the answer is one
-//! byte `0`, or `1`, a `u16` length and why not (UTF-8). Both sides read exactly these bytes,
-//! so nothing of the connection's own is read into a buffer before the pipe starts.
+//! `key namespace service instance port` (the key in hex, the service port; space-separated);
+//! the answer is one byte `0`, or `1`, a `u16` length and why not (UTF-8). Both sides read
+//! exactly these bytes, so nothing of the connection's own is read into a buffer before the
+//! pipe starts.
 
 use std::io;
 use std::net::SocketAddr;
@@ -33,16 +36,28 @@ const MAX_REQUEST: usize = 1024;
 /// How long a peer may take to name what it wants.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The secret every member of a cluster shares for its gateways (derived by the daemon from
+/// what only members hold).
+pub type GatewayKey = [u8; 32];
+
 /// What a peer asks the gateway for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Request {
+    key: GatewayKey,
     service: SvcKey,
     instance: String,
     port: u16,
 }
 
 fn encode(r: &Request) -> Vec<u8> {
-    let body = format!("{} {} {} {}", r.service.ns, r.service.name, r.instance, r.port);
+    let body = format!(
+        "{} {} {} {} {}",
+        hex::encode(r.key),
+        r.service.ns,
+        r.service.name,
+        r.instance,
+        r.port
+    );
     let mut out = Vec::with_capacity(6 + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(body.len() as u16).to_be_bytes());
@@ -53,20 +68,25 @@ fn encode(r: &Request) -> Vec<u8> {
 fn parse(body: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(body).map_err(|_| "request is not UTF-8".to_string())?;
     let mut f = text.split(' ');
-    match (f.next(), f.next(), f.next(), f.next(), f.next()) {
-        (Some(ns), Some(name), Some(instance), Some(port), None)
+    match (f.next(), f.next(), f.next(), f.next(), f.next(), f.next()) {
+        (Some(key), Some(ns), Some(name), Some(instance), Some(port), None)
             if !ns.is_empty() && !name.is_empty() && !instance.is_empty() =>
         {
+            let key = hex::decode(key)
+                .ok()
+                .and_then(|k| GatewayKey::try_from(k).ok())
+                .ok_or_else(|| "the key is not 64 hex digits".to_string())?;
             let port = port
                 .parse()
                 .map_err(|_| format!("port '{port}' is not a port number"))?;
             Ok(Request {
+                key,
                 service: SvcKey::new(ns, name),
                 instance: instance.to_string(),
                 port,
             })
         }
-        _ => Err("request is not 'namespace service instance port'".to_string()),
+        _ => Err("request is not 'key namespace service instance port'".to_string()),
     }
 }
 
@@ -93,13 +113,16 @@ async fn read_request(s: &mut TcpStream) -> Result<Request, String> {
 /// returned carries the connection's bytes to it. An error says why the gateway refused.
 pub(crate) async fn dial(
     gw: SocketAddr,
+    key: Option<&GatewayKey>,
     service: &SvcKey,
     instance: &str,
     port: u16,
 ) -> io::Result<TcpStream> {
+    let key = *key.ok_or_else(|| io::Error::other("this node has no gateway key (not in a cluster)"))?;
     let mut s = TcpStream::connect(gw).await?;
     let _ = s.set_nodelay(true);
     let req = Request {
+        key,
         service: service.clone(),
         instance: instance.to_string(),
         port,
@@ -125,6 +148,11 @@ async fn refuse(mut s: TcpStream, why: &str) {
     out.extend_from_slice(&(why.len() as u16).to_be_bytes());
     out.extend_from_slice(why);
     let _ = s.write_all(&out).await;
+}
+
+/// Whether two keys are equal, in time that does not depend on where they differ.
+fn same_key(a: &GatewayKey, b: &GatewayKey) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves the gateway on `l` until the task is aborted.
@@ -158,6 +186,13 @@ async fn handle(dp: Arc<DataPlane>, mut s: TcpStream, peer: SocketAddr) {
         }
         Err(_) => return refuse(s, "no request in time").await,
     };
+    if !dp.gateway_key().is_some_and(|k| same_key(k, &req.key)) {
+        dp.stats
+            .gateway_strangers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(%peer, "gateway request without the cluster's key; closed");
+        return crate::proxy::reset(s);
+    }
     let counters = dp.stats.of(&req.service);
     if dp.stale() {
         counters.connection("stale");
@@ -198,6 +233,7 @@ mod tests {
     #[test]
     fn requests_round_trip_and_bad_ones_are_named() {
         let r = Request {
+            key: [7; 32],
             service: SvcKey::new("prod", "api"),
             instance: "api-2".into(),
             port: 8080,
@@ -205,12 +241,18 @@ mod tests {
         let wire = encode(&r);
         assert_eq!(&wire[..4], MAGIC);
         assert_eq!(parse(&wire[6..]), Ok(r));
-        assert!(parse(b"prod api api-2")
+        let k = hex::encode([7u8; 32]);
+        let bad = |rest: &str| parse(format!("{k} {rest}").as_bytes());
+        assert!(bad("prod api api-2")
             .unwrap_err()
             .contains("namespace service instance port"));
-        assert!(parse(b"prod api api-2 http").unwrap_err().contains("'http'"));
-        assert!(parse(b"prod api api-2 80 extra").is_err());
-        assert!(parse(b" api api-2 80").is_err());
+        assert!(bad("prod api api-2 http").unwrap_err().contains("'http'"));
+        assert!(bad("prod api api-2 80 extra").is_err());
+        assert!(bad(" api api-2 80").is_err());
+        assert!(parse(b"abc prod api api-2 80")
+            .unwrap_err()
+            .contains("64 hex digits"));
         assert!(parse(&[0xff, 0xfe]).unwrap_err().contains("UTF-8"));
+        assert!(same_key(&[7; 32], &[7; 32]) && !same_key(&[7; 32], &[8; 32]));
     }
 }

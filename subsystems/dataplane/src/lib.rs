@@ -15,7 +15,7 @@
 
 #![warn(missing_docs)]
 
-mod gateway;
+pub mod gateway;
 mod libnft;
 pub mod nft;
 pub mod owner;
@@ -240,6 +240,8 @@ pub struct DataPlane {
     /// Set when someone read the drops: the kernel's counters are then read again. Listing
     /// them costs nft ~140 ms at 1,000 policy chains, too much to do every 2 s for nobody.
     counters_wanted: AtomicBool,
+    /// The cluster's gateway key, once the gateway serves ([`DataPlane::serve_gateway`]).
+    gateway_key: OnceLock<gateway::GatewayKey>,
     /// Counters for metrics.
     pub stats: Stats,
 }
@@ -321,6 +323,7 @@ impl DataPlane {
             nft,
             forward_rr: AtomicUsize::new(0),
             counters_wanted: AtomicBool::new(false),
+            gateway_key: OnceLock::new(),
             stats: Stats::default(),
             cfg,
         });
@@ -334,10 +337,16 @@ impl DataPlane {
     }
 
     /// Serves the node gateway on `l` (in a cluster): the other nodes' data planes reach this
-    /// node's instances through it. Runs as long as the process.
-    pub fn serve_gateway(self: &Arc<Self>, l: TcpListener) {
+    /// node's instances through it, with `key`, which every member derives alike and nothing
+    /// else can. Runs as long as the process.
+    pub fn serve_gateway(self: &Arc<Self>, l: TcpListener, key: gateway::GatewayKey) {
+        let _ = self.gateway_key.set(key);
         tracing::info!(address = ?l.local_addr().ok(), "node gateway listening");
         tokio::spawn(gateway::serve(self.clone(), l));
+    }
+
+    fn gateway_key(&self) -> Option<&gateway::GatewayKey> {
+        self.gateway_key.get()
     }
 
     /// The current view.
@@ -559,7 +568,7 @@ impl DataPlane {
             })
         };
         match route {
-            Some((Some(gw), _)) => gateway::dial(gw, &key, instance, port).await,
+            Some((Some(gw), _)) => gateway::dial(gw, self.gateway_key(), &key, instance, port).await,
             Some((None, addr)) => TcpStream::connect(addr).await,
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,

@@ -198,7 +198,7 @@ pub(crate) async fn connect(
         let dial = async {
             match route.via {
                 None => TcpStream::connect(route.addr).await,
-                Some(gw) => crate::gateway::dial(gw, &svc.key, instance, port).await,
+                Some(gw) => crate::gateway::dial(gw, dp.gateway_key(), &svc.key, instance, port).await,
             }
         };
         match tokio::time::timeout(dp.cfg.connect_timeout, dial).await {

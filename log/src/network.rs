@@ -466,17 +466,34 @@ const JOIN_PATH: &str = "/rune.raft.v1.Raft/Join";
 pub(crate) struct Gate {
     raft: Raft<TypeConfig>,
     tls: bool,
+    /// The state, for the highest id any membership applied here held.
+    state: Arc<crate::db::ClosingDb>,
 }
 
 impl Gate {
     /// The gate of `raft`'s port; without TLS (tests on loopback) everyone is let in.
-    pub(crate) fn new(raft: Raft<TypeConfig>, tls: bool) -> Gate {
-        Gate { raft, tls }
+    pub(crate) fn new(raft: Raft<TypeConfig>, tls: bool, state: Arc<crate::db::ClosingDb>) -> Gate {
+        Gate { raft, tls, state }
+    }
+
+    /// The highest raft id this node has seen in a membership (0 when unknown).
+    fn highest_member(&self) -> u64 {
+        use redb::ReadableDatabase;
+        let read = || -> Option<u64> {
+            let txn = self.state.begin_read().ok()?;
+            let t = txn.open_table(crate::state_machine::SM_META).ok()?;
+            let v = t.get(crate::state_machine::HIGHEST_MEMBER).ok()??;
+            serde_json::from_slice(v.value()).ok()
+        };
+        read().unwrap_or(0)
     }
 
     /// The client presented a certificate (the handshake has checked it against the cluster's
-    /// CA) naming a member of the membership this node holds. A node with no membership yet
-    /// (one joining) takes its leader's word.
+    /// CA) naming a member of the membership this node holds, or a node admitted after what
+    /// this node has seen (ids are given in rising order, never twice: a member that was away
+    /// while others joined must still hear from them). What is refused is an id this node
+    /// knew that the membership no longer holds: a removed node's. A node with no membership
+    /// yet (one joining) takes its leader's word.
     fn member(&self, certs: Option<&[tonic::transport::CertificateDer<'static>]>) -> Result<(), Status> {
         if !self.tls {
             return Ok(());
@@ -494,9 +511,18 @@ impl Gate {
         let m = self.raft.metrics();
         let membership = m.borrow().membership_config.clone();
         let membership = membership.membership();
-        if membership.nodes().next().is_some() && membership.get_node(&id).is_none() {
+        if membership.nodes().next().is_none() || membership.get_node(&id).is_some() {
+            return Ok(());
+        }
+        let known = membership
+            .nodes()
+            .map(|(n, _)| *n)
+            .max()
+            .unwrap_or(0)
+            .max(self.highest_member());
+        if id <= known {
             return Err(Status::permission_denied(format!(
-                "node {id} is not a member of this cluster (removed, or never admitted)"
+                "node {id} is not a member of this cluster (it was removed)"
             )));
         }
         Ok(())

@@ -568,7 +568,7 @@ impl Log {
             self.space.clone(),
             joins.map(Arc::new),
         );
-        let gate = crate::network::Gate::new(self.raft.clone(), self.tls.is_some());
+        let gate = crate::network::Gate::new(self.raft.clone(), self.tls.is_some(), self.state.clone());
         RaftPort::start(service, gate, listener, self.tls.as_deref())
             .map_err(|e| LogError::Raft(format!("raft port: {e}")))
     }

@@ -15,7 +15,7 @@ use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use rune_statemachine::delta::Delta;
 use rune_statemachine::store::{self, scan_prefix};
 use rune_statemachine::{Change, STATE_TABLE};
@@ -29,6 +29,9 @@ use crate::types::{Reply, TypeConfig};
 
 /// `last_applied` and `membership`, as JSON; written in the same transaction as the state.
 pub(crate) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+/// The highest raft id any membership applied here held: ids are never given twice, so a
+/// certificate naming a lower id that the membership lacks is a removed node's.
+pub(crate) const HIGHEST_MEMBER: &str = "highest_member";
 
 type SErr = StorageError<u64>;
 
@@ -113,6 +116,17 @@ pub(crate) fn apply_entries(
                     let v = serde_json::to_vec(&sm).map_err(|e| e.to_string())?;
                     meta.insert("membership", v.as_slice())
                         .map_err(|e| e.to_string())?;
+                    let highest = m.nodes().map(|(id, _)| *id).max().unwrap_or(0);
+                    let before = meta
+                        .get(HIGHEST_MEMBER)
+                        .map_err(|e| e.to_string())?
+                        .and_then(|v| serde_json::from_slice::<u64>(v.value()).ok())
+                        .unwrap_or(0);
+                    if highest > before {
+                        let v = serde_json::to_vec(&highest).map_err(|e| e.to_string())?;
+                        meta.insert(HIGHEST_MEMBER, v.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
                     Reply(vec![])
                 }
                 EntryPayload::Normal(batch) => {

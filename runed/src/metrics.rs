@@ -256,7 +256,7 @@ pub fn dataplane(
     meter
         .u64_observable_counter("rune_dataplane_gateway_refused")
         .with_description(
-            "Connections to the node gateway from addresses that are no other node's gateway, closed",
+            "Connections to the node gateway closed unserved: from an address that is no other node's gateway, or without the cluster's gateway key",
         )
         .with_callback(move |o| {
             if let Some(d) = weak.upgrade() {

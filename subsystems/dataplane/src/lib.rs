@@ -128,7 +128,8 @@ pub struct Stats {
     drops: Mutex<BTreeMap<(SvcKey, &'static str, &'static str), u64>>,
     /// Open connections through the proxy.
     pub active: AtomicI64,
-    /// Connections to the gateway from addresses that are no other node's gateway (closed).
+    /// Connections to the gateway closed unserved: from an address that is no other node's
+    /// gateway, or without the cluster's gateway key.
     pub gateway_strangers: AtomicU64,
 }
 

@@ -346,7 +346,7 @@ impl DataPlane {
         tokio::spawn(gateway::serve(self.clone(), l));
     }
 
-    fn gateway_key(&self) -> Option<&gateway::GatewayKey> {
+    pub(crate) fn gateway_key(&self) -> Option<&gateway::GatewayKey> {
         self.gateway_key.get()
     }
 
@@ -561,16 +561,15 @@ impl DataPlane {
         port: u16,
     ) -> std::io::Result<TcpStream> {
         let key = SvcKey::new(ns, name);
-        let route = {
-            let t = self.table();
-            t.services.get(&key).and_then(|svc| {
-                let ep = svc.endpoints.iter().find(|e| e.instance == instance)?;
-                Some((ep.via, SocketAddr::new(ep.ip, ep.target(port)?)))
+        let route = self.table().services.get(&key).and_then(|svc| {
+            let ep = svc.endpoints.iter().find(|e| e.instance == instance)?;
+            Some(proxy::Route {
+                via: ep.via,
+                addr: SocketAddr::new(ep.ip, ep.target(port)?),
             })
-        };
+        });
         match route {
-            Some((Some(gw), _)) => gateway::dial(gw, self.gateway_key(), &key, instance, port).await,
-            Some((None, addr)) => TcpStream::connect(addr).await,
+            Some(route) => route.dial(self, &key, instance, port).await,
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("{instance} is not a ready endpoint of {key} port {port} here"),

@@ -24,6 +24,23 @@ pub struct Route {
     pub addr: SocketAddr,
 }
 
+impl Route {
+    /// A connection to the endpoint of `service`'s `instance` for service port `port`:
+    /// directly on this node, through its node's gateway elsewhere.
+    pub(crate) async fn dial(
+        self,
+        dp: &DataPlane,
+        service: &SvcKey,
+        instance: &str,
+        port: u16,
+    ) -> std::io::Result<TcpStream> {
+        match self.via {
+            None => TcpStream::connect(self.addr).await,
+            Some(gw) => crate::gateway::dial(gw, dp.gateway_key(), service, instance, port).await,
+        }
+    }
+}
+
 impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.via {
@@ -195,12 +212,7 @@ pub(crate) async fn connect(
     };
     for i in 0..routes.len() {
         let (route, instance) = routes[(start + i) % routes.len()];
-        let dial = async {
-            match route.via {
-                None => TcpStream::connect(route.addr).await,
-                Some(gw) => crate::gateway::dial(gw, dp.gateway_key(), &svc.key, instance, port).await,
-            }
-        };
+        let dial = route.dial(dp, &svc.key, instance, port);
         match tokio::time::timeout(dp.cfg.connect_timeout, dial).await {
             Ok(Ok(s)) => return Some((s, route)),
             Ok(Err(e)) => tracing::debug!(endpoint = %route, error = %e, "endpoint refused; trying the next"),

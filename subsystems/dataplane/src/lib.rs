@@ -10,8 +10,12 @@
 //! Two halves share one decision ([`policy::decide`]):
 //! - the user-space proxy ([`proxy`]), one listener per service port on a stable local port
 //!   (`127.0.0.1` in dev mode), which balances, enforces policy and counts;
-//! - in production mode, an nftables table of its own ([`nft`]) that redirects VIP traffic to
-//!   the proxy and drops denied traffic in the kernel before it reaches anything.
+//! - in production mode, an nftables table of its own ([`nft`]) that drops denied traffic in
+//!   the kernel before it reaches anything, forwards a VIP port whose endpoints all run on this
+//!   node itself (DNAT, as kube-proxy's nftables mode does: the bytes cross the TCP stack
+//!   once), and redirects every other VIP port to the proxy (endpoints on other nodes,
+//!   fewest-connections balancing, or this host's own traffic while a policy needs its source
+//!   named). A stale view leaves every VIP to the proxy.
 
 #![warn(missing_docs)]
 
@@ -243,6 +247,11 @@ pub struct DataPlane {
     counters_wanted: AtomicBool,
     /// The cluster's gateway key, once the gateway serves ([`DataPlane::serve_gateway`]).
     gateway_key: OnceLock<gateway::GatewayKey>,
+    /// Serialises loads of the kernel's table: a changed view, and a view gone stale or
+    /// fresh again ([`watch_staleness`]).
+    programming: tokio::sync::Mutex<()>,
+    /// The loaded table leaves every VIP to the proxy because the view was stale then.
+    withheld: AtomicBool,
     /// Counters for metrics.
     pub stats: Stats,
 }
@@ -325,6 +334,8 @@ impl DataPlane {
             forward_rr: AtomicUsize::new(0),
             counters_wanted: AtomicBool::new(false),
             gateway_key: OnceLock::new(),
+            programming: tokio::sync::Mutex::new(()),
+            withheld: AtomicBool::new(false),
             stats: Stats::default(),
             cfg,
         });
@@ -333,6 +344,7 @@ impl DataPlane {
         let _ = dp.projection.set(projection);
         if dp.cfg.kernel {
             tokio::spawn(read_counters(Arc::downgrade(&dp)));
+            tokio::spawn(watch_staleness(Arc::downgrade(&dp)));
         }
         Ok(dp)
     }
@@ -788,8 +800,12 @@ impl DataPlane {
     /// runed loaded, the whole table otherwise (at start, after a failure, or when a change
     /// is refused because the table was touched from outside).
     async fn program(&self, t: &Table) {
+        let _one = self.programming.lock().await;
         let ports = self.proxy_port_map();
         let model = nft::Model::of(t, &ports, self.cfg.port_range);
+        // Fail closed: a stale view's VIPs all go to the proxy, which refuses new connections.
+        let stale = self.stale();
+        let model = if stale { model.proxied() } else { model };
         let vips: HashSet<Ipv4Addr> = t.services.values().filter_map(|s| s.vip).collect();
         let loaded = {
             let Ok(mut k) = self.kernel.lock() else { return };
@@ -797,6 +813,7 @@ impl DataPlane {
             // it carries this view's VIPs as it is.
             if k.status.enforcing && k.model.as_deref() == Some(&model) {
                 k.vips = vips;
+                self.withheld.store(stale, Ordering::Relaxed);
                 return;
             }
             k.model.clone().filter(|_| k.status.enforcing)
@@ -872,6 +889,7 @@ impl DataPlane {
                 k.counters = model.counters();
                 k.model = Some(Arc::new(model));
                 k.vips = vips;
+                self.withheld.store(stale, Ordering::Relaxed);
             }
             Err(e) => kernel_off(&mut k, &e, took),
         }
@@ -976,6 +994,20 @@ async fn read_counters(dp: std::sync::Weak<DataPlane>) {
         let has_counters = d.kernel.lock().is_ok_and(|k| !k.counters.is_empty());
         if d.kernel_status().enforcing && has_counters && d.counters_wanted.swap(false, Ordering::Relaxed) {
             d.refresh_counters().await;
+        }
+    }
+}
+
+/// Loads the table again when the view goes stale (the kernel stops forwarding on its own,
+/// so new connections meet the proxy, which refuses them) or fresh again. A quarter of a
+/// second past the budget at most; the proxy itself refuses at once.
+async fn watch_staleness(dp: std::sync::Weak<DataPlane>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(d) = dp.upgrade() else { return };
+        if d.kernel_status().enforcing && d.stale() != d.withheld.load(Ordering::Relaxed) {
+            let table = d.table();
+            d.program(&table).await;
         }
     }
 }

@@ -10,9 +10,13 @@
 //! rule per peer and port 330 ms). [`full`] loads a model whole (at start, and to recover
 //! from a failed change); [`delta`] turns one model into the next.
 //!
-//! - `nat_prerouting`/`nat_output` redirect `VIP:port` to the proxy's port for that service port
-//!   (from containers and other hosts, and from this host), through the map `vip_ports`, keyed
-//!   by VIP and port as kube-proxy's nftables mode keys it.
+//! - `nat_prerouting`/`nat_output` first look `VIP:port` up in the verdict maps `fast_pre` /
+//!   `fast_out`: a port whose endpoints all run on this node is forwarded by the kernel itself,
+//!   DNAT to one of them picked at random (`lb_N` → `ep_i`, see [`Model::fast_pre`]), and
+//!   `nat_postrouting` masquerades what was forwarded so the answer comes back through here.
+//!   Every other port is redirected to the proxy's port for it (from containers and other
+//!   hosts, and from this host), through the map `vip_ports`, keyed by VIP and port as
+//!   kube-proxy's nftables mode keys it.
 //! - `filter_prerouting` (before NAT) rejects VIP ports without ready endpoints (set `refused`)
 //!   with a TCP reset, then sends traffic from an address an egress policy holds (set
 //!   `eg_guarded`) through chain `egress`, and traffic to an address an ingress policy guards
@@ -37,15 +41,16 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use nftables::expr::{
-    BinaryOperation, Expression, Fib, FibFlag, FibResult, Map as MapExpr, Meta, MetaKey, NamedExpression,
-    Payload, PayloadField, Range, SetItem, CT,
+    BinaryOperation, CTDir, CTFamily, Expression, Fib, FibFlag, FibResult, Map as MapExpr, Meta, MetaKey,
+    NamedExpression, NgMode, Numgen, Payload, PayloadField, Range, SetItem, Verdict, CT,
 };
 use nftables::schema::{
     Chain, Element, FlushObject, Map, NfCmd, NfListObject, NfObject, Rule, Set, SetType, SetTypeValue,
     Table as NfTable,
 };
 use nftables::stmt::{
-    JumpTarget, Match, Operator, Reject, RejectType, Set as SetStmt, SetOp, Statement, NAT,
+    JumpTarget, Match, NATFamily, Operator, Reject, RejectType, Set as SetStmt, SetOp, Statement,
+    VerdictMap, NAT,
 };
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -235,6 +240,42 @@ pub struct Model {
     pub egress: Allowed,
     /// The proxy's port range, shielded by `input`.
     pub range: (u16, u16),
+    /// `VIP . port` the kernel forwards itself for traffic from containers and other hosts
+    /// (DNAT to an endpoint; the bytes cross the TCP stack once instead of twice) → how many
+    /// endpoints it spreads over (chain `lb_N`).
+    pub fast_pre: BTreeMap<(Ipv4Addr, u16), usize>,
+    /// The same for this host's own traffic.
+    pub fast_out: BTreeMap<(Ipv4Addr, u16), usize>,
+    /// The endpoints of each kernel-forwarded `VIP . port`: the `i`-th is element `VIP . port`
+    /// of the maps `ep_i_addr` and `ep_i_port`.
+    pub backends: BTreeMap<(Ipv4Addr, u16), Vec<(Ipv4Addr, u16)>>,
+}
+
+/// The most endpoints the kernel spreads a `VIP . port` over; beyond, the proxy carries it.
+/// The `lb_N` and `ep_i` chains and maps are made for all of them at every full load, so that
+/// a change is only ever elements (a few dozen objects, whatever the number of services).
+pub const FAST_MAX: usize = 16;
+
+/// Where the kernel can send `svc`'s port `port` itself: every ready endpoint runs on this
+/// node (another node's address means something only there), balanced round robin (the
+/// kernel picks at random; fewest-connections needs the proxy's counts), at most
+/// [`FAST_MAX`] of them. Sorted, so equal views give equal models.
+fn kernel_backends(svc: &crate::table::Svc, port: u16) -> Option<Vec<(Ipv4Addr, u16)>> {
+    if svc.mode != Mode::RoundRobin || svc.endpoints.len() > FAST_MAX {
+        return None;
+    }
+    let mut out = Vec::new();
+    for e in &svc.endpoints {
+        if !e.here || e.via.is_some() {
+            return None;
+        }
+        if let Some(target) = e.target(port) {
+            out.push((v4(&e.ip)?, target));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    (!out.is_empty()).then_some(out)
 }
 
 impl Model {
@@ -244,12 +285,34 @@ impl Model {
             range,
             ..Model::default()
         };
+        // Only the proxy can tell this host's processes apart (by their sockets), so this
+        // host's own traffic goes through it while any of them is held to an egress policy.
+        let host_egress = t.by_pgid.values().any(|k| {
+            t.services
+                .get(k)
+                .is_some_and(|s| s.policy.egress.is_some())
+        });
         for svc in t.services.values() {
             let Some(vip) = svc.vip else { continue };
             for (_, port) in svc.tcp_ports() {
                 match proxy_ports.get(&(svc.key.clone(), port)) {
                     Some(pp) if svc.mode != Mode::None && !svc.endpoints.is_empty() => {
                         m.vip_ports.insert((vip, port), *pp);
+                        let Some(eps) = kernel_backends(svc, port) else { continue };
+                        // Containers' and other hosts' traffic met its policy in the
+                        // kernel before NAT; a loopback address is no place to send it.
+                        let pre = eps.iter().all(|(ip, _)| !ip.is_loopback());
+                        // This host's traffic: only where no policy needs its source named.
+                        let out = svc.policy.ingress.is_none() && !host_egress;
+                        if pre {
+                            m.fast_pre.insert((vip, port), eps.len());
+                        }
+                        if out {
+                            m.fast_out.insert((vip, port), eps.len());
+                        }
+                        if pre || out {
+                            m.backends.insert((vip, port), eps);
+                        }
                     }
                     _ => {
                         m.refused.insert((vip, port));
@@ -303,6 +366,22 @@ impl Model {
             }
         }
         m
+    }
+
+    /// This model with every `VIP . port` left to the proxy: while the view is stale the
+    /// proxy refuses new connections, and the kernel must not carry them on its own.
+    pub fn proxied(mut self) -> Model {
+        self.fast_pre.clear();
+        self.fast_out.clear();
+        self.backends.clear();
+        self
+    }
+
+    /// The VIPs whose forwarded connections the kernel masquerades (`fast_vips`): an
+    /// endpoint must answer through this node, where the NAT is undone, not straight to a
+    /// neighbour on its bridge, or to itself.
+    fn fast_vips(&self) -> BTreeSet<Ipv4Addr> {
+        self.fast_pre.keys().map(|(vip, _)| *vip).collect()
     }
 
     /// Records a service's policy in `direction`; returns the name its drops count under.
@@ -525,6 +604,7 @@ pub fn full(table: &str, m: &Model) -> Vec<NfObject<'static>> {
             cmds.push(add(NfListObject::Rule(b.rule(direction, r))));
         }
     }
+    cmds.extend(b.fast_objects());
     cmds.extend(b.base_chains(m.range));
     cmds.extend(b.elements(m, None));
     cmds
@@ -554,6 +634,36 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
         .collect();
     if !gone_refused.is_empty() {
         cmds.push(del(b.element("refused", gone_refused)));
+    }
+    for (name, o, n) in [
+        ("fast_pre", &old.fast_pre, &new.fast_pre),
+        ("fast_out", &old.fast_out, &new.fast_out),
+    ] {
+        let gone: Vec<_> = o
+            .iter()
+            .filter(|(k, v)| n.get(k) != Some(v))
+            .map(|((vip, port), _)| vip_port(*vip, *port))
+            .collect();
+        if !gone.is_empty() {
+            cmds.push(del(b.element(name, gone)));
+        }
+    }
+    let mut gone_eps: BTreeMap<usize, Vec<Expression<'static>>> = BTreeMap::new();
+    for ((vip, port), eps) in &old.backends {
+        let now = new.backends.get(&(*vip, *port));
+        for (i, ep) in eps.iter().enumerate() {
+            if now.and_then(|n| n.get(i)) != Some(ep) {
+                gone_eps.entry(i).or_default().push(vip_port(*vip, *port));
+            }
+        }
+    }
+    for (i, keys) in gone_eps {
+        cmds.push(del(b.element(&format!("ep_{i}_addr"), keys.clone())));
+        cmds.push(del(b.element(&format!("ep_{i}_port"), keys)));
+    }
+    let gone_vips: Vec<_> = old.fast_vips().difference(&new.fast_vips()).map(ip_elem).collect();
+    if !gone_vips.is_empty() {
+        cmds.push(del(b.element("fast_vips", gone_vips)));
     }
     for (direction, o, n) in [
         ("ingress", &old.ingress_to, &new.ingress_to),
@@ -626,6 +736,11 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
 
 fn concat_type() -> SetTypeValue<'static> {
     SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ipv4Addr, SetType::InetService]))
+}
+
+/// `ip daddr . tcp dport`: what the NAT maps are keyed by.
+fn vip_port_key() -> Expression<'static> {
+    concat(vec![payload("ip", "daddr"), payload("tcp", "dport")])
 }
 
 fn vip_port(vip: Ipv4Addr, port: u16) -> Expression<'static> {
@@ -854,13 +969,93 @@ impl Build {
         )
     }
 
+    /// The kernel's own forwarding, declared whole at every full load (a change is then
+    /// only elements): per endpoint position `i` the maps `ep_i_addr` / `ep_i_port`
+    /// (`VIP . port` → that endpoint's address and port) and a chain `ep_i` that DNATs to
+    /// them; per endpoint count `N` a chain `lb_N` that picks one of `ep_0..ep_N-1` at random;
+    /// the verdict maps `fast_pre` / `fast_out` (`VIP . port` → `goto lb_N`) the NAT chains
+    /// look up before the redirect to the proxy; and the set `fast_vips` of VIPs whose
+    /// forwarded connections are masqueraded. nftables 1.0.6's JSON cannot declare a map with
+    /// concatenated data or a `numgen` in a key, hence the two maps and the chains.
+    fn fast_objects(&self) -> Vec<NfObject<'static>> {
+        let mut out = Vec::new();
+        let lookup = |map: String| {
+            Expression::Named(NamedExpression::Map(Box::new(MapExpr {
+                key: vip_port_key(),
+                data: s(&format!("@{map}")),
+            })))
+        };
+        for i in 0..FAST_MAX {
+            let (addr, port) = (format!("ep_{i}_addr"), format!("ep_{i}_port"));
+            out.push(add(NfListObject::Map(Box::new(self.map(
+                &addr,
+                concat_type(),
+                SetType::Ipv4Addr,
+            )))));
+            out.push(add(NfListObject::Map(Box::new(self.map(
+                &port,
+                concat_type(),
+                SetType::InetService,
+            )))));
+            let chain = format!("ep_{i}");
+            out.push(add(NfListObject::Chain(self.chain(&chain))));
+            out.push(add(NfListObject::Rule(self.rule(
+                &chain,
+                vec![Statement::DNAT(Some(NAT {
+                    addr: Some(lookup(addr)),
+                    family: Some(NATFamily::IP),
+                    port: Some(lookup(port)),
+                    flags: None,
+                }))],
+            ))));
+        }
+        let goto = |i: usize| JumpTarget {
+            target: Cow::Owned(format!("ep_{i}")),
+        };
+        for n in 1..=FAST_MAX {
+            let chain = format!("lb_{n}");
+            out.push(add(NfListObject::Chain(self.chain(&chain))));
+            let pick = if n == 1 {
+                Statement::Goto(goto(0))
+            } else {
+                Statement::VerdictMap(VerdictMap {
+                    key: Expression::Named(NamedExpression::Numgen(Numgen {
+                        mode: NgMode::Random,
+                        ng_mod: n as u32,
+                        offset: None,
+                    })),
+                    data: Expression::Named(NamedExpression::Set(
+                        (0..n)
+                            .map(|i| {
+                                SetItem::Mapping(
+                                    Expression::Number(i as u32),
+                                    Expression::Verdict(Verdict::Goto(goto(i))),
+                                )
+                            })
+                            .collect(),
+                    )),
+                })
+            };
+            out.push(add(NfListObject::Rule(self.rule(&chain, vec![pick]))));
+        }
+        for name in ["fast_pre", "fast_out"] {
+            // Declared as `mark` here; `encode` makes it the verdict map the crate cannot say.
+            out.push(add(NfListObject::Map(Box::new(self.map(
+                name,
+                concat_type(),
+                SetType::Mark,
+            )))));
+        }
+        out.push(add(NfListObject::Set(Box::new(
+            self.set("fast_vips", SetTypeValue::Single(SetType::Ipv4Addr)),
+        ))));
+        out
+    }
+
     fn base_chains(&self, range: (u16, u16)) -> Vec<NfObject<'static>> {
         let refused = || {
             vec![
-                eq(
-                    concat(vec![payload("ip", "daddr"), payload("tcp", "dport")]),
-                    s("@refused"),
-                ),
+                eq(vip_port_key(), s("@refused")),
                 Statement::Reject(Some(Reject {
                     _type: Some(RejectType::TCPReset),
                     expr: None,
@@ -882,11 +1077,21 @@ impl Build {
                     addr: None,
                     family: None,
                     port: Some(Expression::Named(NamedExpression::Map(Box::new(MapExpr {
-                        key: concat(vec![payload("ip", "daddr"), payload("tcp", "dport")]),
+                        key: vip_port_key(),
                         data: s("@vip_ports"),
                     })))),
                     flags: None,
                 })),
+            ]
+        };
+        // What the kernel forwards itself goes before the redirect (a DNAT ends the chain).
+        let fast = |map: &str| {
+            vec![
+                eq(meta(MetaKey::L4proto), s("tcp")),
+                Statement::VerdictMap(VerdictMap {
+                    key: vip_port_key(),
+                    data: s(&format!("@{map}")),
+                }),
             ]
         };
         // The hooks: filter before NAT (-150) so policy sees the VIP, NAT at -100.
@@ -895,6 +1100,7 @@ impl Build {
             ("filter_output", NfChainType::Filter, NfHook::Output, -150),
             ("nat_prerouting", NfChainType::NAT, NfHook::Prerouting, -100),
             ("nat_output", NfChainType::NAT, NfHook::Output, -100),
+            ("nat_postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
             ("input", NfChainType::Filter, NfHook::Input, 0),
         ]
         .into_iter()
@@ -918,8 +1124,34 @@ impl Build {
             out.push(add(NfListObject::Rule(self.rule("filter_prerouting", r))));
         }
         out.push(add(NfListObject::Rule(self.rule("filter_output", refused()))));
+        out.push(add(NfListObject::Rule(self.rule("nat_prerouting", fast("fast_pre")))));
         out.push(add(NfListObject::Rule(self.rule("nat_prerouting", redirect()))));
+        out.push(add(NfListObject::Rule(self.rule("nat_output", fast("fast_out")))));
         out.push(add(NfListObject::Rule(self.rule("nat_output", redirect()))));
+        // A forwarded connection the kernel sent to an endpoint leaves from this node's
+        // address, as the proxy's do: the endpoint's answer comes back here to be un-NATed
+        // (a neighbour on the same bridge, or the client itself, would otherwise get it
+        // straight from the endpoint's address). Not on loopback: that is the proxy's
+        // redirect, and the proxy names a host process by its socket's address.
+        out.push(add(NfListObject::Rule(self.rule(
+            "nat_postrouting",
+            vec![
+                Statement::Match(Match {
+                    left: meta(MetaKey::Oif),
+                    right: s("lo"),
+                    op: Operator::NEQ,
+                }),
+                eq(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "daddr".into(),
+                        family: Some(CTFamily::IP),
+                        dir: Some(CTDir::Original),
+                    })),
+                    s("@fast_vips"),
+                ),
+                Statement::Masquerade(None),
+            ],
+        ))));
         out.push(add(NfListObject::Rule(self.input_rule(range))));
         out
     }
@@ -946,6 +1178,53 @@ impl Build {
             .collect();
         if !refused.is_empty() {
             out.push(add(self.element("refused", refused)));
+        }
+        for (name, n, o) in [
+            ("fast_pre", &m.fast_pre, old.map(|o| &o.fast_pre)),
+            ("fast_out", &m.fast_out, old.map(|o| &o.fast_out)),
+        ] {
+            let elems: Vec<_> = n
+                .iter()
+                .filter(|(k, v)| o.is_none_or(|o| o.get(k) != Some(v)))
+                .map(|((vip, port), count)| {
+                    Expression::List(vec![
+                        vip_port(*vip, *port),
+                        Expression::Verdict(Verdict::Goto(JumpTarget {
+                            target: Cow::Owned(format!("lb_{count}")),
+                        })),
+                    ])
+                })
+                .collect();
+            if !elems.is_empty() {
+                out.push(add(self.element(name, elems)));
+            }
+        }
+        let mut eps: BTreeMap<usize, (Vec<Expression<'static>>, Vec<Expression<'static>>)> = BTreeMap::new();
+        for ((vip, port), list) in &m.backends {
+            let before = old.and_then(|o| o.backends.get(&(*vip, *port)));
+            for (i, (addr, target)) in list.iter().enumerate() {
+                if before.and_then(|b| b.get(i)) == Some(&(*addr, *target)) {
+                    continue;
+                }
+                let (a, p) = eps.entry(i).or_default();
+                a.push(Expression::List(vec![vip_port(*vip, *port), ip_elem(addr)]));
+                p.push(Expression::List(vec![
+                    vip_port(*vip, *port),
+                    Expression::Number(u32::from(*target)),
+                ]));
+            }
+        }
+        for (i, (a, p)) in eps {
+            out.push(add(self.element(&format!("ep_{i}_addr"), a)));
+            out.push(add(self.element(&format!("ep_{i}_port"), p)));
+        }
+        let vips = m.fast_vips();
+        let new_vips: Vec<_> = match old {
+            Some(o) => vips.difference(&o.fast_vips()).map(ip_elem).collect(),
+            None => vips.iter().map(ip_elem).collect(),
+        };
+        if !new_vips.is_empty() {
+            out.push(add(self.element("fast_vips", new_vips)));
         }
         for (direction, n, o) in [
             ("ingress", &m.ingress_to, old.map(|o| &o.ingress_to)),
@@ -980,8 +1259,9 @@ impl Build {
     }
 }
 
-/// The JSON libnftables takes for these commands. One thing the crate (0.6) cannot say is
-/// patched in here: the per-element counter of the drop sets (its `Set` has no `stmt`).
+/// The JSON libnftables takes for these commands. Two things the crate (0.6) cannot say are
+/// patched in here: the per-element counter of the drop sets (its `Set` has no `stmt`), and
+/// the verdict maps `fast_pre` / `fast_out` (its map types have no `verdict`).
 pub fn encode(cmds: Vec<NfObject<'static>>) -> Result<String, NftError> {
     let failed = |e: serde_json::Error| NftError::Refused(format!("cannot encode the program: {e}"));
     // Written object by object: only the few declarations patched below go through a
@@ -996,7 +1276,11 @@ pub fn encode(cmds: Vec<NfObject<'static>>) -> Result<String, NftError> {
             o,
             NfObject::CmdObject(NfCmd::Add(NfListObject::Set(s))) if matches!(&*s.name, "in_drops" | "eg_drops")
         );
-        if !drop_set {
+        let verdict_map = matches!(
+            o,
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Map(m))) if matches!(&*m.name, "fast_pre" | "fast_out")
+        );
+        if !drop_set && !verdict_map {
             serde_json::to_writer(&mut out, o).map_err(failed)?;
             continue;
         }
@@ -1005,6 +1289,9 @@ pub fn encode(cmds: Vec<NfObject<'static>>) -> Result<String, NftError> {
             if set.get("size").is_some() {
                 set["stmt"] = serde_json::json!([{ "counter": null }]);
             }
+        }
+        if let Some(map) = v.get_mut("add").and_then(|a| a.get_mut("map")) {
+            map["map"] = serde_json::json!("verdict");
         }
         serde_json::to_writer(&mut out, &v).map_err(failed)?;
     }
@@ -1057,6 +1344,125 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    /// One service `s` with a VIP, port 80 and these endpoints (address, target port, here),
+    /// no policy; its proxy port 20000.
+    fn one(eps: &[(&str, u16, bool)]) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
+        use crate::table::{Ep, Svc};
+        use rune_statemachine::spec::PortSpec;
+        let key = SvcKey::new("default", "s");
+        let mut t = Table::default();
+        t.services.insert(
+            key.clone(),
+            std::sync::Arc::new(Svc {
+                key: key.clone(),
+                vip: Some(ip("10.96.0.9")),
+                mode: Mode::RoundRobin,
+                ports: vec![PortSpec {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: Some(8080),
+                    protocol: None,
+                    host_port: None,
+                }],
+                policy: crate::policy::compile("default", None),
+                endpoints: eps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (a, p, here))| Ep {
+                        instance: format!("s-{i}"),
+                        ip: a.parse().unwrap(),
+                        targets: vec![(80, *p)],
+                        via: (!here).then(|| "192.0.2.7:7864".parse().unwrap()),
+                        here: *here,
+                    })
+                    .collect(),
+                local_ips: Vec::new(),
+                local_instances: eps.len(),
+            }),
+        );
+        (t, BTreeMap::from([((key, 80), 20_000)]))
+    }
+
+    #[test]
+    fn the_kernel_forwards_what_needs_no_proxy() {
+        let range = (20_000, 21_999);
+        let k = (ip("10.96.0.9"), 80);
+        // Containers here, no policy: forwarded from everywhere, endpoints sorted.
+        let (t, ports) = one(&[("172.17.0.3", 8080, true), ("172.17.0.2", 8080, true)]);
+        let m = Model::of(&t, &ports, range);
+        assert_eq!(m.fast_pre.get(&k), Some(&2));
+        assert_eq!(m.fast_out.get(&k), Some(&2));
+        assert_eq!(
+            m.backends[&k],
+            vec![(ip("172.17.0.2"), 8080), (ip("172.17.0.3"), 8080)]
+        );
+        assert_eq!(m.vip_ports.get(&k), Some(&20_000), "the redirect stays behind it");
+        assert!(m.fast_vips().contains(&k.0));
+        // Stale: everything back to the proxy.
+        let p = m.clone().proxied();
+        assert!(p.fast_pre.is_empty() && p.fast_out.is_empty() && p.backends.is_empty());
+        assert_eq!(p.vip_ports, m.vip_ports);
+
+        // A process on loopback: this host's traffic only.
+        let (t, ports) = one(&[("127.0.0.1", 9000, true)]);
+        let m = Model::of(&t, &ports, range);
+        assert!(m.fast_pre.is_empty());
+        assert_eq!(m.fast_out.get(&k), Some(&1));
+        assert!(m.fast_vips().is_empty(), "nothing forwarded to masquerade");
+
+        // An endpoint on another node, fewest-connections balancing, too many endpoints: the
+        // proxy.
+        let (t, ports) = one(&[("172.17.0.2", 8080, true), ("172.18.0.2", 8080, false)]);
+        assert_eq!(Model::of(&t, &ports, range).backends, BTreeMap::new());
+        let (mut t, ports) = one(&[("172.17.0.2", 8080, true)]);
+        for svc in t.services.values_mut() {
+            std::sync::Arc::make_mut(svc).mode = Mode::LeastConnections;
+        }
+        assert_eq!(Model::of(&t, &ports, range).backends, BTreeMap::new());
+        let many: Vec<String> = (0..=FAST_MAX).map(|i| format!("172.17.1.{i}")).collect();
+        let eps: Vec<(&str, u16, bool)> = many.iter().map(|a| (a.as_str(), 8080, true)).collect();
+        let (t, ports) = one(&eps);
+        assert_eq!(Model::of(&t, &ports, range).backends, BTreeMap::new());
+
+        // An ingress policy: containers' traffic met it in the kernel, this host's needs the
+        // proxy to name its source.
+        let (mut t, ports) = one(&[("172.17.0.2", 8080, true)]);
+        let np = rune_statemachine::spec::NetworkPolicy {
+            ingress: vec![rune_statemachine::spec::IngressRule {
+                from: vec![rune_statemachine::spec::Peer {
+                    cidr: Some("10.0.0.0/8".into()),
+                    ..Default::default()
+                }],
+                ports: vec![],
+            }],
+            egress: vec![],
+        };
+        for svc in t.services.values_mut() {
+            std::sync::Arc::make_mut(svc).policy = crate::policy::compile("default", Some(&np));
+        }
+        let m = Model::of(&t, &ports, range);
+        assert_eq!(m.fast_pre.get(&k), Some(&1));
+        assert!(m.fast_out.is_empty());
+
+        // A host process held to an egress policy: this host's traffic to every VIP goes
+        // through the proxy.
+        let (mut t, ports) = one(&[("172.17.0.2", 8080, true)]);
+        let np = rune_statemachine::spec::NetworkPolicy {
+            ingress: vec![],
+            egress: vec![rune_statemachine::spec::EgressRule {
+                to: vec![],
+                ports: vec![],
+            }],
+        };
+        for svc in t.services.values_mut() {
+            std::sync::Arc::make_mut(svc).policy = crate::policy::compile("default", Some(&np));
+        }
+        t.by_pgid.insert(4242, SvcKey::new("default", "s"));
+        let m = Model::of(&t, &ports, range);
+        assert_eq!(m.fast_pre.get(&k), Some(&1));
+        assert!(m.fast_out.is_empty());
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Ep {
     /// The gateway of the node it runs on, when that is another node: its address is
     /// reachable only there, so connections go through that node's data plane.
     pub via: Option<SocketAddr>,
+    /// Whether it runs on this node: only then can the kernel forward to its address.
+    pub here: bool,
 }
 
 impl Ep {
@@ -387,6 +389,7 @@ fn endpoints_of(set: &EndpointSet, node: &str, gateways: &BTreeMap<String, Socke
                 ip,
                 targets: e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
                 via,
+                here: !remote,
             })
         })
         .collect()

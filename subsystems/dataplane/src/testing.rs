@@ -54,6 +54,7 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
                         ip: ip(k),
                         targets: vec![(80, 8080)],
                         via: None,
+                        here: true,
                     })
                     .collect(),
                 local_ips: vec![ip(0), ip(1)],

@@ -172,6 +172,10 @@ fn deltas_leave_the_table_a_full_load_gives() {
             "every service gone",
             Model::of(&rune_dataplane::table::Table::default(), &BTreeMap::new(), RANGE),
         ),
+        (
+            "stale: every VIP back to the proxy",
+            Model::of(&more, &more_ports, RANGE).proxied(),
+        ),
         ("all back", base.clone()),
     ];
     // Opened after entering the namespace: its socket lives there.
@@ -343,4 +347,212 @@ fn egress_policy_on_real_packets() {
             .is_some_and(|n| *n >= 1),
         "{drops:?}"
     );
+}
+
+/// A TCP server in namespace `ns` on `addr` that answers each connection with
+/// `"<tag> <peer address>\n"` and closes it, until [`Server::stop`].
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    ns: String,
+}
+
+impl Server {
+    fn start(ns: &str, addr: &str, tag: &'static str) -> Server {
+        use std::io::Write;
+        let addr: std::net::SocketAddr = addr.parse().expect("address");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (n, flag) = (ns.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            enter(&n);
+            let l = std::net::TcpListener::bind(addr).expect("bind");
+            tx.send(()).expect("started");
+            for s in l.incoming() {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut s) = s else { continue };
+                let peer = s.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                let _ = writeln!(s, "{tag} {peer}");
+            }
+        });
+        rx.recv().expect("server bound");
+        Server {
+            addr,
+            stop,
+            thread: Some(thread),
+            ns: ns.to_string(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // One more connection wakes its accept.
+        let (ns, addr) = (self.ns.clone(), self.addr);
+        let _ = std::thread::spawn(move || {
+            enter(&ns);
+            let _ = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1));
+        })
+        .join();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a connection from namespace `ns` to `to` is answered with (`None`: no answer).
+fn answer(ns: &str, to: &str) -> Option<String> {
+    use std::io::Read;
+    let (ns, to) = (ns.to_string(), to.parse::<std::net::SocketAddr>().expect("address"));
+    std::thread::spawn(move || {
+        enter(&ns);
+        let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.trim().to_string())
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// The kernel's own forwarding with real packets. A "container" namespace reaches a VIP
+/// whose two endpoints run in another namespace on this node: the kernel spreads its
+/// connections over both and masquerades them (the endpoint sees this node's address); this
+/// host's own connections are forwarded too, to a loopback endpoint as well; what the kernel
+/// does not forward (a loopback endpoint for a container, everything once the view is
+/// stale) meets the proxy's port; and a delta to one endpoint leaves only that one.
+#[test]
+fn the_kernel_forwards_to_local_endpoints_with_real_packets() {
+    use rune_dataplane::table::{Ep, Mode, Svc, Table};
+    use rune_statemachine::spec::PortSpec;
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+
+    let host = Netns::enter();
+    let pid = std::process::id();
+    let (c, p) = (format!("rune-fwd-c-{pid}"), format!("rune-fwd-p-{pid}"));
+    let _c = Netns(c.clone());
+    let _p = Netns(p.clone());
+    ip(&["netns", "add", &c]);
+    ip(&["netns", "add", &p]);
+    for (ns, h, n, net) in [(&c, "hc0", "c0", "10.201.1"), (&p, "hp0", "p0", "10.201.2")] {
+        ip(&["link", "add", h, "type", "veth", "peer", "name", n, "netns", ns]);
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", h]);
+        ip(&["link", "set", h, "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{net}.2/24"), "dev", n]);
+        ip(&["-n", ns, "link", "set", n, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "route", "add", "default", "via", &format!("{net}.1")]);
+    }
+    ip(&["link", "set", "lo", "up"]);
+    // This host's traffic to a VIP needs a route, as on any host with a default route.
+    ip(&["route", "add", "default", "via", "10.201.2.2"]);
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the namespace");
+
+    let svc = |name: &str, vip: &str, eps: &[(&str, u16)]| {
+        let key = SvcKey::new("default", name);
+        let s = Svc {
+            key: key.clone(),
+            vip: Some(vip.parse().unwrap()),
+            mode: Mode::RoundRobin,
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port: 80,
+                target_port: None,
+                protocol: None,
+                host_port: None,
+            }],
+            policy: rune_dataplane::policy::compile("default", None),
+            endpoints: eps
+                .iter()
+                .enumerate()
+                .map(|(i, (a, port))| Ep {
+                    instance: format!("{name}-{i}"),
+                    ip: a.parse::<IpAddr>().unwrap(),
+                    targets: vec![(80, *port)],
+                    via: None,
+                    here: true,
+                })
+                .collect(),
+            local_ips: Vec::new(),
+            local_instances: eps.len(),
+        };
+        (key, std::sync::Arc::new(s))
+    };
+    let view = |web: &[(&str, u16)]| {
+        let mut t = Table::default();
+        for (k, s) in [
+            svc("web", "10.96.0.10", web),
+            svc("proc", "10.96.0.11", &[("127.0.0.1", 9090)]),
+        ] {
+            t.services.insert(k, s);
+        }
+        t
+    };
+    let ports = BTreeMap::from([
+        ((SvcKey::new("default", "web"), 80), 20_001),
+        ((SvcKey::new("default", "proc"), 80), 20_002),
+    ]);
+    let two = Model::of(&view(&[("10.201.2.2", 8080), ("10.201.2.2", 8081)]), &ports, RANGE);
+    assert_eq!(two.fast_pre.len(), 1, "{two:?}");
+    assert_eq!(two.fast_out.len(), 2, "{two:?}");
+
+    let _servers = [
+        Server::start(&p, "10.201.2.2:8080", "a"),
+        Server::start(&p, "10.201.2.2:8081", "b"),
+        Server::start(&host.0, "127.0.0.1:9090", "proc"),
+        Server::start(&host.0, "0.0.0.0:20001", "proxy-web"),
+        Server::start(&host.0, "0.0.0.0:20002", "proxy-proc"),
+    ];
+    let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(nft::apply(&n, nft::full(TABLE, &two))).expect("full load");
+
+    let tags = |ns: &str, to: &str, times: usize| -> BTreeSet<String> {
+        (0..times)
+            .map(|_| answer(ns, to).unwrap_or_else(|| format!("no answer from {to}")))
+            .collect()
+    };
+    // From the container: both endpoints, each seeing this node's address, not the client's.
+    assert_eq!(
+        tags(&c, "10.96.0.10:80", 40),
+        BTreeSet::from(["a 10.201.2.1".to_string(), "b 10.201.2.1".to_string()])
+    );
+    // From this host: both endpoints again, and the loopback one.
+    let from_host: BTreeSet<String> = tags(&host.0, "10.96.0.10:80", 40)
+        .into_iter()
+        .map(|t| t.split(' ').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(from_host, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    assert_eq!(answer(&host.0, "10.96.0.11:80").as_deref().map(|t| t.split(' ').next()), Some(Some("proc")));
+    // A container cannot be sent to this host's loopback: the proxy's port takes it.
+    assert!(
+        answer(&c, "10.96.0.11:80").is_some_and(|t| t.starts_with("proxy-proc ")),
+        "{:?}",
+        answer(&c, "10.96.0.11:80")
+    );
+
+    // One endpoint left: only it answers.
+    let one = Model::of(&view(&[("10.201.2.2", 8081)]), &ports, RANGE);
+    rt.block_on(nft::apply(&n, nft::delta(TABLE, &two, &one))).expect("delta");
+    assert_eq!(tags(&c, "10.96.0.10:80", 10), BTreeSet::from(["b 10.201.2.1".to_string()]));
+
+    // Stale: the proxy's ports take everything.
+    let stale = one.clone().proxied();
+    rt.block_on(nft::apply(&n, nft::delta(TABLE, &one, &stale))).expect("delta");
+    assert!(answer(&c, "10.96.0.10:80").is_some_and(|t| t.starts_with("proxy-web ")));
+    assert!(answer(&host.0, "10.96.0.10:80").is_some_and(|t| t.starts_with("proxy-web ")));
+    assert!(answer(&host.0, "10.96.0.11:80").is_some_and(|t| t.starts_with("proxy-proc ")));
+
+    // And back, to both.
+    rt.block_on(nft::apply(&n, nft::delta(TABLE, &stale, &two))).expect("delta");
+    assert_eq!(tags(&c, "10.96.0.10:80", 40).len(), 2);
 }

@@ -3,9 +3,14 @@
 //!
 //! `cargo bench -p runed --bench dataplane` (root, Debian's haproxy and nftables) runs everything
 //! inside a network namespace of its own, with runed in production mode, so "through the VIP" is
-//! the real path: `VIP:80` → nftables redirect → runed's proxy → the endpoint. The endpoint is a
-//! server in this process that a process service's port points at; haproxy (mode tcp, one
-//! server) fronts the same server. It prints:
+//! the real path: the endpoint runs on this node and the service has no policy, so nftables
+//! forwards `VIP:80` to it itself (DNAT). The proxy's own path (redirect → proxy → endpoint) is
+//! measured through its port. The endpoint is a server in this process that a process
+//! service's port points at; haproxy (mode tcp, one server) fronts the same server. This host
+//! reaches the VIP by its default route, a veth of MTU 1500 as a host's NIC would be: the
+//! client's MSS follows that route's MTU, while "direct" (127.0.0.1) uses loopback's. So the
+//! VIP's long streams are measured once more with that route's MTU raised to loopback's, to
+//! tell the data plane's cost from the route's. It prints:
 //! - short connections (connect, 64 B request, 64 B answer, close) from 8 clients for 5 s:
 //!   connections/s and p50/p99 of each connection;
 //! - long connections: 4 streams downloading for 5 s (MiB/s), and one connection's 64 B
@@ -233,7 +238,7 @@ fn main() {
     let (mut hap, hap_addr) = haproxy(d.scratch(), back);
 
     let label = if in_ns {
-        "runed (VIP → nftables → proxy)"
+        "runed (VIP → nftables DNAT)"
     } else {
         "runed (proxy port)"
     };
@@ -259,6 +264,15 @@ fn main() {
         let rt = round_trips(addr);
         rows.push((name, s, dl, rt));
     }
+    // The VIP's route with loopback's MTU: the same long stream, the route's MSS out of it.
+    let like_loopback = in_ns.then(|| {
+        for dev in ["v0", "v1"] {
+            let _ = Command::new("ip")
+                .args(["-n", &ns, "link", "set", dev, "mtu", "65535"])
+                .status();
+        }
+        download(through)
+    });
     let _ = hap.kill();
     let _ = hap.wait();
     println!("\n| path | short conns/s | short p50 µs | short p99 µs | long MiB/s | long RTT p50 µs | long RTT p99 µs |");
@@ -292,6 +306,37 @@ fn main() {
         Some(("direct", direct.2)),
         true,
     );
+    if let Some(proxy) = rows.get(3) {
+        // What the proxy alone carries (endpoints on other nodes, policies naming host
+        // processes), beside haproxy: both reached without NAT.
+        common::summary(
+            "data plane proxy short connections/s (no NAT)",
+            "conn/s",
+            proxy.1 .0,
+            Some(("haproxy", hp.1 .0)),
+            true,
+        );
+        common::summary(
+            "data plane proxy long stream (no NAT)",
+            "MiB/s",
+            proxy.2,
+            Some(("haproxy", hp.2)),
+            true,
+        );
+    }
+    if let Some(dl) = like_loopback {
+        println!(
+            "long stream through the VIP with its route's MTU as loopback's: {dl:.0} MiB/s, {:.2} of direct",
+            dl / direct.2
+        );
+        common::summary(
+            "data plane long stream, VIP route MTU as loopback's",
+            "MiB/s",
+            dl,
+            Some(("direct", direct.2)),
+            true,
+        );
+    }
 
     drop(d);
     if in_ns {

@@ -41,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use nftables::expr::{
-    BinaryOperation, CTDir, CTFamily, Expression, Fib, FibFlag, FibResult, Map as MapExpr, Meta, MetaKey,
+    BinaryOperation, CTDir, Expression, Fib, FibFlag, FibResult, Map as MapExpr, Meta, MetaKey,
     NamedExpression, NgMode, Numgen, Payload, PayloadField, Range, SetItem, Verdict, CT,
 };
 use nftables::schema::{
@@ -49,8 +49,8 @@ use nftables::schema::{
     Table as NfTable,
 };
 use nftables::stmt::{
-    JumpTarget, Match, NATFamily, Operator, Reject, RejectType, Set as SetStmt, SetOp, Statement,
-    VerdictMap, NAT,
+    JumpTarget, Match, NATFamily, Operator, Reject, RejectType, Set as SetStmt, SetOp, Statement, VerdictMap,
+    NAT,
 };
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -287,18 +287,19 @@ impl Model {
         };
         // Only the proxy can tell this host's processes apart (by their sockets), so this
         // host's own traffic goes through it while any of them is held to an egress policy.
-        let host_egress = t.by_pgid.values().any(|k| {
-            t.services
-                .get(k)
-                .is_some_and(|s| s.policy.egress.is_some())
-        });
+        let host_egress = t
+            .by_pgid
+            .values()
+            .any(|k| t.services.get(k).is_some_and(|s| s.policy.egress.is_some()));
         for svc in t.services.values() {
             let Some(vip) = svc.vip else { continue };
             for (_, port) in svc.tcp_ports() {
                 match proxy_ports.get(&(svc.key.clone(), port)) {
                     Some(pp) if svc.mode != Mode::None && !svc.endpoints.is_empty() => {
                         m.vip_ports.insert((vip, port), *pp);
-                        let Some(eps) = kernel_backends(svc, port) else { continue };
+                        let Some(eps) = kernel_backends(svc, port) else {
+                            continue;
+                        };
                         // Containers' and other hosts' traffic met its policy in the
                         // kernel before NAT; a loopback address is no place to send it.
                         let pre = eps.iter().all(|(ip, _)| !ip.is_loopback());
@@ -661,7 +662,11 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
         cmds.push(del(b.element(&format!("ep_{i}_addr"), keys.clone())));
         cmds.push(del(b.element(&format!("ep_{i}_port"), keys)));
     }
-    let gone_vips: Vec<_> = old.fast_vips().difference(&new.fast_vips()).map(ip_elem).collect();
+    let gone_vips: Vec<_> = old
+        .fast_vips()
+        .difference(&new.fast_vips())
+        .map(ip_elem)
+        .collect();
     if !gone_vips.is_empty() {
         cmds.push(del(b.element("fast_vips", gone_vips)));
     }
@@ -1124,7 +1129,9 @@ impl Build {
             out.push(add(NfListObject::Rule(self.rule("filter_prerouting", r))));
         }
         out.push(add(NfListObject::Rule(self.rule("filter_output", refused()))));
-        out.push(add(NfListObject::Rule(self.rule("nat_prerouting", fast("fast_pre")))));
+        out.push(add(NfListObject::Rule(
+            self.rule("nat_prerouting", fast("fast_pre")),
+        )));
         out.push(add(NfListObject::Rule(self.rule("nat_prerouting", redirect()))));
         out.push(add(NfListObject::Rule(self.rule("nat_output", fast("fast_out")))));
         out.push(add(NfListObject::Rule(self.rule("nat_output", redirect()))));
@@ -1142,9 +1149,11 @@ impl Build {
                     op: Operator::NEQ,
                 }),
                 eq(
+                    // `ct original ip daddr`: libnftables 1.0.6 reads the family from
+                    // the key, not from `family`.
                     Expression::Named(NamedExpression::CT(CT {
-                        key: "daddr".into(),
-                        family: Some(CTFamily::IP),
+                        key: "ip daddr".into(),
+                        family: None,
                         dir: Some(CTDir::Original),
                     })),
                     s("@fast_vips"),

@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{bins, code, run_ok, write};
+use common::{bins, code, failpoint, run_ok, write};
 use rune_chaos_tests::{free_port, http_get, stdout, wait_until, Daemon};
 use serde_json::Value;
 
@@ -348,4 +348,82 @@ fn missing_nft_is_said_and_the_proxy_still_enforces() {
         .output()
         .expect("dig");
     assert!(stdout(&o).contains("status: SERVFAIL"), "{}", stdout(&o));
+}
+
+/// The connections the proxy counted for `service` with `result`.
+fn proxied(d: &Daemon, service: &str, result: &str) -> f64 {
+    let want = format!(
+        "rune_dataplane_connections_total{{namespace=\"default\",result=\"{result}\",service=\"{service}\"}}"
+    );
+    http_get(d.metrics, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(&want))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A service without a policy whose endpoint runs on this node: this host's own connections
+/// to its VIP are forwarded by the kernel (the proxy never sees them), a client namespace's
+/// go through the proxy (a loopback endpoint is no place for them), and once the view is past
+/// its stale budget the kernel hands the VIP back to the proxy, which refuses new
+/// connections until the view catches up.
+#[test]
+fn the_kernel_forwards_to_local_endpoints_and_fails_closed_when_stale() {
+    let lab = Lab::new();
+    let mut d = Daemon::new(&bins());
+    d.nftables = true;
+    d.extra = vec!["--enable-failpoints".into(), "--stale-budget".into(), "1s".into()];
+    d.restart();
+    let www = d.scratch().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello-plain\n").unwrap();
+    let port = free_port();
+    let spec = format!(
+        "services:\n  - name: plain\n    process:\n      command: busybox\n      args: [\"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"{}\"]\n    scale: 1\n    ports:\n      - name: http\n        port: 80\n        targetPort: {port}\n    health:\n      readiness: {{type: tcp, port: {port}, intervalSeconds: 1}}\n",
+        www.display()
+    );
+    let f = write(&d, "plain.yaml", &spec);
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "services", "plain", "-o", "json"])).unwrap();
+    let vip = v["vip"].as_str().unwrap().to_string();
+    let url = format!("http://{vip}/");
+    let fast_out = || stdout(&sh(&["nft", "list", "map", "inet", "rune", "fast_out"]));
+    wait_until(LONG, "the kernel to forward the VIP", || {
+        fast_out().contains(&format!("{vip} . 80 : goto lb_1"))
+    });
+    // This host's connections: answered, and none of them met the proxy.
+    let here = || stdout(&sh(&["curl", "-sS", "-m", "5", &url])).contains("hello-plain");
+    wait_until(LONG, "this host to reach plain through its VIP", here);
+    for _ in 0..5 {
+        assert!(here(), "this host through the kernel");
+    }
+    assert_eq!(proxied(&d, "plain", "forwarded"), 0.0, "the proxy carried none");
+    // A client namespace's: through the proxy, which counts it.
+    wait_until(LONG, "a to reach plain through the proxy", || {
+        stdout(&lab.exec(1, &["curl", "-sS", "-m", "5", &url])).contains("hello-plain")
+    });
+    assert!(proxied(&d, "plain", "forwarded") >= 1.0);
+
+    // Stale: the tail paused, the log moves on; the VIP goes back to the proxy, which resets.
+    failpoint(&d, "dataplane-tail-pause", true);
+    let f = write(
+        &d,
+        "late.yaml",
+        "service:\n  name: late\n  process:\n    command: sleep\n    args: [\"1000\"]\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "the VIP to be handed back to the proxy", || {
+        !fast_out().contains(&vip)
+    });
+    wait_until(LONG, "new connections to be refused while stale", || !here());
+    assert!(
+        proxied(&d, "plain", "stale") >= 1.0,
+        "the proxy refused it as stale"
+    );
+    failpoint(&d, "dataplane-tail-pause", false);
+    wait_until(LONG, "the kernel to forward again once caught up", || {
+        fast_out().contains(&vip) && here()
+    });
 }

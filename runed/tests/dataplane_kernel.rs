@@ -55,7 +55,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let tag = format!("rk{}", std::process::id() % 100_000);
+        // Tests of this file run at once: each lab its own names (a lab deletes its own).
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("rk{}{n}", std::process::id() % 100_000);
         let names = [format!("{tag}s"), format!("{tag}a"), format!("{tag}b")];
         let home = File::open("/proc/thread-self/ns/net").expect("own netns");
         let lab = Lab { names, home };

@@ -3,7 +3,10 @@
 //! `cargo bench -p runed --bench ingress` (Debian's nginx-light and wrk) serves one host with
 //! the same certificate through runed's ingress (manual TLS secret) and through nginx (proxy_pass
 //! with upstream keep-alive), and prints wrk's requests/s and p50/p99 for keep-alive
-//! connections and for a new connection per request, with the ratios.
+//! connections and for a new connection per request, with the ratios. nginx runs twice: with
+//! TLS 1.2 and 1.3 (what runed offers, and nginx's own default since 1.23.4), the peer of the
+//! headline figures; and with Debian's 1.22 defaults, which stop at TLS 1.2, so that wrk
+//! resumes without a key exchange there (cheaper, and without forward secrecy).
 
 mod common;
 
@@ -88,6 +91,48 @@ fn ms(v: &str) -> f64 {
     }
 }
 
+/// nginx in front of `back` with the same certificate, `protocols` in its server block.
+fn nginx(
+    dir: &std::path::Path,
+    back: SocketAddr,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    protocols: &str,
+) -> (std::process::Child, String) {
+    let np = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/nginx.err;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {p}/cb; proxy_temp_path {p}/pt; fastcgi_temp_path {p}/ft; uwsgi_temp_path {p}/ut; scgi_temp_path {p}/st;\n\
+             upstream b {{ server {back}; keepalive 64; }}\n\
+             server {{\n    listen 127.0.0.1:{np} ssl http2;\n    ssl_certificate {c};\n    ssl_certificate_key {k};\n    {protocols}\n\
+             location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host;\n\
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; }}\n  }}\n}}\n",
+            p = dir.display(),
+            c = cert.display(),
+            k = key.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx (Debian's nginx-light)");
+    let url = format!("https://127.0.0.1:{np}/");
+    wait_until(Duration::from_secs(10), "nginx to serve", || {
+        Command::new("curl")
+            .args(["-skf", "-H", "Host: bench.test", &url])
+            .output()
+            .is_ok_and(|o| o.stdout == b"ok")
+    });
+    (child, url)
+}
+
 fn main() {
     let bins = Bins::locate();
     let back = backend();
@@ -121,50 +166,30 @@ fn main() {
             .is_ok_and(|o| o.stdout == b"ok")
     });
 
-    let np = free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/nginx.err;\nevents {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {p}/cb; proxy_temp_path {p}/pt; fastcgi_temp_path {p}/ft; uwsgi_temp_path {p}/ut; scgi_temp_path {p}/st;\n\
-             upstream b {{ server {back}; keepalive 64; }}\n\
-             server {{\n    listen 127.0.0.1:{np} ssl http2;\n    ssl_certificate {c};\n    ssl_certificate_key {k};\n\
-             location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host;\n\
-             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; }}\n  }}\n}}\n",
-            p = dir.display(),
-            c = cert.display(),
-            k = key.display()
-        ),
-    )
-    .unwrap();
-    let mut nginx = Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx (Debian's nginx-light)");
-    let nginx_url = format!("https://127.0.0.1:{np}/");
-    wait_until(Duration::from_secs(10), "nginx to serve", || {
-        Command::new("curl")
-            .args(["-skf", "-H", "Host: bench.test", &nginx_url])
-            .output()
-            .is_ok_and(|o| o.stdout == b"ok")
-    });
-
-    let mut rows = Vec::new();
-    for (name, url) in [("runed ingress", &runed_url), ("nginx 1.22", &nginx_url)] {
-        rows.push((name, wrk(url, false), wrk(url, true)));
-    }
-    // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
-    if let Ok(pid) = i32::try_from(nginx.id()) {
-        // SAFETY: kill(2) has no memory effects; the pid is our child's.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
+    let mut rows = vec![(
+        "runed ingress (TLS 1.2 and 1.3)",
+        wrk(&runed_url, false),
+        wrk(&runed_url, true),
+    )];
+    // nginx 1.22 (Debian's) enables TLS 1.3 only when told; 1.23.4 and later do by default.
+    // Its defaults make a resumed connection a TLS 1.2 one, which skips the key exchange that
+    // TLS 1.3 resumption keeps for forward secrecy (X25519 on both ends), so the like-for-like
+    // peer offers what runed offers; the defaults are measured beside it.
+    for (name, protocols) in [
+        ("nginx 1.22 (TLS 1.2 and 1.3)", "ssl_protocols TLSv1.2 TLSv1.3;"),
+        ("nginx 1.22 defaults (TLS 1.2 at most)", ""),
+    ] {
+        let (mut nginx, url) = nginx(&dir, back, &cert, &key, protocols);
+        rows.push((name, wrk(&url, false), wrk(&url, true)));
+        // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
+        if let Ok(pid) = i32::try_from(nginx.id()) {
+            // SAFETY: kill(2) has no memory effects; the pid is our child's.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
         }
+        let _ = nginx.wait();
     }
-    let _ = nginx.wait();
     println!("\n| proxy (HTTPS) | keep-alive req/s | p50 ms | p99 ms | new conn req/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|---|---|");
     for (name, k, n) in &rows {
@@ -174,9 +199,11 @@ fn main() {
         );
     }
     println!(
-        "\nratios runed/nginx: keep-alive {:.2}, new connection {:.2}",
+        "\nratios runed/nginx (TLS 1.2 and 1.3): keep-alive {:.2}, new connection {:.2}; against nginx's defaults (TLS 1.2): {:.2}, {:.2}",
         rows[0].1 .0 / rows[1].1 .0,
-        rows[0].2 .0 / rows[1].2 .0
+        rows[0].2 .0 / rows[1].2 .0,
+        rows[0].1 .0 / rows[2].1 .0,
+        rows[0].2 .0 / rows[2].2 .0
     );
     common::summary(
         "ingress HTTPS keep-alive",
@@ -190,6 +217,13 @@ fn main() {
         "req/s",
         rows[0].2 .0,
         Some(("nginx", rows[1].2 .0)),
+        true,
+    );
+    common::summary(
+        "ingress HTTPS new connections, nginx 1.22 defaults (TLS 1.2 only)",
+        "req/s",
+        rows[0].2 .0,
+        Some(("nginx", rows[2].2 .0)),
         true,
     );
 }

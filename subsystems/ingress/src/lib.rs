@@ -207,6 +207,10 @@ impl Ingress {
         // Returning clients resume with a ticket (keys rotated by rustls every 6 h) instead of
         // a full handshake; the in-memory session cache serves clients that send session IDs.
         tls.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| IngressError::Tls(e.to_string()))?;
+        // One ticket per handshake, as Go's server sends and OpenSSL's sends on resumption: a
+        // returning client gets a fresh one each time, and the second (rustls sends two) was
+        // a ticket sealed, written and stored by the client for nothing.
+        tls.send_tls13_tickets = 1;
         // The server's order decides (see `provider`), as Go's crypto/tls does.
         tls.ignore_client_order = true;
         let exposed = match &cfg.remote {

@@ -279,9 +279,9 @@ fn stale_routes_fail_closed_and_recover() {
     });
 }
 
-/// One TLS 1.3 handshake by openssl's client: `New` or `Reused`. The session it ends with is
-/// kept in `file` (read back first when `resume`).
-fn tls_session(port: u16, host: &str, file: &std::path::Path, resume: bool) -> String {
+/// One TLS 1.3 handshake by openssl's client: `New` or `Reused`, and how many session tickets
+/// it was sent. The session it ends with is kept in `file` (read back first when `resume`).
+fn tls_session(port: u16, host: &str, file: &std::path::Path, resume: bool) -> (String, usize) {
     let _ = std::fs::remove_file(file.with_extension("new"));
     let mut c = Command::new("openssl");
     c.args([
@@ -292,6 +292,7 @@ fn tls_session(port: u16, host: &str, file: &std::path::Path, resume: bool) -> S
         "-servername",
         host,
     ])
+    .arg("-msg")
     .arg("-sess_out")
     .arg(file.with_extension("new"));
     if resume {
@@ -311,10 +312,16 @@ fn tls_session(port: u16, host: &str, file: &std::path::Path, resume: bool) -> S
     let out = child.wait_with_output().unwrap();
     std::fs::rename(file.with_extension("new"), file).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
+    let kind = text
+        .lines()
         .find_map(|l| l.split(',').next().filter(|w| *w == "New" || *w == "Reused"))
         .unwrap_or("no handshake")
-        .to_string()
+        .to_string();
+    let tickets = text
+        .lines()
+        .filter(|l| l.starts_with("<<<") && l.ends_with("NewSessionTicket"))
+        .count();
+    (kind, tickets)
 }
 
 fn exposed(name: &str, port: u16, expose: &str) -> String {
@@ -373,14 +380,15 @@ fn redirects_to_https_and_one_host_routes_to_one_service() {
         &format!("http://web.test:{}/", http.port()),
     ]);
     assert_eq!(out, "hello-web\n", "{err}");
-    // A returning client resumes its TLS 1.3 session from a ticket: no full handshake.
+    // A returning client resumes its TLS 1.3 session from a ticket: no full handshake. One
+    // ticket per handshake, as Go's server sends.
     assert_eq!(
         tls_session(https.port(), "web.test", &d.scratch().join("sess.pem"), false),
-        "New"
+        ("New".to_string(), 1)
     );
     assert_eq!(
         tls_session(https.port(), "web.test", &d.scratch().join("sess.pem"), true),
-        "Reused"
+        ("Reused".to_string(), 1)
     );
     let table = run_ok(&d, &["get", "ingresses"]);
     let row: Vec<&str> = table

@@ -240,8 +240,8 @@ pub struct Model {
     pub egress: Allowed,
     /// The proxy's port range, shielded by `input`.
     pub range: (u16, u16),
-    /// `VIP . port` the kernel forwards itself for traffic from containers and other hosts
-    /// (DNAT to an endpoint; the bytes cross the TCP stack once instead of twice) → how many
+    /// `VIP . port` the kernel forwards itself for traffic from this node's containers (DNAT
+    /// to an endpoint; the bytes cross the TCP stack once instead of twice) → how many
     /// endpoints it spreads over (chain `lb_N`).
     pub fast_pre: BTreeMap<(Ipv4Addr, u16), usize>,
     /// The same for this host's own traffic.
@@ -249,6 +249,11 @@ pub struct Model {
     /// The endpoints of each kernel-forwarded `VIP . port`: the `i`-th is element `VIP . port`
     /// of the maps `ep_i_addr` and `ep_i_port`.
     pub backends: BTreeMap<(Ipv4Addr, u16), Vec<(Ipv4Addr, u16)>>,
+    /// This node's containers (set `fast_sources`), whenever `fast_pre` holds anything: only
+    /// their connections are forwarded by `fast_pre`. Traffic from other hosts keeps going
+    /// through the proxy: a container engine's own forward rules (Docker's drop what enters
+    /// its bridge from elsewhere) may refuse it on its way to a container.
+    pub fast_sources: BTreeSet<Ipv4Addr>,
 }
 
 /// The most endpoints the kernel spreads a `VIP . port` over; beyond, the proxy carries it.
@@ -300,8 +305,8 @@ impl Model {
                         let Some(eps) = kernel_backends(svc, port) else {
                             continue;
                         };
-                        // Containers' and other hosts' traffic met its policy in the
-                        // kernel before NAT; a loopback address is no place to send it.
+                        // Containers' traffic met its policy in the kernel before NAT;
+                        // a loopback address is no place to send it.
                         let pre = eps.iter().all(|(ip, _)| !ip.is_loopback());
                         // This host's traffic: only where no policy needs its source named.
                         let out = svc.policy.ingress.is_none() && !host_egress;
@@ -320,6 +325,13 @@ impl Model {
                     }
                 }
             }
+        }
+        if !m.fast_pre.is_empty() {
+            m.fast_sources = t
+                .services
+                .values()
+                .flat_map(|s| s.local_ips.iter().filter_map(v4))
+                .collect();
         }
         for svc in t.services.values() {
             if let Some(rules) = &svc.policy.egress {
@@ -375,6 +387,7 @@ impl Model {
         self.fast_pre.clear();
         self.fast_out.clear();
         self.backends.clear();
+        self.fast_sources.clear();
         self
     }
 
@@ -662,13 +675,25 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
         cmds.push(del(b.element(&format!("ep_{i}_addr"), keys.clone())));
         cmds.push(del(b.element(&format!("ep_{i}_port"), keys)));
     }
-    let gone_vips: Vec<_> = old
-        .fast_vips()
-        .difference(&new.fast_vips())
-        .map(ip_elem)
-        .collect();
-    if !gone_vips.is_empty() {
-        cmds.push(del(b.element("fast_vips", gone_vips)));
+    for (set, gone) in [
+        (
+            "fast_vips",
+            old.fast_vips()
+                .difference(&new.fast_vips())
+                .map(ip_elem)
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "fast_sources",
+            old.fast_sources
+                .difference(&new.fast_sources)
+                .map(ip_elem)
+                .collect(),
+        ),
+    ] {
+        if !gone.is_empty() {
+            cmds.push(del(b.element(set, gone)));
+        }
     }
     for (direction, o, n) in [
         ("ingress", &old.ingress_to, &new.ingress_to),
@@ -1051,9 +1076,11 @@ impl Build {
                 SetType::Mark,
             )))));
         }
-        out.push(add(NfListObject::Set(Box::new(
-            self.set("fast_vips", SetTypeValue::Single(SetType::Ipv4Addr)),
-        ))));
+        for set in ["fast_vips", "fast_sources"] {
+            out.push(add(NfListObject::Set(Box::new(
+                self.set(set, SetTypeValue::Single(SetType::Ipv4Addr)),
+            ))));
+        }
         out
     }
 
@@ -1089,15 +1116,18 @@ impl Build {
                 })),
             ]
         };
-        // What the kernel forwards itself goes before the redirect (a DNAT ends the chain).
+        // What the kernel forwards itself goes before the redirect (a DNAT ends the chain);
+        // from outside this host, only this node's containers' connections.
         let fast = |map: &str| {
-            vec![
-                eq(meta(MetaKey::L4proto), s("tcp")),
-                Statement::VerdictMap(VerdictMap {
-                    key: vip_port_key(),
-                    data: s(&format!("@{map}")),
-                }),
-            ]
+            let mut r = vec![eq(meta(MetaKey::L4proto), s("tcp"))];
+            if map == "fast_pre" {
+                r.push(eq(payload("ip", "saddr"), s("@fast_sources")));
+            }
+            r.push(Statement::VerdictMap(VerdictMap {
+                key: vip_port_key(),
+                data: s(&format!("@{map}")),
+            }));
+            r
         };
         // The hooks: filter before NAT (-150) so policy sees the VIP, NAT at -100.
         let mut out: Vec<NfObject<'static>> = [
@@ -1227,13 +1257,27 @@ impl Build {
             out.push(add(self.element(&format!("ep_{i}_addr"), a)));
             out.push(add(self.element(&format!("ep_{i}_port"), p)));
         }
-        let vips = m.fast_vips();
-        let new_vips: Vec<_> = match old {
-            Some(o) => vips.difference(&o.fast_vips()).map(ip_elem).collect(),
-            None => vips.iter().map(ip_elem).collect(),
+        let empty = BTreeSet::new();
+        let (old_vips, old_sources) = match old {
+            Some(o) => (o.fast_vips(), &o.fast_sources),
+            None => (BTreeSet::new(), &empty),
         };
-        if !new_vips.is_empty() {
-            out.push(add(self.element("fast_vips", new_vips)));
+        for (set, new) in [
+            (
+                "fast_vips",
+                m.fast_vips()
+                    .difference(&old_vips)
+                    .map(ip_elem)
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "fast_sources",
+                m.fast_sources.difference(old_sources).map(ip_elem).collect(),
+            ),
+        ] {
+            if !new.is_empty() {
+                out.push(add(self.element(set, new)));
+            }
         }
         for (direction, n, o) in [
             ("ingress", &m.ingress_to, old.map(|o| &o.ingress_to)),
@@ -1399,8 +1443,13 @@ mod tests {
         let range = (20_000, 21_999);
         let k = (ip("10.96.0.9"), 80);
         // Containers here, no policy: forwarded from everywhere, endpoints sorted.
-        let (t, ports) = one(&[("172.17.0.3", 8080, true), ("172.17.0.2", 8080, true)]);
+        let (mut t, ports) = one(&[("172.17.0.3", 8080, true), ("172.17.0.2", 8080, true)]);
+        for svc in t.services.values_mut() {
+            std::sync::Arc::make_mut(svc).local_ips = vec!["172.17.0.2".parse().unwrap()];
+        }
         let m = Model::of(&t, &ports, range);
+        // Only this node's containers are forwarded from outside this host.
+        assert_eq!(m.fast_sources, BTreeSet::from([ip("172.17.0.2")]));
         assert_eq!(m.fast_pre.get(&k), Some(&2));
         assert_eq!(m.fast_out.get(&k), Some(&2));
         assert_eq!(
@@ -1412,6 +1461,7 @@ mod tests {
         // Stale: everything back to the proxy.
         let p = m.clone().proxied();
         assert!(p.fast_pre.is_empty() && p.fast_out.is_empty() && p.backends.is_empty());
+        assert!(p.fast_sources.is_empty());
         assert_eq!(p.vip_ports, m.vip_ports);
 
         // A process on loopback: this host's traffic only.

@@ -496,6 +496,10 @@ fn the_kernel_forwards_to_local_endpoints_with_real_packets() {
         ] {
             t.services.insert(k, s);
         }
+        // The "container": a service's instance on this node, by its address.
+        let (k, mut client) = svc("client", "10.96.0.12", &[]);
+        std::sync::Arc::make_mut(&mut client).local_ips = vec![IpAddr::from([10, 201, 1, 2])];
+        t.services.insert(k, client);
         t
     };
     let ports = BTreeMap::from([
@@ -546,6 +550,13 @@ fn the_kernel_forwards_to_local_endpoints_with_real_packets() {
             .as_deref()
             .map(|t| t.split(' ').next()),
         Some(Some("proc"))
+    );
+    // Another host (here the endpoints' own namespace, not a container of this node): the
+    // proxy's port, as before.
+    assert!(
+        answer(&p, "10.96.0.10:80").is_some_and(|t| t.starts_with("proxy-web ")),
+        "{:?}",
+        answer(&p, "10.96.0.10:80")
     );
     // A container cannot be sent to this host's loopback: the proxy's port takes it.
     assert!(

@@ -42,6 +42,35 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// A namespace `rune-<tag>-<pid>` to be made by the caller, deleted when dropped (so
+    /// also if making it, or anything after, fails).
+    fn named(tag: &str) -> Netns {
+        Netns(format!("rune-{tag}-{}", std::process::id()))
+    }
+}
+
+/// Makes namespaces `c` and `p` and joins each to the calling thread's namespace (the node)
+/// by a veth pair: `<net>.1.0/24` for `c`, `<net>.2.0/24` for `p`, the node `.1` on both and
+/// their default route.
+fn link_pair(c: &str, p: &str, net: &str) {
+    ip(&["netns", "add", c]);
+    ip(&["netns", "add", p]);
+    for (ns, h, n, sub) in [
+        (c, "hc0", "c0", format!("{net}.1")),
+        (p, "hp0", "p0", format!("{net}.2")),
+    ] {
+        ip(&["link", "add", h, "type", "veth", "peer", "name", n, "netns", ns]);
+        ip(&["addr", "add", &format!("{sub}.1/24"), "dev", h]);
+        ip(&["link", "set", h, "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{sub}.2/24"), "dev", n]);
+        ip(&["-n", ns, "link", "set", n, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "route", "add", "default", "via", &format!("{sub}.1")]);
+    }
+    ip(&["link", "set", "lo", "up"]);
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
@@ -260,22 +289,9 @@ fn egress_policy_on_real_packets() {
 
     let host = Netns::enter();
     // Made before anything can fail, so both are deleted with their veths.
-    let pid = std::process::id();
-    let (c, p) = (format!("rune-nft-c-{pid}"), format!("rune-nft-p-{pid}"));
-    let _c = Netns(c.clone());
-    let _p = Netns(p.clone());
-    ip(&["netns", "add", &c]);
-    ip(&["netns", "add", &p]);
-    for (ns, h, n, net) in [(&c, "hc0", "c0", "10.200.1"), (&p, "hp0", "p0", "10.200.2")] {
-        ip(&["link", "add", h, "type", "veth", "peer", "name", n, "netns", ns]);
-        ip(&["addr", "add", &format!("{net}.1/24"), "dev", h]);
-        ip(&["link", "set", h, "up"]);
-        ip(&["-n", ns, "addr", "add", &format!("{net}.2/24"), "dev", n]);
-        ip(&["-n", ns, "link", "set", n, "up"]);
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-        ip(&["-n", ns, "route", "add", "default", "via", &format!("{net}.1")]);
-    }
-    ip(&["link", "set", "lo", "up"]);
+    let (_c, _p) = (Netns::named("nft-c"), Netns::named("nft-p"));
+    let (c, p) = (_c.0.clone(), _p.0.clone());
+    link_pair(&c, &p, "10.200");
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the namespace");
 
     let key = SvcKey::new("default", "client");
@@ -438,22 +454,9 @@ fn the_kernel_forwards_to_local_endpoints_with_real_packets() {
     use std::net::IpAddr;
 
     let host = Netns::enter();
-    let pid = std::process::id();
-    let (c, p) = (format!("rune-fwd-c-{pid}"), format!("rune-fwd-p-{pid}"));
-    let _c = Netns(c.clone());
-    let _p = Netns(p.clone());
-    ip(&["netns", "add", &c]);
-    ip(&["netns", "add", &p]);
-    for (ns, h, n, net) in [(&c, "hc0", "c0", "10.201.1"), (&p, "hp0", "p0", "10.201.2")] {
-        ip(&["link", "add", h, "type", "veth", "peer", "name", n, "netns", ns]);
-        ip(&["addr", "add", &format!("{net}.1/24"), "dev", h]);
-        ip(&["link", "set", h, "up"]);
-        ip(&["-n", ns, "addr", "add", &format!("{net}.2/24"), "dev", n]);
-        ip(&["-n", ns, "link", "set", n, "up"]);
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-        ip(&["-n", ns, "route", "add", "default", "via", &format!("{net}.1")]);
-    }
-    ip(&["link", "set", "lo", "up"]);
+    let (_c, _p) = (Netns::named("fwd-c"), Netns::named("fwd-p"));
+    let (c, p) = (_c.0.clone(), _p.0.clone());
+    link_pair(&c, &p, "10.201");
     // This host's traffic to a VIP needs a route, as on any host with a default route.
     ip(&["route", "add", "default", "via", "10.201.2.2"]);
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the namespace");

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{bins, code, failpoint, image, run_ok, write};
+use common::{bins, code, failpoint, fall_behind, image, run_ok, write};
 use rune_chaos_tests::{free_port, http_get, stderr, stdout, wait_until, Daemon};
 use serde_json::Value;
 
@@ -337,13 +337,7 @@ fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
         http_get(web, "/").is_some_and(|(c, _)| c == 200)
     });
 
-    failpoint(&d, "dataplane-tail-pause", true);
-    let f = write(
-        &d,
-        "late.yaml",
-        "service:\n  name: late\n  process:\n    command: sleep\n    args: [\"1000\"]\n",
-    );
-    run_ok(&d, &["cast", "--detach", &f]);
+    fall_behind(&d, "dataplane");
     wait_until(LONG, "new connections to be refused while stale", || {
         http_get(web, "/").is_none()
     });

@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{bins, code, failpoint, run_ok, write};
+use common::{bins, code, failpoint, fall_behind, run_ok, write};
 use rune_chaos_tests::{free_port, http_get, stdout, wait_until, Daemon};
 use serde_json::Value;
 
@@ -410,13 +410,7 @@ fn the_kernel_forwards_to_local_endpoints_and_fails_closed_when_stale() {
     assert!(proxied(&d, "plain", "forwarded") >= 1.0);
 
     // Stale: the tail paused, the log moves on; the VIP goes back to the proxy, which resets.
-    failpoint(&d, "dataplane-tail-pause", true);
-    let f = write(
-        &d,
-        "late.yaml",
-        "service:\n  name: late\n  process:\n    command: sleep\n    args: [\"1000\"]\n",
-    );
-    run_ok(&d, &["cast", "--detach", &f]);
+    fall_behind(&d, "dataplane");
     wait_until(LONG, "the VIP to be handed back to the proxy", || {
         !fast_out().contains(&vip)
     });

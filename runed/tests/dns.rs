@@ -105,9 +105,7 @@ fn answers_rune_names_forwards_the_rest_and_fails_closed() {
     assert!(dig(d.dns, "api.default.rune", "A", false).1[0].ends_with(&api));
 
     // A projection that lags past its budget fails closed, and recovers when it catches up.
-    failpoint(&d, "dns-tail-pause", true);
-    let f = write(&d, "late.yaml", "service:\n  name: late\n  image: busybox\n");
-    run_ok(&d, &["cast", "--detach", &f]);
+    fall_behind(&d, "dns");
     wait_until(LONG, "DNS to fail closed while stale", || {
         dig(d.dns, "web.default.rune", "A", false).0 == "SERVFAIL"
     });

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bins, code, failpoint, run_ok, write};
+use common::{bins, code, failpoint, fall_behind, run_ok, write};
 use rune_chaos_tests::{stderr, stdout, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -243,13 +243,7 @@ fn stale_routes_fail_closed_and_recover() {
     wait_until(LONG, "the ingress to route web.test", || {
         get() == "hello-web\n 200"
     });
-    failpoint(&d, "ingress-tail-pause", true);
-    let other = write(
-        &d,
-        "other.yaml",
-        "service:\n  name: other\n  image: x\n  scale: 0\n",
-    );
-    run_ok(&d, &["cast", "--detach", &other]);
+    fall_behind(&d, "ingress");
     wait_until(LONG, "requests to be refused while the routes are stale", || {
         get() == "the ingress's routes are behind the state; try again shortly\n 503"
     });

@@ -169,3 +169,17 @@ pub fn failpoint(d: &Daemon, name: &str, on: bool) {
         .unwrap();
     assert!(o.status.success(), "failpoint {name}: {}", stderr(&o));
 }
+
+/// Makes projection `name` (`dns`, `dataplane`, `ingress`) fall behind the log: its tail is
+/// paused (`<name>-tail-pause`) and a service `late` is cast without waiting, so an entry it
+/// has not applied exists. Past the stale budget it fails closed; turning the failpoint off
+/// lets it catch up (and learn `late`).
+pub fn fall_behind(d: &Daemon, name: &str) {
+    failpoint(d, &format!("{name}-tail-pause"), true);
+    let f = write(
+        d,
+        "late.yaml",
+        "service:\n  name: late\n  process:\n    command: sleep\n    args: [\"1000\"]\n",
+    );
+    run_ok(d, &["cast", "--detach", &f]);
+}

@@ -424,3 +424,71 @@ fn the_kernel_forwards_to_local_endpoints_and_fails_closed_when_stale() {
         fast_out().contains(&vip) && here()
     });
 }
+
+/// Deletes a table from this host's namespace when dropped: runed keeps its table when it
+/// stops, so the kernel goes on enforcing across a restart.
+struct HostTable(String);
+
+impl Drop for HostTable {
+    fn drop(&mut self) {
+        let _ = sh(&["nft", "delete", "table", "inet", &self.0]);
+    }
+}
+
+/// Real containers on the Docker Engine's own bridge, what the namespace tests above cannot
+/// show (the engine's bridge and its FORWARD rules between client and endpoint): runed runs in
+/// this host's namespace, with a table named for this test (deleted after, with the
+/// containers). A container's connections to a VIP whose endpoints are containers of this
+/// node are forwarded by the kernel to both of them and the proxy carries none; a container
+/// the policy does not allow is dropped by the kernel and counted.
+#[test]
+fn the_kernel_forwards_between_docker_containers() {
+    common::image();
+    let table = format!("rune_d{}", std::process::id());
+    // Declared before the daemon, so dropped after it: runed is gone when the table goes.
+    let _table = HostTable(table.clone());
+    let mut d = Daemon::new(&bins());
+    d.nftables = true;
+    d.extra = vec![
+        "--nft-table".into(),
+        table.clone(),
+        "--cluster-cidr".into(),
+        "10.251.0.0/16".into(),
+    ];
+    d.restart();
+    let spec = "services:\n  - name: web\n    image: busybox:latest\n    command: [\"sh\", \"-c\", \"echo hello-$HOSTNAME > /tmp/index.html; exec httpd -f -p 8080 -h /tmp\"]\n    scale: 2\n    ports:\n      - name: http\n        port: 80\n        targetPort: 8080\n    health:\n      readiness: {type: tcp, port: 8080, intervalSeconds: 1}\n    networkPolicy:\n      ingress:\n        - from: [{service: app}]\n          ports: [http]\n  - name: app\n    image: busybox:latest\n    command: [\"sleep\", \"100000\"]\n    scale: 1\n  - name: other\n    image: busybox:latest\n    command: [\"sleep\", \"100000\"]\n    scale: 1\n";
+    let f = write(&d, "docker.yaml", spec);
+    run_ok(&d, &["cast", &f, "--timeout", "90s"]);
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "services", "web", "-o", "json"])).unwrap();
+    let vip = v["vip"].as_str().unwrap().to_string();
+    wait_until(LONG, "the kernel to forward web's VIP from containers", || {
+        stdout(&sh(&["nft", "list", "map", "inet", &table, "fast_pre"]))
+            .contains(&format!("{vip} . 80 : goto lb_2"))
+    });
+    let get = |from: &str| {
+        let cmd = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {vip} 80");
+        let o = d.rune(&["exec", from, "--", "sh", "-c", &cmd]);
+        format!("{}{}", stdout(&o), rune_chaos_tests::stderr(&o))
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + LONG;
+    while seen.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "app reached {seen:?} of web's two containers through the VIP; last answer: {last:?}"
+        );
+        last = get("app");
+        seen.extend(
+            ["hello-web-0", "hello-web-1"]
+                .into_iter()
+                .filter(|w| last.contains(w)),
+        );
+    }
+    assert_eq!(proxied(&d, "web", "forwarded"), 0.0, "the proxy carried none");
+
+    let before = kernel_drops(&d);
+    assert!(!get("other").contains("hello-web"), "other is not allowed");
+    wait_until(LONG, "the kernel to count the drop", || kernel_drops(&d) > before);
+    assert_eq!(proxied(&d, "web", "denied"), 0.0, "dropped before the proxy");
+}

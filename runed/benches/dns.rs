@@ -184,8 +184,17 @@ fn main() {
         common::dns_answers(&probe, d.dns, &names[NAMES - 1])
     });
 
-    let (rq, rl) = dnsperf(d.dns, &file, None);
-    let (uq, ul) = dnsperf(ub, &file, None);
+    // The servers' own CPU per answered query: steadier than queries/s, which on two cores
+    // also counts how much CPU each server leaves to dnsperf.
+    let cpu_per_query = |pid: u32, run: &dyn Fn() -> (f64, f64)| {
+        let before = common::cpu_ticks(pid);
+        let (q, l) = run();
+        let us = (common::cpu_ticks(pid) - before) as f64 * 10_000.0 / (q * 10.0).max(1.0);
+        (q, l, us)
+    };
+    let runed_pid = d.pid().expect("runed's pid");
+    let (rq, rl, rcpu) = cpu_per_query(runed_pid, &|| dnsperf(d.dns, &file, None));
+    let (uq, ul, ucpu) = cpu_per_query(unbound.id(), &|| dnsperf(ub, &file, None));
     // At full speed the client, the server and the kernel share two cores, so the average
     // latency there is mostly how long answers wait for the client to read them (Little's law:
     // queries outstanding ÷ rate). The latency of the servers themselves is compared at one
@@ -201,22 +210,23 @@ fn main() {
     println!("embedded DNS vs unbound (local-data), {NAMES} names, same machine, one run");
     println!();
     println!(
-        "| server | dnsperf q/s | avg latency µs at full speed | avg latency µs at {fixed:.0} q/s | sequential p50 µs | p99 µs |"
+        "| server | dnsperf q/s | server CPU µs/query | avg latency µs at full speed | avg latency µs at {fixed:.0} q/s | sequential p50 µs | p99 µs |"
     );
-    println!("|--|--:|--:|--:|--:|--:|");
+    println!("|--|--:|--:|--:|--:|--:|--:|");
     println!(
-        "| runed | {rq:.0} | {rl:.0} | {rfl:.0} | {:.0} | {:.0} |",
+        "| runed | {rq:.0} | {rcpu:.1} | {rl:.0} | {rfl:.0} | {:.0} | {:.0} |",
         pct(&mut rs, 0.5),
         pct(&mut rs, 0.99)
     );
     println!(
-        "| unbound | {uq:.0} | {ul:.0} | {ufl:.0} | {:.0} | {:.0} |",
+        "| unbound | {uq:.0} | {ucpu:.1} | {ul:.0} | {ufl:.0} | {:.0} | {:.0} |",
         pct(&mut us, 0.5),
         pct(&mut us, 0.99)
     );
     println!(
-        "| ratio runed/unbound | {:.2} | {:.2} | {:.2} | | |",
+        "| ratio runed/unbound | {:.2} | {:.2} | {:.2} | {:.2} | | |",
         rq / uq.max(1.0),
+        rcpu / ucpu.max(0.001),
         rl / ul.max(1.0),
         rfl / ufl.max(1.0)
     );
@@ -227,6 +237,7 @@ fn main() {
         pct(&mut to_answer, 0.99) / 1e3
     );
     common::summary("DNS queries/s (dnsperf)", "q/s", rq, Some(("unbound", uq)), true);
+    common::summary("DNS server CPU per query", "µs", rcpu, Some(("unbound", ucpu)), false);
     common::summary(
         "DNS average latency at full speed",
         "µs",

@@ -237,7 +237,13 @@ fn main() {
         pct(&mut to_answer, 0.99) / 1e3
     );
     common::summary("DNS queries/s (dnsperf)", "q/s", rq, Some(("unbound", uq)), true);
-    common::summary("DNS server CPU per query", "µs", rcpu, Some(("unbound", ucpu)), false);
+    common::summary(
+        "DNS server CPU per query",
+        "µs",
+        rcpu,
+        Some(("unbound", ucpu)),
+        false,
+    );
     common::summary(
         "DNS average latency at full speed",
         "µs",

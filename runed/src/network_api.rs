@@ -150,6 +150,9 @@ impl pb::network_api_server::NetworkApi for Api {
             stale_seconds: self.dataplane.projection().map_or(0.0, |p| p.stale_seconds()),
             proxy_listeners: u32::try_from(listeners).unwrap_or(u32::MAX),
             last_program_ms: k.last_program.as_secs_f64() * 1000.0,
+            kernel_forwarded_from_containers: u32::try_from(k.kernel_forwarded.from_containers)
+                .unwrap_or(u32::MAX),
+            kernel_forwarded_from_host: u32::try_from(k.kernel_forwarded.from_host).unwrap_or(u32::MAX),
         }))
     }
 

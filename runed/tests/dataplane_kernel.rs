@@ -353,6 +353,13 @@ fn missing_nft_is_said_and_the_proxy_still_enforces() {
     assert!(stdout(&o).contains("status: SERVFAIL"), "{}", stdout(&o));
 }
 
+/// `rune policy status`'s count of VIP ports the kernel forwards itself, from `from`
+/// (`fromContainers` or `fromHost`).
+fn kernel_forwarded(d: &Daemon, from: &str) -> u64 {
+    let v: Value = serde_json::from_str(&run_ok(d, &["policy", "status", "-o", "json"])).unwrap();
+    v["kernelForwarded"][from].as_u64().unwrap_or(u64::MAX)
+}
+
 /// The connections the proxy counted for `service` with `result`.
 fn proxied(d: &Daemon, service: &str, result: &str) -> f64 {
     let want = format!(
@@ -403,6 +410,8 @@ fn the_kernel_forwards_to_local_endpoints_and_fails_closed_when_stale() {
         assert!(here(), "this host through the kernel");
     }
     assert_eq!(proxied(&d, "plain", "forwarded"), 0.0, "the proxy carried none");
+    assert_eq!(kernel_forwarded(&d, "fromHost"), 1, "policy status says so");
+    assert_eq!(kernel_forwarded(&d, "fromContainers"), 0, "a loopback endpoint");
     // A client namespace's: through the proxy, which counts it.
     wait_until(LONG, "a to reach plain through the proxy", || {
         stdout(&lab.exec(1, &["curl", "-sS", "-m", "5", &url])).contains("hello-plain")
@@ -413,6 +422,10 @@ fn the_kernel_forwards_to_local_endpoints_and_fails_closed_when_stale() {
     fall_behind(&d, "dataplane");
     wait_until(LONG, "the VIP to be handed back to the proxy", || {
         !fast_out().contains(&vip)
+    });
+    // Recorded just after the load the listing above saw.
+    wait_until(LONG, "policy status to count none while stale", || {
+        kernel_forwarded(&d, "fromHost") == 0
     });
     wait_until(LONG, "new connections to be refused while stale", || !here());
     assert!(
@@ -486,6 +499,9 @@ fn the_kernel_forwards_between_docker_containers() {
         );
     }
     assert_eq!(proxied(&d, "web", "forwarded"), 0.0, "the proxy carried none");
+    // An ingress policy keeps this host's connections on the proxy, which names host processes.
+    assert_eq!(kernel_forwarded(&d, "fromContainers"), 1);
+    assert_eq!(kernel_forwarded(&d, "fromHost"), 0);
 
     let before = kernel_drops(&d);
     assert!(!get("other").contains("hello-web"), "other is not allowed");

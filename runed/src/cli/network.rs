@@ -184,6 +184,10 @@ pub async fn status(conn: &Conn, format: Format) -> Result<(), CliError> {
         "kernelEnforcing": r.kernel_enforcing, "kernel": r.kernel,
         "appliedIndex": r.applied_index, "staleSeconds": r.stale_seconds,
         "proxyListeners": r.proxy_listeners, "lastProgramMs": r.last_program_ms,
+        "kernelForwarded": {
+            "fromContainers": r.kernel_forwarded_from_containers,
+            "fromHost": r.kernel_forwarded_from_host,
+        },
     });
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
@@ -192,6 +196,10 @@ pub async fn status(conn: &Conn, format: Format) -> Result<(), CliError> {
             println!("kernel enforcement: {}", r.kernel);
             if r.kernel_enforcing {
                 println!("last nftables program: {:.1} ms", r.last_program_ms);
+                println!(
+                    "VIP ports the kernel forwards itself: {} from containers, {} from this host",
+                    r.kernel_forwarded_from_containers, r.kernel_forwarded_from_host
+                );
             }
             println!("proxy listeners: {}", r.proxy_listeners);
             println!(

@@ -93,6 +93,20 @@ pub struct KernelStatus {
     pub detail: String,
     /// How long the last program took to load.
     pub last_program: Duration,
+    /// `VIP . port`s the loaded table forwards itself (DNAT to an endpoint here) for this
+    /// node's containers and for this host: connections the proxy, and its counters, never
+    /// see. None while the view is stale (every VIP is then the proxy's).
+    pub kernel_forwarded: KernelForwarded,
+}
+
+/// How many `VIP . port`s the kernel forwards without the proxy, by where the connection
+/// comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelForwarded {
+    /// From this node's containers.
+    pub from_containers: usize,
+    /// From this host's own processes.
+    pub from_host: usize,
 }
 
 /// One service's connection and byte counters: atomics, so the proxy's hot path takes no lock.
@@ -321,6 +335,7 @@ impl DataPlane {
                     enforcing: false,
                     detail: kernel_detail,
                     last_program: Duration::ZERO,
+                    kernel_forwarded: KernelForwarded::default(),
                 },
                 model: None,
                 carried: BTreeMap::new(),
@@ -376,6 +391,7 @@ impl DataPlane {
                 enforcing: false,
                 detail: "unknown".into(),
                 last_program: Duration::ZERO,
+                kernel_forwarded: KernelForwarded::default(),
             })
     }
 
@@ -885,6 +901,10 @@ impl DataPlane {
                     enforcing: true,
                     detail: format!("on: nftables table inet {table}"),
                     last_program: took,
+                    kernel_forwarded: KernelForwarded {
+                        from_containers: model.fast_pre.len(),
+                        from_host: model.fast_out.len(),
+                    },
                 };
                 k.counters = model.counters();
                 k.model = Some(Arc::new(model));
@@ -913,6 +933,8 @@ fn kernel_off(k: &mut Kernel, e: &dyn std::fmt::Display, took: Duration) {
         enforcing: false,
         detail,
         last_program: took,
+        // What the last loaded table forwarded, which a failed change may have left in place.
+        kernel_forwarded: k.status.kernel_forwarded,
     };
     // What the kernel holds is not known for sure: not enforcing, the next change loads it
     // whole. The last model stays, to attribute the drops counted under it.

@@ -50,6 +50,29 @@ fn dnsperf(server: SocketAddr, file: &std::path::Path, rate: Option<f64>) -> (f6
     (field("Queries per second"), field("Average Latency (s)") * 1e6)
 }
 
+/// How many times each server is measured at each load (`BENCH_ROUNDS`, default 3).
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Each field's median over the rounds.
+fn medians(v: &[(f64, f64, f64)]) -> (f64, f64, f64) {
+    (
+        median(v.iter().map(|r| r.0).collect()),
+        median(v.iter().map(|r| r.1).collect()),
+        median(v.iter().map(|r| r.2).collect()),
+    )
+}
+
 /// One client, one query at a time: per-query latencies.
 fn sequential(server: SocketAddr, names: &[String], n: usize) -> Vec<Duration> {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -193,21 +216,64 @@ fn main() {
         (q, l, us)
     };
     let runed_pid = d.pid().expect("runed's pid");
-    let (rq, rl, rcpu) = cpu_per_query(runed_pid, &|| dnsperf(d.dns, &file, None));
-    let (uq, ul, ucpu) = cpu_per_query(unbound.id(), &|| dnsperf(ub, &file, None));
+    let unbound_pid = unbound.id();
+    // This machine drifts by tens of percent within minutes: the two servers take turns,
+    // [`rounds`] times, the first of each pair alternating, and the medians are compared.
+    let n = rounds();
+    let (mut runed_full, mut unbound_full) = (Vec::new(), Vec::new());
+    for round in 0..n {
+        let r = || cpu_per_query(runed_pid, &|| dnsperf(d.dns, &file, None));
+        let u = || cpu_per_query(unbound_pid, &|| dnsperf(ub, &file, None));
+        // A tuple is evaluated left to right: runed first in even rounds, unbound in odd.
+        let (a, b) = if round % 2 == 0 {
+            (r(), u())
+        } else {
+            let b = u();
+            (r(), b)
+        };
+        runed_full.push(a);
+        unbound_full.push(b);
+    }
+    let q_ratios: Vec<f64> = runed_full
+        .iter()
+        .zip(&unbound_full)
+        .map(|(r, u)| r.0 / u.0.max(1.0))
+        .collect();
+    let (rq, rl, rcpu) = medians(&runed_full);
+    let (uq, ul, ucpu) = medians(&unbound_full);
     // At full speed the client, the server and the kernel share two cores, so the average
     // latency there is mostly how long answers wait for the client to read them (Little's law:
     // queries outstanding ÷ rate). The latency of the servers themselves is compared at one
     // load both carry: half of what unbound carried.
     let fixed = (uq / 2.0).max(1000.0);
-    let (_, rfl) = dnsperf(d.dns, &file, Some(fixed));
-    let (_, ufl) = dnsperf(ub, &file, Some(fixed));
+    let (mut runed_fixed, mut unbound_fixed) = (Vec::new(), Vec::new());
+    for round in 0..n {
+        let r = || dnsperf(d.dns, &file, Some(fixed)).1;
+        let u = || dnsperf(ub, &file, Some(fixed)).1;
+        // A tuple is evaluated left to right: runed first in even rounds, unbound in odd.
+        let (a, b) = if round % 2 == 0 {
+            (r(), u())
+        } else {
+            let b = u();
+            (r(), b)
+        };
+        runed_fixed.push(a);
+        unbound_fixed.push(b);
+    }
+    let l_ratios: Vec<f64> = runed_fixed
+        .iter()
+        .zip(&unbound_fixed)
+        .map(|(r, u)| r / u.max(1.0))
+        .collect();
+    let (rfl, ufl) = (median(runed_fixed), median(unbound_fixed));
     let mut rs = sequential(d.dns, &names, 20_000);
     let mut us = sequential(ub, &names, 20_000);
     let _ = unbound.kill();
     let _ = unbound.wait();
 
-    println!("embedded DNS vs unbound (local-data), {NAMES} names, same machine, one run");
+    println!(
+        "embedded DNS vs unbound (local-data), {NAMES} names, same machine, medians of {n} alternating rounds"
+    );
     println!();
     println!(
         "| server | dnsperf q/s | server CPU µs/query | avg latency µs at full speed | avg latency µs at {fixed:.0} q/s | sequential p50 µs | p99 µs |"
@@ -229,6 +295,13 @@ fn main() {
         rcpu / ucpu.max(0.001),
         rl / ul.max(1.0),
         rfl / ufl.max(1.0)
+    );
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+    println!();
+    println!(
+        "runed/unbound by round: q/s {}; latency at {fixed:.0} q/s {}",
+        list(&q_ratios),
+        list(&l_ratios)
     );
     println!();
     println!(

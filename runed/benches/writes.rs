@@ -4,7 +4,9 @@
 //! `cargo bench -p runed --bench writes` prints a table. `BENCH_SECONDS` (default 5) sets the
 //! length of each run; `ETCD` the etcd binary (default `etcd` on PATH; skipped if absent);
 //! `BENCH_CLIENTS` (e.g. `16`) and `BENCH_PREFILL` (`0` or `5000`) run only those rows, for
-//! profiling one of them.
+//! profiling one of them. Each row is `BENCH_ROUNDS` (default 3) pairs of runs on fresh servers,
+//! runed first in even rounds and etcd first in odd ones (this machine drifts by tens of
+//! percent within minutes): the table shows each figure's median and every round's ratio.
 
 mod common;
 
@@ -219,6 +221,22 @@ async fn fill_etcd(addr: String, n: usize) {
     }
 }
 
+/// Each figure's median over the rounds (so the row may mix rounds).
+fn median_run(runs: &[Run]) -> Run {
+    let med = |f: &dyn Fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Run {
+        writes_per_s: med(&|r| r.writes_per_s),
+        p50_ms: med(&|r| r.p50_ms),
+        p99_ms: med(&|r| r.p99_ms),
+        writes: runs.iter().map(|r| r.writes).sum(),
+        cpu_us: med(&|r| r.cpu_us),
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run only when benching.
     if !std::env::args().any(|a| a == "--bench") {
@@ -241,8 +259,13 @@ fn main() {
     );
     println!("each run on a fresh runed and a fresh etcd holding that many services (keys) already");
     println!();
-    println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3);
+    println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd | by round |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
     let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
     let mut last = None;
     let only = |var: &str, v: usize| std::env::var(var).map_or(true, |s| s == v.to_string());
@@ -251,32 +274,56 @@ fn main() {
             if !only("BENCH_CLIENTS", clients) || !only("BENCH_PREFILL", prefill) {
                 continue;
             }
-            // Every write creates a service, and each takes a VIP: 5,000 plus five seconds at
-            // 64 clients outgrow the default /16, so the runs get a /8.
-            let mut d = Daemon::new(&bins);
-            d.extra = vec!["--cluster-cidr".into(), "10.0.0.0/8".into()];
-            d.restart();
-            let etcd = start_etcd();
-            if etcd.is_none() && round == 0 && prefill == 0 {
-                eprintln!(
-                    "etcd not found: `apt-get install etcd-server` (or set ETCD) for the side-by-side column"
-                );
+            let (mut runs, mut etcd_runs) = (Vec::new(), Vec::new());
+            for r in 0..rounds {
+                // Every write creates a service, and each takes a VIP: 5,000 plus five seconds
+                // at 64 clients outgrow the default /16, so the runs get a /8.
+                let mut d = Daemon::new(&bins);
+                d.extra = vec!["--cluster-cidr".into(), "10.0.0.0/8".into()];
+                d.restart();
+                let etcd = start_etcd();
+                if etcd.is_none() && round == 0 && prefill == 0 && r == 0 {
+                    eprintln!(
+                        "etcd not found: `apt-get install etcd-server` (or set ETCD) for the side-by-side column"
+                    );
+                }
+                rt.block_on(fill_runed(format!("http://{}", d.grpc), d.bearer(), prefill));
+                if let Some(e) = &etcd {
+                    rt.block_on(fill_etcd(e.url.clone(), prefill));
+                }
+                let runed_run = || {
+                    rt.block_on(bench_runed(
+                        format!("http://{}", d.grpc),
+                        d.bearer(),
+                        d.pid(),
+                        clients,
+                        seconds,
+                        round,
+                    ))
+                };
+                let etcd_run = || {
+                    etcd.as_ref()
+                        .map(|e| rt.block_on(bench_etcd(e.url.clone(), e.pid(), clients, seconds, round)))
+                };
+                // A tuple is evaluated left to right: runed first in even rounds.
+                let (a, b) = if r % 2 == 0 {
+                    (runed_run(), etcd_run())
+                } else {
+                    let b = etcd_run();
+                    (runed_run(), b)
+                };
+                runs.push(a);
+                etcd_runs.extend(b);
+                drop(etcd);
+                last = Some(d);
             }
-            rt.block_on(fill_runed(format!("http://{}", d.grpc), d.bearer(), prefill));
-            if let Some(e) = &etcd {
-                rt.block_on(fill_etcd(e.url.clone(), prefill));
-            }
-            let r = rt.block_on(bench_runed(
-                format!("http://{}", d.grpc),
-                d.bearer(),
-                d.pid(),
-                clients,
-                seconds,
-                round,
-            ));
-            let e = etcd
-                .as_ref()
-                .map(|e| rt.block_on(bench_etcd(e.url.clone(), e.pid(), clients, seconds, round)));
+            let by_round: Vec<String> = runs
+                .iter()
+                .zip(&etcd_runs)
+                .map(|(r, e)| format!("{:.2}", r.writes_per_s / e.writes_per_s))
+                .collect();
+            let r = median_run(&runs);
+            let e = (!etcd_runs.is_empty()).then(|| median_run(&etcd_runs));
             let (ew, ep50, ep99, ecpu, ratio) = match &e {
                 Some(e) => (
                     format!("{:.0}", e.writes_per_s),
@@ -294,8 +341,12 @@ fn main() {
                 ),
             };
             println!(
-                "| {prefill} | {clients} | {:.0} | {:.2} | {:.2} | {:.0} | {ew} | {ep50} | {ep99} | {ecpu} | {ratio} |",
-                r.writes_per_s, r.p50_ms, r.p99_ms, r.cpu_us
+                "| {prefill} | {clients} | {:.0} | {:.2} | {:.2} | {:.0} | {ew} | {ep50} | {ep99} | {ecpu} | {ratio} | {} |",
+                r.writes_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.cpu_us,
+                by_round.join(", ")
             );
             common::summary(
                 &format!("durable writes, {clients} client(s), {prefill} services there"),
@@ -305,7 +356,6 @@ fn main() {
                 true,
             );
             runed_rates.push((prefill, clients, r.writes_per_s));
-            last = Some(d);
         }
     }
     println!();

@@ -50,26 +50,12 @@ fn dnsperf(server: SocketAddr, file: &std::path::Path, rate: Option<f64>) -> (f6
     (field("Queries per second"), field("Average Latency (s)") * 1e6)
 }
 
-/// How many times each server is measured at each load (`BENCH_ROUNDS`, default 3).
-fn rounds() -> usize {
-    std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// Each field's median over the rounds.
 fn medians(v: &[(f64, f64, f64)]) -> (f64, f64, f64) {
     (
-        median(v.iter().map(|r| r.0).collect()),
-        median(v.iter().map(|r| r.1).collect()),
-        median(v.iter().map(|r| r.2).collect()),
+        common::median(v.iter().map(|r| r.0).collect()),
+        common::median(v.iter().map(|r| r.1).collect()),
+        common::median(v.iter().map(|r| r.2).collect()),
     )
 }
 
@@ -218,19 +204,13 @@ fn main() {
     let runed_pid = d.pid().expect("runed's pid");
     let unbound_pid = unbound.id();
     // This machine drifts by tens of percent within minutes: the two servers take turns,
-    // [`rounds`] times, the first of each pair alternating, and the medians are compared.
-    let n = rounds();
+    // `BENCH_ROUNDS` times, the first of each pair alternating, and the medians are compared.
+    let n = common::rounds();
     let (mut runed_full, mut unbound_full) = (Vec::new(), Vec::new());
     for round in 0..n {
         let r = || cpu_per_query(runed_pid, &|| dnsperf(d.dns, &file, None));
         let u = || cpu_per_query(unbound_pid, &|| dnsperf(ub, &file, None));
-        // A tuple is evaluated left to right: runed first in even rounds, unbound in odd.
-        let (a, b) = if round % 2 == 0 {
-            (r(), u())
-        } else {
-            let b = u();
-            (r(), b)
-        };
+        let (a, b) = common::in_turn(round, r, u);
         runed_full.push(a);
         unbound_full.push(b);
     }
@@ -250,13 +230,7 @@ fn main() {
     for round in 0..n {
         let r = || dnsperf(d.dns, &file, Some(fixed)).1;
         let u = || dnsperf(ub, &file, Some(fixed)).1;
-        // A tuple is evaluated left to right: runed first in even rounds, unbound in odd.
-        let (a, b) = if round % 2 == 0 {
-            (r(), u())
-        } else {
-            let b = u();
-            (r(), b)
-        };
+        let (a, b) = common::in_turn(round, r, u);
         runed_fixed.push(a);
         unbound_fixed.push(b);
     }
@@ -265,7 +239,7 @@ fn main() {
         .zip(&unbound_fixed)
         .map(|(r, u)| r / u.max(1.0))
         .collect();
-    let (rfl, ufl) = (median(runed_fixed), median(unbound_fixed));
+    let (rfl, ufl) = (common::median(runed_fixed), common::median(unbound_fixed));
     let mut rs = sequential(d.dns, &names, 20_000);
     let mut us = sequential(ub, &names, 20_000);
     let _ = unbound.kill();

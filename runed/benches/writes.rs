@@ -223,11 +223,7 @@ async fn fill_etcd(addr: String, n: usize) {
 
 /// Each figure's median over the rounds (so the row may mix rounds).
 fn median_run(runs: &[Run]) -> Run {
-    let med = |f: &dyn Fn(&Run) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
+    let med = |f: &dyn Fn(&Run) -> f64| common::median(runs.iter().map(f).collect());
     Run {
         writes_per_s: med(&|r| r.writes_per_s),
         p50_ms: med(&|r| r.p50_ms),
@@ -259,11 +255,7 @@ fn main() {
     );
     println!("each run on a fresh runed and a fresh etcd holding that many services (keys) already");
     println!();
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3);
+    let rounds = common::rounds();
     println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd | by round |");
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
     let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
@@ -305,13 +297,7 @@ fn main() {
                     etcd.as_ref()
                         .map(|e| rt.block_on(bench_etcd(e.url.clone(), e.pid(), clients, seconds, round)))
                 };
-                // A tuple is evaluated left to right: runed first in even rounds.
-                let (a, b) = if r % 2 == 0 {
-                    (runed_run(), etcd_run())
-                } else {
-                    let b = etcd_run();
-                    (runed_run(), b)
-                };
+                let (a, b) = common::in_turn(r, runed_run, etcd_run);
                 runs.push(a);
                 etcd_runs.extend(b);
                 drop(etcd);

@@ -184,3 +184,31 @@ pub fn enter_netns(name: &str) -> bool {
     // SAFETY: setns(2) on a namespace descriptor we own; it moves only this thread.
     unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) == 0 }
 }
+
+/// How many rounds a bench measures each pair of servers (`BENCH_ROUNDS`, default 3): this
+/// machine drifts by tens of percent within minutes, so one run of each is a coin toss.
+pub fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3)
+}
+
+/// Runs `ours` and `peer` once each, `ours` first in even rounds and `peer` first in odd ones,
+/// and hands back (ours, peer): alternating cancels a drift between the two.
+pub fn in_turn<A, B>(round: usize, ours: impl FnOnce() -> A, peer: impl FnOnce() -> B) -> (A, B) {
+    if round.is_multiple_of(2) {
+        let a = ours();
+        (a, peer())
+    } else {
+        let b = peer();
+        (ours(), b)
+    }
+}
+
+/// The middle value (the upper one of an even count); 0 for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}

@@ -206,14 +206,10 @@ fn main() {
     // This machine drifts by tens of percent within minutes: the two servers take turns,
     // `BENCH_ROUNDS` times, the first of each pair alternating, and the medians are compared.
     let n = common::rounds();
-    let (mut runed_full, mut unbound_full) = (Vec::new(), Vec::new());
-    for round in 0..n {
-        let r = || cpu_per_query(runed_pid, &|| dnsperf(d.dns, &file, None));
-        let u = || cpu_per_query(unbound_pid, &|| dnsperf(ub, &file, None));
-        let (a, b) = common::in_turn(round, r, u);
-        runed_full.push(a);
-        unbound_full.push(b);
-    }
+    let r = || cpu_per_query(runed_pid, &|| dnsperf(d.dns, &file, None));
+    let u = || cpu_per_query(unbound_pid, &|| dnsperf(ub, &file, None));
+    let (runed_full, unbound_full): (Vec<_>, Vec<_>) =
+        (0..n).map(|round| common::in_turn(round, r, u)).unzip();
     let q_ratios: Vec<f64> = runed_full
         .iter()
         .zip(&unbound_full)
@@ -226,14 +222,10 @@ fn main() {
     // queries outstanding ÷ rate). The latency of the servers themselves is compared at one
     // load both carry: half of what unbound carried.
     let fixed = (uq / 2.0).max(1000.0);
-    let (mut runed_fixed, mut unbound_fixed) = (Vec::new(), Vec::new());
-    for round in 0..n {
-        let r = || dnsperf(d.dns, &file, Some(fixed)).1;
-        let u = || dnsperf(ub, &file, Some(fixed)).1;
-        let (a, b) = common::in_turn(round, r, u);
-        runed_fixed.push(a);
-        unbound_fixed.push(b);
-    }
+    let r = || dnsperf(d.dns, &file, Some(fixed)).1;
+    let u = || dnsperf(ub, &file, Some(fixed)).1;
+    let (runed_fixed, unbound_fixed): (Vec<_>, Vec<_>) =
+        (0..n).map(|round| common::in_turn(round, r, u)).unzip();
     let l_ratios: Vec<f64> = runed_fixed
         .iter()
         .zip(&unbound_fixed)

@@ -3,7 +3,8 @@
 # Usage: scripts/bench.sh [BENCH ...]   (default: all; names are runed/benches/*.rs)
 # Needs root (network namespaces, nftables) and Docker (the rollout's container rows). Each
 # bench's own output is kept in target/bench/<time>/<bench>.txt. Not part of .ci/run: the
-# whole set takes about 15 minutes on 2 cores, after a release build.
+# whole set takes about 20 minutes on 2 cores, after a release build (the writes and DNS
+# benches measure in alternating rounds, BENCH_ROUNDS, default 3).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 

@@ -95,7 +95,7 @@ pub struct KernelStatus {
     pub last_program: Duration,
     /// `VIP . port`s the loaded table forwards itself (DNAT to an endpoint here) for this
     /// node's containers and for this host: connections the proxy, and its counters, never
-    /// see. None while the view is stale (every VIP is then the proxy's).
+    /// see. Zero while the view is stale (every VIP is then the proxy's).
     pub kernel_forwarded: KernelForwarded,
 }
 

@@ -727,6 +727,57 @@ fn stop_escalates_to_sigkill_after_the_grace_period() {
     assert!(instances(&d, "stubborn").is_empty());
 }
 
+/// `rune delete --wait` returns once the service's instances are gone (a process ignoring
+/// SIGTERM is killed after its grace period), and gives up with exit 7, naming what is left,
+/// when they outlast `--timeout`.
+#[test]
+fn delete_with_wait_returns_once_the_instances_are_gone() {
+    let d = Daemon::start(&bins());
+    let spec = |name: &str, grace: u32| {
+        format!(
+            "service:\n  name: {name}\n  scale: 2\n  stopGracePeriodSeconds: {grace}\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"trap '' TERM; echo up; while true; do sleep 0.2; done\"]\n"
+        )
+    };
+    let f = write(&d, "stubborn.yaml", &spec("stubborn", 1));
+    run_ok(&d, &["cast", &f]);
+    let pids: Vec<String> = instances(&d, "stubborn")
+        .iter()
+        .filter_map(|i| i["runtimeId"].as_str().map(String::from))
+        .collect();
+    assert_eq!(pids.len(), 2);
+    let out = run_ok(
+        &d,
+        &["delete", "service", "stubborn", "--wait", "--timeout", "60s"],
+    );
+    assert!(
+        out.contains("service/default/stubborn stopped: no instances"),
+        "{out}"
+    );
+    for pid in &pids {
+        assert!(!pid_alive(pid), "{pid} outlived the wait");
+    }
+    assert!(instances_all(&d).iter().all(|i| i["service"] != "stubborn"));
+
+    let f = write(&d, "slow.yaml", &spec("slow", 60));
+    run_ok(&d, &["cast", &f]);
+    let o = d.rune(&["delete", "service", "slow", "--wait", "--timeout", "1s"]);
+    assert_eq!(code(&o), 7, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("service/default/slow deleted"),
+        "{}",
+        stdout(&o)
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("timed out after 1s waiting for service/default/slow"),
+        "{e}"
+    );
+    assert!(
+        e.contains("slow-0") && e.contains("slow-1"),
+        "what is left is named: {e}"
+    );
+}
+
 /// `rune exec -it` through a real terminal: python's pty module gives rune one.
 fn tty_session(d: &Daemon, target: &str) {
     let script = r#"

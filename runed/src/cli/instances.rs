@@ -232,6 +232,60 @@ pub async fn wait_rollout(
     }
 }
 
+/// Waits until no instance of the deleted service `name` is left (each stops within its
+/// grace period), saying how many are left whenever that changes; gives up as
+/// [`wait_rollout`] does (exit 7), naming what is left. The service is gone, so its
+/// namespace's instances are listed and filtered.
+pub async fn wait_gone(
+    conn: &Conn,
+    ns: &str,
+    name: &str,
+    w: &WaitArgs,
+    started: Instant,
+) -> Result<(), CliError> {
+    let c = client(conn.channel().await?);
+    let what = format!("service/{ns}/{name}");
+    let (mut said, mut progressed) = (None, Instant::now());
+    loop {
+        let left: Vec<pb::Instance> = list_all(&c, ns, "")
+            .await
+            .map_err(|s| conn.status(s))?
+            .instances
+            .into_iter()
+            .filter(|i| i.service == name)
+            .collect();
+        if left.is_empty() {
+            println!("{what} stopped: no instances");
+            return Ok(());
+        }
+        if said != Some(left.len()) {
+            eprintln!("{what}: stopping, {} instance(s) left", left.len());
+            said = Some(left.len());
+            progressed = Instant::now();
+        }
+        let stalled = progressed.elapsed() > w.progress_deadline;
+        let out_of_time = w.timeout.is_some_and(|t| started.elapsed() > t);
+        if stalled || out_of_time {
+            let mut m = if stalled {
+                format!("{what}: no instance stopped for {}", dur(w.progress_deadline))
+            } else {
+                format!(
+                    "timed out after {} waiting for {what}'s instances to stop",
+                    dur(w.timeout.unwrap_or_default())
+                )
+            };
+            for i in &left {
+                m.push_str(&format!("\n  {}: {} {}", i.id, i.status, i.reason));
+            }
+            return Err(CliError {
+                code: exit::TIMEOUT,
+                message: m,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One progress line of a wait. Old instances still draining are counted apart, so the counts
 /// never exceed the scale ("3/0" or "2/1 ready" would read as nonsense).
 fn progress_line(what: &str, s: &pb::RolloutStatus) -> String {

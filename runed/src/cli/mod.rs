@@ -223,6 +223,13 @@ pub enum Cmd {
         /// Delete a service even when others depend on it.
         #[arg(short, long)]
         force: bool,
+        /// Wait until the service's instances have stopped (each within its grace period), as
+        /// `rune stop` does: for a script that casts the service again right after.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait (with --wait).
+        #[command(flatten)]
+        wait_args: instances::WaitArgs,
     },
     /// Set a service's number of instances.
     Scale {
@@ -972,9 +979,14 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             };
             get(&conn, q).await
         }
-        Cmd::Delete { args, force } => {
+        Cmd::Delete {
+            args,
+            force,
+            wait,
+            wait_args,
+        } => {
             let conn = Conn::resolve(&cli)?;
-            delete(&conn, args, *force).await
+            delete(&conn, args, *force, wait.then_some(wait_args)).await
         }
         Cmd::Scale {
             name,
@@ -1424,7 +1436,13 @@ async fn get(conn: &Conn, q: output::Query) -> Result<(), CliError> {
     output::get(conn, q).await
 }
 
-async fn delete(conn: &Conn, args: &[String], force: bool) -> Result<(), CliError> {
+async fn delete(
+    conn: &Conn,
+    args: &[String],
+    force: bool,
+    wait: Option<&instances::WaitArgs>,
+) -> Result<(), CliError> {
+    let started = std::time::Instant::now();
     let (kind, name) = match args {
         [name] => ("service", name.as_str()),
         [kind, name] => (kind.as_str(), name.as_str()),
@@ -1442,6 +1460,9 @@ async fn delete(conn: &Conn, args: &[String], force: bool) -> Result<(), CliErro
             .await
             .map_err(|s| conn.status(s))?;
             println!("service/{}/{name} deleted", conn.namespace);
+            if let Some(w) = wait {
+                instances::wait_gone(conn, &conn.namespace, name, w, started).await?;
+            }
         }
         "secret" | "secrets" => return identity::delete(conn, "secret", name).await,
         "configmap" | "configmaps" | "config" | "cm" => {

@@ -638,11 +638,43 @@ fn agreed_leader(nodes: &[&Daemon]) -> usize {
     at
 }
 
+/// On a panic, prints the end of each node's log and the nftables table it holds, so that a
+/// failure seen once in a while (a node not reaching every instance by the VIP, twice in many
+/// runs, not reproduced on demand) says why when it happens.
+struct ShowOnPanic<'a> {
+    net: &'a Net,
+    nodes: &'a [Daemon],
+}
+
+impl Drop for ShowOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, (ns, d)) in self.net.nodes.iter().zip(self.nodes).enumerate() {
+            let logs = d.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            let tail = lines[lines.len().saturating_sub(300)..].join("\n");
+            let table = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "nft", "list", "table", "inet", "rune"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            eprintln!(
+                "--- node {} log, last 300 lines:\n{tail}\n--- node {} nftables:\n{table}",
+                i + 1,
+                i + 1
+            );
+        }
+    }
+}
+
 /// A process service at scale 3 runs one instance per machine, each answering with its own
 /// id on its node's loopback; from every machine its VIP, and its exposed host at the
 /// machine's ingress, reach all three (two of them through the other nodes' gateways), and
 /// each gateway counts what it carried. A stranger on the network gets nothing from a gateway.
 fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
+    let _show = ShowOnPanic { net, nodes };
     let www = nodes[0].scratch().join("www");
     std::fs::create_dir_all(&www).unwrap();
     let spec = format!(

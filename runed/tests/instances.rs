@@ -776,6 +776,15 @@ fn delete_with_wait_returns_once_the_instances_are_gone() {
         e.contains("slow-0") && e.contains("slow-1"),
         "what is left is named: {e}"
     );
+
+    // Nothing to wait for: refused before anything is deleted.
+    let o = d.rune(&["delete", "secret", "nothing", "--wait"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--wait waits for a service's instances"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `rune exec -it` through a real terminal: python's pty module gives rune one.

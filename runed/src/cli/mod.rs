@@ -1448,6 +1448,11 @@ async fn delete(
         [kind, name] => (kind.as_str(), name.as_str()),
         _ => return Err(CliError::usage("usage: rune delete [service|namespace] NAME")),
     };
+    if wait.is_some() && !matches!(kind, "service" | "services" | "svc") {
+        return Err(CliError::usage(format!(
+            "--wait waits for a service's instances; a {kind} has none"
+        )));
+    }
     let ch = conn.channel().await?;
     match kind {
         "service" | "services" | "svc" => {

@@ -777,7 +777,11 @@ fn delete_with_wait_returns_once_the_instances_are_gone() {
         "what is left is named: {e}"
     );
 
-    // Nothing to wait for: refused before anything is deleted.
+    // A limit without the wait it limits, and nothing to wait for: refused before anything
+    // is deleted.
+    let o = d.rune(&["delete", "service", "slow", "--timeout", "5s"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--timeout limits --wait"), "{}", stderr(&o));
     let o = d.rune(&["delete", "secret", "nothing", "--wait"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(

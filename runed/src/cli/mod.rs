@@ -985,6 +985,9 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             wait,
             wait_args,
         } => {
+            if !wait && wait_args.timeout.is_some() {
+                return Err(CliError::usage("--timeout limits --wait; add --wait"));
+            }
             let conn = Conn::resolve(&cli)?;
             delete(&conn, args, *force, wait.then_some(wait_args)).await
         }

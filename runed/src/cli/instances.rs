@@ -152,6 +152,21 @@ pub struct WaitArgs {
     pub timeout: Option<Duration>,
 }
 
+impl WaitArgs {
+    /// Why a wait for `what` gives up, if it does: no progress since `progressed` for the
+    /// progress deadline, or `--timeout` since `started`; `said` is the last progress line.
+    fn given_up(&self, started: Instant, progressed: Instant, what: &str, said: &str) -> Option<String> {
+        if progressed.elapsed() > self.progress_deadline {
+            return Some(format!(
+                "{what} made no progress for {}: {said}",
+                dur(self.progress_deadline)
+            ));
+        }
+        let t = self.timeout.filter(|t| started.elapsed() > *t)?;
+        Some(format!("timed out after {} waiting for {what}: {said}", dur(t)))
+    }
+}
+
 fn dur(d: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_secs(d.as_secs_f64().round() as u64))
 }
@@ -205,17 +220,7 @@ pub async fn wait_rollout(
             }
             said_problems = s.problems.clone();
         }
-        let stalled = progressed.elapsed() > w.progress_deadline;
-        let out_of_time = w.timeout.is_some_and(|t| started.elapsed() > t);
-        if stalled || out_of_time {
-            let mut m = if stalled {
-                format!("{what} made no progress for {}: {said}", dur(w.progress_deadline))
-            } else {
-                format!(
-                    "timed out after {} waiting for {what}: {said}",
-                    dur(w.timeout.unwrap_or_default())
-                )
-            };
+        if let Some(mut m) = w.given_up(started, progressed, &what, &said) {
             if s.problems.is_empty() {
                 m.push_str("\n  (no instance reports a problem: see `rune get instances`)");
             }
@@ -245,7 +250,7 @@ pub async fn wait_gone(
 ) -> Result<(), CliError> {
     let c = client(conn.channel().await?);
     let what = format!("service/{ns}/{name}");
-    let (mut said, mut progressed) = (None, Instant::now());
+    let (mut said, mut progressed) = (String::new(), Instant::now());
     loop {
         let left: Vec<pb::Instance> = list_all(&c, ns, "")
             .await
@@ -258,22 +263,13 @@ pub async fn wait_gone(
             println!("{what} stopped: no instances");
             return Ok(());
         }
-        if said != Some(left.len()) {
-            eprintln!("{what}: stopping, {} instance(s) left", left.len());
-            said = Some(left.len());
+        let line = stopping_line(&what, left.len());
+        if line != said {
+            eprintln!("{line}");
+            said = line;
             progressed = Instant::now();
         }
-        let stalled = progressed.elapsed() > w.progress_deadline;
-        let out_of_time = w.timeout.is_some_and(|t| started.elapsed() > t);
-        if stalled || out_of_time {
-            let mut m = if stalled {
-                format!("{what}: no instance stopped for {}", dur(w.progress_deadline))
-            } else {
-                format!(
-                    "timed out after {} waiting for {what}'s instances to stop",
-                    dur(w.timeout.unwrap_or_default())
-                )
-            };
+        if let Some(mut m) = w.given_up(started, progressed, &what, &said) {
             for i in &left {
                 m.push_str(&format!("\n  {}: {} {}", i.id, i.status, i.reason));
             }
@@ -286,11 +282,16 @@ pub async fn wait_gone(
     }
 }
 
+/// The progress line of a wait for instances to stop.
+fn stopping_line(what: &str, left: usize) -> String {
+    format!("{what}: stopping, {left} instance(s) left")
+}
+
 /// One progress line of a wait. Old instances still draining are counted apart, so the counts
 /// never exceed the scale ("3/0" or "2/1 ready" would read as nonsense).
 fn progress_line(what: &str, s: &pb::RolloutStatus) -> String {
     if s.desired == 0 {
-        return format!("{what}: stopping, {} instance(s) left", s.instances);
+        return stopping_line(what, s.instances as usize);
     }
     let mut l = format!(
         "{what}: {}/{} updated, {}/{} ready",

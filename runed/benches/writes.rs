@@ -300,7 +300,6 @@ fn main() {
                 let (a, b) = common::in_turn(r, runed_run, etcd_run);
                 runs.push(a);
                 etcd_runs.extend(b);
-                drop(etcd);
                 last = Some(d);
             }
             let by_round: Vec<String> = runs

@@ -410,8 +410,12 @@ fn the_kernel_forwards_to_local_endpoints_and_fails_closed_when_stale() {
         assert!(here(), "this host through the kernel");
     }
     assert_eq!(proxied(&d, "plain", "forwarded"), 0.0, "the proxy carried none");
-    assert_eq!(kernel_forwarded(&d, "fromHost"), 1, "policy status says so");
-    assert_eq!(kernel_forwarded(&d, "fromContainers"), 0, "a loopback endpoint");
+    // Recorded just after the load the listing above saw; a loopback endpoint is not one
+    // for containers.
+    wait_until(LONG, "policy status to count the host's forwarded port", || {
+        kernel_forwarded(&d, "fromHost") == 1
+    });
+    assert_eq!(kernel_forwarded(&d, "fromContainers"), 0);
     // A client namespace's: through the proxy, which counts it.
     wait_until(LONG, "a to reach plain through the proxy", || {
         stdout(&lab.exec(1, &["curl", "-sS", "-m", "5", &url])).contains("hello-plain")
@@ -500,7 +504,11 @@ fn the_kernel_forwards_between_docker_containers() {
     }
     assert_eq!(proxied(&d, "web", "forwarded"), 0.0, "the proxy carried none");
     // An ingress policy keeps this host's connections on the proxy, which names host processes.
-    assert_eq!(kernel_forwarded(&d, "fromContainers"), 1);
+    wait_until(
+        LONG,
+        "policy status to count the containers' forwarded port",
+        || kernel_forwarded(&d, "fromContainers") == 1,
+    );
     assert_eq!(kernel_forwarded(&d, "fromHost"), 0);
 
     let before = kernel_drops(&d);

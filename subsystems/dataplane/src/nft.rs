@@ -1257,11 +1257,9 @@ impl Build {
             out.push(add(self.element(&format!("ep_{i}_addr"), a)));
             out.push(add(self.element(&format!("ep_{i}_port"), p)));
         }
-        let empty = BTreeSet::new();
-        let (old_vips, old_sources) = match old {
-            Some(o) => (o.fast_vips(), &o.fast_sources),
-            None => (BTreeSet::new(), &empty),
-        };
+        let old_vips = old.map(Model::fast_vips).unwrap_or_default();
+        let none = BTreeSet::new();
+        let old_sources = old.map_or(&none, |o| &o.fast_sources);
         for (set, new) in [
             (
                 "fast_vips",

@@ -40,9 +40,7 @@ impl Netns {
         );
         ns
     }
-}
 
-impl Netns {
     /// A namespace `rune-<tag>-<pid>` to be made by the caller, deleted when dropped (so
     /// also if making it, or anything after, fails).
     fn named(tag: &str) -> Netns {

@@ -259,6 +259,7 @@ impl Log {
         let tls = cfg.tls.clone().map(Arc::new);
         let network = Network::new(tls.clone());
         let contacts = network.contacts();
+        let solo = log_store.solo_switch();
         let raft = Raft::new(id, Arc::new(config), network, log_store, sm)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
@@ -281,6 +282,8 @@ impl Log {
             .with_raft_state(move |st| st.membership_state.effective().membership().voter_ids().eq([id]))
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
+        solo.store(alone, std::sync::atomic::Ordering::Relaxed);
+        follow_solo(&raft, id, solo);
         let log = Self {
             contacts,
             forwarder: Forwarder::new(tls.clone()),
@@ -817,6 +820,26 @@ fn count_leader_changes(raft: &Raft<TypeConfig>) -> Arc<std::sync::atomic::Atomi
         }
     });
     count
+}
+
+/// Keeps the log's solo switch ([`LogStore::solo_switch`]) on while this node is the only
+/// voter, on a task that ends with raft.
+fn follow_solo(raft: &Raft<TypeConfig>, id: u64, solo: Arc<std::sync::atomic::AtomicBool>) {
+    let mut server = raft.server_metrics();
+    tokio::spawn(async move {
+        loop {
+            let alone = server
+                .borrow_and_update()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .eq([id]);
+            solo.store(alone, std::sync::atomic::Ordering::Relaxed);
+            if server.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// One member of the raft cluster, as this node knows it.

@@ -3,7 +3,7 @@
 //! Every write (append, vote, truncate, purge) goes through one FIFO queue, so they keep their
 //! order; whoever writes drains whatever is queued into one write and one `fdatasync`, and then
 //! completes openraft's [`LogFlushed`] callbacks. Who writes depends on the membership: while
-//! this node is the only voter ([`LogStore::set_solo`]), raft's own task writes as it appends,
+//! this node is the only voter ([`LogStore::solo_switch`]), raft's own task writes as it appends,
 //! since nothing else waits on it and a hand-off to a thread and back costs two wake-ups (on
 //! these 2-core VMs ~30 µs of a ~450 µs write: `--bench writes` at 1 client went from 0.60-0.64
 //! to 0.69-0.71 of etcd); with others to replicate to, a writer thread takes the fsync off
@@ -665,8 +665,8 @@ mod tests {
         let solo = store.solo_switch();
         let mut answers = Vec::new();
         // Queued for the thread, then written by the sender while the thread may still be
-        // busy with the earlier ones, back and forth.
-        for term in 1..=400u64 {
+        // busy with the earlier ones, back and forth, ending with the sender.
+        for term in 1..=399u64 {
             solo.store(term % 50 >= 25, Ordering::Relaxed);
             answers.push(vote(&store, term));
         }
@@ -676,13 +676,41 @@ mod tests {
         let got: Option<Vote<u64>> = meta_value(&store.reader, MetaKey::Vote).expect("read");
         assert_eq!(
             got,
-            Some(Vote::new(400, 1)),
+            Some(Vote::new(399, 1)),
             "the last vote written is the last one sent"
         );
         drop(store);
         closed.blocking_recv().expect("the writer let go of the log");
         let (_, reader) = wal::Writer::open(dir.path()).expect("reopen");
         let got: Option<Vote<u64>> = meta_value(&reader, MetaKey::Vote).expect("read");
-        assert_eq!(got, Some(Vote::new(400, 1)), "and it is what a reopen finds");
+        assert_eq!(got, Some(Vote::new(399, 1)), "and it is what a reopen finds");
+    }
+
+    #[test]
+    fn a_write_of_the_sole_voter_queues_behind_what_the_thread_is_writing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let metrics = Metrics::new(&opentelemetry::global::meter("test"));
+        let (store, _closed) = LogStore::open(dir.path(), metrics).expect("open");
+        // Holding the WAL stalls the thread inside its write of the first vote.
+        let held = store.queue.writer.lock().expect("writer");
+        let first = vote(&store, 1);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !store.queue.pending().writing {
+            assert!(Instant::now() < deadline, "the thread took the first vote");
+            std::thread::yield_now();
+        }
+        store.solo_switch().store(true, Ordering::Relaxed);
+        let mut second = vote(&store, 2);
+        assert_eq!(
+            store.queue.pending().ops.len(),
+            1,
+            "the second vote waits in the queue"
+        );
+        assert!(second.try_recv().is_err(), "and is not answered yet");
+        drop(held);
+        assert_eq!(first.blocking_recv().expect("answered"), Ok(()));
+        assert_eq!(second.blocking_recv().expect("answered"), Ok(()));
+        let got: Option<Vote<u64>> = meta_value(&store.reader, MetaKey::Vote).expect("read");
+        assert_eq!(got, Some(Vote::new(2, 1)), "the thread wrote it after the first");
     }
 }

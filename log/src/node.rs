@@ -282,7 +282,6 @@ impl Log {
             .with_raft_state(move |st| st.membership_state.effective().membership().voter_ids().eq([id]))
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
-        solo.store(alone, std::sync::atomic::Ordering::Relaxed);
         follow_solo(&raft, id, solo);
         let log = Self {
             contacts,

@@ -39,3 +39,264 @@ impl Drop for ClosingDb {
         }
     }
 }
+
+/// Applied entries after which an apply commits at once rather than waiting: bounds what an open
+/// transaction holds in memory.
+const MAX_PENDING: usize = 4096;
+
+/// The state database, whose applies are committed after their proposers hear OK.
+///
+/// A redb commit, even without fsync, is about half of what applying a command costs; nothing
+/// about it needs to happen before the reply, because the log was fsynced first and is what a
+/// crash recovers from (see [`crate::state_machine`]). So applies write into one open
+/// transaction, and a commit follows off the reply's path, on another worker of the runtime, or
+/// before anyone reads (every read view comes from [`StateDb::read`], which commits first, so a
+/// read sees everything applied before it was asked for), whichever comes first. Applies that
+/// arrive while a commit runs wait for it and then share the next one: under load one redb
+/// commit carries many entries.
+pub(crate) struct StateDb {
+    // Declared before `db`: an open transaction must end before its database does.
+    pending: std::sync::Mutex<Pending>,
+    /// A deferred commit is on its way.
+    scheduled: std::sync::atomic::AtomicBool,
+    db: ClosingDb,
+}
+
+/// The open transaction and what it holds.
+#[derive(Default)]
+struct Pending {
+    txn: Option<redb::WriteTransaction>,
+    /// Entries applied into `txn`.
+    entries: usize,
+    /// Applied entries were lost with a transaction that failed: the state here is behind what
+    /// was applied (the log still holds it), so no read may be served until a restart replays it.
+    failed: Option<String>,
+}
+
+impl StateDb {
+    /// The state database over `db`; the receiver resolves once its file is released.
+    pub(crate) fn new(db: Database) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (db, closed) = ClosingDb::new(db);
+        (
+            Self {
+                pending: std::sync::Mutex::new(Pending::default()),
+                scheduled: std::sync::atomic::AtomicBool::new(false),
+                db,
+            },
+            closed,
+        )
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Pending>, String> {
+        let p = self
+            .pending
+            .lock()
+            .map_err(|_| "an apply of the state panicked".to_string())?;
+        match &p.failed {
+            Some(e) => Err(format!(
+                "the state lost applied entries ({e}); restart to replay them"
+            )),
+            None => Ok(p),
+        }
+    }
+
+    /// Runs `f`, which applies `entries` log entries, in the open transaction (beginning one),
+    /// and leaves it uncommitted: call [`StateDb::schedule_commit`] after.
+    pub(crate) fn apply<T>(
+        &self,
+        entries: usize,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut p = self.lock()?;
+        let txn = match p.txn.take() {
+            Some(t) => t,
+            None => {
+                let mut t = self.db.begin_write().map_err(|e| e.to_string())?;
+                t.set_durability(redb::Durability::None)
+                    .map_err(|e| e.to_string())?;
+                t
+            }
+        };
+        match f(&txn) {
+            Ok(v) => {
+                p.txn = Some(txn);
+                p.entries += entries;
+                if p.entries >= MAX_PENDING {
+                    commit(&self.db, &mut p, redb::Durability::None)?;
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                // Dropping the transaction aborts it, and with it what earlier applies wrote.
+                drop(txn);
+                if p.entries > 0 {
+                    p.failed = Some(e.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits the open transaction on a task of its own, unless a commit is already on its
+    /// way: the caller's reply goes out meanwhile.
+    pub(crate) fn schedule_commit(self: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(db) = weak.upgrade() else { return };
+            // Cleared first: an apply while this commits schedules the next one.
+            db.scheduled.store(false, Ordering::Release);
+            if let Err(e) = db.commit(redb::Durability::None) {
+                tracing::error!(error = %e, "committing the applied state failed");
+            }
+        });
+    }
+
+    /// Commits what was applied; with [`redb::Durability::Immediate`] every earlier commit is
+    /// made durable too, even when nothing is open.
+    pub(crate) fn commit(&self, durability: redb::Durability) -> Result<(), String> {
+        let mut p = self.lock()?;
+        commit(&self.db, &mut p, durability)
+    }
+
+    /// A read view of everything applied so far.
+    pub(crate) fn read(&self) -> Result<redb::ReadTransaction, String> {
+        self.read_after(redb::Durability::None)
+    }
+
+    /// A read view of everything applied so far, all of it durable: what a snapshot (after which
+    /// the log is purged) must be taken from. No apply comes between the commit and the view.
+    pub(crate) fn durable_read(&self) -> Result<redb::ReadTransaction, String> {
+        self.read_after(redb::Durability::Immediate)
+    }
+
+    fn read_after(&self, durability: redb::Durability) -> Result<redb::ReadTransaction, String> {
+        use redb::ReadableDatabase;
+        let mut p = self.lock()?;
+        commit(&self.db, &mut p, durability)?;
+        self.db.begin_read().map_err(|e| e.to_string())
+    }
+
+    /// Runs `f` in a transaction of its own, committed durably, after what was applied.
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut p = self.lock()?;
+        commit(&self.db, &mut p, redb::Durability::None)?;
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let v = f(&txn)?;
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(v)
+    }
+}
+
+fn commit(db: &Database, p: &mut Pending, durability: redb::Durability) -> Result<(), String> {
+    let entries = std::mem::take(&mut p.entries);
+    let txn = match p.txn.take() {
+        Some(t) => t,
+        None if matches!(durability, redb::Durability::Immediate) => {
+            db.begin_write().map_err(|e| e.to_string())?
+        }
+        None => return Ok(()),
+    };
+    let done = (|| {
+        let mut txn = txn;
+        txn.set_durability(durability).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())
+    })();
+    if let Err(e) = &done {
+        if entries > 0 {
+            p.failed = Some(e.clone());
+        }
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{ReadableDatabase, TableDefinition};
+
+    const T: TableDefinition<&str, u64> = TableDefinition::new("t");
+
+    fn put(db: &StateDb, k: &'static str, v: u64) -> Result<(), String> {
+        db.apply(1, |txn| {
+            let mut t = txn.open_table(T).map_err(|e| e.to_string())?;
+            t.insert(k, v).map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+
+    fn get(txn: &redb::ReadTransaction, k: &str) -> Option<u64> {
+        let t = txn.open_table(T).ok()?;
+        t.get(k).ok()?.map(|v| v.value())
+    }
+
+    #[test]
+    fn a_read_sees_every_apply_before_it_and_a_crash_keeps_the_last_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let (db, _closed) = StateDb::new(Database::create(&path).unwrap());
+        put(&db, "a", 1).unwrap();
+        put(&db, "b", 2).unwrap();
+        // Nothing committed yet: the file's own readers do not see the applies...
+        assert_eq!(get(&db.db.begin_read().unwrap(), "a"), None);
+        // ...a read view does, because it commits first.
+        let r = db.read().unwrap();
+        assert_eq!((get(&r, "a"), get(&r, "b")), (Some(1), Some(2)));
+        drop(r);
+        db.commit(redb::Durability::Immediate).unwrap();
+        put(&db, "c", 3).unwrap();
+        // Dropped with "c" applied but not committed, as a crash would leave it: the file
+        // holds the last commit, and the log is what brings "c" back.
+        drop(db);
+        let db = Database::create(&path).unwrap();
+        let r = db.begin_read().unwrap();
+        assert_eq!((get(&r, "b"), get(&r, "c")), (Some(2), None));
+    }
+
+    #[test]
+    fn a_durable_read_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let (db, _closed) = StateDb::new(Database::create(&path).unwrap());
+        put(&db, "a", 1).unwrap();
+        assert_eq!(get(&db.durable_read().unwrap(), "a"), Some(1));
+        drop(db);
+        let db = Database::create(&path).unwrap();
+        assert_eq!(get(&db.begin_read().unwrap(), "a"), Some(1));
+    }
+
+    #[test]
+    fn an_apply_that_fails_over_uncommitted_applies_stops_every_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _closed) = StateDb::new(Database::create(dir.path().join("s.redb")).unwrap());
+        // Failing with nothing uncommitted loses nothing: reads go on.
+        assert!(db.apply(1, |_| Err::<(), _>("bad entry".into())).is_err());
+        assert!(db.read().is_ok());
+        put(&db, "a", 1).unwrap();
+        assert!(db.apply(1, |_| Err::<(), _>("bad entry".into())).is_err());
+        // "a" went with the aborted transaction: a read now would be behind what was applied.
+        let e = db.read().err().unwrap();
+        assert!(e.contains("bad entry") && e.contains("restart"), "{e}");
+        assert!(put(&db, "b", 2).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scheduled_commit_lands_without_a_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _closed) = StateDb::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let db = std::sync::Arc::new(db);
+        put(&db, "a", 1).unwrap();
+        db.schedule_commit();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while get(&db.db.begin_read().unwrap(), "a").is_none() {
+            assert!(std::time::Instant::now() < deadline, "the commit never came");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}

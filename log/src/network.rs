@@ -467,20 +467,19 @@ pub(crate) struct Gate {
     raft: Raft<TypeConfig>,
     tls: bool,
     /// The state, for the highest id any membership applied here held.
-    state: Arc<crate::db::ClosingDb>,
+    state: Arc<crate::db::StateDb>,
 }
 
 impl Gate {
     /// The gate of `raft`'s port; without TLS (tests on loopback) everyone is let in.
-    pub(crate) fn new(raft: Raft<TypeConfig>, tls: bool, state: Arc<crate::db::ClosingDb>) -> Gate {
+    pub(crate) fn new(raft: Raft<TypeConfig>, tls: bool, state: Arc<crate::db::StateDb>) -> Gate {
         Gate { raft, tls, state }
     }
 
     /// The highest raft id this node has seen in a membership (0 when unknown).
     fn highest_member(&self) -> u64 {
-        use redb::ReadableDatabase;
         let read = || -> Option<u64> {
-            let txn = self.state.begin_read().ok()?;
+            let txn = self.state.read().ok()?;
             let t = txn.open_table(crate::state_machine::SM_META).ok()?;
             let v = t.get(crate::state_machine::HIGHEST_MEMBER).ok()??;
             serde_json::from_slice(v.value()).ok()

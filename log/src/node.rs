@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
-use redb::{Database, ReadTransaction, ReadableDatabase};
+use redb::{Database, ReadTransaction};
 use rune_statemachine::{Command, Envelope, Outcome, STATE_TABLE};
 use tokio::sync::{broadcast, watch};
 
 use crate::batch::Batcher;
-use crate::db::ClosingDb;
+use crate::db::StateDb;
 use crate::log_store::{migrate_redb, LogStore};
 use crate::metrics::Metrics;
 use crate::network::{Forward, Forwarder, Network, RaftPort, RaftService, SNAPSHOT_CHUNK};
 use crate::space::{NoSpace, Space};
-use crate::state_machine::{make_durable, AppliedEntry, Notifier, StateMachine};
+use crate::state_machine::{AppliedEntry, Notifier, StateMachine};
 use crate::types::{TypeConfig, NODE_ID};
 
 /// The raft log's directory under the data dir (see [`crate::wal`]).
@@ -147,7 +147,7 @@ pub struct Proposed {
 pub struct Log {
     raft: Raft<TypeConfig>,
     batcher: Arc<Batcher>,
-    state: Arc<ClosingDb>,
+    state: Arc<StateDb>,
     state_closed: tokio::sync::oneshot::Receiver<()>,
     notifier: Arc<Notifier>,
     metrics: Metrics,
@@ -441,9 +441,7 @@ impl Log {
 
     /// A read view of the applied state. Reads see a consistent state at some applied index.
     pub fn read(&self) -> Result<ReadTransaction, LogError> {
-        self.state
-            .begin_read()
-            .map_err(|e| LogError::Storage(e.to_string()))
+        self.state.read().map_err(LogError::Storage)
     }
 
     /// A read view that includes every write acknowledged before this call, on any member: a
@@ -493,14 +491,14 @@ impl Log {
     /// as damage found at rest would. Tests use it to show that a record nobody can read stops
     /// nothing; nothing else may call it.
     pub fn corrupt_record_for_tests(&self, key: &str) -> Result<(), LogError> {
-        let storage = |e: &dyn std::fmt::Display| LogError::Storage(e.to_string());
-        let txn = self.state.begin_write().map_err(|e| storage(&e))?;
-        {
-            let mut t = txn.open_table(STATE_TABLE).map_err(|e| storage(&e))?;
-            t.insert(key, b"{ not a record".as_slice())
-                .map_err(|e| storage(&e))?;
-        }
-        txn.commit().map_err(|e| storage(&e))?;
+        self.state
+            .write(|txn| {
+                let mut t = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
+                t.insert(key, b"{ not a record".as_slice())
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            })
+            .map_err(LogError::Storage)?;
         self.notifier.identity_changed();
         let index = *self.notifier.applied.borrow();
         let _ = self.notifier.events.send(Arc::new(AppliedEntry {
@@ -763,7 +761,8 @@ impl Log {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
-        tokio::task::block_in_place(|| make_durable(&self.state)).map_err(LogError::Storage)
+        tokio::task::block_in_place(|| self.state.commit(redb::Durability::Immediate))
+            .map_err(LogError::Storage)
     }
 
     /// [`Log::shutdown`], then closes both databases, so that another process (or another

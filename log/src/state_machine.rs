@@ -1,10 +1,11 @@
 //! The openraft state machine over `state.redb`: applies committed entries with
 //! `rune_statemachine::store::apply` and tells the projections what changed.
 //!
-//! Applies commit without fsync (`Durability::None`): after a crash redb reopens at its last
-//! durable commit and openraft re-applies the committed entries after it from the log, which was
-//! fsynced before any client heard OK. A snapshot first makes the state durable, so the state is
-//! never behind a purged part of the log.
+//! Applies commit without fsync (`Durability::None`), and after their replies (see
+//! [`crate::db::StateDb`]): after a crash redb reopens at its last durable commit and openraft
+//! re-applies the committed entries after it from the log, which was fsynced before any client
+//! heard OK. A snapshot first makes the state durable, so the state is never behind a purged part
+//! of the log.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,14 +16,16 @@ use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use rune_statemachine::delta::Delta;
 use rune_statemachine::store::{self, scan_prefix};
 use rune_statemachine::{Change, STATE_TABLE};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::db::ClosingDb;
+use crate::db::StateDb;
 use crate::metrics::Metrics;
 use crate::snapshot;
 use crate::types::{Reply, TypeConfig};
@@ -78,7 +81,7 @@ impl Notifier {
 
 /// The state machine handed to openraft.
 pub struct StateMachine {
-    pub(crate) db: Arc<ClosingDb>,
+    pub(crate) db: Arc<StateDb>,
     pub(crate) snapshot_dir: PathBuf,
     pub(crate) notifier: Arc<Notifier>,
     pub(crate) metrics: Metrics,
@@ -102,6 +105,13 @@ pub(crate) fn apply_entries(
 ) -> Result<Applied, String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(durability).map_err(|e| e.to_string())?;
+    let applied = apply_in(&txn, entries)?;
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(applied)
+}
+
+/// Applies entries inside `txn`, leaving it to the caller to commit.
+fn apply_in(txn: &WriteTransaction, entries: &[Entry<TypeConfig>]) -> Result<Applied, String> {
     let mut replies = Vec::with_capacity(entries.len());
     let mut events = Vec::new();
     let mut identity = false;
@@ -165,7 +175,6 @@ pub(crate) fn apply_entries(
                 .map_err(|e| e.to_string())?;
         }
     }
-    txn.commit().map_err(|e| e.to_string())?;
     Ok(Applied {
         replies,
         events,
@@ -178,7 +187,11 @@ pub(crate) type AppliedState = (Option<LogId<u64>>, StoredMembership<u64, BasicN
 
 /// Reads `last_applied` and the membership from a state database.
 pub(crate) fn applied_state(db: &impl ReadableDatabase) -> Result<AppliedState, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    applied_state_in(&db.begin_read().map_err(|e| e.to_string())?)
+}
+
+/// [`applied_state`] inside one read view.
+fn applied_state_in(txn: &ReadTransaction) -> Result<AppliedState, String> {
     let t = match txn.open_table(SM_META) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok((None, StoredMembership::default())),
@@ -198,14 +211,6 @@ pub(crate) fn applied_state(db: &impl ReadableDatabase) -> Result<AppliedState, 
     Ok((last, membership))
 }
 
-/// Makes every earlier non-durable commit durable.
-pub(crate) fn make_durable(db: &Database) -> Result<(), String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| e.to_string())?;
-    txn.commit().map_err(|e| e.to_string())
-}
-
 /// Replaces the whole state with a snapshot's records, durably.
 pub(crate) fn install(
     db: &Database,
@@ -213,6 +218,16 @@ pub(crate) fn install(
     records: &[(String, Vec<u8>)],
 ) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
+    install_in(&txn, meta, records)?;
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// [`install`] inside `txn`.
+fn install_in(
+    txn: &WriteTransaction,
+    meta: &SnapshotMeta<u64, BasicNode>,
+    records: &[(String, Vec<u8>)],
+) -> Result<(), String> {
     {
         let mut table = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
         table.retain(|_, _| false).map_err(|e| e.to_string())?;
@@ -229,12 +244,16 @@ pub(crate) fn install(
         m.insert("membership", mem.as_slice())
             .map_err(|e| e.to_string())?;
     }
-    txn.commit().map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// Every record of the state table.
 pub(crate) fn all_records(db: &impl ReadableDatabase) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    all_records_in(&db.begin_read().map_err(|e| e.to_string())?)
+}
+
+/// [`all_records`] inside one read view.
+fn all_records_in(txn: &ReadTransaction) -> Result<Vec<(String, Vec<u8>)>, String> {
     match txn.open_table(STATE_TABLE) {
         Ok(t) => scan_prefix(&t, "").map_err(|e| e.to_string()),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
@@ -250,7 +269,7 @@ impl StateMachine {
         snapshot_dir: PathBuf,
         metrics: Metrics,
     ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (db, closed) = ClosingDb::new(db);
+        let (db, closed) = StateDb::new(db);
         let (applied, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
         let notifier = Arc::new(Notifier {
@@ -270,9 +289,10 @@ impl StateMachine {
     }
 
     fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
-        make_durable(&self.db)?;
-        let (last, membership) = applied_state(&**self.db)?;
-        let records = all_records(&**self.db)?;
+        let txn = self.db.durable_read()?;
+        let (last, membership) = applied_state_in(&txn)?;
+        let records = all_records_in(&txn)?;
+        drop(txn);
         let body = snapshot::encode_body(&records);
         let id = match &last {
             Some(l) => format!("{}-{}", l.leader_id.term, l.index),
@@ -305,7 +325,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
-        applied_state(&**self.db).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
+        self.db
+            .read()
+            .and_then(|txn| applied_state_in(&txn))
+            .map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, SErr>
@@ -317,13 +340,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = entries.last().map(|e| e.log_id.index) else {
             return Ok(vec![]);
         };
-        let db = self.db.clone();
-        // No fsync here (Durability::None): short enough to run on the runtime.
+        // Short enough to run on the runtime: no fsync, and the commit comes after the replies.
         let Applied {
             replies,
             events,
             identity,
-        } = apply_entries(&db, &entries, Durability::None).map_err(sm_err)?;
+        } = self
+            .db
+            .apply(entries.len(), |txn| apply_in(txn, &entries))
+            .map_err(sm_err)?;
+        self.db.schedule_commit();
         if identity {
             self.notifier.identity_changed();
         }
@@ -361,7 +387,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let body = snapshot.into_inner();
         let records = snapshot::decode_body(&body).map_err(sm_err)?;
         tokio::task::block_in_place(|| {
-            install(&self.db, meta, &records)?;
+            self.db.write(|txn| install_in(txn, meta, &records))?;
             snapshot::write(&self.snapshot_dir, meta, &body).map_err(|e| e.to_string())
         })
         .map_err(sm_err)?;

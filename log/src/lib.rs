@@ -34,6 +34,7 @@ pub mod state_machine;
 pub mod types;
 pub mod wal;
 
+pub use db::{StateReader, StateTable};
 pub use node::{
     now_ms, ClusterMember, ClusterStatus, Log, LogConfig, LogError, MemberView, ProposeError, Proposed,
     LEGACY_LOG_FILE, LOG_DIR, SNAPSHOT_DIR, STATE_FILE,

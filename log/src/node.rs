@@ -444,6 +444,13 @@ impl Log {
         self.state.read().map_err(LogError::Storage)
     }
 
+    /// Runs `f` over the state table as applied so far, without committing what applies left
+    /// open (see [`crate::db::StateDb::latest`]): for a short read before each write. Applies
+    /// wait while `f` runs.
+    pub fn with_state<T>(&self, f: impl FnOnce(crate::db::StateTable<'_>) -> T) -> Result<T, LogError> {
+        self.state.latest(STATE_TABLE, f).map_err(LogError::Storage)
+    }
+
     /// A read view that includes every write acknowledged before this call, on any member: a
     /// follower asks the leader for its read index (confirmed with a quorum, raft's ReadIndex)
     /// and reads once it has applied that far.

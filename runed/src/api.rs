@@ -246,9 +246,8 @@ impl Api {
     /// What a cast would do to each resource, from the current state: for dry runs, to skip
     /// proposing a cast that changes nothing, and to refuse a missing namespace before it costs
     /// a log entry. Apply decides again, for real, in log order.
-    fn predict(
-        &self,
-        txn: &redb::ReadTransaction,
+    fn predict<R: redb::ReadableTable<&'static str, &'static [u8]>>(
+        t: &R,
         resources: &[Resource],
         force: bool,
         create_namespace: bool,
@@ -257,10 +256,9 @@ impl Api {
         struct Stored {
             meta: ObjectMeta,
         }
-        let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let mut out = Vec::new();
         let mut new_namespaces = std::collections::BTreeSet::new();
-        refuse_taken_hosts(&t, resources)?;
+        refuse_taken_hosts(t, resources)?;
         for r in resources {
             let (kind, ns, name, key, hash) = match r {
                 Resource::Service(_) | Resource::Secret(_) | Resource::Configmap(_) => {
@@ -271,7 +269,7 @@ impl Api {
                         Resource::Namespace(_) => String::new(),
                     };
                     let exists = new_namespaces.contains(&ns)
-                        || get_record::<Stored, _>(&t, &namespace_key(&ns))
+                        || get_record::<Stored, _>(t, &namespace_key(&ns))
                             .map_err(internal)?
                             .is_some();
                     if !exists {
@@ -326,7 +324,7 @@ impl Api {
                     )
                 }
             };
-            let (action, generation) = match get_record::<Stored, _>(&t, &key).map_err(internal)? {
+            let (action, generation) = match get_record::<Stored, _>(t, &key).map_err(internal)? {
                 None => (pb::ApplyAction::Created, 1),
                 Some(old) if old.meta.spec_hash == hash && !force => {
                     (pb::ApplyAction::Unchanged, old.meta.generation)
@@ -336,6 +334,25 @@ impl Api {
             out.push(result(kind, ns, name, action, generation));
         }
         Ok(out)
+    }
+}
+
+/// A cast's predicted results (its release's last), read from the state as applied so far.
+struct Prediction<'a> {
+    resources: &'a [Resource],
+    release: Option<&'a rune_statemachine::command::ReleaseSpec>,
+    force: bool,
+    create_namespace: bool,
+}
+
+impl rune_log::StateReader for Prediction<'_> {
+    type Out = Result<Vec<pb::ApplyResult>, Status>;
+    fn read<R: redb::ReadableTable<&'static str, &'static [u8]>>(self, t: &R) -> Self::Out {
+        let mut predicted = Api::predict(t, self.resources, self.force, self.create_namespace)?;
+        if let Some(rel) = self.release {
+            predicted.push(crate::releases_api::predict(t, rel, self.resources)?);
+        }
+        Ok(predicted)
     }
 }
 
@@ -440,13 +457,19 @@ impl pb::service_api_server::ServiceApi for Api {
         });
         resources.sort_by_key(cast_rank);
         // The applied state already holds every acknowledged write (apply runs before the reply),
-        // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway.
-        let txn = self.log.read().map_err(internal)?;
-        let mut predicted = self.predict(&txn, &resources, req.force, req.create_namespace)?;
-        if let Some(rel) = &release {
-            predicted.push(crate::releases_api::predict(&txn, rel, &resources)?);
-        }
-        drop(txn);
+        // so a plain read is enough to tell a no-op re-cast; apply decides for real anyway. It
+        // reads what is applied but not yet committed as well, so it forces no commit.
+        let mut predicted = self
+            .log
+            .with_state(|t| {
+                t.with(Prediction {
+                    resources: &resources,
+                    release: release.as_ref(),
+                    force: req.force,
+                    create_namespace: req.create_namespace,
+                })
+            })
+            .map_err(internal)??;
         predicted.extend(unchanged_secrets);
         for p in &predicted {
             let verb = if p.action == pb::ApplyAction::Created as i32 {

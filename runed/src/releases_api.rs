@@ -52,14 +52,13 @@ pub(crate) fn release_spec(r: &pb::ReleaseSpec) -> Result<ReleaseSpec, Status> {
 
 /// What a cast would do to its release (apply decides again, in log order): an unchanged
 /// runeset cast again with the same version and values writes nothing.
-pub(crate) fn predict(
-    txn: &redb::ReadTransaction,
+pub(crate) fn predict<R: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &R,
     rel: &ReleaseSpec,
     resources: &[Resource],
 ) -> Result<pb::ApplyResult, Status> {
-    let t = txn.open_table(STATE_TABLE).map_err(internal)?;
     let prev: Option<ReleaseRecord> =
-        get_record(&t, &release_key(&rel.namespace, &rel.name)).map_err(internal)?;
+        get_record(t, &release_key(&rel.namespace, &rel.name)).map_err(internal)?;
     let (_, _, hash) = release_merged(prev.as_ref(), rel, resources);
     let (action, generation) = match &prev {
         None => (pb::ApplyAction::Created, 1),

@@ -172,7 +172,8 @@ impl StateDb {
     /// Runs `f` over the state table as applied so far, read inside the open transaction when
     /// there is one: unlike [`StateDb::read`] this commits nothing, so a request that reads
     /// before each write (the cast's prediction) does not force a commit per write. Applies wait
-    /// while `f` runs: keep it short.
+    /// while `f` runs: keep it short, and read only through the table it is given (any other
+    /// read of the state from inside `f` waits on this same lock forever).
     pub(crate) fn latest<T>(
         &self,
         table: redb::TableDefinition<'static, &'static str, &'static [u8]>,

@@ -446,7 +446,7 @@ impl Log {
 
     /// Runs `f` over the state table as applied so far, without committing what applies left
     /// open (see [`crate::db::StateDb::latest`]): for a short read before each write. Applies
-    /// wait while `f` runs.
+    /// wait while `f` runs, and `f` must not read the state any other way (it would deadlock).
     pub fn with_state<T>(&self, f: impl FnOnce(crate::db::StateTable<'_>) -> T) -> Result<T, LogError> {
         self.state.latest(STATE_TABLE, f).map_err(LogError::Storage)
     }

@@ -403,7 +403,7 @@ mod tests {
         let committed = db.db.begin_read().unwrap();
         let t = committed.open_table(S).unwrap();
         assert!(t.get("a").unwrap().is_none());
-        // The open transaction is intact: more applies and a commit follow as usual.
+        // The read left the open transaction intact: it commits as usual, and the apply is in it.
         drop((t, committed));
         db.commit(redb::Durability::None).unwrap();
         assert_eq!(db.latest(S, |t| t.with(Get("a"))).unwrap(), Some(b"1".to_vec()));

@@ -65,6 +65,8 @@ pub(crate) struct StateDb {
     pending: std::sync::Mutex<Pending>,
     /// A deferred commit is on its way.
     scheduled: std::sync::atomic::AtomicBool,
+    /// Time of each commit of the state: what applies wait on while it runs.
+    commit_seconds: opentelemetry::metrics::Histogram<f64>,
     db: ClosingDb,
 }
 
@@ -80,13 +82,18 @@ struct Pending {
 }
 
 impl StateDb {
-    /// The state database over `db`; the receiver resolves once its file is released.
-    pub(crate) fn new(db: Database) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    /// The state database over `db`, timing its commits into `commit_seconds`; the receiver
+    /// resolves once its file is released.
+    pub(crate) fn new(
+        db: Database,
+        commit_seconds: opentelemetry::metrics::Histogram<f64>,
+    ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (db, closed) = ClosingDb::new(db);
         (
             Self {
                 pending: std::sync::Mutex::new(Pending::default()),
                 scheduled: std::sync::atomic::AtomicBool::new(false),
+                commit_seconds,
                 db,
             },
             closed,
@@ -128,7 +135,7 @@ impl StateDb {
                 p.txn = Some(txn);
                 p.entries += entries;
                 if p.entries >= MAX_PENDING {
-                    commit(&self.db, &mut p, redb::Durability::None)?;
+                    self.commit_locked(&mut p, redb::Durability::None)?;
                 }
                 Ok(v)
             }
@@ -166,7 +173,19 @@ impl StateDb {
     /// made durable too, even when nothing is open.
     pub(crate) fn commit(&self, durability: redb::Durability) -> Result<(), String> {
         let mut p = self.lock()?;
-        commit(&self.db, &mut p, durability)
+        self.commit_locked(&mut p, durability)
+    }
+
+    /// [`commit`], timed when there is something to commit (a read with nothing open is not a
+    /// commit, and would drag the average towards zero).
+    fn commit_locked(&self, p: &mut Pending, durability: redb::Durability) -> Result<(), String> {
+        if p.txn.is_none() && !matches!(durability, redb::Durability::Immediate) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let done = commit(&self.db, p, durability);
+        self.commit_seconds.record(started.elapsed().as_secs_f64(), &[]);
+        done
     }
 
     /// Runs `f` over the state table as applied so far, read inside the open transaction when
@@ -210,7 +229,7 @@ impl StateDb {
     fn read_after(&self, durability: redb::Durability) -> Result<redb::ReadTransaction, String> {
         use redb::ReadableDatabase;
         let mut p = self.lock()?;
-        commit(&self.db, &mut p, durability)?;
+        self.commit_locked(&mut p, durability)?;
         self.db.begin_read().map_err(|e| e.to_string())
     }
 
@@ -220,7 +239,7 @@ impl StateDb {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, String>,
     ) -> Result<T, String> {
         let mut p = self.lock()?;
-        commit(&self.db, &mut p, redb::Durability::None)?;
+        self.commit_locked(&mut p, redb::Durability::None)?;
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         let v = f(&txn)?;
         txn.commit().map_err(|e| e.to_string())?;
@@ -299,7 +318,12 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> StateDb {
-        StateDb::new(Database::create(dir.join("s.redb")).unwrap()).0
+        let meter = opentelemetry::global::meter("test");
+        StateDb::new(
+            Database::create(dir.join("s.redb")).unwrap(),
+            meter.f64_histogram("commit").build(),
+        )
+        .0
     }
 
     #[test]

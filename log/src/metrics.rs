@@ -21,6 +21,12 @@ pub struct Metrics {
     pub propose_seconds: Histogram<f64>,
     /// Proposals carried by one log entry: the group-commit factor.
     pub batch_envelopes: Histogram<u64>,
+    /// Time of one apply to the state: the entries raft hands over at once, up to telling the
+    /// projections (the commit comes later, timed on its own).
+    pub apply_seconds: Histogram<f64>,
+    /// Time of one commit of the applied state (deferred, or forced by a read): applies wait
+    /// while it runs.
+    pub state_commit_seconds: Histogram<f64>,
     /// Writes refused because the data dir's file system was below its reserve.
     pub refused_no_space: Counter<u64>,
 }
@@ -30,6 +36,10 @@ impl Metrics {
     pub fn new(meter: &Meter) -> Self {
         let secs = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
+        // Applies and state commits take tens to hundreds of microseconds.
+        let fine = vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
         ];
         let m = Self {
             proposals: meter
@@ -64,6 +74,18 @@ impl Metrics {
                 .with_unit("s")
                 .with_description("Time from propose to applied outcome")
                 .with_boundaries(secs)
+                .build(),
+            apply_seconds: meter
+                .f64_histogram("rune_state_apply_duration")
+                .with_unit("s")
+                .with_description("Time of one apply of committed log entries to the state")
+                .with_boundaries(fine.clone())
+                .build(),
+            state_commit_seconds: meter
+                .f64_histogram("rune_state_commit_duration")
+                .with_unit("s")
+                .with_description("Time of one commit of the applied state to its database")
+                .with_boundaries(fine)
                 .build(),
             batch_envelopes: meter
                 .u64_histogram("rune_log_batch_proposals")

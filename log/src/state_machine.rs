@@ -269,7 +269,7 @@ impl StateMachine {
         snapshot_dir: PathBuf,
         metrics: Metrics,
     ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (db, closed) = StateDb::new(db);
+        let (db, closed) = StateDb::new(db, metrics.state_commit_seconds.clone());
         let (applied, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
         let notifier = Arc::new(Notifier {
@@ -340,6 +340,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = entries.last().map(|e| e.log_id.index) else {
             return Ok(vec![]);
         };
+        let started = std::time::Instant::now();
         // Short enough to run on the runtime: no fsync, and the commit comes after the replies.
         let Applied {
             replies,
@@ -363,6 +364,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let _ = self.notifier.events.send(Arc::new(ev));
         }
         self.notifier.applied.send_replace(last);
+        self.metrics
+            .apply_seconds
+            .record(started.elapsed().as_secs_f64(), &[]);
         Ok(replies)
     }
 

@@ -380,5 +380,23 @@ fn main() {
         if let Some(p) = avg("rune_log_propose_duration_seconds") {
             println!("runed propose to applied outcome: {:.3} ms on average", p * 1e3);
         }
+        if let (Some(a), Some(n)) = (
+            avg("rune_state_apply_duration_seconds"),
+            get("rune_state_apply_duration_seconds_count"),
+        ) {
+            println!(
+                "runed apply to the state: {:.3} ms on average, over {n:.0} applies",
+                a * 1e3
+            );
+        }
+        if let (Some(c), Some(n)) = (
+            avg("rune_state_commit_duration_seconds"),
+            get("rune_state_commit_duration_seconds_count"),
+        ) {
+            println!(
+                "runed state commit: {:.3} ms on average, over {n:.0} commits",
+                c * 1e3
+            );
+        }
     }
 }

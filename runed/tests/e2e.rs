@@ -624,6 +624,8 @@ fn metrics_pass_promtool() {
         "rune_log_fsync_duration_seconds_bucket",
         "rune_log_apply_lag_entries",
         "rune_log_flush_batch_entries",
+        "rune_state_apply_duration_seconds_bucket",
+        "rune_state_commit_duration_seconds_bucket",
     ] {
         assert!(body.contains(m), "{m} missing from:\n{body}");
     }

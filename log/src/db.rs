@@ -176,15 +176,29 @@ impl StateDb {
         self.commit_locked(&mut p, durability)
     }
 
-    /// [`commit`], timed when there is something to commit (a read with nothing open is not a
-    /// commit, and would drag the average towards zero).
+    /// Commits the open transaction (with `Immediate`, a durable commit even when nothing is
+    /// open), timed; a read with nothing open commits nothing and records no time. A failed
+    /// commit that lost applied entries marks the state failed.
     fn commit_locked(&self, p: &mut Pending, durability: redb::Durability) -> Result<(), String> {
-        if p.txn.is_none() && !matches!(durability, redb::Durability::Immediate) {
-            return Ok(());
-        }
+        let entries = std::mem::take(&mut p.entries);
         let started = std::time::Instant::now();
-        let done = commit(&self.db, p, durability);
+        let mut txn = match p.txn.take() {
+            Some(t) => t,
+            None if matches!(durability, redb::Durability::Immediate) => {
+                self.db.begin_write().map_err(|e| e.to_string())?
+            }
+            None => return Ok(()),
+        };
+        let done = txn
+            .set_durability(durability)
+            .map_err(|e| e.to_string())
+            .and_then(|()| txn.commit().map_err(|e| e.to_string()));
         self.commit_seconds.record(started.elapsed().as_secs_f64(), &[]);
+        if let Err(e) = &done {
+            if entries > 0 {
+                p.failed = Some(e.clone());
+            }
+        }
         done
     }
 
@@ -273,28 +287,6 @@ impl StateTable<'_> {
             StateTable::Committed(t) => r.read(t),
         }
     }
-}
-
-fn commit(db: &Database, p: &mut Pending, durability: redb::Durability) -> Result<(), String> {
-    let entries = std::mem::take(&mut p.entries);
-    let txn = match p.txn.take() {
-        Some(t) => t,
-        None if matches!(durability, redb::Durability::Immediate) => {
-            db.begin_write().map_err(|e| e.to_string())?
-        }
-        None => return Ok(()),
-    };
-    let done = (|| {
-        let mut txn = txn;
-        txn.set_durability(durability).map_err(|e| e.to_string())?;
-        txn.commit().map_err(|e| e.to_string())
-    })();
-    if let Err(e) = &done {
-        if entries > 0 {
-            p.failed = Some(e.clone());
-        }
-    }
-    done
 }
 
 #[cfg(test)]

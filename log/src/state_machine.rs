@@ -147,10 +147,11 @@ fn apply_in(txn: &WriteTransaction, entries: &[Entry<TypeConfig>]) -> Result<App
                         identity |= writes
                             .iter()
                             .any(|(k, _)| store::IDENTITY_PREFIXES.iter().any(|p| k.starts_with(p)));
-                        // Just encoded by this apply: a value that does not decode back is a bug.
+                        // The typed values this apply wrote; one of another type than the delta
+                        // wants is decoded, and failing to is a bug.
                         let deltas = writes
                             .iter()
-                            .filter_map(|(k, v)| Delta::from_write(k, v.as_deref()).transpose())
+                            .filter_map(|(k, v)| Delta::from_written(k, v.as_ref()).transpose())
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| e.to_string())?;
                         events.push(AppliedEntry {

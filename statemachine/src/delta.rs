@@ -2,18 +2,19 @@
 //!
 //! A projection (the DNS, the data plane, the ingress, the orchestrator) starts from
 //! [`snapshot`] of the state at an index and then applies the [`Delta`]s of every later entry.
-//! Both come from the same keys decoded the same way ([`Delta::from_write`], over
-//! [`crate::store::apply_traced`]'s writes or the stored records), so "built from the state at
+//! Both come from the same keys read the same way ([`Delta::from_written`] over
+//! [`crate::store::apply_traced`]'s writes, [`Delta::from_write`] over the stored records; a
+//! written record is the value its stored bytes were encoded from), so "built from the state at
 //! N" and "fed entry by entry up to N" cannot disagree: the projection tests hold them to it. A delta carries the whole new record (or its absence), never a summary to parse.
 
 use std::sync::Arc;
 
 use redb::ReadableTable;
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::instance::{instances_prefix, InstanceRecord};
 use crate::network::{endpoints_prefix, EndpointSet};
-use crate::store::{decode, scan_prefix, services_prefix, ServiceRecord, StoreError};
+use crate::store::{decode, scan_prefix, services_prefix, ServiceRecord, StoreError, Written};
 
 /// One object an entry created, replaced or removed (`None`: removed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +90,16 @@ impl Delta {
     /// The delta a write of `key` stands for, if projections follow that key. A value that does
     /// not decode is an error naming the key: the caller must not guess.
     pub fn from_write(key: &str, value: Option<&[u8]>) -> Result<Option<Delta>, StoreError> {
+        Self::from_source(key, value)
+    }
+
+    /// [`Delta::from_write`] for what an apply just wrote: the records it was encoded from,
+    /// not decoded again.
+    pub fn from_written(key: &str, value: Option<&Written>) -> Result<Option<Delta>, StoreError> {
+        Self::from_source(key, value)
+    }
+
+    fn from_source(key: &str, value: Option<impl Source>) -> Result<Option<Delta>, StoreError> {
         let mut parts = key.split('/');
         let delta = match (
             parts.next(),
@@ -100,34 +111,54 @@ impl Delta {
             (Some("services"), Some(ns), Some(name), None, None) => Delta::Service {
                 namespace: ns.into(),
                 name: name.into(),
-                record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
+                record: value.map(|v| v.record(key)).transpose()?,
             },
             (Some("instances"), Some(ns), Some(service), Some(id), None) => Delta::Instance {
                 namespace: ns.into(),
                 service: service.into(),
                 id: id.into(),
-                record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
+                record: value.map(|v| v.record(key)).transpose()?,
             },
             (Some("placements"), Some(ns), Some(service), Some(id), None) => Delta::Placement {
                 namespace: ns.into(),
                 service: service.into(),
                 id: id.into(),
                 node: value
-                    .map(|v| decode::<crate::store::nodes::PlacementRecord>(key, v).map(|p| p.node))
+                    .map(|v| {
+                        v.record::<crate::store::nodes::PlacementRecord>(key)
+                            .map(|p| p.node.clone())
+                    })
                     .transpose()?,
             },
             (Some("endpoints"), Some(ns), Some(service), None, None) => Delta::Endpoints {
                 namespace: ns.into(),
                 service: service.into(),
-                set: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
+                set: value.map(|v| v.record(key)).transpose()?,
             },
             (Some("nodes"), Some(name), None, None, None) => Delta::Node {
                 name: name.into(),
-                record: value.map(|v| decode(key, v).map(Arc::new)).transpose()?,
+                record: value.map(|v| v.record(key)).transpose()?,
             },
             _ => return Ok(None),
         };
         Ok(Some(delta))
+    }
+}
+
+/// Where a delta's record comes from: stored bytes, or a value apply just wrote.
+trait Source {
+    fn record<T: DeserializeOwned + Send + Sync + 'static>(&self, key: &str) -> Result<Arc<T>, StoreError>;
+}
+
+impl Source for &[u8] {
+    fn record<T: DeserializeOwned + Send + Sync + 'static>(&self, key: &str) -> Result<Arc<T>, StoreError> {
+        decode(key, self).map(Arc::new)
+    }
+}
+
+impl Source for &Written {
+    fn record<T: DeserializeOwned + Send + Sync + 'static>(&self, key: &str) -> Result<Arc<T>, StoreError> {
+        self.value(key)
     }
 }
 

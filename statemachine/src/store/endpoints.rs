@@ -78,6 +78,6 @@ pub(super) fn recompute<R: ReadableTable<&'static str, &'static [u8]>>(
     } else {
         Action::Created
     };
-    o.put(key, &set);
+    o.put(key, set);
     Ok(Some(change(Kind::Endpoints, ns, service, action, 0, &summary)))
 }

@@ -28,7 +28,7 @@ pub(super) fn claim<R: ReadableTable<&'static str, &'static [u8]>>(
             Some(h) => return Ok(Err(Rejection::AlreadyExists(taken(&ns, &name, host, &h)))),
             None => o.put(
                 key,
-                &VipHolder {
+                VipHolder {
                     namespace: ns.clone(),
                     service: name.clone(),
                 },
@@ -92,10 +92,10 @@ pub(super) fn backfill<R: ReadableTable<&'static str, &'static [u8]>>(
         };
         if let Some(host) = host_of(&rec.spec) {
             let key = host_key(&host);
-            if o.get::<VipHolder>(&key)?.is_none() {
+            if !o.contains(&key)? {
                 o.put(
                     key,
-                    &VipHolder {
+                    VipHolder {
                         namespace: rec.spec.namespace().to_string(),
                         service: rec.spec.name.clone(),
                     },

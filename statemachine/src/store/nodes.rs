@@ -145,9 +145,9 @@ pub(super) fn register<R: ReadableTable<&'static str, &'static [u8]>>(
             Action::Created,
         ),
     };
-    o.put(node_key(name), &record);
+    o.put(node_key(name), record);
     if o.get::<u64>(HIGHEST_RAFT_ID_KEY)?.is_none_or(|h| h < raft_id) {
-        o.put(HIGHEST_RAFT_ID_KEY.to_string(), &raft_id);
+        o.put(HIGHEST_RAFT_ID_KEY.to_string(), raft_id);
     }
     let mut changes = vec![change(Kind::Node, "", name, action, raft_id, "ready")];
     changes.extend(place_waiting(o)?);
@@ -170,7 +170,7 @@ pub(super) fn set_ready<R: ReadableTable<&'static str, &'static [u8]>>(
     }
     rec.ready = ready;
     rec.since_ms = now;
-    o.put(node_key(name), &rec);
+    o.put(node_key(name), rec.clone());
     let summary = if ready {
         "ready"
     } else {
@@ -280,7 +280,7 @@ pub(super) fn place<R: ReadableTable<&'static str, &'static [u8]>>(
         o.delete(by_node_key(&p.node, ns, service, id));
         if let Some(n) = nodes.iter_mut().find(|n| n.name == p.node) {
             n.placed = n.placed.saturating_sub(1);
-            o.put(node_key(&n.name), n);
+            o.put(node_key(&n.name), n.clone());
         }
     }
     // Place what has no node.
@@ -294,12 +294,12 @@ pub(super) fn place<R: ReadableTable<&'static str, &'static [u8]>>(
             break;
         };
         n.placed += 1;
-        o.put(node_key(&n.name), n);
+        o.put(node_key(&n.name), n.clone());
         o.put(
             placement_key(ns, service, id),
-            &PlacementRecord { node: n.name.clone() },
+            PlacementRecord { node: n.name.clone() },
         );
-        o.put(by_node_key(&n.name, ns, service, id), &());
+        o.put(by_node_key(&n.name, ns, service, id), ());
     }
     Ok(())
 }

@@ -125,12 +125,12 @@ pub(super) fn put_secret<R: ReadableTable<&'static str, &'static [u8]>>(
         Action::Created
     };
     let prefix = secret_history_prefix(&s.namespace, &s.name);
-    o.put(history_key_for(&prefix, s.version), s);
+    o.put(history_key_for(&prefix, s.version), s.clone());
     prune_history(o, &prefix, history_limit.max(1) as usize)?;
     let summary = format!("version {}, keys {}", s.version, s.keys.join(","));
     o.put(
         key,
-        &SecretRecord {
+        SecretRecord {
             sealed: s.clone(),
             meta,
         },
@@ -203,7 +203,7 @@ pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
         let prefix = configmap_history_prefix(&c.namespace, &c.name);
         o.put(
             history_key_for(&prefix, meta.generation),
-            &ConfigmapVersion {
+            ConfigmapVersion {
                 version: meta.generation,
                 configmap: c.clone(),
                 created_at_ms: now,
@@ -221,7 +221,7 @@ pub(super) fn put_configmap<R: ReadableTable<&'static str, &'static [u8]>>(
     );
     o.put(
         key,
-        &ConfigmapRecord {
+        ConfigmapRecord {
             configmap: c.clone(),
             meta,
         },
@@ -289,7 +289,7 @@ pub(super) fn rewrap<R: ReadableTable<&'static str, &'static [u8]>>(
             if h.kek_id == it.from_kek_id {
                 h.kek_id = it.kek_id.clone();
                 h.wrapped_dek = it.wrapped_dek.clone();
-                o.put(hkey, &h);
+                o.put(hkey, h);
             }
         }
         let key = secret_key(&it.namespace, &it.name);
@@ -298,7 +298,7 @@ pub(super) fn rewrap<R: ReadableTable<&'static str, &'static [u8]>>(
                 rec.sealed.kek_id = it.kek_id.clone();
                 rec.sealed.wrapped_dek = it.wrapped_dek.clone();
                 rec.meta.resource_version = index;
-                o.put(key, &rec);
+                o.put(key, rec);
             }
         }
         changes.push(change(
@@ -346,7 +346,7 @@ pub(super) fn seed_policies<R: ReadableTable<&'static str, &'static [u8]>>(
         changes.push(change(Kind::Policy, "", &spec.name, action, 1, "built in"));
         o.put(
             key,
-            &PolicyRecord {
+            PolicyRecord {
                 spec,
                 builtin: true,
                 meta,
@@ -406,7 +406,7 @@ pub(super) fn put_user<R: ReadableTable<&'static str, &'static [u8]>>(
     let c = change(Kind::User, "", name, action, meta.generation, &summary);
     o.put(
         key,
-        &UserRecord {
+        UserRecord {
             name: name.into(),
             email: email.clone(),
             policies,
@@ -457,7 +457,7 @@ pub(super) fn delete_user<R: ReadableTable<&'static str, &'static [u8]>>(
                 1,
                 "revoked with its user",
             ));
-            o.put(token_key(&t.id), &t);
+            o.put(token_key(&t.id), t);
         }
     }
     Ok(Ok(changes))
@@ -498,7 +498,7 @@ pub(super) fn put_policy<R: ReadableTable<&'static str, &'static [u8]>>(
     let c = change(Kind::Policy, "", &spec.name, action, meta.generation, "");
     o.put(
         key,
-        &PolicyRecord {
+        PolicyRecord {
             spec,
             builtin: false,
             meta,
@@ -635,8 +635,8 @@ pub(super) fn create_token<R: ReadableTable<&'static str, &'static [u8]>>(
             return Ok(Err(r));
         }
     }
-    o.put(token_hash_key(&t.secret_hash), &t.id);
-    o.put(token_key(&t.id), t);
+    o.put(token_hash_key(&t.secret_hash), t.id.clone());
+    o.put(token_key(&t.id), t.clone());
     changes.push(change(
         Kind::Token,
         "",
@@ -668,7 +668,7 @@ pub(super) fn revoke_token<R: ReadableTable<&'static str, &'static [u8]>>(
         )]));
     }
     t.revoked_at_ms = Some(now);
-    o.put(key, &t);
+    o.put(key, t);
     Ok(Ok(vec![change(
         Kind::Token,
         "",

@@ -122,7 +122,7 @@ pub(super) fn existing<R: ReadableTable<&'static str, &'static [u8]>>(
     spec: &ReleaseSpec,
     resources: &[Resource],
 ) -> Result<BTreeSet<ResourceRef>, StoreError> {
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Clone)]
     struct Any {}
     let mut out = BTreeSet::new();
     for r in cast_refs(spec, resources) {
@@ -208,7 +208,7 @@ pub(super) fn put_release<R: ReadableTable<&'static str, &'static [u8]>>(
     );
     o.put(
         key,
-        &ReleaseRecord {
+        ReleaseRecord {
             spec: stored,
             resources: all,
             meta,

@@ -37,7 +37,7 @@ pub(super) fn allocate<R: ReadableTable<&'static str, &'static [u8]>>(
     for _ in 0..=u64::from(last - first) {
         let candidate = at;
         at = if at >= last { first } else { at + 1 };
-        if o.get::<VipHolder>(&vip_key(VIPS_PREFIX, candidate))?.is_some() {
+        if o.contains(&vip_key(VIPS_PREFIX, candidate))? {
             used += 1;
             continue;
         }
@@ -51,12 +51,12 @@ pub(super) fn allocate<R: ReadableTable<&'static str, &'static [u8]>>(
         }
         o.put(
             vip_key(VIPS_PREFIX, candidate),
-            &VipHolder {
+            VipHolder {
                 namespace: namespace.into(),
                 service: service.into(),
             },
         );
-        o.put(CURSOR_KEY.to_string(), &at);
+        o.put(CURSOR_KEY.to_string(), at);
         return Ok(Ok(Some(dotted(candidate))));
     }
     Ok(Err(Rejection::FailedPrecondition(format!(
@@ -77,7 +77,7 @@ pub(super) fn release<R: ReadableTable<&'static str, &'static [u8]>>(
     if let Ok(ip) = vip.parse::<std::net::Ipv4Addr>() {
         let ip = u32::from(ip);
         o.delete(vip_key(VIPS_PREFIX, ip));
-        o.put(vip_key(RELEASED_PREFIX, ip), &now);
+        o.put(vip_key(RELEASED_PREFIX, ip), now);
     }
 }
 
@@ -95,7 +95,7 @@ pub(super) fn set_network<R: ReadableTable<&'static str, &'static [u8]>>(
         cluster_cidr: cidr.trim().to_string(),
     };
     if o.get::<NetworkConfig>(CONFIG_KEY)?.as_ref() != Some(&want) {
-        o.put(CONFIG_KEY.to_string(), &want);
+        o.put(CONFIG_KEY.to_string(), want);
         o.delete(CURSOR_KEY.to_string());
     }
     let mut given = 0;
@@ -111,7 +111,7 @@ pub(super) fn set_network<R: ReadableTable<&'static str, &'static [u8]>>(
             Ok(vip) => rec.vip = vip,
             Err(r) => return Ok(Err(r)),
         }
-        o.put(k, &rec);
+        o.put(k, rec);
         given += 1;
     }
     Ok(Ok(given))

@@ -27,6 +27,10 @@ use rune_statemachine::store::ServiceRecord;
 /// minimum, so a name that does not exist yet is not remembered for longer.
 pub const TTL: u32 = 5;
 
+/// The maps behind the records: keyed by names from the state (a query only looks one up), so
+/// a fast hasher is safe, and hashing names is much of what a lookup and an update cost.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// What a name holds.
 enum Node {
     /// A service: its VIP and the A record set for it.
@@ -42,13 +46,13 @@ type Owned = (LowerName, Option<Record>);
 
 #[derive(Default)]
 struct Names {
-    nodes: HashMap<LowerName, Node>,
+    nodes: Map<LowerName, Node>,
     /// Names with nothing of their own but names below them (`default.rune.`,
     /// `_tcp.web.default.rune.`), with how many: they answer NODATA, not NXDOMAIN.
-    ents: HashMap<LowerName, u32>,
+    ents: Map<LowerName, u32>,
     /// The names each service put in, so its next delta removes exactly those; with the
     /// record for a shared name (a PTR, should two services ever hold one VIP).
-    owned: HashMap<(String, String), Put>,
+    owned: Map<(String, String), Put>,
 }
 
 /// What a service's names are made of: its VIP and named ports. A delta that leaves them as
@@ -207,11 +211,20 @@ impl Records {
     }
 
     /// Counts `name`'s ancestors below its zone's apex up (`add`) or down.
-    fn walk_ents(&self, ents: &mut HashMap<LowerName, u32>, name: &LowerName, add: bool) {
+    fn walk_ents(&self, ents: &mut Map<LowerName, u32>, name: &LowerName, add: bool) {
+        // The innermost zone holding the name decides how many ancestors lie below its apex; a
+        // name that is itself an apex (a one-address reverse zone) has none inside a zone.
+        let Some(apex_labels) = self
+            .apexes
+            .iter()
+            .filter(|z| z.zone_of(name))
+            .map(|z| z.num_labels())
+            .max()
+        else {
+            return;
+        };
         let mut at = name.base_name();
-        // Up to the apex of the zone the name is in; a name that is itself an apex (a
-        // one-address reverse zone) has no ancestors inside a zone.
-        while !at.is_root() && !self.apexes.contains(&at) && self.apexes.iter().any(|z| z.zone_of(&at)) {
+        for _ in apex_labels..at.num_labels() {
             if add {
                 *ents.entry(at.clone()).or_default() += 1;
             } else if let Some(c) = ents.get_mut(&at) {

@@ -445,10 +445,11 @@ impl Log {
     }
 
     /// Runs `f` over the state table as applied so far, without committing what applies left
-    /// open (see [`crate::db::StateDb::latest`]): for a short read before each write. Applies
-    /// wait while `f` runs, and `f` must not read the state any other way (it would deadlock).
-    pub fn with_state<T>(&self, f: impl FnOnce(crate::db::StateTable<'_>) -> T) -> Result<T, LogError> {
-        self.state.latest(STATE_TABLE, f).map_err(LogError::Storage)
+    /// open (see [`crate::db::StateDb::latest`]): for a short read before each write. Waits
+    /// for a running apply without holding a thread; applies wait while `f` runs, and `f` must
+    /// not read the state any other way (it would deadlock).
+    pub async fn with_state<T>(&self, f: impl FnOnce(crate::db::StateTable<'_>) -> T) -> Result<T, LogError> {
+        self.state.latest(STATE_TABLE, f).await.map_err(LogError::Storage)
     }
 
     /// A read view that includes every write acknowledged before this call, on any member: a

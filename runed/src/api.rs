@@ -469,6 +469,7 @@ impl pb::service_api_server::ServiceApi for Api {
                     create_namespace: req.create_namespace,
                 })
             })
+            .await
             .map_err(internal)??;
         predicted.extend(unchanged_secrets);
         for p in &predicted {

@@ -65,9 +65,10 @@ pub(crate) struct StateDb {
     pending: std::sync::Mutex<Pending>,
     /// A deferred commit is on its way.
     scheduled: std::sync::atomic::AtomicBool,
-    /// Signalled whenever `pending` is let go of: what [`StateDb::latest`] waits on instead of
-    /// blocking a runtime thread behind an apply or a commit (up to a few hundred µs each under
-    /// load, measured: 3–4 % of a cast's reads found the lock held).
+    /// Signalled whenever `pending` is let go of: what applies, deferred commits and
+    /// [`StateDb::latest`] wait on instead of blocking a runtime thread behind each other (an
+    /// apply holds the state up to a few hundred µs under load; measured: 3–4 % of a cast's
+    /// reads found it held).
     released: tokio::sync::Notify,
     /// Time of each commit of the state: what applies wait on while it runs.
     commit_seconds: opentelemetry::metrics::Histogram<f64>,
@@ -156,6 +157,22 @@ impl StateDb {
         }
     }
 
+    /// The lock, waited for on [`StateDb::released`] rather than by blocking a runtime thread:
+    /// how applies, deferred commits and [`StateDb::latest`] take it, so that none of them
+    /// holds up the tasks of the thread it runs on while another one holds the state.
+    async fn lock_async(&self) -> Result<Held<'_>, String> {
+        loop {
+            // Registered before trying, so a release between the try and the wait still wakes.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(p) = self.try_lock()? {
+                return Ok(p);
+            }
+            released.await;
+        }
+    }
+
     /// The lock as taken: refused when an earlier transaction lost applied entries.
     fn held<'a>(&'a self, p: std::sync::MutexGuard<'a, Pending>) -> Result<Held<'a>, String> {
         let p = Held {
@@ -172,12 +189,12 @@ impl StateDb {
 
     /// Runs `f`, which applies `entries` log entries, in the open transaction (beginning one),
     /// and leaves it uncommitted: call [`StateDb::schedule_commit`] after.
-    pub(crate) fn apply<T>(
+    pub(crate) async fn apply<T>(
         &self,
         entries: usize,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, String>,
     ) -> Result<T, String> {
-        let mut p = self.lock()?;
+        let mut p = self.lock_async().await?;
         let txn = match p.txn.take() {
             Some(t) => t,
             None => {
@@ -220,7 +237,11 @@ impl StateDb {
             let Some(db) = weak.upgrade() else { return };
             // Cleared first: an apply while this commits schedules the next one.
             db.scheduled.store(false, Ordering::Release);
-            if let Err(e) = db.commit(redb::Durability::None) {
+            let committed = match db.lock_async().await {
+                Ok(mut p) => db.commit_locked(&mut p, redb::Durability::None),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = committed {
                 tracing::error!(error = %e, "committing the applied state failed");
             }
         });
@@ -271,16 +292,7 @@ impl StateDb {
         f: impl FnOnce(StateTable<'_>) -> T,
     ) -> Result<T, String> {
         use redb::ReadableDatabase;
-        let p = loop {
-            // Registered before trying, so a release between the try and the wait still wakes.
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if let Some(p) = self.try_lock()? {
-                break p;
-            }
-            released.await;
-        };
+        let p = self.lock_async().await?;
         match &p.txn {
             Some(txn) => {
                 let t = txn.open_table(table).map_err(|e| e.to_string())?;
@@ -364,11 +376,15 @@ mod tests {
     const T: TableDefinition<&str, u64> = TableDefinition::new("t");
 
     fn put(db: &StateDb, k: &'static str, v: u64) -> Result<(), String> {
-        db.apply(1, |txn| {
+        futures::executor::block_on(db.apply(1, |txn| {
             let mut t = txn.open_table(T).map_err(|e| e.to_string())?;
             t.insert(k, v).map_err(|e| e.to_string())?;
             Ok(())
-        })
+        }))
+    }
+
+    fn fail(db: &StateDb) -> Result<(), String> {
+        futures::executor::block_on(db.apply(1, |_| Err::<(), _>("bad entry".into())))
     }
 
     fn get(txn: &redb::ReadTransaction, k: &str) -> Option<u64> {
@@ -438,10 +454,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = open(dir.path());
         // Failing with nothing uncommitted loses nothing: reads go on.
-        assert!(db.apply(1, |_| Err::<(), _>("bad entry".into())).is_err());
+        assert!(fail(&db).is_err());
         assert!(db.read().is_ok());
         put(&db, "a", 1).unwrap();
-        assert!(db.apply(1, |_| Err::<(), _>("bad entry".into())).is_err());
+        assert!(fail(&db).is_err());
         // "a" went with the aborted transaction: a read now would be behind what was applied.
         let e = db.read().err().unwrap();
         assert!(e.contains("bad entry") && e.contains("restart"), "{e}");
@@ -478,6 +494,7 @@ mod tests {
             t.insert("a", b"1".as_slice()).map_err(|e| e.to_string())?;
             Ok(())
         })
+        .await
         .unwrap();
         // Inside the open transaction: the apply is seen...
         let open = db

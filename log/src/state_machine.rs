@@ -350,6 +350,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         } = self
             .db
             .apply(entries.len(), |txn| apply_in(txn, &entries))
+            .await
             .map_err(sm_err)?;
         self.db.schedule_commit();
         if identity {

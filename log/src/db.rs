@@ -86,7 +86,8 @@ struct Pending {
     failed: Option<String>,
 }
 
-/// The state's lock as held; letting go of it wakes whoever waits in [`StateDb::latest`].
+/// The state's lock as held; letting go of it wakes whoever waits for it in
+/// [`StateDb::lock_async`].
 struct Held<'a> {
     /// `None` only while being dropped.
     guard: Option<std::sync::MutexGuard<'a, Pending>>,
@@ -237,11 +238,8 @@ impl StateDb {
             let Some(db) = weak.upgrade() else { return };
             // Cleared first: an apply while this commits schedules the next one.
             db.scheduled.store(false, Ordering::Release);
-            let committed = match db.lock_async().await {
-                Ok(mut p) => db.commit_locked(&mut p, redb::Durability::None),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = committed {
+            let committed = db.lock_async().await;
+            if let Err(e) = committed.and_then(|mut p| db.commit_locked(&mut p, redb::Durability::None)) {
                 tracing::error!(error = %e, "committing the applied state failed");
             }
         });

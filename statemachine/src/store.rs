@@ -310,7 +310,6 @@ where
 /// A value an entry wrote: its encoding, which the table gets, and the typed value it was
 /// encoded from. Reads later in the same entry and the projections' deltas take the typed value
 /// instead of decoding what was just encoded (5-6 % of a cast's CPU went to such decodes).
-#[derive(Clone)]
 pub struct Written {
     /// What the table holds under the key.
     pub bytes: Vec<u8>,
@@ -334,12 +333,6 @@ impl Written {
             Ok(t) => Ok(t),
             Err(_) => decode(key, &self.bytes).map(Arc::new),
         }
-    }
-}
-
-impl std::fmt::Debug for Written {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.bytes))
     }
 }
 

@@ -2,16 +2,14 @@
 //!
 //! Every write (append, vote, truncate, purge) goes through one FIFO queue, so they keep their
 //! order; whoever writes drains whatever is queued into one write and one `fdatasync`, and then
-//! completes openraft's [`LogFlushed`] callbacks. Who writes depends on the membership and the
-//! load: while this node is the only voter ([`LogStore::solo_switch`]) and an append carries
-//! batched proposals, raft's own task writes as it appends, since a hand-off to a thread and
-//! back costs two wake-ups on a runtime that is busy anyway (measured on 2-core VMs: 16 and 64
-//! clients lost 8-13 % of their writes with every fsync on the thread). An append of a lone
-//! proposal goes to the writer thread even then: the runtime thread is not blocked in the
-//! fsync, and on the VM of 2026-12-05 one client wrote 9 % more (0.62 vs 0.54 of etcd, paired
-//! rounds; an earlier VM had measured the opposite, 0.69-0.71 inline vs 0.60-0.64). With others
-//! to replicate to, the writer thread takes every fsync off raft's task so that replication
-//! overlaps it. The committed log id rides along with the
+//! completes openraft's [`LogFlushed`] callbacks. Who writes depends on the membership: while
+//! this node is the only voter ([`LogStore::solo_switch`]), raft's own task writes as it appends,
+//! since nothing else waits on it and a hand-off to a thread and back costs two wake-ups
+//! (measured with `--bench writes` on three 2-core VMs: at 16 and 64 clients every fsync on the
+//! thread cost 8-13 %; at 1 client inline wrote 0.69-0.71 vs 0.60-0.64 of etcd on the first,
+//! 1,651-1,877 vs 1,541-1,618 writes/s and 15 % less CPU per write on the third, while the
+//! second measured the thread 9 % ahead); with others to replicate to, a writer thread takes
+//! the fsync off raft's task so that replication overlaps it. The committed log id rides along with the
 //! next synced write instead of paying its own. openraft 0.9 waits for each append's flush before
 //! the next, so group commit of client writes happens before raft (`batch.rs`). The last entries
 //! appended are also kept decoded, so the state machine's read of a just-committed entry is a
@@ -239,18 +237,13 @@ impl LogStore {
     /// Queues `op`; alone, and with no one else writing, writes it (and whatever queued
     /// meanwhile) before returning.
     fn send(&self, op: Op) -> Result<(), SErr> {
-        self.send_via(op, false)
-    }
-
-    /// [`LogStore::send`]; `to_thread` hands even a solo node's write to the thread.
-    fn send_via(&self, op: Op, to_thread: bool) -> Result<(), SErr> {
         let q = &self.queue;
         let mut p = q.pending();
         if p.closed {
             return Err(write_err("log writer thread has stopped"));
         }
         p.ops.push_back(op);
-        if p.writing || to_thread || !q.solo.load(Ordering::Relaxed) {
+        if p.writing || !q.solo.load(Ordering::Relaxed) {
             drop(p);
             q.ready.notify_one();
             return Ok(());
@@ -618,26 +611,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes: Arc<[u8]> = serde_json::to_vec(e).map_err(write_err)?.into();
             encoded.push((e.log_id.index, bytes));
         }
-        // A lone proposal (a quiet node, one client) goes to the thread: raft's task and the
-        // runtime thread it runs on go on while the fsync waits. Batched proposals mean load,
-        // where the hand-off's wake-ups cost more than the overlap gains (see the module doc).
-        let proposals: usize = entries
-            .iter()
-            .map(|e| match &e.payload {
-                openraft::EntryPayload::Normal(b) => b.envelopes.len(),
-                _ => 0,
-            })
-            .sum();
         // Readable from now on, as openraft expects; durable once the callback fires.
         self.reader.lock().add_pending(&encoded);
         self.recent.add(&entries);
-        self.send_via(
-            Op::Append {
-                entries: encoded,
-                done: callback,
-            },
-            proposals <= 1,
-        )
+        self.send(Op::Append {
+            entries: encoded,
+            done: callback,
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {

@@ -121,6 +121,14 @@ impl Drop for Held<'_> {
     }
 }
 
+/// Whether [`tokio::task::block_in_place`] may be called here: anywhere in a multi-threaded
+/// runtime (outside a worker it just runs the closure), never in a current-thread one, where it
+/// panics.
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 impl StateDb {
     /// The state database over `db`, timing its commits into `commit_seconds`; the receiver
     /// resolves once its file is released.
@@ -141,11 +149,25 @@ impl StateDb {
         )
     }
 
+    /// The lock, for the synchronous readers and writers ([`StateDb::read`], snapshots, restores).
+    /// While an apply or a commit holds it, a caller on a worker of the multi-threaded runtime
+    /// waits inside [`tokio::task::block_in_place`], which hands the worker's other tasks to
+    /// another thread first: a get or a list that arrives during an apply must not stall the
+    /// writes and answers queued behind it on one of the runtime's two threads.
     fn lock(&self) -> Result<Held<'_>, String> {
-        let p = self
-            .pending
-            .lock()
-            .map_err(|_| "an apply of the state panicked".to_string())?;
+        if let Some(p) = self.try_lock()? {
+            return Ok(p);
+        }
+        let wait = || {
+            self.pending
+                .lock()
+                .map_err(|_| "an apply of the state panicked".to_string())
+        };
+        let p = if on_multi_thread_runtime() {
+            tokio::task::block_in_place(wait)?
+        } else {
+            wait()?
+        };
         self.held(p)
     }
 
@@ -538,6 +560,59 @@ mod tests {
             .expect("the waiting read was woken")
             .unwrap();
         assert_eq!(got.unwrap(), None);
+    }
+
+    #[test]
+    fn a_read_waiting_for_an_apply_leaves_its_worker_to_other_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = std::sync::Arc::new(open(dir.path()));
+        put(&db, "a", 1).unwrap();
+        // One worker: a read that blocked it outright would starve every other task.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // An apply (here: another thread) holds the state until told to let go.
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let db = db.clone();
+            move || {
+                let held = db.lock().unwrap();
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+                drop(held);
+            }
+        });
+        locked_rx.recv().unwrap();
+        let ten_s = std::time::Duration::from_secs(10);
+        let (reading_tx, reading_rx) = std::sync::mpsc::channel();
+        let reader = rt.spawn({
+            let db = db.clone();
+            async move {
+                let _ = reading_tx.send(());
+                db.read().map(|txn| get(&txn, "a"))
+            }
+        });
+        reading_rx.recv_timeout(ten_s).expect("the reader started");
+        // Spawned after the reader took the worker: it runs only if the reader gave it up.
+        // Waited for on this thread, so a blocked worker fails the test instead of hanging it.
+        let (ran_tx, ran_rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _ = ran_tx.send(());
+        });
+        let ran = ran_rx.recv_timeout(ten_s);
+        let read_early = reader.is_finished();
+        release_tx.send(()).unwrap();
+        ran.expect("another task ran while the read waited");
+        assert!(!read_early, "the read went ahead of the holder");
+        let got = rt
+            .block_on(async { tokio::time::timeout(ten_s, reader).await })
+            .expect("the read went on once the holder let go")
+            .unwrap();
+        assert_eq!(got.unwrap(), Some(1));
+        holder.join().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

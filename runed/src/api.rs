@@ -268,10 +268,9 @@ impl Api {
                         Resource::Configmap(c) => c.namespace.clone(),
                         Resource::Namespace(_) => String::new(),
                     };
+                    // Existence only: the record itself is not decoded.
                     let exists = new_namespaces.contains(&ns)
-                        || get_record::<Stored, _>(t, &namespace_key(&ns))
-                            .map_err(internal)?
-                            .is_some();
+                        || t.get(namespace_key(&ns).as_str()).map_err(internal)?.is_some();
                     if !exists {
                         if !create_namespace {
                             return Err(Status::not_found(format!(

@@ -9,11 +9,11 @@
 //! thread cost 8-13 %; at 1 client inline wrote 0.69-0.71 vs 0.60-0.64 of etcd on the first,
 //! 1,651-1,877 vs 1,541-1,618 writes/s and 15 % less CPU per write on the third, while the
 //! second measured the thread 9 % ahead); with others to replicate to, a writer thread takes
-//! the fsync off raft's task so that replication overlaps it. The committed log id rides along with the
-//! next synced write instead of paying its own. openraft 0.9 waits for each append's flush before
-//! the next, so group commit of client writes happens before raft (`batch.rs`). The last entries
-//! appended are also kept decoded, so the state machine's read of a just-committed entry is a
-//! clone, not a JSON decode.
+//! the fsync off raft's task so that replication overlaps it. The committed log id rides along
+//! with the next synced write instead of paying its own. openraft 0.9 waits for each append's
+//! flush before the next, so group commit of client writes happens before raft (`batch.rs`).
+//! The last entries appended are also kept decoded, so the state machine's read of a
+//! just-committed entry is a clone, not a JSON decode.
 //!
 //! Data dirs written before the WAL kept the log in `raft-log.redb`; [`migrate_redb`] moves such
 //! a log into the WAL once, at open.

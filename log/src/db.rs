@@ -121,6 +121,11 @@ impl Drop for Held<'_> {
     }
 }
 
+/// Why the state cannot be locked after an apply panicked while holding it.
+fn poisoned() -> String {
+    "an apply of the state panicked".to_string()
+}
+
 /// Whether [`tokio::task::block_in_place`] may be called here: anywhere in a multi-threaded
 /// runtime (outside a worker it just runs the closure), never in a current-thread one, where it
 /// panics.
@@ -158,11 +163,7 @@ impl StateDb {
         if let Some(p) = self.try_lock()? {
             return Ok(p);
         }
-        let wait = || {
-            self.pending
-                .lock()
-                .map_err(|_| "an apply of the state panicked".to_string())
-        };
+        let wait = || self.pending.lock().map_err(|_| poisoned());
         let p = if on_multi_thread_runtime() {
             tokio::task::block_in_place(wait)?
         } else {
@@ -176,7 +177,7 @@ impl StateDb {
         match self.pending.try_lock() {
             Ok(p) => self.held(p).map(Some),
             Err(std::sync::TryLockError::WouldBlock) => Ok(None),
-            Err(std::sync::TryLockError::Poisoned(_)) => Err("an apply of the state panicked".to_string()),
+            Err(std::sync::TryLockError::Poisoned(_)) => Err(poisoned()),
         }
     }
 

@@ -361,7 +361,7 @@ fn missing_policies<R: ReadableTable<&'static str, &'static [u8]>>(
     names: &[String],
 ) -> Result<Option<Rejection>, StoreError> {
     for p in names {
-        if o.get::<PolicyRecord>(&policy_key(p))?.is_none() {
+        if !o.contains(&policy_key(p))? {
             return Ok(Some(Rejection::NotFound(format!("policy {p} not found"))));
         }
     }
@@ -586,7 +586,7 @@ pub(super) fn create_token<R: ReadableTable<&'static str, &'static [u8]>>(
             "token: id and secret hash are required".into(),
         )));
     }
-    if o.get::<TokenRecord>(&token_key(&t.id))?.is_some() {
+    if o.contains(&token_key(&t.id))? {
         return Ok(Err(Rejection::AlreadyExists(format!("token {} exists", t.id))));
     }
     let mut changes = Vec::new();

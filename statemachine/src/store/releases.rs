@@ -122,11 +122,9 @@ pub(super) fn existing<R: ReadableTable<&'static str, &'static [u8]>>(
     spec: &ReleaseSpec,
     resources: &[Resource],
 ) -> Result<BTreeSet<ResourceRef>, StoreError> {
-    #[derive(Deserialize, Clone)]
-    struct Any {}
     let mut out = BTreeSet::new();
     for r in cast_refs(spec, resources) {
-        if o.get::<Any>(&r.key())?.is_some() {
+        if o.contains(&r.key())? {
             out.insert(r);
         }
     }

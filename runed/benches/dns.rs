@@ -215,6 +215,11 @@ fn main() {
         .zip(&unbound_full)
         .map(|(r, u)| r.0 / u.0.max(1.0))
         .collect();
+    let full_l_ratios: Vec<f64> = runed_full
+        .iter()
+        .zip(&unbound_full)
+        .map(|(r, u)| r.1 / u.1.max(1.0))
+        .collect();
     let (rq, rl, rcpu) = medians(&runed_full);
     let (uq, ul, ucpu) = medians(&unbound_full);
     // At full speed the client, the server and the kernel share two cores, so the average
@@ -265,8 +270,9 @@ fn main() {
     let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
     println!();
     println!(
-        "runed/unbound by round: q/s {}; latency at {fixed:.0} q/s {}",
+        "runed/unbound by round: q/s {}; latency at full speed {}; latency at {fixed:.0} q/s {}",
         list(&q_ratios),
+        list(&full_l_ratios),
         list(&l_ratios)
     );
     println!();

@@ -812,6 +812,9 @@ impl Writer {
             Ok(()) => self.allocated = to,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot allocate ahead in the raft log");
+                // A fill cut short (a full disk) gives back what it wrote, so the file is
+                // again `allocated` long; the append then grows it to `end`.
+                let _ = self.file.set_len(self.allocated);
                 self.allocated = end;
             }
         }

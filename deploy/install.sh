@@ -25,7 +25,8 @@ then, when systemd is running, reloads it and runs `systemctl enable --now runed
 
 Options:
   --bin-dir DIR  directory holding the built runed and rune binaries
-                 (default: target/release in the repository)
+                 (default: target/dist in the repository, or target/release
+                 when that build is newer or target/dist is incomplete)
   --no-start     install the files only; do not reload, enable or start anything
   -h, --help     show this help
 
@@ -33,7 +34,8 @@ Environment:
   DESTDIR        prefix put in front of every destination (e.g. DESTDIR=/tmp/stage);
                  implies --no-start
 
-Build the binaries first with `cargo build --release`. Run as root.
+Build the binaries first with `cargo build --profile dist --bins` (link-time optimised,
+10-20 % less CPU per write; `cargo build --release --bins` works too). Run as root.
 EOF
 }
 
@@ -44,7 +46,7 @@ die() {
 
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
 deploy_dir="$repo_root/deploy"
-bin_dir="$repo_root/target/release"
+bin_dir=""
 start=1
 
 while [ $# -gt 0 ]; do
@@ -85,11 +87,23 @@ doc_dir="$destdir/usr/local/share/doc/rune"
 etc_rune="$destdir/etc/rune"
 unit_dir="$destdir/etc/systemd/system"
 
+# The production build when it is complete and not older than the release build (a stale one
+# must not win over a fresh `--release`), else the release build.
+if [ -z "$bin_dir" ]; then
+    bin_dir="$repo_root/target/release"
+    d="$repo_root/target/dist"
+    if [ -x "$d/runed" ] && [ -x "$d/rune" ] && [ -x "$d/rune-log-writer" ] &&
+        ! [ "$bin_dir/runed" -nt "$d/runed" ]; then
+        bin_dir="$d"
+    fi
+fi
+
 # Check the inputs before changing anything.
-[ -d "$bin_dir" ] || die "binary directory '$bin_dir' does not exist; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
+build="cargo build --profile dist --bins"
+[ -d "$bin_dir" ] || die "binary directory '$bin_dir' does not exist; run \`$build\` in $repo_root first (or pass --bin-dir DIR)"
 for b in runed rune rune-log-writer; do
     if [ ! -f "$bin_dir/$b" ] || [ ! -x "$bin_dir/$b" ]; then
-        die "'$bin_dir/$b' is missing or not executable; run \`cargo build --release\` in $repo_root first (or pass --bin-dir DIR)"
+        die "'$bin_dir/$b' is missing or not executable; run \`$build\` in $repo_root first (or pass --bin-dir DIR)"
     fi
 done
 for f in runefile.yaml runed.service resolved-rune.conf; do

@@ -504,10 +504,7 @@ fn main() {
     );
 
     // The same through runed processes and the API.
-    let bins = rune_chaos_tests::Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    };
+    let bins = rune_chaos_tests::Bins::locate();
     let mut nodes = runed_cluster(&bins);
     println!();
     println!("three runed processes, casts through the first node's gRPC API; etcd's three members through the first one's");

@@ -342,10 +342,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let bins = Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    };
+    let bins = Bins::locate();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

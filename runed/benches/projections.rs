@@ -113,10 +113,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
-    let bins = Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    };
+    let bins = Bins::locate();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -142,10 +142,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let bins = Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    };
+    let bins = Bins::locate();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
     let built = std::process::Command::new("bash").arg(script).status();
     assert!(

@@ -242,10 +242,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let bins = Bins {
-        runed: env!("CARGO_BIN_EXE_runed").into(),
-        rune: env!("CARGO_BIN_EXE_rune").into(),
-    };
+    let bins = Bins::locate();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -254,6 +251,11 @@ fn main() {
         "durable writes through the gRPC API, {VALUE_BYTES}-byte values, {seconds} s per run, fsync on;"
     );
     println!("each run on a fresh runed and a fresh etcd holding that many services (keys) already");
+    // The build profile moves these figures by 10-20 %: say which binary was measured.
+    println!(
+        "runed: {} (scripts/bench.sh measures the dist profile)",
+        bins.runed.display()
+    );
     println!();
     let rounds = common::rounds();
     println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd | by round |");

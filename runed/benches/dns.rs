@@ -210,16 +210,8 @@ fn main() {
     let u = || cpu_per_query(unbound_pid, &|| dnsperf(ub, &file, None));
     let (runed_full, unbound_full): (Vec<_>, Vec<_>) =
         (0..n).map(|round| common::in_turn(round, r, u)).unzip();
-    let q_ratios: Vec<f64> = runed_full
-        .iter()
-        .zip(&unbound_full)
-        .map(|(r, u)| r.0 / u.0.max(1.0))
-        .collect();
-    let full_l_ratios: Vec<f64> = runed_full
-        .iter()
-        .zip(&unbound_full)
-        .map(|(r, u)| r.1 / u.1.max(1.0))
-        .collect();
+    let q_ratios = common::ratios(runed_full.iter().map(|r| r.0), unbound_full.iter().map(|u| u.0));
+    let full_l_ratios = common::ratios(runed_full.iter().map(|r| r.1), unbound_full.iter().map(|u| u.1));
     let (rq, rl, rcpu) = medians(&runed_full);
     let (uq, ul, ucpu) = medians(&unbound_full);
     // At full speed the client, the server and the kernel share two cores, so the average
@@ -231,11 +223,7 @@ fn main() {
     let u = || dnsperf(ub, &file, Some(fixed)).1;
     let (runed_fixed, unbound_fixed): (Vec<_>, Vec<_>) =
         (0..n).map(|round| common::in_turn(round, r, u)).unzip();
-    let l_ratios: Vec<f64> = runed_fixed
-        .iter()
-        .zip(&unbound_fixed)
-        .map(|(r, u)| r / u.max(1.0))
-        .collect();
+    let l_ratios = common::ratios(runed_fixed.iter().copied(), unbound_fixed.iter().copied());
     let (rfl, ufl) = (common::median(runed_fixed), common::median(unbound_fixed));
     let mut rs = sequential(d.dns, &names, 20_000);
     let mut us = sequential(ub, &names, 20_000);

@@ -207,6 +207,12 @@ pub fn in_turn<A, B>(round: usize, ours: impl FnOnce() -> A, peer: impl FnOnce()
     }
 }
 
+/// Each round's ours ÷ peer's (a peer's 0 counted as 1, so a failed run reads as a large
+/// ratio rather than infinity).
+pub fn ratios(ours: impl IntoIterator<Item = f64>, peer: impl IntoIterator<Item = f64>) -> Vec<f64> {
+    ours.into_iter().zip(peer).map(|(o, p)| o / p.max(1.0)).collect()
+}
+
 /// The middle value (the upper one of an even count); 0 for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -260,7 +260,7 @@ impl Api {
         let mut new_namespaces = std::collections::BTreeSet::new();
         refuse_taken_hosts(t, resources)?;
         for r in resources {
-            let (kind, ns, name, key, hash) = match r {
+            let (kind, ns, name, key) = match r {
                 Resource::Service(_) | Resource::Secret(_) | Resource::Configmap(_) => {
                     let ns = match r {
                         Resource::Service(s) => s.namespace().to_string(),
@@ -287,52 +287,48 @@ impl Api {
                         ));
                     }
                     match r {
-                        Resource::Service(s) => (
-                            "service",
-                            ns,
-                            s.name.clone(),
-                            service_key(s.namespace(), &s.name),
-                            spec_hash(s),
-                        ),
+                        Resource::Service(s) => {
+                            ("service", ns, s.name.clone(), service_key(s.namespace(), &s.name))
+                        }
                         // Sealed secrets reaching here changed: unchanged ones were left out before.
-                        Resource::Secret(s) => (
-                            "secret",
-                            ns,
-                            s.name.clone(),
-                            secret_key(&s.namespace, &s.name),
-                            String::new(),
-                        ),
+                        Resource::Secret(s) => {
+                            ("secret", ns, s.name.clone(), secret_key(&s.namespace, &s.name))
+                        }
                         Resource::Configmap(c) => (
                             "configmap",
                             ns,
                             c.name.clone(),
                             configmap_key(&c.namespace, &c.name),
-                            spec_hash(c),
                         ),
                         Resource::Namespace(_) => continue,
                     }
                 }
                 Resource::Namespace(n) => {
                     new_namespaces.insert(n.name.clone());
-                    (
-                        "namespace",
-                        String::new(),
-                        n.name.clone(),
-                        namespace_key(&n.name),
-                        spec_hash(n),
-                    )
+                    ("namespace", String::new(), n.name.clone(), namespace_key(&n.name))
                 }
             };
+            // The spec's hash only matters against a stored one: a create never computes it.
+            let unchanged = |old: &Stored| !force && recast_hash(r).is_some_and(|h| old.meta.spec_hash == h);
             let (action, generation) = match get_record::<Stored, _>(t, &key).map_err(internal)? {
                 None => (pb::ApplyAction::Created, 1),
-                Some(old) if old.meta.spec_hash == hash && !force => {
-                    (pb::ApplyAction::Unchanged, old.meta.generation)
-                }
+                Some(old) if unchanged(&old) => (pb::ApplyAction::Unchanged, old.meta.generation),
                 Some(old) => (pb::ApplyAction::Configured, old.meta.generation + 1),
             };
             out.push(result(kind, ns, name, action, generation));
         }
         Ok(out)
+    }
+}
+
+/// The hash that tells a re-cast changes nothing; none for a sealed secret, which reaches the
+/// prediction only when it changed (unchanged ones were left out before).
+fn recast_hash(r: &Resource) -> Option<String> {
+    match r {
+        Resource::Service(s) => Some(spec_hash(s)),
+        Resource::Configmap(c) => Some(spec_hash(c)),
+        Resource::Namespace(n) => Some(spec_hash(n)),
+        Resource::Secret(_) => None,
     }
 }
 

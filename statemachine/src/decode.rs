@@ -74,6 +74,17 @@ impl FieldError {
 
 /// Decodes `value` as `T`, reporting every unknown field and, if the shape is wrong, where.
 pub fn decode<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, Vec<FieldError>> {
+    // Every cast decodes its spec, nearly always a good one: a first pass without path tracking
+    // (which copies each key it passes into a path) settles those. Decoding is deterministic,
+    // so a document that fails it fails the tracked pass below the same way, now with paths.
+    let mut clean = true;
+    let fast = T::deserialize(serde_ignored::Deserializer::new(
+        value,
+        &mut |_: serde_ignored::Path<'_>| clean = false,
+    ));
+    if let (Ok(v), true) = (fast, clean) {
+        return Ok(v);
+    }
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
     let result = {
@@ -222,6 +233,19 @@ mod tests {
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!(errs[0].path.to_string(), "data.password");
         assert!(errs[0].message.contains("has no value"), "{}", errs[0].message);
+    }
+
+    #[test]
+    fn a_good_document_decodes_and_a_bad_one_still_names_its_field() {
+        // The untracked first pass must not change what either kind of document gives.
+        let good = serde_json::json!({"name": "a", "image": "x", "ports": [{"name": "h", "port": 80}]});
+        let s = decode::<ServiceSpec>(&good).unwrap();
+        assert_eq!(s.ports[0].port, 80);
+        let unknown_only = serde_json::json!({"name": "a", "image": "x", "extra": {"deep": 1}});
+        let errs = decode::<ServiceSpec>(&unknown_only).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path.to_string(), "extra");
+        assert_eq!(errs[0].message, "unknown field 'extra'");
     }
 
     #[test]

@@ -357,6 +357,19 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
         }
     }
 
+    /// [`Overlay::get`] for a reader that only looks: a value written earlier in this entry is
+    /// shared, not deep-copied (a service record's spec is maps and lists).
+    fn get_shared<T: DeserializeOwned + Send + Sync + 'static>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Arc<T>>, StoreError> {
+        match self.pending.get(key) {
+            Some(Some(w)) => w.value(key).map(Some),
+            Some(None) => Ok(None),
+            None => Ok(get_record(self.base, key)?.map(Arc::new)),
+        }
+    }
+
     /// Whether `key` holds a value, without decoding it.
     fn contains(&self, key: &str) -> Result<bool, StoreError> {
         match self.pending.get(key) {
@@ -374,10 +387,15 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
     }
 
     fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let mut keys: std::collections::BTreeSet<String> = scan_prefix(self.base, prefix)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        // Keys only: the values under the prefix are not copied out.
+        let mut keys = std::collections::BTreeSet::new();
+        for item in self.base.range::<&str>(prefix..)? {
+            let (k, _) = item?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            keys.insert(k.value().to_string());
+        }
         for (k, v) in self.pending.range(prefix.to_string()..) {
             if !k.starts_with(prefix) {
                 break;

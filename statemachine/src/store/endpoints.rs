@@ -16,7 +16,7 @@ pub(super) fn recompute<R: ReadableTable<&'static str, &'static [u8]>>(
 ) -> Result<Option<Change>, StoreError> {
     let key = endpoints_key(ns, service);
     let stored = o.get::<EndpointSet>(&key)?;
-    let Some(svc) = o.get::<ServiceRecord>(&service_key(ns, service))? else {
+    let Some(svc) = o.get_shared::<ServiceRecord>(&service_key(ns, service))? else {
         if stored.is_some() {
             o.delete(key);
             return Ok(Some(change(

@@ -252,7 +252,7 @@ pub(super) fn place<R: ReadableTable<&'static str, &'static [u8]>>(
     if nodes.is_empty() && existing.is_empty() {
         return Ok(());
     }
-    let rec = o.get::<ServiceRecord>(&service_key(ns, service))?;
+    let rec = o.get_shared::<ServiceRecord>(&service_key(ns, service))?;
     let wanted = rec
         .as_ref()
         .filter(|r| r.spec.skip != Some(true))

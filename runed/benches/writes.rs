@@ -3,10 +3,13 @@
 //!
 //! `cargo bench -p runed --bench writes` prints a table. `BENCH_SECONDS` (default 5) sets the
 //! length of each run; `ETCD` the etcd binary (default `etcd` on PATH; skipped if absent);
-//! `BENCH_CLIENTS` (e.g. `16`) and `BENCH_PREFILL` (`0` or `5000`) run only those rows, for
-//! profiling one of them. Each row is `BENCH_ROUNDS` (default 3) pairs of runs on fresh servers,
-//! runed first in even rounds and etcd first in odd ones (this machine drifts by tens of
-//! percent within minutes): the table shows each figure's median and every round's ratio.
+//! `BENCH_CLIENTS` (e.g. `16`), `BENCH_PREFILL` (`0` or `5000`) and `BENCH_KIND` (`service` or
+//! `configmap`) run only those rows, for profiling one of them. Each runed write casts a new
+//! service at scale 0; a second table casts configmaps of one key instead, the closest runed
+//! has to etcd's put, so the cost of a service's own semantics can be told from the write
+//! path's. Each row is `BENCH_ROUNDS` (default 3) pairs of runs on fresh servers, runed first
+//! in even rounds and etcd first in odd ones (this machine drifts by tens of percent within
+//! minutes): the table shows each figure's median and every round's ratio.
 
 mod common;
 
@@ -54,6 +57,32 @@ fn spec(name: &str) -> String {
         serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"V": ""}}).to_string();
     let pad = "x".repeat(VALUE_BYTES.saturating_sub(base.len()));
     serde_json::json!({"name": name, "image": "busybox", "scale": 0, "env": {"V": pad}}).to_string()
+}
+
+/// A configmap of one key, padded like [`spec`]: the like-for-like counterpart of an etcd put
+/// (a key and a value, no VIP, endpoints, placement or projections to feed).
+fn configmap(name: &str) -> String {
+    let base = serde_json::json!({"name": name, "data": {"v": ""}}).to_string();
+    let pad = "x".repeat(VALUE_BYTES.saturating_sub(base.len()));
+    serde_json::json!({"name": name, "data": {"v": pad}}).to_string()
+}
+
+/// What each runed write casts.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// A service at scale 0: what the issues' figures are about.
+    Service,
+    /// A configmap: the closest runed has to etcd's put.
+    Configmap,
+}
+
+impl Kind {
+    fn resource(self, name: &str) -> pb::resource::Kind {
+        match self {
+            Kind::Service => pb::resource::Kind::ServiceJson(spec(name)),
+            Kind::Configmap => pb::resource::Kind::ConfigmapJson(configmap(name)),
+        }
+    }
 }
 
 /// [`drive`], with the CPU that process `pid` spent during it.
@@ -131,6 +160,7 @@ async fn channels(addr: String, n: usize) -> Vec<Channel> {
 }
 
 async fn bench_runed(
+    kind: Kind,
     addr: String,
     bearer: Bearer,
     pid: Option<u32>,
@@ -144,10 +174,9 @@ async fn bench_runed(
         let bearer = bearer.clone();
         async move {
             let mut client = pb::service_api_client::ServiceApiClient::with_interceptor(ch, bearer);
-            let json = spec(&format!("b{round}-c{c}-{i}"));
             let req = pb::ApplyRequest {
                 resources: vec![pb::Resource {
-                    kind: Some(pb::resource::Kind::ServiceJson(json)),
+                    kind: Some(kind.resource(&format!("b{round}-c{c}-{i}"))),
                 }],
                 ..Default::default()
             };
@@ -258,15 +287,44 @@ fn main() {
     );
     println!();
     let rounds = common::rounds();
-    println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd | by round |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
+    let header = || {
+        println!("| already there | clients | runed writes/s | runed p50 ms | runed p99 ms | runed CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | runed/etcd | by round |");
+        println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
+    };
     let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
     let mut last = None;
-    let only = |var: &str, v: usize| std::env::var(var).map_or(true, |s| s == v.to_string());
-    for prefill in PREFILL {
+    let only = |var: &str, v: &str| std::env::var(var).map_or(true, |s| s == v);
+    let mut headed = None;
+    // Services on an empty store and with 5,000 there, then configmaps on an empty store.
+    let cases = PREFILL
+        .map(|p| (Kind::Service, p))
+        .into_iter()
+        .chain([(Kind::Configmap, 0)]);
+    for (kind, prefill) in cases {
+        let kind_name = match kind {
+            Kind::Service => "service",
+            Kind::Configmap => "configmap",
+        };
         for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
-            if !only("BENCH_CLIENTS", clients) || !only("BENCH_PREFILL", prefill) {
+            if !only("BENCH_CLIENTS", &clients.to_string())
+                || !only("BENCH_PREFILL", &prefill.to_string())
+                || !only("BENCH_KIND", kind_name)
+            {
                 continue;
+            }
+            if headed != Some(kind) {
+                if kind == Kind::Configmap {
+                    if headed.is_some() {
+                        println!();
+                    }
+                    println!(
+                        "like for like: each runed write casts a configmap of one key (no VIP, endpoints,"
+                    );
+                    println!("placement or projections to feed); etcd's puts as above");
+                    println!();
+                }
+                header();
+                headed = Some(kind);
             }
             let (mut runs, mut etcd_runs) = (Vec::new(), Vec::new());
             for r in 0..rounds {
@@ -287,6 +345,7 @@ fn main() {
                 }
                 let runed_run = || {
                     rt.block_on(bench_runed(
+                        kind,
                         format!("http://{}", d.grpc),
                         d.bearer(),
                         d.pid(),
@@ -335,14 +394,22 @@ fn main() {
                 r.cpu_us,
                 by_round.join(", ")
             );
+            let figure = match kind {
+                Kind::Service => format!("durable writes, {clients} client(s), {prefill} services there"),
+                Kind::Configmap => {
+                    format!("durable writes of a configmap (like an etcd put), {clients} client(s)")
+                }
+            };
             common::summary(
-                &format!("durable writes, {clients} client(s), {prefill} services there"),
+                &figure,
                 "writes/s",
                 r.writes_per_s,
                 e.as_ref().map(|e| ("etcd", e.writes_per_s)),
                 true,
             );
-            runed_rates.push((prefill, clients, r.writes_per_s));
+            if kind == Kind::Service {
+                runed_rates.push((prefill, clients, r.writes_per_s));
+            }
         }
     }
     println!();

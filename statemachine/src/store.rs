@@ -150,19 +150,29 @@ where
     }
 }
 
+/// Calls `f` with every key starting with `prefix` and its value, in key order, borrowed from
+/// the table: a caller that wants only keys copies no values.
+fn each_under<R>(table: &R, prefix: &str, mut f: impl FnMut(&str, &[u8])) -> Result<(), StoreError>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    for item in table.range::<&str>(prefix..)? {
+        let (k, v) = item?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        f(k.value(), v.value());
+    }
+    Ok(())
+}
+
 /// Every (key, value) whose key starts with `prefix`, in key order.
 pub fn scan_prefix<R>(table: &R, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>
 where
     R: ReadableTable<&'static str, &'static [u8]>,
 {
     let mut out = Vec::new();
-    for item in table.range::<&str>(prefix..)? {
-        let (k, v) = item?;
-        if !k.value().starts_with(prefix) {
-            break;
-        }
-        out.push((k.value().to_string(), v.value().to_vec()));
-    }
+    each_under(table, prefix, |k, v| out.push((k.to_string(), v.to_vec())))?;
     Ok(out)
 }
 
@@ -347,14 +357,9 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
         &self,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        match self.pending.get(key) {
-            Some(Some(w)) => match w.typed.downcast_ref::<T>() {
-                Some(t) => Ok(Some(t.clone())),
-                None => Ok(Some(decode(key, &w.bytes)?)),
-            },
-            Some(None) => Ok(None),
-            None => get_record(self.base, key),
-        }
+        // A value written in this entry is shared with it, so it is copied; one read from the
+        // table is owned already and moves out.
+        Ok(self.get_shared(key)?.map(Arc::unwrap_or_clone))
     }
 
     /// [`Overlay::get`] for a reader that only looks: a value written earlier in this entry is
@@ -387,15 +392,10 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
     }
 
     fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        // Keys only: the values under the prefix are not copied out.
         let mut keys = std::collections::BTreeSet::new();
-        for item in self.base.range::<&str>(prefix..)? {
-            let (k, _) = item?;
-            if !k.value().starts_with(prefix) {
-                break;
-            }
-            keys.insert(k.value().to_string());
-        }
+        each_under(self.base, prefix, |k, _| {
+            keys.insert(k.to_string());
+        })?;
         for (k, v) in self.pending.range(prefix.to_string()..) {
             if !k.starts_with(prefix) {
                 break;

@@ -444,6 +444,15 @@ impl Log {
         self.state.read().map_err(LogError::Storage)
     }
 
+    /// A read view and the applied index it is the state at, read from inside the view (the
+    /// applied watch can trail the state by an entry): what a watch lists from, so that it
+    /// streams exactly the entries after what it listed.
+    pub fn read_indexed(&self) -> Result<(ReadTransaction, u64), LogError> {
+        let txn = self.read()?;
+        let (last, _) = crate::state_machine::applied_state_in(&txn).map_err(LogError::Storage)?;
+        Ok((txn, last.map_or(0, |l| l.index)))
+    }
+
     /// Runs `f` over the state table as applied so far, without committing what applies left
     /// open (see [`crate::db::StateDb::latest`]): for a short read before each write. Waits
     /// for a running apply without holding a thread; applies wait while `f` runs, and `f` must

@@ -28,7 +28,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, watch};
 
 use crate::lag::Lag;
-use crate::state_machine::{AppliedEntry, SM_META};
+use crate::state_machine::AppliedEntry;
 use crate::Log;
 
 /// Most entries applied in one go: bounds the latency a burst adds to the next entry.
@@ -169,18 +169,7 @@ impl Projection {
 /// Every followed object in the state and the index it is the state at, in one read.
 pub fn read_state(log: &Log) -> Result<(u64, Vec<Delta>), ProjectionError> {
     let state = |e: &dyn std::fmt::Display| ProjectionError::State(e.to_string());
-    let txn = log.read().map_err(|e| state(&e))?;
-    // `last_applied` is written in the same transaction as the entries it names.
-    let index = match txn.open_table(SM_META) {
-        Ok(meta) => match meta.get("last_applied").map_err(|e| state(&e))? {
-            Some(v) => serde_json::from_slice::<Option<openraft::LogId<u64>>>(v.value())
-                .map_err(|e| state(&e))?
-                .map_or(0, |l| l.index),
-            None => 0,
-        },
-        Err(redb::TableError::TableDoesNotExist(_)) => 0,
-        Err(e) => return Err(state(&e)),
-    };
+    let (txn, index) = log.read_indexed().map_err(|e| state(&e))?;
     let table = match txn.open_table(STATE_TABLE) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok((index, Vec::new())),

@@ -192,7 +192,7 @@ pub(crate) fn applied_state(db: &impl ReadableDatabase) -> Result<AppliedState, 
 }
 
 /// [`applied_state`] inside one read view.
-fn applied_state_in(txn: &ReadTransaction) -> Result<AppliedState, String> {
+pub(crate) fn applied_state_in(txn: &ReadTransaction) -> Result<AppliedState, String> {
     let t = match txn.open_table(SM_META) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok((None, StoredMembership::default())),

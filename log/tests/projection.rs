@@ -150,3 +150,71 @@ fn a_paused_projection_goes_stale_and_catches_up() {
         log.shutdown().await.unwrap();
     });
 }
+
+/// A read names the index of exactly the state it holds while entries land (the applied watch
+/// can trail the state by an entry): a watch lists from such a read and streams the entries
+/// after its index, so an index one short would stream a listed object a second time.
+#[test]
+fn a_read_names_the_index_of_the_state_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
+        log.propose(Command::Init {
+            policies: rune_statemachine::identity::builtin_policies(),
+            namespaces: vec!["system".into(), "default".into()],
+            cluster_cidr: Some("10.96.0.0/16".into()),
+            cluster_id: Some("projection".into()),
+            claim_hosts: false,
+        })
+        .await
+        .unwrap();
+        let is_service = |d: &Delta| matches!(d, Delta::Service { .. });
+        let mut rx = log.subscribe();
+        let writer = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..300 {
+                    let svc = rune_statemachine::spec::ServiceSpec {
+                        name: format!("s{i}"),
+                        image: Some("busybox".into()),
+                        ..Default::default()
+                    };
+                    log.propose(Command::Apply {
+                        resources: vec![rune_statemachine::Resource::Service(svc)],
+                        create_namespace: false,
+                        force: false,
+                        history_limit: 10,
+                        release: None,
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        };
+        let mut reads = Vec::new();
+        while !writer.is_finished() {
+            let (index, state) = read_state(&log).unwrap();
+            reads.push((index, state.iter().filter(|d| is_service(d)).count()));
+            tokio::task::yield_now().await;
+        }
+        writer.await.unwrap();
+        // How many services the state held after each entry.
+        let (mut after, mut n) = (BTreeMap::new(), 0);
+        while let Ok(e) = rx.try_recv() {
+            n += e.deltas.iter().filter(|d| is_service(d)).count();
+            after.insert(e.index, n);
+        }
+        assert_eq!(n, 300, "every entry was seen");
+        assert!(reads.len() > 10, "the reads raced the writes: {}", reads.len());
+        for (index, count) in reads {
+            let expected = after.range(..=index).next_back().map_or(0, |(_, n)| *n);
+            assert_eq!(count, expected, "the read named index {index}");
+        }
+        log.shutdown().await.unwrap();
+    });
+}

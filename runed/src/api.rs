@@ -566,8 +566,7 @@ impl pb::service_api_server::ServiceApi for Api {
             req.limit,
             &req.continue_token,
         )?;
-        let index = *self.log.applied().borrow();
-        let txn = self.log.read().map_err(internal)?;
+        let (txn, index) = self.log.read_indexed().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let (recs, continue_token) = q.read(&t, |r: &ServiceRecord| matches(r, &sel))?;
         let services = recs.iter().map(|r| self.service_with_ports(r)).collect();
@@ -595,11 +594,13 @@ impl pb::service_api_server::ServiceApi for Api {
         let ns = scope(&req.namespace);
         // Subscribe before listing, so nothing applied in between is missed.
         let mut rx = self.log.subscribe();
-        let index = *self.log.applied().borrow();
-        let initial: Vec<ServiceRecord> = {
-            let txn = self.log.read().map_err(internal)?;
+        let (initial, index): (Vec<ServiceRecord>, u64) = {
+            let (txn, index) = self.log.read_indexed().map_err(internal)?;
             let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-            list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?
+            (
+                list_records(&t, &services_prefix(ns.as_deref())).map_err(internal)?,
+                index,
+            )
         };
         let log = self.log.clone();
         let (tx, out) = tokio::sync::mpsc::channel(256);
@@ -881,11 +882,10 @@ impl pb::namespace_api_server::NamespaceApi for Api {
     ) -> Result<Response<Self::WatchNamespacesStream>, Status> {
         let caller = authorize(&req, "namespaces", "watch", None)?;
         let mut rx = self.log.subscribe();
-        let index = *self.log.applied().borrow();
-        let initial: Vec<NamespaceRecord> = {
-            let txn = self.log.read().map_err(internal)?;
+        let (initial, index): (Vec<NamespaceRecord>, u64) = {
+            let (txn, index) = self.log.read_indexed().map_err(internal)?;
             let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-            list_records(&t, "namespaces/").map_err(internal)?
+            (list_records(&t, "namespaces/").map_err(internal)?, index)
         };
         let log = self.log.clone();
         let (tx, out) = tokio::sync::mpsc::channel(256);

@@ -255,11 +255,16 @@ impl Api {
     }
 
     /// Instances with whether each runs its service's current template.
-    fn instances_pb(&self, ns: Option<&str>, service: Option<&str>) -> Result<Vec<pb::Instance>, Status> {
-        let txn = self.log.read().map_err(internal)?;
+    /// Instances as sent, and the applied index they are the state at.
+    fn instances_pb(
+        &self,
+        ns: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<(Vec<pb::Instance>, u64), Status> {
+        let (txn, index) = self.log.read_indexed().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let recs: Vec<InstanceRecord> = list_records(&t, &instances_prefix(ns, service)).map_err(internal)?;
-        self.with_templates(&t, &recs)
+        Ok((self.with_templates(&t, &recs)?, index))
     }
 
     /// Instances as sent, with whether each runs its service's current template (each service
@@ -384,8 +389,7 @@ impl pb::instance_api_server::InstanceApi for Api {
             req.limit,
             &req.continue_token,
         )?;
-        let index = *self.log.applied().borrow();
-        let txn = self.log.read().map_err(internal)?;
+        let (txn, index) = self.log.read_indexed().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let (recs, continue_token) = q.read(&t, |r: &InstanceRecord| svc.is_none_or(|s| r.service == s))?;
         let instances = self.with_templates(&t, &recs)?;
@@ -413,8 +417,7 @@ impl pb::instance_api_server::InstanceApi for Api {
         let svc = req.service.clone();
         // Subscribe before listing, so nothing applied in between is missed.
         let mut rx = self.log.subscribe();
-        let index = *self.log.applied().borrow();
-        let initial = self.instances_pb(ns.as_deref(), None)?;
+        let (initial, index) = self.instances_pb(ns.as_deref(), None)?;
         let api = self.clone();
         let (tx, out) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
@@ -457,7 +460,7 @@ impl pb::instance_api_server::InstanceApi for Api {
                             index: entry.index,
                         }
                     } else {
-                        let Ok(list) = api.instances_pb(Some(&cns), Some(service_of(&id))) else {
+                        let Ok((list, _)) = api.instances_pb(Some(&cns), Some(service_of(&id))) else {
                             continue;
                         };
                         let Some(i) = list.into_iter().find(|i| i.id == id) else {

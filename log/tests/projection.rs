@@ -33,12 +33,41 @@ impl View for Mirror {
 }
 
 fn init() -> Command {
+    init_with("10.96.0.0/29")
+}
+
+/// The first command, with VIPs from `cidr`.
+fn init_with(cidr: &str) -> Command {
     Command::Init {
         policies: rune_statemachine::identity::builtin_policies(),
         namespaces: vec!["system".into(), "default".into()],
-        cluster_cidr: Some("10.96.0.0/29".into()),
+        cluster_cidr: Some(cidr.into()),
         cluster_id: Some("projection".into()),
         claim_hosts: false,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A cast of one service, `name`, at the default scale.
+fn cast_service(name: &str) -> Command {
+    let svc = rune_statemachine::spec::ServiceSpec {
+        name: name.into(),
+        image: Some("busybox".into()),
+        ..Default::default()
+    };
+    Command::Apply {
+        resources: vec![rune_statemachine::Resource::Service(svc)],
+        create_namespace: false,
+        force: false,
+        history_limit: 10,
+        release: None,
     }
 }
 
@@ -59,7 +88,7 @@ proptest! {
         cut in 0usize..40,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = runtime();
         let (fed, built, mirrored) = rt.block_on(async {
             let cfg = LogConfig { snapshot_every: 15, keep_after_snapshot: 3, ..LogConfig::new(dir.path()) };
             let log = Arc::new(Log::open(cfg).await.unwrap());
@@ -96,11 +125,7 @@ proptest! {
 #[test]
 fn a_paused_projection_goes_stale_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
         log.propose(init()).await.unwrap();
@@ -109,20 +134,7 @@ fn a_paused_projection_goes_stale_and_catches_up() {
         caught_up(&log, &p).await;
         assert!(!p.stale());
         p.pause(true);
-        let svc = rune_statemachine::spec::ServiceSpec {
-            name: "api".into(),
-            image: Some("busybox".into()),
-            ..Default::default()
-        };
-        log.propose(Command::Apply {
-            resources: vec![rune_statemachine::Resource::Service(svc)],
-            create_namespace: false,
-            force: false,
-            history_limit: 10,
-            release: None,
-        })
-        .await
-        .unwrap();
+        log.propose(cast_service("api")).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !p.stale() {
             assert!(Instant::now() < deadline, "a paused projection never went stale");
@@ -157,42 +169,17 @@ fn a_paused_projection_goes_stale_and_catches_up() {
 #[test]
 fn a_read_names_the_index_of_the_state_it_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
-        log.propose(Command::Init {
-            policies: rune_statemachine::identity::builtin_policies(),
-            namespaces: vec!["system".into(), "default".into()],
-            cluster_cidr: Some("10.96.0.0/16".into()),
-            cluster_id: Some("projection".into()),
-            claim_hosts: false,
-        })
-        .await
-        .unwrap();
+        log.propose(init_with("10.96.0.0/16")).await.unwrap();
         let is_service = |d: &Delta| matches!(d, Delta::Service { .. });
         let mut rx = log.subscribe();
         let writer = {
             let log = log.clone();
             tokio::spawn(async move {
                 for i in 0..300 {
-                    let svc = rune_statemachine::spec::ServiceSpec {
-                        name: format!("s{i}"),
-                        image: Some("busybox".into()),
-                        ..Default::default()
-                    };
-                    log.propose(Command::Apply {
-                        resources: vec![rune_statemachine::Resource::Service(svc)],
-                        create_namespace: false,
-                        force: false,
-                        history_limit: 10,
-                        release: None,
-                    })
-                    .await
-                    .unwrap();
+                    log.propose(cast_service(&format!("s{i}"))).await.unwrap();
                 }
             })
         };

@@ -254,8 +254,8 @@ impl Api {
         list_records(&t, &instances_prefix(ns, service)).map_err(internal)
     }
 
-    /// Instances with whether each runs its service's current template.
-    /// Instances as sent, and the applied index they are the state at.
+    /// Instances with whether each runs its service's current template, and the applied index
+    /// they are the state at.
     fn instances_pb(
         &self,
         ns: Option<&str>,

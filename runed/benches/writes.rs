@@ -77,6 +77,14 @@ enum Kind {
 }
 
 impl Kind {
+    /// As `BENCH_KIND` names it.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "service",
+            Kind::Configmap => "configmap",
+        }
+    }
+
     fn resource(self, name: &str) -> pb::resource::Kind {
         match self {
             Kind::Service => pb::resource::Kind::ServiceJson(spec(name)),
@@ -301,14 +309,10 @@ fn main() {
         .into_iter()
         .chain([(Kind::Configmap, 0)]);
     for (kind, prefill) in cases {
-        let kind_name = match kind {
-            Kind::Service => "service",
-            Kind::Configmap => "configmap",
-        };
         for (round, clients) in [1usize, 16, 64].into_iter().enumerate() {
             if !only("BENCH_CLIENTS", &clients.to_string())
                 || !only("BENCH_PREFILL", &prefill.to_string())
-                || !only("BENCH_KIND", kind_name)
+                || !only("BENCH_KIND", kind.name())
             {
                 continue;
             }

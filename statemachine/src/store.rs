@@ -358,8 +358,14 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
         key: &str,
     ) -> Result<Option<T>, StoreError> {
         // A value written in this entry is shared with it, so it is copied; one read from the
-        // table is owned already and moves out.
-        Ok(self.get_shared(key)?.map(Arc::unwrap_or_clone))
+        // table is decoded straight into the caller's, with no `Arc` on the way.
+        match self.pending.get(key) {
+            Some(w) => w
+                .as_ref()
+                .map(|w| w.value(key).map(Arc::unwrap_or_clone))
+                .transpose(),
+            None => get_record(self.base, key),
+        }
     }
 
     /// [`Overlay::get`] for a reader that only looks: a value written earlier in this entry is
@@ -369,8 +375,7 @@ impl<'t, R: ReadableTable<&'static str, &'static [u8]>> Overlay<'t, R> {
         key: &str,
     ) -> Result<Option<Arc<T>>, StoreError> {
         match self.pending.get(key) {
-            Some(Some(w)) => w.value(key).map(Some),
-            Some(None) => Ok(None),
+            Some(w) => w.as_ref().map(|w| w.value(key)).transpose(),
             None => Ok(get_record(self.base, key)?.map(Arc::new)),
         }
     }

@@ -290,7 +290,7 @@ impl Settings {
             forward_timeout: std::time::Duration::from_secs(2),
             // Read from the state at start (it is fixed at the first start).
             cluster_cidr: None,
-            udp_sockets: 0,
+            udp_threads: 0,
         }
     }
 

@@ -13,7 +13,7 @@
 //!
 //! Each listener address has its own hickory `Catalog`, sharing the records and the forwarder:
 //! in dev mode the answer depends on which address was asked. TCP is served by hickory's
-//! `Server`; UDP by one SO_REUSEPORT socket per core, each read by a thread that answers our
+//! `Server`; UDP by one socket read by a thread per core, each of which answers our
 //! zones in place (`serve_udp`) and keeps the answers it made, by the query's bytes, until
 //! the next applied entry ([`Answers`]).
 
@@ -67,8 +67,8 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// The cluster network VIPs come from, `(network, prefix)`: its reverse zone is served.
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
-    /// UDP sockets per address, read in parallel; 0 means one per core (at most 8).
-    pub udp_sockets: usize,
+    /// Threads reading each address's UDP socket; 0 means one per core (at most 8).
+    pub udp_threads: usize,
 }
 
 /// Failures to start the server.
@@ -218,7 +218,7 @@ async fn error<R: ResponseHandler>(request: &Request, code: ResponseCode, mut re
 /// The running server.
 pub struct Dns {
     shared: Arc<Shared>,
-    udp_sockets: usize,
+    udp_threads: usize,
     local: SocketAddr,
     /// The host listener: dropping it stops it.
     _main: Listener,
@@ -229,11 +229,11 @@ pub struct Dns {
 impl Dns {
     /// Binds, loads the records from the state and starts answering.
     pub async fn start(log: Arc<Log>, cfg: DnsConfig) -> Result<Arc<Self>, DnsError> {
-        let udp_sockets = match cfg.udp_sockets {
+        let udp_threads = match cfg.udp_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             n => n,
         };
-        let (udp, local) = bind_udp(cfg.addr, udp_sockets)?;
+        let (udp, local) = bind_udp(cfg.addr)?;
         let tcp = TcpListener::bind(local)
             .await
             .map_err(|e| DnsError::Bind(local, e))?;
@@ -266,11 +266,11 @@ impl Dns {
             dev_mode: cfg.dev_mode,
         });
         // In dev mode, host clients reach the data path on loopback.
-        let main = serve(&shared, udp, tcp, Ipv4Addr::LOCALHOST);
-        tracing::info!(addr = %local, ?upstreams, udp_sockets, reverse_zones = reverse.len(), "DNS listening");
+        let main = serve(&shared, udp, udp_threads, tcp, Ipv4Addr::LOCALHOST);
+        tracing::info!(addr = %local, ?upstreams, udp_threads, reverse_zones = reverse.len(), "DNS listening");
         Ok(Arc::new(Dns {
             shared,
-            udp_sockets,
+            udp_threads,
             local,
             _main: main,
             also: Mutex::new(None),
@@ -290,11 +290,11 @@ impl Dns {
         if let Ok(mut also) = self.also.lock() {
             also.take();
         }
-        let (udp, local) = bind_udp(addr, self.udp_sockets)?;
+        let (udp, local) = bind_udp(addr)?;
         let tcp = TcpListener::bind(local)
             .await
             .map_err(|e| DnsError::Bind(local, e))?;
-        let server = serve(&self.shared, udp, tcp, here);
+        let server = serve(&self.shared, udp, self.udp_threads, tcp, here);
         if let Ok(mut also) = self.also.lock() {
             *also = Some(server);
         }
@@ -335,8 +335,14 @@ impl Drop for Listener {
     }
 }
 
-/// Starts serving these sockets.
-fn serve(shared: &Arc<Shared>, udp: Vec<std::net::UdpSocket>, tcp: TcpListener, here: Ipv4Addr) -> Listener {
+/// Starts serving the UDP socket, read by `threads` threads, and the TCP listener.
+fn serve(
+    shared: &Arc<Shared>,
+    udp: std::net::UdpSocket,
+    threads: usize,
+    tcp: TcpListener,
+    here: Ipv4Addr,
+) -> Listener {
     let handler = |over_tcp| Handler {
         shared: shared.clone(),
         catalog: Shared::catalog(shared, here, over_tcp),
@@ -347,11 +353,18 @@ fn serve(shared: &Arc<Shared>, udp: Vec<std::net::UdpSocket>, tcp: TcpListener, 
     let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
     let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Handle::current();
-    for (i, s) in udp.into_iter().enumerate() {
-        let (h, f, st, rt) = (udp_handler.clone(), forwards.clone(), stop.clone(), rt.clone());
+    let udp = Arc::new(udp);
+    for i in 0..threads.max(1) {
+        let (s, h, f, st, rt) = (
+            udp.clone(),
+            udp_handler.clone(),
+            forwards.clone(),
+            stop.clone(),
+            rt.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name(format!("dns-udp-{i}"))
-            .spawn(move || serve_udp(Arc::new(s), h, f, st, rt));
+            .spawn(move || serve_udp(s, h, f, st, rt));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a DNS UDP thread");
         }
@@ -366,8 +379,8 @@ const MAX_FORWARDS: usize = 4096;
 /// How often a UDP thread looks up from a quiet socket to see whether it should stop.
 const UDP_POLL: Duration = Duration::from_millis(500);
 
-/// One thread per UDP socket, blocked in `recvmmsg`, answering our zones' names in place
-/// through hickory's catalog (whose lookups here never wait: the future is driven to
+/// One of the threads reading a UDP socket, blocked in `recvmmsg`, answering our zones' names
+/// in place through hickory's catalog (whose lookups here never wait: the future is driven to
 /// completion on this thread). hickory's own UDP loop spawns a task and passes the answer
 /// through a channel per query, and a tokio socket adds an epoll round and a task switch per
 /// packet: together more than the answer costs. Under load one call takes up to [`BATCH`]
@@ -702,26 +715,20 @@ impl ResponseHandler for UdpReply {
     }
 }
 
-/// `n` UDP sockets on one address (the first fixes the port when asked for 0), SO_REUSEPORT
-/// so the kernel spreads queries over them.
-fn bind_udp(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::UdpSocket>, SocketAddr), DnsError> {
-    let mut at = addr;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        let s = reuseport_udp(at).map_err(|e| DnsError::Bind(at, e))?;
-        at = s.local_addr().map_err(|e| DnsError::Bind(at, e))?;
-        out.push(s);
-    }
-    Ok((out, at))
-}
-
-fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// The UDP socket of one address, read by several threads: one queue that whichever thread is
+/// free takes from. (One SO_REUSEPORT socket per thread split the queries by the client's
+/// address and port, so a few busy clients could load one thread while another idled.)
+fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), DnsError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_port(true)?;
-    s.set_read_timeout(Some(UDP_POLL))?;
-    s.bind(&addr.into())?;
-    Ok(s.into())
+    let bind = || -> std::io::Result<std::net::UdpSocket> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_read_timeout(Some(UDP_POLL))?;
+        s.bind(&addr.into())?;
+        Ok(s.into())
+    };
+    let s = bind().map_err(|e| DnsError::Bind(addr, e))?;
+    let local = s.local_addr().map_err(|e| DnsError::Bind(addr, e))?;
+    Ok((s, local))
 }
 
 /// The two forwarders (see [`Shared`]).

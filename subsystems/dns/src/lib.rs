@@ -856,6 +856,19 @@ mod tests {
         assert_eq!(small[0], "8.0.96.10.in-addr.arpa.");
     }
 
+    /// The UDP threads share one socket and nothing else may share its address: a second
+    /// server on it (another runed left running, say) is refused instead of silently taking a
+    /// share of the queries, as SO_REUSEPORT let it.
+    #[test]
+    fn a_held_address_is_not_bound_twice() {
+        let (_held, at) = bind_udp("127.0.0.1:0".parse().expect("address")).expect("first bind");
+        match bind_udp(at) {
+            Err(DnsError::Bind(a, _)) => assert_eq!(a, at),
+            Ok((_, again)) => panic!("{at} was bound a second time, as {again}"),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
     #[test]
     fn resolv_conf() {
         let own: SocketAddr = "127.0.0.123:53".parse().unwrap();

@@ -719,16 +719,13 @@ impl ResponseHandler for UdpReply {
 /// free takes from. (One SO_REUSEPORT socket per thread split the queries by the client's
 /// address and port, so a few busy clients could load one thread while another idled.)
 fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), DnsError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let bind = || -> std::io::Result<std::net::UdpSocket> {
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let bind = || -> std::io::Result<(std::net::UdpSocket, SocketAddr)> {
+        let s = std::net::UdpSocket::bind(addr)?;
         s.set_read_timeout(Some(UDP_POLL))?;
-        s.bind(&addr.into())?;
-        Ok(s.into())
+        let local = s.local_addr()?;
+        Ok((s, local))
     };
-    let s = bind().map_err(|e| DnsError::Bind(addr, e))?;
-    let local = s.local_addr().map_err(|e| DnsError::Bind(addr, e))?;
-    Ok((s, local))
+    bind().map_err(|e| DnsError::Bind(addr, e))
 }
 
 /// The two forwarders (see [`Shared`]).

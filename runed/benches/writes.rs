@@ -9,7 +9,9 @@
 //! has to etcd's put, so the cost of a service's own semantics can be told from the write
 //! path's. Each row is `BENCH_ROUNDS` (default 3) pairs of runs on fresh servers, runed first
 //! in even rounds and etcd first in odd ones (this machine drifts by tens of percent within
-//! minutes): the table shows each figure's median and every round's ratio.
+//! minutes): the table shows each figure's median and every round's ratio. A last table gives
+//! each server's scheduling per write (CPU slices, µs runnable but waiting for a CPU), which
+//! shows whether wake-ups cost a machine latency.
 
 mod common;
 
@@ -34,6 +36,11 @@ struct Run {
     /// The server's CPU time (user and system) per write, µs: steadier than throughput on a
     /// shared machine, and what a change to the write path moves.
     cpu_us: f64,
+    /// Times the server's threads were put on a CPU, per write: its wake-ups.
+    slices: f64,
+    /// Time the server's threads spent runnable but waiting for a CPU, µs per write: what
+    /// its wake-ups cost in latency (waking an idle vCPU is slow on some VMs).
+    waited_us: f64,
 }
 
 fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
@@ -49,6 +56,8 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
         p99_ms: pct(0.99).as_secs_f64() * 1e3,
         writes: lat.len(),
         cpu_us: 0.0,
+        slices: 0.0,
+        waited_us: 0.0,
     }
 }
 
@@ -100,10 +109,15 @@ where
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
     let ticks = || pid.map_or(0, common::cpu_ticks);
-    let before = ticks();
+    let sched = || pid.map(common::sched).unwrap_or_default();
+    let (before, sched_before) = (ticks(), sched());
     let mut r = drive(clients, seconds, op).await;
+    let (after, sched_after) = (ticks(), sched());
+    let writes = r.writes.max(1) as f64;
     // USER_HZ is 100 on Linux.
-    r.cpu_us = (ticks() - before) as f64 * 10_000.0 / r.writes.max(1) as f64;
+    r.cpu_us = after.saturating_sub(before) as f64 * 10_000.0 / writes;
+    r.slices = sched_after.slices.saturating_sub(sched_before.slices) as f64 / writes;
+    r.waited_us = sched_after.waited_ns.saturating_sub(sched_before.waited_ns) as f64 / 1e3 / writes;
     r
 }
 
@@ -267,6 +281,8 @@ fn median_run(runs: &[Run]) -> Run {
         p99_ms: med(&|r| r.p99_ms),
         writes: runs.iter().map(|r| r.writes).sum(),
         cpu_us: med(&|r| r.cpu_us),
+        slices: med(&|r| r.slices),
+        waited_us: med(&|r| r.waited_us),
     }
 }
 
@@ -300,6 +316,8 @@ fn main() {
         println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
     };
     let mut runed_rates: Vec<(usize, usize, f64)> = Vec::new();
+    // Per row: what the scheduler did for each server (see `Run::slices`).
+    let mut sched_rows: Vec<String> = Vec::new();
     let mut last = None;
     let only = |var: &str, v: &str| std::env::var(var).map_or(true, |s| s == v);
     let mut headed = None;
@@ -398,6 +416,13 @@ fn main() {
                 r.cpu_us,
                 by_round.join(", ")
             );
+            let sched_of = |r: &Run| format!("{:.1} | {:.0}", r.slices, r.waited_us);
+            sched_rows.push(format!(
+                "| {} | {prefill} | {clients} | {} | {} |",
+                kind.name(),
+                sched_of(&r),
+                e.as_ref().map_or("n/a | n/a".into(), sched_of)
+            ));
             let figure = match kind {
                 Kind::Service => format!("durable writes, {clients} client(s), {prefill} services there"),
                 Kind::Configmap => {
@@ -414,6 +439,17 @@ fn main() {
             if kind == Kind::Service {
                 runed_rates.push((prefill, clients, r.writes_per_s));
             }
+        }
+    }
+    if !sched_rows.is_empty() {
+        println!();
+        println!("the servers' scheduling per write (medians of the rounds; /proc/<pid>/task/*/schedstat): times put on a CPU,");
+        println!("and µs spent runnable but waiting for one, which is where slow wake-ups show");
+        println!();
+        println!("| writes | already there | clients | runed CPU slices | runed waited µs | etcd CPU slices | etcd waited µs |");
+        println!("|---|--:|--:|--:|--:|--:|--:|");
+        for row in &sched_rows {
+            println!("{row}");
         }
     }
     println!();

@@ -164,6 +164,37 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     n(11) + n(12)
 }
 
+/// What the scheduler did for a process so far, summed over its threads
+/// (`/proc/<pid>/task/*/schedstat`): time spent runnable but waiting for a CPU, and the times
+/// it was given one (its CPU time is [`cpu_ticks`]). Threads that ended meanwhile are not
+/// counted, which suits a server whose threads live as long as it does.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sched {
+    /// Nanoseconds runnable but waiting for a CPU: what wake-ups cost in latency.
+    pub waited_ns: u64,
+    /// Times a thread was put on a CPU (one per wake-up or preemption).
+    pub slices: u64,
+}
+
+/// [`Sched`] of process `pid` now; zeros where the kernel keeps no schedstat.
+pub fn sched(pid: u32) -> Sched {
+    let mut total = Sched::default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for t in tasks.flatten() {
+        let Ok(line) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        let f: Vec<u64> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        if let [_ran, waited, slices] = f[..] {
+            total.waited_ns += waited;
+            total.slices += slices;
+        }
+    }
+    total
+}
+
 /// Creates network namespace `name` (loopback up) and moves this thread into it, so what it
 /// starts (nft, runed) sees only that namespace. False without root or ip(8).
 pub fn enter_netns(name: &str) -> bool {

@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{bins, code, run_ok, write};
 use rune_chaos_tests::{free_port, stderr, wait_until, Daemon};
@@ -693,20 +693,28 @@ fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
             ("the VIP", vec![url.as_str()]),
             ("the ingress", vec!["-H", "Host: hello.test", edge.as_str()]),
         ] {
+            // Every answer seen, errors included, so that a timeout says what came instead.
             let mut seen = std::collections::BTreeSet::new();
-            wait_until(
-                Duration::from_secs(60),
-                &format!("node {} to reach all three instances by {how}", i + 1),
-                || {
-                    let o = std::process::Command::new("ip")
-                        .args(["netns", "exec", n, "curl", "-sS", "-m", "3"])
-                        .args(&args)
-                        .output()
-                        .unwrap();
-                    seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
-                    all.is_subset(&seen)
-                },
-            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !all.is_subset(&seen) {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after 60s waiting for node {} to reach all three instances by {how}; answers seen: {seen:?}",
+                    i + 1
+                );
+                let o = std::process::Command::new("ip")
+                    .args(["netns", "exec", n, "curl", "-sS", "-m", "3"])
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                let answer = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                seen.insert(if answer.is_empty() {
+                    format!("(curl: {})", String::from_utf8_lossy(&o.stderr).trim())
+                } else {
+                    answer
+                });
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
     for (i, n) in net.nodes.iter().enumerate() {

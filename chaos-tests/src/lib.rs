@@ -64,15 +64,21 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` until it is true; panics with `what` after `limit`.
-pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+pub fn wait_until(limit: Duration, what: &str, f: impl FnMut() -> bool) {
+    assert!(waited(limit, f), "timed out after {limit:?} waiting for {what}");
+}
+
+/// Polls `f` until it is true (true) or `limit` has passed (false): for a caller whose failure
+/// message needs what `f` gathered meanwhile.
+pub fn waited(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// A plain HTTP/1.1 GET; returns the status code and body.

@@ -16,10 +16,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{bins, code, run_ok, write};
-use rune_chaos_tests::{free_port, stderr, wait_until, Daemon};
+use rune_chaos_tests::{free_port, stderr, wait_until, waited, Daemon};
 use serde_json::Value;
 
 /// A daemon serving a raft port on loopback; `join` (a member's raft address and a token
@@ -695,13 +695,7 @@ fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
         ] {
             // Every answer seen, errors included, so that a timeout says what came instead.
             let mut seen = std::collections::BTreeSet::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !all.is_subset(&seen) {
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out after 60s waiting for node {} to reach all three instances by {how}; answers seen: {seen:?}",
-                    i + 1
-                );
+            let reached = waited(Duration::from_secs(60), || {
                 let o = std::process::Command::new("ip")
                     .args(["netns", "exec", n, "curl", "-sS", "-m", "3"])
                     .args(&args)
@@ -713,8 +707,13 @@ fn one_vip_reaches_every_node(net: &Net, nodes: &[Daemon]) {
                 } else {
                     answer
                 });
-                std::thread::sleep(Duration::from_millis(20));
-            }
+                all.is_subset(&seen)
+            });
+            assert!(
+                reached,
+                "timed out after 60s waiting for node {} to reach all three instances by {how}; answers seen: {seen:?}",
+                i + 1
+            );
         }
     }
     for (i, n) in net.nodes.iter().enumerate() {

@@ -526,6 +526,7 @@ impl Log {
             changes: vec![],
             deltas: vec![],
             reset: true,
+            ends_entry: true,
         }));
         Ok(())
     }

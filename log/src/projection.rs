@@ -6,7 +6,9 @@
 //! deltas of every entry after N ([`View::apply`]). [`Projection`] owns everything around that,
 //! so the four subsystems do it one way:
 //!
-//! - **coalescing**: entries already waiting are applied together (at most [`MAX_BATCH`]);
+//! - **coalescing**: entries already waiting are applied together (at most [`MAX_BATCH`]
+//!   events, one per write: a batch can end inside an entry, whose index then counts as
+//!   applied only once its last event, [`AppliedEntry::ends_entry`], is);
 //! - **lag**: the index applied so far, and since when the view has been behind the log, which
 //!   each subsystem compares with its stale budget to fail closed ([`Projection::stale`]);
 //! - **losing the thread**: a lagged subscription, an installed snapshot or a failed apply
@@ -31,7 +33,7 @@ use crate::lag::Lag;
 use crate::state_machine::AppliedEntry;
 use crate::Log;
 
-/// Most entries applied in one go: bounds the latency a burst adds to the next entry.
+/// Most events (writes) applied in one go: bounds the latency a burst adds to the next entry.
 pub const MAX_BATCH: usize = 1024;
 
 /// Why a view could not take a change or a rebuild.
@@ -237,10 +239,11 @@ async fn follow<V: View>(
                 }
             }
         }
+        // Entries the view already holds (a rebuild read them) or applied in part before:
+        // `applied` only counts an entry once its last event is in, so the rest of one that an
+        // earlier batch ended inside still passes.
         let applied = p.lag.applied();
-        let Some(last) = batch.iter().map(|e| e.index).max() else {
-            continue;
-        };
+        let done = batch.iter().filter(|e| e.ends_entry).map(|e| e.index).max();
         let deltas: Vec<&Delta> = batch
             .iter()
             .filter(|e| e.index > applied && !e.reset)
@@ -255,6 +258,8 @@ async fn follow<V: View>(
             }
             p.applied_deltas.fetch_add(deltas.len() as u64, Ordering::Relaxed);
         }
-        p.lag.advance(last);
+        if let Some(done) = done {
+            p.lag.advance(done);
+        }
     }
 }

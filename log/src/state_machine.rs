@@ -62,6 +62,12 @@ pub struct AppliedEntry {
     /// The whole state was replaced (a snapshot was installed): a projection must rebuild.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
+    /// The last event of its log entry. An entry carries many writes, sent as an event each,
+    /// so a reader can hold the first ones of an entry before the rest arrive: it has applied
+    /// `index` once it has applied this one. Every entry ends with one, raft's own (a blank
+    /// entry, a membership change) too, as an event of no changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ends_entry: bool,
 }
 
 /// The applied-index watch and the event stream, shared by the state machine and [`crate::Log`].
@@ -119,6 +125,7 @@ fn apply_in(txn: &WriteTransaction, entries: &[Entry<TypeConfig>]) -> Result<App
         let mut table = txn.open_table(STATE_TABLE).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(SM_META).map_err(|e| e.to_string())?;
         for e in entries {
+            let first = events.len();
             let reply = match &e.payload {
                 EntryPayload::Blank => Reply(vec![]),
                 EntryPayload::Membership(m) => {
@@ -162,12 +169,31 @@ fn apply_in(txn: &WriteTransaction, entries: &[Entry<TypeConfig>]) -> Result<App
                             changes: outcome.clone().unwrap_or_default(),
                             deltas,
                             reset: false,
+                            ends_entry: false,
                         });
                         outcomes.push(outcome);
                     }
                     Reply(outcomes)
                 }
             };
+            match events.get_mut(first..).and_then(<[AppliedEntry]>::last_mut) {
+                Some(last) => last.ends_entry = true,
+                None => events.push(AppliedEntry {
+                    index: e.log_id.index,
+                    term: e.log_id.leader_id.term,
+                    proposed_at_ms: 0,
+                    command: match &e.payload {
+                        EntryPayload::Blank => "blank",
+                        EntryPayload::Membership(_) => "membership",
+                        EntryPayload::Normal(_) => "empty",
+                    }
+                    .into(),
+                    changes: vec![],
+                    deltas: vec![],
+                    reset: false,
+                    ends_entry: true,
+                }),
+            }
             replies.push(reply);
         }
         if let Some(last) = entries.last() {
@@ -408,6 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 changes: vec![],
                 deltas: vec![],
                 reset: true,
+                ends_entry: true,
             }));
             self.notifier.applied.send_replace(l.index);
         }

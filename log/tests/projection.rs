@@ -205,3 +205,83 @@ fn a_read_names_the_index_of_the_state_it_holds() {
         log.shutdown().await.unwrap();
     });
 }
+
+/// One entry carries many writes (group commit), each its own event, and the shared loop takes
+/// at most [`rune_log::projection::MAX_BATCH`] events at a time: a batch that ends inside an
+/// entry must not cost the view the rest of that entry. A paused projection lets a burst of
+/// concurrent casts pile up, so batches end wherever the count falls.
+#[test]
+fn an_entry_split_across_the_loop_s_batches_reaches_the_view_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
+        log.propose(init_with("10.0.0.0/16")).await.unwrap();
+        let mirror = Arc::new(Mirror::default());
+        let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_secs(60)).await;
+        caught_up(&log, &p).await;
+        let mut rx = log.subscribe();
+        p.pause(true);
+        let burst: Vec<_> = (0..1500)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.propose(cast_service(&format!("s{i}"))).await })
+            })
+            .collect();
+        for b in burst {
+            assert!(b.await.unwrap().unwrap().outcome.is_ok());
+        }
+        // The burst went out as entries of many writes each, or this test shows nothing.
+        let mut per_entry: BTreeMap<u64, usize> = BTreeMap::new();
+        while let Ok(e) = rx.try_recv() {
+            *per_entry.entry(e.index).or_default() +=
+                e.deltas.iter().filter(|d| d.service().is_some()).count();
+        }
+        assert!(
+            per_entry.values().filter(|n| **n > 1).count() >= 2,
+            "the casts were not grouped into entries: {per_entry:?}"
+        );
+        p.pause(false);
+        caught_up(&log, &p).await;
+        let (_, built) = read_state(&log).unwrap();
+        let mirrored = mirror.0.lock().unwrap().clone();
+        let services = |v: &[Delta]| v.iter().filter(|d| d.service().is_some()).count();
+        assert_eq!(
+            services(&mirrored),
+            services(&built),
+            "services in the view and in the state"
+        );
+        assert_eq!(mirrored, built);
+        log.shutdown().await.unwrap();
+    });
+}
+
+/// Raft's own entries (a leader's blank entry, a membership change) change no object but are
+/// applied like any other: a projection must count them as applied, or it reads as behind the
+/// log (and, past its stale budget, fails closed) until some later write. A learner that never
+/// answers is added and taken out again: two membership entries, nothing written after them.
+#[test]
+fn raft_s_own_entries_leave_no_projection_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
+        log.propose(init()).await.unwrap();
+        let mirror = Arc::new(Mirror::default());
+        let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_millis(300)).await;
+        caught_up(&log, &p).await;
+        let before = *log.applied().borrow();
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = nobody.local_addr().unwrap().to_string();
+        drop(nobody);
+        let added = log.add_voter(9, &address, Duration::from_millis(200)).await;
+        assert!(added.is_err(), "a learner that never answers was made a voter");
+        assert!(
+            *log.applied().borrow() > before,
+            "the membership changes were not applied"
+        );
+        caught_up(&log, &p).await;
+        assert_eq!(p.errors(), 0);
+        log.shutdown().await.unwrap();
+    });
+}

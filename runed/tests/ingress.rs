@@ -472,3 +472,69 @@ fn redirects_to_https_and_one_host_routes_to_one_service() {
         .0 == "hello-web\n 200"
     });
 }
+
+/// An endpoint whose server stopped while its instance runs on (no readiness probe here to
+/// take it out) refuses connections: a request without a body goes on to the next endpoint
+/// instead of answering 502, as nginx's `proxy_next_upstream error` does.
+#[test]
+fn a_request_steps_over_an_endpoint_that_refuses_the_connection() {
+    common::image();
+    let d = dev_daemon();
+    let (http, _) = d.ingress;
+    // httpd without -f goes to the background; the instance lives on in `sleep`.
+    let f = write(
+        &d,
+        "web.yaml",
+        "service:\n  name: web\n  image: busybox\n  command: [\"sh\", \"-c\", \"echo $RUNE_INSTANCE_ID > /tmp/index.html; httpd -p 8080 -h /tmp; exec sleep 100000\"]\n  scale: 2\n  ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n  expose:\n    port: http\n    host: web.test\n",
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "120s"]);
+    let url = format!("http://{http}/");
+    let get = || curl(&["-H", "Host: web.test", "-w", " %{http_code}", &url]).0;
+    let mut seen = std::collections::BTreeSet::new();
+    wait_until(LONG, "both instances to answer through the ingress", || {
+        let got = get();
+        if let Some(id) = got.strip_suffix("\n 200") {
+            seen.insert(id.to_string());
+        }
+        seen.len() == 2
+    });
+    let containers = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=rune.node={}", d.node)])
+        .output()
+        .unwrap();
+    let containers = stdout(&containers);
+    let victim = containers.split_whitespace().next().expect("a container of web");
+    let killed = Command::new("docker")
+        .args(["exec", victim, "killall", "httpd"])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{}", stderr(&killed));
+    let ip = Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            victim,
+        ])
+        .output()
+        .unwrap();
+    let at: SocketAddr = format!("{}:8080", stdout(&ip).trim()).parse().unwrap();
+    wait_until(LONG, "the stopped server to refuse connections", || {
+        TcpStream::connect_timeout(&at, Duration::from_secs(1)).is_err()
+    });
+    let endpoints = || -> usize {
+        let v: serde_json::Value =
+            serde_json::from_str(&run_ok(&d, &["get", "endpoints", "web", "-o", "json"])).unwrap();
+        v["endpoints"].as_array().map_or(0, Vec::len)
+    };
+    // Every request lands on the instance still serving, though both stay endpoints.
+    let answers: Vec<String> = (0..20).map(|_| get()).collect();
+    assert_eq!(
+        endpoints(),
+        2,
+        "the stopped server's instance is still an endpoint"
+    );
+    let survivors: std::collections::BTreeSet<&String> = answers.iter().collect();
+    assert_eq!(survivors.len(), 1, "{answers:?}");
+    assert!(answers[0].ends_with("\n 200"), "{answers:?}");
+}

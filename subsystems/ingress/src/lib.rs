@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
@@ -416,21 +416,31 @@ impl Ingress {
                 format!("{}/{} has no ready backend\n", route.namespace, route.service),
             );
         }
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let backend = &route.endpoints[self.rr.fetch_add(1, Ordering::Relaxed) % route.endpoints.len()];
-        let target = match backend {
-            Backend::Here(ep) => format!("http://{ep}{pq}"),
-            Backend::Elsewhere(instance) => format!(
-                "http://{instance}.{}.{}.{REMOTE_HOST}:{}{pq}",
-                route.service, route.namespace, route.port
-            ),
+        // Shared bytes, not a copy: the target is made again for each endpoint tried.
+        let pq = req.uri().path_and_query().cloned();
+        let n = route.endpoints.len();
+        let first = self.rr.fetch_add(1, Ordering::Relaxed);
+        let target = |attempt: usize| -> Option<hyper::Uri> {
+            let pq = pq.as_ref().map_or("/", |p| p.as_str());
+            let t = match &route.endpoints[(first + attempt) % n] {
+                Backend::Here(ep) => format!("http://{ep}{pq}"),
+                Backend::Elsewhere(instance) => format!(
+                    "http://{instance}.{}.{}.{REMOTE_HOST}:{}{pq}",
+                    route.service, route.namespace, route.port
+                ),
+            };
+            t.parse().ok()
         };
-        let Ok(uri) = target.parse() else {
-            return plain(StatusCode::BAD_REQUEST, "bad request target\n".into());
+        let bad_target = || plain(StatusCode::BAD_REQUEST, "bad request target\n".into());
+        let Some(uri) = target(0) else {
+            return bad_target();
         };
         let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // Without a body the request can be sent again, to the next endpoint, when one refuses
+        // the connection (an instance that just stopped, before its probe says so).
+        let resendable = hyper::body::Body::is_end_stream(&body);
         parts.uri = uri;
         strip_hop_by_hop(&mut parts.headers, upgrade);
         // HTTP/2 requests carry the host in :authority; the backend speaks HTTP/1.1.
@@ -449,8 +459,29 @@ impl Ingress {
         parts
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
-        let out = Request::from_parts(parts, body);
-        match client.request(out).await {
+        let again = (resendable && n > 1).then(|| (parts.method.clone(), parts.headers.clone()));
+        let mut sent = client
+            .request(Request::from_parts(parts, Either::Left(body)))
+            .await;
+        if let Some((method, headers)) = again {
+            for attempt in 1..n.min(MAX_ATTEMPTS) {
+                match &sent {
+                    Err(e) if e.is_connect() => {
+                        tracing::debug!(%host, error = %e, "cannot connect to a backend; trying the next");
+                    }
+                    _ => break,
+                }
+                let Some(uri) = target(attempt) else {
+                    return bad_target();
+                };
+                let mut next = Request::new(Either::Right(Empty::new()));
+                *next.method_mut() = method.clone();
+                *next.uri_mut() = uri;
+                *next.headers_mut() = headers.clone();
+                sent = client.request(next).await;
+            }
+        }
+        match sent {
             Ok(mut resp) => {
                 self.count(&host, resp.status());
                 let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -469,7 +500,7 @@ impl Ingress {
                 resp.map(|b| b.boxed())
             }
             Err(e) => {
-                tracing::debug!(%host, endpoint = ?backend, error = %e, "backend failed");
+                tracing::debug!(%host, error = %e, "backend failed");
                 self.count(&host, StatusCode::BAD_GATEWAY);
                 plain(
                     StatusCode::BAD_GATEWAY,
@@ -548,7 +579,12 @@ fn provider() -> rustls::crypto::CryptoProvider {
 
 /// A pool of keep-alive connections to the backends. Each serving loop has its own, so a
 /// request and the backend connection it uses are driven by the same thread.
-type Backends = Client<Connector, Incoming>;
+type Backends = Client<Connector, Either<Incoming, Empty<Bytes>>>;
+
+/// Endpoints one request without a body may try, each once, while they refuse the connection
+/// (as nginx's `proxy_next_upstream error`): enough to step over an instance that just
+/// stopped without making a client wait out many connect timeouts.
+const MAX_ATTEMPTS: usize = 3;
 
 /// Dials backends: at their address, or, for an instance on another node (a
 /// [`REMOTE_HOST`] name), through [`Remote`].

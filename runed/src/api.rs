@@ -900,7 +900,9 @@ impl pb::namespace_api_server::NamespaceApi for Api {
                     return;
                 }
             }
-            while let Ok(entry) = rx.recv().await {
+            // Entries the list already holds are skipped, and one that falls behind is told so,
+            // as every other watch does.
+            while let Some(entry) = next_entry(&mut rx, &tx, index).await {
                 for c in entry
                     .changes
                     .iter()

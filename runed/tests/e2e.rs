@@ -611,6 +611,38 @@ fn watch_streams_changes() {
     assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
 }
 
+/// The same for namespaces: what the list holds is not streamed again.
+#[test]
+fn namespace_watch_streams_changes() {
+    let d = Daemon::start(&bins());
+    let mut w = d
+        .rune_cmd()
+        .args(["get", "namespaces", "--watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let f = write(&d, "ns.yaml", "namespace:\n  name: watched\n");
+    assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
+    assert_eq!(code(&d.rune(&["delete", "namespace", "watched"])), 0);
+    let mut seen = Vec::new();
+    for l in lines {
+        // `TYPE NAME`, one event a line.
+        let l = l.unwrap();
+        let words: Vec<&str> = l.split_whitespace().collect();
+        if words.get(1) != Some(&"watched") {
+            continue;
+        }
+        seen.push(words.join(" "));
+        if seen.last().is_some_and(|s| s == "DELETED watched") {
+            break;
+        }
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
+}
+
 #[test]
 fn metrics_pass_promtool() {
     let d = Daemon::start(&bins());

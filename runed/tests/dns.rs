@@ -549,3 +549,35 @@ fn a_query_over_tcp_is_forwarded_over_tcp() {
         "{answers:?}"
     );
 }
+
+/// Records that were never built (the state's first read failed: here a service record that
+/// no longer decodes when runed starts) fail closed: SERVFAIL, which resolvers retry, not an
+/// NXDOMAIN for a name that exists, which they would cache.
+#[test]
+fn records_never_built_fail_closed() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec![
+        "--enable-failpoints".into(),
+        "--stale-budget".into(),
+        "300s".into(),
+    ];
+    d.restart();
+    let f = write(&d, "web.yaml", "service:\n  name: web\n  image: busybox\n");
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "web to answer", || {
+        dig(d.dns, "web.default.rune", "A", false).0 == "NOERROR"
+    });
+    let o = Command::new("curl")
+        .args(["-sf", "-X", "POST"])
+        .arg(format!(
+            "http://{}/debug/failpoints/corrupt-service/default/web",
+            d.http
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.sigterm();
+    d.restart();
+    assert_eq!(dig(d.dns, "web.default.rune", "A", false).0, "SERVFAIL");
+    assert_eq!(dig(d.dns, "nope.default.rune", "A", false).0, "SERVFAIL");
+}

@@ -79,6 +79,20 @@ async fn caught_up(log: &Log, p: &Projection) {
     }
 }
 
+/// A log in `dir` seeded with `first`, and a [`Mirror`] projection of it, caught up.
+async fn mirrored(
+    dir: &std::path::Path,
+    first: Command,
+    stale_budget: Duration,
+) -> (Arc<Log>, Arc<Mirror>, Arc<Projection>) {
+    let log = Arc::new(Log::open(LogConfig::new(dir)).await.unwrap());
+    log.propose(first).await.unwrap();
+    let mirror = Arc::new(Mirror::default());
+    let p = Projection::start(log.clone(), "mirror", mirror.clone(), stale_budget).await;
+    caught_up(&log, &p).await;
+    (log, mirror, p)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
@@ -127,11 +141,7 @@ fn a_paused_projection_goes_stale_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     rt.block_on(async {
-        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
-        log.propose(init()).await.unwrap();
-        let mirror = Arc::new(Mirror::default());
-        let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_millis(300)).await;
-        caught_up(&log, &p).await;
+        let (log, mirror, p) = mirrored(dir.path(), init(), Duration::from_millis(300)).await;
         assert!(!p.stale());
         p.pause(true);
         log.propose(cast_service("api")).await.unwrap();
@@ -215,11 +225,7 @@ fn an_entry_split_across_the_loop_s_batches_reaches_the_view_whole() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     rt.block_on(async {
-        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
-        log.propose(init_with("10.0.0.0/16")).await.unwrap();
-        let mirror = Arc::new(Mirror::default());
-        let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_secs(60)).await;
-        caught_up(&log, &p).await;
+        let (log, mirror, p) = mirrored(dir.path(), init_with("10.0.0.0/16"), Duration::from_secs(60)).await;
         let mut rx = log.subscribe();
         p.pause(true);
         let burst: Vec<_> = (0..1500)
@@ -265,11 +271,7 @@ fn raft_s_own_entries_leave_no_projection_behind() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     rt.block_on(async {
-        let log = Arc::new(Log::open(LogConfig::new(dir.path())).await.unwrap());
-        log.propose(init()).await.unwrap();
-        let mirror = Arc::new(Mirror::default());
-        let p = Projection::start(log.clone(), "mirror", mirror.clone(), Duration::from_millis(300)).await;
-        caught_up(&log, &p).await;
+        let (log, _mirror, p) = mirrored(dir.path(), init(), Duration::from_millis(300)).await;
         let before = *log.applied().borrow();
         let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = nobody.local_addr().unwrap().to_string();

@@ -567,15 +567,7 @@ fn records_never_built_fail_closed() {
     wait_until(LONG, "web to answer", || {
         dig(d.dns, "web.default.rune", "A", false).0 == "NOERROR"
     });
-    let o = Command::new("curl")
-        .args(["-sf", "-X", "POST"])
-        .arg(format!(
-            "http://{}/debug/failpoints/corrupt-service/default/web",
-            d.http
-        ))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    corrupt_service(&d, "default", "web");
     d.sigterm();
     d.restart();
     assert_eq!(dig(d.dns, "web.default.rune", "A", false).0, "SERVFAIL");

@@ -1055,15 +1055,7 @@ fn an_unreadable_service_record_stops_nothing() {
         .as_str()
         .unwrap()
         .to_string();
-    let o = Command::new("curl")
-        .args(["-sf", "-X", "POST"])
-        .arg(format!(
-            "http://{}/debug/failpoints/corrupt-service/default/keep",
-            d.http
-        ))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    common::corrupt_service(&d, "default", "keep");
     let errors = "rune_projection_errors_total{projection=\"orchestrator\"}";
     wait_until(LONG, "the unreadable record to be counted", || {
         metric(&d, errors) >= 1.0

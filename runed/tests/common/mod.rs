@@ -158,16 +158,21 @@ pub fn promtool_ok(body: &str) {
 
 /// Turns a failpoint of a runed started with `--enable-failpoints` on or off.
 pub fn failpoint(d: &Daemon, name: &str, on: bool) {
+    post_failpoint(d, &format!("{name}/{}", if on { "on" } else { "off" }));
+}
+
+/// Failpoint: the stored record of service `namespace/name` no longer decodes.
+pub fn corrupt_service(d: &Daemon, namespace: &str, name: &str) {
+    post_failpoint(d, &format!("corrupt-service/{namespace}/{name}"));
+}
+
+fn post_failpoint(d: &Daemon, path: &str) {
     let o = Command::new("curl")
         .args(["-sf", "-X", "POST"])
-        .arg(format!(
-            "http://{}/debug/failpoints/{name}/{}",
-            d.http,
-            if on { "on" } else { "off" }
-        ))
+        .arg(format!("http://{}/debug/failpoints/{path}", d.http))
         .output()
         .unwrap();
-    assert!(o.status.success(), "failpoint {name}: {}", stderr(&o));
+    assert!(o.status.success(), "failpoint {path}: {}", stderr(&o));
 }
 
 /// Makes projection `name` (`dns`, `dataplane`, `ingress`) fall behind the log: its tail is

@@ -463,14 +463,18 @@ impl Ingress {
         let mut sent = client
             .request(Request::from_parts(parts, Either::Left(body)))
             .await;
+        // The endpoint the answer (or the failure) came from, for the logs.
+        let mut at = 0;
         if let Some((method, headers)) = again {
             for attempt in 1..n.min(MAX_ATTEMPTS) {
                 match &sent {
                     Err(e) if e.is_connect() => {
-                        tracing::debug!(%host, error = %e, "cannot connect to a backend; trying the next");
+                        let endpoint = &route.endpoints[(first + at) % n];
+                        tracing::debug!(%host, ?endpoint, error = %e, "cannot connect to a backend; trying the next");
                     }
                     _ => break,
                 }
+                at = attempt;
                 let Some(uri) = target(attempt) else {
                     return bad_target();
                 };
@@ -500,7 +504,8 @@ impl Ingress {
                 resp.map(|b| b.boxed())
             }
             Err(e) => {
-                tracing::debug!(%host, error = %e, "backend failed");
+                let endpoint = &route.endpoints[(first + at) % n];
+                tracing::debug!(%host, ?endpoint, error = %e, "backend failed");
                 self.count(&host, StatusCode::BAD_GATEWAY);
                 plain(
                     StatusCode::BAD_GATEWAY,

@@ -124,9 +124,12 @@ impl Projection {
         self.lag.stale_seconds()
     }
 
-    /// Behind for longer than the stale budget: the subsystem must fail closed.
+    /// Behind for longer than the stale budget, or never built (its first read of the state
+    /// failed, so the view is empty rather than old): the subsystem must fail closed. An empty
+    /// view would otherwise answer for the budget's length as if nothing existed (NXDOMAIN
+    /// for every name, 404 for every host).
     pub fn stale(&self) -> bool {
-        self.lag.stale(self.stale_budget)
+        self.rebuilds() == 0 || self.lag.stale(self.stale_budget)
     }
 
     /// Full rebuilds so far (the first build included).

@@ -156,6 +156,11 @@ impl Health {
         let ok = !p.stale();
         let detail = if ok {
             format!("applied {applied}, lag {stale_seconds:.1} s")
+        } else if p.rebuilds() == 0 {
+            format!(
+                "never built from the state ({} read errors): failing closed",
+                p.errors()
+            )
         } else {
             format!(
                 "{stale_seconds:.0} s behind the log (stale budget {} s): failing closed",

@@ -110,11 +110,9 @@ impl Shared {
     }
 
     /// The gate: whether a name of our zones leading to `vip` (or to no VIP) may be answered
-    /// now. A poisoned lock fails closed like an unset data path, and so do records never
-    /// built (a first read of the state that failed): empty, they would deny every name with
-    /// an NXDOMAIN that resolvers cache, until the stale budget ran out.
+    /// now. A poisoned lock fails closed like an unset data path.
     fn open_for(&self, vip: Option<Ipv4Addr>) -> bool {
-        if self.projection.stale() || self.projection.rebuilds() == 0 || !self.records.readable() {
+        if self.projection.stale() || !self.records.readable() {
             return false;
         }
         let dp = self.data_path.read().ok().and_then(|d| d.clone());

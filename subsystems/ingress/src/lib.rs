@@ -896,7 +896,7 @@ async fn sweep(
     ordering: &HashMap<tokio::task::Id, String>,
     unexposed: &mut HashMap<String, tokio::time::Instant>,
 ) {
-    if ing.projection.applied_index() == 0 || ing.projection.stale_seconds() > 0.0 {
+    if ing.projection.stale() || ing.projection.stale_seconds() > 0.0 {
         return;
     }
     let names = match ing.vault.names(acme::SYSTEM_NAMESPACE, acme::CERT_SECRET_PREFIX) {

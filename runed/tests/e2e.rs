@@ -580,66 +580,78 @@ fn signals_health_and_drain() {
     assert!(d.logs().contains("runed stopped"));
 }
 
+/// Runs the watch `rune <args>`, then `act`, and gathers the events `parse` keeps from its
+/// lines until one is `last`. The watch is killed after a minute, so an event that never
+/// comes fails the test instead of hanging it.
+fn watched(
+    d: &Daemon,
+    args: &[&str],
+    act: impl FnOnce(),
+    parse: impl Fn(&str) -> Option<String>,
+    last: &str,
+) -> Vec<String> {
+    let mut w = d.rune_cmd().args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let reaper = std::thread::spawn(move || {
+        let _ = finished.recv_timeout(Duration::from_secs(60));
+        let _ = w.kill();
+        let _ = w.wait();
+    });
+    act();
+    let mut seen = Vec::new();
+    for l in lines.map_while(Result::ok) {
+        if let Some(event) = parse(&l) {
+            seen.push(event);
+            if seen.last().is_some_and(|e| e == last) {
+                break;
+            }
+        }
+    }
+    let _ = done.send(());
+    reaper.join().unwrap();
+    seen
+}
+
 #[test]
 fn watch_streams_changes() {
     let d = Daemon::start(&bins());
-    let mut w = d
-        .rune_cmd()
-        .args(["get", "svc", "--watch", "-o", "json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(w.stdout.take().unwrap()).lines();
     let f = write(&d, "w.yaml", "service:\n  name: watched\n  image: x\n");
-    // The watch subscribes before it lists; casting right away must still be seen.
-    assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
-    assert_eq!(code(&d.rune(&["delete", "service", "watched"])), 0);
-    let mut seen = Vec::new();
-    for l in lines {
-        let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();
-        seen.push(format!(
-            "{} {}",
-            v["type"].as_str().unwrap(),
-            v["name"].as_str().unwrap()
-        ));
-        if seen.last().is_some_and(|s| s == "DELETED watched") {
-            break;
-        }
-    }
-    let _ = w.kill();
-    let _ = w.wait();
+    let seen = watched(
+        &d,
+        &["get", "svc", "--watch", "-o", "json"],
+        // The watch subscribes before it lists; casting right away must still be seen.
+        || {
+            assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
+            assert_eq!(code(&d.rune(&["delete", "service", "watched"])), 0);
+        },
+        |l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(format!("{} {}", v["type"].as_str()?, v["name"].as_str()?))
+        },
+        "DELETED watched",
+    );
     assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
 }
 
-/// The same for namespaces: what the list holds is not streamed again.
+/// The same for namespaces, whose watch prints `TYPE NAME` lines.
 #[test]
 fn namespace_watch_streams_changes() {
     let d = Daemon::start(&bins());
-    let mut w = d
-        .rune_cmd()
-        .args(["get", "namespaces", "--watch"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(w.stdout.take().unwrap()).lines();
     let f = write(&d, "ns.yaml", "namespace:\n  name: watched\n");
-    assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
-    assert_eq!(code(&d.rune(&["delete", "namespace", "watched"])), 0);
-    let mut seen = Vec::new();
-    for l in lines {
-        // `TYPE NAME`, one event a line.
-        let l = l.unwrap();
-        let words: Vec<&str> = l.split_whitespace().collect();
-        if words.get(1) != Some(&"watched") {
-            continue;
-        }
-        seen.push(words.join(" "));
-        if seen.last().is_some_and(|s| s == "DELETED watched") {
-            break;
-        }
-    }
-    let _ = w.kill();
-    let _ = w.wait();
+    let seen = watched(
+        &d,
+        &["get", "namespaces", "--watch"],
+        || {
+            assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
+            assert_eq!(code(&d.rune(&["delete", "namespace", "watched"])), 0);
+        },
+        |l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            (words.get(1) == Some(&"watched")).then(|| words.join(" "))
+        },
+        "DELETED watched",
+    );
     assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
 }
 

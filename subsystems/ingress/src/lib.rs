@@ -438,9 +438,6 @@ impl Ingress {
         let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // Without a body the request can be sent again, to the next endpoint, when one refuses
-        // the connection (an instance that just stopped, before its probe says so).
-        let resendable = hyper::body::Body::is_end_stream(&body);
         parts.uri = uri;
         strip_hop_by_hop(&mut parts.headers, upgrade);
         // HTTP/2 requests carry the host in :authority; the backend speaks HTTP/1.1.
@@ -459,7 +456,10 @@ impl Ingress {
         parts
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
-        let again = (resendable && n > 1).then(|| (parts.method.clone(), parts.headers.clone()));
+        // Without a body the request can be sent again, to the next endpoint, when one refuses
+        // the connection (an instance that just stopped, before its probe says so).
+        let again = (n > 1 && hyper::body::Body::is_end_stream(&body))
+            .then(|| (parts.method.clone(), parts.headers.clone()));
         let mut sent = client
             .request(Request::from_parts(parts, Either::Left(body)))
             .await;

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{bins, code, failpoint, fall_behind, run_ok, write};
-use rune_chaos_tests::{free_port, http_get, stdout, wait_until, Daemon};
+use rune_chaos_tests::{free_port, http_get, stdout, wait_until, waited, Daemon};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -339,18 +339,107 @@ fn missing_nft_is_said_and_the_proxy_still_enforces() {
     assert!(addr.starts_with("127.0.0.1:"), "{v}");
     // Nothing redirects its VIP, so its name is not handed out: SERVFAIL, and the status says why.
     assert!(status.contains("the DNS does not answer their names"), "{status}");
+    let answer = dig_a(&d, "quiet.default.rune");
+    assert!(answer.contains("status: SERVFAIL"), "{answer}");
+}
+
+/// Holds runed's table as another program's until dropped: `nft -i` replaces it with one of
+/// `flags owner`, which only the holder's netlink socket may change, so the kernel refuses
+/// runed's loads (EPERM) and deletes the table when the holder exits.
+struct Owner(std::process::Child);
+
+impl Owner {
+    fn take(table: &str) -> Owner {
+        let mut child = Command::new("nft")
+            .arg("-i")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nft -i");
+        let stdin = child.stdin.as_mut().expect("nft's stdin");
+        write!(
+            stdin,
+            "delete table inet {table}\nadd table inet {table} {{ flags owner; }}\n"
+        )
+        .and_then(|()| stdin.flush())
+        .expect("write to nft -i");
+        Owner(child)
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `dig`'s status and answer for `name` from runed's DNS.
+fn dig_a(d: &Daemon, name: &str) -> String {
     let o = Command::new("dig")
         .arg(format!("@{}", d.dns.ip()))
-        .args([
-            "-p",
-            &d.dns.port().to_string(),
-            "quiet.default.rune",
-            "+time=2",
-            "+tries=1",
-        ])
+        .args(["-p", &d.dns.port().to_string(), name, "+time=2", "+tries=1"])
         .output()
         .expect("dig");
-    assert!(stdout(&o).contains("status: SERVFAIL"), "{}", stdout(&o));
+    stdout(&o)
+}
+
+/// The kernel keeps the last table it took when a load fails, so runed tries again, with no
+/// change to the state needed: here the table was held by another program (its loads refused),
+/// and once that program is gone runed loads the view it could not load before, and the DNS
+/// answers the name that was cast meanwhile.
+#[test]
+fn a_refused_load_is_tried_again_without_a_change() {
+    let _lab = Lab::new();
+    let mut d = Daemon::new(&bins());
+    d.nftables = true;
+    d.restart();
+    let status = || run_ok(&d, &["policy", "status"]);
+    wait_until(LONG, "the kernel to enforce", || {
+        status().contains("kernel enforcement: on")
+    });
+    let table = || stdout(&sh(&["nft", "list", "table", "inet", "rune"]));
+    let holder = Owner::take("rune");
+    wait_until(LONG, "the table to be another program's", || {
+        table().contains("flags owner")
+    });
+
+    let f = write(
+        &d,
+        "quiet.yaml",
+        "service:\n  name: quiet\n  process:\n    command: /bin/sleep\n    args: [\"1000\"]\n  ports:\n    - name: p\n      port: 9\n",
+    );
+    run_ok(&d, &["cast", &f, "--detach"]);
+    wait_until(LONG, "the load to be refused", || {
+        status().contains("kernel enforcement: off: no permission to program nftables")
+    });
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "services", "quiet", "-o", "json"])).unwrap();
+    let vip = v["vip"].as_str().unwrap().to_string();
+    // Not redirected, so not handed out.
+    assert!(dig_a(&d, "quiet.default.rune").contains("status: SERVFAIL"));
+
+    // The holder gone, its table with it; nothing is cast, yet the table comes back whole.
+    drop(holder);
+    let mut last = String::new();
+    let loaded = waited(LONG, || {
+        last = table();
+        // In `vip_ports` once ready, in `refused` until then: redirected either way.
+        last.contains(&format!("{vip} . 9"))
+    });
+    assert!(
+        loaded,
+        "runed did not load its table again:\n{last}\n{}",
+        d.logs()
+    );
+    wait_until(LONG, "the kernel to enforce again", || {
+        status().contains("kernel enforcement: on")
+    });
+    wait_until(LONG, "the DNS to answer quiet", || {
+        dig_a(&d, "quiet.default.rune").contains(&vip)
+    });
+    let loads = d.logs().matches("the kernel enforces policy").count();
+    assert!(loads >= 2, "one load at start, one after the refusal: {loads}");
 }
 
 /// `rune policy status`'s count of VIP ports the kernel forwards itself, from `from`

@@ -222,6 +222,13 @@ struct Kernel {
     counters: Vec<nft::CounterKey>,
     /// The VIPs the loaded table redirects (a failed load leaves the old table, and these).
     vips: HashSet<Ipv4Addr>,
+    /// When to load the table again although nothing changed: after a failed load (with
+    /// backoff), and at start until a first load (so a view that could not be built still
+    /// replaces the previous run's table with one refusing every VIP). `None` once loaded,
+    /// or when there is no nftables to load into.
+    retry_at: Option<Instant>,
+    /// Failed loads in a row, for the backoff.
+    failures: u32,
 }
 
 struct Listener {
@@ -262,7 +269,7 @@ pub struct DataPlane {
     /// The cluster's gateway key, once the gateway serves ([`DataPlane::serve_gateway`]).
     gateway_key: OnceLock<gateway::GatewayKey>,
     /// Serialises loads of the kernel's table: a changed view, and a view gone stale or
-    /// fresh again ([`watch_staleness`]).
+    /// fresh again, and retries ([`watch_kernel`]).
     programming: tokio::sync::Mutex<()>,
     /// The loaded table leaves every VIP to the proxy because the view was stale then.
     withheld: AtomicBool,
@@ -343,6 +350,8 @@ impl DataPlane {
                 generation: 0,
                 counters: Vec::new(),
                 vips: HashSet::new(),
+                retry_at: nft.is_ok().then(Instant::now),
+                failures: 0,
             }),
             active: Mutex::new(HashMap::new()),
             nft,
@@ -359,7 +368,7 @@ impl DataPlane {
         let _ = dp.projection.set(projection);
         if dp.cfg.kernel {
             tokio::spawn(read_counters(Arc::downgrade(&dp)));
-            tokio::spawn(watch_staleness(Arc::downgrade(&dp)));
+            tokio::spawn(watch_kernel(Arc::downgrade(&dp)));
         }
         Ok(dp)
     }
@@ -622,7 +631,7 @@ impl DataPlane {
         self.sync_listeners(&table, changed).await;
         self.sync_container_listeners(&table, changed).await;
         if self.cfg.kernel {
-            self.program(&table).await;
+            self.program().await;
         }
     }
 
@@ -812,13 +821,15 @@ impl DataPlane {
             .unwrap_or_default()
     }
 
-    /// Brings the kernel's table to this view: only what changed when the table is one this
-    /// runed loaded, the whole table otherwise (at start, after a failure, or when a change
-    /// is refused because the table was touched from outside).
-    async fn program(&self, t: &Table) {
+    /// Brings the kernel's table to the current view: only what changed when the table is
+    /// one this runed loaded, the whole table otherwise (at start, after a failure, or when a
+    /// change is refused because the table was touched from outside). The view is read under
+    /// the lock, so of two callers the later never loads an older view than the earlier.
+    async fn program(&self) {
         let _one = self.programming.lock().await;
+        let t = self.table();
         let ports = self.proxy_port_map();
-        let model = nft::Model::of(t, &ports, self.cfg.port_range);
+        let model = nft::Model::of(&t, &ports, self.cfg.port_range);
         // Fail closed: a stale view's VIPs all go to the proxy, which refuses new connections.
         let stale = self.stale();
         let model = if stale { model.proxied() } else { model };
@@ -839,6 +850,8 @@ impl DataPlane {
             Err(e) => {
                 if let Ok(mut k) = self.kernel.lock() {
                     kernel_off(&mut k, e, Duration::ZERO);
+                    // No library or no context: trying again cannot help.
+                    k.retry_at = None;
                 }
                 return;
             }
@@ -909,9 +922,23 @@ impl DataPlane {
                 k.counters = model.counters();
                 k.model = Some(Arc::new(model));
                 k.vips = vips;
+                k.retry_at = None;
+                k.failures = 0;
                 self.withheld.store(stale, Ordering::Relaxed);
             }
-            Err(e) => kernel_off(&mut k, &e, took),
+            Err(e) => {
+                kernel_off(&mut k, &e, took);
+                // The kernel keeps the last table loaded (old endpoints, old policy) until a
+                // load succeeds, so one is tried again even if the view never changes.
+                k.failures = k.failures.saturating_add(1);
+                let wait = retry_delay(k.failures);
+                k.retry_at = Some(Instant::now() + wait);
+                tracing::debug!(
+                    failures = k.failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "the nftables load will be tried again"
+                );
+            }
         }
     }
 }
@@ -1020,16 +1047,32 @@ async fn read_counters(dp: std::sync::Weak<DataPlane>) {
     }
 }
 
-/// Loads the table again when the view goes stale (the kernel stops forwarding on its own,
-/// so new connections meet the proxy, which refuses them) or fresh again. A quarter of a
-/// second past the budget at most; the proxy itself refuses at once.
-async fn watch_staleness(dp: std::sync::Weak<DataPlane>) {
+/// How long after the `failures`th failed load in a row the next is tried: 1 s doubling to
+/// 30 s, so a kernel that refuses for a while is not asked four times a second, and one that
+/// recovers is used again within half a minute.
+fn retry_delay(failures: u32) -> Duration {
+    let secs = 1u64 << failures.saturating_sub(1).min(5);
+    Duration::from_secs(secs.min(30))
+}
+
+/// Loads the table again without a change to the view: when the view goes stale (the kernel
+/// stops forwarding on its own, so new connections meet the proxy, which refuses them) or
+/// fresh again, a quarter of a second past the budget at most (the proxy itself refuses at
+/// once); and when a load failed, or none was made yet, once its retry is due.
+async fn watch_kernel(dp: std::sync::Weak<DataPlane>) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Some(d) = dp.upgrade() else { return };
-        if d.kernel_status().enforcing && d.stale() != d.withheld.load(Ordering::Relaxed) {
-            let table = d.table();
-            d.program(&table).await;
+        let (enforcing, due) = match d.kernel.lock() {
+            Ok(k) => (
+                k.status.enforcing,
+                k.retry_at.is_some_and(|at| at <= Instant::now()),
+            ),
+            Err(_) => return,
+        };
+        let flipped = enforcing && d.stale() != d.withheld.load(Ordering::Relaxed);
+        if flipped || (!enforcing && due) {
+            d.program().await;
         }
     }
 }
@@ -1047,5 +1090,12 @@ mod tests {
             SvcKey::new("prod", "api")
         );
         assert_eq!(parse_service("default", "api.prod"), SvcKey::new("prod", "api"));
+    }
+
+    #[test]
+    fn failed_loads_back_off_to_half_a_minute() {
+        let waits: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_delay(u32::MAX).as_secs(), 30);
     }
 }

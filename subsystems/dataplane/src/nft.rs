@@ -65,9 +65,10 @@ pub enum NftError {
     /// libnftables (Debian's nftables) is not installed.
     #[error("nftables is missing (install Debian's nftables); policy is enforced in the proxy only")]
     Missing,
-    /// No CAP_NET_ADMIN.
+    /// No CAP_NET_ADMIN, or the table is another program's (`flags owner`): the kernel says
+    /// EPERM for both.
     #[error(
-        "no privilege to program nftables (runed needs CAP_NET_ADMIN); policy is enforced in the proxy only"
+        "no permission to program nftables (runed needs CAP_NET_ADMIN, and its table must not be owned by another program); policy is enforced in the proxy only"
     )]
     Privilege,
     /// nft refused the program.

@@ -1009,9 +1009,6 @@ impl View for RouteView {
     }
 
     fn wants(&self, d: &Delta) -> bool {
-        !matches!(
-            d,
-            Delta::Instance { .. } | Delta::Placement { .. } | Delta::Node { .. }
-        )
+        !matches!(d, Delta::Instance { .. } | Delta::Placement { .. })
     }
 }

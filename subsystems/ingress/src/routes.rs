@@ -1,7 +1,7 @@
 //! The ingress's view of the state: each exposed host, the service port it goes to and where
 //! that port's ready endpoints listen, kept from the projection's deltas.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use rune_statemachine::delta::Delta;
@@ -57,6 +57,9 @@ pub struct Exposed {
     /// This node, in a cluster: endpoints of other nodes are [`Backend::Elsewhere`]. None: every
     /// endpoint is dialled where it is.
     node: Option<String>,
+    /// The other nodes whose gateway is known: only their endpoints can be reached (a node
+    /// that has not said where its gateway listens, or whose record is gone, gets none).
+    gateways: HashSet<String>,
 }
 
 impl Exposed {
@@ -105,7 +108,20 @@ impl Exposed {
                 };
                 self.services.contains_key(&key)
             }
-            Delta::Instance { .. } | Delta::Placement { .. } | Delta::Node { .. } => false,
+            Delta::Node { name, record } => {
+                let known = record
+                    .as_ref()
+                    .and_then(|r| r.gateway.as_deref())
+                    .is_some_and(|g| g.parse::<SocketAddr>().is_ok());
+                let changed = if known {
+                    self.gateways.insert(name.clone())
+                } else {
+                    self.gateways.remove(name)
+                };
+                // Only a cluster's node routes through other nodes.
+                changed && self.node.is_some()
+            }
+            Delta::Instance { .. } | Delta::Placement { .. } => false,
         }
     }
 
@@ -137,7 +153,11 @@ impl Exposed {
                                 .as_ref()
                                 .is_some_and(|me| !ep.node.is_empty() && ep.node != *me);
                             if elsewhere {
-                                return Some(Backend::Elsewhere(ep.instance.clone()));
+                                // The data plane reaches it only through its node's gateway.
+                                return self
+                                    .gateways
+                                    .contains(&ep.node)
+                                    .then(|| Backend::Elsewhere(ep.instance.clone()));
                             }
                             Some(Backend::Here(SocketAddr::new(ep.address.parse().ok()?, target)))
                         })

@@ -25,12 +25,25 @@ proptest! {
         }
         let built = build(&fold(&ds));
         prop_assert_eq!(fed.routes().by_host, built.routes().by_host);
+        // A cluster's node, which reaches other nodes' endpoints through their gateways.
+        let on_n1 = |state: &[rune_statemachine::delta::Delta]| {
+            let mut e = Exposed::on_node("n1");
+            for d in state {
+                e.apply(d);
+            }
+            e
+        };
+        let mut fed = on_n1(&fold(&ds[..cut]));
+        for d in &ds[cut..] {
+            fed.apply(d);
+        }
+        prop_assert_eq!(fed.routes().by_host, on_n1(&fold(&ds)).routes().by_host);
     }
 }
 
 /// On a cluster's node, an endpoint of another node is reached through that node (by
-/// instance id), never at its address, which means something only there; one runed (no
-/// node) dials every endpoint where it is.
+/// instance id), never at its address, which means something only there, and only once that
+/// node's gateway is known; one runed (no node) dials every endpoint where it is.
 #[test]
 fn endpoints_of_other_nodes_are_reached_through_them() {
     use rune_ingress::routes::Backend;
@@ -79,6 +92,25 @@ fn endpoints_of_other_nodes_are_reached_through_them() {
         on_a.apply(d);
     }
     let local = Backend::Here("127.0.0.1:8080".parse().unwrap());
+    // Node b has not said where its gateway listens: its endpoint cannot be reached yet.
+    assert_eq!(here(&on_a), std::slice::from_ref(&local));
+    let node_b = |gateway: Option<&str>| Delta::Node {
+        name: "b".into(),
+        record: Some(Arc::new(rune_statemachine::store::nodes::NodeRecord {
+            name: "b".into(),
+            raft_id: 2,
+            ready: true,
+            since_ms: 0,
+            placed: 1,
+            gateway: gateway.map(String::from),
+        })),
+    };
+    assert!(
+        on_a.apply(&node_b(Some("10.0.0.2:7000"))),
+        "a gateway known changes the routes"
+    );
     assert_eq!(here(&on_a), [local.clone(), Backend::Elsewhere("web-1".into())]);
+    assert!(on_a.apply(&node_b(None)));
+    assert_eq!(here(&on_a), std::slice::from_ref(&local));
     assert_eq!(here(&build(&state)), [local.clone(), local]);
 }

@@ -328,21 +328,26 @@ impl pb::admin_api_server::AdminApi for Api {
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let caller = self.gate(&req, "tokens", "create")?;
-        let r = req.into_inner();
-        // A token for someone else is acting as them: that takes managing users, and a new
-        // subject is a new user.
+        let mut r = req.into_inner();
+        let subject = self.read_one::<UserRecord>(&rune_statemachine::store::user_key(&r.subject))?;
         if r.subject != caller.user {
-            let subject = self.read_one::<UserRecord>(&rune_statemachine::store::user_key(&r.subject))?;
+            // A token for someone else is acting as them: that takes managing users, and a
+            // new subject is a new user.
             let verb = if subject.is_some() { "update" } else { "create" };
             crate::auth::check(&caller, "users", verb, None)?;
-            // What the token will be able to do: its own policies, else all of its user's.
-            let granted = match (&subject, r.policies.is_empty()) {
-                (_, false) => r.policies.clone(),
-                (Some(u), true) => u.policies.clone(),
-                (None, true) => vec!["readonly".to_string()],
-            };
-            self.may_grant(&caller, &granted)?;
+        } else if r.policies.is_empty() && subject.as_ref().is_some_and(|u| u.policies != caller.policies) {
+            // A narrowed token's token for its own user is narrowed as much: "all of the
+            // user's policies" would give it what its maker was not given.
+            r.policies = caller.policies.clone();
         }
+        // What the token will be able to do: its own policies, else all of its user's. Nobody
+        // grants more than they hold, not even to their own user (a narrowed token).
+        let granted = match (&subject, r.policies.is_empty()) {
+            (_, false) => r.policies.clone(),
+            (Some(u), true) => u.policies.clone(),
+            (None, true) => vec!["readonly".to_string()],
+        };
+        self.may_grant(&caller, &granted)?;
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name: is required"));
         }

@@ -280,6 +280,60 @@ fn builtin_and_namespace_scoped_policies_allow_and_deny() {
         &["admin", "token", "create", "mine", "--subject-name", "ua"],
     );
     assert_eq!(code(&o), 0, "a token for oneself: {}", stderr(&o));
+    // A token narrowed to some of its user's policies mints no wider token, even for its own
+    // user: one with none named gets the maker's, and naming another is refused.
+    let o = d.rune(&[
+        "admin",
+        "user",
+        "create",
+        "ci",
+        "--policy",
+        "readwrite,user-admin",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let narrow = stdout(&d.rune(&[
+        "admin",
+        "token",
+        "create",
+        "ci-tokens",
+        "--subject-name",
+        "ci",
+        "--policies",
+        "user-admin",
+    ]))
+    .trim()
+    .to_string();
+    let o = as_token(
+        &d,
+        &narrow,
+        &[
+            "admin",
+            "token",
+            "create",
+            "wide",
+            "--subject-name",
+            "ci",
+            "--policies",
+            "readwrite",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("cannot grant readwrite"), "{}", stderr(&o));
+    let o = as_token(
+        &d,
+        &narrow,
+        &["admin", "token", "create", "same", "--subject-name", "ci"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let same = stdout(&o).trim().to_string();
+    let o = as_token(&d, &same, &["get", "services"]);
+    assert_eq!(
+        code(&o),
+        3,
+        "as narrow as its maker: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
 
     // Detaching takes effect on the next call, with the same token.
     let o = d.rune(&["admin", "policy", "detach", "dev-only", "--from-user", "devu"]);

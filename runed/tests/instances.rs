@@ -548,11 +548,17 @@ fn cast_ticker_and_web(d: &Daemon) {
 
 /// A sleeping process recorded as an instance of a service that does not exist.
 fn spawn_stray_process(data_dir: &Path) -> u32 {
+    spawn_stray(data_dir, &["sleep", "1000"], serde_json::json!({}))
+}
+
+/// `argv` running in a process group of its own, recorded as instance `gone-0` of a service
+/// that does not exist; `extra` is merged into its `state.json`.
+fn spawn_stray(data_dir: &Path, argv: &[&str], extra: Value) -> u32 {
     use std::os::unix::process::CommandExt;
     let dir = data_dir.join("instances/default/gone-0");
     std::fs::create_dir_all(&dir).unwrap();
-    let child = Command::new("sleep")
-        .arg("1000")
+    let child = Command::new(argv[0])
+        .args(&argv[1..])
         .process_group(0)
         .spawn()
         .unwrap();
@@ -564,9 +570,12 @@ fn spawn_stray_process(data_dir: &Path) -> u32 {
         .unwrap()
         .parse()
         .unwrap();
-    let state = serde_json::json!({
+    let mut state = serde_json::json!({
         "namespace": "default", "service": "gone", "id": "gone-0", "template": "x", "pid": pid, "start_time": start
     });
+    if let (Some(s), Some(e)) = (state.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
     std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
     // Reap it when it dies so it does not linger as a zombie of the test.
     std::thread::spawn(move || {
@@ -1213,4 +1222,139 @@ fn an_adopted_instance_scaled_away_and_back_is_replaced_cleanly() {
         .expect("the new run's state file");
     assert!(state.contains(&format!("\"pid\":{new}")), "{state}");
     run_ok(&d, &["delete", "sticky"]);
+}
+
+/// An instance killed for failing its liveness probe is restarted under `restartPolicy:
+/// OnFailure` even though it exits 0 on SIGTERM, as most servers do: it hung, it did not
+/// finish.
+#[test]
+fn a_liveness_kill_restarts_under_on_failure() {
+    let d = Daemon::start(&bins());
+    // Nothing listens there: the probe fails from the first try.
+    let port = rune_chaos_tests::free_port();
+    let f = write(
+        &d,
+        "hung.yaml",
+        &format!(
+            "service:\n  name: hung\n  scale: 1\n  restartPolicy: OnFailure\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n  health:\n    liveness:\n      type: tcp\n      port: {port}\n      intervalSeconds: 1\n      failureThreshold: 1\n"
+        ),
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "the hung instance to be restarted", || {
+        instances(&d, "hung")
+            .first()
+            .is_some_and(|i| i["restarts"].as_u64() >= Some(1))
+    });
+    run_ok(&d, &["delete", "hung"]);
+}
+
+/// Any directory named `name` under `dir`, at any depth.
+fn dirs_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if e.file_name() == name {
+                found.push(p.clone());
+            }
+            found.extend(dirs_named(&p, name));
+        }
+    }
+    found
+}
+
+/// A run found at start that nobody wants any more (its service went while runed was away)
+/// is stopped with the grace period it started with, not a fixed ten seconds, and leaves
+/// nothing behind: the plain-text files its secrets were written to go with it.
+#[test]
+fn unwanted_adopted_runs_keep_their_grace_and_leave_no_secret_files() {
+    let mut d = Daemon::start(&bins());
+    // A service with a secret mount shows where this runed writes them.
+    let f = write(
+        &d,
+        "keep.yaml",
+        &format!(
+            "secrets:\n  - name: db\n    data:\n      - key: password\n        value: hunter2\nservices:\n  - name: keep\n    scale: 1\n    process:\n      command: /bin/sleep\n      args: [\"1000\"]\n    secretMounts:\n      - name: creds\n        mountPath: {}\n        secretName: db\n",
+            d.scratch().join("creds").display()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let mounts = d.scratch().join("run").join("mounts");
+    let keep = dirs_named(&mounts, "keep-0");
+    assert_eq!(keep.len(), 1, "its secret files under {}", mounts.display());
+    assert!(d.sigterm().success());
+    // What a runed that went away leaves of an instance whose service is gone since: its run,
+    // which takes 11 s to finish on SIGTERM (more than the old fixed 10 s, within its own
+    // 30 s), and its secret files.
+    let gone = keep[0].with_file_name("gone-0");
+    std::fs::create_dir_all(gone.join("creds")).unwrap();
+    std::fs::write(gone.join("creds").join("password"), "hunter2").unwrap();
+    let done = d.scratch().join("done");
+    let script = format!(
+        "trap 'sleep 11; echo done > {}; exit 0' TERM; while true; do sleep 0.2; done",
+        done.display()
+    );
+    let pid = spawn_stray(
+        &d.data_dir,
+        &["/bin/sh", "-c", &script],
+        serde_json::json!({"grace_secs": 30}),
+    );
+    d.restart();
+    wait_until(LONG, "the unwanted run to end", || !pid_alive(&pid.to_string()));
+    assert_eq!(
+        std::fs::read_to_string(&done).unwrap_or_default(),
+        "done\n",
+        "killed before its grace period was out"
+    );
+    wait_until(LONG, "its secret files to go", || !gone.exists());
+    assert!(keep[0].exists(), "a wanted instance's files stay");
+}
+
+/// A process instance that is removed while it is not running (crash-looping here) leaves no
+/// folder behind once runed next collects: its ended run is not taken for one to keep.
+#[test]
+fn a_removed_crash_looping_process_leaves_no_folder() {
+    let mut d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "crash.yaml",
+        "service:\n  name: crashy\n  scale: 1\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"echo boom; exit 3\"]\n",
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "a restart", || {
+        instances(&d, "crashy")
+            .first()
+            .is_some_and(|i| i["restarts"].as_u64() >= Some(1))
+    });
+    let folder = d.data_dir.join("instances/default/crashy-0");
+    assert!(folder.is_dir());
+    run_ok(&d, &["delete", "crashy"]);
+    // A restart's first pass collects the folders of instances nobody wants.
+    assert!(d.sigterm().success());
+    d.restart();
+    wait_until(LONG, "its folder to be collected", || !folder.exists());
+}
+
+/// A rollout goes on past up-to-date instances that finished and whose restart policy leaves
+/// them so (job-like workers, never ready here): they are done, not broken.
+#[test]
+fn a_rollout_passes_instances_that_finished() {
+    let d = Daemon::start(&bins());
+    let spec = |greeting: &str| {
+        format!(
+            "service:\n  name: worker\n  scale: 2\n  restartPolicy: OnFailure\n  env:\n    GREETING: {greeting}\n  process:\n    command: /bin/sh\n    args: [\"-c\", \"echo $GREETING; sleep 1; exit 0\"]\n  health:\n    readiness:\n      type: exec\n      command: [\"/bin/false\"]\n      intervalSeconds: 1\n"
+        )
+    };
+    let finished = |d: &Daemon| {
+        let l = instances(d, "worker");
+        l.len() == 2 && l.iter().all(|i| i["status"] == "Exited" && i["current"] == true)
+    };
+    let f = write(&d, "worker.yaml", &spec("one"));
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "both to finish", || finished(&d));
+    let f = write(&d, "worker.yaml", &spec("two"));
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "both to be replaced and finish again", || {
+        finished(&d) && run_ok(&d, &["logs", "worker"]).matches("two").count() >= 2
+    });
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
 use rune_statemachine::delta::Delta;
-use rune_statemachine::instance::{template_hash, InstanceChange, InstanceEvent, InstanceRecord};
+use rune_statemachine::instance::{template_hash, InstanceChange, InstanceEvent, InstanceRecord, Phase};
 use rune_statemachine::store::ServiceRecord;
 use rune_statemachine::{Command, STATE_TABLE};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -47,6 +47,9 @@ pub type SvcId = (String, String);
 
 /// Reports waiting to be proposed, at most: supervisors wait (in order) beyond it.
 const REPORT_QUEUE: usize = 4096;
+/// The grace period of a run whose spec is gone and that recorded none (a process started by
+/// an older build): the spec's own default.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the resync tick runs; each reconciles the next slice of services, so that every
 /// service is looked at within [`RESYNC_ROUND`] even if nothing enqueues it.
@@ -730,17 +733,21 @@ impl Inner {
         }
     }
 
-    /// Removes an instance's leftovers (its exited container, its process folder).
+    /// Removes the files an instance's secrets and configmaps were written to.
+    fn remove_mounts(&self, ns: &str, id: &str) {
+        let _ = std::fs::remove_dir_all(inject::mounts_dir(&self.cfg.run_dir, &self.cfg.owner(), ns, id));
+    }
+
+    /// Removes an instance's leftovers (its exited container, its process folder). Called
+    /// once its run has ended or been stopped.
     async fn cleanup(&self, l: &Launch) {
-        let _ = std::fs::remove_dir_all(inject::mounts_dir(
-            &self.cfg.run_dir,
-            &self.cfg.owner(),
-            &l.namespace,
-            &l.id,
-        ));
+        self.remove_mounts(&l.namespace, &l.id);
         // A process instance's folder (its log) stays until the instance is no longer wanted:
-        // a replacement under the same id appends to it. The reconciler collects the rest.
-        if l.spec.process.is_none() {
+        // a replacement under the same id appends to it. The reconciler collects the rest,
+        // which it does only once no run is recorded there.
+        if l.spec.process.is_some() {
+            self.process.forget_run(&l.namespace, &l.id);
+        } else {
             let name = self.docker.container_name(&l.namespace, &l.id);
             self.until_done(&name, "remove", || self.docker.remove(&name))
                 .await;
@@ -1220,20 +1227,35 @@ impl Loop {
                 }
                 let draining = self.draining.clone();
                 let sid = id.clone();
+                // The grace its spec gives now (scaled down), else the one it started with
+                // (the service is gone).
+                let grace = svc.as_ref().map(|s| runner::grace(&s.spec)).or(f.grace);
                 tokio::spawn(async move {
                     let mut h = f.run.handle;
                     match &h {
                         RunHandle::Container { id } => {
-                            let _ = inner2.docker.stop(id, Duration::from_secs(10)).await;
+                            let grace = match grace {
+                                Some(g) => g,
+                                None => inner2.docker.stop_timeout(id).await.unwrap_or(DEFAULT_GRACE),
+                            };
+                            // The container must go even if the engine is away for a while.
+                            inner2
+                                .until_done(id, "stop", || inner2.docker.stop(id, grace))
+                                .await;
+                            if let Err(e) = inner2.docker.remove_network_if_unused().await {
+                                tracing::debug!(error = %e, "could not remove the container network");
+                            }
                         }
                         _ => {
                             inner2
                                 .process
-                                .stop(&k.0, &k.2, &mut h, Duration::from_secs(10))
+                                .stop(&k.0, &k.2, &mut h, grace.unwrap_or(DEFAULT_GRACE))
                                 .await;
                             inner2.process.remove(&k.0, &k.2);
                         }
                     }
+                    // The secrets and configmaps written for it, in plain text.
+                    inner2.remove_mounts(&k.0, &k.2);
                     if record_exists {
                         inner2.report(&k, InstanceChange::Removed).await;
                     }
@@ -1246,12 +1268,20 @@ impl Loop {
         }
 
         // Rolling replacement: one outdated instance at a time, and only while every
-        // up-to-date instance is ready. Ready means: the record describes this supervisor's
-        // run (same template) and it is ready; a record of the run it replaced, not yet
-        // updated, does not count.
+        // up-to-date instance is settled. Settled means: the record describes this
+        // supervisor's run (same template) and it is ready, or it ended and its restart policy
+        // leaves it so (a job-like worker that finished); a record of the run it replaced,
+        // not yet updated, does not count.
         let ready = |k: &Key, template: &str| {
             records.get(&k.2).is_some_and(|r| {
-                r.template == template && r.phase == rune_statemachine::instance::Phase::Running && r.ready
+                r.template == template
+                    && match r.phase {
+                        Phase::Running => r.ready,
+                        Phase::Exited => svc
+                            .as_ref()
+                            .is_some_and(|s| !supervisor::restarts(&s.spec, r.exit_code, false)),
+                        _ => false,
+                    }
             })
         };
         if let (Some(s), Some(current)) = (&svc, &current) {
@@ -1373,7 +1403,12 @@ fn adopt_or_discard(inner: &Arc<Inner>, adopt: &mut Adoptable, f: Found) {
         adopt.runs.insert(key, f);
         return;
     }
-    // Ended while runed was away, or a duplicate: clear it away.
+    // Ended while runed was away, or a duplicate: clear it away. An ended process's record
+    // goes now, before any supervisor of the instance can start a run and record it.
+    if !f.running && !matches!(f.run.handle, RunHandle::Container { .. }) {
+        inner.process.forget_run(&f.namespace, &f.id);
+        return;
+    }
     let inner = inner.clone();
     tokio::spawn(async move {
         match &f.run.handle {
@@ -1385,7 +1420,7 @@ fn adopt_or_discard(inner: &Arc<Inner>, adopt: &mut Adoptable, f: Found) {
                 if f.running {
                     let _ = inner
                         .process
-                        .stop(&f.namespace, &f.id, &mut h, Duration::from_secs(10))
+                        .stop(&f.namespace, &f.id, &mut h, f.grace.unwrap_or(DEFAULT_GRACE))
                         .await;
                 }
             }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rune_statemachine::deps::{resolve, DepKind, DepRef, ReadyWhen};
 use rune_statemachine::instance::{instances_prefix, InstanceChange, InstanceRecord, Phase};
-use rune_statemachine::spec::Probe;
+use rune_statemachine::spec::{Probe, ServiceSpec};
 use rune_statemachine::store::{configmap_key, list_records, secret_key, service_key};
 use rune_statemachine::STATE_TABLE;
 use tokio::sync::oneshot;
@@ -35,9 +35,19 @@ enum Policy {
     Never,
 }
 
-fn policy(l: &Launch) -> Policy {
-    match l
-        .spec
+/// Whether a run that ended with `code` is started again: `killed` for failing its liveness
+/// probe, which restarts it unless the policy says never, whatever its exit code (a server
+/// that exits 0 on SIGTERM is not done), as Kubernetes does.
+pub(crate) fn restarts(spec: &ServiceSpec, code: Option<i64>, killed: bool) -> bool {
+    match policy(spec) {
+        Policy::Always => true,
+        Policy::OnFailure => killed || code != Some(0),
+        Policy::Never => false,
+    }
+}
+
+fn policy(spec: &ServiceSpec) -> Policy {
+    match spec
         .restart_policy
         .as_deref()
         .map(str::to_ascii_lowercase)
@@ -142,6 +152,7 @@ impl Supervisor {
                     r = &mut self.stop => Ended::Stop(r.unwrap_or_else(|_| "runed is shutting down".into())),
                 }
             };
+            let killed = matches!(ended, Ended::Unhealthy(_));
             let (exit, why) = match ended {
                 Ended::Stop(reason) => {
                     self.report(InstanceChange::Stopping {
@@ -172,11 +183,7 @@ impl Supervisor {
                 reason: why.clone(),
             })
             .await;
-            let restart = match policy(&self.launch) {
-                Policy::Always => true,
-                Policy::OnFailure => exit.code != Some(0),
-                Policy::Never => false,
-            };
+            let restart = restarts(&self.launch.spec, exit.code, killed);
             if !restart {
                 let reason = (&mut self.stop)
                     .await

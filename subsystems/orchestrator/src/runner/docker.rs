@@ -864,6 +864,14 @@ impl DockerRunner {
         }
     }
 
+    /// The grace period a container was created with (its `StopTimeout`), for stopping a run
+    /// whose spec is gone; `None` when the engine cannot say.
+    pub async fn stop_timeout(&self, id: &str) -> Option<Duration> {
+        let c = self.docker().await.ok()?.inspect_container(id, None).await.ok()?;
+        let secs = c.config?.stop_timeout?;
+        Some(Duration::from_secs(u64::try_from(secs).ok()?.min(3600)))
+    }
+
     /// Stops (SIGTERM, SIGKILL after `grace`) and removes a container, and its init steps'.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RunError> {
         if let Ok(d) = self.docker().await {
@@ -973,6 +981,8 @@ impl DockerRunner {
                     handle: RunHandle::Container { id },
                     address,
                 },
+                // The engine's own StopTimeout, set from the spec at create, is what counts.
+                grace: None,
             });
         }
         // An init step whose instance has not run for an hour is only clutter (a failed one is

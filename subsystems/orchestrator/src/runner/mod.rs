@@ -153,6 +153,10 @@ pub struct Found {
     pub running: bool,
     /// The run, to adopt.
     pub run: Run,
+    /// Its grace period between SIGTERM and SIGKILL, as its spec said at start (a process's
+    /// `state.json`; a container's engine keeps its own, `StopTimeout`): what a stop of a run
+    /// whose service is gone gives it.
+    pub grace: Option<std::time::Duration>,
 }
 
 /// What `rune logs` asks for.

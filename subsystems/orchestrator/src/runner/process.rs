@@ -30,6 +30,10 @@ struct StateFile {
     template: String,
     pid: i32,
     start_time: u64,
+    /// The spec's grace period at start, for a stop after the service is gone (absent in
+    /// files of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grace_secs: Option<u64>,
 }
 
 /// Runs instances as host processes under a folder of runed's data dir.
@@ -204,6 +208,7 @@ impl ProcessRunner {
             template: l.template.clone(),
             pid,
             start_time: start_time(pid).unwrap_or(0),
+            grace_secs: Some(super::grace(&l.spec).as_secs()),
         };
         if let Err(e) = write_atomic(
             &dir.join("state.json"),
@@ -358,6 +363,13 @@ impl ProcessRunner {
         }
     }
 
+    /// Forgets a run that has ended (its `state.json`), so nothing takes it for one to adopt
+    /// and the instance's folder can be collected once the instance is no longer wanted. Only
+    /// for a run known to have ended: a live one would be lost track of.
+    pub fn forget_run(&self, ns: &str, id: &str) {
+        let _ = std::fs::remove_file(self.dir(ns, id).join("state.json"));
+    }
+
     /// Forgets an instance's files once it is removed for good.
     pub fn remove(&self, ns: &str, id: &str) {
         let _ = std::fs::remove_dir_all(self.dir(ns, id));
@@ -406,6 +418,7 @@ impl ProcessRunner {
                         },
                         address: "127.0.0.1".into(),
                     },
+                    grace: st.grace_secs.map(Duration::from_secs),
                 });
             }
         }

@@ -233,6 +233,17 @@ fn redact_quoted(m: &str) -> String {
 }
 
 /// Order of a cast: namespaces, then configmaps and secrets, then the services that use them.
+/// The resource (as policies name it) and namespace a decoded cast resource is written in.
+fn scope_of(d: &Decoded) -> (&'static str, &str) {
+    match d {
+        Decoded::Secret { namespace, .. } => ("secrets", namespace),
+        Decoded::Resource(Resource::Secret(s)) => ("secrets", &s.namespace),
+        Decoded::Resource(Resource::Configmap(c)) => ("configmaps", &c.namespace),
+        Decoded::Resource(Resource::Service(s)) => ("services", s.namespace()),
+        Decoded::Resource(Resource::Namespace(n)) => ("namespaces", &n.name),
+    }
+}
+
 fn cast_rank(r: &Resource) -> u8 {
     match r {
         Resource::Namespace(_) => 0,
@@ -433,6 +444,18 @@ impl pb::service_api_server::ServiceApi for Api {
         let mut decoded = Vec::with_capacity(req.resources.len());
         for (i, r) in req.resources.iter().enumerate() {
             decoded.push(decode_resource(r, i, self.secrets.limits)?);
+        }
+        // Before anything is read from the state, a caller must be able to write each kind
+        // where it casts it: else the prediction's answers (a namespace that does not exist,
+        // the service holding a host) would tell it what it may not read. The verb the
+        // predicted action needs is checked below.
+        for d in &decoded {
+            let (resource, ns) = scope_of(d);
+            let may = |verb| crate::auth::check(&caller, resource, verb, Some(ns)).is_ok();
+            if !may("create") && !may("update") {
+                let action = format!("create or update {resource}");
+                return Err(crate::auth::denied(&caller, &action, Some(ns)));
+            }
         }
         // Secrets are sealed before anything is proposed; an unchanged one is left out. A KEK
         // rotation waits until this cast's entry is applied.

@@ -387,19 +387,25 @@ pub fn check(caller: &Caller, resource: &str, verb: &str, namespace: Option<&str
     if allows(&caller.rules, resource, verb, namespace) {
         return Ok(());
     }
+    Err(denied(caller, &format!("{verb} {resource}"), namespace))
+}
+
+/// The denial of `action` (`verb resource`) in `namespace` (cluster-wide when `None`), naming
+/// the caller's policies.
+pub fn denied(caller: &Caller, action: &str, namespace: Option<&str>) -> Status {
     let place = match namespace {
         Some(ns) => format!("in namespace {ns}"),
         None => "cluster-wide".to_string(),
     };
-    Err(Status::permission_denied(format!(
-        "user {} may not {verb} {resource} {place} (policies: {})",
+    Status::permission_denied(format!(
+        "user {} may not {action} {place} (policies: {})",
         caller.user,
         if caller.policies.is_empty() {
             "none".to_string()
         } else {
             caller.policies.join(", ")
         }
-    )))
+    ))
 }
 
 /// Admin RPCs answer only loopback clients and root on the admin socket, unless

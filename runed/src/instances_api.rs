@@ -9,7 +9,9 @@ use rune_orchestrator::{ExecInput, ExecOutput, ExecSpec, LogQuery, OrchestratorE
 use rune_proto::v1 as pb;
 use rune_statemachine::deps::{resolve, DepKind, ReadyWhen};
 use rune_statemachine::instance::{instance_key, instances_prefix, template_hash, InstanceRecord, Phase};
-use rune_statemachine::store::{get_record, list_records, service_key, services_prefix, ServiceRecord};
+use rune_statemachine::store::{
+    configmap_key, get_record, list_records, secret_key, service_key, services_prefix, ServiceRecord,
+};
 use rune_statemachine::{Action, Command, Kind, STATE_TABLE};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -598,7 +600,7 @@ impl pb::instance_api_server::InstanceApi for Api {
         &self,
         req: Request<pb::DependenciesRequest>,
     ) -> Result<Response<pb::DependenciesResponse>, Status> {
-        authorize(
+        let caller = authorize(
             &req,
             "services",
             "get",
@@ -607,6 +609,10 @@ impl pb::instance_api_server::InstanceApi for Api {
         let req = req.into_inner();
         let ns = namespace_or_default(&req.namespace);
         let svc = self.read_service(ns, &req.name)?;
+        // What another namespace holds (or a secret the caller may not get) is told only to a
+        // caller who may read it there.
+        let may_get =
+            |resource: &str, ns: &str| crate::auth::check(&caller, resource, "get", Some(ns)).is_ok();
         let txn = self.log.read().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
         let all: Vec<ServiceRecord> = list_records(&t, &services_prefix(None)).map_err(internal)?;
@@ -614,18 +620,29 @@ impl pb::instance_api_server::InstanceApi for Api {
             list_records(&t, &instances_prefix(None, None)).map_err(internal)?;
         let mut deps = Vec::new();
         for d in resolve(&svc.spec) {
-            let exists = d.kind == DepKind::Service
-                && all
+            let (resource, key) = match d.kind {
+                DepKind::Service => ("services", None),
+                DepKind::Secret => ("secrets", Some(secret_key(&d.namespace, &d.name))),
+                DepKind::Configmap => ("configmaps", Some(configmap_key(&d.namespace, &d.name))),
+            };
+            let hidden = !may_get(resource, &d.namespace);
+            let exists = !hidden
+                && match &key {
+                    None => all
+                        .iter()
+                        .any(|s| s.spec.namespace() == d.namespace && s.spec.name == d.name),
+                    Some(k) => t.get(k.as_str()).map_err(internal)?.is_some(),
+                };
+            // A secret or configmap is ready once it exists.
+            let ready = key.is_some()
+                || records
                     .iter()
-                    .any(|s| s.spec.namespace() == d.namespace && s.spec.name == d.name);
-            let ready = records
-                .iter()
-                .filter(|r| r.namespace == d.namespace && r.service == d.name)
-                .any(|r| match d.ready_when {
-                    ReadyWhen::Started => r.started_at_ms > 0 || r.phase == Phase::Running,
-                    ReadyWhen::Running => matches!(r.phase, Phase::Running | Phase::Unhealthy),
-                    ReadyWhen::Healthy => r.phase == Phase::Running && r.ready,
-                });
+                    .filter(|r| r.namespace == d.namespace && r.service == d.name)
+                    .any(|r| match d.ready_when {
+                        ReadyWhen::Started => r.started_at_ms > 0 || r.phase == Phase::Running,
+                        ReadyWhen::Running => matches!(r.phase, Phase::Running | Phase::Unhealthy),
+                        ReadyWhen::Healthy => r.phase == Phase::Running && r.ready,
+                    });
             deps.push(pb::DependencyEdge {
                 kind: match d.kind {
                     DepKind::Service => "service",
@@ -644,10 +661,12 @@ impl pb::instance_api_server::InstanceApi for Api {
                 optional: d.optional,
                 exists,
                 ready: exists && ready,
+                hidden,
             });
         }
         let dependents = all
             .iter()
+            .filter(|s| may_get("services", s.spec.namespace()))
             .filter(|s| {
                 resolve(&s.spec)
                     .iter()

@@ -218,10 +218,35 @@ fn builtin_and_namespace_scoped_policies_allow_and_deny() {
             }
         }
     }
-    // The denial names the resource, the verb and the namespace acted on.
+    // The denial names the resource, the verbs and the namespace acted on.
     let o = as_token(&d, &devu, cast_prod);
     assert!(
-        stderr(&o).contains("may not update services in namespace prod"),
+        stderr(&o).contains("may not create or update services in namespace prod"),
+        "{}",
+        stderr(&o)
+    );
+    // Who depends on a service is told only for namespaces the caller may read.
+    let x = write(
+        &d,
+        "x.yaml",
+        "service:\n  name: x\n  namespace: prod\n  image: busybox\n  scale: 0\n  dependencies: [a.dev]\n",
+    );
+    assert_eq!(code(&d.rune(&["cast", "--detach", &x])), 0);
+    assert!(stdout(&d.rune(&["deps", "a", "-n", "dev"])).contains("depended on by: prod/x"));
+    let o = as_token(&d, &devu, &["deps", "a", "-n", "dev"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stdout(&o).contains("prod/x"), "{}", stdout(&o));
+    // Nor whether what another namespace holds exists.
+    let o = as_token(&d, &devu, &["deps", "x", "-n", "prod"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+
+    // Where it may not write, a cast tells nothing of what is there: a namespace that does
+    // not exist is denied like one that does, not reported missing.
+    let ghost = write(&d, "ghost.yaml", &svc("ghost", "g"));
+    let o = as_token(&d, &devu, &["cast", "--dry-run", &ghost]);
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("may not create or update services in namespace ghost"),
         "{}",
         stderr(&o)
     );

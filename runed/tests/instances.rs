@@ -384,6 +384,11 @@ fn dependencies_hold_instances_back_and_guard_deletes() {
     wait_until(LONG, "side to start once the secret exists", || {
         all_ready(&d, "side", 1)
     });
+    let deps = run_ok(&d, &["deps", "side"]);
+    assert!(
+        deps.contains("-> secret:default/creds (readyWhen healthy) ready"),
+        "{deps}"
+    );
     run_ok(&d, &["delete", "side"]);
 
     // A cycle is refused at cast time, naming it.

@@ -461,10 +461,11 @@ pub async fn deps(conn: &Conn, name: &str, dot: bool) -> Result<(), CliError> {
         println!("  depends on nothing");
     }
     for e in &d.dependencies {
-        let state = match (e.exists, e.ready) {
-            (false, _) => "missing",
-            (true, true) => "ready",
-            (true, false) => "not ready",
+        let state = match (e.hidden, e.exists, e.ready) {
+            (true, _, _) => "not visible to this token",
+            (false, false, _) => "missing",
+            (false, true, true) => "ready",
+            (false, true, false) => "not ready",
         };
         let kind = if e.kind == "service" {
             String::new()

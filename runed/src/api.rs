@@ -2,6 +2,7 @@
 //! With the other `*_api.rs` modules, `serve.rs` and `sealing.rs`, the only part of the daemon
 //! that knows protobuf types.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use futures::Stream;
 use rune_log::{AppliedEntry, Log};
 use rune_proto::v1 as pb;
 use rune_statemachine::command::parse_resource;
+use rune_statemachine::delta::Delta;
 use rune_statemachine::store::{
     configmap_key, get_record, list_records, namespace_key, secret_key, service_history, service_key,
     services_prefix, spec_hash, NamespaceRecord, ObjectMeta, ServiceRecord,
@@ -625,10 +627,13 @@ impl pb::service_api_server::ServiceApi for Api {
                 index,
             )
         };
-        let log = self.log.clone();
         let (tx, out) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
+            // What this watcher was shown, so a service leaving the selection (or deleted)
+            // is a DELETED to it, one entering it an ADDED, and one it never saw nothing.
+            let mut shown: HashSet<(String, String)> = HashSet::new();
             for r in initial.iter().filter(|r| matches(r, &sel)) {
+                shown.insert((r.spec.namespace().to_string(), r.spec.name.clone()));
                 let ev = pb::ServiceEvent {
                     r#type: pb::EventType::Added as i32,
                     service: Some(service_pb(r)),
@@ -642,37 +647,42 @@ impl pb::service_api_server::ServiceApi for Api {
                 let Some(entry) = next_entry(&mut rx, &tx, index).await else {
                     return;
                 };
-                for c in entry
-                    .changes
-                    .iter()
-                    .filter(|c| c.kind == Kind::Service && c.action != Action::Unchanged)
-                {
-                    if ns.as_deref().is_some_and(|n| n != c.namespace) {
+                // Each delta carries the record as this entry wrote it: the service as of this
+                // index, not as of whenever the watcher reads.
+                for d in &entry.deltas {
+                    let Delta::Service {
+                        namespace,
+                        name,
+                        record,
+                    } = d
+                    else {
+                        continue;
+                    };
+                    if ns.as_deref().is_some_and(|n| n != namespace) {
                         continue;
                     }
-                    let (ty, svc) = if c.action == Action::Deleted {
-                        let s = pb::Service {
-                            namespace: c.namespace.clone(),
-                            name: c.name.clone(),
-                            ..Default::default()
-                        };
-                        (pb::EventType::Deleted, s)
-                    } else {
-                        let rec = log.read().ok().and_then(|txn| {
-                            let t = txn.open_table(STATE_TABLE).ok()?;
-                            get_record::<ServiceRecord, _>(&t, &service_key(&c.namespace, &c.name))
-                                .ok()
-                                .flatten()
-                        });
-                        let Some(rec) = rec.filter(|r| matches(r, &sel)) else {
-                            continue;
-                        };
-                        let ty = if c.action == Action::Created {
-                            pb::EventType::Added
-                        } else {
-                            pb::EventType::Modified
-                        };
-                        (ty, service_pb(&rec))
+                    let key = (namespace.clone(), name.clone());
+                    let selected = record.as_deref().filter(|r| matches(r, &sel));
+                    let (ty, svc) = match (selected, shown.contains(&key)) {
+                        (Some(r), true) => (pb::EventType::Modified, service_pb(r)),
+                        (Some(r), false) => {
+                            shown.insert(key);
+                            (pb::EventType::Added, service_pb(r))
+                        }
+                        (None, true) => {
+                            shown.remove(&key);
+                            // Out of the selection, the last state it had; deleted, its name.
+                            let svc = match record.as_deref() {
+                                Some(r) => service_pb(r),
+                                None => pb::Service {
+                                    namespace: namespace.clone(),
+                                    name: name.clone(),
+                                    ..Default::default()
+                                },
+                            };
+                            (pb::EventType::Deleted, svc)
+                        }
+                        (None, false) => continue,
                     };
                     let ev = pb::ServiceEvent {
                         r#type: ty as i32,

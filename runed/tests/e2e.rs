@@ -634,6 +634,39 @@ fn watch_streams_changes() {
     assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
 }
 
+/// A watch with a label selector follows the selection, as kubectl's does: a service leaving
+/// it is DELETED to the watcher, one entering it ADDED, and a service it never showed is
+/// never mentioned, not even when deleted.
+#[test]
+fn a_selector_watch_follows_services_in_and_out() {
+    let d = Daemon::start(&bins());
+    let spec = |name: &str, tier: &str, v: &str| {
+        format!("service:\n  name: {name}\n  image: x\n  labels:\n    tier: {tier}\n  env:\n    V: \"{v}\"\n")
+    };
+    let cast = |name: &str, tier: &str, v: &str| {
+        let f = write(&d, &format!("{name}-{tier}-{v}.yaml"), &spec(name, tier, v));
+        assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
+    };
+    let seen = watched(
+        &d,
+        &["get", "svc", "-l", "tier=web", "--watch", "-o", "json"],
+        || {
+            cast("sel", "web", "1");
+            cast("sel", "db", "1");
+            cast("other", "db", "1");
+            assert_eq!(code(&d.rune(&["delete", "service", "other"])), 0);
+            cast("sel", "web", "1");
+            cast("sel", "web", "2");
+        },
+        |l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(format!("{} {}", v["type"].as_str()?, v["name"].as_str()?))
+        },
+        "MODIFIED sel",
+    );
+    assert_eq!(seen, ["ADDED sel", "DELETED sel", "ADDED sel", "MODIFIED sel"]);
+}
+
 /// The same for namespaces, whose watch prints `TYPE NAME` lines.
 #[test]
 fn namespace_watch_streams_changes() {

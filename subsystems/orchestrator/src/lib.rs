@@ -280,7 +280,6 @@ pub(crate) struct Inner {
     projection: OnceLock<Arc<Projection>>,
     counters: Counters,
     live: Mutex<HashMap<Key, Live>>,
-    generations: Mutex<HashMap<Key, u64>>,
     wake: Notify,
     shutting_down: AtomicBool,
     /// When the last reconcile pass finished (or the loop started): health and the watchdog
@@ -340,7 +339,6 @@ impl Orchestrator {
             projection: OnceLock::new(),
             counters: Counters::default(),
             live: Mutex::new(HashMap::new()),
-            generations: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             reconciled_at: Mutex::new(Instant::now()),
@@ -551,14 +549,6 @@ impl Inner {
 
     fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
-    }
-
-    fn generation_of(&self, key: &Key) -> u64 {
-        self.generations
-            .lock()
-            .ok()
-            .and_then(|g| g.get(key).copied())
-            .unwrap_or(0)
     }
 
     fn set_live(&self, key: &Key, _run: &Run) {
@@ -1313,9 +1303,6 @@ impl Loop {
                 if draining || self.sups.contains_key(k) || (is_container && !self.adopt.containers_listed) {
                     continue;
                 }
-                if let Ok(mut g) = inner.generations.lock() {
-                    g.insert(k.clone(), s.meta.generation);
-                }
                 let found = self.adopt.runs.remove(k);
                 let restarts = records.get(&k.2).map_or(0, |r| r.restarts);
                 let (run, template) = match found {
@@ -1330,6 +1317,7 @@ impl Loop {
                     inner: inner.clone(),
                     key: k.clone(),
                     launch: launch(s, &k.2, template.clone()),
+                    generation: s.meta.generation,
                     adopt: run,
                     restarts: if Some(&template) == current.as_ref() {
                         restarts

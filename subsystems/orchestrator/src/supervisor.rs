@@ -64,6 +64,8 @@ pub(crate) struct Supervisor {
     pub inner: Arc<Inner>,
     pub key: Key,
     pub launch: Launch,
+    /// The service's generation when this supervisor was started, for its `Scheduled`.
+    pub generation: u64,
     pub adopt: Option<Run>,
     pub restarts: u32,
     pub stop: oneshot::Receiver<String>,
@@ -89,7 +91,7 @@ impl Supervisor {
                 node: self.inner.cfg.node.clone(),
                 runtime: self.launch.spec.runtime().to_string(),
                 template: self.launch.template.clone(),
-                generation: self.inner.generation_of(&self.key),
+                generation: self.generation,
             })
             .await;
         }

@@ -436,7 +436,13 @@ impl pb::admin_api_server::AdminApi for Api {
     /// Admin-gated, needs `get` on `admin`: the backup holds every object (secrets sealed).
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         self.gate(&req, "admin", "get")?;
-        let source = self.log.backup().map_err(internal)?;
+        // Not in the middle of a KEK rotation, whose re-wraps span several entries: a backup
+        // holding secrets under two KEKs could not be restored with either. The read
+        // transaction is a snapshot once open, so the guard is held only while it opens.
+        let source = {
+            let _no_rotation = self.secrets.cast_guard().await;
+            self.log.backup().map_err(internal)?
+        };
         let h = source.header().clone();
         tracing::info!(index = h.index, records = h.records, "backup started");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::BackupChunk, Status>>(4);

@@ -92,7 +92,9 @@ impl Secrets {
         };
         let mut ring = Keyring::new(loaded.kek.clone());
         if let Some(p) = &loaded.pending {
-            ring = ring.rotated_to(p.clone()).rotated_to(loaded.kek.clone());
+            // As the interrupted rotation left it: the new KEK primary, the old one kept to
+            // open what is not re-wrapped yet. `finish_pending_rotation` goes on from there.
+            ring = ring.rotated_to(p.clone());
         }
         for s in &sealed {
             if let Err(e) = check(&ring, s) {
@@ -319,12 +321,12 @@ impl Secrets {
                 std::fs::rename(rune_secrets::pending_path(path), path)
                     .map_err(|e| Status::internal(format!("installing the new KEK file: {e}")))?;
                 format!(
-                    "{} now holds the new KEK; the old one is no longer needed",
+                    "{} now holds the new KEK; runed no longer needs the old one, but backups taken before now do: keep it with them",
                     path.display()
                 )
             }
             KekSource::Env { var } => {
-                format!("set {var} to the new KEK before runed next starts; the old one is no longer needed")
+                format!("set {var} to the new KEK before runed next starts; runed no longer needs the old one, but backups taken before now do: keep it with them")
             }
             KekSource::Generated => "the KEK is per-process (source generated)".into(),
         };

@@ -314,6 +314,30 @@ fn rotating_the_kek_keeps_services_running_and_retires_the_old_key() {
     assert!(grep_dir(&d.data_dir, value.as_bytes()).is_empty());
 }
 
+/// A rotation that wrote the new KEK beside the old one (`kek.b64.new`) and stopped there, by
+/// a crash or a failed proposal, is finished by the next start: runed comes up, the new KEK is
+/// installed, and the secrets still open.
+#[test]
+fn an_interrupted_kek_rotation_finishes_at_the_next_start() {
+    let mut d = Daemon::start(&bins());
+    let value = random_hex();
+    cast_secret(&d, &value);
+    assert_eq!(d.sigterm().code(), Some(0));
+    let kek = d.data_dir.join("kek.b64");
+    let pending = d.data_dir.join("kek.b64.new");
+    let new = "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=\n";
+    std::fs::write(&pending, new).unwrap();
+    d.restart();
+    assert!(d.logs().contains("finishing a KEK rotation that was interrupted"));
+    assert_eq!(std::fs::read_to_string(&kek).unwrap(), new);
+    assert!(!pending.exists(), "the pending KEK was installed");
+    assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&value));
+    // And the new KEK alone opens them at the start after.
+    assert_eq!(d.sigterm().code(), Some(0));
+    d.restart();
+    assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&value));
+}
+
 #[test]
 fn the_servers_secret_limits_name_the_setting() {
     let mut d = Daemon::new(&bins());

@@ -538,3 +538,76 @@ fn a_request_steps_over_an_endpoint_that_refuses_the_connection() {
     assert_eq!(survivors.len(), 1, "{answers:?}");
     assert!(answers[0].ends_with("\n 200"), "{answers:?}");
 }
+
+/// What clients send is taken as a web server would: a host with the root's trailing dot is
+/// the host, a route's path prefix holds whole segments, dot segments are refused rather than
+/// passed to a backend that would resolve them out of the route, an HTTP/2 client's separate
+/// cookie fields reach the HTTP/1.1 backend as one line, and a client that never finishes its
+/// request head is closed instead of holding a connection for ever.
+#[test]
+fn requests_are_read_as_web_servers_do() {
+    let (back, seen) = backend();
+    let d = dev_daemon();
+    let (http, https) = d.ingress;
+    let f = write(
+        &d,
+        "web.yaml",
+        &format!(
+            "service:\n  name: web\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n  expose:\n    port: http\n    host: web.test\n    path: /api\n",
+            back.port()
+        ),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let url = |path: &str| format!("http://{http}{path}");
+    wait_until(LONG, "the ingress to route web.test", || {
+        curl(&["-H", "Host: web.test", &url("/api")]).0 == "hello-web\n"
+    });
+    let status = |host: &str, path: &str| {
+        curl(&[
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Host: {host}"),
+            &url(path),
+        ])
+        .0
+    };
+    assert_eq!(status("web.test.", "/api/x"), "200");
+    assert_eq!(status("web.test", "/apiary"), "404");
+    assert_eq!(status("web.test", "/api/../admin"), "400");
+    assert_eq!(status("web.test", "/api/%2e%2e/admin"), "400");
+
+    let resolve = format!("web.test:{}:127.0.0.1", https.port());
+    let (out, err) = curl(&[
+        "-k",
+        "--http2",
+        "--resolve",
+        &resolve,
+        "-H",
+        "cookie: a=1",
+        "-H",
+        "cookie: b=2",
+        &format!("https://web.test:{}/api", https.port()),
+    ]);
+    assert_eq!(out, "hello-web\n", "{err}");
+    let head = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(head.matches("cookie:").count(), 1, "{head}");
+    assert!(head.contains("cookie: a=1; b=2"), "{head}");
+
+    // Half a request head, then nothing: closed once the header timeout (30 s) is out.
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    s.write_all(b"GET /api HTTP/1.1\r\nHost: web.test\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(50))).unwrap();
+    let mut buf = [0u8; 512];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    assert!(closed, "a client that never finished its request head was kept");
+}

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
 use rune_statemachine::delta::Delta;
@@ -167,9 +167,10 @@ impl Certs {
 
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // `web.test.` is `web.test`: exposed hosts are stored without the root's dot.
         let host = hello
             .server_name()
-            .map(str::to_ascii_lowercase)
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
             .unwrap_or_default();
         if let Some((k, _)) = self.by_host.read().ok()?.get(&host) {
             return Some(k.clone());
@@ -378,6 +379,7 @@ impl Ingress {
                     host.as_str()
                 }
             })
+            .trim_end_matches('.')
             .to_ascii_lowercase();
         if self.projection.stale() {
             // Routes this far behind may send a request where the service no longer is. Hosts
@@ -393,11 +395,19 @@ impl Ingress {
                 "the ingress's routes are behind the state; try again shortly\n".into(),
             );
         }
+        if has_dot_segment(req.uri().path()) {
+            // `/api/../admin` would reach a backend that resolves it as `/admin`, a path the
+            // route does not expose; clients resolve dot segments before they send.
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "bad request target: dot segments\n".into(),
+            );
+        }
         let routes = self.routes();
         let route = routes
             .by_host
             .get(&host)
-            .filter(|r| req.uri().path().starts_with(&r.path));
+            .filter(|r| under_prefix(req.uri().path(), &r.path));
         let Some(route) = route else {
             // Hosts come from clients: unknown ones share one label, so the metric stays bounded.
             self.count(UNKNOWN_HOST, StatusCode::NOT_FOUND);
@@ -440,6 +450,9 @@ impl Ingress {
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
         strip_hop_by_hop(&mut parts.headers, upgrade);
+        if parts.version == hyper::Version::HTTP_2 {
+            join_cookies(&mut parts.headers);
+        }
         // HTTP/2 requests carry the host in :authority; the backend speaks HTTP/1.1.
         parts.version = hyper::Version::HTTP_11;
         if let Ok(v) = HeaderValue::from_str(&host) {
@@ -599,6 +612,50 @@ struct Connector {
     remote: Option<Arc<dyn Remote>>,
 }
 
+/// Connections one listener serves at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 16_384;
+
+/// How long a client may take to send a request's head, and how long a keep-alive connection
+/// may sit idle (nginx's `client_header_timeout` is 60 s, its `keepalive_timeout` 75 s).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether `path` lies under the route prefix `prefix`, segment by segment: `/api` holds
+/// `/api` and `/api/x`, not `/apiary`.
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Whether `path` holds a `.` or `..` segment, spelt out or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+        seg == "." || seg == ".."
+    })
+}
+
+/// Joins the separate `cookie` fields an HTTP/2 client may send into one, as RFC 9113
+/// §8.2.3 asks before a request goes on over HTTP/1.1 (where many servers read only the
+/// first `Cookie` line).
+fn join_cookies(headers: &mut hyper::HeaderMap) {
+    let cookie = hyper::header::COOKIE;
+    if headers.get_all(&cookie).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(&cookie) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(cookie, v);
+    }
+}
+
 /// How long a backend may take to accept, on this node or through another.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -663,7 +720,13 @@ async fn serve(
     remote: Option<Arc<dyn Remote>>,
 ) {
     let client = backends(remote);
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // At the cap, new connections wait in the listen backlog: the ingress never takes
+        // the file descriptors raft, the log and the API need.
+        let Ok(permit) = room.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, peer) = match l.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -675,12 +738,25 @@ async fn serve(
         let _ = tcp.set_nodelay(true);
         let (ing, tls, client) = (ing.clone(), tls.clone(), client.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let scheme = if tls.is_some() { "https" } else { "http" };
             let svc = hyper::service::service_fn(move |req| {
                 let (ing, client) = (ing.clone(), client.clone());
                 async move { Ok::<_, std::convert::Infallible>(ing.handle(&client, req, peer, scheme).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that sends no request (or stops halfway through its head) is closed
+            // after HEADER_TIMEOUT, an idle keep-alive connection too; without a timer hyper
+            // waits forever. HTTP/2 connections are pinged and closed when the peer is gone.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(HEADER_TIMEOUT))
+                .keep_alive_timeout(Duration::from_secs(20));
             let r = match tls {
                 None => {
                     builder
@@ -1010,5 +1086,43 @@ impl View for RouteView {
 
     fn wants(&self, d: &Delta) -> bool {
         !matches!(d, Delta::Instance { .. } | Delta::Placement { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_prefix_holds_whole_segments_only() {
+        assert!(under_prefix("/api", "/api"));
+        assert!(under_prefix("/api/v1", "/api"));
+        assert!(!under_prefix("/apiary", "/api"));
+        assert!(under_prefix("/api/v1", "/api/"));
+        assert!(under_prefix("/anything", "/"));
+        assert!(!under_prefix("/", "/api"));
+    }
+
+    #[test]
+    fn dot_segments_are_found_spelt_out_or_encoded() {
+        for bad in ["/api/../admin", "/api/./x", "/api/%2e%2E/admin", "/..", "/api/."] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for good in ["/api/x.y", "/api/..x", "/.well-known/x", "/a...b/"] {
+            assert!(!has_dot_segment(good), "{good}");
+        }
+    }
+
+    #[test]
+    fn http2_cookie_fields_become_one_line() {
+        let mut h = hyper::HeaderMap::new();
+        h.append(hyper::header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(hyper::header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(hyper::header::COOKIE).iter().collect();
+        assert_eq!(all, [HeaderValue::from_static("a=1; b=2")]);
+        // One field is left as it is.
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(hyper::header::COOKIE).iter().count(), 1);
     }
 }

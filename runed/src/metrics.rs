@@ -379,6 +379,21 @@ pub fn ingress(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, ing: &Ar
     let weak = Arc::downgrade(ing);
     provider
         .meter("rune")
+        .i64_observable_gauge("rune_acme_certificate_expiry_timestamp_seconds")
+        .with_description(
+            "When each exposed host's served certificate expires (Unix time): alert on it, a failing renewal leaves the state ready until then",
+        )
+        .with_callback(move |o| {
+            if let Some(i) = weak.upgrade() {
+                for (host, c) in i.certificate_states().iter().filter(|(_, c)| c.not_after > 0) {
+                    o.observe(c.not_after, &[opentelemetry::KeyValue::new("host", host.clone())]);
+                }
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(ing);
+    provider
+        .meter("rune")
         .u64_observable_counter("rune_ingress_requests")
         .with_description("Requests answered by the edge ingress, by host and status")
         .with_callback(move |o| {

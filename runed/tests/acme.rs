@@ -135,7 +135,7 @@ fn acme_issues_renews_and_hot_swaps_and_manual_pairs_are_checked() {
     let back = backend();
     let mut d = Daemon::new(&bins());
     let (http, https) = d.ingress;
-    let (_guards, directory, pebble_cert, root) = pebble(d.scratch(), http.port());
+    let (guards, directory, pebble_cert, root) = pebble(d.scratch(), http.port());
     // Longer than pebble's certificates live: every certificate is due at once, so the test
     // sees renewals (and their hot swap) within seconds.
     d.extra = acme_flags(directory, pebble_cert, &["--acme-renew-before", "100000h"]);
@@ -171,6 +171,20 @@ fn acme_issues_renews_and_hot_swaps_and_manual_pairs_are_checked() {
     assert!(
         metrics.contains("rune_acme_certificates{state=\"ready\"} 1"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("rune_acme_certificate_expiry_timestamp_seconds{host=\"web.test\"}"),
+        "{metrics}"
+    );
+    // The ACME server gone, renewals fail: the valid certificate keeps serving, and the
+    // failure is said before it expires, not after.
+    drop(guards);
+    wait_until(LONG, "the failed renewal to be said", || {
+        stdout(&d.rune(&["get", "ingresses", "-o", "json"])).contains("renewal failed, retrying")
+    });
+    assert_eq!(
+        https_get(https.port(), "web.test", &root).as_deref(),
+        Ok("hello-web\n")
     );
 
     // Manual mode: the cast pair is served; a pair that does not match is refused at cast.

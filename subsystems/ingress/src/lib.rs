@@ -782,6 +782,15 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// that a first start with many hosts does not trip the server's new-order rate limit.
 const MAX_ORDERS: usize = 8;
 
+/// How long one order may take, account creation included: an ACME server that accepts a
+/// connection and then stalls must not hold the host (or, at the first order, every host)
+/// for ever. Orders take seconds.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A host's failed orders: when to try again, the current backoff, and the last error (shown
+/// while a valid certificate keeps serving, so a failing renewal is seen before it expires).
+type Retries = HashMap<String, (tokio::time::Instant, Duration, String)>;
+
 /// Keeps every TLS host's certificate current: manual ones from their secret, ACME ones from
 /// the vault, ordered when missing or due, with backoff on failure. Orders run side by side
 /// ([`MAX_ORDERS`] at most, one per host), so a slow or failing order does not hold the others
@@ -789,7 +798,7 @@ const MAX_ORDERS: usize = 8;
 /// certificates of hosts no longer exposed are deleted once `keep_unexposed` has passed.
 async fn certificates(ing: Arc<Ingress>) {
     let mut installed: HashMap<String, Vec<u8>> = HashMap::new();
-    let mut retry_at: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    let mut retry_at: Retries = HashMap::new();
     let mut checked: HashMap<String, (tokio::time::Instant, i64)> = HashMap::new();
     let account: Arc<tokio::sync::OnceCell<instant_acme::Account>> = Arc::default();
     let mut orders: tokio::task::JoinSet<Result<(), String>> = tokio::task::JoinSet::new();
@@ -862,7 +871,11 @@ async fn certificates(ing: Arc<Ingress>) {
                         due = renew <= unix_now();
                         checked.insert(host.clone(), (tokio::time::Instant::now(), renew));
                         if l.not_after > unix_now() {
-                            ing.set_state(host, "ready", String::new(), l.not_after);
+                            let detail = match retry_at.get(host) {
+                                Some((_, _, e)) => format!("renewal failed, retrying: {e}"),
+                                None => String::new(),
+                            };
+                            ing.set_state(host, "ready", detail, l.not_after);
                         } else {
                             ing.set_state(host, "error", "the certificate has expired".into(), l.not_after);
                         }
@@ -874,7 +887,7 @@ async fn certificates(ing: Arc<Ingress>) {
             }
             let backing_off = retry_at
                 .get(host)
-                .is_some_and(|(at, _)| tokio::time::Instant::now() < *at);
+                .is_some_and(|(at, _, _)| tokio::time::Instant::now() < *at);
             if kind != "acme" || !due || backing_off || ordering.values().any(|h| h == host) {
                 continue;
             }
@@ -891,7 +904,16 @@ async fn certificates(ing: Arc<Ingress>) {
                 );
             }
             let (ing2, account, host2) = (ing.clone(), account.clone(), host.clone());
-            let task = orders.spawn(async move { order(&ing2, &account, &host2, &name).await });
+            let task = orders.spawn(async move {
+                tokio::time::timeout(ORDER_TIMEOUT, order(&ing2, &account, &host2, &name))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no answer from the ACME server within {} s",
+                            ORDER_TIMEOUT.as_secs()
+                        ))
+                    })
+            });
             ordering.insert(task.id(), host.clone());
         }
         // What is no longer exposed: forgotten here, and its stored certificate deleted later.
@@ -934,31 +956,29 @@ async fn order(
 }
 
 /// Takes the result of one host's order: clears its backoff, or doubles it (30 s to 1 h).
-fn ordered(
-    ing: &Ingress,
-    host: &str,
-    result: Result<(), String>,
-    retry_at: &mut HashMap<String, (tokio::time::Instant, Duration)>,
-) {
+fn ordered(ing: &Ingress, host: &str, result: Result<(), String>, retry_at: &mut Retries) {
     match result {
         Ok(()) => {
             retry_at.remove(host);
             tracing::info!(%host, "certificate issued");
         }
         Err(e) => {
-            let wait = retry_at.get(host).map_or(Duration::from_secs(30), |(_, w)| {
+            let wait = retry_at.get(host).map_or(Duration::from_secs(30), |(_, w, _)| {
                 (*w * 2).min(Duration::from_secs(3600))
             });
             tracing::warn!(%host, error = %e, retry_in = ?wait, "certificate order failed");
-            // A valid certificate keeps serving (and stays "ready") while renewal retries.
-            let serving = ing
-                .certificate_states()
-                .get(host)
-                .is_some_and(|c| c.state == "ready");
-            if !serving {
-                ing.set_state(host, "error", e, 0);
+            // A valid certificate keeps serving (and stays "ready") while renewal retries;
+            // the failure is in its detail.
+            match ing.certificate_states().get(host).filter(|c| c.state == "ready") {
+                Some(c) => ing.set_state(
+                    host,
+                    "ready",
+                    format!("renewal failed, retrying: {e}"),
+                    c.not_after,
+                ),
+                None => ing.set_state(host, "error", e.clone(), 0),
             }
-            retry_at.insert(host.to_string(), (tokio::time::Instant::now() + wait, wait));
+            retry_at.insert(host.to_string(), (tokio::time::Instant::now() + wait, wait, e));
         }
     }
 }

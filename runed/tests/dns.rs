@@ -581,3 +581,27 @@ fn records_never_built_fail_closed() {
     assert_eq!(code, 503, "{health}");
     assert!(health.contains("[-]dns never built from the state"), "{health}");
 }
+
+/// Listening on every address with itself named as upstream (resolv.conf's `nameserver
+/// 127.0.0.1` on a host whose runed serves port 53 there): runed leaves itself out, says so,
+/// and answers other names at once instead of forwarding them round in a loop.
+#[test]
+fn a_server_never_forwards_to_itself() {
+    let mut d = Daemon::new(&bins());
+    let port = rune_chaos_tests::free_port();
+    d.dns = SocketAddr::from(([127, 0, 0, 1], port));
+    d.extra = vec![
+        "--dns-addr".into(),
+        format!("0.0.0.0:{port}"),
+        "--dns-upstream".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    d.restart();
+    assert!(
+        d.logs().contains("an upstream is this server itself"),
+        "{}",
+        d.logs()
+    );
+    let (status, _) = dig(d.dns, "example.org", "A", false);
+    assert_ne!(status, "NO ANSWER", "the query was forwarded round");
+}

@@ -240,8 +240,15 @@ impl Dns {
         let upstreams: Vec<SocketAddr> = if cfg.upstreams.is_empty() {
             system_upstreams(local)
         } else {
-            cfg.upstreams.iter().copied().filter(|u| *u != local).collect()
+            cfg.upstreams
+                .iter()
+                .copied()
+                .filter(|u| !is_self(*u, local))
+                .collect()
         };
+        if upstreams.len() < cfg.upstreams.len() {
+            tracing::warn!(addr = %local, "an upstream is this server itself; it is left out so queries do not loop");
+        }
         let forwarder = match upstreams.is_empty() {
             true => None,
             false => Some(Forwarders {
@@ -797,8 +804,21 @@ pub fn resolv_conf_upstreams(text: &str, own: SocketAddr) -> Vec<SocketAddr> {
         })
         .filter_map(|ip| ip.split('%').next()?.parse::<IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
-        .filter(|a| *a != own)
+        .filter(|a| !is_self(*a, own))
         .collect()
+}
+
+/// Whether `upstream` is this server listening at `own`: the same address, or, when it
+/// listens on every address (`0.0.0.0:53`), the same port at a loopback address or at an
+/// address of this host (one a socket can be bound to). Forwarding there would loop until
+/// every forwarding slot waits out its timeout.
+pub fn is_self(upstream: SocketAddr, own: SocketAddr) -> bool {
+    if upstream == own {
+        return true;
+    }
+    upstream.port() == own.port()
+        && own.ip().is_unspecified()
+        && (upstream.ip().is_loopback() || std::net::UdpSocket::bind((upstream.ip(), 0)).is_ok())
 }
 
 #[cfg(test)]
@@ -808,6 +828,24 @@ mod tests {
     use rune_log::projection::View;
     use rune_statemachine::delta::Delta;
     use rune_statemachine::testing::{delta, fold};
+
+    #[test]
+    fn an_upstream_at_this_servers_own_port_is_itself() {
+        let any: SocketAddr = "0.0.0.0:5353".parse().unwrap();
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(is_self(at("127.0.0.1:5353"), any));
+        assert!(is_self(at("127.0.0.53:5353"), any));
+        assert!(!is_self(at("127.0.0.1:53"), any));
+        // An address no interface here has is another server.
+        assert!(!is_self(at("192.0.2.7:5353"), any));
+        let one = at("127.0.0.1:5353");
+        assert!(is_self(one, one));
+        assert!(!is_self(at("127.0.0.2:5353"), one));
+        assert_eq!(
+            resolv_conf_upstreams("nameserver 127.0.0.1\nnameserver 192.0.2.7\n", at("0.0.0.0:53")),
+            [at("192.0.2.7:53")]
+        );
+    }
 
     fn records() -> Records {
         Records::new(&zone::reverse_zones(Ipv4Addr::new(10, 96, 0, 0), 16))

@@ -217,7 +217,12 @@ pub async fn order(
         .new_order(&NewOrder::new(&ids))
         .await
         .map_err(|e| format!("new order: {e}"))?;
-    let mut tokens = Vec::new();
+    // Whatever ends the order (an error, or the caller's timeout dropping it), its answers
+    // are not served after it.
+    let mut tokens = Answered {
+        challenges,
+        tokens: Vec::new(),
+    };
     {
         let mut auths = order.authorizations();
         while let Some(a) = auths.next().await {
@@ -232,7 +237,7 @@ pub async fn order(
             if let Ok(mut m) = challenges.lock() {
                 m.insert(ch.token.clone(), ka);
             }
-            tokens.push(ch.token.clone());
+            tokens.tokens.push(ch.token.clone());
             ch.set_ready().await.map_err(|e| format!("challenge: {e}"))?;
         }
     }
@@ -262,12 +267,24 @@ pub async fn order(
         Ok((chain, key.serialize_pem()))
     }
     .await;
-    if let Ok(mut m) = challenges.lock() {
-        for t in tokens {
-            m.remove(&t);
+    drop(tokens);
+    result
+}
+
+/// The HTTP-01 answers one order put up, taken down when it is dropped.
+struct Answered<'a> {
+    challenges: &'a Challenges,
+    tokens: Vec<String>,
+}
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.challenges.lock() {
+            for t in &self.tokens {
+                m.remove(t);
+            }
         }
     }
-    result
 }
 
 /// The ACME account: restored from the vault, or created and stored there.

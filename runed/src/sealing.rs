@@ -90,7 +90,12 @@ impl Secrets {
             }
             Err(e) => return Err(problem(e.to_string())),
         };
-        let mut ring = Keyring::new(loaded.kek.clone());
+        let mut ring = match &loaded.previous {
+            // An env source's rotation that stopped midway: the new KEK seals, the previous
+            // one opens what is not re-wrapped yet; `rotate-kek` to the new KEK finishes it.
+            Some(prev) => Keyring::new(prev.clone()).rotated_to(loaded.kek.clone()),
+            None => Keyring::new(loaded.kek.clone()),
+        };
         if let Some(p) = &loaded.pending {
             // As the interrupted rotation left it: the new KEK primary, the old one kept to
             // open what is not re-wrapped yet. `finish_pending_rotation` goes on from there.
@@ -98,8 +103,15 @@ impl Secrets {
         }
         for s in &sealed {
             if let Err(e) = check(&ring, s) {
+                let hint = match &source {
+                    KekSource::Env { var } => format!(
+                        "; if a rotation stopped midway, set {} to the KEK it rotated from and run rotate-kek to this one again",
+                        rune_secrets::previous_var(var)
+                    ),
+                    _ => String::new(),
+                };
                 return Err(problem(format!(
-                    "the KEK {} does not open the stored secrets ({e})",
+                    "the KEK {} does not open the stored secrets ({e}){hint}",
                     loaded.kek.id()
                 )));
             }
@@ -326,7 +338,10 @@ impl Secrets {
                 )
             }
             KekSource::Env { var } => {
-                format!("set {var} to the new KEK before runed next starts; runed no longer needs the old one, but backups taken before now do: keep it with them")
+                format!(
+                    "set {var} to the new KEK (and unset {}) before runed next starts; runed no longer needs the old one, but backups taken before now do: keep it with them",
+                    rune_secrets::previous_var(var)
+                )
             }
             KekSource::Generated => "the KEK is per-process (source generated)".into(),
         };

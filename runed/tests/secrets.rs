@@ -338,6 +338,60 @@ fn an_interrupted_kek_rotation_finishes_at_the_next_start() {
     assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&value));
 }
 
+/// An env-sourced KEK's rotation re-wraps in several log entries; one that stopped midway
+/// leaves secrets under two KEKs, which no single variable opens. With the KEK it rotated
+/// from in `<VAR>_PREVIOUS` runed starts, and `rotate-kek` to the new one finishes the job.
+#[test]
+fn an_env_kek_rotation_that_stopped_midway_can_be_finished() {
+    let (a, b) = (
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=",
+    );
+    let mut d = Daemon::new(&bins());
+    let rf = write(
+        &d,
+        "runefile.yaml",
+        "crypto:\n  kek:\n    source: env\n    env-var: RUNE_TEST_KEK\n",
+    );
+    d.extra = vec!["--config".into(), rf];
+    let keys = |d: &mut Daemon, kek: &str, previous: Option<&str>| {
+        d.env.retain(|(k, _)| !k.starts_with("RUNE_TEST_KEK"));
+        d.env.push(("RUNE_TEST_KEK".into(), kek.into()));
+        if let Some(p) = previous {
+            d.env.push(("RUNE_TEST_KEK_PREVIOUS".into(), p.into()));
+        }
+    };
+    keys(&mut d, a, None);
+    d.restart();
+    let first = random_hex();
+    cast_secret(&d, &first);
+    assert_eq!(d.sigterm().code(), Some(0));
+    // What a stopped rotation from a to b leaves: some secrets under a, newer ones under b.
+    keys(&mut d, b, Some(a));
+    d.restart();
+    let f = write(
+        &d,
+        "later.yaml",
+        "secret:\n  name: later\n  stringData: {k: under-b}\n",
+    );
+    run_ok(&d, &["cast", &f]);
+    assert_eq!(d.sigterm().code(), Some(0));
+    keys(&mut d, b, None);
+    let out = d.refused_at_start();
+    assert!(out.contains("set RUNE_TEST_KEK_PREVIOUS"), "{out}");
+    // Finished: b alone opens everything.
+    keys(&mut d, b, Some(a));
+    d.restart();
+    let new_file = write(&d, "b.kek", &format!("{b}\n"));
+    let out = run_ok(&d, &["admin", "rotate-kek", "--new-kek-file", &new_file]);
+    assert!(out.contains("unset RUNE_TEST_KEK_PREVIOUS"), "{out}");
+    assert_eq!(d.sigterm().code(), Some(0));
+    keys(&mut d, b, None);
+    d.restart();
+    assert!(run_ok(&d, &["get", "secret", "db", "--show-values", "-o", "json"]).contains(&first));
+    assert!(run_ok(&d, &["get", "secret", "later", "--show-values", "-o", "json"]).contains("under-b"));
+}
+
 #[test]
 fn the_servers_secret_limits_name_the_setting() {
     let mut d = Daemon::new(&bins());

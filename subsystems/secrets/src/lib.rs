@@ -311,6 +311,15 @@ pub struct Loaded {
     pub created: bool,
     /// A KEK a rotation wrote beside the file (`<file>.new`) but did not finish installing.
     pub pending: Option<Kek>,
+    /// The KEK an env source's rotation left (`<VAR>_PREVIOUS`): it still opens what that
+    /// rotation had not re-wrapped when it stopped, until a rotation to `kek` finishes.
+    pub previous: Option<Kek>,
+}
+
+/// The variable holding the KEK an env source rotated from, for a rotation that stopped
+/// midway (its re-wraps span several log entries).
+pub fn previous_var(var: &str) -> String {
+    format!("{var}_PREVIOUS")
 }
 
 /// The file a rotation writes the new KEK to before it re-wraps anything.
@@ -328,16 +337,23 @@ pub fn load(source: &KekSource, may_generate: bool) -> Result<Loaded, KekError> 
             kek: Kek::generate()?,
             created: true,
             pending: None,
+            previous: None,
         }),
         KekSource::Env { var } => {
             let text = std::env::var(var).unwrap_or_default();
             if text.trim().is_empty() {
                 return Err(KekError::EnvMissing(var.clone()));
             }
+            let previous = std::env::var(previous_var(var))
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| Kek::parse(&t))
+                .transpose()?;
             Ok(Loaded {
                 kek: Kek::parse(&text)?,
                 created: false,
                 pending: None,
+                previous,
             })
         }
         KekSource::File {
@@ -353,6 +369,7 @@ pub fn load(source: &KekSource, may_generate: bool) -> Result<Loaded, KekError> 
                     kek: Kek::parse(&t)?,
                     created: false,
                     pending,
+                    previous: None,
                 }),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if !(*generate_if_missing && may_generate) {
@@ -364,6 +381,7 @@ pub fn load(source: &KekSource, may_generate: bool) -> Result<Loaded, KekError> 
                         kek,
                         created: true,
                         pending: None,
+                        previous: None,
                     })
                 }
                 Err(e) => Err(KekError::Unreadable(path.display().to_string(), e)),

@@ -706,6 +706,11 @@ impl pb::instance_api_server::InstanceApi for Api {
             timestamps: req.timestamps,
         };
         if !req.init_step.is_empty() {
+            // A step's name becomes part of a file and a container name: only a name a spec
+            // can give a step (a DNS label) gets that far.
+            if let Err(e) = rune_statemachine::validate::dns1123_label(&req.init_step) {
+                return Err(Status::invalid_argument(format!("init_step: {e}")));
+            }
             return self.init_step_logs(&caller, &req.init_step, &recs, &q).await;
         }
         if req.follow && req.instance.is_empty() {

@@ -92,6 +92,10 @@ fn init_step_fills_a_volume_that_outlives_rollouts_restarts_and_the_service() {
         "{}",
         stderr(&o)
     );
+    // A name no spec could give a step never reaches a path.
+    let o = d.rune(&["logs", "db", "--init-step", "../../state"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("init_step"), "{}", stderr(&o));
 
     // The engine got requests and limits.
     let cid = instances(&d, "db")[0]["runtimeId"].as_str().unwrap().to_string();

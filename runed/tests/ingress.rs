@@ -552,10 +552,7 @@ fn requests_are_read_as_web_servers_do() {
     let f = write(
         &d,
         "web.yaml",
-        &format!(
-            "service:\n  name: web\n  process:\n    command: sleep\n    args: [\"100000\"]\n  scale: 1\n  ports:\n    - name: http\n      port: 80\n      targetPort: {}\n  expose:\n    port: http\n    host: web.test\n    path: /api\n",
-            back.port()
-        ),
+        &exposed("web", back.port(), "{port: http, host: web.test, path: /api}"),
     );
     run_ok(&d, &["cast", &f, "--timeout", "60s"]);
     let url = |path: &str| format!("http://{http}{path}");

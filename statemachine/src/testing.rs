@@ -391,3 +391,19 @@ pub fn fold<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
     }
     state.into_values().collect()
 }
+
+/// A node's record as a delta: ready, with `gateway` where the other nodes reach its
+/// instances (none for a node that has not said yet).
+pub fn node(name: &str, gateway: Option<&str>) -> Delta {
+    Delta::Node {
+        name: name.into(),
+        record: Some(std::sync::Arc::new(NodeRecord {
+            name: name.into(),
+            raft_id: 2,
+            ready: true,
+            since_ms: 0,
+            placed: 0,
+            gateway: gateway.map(String::from),
+        })),
+    }
+}

@@ -75,17 +75,7 @@ fn loopback_endpoints_count_only_on_their_own_node() {
     // Once b says where its gateway is, a reaches both of b's instances through it, whatever
     // the order the deltas come in.
     let gw: std::net::SocketAddr = "10.0.0.2:7864".parse().unwrap();
-    let node_b = Delta::Node {
-        name: "b".into(),
-        record: Some(Arc::new(rune_statemachine::store::nodes::NodeRecord {
-            name: "b".into(),
-            raft_id: 2,
-            ready: true,
-            since_ms: 0,
-            placed: 2,
-            gateway: Some(gw.to_string()),
-        })),
-    };
+    let node_b = rune_statemachine::testing::node("b", Some(&gw.to_string()));
     let mut fed = on_a.clone();
     let mut changed = std::collections::BTreeSet::new();
     fed.apply(&node_b, &mut changed);

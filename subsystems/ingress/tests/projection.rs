@@ -94,17 +94,7 @@ fn endpoints_of_other_nodes_are_reached_through_them() {
     let local = Backend::Here("127.0.0.1:8080".parse().unwrap());
     // Node b has not said where its gateway listens: its endpoint cannot be reached yet.
     assert_eq!(here(&on_a), std::slice::from_ref(&local));
-    let node_b = |gateway: Option<&str>| Delta::Node {
-        name: "b".into(),
-        record: Some(Arc::new(rune_statemachine::store::nodes::NodeRecord {
-            name: "b".into(),
-            raft_id: 2,
-            ready: true,
-            since_ms: 0,
-            placed: 1,
-            gateway: gateway.map(String::from),
-        })),
-    };
+    let node_b = |gateway: Option<&str>| rune_statemachine::testing::node("b", gateway);
     assert!(
         on_a.apply(&node_b(Some("10.0.0.2:7000"))),
         "a gateway known changes the routes"

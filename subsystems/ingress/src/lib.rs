@@ -234,7 +234,9 @@ impl Ingress {
         });
         let remote = cfg.remote.clone().map(|(_, r)| r);
         tokio::spawn(certificates(ing.clone()));
-        tokio::spawn(serve(ing.clone(), http, None, remote.clone()));
+        // One cap for the HTTP listener and every HTTPS worker together.
+        let room = Arc::new(tokio::sync::Semaphore::new(connection_cap()));
+        tokio::spawn(serve(ing.clone(), http, None, remote.clone(), room.clone()));
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             n => n,
@@ -246,13 +248,13 @@ impl Ingress {
                 .enable_all()
                 .build()
                 .map_err(IngressError::Runtime)?;
-            let (ing, acceptor, remote) = (ing.clone(), acceptor.clone(), remote.clone());
+            let (ing, acceptor, remote, room) = (ing.clone(), acceptor.clone(), remote.clone(), room.clone());
             std::thread::Builder::new()
                 .name(format!("ingress-{i}"))
                 .spawn(move || {
                     rt.block_on(async move {
                         match TcpListener::from_std(l) {
-                            Ok(l) => serve(ing, l, Some(acceptor), remote).await,
+                            Ok(l) => serve(ing, l, Some(acceptor), remote, room).await,
                             Err(e) => tracing::error!(error = %e, "ingress worker cannot listen"),
                         }
                     });
@@ -612,8 +614,105 @@ struct Connector {
     remote: Option<Arc<dyn Remote>>,
 }
 
-/// Connections one listener serves at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 16_384;
+/// Client connections the ingress serves at once, its listeners together; more wait in the
+/// kernel's backlog. A quarter of the process's file descriptors (a client connection may
+/// hold a backend one too), so raft, the log and the API keep theirs.
+fn connection_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into the struct it is given, nothing else.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    usize::try_from(soft / 4).unwrap_or(usize::MAX).clamp(64, 65_536)
+}
+
+/// A connection's stream until its first byte: a client that connects (or finishes its TLS
+/// handshake) and sends nothing is cut off after [`HEADER_TIMEOUT`]. hyper's own header timer
+/// starts only once it has read enough to tell HTTP/1 from HTTP/2, so without this a silent
+/// client would hold its connection, and a place under the cap, for ever.
+struct FirstByte<S> {
+    inner: S,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> FirstByte<S> {
+    fn new(inner: S) -> Self {
+        FirstByte {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT))),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByte<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.deadline.is_none() {
+            return r;
+        }
+        if r.is_ready() && buf.filled().len() > before {
+            self.deadline = None;
+        } else if r.is_pending()
+            && self
+                .deadline
+                .as_mut()
+                .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+        {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request from the client in time",
+            )));
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
 
 /// How long a client may take to send a request's head, and how long a keep-alive connection
 /// may sit idle (nginx's `client_header_timeout` is 60 s, its `keepalive_timeout` 75 s).
@@ -628,12 +727,17 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-/// Whether `path` holds a `.` or `..` segment, spelt out or percent-encoded.
+/// Whether `path` holds a `.` or `..` segment, spelt out or percent-encoded, between slashes
+/// or backslashes (either also encoded: a backend may decode `%2F` or take `\` for `/` before
+/// it resolves the path). An encoded slash alone is fine: APIs use it inside a segment.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
-        seg == "." || seg == ".."
-    })
+    let p = path
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    p.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// Joins the separate `cookie` fields an HTTP/2 client may send into one, as RFC 9113
@@ -718,9 +822,9 @@ async fn serve(
     l: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     remote: Option<Arc<dyn Remote>>,
+    room: Arc<tokio::sync::Semaphore>,
 ) {
     let client = backends(remote);
-    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // At the cap, new connections wait in the listen backlog: the ingress never takes
         // the file descriptors raft, the log and the API need.
@@ -756,15 +860,20 @@ async fn serve(
                 .http2()
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(HEADER_TIMEOUT))
-                .keep_alive_timeout(Duration::from_secs(20));
+                // Generous: a ping's answer may queue behind a slow upload's bytes.
+                .keep_alive_timeout(Duration::from_secs(60));
             let r = match tls {
                 None => {
                     builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(FirstByte::new(tcp)), svc)
                         .await
                 }
                 Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
-                    Ok(Ok(s)) => builder.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
+                    Ok(Ok(s)) => {
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(FirstByte::new(s)), svc)
+                            .await
+                    }
                     _ => return,
                 },
             };
@@ -1128,7 +1237,16 @@ mod tests {
         for bad in ["/api/../admin", "/api/./x", "/api/%2e%2E/admin", "/..", "/api/."] {
             assert!(has_dot_segment(bad), "{bad}");
         }
-        for good in ["/api/x.y", "/api/..x", "/.well-known/x", "/a...b/"] {
+        for bad in ["/api/x%2f..%2fadmin", "/api/x%5C..%5cadmin", "/api\\..\\admin"] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for good in [
+            "/api/x.y",
+            "/api/..x",
+            "/.well-known/x",
+            "/a...b/",
+            "/api/group%2Fproject",
+        ] {
             assert!(!has_dot_segment(good), "{good}");
         }
     }

@@ -57,8 +57,8 @@ pub struct Exposed {
     /// This node, in a cluster: endpoints of other nodes are [`Backend::Elsewhere`]. None: every
     /// endpoint is dialled where it is.
     node: Option<String>,
-    /// The other nodes whose gateway is known: only their endpoints can be reached (a node
-    /// that has not said where its gateway listens, or whose record is gone, gets none).
+    /// The other nodes whose gateway is known. Without one a node's process instances (at
+    /// its loopback) cannot be reached from here; its containers are dialled where they are.
     gateways: HashSet<String>,
 }
 
@@ -153,11 +153,15 @@ impl Exposed {
                                 .as_ref()
                                 .is_some_and(|me| !ep.node.is_empty() && ep.node != *me);
                             if elsewhere {
-                                // The data plane reaches it only through its node's gateway.
-                                return self
-                                    .gateways
-                                    .contains(&ep.node)
-                                    .then(|| Backend::Elsewhere(ep.instance.clone()));
+                                // As the data plane reaches it: through its node's gateway, or
+                                // without one (a node of an older build) at its address, which
+                                // a loopback one is not from here.
+                                let loopback = ep
+                                    .address
+                                    .parse::<std::net::IpAddr>()
+                                    .is_ok_and(|ip| ip.is_loopback());
+                                let reachable = self.gateways.contains(&ep.node) || !loopback;
+                                return reachable.then(|| Backend::Elsewhere(ep.instance.clone()));
                             }
                             Some(Backend::Here(SocketAddr::new(ep.address.parse().ok()?, target)))
                         })

@@ -341,9 +341,11 @@ impl pb::admin_api_server::AdminApi for Api {
             r.policies = caller.policies.clone();
         }
         // What the token will be able to do: its own policies, else all of its user's. Nobody
-        // grants more than they hold, not even to their own user (a narrowed token).
+        // grants more than they hold, not even to their own user (a narrowed token); a token
+        // for oneself with all of one's own policies grants nothing new.
         let granted = match (&subject, r.policies.is_empty()) {
             (_, false) => r.policies.clone(),
+            (Some(_), true) if r.subject == caller.user => Vec::new(),
             (Some(u), true) => u.policies.clone(),
             (None, true) => vec!["readonly".to_string()],
         };
@@ -441,6 +443,11 @@ impl pb::admin_api_server::AdminApi for Api {
         // transaction is a snapshot once open, so the guard is held only while it opens.
         let source = {
             let _no_rotation = self.secrets.cast_guard().await;
+            if self.secrets.rotation_unfinished() {
+                return Err(Status::failed_precondition(
+                    "a KEK rotation is unfinished (secrets are sealed under two KEKs): run rotate-kek to the new KEK first, then back up",
+                ));
+            }
             self.log.backup().map_err(internal)?
         };
         let h = source.header().clone();

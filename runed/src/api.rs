@@ -234,7 +234,6 @@ fn redact_quoted(m: &str) -> String {
     out
 }
 
-/// Order of a cast: namespaces, then configmaps and secrets, then the services that use them.
 /// The resource (as policies name it) and namespace a decoded cast resource is written in.
 fn scope_of(d: &Decoded) -> (&'static str, &str) {
     match d {
@@ -246,6 +245,7 @@ fn scope_of(d: &Decoded) -> (&'static str, &str) {
     }
 }
 
+/// Order of a cast: namespaces, then configmaps and secrets, then the services that use them.
 fn cast_rank(r: &Resource) -> u8 {
     match r {
         Resource::Namespace(_) => 0,

@@ -175,6 +175,12 @@ impl Secrets {
         open(&self.ring(), s).map_err(|e| e.to_string())
     }
 
+    /// Whether secrets may be sealed under two KEKs: a rotation was started (or runed was
+    /// given a previous KEK) and has not finished.
+    pub(crate) fn rotation_unfinished(&self) -> bool {
+        self.ring().has_previous()
+    }
+
     /// Held by a cast from sealing until its entry is applied (see `rotation`).
     pub(crate) async fn cast_guard(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.rotation.read().await

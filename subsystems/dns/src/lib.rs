@@ -816,8 +816,12 @@ pub fn is_self(upstream: SocketAddr, own: SocketAddr) -> bool {
     if upstream == own {
         return true;
     }
+    // `0.0.0.0` is IPv4 only; `[::]` takes IPv4 too where the host maps it.
+    let family =
+        upstream.is_ipv4() == own.is_ipv4() || own.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
     upstream.port() == own.port()
         && own.ip().is_unspecified()
+        && family
         && (upstream.ip().is_loopback() || std::net::UdpSocket::bind((upstream.ip(), 0)).is_ok())
 }
 
@@ -838,6 +842,8 @@ mod tests {
         assert!(!is_self(at("127.0.0.1:53"), any));
         // An address no interface here has is another server.
         assert!(!is_self(at("192.0.2.7:5353"), any));
+        // 0.0.0.0 is IPv4 only: a resolver on ::1 at that port is another server.
+        assert!(!is_self(at("[::1]:5353"), any));
         let one = at("127.0.0.1:5353");
         assert!(is_self(one, one));
         assert!(!is_self(at("127.0.0.2:5353"), one));

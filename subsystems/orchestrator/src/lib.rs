@@ -1267,9 +1267,10 @@ impl Loop {
                 r.template == template
                     && match r.phase {
                         Phase::Running => r.ready,
-                        Phase::Exited => svc
-                            .as_ref()
-                            .is_some_and(|s| !supervisor::restarts(&s.spec, r.exit_code, false)),
+                        Phase::Exited => svc.as_ref().is_some_and(|s| {
+                            let killed = r.reason.starts_with(supervisor::LIVENESS_KILLED);
+                            !supervisor::restarts(&s.spec, r.exit_code, killed)
+                        }),
                         _ => false,
                     }
             })

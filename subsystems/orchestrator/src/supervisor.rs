@@ -35,6 +35,10 @@ enum Policy {
     Never,
 }
 
+/// How the reason of a run killed for failing its liveness probe begins: its record says
+/// `Exited` (with the code it exited with) until the restart's `Backoff` follows.
+pub(crate) const LIVENESS_KILLED: &str = "killed: liveness probe failed";
+
 /// Whether a run that ended with `code` is started again: `killed` for failing its liveness
 /// probe, which restarts it unless the policy says never, whatever its exit code (a server
 /// that exits 0 on SIGTERM is not done), as Kubernetes does.
@@ -149,7 +153,7 @@ impl Supervisor {
                     e = self.inner.wait(&self.launch.namespace, &self.launch.id, &mut run) => Ended::Exited(e),
                     m = probes(inner, key, launch, address, runtime_id) => {
                         let e = self.inner.stop(&self.launch, &mut run).await;
-                        Ended::Unhealthy(Exit { code: e.code, reason: format!("killed: liveness probe failed: {m}") })
+                        Ended::Unhealthy(Exit { code: e.code, reason: format!("{LIVENESS_KILLED}: {m}") })
                     }
                     r = &mut self.stop => Ended::Stop(r.unwrap_or_else(|_| "runed is shutting down".into())),
                 }

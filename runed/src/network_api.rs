@@ -113,6 +113,16 @@ impl pb::network_api_server::NetworkApi for Api {
             .dataplane
             .explain(&ns, r.from.trim(), r.to.trim(), port)
             .map_err(dp_status)?;
+        // An address resolves to the service that holds it, in whatever namespace: named (and
+        // its policy applied) only for a caller who may read there.
+        if let Some((owner_ns, _)) = e.from.split_once('/') {
+            if crate::auth::check(&caller, "services", "get", Some(owner_ns)).is_err() {
+                return Err(Status::permission_denied(format!(
+                    "{} belongs to a service this token may not read",
+                    r.from.trim()
+                )));
+            }
+        }
         Ok(Response::new(pb::ExplainPolicyResponse {
             from: e.from,
             to: e.to,

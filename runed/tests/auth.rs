@@ -240,6 +240,40 @@ fn builtin_and_namespace_scoped_policies_allow_and_deny() {
     let o = as_token(&d, &devu, &["deps", "x", "-n", "prod"]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
 
+    // An address is named as its service's only where the caller may read: a container of
+    // prod/box is not told to a dev-only token, as the service it is or its policy.
+    let boxed = write(
+        &d,
+        "box.yaml",
+        "service:\n  name: box\n  namespace: prod\n  image: busybox\n  command: [\"sleep\", \"1000\"]\n  scale: 1\n",
+    );
+    assert_eq!(code(&d.rune(&["cast", "--timeout", "60s", &boxed])), 0);
+    let target = write(
+        &d,
+        "target.yaml",
+        "service:\n  name: t\n  namespace: dev\n  image: busybox\n  scale: 0\n  ports:\n    - {name: http, port: 80}\n",
+    );
+    assert_eq!(code(&d.rune(&["cast", "--detach", &target])), 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&d.rune(&[
+        "get",
+        "instances",
+        "box",
+        "-n",
+        "prod",
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    let ip = v[0]["address"].as_str().unwrap_or_default().to_string();
+    assert!(!ip.is_empty(), "{v}");
+    let explain: &[&str] = &["policy", "explain", &ip, "t", "-n", "dev"];
+    wait_until(Duration::from_secs(60), "root to see the box's address", || {
+        stdout(&d.rune(explain)).contains("prod/box")
+    });
+    let o = as_token(&d, &devu, explain);
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    assert!(!stdout(&o).contains("prod/box"), "{}", stdout(&o));
+
     // Where it may not write, a cast tells nothing of what is there: a namespace that does
     // not exist is denied like one that does, not reported missing.
     let ghost = write(&d, "ghost.yaml", &svc("ghost", "g"));

@@ -730,14 +730,37 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
 /// Whether `path` holds a `.` or `..` segment, spelt out or percent-encoded, between slashes
 /// or backslashes (either also encoded: a backend may decode `%2F` or take `\` for `/` before
 /// it resolves the path). An encoded slash alone is fine: APIs use it inside a segment.
+/// Reads the path once, decoding as it goes, and allocates nothing: it runs on every request.
 fn has_dot_segment(path: &str) -> bool {
-    let p = path
-        .to_ascii_lowercase()
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
-    p.split('/').any(|seg| seg == "." || seg == "..")
+    let b = path.as_bytes();
+    // Characters in the current segment, and whether all of them are dots.
+    let (mut len, mut dots) = (0usize, true);
+    let mut i = 0;
+    loop {
+        let (c, step) = match b.get(i) {
+            None => (b'/', 1),
+            Some(b'%') if i + 2 < b.len() => match (b[i + 1], b[i + 2].to_ascii_lowercase()) {
+                (b'2', b'e') => (b'.', 3),
+                (b'2', b'f') | (b'5', b'c') => (b'/', 3),
+                _ => (b'%', 1),
+            },
+            Some(b'\\') => (b'/', 1),
+            Some(&c) => (c, 1),
+        };
+        if c == b'/' {
+            if dots && (1..=2).contains(&len) {
+                return true;
+            }
+            if i >= b.len() {
+                return false;
+            }
+            (len, dots) = (0, true);
+        } else {
+            len += 1;
+            dots &= c == b'.';
+        }
+        i += step;
+    }
 }
 
 /// Joins the separate `cookie` fields an HTTP/2 client may send into one, as RFC 9113
@@ -1076,16 +1099,14 @@ fn ordered(ing: &Ingress, host: &str, result: Result<(), String>, retry_at: &mut
                 (*w * 2).min(Duration::from_secs(3600))
             });
             tracing::warn!(%host, error = %e, retry_in = ?wait, "certificate order failed");
-            // A valid certificate keeps serving (and stays "ready") while renewal retries;
-            // the failure is in its detail.
-            match ing.certificate_states().get(host).filter(|c| c.state == "ready") {
-                Some(c) => ing.set_state(
-                    host,
-                    "ready",
-                    format!("renewal failed, retrying: {e}"),
-                    c.not_after,
-                ),
-                None => ing.set_state(host, "error", e.clone(), 0),
+            // A valid certificate keeps serving (and stays "ready") while renewal retries: the
+            // next pass reads it back and puts this failure in its detail.
+            let serving = ing
+                .certificate_states()
+                .get(host)
+                .is_some_and(|c| c.state == "ready");
+            if !serving {
+                ing.set_state(host, "error", e.clone(), 0);
             }
             retry_at.insert(host.to_string(), (tokio::time::Instant::now() + wait, wait, e));
         }
@@ -1240,7 +1261,11 @@ mod tests {
         for bad in ["/api/x%2f..%2fadmin", "/api/x%5C..%5cadmin", "/api\\..\\admin"] {
             assert!(has_dot_segment(bad), "{bad}");
         }
+        assert!(has_dot_segment("/api/%2e"), "an encoded dot at the very end");
         for good in [
+            "/a%2",
+            "/",
+            "",
             "/api/x.y",
             "/api/..x",
             "/.well-known/x",

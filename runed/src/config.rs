@@ -112,6 +112,18 @@ pub struct Flags {
     /// The edge ingress's HTTPS listener (default :443, in --dev-mode 127.0.0.1:8443).
     #[arg(long, env = "RUNE_INGRESS_HTTPS_ADDR")]
     pub ingress_https_addr: Option<String>,
+    /// How long a client may take to send a request's head; also an idle HTTP/1.1 keep-alive
+    /// connection's limit and the HTTP/2 ping interval (default 30s).
+    #[arg(long, env = "RUNE_INGRESS_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub ingress_header_timeout: Option<std::time::Duration>,
+    /// How long an HTTP/2 connection with no request open is kept (default 75s; no shorter
+    /// than the header timeout).
+    #[arg(long, env = "RUNE_INGRESS_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub ingress_idle_timeout: Option<std::time::Duration>,
+    /// How long an upgraded connection (a websocket) that carries nothing either way is kept
+    /// (default 1h).
+    #[arg(long, env = "RUNE_INGRESS_TUNNEL_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub ingress_tunnel_timeout: Option<std::time::Duration>,
     /// The ACME directory (default Let's Encrypt production; `acme.staging: true` for staging).
     #[arg(long, env = "RUNE_ACME_DIRECTORY_URL")]
     pub acme_directory_url: Option<String>,
@@ -269,6 +281,8 @@ pub struct Settings {
     pub proxy_ports: (u16, u16),
     /// The ingress listeners (HTTP, HTTPS), when this node has the edge role.
     pub ingress: Option<(SocketAddr, SocketAddr)>,
+    /// `ingress.header-timeout`, `idle-timeout`, `tunnel-timeout`.
+    pub ingress_timeouts: rune_ingress::Timeouts,
     /// `acme.*`.
     pub acme: rune_ingress::acme::AcmeConfig,
     /// Test hooks on.
@@ -552,6 +566,9 @@ struct NetworkingSection {
 struct IngressSection {
     http_addr: Option<String>,
     https_addr: Option<String>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    tunnel_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1097,6 +1114,13 @@ impl Settings {
             ":443",
             "127.0.0.1:8443",
         )?;
+        let ingress_timeouts = ingress_timeouts(
+            &src,
+            flags,
+            ingress.header_timeout,
+            ingress.idle_timeout,
+            ingress.tunnel_timeout,
+        )?;
         let acme_file = file.acme.unwrap_or_default();
         let staging = acme_file.staging.unwrap_or(false);
         let directory = match (flags.acme_directory_url.clone(), acme_file.directory_url) {
@@ -1215,6 +1239,7 @@ impl Settings {
                 .split(',')
                 .any(|r| r.trim() == "edge")
                 .then_some((ingress_http, ingress_https)),
+            ingress_timeouts,
             acme,
             enable_failpoints: flags.enable_failpoints,
             cluster: cluster_settings(flags, file.cluster.unwrap_or_default(), &src)?,
@@ -1391,6 +1416,57 @@ fn kek_source(
             format!("'{other}' is not one of file, env, generated"),
         )),
     }
+}
+
+/// The ingress's timeouts from their flags or `ingress.*` keys, each above zero (a zero one
+/// would close every connection at once), the idle one no shorter than the header one: the
+/// idle timer also ends HTTP/1.1 keep-alive connections, and would cut off a next request
+/// whose head is still on its way within the header timeout.
+fn ingress_timeouts(
+    src: &Source,
+    flags: &Flags,
+    header: Option<String>,
+    idle: Option<String>,
+    tunnel: Option<String>,
+) -> Result<rune_ingress::Timeouts, ConfigError> {
+    let default = rune_ingress::Timeouts::default();
+    let one = |key: &str, flag, file, default| -> Result<std::time::Duration, ConfigError> {
+        let key = format!("ingress.{key}");
+        let d = flag_or_file_duration(src, &key, flag, file)?.unwrap_or(default);
+        if d.is_zero() {
+            return Err(src.err(
+                &key,
+                format!("(--{}) must be longer than zero", key.replace('.', "-")),
+            ));
+        }
+        Ok(d)
+    };
+    let t = rune_ingress::Timeouts {
+        header: one(
+            "header-timeout",
+            flags.ingress_header_timeout,
+            header,
+            default.header,
+        )?,
+        idle: one("idle-timeout", flags.ingress_idle_timeout, idle, default.idle)?,
+        tunnel: one(
+            "tunnel-timeout",
+            flags.ingress_tunnel_timeout,
+            tunnel,
+            default.tunnel,
+        )?,
+    };
+    if t.idle < t.header {
+        return Err(src.err(
+            "ingress.idle-timeout",
+            format!(
+                "(--ingress-idle-timeout) {} must not be shorter than ingress.header-timeout ({})",
+                humantime::format_duration(t.idle),
+                humantime::format_duration(t.header)
+            ),
+        ));
+    }
+    Ok(t)
 }
 
 /// A duration given by flag (which wins) or by the runefile's `key`; a bad value names the key.
@@ -1583,6 +1659,28 @@ mod tests {
         })
         .unwrap();
         assert!(none.ingress.is_none(), "--node-role='' turns the edge role off");
+        assert_eq!(none.ingress_timeouts, rune_ingress::Timeouts::default());
+
+        let f = write("ingress:\n  idle-timeout: 2m\n  tunnel-timeout: 10m\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ingress_header_timeout: Some(std::time::Duration::from_secs(5)),
+            ..Default::default()
+        })
+        .unwrap();
+        let secs = |d: std::time::Duration| d.as_secs();
+        let t = s.ingress_timeouts;
+        assert_eq!((secs(t.header), secs(t.idle), secs(t.tunnel)), (5, 120, 600));
+        for bad in ["idle-timeout: 0s", "header-timeout: soon", "idle-timeout: 10s"] {
+            let f = write(&format!("ingress:\n  {bad}\n"));
+            let e = Settings::resolve(&Flags {
+                config: Some(f.path().into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            let key = bad.split(':').next().unwrap_or_default();
+            assert!(e.0.contains(&format!("ingress.{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -256,6 +256,7 @@ async fn start_ingress(
             let through: Arc<dyn rune_ingress::Remote> = Arc::new(ThroughGateways(dataplane.clone()));
             (s.node_name.clone(), through)
         }),
+        timeouts: s.ingress_timeouts,
     };
     rune_ingress::Ingress::start(log.clone(), cfg)
         .await

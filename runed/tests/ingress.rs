@@ -62,10 +62,92 @@ fn backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 
 /// A runed in dev mode (which has the edge role).
 fn dev_daemon() -> Daemon {
+    dev_daemon_with(&[])
+}
+
+/// A runed in dev mode with more flags.
+fn dev_daemon_with(flags: &[&str]) -> Daemon {
     let mut d = Daemon::new(&bins());
     d.extra.push("--dev-mode".into());
+    d.extra.extend(flags.iter().map(|f| f.to_string()));
     d.restart();
     d
+}
+
+/// Reads from `s` until the server closes it (true) or `s`'s read timeout passes (false).
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Holds an HTTP/2 connection (prior knowledge, no TLS) open without a request, answering the
+/// server's pings and settings as a live client does, until the server closes it or `within`
+/// passes: (closed, GOAWAY received, pings answered).
+fn idle_http2_client(addr: SocketAddr, within: Duration) -> (bool, bool, usize) {
+    let deadline = std::time::Instant::now() + within;
+    let mut s = TcpStream::connect(addr).unwrap();
+    // Short reads, so that the pings the server sends do not carry it past the deadline.
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    // An empty SETTINGS frame.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    let (mut goaway, mut pings) = (false, 0);
+    loop {
+        if std::time::Instant::now() > deadline {
+            return (false, goaway, pings);
+        }
+        let mut head = [0u8; 9];
+        match s.read(&mut head[..1]) {
+            Ok(0) => return (true, goaway, pings),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return (true, goaway, pings),
+        }
+        // The rest of a frame follows its first byte at once; a failure now is the close.
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if s.read_exact(&mut head[1..]).is_err() {
+            return (true, goaway, pings);
+        }
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        if s.read_exact(&mut payload).is_err() {
+            return (true, goaway, pings);
+        }
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let (kind, flags) = (head[3], head[4]);
+        let ack = flags & 1 == 1;
+        match kind {
+            4 if !ack => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).unwrap(),
+            // Pings after the GOAWAY are the graceful shutdown's own, not keep-alives.
+            6 if !ack && !goaway => {
+                let mut pong = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                pong.extend_from_slice(&payload);
+                if s.write_all(&pong).is_ok() {
+                    pings += 1;
+                }
+            }
+            6 if !ack => {
+                let mut pong = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                pong.extend_from_slice(&payload);
+                let _ = s.write_all(&pong);
+            }
+            7 => goaway = true,
+            _ => {}
+        }
+    }
 }
 
 fn curl(args: &[&str]) -> (String, String) {
@@ -543,11 +625,20 @@ fn a_request_steps_over_an_endpoint_that_refuses_the_connection() {
 /// the host, a route's path prefix holds whole segments, dot segments are refused rather than
 /// passed to a backend that would resolve them out of the route, an HTTP/2 client's separate
 /// cookie fields reach the HTTP/1.1 backend as one line, and a client that never finishes its
-/// request head is closed instead of holding a connection for ever.
+/// request head, holds an HTTP/2 connection with no request (however it answers pings) or an
+/// upgraded connection that carries nothing is closed instead of holding it for ever (the
+/// timeouts set short here, each in its own flag).
 #[test]
 fn requests_are_read_as_web_servers_do() {
     let (back, seen) = backend();
-    let d = dev_daemon();
+    let d = dev_daemon_with(&[
+        "--ingress-header-timeout",
+        "1s",
+        "--ingress-idle-timeout",
+        "6s",
+        "--ingress-tunnel-timeout",
+        "2s",
+    ]);
     let (http, https) = d.ingress;
     let f = write(
         &d,
@@ -595,23 +686,51 @@ fn requests_are_read_as_web_servers_do() {
     assert!(head.contains("cookie: a=1; b=2"), "{head}");
 
     // Nothing at all, or half a request head, then nothing: closed once the header timeout
-    // (30 s) is out, both waited out side by side.
+    // (1 s here) is out, both waited out side by side. Given up on before the idle timeout
+    // (6 s), which would close them too.
     let silent = [&b""[..], b"GET /api HTTP/1.1\r\nHost: web.test\r\n"].map(|sent| {
         let mut s = std::net::TcpStream::connect(http).unwrap();
         s.write_all(sent).unwrap();
         std::thread::spawn(move || {
-            s.set_read_timeout(Some(Duration::from_secs(50))).unwrap();
-            let mut buf = [0u8; 512];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break true,
-                    Ok(_) => continue,
-                    Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
-                }
-            }
+            s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+            closed_by_server(&mut s)
         })
     });
     for (what, t) in ["nothing", "half a head"].iter().zip(silent) {
         assert!(t.join().unwrap(), "a client that sent {what} was kept");
     }
+
+    // An HTTP/2 client that sends no request but answers every ping (one a second here) is
+    // told GOAWAY and closed once the idle timeout (6 s) is out.
+    let (closed, goaway, pings) = idle_http2_client(http, Duration::from_secs(30));
+    assert!(
+        closed,
+        "an idle HTTP/2 connection was kept ({pings} pings answered)"
+    );
+    assert!(goaway, "closed without a GOAWAY");
+    assert!(
+        pings > 0,
+        "the server never pinged: the idle timeout was not put to the test"
+    );
+
+    // An upgraded connection works, then carries nothing: closed after the tunnel timeout
+    // (2 s).
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /api/ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(
+            r.read_line(&mut head).unwrap() > 0,
+            "closed before the switch: {head}"
+        );
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "ping\n");
+    assert!(closed_by_server(&mut s), "an idle upgraded connection was kept");
 }

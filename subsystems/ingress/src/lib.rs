@@ -79,6 +79,34 @@ pub struct IngressConfig {
     pub workers: usize,
     /// In a cluster: this node's name, and how to reach instances of the others.
     pub remote: Option<(String, Arc<dyn Remote>)>,
+    /// How long clients may keep a connection without using it.
+    pub timeouts: Timeouts,
+}
+
+/// How long the ingress waits on its clients, as a web server's timeouts do: a client that
+/// holds a connection without using it must not keep its place under the connection cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For a request's head, from the connection (or, on a keep-alive HTTP/1.1 connection, the
+    /// previous request) to its last header line; also how often an HTTP/2 client is pinged.
+    /// nginx: `client_header_timeout`, 60 s.
+    pub header: Duration,
+    /// An HTTP/2 connection with no request open is closed (GOAWAY) after this, however
+    /// faithfully it answers pings. nginx: `keepalive_timeout`, 75 s.
+    pub idle: Duration,
+    /// An upgraded connection (a websocket) that carries no byte either way for this long is
+    /// closed. haproxy: `timeout tunnel`, commonly an hour.
+    pub tunnel: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(30),
+            idle: Duration::from_secs(75),
+            tunnel: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// Failures to start the ingress.
@@ -111,6 +139,7 @@ pub struct Ingress {
     states: Mutex<BTreeMap<String, acme::CertState>>,
     /// Where redirected plain-HTTP requests are sent (the HTTPS listener's port).
     https_port: u16,
+    timeouts: Timeouts,
 }
 
 /// Requests of one host by status code (100..=599).
@@ -231,6 +260,7 @@ impl Ingress {
             states: Mutex::new(BTreeMap::new()),
             projection,
             https_port: https_addr.port(),
+            timeouts: cfg.timeouts,
         });
         let remote = cfg.remote.clone().map(|(_, r)| r);
         tokio::spawn(certificates(ing.clone()));
@@ -508,10 +538,23 @@ impl Ingress {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_up) = client_upgrade {
                         let backend_up = hyper::upgrade::on(&mut resp);
+                        let limit = self.timeouts.tunnel;
                         tokio::spawn(async move {
                             if let (Ok(c), Ok(b)) = (client_up.await, backend_up.await) {
-                                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                                // Bytes either way cross the client's side: its clock is the
+                                // tunnel's.
+                                let seen = Arc::new(LastSeen::new());
+                                let mut c = Touched {
+                                    inner: TokioIo::new(c),
+                                    seen: seen.clone(),
+                                };
+                                let mut b = TokioIo::new(b);
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut c, &mut b) => {}
+                                    () = seen.idle_for(limit) => {
+                                        tracing::debug!(%host, ?limit, "closing an idle upgraded connection");
+                                    }
+                                }
                             }
                         });
                     }
@@ -632,19 +675,20 @@ fn connection_cap() -> usize {
 }
 
 /// A connection's stream until its first byte: a client that connects (or finishes its TLS
-/// handshake) and sends nothing is cut off after [`HEADER_TIMEOUT`]. hyper's own header timer
-/// starts only once it has read enough to tell HTTP/1 from HTTP/2, so without this a silent
-/// client would hold its connection, and a place under the cap, for ever.
+/// handshake) and sends nothing is cut off after the header timeout ([`Timeouts::header`]).
+/// hyper's own header timer starts only once it has read enough to tell HTTP/1 from HTTP/2,
+/// so without this a silent client would hold its connection, and a place under the cap, for
+/// ever.
 struct FirstByte<S> {
     inner: S,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> FirstByte<S> {
-    fn new(inner: S) -> Self {
+    fn new(inner: S, timeout: Duration) -> Self {
         FirstByte {
             inner,
-            deadline: Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT))),
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
         }
     }
 }
@@ -714,9 +758,162 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<S> {
     }
 }
 
-/// How long a client may take to send a request's head, and how long a keep-alive connection
-/// may sit idle (nginx's `client_header_timeout` is 60 s, its `keepalive_timeout` 75 s).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// When something last happened on a connection, for its idle timer: read and set per
+/// request or per read and write, so a clock reading rather than a lock.
+struct LastSeen {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start`.
+    at_ms: AtomicU64,
+}
+
+impl LastSeen {
+    fn new() -> Self {
+        LastSeen {
+            start: tokio::time::Instant::now(),
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at_ms.store(ms, Ordering::Release);
+    }
+
+    /// How long since the last touch (or the start).
+    fn since(&self) -> Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.at_ms.load(Ordering::Acquire)))
+    }
+
+    /// Resolves once nothing has touched it for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let left = limit.saturating_sub(self.since());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
+        }
+    }
+}
+
+/// An upgraded connection's side that touches [`LastSeen`] whenever a byte crosses it.
+struct Touched<S> {
+    inner: S,
+    seen: Arc<LastSeen>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.seen.touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.seen.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection's requests in progress, from their head until their response body is sent
+/// or dropped, and when the last one ended: what its idle timer reads.
+struct Requests {
+    open: AtomicUsize,
+    ended: LastSeen,
+}
+
+impl Requests {
+    fn new() -> Arc<Self> {
+        Arc::new(Requests {
+            open: AtomicUsize::new(0),
+            ended: LastSeen::new(),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> OpenRequest {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenRequest(self.clone())
+    }
+
+    /// How long no request has been open (zero while one is).
+    fn idle(&self) -> Duration {
+        // Acquire: a count of zero comes with the end time written before it.
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.ended.since()
+    }
+}
+
+/// One request in progress; its end is when this is dropped.
+struct OpenRequest(Arc<Requests>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        // The time first: a timer that sees no request open then reads this end.
+        self.0.ended.touch();
+        self.0.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A response body that keeps its request open until it is sent (or dropped): a long
+/// download is not an idle connection.
+struct Counted {
+    body: Body,
+    _open: OpenRequest,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// Whether `path` lies under the route prefix `prefix`, segment by segment: `/api` holds
 /// `/api` and `/api/x`, not `/apiary`.
@@ -867,35 +1064,42 @@ async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let scheme = if tls.is_some() { "https" } else { "http" };
+            let timeouts = ing.timeouts;
+            let requests = Requests::new();
+            let counted = requests.clone();
             let svc = hyper::service::service_fn(move |req| {
-                let (ing, client) = (ing.clone(), client.clone());
-                async move { Ok::<_, std::convert::Infallible>(ing.handle(&client, req, peer, scheme).await) }
+                let (ing, client, open) = (ing.clone(), client.clone(), counted.begin());
+                async move {
+                    let resp = ing.handle(&client, req, peer, scheme).await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| Counted { body, _open: open }))
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // A client that sends no request (or stops halfway through its head) is closed
-            // after HEADER_TIMEOUT, an idle keep-alive connection too; without a timer hyper
-            // waits forever. HTTP/2 connections are pinged and closed when the peer is gone.
+            // after the header timeout, an idle keep-alive connection too; without a timer
+            // hyper waits forever. HTTP/2 connections are pinged and closed when the peer is
+            // gone, and closed when idle (below).
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
+                .header_read_timeout(timeouts.header);
             builder
                 .http2()
                 .timer(TokioTimer::new())
-                .keep_alive_interval(Some(HEADER_TIMEOUT))
+                .keep_alive_interval(Some(timeouts.header))
                 // Generous: a ping's answer may queue behind a slow upload's bytes.
                 .keep_alive_timeout(Duration::from_secs(60));
             let r = match tls {
                 None => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(FirstByte::new(tcp)), svc)
-                        .await
+                    let io = TokioIo::new(FirstByte::new(tcp, timeouts.header));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    UntilIdle::new(conn, |c| c.graceful_shutdown(), requests, timeouts.idle).await
                 }
                 Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
                     Ok(Ok(s)) => {
-                        builder
-                            .serve_connection_with_upgrades(TokioIo::new(FirstByte::new(s)), svc)
-                            .await
+                        let io = TokioIo::new(FirstByte::new(s, timeouts.header));
+                        let conn = builder.serve_connection_with_upgrades(io, svc);
+                        UntilIdle::new(conn, |c| c.graceful_shutdown(), requests, timeouts.idle).await
                     }
                     _ => return,
                 },
@@ -904,6 +1108,59 @@ async fn serve(
                 tracing::debug!(%peer, error = %e, "ingress connection ended with an error");
             }
         });
+    }
+}
+
+/// Serves a connection to its end, asking it to finish (`close`: hyper's graceful shutdown,
+/// for HTTP/2 a GOAWAY) once no request has been open on it for `idle`. Keep-alive pings do
+/// not count: a client that only answers them would hold a connection, and a place under the
+/// cap, for nothing. A future by hand rather than an `async fn`: the compiler cannot tell
+/// that the latter, generic over hyper's connection, is `Send`.
+struct UntilIdle<F, C> {
+    conn: std::pin::Pin<Box<F>>,
+    close: C,
+    requests: Arc<Requests>,
+    idle: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    closing: bool,
+}
+
+impl<F: std::future::Future, C: FnMut(std::pin::Pin<&mut F>)> UntilIdle<F, C> {
+    fn new(conn: F, close: C, requests: Arc<Requests>, idle: Duration) -> Self {
+        UntilIdle {
+            conn: Box::pin(conn),
+            close,
+            requests,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            closing: false,
+        }
+    }
+}
+
+impl<F: std::future::Future, C: FnMut(std::pin::Pin<&mut F>) + Unpin> std::future::Future
+    for UntilIdle<F, C>
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.get_mut();
+        if let std::task::Poll::Ready(r) = this.conn.as_mut().poll(cx) {
+            return std::task::Poll::Ready(r);
+        }
+        while !this.closing && this.timer.as_mut().poll(cx).is_ready() {
+            // Zero while a request is open: the whole period is waited again.
+            let quiet = this.requests.idle();
+            if quiet >= this.idle {
+                (this.close)(this.conn.as_mut());
+                this.closing = true;
+                // The shutdown goes on only when the connection is polled.
+                return this.conn.as_mut().poll(cx);
+            }
+            let next = tokio::time::Instant::now() + (this.idle - quiet);
+            this.timer.as_mut().reset(next);
+        }
+        std::task::Poll::Pending
     }
 }
 

@@ -74,6 +74,31 @@ fn dev_daemon_with(flags: &[&str]) -> Daemon {
     d
 }
 
+/// Upgrades a connection to web.test's `path` to the backend's echo protocol through the
+/// ingress at `http`, checks that a line comes back, and hands the connection over (reads
+/// time out after 30 s).
+fn upgraded_echo(http: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let ask =
+        format!("GET {path} HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+    s.write_all(ask.as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(
+            r.read_line(&mut head).unwrap() > 0,
+            "closed before the switch: {head}"
+        );
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "ping\n");
+    s
+}
+
 /// Reads from `s` until the server closes it (true) or `s`'s read timeout passes (false).
 fn closed_by_server(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 512];
@@ -247,25 +272,7 @@ fn routes_by_host_over_http_and_https() {
     assert_eq!(out, "no service is exposed as other.test\n 404", "{err}");
 
     // An upgraded connection is spliced both ways.
-    let mut s = TcpStream::connect(http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-        .unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut status = String::new();
-    r.read_line(&mut status).unwrap();
-    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
-    s.write_all(b"ping\n").unwrap();
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert_eq!(line, "ping\n");
+    upgraded_echo(http, "/ws");
 
     // No ready backend: 503.
     run_ok(&d, &["scale", "web", "0", "--timeout", "60s"]);
@@ -715,22 +722,6 @@ fn requests_are_read_as_web_servers_do() {
 
     // An upgraded connection works, then carries nothing: closed after the tunnel timeout
     // (2 s).
-    let mut s = TcpStream::connect(http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(b"GET /api/ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-        .unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut head = String::new();
-    while !head.ends_with("\r\n\r\n") {
-        assert!(
-            r.read_line(&mut head).unwrap() > 0,
-            "closed before the switch: {head}"
-        );
-    }
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s.write_all(b"ping\n").unwrap();
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert_eq!(line, "ping\n");
+    let mut s = upgraded_echo(http, "/api/ws");
     assert!(closed_by_server(&mut s), "an idle upgraded connection was kept");
 }

@@ -124,6 +124,10 @@ pub struct Flags {
     /// (default 1h).
     #[arg(long, env = "RUNE_INGRESS_TUNNEL_TIMEOUT", value_parser = humantime::parse_duration)]
     pub ingress_tunnel_timeout: Option<std::time::Duration>,
+    /// Client connections the ingress serves at once, websockets included; more wait in the
+    /// listen backlog (default a quarter of the open-files limit, 64 to 65536).
+    #[arg(long, env = "RUNE_INGRESS_MAX_CONNECTIONS")]
+    pub ingress_max_connections: Option<u64>,
     /// The ACME directory (default Let's Encrypt production; `acme.staging: true` for staging).
     #[arg(long, env = "RUNE_ACME_DIRECTORY_URL")]
     pub acme_directory_url: Option<String>,
@@ -283,6 +287,8 @@ pub struct Settings {
     pub ingress: Option<(SocketAddr, SocketAddr)>,
     /// `ingress.header-timeout`, `idle-timeout`, `tunnel-timeout`.
     pub ingress_timeouts: rune_ingress::Timeouts,
+    /// `ingress.max-connections`; none: from the open-files limit.
+    pub ingress_max_connections: Option<usize>,
     /// `acme.*`.
     pub acme: rune_ingress::acme::AcmeConfig,
     /// Test hooks on.
@@ -569,6 +575,7 @@ struct IngressSection {
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     tunnel_timeout: Option<String>,
+    max_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1121,6 +1128,15 @@ impl Settings {
             ingress.idle_timeout,
             ingress.tunnel_timeout,
         )?;
+        let ingress_max_connections = match flags.ingress_max_connections.or(ingress.max_connections) {
+            None => None,
+            Some(n) => Some(usize::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                src.err(
+                    "ingress.max-connections",
+                    format!("(--ingress-max-connections) {n} must be at least 1"),
+                )
+            })?),
+        };
         let acme_file = file.acme.unwrap_or_default();
         let staging = acme_file.staging.unwrap_or(false);
         let directory = match (flags.acme_directory_url.clone(), acme_file.directory_url) {
@@ -1240,6 +1256,7 @@ impl Settings {
                 .any(|r| r.trim() == "edge")
                 .then_some((ingress_http, ingress_https)),
             ingress_timeouts,
+            ingress_max_connections,
             acme,
             enable_failpoints: flags.enable_failpoints,
             cluster: cluster_settings(flags, file.cluster.unwrap_or_default(), &src)?,
@@ -1671,7 +1688,21 @@ mod tests {
         let secs = |d: std::time::Duration| d.as_secs();
         let t = s.ingress_timeouts;
         assert_eq!((secs(t.header), secs(t.idle), secs(t.tunnel)), (5, 120, 600));
-        for bad in ["idle-timeout: 0s", "header-timeout: soon", "idle-timeout: 10s"] {
+        assert_eq!(s.ingress_max_connections, None, "from the open-files limit");
+        let f = write("ingress:\n  max-connections: 500\n");
+        let s = Settings::resolve(&Flags {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.ingress_max_connections, Some(500));
+        for bad in [
+            "idle-timeout: 0s",
+            "header-timeout: soon",
+            "idle-timeout: 10s",
+            "max-connections: 0",
+            "max-connections: lots",
+        ] {
             let f = write(&format!("ingress:\n  {bad}\n"));
             let e = Settings::resolve(&Flags {
                 config: Some(f.path().into()),

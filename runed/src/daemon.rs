@@ -257,6 +257,7 @@ async fn start_ingress(
             (s.node_name.clone(), through)
         }),
         timeouts: s.ingress_timeouts,
+        max_connections: s.ingress_max_connections,
     };
     rune_ingress::Ingress::start(log.clone(), cfg)
         .await

@@ -725,3 +725,42 @@ fn requests_are_read_as_web_servers_do() {
     let mut s = upgraded_echo(http, "/api/ws");
     assert!(closed_by_server(&mut s), "an idle upgraded connection was kept");
 }
+
+/// A websocket counts under `--ingress-max-connections` for as long as it is open, though
+/// hyper hands it over and ends its own connection task at the switch.
+#[test]
+fn upgraded_connections_keep_their_place_under_the_connection_cap() {
+    let (back, _) = backend();
+    let d = dev_daemon_with(&["--ingress-max-connections", "2"]);
+    let (http, _) = d.ingress;
+    let f = write(
+        &d,
+        "web.yaml",
+        &exposed("web", back.port(), "{port: http, host: web.test}"),
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    wait_until(LONG, "the ingress to route web.test", || {
+        curl(&["-H", "Host: web.test", &format!("http://{http}/")]).0 == "hello-web\n"
+    });
+    // Two websockets fill a cap of two: hyper is done with their connections, the tunnels
+    // are not.
+    let first = upgraded_echo(http, "/ws");
+    let _second = upgraded_echo(http, "/ws");
+    let mut third = TcpStream::connect(http).unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut byte = [0u8; 1];
+    let early = third.read(&mut byte);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "a third connection was served while two websockets held a cap of two: {early:?}"
+    );
+    // Closing one tunnel lets the waiting connection in.
+    drop(first);
+    third.set_read_timeout(Some(LONG)).unwrap();
+    let mut answer = String::new();
+    third.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("hello-web"), "{answer}");
+}

@@ -81,6 +81,9 @@ pub struct IngressConfig {
     pub remote: Option<(String, Arc<dyn Remote>)>,
     /// How long clients may keep a connection without using it.
     pub timeouts: Timeouts,
+    /// Client connections served at once, upgraded ones (websockets) included; more wait in
+    /// the kernel's listen backlog. None: a quarter of the process's file descriptors.
+    pub max_connections: Option<usize>,
 }
 
 /// How long the ingress waits on its clients, as a web server's timeouts do: a client that
@@ -265,7 +268,8 @@ impl Ingress {
         let remote = cfg.remote.clone().map(|(_, r)| r);
         tokio::spawn(certificates(ing.clone()));
         // One cap for the HTTP listener and every HTTPS worker together.
-        let room = Arc::new(tokio::sync::Semaphore::new(connection_cap()));
+        let cap = connection_cap(cfg.max_connections);
+        let room = Arc::new(tokio::sync::Semaphore::new(cap));
         tokio::spawn(serve(ing.clone(), http, None, remote.clone(), room.clone()));
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
@@ -291,7 +295,7 @@ impl Ingress {
                 })
                 .map_err(IngressError::Runtime)?;
         }
-        tracing::info!(http = %http_addr, https = %https_addr, "ingress listening");
+        tracing::info!(http = %http_addr, https = %https_addr, max_connections = cap, "ingress listening");
         Ok(ing)
     }
 
@@ -383,6 +387,7 @@ impl Ingress {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
+        open: &OpenRequest,
     ) -> Response<Body> {
         if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
             let answer = self.challenges.lock().ok().and_then(|m| m.get(token).cloned());
@@ -539,7 +544,10 @@ impl Ingress {
                     if let Some(client_up) = client_upgrade {
                         let backend_up = hyper::upgrade::on(&mut resp);
                         let limit = self.timeouts.tunnel;
+                        // The tunnel keeps the connection's place under the cap.
+                        let place = open.0.clone();
                         tokio::spawn(async move {
+                            let _place = place;
                             if let (Ok(c), Ok(b)) = (client_up.await, backend_up.await) {
                                 // Bytes either way cross the client's side: its clock is the
                                 // tunnel's.
@@ -658,9 +666,10 @@ struct Connector {
 }
 
 /// Client connections the ingress serves at once, its listeners together; more wait in the
-/// kernel's backlog. A quarter of the process's file descriptors (a client connection may
-/// hold a backend one too), so raft, the log and the API keep theirs.
-fn connection_cap() -> usize {
+/// kernel's backlog. By default a quarter of the process's file descriptors (a client
+/// connection may hold a backend one too), so raft, the log and the API keep theirs; a cap
+/// set by hand is kept, with a warning when it could starve them.
+fn connection_cap(set: Option<usize>) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -671,7 +680,21 @@ fn connection_cap() -> usize {
     } else {
         1024
     };
-    usize::try_from(soft / 4).unwrap_or(usize::MAX).clamp(64, 65_536)
+    let quarter = usize::try_from(soft / 4).unwrap_or(usize::MAX);
+    match set {
+        Some(n) => {
+            if n > quarter.saturating_mul(2) {
+                tracing::warn!(
+                    max_connections = n,
+                    open_files_limit = soft,
+                    "ingress.max-connections is above half the open-files limit: at the cap, \
+                     client and backend sockets could take the descriptors the log and the API need"
+                );
+            }
+            n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
+        }
+        None => quarter.clamp(64, 65_536),
+    }
 }
 
 /// A connection's stream until its first byte: a client that connects (or finishes its TLS
@@ -848,17 +871,21 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touched<S> {
 }
 
 /// A connection's requests in progress, from their head until their response body is sent
-/// or dropped, and when the last one ended: what its idle timer reads.
+/// or dropped, and when the last one ended: what its idle timer reads. It also holds the
+/// connection's place under the cap, for as long as the connection or a tunnel it was
+/// upgraded to (which outlives hyper's connection) holds this.
 struct Requests {
     open: AtomicUsize,
     ended: LastSeen,
+    _place: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Requests {
-    fn new() -> Arc<Self> {
+    fn new(place: tokio::sync::OwnedSemaphorePermit) -> Arc<Self> {
         Arc::new(Requests {
             open: AtomicUsize::new(0),
             ended: LastSeen::new(),
+            _place: place,
         })
     }
 
@@ -1046,11 +1073,6 @@ async fn serve(
 ) {
     let client = backends(remote);
     loop {
-        // At the cap, new connections wait in the listen backlog: the ingress never takes
-        // the file descriptors raft, the log and the API need.
-        let Ok(permit) = room.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = match l.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -1059,18 +1081,25 @@ async fn serve(
                 continue;
             }
         };
+        // At the cap, this loop holds the one connection it accepted until a place frees, and
+        // accepts no other meanwhile: the rest wait in the listen backlog, and the ingress
+        // never takes the file descriptors raft, the log and the API need. (A place taken
+        // before the accept would be held by every idle loop, the HTTPS workers' too: a small
+        // cap would leave the HTTP listener none.)
+        let Ok(permit) = room.clone().acquire_owned().await else {
+            return;
+        };
         let _ = tcp.set_nodelay(true);
         let (ing, tls, client) = (ing.clone(), tls.clone(), client.clone());
         tokio::spawn(async move {
-            let _permit = permit;
             let scheme = if tls.is_some() { "https" } else { "http" };
             let timeouts = ing.timeouts;
-            let requests = Requests::new();
+            let requests = Requests::new(permit);
             let counted = requests.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let (ing, client, open) = (ing.clone(), client.clone(), counted.begin());
                 async move {
-                    let resp = ing.handle(&client, req, peer, scheme).await;
+                    let resp = ing.handle(&client, req, peer, scheme, &open).await;
                     Ok::<_, std::convert::Infallible>(resp.map(|body| Counted { body, _open: open }))
                 }
             });

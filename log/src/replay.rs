@@ -297,8 +297,8 @@ fn targets(cmd: &Command) -> Vec<String> {
         | Command::ForgetNode { name } => {
             vec![format!("node/{name}")]
         }
-        Command::DeleteSecret { namespace, name } => vec![format!("secret/{namespace}/{name}")],
-        Command::DeleteConfigmap { namespace, name } => vec![format!("configmap/{namespace}/{name}")],
+        Command::DeleteSecret { namespace, name, .. } => vec![format!("secret/{namespace}/{name}")],
+        Command::DeleteConfigmap { namespace, name, .. } => vec![format!("configmap/{namespace}/{name}")],
         Command::RewrapSecrets { items } => {
             let mut v: Vec<String> = items
                 .iter()

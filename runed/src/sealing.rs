@@ -455,6 +455,8 @@ impl rune_ingress::acme::Vault for CertVault {
                 .propose(Command::DeleteSecret {
                     namespace: namespace.to_string(),
                     name: name.to_string(),
+                    // The ingress's own certificate, for a host no longer exposed.
+                    force: true,
                 })
                 .await
                 .map_err(|e| e.to_string())?;

@@ -115,14 +115,18 @@ impl pb::secret_api_server::SecretApi for Api {
 
     async fn delete_secret(
         &self,
-        req: Request<pb::ObjectRef>,
+        req: Request<pb::DeleteObjectRequest>,
     ) -> Result<Response<pb::DeleteObjectResponse>, Status> {
         let ns = namespace_or_default(&req.get_ref().namespace).to_string();
         authorize(&req, "secrets", "delete", Some(&ns))?;
-        let name = req.into_inner().name;
+        let pb::DeleteObjectRequest { name, force, .. } = req.into_inner();
         let p = self
             .log
-            .propose(Command::DeleteSecret { namespace: ns, name })
+            .propose(Command::DeleteSecret {
+                namespace: ns,
+                name,
+                force,
+            })
             .await
             .map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;
@@ -200,14 +204,18 @@ impl pb::secret_api_server::SecretApi for Api {
 
     async fn delete_configmap(
         &self,
-        req: Request<pb::ObjectRef>,
+        req: Request<pb::DeleteObjectRequest>,
     ) -> Result<Response<pb::DeleteObjectResponse>, Status> {
         let ns = namespace_or_default(&req.get_ref().namespace).to_string();
         authorize(&req, "configmaps", "delete", Some(&ns))?;
-        let name = req.into_inner().name;
+        let pb::DeleteObjectRequest { name, force, .. } = req.into_inner();
         let p = self
             .log
-            .propose(Command::DeleteConfigmap { namespace: ns, name })
+            .propose(Command::DeleteConfigmap {
+                namespace: ns,
+                name,
+                force,
+            })
             .await
             .map_err(not_proposed)?;
         p.outcome.map_err(rejection)?;

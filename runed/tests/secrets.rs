@@ -187,6 +187,20 @@ fn a_missing_secret_fails_the_instance_until_it_exists() {
     wait_until(LONG, "the instance to start once the secret exists", || {
         running(&d, "needy")
     });
+    // A secret a service needs is deleted only with --force: its next start would fail.
+    let o = d.rune(&["delete", "secret", "later"]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("secret default/later: default/needy (env.PW) uses it")
+            && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    run_ok(&d, &["get", "secret", "later"]);
+    run_ok(&d, &["delete", "secret", "later", "--force"]);
+    let o = d.rune(&["get", "secret", "later"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    run_ok(&d, &["cast", &s]);
 
     // Another namespace's secret is out of reach, named or by FQDN.
     let prod = write(

@@ -14,8 +14,10 @@ use crate::spec::{NamespaceSpec, ServiceSpec};
 /// The entry format this build writes. Builds decode every version up to this one, and apply
 /// each as the build that wrote it would: v2 added configmap versions, so a v1 entry still
 /// writes none (replaying an old log gives the state it gave then); v3 added host claims, so a
-/// v2 cast of a host another service exposes is still accepted.
-pub const FORMAT_VERSION: u32 = 3;
+/// v2 cast of a host another service exposes is still accepted; v4 refuses deleting a secret
+/// or configmap a service needs unless forced, so a v3 delete of one is still applied, and a
+/// v3 release delete still checks only the dependencies and mounts it checked then.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// One proposed write, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +188,9 @@ pub enum Command {
         namespace: String,
         /// Name of the secret.
         name: String,
+        /// Delete even when services use it (their next start fails until it is back).
+        #[serde(default)]
+        force: bool,
     },
     /// Removes a configmap and its versions.
     DeleteConfigmap {
@@ -193,6 +198,9 @@ pub enum Command {
         namespace: String,
         /// Name of the configmap.
         name: String,
+        /// Delete even when services use it (their next start fails until it is back).
+        #[serde(default)]
+        force: bool,
     },
     /// Replaces wrapped data keys after a KEK rotation; the ciphertexts stay as they are.
     RewrapSecrets {

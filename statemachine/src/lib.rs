@@ -26,6 +26,7 @@ pub mod spec;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod uses;
 pub mod validate;
 
 /// The namespace a spec without one lands in.

@@ -684,7 +684,18 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 ))));
             }
             if !force {
-                if let Err(rej) = refuse_object_users(o, &rel)? {
+                let objects: Vec<(bool, &str, &str)> = rel
+                    .resources
+                    .iter()
+                    .filter(|r| r.kind == "secret" || r.kind == "configmap")
+                    .map(|r| (r.kind == "secret", r.namespace.as_str(), r.name.as_str()))
+                    .collect();
+                let inside = |ns: &str, svc: &str| {
+                    rel.resources
+                        .iter()
+                        .any(|r| r.kind == "service" && r.namespace == ns && r.name == svc)
+                };
+                if let Err(rej) = refuse_object_users(o, &objects, inside, e.version)? {
                     return Ok(Err(rej));
                 }
             }
@@ -818,8 +829,32 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
                 ));
             }
         }
-        Command::DeleteSecret { namespace, name } => return objects::delete_secret(o, namespace, name),
-        Command::DeleteConfigmap { namespace, name } => return objects::delete_configmap(o, namespace, name),
+        Command::DeleteSecret {
+            namespace,
+            name,
+            force,
+        } => {
+            let objects = [(true, namespace.as_str(), name.as_str())];
+            if !force && e.version >= 4 && o.contains(&secret_key(namespace, name))? {
+                if let Err(r) = refuse_object_users(o, &objects, |_, _| false, e.version)? {
+                    return Ok(Err(r));
+                }
+            }
+            return objects::delete_secret(o, namespace, name);
+        }
+        Command::DeleteConfigmap {
+            namespace,
+            name,
+            force,
+        } => {
+            let objects = [(false, namespace.as_str(), name.as_str())];
+            if !force && e.version >= 4 && o.contains(&configmap_key(namespace, name))? {
+                if let Err(r) = refuse_object_users(o, &objects, |_, _| false, e.version)? {
+                    return Ok(Err(r));
+                }
+            }
+            return objects::delete_configmap(o, namespace, name);
+        }
         Command::RewrapSecrets { items } => return objects::rewrap(o, index, items),
         Command::PutUser {
             name,
@@ -931,59 +966,90 @@ fn remove_service<R: ReadableTable<&'static str, &'static [u8]>>(
     Ok(changes)
 }
 
-/// Refuses deleting a release's configmaps and secrets while a service outside it depends on
-/// them or mounts them (its next start would fail).
+/// Refuses deleting secrets and configmaps (`(secret, namespace, name)`) while a service that
+/// `skip` does not exempt needs one ([`crate::uses::objects_used`]): its next start would
+/// fail. The message names up to five users and the field of each that names the object.
+/// Entries before v4 see only what the release delete of v3 checked ([`uses_v3`]).
 fn refuse_object_users<R: ReadableTable<&'static str, &'static [u8]>>(
     o: &Overlay<'_, R>,
-    rel: &ReleaseRecord,
+    objects: &[(bool, &str, &str)],
+    skip: impl Fn(&str, &str) -> bool,
+    version: u32,
 ) -> Result<Result<(), Rejection>, StoreError> {
-    let inside = |ns: &str, svc: &str| {
-        rel.resources
-            .iter()
-            .any(|r| r.kind == "service" && r.namespace == ns && r.name == svc)
-    };
+    const SHOWN: usize = 5;
+    let mut users: Vec<(usize, String)> = Vec::new();
     for k in o.keys_with_prefix(&services_prefix(None))? {
         let Some(s) = o.get::<ServiceRecord>(&k)? else {
             continue;
         };
-        let ns = s.spec.namespace().to_string();
-        if inside(&ns, &s.spec.name) {
+        let ns = s.spec.namespace();
+        if skip(ns, &s.spec.name) {
             continue;
         }
-        let deps = resolve(&s.spec);
-        let mounts: Vec<(bool, &str)> = s
-            .spec
-            .secret_mounts
-            .iter()
-            .map(|m| (true, m.source(true)))
-            .chain(
-                s.spec
-                    .config_mounts
-                    .iter()
-                    .chain(&s.spec.configmap_mounts)
-                    .map(|m| (false, m.source(false))),
-            )
-            .collect();
-        for r in rel.resources.iter().filter(|r| r.kind != "service") {
-            let secret = r.kind == "secret";
-            let kind = if secret {
-                DepKind::Secret
-            } else {
-                DepKind::Configmap
-            };
-            let by_dep = deps
-                .iter()
-                .any(|d| d.kind == kind && !d.optional && d.namespace == r.namespace && d.name == r.name);
-            let by_mount = ns == r.namespace && mounts.iter().any(|(s, n)| *s == secret && *n == r.name);
-            if by_dep || by_mount {
-                return Ok(Err(Rejection::FailedPrecondition(format!(
-                    "cannot delete {r}: {ns}/{} uses it (use --force to delete anyway)",
-                    s.spec.name
-                ))));
+        let uses = if version >= 4 {
+            crate::uses::objects_used(&s.spec)
+        } else {
+            uses_v3(&s.spec)
+        };
+        // One field per service and object is enough to say why.
+        let mut seen = vec![false; objects.len()];
+        for u in uses {
+            let hit = objects.iter().position(|(secret, ons, oname)| {
+                u.secret == *secret && u.namespace == *ons && u.name == *oname
+            });
+            if let Some(i) = hit.filter(|i| !seen[*i]) {
+                seen[i] = true;
+                users.push((i, format!("{ns}/{} ({})", s.spec.name, u.field)));
             }
         }
     }
-    Ok(Ok(()))
+    let Some(&(first, _)) = users.first() else {
+        return Ok(Ok(()));
+    };
+    let (secret, ons, oname) = objects[first];
+    let kind = if secret { "secret" } else { "configmap" };
+    let named: Vec<&str> = users
+        .iter()
+        .filter(|(i, _)| *i == first)
+        .map(|(_, u)| u.as_str())
+        .collect();
+    let more = match named.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Ok(Err(Rejection::FailedPrecondition(format!(
+        "cannot delete {kind} {ons}/{oname}: {}{more} {} it (use --force to delete anyway)",
+        named.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", "),
+        if named.len() == 1 { "uses" } else { "use" },
+    ))))
+}
+
+/// What a v3 release delete counted as a use: dependencies that are not optional, and mounts by
+/// their name as written, in the service's own namespace.
+fn uses_v3(spec: &ServiceSpec) -> Vec<crate::uses::ObjectUse> {
+    let ns = spec.namespace();
+    let deps = resolve(spec)
+        .into_iter()
+        .filter(|d| !d.optional && d.kind != DepKind::Service)
+        .map(|d| (d.kind == DepKind::Secret, d.namespace, d.name));
+    let mounts = spec
+        .secret_mounts
+        .iter()
+        .map(|m| (true, ns.to_string(), m.source(true).to_string()))
+        .chain(
+            spec.config_mounts
+                .iter()
+                .chain(&spec.configmap_mounts)
+                .map(|m| (false, ns.to_string(), m.source(false).to_string())),
+        );
+    deps.chain(mounts)
+        .map(|(secret, namespace, name)| crate::uses::ObjectUse {
+            secret,
+            namespace,
+            name,
+            field: "dependencies or mounts".into(),
+        })
+        .collect()
 }
 
 /// Refuses the deletion of `ns/name` while services other than `also_going` depend on it.

@@ -172,7 +172,7 @@ pub fn command() -> impl Strategy<Value = Command> {
                 wrapped_dek: "rewrapped".into(),
             }],
         }),
-        1 => (0..2usize).prop_map(|n| Command::DeleteSecret { namespace: "default".into(), name: ["db", "tls"][n].into() }),
+        1 => (0..2usize).prop_map(|n| Command::DeleteSecret { namespace: "default".into(), name: ["db", "tls"][n].into(), force: n == 0 }),
         1 => (0..3usize, 0..3usize).prop_map(|(u, p)| Command::PutUser {
             name: ["alice", "bob", "Bad"][u].into(),
             email: None,

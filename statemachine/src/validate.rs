@@ -869,20 +869,15 @@ pub fn parse_memory_bytes(v: &str) -> Result<u64, String> {
 
 /// Checks an `env` value template, so that `{{secret:x}}` without a key is caught before it is cast.
 pub fn env_reference_ok(v: &str) -> bool {
-    let mut rest = v;
-    while let Some(start) = rest.find("{{") {
-        let Some(end) = rest[start..].find("}}") else {
+    let mut end = 0;
+    for (at, inner) in crate::uses::templates(v) {
+        if crate::uses::template_ref(inner).is_some() && !inner.contains('/') {
             return false;
-        };
-        let inner = rest[start + 2..start + end].trim();
-        if let Some((head, tail)) = inner.split_once(':') {
-            if matches!(head.trim(), "secret" | "configmap") && !tail.contains('/') {
-                return false;
-            }
         }
-        rest = &rest[start + end + 2..];
+        end = at.end;
     }
-    true
+    // An opening left without its closing.
+    !v[end..].contains("{{")
 }
 
 #[cfg(test)]

@@ -220,6 +220,7 @@ fn deleting_a_release_removes_what_it_cast_and_respects_outside_dependents() {
     s.run(Command::DeleteConfigmap {
         namespace: "default".into(),
         name: "cfg".into(),
+        force: false,
     })
     .unwrap();
     let out = s.run(del(true)).unwrap();
@@ -256,6 +257,7 @@ fn configmaps_keep_their_versions_up_to_the_limit() {
     s.run(Command::DeleteConfigmap {
         namespace: "default".into(),
         name: "cfg".into(),
+        force: false,
     })
     .unwrap();
     let versions = s.read(|t| rune_statemachine::store::configmap_history(t, "default", "cfg").unwrap());
@@ -340,7 +342,9 @@ fn a_release_delete_checks_its_revision_and_outside_users_of_its_configmaps() {
     match s.run(del(false, Some(1))) {
         Err(Rejection::FailedPrecondition(m)) => {
             assert!(
-                m.contains("cannot delete configmap default/cfg: default/reader uses it"),
+                m.contains(
+                    "cannot delete configmap default/cfg: default/reader (configmapMounts[0]) uses it"
+                ),
                 "{m}"
             )
         }
@@ -350,6 +354,59 @@ fn a_release_delete_checks_its_revision_and_outside_users_of_its_configmaps() {
         .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
         .is_some());
     s.run(del(true, Some(1))).unwrap();
+    assert!(s
+        .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
+        .is_none());
+}
+
+#[test]
+fn a_configmap_services_use_is_deleted_only_with_force() {
+    let mut s = State::new();
+    s.run(cast(vec![cm("cfg", "a"), cm("other", "b")], None)).unwrap();
+    let reader = |name: &str, env: serde_json::Value| {
+        Resource::Service(
+            serde_json::from_value(serde_json::json!({"name": name, "image": "busybox", "env": env}))
+                .unwrap(),
+        )
+    };
+    s.run(cast(
+        vec![
+            reader("r1", serde_json::json!({"MODE": "{{configmap:cfg/mode}}"})),
+            reader(
+                "r2",
+                serde_json::json!({"X": "x={{ configmap: cfg.default.rune/mode }}"}),
+            ),
+        ],
+        None,
+    ))
+    .unwrap();
+    let del = |name: &str, force| Command::DeleteConfigmap {
+        namespace: "default".into(),
+        name: name.into(),
+        force,
+    };
+    match s.run(del("cfg", false)) {
+        Err(Rejection::FailedPrecondition(m)) => assert_eq!(
+            m,
+            "cannot delete configmap default/cfg: default/r1 (env.MODE), default/r2 (env.X) use it \
+             (use --force to delete anyway)"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(s
+        .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
+        .is_some());
+    // One nobody uses goes as before; a used one goes with force.
+    s.run(del("other", false)).unwrap();
+    s.run(del("cfg", true)).unwrap();
+    assert!(s
+        .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
+        .is_none());
+    // A missing one is not found, users or not.
+    assert!(matches!(s.run(del("cfg", false)), Err(Rejection::NotFound(_))));
+    // A v3 entry is applied as v3 applied it: no check.
+    s.run(cast(vec![cm("cfg", "a")], None)).unwrap();
+    s.run_version(3, del("cfg", false)).unwrap();
     assert!(s
         .get::<ConfigmapRecord>(&configmap_key("default", "cfg"))
         .is_none());

@@ -800,12 +800,13 @@ fn print_items(kind: &str, items: &[serde_json::Value], format: Format, one: boo
     }
 }
 
-/// `rune delete secret|configmap NAME`.
-pub async fn delete(conn: &Conn, kind: &str, name: &str) -> Result<(), CliError> {
+/// `rune delete secret|configmap NAME [--force]`.
+pub async fn delete(conn: &Conn, kind: &str, name: &str, force: bool) -> Result<(), CliError> {
     let mut c = pb::secret_api_client::SecretApiClient::new(conn.channel().await?);
-    let r = pb::ObjectRef {
+    let r = pb::DeleteObjectRequest {
         namespace: conn.namespace.clone(),
         name: name.into(),
+        force,
     };
     if kind == "secret" {
         c.delete_secret(r).await.map_err(|s| conn.status(s))?;

@@ -220,7 +220,8 @@ pub enum Cmd {
         /// `[KIND] NAME`; the kind defaults to service.
         #[arg(required = true, num_args = 1..=2)]
         args: Vec<String>,
-        /// Delete a service even when others depend on it.
+        /// Delete a service even when others depend on it, or a secret or configmap even when
+        /// services use it.
         #[arg(short, long)]
         force: bool,
         /// Wait until the service's instances have stopped (each within its grace period), as
@@ -1472,9 +1473,9 @@ async fn delete(
                 instances::wait_gone(conn, &conn.namespace, name, w, started).await?;
             }
         }
-        "secret" | "secrets" => return identity::delete(conn, "secret", name).await,
+        "secret" | "secrets" => return identity::delete(conn, "secret", name, force).await,
         "configmap" | "configmaps" | "config" | "cm" => {
-            return identity::delete(conn, "configmap", name).await
+            return identity::delete(conn, "configmap", name, force).await
         }
         "namespace" | "namespaces" | "ns" => {
             let mut c = pb::namespace_api_client::NamespaceApiClient::new(ch);

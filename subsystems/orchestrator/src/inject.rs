@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rune_statemachine::secret::{SealedSecret, SecretData};
-use rune_statemachine::spec::{EnvFrom, EnvFromList, Mount};
+use rune_statemachine::spec::Mount;
 use rune_statemachine::store::{configmap_key, get_record, secret_key, ConfigmapRecord, SecretRecord};
+use rune_statemachine::uses::{env_sources, split_object_ref as split_ref, template_ref, templates};
 use rune_statemachine::STATE_TABLE;
 
 use crate::runner::{Launch, MountDir, RunError};
@@ -19,15 +20,6 @@ use crate::runner::{Launch, MountDir, RunError};
 pub trait SecretSource: Send + Sync {
     /// The plaintext of one sealed version.
     fn open(&self, sealed: &SealedSecret) -> Result<SecretData, String>;
-}
-
-/// `name`, `name.ns` or `name.ns.rune` → (namespace, name).
-fn split_ref(r: &str, default_ns: &str) -> (String, String) {
-    let r = r.trim().trim_end_matches(".rune");
-    match r.split_once('.') {
-        Some((name, ns)) if !ns.is_empty() => (ns.to_string(), name.to_string()),
-        _ => (default_ns.to_string(), r.to_string()),
-    }
 }
 
 fn env_name_ok(k: &str) -> bool {
@@ -111,28 +103,16 @@ where
 /// Replaces every `{{secret:name/key}}` and `{{configmap:name/key}}` in `v`.
 fn expand(v: &str, ns: &str, r: &mut Reader<'_>) -> Result<String, RunError> {
     let mut out = String::new();
-    let mut rest = v;
-    while let Some(start) = rest.find("{{") {
-        let Some(end) = rest[start..].find("}}") else {
-            break;
-        };
-        let inner = rest[start + 2..start + end].trim();
-        let resolved = match inner.split_once(':') {
-            Some((head, tail)) if matches!(head.trim(), "secret" | "configmap") => {
-                let (obj, key) = tail.trim().split_once('/').unwrap_or((tail.trim(), ""));
-                let (ons, name) = split_ref(obj, ns);
-                Some(r.value(head.trim() == "secret", &ons, &name, key.trim())?)
-            }
-            _ => None,
-        };
-        out.push_str(&rest[..start]);
-        match resolved {
-            Some(val) => out.push_str(&val),
-            None => out.push_str(&rest[start..start + end + 2]),
+    let mut done = 0;
+    for (at, inner) in templates(v) {
+        if let Some((secret, obj, key)) = template_ref(inner) {
+            let (ons, name) = split_ref(obj, ns);
+            out.push_str(&v[done..at.start]);
+            out.push_str(&r.value(secret, &ons, &name, key)?);
+            done = at.end;
         }
-        rest = &rest[start + end + 2..];
     }
-    out.push_str(rest);
+    out.push_str(&v[done..]);
     Ok(out)
 }
 
@@ -173,44 +153,8 @@ pub fn resolve(
     };
     let ns = l.namespace.as_str();
     let mut env = BTreeMap::new();
-    let items: Vec<&EnvFrom> = match &spec.env_from {
-        Some(EnvFromList::Many(v)) => v.iter().collect(),
-        Some(EnvFromList::One(e)) => vec![e],
-        None => vec![],
-    };
-    for e in items {
-        let (secret, obj, src_ns, prefix) = match e {
-            EnvFrom::Short(t) => {
-                let t = t.trim().trim_start_matches("{{").trim_end_matches("}}").trim();
-                let (head, name) = t.split_once(':').unwrap_or(("", t));
-                (
-                    head.trim() == "secret",
-                    name.trim().to_string(),
-                    None,
-                    String::new(),
-                )
-            }
-            EnvFrom::Long(x) => {
-                let secret = x.secret.is_some() || x.secret_ref.is_some();
-                let name = x
-                    .secret
-                    .clone()
-                    .or(x.secret_ref.clone())
-                    .or(x.configmap.clone())
-                    .or(x.config_ref.clone())
-                    .unwrap_or_default();
-                (
-                    secret,
-                    name,
-                    x.namespace.clone(),
-                    x.prefix.clone().unwrap_or_default(),
-                )
-            }
-        };
-        let (ons, name) = match src_ns {
-            Some(n) => (n, obj),
-            None => split_ref(&obj, ns),
-        };
+    for src in env_sources(spec) {
+        let (secret, ons, name, prefix) = (src.secret, src.namespace, src.name, src.prefix);
         let what = if secret { "secret" } else { "configmap" };
         for (k, v) in r.get(secret, &ons, &name)?.clone() {
             let var = format!("{prefix}{k}");

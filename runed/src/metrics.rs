@@ -394,6 +394,28 @@ pub fn ingress(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, ing: &Ar
     let weak = Arc::downgrade(ing);
     provider
         .meter("rune")
+        .u64_observable_gauge("rune_ingress_connections")
+        .with_description("Client connections the edge ingress serves now, websockets included")
+        .with_callback(move |o| {
+            if let Some(i) = weak.upgrade() {
+                o.observe(i.connections().0 as u64, &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(ing);
+    provider
+        .meter("rune")
+        .u64_observable_gauge("rune_ingress_connections_limit")
+        .with_description("ingress.max-connections: past it new connections wait in the listen backlog")
+        .with_callback(move |o| {
+            if let Some(i) = weak.upgrade() {
+                o.observe(i.connections().1 as u64, &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(ing);
+    provider
+        .meter("rune")
         .u64_observable_counter("rune_ingress_requests")
         .with_description("Requests answered by the edge ingress, by host and status")
         .with_callback(move |o| {

@@ -750,6 +750,15 @@ fn upgraded_connections_keep_their_place_under_the_connection_cap() {
     third
         .write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
         .unwrap();
+    let metric = |name: &str| {
+        let (_, body) = rune_chaos_tests::http_get(d.metrics, "/metrics").unwrap();
+        body.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with([' ', '{'])))
+            .find_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+    };
+    // The two tunnels are what the metrics count (the third waits for a place).
+    assert_eq!(metric("rune_ingress_connections_limit"), Some(2));
+    assert_eq!(metric("rune_ingress_connections"), Some(2));
     third.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut byte = [0u8; 1];
     let early = third.read(&mut byte);

@@ -500,6 +500,8 @@ fn seed_metrics_are_there_from_the_start_and_after_a_restart() {
         "rune_policy_rules",
         "rune_acme_certificates",
         "rune_ingress_requests_total",
+        "rune_ingress_connections",
+        "rune_ingress_connections_limit",
         "rune_storage_free_bytes",
         "rune_storage_reserve_bytes",
         "rune_log_has_leader",

@@ -143,6 +143,10 @@ pub struct Ingress {
     /// Where redirected plain-HTTP requests are sent (the HTTPS listener's port).
     https_port: u16,
     timeouts: Timeouts,
+    /// Places under the connection cap, one per connection served (a tunnel's included).
+    room: Arc<tokio::sync::Semaphore>,
+    /// The cap.
+    cap: usize,
 }
 
 /// Requests of one host by status code (100..=599).
@@ -252,6 +256,9 @@ impl Ingress {
         };
         let view = Arc::new(RouteView::new(certs.clone(), exposed));
         let projection = Projection::start(log, "ingress", view.clone(), cfg.stale_budget).await;
+        // One cap for the HTTP listener and every HTTPS worker together.
+        let cap = connection_cap(cfg.max_connections);
+        let room = Arc::new(tokio::sync::Semaphore::new(cap));
         let ing = Arc::new(Ingress {
             view,
             rr: AtomicUsize::new(0),
@@ -264,12 +271,11 @@ impl Ingress {
             projection,
             https_port: https_addr.port(),
             timeouts: cfg.timeouts,
+            room: room.clone(),
+            cap,
         });
         let remote = cfg.remote.clone().map(|(_, r)| r);
         tokio::spawn(certificates(ing.clone()));
-        // One cap for the HTTP listener and every HTTPS worker together.
-        let cap = connection_cap(cfg.max_connections);
-        let room = Arc::new(tokio::sync::Semaphore::new(cap));
         tokio::spawn(serve(ing.clone(), http, None, remote.clone(), room.clone()));
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
@@ -297,6 +303,12 @@ impl Ingress {
         }
         tracing::info!(http = %http_addr, https = %https_addr, max_connections = cap, "ingress listening");
         Ok(ing)
+    }
+
+    /// Client connections served now (websockets included) and the cap, as nginx's
+    /// `stub_status` shows active connections: at the cap, new ones wait in the backlog.
+    pub fn connections(&self) -> (usize, usize) {
+        (self.cap.saturating_sub(self.room.available_permits()), self.cap)
     }
 
     /// The routes' projection: lag, counters and the pause failpoint.

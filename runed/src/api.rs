@@ -115,6 +115,15 @@ pub(crate) async fn next_entry<T>(
     loop {
         match rx.recv().await {
             Ok(e) if e.index <= after => continue,
+            Ok(e) if e.reset => {
+                // A snapshot replaced the state: what this watcher holds no longer follows.
+                let _ = tx
+                    .send(Err(Status::aborted(
+                        "the state was replaced by a snapshot; start the watch again",
+                    )))
+                    .await;
+                return None;
+            }
             Ok(e) => return Some(e),
             Err(RecvError::Lagged(_)) => {
                 let _ = tx

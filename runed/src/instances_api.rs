@@ -4,9 +4,12 @@
 
 use crate::auth::authorize;
 use crate::paging::PageQuery;
+use std::collections::{HashMap, HashSet};
+
 use futures::StreamExt;
 use rune_orchestrator::{ExecInput, ExecOutput, ExecSpec, LogQuery, OrchestratorError};
 use rune_proto::v1 as pb;
+use rune_statemachine::delta::Delta;
 use rune_statemachine::deps::{resolve, DepKind, ReadyWhen};
 use rune_statemachine::instance::{instance_key, instances_prefix, template_hash, InstanceRecord, Phase};
 use rune_statemachine::store::{
@@ -20,6 +23,9 @@ use crate::grpc::{internal, namespace_or_default, not_proposed, rejection, scope
 
 /// How long an instance without a readiness probe must run before a rollout counts it.
 const MIN_READY_MS: i64 = 1000;
+
+/// Each service's template hash by (namespace, name); none once it is gone.
+type Templates = HashMap<(String, String), Option<String>>;
 
 fn orch_status(e: OrchestratorError) -> Status {
     match e {
@@ -258,15 +264,23 @@ impl Api {
 
     /// Instances with whether each runs its service's current template, and the applied index
     /// they are the state at.
-    fn instances_pb(
-        &self,
-        ns: Option<&str>,
-        service: Option<&str>,
-    ) -> Result<(Vec<pb::Instance>, u64), Status> {
+    /// The instances of `ns` (every namespace when none), with the template of each of their
+    /// services, as of one index.
+    fn instances_pb(&self, ns: Option<&str>) -> Result<(Vec<pb::Instance>, Templates, u64), Status> {
         let (txn, index) = self.log.read_indexed().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-        let recs: Vec<InstanceRecord> = list_records(&t, &instances_prefix(ns, service)).map_err(internal)?;
-        Ok((self.with_templates(&t, &recs)?, index))
+        let recs: Vec<InstanceRecord> = list_records(&t, &instances_prefix(ns, None)).map_err(internal)?;
+        let mut templates = Templates::new();
+        let list = self.with_templates_in(&t, &recs, &mut templates)?;
+        Ok((list, templates, index))
+    }
+
+    /// The template of `ns/svc` in the latest state.
+    fn template_now(&self, ns: &str, svc: &str) -> Option<String> {
+        let txn = self.log.read().ok()?;
+        let t = txn.open_table(STATE_TABLE).ok()?;
+        let rec = get_record::<ServiceRecord, _>(&t, &service_key(ns, svc)).ok()??;
+        Some(template_hash(&rec.spec, &rec.meta))
     }
 
     /// Instances as sent, with whether each runs its service's current template (each service
@@ -276,9 +290,17 @@ impl Api {
         t: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
         recs: &[InstanceRecord],
     ) -> Result<Vec<pb::Instance>, Status> {
+        self.with_templates_in(t, recs, &mut Templates::new())
+    }
+
+    /// [`Self::with_templates`], keeping the services' templates it read in `templates`.
+    fn with_templates_in(
+        &self,
+        t: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
+        recs: &[InstanceRecord],
+        templates: &mut Templates,
+    ) -> Result<Vec<pb::Instance>, Status> {
         let live = self.orchestrator.health_all();
-        let mut templates: std::collections::HashMap<(String, String), Option<String>> =
-            std::collections::HashMap::new();
         let mut out = Vec::with_capacity(recs.len());
         for r in recs {
             let key = (r.namespace.clone(), r.service.clone());
@@ -419,11 +441,16 @@ impl pb::instance_api_server::InstanceApi for Api {
         let svc = req.service.clone();
         // Subscribe before listing, so nothing applied in between is missed.
         let mut rx = self.log.subscribe();
-        let (initial, index) = self.instances_pb(ns.as_deref(), None)?;
+        let (initial, mut templates, index) = self.instances_pb(ns.as_deref())?;
         let api = self.clone();
         let (tx, out) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
-            for i in initial.into_iter().filter(|i| svc.is_empty() || i.service == svc) {
+            let wanted =
+                |n: &str, s: &str| ns.as_deref().is_none_or(|x| x == n) && (svc.is_empty() || s == svc);
+            // What this watcher was shown: a record it never saw is ADDED, one it saw MODIFIED.
+            let mut shown: HashSet<(String, String)> = HashSet::new();
+            for i in initial.into_iter().filter(|i| wanted(&i.namespace, &i.service)) {
+                shown.insert((i.namespace.clone(), i.id.clone()));
                 let ev = pb::InstanceWatchEvent {
                     r#type: pb::EventType::Added as i32,
                     instance: Some(i),
@@ -437,47 +464,71 @@ impl pb::instance_api_server::InstanceApi for Api {
                 let Some(entry) = crate::api::next_entry(&mut rx, &tx, index).await else {
                     return;
                 };
-                // The last change of each instance in this entry is enough.
-                let mut seen = std::collections::BTreeMap::new();
-                for c in entry.changes.iter().filter(|c| c.kind == Kind::Instance) {
-                    if ns.as_deref().is_some_and(|n| n != c.namespace) {
-                        continue;
+                // Each delta holds the record as this entry wrote it: the instance as of this
+                // index, at the cost of what changed (not a read of its service's instances).
+                // Services first, so an instance started on a template this entry cast is
+                // shown as current.
+                for d in &entry.deltas {
+                    if let Delta::Service {
+                        namespace,
+                        name,
+                        record,
+                    } = d
+                    {
+                        if wanted(namespace, name) {
+                            let t = record.as_ref().map(|r| template_hash(&r.spec, &r.meta));
+                            templates.insert((namespace.clone(), name.clone()), t);
+                        }
                     }
-                    if !svc.is_empty() && service_of(&c.name) != svc {
-                        continue;
-                    }
-                    seen.insert((c.namespace.clone(), c.name.clone()), c.action);
                 }
-                for ((cns, id), action) in seen {
-                    let ev = if action == Action::Deleted {
-                        pb::InstanceWatchEvent {
-                            r#type: pb::EventType::Deleted as i32,
-                            instance: Some(pb::Instance {
-                                namespace: cns,
-                                service: service_of(&id).to_string(),
-                                id,
+                for d in &entry.deltas {
+                    let Delta::Instance {
+                        namespace,
+                        service,
+                        id,
+                        record,
+                    } = d
+                    else {
+                        continue;
+                    };
+                    if !wanted(namespace, service) {
+                        continue;
+                    }
+                    let key = (namespace.clone(), id.clone());
+                    let (ty, instance) = match record {
+                        None => {
+                            if !shown.remove(&key) {
+                                continue;
+                            }
+                            let gone = pb::Instance {
+                                namespace: namespace.clone(),
+                                service: service.clone(),
+                                id: id.clone(),
                                 status: "Removed".into(),
                                 ..Default::default()
-                            }),
-                            index: entry.index,
+                            };
+                            (pb::EventType::Deleted, gone)
                         }
-                    } else {
-                        let Ok((list, _)) = api.instances_pb(Some(&cns), Some(service_of(&id))) else {
-                            continue;
-                        };
-                        let Some(i) = list.into_iter().find(|i| i.id == id) else {
-                            continue;
-                        };
-                        let ty = if action == Action::Created {
-                            pb::EventType::Added
-                        } else {
-                            pb::EventType::Modified
-                        };
-                        pb::InstanceWatchEvent {
-                            r#type: ty as i32,
-                            instance: Some(i),
-                            index: entry.index,
+                        Some(r) => {
+                            let template = match templates.get(&(namespace.clone(), service.clone())) {
+                                Some(t) => t.clone(),
+                                // A service this watcher has not met: read as it is now.
+                                None => api.template_now(namespace, service),
+                            };
+                            let current = template.as_ref().is_some_and(|t| *t == r.template);
+                            let live = api.orchestrator.health(namespace, service, id);
+                            let ty = if shown.insert(key) {
+                                pb::EventType::Added
+                            } else {
+                                pb::EventType::Modified
+                            };
+                            (ty, instance_pb(r, current, live.as_ref()))
                         }
+                    };
+                    let ev = pb::InstanceWatchEvent {
+                        r#type: ty as i32,
+                        instance: Some(instance),
+                        index: entry.index,
                     };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;

@@ -581,7 +581,7 @@ fn signals_health_and_drain() {
 }
 
 /// Runs the watch `rune <args>`, then `act`, and gathers the events `parse` keeps from its
-/// lines until one is `last`. The watch is killed after a minute, so an event that never
+/// lines until one ends with `last`. The watch is killed after a minute, so an event that never
 /// comes fails the test instead of hanging it.
 fn watched(
     d: &Daemon,
@@ -603,7 +603,7 @@ fn watched(
     for l in lines.map_while(Result::ok) {
         if let Some(event) = parse(&l) {
             seen.push(event);
-            if seen.last().is_some_and(|e| e == last) {
+            if seen.last().is_some_and(|e| e.ends_with(last)) {
                 break;
             }
         }
@@ -686,6 +686,49 @@ fn namespace_watch_streams_changes() {
         "DELETED watched",
     );
     assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
+}
+
+/// An instance watch shows each instance as its entry wrote it, not as the state is when the
+/// watcher gets to it: scaled to zero, an instance is seen stopping before it is gone, and the
+/// events' indices never go back.
+#[test]
+fn an_instance_watch_shows_each_step() {
+    let d = Daemon::start(&bins());
+    let f = write(
+        &d,
+        "iw.yaml",
+        "service:\n  name: iw\n  scale: 1\n  process: {command: /bin/sleep, args: [\"1000\"]}\n",
+    );
+    run_ok(&d, &["cast", &f, "--timeout", "60s"]);
+    let seen = watched(
+        &d,
+        &["get", "instances", "iw", "--watch", "-o", "json"],
+        || assert_eq!(code(&d.rune(&["scale", "iw", "0"])), 0),
+        |l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let i = &v["instance"];
+            Some(format!(
+                "{} {} {} {}",
+                v["index"].as_u64()?,
+                v["type"].as_str()?,
+                i["id"].as_str()?,
+                i["status"].as_str()?
+            ))
+        },
+        "DELETED iw-0 Removed",
+    );
+    let steps: Vec<&str> = seen
+        .iter()
+        .map(|e| e.split_once(' ').map_or("", |(_, s)| s))
+        .collect();
+    assert_eq!(steps.first(), Some(&"ADDED iw-0 Running"), "{seen:?}");
+    assert!(steps.contains(&"MODIFIED iw-0 Stopping"), "{seen:?}");
+    assert_eq!(steps.last(), Some(&"DELETED iw-0 Removed"), "{seen:?}");
+    let indices: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| e.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(indices.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
 }
 
 #[test]

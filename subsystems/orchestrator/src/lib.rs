@@ -412,6 +412,16 @@ impl Orchestrator {
             .unwrap_or(Duration::MAX)
     }
 
+    /// Live probe results of one instance on this node, if it runs here.
+    pub fn health(&self, ns: &str, service: &str, id: &str) -> Option<InstanceHealth> {
+        let live = self.inner.live.lock().ok()?;
+        let l = live.get(&(ns.to_string(), service.to_string(), id.to_string()))?;
+        Some(InstanceHealth {
+            id: id.to_string(),
+            probes: l.probes.clone(),
+        })
+    }
+
     /// Live probe results of every instance on this node, by (namespace, instance id).
     pub fn health_all(&self) -> HashMap<(String, String), InstanceHealth> {
         let live = self.inner.live.lock().map(|l| l.clone()).unwrap_or_default();

@@ -262,10 +262,9 @@ impl Api {
         list_records(&t, &instances_prefix(ns, service)).map_err(internal)
     }
 
-    /// Instances with whether each runs its service's current template, and the applied index
-    /// they are the state at.
-    /// The instances of `ns` (every namespace when none), with the template of each of their
-    /// services, as of one index.
+    /// The instances of `ns` (every namespace when none), each with whether it runs its
+    /// service's current template, those services' templates, and the applied index all of it
+    /// is the state at.
     fn instances_pb(&self, ns: Option<&str>) -> Result<(Vec<pb::Instance>, Templates, u64), Status> {
         let (txn, index) = self.log.read_indexed().map_err(internal)?;
         let t = txn.open_table(STATE_TABLE).map_err(internal)?;
@@ -510,11 +509,10 @@ impl pb::instance_api_server::InstanceApi for Api {
                             (pb::EventType::Deleted, gone)
                         }
                         Some(r) => {
-                            let template = match templates.get(&(namespace.clone(), service.clone())) {
-                                Some(t) => t.clone(),
-                                // A service this watcher has not met: read as it is now.
-                                None => api.template_now(namespace, service),
-                            };
+                            // A service this watcher has not met is read as it is now, once.
+                            let template = templates
+                                .entry((namespace.clone(), service.clone()))
+                                .or_insert_with(|| api.template_now(namespace, service));
                             let current = template.as_ref().is_some_and(|t| *t == r.template);
                             let live = api.orchestrator.health(namespace, service, id);
                             let ty = if shown.insert(key) {

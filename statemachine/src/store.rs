@@ -833,27 +833,29 @@ fn decide<R: ReadableTable<&'static str, &'static [u8]>>(
             namespace,
             name,
             force,
-        } => {
-            let objects = [(true, namespace.as_str(), name.as_str())];
-            if !force && e.version >= 4 && o.contains(&secret_key(namespace, name))? {
-                if let Err(r) = refuse_object_users(o, &objects, |_, _| false, e.version)? {
-                    return Ok(Err(r));
-                }
-            }
-            return objects::delete_secret(o, namespace, name);
         }
-        Command::DeleteConfigmap {
+        | Command::DeleteConfigmap {
             namespace,
             name,
             force,
         } => {
-            let objects = [(false, namespace.as_str(), name.as_str())];
-            if !force && e.version >= 4 && o.contains(&configmap_key(namespace, name))? {
+            let secret = matches!(e.command, Command::DeleteSecret { .. });
+            let key = if secret {
+                secret_key(namespace, name)
+            } else {
+                configmap_key(namespace, name)
+            };
+            if !force && e.version >= 4 && o.contains(&key)? {
+                let objects = [(secret, namespace.as_str(), name.as_str())];
                 if let Err(r) = refuse_object_users(o, &objects, |_, _| false, e.version)? {
                     return Ok(Err(r));
                 }
             }
-            return objects::delete_configmap(o, namespace, name);
+            return if secret {
+                objects::delete_secret(o, namespace, name)
+            } else {
+                objects::delete_configmap(o, namespace, name)
+            };
         }
         Command::RewrapSecrets { items } => return objects::rewrap(o, index, items),
         Command::PutUser {

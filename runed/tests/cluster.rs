@@ -352,6 +352,9 @@ fn three_runeds_form_a_cluster_write_anywhere_survive_the_leaders_death_and_take
     let revealed = run_ok(&restored, &["get", "secret", "db", "--show-values", "-o", "json"]);
     assert!(revealed.contains("hunter2-cluster"), "{revealed}");
     restored.sigterm();
+    // Its data dir, where the harness finds the instances to stop, lies in the follower's
+    // scratch, which goes with the follower: stop them now (they outlive a stopped runed).
+    drop(restored);
 
     // The KEK lives in a file per member: rotating it on one is refused.
     let kek = write(&a, "new.kek", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");

@@ -720,9 +720,18 @@ fn requests_are_read_as_web_servers_do() {
         "the server never pinged: the idle timeout was not put to the test"
     );
 
-    // An upgraded connection works, then carries nothing: closed after the tunnel timeout
-    // (2 s).
+    // An upgraded connection that carries a line every half second outlives the tunnel
+    // timeout (2 s) twice over; once it carries nothing, it is closed.
     let mut s = upgraded_echo(http, "/api/ws");
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for i in 0..8 {
+        // The pace of a chatty client, not a wait for the server.
+        std::thread::sleep(Duration::from_millis(500));
+        s.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("line {i}\n"), "a busy upgraded connection was cut");
+    }
     assert!(closed_by_server(&mut s), "an idle upgraded connection was kept");
 }
 

@@ -34,6 +34,7 @@ use rune_statemachine::delta::Delta;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
+use tokio_util::io::InspectReader;
 
 use routes::{Backend, Exposed, Routes};
 
@@ -561,14 +562,19 @@ impl Ingress {
                         tokio::spawn(async move {
                             let _place = place;
                             if let (Ok(c), Ok(b)) = (client_up.await, backend_up.await) {
-                                // Bytes either way cross the client's side: its clock is the
-                                // tunnel's.
+                                // Every byte either way is read from one of the two sides: a
+                                // read on either is the tunnel's sign of life.
                                 let seen = Arc::new(LastSeen::new());
-                                let mut c = Touched {
-                                    inner: TokioIo::new(c),
-                                    seen: seen.clone(),
+                                let touch = |seen: &Arc<LastSeen>| {
+                                    let seen = seen.clone();
+                                    move |bytes: &[u8]| {
+                                        if !bytes.is_empty() {
+                                            seen.touch();
+                                        }
+                                    }
                                 };
-                                let mut b = TokioIo::new(b);
+                                let mut c = InspectReader::new(TokioIo::new(c), touch(&seen));
+                                let mut b = InspectReader::new(TokioIo::new(b), touch(&seen));
                                 tokio::select! {
                                     _ = tokio::io::copy_bidirectional(&mut c, &mut b) => {}
                                     () = seen.idle_for(limit) => {
@@ -830,55 +836,6 @@ impl LastSeen {
             }
             tokio::time::sleep(left).await;
         }
-    }
-}
-
-/// An upgraded connection's side that touches [`LastSeen`] whenever a byte crosses it.
-struct Touched<S> {
-    inner: S,
-    seen: Arc<LastSeen>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touched<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.seen.touch();
-        }
-        r
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touched<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.seen.touch();
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -980,8 +980,8 @@ fn refuse_object_users<R: ReadableTable<&'static str, &'static [u8]>>(
 ) -> Result<Result<(), Rejection>, StoreError> {
     const SHOWN: usize = 5;
     let mut users: Vec<(usize, String)> = Vec::new();
-    for k in o.keys_with_prefix(&services_prefix(None))? {
-        let Some(s) = o.get::<ServiceRecord>(&k)? else {
+    for k in services_naming(o, objects)? {
+        let Some(s) = o.get_shared::<ServiceRecord>(&k)? else {
             continue;
         };
         let ns = s.spec.namespace();
@@ -1024,6 +1024,41 @@ fn refuse_object_users<R: ReadableTable<&'static str, &'static [u8]>>(
         named.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", "),
         if named.len() == 1 { "uses" } else { "use" },
     ))))
+}
+
+/// The keys of the services whose records may name one of `objects`, in key order: those
+/// written earlier in this entry, and those in the table whose stored bytes hold one of the
+/// names. A reference names its object verbatim (object names are DNS names, which JSON does
+/// not escape), so a record without any of the names needs none of them and is not decoded:
+/// at 5,000 services, decoding every record made one delete take 16 ms of the apply loop.
+fn services_naming<R: ReadableTable<&'static str, &'static [u8]>>(
+    o: &Overlay<'_, R>,
+    objects: &[(bool, &str, &str)],
+) -> Result<Vec<String>, StoreError> {
+    let prefix = services_prefix(None);
+    let names: Vec<memchr::memmem::Finder<'_>> = objects
+        .iter()
+        .map(|(_, _, name)| {
+            // A name JSON would escape (none passes validation) matches every record.
+            let verbatim = !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+            memchr::memmem::Finder::new(if verbatim { name.as_bytes() } else { b"" })
+        })
+        .collect();
+    let mut keys = std::collections::BTreeSet::new();
+    each_under(o.base, &prefix, |k, v| {
+        if !o.pending.contains_key(k) && names.iter().any(|n| n.find(v).is_some()) {
+            keys.insert(k.to_string());
+        }
+    })?;
+    for (k, v) in o.pending.range(prefix.clone()..) {
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        if v.is_some() {
+            keys.insert(k.clone());
+        }
+    }
+    Ok(keys.into_iter().collect())
 }
 
 /// What a v3 release delete counted as a use: dependencies that are not optional, and mounts by

@@ -412,6 +412,83 @@ fn a_configmap_services_use_is_deleted_only_with_force() {
         .is_none());
 }
 
+/// Apply finds a user in every form a spec can name an object in (it reads only the records
+/// whose stored bytes hold the name), and a name that is only part of another is no use.
+#[test]
+fn every_form_of_use_blocks_a_delete() {
+    let mut s = State::new();
+    let secret = |name: &str| {
+        Resource::Secret(rune_statemachine::secret::SealedSecret {
+            namespace: "default".into(),
+            name: name.into(),
+            type_: "static".into(),
+            version: 1,
+            keys: vec!["k".into()],
+            kek_id: "k1".into(),
+            wrapped_dek: "dek".into(),
+            ciphertext: "ct".into(),
+        })
+    };
+    let secrets = ["db", "creds", "tls", "keys", "token", "cert", "c"];
+    let mut objects: Vec<Resource> = secrets.iter().map(|n| secret(n)).collect();
+    objects.extend([cm("settings", "a"), cm("nginx", "b"), cm("cfg", "c")]);
+    s.run(cast(objects, None)).unwrap();
+    let api: Resource = Resource::Service(
+        serde_json::from_value(serde_json::json!({
+            "name": "api",
+            "image": "x",
+            "ports": [{"name": "http", "port": 80}],
+            "env": {"A": "pre-{{ secret:db/password }}-{{configmap:cfg.default.rune/mode}}"},
+            "envFrom": ["secret:creds", {"configRef": "settings", "prefix": "S_"}],
+            "secretMounts": [
+                {"name": "tls", "mountPath": "/tls"},
+                {"name": "m", "mountPath": "/m", "secretName": "keys.default.rune"},
+            ],
+            "configmapMounts": [{"name": "files", "mountPath": "/f", "configmapName": "nginx"}],
+            "dependencies": ["secret:token"],
+            "expose": {"port": "http", "host": "a.test", "tls": {"mode": "manual", "secretName": "cert"}},
+        }))
+        .unwrap(),
+    );
+    s.run(cast(vec![api], None)).unwrap();
+    let refused = |s: &mut State, secret: bool, name: &str| {
+        let c = if secret {
+            Command::DeleteSecret {
+                namespace: "default".into(),
+                name: name.into(),
+                force: false,
+            }
+        } else {
+            Command::DeleteConfigmap {
+                namespace: "default".into(),
+                name: name.into(),
+                force: false,
+            }
+        };
+        match s.run(c) {
+            Err(Rejection::FailedPrecondition(m)) => Some(m),
+            Ok(_) => None,
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    for (secret, name, field) in [
+        (true, "db", "env.A"),
+        (false, "cfg", "env.A"),
+        (true, "creds", "envFrom[0]"),
+        (false, "settings", "envFrom[1]"),
+        (true, "tls", "secretMounts[0]"),
+        (true, "keys", "secretMounts[1]"),
+        (false, "nginx", "configmapMounts[0]"),
+        (true, "token", "dependencies[0]"),
+        (true, "cert", "expose.tls.secretName"),
+    ] {
+        let m = refused(&mut s, secret, name).unwrap_or_else(|| panic!("{name} was deleted"));
+        assert!(m.contains(&format!("default/api ({field})")), "{name}: {m}");
+    }
+    // "c" appears in the record (in "creds", "cert", ...) but names nothing there.
+    assert_eq!(refused(&mut s, true, "c"), None);
+}
+
 #[test]
 fn v1_entries_keep_no_configmap_versions_as_the_build_that_wrote_them() {
     let mut s = State::new();

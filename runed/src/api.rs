@@ -929,7 +929,6 @@ impl pb::namespace_api_server::NamespaceApi for Api {
             let t = txn.open_table(STATE_TABLE).map_err(internal)?;
             (list_records(&t, "namespaces/").map_err(internal)?, index)
         };
-        let log = self.log.clone();
         let (tx, out) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             for r in &initial {
@@ -950,22 +949,19 @@ impl pb::namespace_api_server::NamespaceApi for Api {
                     .iter()
                     .filter(|c| c.kind == Kind::Namespace && c.action != Action::Unchanged)
                 {
-                    let ns = if c.action == Action::Deleted {
-                        pb::Namespace {
+                    // The record as this entry wrote it, not as the state is by now: a
+                    // namespace created and deleted at once is still seen ADDED first.
+                    let written = entry.deltas.iter().find_map(|d| match d {
+                        Delta::Namespace { name, record } if *name == c.name => Some(record),
+                        _ => None,
+                    });
+                    let ns = match written {
+                        Some(Some(r)) => namespace_pb(r),
+                        _ if c.action == Action::Deleted => pb::Namespace {
                             name: c.name.clone(),
                             ..Default::default()
-                        }
-                    } else {
-                        let rec = log.read().ok().and_then(|txn| {
-                            let t = txn.open_table(STATE_TABLE).ok()?;
-                            get_record::<NamespaceRecord, _>(&t, &namespace_key(&c.name))
-                                .ok()
-                                .flatten()
-                        });
-                        match rec {
-                            Some(r) => namespace_pb(&r),
-                            None => continue,
-                        }
+                        },
+                        _ => continue,
                     };
                     let ty = match c.action {
                         Action::Created => pb::EventType::Added,

@@ -667,16 +667,23 @@ fn a_selector_watch_follows_services_in_and_out() {
     assert_eq!(seen, ["ADDED sel", "DELETED sel", "ADDED sel", "MODIFIED sel"]);
 }
 
-/// The same for namespaces, whose watch prints `TYPE NAME` lines.
+/// The same for namespaces, whose watch prints `TYPE NAME` lines. Each event is the record
+/// its entry wrote: a namespace changed and deleted right away is still seen at each step.
 #[test]
 fn namespace_watch_streams_changes() {
     let d = Daemon::start(&bins());
     let f = write(&d, "ns.yaml", "namespace:\n  name: watched\n");
+    let g = write(
+        &d,
+        "ns2.yaml",
+        "namespace:\n  name: watched\n  description: changed\n",
+    );
     let seen = watched(
         &d,
         &["get", "namespaces", "--watch"],
         || {
             assert_eq!(code(&d.rune(&["cast", "--detach", &f])), 0);
+            assert_eq!(code(&d.rune(&["cast", "--detach", &g])), 0);
             assert_eq!(code(&d.rune(&["delete", "namespace", "watched"])), 0);
         },
         |l| {
@@ -685,7 +692,7 @@ fn namespace_watch_streams_changes() {
         },
         "DELETED watched",
     );
-    assert_eq!(seen, ["ADDED watched", "DELETED watched"]);
+    assert_eq!(seen, ["ADDED watched", "MODIFIED watched", "DELETED watched"]);
 }
 
 /// An instance watch shows each instance as its entry wrote it, not as the state is when the

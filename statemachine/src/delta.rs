@@ -67,13 +67,21 @@ pub enum Delta {
         /// The record now, or `None` once forgotten.
         record: Option<Arc<crate::store::nodes::NodeRecord>>,
     },
+    /// A namespace: what a namespace watch shows as of its entry (no projection follows it).
+    Namespace {
+        /// Its name.
+        name: String,
+        /// The record now, or `None` once deleted.
+        record: Option<Arc<crate::store::NamespaceRecord>>,
+    },
 }
 
 impl Delta {
-    /// The service this delta concerns: what a keyed work queue enqueues (none for a node).
+    /// The service this delta concerns: what a keyed work queue enqueues (none for a node or
+    /// a namespace).
     pub fn service(&self) -> Option<(&str, &str)> {
         Some(match self {
-            Delta::Node { .. } => return None,
+            Delta::Node { .. } | Delta::Namespace { .. } => return None,
             Delta::Service { namespace, name, .. } => (namespace, name),
             Delta::Instance {
                 namespace, service, ..
@@ -139,6 +147,10 @@ impl Delta {
                 name: name.into(),
                 record: value.map(|v| v.record(key)).transpose()?,
             },
+            (Some("namespaces"), Some(name), None, None, None) => Delta::Namespace {
+                name: name.into(),
+                record: value.map(|v| v.record(key)).transpose()?,
+            },
             _ => return Ok(None),
         };
         Ok(Some(delta))
@@ -163,7 +175,14 @@ impl Source for &Written {
 }
 
 /// The prefixes whose keys become deltas.
-pub const FOLLOWED_PREFIXES: [&str; 5] = ["services/", "instances/", "endpoints/", "placements/", "nodes/"];
+pub const FOLLOWED_PREFIXES: [&str; 6] = [
+    "services/",
+    "instances/",
+    "endpoints/",
+    "placements/",
+    "nodes/",
+    "namespaces/",
+];
 
 /// Every followed object in the state, as upserts in key order: where a projection starts.
 /// A record that does not decode fails the whole read, so a projection never mistakes a
@@ -174,6 +193,7 @@ pub fn snapshot<R: ReadableTable<&'static str, &'static [u8]>>(table: &R) -> Res
     debug_assert_eq!(FOLLOWED_PREFIXES[2], endpoints_prefix(None));
     debug_assert_eq!(FOLLOWED_PREFIXES[3], crate::store::nodes::PLACEMENTS_PREFIX);
     debug_assert_eq!(FOLLOWED_PREFIXES[4], crate::store::nodes::NODES_PREFIX);
+    debug_assert_eq!(FOLLOWED_PREFIXES[5], crate::store::namespace_key(""));
     let mut out = Vec::new();
     for prefix in FOLLOWED_PREFIXES {
         for (k, v) in scan_prefix(table, prefix)? {

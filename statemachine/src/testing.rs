@@ -14,7 +14,7 @@ use crate::network::{Endpoint, EndpointPort, EndpointSet};
 use crate::secret::{Configmap, SealedSecret};
 use crate::spec::{NamespaceSpec, PortSpec, ServiceSpec, Text};
 use crate::store::nodes::NodeRecord;
-use crate::store::{ObjectMeta, ServiceRecord};
+use crate::store::{NamespaceRecord, ObjectMeta, ServiceRecord};
 use crate::{Command, Resource};
 
 /// A service cast: four names (one invalid), three namespaces, scales from -1 (invalid).
@@ -343,6 +343,13 @@ pub fn delta() -> impl Strategy<Value = Delta> {
                     gateway: g.map(|g| format!("10.0.0.{}:7864", g + 1)),
                 })),
             }),
+            1 => prop::option::weighted(0.8, prop::option::of("[a-z]{1,3}")).prop_map(move |r| Delta::Namespace {
+                name: ns.into(),
+                record: r.map(|description| std::sync::Arc::new(NamespaceRecord {
+                    spec: NamespaceSpec { name: ns.into(), description, ..Default::default() },
+                    meta: ObjectMeta::default(),
+                })),
+            }),
         ]
     })
 }
@@ -367,12 +374,13 @@ fn slot(d: &Delta) -> (u8, String, String, String) {
             ..
         } => (3, namespace.clone(), service.clone(), id.clone()),
         Delta::Node { name, .. } => (4, name.clone(), String::new(), String::new()),
+        Delta::Namespace { name, .. } => (5, name.clone(), String::new(), String::new()),
     }
 }
 
 /// The state a sequence of deltas leaves, as [`crate::delta::snapshot`] would read it: the last
-/// delta of each object that still exists, services first, then instances, endpoints and
-/// placements.
+/// delta of each object that still exists, services first, then instances, endpoints,
+/// placements, nodes and namespaces.
 pub fn fold<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
     let mut state: BTreeMap<(u8, String, String, String), Delta> = BTreeMap::new();
     for d in deltas {
@@ -382,6 +390,7 @@ pub fn fold<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Vec<Delta> {
             Delta::Endpoints { set, .. } => set.is_some(),
             Delta::Placement { node, .. } => node.is_some(),
             Delta::Node { record, .. } => record.is_some(),
+            Delta::Namespace { record, .. } => record.is_some(),
         };
         if exists {
             state.insert(slot(d), d.clone());

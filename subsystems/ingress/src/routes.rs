@@ -121,7 +121,7 @@ impl Exposed {
                 // Only a cluster's node routes through other nodes.
                 changed && self.node.is_some()
             }
-            Delta::Instance { .. } | Delta::Placement { .. } => false,
+            Delta::Instance { .. } | Delta::Placement { .. } | Delta::Namespace { .. } => false,
         }
     }
 

@@ -232,7 +232,7 @@ impl Picture {
                 }
                 Some(sid)
             }
-            Delta::Endpoints { .. } | Delta::Node { .. } => None,
+            Delta::Endpoints { .. } | Delta::Node { .. } | Delta::Namespace { .. } => None,
         }
     }
 }
@@ -1472,7 +1472,10 @@ impl View for PictureView {
     }
 
     fn wants(&self, d: &Delta) -> bool {
-        !matches!(d, Delta::Endpoints { .. } | Delta::Node { .. })
+        !matches!(
+            d,
+            Delta::Endpoints { .. } | Delta::Node { .. } | Delta::Namespace { .. }
+        )
     }
 }
 

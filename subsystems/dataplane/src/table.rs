@@ -235,7 +235,8 @@ impl Table {
             // Where an instance runs reaches the data plane through its endpoints.
             Delta::Placement { .. } => None,
             // Handled by `apply`: it may change several services.
-            Delta::Node { .. } | Delta::Namespace { .. } => None,
+            Delta::Node { .. } => None,
+            Delta::Namespace { .. } => None,
             Delta::Service {
                 namespace,
                 name,

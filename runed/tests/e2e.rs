@@ -590,6 +590,20 @@ fn watched(
     parse: impl Fn(&str) -> Option<String>,
     last: &str,
 ) -> Vec<String> {
+    watched_after(d, args, None, act, parse, last)
+}
+
+/// [`watched`], but `act` runs only once the watch has shown an event ending with `ready`
+/// (from its list of what is already there), so that what `act` changes comes after the list
+/// rather than racing it.
+fn watched_after(
+    d: &Daemon,
+    args: &[&str],
+    ready: Option<&str>,
+    act: impl FnOnce(),
+    parse: impl Fn(&str) -> Option<String>,
+    last: &str,
+) -> Vec<String> {
     let mut w = d.rune_cmd().args(args).stdout(Stdio::piped()).spawn().unwrap();
     let lines = BufReader::new(w.stdout.take().unwrap()).lines();
     let (done, finished) = std::sync::mpsc::channel::<()>();
@@ -598,12 +612,22 @@ fn watched(
         let _ = w.kill();
         let _ = w.wait();
     });
-    act();
+    let mut act = Some(act);
+    if ready.is_none() {
+        if let Some(a) = act.take() {
+            a();
+        }
+    }
     let mut seen = Vec::new();
     for l in lines.map_while(Result::ok) {
         if let Some(event) = parse(&l) {
+            let (is_ready, is_last) = (ready.is_some_and(|r| event.ends_with(r)), event.ends_with(last));
             seen.push(event);
-            if seen.last().is_some_and(|e| e.ends_with(last)) {
+            if is_ready {
+                if let Some(a) = act.take() {
+                    a();
+                }
+            } else if is_last && act.is_none() {
                 break;
             }
         }
@@ -707,9 +731,11 @@ fn an_instance_watch_shows_each_step() {
         "service:\n  name: iw\n  scale: 1\n  process: {command: /bin/sleep, args: [\"1000\"]}\n",
     );
     run_ok(&d, &["cast", &f, "--timeout", "60s"]);
-    let seen = watched(
+    // Scaled only once the watch has listed the running instance.
+    let seen = watched_after(
         &d,
         &["get", "instances", "iw", "--watch", "-o", "json"],
+        Some("ADDED iw-0 Running"),
         || assert_eq!(code(&d.rune(&["scale", "iw", "0"])), 0),
         |l| {
             let v: serde_json::Value = serde_json::from_str(l).ok()?;

@@ -144,7 +144,8 @@ pub struct Ingress {
     /// Where redirected plain-HTTP requests are sent (the HTTPS listener's port).
     https_port: u16,
     timeouts: Timeouts,
-    /// Places under the connection cap, one per connection served (a tunnel's included).
+    /// Places under the connection cap, one per connection served (a tunnel's included): one
+    /// cap for the HTTP listener and every HTTPS worker together.
     room: Arc<tokio::sync::Semaphore>,
     /// The cap.
     cap: usize,
@@ -257,9 +258,7 @@ impl Ingress {
         };
         let view = Arc::new(RouteView::new(certs.clone(), exposed));
         let projection = Projection::start(log, "ingress", view.clone(), cfg.stale_budget).await;
-        // One cap for the HTTP listener and every HTTPS worker together.
         let cap = connection_cap(cfg.max_connections);
-        let room = Arc::new(tokio::sync::Semaphore::new(cap));
         let ing = Arc::new(Ingress {
             view,
             rr: AtomicUsize::new(0),
@@ -272,12 +271,12 @@ impl Ingress {
             projection,
             https_port: https_addr.port(),
             timeouts: cfg.timeouts,
-            room: room.clone(),
+            room: Arc::new(tokio::sync::Semaphore::new(cap)),
             cap,
         });
         let remote = cfg.remote.clone().map(|(_, r)| r);
         tokio::spawn(certificates(ing.clone()));
-        tokio::spawn(serve(ing.clone(), http, None, remote.clone(), room.clone()));
+        tokio::spawn(serve(ing.clone(), http, None, remote.clone()));
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             n => n,
@@ -289,13 +288,13 @@ impl Ingress {
                 .enable_all()
                 .build()
                 .map_err(IngressError::Runtime)?;
-            let (ing, acceptor, remote, room) = (ing.clone(), acceptor.clone(), remote.clone(), room.clone());
+            let (ing, acceptor, remote) = (ing.clone(), acceptor.clone(), remote.clone());
             std::thread::Builder::new()
                 .name(format!("ingress-{i}"))
                 .spawn(move || {
                     rt.block_on(async move {
                         match TcpListener::from_std(l) {
-                            Ok(l) => serve(ing, l, Some(acceptor), remote, room).await,
+                            Ok(l) => serve(ing, l, Some(acceptor), remote).await,
                             Err(e) => tracing::error!(error = %e, "ingress worker cannot listen"),
                         }
                     });
@@ -1038,7 +1037,6 @@ async fn serve(
     l: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     remote: Option<Arc<dyn Remote>>,
-    room: Arc<tokio::sync::Semaphore>,
 ) {
     let client = backends(remote);
     loop {
@@ -1055,7 +1053,7 @@ async fn serve(
         // never takes the file descriptors raft, the log and the API need. (A place taken
         // before the accept would be held by every idle loop, the HTTPS workers' too: a small
         // cap would leave the HTTP listener none.)
-        let Ok(permit) = room.clone().acquire_owned().await else {
+        let Ok(permit) = ing.room.clone().acquire_owned().await else {
             return;
         };
         let _ = tcp.set_nodelay(true);

@@ -3,13 +3,18 @@
 //! reverse zone of the cluster network. A service delta replaces exactly the names that service
 //! owns; nothing is rebuilt.
 //!
+//! The maps are keyed by names in wire form ([`Key`]) and hold what the records are made of
+//! (a VIP, ports, target names); a name's records are made at the first query that needs them
+//! and kept until the name changes. So a cast pays for a few short byte strings, not for
+//! hickory names and record sets most of which are never asked for.
+//!
 //! [`ZoneAt`] serves one zone (`rune.` or a reverse zone) to hickory's `Catalog`: answers,
 //! NODATA for names that exist without the asked type (empty non-terminals included, RFC 8020),
 //! NXDOMAIN for the rest, and the zone's SOA so resolvers can cache negative answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use hickory_server::proto::op::ResponseCode;
 use hickory_server::proto::rr::rdata::{A, PTR, SOA, SRV};
@@ -31,27 +36,134 @@ pub const TTL: u32 = 5;
 /// a fast hasher is safe, and hashing names is much of what a lookup and an update cost.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// What a name holds.
-enum Node {
-    /// A service: its VIP and the A record set for it.
-    Service { vip: Ipv4Addr, a: Arc<RecordSet> },
-    /// One named port of a service; `target` is the service's name, whose A goes along.
-    Srv { srv: Arc<RecordSet>, target: LowerName },
-    /// A VIP's reverse name.
-    Ptr(Arc<RecordSet>),
+/// A name as the maps hold it: its labels in wire form (each after its length byte),
+/// lowercase, ending with the root's empty label: `\x03api\x07default\x04rune\x00`. A name's
+/// ancestors are its suffixes at label boundaries ([`parent`]), so walking up to a zone's apex
+/// makes no new name, and a key hashes in one pass.
+type Key = Box<[u8]>;
+
+/// The longest name in wire form (RFC 1035 §2.3.4).
+const MAX_NAME: usize = 255;
+
+/// Appends one label, `prefix` then `label` (`_` and `http` for `_http`), lowercase. False when
+/// it cannot be a label (empty, or over 63 bytes) or the name would grow past [`MAX_NAME`]
+/// with its root: such a name cannot be asked for.
+fn push_label(key: &mut Vec<u8>, prefix: &[u8], label: &[u8]) -> bool {
+    let len = prefix.len() + label.len();
+    if len == 0 || len > 63 || key.len() + 1 + len + 1 > MAX_NAME {
+        return false;
+    }
+    key.push(len as u8);
+    key.extend(prefix.iter().chain(label).map(u8::to_ascii_lowercase));
+    true
 }
 
-/// A name a service put in, with its own record when the name may be shared (a PTR).
-type Owned = (LowerName, Option<Record>);
+/// The key of the name made of `labels`, most specific first.
+fn key_of<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> Option<Key> {
+    let mut key = Vec::with_capacity(48);
+    for label in labels {
+        if !push_label(&mut key, b"", label) {
+            return None;
+        }
+    }
+    key.push(0);
+    Some(key.into())
+}
+
+/// A VIP's reverse name (`4.3.2.1.in-addr.arpa.` for 1.2.3.4).
+fn reverse_key(vip: Ipv4Addr) -> Key {
+    let mut key = Vec::with_capacity(30);
+    for octet in vip.octets().iter().rev() {
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if *octet >= 100 {
+            0
+        } else if *octet >= 10 {
+            1
+        } else {
+            2
+        };
+        key.push((3 - skip) as u8);
+        key.extend(digits[skip..].iter().map(|d| b'0' + d));
+    }
+    key.extend_from_slice(b"\x07in-addr\x04arpa\x00");
+    key.into()
+}
+
+/// `key`'s parent: the suffix after its first label; `None` for the root.
+fn parent(key: &[u8]) -> Option<&[u8]> {
+    let first = usize::from(*key.first()?);
+    (first > 0).then(|| key.get(1 + first..)).flatten()
+}
+
+/// The name a key holds, for the records made from it.
+fn name_of(key: &[u8]) -> Option<Name> {
+    let mut labels = Vec::with_capacity(8);
+    let mut at = key;
+    while let Some(up) = parent(at) {
+        labels.push(&at[1..at.len() - up.len()]);
+        at = up;
+    }
+    Name::from_labels(labels).ok()
+}
+
+/// What a name holds. Its records are made from this at the first query that needs them.
+enum Node {
+    /// A service: its VIP.
+    Service { vip: Ipv4Addr, a: Lazy },
+    /// Named ports of a service (two of one name and protocol share the name); `target` is
+    /// the service's name, whose A goes along.
+    Srv { ports: Vec<u16>, target: Key, srv: Lazy },
+    /// A VIP's reverse name: the services holding it (two, should they ever share one).
+    Ptr { targets: Vec<Key>, ptr: Lazy },
+}
+
+/// A name's records, made once when first asked for: a node whose records change is
+/// replaced, so what is made is never stale.
+type Lazy = OnceLock<Arc<RecordSet>>;
+
+impl Node {
+    /// The records at `key`; `None` only if a name stored here cannot be made into hickory's
+    /// (not for names from validated labels).
+    fn records(&self, key: &[u8]) -> Option<Arc<RecordSet>> {
+        let (cell, rtype) = match self {
+            Node::Service { a, .. } => (a, RecordType::A),
+            Node::Srv { srv, .. } => (srv, RecordType::SRV),
+            Node::Ptr { ptr, .. } => (ptr, RecordType::PTR),
+        };
+        if let Some(set) = cell.get() {
+            return Some(set.clone());
+        }
+        let owner = name_of(key)?;
+        let mut set = RecordSet::with_ttl(owner.clone(), rtype, TTL);
+        let rdata: Vec<RData> = match self {
+            Node::Service { vip, .. } => vec![RData::A(A(*vip))],
+            Node::Srv { ports, target, .. } => {
+                let target = name_of(target)?;
+                ports
+                    .iter()
+                    .map(|p| RData::SRV(SRV::new(0, 0, *p, target.clone())))
+                    .collect()
+            }
+            Node::Ptr { targets, .. } => targets
+                .iter()
+                .map(|t| name_of(t).map(|n| RData::PTR(PTR(n))))
+                .collect::<Option<_>>()?,
+        };
+        for r in rdata {
+            set.insert(Record::from_rdata(owner.clone(), TTL, r), 0);
+        }
+        Some(cell.get_or_init(|| Arc::new(set)).clone())
+    }
+}
 
 #[derive(Default)]
 struct Names {
-    nodes: Map<LowerName, Node>,
+    nodes: Map<Key, Node>,
     /// Names with nothing of their own but names below them (`default.rune.`,
-    /// `_tcp.web.default.rune.`), with how many: they answer NODATA, not NXDOMAIN.
-    ents: Map<LowerName, u32>,
-    /// The names each service put in, so its next delta removes exactly those; with the
-    /// record for a shared name (a PTR, should two services ever hold one VIP).
+    /// `_tcp.web.default.rune.`), with how many services put names below them: they answer
+    /// NODATA, not NXDOMAIN.
+    ents: Map<Key, u32>,
+    /// The names each service put in, so its next delta removes exactly those.
     owned: Map<(String, String), Put>,
 }
 
@@ -62,7 +174,13 @@ type Shape = (Ipv4Addr, Vec<(String, String, u16)>);
 /// A service's names, and the shape they were made from.
 struct Put {
     shape: Shape,
-    names: Vec<Owned>,
+    /// The names that are this service's alone: its own first, then its SRV names.
+    names: Vec<Key>,
+    /// Its VIP's reverse name, if the VIP lies in a reverse zone: shared should another
+    /// service hold the same VIP.
+    ptr: Option<Key>,
+    /// The empty non-terminals it counted, each once.
+    ents: Vec<Key>,
 }
 
 fn shape_of(r: &ServiceRecord) -> Option<Shape> {
@@ -85,14 +203,16 @@ fn shape_of(r: &ServiceRecord) -> Option<Shape> {
 pub struct Records {
     names: RwLock<Names>,
     /// The zones' apexes (`rune.` and the reverse zones): where empty non-terminals stop.
-    apexes: Vec<LowerName>,
+    apexes: HashSet<Key, foldhash::fast::RandomState>,
 }
 
 impl Records {
     /// Empty records for `rune.` and the given reverse zones.
     pub fn new(reverse: &[Name]) -> Self {
-        let mut apexes = vec![LowerName::new(&rune_origin())];
-        apexes.extend(reverse.iter().map(LowerName::new));
+        let apexes = std::iter::once(rune_origin())
+            .chain(reverse.iter().cloned())
+            .filter_map(|z| key_of(z.iter()))
+            .collect();
         Records {
             names: RwLock::new(Names::default()),
             apexes,
@@ -102,14 +222,15 @@ impl Records {
     /// The VIP behind a name the data path must carry (a service or one of its SRV names):
     /// what the DNS checks before it hands an answer out.
     pub fn vip_behind(&self, name: &LowerName) -> Option<Ipv4Addr> {
+        let key = key_of(name.iter())?;
         let names = self.names.read().ok()?;
-        match names.nodes.get(name)? {
+        match names.nodes.get(&key)? {
             Node::Service { vip, .. } => Some(*vip),
             Node::Srv { target, .. } => match names.nodes.get(target)? {
                 Node::Service { vip, .. } => Some(*vip),
                 _ => None,
             },
-            Node::Ptr(_) => None,
+            Node::Ptr { .. } => None,
         }
     }
 
@@ -118,122 +239,134 @@ impl Records {
         !self.names.is_poisoned()
     }
 
+    /// The length of the innermost zone apex that `key` lies in (the apex itself included).
+    fn apex_len(&self, key: &[u8]) -> Option<usize> {
+        let mut at = Some(key);
+        while let Some(k) = at {
+            if self.apexes.contains(k) {
+                return Some(k.len());
+            }
+            at = parent(k);
+        }
+        None
+    }
+
     fn put(&self, n: &mut Names, namespace: &str, name: &str, record: Option<&ServiceRecord>) {
         let key = (namespace.to_string(), name.to_string());
         let shape = record.and_then(shape_of);
         if shape.is_some() && n.owned.get(&key).map(|p| &p.shape) == shape.as_ref() {
             return;
         }
-        let old = n.owned.remove(&key).map(|p| p.names).unwrap_or_default();
-        for (old, shared) in old {
-            let gone = match (n.nodes.get_mut(&old), shared) {
-                (Some(Node::Ptr(set)), Some(rec)) => {
-                    let set = Arc::make_mut(set);
-                    set.remove(&rec, 0);
-                    set.is_empty()
-                }
-                _ => true,
-            };
-            if gone {
-                n.nodes.remove(&old);
-            }
-            self.walk_ents(&mut n.ents, &old, false);
+        if let Some(old) = n.owned.remove(&key) {
+            Self::take_out(n, old);
         }
         let Some((vip, ports)) = shape else { return };
-        // Names come from validated DNS labels; one that still does not parse is left out.
-        let Ok(owner) = Name::from_ascii(format!("{name}.{namespace}.rune.")) else {
+        // Names come from validated DNS labels; one that still cannot be a name is left out.
+        let Some(owner) = key_of([name.as_bytes(), namespace.as_bytes(), b"rune"]) else {
             return;
         };
-        let mut put = Vec::new();
-        let a = Record::from_rdata(owner.clone(), TTL, RData::A(A(vip)));
-        put.push((
-            LowerName::new(&owner),
-            Node::Service {
-                vip,
-                a: Arc::new(RecordSet::from(a)),
-            },
-        ));
-        let target = LowerName::new(&owner);
+        let mut srvs: Vec<(Key, Vec<u16>)> = Vec::new();
         for (port_name, proto, port) in &ports {
-            let Ok(srv_name) = Name::from_ascii(format!("_{port_name}._{proto}.{name}.{namespace}.rune."))
-            else {
+            let mut k = Vec::with_capacity(owner.len() + port_name.len() + proto.len() + 4);
+            if !push_label(&mut k, b"_", port_name.as_bytes())
+                || !push_label(&mut k, b"_", proto.as_bytes())
+                || k.len() + owner.len() > MAX_NAME
+            {
                 continue;
-            };
-            let rec = Record::from_rdata(
-                srv_name.clone(),
-                TTL,
-                RData::SRV(SRV::new(0, 0, *port, owner.clone())),
-            );
-            // Two ports of one name and protocol (tcp and udp differ) share one set.
-            let lower = LowerName::new(&srv_name);
-            match put.iter_mut().find(|(n, _)| *n == lower) {
-                Some((_, Node::Srv { srv, .. })) => {
-                    Arc::make_mut(srv).insert(rec, 0);
-                }
-                _ => put.push((
-                    lower,
-                    Node::Srv {
-                        srv: Arc::new(RecordSet::from(rec)),
-                        target: target.clone(),
-                    },
-                )),
+            }
+            k.extend_from_slice(&owner);
+            // Two ports of one name and protocol (tcp and udp differ) share one name.
+            match srvs.iter_mut().find(|(s, _)| **s == *k) {
+                Some((_, ps)) => ps.push(*port),
+                None => srvs.push((k.into(), vec![*port])),
             }
         }
-        let mut owned = Vec::with_capacity(put.len() + 1);
-        for (lower, node) in put {
-            self.walk_ents(&mut n.ents, &lower, true);
-            n.nodes.insert(lower.clone(), node);
-            owned.push((lower, None));
+        let mut names = Vec::with_capacity(1 + srvs.len());
+        n.nodes
+            .insert(owner.clone(), Node::Service { vip, a: Lazy::new() });
+        names.push(owner.clone());
+        for (k, ports) in srvs {
+            n.nodes.insert(
+                k.clone(),
+                Node::Srv {
+                    ports,
+                    target: owner.clone(),
+                    srv: Lazy::new(),
+                },
+            );
+            names.push(k);
         }
-        let reverse = Name::from(vip);
-        let lower = LowerName::new(&reverse);
-        if self.apexes.iter().any(|z| z.zone_of(&lower)) {
-            let rec = Record::from_rdata(reverse, TTL, RData::PTR(PTR(owner)));
-            match n.nodes.get_mut(&lower) {
-                Some(Node::Ptr(set)) => {
-                    Arc::make_mut(set).insert(rec.clone(), 0);
+        let reverse = reverse_key(vip);
+        let ptr = self.apex_len(&reverse).is_some().then(|| {
+            match n.nodes.get_mut(&reverse) {
+                Some(Node::Ptr { targets, ptr }) => {
+                    targets.push(owner.clone());
+                    *ptr = Lazy::new();
                 }
                 _ => {
-                    n.nodes
-                        .insert(lower.clone(), Node::Ptr(Arc::new(RecordSet::from(rec.clone()))));
+                    n.nodes.insert(
+                        reverse.clone(),
+                        Node::Ptr {
+                            targets: vec![owner.clone()],
+                            ptr: Lazy::new(),
+                        },
+                    );
                 }
             }
-            self.walk_ents(&mut n.ents, &lower, true);
-            owned.push((lower, Some(rec)));
+            reverse
+        });
+        // Every ancestor below its zone's apex, once, that is not one of this service's names.
+        let mut ents: Vec<Key> = Vec::new();
+        for k in names.iter().chain(ptr.iter()) {
+            let Some(apex) = self.apex_len(k) else { continue };
+            let mut at = parent(k);
+            while let Some(up) = at.filter(|up| up.len() > apex) {
+                if !names.iter().chain(&ents).any(|m| **m == *up) {
+                    ents.push(up.into());
+                }
+                at = parent(up);
+            }
+        }
+        for e in &ents {
+            match n.ents.get_mut(e) {
+                Some(c) => *c += 1,
+                None => {
+                    n.ents.insert(e.clone(), 1);
+                }
+            }
         }
         n.owned.insert(
             key,
             Put {
                 shape: (vip, ports),
-                names: owned,
+                names,
+                ptr,
+                ents,
             },
         );
     }
 
-    /// Counts `name`'s ancestors below its zone's apex up (`add`) or down.
-    fn walk_ents(&self, ents: &mut Map<LowerName, u32>, name: &LowerName, add: bool) {
-        // The innermost zone holding the name decides how many ancestors lie below its apex; a
-        // name that is itself an apex (a one-address reverse zone) has none inside a zone.
-        let Some(apex_labels) = self
-            .apexes
-            .iter()
-            .filter(|z| z.zone_of(name))
-            .map(|z| z.num_labels())
-            .max()
-        else {
-            return;
-        };
-        let mut at = name.base_name();
-        for _ in apex_labels..at.num_labels() {
-            if add {
-                *ents.entry(at.clone()).or_default() += 1;
-            } else if let Some(c) = ents.get_mut(&at) {
-                *c -= 1;
-                if *c == 0 {
-                    ents.remove(&at);
+    /// Removes what a service put in.
+    fn take_out(n: &mut Names, old: Put) {
+        for k in &old.names {
+            n.nodes.remove(k);
+        }
+        if let (Some(rev), Some(owner)) = (&old.ptr, old.names.first()) {
+            if let Some(Node::Ptr { targets, ptr }) = n.nodes.get_mut(rev) {
+                targets.retain(|t| t != owner);
+                *ptr = Lazy::new();
+                if targets.is_empty() {
+                    n.nodes.remove(rev);
                 }
             }
-            at = at.base_name();
+        }
+        for e in &old.ents {
+            if let Some(c) = n.ents.get_mut(e) {
+                *c -= 1;
+                if *c == 0 {
+                    n.ents.remove(e);
+                }
+            }
         }
     }
 
@@ -251,20 +384,17 @@ impl Records {
     #[cfg(test)]
     pub(crate) fn dump(&self) -> Vec<String> {
         let n = self.names.read().expect("records lock");
+        let show = |k: &[u8]| name_of(k).map_or_else(|| format!("{k:?}"), |n| n.to_string());
         let mut v: Vec<String> = n
             .nodes
             .iter()
             .flat_map(|(k, node)| {
-                let set = match node {
-                    Node::Service { a, .. } => a,
-                    Node::Srv { srv, .. } => srv,
-                    Node::Ptr(p) => p,
-                };
+                let set = node.records(k).expect("a name of validated labels");
                 set.records_without_rrsigs()
-                    .map(|r| format!("{k} {}", r.data))
+                    .map(|r| format!("{} {}", show(k), r.data))
                     .collect::<Vec<_>>()
             })
-            .chain(n.ents.iter().map(|(k, c)| format!("{k} ent {c}")))
+            .chain(n.ents.iter().map(|(k, c)| format!("{} ent {c}", show(k))))
             .collect();
         v.sort();
         v
@@ -410,24 +540,42 @@ impl ZoneAt {
                 _ => {}
             }
         }
-        let Ok(names) = self.records.names.read() else {
-            return LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::ServFail)));
+        let nxdomain = || LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::NXDomain)));
+        let servfail = || LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::ServFail)));
+        // A name that cannot be a key (a label over 63 bytes) names nothing here.
+        let Some(key) = key_of(name.iter()) else {
+            return nxdomain();
         };
-        match names.nodes.get(name) {
-            Some(Node::Service { a, .. }) if any || rtype == RecordType::A => {
-                Self::answer(self.a_of(a), None)
+        let Ok(names) = self.records.names.read() else {
+            return servfail();
+        };
+        let Some(node) = names.nodes.get(&key) else {
+            if names.ents.contains_key(&key) || *name == self.origin {
+                return nodata();
             }
-            Some(Node::Srv { srv, target }) if any || rtype == RecordType::SRV => {
+            return nxdomain();
+        };
+        let wanted = match node {
+            Node::Service { .. } => RecordType::A,
+            Node::Srv { .. } => RecordType::SRV,
+            Node::Ptr { .. } => RecordType::PTR,
+        };
+        if !any && rtype != wanted {
+            return nodata();
+        }
+        let Some(set) = node.records(&key) else {
+            return servfail();
+        };
+        match node {
+            Node::Service { .. } => Self::answer(self.a_of(&set), None),
+            Node::Srv { target, .. } => {
                 let extra = match names.nodes.get(target) {
-                    Some(Node::Service { a, .. }) => Some(self.a_of(a)),
+                    Some(a @ Node::Service { .. }) => a.records(target).map(|a| self.a_of(&a)),
                     _ => None,
                 };
-                Self::answer(srv.clone(), extra)
+                Self::answer(set, extra)
             }
-            Some(Node::Ptr(p)) if any || rtype == RecordType::PTR => Self::answer(p.clone(), None),
-            Some(_) => nodata(),
-            None if names.ents.contains_key(name) || *name == self.origin => nodata(),
-            None => LookupControlFlow::Break(Err(LookupError::ResponseCode(ResponseCode::NXDomain))),
+            Node::Ptr { .. } => Self::answer(set, None),
         }
     }
 }
@@ -499,7 +647,12 @@ mod tests {
 
     fn answers(flow: LookupControlFlow<AuthLookup>) -> Result<Vec<String>, bool> {
         match flow {
-            LookupControlFlow::Break(Ok(a)) => Ok(a.iter().map(|r| r.data.to_string()).collect()),
+            // The answers, then the additionals.
+            LookupControlFlow::Break(Ok(a)) => Ok(a
+                .iter()
+                .chain(a.additionals().into_iter().flatten())
+                .map(|r| r.data.to_string())
+                .collect()),
             LookupControlFlow::Break(Err(e)) => Err(e.is_nx_domain()),
             _ => Err(false),
         }
@@ -536,6 +689,154 @@ mod tests {
         assert!(
             dump.iter().all(|l| !(l.contains(" ent ") && l.contains("arpa"))),
             "{dump:?}"
+        );
+    }
+
+    fn service_at(name: &str, vip: &str, ports: &[(&str, &str, i64)]) -> Delta {
+        let mut spec = rune_statemachine::spec::ServiceSpec::default();
+        spec.ports = ports
+            .iter()
+            .map(|(n, proto, port)| rune_statemachine::spec::PortSpec {
+                name: n.to_string(),
+                port: *port,
+                target_port: None,
+                protocol: Some(proto.to_string()),
+                host_port: None,
+            })
+            .collect();
+        Delta::Service {
+            namespace: "default".into(),
+            name: name.into(),
+            record: Some(Arc::new(ServiceRecord {
+                spec,
+                meta: Default::default(),
+                vip: Some(vip.into()),
+            })),
+        }
+    }
+
+    fn gone(name: &str) -> Delta {
+        Delta::Service {
+            namespace: "default".into(),
+            name: name.into(),
+            record: None,
+        }
+    }
+
+    /// A service's names, the empty non-terminals above them counted once per service, a VIP
+    /// two services share, and nothing left once both are gone.
+    #[test]
+    fn a_service_puts_its_names_and_takes_them_all_out() {
+        let records = Records::new(&reverse_zones(Ipv4Addr::new(10, 96, 0, 0), 16));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let ports = [
+            ("http", "TCP", 80),
+            ("dns", "udp", 53),
+            ("dns", "tcp", 53),
+            ("alt", "tcp", 8080),
+        ];
+        let (api, db) = (
+            service_at("api", "10.96.1.2", &ports),
+            service_at("db", "10.96.1.2", &[]),
+        );
+        rt.block_on(records.apply(&[&api, &db])).expect("apply");
+        assert_eq!(
+            records.dump(),
+            [
+                "2.1.96.10.in-addr.arpa. api.default.rune.",
+                "2.1.96.10.in-addr.arpa. db.default.rune.",
+                "_alt._tcp.api.default.rune. 0 0 8080 api.default.rune.",
+                "_dns._tcp.api.default.rune. 0 0 53 api.default.rune.",
+                "_dns._udp.api.default.rune. 0 0 53 api.default.rune.",
+                "_http._tcp.api.default.rune. 0 0 80 api.default.rune.",
+                "_tcp.api.default.rune. ent 1",
+                "_udp.api.default.rune. ent 1",
+                "api.default.rune. 10.96.1.2",
+                "db.default.rune. 10.96.1.2",
+                "default.rune. ent 2",
+                "1.96.10.in-addr.arpa. ent 2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        let zone = ZoneAt::new(Arc::new(records), rune_origin(), None, Arc::new(|| 1));
+        let ask = |n: &str, t| zone.find(&LowerName::new(&Name::from_ascii(n).expect("name")), t, true);
+        assert_eq!(
+            answers(ask("API.Default.rune.", RecordType::A)),
+            Ok(vec!["10.96.1.2".into()])
+        );
+        assert_eq!(
+            answers(ask("api.default.rune.", RecordType::AAAA)),
+            Err(false),
+            "NODATA"
+        );
+        assert_eq!(
+            answers(ask("_tcp.api.default.rune.", RecordType::SRV)),
+            Err(false),
+            "NODATA"
+        );
+        assert_eq!(
+            answers(ask("x.api.default.rune.", RecordType::A)),
+            Err(true),
+            "NXDOMAIN"
+        );
+        assert_eq!(
+            answers(ask("_dns._udp.api.default.rune.", RecordType::SRV)),
+            Ok(vec!["0 0 53 api.default.rune.".into(), "10.96.1.2".into()]),
+            "the SRV, and its target's A as an additional"
+        );
+        let records = zone.records.clone();
+        let reverse = ZoneAt::new(
+            records.clone(),
+            Name::from_ascii("96.10.in-addr.arpa.").expect("name"),
+            None,
+            Arc::new(|| 1),
+        );
+        let ptr = || {
+            let name = Name::from_ascii("2.1.96.10.in-addr.arpa.").expect("name");
+            answers(reverse.find(&LowerName::new(&name), RecordType::PTR, true))
+        };
+        assert_eq!(
+            ptr(),
+            Ok(vec!["api.default.rune.".into(), "db.default.rune.".into()])
+        );
+        // The shared reverse name loses one target; its records are made anew.
+        rt.block_on(records.apply(&[&gone("db")])).expect("apply");
+        assert_eq!(ptr(), Ok(vec!["api.default.rune.".into()]));
+        // A changed port set replaces the names; the A's records are made anew.
+        let fewer = service_at("api", "10.96.1.3", &[("http", "tcp", 80)]);
+        rt.block_on(records.apply(&[&fewer])).expect("apply");
+        assert_eq!(
+            answers(ask("api.default.rune.", RecordType::A)),
+            Ok(vec!["10.96.1.3".into()])
+        );
+        assert_eq!(
+            records.dump(),
+            [
+                "3.1.96.10.in-addr.arpa. api.default.rune.",
+                "_http._tcp.api.default.rune. 0 0 80 api.default.rune.",
+                "_tcp.api.default.rune. ent 1",
+                "api.default.rune. 10.96.1.3",
+                "default.rune. ent 1",
+                "1.96.10.in-addr.arpa. ent 1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        rt.block_on(records.apply(&[&gone("api")])).expect("apply");
+        assert_eq!(records.dump(), Vec::<String>::new());
+        assert_eq!(
+            answers(ask("default.rune.", RecordType::A)),
+            Err(true),
+            "NXDOMAIN"
         );
     }
 

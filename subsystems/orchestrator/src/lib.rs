@@ -176,7 +176,9 @@ struct Sup {
 /// its projection.
 #[derive(Debug, Default, PartialEq)]
 struct Picture {
-    services: BTreeMap<SvcId, Arc<ServiceRecord>>,
+    /// Hashed, not ordered: every cast inserts here, and at tens of thousands of services an
+    /// ordered insert's key comparisons were a few percent of a write's CPU.
+    services: HashMap<SvcId, Arc<ServiceRecord>, foldhash::fast::RandomState>,
     records: BTreeMap<SvcId, BTreeMap<String, InstanceRecord>>,
     /// Instance id → node, per service (in a cluster).
     placements: BTreeMap<SvcId, BTreeMap<String, String>>,
@@ -937,8 +939,10 @@ struct Loop {
     /// Adopted runs being stopped: their id is not started again until the old run is gone
     /// and its removal reported, so the stop cannot remove the new run's files or record.
     draining: Arc<Mutex<HashSet<Key>>>,
-    /// Where the next resync slice starts.
-    cursor: Option<SvcId>,
+    /// The services this resync round has still to look at, taken from the picture when the
+    /// round starts (one created since is enqueued by its own entry), and how many a tick takes.
+    round: std::collections::VecDeque<SvcId>,
+    per_tick: usize,
     last_gc: Instant,
 }
 
@@ -950,7 +954,8 @@ async fn reconcile_loop(inner: Arc<Inner>, shutdown: Arc<Notify>) {
             docker_delay: Duration::from_secs(1),
             ..Default::default()
         },
-        cursor: None,
+        round: std::collections::VecDeque::new(),
+        per_tick: 0,
         last_gc: Instant::now(),
         draining: Arc::new(Mutex::new(HashSet::new())),
     };
@@ -1030,30 +1035,18 @@ impl Loop {
         all
     }
 
-    /// The next services after the cursor: enough that a round of ticks covers them all.
+    /// The next services of this resync round: enough that a round of ticks covers them all.
     fn resync_slice(&mut self) -> Vec<SvcId> {
-        let Ok(p) = self.inner.picture.read() else {
-            return Vec::new();
-        };
-        let total = p.services.len();
-        let ticks = (RESYNC_ROUND.as_secs() / RESYNC_TICK.as_secs()).max(1) as usize;
-        let want = total.div_ceil(ticks);
-        let mut out: Vec<SvcId> = match &self.cursor {
-            Some(c) => p
-                .services
-                .range::<SvcId, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
-                .take(want)
-                .map(|(k, _)| k.clone())
-                .collect(),
-            None => Vec::new(),
-        };
-        if out.len() < want {
-            // Wrap around to the start.
-            let more = want - out.len();
-            out.extend(p.services.keys().take(more).cloned());
+        if self.round.is_empty() {
+            let Ok(p) = self.inner.picture.read() else {
+                return Vec::new();
+            };
+            self.round = p.services.keys().cloned().collect();
+            let ticks = (RESYNC_ROUND.as_secs() / RESYNC_TICK.as_secs()).max(1) as usize;
+            self.per_tick = self.round.len().div_ceil(ticks);
         }
-        self.cursor = out.last().cloned();
-        out
+        let n = self.per_tick.min(self.round.len());
+        self.round.drain(..n).collect()
     }
 
     /// Lists containers off the loop until the engine answers once; then adopts them and

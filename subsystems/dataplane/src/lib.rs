@@ -482,6 +482,8 @@ impl DataPlane {
             .services
             .values()
             .map(|s| (s.key.clone(), s.local_ips.len()))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
             .collect()
     }
 
@@ -674,10 +676,18 @@ impl DataPlane {
             return;
         }
         let wanted: HashMap<u16, SvcKey> = {
-            let mut w = HashMap::new();
+            let mut w: HashMap<u16, SvcKey> = HashMap::new();
             for s in t.services.values().filter(|s| s.mode != table::Mode::None) {
                 for (_, p) in s.tcp_ports() {
-                    w.entry(p).or_insert_with(|| s.key.clone());
+                    // The first service in key order serves a shared port, however the map
+                    // is laid out.
+                    match w.get_mut(&p) {
+                        Some(k) if s.key < *k => *k = s.key.clone(),
+                        Some(_) => {}
+                        None => {
+                            w.insert(p, s.key.clone());
+                        }
+                    }
                 }
             }
             w
@@ -717,7 +727,7 @@ impl DataPlane {
                 }
             }
         }
-        // Services sharing a port: the first in the view serves it; the others are said once.
+        // Services sharing a port: the first in key order serves it; the others are said once.
         for s in t.services.values().filter(|s| s.mode != table::Mode::None) {
             for (_, p) in s.tcp_ports() {
                 if wanted.get(&p) != Some(&s.key)
@@ -738,7 +748,7 @@ impl DataPlane {
     async fn sync_listeners(self: &Arc<Self>, t: &Table, changed: Option<&BTreeSet<SvcKey>>) {
         let touched = |k: &SvcKey| changed.is_none_or(|c| c.contains(k));
         let services: Vec<&Arc<table::Svc>> = match changed {
-            None => t.services.values().collect(),
+            None => t.sorted(),
             Some(c) => c.iter().filter_map(|k| t.services.get(k)).collect(),
         };
         let wanted: Vec<(SvcKey, u16)> = services

@@ -297,6 +297,8 @@ impl Model {
             .by_pgid
             .values()
             .any(|k| t.services.get(k).is_some_and(|s| s.policy.egress.is_some()));
+        // In any order: what the model keys on (a VIP, a container address, a policy's name)
+        // belongs to one service, and the rest are sets.
         for svc in t.services.values() {
             let Some(vip) = svc.vip else { continue };
             for (_, port) in svc.tcp_ports() {

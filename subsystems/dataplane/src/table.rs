@@ -110,8 +110,10 @@ struct Local {
 /// services.
 #[derive(Debug, Clone, Default)]
 pub struct Table {
-    /// Every service.
-    pub services: BTreeMap<SvcKey, Arc<Svc>>,
+    /// Every service. Hashed, not ordered: every cast inserts here, and at tens of thousands
+    /// of services an ordered insert's key comparisons were a few percent of a write's CPU.
+    /// Where the order decides something, [`Table::sorted`] gives it (or a key comparison).
+    pub services: HashMap<SvcKey, Arc<Svc>, foldhash::fast::RandomState>,
     /// Local instance addresses (not the host's) → their service.
     pub by_ip: HashMap<IpAddr, SvcKey>,
     /// Local process instances' process groups → their service.
@@ -353,14 +355,24 @@ impl Table {
         self.services.get(&SvcKey::new(ns, name)).map(|s| &**s)
     }
 
+    /// Every service in key order: for what the order decides (which proxy port a listener is
+    /// given first when the whole view is taken in), so that a rebuilt view decides as the fed
+    /// one did.
+    pub fn sorted(&self) -> Vec<&Arc<Svc>> {
+        let mut v: Vec<&Arc<Svc>> = self.services.values().collect();
+        v.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
     /// Everything the view holds, in a stable order: two tables that answer every question
     /// alike have the same digest (the property test compares built and fed views so).
     pub fn digest(&self) -> String {
+        let services: BTreeMap<_, _> = self.services.iter().collect();
         let by_ip: BTreeMap<_, _> = self.by_ip.iter().collect();
         let by_pgid: BTreeMap<_, _> = self.by_pgid.iter().collect();
         format!(
             "{:?}|{by_ip:?}|{by_pgid:?}|{}|{:?}",
-            self.services, self.any_egress, self.gateways
+            services, self.any_egress, self.gateways
         )
     }
 

@@ -284,6 +284,26 @@ fn kernel_backends(svc: &crate::table::Svc, port: u16) -> Option<Vec<(Ipv4Addr, 
     (!out.is_empty()).then_some(out)
 }
 
+/// Names the policy that counts `ip`'s drops. Two services may list one container address (a
+/// stale record beside a live instance): the greatest key keeps it, as the walk in key order
+/// this replaced left it and as the view's own address owner is chosen, so the name does not
+/// flip with the order of a hashed map (which would reset its counter for nothing).
+fn name_address(
+    names: &mut BTreeMap<Ipv4Addr, String>,
+    policies: &BTreeMap<String, CounterKey>,
+    ip: Ipv4Addr,
+    name: &str,
+    key: &SvcKey,
+) {
+    let held_by_greater = names
+        .get(&ip)
+        .and_then(|n| policies.get(n))
+        .is_some_and(|held| held.service > *key);
+    if !held_by_greater {
+        names.insert(ip, name.to_string());
+    }
+}
+
 impl Model {
     /// What the table should hold for this view and these proxy ports.
     pub fn of(t: &Table, proxy_ports: &BTreeMap<(SvcKey, u16), u16>, range: (u16, u16)) -> Model {
@@ -297,8 +317,9 @@ impl Model {
             .by_pgid
             .values()
             .any(|k| t.services.get(k).is_some_and(|s| s.policy.egress.is_some()));
-        // In any order: what the model keys on (a VIP, a container address, a policy's name)
-        // belongs to one service, and the rest are sets.
+        // In any order: what the model keys on here (a VIP, a policy's name) belongs to one
+        // service, and the rest are sets. A container address may be named by two services
+        // (a stale record beside a live instance): `name_address` settles that by key.
         for svc in t.services.values() {
             let Some(vip) = svc.vip else { continue };
             for (_, port) in svc.tcp_ports() {
@@ -358,7 +379,7 @@ impl Model {
                         }
                     }
                     for ip in from {
-                        m.egress_from.insert(ip, name.clone());
+                        name_address(&mut m.egress_from, &m.policies, ip, &name, &svc.key);
                     }
                 }
             }
@@ -376,7 +397,7 @@ impl Model {
                         }
                     }
                     for ip in guarded {
-                        m.ingress_to.insert(ip, name.clone());
+                        name_address(&mut m.ingress_to, &m.policies, ip, &name, &svc.key);
                     }
                 }
             }
@@ -1437,6 +1458,31 @@ mod tests {
             }),
         );
         (t, BTreeMap::from([((key, 80), 20_000)]))
+    }
+
+    /// Two services listing one container address (a stale record beside a live instance):
+    /// whichever the hashed map yields first, the greatest key names its drops.
+    #[test]
+    fn a_shared_container_address_is_named_by_the_greatest_key_in_any_order() {
+        let (a, b) = (SvcKey::new("default", "a"), SvcKey::new("default", "b"));
+        let policies: BTreeMap<String, CounterKey> = [&a, &b]
+            .into_iter()
+            .map(|k| {
+                let key = CounterKey {
+                    service: k.clone(),
+                    direction: "egress",
+                };
+                (counter_name(k, "egress"), key)
+            })
+            .collect();
+        let at = ip("172.17.0.5");
+        for order in [[&a, &b], [&b, &a]] {
+            let mut names = BTreeMap::new();
+            for k in order {
+                name_address(&mut names, &policies, at, &counter_name(k, "egress"), k);
+            }
+            assert_eq!(names.get(&at), Some(&counter_name(&b, "egress")));
+        }
     }
 
     #[test]

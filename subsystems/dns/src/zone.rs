@@ -71,22 +71,10 @@ fn key_of<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> Option<Key> {
 }
 
 /// A VIP's reverse name (`4.3.2.1.in-addr.arpa.` for 1.2.3.4).
-fn reverse_key(vip: Ipv4Addr) -> Key {
-    let mut key = Vec::with_capacity(30);
-    for octet in vip.octets().iter().rev() {
-        let digits = [octet / 100, octet / 10 % 10, octet % 10];
-        let skip = if *octet >= 100 {
-            0
-        } else if *octet >= 10 {
-            1
-        } else {
-            2
-        };
-        key.push((3 - skip) as u8);
-        key.extend(digits[skip..].iter().map(|d| b'0' + d));
-    }
-    key.extend_from_slice(b"\x07in-addr\x04arpa\x00");
-    key.into()
+fn reverse_key(vip: Ipv4Addr) -> Option<Key> {
+    let octets = vip.octets().map(|o| o.to_string());
+    let labels = octets.iter().rev().map(String::as_bytes);
+    key_of(labels.chain([&b"in-addr"[..], b"arpa"]))
 }
 
 /// `key`'s parent: the suffix after its first label; `None` for the root.
@@ -296,9 +284,10 @@ impl Records {
             );
             names.push(k);
         }
-        let reverse = reverse_key(vip);
-        let ptr = self.apex_len(&reverse).is_some().then(|| {
-            match n.nodes.get_mut(&reverse) {
+        // Its VIP's reverse name, if the VIP lies in one of the reverse zones.
+        let ptr = reverse_key(vip).filter(|r| self.apex_len(r).is_some());
+        if let Some(reverse) = &ptr {
+            match n.nodes.get_mut(reverse) {
                 Some(Node::Ptr { targets, ptr }) => {
                     targets.push(owner.clone());
                     *ptr = Lazy::new();
@@ -313,8 +302,7 @@ impl Records {
                     );
                 }
             }
-            reverse
-        });
+        }
         // Every ancestor below its zone's apex, once, that is not one of this service's names.
         let mut ents: Vec<Key> = Vec::new();
         for k in names.iter().chain(ptr.iter()) {

@@ -19,6 +19,7 @@
 pub mod backup;
 mod batch;
 mod db;
+mod followers;
 pub mod join;
 pub mod lag;
 pub mod log_store;

@@ -163,6 +163,8 @@ pub struct Log {
     tls: Option<Arc<crate::pki::NodeTls>>,
     /// When each peer last answered this node's raft RPCs.
     contacts: Arc<crate::network::Contacts>,
+    /// The one task the projections and other followers of the applied entries run on.
+    followers: crate::followers::Followers,
 }
 
 fn open_db(
@@ -285,6 +287,7 @@ impl Log {
         follow_solo(&raft, id, solo);
         let log = Self {
             contacts,
+            followers: Default::default(),
             forwarder: Forwarder::new(tls.clone()),
             tls,
             batcher: Batcher::new(raft.clone(), metrics.clone()),
@@ -534,6 +537,17 @@ impl Log {
     /// Applied entries from now on. A receiver that lags must re-read the state and resubscribe.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<AppliedEntry>> {
         self.notifier.events.subscribe()
+    }
+
+    /// Runs `follower` (a loop over [`Log::subscribe`]: a projection, a metric) on the one task
+    /// that every follower shares, so that an applied entry wakes one task, not one per
+    /// follower. It must not block: its waits are its own, its CPU work is taken in turn.
+    pub fn follow(
+        &self,
+        name: &'static str,
+        follower: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.followers.run(name, Box::pin(follower));
     }
 
     /// True while raft runs, this node knows a leader (itself, when alone) and its state can be

@@ -16,6 +16,10 @@
 //!   and leaves the view behind, never half-applied and never empty;
 //! - **the pause failpoint**, which holds entries unapplied as a slow projection would.
 //!
+//! The loops of every projection run on the log's one followers' task ([`Log::follow`]): an
+//! entry wakes it once for all of them. So a view's `apply` must not block; what it waits for
+//! (a program being loaded) it awaits, and the other views go on meanwhile.
+//!
 //! Cost per entry is what the entry changed: nothing here reads the whole state except a
 //! rebuild.
 
@@ -105,7 +109,7 @@ impl Projection {
             }
         };
         p.lag.watch(log.clone());
-        tokio::spawn(follow(p.clone(), log, view, rx, lost));
+        log.follow(name, follow(p.clone(), log.clone(), view, rx, lost));
         p
     }
 

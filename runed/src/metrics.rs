@@ -330,7 +330,7 @@ pub fn network_changes(provider: &opentelemetry_sdk::metrics::SdkMeterProvider, 
         endpoints.add(0, &labels(ns, name));
     }
     let mut rx = log.subscribe();
-    tokio::spawn(async move {
+    log.follow("network-metrics", async move {
         loop {
             let entry = match rx.recv().await {
                 Ok(e) => e,

@@ -38,7 +38,9 @@ struct Pending {
 
 /// One entry in flight at a time (measured with `cargo bench --bench writes`: two or four,
 /// overlapping one entry's apply with the next one's append, made batches smaller and
-/// throughput lower at 16 and 64 clients).
+/// throughput lower at 16 and 64 clients; so did submitting the next entry as soon as the
+/// last was durable, as etcd does: 4.4 instead of 5.5 proposals per entry at 16 clients, 12.9
+/// instead of 18.9 at 64, and more CPU per write on 2 cores).
 #[derive(Default)]
 struct Gate {
     in_flight: bool,

@@ -6,7 +6,11 @@
 //! is a few microseconds of work in each. Here they are futures of one task (a
 //! `FuturesUnordered`): an entry wakes that task once and it polls every follower the entry
 //! woke. A follower that waits (a paused projection, a backoff, a program being loaded) waits
-//! alone, as before; only their CPU work is now taken in turn.
+//! alone, as before; only their CPU work is now taken in turn, so what could hold a thread
+//! (a projection's read of the whole state) goes to the blocking pool instead.
+//!
+//! The task runs on the runtime of the first follower to join: runed has one. (Watches and
+//! token checks also subscribe, per client; they stay tasks of their own.)
 
 use std::panic::AssertUnwindSafe;
 
@@ -73,8 +77,14 @@ mod tests {
         let f = Followers::default();
         let (a_tx, a_rx) = oneshot::channel();
         let (b_tx, b_rx) = oneshot::channel();
-        f.run("a", Box::pin(async move { drop(a_tx.send(tokio::task::id())) }));
-        f.run("b", Box::pin(async move { drop(b_tx.send(tokio::task::id())) }));
+        f.run(
+            "a",
+            Box::pin(async move { a_tx.send(tokio::task::id()).expect("the test waits") }),
+        );
+        f.run(
+            "b",
+            Box::pin(async move { b_tx.send(tokio::task::id()).expect("the test waits") }),
+        );
         let a = tokio::time::timeout(DEADLINE, a_rx)
             .await
             .expect("a ran")
@@ -102,7 +112,10 @@ mod tests {
             .await
             .expect("the follower ran");
         let (tx, rx) = oneshot::channel();
-        f.run("goes on", Box::pin(async move { drop(tx.send(())) }));
+        f.run(
+            "goes on",
+            Box::pin(async move { tx.send(()).expect("the test waits") }),
+        );
         tokio::time::timeout(DEADLINE, rx)
             .await
             .expect("a follower joining after the panic runs")

@@ -17,8 +17,9 @@
 //! - **the pause failpoint**, which holds entries unapplied as a slow projection would.
 //!
 //! The loops of every projection run on the log's one followers' task ([`Log::follow`]): an
-//! entry wakes it once for all of them. So a view's `apply` must not block; what it waits for
-//! (a program being loaded) it awaits, and the other views go on meanwhile.
+//! entry wakes it once for all of them. So a view's `apply` and `reset` must not block the
+//! thread: what they wait for (a program being loaded) they await, and the other views go on
+//! meanwhile; the rebuild's read of the state runs on the blocking pool.
 //!
 //! Cost per entry is what the entry changed: nothing here reads the whole state except a
 //! rebuild.
@@ -166,8 +167,13 @@ impl Projection {
         tracing::error!(projection = self.name, error = %e, "{what}");
     }
 
-    async fn rebuild<V: View>(&self, log: &Log, view: &V) -> Result<(), ProjectionError> {
-        let (index, state) = read_state(log)?;
+    async fn rebuild<V: View>(&self, log: &Arc<Log>, view: &V) -> Result<(), ProjectionError> {
+        // Off the followers' task: the read may wait for the state's lock, commits what was
+        // applied, and decodes every followed record, while the other views go on.
+        let reader = log.clone();
+        let (index, state) = tokio::task::spawn_blocking(move || read_state(&reader))
+            .await
+            .map_err(|e| ProjectionError::State(format!("the state read stopped: {e}")))??;
         view.reset(state).await?;
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
         self.lag.advance(index);

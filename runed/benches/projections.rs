@@ -3,7 +3,8 @@
 //! (p50/p99), runed's idle CPU, and its resident memory.
 //!
 //! `cargo bench -p runed --bench projections` prints a table. `BENCH_CASTS` (default 50) sets
-//! how many casts are timed per row.
+//! how many casts are timed per row; `BENCH_FILL_PORTS=1` gives the services already there a
+//! port each.
 
 mod common;
 
@@ -22,18 +23,25 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
-/// Casts services `from..to` at scale 0, 100 per request, as the writes bench's spec.
+/// Casts services `from..to` at scale 0, 100 per request, as the writes bench's spec; with
+/// `BENCH_FILL_PORTS=1` each has a port, as real services do (then dev mode's proxy holds a
+/// listener and a port book entry for each).
 async fn fill(ch: &Ch, from: usize, to: usize) {
     let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
     let names: Vec<usize> = (from..to).collect();
+    let ports = std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
     for chunk in names.chunks(100) {
         let resources = chunk
             .iter()
-            .map(|i| pb::Resource {
-                kind: Some(pb::resource::Kind::ServiceJson(
-                    serde_json::json!({"name": format!("fill-{i}"), "image": "busybox", "scale": 0})
-                        .to_string(),
-                )),
+            .map(|i| {
+                let mut spec =
+                    serde_json::json!({"name": format!("fill-{i}"), "image": "busybox", "scale": 0});
+                if ports {
+                    spec["ports"] = serde_json::json!([{"name": "http", "port": 8080}]);
+                }
+                pb::Resource {
+                    kind: Some(pb::resource::Kind::ServiceJson(spec.to_string())),
+                }
             })
             .collect();
         c.apply(pb::ApplyRequest {
@@ -43,6 +51,29 @@ async fn fill(ch: &Ch, from: usize, to: usize) {
         .await
         .expect("apply");
     }
+}
+
+/// Waits until the data plane serves the last filled service's port (the fill's services are
+/// all applied by then, but a proxy listener each may still be opening): the casts are timed
+/// against a settled runed. Returns how long that took after the fill's last write.
+async fn settle(ch: &Ch, last: usize) -> Duration {
+    let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        let s = c
+            .get_service(pb::GetServiceRequest {
+                namespace: "default".into(),
+                name: format!("fill-{last}"),
+            })
+            .await
+            .map(|r| r.into_inner());
+        if s.is_ok_and(|s| !s.proxy_ports.is_empty()) {
+            return t0.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the data plane never served the filled services' ports");
 }
 
 /// Times `casts` casts of a service with a port: to its DNS answer, and to its proxy listener.
@@ -118,7 +149,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let d = Daemon::start(&bins);
+    let mut d = Daemon::new(&bins);
+    // Room for a proxy port per service port when the services already there have one.
+    d.extra = vec!["--proxy-ports".into(), "20000-32767".into()];
+    d.restart();
     let pid = d.pid().expect("pid");
     let ch: Ch = rt.block_on(async {
         let c = Channel::from_shared(format!("http://{}", d.grpc))
@@ -133,8 +167,13 @@ fn main() {
     println!("| services | cast→DNS p50 ms | p99 ms | cast→data plane p50 ms | p99 ms | idle CPU % of a core | RSS MiB |");
     println!("|--:|--:|--:|--:|--:|--:|--:|");
     let mut have = 0;
+    let mut settled = Vec::new();
+    let ports = std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
     for (round, n) in [0usize, 500, 5000].into_iter().enumerate() {
         rt.block_on(fill(&ch, have, n));
+        if ports && n > have {
+            settled.push((n, rt.block_on(settle(&ch, n - 1))));
+        }
         have = n;
         let (mut dns, mut dp) = rt.block_on(cast_latency(&ch, d.dns, round, casts));
         // Settle, then measure CPU over a window where nothing is written.
@@ -172,6 +211,12 @@ fn main() {
             pct(&mut dp, 0.5),
             pct(&mut dp, 0.99),
             common::rss_kib(pid) as f64 / 1024.0
+        );
+    }
+    for (n, t) in settled {
+        println!(
+            "data plane serving all {n} services' ports {:.0} ms after the fill's last write",
+            t.as_secs_f64() * 1e3
         );
     }
 }

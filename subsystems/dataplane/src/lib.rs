@@ -804,7 +804,7 @@ impl DataPlane {
                 }
             }
         }
-        if let Ok(mut b) = self.book.lock() {
+        let save = self.book.lock().ok().and_then(|mut b| {
             if changed.is_none() {
                 // A full view: anything the book holds beyond it is from services long gone.
                 let keep: HashSet<String> = keep.iter().map(|(k, p)| book_key(&k.ns, &k.name, *p)).collect();
@@ -815,10 +815,18 @@ impl DataPlane {
             for k in &forgotten {
                 b.remove(k);
             }
-            if changed_book {
-                if let Err(e) = b.save() {
-                    tracing::warn!(error = %e, "cannot save the proxy port book; ports may change at restart");
-                }
+            changed_book.then(|| b.to_save())
+        });
+        // The whole book is written: on the blocking pool, so that the other views sharing
+        // the followers' task go on meanwhile. Saves stay in order: this view's changes are
+        // installed one after another.
+        if let Some(save) = save {
+            let failed = match tokio::task::spawn_blocking(move || save.write()).await {
+                Ok(r) => r.err().map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "cannot save the proxy port book; ports may change at restart");
             }
         }
     }

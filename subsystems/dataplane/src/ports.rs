@@ -4,13 +4,39 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The remembered ports.
 #[derive(Debug)]
 pub struct PortBook {
     path: PathBuf,
     range: (u16, u16),
-    ports: BTreeMap<String, u16>,
+    /// Shared with a save on its way to disk, so taking one copies nothing (a change made
+    /// while one is written copies the map then).
+    ports: Arc<BTreeMap<String, u16>>,
+    /// How many keys hold each port (one, unless the file was edited by hand): a free port is
+    /// found by walking these in order, not by collecting every port on each assignment.
+    used: BTreeMap<u16, u32>,
+}
+
+/// The book as it was when [`PortBook::to_save`] was called, to be written off the caller's
+/// thread.
+#[derive(Debug)]
+pub struct BookSave {
+    path: PathBuf,
+    ports: Arc<BTreeMap<String, u16>>,
+}
+
+impl BookSave {
+    /// Writes the book atomically (a file beside it, then a rename).
+    pub fn write(self) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&*self.ports).unwrap_or_default())?;
+        std::fs::rename(&tmp, &self.path)
+    }
 }
 
 /// The book's key of a service port.
@@ -18,10 +44,18 @@ pub fn book_key(ns: &str, svc: &str, port: u16) -> String {
     format!("{ns}/{svc}/{port}")
 }
 
+fn count(ports: &BTreeMap<String, u16>) -> BTreeMap<u16, u32> {
+    let mut used = BTreeMap::new();
+    for p in ports.values() {
+        *used.entry(*p).or_default() += 1;
+    }
+    used
+}
+
 impl PortBook {
     /// Loads the book (an unreadable one starts empty, with a warning).
     pub fn load(path: &Path, range: (u16, u16)) -> PortBook {
-        let ports = match std::fs::read(path) {
+        let ports: BTreeMap<String, u16> = match std::fs::read(path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 tracing::warn!(path = %path.display(), error = %e, "proxy port book unreadable; ports are assigned afresh");
                 BTreeMap::new()
@@ -31,7 +65,8 @@ impl PortBook {
         PortBook {
             path: path.to_path_buf(),
             range,
-            ports,
+            used: count(&ports),
+            ports: Arc::new(ports),
         }
     }
 
@@ -41,17 +76,49 @@ impl PortBook {
     }
 
     /// Gives `key` a port not in `taken` and not remembered for another key (an existing one
-    /// is kept unless it is in `taken`, which holds ports that failed to bind).
+    /// is kept unless it is in `taken`, which holds ports that failed to bind). The lowest
+    /// free port in the range, found in the ports in use below it.
     pub fn assign(&mut self, key: &str, taken: &[u16]) -> Option<u16> {
         if let Some(p) = self.get(key) {
             if !taken.contains(&p) {
                 return Some(p);
             }
         }
-        let used: std::collections::HashSet<u16> = self.ports.values().copied().collect();
-        let p = (self.range.0..=self.range.1).find(|p| !used.contains(p) && !taken.contains(p))?;
-        self.ports.insert(key.to_string(), p);
+        let p = self.lowest_free(taken)?;
+        if let Some(old) = Arc::make_mut(&mut self.ports).insert(key.to_string(), p) {
+            self.release(old);
+        }
+        *self.used.entry(p).or_default() += 1;
         Some(p)
+    }
+
+    fn lowest_free(&self, taken: &[u16]) -> Option<u16> {
+        let (first, last) = (u32::from(self.range.0), u32::from(self.range.1));
+        let free = |c: u32| u16::try_from(c).ok().filter(|c| !taken.contains(c));
+        let mut candidate = first;
+        for p in self
+            .used
+            .range(self.range.0..=self.range.1)
+            .map(|(p, _)| u32::from(*p))
+        {
+            while candidate < p {
+                if let Some(c) = free(candidate) {
+                    return Some(c);
+                }
+                candidate += 1;
+            }
+            candidate = p + 1;
+        }
+        (candidate..=last).find_map(free)
+    }
+
+    fn release(&mut self, port: u16) {
+        if let Some(n) = self.used.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.used.remove(&port);
+            }
+        }
     }
 
     /// How many ports are remembered.
@@ -66,22 +133,35 @@ impl PortBook {
 
     /// Forgets one key's port; returns whether it had one.
     pub fn remove(&mut self, key: &str) -> bool {
-        self.ports.remove(key).is_some()
+        if !self.ports.contains_key(key) {
+            return false;
+        }
+        if let Some(p) = Arc::make_mut(&mut self.ports).remove(key) {
+            self.release(p);
+        }
+        true
     }
 
     /// Forgets keys not in `keep`.
     pub fn retain(&mut self, keep: &std::collections::HashSet<String>) {
-        self.ports.retain(|k, _| keep.contains(k));
+        if self.ports.keys().all(|k| keep.contains(k)) {
+            return;
+        }
+        Arc::make_mut(&mut self.ports).retain(|k, _| keep.contains(k));
+        self.used = count(&self.ports);
     }
 
-    /// Writes the book atomically.
-    pub fn save(&self) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
+    /// The book as it is now, to write where a blocking write does no harm.
+    pub fn to_save(&self) -> BookSave {
+        BookSave {
+            path: self.path.clone(),
+            ports: self.ports.clone(),
         }
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.ports).unwrap_or_default())?;
-        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Writes the book atomically, here and now.
+    pub fn save(&self) -> std::io::Result<()> {
+        self.to_save().write()
     }
 }
 
@@ -103,5 +183,56 @@ mod tests {
         assert_eq!(again.get("b"), Some(30002));
         again.retain(&["b".to_string()].into());
         assert_eq!(again.assign("c", &[]), Some(30000));
+    }
+
+    #[test]
+    fn a_freed_port_is_given_again_lowest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = PortBook::load(&dir.path().join("ports.json"), (30000, 30009));
+        for k in ["a", "b", "c", "d"] {
+            b.assign(k, &[]);
+        }
+        assert_eq!(b.get("d"), Some(30003));
+        assert!(b.remove("b"));
+        assert!(!b.remove("b"), "already forgotten");
+        assert_eq!(b.assign("e", &[]), Some(30001), "the gap below the others");
+        assert_eq!(b.assign("f", &[]), Some(30004), "no gap left: after the highest");
+        // A key moved off a port that failed to bind gives that port back.
+        assert_eq!(b.assign("a", &[30000, 30005]), Some(30006));
+        assert_eq!(b.assign("g", &[]), Some(30000));
+        assert_eq!(
+            b.assign("h", &[30005]),
+            Some(30007),
+            "30005 is taken, 30006 is a's"
+        );
+    }
+
+    #[test]
+    fn a_hand_edited_book_with_a_shared_port_keeps_it_taken_until_both_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ports.json");
+        std::fs::write(&path, r#"{"a": 30000, "b": 30000, "c": 30002}"#).unwrap();
+        let mut b = PortBook::load(&path, (30000, 30003));
+        assert_eq!(b.assign("d", &[]), Some(30001));
+        b.remove("a");
+        assert_eq!(b.assign("e", &[]), Some(30003), "b still holds 30000");
+        b.remove("b");
+        assert_eq!(b.assign("f", &[]), Some(30000));
+        assert_eq!(b.assign("g", &[]), None, "range exhausted");
+    }
+
+    #[test]
+    fn a_save_taken_before_a_change_writes_the_book_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ports.json");
+        let mut b = PortBook::load(&path, (30000, 30003));
+        b.assign("a", &[]);
+        let save = b.to_save();
+        b.assign("b", &[]);
+        save.write().unwrap();
+        let read = PortBook::load(&path, (30000, 30003));
+        assert_eq!((read.get("a"), read.get("b")), (Some(30000), None));
+        b.save().unwrap();
+        assert_eq!(PortBook::load(&path, (30000, 30003)).get("b"), Some(30001));
     }
 }

@@ -171,7 +171,9 @@ fn main() {
     let ports = std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
     for (round, n) in [0usize, 500, 5000].into_iter().enumerate() {
         rt.block_on(fill(&ch, have, n));
-        if ports && n > have {
+        // `BENCH_SETTLE=0` times the casts at once instead: a cast while the data plane is
+        // still opening the fill's listeners.
+        if ports && n > have && std::env::var("BENCH_SETTLE").map_or(true, |v| v != "0") {
             settled.push((n, rt.block_on(settle(&ch, n - 1))));
         }
         have = n;

@@ -46,6 +46,9 @@ use tokio::task::JoinHandle;
 
 use policy::{decide, Decision, Source, SvcKey, Target};
 use ports::{book_key, PortBook};
+
+/// Proxy listeners opened before the data plane lets the other followers of the log run.
+const LISTENERS_PER_TURN: usize = 64;
 use table::Table;
 
 /// Settings of the data plane.
@@ -779,7 +782,12 @@ impl DataPlane {
             }
         }
         let mut changed_book = !forgotten.is_empty();
-        for (k, p) in missing {
+        for (i, (k, p)) in missing.into_iter().enumerate() {
+            // Thousands of listeners at once (a start, a large cast): the views that share the
+            // followers' task answer meanwhile.
+            if i % LISTENERS_PER_TURN == LISTENERS_PER_TURN - 1 {
+                tokio::task::yield_now().await;
+            }
             let bk = book_key(&k.ns, &k.name, p);
             let mut taken = Vec::new();
             loop {

@@ -16,6 +16,7 @@ use rune_proto::v1 as pb;
 use tonic::transport::Channel;
 
 type Ch = tonic::service::interceptor::InterceptedService<Channel, rune_chaos_tests::Bearer>;
+type Api = pb::service_api_client::ServiceApiClient<Ch>;
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
@@ -24,12 +25,11 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 }
 
 /// Casts services `from..to` at scale 0, 100 per request, as the writes bench's spec; with
-/// `BENCH_FILL_PORTS=1` each has a port, as real services do (then dev mode's proxy holds a
-/// listener and a port book entry for each).
-async fn fill(ch: &Ch, from: usize, to: usize) {
+/// `ports` each has a port, as real services do (then dev mode's proxy holds a listener and a
+/// port book entry for each).
+async fn fill(ch: &Ch, from: usize, to: usize, ports: bool) {
     let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
     let names: Vec<usize> = (from..to).collect();
-    let ports = std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
     for chunk in names.chunks(100) {
         let resources = chunk
             .iter()
@@ -53,22 +53,25 @@ async fn fill(ch: &Ch, from: usize, to: usize) {
     }
 }
 
+/// Whether the data plane serves `name`'s port (its proxy port is shown).
+async fn serves_port(c: &mut Api, name: &str) -> bool {
+    c.get_service(pb::GetServiceRequest {
+        namespace: "default".into(),
+        name: name.into(),
+    })
+    .await
+    .is_ok_and(|r| !r.into_inner().proxy_ports.is_empty())
+}
+
 /// Waits until the data plane serves the last filled service's port (the fill's services are
 /// all applied by then, but a proxy listener each may still be opening): the casts are timed
 /// against a settled runed. Returns how long that took after the fill's last write.
 async fn settle(ch: &Ch, last: usize) -> Duration {
     let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
-    let t0 = Instant::now();
+    let (t0, name) = (Instant::now(), format!("fill-{last}"));
     let deadline = t0 + Duration::from_secs(300);
     while Instant::now() < deadline {
-        let s = c
-            .get_service(pb::GetServiceRequest {
-                namespace: "default".into(),
-                name: format!("fill-{last}"),
-            })
-            .await
-            .map(|r| r.into_inner());
-        if s.is_ok_and(|s| !s.proxy_ports.is_empty()) {
+        if serves_port(&mut c, &name).await {
             return t0.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -109,17 +112,8 @@ async fn cast_latency(
             if dns_at.is_none() && common::dns_answers(&sock, dns, &fqdn) {
                 dns_at = Some(t0.elapsed());
             }
-            if dp_at.is_none() {
-                let s = c
-                    .get_service(pb::GetServiceRequest {
-                        namespace: "default".into(),
-                        name: name.clone(),
-                    })
-                    .await
-                    .map(|r| r.into_inner());
-                if s.is_ok_and(|s| !s.proxy_ports.is_empty()) {
-                    dp_at = Some(t0.elapsed());
-                }
+            if dp_at.is_none() && serves_port(&mut c, &name).await {
+                dp_at = Some(t0.elapsed());
             }
         }
         to_dns.push(dns_at.expect("the DNS never answered the new name"));
@@ -170,7 +164,7 @@ fn main() {
     let mut settled = Vec::new();
     let ports = std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
     for (round, n) in [0usize, 500, 5000].into_iter().enumerate() {
-        rt.block_on(fill(&ch, have, n));
+        rt.block_on(fill(&ch, have, n, ports));
         // `BENCH_SETTLE=0` times the casts at once instead: a cast while the data plane is
         // still opening the fill's listeners.
         if ports && n > have && std::env::var("BENCH_SETTLE").map_or(true, |v| v != "0") {

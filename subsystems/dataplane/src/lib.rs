@@ -46,10 +46,10 @@ use tokio::task::JoinHandle;
 
 use policy::{decide, Decision, Source, SvcKey, Target};
 use ports::{book_key, PortBook};
+use table::Table;
 
 /// Proxy listeners opened before the data plane lets the other followers of the log run.
 const LISTENERS_PER_TURN: usize = 64;
-use table::Table;
 
 /// Settings of the data plane.
 #[derive(Debug, Clone)]

@@ -4,14 +4,21 @@
 //! - the time to compute the table's model from the view,
 //! - a full load (the table replaced whole: runed's start, or recovery), median of 5,
 //! - one service's change (its endpoints gone and its policy moved, then back) applied as a
-//!   delta, p50/p99 of 40, with how many commands the delta holds,
+//!   delta, p50/p99 of 40, with how many commands the delta holds, and what is computed
+//!   before a change is loaded, p50: the data plane's way (its kept model brought up to date
+//!   with the changed service, and the patch turned into commands) beside the earlier way
+//!   (the view's whole model, compared with and diffed against the loaded one),
 //! - reading the drop counts (the two drop sets listed), median of 10.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
+use rune_dataplane::live::Live;
 use rune_dataplane::nft::{self, Model};
+use rune_dataplane::policy::SvcKey;
 use rune_dataplane::testing::{change_one, synthetic};
 
 const TABLE: &str = "runebench";
@@ -40,9 +47,10 @@ fn main() {
         .expect("runtime");
     let lib = nft::Nft::open().expect("libnftables (Debian's nftables)");
     println!("nftables programming, one network namespace, one run\n");
-    println!("| services | model µs | full load ms | one change p50 ms | p99 ms | commands per change | read counters ms |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|");
-    for n in [10, 100, 1000] {
+    println!("| services | model µs | full load ms | one change p50 ms | p99 ms | commands per change | kept model's patch per change p50 µs | whole model and delta per change p50 µs | read counters ms |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    // 5,000: how the per-change work grows past the sizes.
+    for n in [10, 100, 1000, 5000] {
         let (t, ports) = synthetic(n);
         let started = Instant::now();
         let base = Model::of(&t, &ports, RANGE);
@@ -56,16 +64,38 @@ fn main() {
             })
             .collect();
         let mut changes = Vec::new();
+        let mut computes = Vec::new();
+        let mut patches = Vec::new();
+        let mut live = Live::build(&t, &ports, RANGE);
         let mut commands = 0;
         let mut current = base.clone();
         for round in 0..40 {
             let i = (round / 2 * 7) % n;
-            let next = if round.is_multiple_of(2) {
-                Model::of(&change_one(&t, i, 0), &ports, RANGE)
+            let view = if round.is_multiple_of(2) {
+                change_one(&t, i, 0)
             } else {
-                base.clone()
+                t.clone()
             };
-            let cmds = nft::delta(TABLE, &current, &next);
+            // As `DataPlane::program` does for each change: the kept model's patch.
+            let started = Instant::now();
+            let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
+            let patch = live.update(&view, Some(&changed), &ports);
+            let cmds = nft::delta_patch(TABLE, &patch);
+            patches.push(started.elapsed());
+            // The earlier way: the whole model, then its difference from the loaded one.
+            let started = Instant::now();
+            let next = Model::of(&view, &ports, RANGE);
+            let whole = if next == current {
+                Vec::new()
+            } else {
+                nft::delta(TABLE, &current, &next)
+            };
+            computes.push(started.elapsed());
+            assert_eq!(
+                nft::encode(cmds.clone()).ok(),
+                nft::encode(whole).ok(),
+                "the patch and the whole models' difference agree"
+            );
             commands = commands.max(cmds.len());
             let started = Instant::now();
             rt.block_on(nft::apply(&lib, cmds)).expect("delta");
@@ -96,10 +126,12 @@ fn main() {
             );
         }
         println!(
-            "| {n} | {model_us:.0} | {:.1} | {:.2} | {:.2} | {commands} | {:.2} |",
+            "| {n} | {model_us:.0} | {:.1} | {:.2} | {:.2} | {commands} | {:.0} | {:.0} | {:.2} |",
             ms(pct(&mut loads, 0.5)),
             ms(pct(&mut changes, 0.5)),
             ms(pct(&mut changes, 0.99)),
+            pct(&mut patches, 0.5).as_secs_f64() * 1e6,
+            pct(&mut computes, 0.5).as_secs_f64() * 1e6,
             ms(pct(&mut reads, 0.5)),
         );
     }

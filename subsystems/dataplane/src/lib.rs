@@ -21,6 +21,7 @@
 
 pub mod gateway;
 mod libnft;
+pub mod live;
 pub mod nft;
 pub mod owner;
 pub mod policy;
@@ -212,8 +213,16 @@ impl Stats {
 
 struct Kernel {
     status: KernelStatus,
-    /// The model this runed last loaded. What the kernel holds while `status.enforcing`;
-    /// after a failure, still what its drop counts are attributed by.
+    /// The view's model, kept per change (see [`live`]).
+    live: live::Live,
+    /// The services changed since `live` was last brought up to date (all, at first).
+    pending: Pending,
+    /// Whether the kernel holds `live`'s model (as of its last update): then a change is
+    /// its patch, and drops are attributed by it.
+    live_loaded: bool,
+    /// Otherwise the model this runed last loaded: what the kernel holds while
+    /// `status.enforcing` (a stale view's, every VIP left to the proxy); after a failure,
+    /// still what its drop counts are attributed by.
     model: Option<Arc<nft::Model>>,
     /// Drops by policy carried over from addresses whose counts were deleted (they left their
     /// policy, or the table was loaded whole).
@@ -222,7 +231,6 @@ struct Kernel {
     read: nft::Drops,
     /// Bumped by every load, so a reading of a table that was replaced meanwhile is dropped.
     generation: u64,
-    counters: Vec<nft::CounterKey>,
     /// The VIPs the loaded table redirects (a failed load leaves the old table, and these).
     vips: HashSet<Ipv4Addr>,
     /// When to load the table again although nothing changed: after a failed load (with
@@ -234,9 +242,47 @@ struct Kernel {
     failures: u32,
 }
 
+impl Kernel {
+    /// The model whose drops the kernel counts: the one it holds, or held last.
+    fn counting(&self) -> Option<&nft::Model> {
+        if self.live_loaded {
+            Some(self.live.model())
+        } else {
+            self.model.as_deref()
+        }
+    }
+}
+
+/// Services changed since the kernel's model was last brought up to date.
+enum Pending {
+    /// Every service (at start, and after a view rebuilt whole).
+    All,
+    /// These.
+    Some(BTreeSet<SvcKey>),
+}
+
+impl Pending {
+    fn add(&mut self, changed: Option<&BTreeSet<SvcKey>>) {
+        match (&mut *self, changed) {
+            (Pending::Some(s), Some(c)) => s.extend(c.iter().cloned()),
+            (_, None) => *self = Pending::All,
+            (Pending::All, Some(_)) => {}
+        }
+    }
+}
+
 struct Listener {
     port: u16,
     task: JoinHandle<()>,
+}
+
+/// The proxy's ports, as the kernel's model asks for them.
+struct ListenerPorts<'a>(&'a HashMap<(SvcKey, u16), Listener>);
+
+impl live::ProxyPorts for ListenerPorts<'_> {
+    fn proxy_port(&self, svc: &SvcKey, port: u16) -> Option<u16> {
+        self.0.get(&(svc.clone(), port)).map(|l| l.port)
+    }
 }
 
 /// Dev mode's listeners for containers (no nftables redirects VIPs there).
@@ -347,11 +393,13 @@ impl DataPlane {
                     last_program: Duration::ZERO,
                     kernel_forwarded: KernelForwarded::default(),
                 },
+                live: live::Live::new(cfg.port_range),
+                pending: Pending::All,
+                live_loaded: false,
                 model: None,
                 carried: BTreeMap::new(),
                 read: nft::Drops::new(),
                 generation: 0,
-                counters: Vec::new(),
                 vips: HashSet::new(),
                 retry_at: nft.is_ok().then(Instant::now),
                 failures: 0,
@@ -457,8 +505,9 @@ impl DataPlane {
             .map(|m| m.iter().map(|((k, p, r), n)| (k.clone(), *p, *r, *n)).collect())
             .unwrap_or_default();
         if let Ok(k) = self.kernel.lock() {
-            let live = k.model.as_ref().map(|m| m.tally(&k.read)).unwrap_or_default();
-            for c in &k.counters {
+            let counting = k.counting();
+            let live = counting.map(|m| m.tally(&k.read)).unwrap_or_default();
+            for c in counting.map(|m| m.counters()).unwrap_or_default() {
                 let name = nft::counter_name(&c.service, c.direction);
                 let n = k.carried.get(&name).copied().unwrap_or(0) + live.get(&name).copied().unwrap_or(0);
                 out.push((c.service.clone(), c.direction, "kernel", n));
@@ -636,6 +685,9 @@ impl DataPlane {
         self.sync_listeners(&table, changed).await;
         self.sync_container_listeners(&table, changed).await;
         if self.cfg.kernel {
+            if let Ok(mut k) = self.kernel.lock() {
+                k.pending.add(changed);
+            }
             self.program().await;
         }
     }
@@ -839,38 +891,15 @@ impl DataPlane {
         }
     }
 
-    /// Each served service port's proxy port, for the kernel's redirects.
-    fn proxy_port_map(&self) -> BTreeMap<(SvcKey, u16), u16> {
-        self.listeners
-            .lock()
-            .map(|ls| ls.iter().map(|(k, l)| (k.clone(), l.port)).collect())
-            .unwrap_or_default()
-    }
-
-    /// Brings the kernel's table to the current view: only what changed when the table is
-    /// one this runed loaded, the whole table otherwise (at start, after a failure, or when a
-    /// change is refused because the table was touched from outside). The view is read under
-    /// the lock, so of two callers the later never loads an older view than the earlier.
+    /// Brings the kernel's table to the current view. The view's model is brought up to date
+    /// with the services changed since (see [`live`]); while the kernel holds that model, the
+    /// change is loaded as its patch, whatever the number of services. The table is loaded
+    /// whole at start, after a failure, and when a change is refused because the table was
+    /// touched from outside; a stale view's (every VIP left to the proxy) is loaded as the
+    /// difference of two whole models. The view is read under the lock, so of two callers the
+    /// later never loads an older view than the earlier.
     async fn program(&self) {
         let _one = self.programming.lock().await;
-        let t = self.table();
-        let ports = self.proxy_port_map();
-        let model = nft::Model::of(&t, &ports, self.cfg.port_range);
-        // Fail closed: a stale view's VIPs all go to the proxy, which refuses new connections.
-        let stale = self.stale();
-        let model = if stale { model.proxied() } else { model };
-        let vips: HashSet<Ipv4Addr> = t.services.values().filter_map(|s| s.vip).collect();
-        let loaded = {
-            let Ok(mut k) = self.kernel.lock() else { return };
-            // The loaded table is already this model (a service without ports adds nothing):
-            // it carries this view's VIPs as it is.
-            if k.status.enforcing && k.model.as_deref() == Some(&model) {
-                k.vips = vips;
-                self.withheld.store(stale, Ordering::Relaxed);
-                return;
-            }
-            k.model.clone().filter(|_| k.status.enforcing)
-        };
         let nft = match &self.nft {
             Ok(n) => n,
             Err(e) => {
@@ -878,24 +907,115 @@ impl DataPlane {
                     kernel_off(&mut k, e, Duration::ZERO);
                     // No library or no context: trying again cannot help.
                     k.retry_at = None;
+                    k.pending = Pending::All;
                 }
                 return;
             }
         };
+        let t = self.table();
+        // Fail closed: a stale view's VIPs all go to the proxy, which refuses new connections.
+        let stale = self.stale();
+        let patch = {
+            let Ok(mut guard) = self.kernel.lock() else { return };
+            let k = &mut *guard;
+            let pending = std::mem::replace(&mut k.pending, Pending::Some(BTreeSet::new()));
+            let changed = match &pending {
+                Pending::All => None,
+                Pending::Some(s) => Some(s),
+            };
+            let Ok(listeners) = self.listeners.lock() else {
+                return;
+            };
+            let patch = k.live.update(&t, changed, &ListenerPorts(&listeners));
+            if k.status.enforcing && k.live_loaded && !stale && patch.is_empty() {
+                // A service without ports adds nothing to the table, but its VIP is carried.
+                for v in &patch.vips.0 {
+                    k.vips.remove(v);
+                }
+                k.vips.extend(&patch.vips.1);
+                self.withheld.store(false, Ordering::Relaxed);
+                return;
+            }
+            patch
+        };
         let table = &self.cfg.nft_table;
-        let started = Instant::now();
-        // Drop counts the change deletes (those of addresses leaving their policy; all of them
-        // in a whole load) are read first, to be carried.
-        let leaving = loaded.as_ref().map(|old| old.leaving(&model)).unwrap_or_default();
-        let mut whole = loaded.is_none();
         // A failed reading falls back to the last one: fewer drops carried, none lost twice.
         let last_read = || self.kernel.lock().map(|k| k.read.clone()).unwrap_or_default();
+        let patchable = self
+            .kernel
+            .lock()
+            .is_ok_and(|k| k.status.enforcing && k.live_loaded && !stale);
+        let mut refused = false;
+        if patchable {
+            // Drop counts the patch deletes (of addresses leaving their policy) are read
+            // first, to be carried.
+            let leaving = patch.before.leaving(&patch.after);
+            let before = if leaving.is_empty() {
+                nft::Drops::new()
+            } else {
+                nft::drops(nft, table).await.unwrap_or_else(|_| last_read())
+            };
+            let started = Instant::now();
+            match nft::apply(nft, nft::delta_patch(table, &patch)).await {
+                Ok(()) => {
+                    let took = started.elapsed();
+                    let Ok(mut k) = self.kernel.lock() else { return };
+                    carry(&mut k, &before, leaving);
+                    for v in &patch.vips.0 {
+                        k.vips.remove(v);
+                    }
+                    k.vips.extend(&patch.vips.1);
+                    let m = k.live.model();
+                    k.status.kernel_forwarded = KernelForwarded {
+                        from_containers: m.fast_pre.len(),
+                        from_host: m.fast_out.len(),
+                    };
+                    k.status.last_program = took;
+                    self.withheld.store(false, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an incremental nftables change was refused; loading the table whole");
+                    refused = true;
+                }
+            }
+        }
+        let (model, loaded) = {
+            let Ok(k) = self.kernel.lock() else { return };
+            let model = k.live.model().clone();
+            let model = if stale { model.proxied() } else { model };
+            // What the kernel holds: the live model before this patch, or the last loaded.
+            let loaded = if k.live_loaded {
+                Some(Arc::new(patch.undo(k.live.model())))
+            } else {
+                k.model.clone()
+            };
+            (model, loaded)
+        };
+        let vips: HashSet<Ipv4Addr> = t.services.values().filter_map(|s| s.vip).collect();
+        let enforcing = self.kernel.lock().is_ok_and(|k| k.status.enforcing);
+        if enforcing && !refused && loaded.as_deref() == Some(&model) {
+            if let Ok(mut k) = self.kernel.lock() {
+                k.vips = vips;
+            }
+            self.withheld.store(stale, Ordering::Relaxed);
+            return;
+        }
+        let started = Instant::now();
+        // The drops of a change that deletes entries (of addresses leaving their policy; all
+        // of them in a whole load) are read first, to be carried.
+        let diff_from = loaded.clone().filter(|_| enforcing && !refused);
+        let leaving = diff_from
+            .as_ref()
+            .map(|old| old.leaving(&model))
+            .unwrap_or_default();
+        let mut whole = diff_from.is_none();
         let mut before = if whole || !leaving.is_empty() {
             nft::drops(nft, table).await.unwrap_or_else(|_| last_read())
         } else {
             nft::Drops::new()
         };
-        let mut r = match &loaded {
+        let mut r = match &diff_from {
             Some(old) => nft::apply(nft, nft::delta(table, old, &model)).await,
             None => nft::apply(nft, nft::full(table, &model)).await,
         };
@@ -909,29 +1029,22 @@ impl DataPlane {
         let Ok(mut k) = self.kernel.lock() else { return };
         match r {
             Ok(()) => {
-                let carry: Vec<(&'static str, Ipv4Addr, String)> = match (whole, &k.model) {
-                    (false, _) => leaving,
-                    // Every count restarted: the model that counted them (the last one loaded,
-                    // even if a change failed since) says whose they were.
-                    (true, Some(old)) => before
-                        .keys()
-                        .filter_map(|(d, ip)| old.policy_of(d, *ip).map(|c| (*d, *ip, c.clone())))
-                        .collect(),
-                    (true, None) => Vec::new(),
-                };
-                for (direction, ip, chain) in &carry {
-                    if let Some(n) = before.get(&(*direction, *ip)) {
-                        *k.carried.entry(chain.clone()).or_default() += n;
-                    }
-                    k.read.remove(&(*direction, *ip));
-                }
                 if whole {
-                    // Every count restarted, including any the reading before missed.
+                    // Every count restarted: the model that counted them (the last one
+                    // loaded, even if a change failed since) says whose they were.
+                    let carried = match &loaded {
+                        Some(old) => before
+                            .keys()
+                            .filter_map(|(d, ip)| old.policy_of(d, *ip).map(|c| (*d, *ip, c.clone())))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    carry(&mut k, &before, carried);
+                    // Including any the reading before missed.
                     k.read.clear();
-                }
-                if !carry.is_empty() || whole {
-                    // A reading taken before this change may hold counts now deleted.
                     k.generation += 1;
+                } else {
+                    carry(&mut k, &before, leaving);
                 }
                 if !k.status.enforcing {
                     tracing::info!(table = %table, took_ms = took.as_millis() as u64, "nftables programmed; the kernel enforces policy");
@@ -945,8 +1058,9 @@ impl DataPlane {
                         from_host: model.fast_out.len(),
                     },
                 };
-                k.counters = model.counters();
-                k.model = Some(Arc::new(model));
+                // A fresh view's model is the live one: from now on changes are its patches.
+                k.live_loaded = !stale;
+                k.model = stale.then(|| Arc::new(model));
                 k.vips = vips;
                 k.retry_at = None;
                 k.failures = 0;
@@ -954,6 +1068,11 @@ impl DataPlane {
             }
             Err(e) => {
                 kernel_off(&mut k, &e, took);
+                // The last model loaded stays, to attribute the drops counted under it.
+                if k.live_loaded {
+                    k.live_loaded = false;
+                    k.model = loaded;
+                }
                 // The kernel keeps the last table loaded (old endpoints, old policy) until a
                 // load succeeds, so one is tried again even if the view never changes.
                 k.failures = k.failures.saturating_add(1);
@@ -967,6 +1086,22 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// Carries the drops `read` counted at addresses whose entries a load deletes (`gone`:
+/// direction, address, the policy they counted for) to their policies, so the totals stay.
+fn carry(k: &mut Kernel, read: &nft::Drops, gone: Vec<(&'static str, Ipv4Addr, String)>) {
+    if gone.is_empty() {
+        return;
+    }
+    for (direction, ip, chain) in gone {
+        if let Some(n) = read.get(&(direction, ip)) {
+            *k.carried.entry(chain).or_default() += n;
+        }
+        k.read.remove(&(direction, ip));
+    }
+    // A reading taken before this change may hold counts now deleted.
+    k.generation += 1;
 }
 
 /// Records that the kernel does not enforce, and why. Said once per change: losing
@@ -1066,7 +1201,10 @@ async fn read_counters(dp: std::sync::Weak<DataPlane>) {
         let Some(d) = dp.upgrade() else { return };
         // Read only for a reader (a scrape of /metrics): its next look sees counts at most one
         // period older than the look before.
-        let has_counters = d.kernel.lock().is_ok_and(|k| !k.counters.is_empty());
+        let has_counters = d
+            .kernel
+            .lock()
+            .is_ok_and(|k| k.counting().is_some_and(|m| !m.policies.is_empty()));
         if d.kernel_status().enforcing && has_counters && d.counters_wanted.swap(false, Ordering::Relaxed) {
             d.refresh_counters().await;
         }

@@ -56,6 +56,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 pub use crate::libnft::Nft;
 
+use crate::live::Patch;
 use crate::policy::{ports_of, PeerMatch, Rule as PolicyRule, SvcKey};
 use crate::table::{Mode, Table};
 
@@ -119,7 +120,7 @@ pub struct Allowed {
 impl Allowed {
     /// Allows `peers` (addresses or networks) to or from `guarded` on `ports` (`None`: every
     /// port; empty: none). IPv6 peers are left out: the table sees IPv4 traffic only.
-    fn allow(&mut self, guarded: Ipv4Addr, peers: &[String], ports: &Option<Vec<u16>>) {
+    pub(crate) fn allow(&mut self, guarded: Ipv4Addr, peers: &[String], ports: &Option<Vec<u16>>) {
         if ports.as_ref().is_some_and(Vec::is_empty) {
             return;
         }
@@ -266,7 +267,7 @@ pub const FAST_MAX: usize = 16;
 /// node (another node's address means something only there), balanced round robin (the
 /// kernel picks at random; fewest-connections needs the proxy's counts), at most
 /// [`FAST_MAX`] of them. Sorted, so equal views give equal models.
-fn kernel_backends(svc: &crate::table::Svc, port: u16) -> Option<Vec<(Ipv4Addr, u16)>> {
+pub(crate) fn kernel_backends(svc: &crate::table::Svc, port: u16) -> Option<Vec<(Ipv4Addr, u16)>> {
     if svc.mode != Mode::RoundRobin || svc.endpoints.len() > FAST_MAX {
         return None;
     }
@@ -284,125 +285,11 @@ fn kernel_backends(svc: &crate::table::Svc, port: u16) -> Option<Vec<(Ipv4Addr, 
     (!out.is_empty()).then_some(out)
 }
 
-/// Names the policy that counts `ip`'s drops. Two services may list one container address (a
-/// stale record beside a live instance): the greatest key keeps it, as the walk in key order
-/// this replaced left it and as the view's own address owner is chosen, so the name does not
-/// flip with the order of a hashed map (which would reset its counter for nothing).
-fn name_address(
-    names: &mut BTreeMap<Ipv4Addr, String>,
-    policies: &BTreeMap<String, CounterKey>,
-    ip: Ipv4Addr,
-    name: &str,
-    key: &SvcKey,
-) {
-    let held_by_greater = names
-        .get(&ip)
-        .and_then(|n| policies.get(n))
-        .is_some_and(|held| held.service > *key);
-    if !held_by_greater {
-        names.insert(ip, name.to_string());
-    }
-}
-
 impl Model {
     /// What the table should hold for this view and these proxy ports.
     pub fn of(t: &Table, proxy_ports: &BTreeMap<(SvcKey, u16), u16>, range: (u16, u16)) -> Model {
-        let mut m = Model {
-            range,
-            ..Model::default()
-        };
-        // Only the proxy can tell this host's processes apart (by their sockets), so this
-        // host's own traffic goes through it while any of them is held to an egress policy.
-        let host_egress = t
-            .by_pgid
-            .values()
-            .any(|k| t.services.get(k).is_some_and(|s| s.policy.egress.is_some()));
-        // In any order: what the model keys on here (a VIP, a policy's name) belongs to one
-        // service, and the rest are sets. A container address may be named by two services
-        // (a stale record beside a live instance): `name_address` settles that by key.
-        for svc in t.services.values() {
-            let Some(vip) = svc.vip else { continue };
-            for (_, port) in svc.tcp_ports() {
-                match proxy_ports.get(&(svc.key.clone(), port)) {
-                    Some(pp) if svc.mode != Mode::None && !svc.endpoints.is_empty() => {
-                        m.vip_ports.insert((vip, port), *pp);
-                        let Some(eps) = kernel_backends(svc, port) else {
-                            continue;
-                        };
-                        // Containers' traffic met its policy in the kernel before NAT;
-                        // a loopback address is no place to send it.
-                        let pre = eps.iter().all(|(ip, _)| !ip.is_loopback());
-                        // This host's traffic: only where no policy needs its source named.
-                        let out = svc.policy.ingress.is_none() && !host_egress;
-                        if pre {
-                            m.fast_pre.insert((vip, port), eps.len());
-                        }
-                        if out {
-                            m.fast_out.insert((vip, port), eps.len());
-                        }
-                        if pre || out {
-                            m.backends.insert((vip, port), eps);
-                        }
-                    }
-                    _ => {
-                        m.refused.insert((vip, port));
-                    }
-                }
-            }
-        }
-        if !m.fast_pre.is_empty() {
-            m.fast_sources = t
-                .services
-                .values()
-                .flat_map(|s| s.local_ips.iter().filter_map(v4))
-                .collect();
-        }
-        for svc in t.services.values() {
-            if let Some(rules) = &svc.policy.egress {
-                let from: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).collect();
-                if !from.is_empty() {
-                    let name = m.add_policy(svc, "egress");
-                    for r in rules {
-                        for (_, peer) in &r.peers {
-                            // Port names resolve against the destination service's ports.
-                            let dest_ports = match peer {
-                                PeerMatch::Service(k) => {
-                                    t.services.get(k).map(|s| s.ports.clone()).unwrap_or_default()
-                                }
-                                _ => Vec::new(),
-                            };
-                            let ports = ports_of(r, &dest_ports);
-                            let peers = peer_addrs(t, peer, true);
-                            for g in &from {
-                                m.egress.allow(*g, &peers, &ports);
-                            }
-                        }
-                    }
-                    for ip in from {
-                        name_address(&mut m.egress_from, &m.policies, ip, &name, &svc.key);
-                    }
-                }
-            }
-            if let Some(rules) = &svc.policy.ingress {
-                let guarded: Vec<Ipv4Addr> = svc.local_ips.iter().filter_map(v4).chain(svc.vip).collect();
-                if !guarded.is_empty() {
-                    let name = m.add_policy(svc, "ingress");
-                    for r in rules {
-                        let ports = ingress_ports(svc, r);
-                        for (_, peer) in &r.peers {
-                            let peers = peer_addrs(t, peer, false);
-                            for g in &guarded {
-                                m.ingress.allow(*g, &peers, &ports);
-                            }
-                        }
-                    }
-                    for ip in guarded {
-                        name_address(&mut m.ingress_to, &m.policies, ip, &name, &svc.key);
-                    }
-                }
-            }
-        }
-        m
+        // One way to build it: the same shares the data plane keeps per change.
+        crate::live::Live::build(t, proxy_ports, range).into_model()
     }
 
     /// This model with every `VIP . port` left to the proxy: while the view is stale the
@@ -420,17 +307,6 @@ impl Model {
     /// neighbour on its bridge, or to itself.
     fn fast_vips(&self) -> BTreeSet<Ipv4Addr> {
         self.fast_pre.keys().map(|(vip, _)| *vip).collect()
-    }
-
-    /// Records a service's policy in `direction`; returns the name its drops count under.
-    fn add_policy(&mut self, svc: &crate::table::Svc, direction: &'static str) -> String {
-        let name = counter_name(&svc.key, direction);
-        let key = CounterKey {
-            service: svc.key.clone(),
-            direction,
-        };
-        self.policies.insert(name.clone(), key);
-        name
     }
 
     /// The policies the model holds, for reporting the kernel's drops.
@@ -502,7 +378,7 @@ const DROP_SET_SIZE: u32 = 65_536;
 
 /// The ports an ingress rule allows: the service ports it names (reached through the VIP) and
 /// where the instances listen for them (reached directly).
-fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<Vec<u16>> {
+pub(crate) fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<Vec<u16>> {
     ports_of(r, &svc.ports).map(|list| {
         let mut all = list.clone();
         for p in &svc.ports {
@@ -516,7 +392,7 @@ fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<Vec<u16>> {
     })
 }
 
-fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
+pub(crate) fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
     match ip {
         IpAddr::V4(v) => Some(*v),
         IpAddr::V6(_) => None,
@@ -565,7 +441,7 @@ fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
 }
 
 /// Addresses a peer stands for on this node: the containers of a service or namespace, a CIDR.
-fn peer_addrs(t: &Table, m: &PeerMatch, with_vips: bool) -> Vec<String> {
+pub(crate) fn peer_addrs(t: &Table, m: &PeerMatch, with_vips: bool) -> Vec<String> {
     let svc_addrs = |k: &SvcKey| -> Vec<String> {
         let Some(s) = t.services.get(k) else {
             return Vec::new();
@@ -653,6 +529,28 @@ pub fn full(table: &str, m: &Model) -> Vec<NfObject<'static>> {
 /// drop counts of addresses that
 /// leave their policy ([`Model::leaving`]) are deleted, so a reused address starts from zero.
 pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
+    let lengths = [
+        (old.ingress.lengths(), new.ingress.lengths()),
+        (old.egress.lengths(), new.egress.lengths()),
+    ];
+    delta_in(table, old, new, &lengths)
+}
+
+/// Commands that carry out a [`Patch`] of the loaded table: [`delta`] over the touched
+/// elements alone, with the prefix lengths of the whole table, so a change costs what it
+/// touched, whatever the number of services.
+pub fn delta_patch(table: &str, p: &Patch) -> Vec<NfObject<'static>> {
+    delta_in(table, &p.before, &p.after, &p.lengths)
+}
+
+/// [`delta`], told each direction's prefix lengths (ingress, egress) before and after: the
+/// models may hold only the elements that changed.
+fn delta_in(
+    table: &str,
+    old: &Model,
+    new: &Model,
+    lengths: &[(BTreeSet<u8>, BTreeSet<u8>); 2],
+) -> Vec<NfObject<'static>> {
     let b = Build::new(table);
     let mut cmds = Vec::new();
     let del = |o: NfListObject<'static>| NfObject::CmdObject(NfCmd::Delete(o));
@@ -733,15 +631,18 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
         }
     }
     let mut new_lengths = Vec::new();
-    for (direction, o, n) in [
+    for (i, (direction, o, n)) in [
         ("ingress", &old.ingress, &new.ingress),
         ("egress", &old.egress, &new.egress),
-    ] {
-        if o == n {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (was, now) = &lengths[i];
+        if o == n && was == now {
             continue;
         }
         let d = short(direction);
-        let (was, now) = (o.lengths(), n.lengths());
         for (set, gone) in o.minus(n, d) {
             // The sets of a length no longer used are deleted whole below.
             if !set.starts_with(&format!("{d}_net")) || now.iter().any(|l| set_is_of(&set, d, *l)) {
@@ -755,12 +656,12 @@ pub fn delta(table: &str, old: &Model, new: &Model) -> Vec<NfObject<'static>> {
             cmds.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
                 b.chain(direction),
             ))));
-            cmds.extend(b.allow_sets(d, Some(&was), Some(&now)));
+            cmds.extend(b.allow_sets(d, Some(was), Some(now)));
             new_lengths.push((direction, now));
         }
     }
     for (direction, lengths) in new_lengths {
-        for r in b.policy_rules(direction, &lengths) {
+        for r in b.policy_rules(direction, lengths) {
             cmds.push(add(NfListObject::Rule(b.rule(direction, r))));
         }
     }
@@ -1460,31 +1361,6 @@ mod tests {
         (t, BTreeMap::from([((key, 80), 20_000)]))
     }
 
-    /// Two services listing one container address (a stale record beside a live instance):
-    /// whichever the hashed map yields first, the greatest key names its drops.
-    #[test]
-    fn a_shared_container_address_is_named_by_the_greatest_key_in_any_order() {
-        let (a, b) = (SvcKey::new("default", "a"), SvcKey::new("default", "b"));
-        let policies: BTreeMap<String, CounterKey> = [&a, &b]
-            .into_iter()
-            .map(|k| {
-                let key = CounterKey {
-                    service: k.clone(),
-                    direction: "egress",
-                };
-                (counter_name(k, "egress"), key)
-            })
-            .collect();
-        let at = ip("172.17.0.5");
-        for order in [[&a, &b], [&b, &a]] {
-            let mut names = BTreeMap::new();
-            for k in order {
-                name_address(&mut names, &policies, at, &counter_name(k, "egress"), k);
-            }
-            assert_eq!(names.get(&at), Some(&counter_name(&b, "egress")));
-        }
-    }
-
     #[test]
     fn the_kernel_forwards_what_needs_no_proxy() {
         let range = (20_000, 21_999);
@@ -1566,6 +1442,7 @@ mod tests {
             std::sync::Arc::make_mut(svc).policy = crate::policy::compile("default", Some(&np));
         }
         t.by_pgid.insert(4242, SvcKey::new("default", "s"));
+        t.any_egress = true;
         let m = Model::of(&t, &ports, range);
         assert_eq!(m.fast_pre.get(&k), Some(&1));
         assert!(m.fast_out.is_empty());

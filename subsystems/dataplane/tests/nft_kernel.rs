@@ -2,10 +2,11 @@
 //! applied as a delta leaves exactly the table a full load of the same view gives, and a delta
 //! for one service touches only that service's entries. Needs root and Debian's nftables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
+use rune_dataplane::live::Live;
 use rune_dataplane::nft::{self, Model};
 use rune_dataplane::policy::SvcKey;
 use rune_dataplane::testing::{change_one, synthetic};
@@ -230,6 +231,61 @@ fn deltas_leave_the_table_a_full_load_gives() {
         nft::delta(TABLE, &current, &current).is_empty(),
         "no change, no command"
     );
+}
+
+/// The data plane's way: a model kept per change, each change loaded as its patch (the
+/// touched elements alone), leaves the table a full load of the same view gives.
+#[test]
+fn patches_leave_the_table_a_full_load_gives() {
+    let _ns = Netns::enter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (t, ports) = synthetic(30);
+    let changed = change_one(&t, 3, 0);
+    let mut fewer = changed.clone();
+    fewer.services.remove(&SvcKey::new("bench", "s5"));
+    let mut fewer_ports = ports.clone();
+    fewer_ports.remove(&(SvcKey::new("bench", "s5"), 80));
+    let (more, more_ports) = synthetic(40);
+    let nested = with_nested_networks(&changed, 4);
+    let steps = [
+        ("nested and overlapping networks, every port", &nested, &ports),
+        ("one service changed", &changed, &ports),
+        ("one service gone", &fewer, &fewer_ports),
+        ("ten services added", &more, &more_ports),
+        (
+            "every service gone",
+            &rune_dataplane::table::Table::default(),
+            &BTreeMap::new(),
+        ),
+        ("all back", &t, &ports),
+    ];
+    let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
+    let mut live = Live::build(&t, &ports, RANGE);
+    rt.block_on(nft::apply(&n, nft::full(TABLE, live.model())))
+        .expect("full load");
+    let mut before: BTreeSet<SvcKey> = t.services.keys().cloned().collect();
+    for (what, view, ports) in steps {
+        // Every service of both views is named changed: each share is computed again, and
+        // the patch holds only what differs.
+        let now: BTreeSet<SvcKey> = view.services.keys().cloned().collect();
+        let changed: BTreeSet<SvcKey> = before.union(&now).cloned().collect();
+        let patch = live.update(view, Some(&changed), ports);
+        assert_eq!(live.model(), &Model::of(view, ports, RANGE), "{what}");
+        rt.block_on(nft::apply(&n, nft::delta_patch(TABLE, &patch)))
+            .unwrap_or_else(|e| panic!("{what}: patch refused: {e}"));
+        let by_patch = listed();
+        rt.block_on(nft::apply(&n, nft::full(TABLE, live.model())))
+            .expect("full load");
+        assert_eq!(
+            by_patch,
+            listed(),
+            "{what}: the patch's table differs from a full load's"
+        );
+        before = now;
+    }
 }
 
 #[test]

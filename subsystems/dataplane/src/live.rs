@@ -1,0 +1,997 @@
+//! The kernel table's [`Model`] kept service by service, so that a change costs what it
+//! touches: each service's share of the model (its `VIP . port` elements, its policies' set
+//! elements, its containers' addresses) is computed from the view alone, the model is the
+//! union of the shares (elements two services both add are counted), and a change
+//! recomputes the shares of the services it touched and of those whose policies name them.
+//! What changed comes out as a [`Patch`]: the elements before and after, which
+//! [`crate::nft::delta_patch`] turns into one transaction, as kube-proxy's nftables mode
+//! updates its maps element by element.
+//!
+//! [`Model::of`] is built the same way, from every share at once, so the two cannot drift;
+//! the tests check that a model kept through random changes equals one built afresh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hash;
+use std::net::Ipv4Addr;
+
+use crate::nft::{counter_name, kernel_backends, peer_addrs, v4, Allowed, CounterKey, Model, PeerNet};
+use crate::policy::{ports_of, PeerMatch, SvcKey};
+use crate::table::{Mode, Svc, Table};
+
+type VipPort = (Ipv4Addr, u16);
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
+/// Where the proxy listens for a service port, if it does.
+pub trait ProxyPorts {
+    /// The proxy port serving `port` of `svc`.
+    fn proxy_port(&self, svc: &SvcKey, port: u16) -> Option<u16>;
+}
+
+impl ProxyPorts for BTreeMap<(SvcKey, u16), u16> {
+    fn proxy_port(&self, svc: &SvcKey, port: u16) -> Option<u16> {
+        self.get(&(svc.clone(), port)).copied()
+    }
+}
+
+/// What one service adds to the model.
+#[derive(Debug, Clone, Default)]
+struct Share {
+    /// Its `VIP . port` keys, and what the maps keyed by them hold for it.
+    keys: Vec<VipPort>,
+    vip_ports: Vec<(VipPort, u16)>,
+    refused: Vec<VipPort>,
+    fast_pre: Vec<(VipPort, usize)>,
+    fast_out: Vec<(VipPort, usize)>,
+    backends: Vec<(VipPort, Vec<(Ipv4Addr, u16)>)>,
+    /// Its local containers (`fast_sources`, while anything is kernel-forwarded).
+    sources: Vec<Ipv4Addr>,
+    /// By direction (0 ingress, 1 egress): what its policy allows, the addresses it guards
+    /// or holds, and the name its drops count under.
+    allowed: [Allowed; 2],
+    guarded: [Vec<Ipv4Addr>; 2],
+    policies: Vec<(String, CounterKey)>,
+    /// What its rules name: a change to these changes this share.
+    names: Vec<SvcKey>,
+    namespaces: Vec<String>,
+}
+
+const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
+
+/// Only the proxy can tell this host's processes apart (by their sockets), so this host's
+/// own traffic goes through it while any of them is held to an egress policy.
+fn host_egress(t: &Table) -> bool {
+    t.any_egress
+        && t.by_pgid
+            .values()
+            .any(|k| t.services.get(k).is_some_and(|s| s.policy.egress.is_some()))
+}
+
+/// `svc`'s share of the model of view `t`.
+fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> Share {
+    let mut s = Share::default();
+    if let Some(vip) = svc.vip {
+        for (_, port) in svc.tcp_ports() {
+            let key = (vip, port);
+            s.keys.push(key);
+            match ports.proxy_port(&svc.key, port) {
+                Some(pp) if svc.mode != Mode::None && !svc.endpoints.is_empty() => {
+                    s.vip_ports.push((key, pp));
+                    let Some(eps) = kernel_backends(svc, port) else {
+                        continue;
+                    };
+                    // Containers' traffic met its policy in the kernel before NAT; a loopback
+                    // address is no place to send it.
+                    let pre = eps.iter().all(|(ip, _)| !ip.is_loopback());
+                    // This host's traffic: only where no policy needs its source named.
+                    let out = svc.policy.ingress.is_none() && !host_egress;
+                    if pre {
+                        s.fast_pre.push((key, eps.len()));
+                    }
+                    if out {
+                        s.fast_out.push((key, eps.len()));
+                    }
+                    if pre || out {
+                        s.backends.push((key, eps));
+                    }
+                }
+                _ => s.refused.push(key),
+            }
+        }
+    }
+    s.sources = svc.local_ips.iter().filter_map(v4).collect();
+    let name = |s: &mut Share, m: &PeerMatch| match m {
+        PeerMatch::Service(k) => s.names.push(k.clone()),
+        PeerMatch::Namespace(ns) => s.namespaces.push(ns.clone()),
+        _ => {}
+    };
+    if let Some(rules) = &svc.policy.egress {
+        if !s.sources.is_empty() {
+            let mut allowed = Allowed::default();
+            for r in rules {
+                for (_, peer) in &r.peers {
+                    name(&mut s, peer);
+                    // Port names resolve against the destination service's ports.
+                    let dest_ports = match peer {
+                        PeerMatch::Service(k) => {
+                            t.services.get(k).map(|d| d.ports.clone()).unwrap_or_default()
+                        }
+                        _ => Vec::new(),
+                    };
+                    let ports = ports_of(r, &dest_ports);
+                    let peers = peer_addrs(t, peer, true);
+                    for g in &s.sources {
+                        allowed.allow(*g, &peers, &ports);
+                    }
+                }
+            }
+            s.allowed[1] = allowed;
+            s.guarded[1] = s.sources.clone();
+            s.policies.push(policy(svc, "egress"));
+        }
+    }
+    if let Some(rules) = &svc.policy.ingress {
+        let guarded: Vec<Ipv4Addr> = s.sources.iter().copied().chain(svc.vip).collect();
+        if !guarded.is_empty() {
+            let mut allowed = Allowed::default();
+            for r in rules {
+                let ports = crate::nft::ingress_ports(svc, r);
+                for (_, peer) in &r.peers {
+                    name(&mut s, peer);
+                    let peers = peer_addrs(t, peer, false);
+                    for g in &guarded {
+                        allowed.allow(*g, &peers, &ports);
+                    }
+                }
+            }
+            s.allowed[0] = allowed;
+            s.guarded[0] = guarded;
+            s.policies.push(policy(svc, "ingress"));
+        }
+    }
+    s.names.sort();
+    s.names.dedup();
+    s.namespaces.sort();
+    s.namespaces.dedup();
+    s
+}
+
+fn policy(svc: &Svc, direction: &'static str) -> (String, CounterKey) {
+    (
+        counter_name(&svc.key, direction),
+        CounterKey {
+            service: svc.key.clone(),
+            direction,
+        },
+    )
+}
+
+/// Elements counted by how many shares add them; the model holds those counted at least once.
+/// The first change to an element in an update remembers whether the model held it before.
+struct Counted<T> {
+    n: HashMap<T, u32>,
+    touched: HashMap<T, bool>,
+}
+
+impl<T> Default for Counted<T> {
+    fn default() -> Self {
+        Counted {
+            n: HashMap::default(),
+            touched: HashMap::default(),
+        }
+    }
+}
+
+impl<T: Hash + Eq + Clone> Counted<T> {
+    /// Counts `t` once more (`add`) or once less; true when it came or went. `record`: note
+    /// it for [`Counted::settle`] (not in a whole build).
+    fn count(&mut self, t: &T, add: bool, record: bool) -> bool {
+        let flips = if add {
+            let n = self.n.entry(t.clone()).or_insert(0);
+            *n += 1;
+            *n == 1
+        } else {
+            match self.n.get_mut(t) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    self.n.remove(t);
+                    true
+                }
+                None => false,
+            }
+        };
+        if flips && record {
+            // Held before unless this update already changed it.
+            self.touched.entry(t.clone()).or_insert(!add);
+        }
+        flips
+    }
+
+    /// The elements this update added and removed; forgets what it touched.
+    fn settle(&mut self) -> (Vec<T>, Vec<T>) {
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        // Taken, not drained: a drain walks the map's capacity, which a large update leaves.
+        for (t, was) in std::mem::take(&mut self.touched) {
+            match (was, self.n.contains_key(&t)) {
+                (false, true) => added.push(t),
+                (true, false) => removed.push(t),
+                _ => {}
+            }
+        }
+        (added, removed)
+    }
+}
+
+/// One direction's allowed flows, counted.
+#[derive(Default)]
+struct CountedAllowed {
+    port: Counted<(Ipv4Addr, Ipv4Addr, u16)>,
+    any: Counted<(Ipv4Addr, Ipv4Addr)>,
+    net_port: Counted<(Ipv4Addr, PeerNet, u16)>,
+    net_any: Counted<(Ipv4Addr, PeerNet)>,
+    /// Peer networks in the model by prefix length: one pair of sets each.
+    lengths: BTreeMap<u8, u32>,
+}
+
+impl CountedAllowed {
+    fn count(&mut self, a: &Allowed, add: bool, record: bool) {
+        for e in &a.port {
+            self.port.count(e, add, record);
+        }
+        for e in &a.any {
+            self.any.count(e, add, record);
+        }
+        for e in &a.net_port {
+            if self.net_port.count(e, add, record) {
+                count_length(&mut self.lengths, e.1 .1, add);
+            }
+        }
+        for e in &a.net_any {
+            if self.net_any.count(e, add, record) {
+                count_length(&mut self.lengths, e.1 .1, add);
+            }
+        }
+    }
+
+    /// The model's sets: every element counted.
+    fn materialize(&self) -> Allowed {
+        Allowed {
+            port: self.port.n.keys().copied().collect(),
+            any: self.any.n.keys().copied().collect(),
+            net_port: self.net_port.n.keys().copied().collect(),
+            net_any: self.net_any.n.keys().copied().collect(),
+        }
+    }
+
+    fn lengths(&self) -> BTreeSet<u8> {
+        self.lengths.keys().copied().collect()
+    }
+
+    /// Into the model `m` and the patch's two sides.
+    fn settle(&mut self, m: &mut Allowed, before: &mut Allowed, after: &mut Allowed) {
+        fn apply<T: Ord + Clone>(
+            (added, removed): (Vec<T>, Vec<T>),
+            m: &mut BTreeSet<T>,
+            before: &mut BTreeSet<T>,
+            after: &mut BTreeSet<T>,
+        ) {
+            for t in removed {
+                m.remove(&t);
+                before.insert(t);
+            }
+            for t in added {
+                m.insert(t.clone());
+                after.insert(t);
+            }
+        }
+        apply(self.port.settle(), &mut m.port, &mut before.port, &mut after.port);
+        apply(self.any.settle(), &mut m.any, &mut before.any, &mut after.any);
+        apply(
+            self.net_port.settle(),
+            &mut m.net_port,
+            &mut before.net_port,
+            &mut after.net_port,
+        );
+        apply(
+            self.net_any.settle(),
+            &mut m.net_any,
+            &mut before.net_any,
+            &mut after.net_any,
+        );
+    }
+}
+
+fn count_length(lengths: &mut BTreeMap<u8, u32>, len: u8, add: bool) {
+    if add {
+        *lengths.entry(len).or_default() += 1;
+    } else if let Some(n) = lengths.get_mut(&len) {
+        *n -= 1;
+        if *n == 0 {
+            lengths.remove(&len);
+        }
+    }
+}
+
+/// What one update changed: the touched elements as the model held them before and holds
+/// them after (an element in neither side did not change), and each direction's prefix
+/// lengths before and after.
+#[derive(Debug, Clone, Default)]
+pub struct Patch {
+    /// The touched elements before.
+    pub before: Model,
+    /// The touched elements after.
+    pub after: Model,
+    /// By direction (ingress, egress): the peer networks' prefix lengths before and after.
+    pub lengths: [(BTreeSet<u8>, BTreeSet<u8>); 2],
+    /// VIPs that left the view and VIPs that came.
+    pub vips: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
+}
+
+impl Patch {
+    /// Whether the kernel's table needs no change.
+    pub fn is_empty(&self) -> bool {
+        self.before == self.after && self.lengths.iter().all(|(a, b)| a == b)
+    }
+
+    /// The model before this patch, from `now`, the one after it (its policies as they are
+    /// now): what the kernel held, for a change that cannot be made as this patch (the
+    /// view went stale), and to attribute drops counted under it.
+    pub fn undo(&self, now: &Model) -> Model {
+        fn swap<K: Ord + Clone, V: Clone>(
+            m: &mut BTreeMap<K, V>,
+            after: &BTreeMap<K, V>,
+            before: &BTreeMap<K, V>,
+        ) {
+            for k in after.keys() {
+                m.remove(k);
+            }
+            m.extend(before.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        fn swap_set<T: Ord + Clone>(m: &mut BTreeSet<T>, after: &BTreeSet<T>, before: &BTreeSet<T>) {
+            for t in after {
+                m.remove(t);
+            }
+            m.extend(before.iter().cloned());
+        }
+        fn swap_allowed(m: &mut Allowed, after: &Allowed, before: &Allowed) {
+            swap_set(&mut m.port, &after.port, &before.port);
+            swap_set(&mut m.any, &after.any, &before.any);
+            swap_set(&mut m.net_port, &after.net_port, &before.net_port);
+            swap_set(&mut m.net_any, &after.net_any, &before.net_any);
+        }
+        let (a, b) = (&self.after, &self.before);
+        let mut m = now.clone();
+        swap(&mut m.vip_ports, &a.vip_ports, &b.vip_ports);
+        swap_set(&mut m.refused, &a.refused, &b.refused);
+        swap(&mut m.fast_pre, &a.fast_pre, &b.fast_pre);
+        swap(&mut m.fast_out, &a.fast_out, &b.fast_out);
+        swap(&mut m.backends, &a.backends, &b.backends);
+        swap_set(&mut m.fast_sources, &a.fast_sources, &b.fast_sources);
+        swap(&mut m.ingress_to, &a.ingress_to, &b.ingress_to);
+        swap(&mut m.egress_from, &a.egress_from, &b.egress_from);
+        swap_allowed(&mut m.ingress, &a.ingress, &b.ingress);
+        swap_allowed(&mut m.egress, &a.egress, &b.egress);
+        m
+    }
+}
+
+/// The model of a view, kept per change.
+pub struct Live {
+    model: Model,
+    shares: HashMap<SvcKey, Share>,
+    /// The services holding a `VIP . port` (one, unless two records share a VIP: then the
+    /// greatest key's share is the one in the model).
+    owners: HashMap<VipPort, BTreeSet<SvcKey>>,
+    sources: Counted<Ipv4Addr>,
+    allowed: [CountedAllowed; 2],
+    /// By direction: the services guarding or holding each address; the greatest key names
+    /// the policy its drops count under.
+    guards: [HashMap<Ipv4Addr, BTreeSet<SvcKey>>; 2],
+    /// Who names a service, and a namespace, in its rules.
+    named_by: HashMap<SvcKey, HashSet<SvcKey>>,
+    namespace_named_by: HashMap<String, HashSet<SvcKey>>,
+    host_egress: bool,
+    vips: HashMap<SvcKey, Ipv4Addr>,
+}
+
+impl Live {
+    /// The model of an empty view, for the proxy's port range `range` (which the table
+    /// shields from outside).
+    pub fn new(range: (u16, u16)) -> Live {
+        Live {
+            model: Model {
+                range,
+                ..Model::default()
+            },
+            shares: HashMap::default(),
+            owners: HashMap::default(),
+            sources: Counted::default(),
+            allowed: Default::default(),
+            guards: Default::default(),
+            named_by: HashMap::default(),
+            namespace_named_by: HashMap::default(),
+            host_egress: false,
+            vips: HashMap::default(),
+        }
+    }
+
+    /// The model of view `t` built whole.
+    pub fn build(t: &Table, ports: &dyn ProxyPorts, range: (u16, u16)) -> Live {
+        let mut l = Live {
+            host_egress: host_egress(t),
+            ..Live::new(range)
+        };
+        for (k, svc) in &t.services {
+            let s = share_of(t, svc, ports, l.host_egress);
+            l.count(k, &s, true, None);
+            if let Some(v) = svc.vip {
+                l.vips.insert(k.clone(), v);
+            }
+            l.shares.insert(k.clone(), s);
+        }
+        // The model from the counts, each map and set built at once from its elements.
+        let mut m = Model {
+            range,
+            ..Model::default()
+        };
+        for (key, owners) in &l.owners {
+            let Some(s) = owners.last().and_then(|k| l.shares.get(k)) else {
+                continue;
+            };
+            m.vip_ports.extend(find(&s.vip_ports, *key).map(|v| (*key, v)));
+            if s.refused.contains(key) {
+                m.refused.insert(*key);
+            }
+            m.fast_pre.extend(find(&s.fast_pre, *key).map(|v| (*key, v)));
+            m.fast_out.extend(find(&s.fast_out, *key).map(|v| (*key, v)));
+            m.backends.extend(find(&s.backends, *key).map(|v| (*key, v)));
+        }
+        let names = |d: usize| -> BTreeMap<Ipv4Addr, String> {
+            l.guards[d]
+                .iter()
+                .filter_map(|(ip, o)| Some((*ip, counter_name(o.last()?, DIRECTIONS[d]))))
+                .collect()
+        };
+        m.ingress_to = names(0);
+        m.egress_from = names(1);
+        m.ingress = l.allowed[0].materialize();
+        m.egress = l.allowed[1].materialize();
+        if !m.fast_pre.is_empty() {
+            m.fast_sources = l.sources.n.keys().copied().collect();
+        }
+        m.policies = std::mem::take(&mut l.model.policies);
+        l.model = m;
+        l
+    }
+
+    /// The model as it is now.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The model, for one built whole.
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+
+    /// Brings the model to view `t`, of which the services `changed` (all when `None`)
+    /// changed since the last update, and says what changed. Costs the touched services'
+    /// shares, plus those of services whose rules name them.
+    pub fn update(&mut self, t: &Table, changed: Option<&BTreeSet<SvcKey>>, ports: &dyn ProxyPorts) -> Patch {
+        let host_egress = host_egress(t);
+        let changed = match changed {
+            Some(c) if host_egress == self.host_egress => c,
+            // Every share changes: built again, the patch is the two whole models.
+            _ => return self.rebuild(t, ports),
+        };
+        let mut todo: BTreeSet<SvcKey> = BTreeSet::new();
+        for k in changed {
+            todo.insert(k.clone());
+            todo.extend(self.named_by.get(k).into_iter().flatten().cloned());
+            todo.extend(self.namespace_named_by.get(&k.ns).into_iter().flatten().cloned());
+        }
+        let lengths_before = [self.allowed[0].lengths(), self.allowed[1].lengths()];
+        let was_fast = !self.model.fast_pre.is_empty();
+        let mut keys: BTreeMap<VipPort, Before> = BTreeMap::new();
+        let mut guards: [BTreeMap<Ipv4Addr, Option<String>>; 2] = Default::default();
+        let mut patch = Patch::default();
+        for k in &todo {
+            let new = t.services.get(k).map(|svc| share_of(t, svc, ports, host_egress));
+            if let Some(old) = self.shares.remove(k) {
+                self.count(k, &old, false, Some((&mut keys, &mut guards)));
+            }
+            match (self.vips.get(k).copied(), t.services.get(k).and_then(|s| s.vip)) {
+                (a, b) if a == b => {}
+                (a, b) => {
+                    patch.vips.0.extend(a);
+                    patch.vips.1.extend(b);
+                    match b {
+                        Some(v) => self.vips.insert(k.clone(), v),
+                        None => self.vips.remove(k),
+                    };
+                }
+            }
+            if let Some(new) = new {
+                self.count(k, &new, true, Some((&mut keys, &mut guards)));
+                self.shares.insert(k.clone(), new);
+            }
+        }
+        // The `VIP . port` keys: each from its greatest owner's share.
+        for (key, before) in keys {
+            let owner = self
+                .owners
+                .get(&key)
+                .and_then(|o| o.last())
+                .and_then(|k| self.shares.get(k));
+            let m = &mut self.model;
+            set(&mut m.vip_ports, key, owner.and_then(|s| find(&s.vip_ports, key)));
+            set_in(
+                &mut m.refused,
+                key,
+                owner.is_some_and(|s| s.refused.contains(&key)),
+            );
+            set(&mut m.fast_pre, key, owner.and_then(|s| find(&s.fast_pre, key)));
+            set(&mut m.fast_out, key, owner.and_then(|s| find(&s.fast_out, key)));
+            set(&mut m.backends, key, owner.and_then(|s| find(&s.backends, key)));
+            before.record(key, &mut patch.before);
+            Before::of(m, key).record(key, &mut patch.after);
+        }
+        // The addresses a policy guards or holds.
+        for (d, touched) in guards.into_iter().enumerate() {
+            for (ip, was) in touched {
+                let now = self.guards[d]
+                    .get(&ip)
+                    .and_then(|o| o.last())
+                    .map(|k| counter_name(k, DIRECTIONS[d]));
+                let (m, b, a) = match d {
+                    0 => (
+                        &mut self.model.ingress_to,
+                        &mut patch.before.ingress_to,
+                        &mut patch.after.ingress_to,
+                    ),
+                    _ => (
+                        &mut self.model.egress_from,
+                        &mut patch.before.egress_from,
+                        &mut patch.after.egress_from,
+                    ),
+                };
+                if was == now {
+                    continue;
+                }
+                match &now {
+                    Some(n) => m.insert(ip, n.clone()),
+                    None => m.remove(&ip),
+                };
+                b.extend(was.map(|n| (ip, n)));
+                a.extend(now.map(|n| (ip, n)));
+            }
+        }
+        self.allowed[0].settle(
+            &mut self.model.ingress,
+            &mut patch.before.ingress,
+            &mut patch.after.ingress,
+        );
+        self.allowed[1].settle(
+            &mut self.model.egress,
+            &mut patch.before.egress,
+            &mut patch.after.egress,
+        );
+        patch.lengths = [
+            (lengths_before[0].clone(), self.allowed[0].lengths()),
+            (lengths_before[1].clone(), self.allowed[1].lengths()),
+        ];
+        // Containers' addresses are a set of the table only while something is forwarded.
+        let (came, went) = self.sources.settle();
+        let is_fast = !self.model.fast_pre.is_empty();
+        if was_fast && is_fast {
+            for ip in went {
+                self.model.fast_sources.remove(&ip);
+                patch.before.fast_sources.insert(ip);
+            }
+            for ip in came {
+                self.model.fast_sources.insert(ip);
+                patch.after.fast_sources.insert(ip);
+            }
+        } else if was_fast {
+            patch.before.fast_sources = std::mem::take(&mut self.model.fast_sources);
+        } else if is_fast {
+            self.model.fast_sources = self.sources.n.keys().copied().collect();
+            patch.after.fast_sources = self.model.fast_sources.clone();
+        }
+        patch.before.range = self.model.range;
+        patch.after.range = self.model.range;
+        patch
+    }
+
+    /// Everything built again from view `t`: the patch holds the two whole models.
+    fn rebuild(&mut self, t: &Table, ports: &dyn ProxyPorts) -> Patch {
+        let old = std::mem::replace(self, Live::build(t, ports, self.model.range));
+        let (was, now): (HashSet<Ipv4Addr>, HashSet<Ipv4Addr>) = (
+            old.vips.values().copied().collect(),
+            self.vips.values().copied().collect(),
+        );
+        Patch {
+            lengths: [
+                (old.allowed[0].lengths(), self.allowed[0].lengths()),
+                (old.allowed[1].lengths(), self.allowed[1].lengths()),
+            ],
+            vips: (
+                was.difference(&now).copied().collect(),
+                now.difference(&was).copied().collect(),
+            ),
+            before: old.model,
+            after: self.model.clone(),
+        }
+    }
+
+    /// Adds (`add`) or takes away service `k`'s share; in an update (`touched`), notes the
+    /// keys and addresses it touched, with what the model held for them before.
+    fn count(&mut self, k: &SvcKey, s: &Share, add: bool, mut touched: Option<Touched<'_>>) {
+        let record = touched.is_some();
+        for key in &s.keys {
+            if let Some((keys, _)) = &mut touched {
+                keys.entry(*key).or_insert_with(|| Before::of(&self.model, *key));
+            }
+            let o = self.owners.entry(*key).or_default();
+            if add {
+                o.insert(k.clone());
+            } else {
+                o.remove(k);
+                if o.is_empty() {
+                    self.owners.remove(key);
+                }
+            }
+        }
+        for ip in &s.sources {
+            self.sources.count(ip, add, record);
+        }
+        for d in 0..2 {
+            self.allowed[d].count(&s.allowed[d], add, record);
+            let model = if d == 0 {
+                &self.model.ingress_to
+            } else {
+                &self.model.egress_from
+            };
+            for ip in &s.guarded[d] {
+                if let Some((_, guards)) = &mut touched {
+                    guards[d].entry(*ip).or_insert_with(|| model.get(ip).cloned());
+                }
+                let o = self.guards[d].entry(*ip).or_default();
+                if add {
+                    o.insert(k.clone());
+                } else {
+                    o.remove(k);
+                    if o.is_empty() {
+                        self.guards[d].remove(ip);
+                    }
+                }
+            }
+        }
+        for (name, c) in &s.policies {
+            if add {
+                self.model.policies.insert(name.clone(), c.clone());
+            } else {
+                self.model.policies.remove(name);
+            }
+        }
+        edges(&mut self.named_by, k, &s.names, add);
+        edges(&mut self.namespace_named_by, k, &s.namespaces, add);
+    }
+}
+
+/// What an update touched: the `VIP . port` keys and, by direction, the guarded addresses,
+/// each with what the model held before.
+type Touched<'a> = (
+    &'a mut BTreeMap<VipPort, Before>,
+    &'a mut [BTreeMap<Ipv4Addr, Option<String>>; 2],
+);
+
+/// Records (`add`) or forgets that `k` names each of `to`.
+fn edges<N: Hash + Eq + Clone>(m: &mut HashMap<N, HashSet<SvcKey>>, k: &SvcKey, to: &[N], add: bool) {
+    for n in to {
+        if add {
+            m.entry(n.clone()).or_default().insert(k.clone());
+        } else if let Some(set) = m.get_mut(n) {
+            set.remove(k);
+            if set.is_empty() {
+                m.remove(n);
+            }
+        }
+    }
+}
+
+/// What the maps keyed by one `VIP . port` held.
+#[derive(Default)]
+struct Before {
+    vip_port: Option<u16>,
+    refused: bool,
+    fast_pre: Option<usize>,
+    fast_out: Option<usize>,
+    backends: Option<Vec<(Ipv4Addr, u16)>>,
+}
+
+impl Before {
+    fn of(m: &Model, key: VipPort) -> Before {
+        Before {
+            vip_port: m.vip_ports.get(&key).copied(),
+            refused: m.refused.contains(&key),
+            fast_pre: m.fast_pre.get(&key).copied(),
+            fast_out: m.fast_out.get(&key).copied(),
+            backends: m.backends.get(&key).cloned(),
+        }
+    }
+
+    fn record(self, key: VipPort, side: &mut Model) {
+        set(&mut side.vip_ports, key, self.vip_port);
+        set_in(&mut side.refused, key, self.refused);
+        set(&mut side.fast_pre, key, self.fast_pre);
+        set(&mut side.fast_out, key, self.fast_out);
+        set(&mut side.backends, key, self.backends);
+    }
+}
+
+fn find<V: Clone>(list: &[(VipPort, V)], key: VipPort) -> Option<V> {
+    list.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
+}
+
+fn set<V>(m: &mut BTreeMap<VipPort, V>, key: VipPort, v: Option<V>) {
+    match v {
+        Some(v) => {
+            m.insert(key, v);
+        }
+        None => {
+            m.remove(&key);
+        }
+    }
+}
+
+fn set_in(m: &mut BTreeSet<VipPort>, key: VipPort, present: bool) {
+    if present {
+        m.insert(key);
+    } else {
+        m.remove(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use rune_statemachine::spec::{EgressRule, IngressRule, NetworkPolicy, Peer, PortRef, PortSpec};
+
+    use super::*;
+    use crate::nft::{delta, delta_patch, encode};
+    use crate::policy::compile;
+    use crate::table::Ep;
+
+    const RANGE: (u16, u16) = (20_000, 21_999);
+
+    /// A service of namespace `ns` numbered `i`, as a random view holds it.
+    #[derive(Debug, Clone)]
+    struct Gen {
+        ns: u8,
+        ports: u8,
+        mode: u8,
+        endpoints: Vec<(u8, bool)>,
+        ingress: Option<Vec<(u8, u8)>>,
+        egress: Option<Vec<(u8, u8)>>,
+        served: bool,
+    }
+
+    fn peer(kind: u8, n: u8) -> Peer {
+        match kind % 4 {
+            0 => Peer {
+                service: Some(format!("s{}", n % 12)),
+                ..Default::default()
+            },
+            1 => Peer {
+                namespace: Some(format!("n{}", n % 2)),
+                ..Default::default()
+            },
+            2 => Peer {
+                cidr: Some(format!("192.168.{}.0/{}", n % 4, 16 + n % 9)),
+                ..Default::default()
+            },
+            _ => Peer {
+                cidr: Some(format!("10.1.0.{}/32", n % 5)),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn svc(i: usize, g: &Gen) -> (SvcKey, Arc<Svc>, Vec<u16>) {
+        let ns = format!("n{}", g.ns % 2);
+        let key = SvcKey::new(&ns, &format!("s{i}"));
+        let ports: Vec<PortSpec> = (0..g.ports % 3)
+            .map(|p| PortSpec {
+                name: if p == 0 { "http".into() } else { format!("p{p}") },
+                port: 80 + i64::from(p),
+                target_port: Some(8080 + i64::from(p)),
+                protocol: None,
+                host_port: None,
+            })
+            .collect();
+        // Two services may list one container address (a stale record beside a live one).
+        let addr = |e: u8| IpAddr::V4(Ipv4Addr::new(172, 17, 0, 2 + (e % 20)));
+        let rules = |list: &Option<Vec<(u8, u8)>>| {
+            list.as_ref()
+                .map(|l| l.iter().map(|(k, n)| peer(*k, *n)).collect::<Vec<_>>())
+        };
+        let np = NetworkPolicy {
+            ingress: rules(&g.ingress)
+                .map(|from| {
+                    vec![IngressRule {
+                        from,
+                        ports: vec![PortRef::Name("http".into())],
+                    }]
+                })
+                .unwrap_or_default(),
+            egress: rules(&g.egress)
+                .map(|to| vec![EgressRule { to, ports: vec![] }])
+                .unwrap_or_default(),
+        };
+        let s = Svc {
+            key: key.clone(),
+            vip: Some(Ipv4Addr::new(10, 96, 0, 2 + i as u8)),
+            mode: [Mode::RoundRobin, Mode::LeastConnections, Mode::None][usize::from(g.mode % 3)],
+            ports: ports.clone(),
+            policy: compile(&ns, Some(&np)),
+            endpoints: g
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(n, (e, here))| Ep {
+                    instance: format!("s{i}-{n}"),
+                    ip: addr(*e),
+                    targets: ports
+                        .iter()
+                        .map(|p| (p.port as u16, p.target_port.unwrap_or(0) as u16))
+                        .collect(),
+                    via: None,
+                    here: *here,
+                })
+                .collect(),
+            local_ips: g
+                .endpoints
+                .iter()
+                .filter(|(_, here)| *here)
+                .map(|(e, _)| addr(*e))
+                .collect(),
+            local_instances: g.endpoints.len(),
+        };
+        let served = if g.served {
+            ports.iter().map(|p| p.port as u16).collect()
+        } else {
+            Vec::new()
+        };
+        (key, Arc::new(s), served)
+    }
+
+    fn gen() -> impl Strategy<Value = Gen> {
+        let rules = prop::option::of(prop::collection::vec((0u8..4, 0u8..24), 0..3));
+        (
+            0u8..2,
+            0u8..3,
+            0u8..3,
+            prop::collection::vec((0u8..24, prop::bool::weighted(0.8)), 0..3),
+            rules.clone(),
+            rules,
+            prop::bool::weighted(0.8),
+        )
+            .prop_map(|(ns, ports, mode, endpoints, ingress, egress, served)| Gen {
+                ns,
+                ports,
+                mode,
+                endpoints,
+                ingress,
+                egress,
+                served,
+            })
+    }
+
+    /// A view, its proxy ports, and a process of service 0 when `pgid` (then an egress
+    /// policy of service 0 keeps this host's traffic in the proxy).
+    fn view(services: &[Option<Gen>], pgid: bool) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
+        let mut t = Table::default();
+        let mut ports = BTreeMap::new();
+        for (i, g) in services.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let (k, s, served) = svc(i, g);
+            for (n, p) in served.into_iter().enumerate() {
+                ports.insert((k.clone(), p), 20_000 + (i * 4 + n) as u16);
+            }
+            t.services.insert(k, s);
+        }
+        t.any_egress = t.services.values().any(|s| s.policy.egress.is_some());
+        if pgid {
+            if let Some(k) = t.services.keys().find(|k| k.name == "s0") {
+                t.by_pgid.insert(4242, k.clone());
+            }
+        }
+        (t, ports)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Kept change by change, the model is the one built afresh from the same view, and
+        /// the patch's commands are the ones the whole models' difference gives.
+        #[test]
+        fn a_model_kept_per_change_equals_one_built_whole(
+            first in prop::collection::vec(prop::option::of(gen()), 12),
+            changes in prop::collection::vec((0usize..12, prop::option::of(gen()), prop::bool::ANY, prop::bool::weighted(0.1)), 1..12),
+        ) {
+            let mut services = first;
+            let (t, ports) = view(&services, false);
+            let mut live = Live::build(&t, &ports, RANGE);
+            prop_assert_eq!(live.model(), &Model::of(&t, &ports, RANGE));
+            let mut old = live.model().clone();
+            let mut pgid = false;
+            for (i, g, flip, all) in changes {
+                services[i] = g;
+                pgid ^= flip && i % 3 == 0;
+                let (t, ports) = view(&services, pgid);
+                let changed = BTreeSet::from([SvcKey::new("n0", &format!("s{i}")), SvcKey::new("n1", &format!("s{i}"))]);
+                // Now and then the view is rebuilt whole, as after a lagged log.
+                let patch = live.update(&t, (!all).then_some(&changed), &ports);
+                let whole = Model::of(&t, &ports, RANGE);
+                prop_assert_eq!(live.model(), &whole);
+                prop_assert_eq!(
+                    encode(delta_patch("t", &patch)).ok(),
+                    encode(delta("t", &old, &whole)).ok()
+                );
+                prop_assert_eq!(patch.is_empty(), delta("t", &old, &whole).is_empty());
+                let mut undone = patch.undo(&whole);
+                undone.policies = old.policies.clone();
+                prop_assert_eq!(&undone, &old);
+                old = whole;
+            }
+        }
+    }
+
+    /// Two services listing one container address: whichever came first, the greatest key
+    /// names its drops, so the name does not flip with the order of changes (which would
+    /// reset its counter for nothing); when it goes, the other one does.
+    #[test]
+    fn a_shared_container_address_is_named_by_the_greatest_key_in_any_order() {
+        let g = Gen {
+            ns: 0,
+            ports: 1,
+            mode: 0,
+            endpoints: vec![(3, true)],
+            ingress: None,
+            egress: Some(vec![(2, 0)]),
+            served: true,
+        };
+        let at = Ipv4Addr::new(172, 17, 0, 5);
+        let (a, b) = (SvcKey::new("n0", "s0"), SvcKey::new("n0", "s1"));
+        for order in [[0, 1], [1, 0]] {
+            let mut services = vec![None, None];
+            let (t, ports) = view(&services, false);
+            let mut live = Live::build(&t, &ports, RANGE);
+            for i in order {
+                services[i] = Some(g.clone());
+                let (t, ports) = view(&services, false);
+                live.update(&t, Some(&BTreeSet::from([a.clone(), b.clone()])), &ports);
+            }
+            assert_eq!(
+                live.model().egress_from.get(&at),
+                Some(&counter_name(&b, "egress"))
+            );
+            services[1] = None;
+            let (t, ports) = view(&services, false);
+            let p = live.update(&t, Some(&BTreeSet::from([b.clone()])), &ports);
+            assert_eq!(
+                live.model().egress_from.get(&at),
+                Some(&counter_name(&a, "egress"))
+            );
+            assert_eq!(p.before.egress_from.get(&at), Some(&counter_name(&b, "egress")));
+            assert_eq!(p.after.egress_from.get(&at), Some(&counter_name(&a, "egress")));
+        }
+    }
+}

@@ -4,7 +4,11 @@
 //!
 //! `cargo bench -p runed --bench projections` prints a table. `BENCH_CASTS` (default 50) sets
 //! how many casts are timed per row; `BENCH_FILL_PORTS=1` gives the services already there a
-//! port each.
+//! port each. `BENCH_KERNEL=1` (root, Debian's nftables) runs runed as production does, its
+//! nftables table programmed (in a network namespace of the bench's own), and gives each
+//! service already there a port and an ingress policy (from the next one and a network):
+//! a name answers only once the kernel redirects its VIP, so cast → DNS includes the table's
+//! change.
 
 mod common;
 
@@ -26,8 +30,8 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 
 /// Casts services `from..to` at scale 0, 100 per request, as the writes bench's spec; with
 /// `ports` each has a port, as real services do (then dev mode's proxy holds a listener and a
-/// port book entry for each).
-async fn fill(ch: &Ch, from: usize, to: usize, ports: bool) {
+/// port book entry for each), and with `policy` an ingress policy too.
+async fn fill(ch: &Ch, from: usize, to: usize, ports: bool, policy: bool) {
     let mut c = pb::service_api_client::ServiceApiClient::new(ch.clone());
     let names: Vec<usize> = (from..to).collect();
     for chunk in names.chunks(100) {
@@ -38,6 +42,11 @@ async fn fill(ch: &Ch, from: usize, to: usize, ports: bool) {
                     serde_json::json!({"name": format!("fill-{i}"), "image": "busybox", "scale": 0});
                 if ports {
                     spec["ports"] = serde_json::json!([{"name": "http", "port": 8080}]);
+                }
+                if policy {
+                    spec["networkPolicy"] = serde_json::json!({"ingress": [{"from": [
+                        {"service": format!("fill-{}", i + 1)}, {"cidr": "192.168.0.0/16"}],
+                        "ports": ["http"]}]});
                 }
                 pb::Resource {
                     kind: Some(pb::resource::Kind::ServiceJson(spec.to_string())),
@@ -139,6 +148,14 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
     let bins = Bins::locate();
+    let kernel = std::env::var("BENCH_KERNEL").is_ok_and(|v| v == "1");
+    // Before the runtime, whose threads inherit the namespace, as runed does.
+    let ns = format!("rune-proj-bench-{}", std::process::id());
+    let _gone = kernel.then(|| DeleteNetns(ns.clone()));
+    if kernel && !common::enter_netns(&ns) {
+        println!("skipped: BENCH_KERNEL=1 needs root, ip(8) and nft(8)");
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -146,6 +163,7 @@ fn main() {
     let mut d = Daemon::new(&bins);
     // Room for a proxy port per service port when the services already there have one.
     d.extra = vec!["--proxy-ports".into(), "20000-32767".into()];
+    d.nftables = kernel;
     d.restart();
     let pid = d.pid().expect("pid");
     let ch: Ch = rt.block_on(async {
@@ -156,15 +174,22 @@ fn main() {
             .expect("connect");
         tonic::service::interceptor::InterceptedService::new(c, d.bearer())
     });
-    println!("projections as services accumulate (scale 0), {casts} casts per row, one runed");
+    println!(
+        "projections as services accumulate (scale 0), {casts} casts per row, one runed{}",
+        if kernel {
+            ", nftables programmed; each service there has a port and an ingress policy"
+        } else {
+            ""
+        }
+    );
     println!();
     println!("| services | cast→DNS p50 ms | p99 ms | cast→data plane p50 ms | p99 ms | idle CPU % of a core | RSS MiB |");
     println!("|--:|--:|--:|--:|--:|--:|--:|");
     let mut have = 0;
     let mut settled = Vec::new();
-    let ports = std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
+    let ports = kernel || std::env::var("BENCH_FILL_PORTS").is_ok_and(|v| v == "1");
     for (round, n) in [0usize, 500, 5000].into_iter().enumerate() {
-        rt.block_on(fill(&ch, have, n, ports));
+        rt.block_on(fill(&ch, have, n, ports, kernel));
         // `BENCH_SETTLE=0` times the casts at once instead: a cast while the data plane is
         // still opening the fill's listeners.
         if ports && n > have && std::env::var("BENCH_SETTLE").map_or(true, |v| v != "0") {
@@ -214,5 +239,16 @@ fn main() {
             "data plane serving all {n} services' ports {:.0} ms after the fill's last write",
             t.as_secs_f64() * 1e3
         );
+    }
+}
+
+/// Deletes the bench's network namespace (and runed's table in it) when dropped.
+struct DeleteNetns(String);
+
+impl Drop for DeleteNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
     }
 }

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use crate::nft::{counter_name, kernel_backends, peer_addrs, v4, Allowed, CounterKey, Model, PeerNet};
 use crate::policy::{ports_of, PeerMatch, SvcKey};
@@ -21,6 +22,9 @@ use crate::table::{Mode, Svc, Table};
 type VipPort = (Ipv4Addr, u16);
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+/// A service's key, shared by every index that names it (thousands of services, several
+/// indexes each: a clone is a count, not two strings).
+type Key = Arc<SvcKey>;
 
 /// Where the proxy listens for a service port, if it does.
 pub trait ProxyPorts {
@@ -47,16 +51,37 @@ struct Share {
     /// Its local containers (`fast_sources`, while anything is kernel-forwarded).
     sources: Vec<Ipv4Addr>,
     /// By direction (0 ingress, 1 egress): what its policy allows, the addresses it guards
-    /// or holds, and the name its drops count under.
-    allowed: [Allowed; 2],
+    /// or holds, and whether it has a policy there (its drops count under its name).
+    allowed: [Elements; 2],
     guarded: [Vec<Ipv4Addr>; 2],
-    policies: Vec<(String, CounterKey)>,
+    policies: [bool; 2],
     /// What its rules name: a change to these changes this share.
     names: Vec<SvcKey>,
     namespaces: Vec<String>,
 }
 
 const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
+
+/// What one share's policy allows in one direction: [`Allowed`]'s elements, in vectors of
+/// their size (a share is kept for every service; the model holds the ordered sets).
+#[derive(Debug, Clone, Default)]
+struct Elements {
+    port: Vec<(Ipv4Addr, Ipv4Addr, u16)>,
+    any: Vec<(Ipv4Addr, Ipv4Addr)>,
+    net_port: Vec<(Ipv4Addr, PeerNet, u16)>,
+    net_any: Vec<(Ipv4Addr, PeerNet)>,
+}
+
+impl From<Allowed> for Elements {
+    fn from(a: Allowed) -> Self {
+        Elements {
+            port: a.port.into_iter().collect(),
+            any: a.any.into_iter().collect(),
+            net_port: a.net_port.into_iter().collect(),
+            net_any: a.net_any.into_iter().collect(),
+        }
+    }
+}
 
 /// Only the proxy can tell this host's processes apart (by their sockets), so this host's
 /// own traffic goes through it while any of them is held to an egress policy.
@@ -125,9 +150,9 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
                     }
                 }
             }
-            s.allowed[1] = allowed;
+            s.allowed[1] = allowed.into();
             s.guarded[1] = s.sources.clone();
-            s.policies.push(policy(svc, "egress"));
+            s.policies[1] = true;
         }
     }
     if let Some(rules) = &svc.policy.ingress {
@@ -144,9 +169,9 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
                     }
                 }
             }
-            s.allowed[0] = allowed;
+            s.allowed[0] = allowed.into();
             s.guarded[0] = guarded;
-            s.policies.push(policy(svc, "ingress"));
+            s.policies[0] = true;
         }
     }
     s.names.sort();
@@ -154,16 +179,6 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
     s.namespaces.sort();
     s.namespaces.dedup();
     s
-}
-
-fn policy(svc: &Svc, direction: &'static str) -> (String, CounterKey) {
-    (
-        counter_name(&svc.key, direction),
-        CounterKey {
-            service: svc.key.clone(),
-            direction,
-        },
-    )
 }
 
 /// Elements counted by how many shares add them; the model holds those counted at least once.
@@ -237,7 +252,7 @@ struct CountedAllowed {
 }
 
 impl CountedAllowed {
-    fn count(&mut self, a: &Allowed, add: bool, record: bool) {
+    fn count(&mut self, a: &Elements, add: bool, record: bool) {
         for e in &a.port {
             self.port.count(e, add, record);
         }
@@ -381,20 +396,20 @@ impl Patch {
 /// The model of a view, kept per change.
 pub struct Live {
     model: Model,
-    shares: HashMap<SvcKey, Share>,
+    shares: HashMap<Key, Share>,
     /// The services holding a `VIP . port` (one, unless two records share a VIP: then the
     /// greatest key's share is the one in the model).
-    owners: HashMap<VipPort, BTreeSet<SvcKey>>,
+    owners: HashMap<VipPort, Vec<Key>>,
     sources: Counted<Ipv4Addr>,
     allowed: [CountedAllowed; 2],
     /// By direction: the services guarding or holding each address; the greatest key names
     /// the policy its drops count under.
-    guards: [HashMap<Ipv4Addr, BTreeSet<SvcKey>>; 2],
+    guards: [HashMap<Ipv4Addr, Vec<Key>>; 2],
     /// Who names a service, and a namespace, in its rules.
-    named_by: HashMap<SvcKey, HashSet<SvcKey>>,
-    namespace_named_by: HashMap<String, HashSet<SvcKey>>,
+    named_by: HashMap<SvcKey, HashSet<Key>>,
+    namespace_named_by: HashMap<String, HashSet<Key>>,
     host_egress: bool,
-    vips: HashMap<SvcKey, Ipv4Addr>,
+    vips: HashMap<Key, Ipv4Addr>,
 }
 
 impl Live {
@@ -426,11 +441,12 @@ impl Live {
         };
         for (k, svc) in &t.services {
             let s = share_of(t, svc, ports, l.host_egress);
-            l.count(k, &s, true, None);
+            let k = Arc::new(k.clone());
+            l.count(&k, &s, true, None);
             if let Some(v) = svc.vip {
                 l.vips.insert(k.clone(), v);
             }
-            l.shares.insert(k.clone(), s);
+            l.shares.insert(k, s);
         }
         // The model from the counts, each map and set built at once from its elements.
         let mut m = Model {
@@ -487,9 +503,13 @@ impl Live {
             // Every share changes: built again, the patch is the two whole models.
             _ => return self.rebuild(t, ports),
         };
-        let mut todo: BTreeSet<SvcKey> = BTreeSet::new();
+        let mut todo: BTreeSet<Key> = BTreeSet::new();
         for k in changed {
-            todo.insert(k.clone());
+            let key = match self.shares.get_key_value(k) {
+                Some((key, _)) => key.clone(),
+                None => Arc::new(k.clone()),
+            };
+            todo.insert(key);
             todo.extend(self.named_by.get(k).into_iter().flatten().cloned());
             todo.extend(self.namespace_named_by.get(&k.ns).into_iter().flatten().cloned());
         }
@@ -499,18 +519,19 @@ impl Live {
         let mut guards: [BTreeMap<Ipv4Addr, Option<String>>; 2] = Default::default();
         let mut patch = Patch::default();
         for k in &todo {
-            let new = t.services.get(k).map(|svc| share_of(t, svc, ports, host_egress));
-            if let Some(old) = self.shares.remove(k) {
+            let svc = t.services.get(&**k);
+            let new = svc.map(|svc| share_of(t, svc, ports, host_egress));
+            if let Some(old) = self.shares.remove(&**k) {
                 self.count(k, &old, false, Some((&mut keys, &mut guards)));
             }
-            match (self.vips.get(k).copied(), t.services.get(k).and_then(|s| s.vip)) {
+            match (self.vips.get(&**k).copied(), svc.and_then(|s| s.vip)) {
                 (a, b) if a == b => {}
                 (a, b) => {
                     patch.vips.0.extend(a);
                     patch.vips.1.extend(b);
                     match b {
                         Some(v) => self.vips.insert(k.clone(), v),
-                        None => self.vips.remove(k),
+                        None => self.vips.remove(&**k),
                     };
                 }
             }
@@ -629,21 +650,13 @@ impl Live {
 
     /// Adds (`add`) or takes away service `k`'s share; in an update (`touched`), notes the
     /// keys and addresses it touched, with what the model held for them before.
-    fn count(&mut self, k: &SvcKey, s: &Share, add: bool, mut touched: Option<Touched<'_>>) {
+    fn count(&mut self, k: &Key, s: &Share, add: bool, mut touched: Option<Touched<'_>>) {
         let record = touched.is_some();
         for key in &s.keys {
             if let Some((keys, _)) = &mut touched {
                 keys.entry(*key).or_insert_with(|| Before::of(&self.model, *key));
             }
-            let o = self.owners.entry(*key).or_default();
-            if add {
-                o.insert(k.clone());
-            } else {
-                o.remove(k);
-                if o.is_empty() {
-                    self.owners.remove(key);
-                }
-            }
+            member(&mut self.owners, *key, k, add);
         }
         for ip in &s.sources {
             self.sources.count(ip, add, record);
@@ -659,22 +672,22 @@ impl Live {
                 if let Some((_, guards)) = &mut touched {
                     guards[d].entry(*ip).or_insert_with(|| model.get(ip).cloned());
                 }
-                let o = self.guards[d].entry(*ip).or_default();
-                if add {
-                    o.insert(k.clone());
-                } else {
-                    o.remove(k);
-                    if o.is_empty() {
-                        self.guards[d].remove(ip);
-                    }
-                }
+                member(&mut self.guards[d], *ip, k, add);
             }
         }
-        for (name, c) in &s.policies {
+        for (d, direction) in DIRECTIONS.into_iter().enumerate() {
+            if !s.policies[d] {
+                continue;
+            }
+            let name = counter_name(k, direction);
             if add {
-                self.model.policies.insert(name.clone(), c.clone());
+                let c = CounterKey {
+                    service: SvcKey::clone(k),
+                    direction,
+                };
+                self.model.policies.insert(name, c);
             } else {
-                self.model.policies.remove(name);
+                self.model.policies.remove(&name);
             }
         }
         edges(&mut self.named_by, k, &s.names, add);
@@ -689,8 +702,23 @@ type Touched<'a> = (
     &'a mut [BTreeMap<Ipv4Addr, Option<String>>; 2],
 );
 
+/// Adds (`add`) or takes away `k` among the holders of `at`, kept in key order.
+fn member<A: Hash + Eq + Copy>(m: &mut HashMap<A, Vec<Key>>, at: A, k: &Key, add: bool) {
+    let holders = m.entry(at).or_default();
+    match (holders.binary_search(k), add) {
+        (Err(i), true) => holders.insert(i, k.clone()),
+        (Ok(i), false) => {
+            holders.remove(i);
+        }
+        _ => {}
+    }
+    if holders.is_empty() {
+        m.remove(&at);
+    }
+}
+
 /// Records (`add`) or forgets that `k` names each of `to`.
-fn edges<N: Hash + Eq + Clone>(m: &mut HashMap<N, HashSet<SvcKey>>, k: &SvcKey, to: &[N], add: bool) {
+fn edges<N: Hash + Eq + Clone>(m: &mut HashMap<N, HashSet<Key>>, k: &Key, to: &[N], add: bool) {
     for n in to {
         if add {
             m.entry(n.clone()).or_default().insert(k.clone());

@@ -17,6 +17,10 @@ pub struct PortBook {
     /// How many keys hold each port (one, unless the file was edited by hand): a free port is
     /// found by walking these in order, not by collecting every port on each assignment.
     used: BTreeMap<u16, u32>,
+    /// Every port of the range below this one is in use, so the walk starts here: thousands
+    /// of services cast at once take ports one after another, and each would otherwise walk
+    /// every port the others took.
+    low: u32,
 }
 
 /// The book as it was when [`PortBook::to_save`] was called, to be written off the caller's
@@ -62,11 +66,21 @@ impl PortBook {
             }),
             Err(_) => BTreeMap::new(),
         };
-        PortBook {
+        let mut b = PortBook {
             path: path.to_path_buf(),
             range,
             used: count(&ports),
             ports: Arc::new(ports),
+            low: u32::from(range.0),
+        };
+        b.raise_low();
+        b
+    }
+
+    /// Moves `low` past the ports in use right above it.
+    fn raise_low(&mut self) {
+        while u16::try_from(self.low).is_ok_and(|p| self.used.contains_key(&p)) {
+            self.low += 1;
         }
     }
 
@@ -89,18 +103,19 @@ impl PortBook {
             self.release(old);
         }
         *self.used.entry(p).or_default() += 1;
+        self.raise_low();
         Some(p)
     }
 
     fn lowest_free(&self, taken: &[u16]) -> Option<u16> {
         let (first, last) = (u32::from(self.range.0), u32::from(self.range.1));
         let free = |c: u32| u16::try_from(c).ok().filter(|c| !taken.contains(c));
-        let mut candidate = first;
-        for p in self
-            .used
-            .range(self.range.0..=self.range.1)
-            .map(|(p, _)| u32::from(*p))
-        {
+        let mut candidate = first.max(self.low);
+        if candidate > last {
+            return None;
+        }
+        let from = u16::try_from(candidate).ok()?;
+        for p in self.used.range(from..=self.range.1).map(|(p, _)| u32::from(*p)) {
             while candidate < p {
                 if let Some(c) = free(candidate) {
                     return Some(c);
@@ -117,6 +132,7 @@ impl PortBook {
             *n -= 1;
             if *n == 0 {
                 self.used.remove(&port);
+                self.low = self.low.min(u32::from(port));
             }
         }
     }
@@ -149,6 +165,8 @@ impl PortBook {
         }
         Arc::make_mut(&mut self.ports).retain(|k, _| keep.contains(k));
         self.used = count(&self.ports);
+        self.low = u32::from(self.range.0);
+        self.raise_low();
     }
 
     /// The book as it is now, to write where a blocking write does no harm.
@@ -168,6 +186,35 @@ impl PortBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever was assigned, freed or refused before, a new key gets the lowest port
+        /// no key holds and no bind refused, and a key keeps its port unless it was refused.
+        #[test]
+        fn the_lowest_free_port_is_given_whatever_came_before(
+            ops in prop::collection::vec((0u8..3, 0u8..12, prop::collection::vec(30000u16..30010, 0..3)), 1..80)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut b = PortBook::load(&dir.path().join("ports.json"), (30000, 30009));
+            let mut want: BTreeMap<String, u16> = BTreeMap::new();
+            for (op, k, taken) in ops {
+                let key = format!("k{k}");
+                if op == 2 {
+                    prop_assert_eq!(b.remove(&key), want.remove(&key).is_some());
+                    continue;
+                }
+                let expected = match want.get(&key) {
+                    Some(p) if !taken.contains(p) => Some(*p),
+                    _ => (30000..=30009).find(|c| !taken.contains(c) && !want.values().any(|p| p == c)),
+                };
+                prop_assert_eq!(b.assign(&key, &taken), expected);
+                if let Some(p) = expected {
+                    want.insert(key, p);
+                }
+            }
+        }
+    }
 
     #[test]
     fn ports_are_stable_and_distinct() {

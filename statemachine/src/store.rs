@@ -1342,7 +1342,8 @@ fn dependents_of<R: ReadableTable<&'static str, &'static [u8]>>(
     name: &str,
 ) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
-    for k in o.keys_with_prefix(&services_prefix(None))? {
+    // Only records whose bytes hold the name can depend on it: the others are not decoded.
+    for k in services_naming(o, &[(false, ns, name)])? {
         if let Some(r) = o.get::<ServiceRecord>(&k)? {
             let depends = resolve(&r.spec)
                 .iter()

@@ -912,19 +912,23 @@ impl DataPlane {
                 return;
             }
         };
-        let t = self.table();
         // Fail closed: a stale view's VIPs all go to the proxy, which refuses new connections.
         let stale = self.stale();
-        let patch = {
+        let (t, patch) = {
             let Ok(mut guard) = self.kernel.lock() else { return };
             let k = &mut *guard;
+            // The view is read under the lock `install` adds to `pending` under, after it
+            // wrote the view: a change is in both the view read here and the set taken, or
+            // left pending for the next call.
+            let t = self.table();
+            let Ok(listeners) = self.listeners.lock() else {
+                k.pending = Pending::All;
+                return;
+            };
             let pending = std::mem::replace(&mut k.pending, Pending::Some(BTreeSet::new()));
             let changed = match &pending {
                 Pending::All => None,
                 Pending::Some(s) => Some(s),
-            };
-            let Ok(listeners) = self.listeners.lock() else {
-                return;
             };
             let patch = k.live.update(&t, changed, &ListenerPorts(&listeners));
             if k.status.enforcing && k.live_loaded && !stale && patch.is_empty() {
@@ -936,7 +940,7 @@ impl DataPlane {
                 self.withheld.store(false, Ordering::Relaxed);
                 return;
             }
-            patch
+            (t, patch)
         };
         let table = &self.cfg.nft_table;
         // A failed reading falls back to the last one: fewer drops carried, none lost twice.
@@ -997,6 +1001,9 @@ impl DataPlane {
         if enforcing && !refused && loaded.as_deref() == Some(&model) {
             if let Ok(mut k) = self.kernel.lock() {
                 k.vips = vips;
+                // As after a load: a stale view's model is not the live one.
+                k.live_loaded = !stale;
+                k.model = stale.then(|| Arc::new(model));
             }
             self.withheld.store(stale, Ordering::Relaxed);
             return;

@@ -346,14 +346,18 @@ pub struct Patch {
 }
 
 impl Patch {
-    /// Whether the kernel's table needs no change.
+    /// Whether the kernel's table needs no change (the policies' names are not in it).
     pub fn is_empty(&self) -> bool {
-        self.before == self.after && self.lengths.iter().all(|(a, b)| a == b)
+        let table = |m: &Model| Model {
+            policies: BTreeMap::new(),
+            ..m.clone()
+        };
+        table(&self.before) == table(&self.after) && self.lengths.iter().all(|(a, b)| a == b)
     }
 
-    /// The model before this patch, from `now`, the one after it (its policies as they are
-    /// now): what the kernel held, for a change that cannot be made as this patch (the
-    /// view went stale), and to attribute drops counted under it.
+    /// The model before this patch, from `now`, the one after it: what the kernel held, for
+    /// a change that cannot be made as this patch (the view went stale), and to attribute
+    /// drops counted under it.
     pub fn undo(&self, now: &Model) -> Model {
         fn swap<K: Ord + Clone, V: Clone>(
             m: &mut BTreeMap<K, V>,
@@ -389,6 +393,7 @@ impl Patch {
         swap(&mut m.egress_from, &a.egress_from, &b.egress_from);
         swap_allowed(&mut m.ingress, &a.ingress, &b.ingress);
         swap_allowed(&mut m.egress, &a.egress, &b.egress);
+        swap(&mut m.policies, &a.policies, &b.policies);
         m
     }
 }
@@ -410,6 +415,8 @@ pub struct Live {
     namespace_named_by: HashMap<String, HashSet<Key>>,
     host_egress: bool,
     vips: HashMap<Key, Ipv4Addr>,
+    /// How many services hold each VIP (one, unless two records share it).
+    vip_holders: HashMap<Ipv4Addr, u32>,
 }
 
 impl Live {
@@ -430,6 +437,7 @@ impl Live {
             namespace_named_by: HashMap::default(),
             host_egress: false,
             vips: HashMap::default(),
+            vip_holders: HashMap::default(),
         }
     }
 
@@ -445,6 +453,7 @@ impl Live {
             l.count(&k, &s, true, None);
             if let Some(v) = svc.vip {
                 l.vips.insert(k.clone(), v);
+                *l.vip_holders.entry(v).or_default() += 1;
             }
             l.shares.insert(k, s);
         }
@@ -517,18 +526,34 @@ impl Live {
         let was_fast = !self.model.fast_pre.is_empty();
         let mut keys: BTreeMap<VipPort, Before> = BTreeMap::new();
         let mut guards: [BTreeMap<Ipv4Addr, Option<String>>; 2] = Default::default();
+        let mut policies: BTreeMap<String, Option<CounterKey>> = BTreeMap::new();
         let mut patch = Patch::default();
         for k in &todo {
             let svc = t.services.get(&**k);
             let new = svc.map(|svc| share_of(t, svc, ports, host_egress));
             if let Some(old) = self.shares.remove(&**k) {
-                self.count(k, &old, false, Some((&mut keys, &mut guards)));
+                self.count(k, &old, false, Some((&mut keys, &mut guards, &mut policies)));
             }
             match (self.vips.get(&**k).copied(), svc.and_then(|s| s.vip)) {
                 (a, b) if a == b => {}
                 (a, b) => {
-                    patch.vips.0.extend(a);
-                    patch.vips.1.extend(b);
+                    // A VIP comes or goes with the first or the last service holding it.
+                    if let Some(a) = a {
+                        if let Some(n) = self.vip_holders.get_mut(&a) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.vip_holders.remove(&a);
+                                patch.vips.0.push(a);
+                            }
+                        }
+                    }
+                    if let Some(b) = b {
+                        let n = self.vip_holders.entry(b).or_default();
+                        *n += 1;
+                        if *n == 1 {
+                            patch.vips.1.push(b);
+                        }
+                    }
                     match b {
                         Some(v) => self.vips.insert(k.clone(), v),
                         None => self.vips.remove(&**k),
@@ -536,11 +561,12 @@ impl Live {
                 }
             }
             if let Some(new) = new {
-                self.count(k, &new, true, Some((&mut keys, &mut guards)));
+                self.count(k, &new, true, Some((&mut keys, &mut guards, &mut policies)));
                 self.shares.insert(k.clone(), new);
             }
         }
         // The `VIP . port` keys: each from its greatest owner's share.
+        let touched: BTreeSet<VipPort> = keys.keys().copied().collect();
         for (key, before) in keys {
             let owner = self
                 .owners
@@ -559,6 +585,24 @@ impl Live {
             set(&mut m.backends, key, owner.and_then(|s| find(&s.backends, key)));
             before.record(key, &mut patch.before);
             Before::of(m, key).record(key, &mut patch.after);
+        }
+        // A VIP is masqueraded while any of its ports is kernel-forwarded (`fast_vips`, which
+        // the commands derive from `fast_pre`): the patch carries its other ports as they are.
+        let vips: BTreeSet<Ipv4Addr> = touched.iter().map(|(v, _)| *v).collect();
+        for v in vips {
+            for (key, n) in self.model.fast_pre.range((v, 0)..=(v, u16::MAX)) {
+                if !touched.contains(key) {
+                    patch.before.fast_pre.insert(*key, *n);
+                    patch.after.fast_pre.insert(*key, *n);
+                }
+            }
+        }
+        for (name, was) in policies {
+            let now = self.model.policies.get(&name).cloned();
+            if was != now {
+                patch.before.policies.extend(was.map(|c| (name.clone(), c)));
+                patch.after.policies.extend(now.map(|c| (name, c)));
+            }
         }
         // The addresses a policy guards or holds.
         for (d, touched) in guards.into_iter().enumerate() {
@@ -653,7 +697,7 @@ impl Live {
     fn count(&mut self, k: &Key, s: &Share, add: bool, mut touched: Option<Touched<'_>>) {
         let record = touched.is_some();
         for key in &s.keys {
-            if let Some((keys, _)) = &mut touched {
+            if let Some((keys, _, _)) = &mut touched {
                 keys.entry(*key).or_insert_with(|| Before::of(&self.model, *key));
             }
             member(&mut self.owners, *key, k, add);
@@ -669,7 +713,7 @@ impl Live {
                 &self.model.egress_from
             };
             for ip in &s.guarded[d] {
-                if let Some((_, guards)) = &mut touched {
+                if let Some((_, guards, _)) = &mut touched {
                     guards[d].entry(*ip).or_insert_with(|| model.get(ip).cloned());
                 }
                 member(&mut self.guards[d], *ip, k, add);
@@ -680,6 +724,11 @@ impl Live {
                 continue;
             }
             let name = counter_name(k, direction);
+            if let Some((_, _, policies)) = &mut touched {
+                policies
+                    .entry(name.clone())
+                    .or_insert_with(|| self.model.policies.get(&name).cloned());
+            }
             if add {
                 let c = CounterKey {
                     service: SvcKey::clone(k),
@@ -700,6 +749,7 @@ impl Live {
 type Touched<'a> = (
     &'a mut BTreeMap<VipPort, Before>,
     &'a mut [BTreeMap<Ipv4Addr, Option<String>>; 2],
+    &'a mut BTreeMap<String, Option<CounterKey>>,
 );
 
 /// Adds (`add`) or takes away `k` among the holders of `at`, kept in key order.
@@ -838,7 +888,8 @@ mod tests {
         let ports: Vec<PortSpec> = (0..g.ports % 3)
             .map(|p| PortSpec {
                 name: if p == 0 { "http".into() } else { format!("p{p}") },
-                port: 80 + i64::from(p),
+                // The two sharing a VIP serve different ports of it.
+                port: 80 + 5 * (i / 10) as i64 + i64::from(p),
                 target_port: Some(8080 + i64::from(p)),
                 protocol: None,
                 host_port: None,
@@ -865,7 +916,8 @@ mod tests {
         };
         let s = Svc {
             key: key.clone(),
-            vip: Some(Ipv4Addr::new(10, 96, 0, 2 + i as u8)),
+            // Services 0 and 10, and 1 and 11, share a VIP (two records naming one).
+            vip: Some(Ipv4Addr::new(10, 96, 0, 2 + (i % 10) as u8)),
             mode: [Mode::RoundRobin, Mode::LeastConnections, Mode::None][usize::from(g.mode % 3)],
             ports: ports.clone(),
             policy: compile(&ns, Some(&np)),
@@ -959,6 +1011,9 @@ mod tests {
             let mut live = Live::build(&t, &ports, RANGE);
             prop_assert_eq!(live.model(), &Model::of(&t, &ports, RANGE));
             let mut old = live.model().clone();
+            let vips_of = |t: &Table| -> BTreeSet<Ipv4Addr> { t.services.values().filter_map(|s| s.vip).collect() };
+            // What the data plane tells the DNS it carries, kept by the patches.
+            let mut carried = vips_of(&t);
             let mut pgid = false;
             for (i, g, flip, all) in changes {
                 services[i] = g;
@@ -974,9 +1029,12 @@ mod tests {
                     encode(delta("t", &old, &whole)).ok()
                 );
                 prop_assert_eq!(patch.is_empty(), delta("t", &old, &whole).is_empty());
-                let mut undone = patch.undo(&whole);
-                undone.policies = old.policies.clone();
-                prop_assert_eq!(&undone, &old);
+                prop_assert_eq!(&patch.undo(&whole), &old);
+                for v in &patch.vips.0 {
+                    carried.remove(v);
+                }
+                carried.extend(&patch.vips.1);
+                prop_assert_eq!(&carried, &vips_of(&t));
                 old = whole;
             }
         }

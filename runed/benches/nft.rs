@@ -36,7 +36,7 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 fn main() {
     let ns = format!("rune-nft-bench-{}", std::process::id());
     // Deleted on the way out, a failed load included.
-    let _gone = DeleteNetns(ns.clone());
+    let _gone = common::DeleteNetns(ns.clone());
     if !common::enter_netns(&ns) {
         println!("skipped: needs root, ip(8) and nft(8)");
         return;
@@ -134,16 +134,5 @@ fn main() {
             pct(&mut computes, 0.5).as_secs_f64() * 1e6,
             ms(pct(&mut reads, 0.5)),
         );
-    }
-}
-
-/// Deletes the namespace (and the table in it) when dropped.
-struct DeleteNetns(String);
-
-impl Drop for DeleteNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
     }
 }

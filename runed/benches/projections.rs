@@ -151,7 +151,7 @@ fn main() {
     let kernel = std::env::var("BENCH_KERNEL").is_ok_and(|v| v == "1");
     // Before the runtime, whose threads inherit the namespace, as runed does.
     let ns = format!("rune-proj-bench-{}", std::process::id());
-    let _gone = kernel.then(|| DeleteNetns(ns.clone()));
+    let _gone = kernel.then(|| common::DeleteNetns(ns.clone()));
     if kernel && !common::enter_netns(&ns) {
         println!("skipped: BENCH_KERNEL=1 needs root, ip(8) and nft(8)");
         return;
@@ -239,16 +239,5 @@ fn main() {
             "data plane serving all {n} services' ports {:.0} ms after the fill's last write",
             t.as_secs_f64() * 1e3
         );
-    }
-}
-
-/// Deletes the bench's network namespace (and runed's table in it) when dropped.
-struct DeleteNetns(String);
-
-impl Drop for DeleteNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
     }
 }

@@ -216,6 +216,16 @@ pub fn enter_netns(name: &str) -> bool {
     unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) == 0 }
 }
 
+/// Deletes a network namespace of [`enter_netns`] (and what was made in it, an nftables table
+/// among them) when dropped.
+pub struct DeleteNetns(pub String);
+
+impl Drop for DeleteNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
 /// How many rounds a bench measures each pair of servers (`BENCH_ROUNDS`, default 3): this
 /// machine drifts by tens of percent within minutes, so one run of each is a coin toss.
 pub fn rounds() -> usize {

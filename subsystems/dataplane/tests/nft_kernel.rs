@@ -9,6 +9,7 @@ use std::process::Command;
 use rune_dataplane::live::Live;
 use rune_dataplane::nft::{self, Model};
 use rune_dataplane::policy::SvcKey;
+use rune_dataplane::table::Table;
 use rune_dataplane::testing::{change_one, synthetic};
 use serde_json::Value;
 
@@ -131,7 +132,7 @@ fn scrub(v: &mut Value) {
 
 /// `t` with service `i`'s ingress allowing networks inside one another, with ports and
 /// without, and an egress policy: each length gets its own exact sets, looked up masked.
-fn with_nested_networks(t: &rune_dataplane::table::Table, i: usize) -> rune_dataplane::table::Table {
+fn with_nested_networks(t: &Table, i: usize) -> Table {
     use rune_statemachine::spec::{EgressRule, IngressRule, NetworkPolicy, Peer, PortRef};
     let mut t = t.clone();
     let key = SvcKey::new("bench", &format!("s{i}"));
@@ -168,15 +169,23 @@ fn with_nested_networks(t: &rune_dataplane::table::Table, i: usize) -> rune_data
     t
 }
 
-#[test]
-fn deltas_leave_the_table_a_full_load_gives() {
-    let _ns = Netns::enter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+type Ports = BTreeMap<(SvcKey, u16), u16>;
+
+/// The views both kernel tests walk through: 30 services, then one changed, then nested and
+/// overlapping networks, one gone, ten more.
+struct Views {
+    t: Table,
+    ports: Ports,
+    changed: Table,
+    fewer: Table,
+    fewer_ports: Ports,
+    more: Table,
+    more_ports: Ports,
+    nested: Table,
+}
+
+fn views() -> Views {
     let (t, ports) = synthetic(30);
-    let base = Model::of(&t, &ports, RANGE);
     let changed = change_one(&t, 3, 0);
     let mut fewer = changed.clone();
     fewer.services.remove(&SvcKey::new("bench", "s5"));
@@ -184,6 +193,40 @@ fn deltas_leave_the_table_a_full_load_gives() {
     fewer_ports.remove(&(SvcKey::new("bench", "s5"), 80));
     let (more, more_ports) = synthetic(40);
     let nested = with_nested_networks(&changed, 4);
+    Views {
+        t,
+        ports,
+        changed,
+        fewer,
+        fewer_ports,
+        more,
+        more_ports,
+        nested,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn deltas_leave_the_table_a_full_load_gives() {
+    let _ns = Netns::enter();
+    let rt = runtime();
+    let Views {
+        t,
+        ports,
+        changed,
+        fewer,
+        fewer_ports,
+        more,
+        more_ports,
+        nested,
+    } = views();
+    let base = Model::of(&t, &ports, RANGE);
     let steps = [
         (
             "nested and overlapping networks, every port",
@@ -198,7 +241,7 @@ fn deltas_leave_the_table_a_full_load_gives() {
         ),
         (
             "every service gone",
-            Model::of(&rune_dataplane::table::Table::default(), &BTreeMap::new(), RANGE),
+            Model::of(&Table::default(), &BTreeMap::new(), RANGE),
         ),
         (
             "stale: every VIP back to the proxy",
@@ -238,28 +281,23 @@ fn deltas_leave_the_table_a_full_load_gives() {
 #[test]
 fn patches_leave_the_table_a_full_load_gives() {
     let _ns = Netns::enter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (t, ports) = synthetic(30);
-    let changed = change_one(&t, 3, 0);
-    let mut fewer = changed.clone();
-    fewer.services.remove(&SvcKey::new("bench", "s5"));
-    let mut fewer_ports = ports.clone();
-    fewer_ports.remove(&(SvcKey::new("bench", "s5"), 80));
-    let (more, more_ports) = synthetic(40);
-    let nested = with_nested_networks(&changed, 4);
+    let rt = runtime();
+    let Views {
+        t,
+        ports,
+        changed,
+        fewer,
+        fewer_ports,
+        more,
+        more_ports,
+        nested,
+    } = views();
     let steps = [
         ("nested and overlapping networks, every port", &nested, &ports),
         ("one service changed", &changed, &ports),
         ("one service gone", &fewer, &fewer_ports),
         ("ten services added", &more, &more_ports),
-        (
-            "every service gone",
-            &rune_dataplane::table::Table::default(),
-            &BTreeMap::new(),
-        ),
+        ("every service gone", &Table::default(), &BTreeMap::new()),
         ("all back", &t, &ports),
     ];
     let n = nft::Nft::open().expect("libnftables (Debian's nftables)");

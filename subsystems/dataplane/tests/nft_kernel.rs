@@ -171,38 +171,29 @@ fn with_nested_networks(t: &Table, i: usize) -> Table {
 
 type Ports = BTreeMap<(SvcKey, u16), u16>;
 
-/// The views both kernel tests walk through: 30 services, then one changed, then nested and
-/// overlapping networks, one gone, ten more.
-struct Views {
-    t: Table,
-    ports: Ports,
-    changed: Table,
-    fewer: Table,
-    fewer_ports: Ports,
-    more: Table,
-    more_ports: Ports,
-    nested: Table,
-}
+/// A view and its proxy ports.
+type View = (Table, Ports);
 
-fn views() -> Views {
+/// The views both kernel tests walk through after 30 services (the first): one changed, then
+/// nested and overlapping networks, one gone, ten more.
+fn views() -> (View, Vec<(&'static str, View)>) {
     let (t, ports) = synthetic(30);
     let changed = change_one(&t, 3, 0);
     let mut fewer = changed.clone();
     fewer.services.remove(&SvcKey::new("bench", "s5"));
     let mut fewer_ports = ports.clone();
     fewer_ports.remove(&(SvcKey::new("bench", "s5"), 80));
-    let (more, more_ports) = synthetic(40);
     let nested = with_nested_networks(&changed, 4);
-    Views {
-        t,
-        ports,
-        changed,
-        fewer,
-        fewer_ports,
-        more,
-        more_ports,
-        nested,
-    }
+    let steps = vec![
+        (
+            "nested and overlapping networks, every port",
+            (nested, ports.clone()),
+        ),
+        ("one service changed", (changed, ports.clone())),
+        ("one service gone", (fewer, fewer_ports)),
+        ("ten services added", synthetic(40)),
+    ];
+    ((t, ports), steps)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -216,28 +207,17 @@ fn runtime() -> tokio::runtime::Runtime {
 fn deltas_leave_the_table_a_full_load_gives() {
     let _ns = Netns::enter();
     let rt = runtime();
-    let Views {
-        t,
-        ports,
-        changed,
-        fewer,
-        fewer_ports,
-        more,
-        more_ports,
-        nested,
-    } = views();
+    let ((t, ports), views) = views();
     let base = Model::of(&t, &ports, RANGE);
-    let steps = [
-        (
-            "nested and overlapping networks, every port",
-            Model::of(&nested, &ports, RANGE),
-        ),
-        ("one service changed", Model::of(&changed, &ports, RANGE)),
-        ("one service gone", Model::of(&fewer, &fewer_ports, RANGE)),
-        ("ten services added", Model::of(&more, &more_ports, RANGE)),
+    let (more, more_ports) = &views[views.len() - 1].1;
+    let mut steps: Vec<(&str, Model)> = views
+        .iter()
+        .map(|(what, (v, p))| (*what, Model::of(v, p, RANGE)))
+        .collect();
+    steps.extend([
         (
             "the port range moved",
-            Model::of(&more, &more_ports, (22_000, 23_999)),
+            Model::of(more, more_ports, (22_000, 23_999)),
         ),
         (
             "every service gone",
@@ -245,10 +225,10 @@ fn deltas_leave_the_table_a_full_load_gives() {
         ),
         (
             "stale: every VIP back to the proxy",
-            Model::of(&more, &more_ports, RANGE).proxied(),
+            Model::of(more, more_ports, RANGE).proxied(),
         ),
         ("all back", base.clone()),
-    ];
+    ]);
     // Opened after entering the namespace: its socket lives there.
     let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
     rt.block_on(nft::apply(&n, nft::full(TABLE, &base)))
@@ -282,30 +262,15 @@ fn deltas_leave_the_table_a_full_load_gives() {
 fn patches_leave_the_table_a_full_load_gives() {
     let _ns = Netns::enter();
     let rt = runtime();
-    let Views {
-        t,
-        ports,
-        changed,
-        fewer,
-        fewer_ports,
-        more,
-        more_ports,
-        nested,
-    } = views();
-    let steps = [
-        ("nested and overlapping networks, every port", &nested, &ports),
-        ("one service changed", &changed, &ports),
-        ("one service gone", &fewer, &fewer_ports),
-        ("ten services added", &more, &more_ports),
-        ("every service gone", &Table::default(), &BTreeMap::new()),
-        ("all back", &t, &ports),
-    ];
+    let ((t, ports), mut views) = views();
+    views.push(("every service gone", (Table::default(), BTreeMap::new())));
+    views.push(("all back", (t.clone(), ports.clone())));
     let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
     let mut live = Live::build(&t, &ports, RANGE);
     rt.block_on(nft::apply(&n, nft::full(TABLE, live.model())))
         .expect("full load");
     let mut before: BTreeSet<SvcKey> = t.services.keys().cloned().collect();
-    for (what, view, ports) in steps {
+    for (what, (view, ports)) in &views {
         // Every service of both views is named changed: each share is computed again, and
         // the patch holds only what differs.
         let now: BTreeSet<SvcKey> = view.services.keys().cloned().collect();

@@ -416,7 +416,7 @@ pub struct Live {
     host_egress: bool,
     vips: HashMap<Key, Ipv4Addr>,
     /// How many services hold each VIP (one, unless two records share it).
-    vip_holders: HashMap<Ipv4Addr, u32>,
+    vip_holders: Counted<Ipv4Addr>,
 }
 
 impl Live {
@@ -437,7 +437,7 @@ impl Live {
             namespace_named_by: HashMap::default(),
             host_egress: false,
             vips: HashMap::default(),
-            vip_holders: HashMap::default(),
+            vip_holders: Counted::default(),
         }
     }
 
@@ -453,7 +453,7 @@ impl Live {
             l.count(&k, &s, true, None);
             if let Some(v) = svc.vip {
                 l.vips.insert(k.clone(), v);
-                *l.vip_holders.entry(v).or_default() += 1;
+                l.vip_holders.count(&v, true, false);
             }
             l.shares.insert(k, s);
         }
@@ -538,21 +538,11 @@ impl Live {
                 (a, b) if a == b => {}
                 (a, b) => {
                     // A VIP comes or goes with the first or the last service holding it.
-                    if let Some(a) = a {
-                        if let Some(n) = self.vip_holders.get_mut(&a) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.vip_holders.remove(&a);
-                                patch.vips.0.push(a);
-                            }
-                        }
+                    if let Some(a) = a.filter(|a| self.vip_holders.count(a, false, false)) {
+                        patch.vips.0.push(a);
                     }
-                    if let Some(b) = b {
-                        let n = self.vip_holders.entry(b).or_default();
-                        *n += 1;
-                        if *n == 1 {
-                            patch.vips.1.push(b);
-                        }
+                    if let Some(b) = b.filter(|b| self.vip_holders.count(b, true, false)) {
+                        patch.vips.1.push(b);
                     }
                     match b {
                         Some(v) => self.vips.insert(k.clone(), v),

@@ -3,11 +3,13 @@
 //! ingress policy, `cargo bench -p runed --bench nft` prints
 //! - the time to compute the table's model from the view,
 //! - a full load (the table replaced whole: runed's start, or recovery), median of 5,
-//! - one service's change (its endpoints gone and its policy moved, then back) applied as a
-//!   delta, p50/p99 of 40, with how many commands the delta holds, and what is computed
-//!   before a change is loaded, p50: the data plane's way (its kept model brought up to date
-//!   with the changed service, and the patch turned into commands) beside the earlier way
-//!   (the view's whole model, compared with and diffed against the loaded one),
+//! - one service's change applied as a delta, p50/p99 of 40 of each kind: its endpoints gone
+//!   then back (the commonest change: instances stop or start), and its endpoints gone with
+//!   its policy moved to a prefix length no other policy uses, then back (the policy chains
+//!   rewritten); with how many commands a delta holds, and what is computed before a change
+//!   is loaded, p50: the data plane's way (its kept model brought up to date with the changed
+//!   service, and the patch turned into commands) beside the earlier way (the view's whole
+//!   model, compared with and diffed against the loaded one),
 //! - reading the drop counts (the two drop sets listed), median of 10.
 
 mod common;
@@ -19,7 +21,7 @@ use std::collections::BTreeSet;
 use rune_dataplane::live::Live;
 use rune_dataplane::nft::{self, Model};
 use rune_dataplane::policy::SvcKey;
-use rune_dataplane::testing::{change_one, synthetic};
+use rune_dataplane::testing::{change_one, endpoints_gone, synthetic};
 
 const TABLE: &str = "runebench";
 const RANGE: (u16, u16) = (20_000, 21_999);
@@ -47,7 +49,7 @@ fn main() {
         .expect("runtime");
     let lib = nft::Nft::open().expect("libnftables (Debian's nftables)");
     println!("nftables programming, one network namespace, one run\n");
-    println!("| services | model µs | full load ms | one change p50 ms | p99 ms | commands per change | kept model's patch per change p50 µs | whole model and delta per change p50 µs | read counters ms |");
+    println!("| services | model µs | full load ms | endpoints gone or back p50 / p99 ms | endpoints and policy's prefix length p50 / p99 ms | most commands per change | kept model's patch per change p50 µs | whole model and delta per change p50 µs | read counters ms |");
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     // 5,000: how the per-change work grows past the sizes.
     for n in [10, 100, 1000, 5000] {
@@ -63,26 +65,42 @@ fn main() {
                 started.elapsed()
             })
             .collect();
-        let mut changes = Vec::new();
-        let mut computes = Vec::new();
-        let mut patches = Vec::new();
         let mut live = Live::build(&t, &ports, RANGE);
         let mut commands = 0;
+        // Per kind of change: the kernel's time for it; the views and what their patches
+        // encoded, to check against the earlier way after.
+        let mut changes = [Vec::new(), Vec::new()];
+        let mut patches = Vec::new();
+        let mut done = Vec::new();
+        for (kind, times) in changes.iter_mut().enumerate() {
+            for round in 0..40 {
+                let i = (round / 2 * 7) % n;
+                let view = match (round % 2, kind) {
+                    (1, _) => t.clone(),
+                    (_, 0) => endpoints_gone(&t, i),
+                    _ => change_one(&t, i, 0),
+                };
+                // As `DataPlane::program` does for each change: the kept model's patch,
+                // loaded at once.
+                let started = Instant::now();
+                let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
+                let patch = live.update(&view, Some(&changed), &ports);
+                let cmds = nft::delta_patch(TABLE, &patch);
+                patches.push(started.elapsed());
+                commands = commands.max(cmds.len());
+                let encoded = nft::encode(cmds.clone()).ok();
+                let started = Instant::now();
+                rt.block_on(nft::apply(&lib, cmds)).expect("delta");
+                times.push(started.elapsed());
+                done.push((view, encoded));
+            }
+        }
+        // The earlier way, apart (its sweeps of the whole model would leave the caches cold
+        // for the kernel's time above): the view's whole model, then its difference from
+        // the loaded one.
+        let mut computes = Vec::new();
         let mut current = base.clone();
-        for round in 0..40 {
-            let i = (round / 2 * 7) % n;
-            let view = if round.is_multiple_of(2) {
-                change_one(&t, i, 0)
-            } else {
-                t.clone()
-            };
-            // As `DataPlane::program` does for each change: the kept model's patch.
-            let started = Instant::now();
-            let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
-            let patch = live.update(&view, Some(&changed), &ports);
-            let cmds = nft::delta_patch(TABLE, &patch);
-            patches.push(started.elapsed());
-            // The earlier way: the whole model, then its difference from the loaded one.
+        for (view, encoded) in done {
             let started = Instant::now();
             let next = Model::of(&view, &ports, RANGE);
             let whole = if next == current {
@@ -92,16 +110,13 @@ fn main() {
             };
             computes.push(started.elapsed());
             assert_eq!(
-                nft::encode(cmds.clone()).ok(),
+                encoded,
                 nft::encode(whole).ok(),
                 "the patch and the whole models' difference agree"
             );
-            commands = commands.max(cmds.len());
-            let started = Instant::now();
-            rt.block_on(nft::apply(&lib, cmds)).expect("delta");
-            changes.push(started.elapsed());
             current = next;
         }
+        let [mut endpoints, mut policies] = changes;
         let mut reads: Vec<Duration> = (0..10)
             .map(|_| {
                 let started = Instant::now();
@@ -118,18 +133,27 @@ fn main() {
                 false,
             );
             common::summary(
+                "nftables one service's endpoints gone or back, 1,000 policy services, p50",
+                "ms",
+                ms(pct(&mut endpoints, 0.5)),
+                None,
+                false,
+            );
+            common::summary(
                 "nftables one service's change, 1,000 policy services, p50",
                 "ms",
-                ms(pct(&mut changes, 0.5)),
+                ms(pct(&mut policies, 0.5)),
                 None,
                 false,
             );
         }
         println!(
-            "| {n} | {model_us:.0} | {:.1} | {:.2} | {:.2} | {commands} | {:.0} | {:.0} | {:.2} |",
+            "| {n} | {model_us:.0} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {commands} | {:.0} | {:.0} | {:.2} |",
             ms(pct(&mut loads, 0.5)),
-            ms(pct(&mut changes, 0.5)),
-            ms(pct(&mut changes, 0.99)),
+            ms(pct(&mut endpoints, 0.5)),
+            ms(pct(&mut endpoints, 0.99)),
+            ms(pct(&mut policies, 0.5)),
+            ms(pct(&mut policies, 0.99)),
             pct(&mut patches, 0.5).as_secs_f64() * 1e6,
             pct(&mut computes, 0.5).as_secs_f64() * 1e6,
             ms(pct(&mut reads, 0.5)),

@@ -66,8 +66,19 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
     (t, ports)
 }
 
+/// `t` with service `i`'s endpoints gone (its VIP port now refused), as when its instances
+/// stop: the commonest change, which touches no policy.
+pub fn endpoints_gone(t: &Table, i: usize) -> Table {
+    let mut t = t.clone();
+    if let Some(svc) = t.services.get_mut(&SvcKey::new("bench", &format!("s{i}"))) {
+        Arc::make_mut(svc).endpoints.clear();
+    }
+    t
+}
+
 /// `t` with service `i` changed the way a cast or a rollout changes one: its endpoints gone
-/// (its VIP port now refused) and its policy's CIDR moved, or (odd `round`) back again.
+/// (its VIP port now refused) and its policy's CIDR moved, or (odd `round`) back again. The
+/// CIDR's new prefix length is one no other policy uses, so the policy chains are rewritten.
 pub fn change_one(t: &Table, i: usize, round: usize) -> Table {
     let mut t = t.clone();
     let key = SvcKey::new("bench", &format!("s{i}"));

@@ -604,4 +604,25 @@ fn the_kernel_forwards_between_docker_containers() {
     assert!(!get("other").contains("hello-web"), "other is not allowed");
     wait_until(LONG, "the kernel to count the drop", || kernel_drops(&d) > before);
     assert_eq!(proxied(&d, "web", "denied"), 0.0, "dropped before the proxy");
+
+    // Straight to a container, the rule's port is where the instance listens for it (8080),
+    // not the service port: app gets in on 8080, and on 80 it is dropped (counted), not
+    // refused by the container.
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "instances", "web", "-o", "json"])).unwrap();
+    let pod = v[0]["address"].as_str().unwrap_or_default().to_string();
+    assert!(!pod.is_empty(), "{v}");
+    let direct = |port: u16| {
+        let cmd = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {pod} {port}; echo rc=$?");
+        let o = d.rune(&["exec", "app", "--", "sh", "-c", &cmd]);
+        format!("{}{}", stdout(&o), rune_chaos_tests::stderr(&o))
+    };
+    wait_until(LONG, "app to reach a web container on its target port", || {
+        direct(8080).contains("hello-web")
+    });
+    let before = kernel_drops(&d);
+    let o = direct(80);
+    assert!(!o.contains("hello-web") && !o.contains("refused"), "{o}");
+    wait_until(LONG, "the kernel to count the drop on port 80", || {
+        kernel_drops(&d) > before
+    });
 }

@@ -160,12 +160,18 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
         if !guarded.is_empty() {
             let mut allowed = Allowed::default();
             for r in rules {
-                let ports = crate::nft::ingress_ports(svc, r);
+                let (at_vip, at_instances) = match crate::nft::ingress_ports(svc, r) {
+                    Some((v, i)) => (Some(v), Some(i)),
+                    None => (None, None),
+                };
                 for (_, peer) in &r.peers {
                     name(&mut s, peer);
                     let peers = peer_addrs(t, peer, false);
-                    for g in &guarded {
-                        allowed.allow(*g, &peers, &ports);
+                    for g in &s.sources {
+                        allowed.allow(*g, &peers, &at_instances);
+                    }
+                    if let Some(vip) = svc.vip {
+                        allowed.allow(vip, &peers, &at_vip);
                     }
                 }
             }

@@ -376,19 +376,31 @@ fn drop_set(direction: &str) -> &'static str {
 /// How many addresses each drop set counts; past it, drops are still dropped but not counted.
 const DROP_SET_SIZE: u32 = 65_536;
 
-/// The ports an ingress rule allows: the service ports it names (reached through the VIP) and
-/// where the instances listen for them (reached directly).
-pub(crate) fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<Vec<u16>> {
-    ports_of(r, &svc.ports).map(|list| {
-        let mut all = list.clone();
-        for p in &svc.ports {
-            if list.iter().any(|x| i64::from(*x) == p.port) {
-                all.extend(p.target_port.and_then(|x| u16::try_from(x).ok()));
-            }
-        }
-        all.sort_unstable();
-        all.dedup();
-        all
+/// The TCP ports an ingress rule opens, by the address they are reached at: `.0` at the VIP
+/// (the service ports it names: the kernel meets the flow before NAT), `.1` at the
+/// instances' own addresses (where they listen for those ports). A number that names no
+/// service port is opened at both. `None`: every port.
+pub(crate) fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<(Vec<u16>, Vec<u16>)> {
+    ports_of(r, &svc.ports).map(|at_vip| {
+        let mut at_instances: Vec<u16> = at_vip
+            .iter()
+            .flat_map(|x| {
+                let named: Vec<u16> = svc
+                    .ports
+                    .iter()
+                    .filter(|p| p.port == i64::from(*x))
+                    .map(|p| p.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(*x))
+                    .collect();
+                if named.is_empty() {
+                    vec![*x]
+                } else {
+                    named
+                }
+            })
+            .collect();
+        at_instances.sort_unstable();
+        at_instances.dedup();
+        (at_vip, at_instances)
     })
 }
 
@@ -1446,6 +1458,40 @@ mod tests {
         let m = Model::of(&t, &ports, range);
         assert_eq!(m.fast_pre.get(&k), Some(&1));
         assert!(m.fast_out.is_empty());
+    }
+
+    #[test]
+    fn an_ingress_port_is_open_at_the_vip_and_its_target_at_the_instances() {
+        use rune_statemachine::spec::{IngressRule, NetworkPolicy, Peer, PortRef};
+        let (mut t, ports) = one(&[("172.17.0.2", 8080, true)]);
+        let np = NetworkPolicy {
+            ingress: vec![IngressRule {
+                from: vec![Peer {
+                    cidr: Some("10.0.0.5/32".into()),
+                    ..Default::default()
+                }],
+                // `http` is 80 → 8080; 9000 names no service port.
+                ports: vec![PortRef::Name("http".into()), PortRef::Number(9000)],
+            }],
+            egress: vec![],
+        };
+        for svc in t.services.values_mut() {
+            let svc = std::sync::Arc::make_mut(svc);
+            svc.policy = crate::policy::compile("default", Some(&np));
+            svc.local_ips = vec!["172.17.0.2".parse().unwrap()];
+        }
+        let m = Model::of(&t, &ports, (20_000, 20_999));
+        let (vip, pod, peer) = (ip("10.96.0.9"), ip("172.17.0.2"), ip("10.0.0.5"));
+        assert_eq!(
+            m.ingress.port,
+            BTreeSet::from([
+                (vip, peer, 80),
+                (vip, peer, 9000),
+                (pod, peer, 8080),
+                (pod, peer, 9000),
+            ]),
+            "the service port at the VIP only, where the instance listens for it at the instance"
+        );
     }
 
     #[test]

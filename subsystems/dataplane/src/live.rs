@@ -15,7 +15,9 @@ use std::hash::Hash;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::nft::{counter_name, kernel_backends, peer_addrs, v4, Allowed, CounterKey, Model, PeerNet};
+use crate::nft::{
+    counter_name, instance_ports, kernel_backends, peer_addrs, v4, Allowed, CounterKey, Model, PeerNet,
+};
 use crate::policy::{ports_of, PeerMatch, SvcKey};
 use crate::table::{Mode, Svc, Table};
 
@@ -136,17 +138,35 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
             for r in rules {
                 for (_, peer) in &r.peers {
                     name(&mut s, peer);
-                    // Port names resolve against the destination service's ports.
-                    let dest_ports = match peer {
-                        PeerMatch::Service(k) => {
-                            t.services.get(k).map(|d| d.ports.clone()).unwrap_or_default()
+                    let dests: Vec<&Svc> = match peer {
+                        PeerMatch::Service(k) => t.services.get(k).map(|d| &**d).into_iter().collect(),
+                        PeerMatch::Namespace(ns) => t
+                            .services
+                            .values()
+                            .filter(|d| d.key.ns == *ns)
+                            .map(|d| &**d)
+                            .collect(),
+                        PeerMatch::Cidr(_) | PeerMatch::Nothing(_) => {
+                            let ports = ports_of(r, &[]);
+                            let peers = peer_addrs(t, peer);
+                            for g in &s.sources {
+                                allowed.allow(*g, &peers, &ports);
+                            }
+                            continue;
                         }
-                        _ => Vec::new(),
                     };
-                    let ports = ports_of(r, &dest_ports);
-                    let peers = peer_addrs(t, peer, true);
-                    for g in &s.sources {
-                        allowed.allow(*g, &peers, &ports);
+                    // Port names resolve against each destination's ports, as the proxy's
+                    // `decide` does; its VIP is met before NAT (the service ports), its
+                    // instances on their own addresses (their target ports).
+                    for d in dests {
+                        let at_vip = ports_of(r, &d.ports);
+                        let at_instances = at_vip.as_ref().map(|v| instance_ports(&d.ports, v));
+                        let vip: Vec<String> = d.vip.iter().map(ToString::to_string).collect();
+                        let instances: Vec<String> = d.local_ips.iter().map(ToString::to_string).collect();
+                        for g in &s.sources {
+                            allowed.allow(*g, &vip, &at_vip);
+                            allowed.allow(*g, &instances, &at_instances);
+                        }
                     }
                 }
             }
@@ -166,7 +186,7 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
                 };
                 for (_, peer) in &r.peers {
                     name(&mut s, peer);
-                    let peers = peer_addrs(t, peer, false);
+                    let peers = peer_addrs(t, peer);
                     for g in &s.sources {
                         allowed.allow(*g, &peers, &at_instances);
                     }

@@ -54,6 +54,8 @@ use nftables::stmt::{
 };
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
+use rune_statemachine::spec::PortSpec;
+
 pub use crate::libnft::Nft;
 
 use crate::live::Patch;
@@ -378,30 +380,35 @@ const DROP_SET_SIZE: u32 = 65_536;
 
 /// The TCP ports an ingress rule opens, by the address they are reached at: `.0` at the VIP
 /// (the service ports it names: the kernel meets the flow before NAT), `.1` at the
-/// instances' own addresses (where they listen for those ports). A number that names no
-/// service port is opened at both. `None`: every port.
+/// instances' own addresses ([`instance_ports`]). `None`: every port.
 pub(crate) fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<(Vec<u16>, Vec<u16>)> {
     ports_of(r, &svc.ports).map(|at_vip| {
-        let mut at_instances: Vec<u16> = at_vip
-            .iter()
-            .flat_map(|x| {
-                let named: Vec<u16> = svc
-                    .ports
-                    .iter()
-                    .filter(|p| p.port == i64::from(*x))
-                    .map(|p| p.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(*x))
-                    .collect();
-                if named.is_empty() {
-                    vec![*x]
-                } else {
-                    named
-                }
-            })
-            .collect();
-        at_instances.sort_unstable();
-        at_instances.dedup();
+        let at_instances = instance_ports(&svc.ports, &at_vip);
         (at_vip, at_instances)
     })
+}
+
+/// Where a service's instances listen for these of its ports (their `targetPort`); a number
+/// that names none of its ports stands for itself.
+pub(crate) fn instance_ports(ports: &[PortSpec], at_vip: &[u16]) -> Vec<u16> {
+    let mut out: Vec<u16> = at_vip
+        .iter()
+        .flat_map(|x| {
+            let named: Vec<u16> = ports
+                .iter()
+                .filter(|p| p.port == i64::from(*x))
+                .map(|p| p.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(*x))
+                .collect();
+            if named.is_empty() {
+                vec![*x]
+            } else {
+                named
+            }
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 pub(crate) fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
@@ -452,17 +459,14 @@ fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Concat(items))
 }
 
-/// Addresses a peer stands for on this node: the containers of a service or namespace, a CIDR.
-pub(crate) fn peer_addrs(t: &Table, m: &PeerMatch, with_vips: bool) -> Vec<String> {
+/// Addresses a peer stands for on this node: the containers of a service or namespace (the
+/// sources an ingress rule names), a CIDR.
+pub(crate) fn peer_addrs(t: &Table, m: &PeerMatch) -> Vec<String> {
     let svc_addrs = |k: &SvcKey| -> Vec<String> {
-        let Some(s) = t.services.get(k) else {
-            return Vec::new();
-        };
-        let mut v: Vec<String> = s.local_ips.iter().map(|i| i.to_string()).collect();
-        if with_vips {
-            v.extend(s.vip.map(|x| x.to_string()));
-        }
-        v
+        t.services
+            .get(k)
+            .map(|s| s.local_ips.iter().map(|i| i.to_string()).collect())
+            .unwrap_or_default()
     };
     match m {
         PeerMatch::Service(k) => svc_addrs(k),
@@ -1492,6 +1496,57 @@ mod tests {
             ]),
             "the service port at the VIP only, where the instance listens for it at the instance"
         );
+    }
+
+    #[test]
+    fn an_egress_port_is_the_service_port_at_the_vip_and_its_target_at_the_instances() {
+        use rune_statemachine::spec::{EgressRule, NetworkPolicy, Peer, PortRef};
+        let (mut t, ports) = one(&[("172.17.0.2", 8080, true)]);
+        let web = SvcKey::new("default", "s");
+        let app = SvcKey::new("default", "app");
+        let mut a = (*t.services[&web]).clone();
+        a.key = app.clone();
+        a.vip = Some(ip("10.96.0.10"));
+        a.endpoints.clear();
+        a.local_ips = vec!["172.17.0.5".parse().unwrap()];
+        for (peer, names) in [
+            (
+                Peer {
+                    service: Some("s".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            // A namespace: names resolve against each of its services' ports.
+            (
+                Peer {
+                    namespace: Some("default".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+        ] {
+            let np = NetworkPolicy {
+                ingress: vec![],
+                egress: vec![EgressRule {
+                    to: vec![peer],
+                    ports: vec![PortRef::Name("http".into())],
+                }],
+            };
+            a.policy = crate::policy::compile("default", Some(&np));
+            t.services.insert(app.clone(), std::sync::Arc::new(a.clone()));
+            if let Some(w) = t.services.get_mut(&web) {
+                std::sync::Arc::make_mut(w).local_ips = vec!["172.17.0.2".parse().unwrap()];
+            }
+            let m = Model::of(&t, &ports, (20_000, 20_999));
+            let src = ip("172.17.0.5");
+            let mut want = BTreeSet::from([(src, ip("10.96.0.9"), 80), (src, ip("172.17.0.2"), 8080)]);
+            if !names {
+                // app's own VIP and container are in the namespace too.
+                want.extend([(src, ip("10.96.0.10"), 80), (src, src, 8080)]);
+            }
+            assert_eq!(m.egress.port, want, "named service: {names}");
+        }
     }
 
     #[test]

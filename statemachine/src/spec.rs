@@ -388,6 +388,16 @@ pub struct PortSpec {
     pub host_port: Option<i64>,
 }
 
+impl PortSpec {
+    /// Whether this port is TCP (the default): only TCP is proxied and policed, so a UDP
+    /// port's name or number must open no TCP port.
+    pub fn is_tcp(&self) -> bool {
+        self.protocol
+            .as_deref()
+            .is_none_or(|x| x.eq_ignore_ascii_case("tcp"))
+    }
+}
+
 /// CPU and memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]

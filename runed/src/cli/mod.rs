@@ -506,7 +506,8 @@ pub enum PolicyCmd {
         from: String,
         /// A service.
         to: String,
-        /// A service port (default: each of its TCP ports).
+        /// A service port, as reached through the VIP (straight to an instance, a rule opens
+        /// its `targetPort` instead); default: each of its TCP ports.
         port: Option<u16>,
     },
     /// Whether the kernel enforces policy, and the data plane's lag.

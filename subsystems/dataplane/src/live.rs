@@ -906,7 +906,8 @@ mod tests {
                 name: if p == 0 { "http".into() } else { format!("p{p}") },
                 // The two sharing a VIP serve different ports of it.
                 port: 80 + 5 * (i / 10) as i64 + i64::from(p),
-                target_port: Some(8080 + i64::from(p)),
+                // `p1` has no target: its instances listen on the service port.
+                target_port: (p != 1).then(|| 8080 + i64::from(p)),
                 protocol: None,
                 host_port: None,
             })
@@ -926,8 +927,17 @@ mod tests {
                     }]
                 })
                 .unwrap_or_default(),
+            // Egress ports: none, a name resolved against each destination's ports, or a
+            // number (81: some services' `p1`, without a target).
             egress: rules(&g.egress)
-                .map(|to| vec![EgressRule { to, ports: vec![] }])
+                .map(|to| {
+                    let ports = match (g.ports + g.mode) % 3 {
+                        0 => vec![],
+                        1 => vec![PortRef::Name("http".into())],
+                        _ => vec![PortRef::Number(81)],
+                    };
+                    vec![EgressRule { to, ports }]
+                })
                 .unwrap_or_default(),
         };
         let s = Svc {
@@ -946,7 +956,7 @@ mod tests {
                     ip: addr(*e),
                     targets: ports
                         .iter()
-                        .map(|p| (p.port as u16, p.target_port.unwrap_or(0) as u16))
+                        .map(|p| (p.port as u16, p.target_port.unwrap_or(p.port) as u16))
                         .collect(),
                     via: None,
                     here: *here,

@@ -388,15 +388,15 @@ pub(crate) fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<(
     })
 }
 
-/// Where a service's instances listen for these of its ports (their `targetPort`); a number
-/// that names none of its ports stands for itself.
+/// Where a service's instances listen for these of its TCP ports (their `targetPort`); a
+/// number that names none of them stands for itself.
 pub(crate) fn instance_ports(ports: &[PortSpec], at_vip: &[u16]) -> Vec<u16> {
     let mut out: Vec<u16> = at_vip
         .iter()
         .flat_map(|x| {
             let named: Vec<u16> = ports
                 .iter()
-                .filter(|p| p.port == i64::from(*x))
+                .filter(|p| p.is_tcp() && p.port == i64::from(*x))
                 .map(|p| p.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(*x))
                 .collect();
             if named.is_empty() {

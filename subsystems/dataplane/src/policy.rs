@@ -264,7 +264,7 @@ pub fn decide(src: &Source, src_policy: Option<&Compiled>, to: &Target<'_>, port
             PortMatch::Name(name) => to
                 .ports
                 .iter()
-                .any(|p| p.name == *name && u16::try_from(p.port).ok() == Some(port)),
+                .any(|p| p.name == *name && p.is_tcp() && u16::try_from(p.port).ok() == Some(port)),
         }),
     };
     let egress = match src_policy.and_then(|p| p.egress.as_ref()) {
@@ -328,7 +328,7 @@ pub fn ports_of(rule: &Rule, ports: &[PortSpec]) -> Option<Vec<u16>> {
                 PortMatch::Number(n) => Some(*n),
                 PortMatch::Name(name) => ports
                     .iter()
-                    .find(|p| p.name == *name)
+                    .find(|p| p.name == *name && p.is_tcp())
                     .and_then(|p| u16::try_from(p.port).ok()),
             })
             .collect();
@@ -381,6 +381,57 @@ mod tests {
         );
         assert!(d.allowed());
         assert!(d.ingress.because.contains("default allow"));
+    }
+
+    #[test]
+    fn a_udp_port_name_opens_no_tcp_port() {
+        let api = SvcKey::new("default", "api");
+        // `dns` is UDP 53; TCP 53 is another port of the same number.
+        let ports = vec![
+            PortSpec {
+                name: "dns-tcp".into(),
+                port: 53,
+                target_port: Some(5353),
+                protocol: Some("TCP".into()),
+                host_port: None,
+            },
+            PortSpec {
+                name: "dns".into(),
+                port: 53,
+                target_port: Some(5354),
+                protocol: Some("udp".into()),
+                host_port: None,
+            },
+        ];
+        let np = NetworkPolicy {
+            ingress: vec![IngressRule {
+                from: vec![svc_peer("frontend")],
+                ports: vec![PortRef::Name("dns".into())],
+            }],
+            egress: vec![],
+        };
+        let c = compile("default", Some(&np));
+        let rule = &c.ingress.as_ref().unwrap()[0];
+        assert_eq!(ports_of(rule, &ports), Some(vec![]), "the kernel opens nothing");
+        let t = Target {
+            key: &api,
+            vip: None,
+            ports: &ports,
+            policy: &c,
+        };
+        let fe = Source {
+            service: Some(SvcKey::new("default", "frontend")),
+            ip: "127.0.0.1".parse().unwrap(),
+        };
+        assert!(!decide(&fe, None, &t, 53).allowed(), "nor does the proxy");
+        // Named by its TCP port, at the VIP 53 and at the instances its TCP target only.
+        let tcp = vec![PortMatch::Name("dns-tcp".into())];
+        let rule = Rule {
+            ports: Some(tcp),
+            ..rule.clone()
+        };
+        assert_eq!(ports_of(&rule, &ports), Some(vec![53]));
+        assert_eq!(crate::nft::instance_ports(&ports, &[53]), vec![5353]);
     }
 
     #[test]

@@ -86,11 +86,7 @@ impl Svc {
     pub fn tcp_ports(&self) -> Vec<(String, u16)> {
         self.ports
             .iter()
-            .filter(|p| {
-                p.protocol
-                    .as_deref()
-                    .is_none_or(|x| x.eq_ignore_ascii_case("tcp"))
-            })
+            .filter(|p| p.is_tcp())
             .filter_map(|p| Some((p.name.clone(), u16::try_from(p.port).ok()?)))
             .collect()
     }

@@ -66,9 +66,10 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
     (t, ports)
 }
 
-/// `t` with service `i`'s endpoints gone (its VIP port now refused), as when its instances
-/// stop: the commonest change, which touches no policy.
-pub fn endpoints_gone(t: &Table, i: usize) -> Table {
+/// `t` with service `i`'s endpoints gone while its containers stay (its VIP port now
+/// refused), as when its instances turn unready: the commonest change, which touches no
+/// policy (a stopped instance also takes its address out of the policy sets).
+pub fn unready(t: &Table, i: usize) -> Table {
     let mut t = t.clone();
     if let Some(svc) = t.services.get_mut(&SvcKey::new("bench", &format!("s{i}"))) {
         Arc::make_mut(svc).endpoints.clear();

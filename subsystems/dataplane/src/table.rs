@@ -401,7 +401,14 @@ fn endpoints_of(set: &EndpointSet, node: &str, gateways: &BTreeMap<String, Socke
             Some(Ep {
                 instance: e.instance.clone(),
                 ip,
-                targets: e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
+                // Only TCP is proxied or forwarded: a UDP port of the same number must not
+                // lend its target.
+                targets: e
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol.is_empty() || p.protocol.eq_ignore_ascii_case("tcp"))
+                    .map(|p| (p.port, p.target_port))
+                    .collect(),
                 via,
                 here: !remote,
             })

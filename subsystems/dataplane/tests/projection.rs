@@ -118,3 +118,54 @@ fn loopback_endpoints_count_only_on_their_own_node() {
     );
     assert_eq!(routes(&fed), [("api-0".into(), None), ("api-2".into(), None)]);
 }
+
+/// A service with TCP and UDP ports of one number: its endpoints serve the TCP port at the
+/// TCP port's target, whichever the endpoint lists first.
+#[test]
+fn an_endpoint_serves_a_tcp_port_at_its_tcp_target() {
+    use rune_statemachine::delta::Delta;
+    use rune_statemachine::network::{Endpoint, EndpointPort, EndpointSet};
+    use std::sync::Arc;
+    let spec = serde_json::json!({
+        "name": "dns", "process": {"command": "/bin/true"}, "scale": 1,
+        "ports": [
+            {"name": "dns-udp", "port": 53, "targetPort": 5354, "protocol": "udp"},
+            {"name": "dns", "port": 53, "targetPort": 5353}
+        ]
+    });
+    let record = rune_statemachine::store::ServiceRecord {
+        spec: serde_json::from_value(spec).unwrap(),
+        meta: Default::default(),
+        vip: Some("10.96.0.6".into()),
+    };
+    let port = |name: &str, target_port: u16, protocol: &str| EndpointPort {
+        name: name.into(),
+        port: 53,
+        target_port,
+        protocol: protocol.into(),
+    };
+    let deltas = [
+        Delta::Service {
+            namespace: "default".into(),
+            name: "dns".into(),
+            record: Some(Arc::new(record)),
+        },
+        Delta::Endpoints {
+            namespace: "default".into(),
+            service: "dns".into(),
+            set: Some(Arc::new(EndpointSet {
+                namespace: "default".into(),
+                service: "dns".into(),
+                endpoints: vec![Endpoint {
+                    instance: "dns-0".into(),
+                    address: "172.17.0.4".into(),
+                    node: "a".into(),
+                    ports: vec![port("dns-udp", 5354, "udp"), port("dns", 5353, "tcp")],
+                }],
+            })),
+        },
+    ];
+    let t = Table::build("a", &deltas);
+    let svc = t.get("default", "dns").unwrap();
+    assert_eq!(svc.endpoints[0].target(53), Some(5353));
+}

@@ -1,8 +1,12 @@
 //! The data plane's view obeys the projection contract: built from the state at one point and
 //! fed every later delta, it answers exactly as a view built from the state at the end.
 
+use std::sync::Arc;
+
 use proptest::prelude::*;
 use rune_dataplane::table::Table;
+use rune_statemachine::delta::Delta;
+use rune_statemachine::network::{Endpoint, EndpointSet};
 use rune_statemachine::testing::{delta, fold};
 
 proptest! {
@@ -20,48 +24,56 @@ proptest! {
     }
 }
 
+/// The deltas that cast service `name` of `default` from `spec` with `vip`, and give it
+/// `endpoints`.
+fn service(name: &str, spec: serde_json::Value, vip: &str, endpoints: Vec<Endpoint>) -> [Delta; 2] {
+    let record = rune_statemachine::store::ServiceRecord {
+        spec: serde_json::from_value(spec).unwrap(),
+        meta: Default::default(),
+        vip: Some(vip.into()),
+    };
+    [
+        Delta::Service {
+            namespace: "default".into(),
+            name: name.into(),
+            record: Some(Arc::new(record)),
+        },
+        Delta::Endpoints {
+            namespace: "default".into(),
+            service: name.into(),
+            set: Some(Arc::new(EndpointSet {
+                namespace: "default".into(),
+                service: name.into(),
+                endpoints,
+            })),
+        },
+    ]
+}
+
 /// In a cluster, a process instance's loopback address is reachable only on its own node: the
 /// data plane of another node leaves it out rather than proxy to its own loopback.
 #[test]
 fn loopback_endpoints_count_only_on_their_own_node() {
-    use rune_statemachine::delta::Delta;
-    use rune_statemachine::network::{Endpoint, EndpointSet};
-    use std::sync::Arc;
     let spec = serde_json::json!({
         "name": "api", "process": {"command": "/bin/true"}, "scale": 2,
         "ports": [{"name": "http", "port": 80}]
     });
-    let record = rune_statemachine::store::ServiceRecord {
-        spec: serde_json::from_value(spec).unwrap(),
-        meta: Default::default(),
-        vip: Some("10.96.0.5".into()),
-    };
     let ep = |id: &str, address: &str, node: &str| Endpoint {
         instance: id.into(),
         address: address.into(),
         node: node.into(),
         ports: vec![],
     };
-    let deltas = [
-        Delta::Service {
-            namespace: "default".into(),
-            name: "api".into(),
-            record: Some(Arc::new(record)),
-        },
-        Delta::Endpoints {
-            namespace: "default".into(),
-            service: "api".into(),
-            set: Some(Arc::new(EndpointSet {
-                namespace: "default".into(),
-                service: "api".into(),
-                endpoints: vec![
-                    ep("api-0", "127.0.0.1", "a"),
-                    ep("api-1", "127.0.0.1", "b"),
-                    ep("api-2", "172.17.0.4", "b"),
-                ],
-            })),
-        },
-    ];
+    let deltas = service(
+        "api",
+        spec,
+        "10.96.0.5",
+        vec![
+            ep("api-0", "127.0.0.1", "a"),
+            ep("api-1", "127.0.0.1", "b"),
+            ep("api-2", "172.17.0.4", "b"),
+        ],
+    );
     let on_a = Table::build("a", &deltas);
     let ids: Vec<&str> = on_a
         .get("default", "api")
@@ -123,9 +135,7 @@ fn loopback_endpoints_count_only_on_their_own_node() {
 /// TCP port's target, whichever the endpoint lists first.
 #[test]
 fn an_endpoint_serves_a_tcp_port_at_its_tcp_target() {
-    use rune_statemachine::delta::Delta;
-    use rune_statemachine::network::{Endpoint, EndpointPort, EndpointSet};
-    use std::sync::Arc;
+    use rune_statemachine::network::EndpointPort;
     let spec = serde_json::json!({
         "name": "dns", "process": {"command": "/bin/true"}, "scale": 1,
         "ports": [
@@ -133,38 +143,23 @@ fn an_endpoint_serves_a_tcp_port_at_its_tcp_target() {
             {"name": "dns", "port": 53, "targetPort": 5353}
         ]
     });
-    let record = rune_statemachine::store::ServiceRecord {
-        spec: serde_json::from_value(spec).unwrap(),
-        meta: Default::default(),
-        vip: Some("10.96.0.6".into()),
-    };
     let port = |name: &str, target_port: u16, protocol: &str| EndpointPort {
         name: name.into(),
         port: 53,
         target_port,
         protocol: protocol.into(),
     };
-    let deltas = [
-        Delta::Service {
-            namespace: "default".into(),
-            name: "dns".into(),
-            record: Some(Arc::new(record)),
-        },
-        Delta::Endpoints {
-            namespace: "default".into(),
-            service: "dns".into(),
-            set: Some(Arc::new(EndpointSet {
-                namespace: "default".into(),
-                service: "dns".into(),
-                endpoints: vec![Endpoint {
-                    instance: "dns-0".into(),
-                    address: "172.17.0.4".into(),
-                    node: "a".into(),
-                    ports: vec![port("dns-udp", 5354, "udp"), port("dns", 5353, "tcp")],
-                }],
-            })),
-        },
-    ];
+    let deltas = service(
+        "dns",
+        spec,
+        "10.96.0.6",
+        vec![Endpoint {
+            instance: "dns-0".into(),
+            address: "172.17.0.4".into(),
+            node: "a".into(),
+            ports: vec![port("dns-udp", 5354, "udp"), port("dns", 5353, "tcp")],
+        }],
+    );
     let t = Table::build("a", &deltas);
     let svc = t.get("default", "dns").unwrap();
     assert_eq!(svc.endpoints[0].target(53), Some(5353));

@@ -16,7 +16,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::nft::{
-    counter_name, instance_ports, kernel_backends, peer_addrs, v4, Allowed, CounterKey, Model, PeerNet,
+    counter_name, instance_ports, kernel_backends, peer_addrs, peer_services, v4, Allowed, CounterKey, Model,
+    PeerNet,
 };
 use crate::policy::{ports_of, PeerMatch, SvcKey};
 use crate::table::{Mode, Svc, Table};
@@ -138,27 +139,18 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
             for r in rules {
                 for (_, peer) in &r.peers {
                     name(&mut s, peer);
-                    let dests: Vec<&Svc> = match peer {
-                        PeerMatch::Service(k) => t.services.get(k).map(|d| &**d).into_iter().collect(),
-                        PeerMatch::Namespace(ns) => t
-                            .services
-                            .values()
-                            .filter(|d| d.key.ns == *ns)
-                            .map(|d| &**d)
-                            .collect(),
-                        PeerMatch::Cidr(_) | PeerMatch::Nothing(_) => {
-                            let ports = ports_of(r, &[]);
-                            let peers = peer_addrs(t, peer);
-                            for g in &s.sources {
-                                allowed.allow(*g, &peers, &ports);
-                            }
-                            continue;
+                    if let PeerMatch::Cidr(_) | PeerMatch::Nothing(_) = peer {
+                        let ports = ports_of(r, &[]);
+                        let peers = peer_addrs(t, peer);
+                        for g in &s.sources {
+                            allowed.allow(*g, &peers, &ports);
                         }
-                    };
+                        continue;
+                    }
                     // Port names resolve against each destination's ports, as the proxy's
                     // `decide` does; its VIP is met before NAT (the service ports), its
                     // instances on their own addresses (their target ports).
-                    for d in dests {
+                    for d in peer_services(t, peer) {
                         let at_vip = ports_of(r, &d.ports);
                         let at_instances = at_vip.as_ref().map(|v| instance_ports(&d.ports, v));
                         let vip: Vec<String> = d.vip.iter().map(ToString::to_string).collect();
@@ -180,10 +172,8 @@ fn share_of(t: &Table, svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> 
         if !guarded.is_empty() {
             let mut allowed = Allowed::default();
             for r in rules {
-                let (at_vip, at_instances) = match crate::nft::ingress_ports(svc, r) {
-                    Some((v, i)) => (Some(v), Some(i)),
-                    None => (None, None),
-                };
+                let at_vip = ports_of(r, &svc.ports);
+                let at_instances = at_vip.as_ref().map(|v| instance_ports(&svc.ports, v));
                 for (_, peer) in &r.peers {
                     name(&mut s, peer);
                     let peers = peer_addrs(t, peer);

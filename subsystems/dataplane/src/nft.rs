@@ -59,7 +59,7 @@ use rune_statemachine::spec::PortSpec;
 pub use crate::libnft::Nft;
 
 use crate::live::Patch;
-use crate::policy::{ports_of, PeerMatch, Rule as PolicyRule, SvcKey};
+use crate::policy::{PeerMatch, SvcKey};
 use crate::table::{Mode, Table};
 
 /// Why the kernel cannot be programmed.
@@ -378,18 +378,9 @@ fn drop_set(direction: &str) -> &'static str {
 /// How many addresses each drop set counts; past it, drops are still dropped but not counted.
 const DROP_SET_SIZE: u32 = 65_536;
 
-/// The TCP ports an ingress rule opens, by the address they are reached at: `.0` at the VIP
-/// (the service ports it names: the kernel meets the flow before NAT), `.1` at the
-/// instances' own addresses ([`instance_ports`]). `None`: every port.
-pub(crate) fn ingress_ports(svc: &crate::table::Svc, r: &PolicyRule) -> Option<(Vec<u16>, Vec<u16>)> {
-    ports_of(r, &svc.ports).map(|at_vip| {
-        let at_instances = instance_ports(&svc.ports, &at_vip);
-        (at_vip, at_instances)
-    })
-}
-
 /// Where a service's instances listen for these of its TCP ports (their `targetPort`); a
-/// number that names none of them stands for itself.
+/// number that names none of them stands for itself. A rule's ports are the service ports at
+/// the VIP, where the kernel meets a flow before NAT, and these at the instances' addresses.
 pub(crate) fn instance_ports(ports: &[PortSpec], at_vip: &[u16]) -> Vec<u16> {
     let mut out: Vec<u16> = at_vip
         .iter()
@@ -459,25 +450,29 @@ fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Concat(items))
 }
 
-/// Addresses a peer stands for on this node: the containers of a service or namespace (the
-/// sources an ingress rule names), a CIDR.
-pub(crate) fn peer_addrs(t: &Table, m: &PeerMatch) -> Vec<String> {
-    let svc_addrs = |k: &SvcKey| -> Vec<String> {
-        t.services
-            .get(k)
-            .map(|s| s.local_ips.iter().map(|i| i.to_string()).collect())
-            .unwrap_or_default()
-    };
+/// The services a peer names: the one named, or each of a namespace.
+pub(crate) fn peer_services<'a>(t: &'a Table, m: &PeerMatch) -> Vec<&'a crate::table::Svc> {
     match m {
-        PeerMatch::Service(k) => svc_addrs(k),
+        PeerMatch::Service(k) => t.services.get(k).map(|s| &**s).into_iter().collect(),
         PeerMatch::Namespace(ns) => t
             .services
-            .keys()
-            .filter(|k| k.ns == *ns)
-            .flat_map(svc_addrs)
+            .values()
+            .filter(|s| s.key.ns == *ns)
+            .map(|s| &**s)
             .collect(),
+        PeerMatch::Cidr(_) | PeerMatch::Nothing(_) => Vec::new(),
+    }
+}
+
+/// Addresses a peer stands for on this node: the containers of the services it names (the
+/// sources an ingress rule names), or a CIDR.
+pub(crate) fn peer_addrs(t: &Table, m: &PeerMatch) -> Vec<String> {
+    match m {
         PeerMatch::Cidr(n) => vec![n.to_string()],
-        PeerMatch::Nothing(_) => Vec::new(),
+        _ => peer_services(t, m)
+            .into_iter()
+            .flat_map(|s| s.local_ips.iter().map(ToString::to_string))
+            .collect(),
     }
 }
 

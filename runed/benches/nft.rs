@@ -12,7 +12,12 @@
 //!   both kinds: the data plane's way (its kept model brought up to date with the changed
 //!   service, and the patch turned into commands) beside the earlier way (the view's whole
 //!   model, compared with and diffed against the loaded one),
-//! - reading the drop counts (the two drop sets listed), median of 10.
+//! - reading the drop counts (the two drop sets listed), median of 10;
+//!
+//! and, with one more service whose policy names all the others (ingress from their
+//! namespace, the published specs' egress to `0.0.0.0/0` by port name), the same
+//! unready-and-back changes: the kept model's patch per change and the kernel's time, to
+//! show whether a change's cost grows with how many services a peer names.
 
 mod common;
 
@@ -23,7 +28,7 @@ use std::collections::BTreeSet;
 use rune_dataplane::live::Live;
 use rune_dataplane::nft::{self, Model};
 use rune_dataplane::policy::SvcKey;
-use rune_dataplane::testing::{change_one, synthetic, unready};
+use rune_dataplane::testing::{change_one, naming_all, synthetic, unready};
 
 const TABLE: &str = "runebench";
 const RANGE: (u16, u16) = (20_000, 21_999);
@@ -159,6 +164,45 @@ fn main() {
             pct(&mut patches, 0.5).as_secs_f64() * 1e6,
             pct(&mut computes, 0.5).as_secs_f64() * 1e6,
             ms(pct(&mut reads, 0.5)),
+        );
+    }
+    println!("\nWith one service naming every other (`bench/all`: ingress from their namespace, egress to 0.0.0.0/0 on `http`), each other service unready, then ready again\n");
+    println!("| services | set elements | full load ms | kept model's patch per change p50 / p99 µs | kernel per change p50 / p99 ms |");
+    println!("|--:|--:|--:|--:|--:|");
+    for n in [100, 1000, 5000] {
+        let (t, ports) = synthetic(n);
+        let t = naming_all(&t);
+        let base = Model::of(&t, &ports, RANGE);
+        let elements = [&base.ingress, &base.egress]
+            .iter()
+            .map(|a| a.port.len() + a.any.len() + a.net_port.len() + a.net_any.len())
+            .sum::<usize>();
+        let started = Instant::now();
+        rt.block_on(nft::apply(&lib, nft::full(TABLE, &base)))
+            .expect("full load");
+        let load = started.elapsed();
+        let mut live = Live::build(&t, &ports, RANGE);
+        let (mut patches, mut kernel) = (Vec::new(), Vec::new());
+        for round in 0..40 {
+            let i = (round / 2 * 7) % n;
+            let view = if round % 2 == 1 { t.clone() } else { unready(&t, i) };
+            let started = Instant::now();
+            let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
+            let patch = live.update(&view, Some(&changed), &ports);
+            let cmds = nft::delta_patch(TABLE, &patch);
+            patches.push(started.elapsed());
+            let started = Instant::now();
+            rt.block_on(nft::apply(&lib, cmds)).expect("delta");
+            kernel.push(started.elapsed());
+        }
+        assert_eq!(live.model(), &base, "back where it started");
+        println!(
+            "| {n} | {elements} | {:.1} | {:.0} / {:.0} | {:.2} / {:.2} |",
+            ms(load),
+            pct(&mut patches, 0.5).as_secs_f64() * 1e6,
+            pct(&mut patches, 0.99).as_secs_f64() * 1e6,
+            ms(pct(&mut kernel, 0.5)),
+            ms(pct(&mut kernel, 0.99)),
         );
     }
 }

@@ -59,7 +59,7 @@ use rune_statemachine::spec::PortSpec;
 pub use crate::libnft::Nft;
 
 use crate::live::Patch;
-use crate::policy::{PeerMatch, SvcKey};
+use crate::policy::SvcKey;
 use crate::table::{Mode, Table};
 
 /// Why the kernel cannot be programmed.
@@ -448,32 +448,6 @@ fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
 
 fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Concat(items))
-}
-
-/// The services a peer names: the one named, or each of a namespace.
-pub(crate) fn peer_services<'a>(t: &'a Table, m: &PeerMatch) -> Vec<&'a crate::table::Svc> {
-    match m {
-        PeerMatch::Service(k) => t.services.get(k).map(|s| &**s).into_iter().collect(),
-        PeerMatch::Namespace(ns) => t
-            .services
-            .values()
-            .filter(|s| s.key.ns == *ns)
-            .map(|s| &**s)
-            .collect(),
-        PeerMatch::Cidr(_) | PeerMatch::Nothing(_) => Vec::new(),
-    }
-}
-
-/// Addresses a peer stands for on this node: the containers of the services it names (the
-/// sources an ingress rule names), or a CIDR.
-pub(crate) fn peer_addrs(t: &Table, m: &PeerMatch) -> Vec<String> {
-    match m {
-        PeerMatch::Cidr(n) => vec![n.to_string()],
-        _ => peer_services(t, m)
-            .into_iter()
-            .flat_map(|s| s.local_ips.iter().map(ToString::to_string))
-            .collect(),
-    }
 }
 
 /// Commands that make the kernel's table exactly `m`, replacing whatever it held.

@@ -37,7 +37,7 @@ impl fmt::Display for SvcKey {
 }
 
 /// An IPv4 or IPv6 network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Net {
     /// Network address.
     pub addr: IpAddr,
@@ -321,21 +321,39 @@ fn first_match(
 /// The port numbers a rule opens, names resolved against `ports` (the destination's); `None`
 /// when the rule names no ports (all are open). Used by the kernel program.
 pub fn ports_of(rule: &Rule, ports: &[PortSpec]) -> Option<Vec<u16>> {
-    rule.ports.as_ref().map(|list| {
-        let mut out: Vec<u16> = list
-            .iter()
-            .filter_map(|m| match m {
-                PortMatch::Number(n) => Some(*n),
-                PortMatch::Name(name) => ports
-                    .iter()
-                    .find(|p| p.name == *name && p.is_tcp())
-                    .and_then(|p| u16::try_from(p.port).ok()),
-            })
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
-    })
+    rule.ports.as_ref().map(|list| resolve(list, ports, true))
+}
+
+/// What only the port names of a rule stand for among `ports` (its numbers left out): a
+/// name toward a CIDR opens, at each service inside it, that service's port of the name.
+pub fn named_ports_of(rule: &Rule, ports: &[PortSpec]) -> Vec<u16> {
+    rule.ports
+        .as_ref()
+        .map(|list| resolve(list, ports, false))
+        .unwrap_or_default()
+}
+
+/// Whether a rule names a port by name (which resolves against each destination's ports).
+pub fn has_port_names(rule: &Rule) -> bool {
+    rule.ports
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|m| matches!(m, PortMatch::Name(_))))
+}
+
+fn resolve(list: &[PortMatch], ports: &[PortSpec], numbers: bool) -> Vec<u16> {
+    let mut out: Vec<u16> = list
+        .iter()
+        .filter_map(|m| match m {
+            PortMatch::Number(n) => numbers.then_some(*n),
+            PortMatch::Name(name) => ports
+                .iter()
+                .find(|p| p.name == *name && p.is_tcp())
+                .and_then(|p| u16::try_from(p.port).ok()),
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

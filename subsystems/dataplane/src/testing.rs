@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use rune_statemachine::spec::{IngressRule, NetworkPolicy, Peer, PortRef, PortSpec};
+use rune_statemachine::spec::{EgressRule, IngressRule, NetworkPolicy, Peer, PortRef, PortSpec};
 
 use crate::policy::{compile, SvcKey};
 use crate::table::{Ep, Mode, Svc, Table};
@@ -101,5 +101,52 @@ pub fn change_one(t: &Table, i: usize, round: usize) -> Table {
         };
         svc.policy = compile("bench", Some(&np));
     }
+    t
+}
+
+/// `t` with one more service, `bench/all`, whose policy names every other service: ingress
+/// from their namespace, and the published specs' egress (`to: [cidr: 0.0.0.0/0]`, `ports:
+/// [http]`, which opens each service's `http`). A change to any service changes what it
+/// allows, so its cost per change shows whether that cost grows with the namespace.
+pub fn naming_all(t: &Table) -> Table {
+    let mut t = t.clone();
+    t.any_egress = true;
+    let key = SvcKey::new("bench", "all");
+    let np = NetworkPolicy {
+        ingress: vec![IngressRule {
+            from: vec![Peer {
+                namespace: Some("bench".into()),
+                ..Default::default()
+            }],
+            ports: vec![PortRef::Name("http".into())],
+        }],
+        egress: vec![EgressRule {
+            to: vec![Peer {
+                cidr: Some("0.0.0.0/0".into()),
+                ..Default::default()
+            }],
+            ports: vec![PortRef::Name("http".into())],
+        }],
+    };
+    let ip = |k: u32| IpAddr::V4(Ipv4Addr::from(0x0a7f_ff00u32 + k));
+    t.services.insert(
+        key.clone(),
+        Arc::new(Svc {
+            key,
+            vip: Some(Ipv4Addr::new(10, 95, 255, 254)),
+            mode: Mode::RoundRobin,
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port: 80,
+                target_port: Some(8080),
+                protocol: None,
+                host_port: None,
+            }],
+            policy: compile("bench", Some(&np)),
+            endpoints: Vec::new(),
+            local_ips: vec![ip(1), ip(2)],
+            local_instances: 2,
+        }),
+    );
     t
 }

@@ -336,11 +336,13 @@ fn enter(name: &str) {
 
 /// Real packets through the loaded table, routed by the namespace the table lives in: a
 /// "container" whose egress policy allows one network on port 80 reaches it there, is
-/// dropped (and counted) on port 81, and the node's DNS port stays open to it.
+/// dropped (and counted) on port 81, and the node's DNS port stays open to it. A second rule
+/// is the published specs' `to: [cidr: 0.0.0.0/0], ports: [http]`: the name opens, at a
+/// service inside the network, that service's `http` (on its instance, the target port).
 #[test]
 fn egress_policy_on_real_packets() {
     use rune_dataplane::table::{Mode, Svc, Table};
-    use rune_statemachine::spec::{EgressRule, NetworkPolicy, Peer, PortRef};
+    use rune_statemachine::spec::{EgressRule, NetworkPolicy, Peer, PortRef, PortSpec};
     use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
     use std::time::Duration;
 
@@ -354,13 +356,22 @@ fn egress_policy_on_real_packets() {
     let key = SvcKey::new("default", "client");
     let np = NetworkPolicy {
         ingress: vec![],
-        egress: vec![EgressRule {
-            to: vec![Peer {
-                cidr: Some("10.200.2.0/24".into()),
-                ..Default::default()
-            }],
-            ports: vec![PortRef::Number(80)],
-        }],
+        egress: vec![
+            EgressRule {
+                to: vec![Peer {
+                    cidr: Some("10.200.2.0/24".into()),
+                    ..Default::default()
+                }],
+                ports: vec![PortRef::Number(80)],
+            },
+            EgressRule {
+                to: vec![Peer {
+                    cidr: Some("0.0.0.0/0".into()),
+                    ..Default::default()
+                }],
+                ports: vec![PortRef::Name("http".into())],
+            },
+        ],
     };
     let mut t = Table::default();
     t.services.insert(
@@ -376,6 +387,27 @@ fn egress_policy_on_real_packets() {
             local_instances: 1,
         }),
     );
+    // A service whose instance, in the peer's namespace, listens for `http` on 82.
+    let web = SvcKey::new("default", "web");
+    t.services.insert(
+        web.clone(),
+        std::sync::Arc::new(Svc {
+            key: web,
+            vip: None,
+            mode: Mode::RoundRobin,
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port: 80,
+                target_port: Some(82),
+                protocol: None,
+                host_port: None,
+            }],
+            policy: rune_dataplane::policy::compile("default", None),
+            endpoints: vec![],
+            local_ips: vec![IpAddr::from([10, 200, 2, 2])],
+            local_instances: 1,
+        }),
+    );
     let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -387,20 +419,25 @@ fn egress_policy_on_real_packets() {
     ))
     .expect("full load");
 
-    // Listeners in the peer's namespace on 80 and 81, and in the host's on 53.
+    // Listeners in the peer's namespace on 80, 81 and 82, and in the host's on 53.
     // Bound in their namespace, kept here: the kernel completes a handshake into the backlog,
     // no accept is needed, and they close when the test ends (no thread left in a namespace).
-    let _listeners: Vec<TcpListener> = [(p.clone(), 80u16), (p.clone(), 81), (host.0.clone(), 53)]
-        .into_iter()
-        .map(|(ns, port)| {
-            std::thread::spawn(move || {
-                enter(&ns);
-                TcpListener::bind(("0.0.0.0", port)).expect("bind")
-            })
-            .join()
-            .expect("listener thread")
+    let _listeners: Vec<TcpListener> = [
+        (p.clone(), 80u16),
+        (p.clone(), 81),
+        (p.clone(), 82),
+        (host.0.clone(), 53),
+    ]
+    .into_iter()
+    .map(|(ns, port)| {
+        std::thread::spawn(move || {
+            enter(&ns);
+            TcpListener::bind(("0.0.0.0", port)).expect("bind")
         })
-        .collect();
+        .join()
+        .expect("listener thread")
+    })
+    .collect();
     let connect = |to: &str| -> bool {
         let to: SocketAddr = to.parse().unwrap();
         let c = c.clone();
@@ -413,6 +450,10 @@ fn egress_policy_on_real_packets() {
     };
     assert!(connect("10.200.2.2:80"), "the allowed network and port");
     assert!(!connect("10.200.2.2:81"), "another port is dropped");
+    assert!(
+        connect("10.200.2.2:82"),
+        "the port `http` names at the service inside 0.0.0.0/0"
+    );
     assert!(connect("10.200.1.1:53"), "the node's DNS stays reachable");
     let drops = rt.block_on(nft::drops(&n, TABLE)).expect("drops");
     assert!(

@@ -120,6 +120,13 @@ impl pb::secret_api_server::SecretApi for Api {
         let ns = namespace_or_default(&req.get_ref().namespace).to_string();
         authorize(&req, "secrets", "delete", Some(&ns))?;
         let pb::DeleteObjectRequest { name, force, .. } = req.into_inner();
+        if let Some(entry) = self.orchestrator.registry_using(&ns, &name).filter(|_| !force) {
+            return Err(Status::failed_precondition(format!(
+                "cannot delete secret {ns}/{name}: this node's runefile pulls the images of \
+                 docker.registries entry '{entry}' with it (auth.fromSecret); change the runefile \
+                 first (use --force to delete anyway)"
+            )));
+        }
         let p = self
             .log
             .propose(Command::DeleteSecret {

@@ -203,9 +203,19 @@ fn private_images_pull_with_the_runefiles_credentials_and_fail_clearly_without()
         ],
     );
     assert!(out.contains("ready: 1/1"), "{out}");
+    // The runefile pulls with the secret, which the state cannot know: its delete is refused,
+    // naming the entry, unless forced.
+    let refused = d.rune(&["delete", "secret", "regcred", "-n", "system"]);
+    assert_eq!(code(&refused), 5, "{}", stderr(&refused));
+    let said = stderr(&refused);
+    assert!(
+        said.contains("docker.registries entry 'viasecret'") && said.contains("--force"),
+        "{said}"
+    );
+    run_ok(&d, &["get", "secret", "regcred", "-n", "system"]);
     // Credentials are needed for pulls only: with the secret gone, the image on the node
     // still starts.
-    run_ok(&d, &["delete", "secret", "regcred", "-n", "system"]);
+    run_ok(&d, &["delete", "secret", "regcred", "-n", "system", "--force"]);
     let out = run_ok(&d, &["restart", "web"]);
     assert!(out.contains("ready: 1/1"), "{out}");
 

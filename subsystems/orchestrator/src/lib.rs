@@ -304,6 +304,19 @@ impl Orchestrator {
         self.inner.docker.gateway()
     }
 
+    /// The `docker.registries` entry of this node's runefile that pulls with secret
+    /// `namespace/name` (`auth.fromSecret`), if one does: deleting that secret would break
+    /// every later pull from the registry, and the state cannot know (the runefile is not in it).
+    pub fn registry_using(&self, namespace: &str, name: &str) -> Option<&str> {
+        self.inner.cfg.registries.iter().find_map(|r| match &r.auth {
+            registry::RegistryAuth::DockerConfigJson {
+                namespace: ns,
+                name: n,
+            } if ns == namespace && n == name => Some(r.name.as_str()),
+            _ => None,
+        })
+    }
+
     /// Starts the projection, the reconcile loop and the reporter.
     pub async fn start(log: Arc<Log>, cfg: OrchestratorConfig, stale_budget: Duration) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(REPORT_QUEUE);

@@ -45,6 +45,16 @@ fn peer_specs_lint_and_cast_as_they_are() {
         let o = d.rune(&["lint", peer(f).to_str().unwrap()]);
         assert_eq!(code(&o), 0, "lint {f}: {}{}", stdout(&o), stderr(&o));
     }
+    // Their egress to 0.0.0.0/0 by port name is valid, and lint says what the name opens.
+    let o = d.rune(&["lint", peer("multi-service--services.yaml").to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains(
+            "note: service db: networkPolicy.egress[0].ports[0] 'postgres' toward cidr 0.0.0.0/0 \
+             opens the port named 'postgres' of each service inside it"
+        ),
+        "{}",
+        stdout(&o)
+    );
     // The original's full server example: what runed has no use for is named, not dropped.
     let o = d.rune(&["lint", peer("config--runefile.yaml").to_str().unwrap()]);
     assert!(stdout(&o).contains("plugins: ignored"), "{}", stdout(&o));

@@ -1248,6 +1248,29 @@ fn pack(dir: &std::path::Path, out: Option<&std::path::Path>, sha256: bool) -> R
     Ok(())
 }
 
+/// What a service's policy does that its author may not expect, one line each: a port name
+/// toward a CIDR (see `rune_dataplane::policy::cidr_port_names`).
+fn policy_notes(parsed: &Parsed) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &parsed.resources {
+        let Resource::Service(s) = &l.resource else {
+            continue;
+        };
+        let Some(np) = &s.network_policy else {
+            continue;
+        };
+        for (field, name, cidr) in rune_dataplane::policy::cidr_port_names(np) {
+            out.push(format!(
+                "{}:{}: note: service {}: {field} '{name}' toward cidr {cidr} opens the port named \
+                 '{name}' of each service inside it; an address outside Rune's services is reached \
+                 by port number only",
+                l.file, l.line, s.name
+            ));
+        }
+    }
+    out
+}
+
 fn lint(read: Read) -> Result<(), CliError> {
     let Read { mut parsed, runeset } = read;
     if let Some(r) = &runeset {
@@ -1278,6 +1301,9 @@ fn lint(read: Read) -> Result<(), CliError> {
                 }
             }
         }
+    }
+    for n in policy_notes(&parsed) {
+        println!("{n}");
     }
     for u in &parsed.unsupported {
         println!(
@@ -1340,6 +1366,9 @@ async fn cast(conn: &Conn, read: Read, mut o: CastOpts) -> Result<(), CliError> 
             "{}:{}: kind '{}' (\"{}\") cannot be cast by this release yet; nothing was cast",
             u.file, u.line, u.kind, u.name
         )));
+    }
+    for n in policy_notes(&parsed) {
+        eprintln!("{n}");
     }
     for s in &parsed.skipped {
         println!("{s} skipped (skip: true)");

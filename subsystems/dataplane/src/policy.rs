@@ -181,6 +181,30 @@ fn peer(ns: &str, p: &Peer) -> PeerMatch {
     PeerMatch::Nothing("serviceSelector is not supported yet".into())
 }
 
+/// Where an egress rule names a port by name toward a CIDR, as `(field, name, cidr)`
+/// (`networkPolicy.egress[0].ports[0]`). Such a name opens, at each service inside the
+/// network, that service's port of the name, and nothing at an address outside Rune's
+/// services: the published specs write `to: [cidr: 0.0.0.0/0], ports: [http]`, perhaps
+/// meaning port 80 anywhere, so `rune lint` and `rune cast` say what it does.
+pub fn cidr_port_names(p: &NetworkPolicy) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (i, r) in p.egress.iter().enumerate() {
+        let Some(cidr) = r.to.iter().find_map(|peer| peer.cidr.as_ref()) else {
+            continue;
+        };
+        for (j, p) in r.ports.iter().enumerate() {
+            match port(p) {
+                // `53/udp` is no name of a port: it opens nothing anywhere (TCP only).
+                PortMatch::Name(n) if !n.contains('/') => {
+                    out.push((format!("networkPolicy.egress[{i}].ports[{j}]"), n, cidr.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 fn port(p: &PortRef) -> PortMatch {
     match p {
         PortRef::Number(n) => PortMatch::Number(u16::try_from(*n).unwrap_or(0)),
@@ -399,6 +423,41 @@ mod tests {
         );
         assert!(d.allowed());
         assert!(d.ingress.because.contains("default allow"));
+    }
+
+    /// Only real names toward a network are pointed out: numbers, `80/tcp` and `53/udp` mean
+    /// what they say, and a service peer resolves names against that service.
+    #[test]
+    fn port_names_toward_a_cidr_are_pointed_out() {
+        let cidr = Peer {
+            cidr: Some("0.0.0.0/0".into()),
+            ..Default::default()
+        };
+        let np = NetworkPolicy {
+            ingress: vec![],
+            egress: vec![
+                EgressRule {
+                    to: vec![svc_peer("db")],
+                    ports: vec![PortRef::Name("postgres".into())],
+                },
+                EgressRule {
+                    to: vec![cidr],
+                    ports: ["80/tcp", "53/udp", "http"]
+                        .into_iter()
+                        .map(|p| PortRef::Name(p.into()))
+                        .chain([PortRef::Number(443)])
+                        .collect(),
+                },
+            ],
+        };
+        assert_eq!(
+            cidr_port_names(&np),
+            vec![(
+                "networkPolicy.egress[1].ports[2]".to_string(),
+                "http".to_string(),
+                "0.0.0.0/0".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -40,13 +40,7 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
                 key: key.clone(),
                 vip: Some(Ipv4Addr::from(0x0a60_0002u32 + i as u32)),
                 mode: Mode::RoundRobin,
-                ports: vec![PortSpec {
-                    name: "http".into(),
-                    port: 80,
-                    target_port: Some(8080),
-                    protocol: None,
-                    host_port: None,
-                }],
+                ports: vec![http()],
                 policy: compile("bench", Some(&np)),
                 endpoints: (0..2)
                     .map(|k| Ep {
@@ -64,6 +58,17 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
         ports.insert((key, 80), 20_000 + i as u16);
     }
     (t, ports)
+}
+
+/// The bench services' one port: `http`, 80 at the VIP, 8080 at the instances.
+fn http() -> PortSpec {
+    PortSpec {
+        name: "http".into(),
+        port: 80,
+        target_port: Some(8080),
+        protocol: None,
+        host_port: None,
+    }
 }
 
 /// `t` with service `i`'s endpoints gone while its containers stay (its VIP port now
@@ -135,13 +140,7 @@ pub fn naming_all(t: &Table) -> Table {
             key,
             vip: Some(Ipv4Addr::new(10, 95, 255, 254)),
             mode: Mode::RoundRobin,
-            ports: vec![PortSpec {
-                name: "http".into(),
-                port: 80,
-                target_port: Some(8080),
-                protocol: None,
-                host_port: None,
-            }],
+            ports: vec![http()],
             policy: compile("bench", Some(&np)),
             endpoints: Vec::new(),
             local_ips: vec![ip(1), ip(2)],

@@ -49,7 +49,7 @@ fn peer_specs_lint_and_cast_as_they_are() {
     let o = d.rune(&["lint", peer("multi-service--services.yaml").to_str().unwrap()]);
     assert!(
         stdout(&o).contains(
-            "note: service db: networkPolicy.egress[0].ports[0] 'postgres' toward cidr 0.0.0.0/0 \
+            "note: service db: networkPolicy.egress[0].ports[0] 'postgres' toward 0.0.0.0/0 \
              opens the port named 'postgres' of each service inside it"
         ),
         "{}",

@@ -194,6 +194,13 @@ fn private_images_pull_with_the_runefiles_credentials_and_fail_clearly_without()
     .dockerconfigjson: '{{\"auths\": {{\"{host}\": {{\"auth\": \"{auth}\"}}}}}}'
 "
     );
+    // Named by the runefile but not there yet: the delete's answer is that it is not found.
+    let o = d.rune(&["delete", "secret", "regcred", "-n", "system"]);
+    assert!(
+        stderr(&o).contains("secret system/regcred not found"),
+        "{}",
+        stderr(&o)
+    );
     run_ok(&d, &["cast", &write(&d, "regcred.yaml", &regcred)]);
     let out = run_ok(
         &d,

@@ -1261,7 +1261,7 @@ fn policy_notes(parsed: &Parsed) -> Vec<String> {
         };
         for (field, name, cidr) in rune_dataplane::policy::cidr_port_names(np) {
             out.push(format!(
-                "{}:{}: note: service {}: {field} '{name}' toward cidr {cidr} opens the port named \
+                "{}:{}: note: service {}: {field} '{name}' toward {cidr} opens the port named \
                  '{name}' of each service inside it; an address outside Rune's services is reached \
                  by port number only",
                 l.file, l.line, s.name

@@ -189,20 +189,35 @@ fn peer(ns: &str, p: &Peer) -> PeerMatch {
 pub fn cidr_port_names(p: &NetworkPolicy) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for (i, r) in p.egress.iter().enumerate() {
-        let Some(cidr) = r.to.iter().find_map(|peer| peer.cidr.as_ref()) else {
+        // IPv4 networks only: VIPs and the kernel's table are IPv4.
+        let cidrs: Vec<&str> =
+            r.to.iter()
+                .filter_map(|peer| peer.cidr.as_deref())
+                .filter(|c| Net::parse(c).is_some_and(|n| n.addr.is_ipv4()))
+                .collect();
+        if cidrs.is_empty() {
             continue;
-        };
+        }
         for (j, p) in r.ports.iter().enumerate() {
             match port(p) {
-                // `53/udp` is no name of a port: it opens nothing anywhere (TCP only).
-                PortMatch::Name(n) if !n.contains('/') => {
-                    out.push((format!("networkPolicy.egress[{i}].ports[{j}]"), n, cidr.clone()));
+                PortMatch::Name(n) if resolvable(&n) => {
+                    out.push((
+                        format!("networkPolicy.egress[{i}].ports[{j}]"),
+                        n,
+                        cidrs.join(", "),
+                    ));
                 }
                 _ => {}
             }
         }
     }
     out
+}
+
+/// Whether a port name can name a port: `53/udp` or `http/tcp` names none (only TCP ports
+/// are proxied or enforced, and port names hold no `/`).
+fn resolvable(name: &str) -> bool {
+    !name.contains('/')
 }
 
 fn port(p: &PortRef) -> PortMatch {
@@ -361,7 +376,7 @@ pub fn named_ports_of(rule: &Rule, ports: &[PortSpec]) -> Vec<u16> {
 pub fn has_port_names(rule: &Rule) -> bool {
     rule.ports
         .as_ref()
-        .is_some_and(|l| l.iter().any(|m| matches!(m, PortMatch::Name(_))))
+        .is_some_and(|l| l.iter().any(|m| matches!(m, PortMatch::Name(n) if resolvable(n))))
 }
 
 fn resolve(list: &[PortMatch], ports: &[PortSpec], numbers: bool) -> Vec<u16> {
@@ -429,8 +444,8 @@ mod tests {
     /// what they say, and a service peer resolves names against that service.
     #[test]
     fn port_names_toward_a_cidr_are_pointed_out() {
-        let cidr = Peer {
-            cidr: Some("0.0.0.0/0".into()),
+        let cidr = |c: &str| Peer {
+            cidr: Some(c.into()),
             ..Default::default()
         };
         let np = NetworkPolicy {
@@ -440,8 +455,13 @@ mod tests {
                     to: vec![svc_peer("db")],
                     ports: vec![PortRef::Name("postgres".into())],
                 },
+                // VIPs are IPv4: an IPv6 network holds none.
                 EgressRule {
-                    to: vec![cidr],
+                    to: vec![cidr("fd00::/8")],
+                    ports: vec![PortRef::Name("http".into())],
+                },
+                EgressRule {
+                    to: vec![cidr("10.0.0.0/8"), cidr("fd00::/8"), cidr("0.0.0.0/0")],
                     ports: ["80/tcp", "53/udp", "http"]
                         .into_iter()
                         .map(|p| PortRef::Name(p.into()))
@@ -453,9 +473,9 @@ mod tests {
         assert_eq!(
             cidr_port_names(&np),
             vec![(
-                "networkPolicy.egress[1].ports[2]".to_string(),
+                "networkPolicy.egress[2].ports[2]".to_string(),
                 "http".to_string(),
-                "0.0.0.0/0".to_string()
+                "10.0.0.0/8, 0.0.0.0/0".to_string()
             )]
         );
     }

@@ -1386,27 +1386,32 @@ mod tests {
                         };
                         for (_, port) in to.tcp_ports() {
                             let d = crate::policy::decide(&from, Some(&src.policy), &target, port);
-                            if src.policy.egress.is_some() {
-                                prop_assert_eq!(
+                            // By direction, where a policy holds: the kernel's sets, and the verdict.
+                            let sides = [
+                                (
+                                    src.policy.egress.is_some(),
                                     allows(&m.egress, g, vip, port),
-                                    d.egress.allowed,
-                                    "egress {} -> {} port {}: {}",
-                                    src.key,
-                                    to.key,
-                                    port,
-                                    d.egress.because
-                                );
-                            }
-                            if to.policy.ingress.is_some() {
-                                prop_assert_eq!(
+                                    &d.egress,
+                                ),
+                                (
+                                    to.policy.ingress.is_some(),
                                     allows(&m.ingress, vip, g, port),
-                                    d.ingress.allowed,
-                                    "ingress {} -> {} port {}: {}",
-                                    src.key,
-                                    to.key,
-                                    port,
-                                    d.ingress.because
-                                );
+                                    &d.ingress,
+                                ),
+                            ];
+                            for (direction, (held, kernel, v)) in DIRECTIONS.iter().rev().zip(sides) {
+                                if held {
+                                    prop_assert_eq!(
+                                        kernel,
+                                        v.allowed,
+                                        "{} {} -> {} port {}: {}",
+                                        direction,
+                                        src.key,
+                                        to.key,
+                                        port,
+                                        v.because
+                                    );
+                                }
                             }
                         }
                     }

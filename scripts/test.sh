@@ -77,3 +77,24 @@ cargo test --workspace
 
 echo "== README tour"
 scripts/readme-tour.sh
+
+# What a test daemon killed mid-create left behind (chaos-tests' sweep_dead_test_nodes does
+# the same at each test binary's start): containers, networks and volumes of test nodes
+# (`test-<pid>-<n>`) whose process is gone, which by now is every one.
+echo "== leftovers"
+for kind in container network volume; do
+    case $kind in
+    container) list=(ps -a) rm=(rm -f) id='{{.ID}}' ;;
+    network) list=(network ls) rm=(network rm) id='{{.ID}}' ;;
+    volume) list=(volume ls) rm=(volume rm -f) id='{{.Name}}' ;;
+    esac
+    docker "${list[@]}" --filter label=rune.node --format "$id {{.Label \"rune.node\"}}" |
+        while read -r obj node; do
+            pid=${node#test-}
+            pid=${pid%%-*}
+            if [[ $node == test-* && ! -d /proc/$pid ]]; then
+                echo "removing $kind $obj of $node"
+                docker "${rm[@]}" "$obj" >/dev/null || echo "could not remove $kind $obj" >&2
+            fi
+        done
+done

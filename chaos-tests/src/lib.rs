@@ -143,6 +143,10 @@ pub struct Daemon {
 impl Daemon {
     /// A daemon on a fresh data dir, not started yet.
     pub fn new(bins: &Bins) -> Self {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            sweep_dead_test_nodes();
+        });
         let tmp = tempfile::tempdir().expect("temp dir");
         let addr = |p| SocketAddr::from(([127, 0, 0, 1], p));
         Daemon {
@@ -553,6 +557,60 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// Removes the containers, then the networks and volumes, of test daemons whose test process
+/// is gone (nodes `test-<pid>-<n>`). A daemon killed at the end of a test while the engine
+/// still completes the creates runed sent leaves containers `Created` after
+/// [`Daemon::remove_instances`] looked; the next test binary's first daemon sweeps them, and
+/// `scripts/test.sh` does once more at its end. Returns what it removed.
+pub fn sweep_dead_test_nodes() -> Vec<String> {
+    let dead = |node: &str| {
+        node.strip_prefix("test-")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let mut removed = Vec::new();
+    for (kind, list) in [
+        ("container", ["ps", "-a"]),
+        ("network", ["network", "ls"]),
+        ("volume", ["volume", "ls"]),
+    ] {
+        let id = if kind == "volume" { "{{.Name}}" } else { "{{.ID}}" };
+        let Ok(out) = Command::new("docker")
+            .args(list)
+            .args(["--filter", "label=rune.node", "--format"])
+            .arg(format!("{id} {{{{.Label \"rune.node\"}}}}"))
+            .output()
+        else {
+            return removed;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some((id, node)) = line.split_once(' ') else {
+                continue;
+            };
+            if !dead(node) {
+                continue;
+            }
+            let rm: &[&str] = match kind {
+                "container" => &["rm", "-f"],
+                "network" => &["network", "rm"],
+                _ => &["volume", "rm", "-f"],
+            };
+            let gone = Command::new("docker")
+                .args(rm)
+                .arg(id)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if gone {
+                removed.push(format!("{kind} {id} ({node})"));
+            }
+        }
+    }
+    removed
+}
 
 /// SIGKILL to the process group `pgid` leads. Not through the `kill` command: procps-ng 4.0.2
 /// (Debian 12) turns `kill -KILL -PGID` into kill(-1), which kills every process on the machine.

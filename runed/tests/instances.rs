@@ -1363,3 +1363,42 @@ fn a_rollout_passes_instances_that_finished() {
         finished(&d) && run_ok(&d, &["logs", "worker"]).matches("two").count() >= 2
     });
 }
+
+/// What a killed test daemon's engine created after its cleanup looked is swept by the next
+/// test process: containers of nodes whose test process is gone go, those of a live one stay.
+#[test]
+fn leftovers_of_dead_test_processes_are_swept() {
+    image();
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let dead = gone.id();
+    gone.wait().expect("wait true");
+    let create = |node: &str| -> String {
+        let o = Command::new("docker")
+            .args([
+                "create",
+                "--label",
+                &format!("rune.node={node}"),
+                "busybox",
+                "true",
+            ])
+            .output()
+            .expect("docker create");
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).trim().to_string()
+    };
+    let exists = |id: &str| {
+        Command::new("docker")
+            .args(["inspect", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let left = create(&format!("test-{dead}-0"));
+    let live = create(&format!("test-{}-999999", std::process::id()));
+    let removed = rune_chaos_tests::sweep_dead_test_nodes();
+    let (left_gone, live_kept) = (!exists(&left), exists(&live));
+    let _ = Command::new("docker").args(["rm", "-f", &live, &left]).output();
+    assert!(left_gone, "{removed:?}");
+    assert!(live_kept, "{removed:?}");
+}

@@ -37,6 +37,28 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Service `i`'s change to `view` as `DataPlane::program` makes it: the kept model's patch
+/// turned into commands, then loaded at once. Both timed; with the commands' count and
+/// encoding.
+fn change(
+    rt: &tokio::runtime::Runtime,
+    lib: &nft::Nft,
+    live: &mut Live,
+    view: &rune_dataplane::table::Table,
+    i: usize,
+    ports: &std::collections::BTreeMap<(SvcKey, u16), u16>,
+) -> (Duration, Duration, usize, Option<String>) {
+    let started = Instant::now();
+    let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
+    let patch = live.update(view, Some(&changed), ports);
+    let cmds = nft::delta_patch(TABLE, &patch);
+    let patched = started.elapsed();
+    let (n, encoded) = (cmds.len(), nft::encode(cmds.clone()).ok());
+    let started = Instant::now();
+    rt.block_on(nft::apply(lib, cmds)).expect("delta");
+    (patched, started.elapsed(), n, encoded)
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
@@ -87,18 +109,10 @@ fn main() {
                     (_, 0) => unready(&t, i),
                     _ => change_one(&t, i, 0),
                 };
-                // As `DataPlane::program` does for each change: the kept model's patch,
-                // loaded at once.
-                let started = Instant::now();
-                let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
-                let patch = live.update(&view, Some(&changed), &ports);
-                let cmds = nft::delta_patch(TABLE, &patch);
-                patches.push(started.elapsed());
-                commands = commands.max(cmds.len());
-                let encoded = nft::encode(cmds.clone()).ok();
-                let started = Instant::now();
-                rt.block_on(nft::apply(&lib, cmds)).expect("delta");
-                times.push(started.elapsed());
+                let (patched, kernel, n, encoded) = change(&rt, &lib, &mut live, &view, i, &ports);
+                patches.push(patched);
+                times.push(kernel);
+                commands = commands.max(n);
                 done.push((view, encoded));
             }
         }
@@ -186,14 +200,9 @@ fn main() {
         for round in 0..40 {
             let i = (round / 2 * 7) % n;
             let view = if round % 2 == 1 { t.clone() } else { unready(&t, i) };
-            let started = Instant::now();
-            let changed = BTreeSet::from([SvcKey::new("bench", &format!("s{i}"))]);
-            let patch = live.update(&view, Some(&changed), &ports);
-            let cmds = nft::delta_patch(TABLE, &patch);
-            patches.push(started.elapsed());
-            let started = Instant::now();
-            rt.block_on(nft::apply(&lib, cmds)).expect("delta");
-            kernel.push(started.elapsed());
+            let (patched, applied, _, _) = change(&rt, &lib, &mut live, &view, i, &ports);
+            patches.push(patched);
+            kernel.push(applied);
         }
         assert_eq!(live.model(), &base, "back where it started");
         println!(

@@ -120,23 +120,20 @@ impl pb::secret_api_server::SecretApi for Api {
         let ns = namespace_or_default(&req.get_ref().namespace).to_string();
         authorize(&req, "secrets", "delete", Some(&ns))?;
         let pb::DeleteObjectRequest { name, force, .. } = req.into_inner();
-        // A secret that does not exist is the delete's NotFound, whoever names it.
-        let exists = || -> Result<bool, Status> {
+        if let Some(entry) = self.orchestrator.registry_using(&ns, &name).filter(|_| !force) {
+            // A secret that does not exist is left to the delete, which answers NotFound.
             let txn = self.log.read().map_err(internal)?;
             let t = txn.open_table(STATE_TABLE).map_err(internal)?;
-            Ok(t.get(secret_key(&ns, &name).as_str())
+            if t.get(secret_key(&ns, &name).as_str())
                 .map_err(internal)?
-                .is_some())
-        };
-        if let Some(entry) = self.orchestrator.registry_using(&ns, &name).filter(|_| !force) {
-            if !exists()? {
-                return Err(Status::not_found(format!("secret {ns}/{name} not found")));
+                .is_some()
+            {
+                return Err(Status::failed_precondition(format!(
+                    "cannot delete secret {ns}/{name}: this node's runefile pulls the images of \
+                     docker.registries entry '{entry}' with it (auth.fromSecret); change the \
+                     runefile first (use --force to delete anyway)"
+                )));
             }
-            return Err(Status::failed_precondition(format!(
-                "cannot delete secret {ns}/{name}: this node's runefile pulls the images of \
-                 docker.registries entry '{entry}' with it (auth.fromSecret); change the runefile \
-                 first (use --force to delete anyway)"
-            )));
         }
         let p = self
             .log

@@ -178,6 +178,14 @@ pub struct EndpointPort {
     pub protocol: String,
 }
 
+impl EndpointPort {
+    /// Whether this port is TCP, as [`crate::spec::PortSpec::is_tcp`] says of the port it
+    /// comes from (an empty protocol is the default, TCP).
+    pub fn is_tcp(&self) -> bool {
+        self.protocol.is_empty() || self.protocol.eq_ignore_ascii_case("tcp")
+    }
+}
+
 /// Key of a service's endpoints.
 pub fn endpoints_key(ns: &str, service: &str) -> String {
     format!("endpoints/{ns}/{service}")

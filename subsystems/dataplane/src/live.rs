@@ -158,17 +158,19 @@ fn share_of(svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> Share {
     s.sources = svc.local_ips.iter().filter_map(v4).collect();
     // Peers that are services are the links' (`link_of`); here, addresses, and what the
     // rules name, so that a change to a named service reaches this one's links.
-    if let Some(rules) = &svc.policy.egress {
-        for r in rules {
-            for (_, peer) in &r.peers {
-                match peer {
-                    PeerMatch::Service(k) => s.names.push(k.clone()),
-                    PeerMatch::Namespace(ns) => s.namespaces.push(ns.clone()),
-                    PeerMatch::Cidr(n) if has_port_names(r) => s.cidrs.push(*n),
-                    _ => {}
-                }
+    let egress = svc.policy.egress.iter().flatten().map(|r| (r, true));
+    let ingress = svc.policy.ingress.iter().flatten().map(|r| (r, false));
+    for (r, out) in egress.chain(ingress) {
+        for (_, peer) in &r.peers {
+            match peer {
+                PeerMatch::Service(k) => s.names.push(k.clone()),
+                PeerMatch::Namespace(ns) => s.namespaces.push(ns.clone()),
+                PeerMatch::Cidr(n) if out && has_port_names(r) => s.cidrs.push(*n),
+                _ => {}
             }
         }
+    }
+    if let Some(rules) = &svc.policy.egress {
         if !s.sources.is_empty() {
             let mut allowed = Allowed::default();
             for r in rules {
@@ -189,15 +191,6 @@ fn share_of(svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> Share {
         }
     }
     if let Some(rules) = &svc.policy.ingress {
-        for r in rules {
-            for (_, peer) in &r.peers {
-                match peer {
-                    PeerMatch::Service(k) => s.names.push(k.clone()),
-                    PeerMatch::Namespace(ns) => s.namespaces.push(ns.clone()),
-                    _ => {}
-                }
-            }
-        }
         let guarded: Vec<Ipv4Addr> = s.sources.iter().copied().chain(svc.vip).collect();
         if !guarded.is_empty() {
             let mut allowed = Allowed::default();
@@ -742,7 +735,7 @@ impl Live {
             }
             if let Some(old) = self.links.remove(&**k) {
                 for link in old.values() {
-                    self.count_link(link, false);
+                    self.count_link(link, false, true);
                 }
             }
             match (self.vips.get(&**k).copied(), svc.and_then(|s| s.vip)) {
@@ -770,13 +763,13 @@ impl Live {
         for (w, d) in relink {
             let Some(wsvc) = t.services.get(&*w) else { continue };
             if let Some(old) = self.links.get_mut(&w).and_then(|mine| mine.remove(&d)) {
-                self.count_link(&old, false);
+                self.count_link(&old, false, true);
             }
             let sources: Vec<Ipv4Addr> = wsvc.local_ips.iter().filter_map(v4).collect();
             let new = t.services.get(&*d).map(|dsvc| link_of(wsvc, &sources, dsvc));
             match new.filter(|l| !l.iter().all(Elements::is_empty)) {
                 Some(new) => {
-                    self.count_link(&new, true);
+                    self.count_link(&new, true, true);
                     self.links.entry(w).or_default().insert(d, new);
                 }
                 None => {
@@ -968,19 +961,17 @@ impl Live {
     /// Counts `k`'s links (in an update: `record`, noting what they touched) and keeps them.
     fn link(&mut self, k: &Key, links: HashMap<Key, [Elements; 2]>, record: bool) {
         for l in links.values() {
-            for (counted, e) in self.allowed.iter_mut().zip(l) {
-                counted.count(e, true, record);
-            }
+            self.count_link(l, true, record);
         }
         if !links.is_empty() {
             self.links.insert(k.clone(), links);
         }
     }
 
-    /// Takes away (or adds) one link's elements, in an update.
-    fn count_link(&mut self, l: &[Elements; 2], add: bool) {
+    /// Adds (`add`) or takes away one link's elements (`record`: in an update).
+    fn count_link(&mut self, l: &[Elements; 2], add: bool, record: bool) {
         for (counted, e) in self.allowed.iter_mut().zip(l) {
-            counted.count(e, add, true);
+            counted.count(e, add, record);
         }
     }
 }

@@ -406,7 +406,7 @@ fn endpoints_of(set: &EndpointSet, node: &str, gateways: &BTreeMap<String, Socke
                 targets: e
                     .ports
                     .iter()
-                    .filter(|p| p.protocol.is_empty() || p.protocol.eq_ignore_ascii_case("tcp"))
+                    .filter(|p| p.is_tcp())
                     .map(|p| (p.port, p.target_port))
                     .collect(),
                 via,

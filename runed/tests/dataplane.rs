@@ -319,6 +319,63 @@ fn connections_spread_across_container_endpoints() {
     assert_eq!(ids.len(), 3, "{ids:?}");
 }
 
+/// A rollout that moves the `targetPort` and stalls on a new version that never gets ready
+/// keeps serving from the instances not yet replaced, on the port they listen on. Before, every
+/// endpoint was published on the new spec's port: the old instance refused each connection.
+#[test]
+fn a_stalled_rollout_that_moves_the_target_port_still_serves_from_the_old_instances() {
+    image();
+    let d = dev_daemon();
+    let spec = |version: &str, port: u16, ready_path: &str| {
+        format!(
+            "service:\n  name: web\n  image: busybox\n  command: [\"sh\", \"-c\", \"echo {version} > /tmp/index.html; exec httpd -f -p {port} -h /tmp\"]\n  scale: 2\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n  health:\n    readiness:\n      type: http\n      port: {port}\n      path: {ready_path}\n      intervalSeconds: 1\n"
+        )
+    };
+    let f = write(&d, "web.yaml", &spec("v1", 8080, "/"));
+    run_ok(&d, &["cast", &f, "--timeout", "120s"]);
+    let web = proxy_addr(&d, "web").unwrap();
+    assert_eq!(
+        http_get(web, "/").map(|(c, b)| (c, b.trim().to_string())),
+        Some((200, "v1".into()))
+    );
+
+    // v2 listens on 9090 and fails its readiness check (404): the rollout replaces one
+    // instance and waits for it, for ever.
+    let f = write(&d, "web.yaml", &spec("v2", 9090, "/nope"));
+    run_ok(&d, &["cast", &f, "--detach"]);
+    let stalled = |d: &Daemon| {
+        let list = common::instances(d, "web");
+        let new = list.iter().filter(|i| i["current"] == true).count();
+        let old_ready = list
+            .iter()
+            .filter(|i| i["current"] == false && i["ready"] == true)
+            .count();
+        new == 1 && old_ready == 1 && list.len() == 2
+    };
+    wait_until(LONG, "the rollout to stall with one old instance ready", || {
+        stalled(&d)
+    });
+    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "endpoints", "web", "-o", "json"])).unwrap();
+    let ports: Vec<&Value> = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["ports"][0]["targetPort"])
+        .collect();
+    assert_eq!(ports, [&Value::from(8080)], "{v}");
+    for _ in 0..5 {
+        assert_eq!(
+            http_get(web, "/").map(|(c, b)| (c, b.trim().to_string())),
+            Some((200, "v1".into()))
+        );
+    }
+    assert!(
+        stalled(&d),
+        "the rollout moved on: {:?}",
+        common::instances(&d, "web")
+    );
+}
+
 #[test]
 fn a_stale_data_plane_refuses_new_connections_until_it_catches_up() {
     let mut d = Daemon::new(&bins());

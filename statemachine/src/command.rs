@@ -16,8 +16,10 @@ use crate::spec::{NamespaceSpec, ServiceSpec};
 /// writes none (replaying an old log gives the state it gave then); v3 added host claims, so a
 /// v2 cast of a host another service exposes is still accepted; v4 refuses deleting a secret
 /// or configmap a service needs unless forced, so a v3 delete of one is still applied, and a
-/// v3 release delete still checks only the dependencies and mounts it checked then.
-pub const FORMAT_VERSION: u32 = 4;
+/// v3 release delete still checks only the dependencies and mounts it checked then; v5 runs
+/// report the ports of the spec they were started from, and endpoints publish those, which a
+/// v4 build would ignore (it refuses the entries instead of computing other endpoints).
+pub const FORMAT_VERSION: u32 = 5;
 
 /// One proposed write, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::ObjectMeta;
+use crate::network::EndpointPort;
 use crate::spec::ServiceSpec;
 
 /// Where an instance is in its life.
@@ -102,6 +103,11 @@ pub struct InstanceRecord {
     /// `liveness` and `readiness`, as of their last transition.
     #[serde(default)]
     pub probes: BTreeMap<String, ProbeState>,
+    /// The ports of the spec its current run was started from: while a rollout changes a
+    /// `targetPort`, the instances not yet replaced still listen on the old one. Empty for a
+    /// run reported before runs recorded them (the service's current ports then apply).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
 }
 
 /// An observed change of one instance, proposed by the node that runs it.
@@ -149,6 +155,10 @@ pub enum InstanceChange {
         /// The instance has a readiness probe: it starts not ready, in the same entry.
         #[serde(default)]
         readiness_probe: bool,
+        /// The ports of the spec this run was started from (entry format v5). `None` for an
+        /// adopted run, whose record already holds them, and in earlier entries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ports: Option<Vec<EndpointPort>>,
     },
     /// A probe changed state.
     Probe {
@@ -268,6 +278,7 @@ pub fn fold(prev: Option<InstanceRecord>, ev: &InstanceEvent, now: i64) -> (Opti
             r.runtime_id.clear();
             r.started_at_ms = 0;
             r.probes.clear();
+            r.ports.clear();
             r.created_at_ms = now;
             format!("scheduled on {node} ({runtime}, generation {generation})")
         }
@@ -281,7 +292,11 @@ pub fn fold(prev: Option<InstanceRecord>, ev: &InstanceEvent, now: i64) -> (Opti
             runtime_id,
             adopted,
             readiness_probe,
+            ports,
         } => {
+            if let Some(ports) = ports {
+                r.ports = ports.clone();
+            }
             r.phase = Phase::Running;
             r.address = address.clone();
             r.runtime_id = runtime_id.clone();

@@ -123,6 +123,43 @@ pub fn dotted(ip: u32) -> String {
 mod tests {
     use super::*;
 
+    fn p(name: &str, port: u16, target_port: u16, protocol: &str) -> EndpointPort {
+        EndpointPort {
+            name: name.into(),
+            port,
+            target_port,
+            protocol: protocol.into(),
+        }
+    }
+
+    #[test]
+    fn a_run_serves_the_current_ports_where_its_own_spec_put_them() {
+        // Named ports match by name, even when the service port moved.
+        let current = [p("http", 8000, 9090, "tcp"), p("dns", 53, 5353, "udp")];
+        let run = [p("http", 80, 8080, "tcp"), p("dns", 53, 5300, "tcp")];
+        assert_eq!(
+            EndpointPort::serving(&current, &run),
+            // The run's `dns` was TCP: not the same port, so the current target stands.
+            [p("http", 8000, 8080, "tcp"), p("dns", 53, 5353, "udp")]
+        );
+        // An unnamed port matches by number only.
+        let current = [p("", 80, 9090, "tcp")];
+        assert_eq!(
+            EndpointPort::serving(&current, &[p("", 80, 8080, "tcp")]),
+            [p("", 80, 8080, "tcp")]
+        );
+        assert_eq!(
+            EndpointPort::serving(&current, &[p("", 81, 8080, "tcp")]),
+            current
+        );
+        assert_eq!(
+            EndpointPort::serving(&current, &[p("http", 80, 8080, "tcp")]),
+            current
+        );
+        // A port the run did not have keeps the current target.
+        assert_eq!(EndpointPort::serving(&current, &[]), current);
+    }
+
     #[test]
     fn cidrs() {
         let c = Cidr::parse("10.96.0.0/16").unwrap();
@@ -179,6 +216,50 @@ pub struct EndpointPort {
 }
 
 impl EndpointPort {
+    /// The ports a service's spec declares, as an endpoint serves them. An instance's run
+    /// records those of the spec it was started from, so that while a rollout changes a
+    /// `targetPort` each endpoint is reached where it listens (see [`Self::serving`]).
+    pub fn of_spec(ports: &[crate::spec::PortSpec]) -> Vec<EndpointPort> {
+        ports
+            .iter()
+            .filter_map(|p| {
+                Some(EndpointPort {
+                    name: p.name.clone(),
+                    port: u16::try_from(p.port).ok()?,
+                    target_port: u16::try_from(p.target_port.unwrap_or(p.port)).ok()?,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "tcp".into()).to_lowercase(),
+                })
+            })
+            .collect()
+    }
+
+    /// The service's current ports (`current`), each with the target port of the same port in
+    /// the spec a run was started from (`run`), as Kubernetes resolves a named `targetPort`
+    /// per pod: a port is the same by name, or, unnamed, by number; both by protocol. A port
+    /// the run did not have (or a run that recorded none) keeps the current target.
+    pub fn serving(current: &[EndpointPort], run: &[EndpointPort]) -> Vec<EndpointPort> {
+        current
+            .iter()
+            .map(|c| {
+                let same = |r: &&EndpointPort| {
+                    r.protocol == c.protocol
+                        && if c.name.is_empty() {
+                            r.name.is_empty() && r.port == c.port
+                        } else {
+                            r.name == c.name
+                        }
+                };
+                match run.iter().find(same) {
+                    Some(r) => EndpointPort {
+                        target_port: r.target_port,
+                        ..c.clone()
+                    },
+                    None => c.clone(),
+                }
+            })
+            .collect()
+    }
+
     /// Whether this port is TCP, as [`crate::spec::PortSpec::is_tcp`] says of the port it
     /// comes from (an empty protocol is the default, TCP).
     pub fn is_tcp(&self) -> bool {

@@ -123,7 +123,9 @@ pub fn command() -> impl Strategy<Value = Command> {
                     service,
                     change: match e {
                         0 => InstanceChange::Scheduled { node: "n1".into(), runtime: "process".into(), template: "t".into(), generation: 1 },
-                        1 => InstanceChange::Started { address: "127.0.0.1".into(), runtime_id: "42".into(), adopted: false, readiness_probe: true },
+                        // Half the runs say where they listen, as a run of an earlier spec does.
+                        1 => InstanceChange::Started { address: "127.0.0.1".into(), runtime_id: "42".into(), adopted: false, readiness_probe: true,
+                            ports: (i == 1).then(|| vec![EndpointPort { name: "http".into(), port: 80, target_port: 8081, protocol: "tcp".into() }]) },
                         2 => InstanceChange::Probe { probe: "readiness".into(), ok: true, message: "HTTP 200".into() },
                         3 => InstanceChange::Exited { code: Some(1), reason: "exited with code 1".into() },
                         4 => InstanceChange::Backoff { restarts: 2, delay_ms: 2000, reason: "crashed".into() },

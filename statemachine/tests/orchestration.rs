@@ -6,6 +6,7 @@ use common::State;
 use rune_statemachine::instance::{
     instance_key, template_hash, InstanceChange, InstanceEvent, InstanceRecord, Phase,
 };
+use rune_statemachine::network::{endpoints_key, EndpointPort, EndpointSet};
 use rune_statemachine::store::{service_key, ServiceRecord};
 use rune_statemachine::{Action, Command, Kind, Rejection, Resource};
 
@@ -157,6 +158,7 @@ fn instance_events_fold_into_one_record() {
                         runtime_id: "4242".into(),
                         adopted: false,
                         readiness_probe: false,
+                        ports: None,
                     },
                 ),
             ],
@@ -215,4 +217,103 @@ fn instance_events_fold_into_one_record() {
         })
         .unwrap();
     assert!(again.is_empty());
+}
+
+/// A rollout that moves a `targetPort` publishes each ready instance where its own run
+/// listens: the instances not yet replaced on the old port, the new ones on the new. Before,
+/// every endpoint took the current spec's port, and a rollout that stalled on a new instance
+/// left the old ones published on a port nothing listened on.
+#[test]
+fn a_rollout_publishes_each_instance_on_the_port_its_run_listens_on() {
+    let spec = |target: u16, image: &str| {
+        let spec = serde_json::from_value(serde_json::json!({
+            "name": "web", "image": image, "scale": 2,
+            "ports": [{"name": "http", "port": 80, "targetPort": target}, {"name": "admin", "port": 81, "targetPort": target + 1}]
+        }))
+        .unwrap();
+        Command::Apply {
+            resources: vec![Resource::Service(spec)],
+            create_namespace: false,
+            force: false,
+            history_limit: 10,
+            release: None,
+        }
+    };
+    let run = |id: &str, address: &str, ports: Option<Vec<EndpointPort>>, adopted: bool| {
+        let mut evs = Vec::new();
+        if !adopted {
+            evs.push(ev(
+                id,
+                InstanceChange::Scheduled {
+                    node: "n1".into(),
+                    runtime: "container".into(),
+                    template: "t".into(),
+                    generation: 1,
+                },
+            ));
+        }
+        evs.push(ev(
+            id,
+            InstanceChange::Started {
+                address: address.into(),
+                runtime_id: "c".into(),
+                adopted,
+                readiness_probe: false,
+                ports,
+            },
+        ));
+        Command::InstanceEvents {
+            node: None,
+            events: evs,
+        }
+    };
+    let targets = |s: &State| -> Vec<(String, Vec<(u16, u16)>)> {
+        let set: EndpointSet = s.get(&endpoints_key("default", "web")).unwrap();
+        set.endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.instance.clone(),
+                    e.ports.iter().map(|p| (p.port, p.target_port)).collect(),
+                )
+            })
+            .collect()
+    };
+    let ports = |s: &State| -> Vec<EndpointPort> {
+        let r: ServiceRecord = s.get(&service_key("default", "web")).unwrap();
+        EndpointPort::of_spec(&r.spec.ports)
+    };
+
+    let mut s = State::new();
+    s.run(spec(8080, "v1")).unwrap();
+    let v1 = ports(&s);
+    s.run(run("web-0", "10.0.0.1", Some(v1.clone()), false)).unwrap();
+    s.run(run("web-1", "10.0.0.2", Some(v1.clone()), false)).unwrap();
+
+    // The new spec moves both target ports; nothing was replaced yet.
+    s.run(spec(9090, "v2")).unwrap();
+    let old = vec![(80, 8080), (81, 8081)];
+    let new = vec![(80, 9090), (81, 9091)];
+    assert_eq!(
+        targets(&s),
+        [("web-0".into(), old.clone()), ("web-1".into(), old.clone())]
+    );
+
+    // web-0 is replaced by a run of the new spec; web-1 is adopted by a restarted runed,
+    // which cannot know the spec it was started from and sends none: it keeps its own.
+    s.run(run("web-0", "10.0.0.3", Some(ports(&s)), false)).unwrap();
+    s.run(run("web-1", "10.0.0.2", None, true)).unwrap();
+    assert_eq!(
+        targets(&s),
+        [("web-0".into(), new.clone()), ("web-1".into(), old.clone())]
+    );
+    let r: InstanceRecord = s.get(&instance_key("default", "web", "web-1")).unwrap();
+    assert_eq!(r.ports, v1);
+
+    // A run reported before runs said where they listen takes the current spec's ports.
+    s.run(run("web-1", "10.0.0.4", None, false)).unwrap();
+    assert_eq!(
+        targets(&s),
+        [("web-0".into(), new.clone()), ("web-1".into(), new)]
+    );
 }

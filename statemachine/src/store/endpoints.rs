@@ -30,28 +30,22 @@ pub(super) fn recompute<R: ReadableTable<&'static str, &'static [u8]>>(
         }
         return Ok(None);
     };
-    let ports: Vec<EndpointPort> = svc
-        .spec
-        .ports
-        .iter()
-        .filter_map(|p| {
-            Some(EndpointPort {
-                name: p.name.clone(),
-                port: u16::try_from(p.port).ok()?,
-                target_port: u16::try_from(p.target_port.unwrap_or(p.port)).ok()?,
-                protocol: p.protocol.clone().unwrap_or_else(|| "tcp".into()).to_lowercase(),
-            })
-        })
-        .collect();
+    let ports = EndpointPort::of_spec(&svc.spec.ports);
     let mut endpoints = Vec::new();
     for k in o.keys_with_prefix(&instances_prefix(Some(ns), Some(service)))? {
         if let Some(i) = o.get::<InstanceRecord>(&k)? {
             if i.phase == Phase::Running && i.ready && !i.address.is_empty() {
+                // An instance still running an earlier spec listens where that spec said.
+                let ports = if i.ports.is_empty() {
+                    ports.clone()
+                } else {
+                    EndpointPort::serving(&ports, &i.ports)
+                };
                 endpoints.push(Endpoint {
                     instance: i.id,
                     address: i.address,
                     node: i.node,
-                    ports: ports.clone(),
+                    ports,
                 });
             }
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rune_statemachine::deps::{resolve, DepKind, DepRef, ReadyWhen};
 use rune_statemachine::instance::{instances_prefix, InstanceChange, InstanceRecord, Phase};
+use rune_statemachine::network::EndpointPort;
 use rune_statemachine::spec::{Probe, ServiceSpec};
 use rune_statemachine::store::{configmap_key, list_records, secret_key, service_key};
 use rune_statemachine::STATE_TABLE;
@@ -108,6 +109,9 @@ impl Supervisor {
                         runtime_id: run.handle.runtime_id(),
                         adopted: true,
                         readiness_probe: self.has_readiness(),
+                        // What an adopted run listens on is in its record already: this
+                        // launch carries the current spec, which it may not have run.
+                        ports: None,
                     })
                     .await;
                     run
@@ -123,6 +127,7 @@ impl Supervisor {
                                 runtime_id: run.handle.runtime_id(),
                                 adopted: false,
                                 readiness_probe: self.has_readiness(),
+                                ports: Some(EndpointPort::of_spec(&self.launch.spec.ports)),
                             })
                             .await;
                             run

@@ -5,14 +5,29 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::Log;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     applied: AtomicU64,
     /// The projection lost its thread and has not rebuilt yet: behind whatever the index says.
     lost: AtomicBool,
     behind_since: Mutex<Option<Instant>>,
+    /// `applied`, for those waiting until the view reflects an entry ([`Lag::reached`]).
+    reached: watch::Sender<u64>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            applied: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+            behind_since: Mutex::new(None),
+            reached: watch::channel(0).0,
+        }
+    }
 }
 
 /// A projection's applied index and since when it has been behind the log. Cheap to clone;
@@ -39,6 +54,20 @@ impl Lag {
     /// Records that everything up to `index` is applied (never moves back).
     pub fn advance(&self, index: u64) {
         self.0.applied.fetch_max(index, Ordering::Relaxed);
+        self.0.reached.send_if_modified(|at| {
+            let moved = index > *at;
+            if moved {
+                *at = index;
+            }
+            moved
+        });
+    }
+
+    /// Returns once the projection has applied log index `index` (at once if it has).
+    pub async fn reached(&self, index: u64) {
+        let mut rx = self.0.reached.subscribe();
+        // The sender lives as long as `self`: the wait ends only by reaching the index.
+        let _ = rx.wait_for(|at| *at >= index).await;
     }
 
     /// How long the projection has been behind the log (0 when caught up).
@@ -76,5 +105,33 @@ impl Lag {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reached_waits_for_the_index_and_never_for_a_past_one() {
+        let lag = Lag::new();
+        lag.advance(5);
+        lag.reached(3).await;
+        lag.reached(5).await;
+        let waiter = tokio::spawn({
+            let lag = lag.clone();
+            async move { lag.reached(7).await }
+        });
+        lag.advance(6);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "returned before index 7 was applied");
+        lag.advance(9);
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("reached(7) returns once 9 is applied")
+            .expect("no panic");
+        // The index never moves back.
+        lag.advance(2);
+        assert_eq!(lag.applied(), 9);
     }
 }

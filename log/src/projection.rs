@@ -124,6 +124,12 @@ impl Projection {
         self.lag.applied()
     }
 
+    /// Returns once the view reflects log index `index`: a caller that changed something
+    /// through the log waits here until this subsystem acts on it.
+    pub async fn reached(&self, index: u64) {
+        self.lag.reached(index).await
+    }
+
     /// How long the view has been behind the log (0 when caught up).
     pub fn stale_seconds(&self) -> f64 {
         self.lag.stale_seconds()

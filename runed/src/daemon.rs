@@ -273,9 +273,11 @@ async fn start_orchestrator(
     secrets: &Arc<crate::sealing::Secrets>,
     cluster: &str,
     follows_placement: bool,
+    routers: Vec<Arc<rune_log::projection::Projection>>,
 ) -> Arc<rune_orchestrator::Orchestrator> {
     let mut c = s.orchestrator(cluster);
     c.follows_placement = follows_placement;
+    c.routers = routers;
     c.secrets = Some(Arc::new(crate::sealing::SecretOpener(secrets.clone())));
     // The small writer installed beside runed, else runed itself (`runed __log-writer`).
     c.log_writer = std::env::current_exe().ok().map(|exe| {
@@ -542,17 +544,27 @@ async fn start_subsystems(
     crate::metrics::dataplane(provider, &dataplane);
 
     systemd::status("starting the orchestrator");
-    let orchestrator = start_orchestrator(s, log, secrets, &cluster_id(log)?, follows_placement).await;
-    serve_containers(&dns, &dataplane, &orchestrator);
-    let projections: Vec<_> = [
+    // Everything that sends traffic to instances: a stopping one leaves them all first.
+    let routers: Vec<_> = [
         Some(dns.projection().clone()),
         dataplane.projection().cloned(),
         ingress.as_ref().map(|i| i.projection().clone()),
-        orchestrator.projection().cloned(),
     ]
     .into_iter()
     .flatten()
     .collect();
+    let orchestrator = start_orchestrator(
+        s,
+        log,
+        secrets,
+        &cluster_id(log)?,
+        follows_placement,
+        routers.clone(),
+    )
+    .await;
+    serve_containers(&dns, &dataplane, &orchestrator);
+    let mut projections = routers;
+    projections.extend(orchestrator.projection().cloned());
     crate::metrics::projections(provider, &projections, &orchestrator);
     Ok(Subsystems {
         dns,

@@ -1402,3 +1402,86 @@ fn leftovers_of_dead_test_processes_are_swept() {
     assert!(left_gone, "{removed:?}");
     assert!(live_kept, "{removed:?}");
 }
+
+/// An instance being stopped leaves its service's endpoints, and every router (DNS, data
+/// plane, ingress) acts on that, before it is signalled; then it keeps running for the
+/// service's `drainSeconds` as the service has it now. Before, SIGTERM went out as the
+/// `Stopping` report was queued: new connections still reached an instance shutting down.
+#[test]
+fn stopping_instances_leave_the_routers_first_then_drain() {
+    let mut d = Daemon::new(&bins());
+    d.extra = vec![
+        "--enable-failpoints".into(),
+        "--stale-budget".into(),
+        "120s".into(),
+    ];
+    d.restart();
+    let spec = |drain: &str| {
+        format!("service:\n  name: web\n  scale: 2\n{drain}  ports: [{{name: http, port: 80, targetPort: 8080}}]\n  process:\n    command: /bin/sleep\n    args: ['3600']\n")
+    };
+    let f = write(&d, "web.yaml", &spec(""));
+    run_ok(&d, &["cast", "--timeout", "60s", &f]);
+    let endpoints = |d: &Daemon| -> usize {
+        let v: Value = serde_json::from_str(&run_ok(d, &["get", "endpoints", "web", "-o", "json"])).unwrap();
+        v["endpoints"].as_array().map_or(0, Vec::len)
+    };
+    let pid_of = |d: &Daemon, id: &str| -> String {
+        instances(d, "web")
+            .iter()
+            .find(|i| i["id"] == id)
+            .and_then(|i| i["runtimeId"].as_str().map(String::from))
+            .unwrap()
+    };
+    let stopping = |d: &Daemon, id: &str| {
+        instances(d, "web")
+            .iter()
+            .any(|i| i["id"] == id && i["status"] == "Stopping")
+    };
+    // Time passes without a sleep: a service cast and waited for.
+    let other = write(
+        &d,
+        "other.yaml",
+        "service:\n  name: other\n  process:\n    command: /bin/sleep\n    args: ['3600']\n",
+    );
+    wait_until(LONG, "two endpoints", || endpoints(&d) == 2);
+
+    // The data plane stops following the log: web-1 is out of the endpoints in the state, but
+    // the data plane would still send it connections, so it runs on.
+    let pid = pid_of(&d, "web-1");
+    failpoint(&d, "dataplane-tail-pause", true);
+    run_ok(&d, &["scale", "web", "1", "--no-wait"]);
+    wait_until(LONG, "web-1 to be stopping", || stopping(&d, "web-1"));
+    assert_eq!(endpoints(&d), 1);
+    run_ok(&d, &["cast", "--timeout", "60s", &other]);
+    assert!(pid_alive(&pid), "web-1 was signalled before the data plane acted");
+    assert!(stopping(&d, "web-1"));
+    failpoint(&d, "dataplane-tail-pause", false);
+    wait_until(LONG, "web-1 to stop once the data plane acted", || {
+        !pid_alive(&pid) && instances(&d, "web").len() == 1
+    });
+
+    // drainSeconds holds it longer, as the service says now: lowering it ends the drain.
+    let f = write(&d, "web.yaml", &spec("  drainSeconds: 3600\n"));
+    run_ok(&d, &["cast", "--timeout", "60s", &f]);
+    wait_until(LONG, "two endpoints again", || endpoints(&d) == 2);
+    let pid = pid_of(&d, "web-1");
+    let first = pid_of(&d, "web-0");
+    run_ok(&d, &["scale", "web", "1", "--no-wait"]);
+    wait_until(LONG, "web-1 to be stopping", || stopping(&d, "web-1"));
+    run_ok(&d, &["delete", "other"]);
+    run_ok(&d, &["cast", "--timeout", "60s", &other]);
+    assert!(pid_alive(&pid), "web-1 did not drain");
+    assert_eq!(endpoints(&d), 1);
+    let f = write(
+        &d,
+        "web.yaml",
+        &spec("  scale: 1\n  drainSeconds: 0\n").replace("  scale: 2\n", ""),
+    );
+    run_ok(&d, &["cast", "--detach", &f]);
+    wait_until(LONG, "web-1 to stop once the drain is lowered", || {
+        !pid_alive(&pid) && instances(&d, "web").len() == 1
+    });
+    // Changing the drain replaced nothing.
+    assert!(all_ready(&d, "web", 1));
+    assert_eq!(pid_of(&d, "web-0"), first);
+}

@@ -243,6 +243,8 @@ pub fn template_hash(spec: &ServiceSpec, meta: &ObjectMeta) -> String {
     s.expose = None;
     // Where instances run is not what they run: moving one is not a rollout.
     s.placement = None;
+    // How an instance is taken out of service is read when it is.
+    s.drain_seconds = None;
     let h = crate::meta::spec_hash(&s);
     format!("{}-{}", &h[..16], meta.restart_count)
 }

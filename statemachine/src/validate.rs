@@ -437,12 +437,12 @@ fn validate_basics(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>
             );
         }
     }
-    if let Some(g) = s.stop_grace_period_seconds {
-        if !(0..=3600).contains(&g) {
-            err(
-                root.key("stopGracePeriodSeconds"),
-                format!("must be between 0 and 3600, got {g}"),
-            );
+    for (field, v) in [
+        ("stopGracePeriodSeconds", s.stop_grace_period_seconds),
+        ("drainSeconds", s.drain_seconds),
+    ] {
+        if let Some(g) = v.filter(|g| !(0..=3600).contains(g)) {
+            err(root.key(field), format!("must be between 0 and 3600, got {g}"));
         }
     }
     if let Some(rp) = &s.restart_policy {
@@ -948,6 +948,29 @@ mod tests {
         assert!(paths.contains(&"scale".into()));
         assert!(paths.contains(&"ports[1].name".into()));
         assert!(paths.contains(&"ports[1].port".into()));
+    }
+
+    #[test]
+    fn stop_timings_are_bounded_and_named() {
+        let mut s = svc();
+        s.stop_grace_period_seconds = Some(3601);
+        s.drain_seconds = Some(-1);
+        let errs = validate_service(&s);
+        let named: Vec<(String, String)> = errs
+            .iter()
+            .map(|e| (e.path.to_string(), e.message.clone()))
+            .collect();
+        assert!(
+            named.contains(&("drainSeconds".into(), "must be between 0 and 3600, got -1".into())),
+            "{named:?}"
+        );
+        assert!(
+            named.iter().any(|(p, _)| p == "stopGracePeriodSeconds"),
+            "{named:?}"
+        );
+        s.stop_grace_period_seconds = Some(30);
+        s.drain_seconds = Some(3600);
+        assert!(validate_service(&s).is_empty());
     }
 
     #[test]

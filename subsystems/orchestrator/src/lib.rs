@@ -94,6 +94,11 @@ pub struct OrchestratorConfig {
     /// node that reports on an instance since placed elsewhere. Off on a single node, which
     /// runs every instance.
     pub follows_placement: bool,
+    /// The projections that send traffic to instances (DNS, data plane, ingress). An
+    /// instance being stopped leaves the endpoints first; it is signalled only once each of
+    /// these acts on that (or the stale budget passes: a router that far behind refuses
+    /// connections on its own), so that no new connection is sent to it as it shuts down.
+    pub routers: Vec<Arc<Projection>>,
 }
 
 impl OrchestratorConfig {
@@ -120,6 +125,7 @@ impl OrchestratorConfig {
             registries: Vec::new(),
             volumes_root: std::env::temp_dir().join("rune-volumes"),
             follows_placement: false,
+            routers: Vec::new(),
         }
     }
 }
@@ -274,7 +280,8 @@ pub(crate) struct Inner {
     log: Arc<Log>,
     process: ProcessRunner,
     docker: DockerRunner,
-    events: mpsc::Sender<InstanceEvent>,
+    events: mpsc::Sender<Report>,
+    stale_budget: Duration,
     picture: RwLock<Picture>,
     /// Set once the picture was built from the state: until then nothing is reconciled.
     built: AtomicBool,
@@ -348,6 +355,7 @@ impl Orchestrator {
             cfg,
             log: log.clone(),
             events: tx,
+            stale_budget,
             picture: RwLock::new(Picture::default()),
             built: AtomicBool::new(false),
             queue: Mutex::new(WorkQueue::default()),
@@ -553,15 +561,64 @@ impl Orchestrator {
 impl Inner {
     /// Queues a report for the log; waits while the queue is full, so reports keep their order.
     async fn report(&self, key: &Key, change: InstanceChange) {
-        let _ = self
-            .events
-            .send(InstanceEvent {
-                namespace: key.0.clone(),
-                service: key.1.clone(),
-                id: key.2.clone(),
-                change,
-            })
+        self.send_report(key, change, None).await;
+    }
+
+    /// Reports, and returns the log index of the entry once it is applied (`None` when it
+    /// could not be written, as when runed stops first).
+    async fn report_applied(&self, key: &Key, change: InstanceChange) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.send_report(key, change, Some(tx)).await;
+        rx.await.ok()
+    }
+
+    async fn send_report(&self, key: &Key, change: InstanceChange, applied: Option<oneshot::Sender<u64>>) {
+        let event = InstanceEvent {
+            namespace: key.0.clone(),
+            service: key.1.clone(),
+            id: key.2.clone(),
+            change,
+        };
+        let _ = self.events.send(Report { event, applied }).await;
+    }
+
+    /// Takes a run out of service before it is signalled: reports it `Stopping` (which takes
+    /// it out of its service's endpoints in the same entry), waits until every router acts on
+    /// that entry (at most the stale budget), then for the service's `drainSeconds`, for
+    /// clients that resolved its address themselves (headless DNS) to move on. The drain is
+    /// the service's as it is now, looked at each second: lowering it, or deleting the
+    /// service, ends it sooner.
+    async fn drain(&self, key: &Key, reason: String) {
+        let at = self
+            .report_applied(key, InstanceChange::Stopping { reason })
             .await;
+        if let Some(at) = at {
+            let routers = async {
+                for r in &self.cfg.routers {
+                    r.reached(at).await;
+                }
+            };
+            if tokio::time::timeout(self.stale_budget, routers).await.is_err() {
+                tracing::warn!(instance = %key.2, namespace = %key.0, index = at,
+                    "a router is behind the log past its stale budget; stopping the instance anyway");
+            }
+        }
+        let since = Instant::now();
+        loop {
+            let drain = self
+                .picture
+                .read()
+                .ok()
+                .and_then(|p| {
+                    let s = p.services.get(&(key.0.clone(), key.1.clone()))?;
+                    s.spec.drain_seconds
+                })
+                .map_or(Duration::ZERO, |s| Duration::from_secs(s.unsigned_abs()));
+            let Some(left) = drain.checked_sub(since.elapsed()).filter(|d| !d.is_zero()) else {
+                return;
+            };
+            tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        }
     }
 
     /// Queues services for the reconcile loop and wakes it.
@@ -863,14 +920,15 @@ fn launch(svc: &ServiceRecord, id: &str, template: String) -> Launch {
     }
 }
 
+/// One report on its way to the log; `applied` is told the entry's index once it is applied.
+struct Report {
+    event: InstanceEvent,
+    applied: Option<oneshot::Sender<u64>>,
+}
+
 /// Proposes reports in order, batching whatever queued up while the previous write was in flight.
 /// On `stop`, writes what is queued and returns.
-async fn report_loop(
-    log: Arc<Log>,
-    mut rx: mpsc::Receiver<InstanceEvent>,
-    stop: Arc<Notify>,
-    node: Option<String>,
-) {
+async fn report_loop(log: Arc<Log>, mut rx: mpsc::Receiver<Report>, stop: Arc<Notify>, node: Option<String>) {
     let mut stopping = false;
     loop {
         let first = if stopping {
@@ -890,13 +948,15 @@ async fn report_loop(
                 }
             }
         };
-        let mut events = vec![first];
-        while events.len() < 256 {
+        let mut reports = vec![first];
+        while reports.len() < 256 {
             match rx.try_recv() {
-                Ok(e) => events.push(e),
+                Ok(e) => reports.push(e),
                 Err(_) => break,
             }
         }
+        let (events, waiting): (Vec<InstanceEvent>, Vec<_>) =
+            reports.into_iter().map(|r| (r.event, r.applied)).unzip();
         let mut delay = Duration::from_millis(100);
         loop {
             match log
@@ -909,6 +969,9 @@ async fn report_loop(
                 Ok(p) => {
                     if let Err(rej) = p.outcome {
                         tracing::warn!(error = %rej, "instance report rejected");
+                    }
+                    for tx in waiting.into_iter().flatten() {
+                        let _ = tx.send(p.index);
                     }
                     break;
                 }
@@ -1237,6 +1300,9 @@ impl Loop {
                 // (the service is gone).
                 let grace = svc.as_ref().map(|s| runner::grace(&s.spec)).or(f.grace);
                 tokio::spawn(async move {
+                    if record_exists {
+                        inner2.drain(&k, reason.into()).await;
+                    }
                     let mut h = f.run.handle;
                     match &h {
                         RunHandle::Container { id } => {

@@ -166,10 +166,7 @@ impl Supervisor {
             let killed = matches!(ended, Ended::Unhealthy(_));
             let (exit, why) = match ended {
                 Ended::Stop(reason) => {
-                    self.report(InstanceChange::Stopping {
-                        reason: reason.clone(),
-                    })
-                    .await;
+                    self.inner.drain(&self.key, reason.clone()).await;
                     let e = self.inner.stop(&self.launch, &mut run).await;
                     return self.finish(Some(e), &reason).await;
                 }

@@ -325,7 +325,7 @@ fn connections_spread_across_container_endpoints() {
 #[test]
 fn a_stalled_rollout_that_moves_the_target_port_still_serves_from_the_old_instances() {
     image();
-    let d = dev_daemon();
+    let mut d = dev_daemon();
     let spec = |version: &str, port: u16, ready_path: &str| {
         format!(
             "service:\n  name: web\n  image: busybox\n  command: [\"sh\", \"-c\", \"echo {version} > /tmp/index.html; exec httpd -f -p {port} -h /tmp\"]\n  scale: 2\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n  health:\n    readiness:\n      type: http\n      port: {port}\n      path: {ready_path}\n      intervalSeconds: 1\n"
@@ -355,25 +355,47 @@ fn a_stalled_rollout_that_moves_the_target_port_still_serves_from_the_old_instan
     wait_until(LONG, "the rollout to stall with one old instance ready", || {
         stalled(&d)
     });
-    let v: Value = serde_json::from_str(&run_ok(&d, &["get", "endpoints", "web", "-o", "json"])).unwrap();
-    let ports: Vec<&Value> = v["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| &e["ports"][0]["targetPort"])
-        .collect();
-    assert_eq!(ports, [&Value::from(8080)], "{v}");
-    for _ in 0..5 {
-        assert_eq!(
-            http_get(web, "/").map(|(c, b)| (c, b.trim().to_string())),
-            Some((200, "v1".into()))
+    let targets = |d: &Daemon| -> Vec<Value> {
+        let v: Value = serde_json::from_str(&run_ok(d, &["get", "endpoints", "web", "-o", "json"])).unwrap();
+        v["endpoints"]
+            .as_array()
+            .map(|e| e.iter().map(|e| e["ports"][0]["targetPort"].clone()).collect())
+            .unwrap_or_default()
+    };
+    let served_by_v1 = |d: &Daemon| {
+        let web = proxy_addr(d, "web").unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                http_get(web, "/").map(|(c, b)| (c, b.trim().to_string())),
+                Some((200, "v1".into()))
+            );
+        }
+        assert!(
+            stalled(d),
+            "the rollout moved on: {:?}",
+            common::instances(d, "web")
         );
-    }
-    assert!(
-        stalled(&d),
-        "the rollout moved on: {:?}",
-        common::instances(&d, "web")
-    );
+    };
+    assert_eq!(targets(&d), [Value::from(8080)]);
+    served_by_v1(&d);
+
+    // A restarted runed adopts both runs: the old one goes on as v1 says, probed and
+    // published on 8080, not as v2 (whose probe it would fail).
+    let old = |d: &Daemon| {
+        common::instances(d, "web")
+            .into_iter()
+            .find(|i| i["current"] == false)
+            .unwrap_or_default()
+    };
+    let before = old(&d)["updatedAtMs"].as_i64().unwrap();
+    assert!(d.sigterm().success());
+    d.restart();
+    wait_until(LONG, "the adopted old instance to be ready again", || {
+        let i = old(&d);
+        i["updatedAtMs"].as_i64().is_some_and(|t| t > before) && i["ready"] == true
+    });
+    assert_eq!(targets(&d), [Value::from(8080)]);
+    served_by_v1(&d);
 }
 
 #[test]

@@ -1461,7 +1461,7 @@ fn stopping_instances_leave_the_routers_first_then_drain() {
     });
 
     // drainSeconds holds it longer, as the service says now: lowering it ends the drain.
-    let f = write(&d, "web.yaml", &spec("  drainSeconds: 3600\n"));
+    let f = write(&d, "web.yaml", &spec("  drainSeconds: 300\n"));
     run_ok(&d, &["cast", "--timeout", "60s", &f]);
     wait_until(LONG, "two endpoints again", || endpoints(&d) == 2);
     let pid = pid_of(&d, "web-1");

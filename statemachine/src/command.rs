@@ -17,8 +17,9 @@ use crate::spec::{NamespaceSpec, ServiceSpec};
 /// v2 cast of a host another service exposes is still accepted; v4 refuses deleting a secret
 /// or configmap a service needs unless forced, so a v3 delete of one is still applied, and a
 /// v3 release delete still checks only the dependencies and mounts it checked then; v5 runs
-/// report the ports of the spec they were started from, and endpoints publish those, which a
-/// v4 build would ignore (it refuses the entries instead of computing other endpoints).
+/// report the ports of the spec they were started from, and endpoints publish those, and
+/// services may carry `drainSeconds`, both of which a v4 build would drop (it refuses the
+/// entries instead of computing other endpoints and storing other specs).
 pub const FORMAT_VERSION: u32 = 5;
 
 /// One proposed write, as stored in the log.

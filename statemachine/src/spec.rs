@@ -162,8 +162,9 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_period_seconds: Option<i64>,
     /// Seconds an instance being stopped keeps running out of its service's endpoints
-    /// before SIGTERM (Nomad's `shutdown_delay`), for clients that hold its address past the
-    /// routers (headless DNS answers, caches). Routers themselves are always waited for.
+    /// before SIGTERM (Nomad's `shutdown_delay`), for what reaches it past this node's
+    /// routers (a client that kept its address). The routers themselves are always waited
+    /// for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_seconds: Option<i64>,
     /// Persistent storage: one volume per instance (`claimTemplate`) or one shared (`claim`).

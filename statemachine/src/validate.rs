@@ -437,12 +437,14 @@ fn validate_basics(s: &ServiceSpec, root: &FieldPath, errs: &mut Vec<FieldError>
             );
         }
     }
-    for (field, v) in [
-        ("stopGracePeriodSeconds", s.stop_grace_period_seconds),
-        ("drainSeconds", s.drain_seconds),
+    // A drain is waited out by `rune cast` and `rune scale` without progress: it stays
+    // within their default progress deadline (10 minutes).
+    for (field, v, max) in [
+        ("stopGracePeriodSeconds", s.stop_grace_period_seconds, 3600),
+        ("drainSeconds", s.drain_seconds, 300),
     ] {
-        if let Some(g) = v.filter(|g| !(0..=3600).contains(g)) {
-            err(root.key(field), format!("must be between 0 and 3600, got {g}"));
+        if let Some(g) = v.filter(|g| !(0..=max).contains(g)) {
+            err(root.key(field), format!("must be between 0 and {max}, got {g}"));
         }
     }
     if let Some(rp) = &s.restart_policy {
@@ -961,7 +963,7 @@ mod tests {
             .map(|e| (e.path.to_string(), e.message.clone()))
             .collect();
         assert!(
-            named.contains(&("drainSeconds".into(), "must be between 0 and 3600, got -1".into())),
+            named.contains(&("drainSeconds".into(), "must be between 0 and 300, got -1".into())),
             "{named:?}"
         );
         assert!(
@@ -969,7 +971,9 @@ mod tests {
             "{named:?}"
         );
         s.stop_grace_period_seconds = Some(30);
-        s.drain_seconds = Some(3600);
+        s.drain_seconds = Some(301);
+        assert_eq!(validate_service(&s).len(), 1);
+        s.drain_seconds = Some(300);
         assert!(validate_service(&s).is_empty());
     }
 

@@ -32,6 +32,7 @@ use rune_log::projection::{Projection, ProjectionError, View};
 use rune_log::Log;
 use rune_statemachine::delta::Delta;
 use rune_statemachine::instance::{template_hash, InstanceChange, InstanceEvent, InstanceRecord, Phase};
+use rune_statemachine::spec::ServiceSpec;
 use rune_statemachine::store::ServiceRecord;
 use rune_statemachine::{Command, STATE_TABLE};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -583,25 +584,39 @@ impl Inner {
     }
 
     /// Takes a run out of service before it is signalled: reports it `Stopping` (which takes
-    /// it out of its service's endpoints in the same entry), waits until every router acts on
-    /// that entry (at most the stale budget), then for the service's `drainSeconds`, for
-    /// clients that resolved its address themselves (headless DNS) to move on. The drain is
-    /// the service's as it is now, looked at each second: lowering it, or deleting the
-    /// service, ends it sooner.
-    async fn drain(&self, key: &Key, reason: String) {
-        let at = self
-            .report_applied(key, InstanceChange::Stopping { reason })
-            .await;
-        if let Some(at) = at {
-            let routers = async {
-                for r in &self.cfg.routers {
-                    r.reached(at).await;
-                }
-            };
-            if tokio::time::timeout(self.stale_budget, routers).await.is_err() {
-                tracing::warn!(instance = %key.2, namespace = %key.0, index = at,
-                    "a router is behind the log past its stale budget; stopping the instance anyway");
+    /// it out of its service's endpoints in the same entry) and waits until every router acts
+    /// on that entry. Both waits together last at most the stale budget (and a second): past
+    /// it a router refuses connections on its own, and a log that takes no writes must not
+    /// keep an instance running for ever. Then, if it was published (ready), it keeps
+    /// running for the service's `drainSeconds`, for what reaches it past this node's routers
+    /// (a client that kept its address). The drain is the service's as it is now, looked at
+    /// each second: lowering it, or deleting the service, ends it sooner. `false` when runed
+    /// is stopping meanwhile: the run is then left for the next runed to adopt.
+    async fn drain(&self, key: &Key, reason: String) -> bool {
+        let published = self.picture.read().ok().is_some_and(|p| {
+            p.records
+                .get(&(key.0.clone(), key.1.clone()))
+                .and_then(|r| r.get(&key.2))
+                .is_some_and(|r| r.phase == Phase::Running && r.ready)
+        });
+        let out_of_routers = async {
+            let at = self
+                .report_applied(key, InstanceChange::Stopping { reason })
+                .await?;
+            for r in &self.cfg.routers {
+                r.reached(at).await;
             }
+            Some(at)
+        };
+        match tokio::time::timeout(self.stale_budget + Duration::from_secs(1), out_of_routers).await {
+            Ok(Some(_)) => {}
+            Ok(None) if self.is_shutting_down() => return false,
+            Ok(None) => {}
+            Err(_) => tracing::warn!(instance = %key.2, namespace = %key.0,
+                "the routers did not act on the instance's stop within the stale budget; stopping it anyway"),
+        }
+        if !published {
+            return true;
         }
         let since = Instant::now();
         loop {
@@ -615,10 +630,31 @@ impl Inner {
                 })
                 .map_or(Duration::ZERO, |s| Duration::from_secs(s.unsigned_abs()));
             let Some(left) = drain.checked_sub(since.elapsed()).filter(|d| !d.is_zero()) else {
-                return;
+                return true;
             };
             tokio::time::sleep(left.min(Duration::from_secs(1))).await;
         }
+    }
+
+    /// The spec a run of `template` was started from: the current one when only the restart
+    /// counter differs, else the newest in the service's history with the same hash. `None`
+    /// when the history no longer holds it. An adopted run not yet replaced by a rollout is
+    /// probed, restarted and published as its own spec says, not as the new one.
+    fn spec_of(&self, svc: &ServiceRecord, template: &str) -> Option<ServiceSpec> {
+        let hash = |t: &str| t.split_once('-').map(|(h, _)| h.to_string());
+        let want = hash(template)?;
+        let same =
+            |spec: &ServiceSpec| hash(&template_hash(spec, &svc.meta)).as_deref() == Some(want.as_str());
+        if same(&svc.spec) {
+            return Some(svc.spec.clone());
+        }
+        let txn = self.log.read().ok()?;
+        let t = txn.open_table(STATE_TABLE).ok()?;
+        rune_statemachine::store::service_history(&t, svc.spec.namespace(), &svc.spec.name)
+            .ok()?
+            .into_iter()
+            .find(|r| same(&r.spec))
+            .map(|r| r.spec)
     }
 
     /// Queues services for the reconcile loop and wakes it.
@@ -700,7 +736,7 @@ impl Inner {
         let svc = svc.ok_or_else(|| {
             OrchestratorError::NotFound(format!("service {}/{} not found", rec.namespace, rec.service))
         })?;
-        Ok(launch(&svc, &rec.id, rec.template.clone()))
+        Ok(launch(&svc.spec, &rec.id, rec.template.clone()))
     }
 
     /// The launch with its secrets and configmaps resolved (and, for a start, its mount files).
@@ -896,24 +932,19 @@ impl Inner {
     }
 }
 
-/// What one instance of a service runs.
-fn launch(svc: &ServiceRecord, id: &str, template: String) -> Launch {
-    let ns = svc.spec.namespace().to_string();
-    let mut env: BTreeMap<String, String> = svc
-        .spec
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    env.insert("RUNE_SERVICE_NAME".into(), svc.spec.name.clone());
+/// What one instance of a service runs, as `spec` says.
+fn launch(spec: &ServiceSpec, id: &str, template: String) -> Launch {
+    let ns = spec.namespace().to_string();
+    let mut env: BTreeMap<String, String> = spec.env.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    env.insert("RUNE_SERVICE_NAME".into(), spec.name.clone());
     env.insert("RUNE_SERVICE_NAMESPACE".into(), ns.clone());
     env.insert("RUNE_INSTANCE_ID".into(), id.to_string());
     Launch {
         namespace: ns,
-        service: svc.spec.name.clone(),
+        service: spec.name.clone(),
         id: id.to_string(),
         template,
-        spec: Arc::new(svc.spec.clone()),
+        spec: Arc::new(spec.clone()),
         env,
         mounts: Vec::new(),
         pull_auth: BTreeMap::new(),
@@ -1300,8 +1331,11 @@ impl Loop {
                 // (the service is gone).
                 let grace = svc.as_ref().map(|s| runner::grace(&s.spec)).or(f.grace);
                 tokio::spawn(async move {
-                    if record_exists {
-                        inner2.drain(&k, reason.into()).await;
+                    if record_exists && !inner2.drain(&k, reason.into()).await {
+                        if let Ok(mut d) = draining.lock() {
+                            d.remove(&k);
+                        }
+                        return;
                     }
                     let mut h = f.run.handle;
                     match &h {
@@ -1395,11 +1429,17 @@ impl Loop {
                     }
                     None => (None, template.clone()),
                 };
+                // A run adopted before a rollout reached it goes on as its own spec says.
+                let own = match &run {
+                    Some(_) => inner.spec_of(s, &template),
+                    None => Some(s.spec.clone()),
+                };
                 let (stop_tx, stop_rx) = oneshot::channel();
                 let sup = supervisor::Supervisor {
                     inner: inner.clone(),
                     key: k.clone(),
-                    launch: launch(s, &k.2, template.clone()),
+                    launch: launch(own.as_ref().unwrap_or(&s.spec), &k.2, template.clone()),
+                    spec_known: own.is_some(),
                     generation: s.meta.generation,
                     adopt: run,
                     restarts: if Some(&template) == current.as_ref() {
@@ -1433,7 +1473,11 @@ impl Loop {
             let moved =
                 inner.cfg.follows_placement && placed.get(&r.id).is_some_and(|n| *n != inner.cfg.node);
             let ours = (r.node.is_empty() || r.node == inner.cfg.node) && !moved;
+            // A run being stopped off the loop (an adopted one nobody wants) reports its own
+            // removal once it is gone.
+            let stopping = self.draining.lock().is_ok_and(|d| d.contains(&k));
             if ours
+                && !stopping
                 && !self.sups.contains_key(&k)
                 && !desired.contains_key(&k)
                 && !self.adopt.runs.contains_key(&k)

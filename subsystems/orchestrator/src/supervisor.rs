@@ -72,6 +72,9 @@ pub(crate) struct Supervisor {
     /// The service's generation when this supervisor was started, for its `Scheduled`.
     pub generation: u64,
     pub adopt: Option<Run>,
+    /// `launch` holds the spec the adopted run was started from (else the current one, when
+    /// the service's history no longer has it: the run's ports are then left as recorded).
+    pub spec_known: bool,
     pub restarts: u32,
     pub stop: oneshot::Receiver<String>,
 }
@@ -109,9 +112,11 @@ impl Supervisor {
                         runtime_id: run.handle.runtime_id(),
                         adopted: true,
                         readiness_probe: self.has_readiness(),
-                        // What an adopted run listens on is in its record already: this
-                        // launch carries the current spec, which it may not have run.
-                        ports: None,
+                        // Unless its own spec is known, what it listens on stays as its
+                        // record has it.
+                        ports: self
+                            .spec_known
+                            .then(|| EndpointPort::of_spec(&self.launch.spec.ports)),
                     })
                     .await;
                     run
@@ -166,7 +171,9 @@ impl Supervisor {
             let killed = matches!(ended, Ended::Unhealthy(_));
             let (exit, why) = match ended {
                 Ended::Stop(reason) => {
-                    self.inner.drain(&self.key, reason.clone()).await;
+                    if !self.inner.drain(&self.key, reason.clone()).await {
+                        return;
+                    }
                     let e = self.inner.stop(&self.launch, &mut run).await;
                     return self.finish(Some(e), &reason).await;
                 }

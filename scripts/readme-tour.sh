@@ -229,6 +229,15 @@ step() {
             sleep 0.2
         done
         kill -INT -- -"$pid" 2>/dev/null || true
+        # A shell started in the background without job control starts its children with
+        # SIGINT ignored, and a Ctrl-C then ends nothing: say so instead of waiting for ever.
+        deadline=$((SECONDS + 20))
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS <= deadline)); do sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM -- -"$pid" 2>/dev/null || true
+            wait "$pid" || true
+            fail "$n" "still running 20 s after Ctrl-C (is SIGINT ignored? run the tests from a foreground shell, not under 'nohup ... &')" "$cmd" "$out"
+        fi
         rc=0
         wait "$pid" || rc=$?
         # Ctrl-C ends it: 0 or 130 (interrupted), nothing else.

@@ -11,10 +11,14 @@ use rune_statemachine::store::{service_key, ServiceRecord};
 use rune_statemachine::{Action, Command, Kind, Rejection, Resource};
 
 fn svc(name: &str, scale: i64, deps: serde_json::Value) -> Command {
-    let spec = serde_json::from_value(serde_json::json!({
+    cast(serde_json::json!({
         "name": name, "image": "busybox", "scale": scale, "dependencies": deps
     }))
-    .unwrap();
+}
+
+/// A cast of one service spec, written as JSON.
+fn cast(spec: serde_json::Value) -> Command {
+    let spec = serde_json::from_value(spec).unwrap();
     Command::Apply {
         resources: vec![Resource::Service(spec)],
         create_namespace: false,
@@ -226,18 +230,10 @@ fn instance_events_fold_into_one_record() {
 #[test]
 fn a_rollout_publishes_each_instance_on_the_port_its_run_listens_on() {
     let spec = |target: u16, image: &str| {
-        let spec = serde_json::from_value(serde_json::json!({
+        cast(serde_json::json!({
             "name": "web", "image": image, "scale": 2,
             "ports": [{"name": "http", "port": 80, "targetPort": target}, {"name": "admin", "port": 81, "targetPort": target + 1}]
         }))
-        .unwrap();
-        Command::Apply {
-            resources: vec![Resource::Service(spec)],
-            create_namespace: false,
-            force: false,
-            history_limit: 10,
-            release: None,
-        }
     };
     let run = |id: &str, address: &str, ports: Option<Vec<EndpointPort>>, adopted: bool| {
         let mut evs = Vec::new();

@@ -1468,6 +1468,11 @@ fn stopping_instances_leave_the_routers_first_then_drain() {
     let first = pid_of(&d, "web-0");
     run_ok(&d, &["scale", "web", "1", "--no-wait"]);
     wait_until(LONG, "web-1 to be stopping", || stopping(&d, "web-1"));
+    let reason = instances(&d, "web")
+        .iter()
+        .find(|i| i["id"] == "web-1")
+        .map(|i| i["reason"].clone());
+    assert_eq!(reason, Some(Value::from("scaled down; draining for 300s")));
     run_ok(&d, &["delete", "other"]);
     run_ok(&d, &["cast", "--timeout", "60s", &other]);
     assert!(pid_alive(&pid), "web-1 did not drain");

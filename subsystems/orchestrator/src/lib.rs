@@ -593,12 +593,24 @@ impl Inner {
     /// each second: lowering it, or deleting the service, ends it sooner. `false` when runed
     /// is stopping meanwhile: the run is then left for the next runed to adopt.
     async fn drain(&self, key: &Key, reason: String) -> bool {
-        let published = self.picture.read().ok().is_some_and(|p| {
-            p.records
-                .get(&(key.0.clone(), key.1.clone()))
+        let svc = (key.0.clone(), key.1.clone());
+        let drain_of = |p: &Picture| {
+            let s = p.services.get(&svc)?.spec.drain_seconds?;
+            Some(Duration::from_secs(s.unsigned_abs()))
+        };
+        let (published, drain) = self.picture.read().map_or((false, None), |p| {
+            let published = p
+                .records
+                .get(&svc)
                 .and_then(|r| r.get(&key.2))
-                .is_some_and(|r| r.phase == Phase::Running && r.ready)
+                .is_some_and(|r| r.phase == Phase::Running && r.ready);
+            (published, drain_of(&p).filter(|d| published && !d.is_zero()))
         });
+        // `rune get instances` says why a stopping instance still runs.
+        let reason = match drain {
+            Some(d) => format!("{reason}; draining for {}s", d.as_secs()),
+            None => reason,
+        };
         let out_of_routers = async {
             let at = self
                 .report_applied(key, InstanceChange::Stopping { reason })
@@ -624,11 +636,8 @@ impl Inner {
                 .picture
                 .read()
                 .ok()
-                .and_then(|p| {
-                    let s = p.services.get(&(key.0.clone(), key.1.clone()))?;
-                    s.spec.drain_seconds
-                })
-                .map_or(Duration::ZERO, |s| Duration::from_secs(s.unsigned_abs()));
+                .and_then(|p| drain_of(&p))
+                .unwrap_or_default();
             let Some(left) = drain.checked_sub(since.elapsed()).filter(|d| !d.is_zero()) else {
                 return true;
             };

@@ -156,7 +156,8 @@ pub enum InstanceChange {
         #[serde(default)]
         readiness_probe: bool,
         /// The ports of the spec this run was started from (entry format v5). `None` for an
-        /// adopted run, whose record already holds them, and in earlier entries.
+        /// adopted run whose spec is no longer known (its record keeps the ports it has), and
+        /// in earlier entries.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ports: Option<Vec<EndpointPort>>,
     },

@@ -295,8 +295,9 @@ fn a_rollout_publishes_each_instance_on_the_port_its_run_listens_on() {
         [("web-0".into(), old.clone()), ("web-1".into(), old.clone())]
     );
 
-    // web-0 is replaced by a run of the new spec; web-1 is adopted by a restarted runed,
-    // which cannot know the spec it was started from and sends none: it keeps its own.
+    // web-0 is replaced by a run of the new spec; web-1 is adopted by a restarted runed
+    // whose history no longer holds the spec it was started from: it sends none and keeps
+    // its own.
     s.run(run("web-0", "10.0.0.3", Some(ports(&s)), false)).unwrap();
     s.run(run("web-1", "10.0.0.2", None, true)).unwrap();
     assert_eq!(

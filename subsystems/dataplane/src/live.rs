@@ -18,7 +18,9 @@ use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use crate::nft::{counter_name, instance_ports, kernel_backends, v4, Allowed, CounterKey, Model, PeerNet};
+use crate::nft::{
+    counter_name, instance_ports, kernel_backends, moved_ports, v4, Allowed, CounterKey, Model, PeerNet,
+};
 use crate::policy::{has_port_names, named_ports_of, ports_of, Net, PeerMatch, SvcKey};
 use crate::table::{Mode, Svc, Table};
 
@@ -201,7 +203,10 @@ fn share_of(svc: &Svc, ports: &dyn ProxyPorts, host_egress: bool) -> Share {
                     if let PeerMatch::Cidr(n) = peer {
                         let peers = vec![n.to_string()];
                         for g in &s.sources {
-                            allowed.allow(*g, &peers, &at_instances);
+                            match moved_ports(svc, *g, &at_vip) {
+                                Some(at) => allowed.allow(*g, &peers, &at),
+                                None => allowed.allow(*g, &peers, &at_instances),
+                            }
                         }
                         if let Some(vip) = svc.vip {
                             allowed.allow(vip, &peers, &at_vip);
@@ -248,9 +253,24 @@ fn link_of(w: &Svc, sources: &[Ipv4Addr], d: &Svc) -> [Elements; 2] {
                 let vip: Vec<Ipv4Addr> = d.vip.into_iter().filter(inside).collect();
                 let instances: Vec<Ipv4Addr> = instances.iter().copied().filter(inside).collect();
                 let at_instances = at_vip.as_ref().map(|v| instance_ports(&d.ports, v));
+                // An instance still running an earlier spec is reached where that spec said.
+                let moved: Vec<(Ipv4Addr, Option<Vec<u16>>)> = instances
+                    .iter()
+                    .filter_map(|ip| Some((*ip, moved_ports(d, *ip, &at_vip)?)))
+                    .collect();
+                let plain: Vec<Ipv4Addr> = match moved.is_empty() {
+                    true => instances,
+                    false => instances
+                        .into_iter()
+                        .filter(|ip| moved.iter().all(|(m, _)| m != ip))
+                        .collect(),
+                };
                 for g in sources {
                     out[1].allow(*g, &vip, &at_vip);
-                    out[1].allow(*g, &instances, &at_instances);
+                    out[1].allow(*g, &plain, &at_instances);
+                    for (ip, at) in &moved {
+                        out[1].allow(*g, &[*ip], at);
+                    }
                 }
             }
         }
@@ -268,7 +288,10 @@ fn link_of(w: &Svc, sources: &[Ipv4Addr], d: &Svc) -> [Elements; 2] {
             let at_vip = ports_of(r, &w.ports);
             let at_instances = at_vip.as_ref().map(|v| instance_ports(&w.ports, v));
             for g in sources {
-                out[0].allow(*g, &instances, &at_instances);
+                match moved_ports(w, *g, &at_vip) {
+                    Some(at) => out[0].allow(*g, &instances, &at),
+                    None => out[0].allow(*g, &instances, &at_instances),
+                }
             }
             if let Some(vip) = w.vip {
                 out[0].allow(vip, &instances, &at_vip);
@@ -1193,6 +1216,15 @@ mod tests {
                 .map(|(e, _)| addr(*e))
                 .collect(),
             local_instances: g.endpoints.len(),
+            // Now and then its first container still runs a spec whose `http` listened
+            // elsewhere (a rollout moving the target port).
+            moved: g
+                .endpoints
+                .iter()
+                .find(|(_, here)| *here && g.mode == 2)
+                .zip(ports.first())
+                .map(|((e, _), p)| vec![(addr(*e), vec![(p.port as u16, 9080)])])
+                .unwrap_or_default(),
         };
         let served = if g.served {
             ports.iter().map(|p| p.port as u16).collect()
@@ -1246,6 +1278,112 @@ mod tests {
             }
         }
         (t, ports)
+    }
+
+    /// While a rollout moves a `targetPort`, policy opens each local instance where its own
+    /// run listens: an instance not yet replaced on the old port, a new one on the new. Fed
+    /// from the records as the projection feeds it, and kept per change.
+    #[test]
+    fn policy_opens_each_instance_where_its_run_listens() {
+        use rune_statemachine::delta::Delta;
+        use rune_statemachine::instance::{InstanceRecord, Phase};
+        use rune_statemachine::network::EndpointPort;
+        use rune_statemachine::store::ServiceRecord;
+
+        let service = |name: &str, vip: &str, spec: serde_json::Value| Delta::Service {
+            namespace: "default".into(),
+            name: name.into(),
+            record: Some(Arc::new(ServiceRecord {
+                spec: serde_json::from_value(spec).unwrap(),
+                meta: Default::default(),
+                vip: Some(vip.into()),
+            })),
+        };
+        let instance = |svc: &str, id: &str, address: &str, target: Option<u16>| Delta::Instance {
+            namespace: "default".into(),
+            service: svc.into(),
+            id: id.into(),
+            record: Some(Arc::new(InstanceRecord {
+                id: id.into(),
+                namespace: "default".into(),
+                service: svc.into(),
+                node: "n1".into(),
+                runtime: "container".into(),
+                phase: Phase::Running,
+                ready: true,
+                address: address.into(),
+                ports: target
+                    .map(|t| {
+                        vec![EndpointPort {
+                            name: "http".into(),
+                            port: 80,
+                            target_port: t,
+                            protocol: "tcp".into(),
+                        }]
+                    })
+                    .unwrap_or_default(),
+                ..Default::default()
+            })),
+        };
+        let web = service(
+            "web",
+            "10.96.0.2",
+            serde_json::json!({"name": "web", "image": "web:2",
+                "ports": [{"name": "http", "port": 80, "targetPort": 9090}],
+                "networkPolicy": {"ingress": [{"from": [{"service": "client"}, {"cidr": "192.168.0.0/16"}], "ports": ["http"]}]}}),
+        );
+        let client = service(
+            "client",
+            "10.96.0.3",
+            serde_json::json!({"name": "client", "image": "client",
+                "networkPolicy": {"egress": [{"to": [{"service": "web"}], "ports": ["http"]}]}}),
+        );
+        let (old, new, c) = (
+            Ipv4Addr::new(172, 17, 0, 2),
+            Ipv4Addr::new(172, 17, 0, 3),
+            Ipv4Addr::new(172, 17, 0, 9),
+        );
+        let mut state = vec![
+            web,
+            client,
+            instance("web", "web-0", "172.17.0.2", Some(8080)),
+            instance("web", "web-1", "172.17.0.3", Some(9090)),
+            // A run reported before runs recorded their ports: the spec's.
+            instance("client", "client-0", "172.17.0.9", None),
+        ];
+        let ports = BTreeMap::new();
+        let t = Table::build("n1", &state);
+        let mut live = Live::build(&t, &ports, RANGE);
+        let m = live.model();
+        let net = |ip: Ipv4Addr, port| m.ingress.net_port.iter().any(|(g, _, p)| *g == ip && *p == port);
+        for (ip, port, open) in [
+            (old, 8080, true),
+            (old, 9090, false),
+            (new, 9090, true),
+            (new, 8080, false),
+        ] {
+            assert_eq!(
+                m.ingress.port.contains(&(ip, c, port)),
+                open,
+                "ingress {ip}:{port} from the client"
+            );
+            assert_eq!(
+                m.egress.port.contains(&(c, ip, port)),
+                open,
+                "egress to {ip}:{port}"
+            );
+            assert_eq!(net(ip, port), open, "ingress {ip}:{port} from 192.168.0.0/16");
+        }
+
+        // web-0 replaced: a run of the new spec at the same address.
+        state[2] = instance("web", "web-0", "172.17.0.2", Some(9090));
+        let t = Table::build("n1", &state);
+        let changed = BTreeSet::from([SvcKey::new("default", "web")]);
+        live.update(&t, Some(&changed), &ports);
+        let m = live.model();
+        assert!(m.ingress.port.contains(&(old, c, 9090)) && !m.ingress.port.contains(&(old, c, 8080)));
+        assert!(m.egress.port.contains(&(c, old, 9090)) && !m.egress.port.contains(&(c, old, 8080)));
+        assert_eq!(m, &Model::of(&t, &ports, RANGE));
     }
 
     proptest! {

@@ -60,7 +60,7 @@ pub use crate::libnft::Nft;
 
 use crate::live::Patch;
 use crate::policy::SvcKey;
-use crate::table::{Mode, Table};
+use crate::table::{Mode, Svc, Table};
 
 /// Why the kernel cannot be programmed.
 #[derive(Debug, thiserror::Error)]
@@ -400,6 +400,29 @@ pub(crate) fn instance_ports(ports: &[PortSpec], at_vip: &[u16]) -> Vec<u16> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// Where instance `ip` of `svc` listens for the service ports `at_vip` (`None`: all), if its
+/// run's spec put one elsewhere than the spec does now ([`Svc::moved`]); `None` when it
+/// listens where the spec says ([`instance_ports`] then holds for it).
+pub(crate) fn moved_ports(svc: &Svc, ip: Ipv4Addr, at_vip: &Option<Vec<u16>>) -> Option<Option<Vec<u16>>> {
+    let (_, targets) = svc.moved.iter().find(|(a, _)| *a == IpAddr::V4(ip))?;
+    Some(at_vip.as_ref().map(|v| {
+        let mut out: Vec<u16> = v
+            .iter()
+            .flat_map(|x| {
+                let named: Vec<u16> = targets.iter().filter(|(p, _)| p == x).map(|(_, t)| *t).collect();
+                if named.is_empty() {
+                    vec![*x]
+                } else {
+                    named
+                }
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }))
 }
 
 pub(crate) fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
@@ -1341,6 +1364,7 @@ mod tests {
                     .collect(),
                 local_ips: Vec::new(),
                 local_instances: eps.len(),
+                moved: Vec::new(),
             }),
         );
         (t, BTreeMap::from([((key, 80), 20_000)]))

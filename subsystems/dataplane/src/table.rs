@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rune_statemachine::delta::Delta;
 use rune_statemachine::instance::{InstanceRecord, Phase};
-use rune_statemachine::network::EndpointSet;
+use rune_statemachine::network::{EndpointPort, EndpointSet};
 use rune_statemachine::spec::PortSpec;
 use rune_statemachine::store::ServiceRecord;
 
@@ -79,6 +79,10 @@ pub struct Svc {
     pub local_ips: Vec<IpAddr>,
     /// How many of its instances run on this node.
     pub local_instances: usize,
+    /// Of `local_ips`, those whose run listens elsewhere than the spec now says (a rollout
+    /// that moves a `targetPort` has not replaced them yet): service port → where it listens.
+    /// Policy opens those at their addresses. Empty but during such a rollout.
+    pub moved: Vec<(IpAddr, Vec<(u16, u16)>)>,
 }
 
 impl Svc {
@@ -92,13 +96,16 @@ impl Svc {
     }
 }
 
-/// One of this node's running instances, as far as naming a connection's source needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One of this node's running instances, as far as naming a connection's source, and
+/// policing what reaches its address, needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Local {
     /// A container's address (not the host's).
     ip: Option<IpAddr>,
     /// A process instance's process group.
     pgid: Option<i32>,
+    /// The ports of the spec its run was started from (empty: not recorded).
+    ports: Arc<[EndpointPort]>,
 }
 
 /// The whole view. The projection changes it in place, one service at a time; readers take an
@@ -279,8 +286,8 @@ impl Table {
                 let key = SvcKey::new(namespace, service);
                 let now = record.as_deref().and_then(|i| self.local(i));
                 let locals = self.locals.entry(key.clone()).or_default();
-                let before = match now {
-                    Some(l) => locals.insert(id.clone(), l),
+                let before = match &now {
+                    Some(l) => locals.insert(id.clone(), l.clone()),
                     None => locals.remove(id),
                 };
                 if locals.is_empty() {
@@ -290,7 +297,7 @@ impl Table {
                     return None;
                 }
                 let who = (key.clone(), id.clone());
-                for (l, add) in [(before, false), (now, true)] {
+                for (l, add) in [(&before, false), (&now, true)] {
                     let Some(l) = l else { continue };
                     if let Some(ip) = l.ip {
                         own(&mut self.ip_owners, &mut self.by_ip, ip, &who, add);
@@ -300,10 +307,16 @@ impl Table {
                     }
                 }
                 let (count, ips) = self.locals_of(&key);
+                let moved = self
+                    .services
+                    .get(&key)
+                    .map(|s| self.moved_of(&key, &s.ports))
+                    .unwrap_or_default();
                 if let Some(svc) = self.services.get_mut(&key) {
                     let svc = Arc::make_mut(svc);
                     svc.local_instances = count;
                     svc.local_ips = ips;
+                    svc.moved = moved;
                 }
                 Some(key)
             }
@@ -318,12 +331,38 @@ impl Table {
             return Some(Local {
                 ip: None,
                 pgid: i.runtime_id.parse().ok(),
+                ports: Arc::from([]),
             });
         }
         Some(Local {
             ip: i.address.parse::<IpAddr>().ok().filter(|ip| !ip.is_loopback()),
             pgid: None,
+            ports: i.ports.as_slice().into(),
         })
+    }
+
+    /// [`Svc::moved`] of service `key`, whose spec declares `ports` now.
+    fn moved_of(&self, key: &SvcKey, ports: &[PortSpec]) -> Vec<(IpAddr, Vec<(u16, u16)>)> {
+        let Some(m) = self.locals.get(key) else {
+            return Vec::new();
+        };
+        let mut current: Option<Vec<EndpointPort>> = None;
+        let mut out = Vec::new();
+        for l in m.values() {
+            let Some(ip) = l.ip.filter(|_| !l.ports.is_empty()) else {
+                continue;
+            };
+            let current = current.get_or_insert_with(|| EndpointPort::of_spec(ports));
+            let serving = EndpointPort::serving(current, &l.ports);
+            if serving != *current {
+                let targets = serving
+                    .iter()
+                    .filter(|p| p.is_tcp())
+                    .map(|p| (p.port, p.target_port));
+                out.push((ip, targets.collect()));
+            }
+        }
+        out
     }
 
     fn locals_of(&self, key: &SvcKey) -> (usize, Vec<IpAddr>) {
@@ -334,6 +373,7 @@ impl Table {
 
     fn svc(&self, key: SvcKey, r: &ServiceRecord) -> Svc {
         let (local_instances, local_ips) = self.locals_of(&key);
+        let moved = self.moved_of(&key, &r.spec.ports);
         Svc {
             vip: r.vip.as_deref().and_then(|v| v.parse().ok()),
             mode: Mode::of(r.spec.discovery.as_ref().and_then(|d| d.mode.as_deref())),
@@ -342,6 +382,7 @@ impl Table {
             endpoints: self.endpoints.get(&key).cloned().unwrap_or_default(),
             local_ips,
             local_instances,
+            moved,
             key,
         }
     }

@@ -53,6 +53,7 @@ pub fn synthetic(n: usize) -> (Table, BTreeMap<(SvcKey, u16), u16>) {
                     .collect(),
                 local_ips: vec![ip(0), ip(1)],
                 local_instances: 2,
+                moved: Vec::new(),
             }),
         );
         ports.insert((key, 80), 20_000 + i as u16);
@@ -145,6 +146,7 @@ pub fn naming_all(t: &Table) -> Table {
             endpoints: Vec::new(),
             local_ips: vec![ip(1), ip(2)],
             local_instances: 2,
+            moved: Vec::new(),
         }),
     );
     t

@@ -385,6 +385,7 @@ fn egress_policy_on_real_packets() {
             endpoints: vec![],
             local_ips: vec![IpAddr::from([10, 200, 1, 2])],
             local_instances: 1,
+            moved: Vec::new(),
         }),
     );
     // A service whose instance, in the peer's namespace, listens for `http` on 82.
@@ -406,6 +407,7 @@ fn egress_policy_on_real_packets() {
             endpoints: vec![],
             local_ips: vec![IpAddr::from([10, 200, 2, 2])],
             local_instances: 1,
+            moved: Vec::new(),
         }),
     );
     let n = nft::Nft::open().expect("libnftables (Debian's nftables)");
@@ -586,6 +588,7 @@ fn the_kernel_forwards_to_local_endpoints_with_real_packets() {
                 .collect(),
             local_ips: Vec::new(),
             local_instances: eps.len(),
+            moved: Vec::new(),
         };
         (key, std::sync::Arc::new(s))
     };

@@ -382,14 +382,33 @@ const DROP_SET_SIZE: u32 = 65_536;
 /// number that names none of them stands for itself. A rule's ports are the service ports at
 /// the VIP, where the kernel meets a flow before NAT, and these at the instances' addresses.
 pub(crate) fn instance_ports(ports: &[PortSpec], at_vip: &[u16]) -> Vec<u16> {
+    resolve_targets(at_vip, |x| {
+        ports
+            .iter()
+            .filter(|p| p.is_tcp() && p.port == i64::from(x))
+            .map(|p| p.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(x))
+            .collect()
+    })
+}
+
+/// Where instance `ip` of `svc` listens for the service ports `at_vip` (`None`: all), if its
+/// run's spec put one elsewhere than the spec does now ([`Svc::moved`]); `None` when it
+/// listens where the spec says ([`instance_ports`] then holds for it).
+pub(crate) fn moved_ports(svc: &Svc, ip: Ipv4Addr, at_vip: &Option<Vec<u16>>) -> Option<Option<Vec<u16>>> {
+    let (_, targets) = svc.moved.iter().find(|(a, _)| *a == IpAddr::V4(ip))?;
+    Some(at_vip.as_ref().map(|v| {
+        resolve_targets(v, |x| {
+            targets.iter().filter(|(p, _)| *p == x).map(|(_, t)| *t).collect()
+        })
+    }))
+}
+
+/// `at_vip`'s ports, each as the ports `targets` gives for it (itself when none), sorted.
+fn resolve_targets(at_vip: &[u16], targets: impl Fn(u16) -> Vec<u16>) -> Vec<u16> {
     let mut out: Vec<u16> = at_vip
         .iter()
         .flat_map(|x| {
-            let named: Vec<u16> = ports
-                .iter()
-                .filter(|p| p.is_tcp() && p.port == i64::from(*x))
-                .map(|p| p.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(*x))
-                .collect();
+            let named = targets(*x);
             if named.is_empty() {
                 vec![*x]
             } else {
@@ -400,29 +419,6 @@ pub(crate) fn instance_ports(ports: &[PortSpec], at_vip: &[u16]) -> Vec<u16> {
     out.sort_unstable();
     out.dedup();
     out
-}
-
-/// Where instance `ip` of `svc` listens for the service ports `at_vip` (`None`: all), if its
-/// run's spec put one elsewhere than the spec does now ([`Svc::moved`]); `None` when it
-/// listens where the spec says ([`instance_ports`] then holds for it).
-pub(crate) fn moved_ports(svc: &Svc, ip: Ipv4Addr, at_vip: &Option<Vec<u16>>) -> Option<Option<Vec<u16>>> {
-    let (_, targets) = svc.moved.iter().find(|(a, _)| *a == IpAddr::V4(ip))?;
-    Some(at_vip.as_ref().map(|v| {
-        let mut out: Vec<u16> = v
-            .iter()
-            .flat_map(|x| {
-                let named: Vec<u16> = targets.iter().filter(|(p, _)| p == x).map(|(_, t)| *t).collect();
-                if named.is_empty() {
-                    vec![*x]
-                } else {
-                    named
-                }
-            })
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
-    }))
 }
 
 pub(crate) fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {

@@ -148,8 +148,13 @@ mod tests {
             EndpointPort::serving(&current, &[p("", 80, 8080, "tcp")]),
             [p("", 80, 8080, "tcp")]
         );
+        // A spec's only port stays the same port when its number moves.
         assert_eq!(
             EndpointPort::serving(&current, &[p("", 81, 8080, "tcp")]),
+            [p("", 80, 8080, "tcp")]
+        );
+        assert_eq!(
+            EndpointPort::serving(&current, &[p("", 81, 8080, "tcp"), p("", 82, 8081, "tcp")]),
             current
         );
         assert_eq!(
@@ -235,8 +240,9 @@ impl EndpointPort {
 
     /// The service's current ports (`current`), each with the target port of the same port in
     /// the spec a run was started from (`run`), as Kubernetes resolves a named `targetPort`
-    /// per pod: a port is the same by name, or, unnamed, by number; both by protocol. A port
-    /// the run did not have (or a run that recorded none) keeps the current target.
+    /// per pod: a port is the same by name, or, unnamed, by number (a spec's only port, the
+    /// one case a port may go unnamed, is the same whatever its number); both by protocol. A
+    /// port the run did not have (or a run that recorded none) keeps the current target.
     pub fn serving(current: &[EndpointPort], run: &[EndpointPort]) -> Vec<EndpointPort> {
         current
             .iter()
@@ -244,7 +250,7 @@ impl EndpointPort {
                 let same = |r: &&EndpointPort| {
                     r.protocol == c.protocol
                         && if c.name.is_empty() {
-                            r.name.is_empty() && r.port == c.port
+                            r.name.is_empty() && (r.port == c.port || (current.len() == 1 && run.len() == 1))
                         } else {
                             r.name == c.name
                         }
